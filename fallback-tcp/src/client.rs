@@ -1,0 +1,446 @@
+//! The blocking TCP client of one shard.
+//!
+//! Trainers call the store from their own threads and wait for each answer, so the client is
+//! blocking (`std::net`), with a pool of connections: a call takes a connection, uses it and puts
+//! it back. No lock is held across network I/O, threads never queue behind one socket, and no
+//! async runtime sits between a trainer thread and its socket.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hetkv_transport::client::{
+    ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError,
+};
+use hetkv_transport::spec::{TableInfo, TableSpec};
+use hetkv_transport::wire::{
+    self, decode_header, le_array, put_f32s, put_u32s, put_u64s, split_body, split_payload,
+    CreateRequest, CreateResponse, F32s, FrameParts, HelloRequest, HelloResponse, Op,
+    PullIfStaleRequest, PullIfStaleResponse, PullRequest, PullResponse, PushRequest, PushResponse,
+    ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Span, Status, TableRequest,
+    TablesResponse, U32s, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
+};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Largest frame body this client accepts (responses) and sends (capped by the server's).
+    pub max_frame: u32,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Read and write timeout on every call (`None` waits forever).
+    pub io_timeout: Option<Duration>,
+    /// Auth token for the hello.
+    pub auth: Option<String>,
+    /// Name sent in the hello, for the daemon's logs.
+    pub name: String,
+    /// The protocol version sent in the hello (tests use another to check refusal).
+    pub protocol_version: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            max_frame: 256 << 20,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Some(Duration::from_secs(60)),
+            auth: None,
+            name: format!("hetkv-client pid {}", std::process::id()),
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    send: Vec<u8>,
+    recv: Vec<u8>,
+}
+
+/// A connection pool to one shard, implementing [`ShardTransport`].
+pub struct TcpShardClient {
+    addr: String,
+    sockaddr: SocketAddr,
+    config: ClientConfig,
+    hello: HelloResponse,
+    pool: Mutex<Vec<Conn>>,
+    traffic: TrafficCounters,
+}
+
+impl std::fmt::Debug for TcpShardClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpShardClient")
+            .field("addr", &self.addr)
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TcpShardClient {
+    /// Connects to the shard at `addr` and shakes hands.
+    pub fn connect(addr: &str, config: ClientConfig) -> Result<Self, TransportError> {
+        let io_err = |source| TransportError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let sockaddr = addr
+            .to_socket_addrs()
+            .map_err(io_err)?
+            .next()
+            .ok_or_else(|| {
+                io_err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "address resolves to nothing",
+                ))
+            })?;
+        let mut client = Self {
+            addr: addr.to_string(),
+            sockaddr,
+            config,
+            hello: HelloResponse {
+                version: PROTOCOL_VERSION,
+                shard: 0,
+                shards: 0,
+                max_frame: wire::DEFAULT_MAX_FRAME,
+                server: String::new(),
+            },
+            pool: Mutex::new(Vec::new()),
+            traffic: TrafficCounters::default(),
+        };
+        let (conn, hello) = client.open()?;
+        client.hello = hello;
+        client.put_back(conn);
+        Ok(client)
+    }
+
+    fn io_err(&self, source: io::Error) -> TransportError {
+        TransportError::Io {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn protocol(&self, message: impl Into<String>) -> TransportError {
+        TransportError::Protocol {
+            addr: self.addr.clone(),
+            message: message.into(),
+        }
+    }
+
+    fn open(&self) -> Result<(Conn, HelloResponse), TransportError> {
+        let stream = TcpStream::connect_timeout(&self.sockaddr, self.config.connect_timeout)
+            .map_err(|e| self.io_err(e))?;
+        stream.set_nodelay(true).map_err(|e| self.io_err(e))?;
+        stream
+            .set_read_timeout(self.config.io_timeout)
+            .map_err(|e| self.io_err(e))?;
+        stream
+            .set_write_timeout(self.config.io_timeout)
+            .map_err(|e| self.io_err(e))?;
+        let mut conn = Conn {
+            stream,
+            send: Vec::new(),
+            recv: Vec::new(),
+        };
+        let hello = HelloRequest {
+            magic: MAGIC,
+            version: self.config.protocol_version,
+            auth: self.config.auth.clone(),
+            client: self.config.name.clone(),
+        };
+        let reply: HelloResponse =
+            self.exchange(&mut conn, Op::Hello, &hello, |_| {}, |p| self.header(p))?;
+        if reply.version != PROTOCOL_VERSION {
+            return Err(self.protocol(format!(
+                "daemon speaks protocol {}, this client {PROTOCOL_VERSION}",
+                reply.version
+            )));
+        }
+        Ok((conn, reply))
+    }
+
+    fn take(&self) -> Result<Conn, TransportError> {
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(c) => Ok(c),
+            None => Ok(self.open()?.0),
+        }
+    }
+
+    fn put_back(&self, conn: Conn) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+    }
+
+    fn header<T: DeserializeOwned>(&self, parts: FrameParts<'_>) -> Result<T, TransportError> {
+        decode_header(parts.header).map_err(|e| self.protocol(e.to_string()))
+    }
+
+    /// Sends one request on `conn` and parses the response. The connection stays usable after
+    /// an error response; any other failure leaves it in an unknown state.
+    fn exchange<H: Serialize, R>(
+        &self,
+        conn: &mut Conn,
+        op: Op,
+        header: &H,
+        payload: impl FnOnce(&mut Vec<u8>),
+        parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        wire::start_frame(&mut conn.send, op as u8, Status::Ok, header);
+        payload(&mut conn.send);
+        let send_max = self.hello.max_frame.min(self.config.max_frame);
+        wire::finish_frame(&mut conn.send, send_max).map_err(|e| {
+            TransportError::InvalidRequest {
+                addr: self.addr.clone(),
+                message: format!("{e}: split the batch"),
+            }
+        })?;
+        conn.stream
+            .write_all(&conn.send)
+            .map_err(|e| self.io_err(e))?;
+        self.traffic.sent(conn.send.len());
+
+        let mut prefix = [0u8; PREFIX_BYTES];
+        conn.stream
+            .read_exact(&mut prefix)
+            .map_err(|e| self.io_err(e))?;
+        let len = wire::body_len(prefix, self.config.max_frame.max(self.hello.max_frame))
+            .map_err(|e| self.protocol(e.to_string()))?;
+        conn.recv.clear();
+        let got = (&mut conn.stream)
+            .take(len as u64)
+            .read_to_end(&mut conn.recv)
+            .map_err(|e| self.io_err(e))?;
+        if got != len as usize {
+            return Err(self.io_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {got} of {len} response bytes"),
+            )));
+        }
+        self.traffic.received(PREFIX_BYTES + got);
+        let parts = split_body(&conn.recv).map_err(|e| self.protocol(e.to_string()))?;
+        if parts.status == Status::Error as u8 {
+            let error: WireError = self.header(parts)?;
+            return Err(TransportError::Remote {
+                addr: self.addr.clone(),
+                error,
+            });
+        }
+        if parts.op != op as u8 || parts.status != Status::Ok as u8 {
+            return Err(self.protocol(format!(
+                "response op {} status {} to a {op:?} request",
+                parts.op, parts.status
+            )));
+        }
+        parse(parts)
+    }
+
+    /// One call on a pooled connection.
+    fn call<H: Serialize, R>(
+        &self,
+        op: Op,
+        header: &H,
+        payload: impl FnOnce(&mut Vec<u8>),
+        parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        let mut conn = self.take()?;
+        let result = self.exchange(&mut conn, op, header, payload, parse);
+        match &result {
+            Ok(_)
+            | Err(TransportError::Remote { .. })
+            | Err(TransportError::InvalidRequest { .. }) => self.put_back(conn),
+            Err(_) => {} // drop the connection: its stream may be mid-frame
+        }
+        result
+    }
+
+    fn dim_of(&self, dim: u32, values: usize, rows: usize) -> Result<(), TransportError> {
+        if dim as usize * rows != values {
+            return Err(self.protocol(format!("{values} values for {rows} rows of dim {dim}")));
+        }
+        Ok(())
+    }
+}
+
+fn extend_u64s(out: &mut Vec<u64>, a: U64s<'_>) {
+    out.clear();
+    out.extend(a.iter());
+}
+
+fn extend_f32s(out: &mut Vec<f32>, a: F32s<'_>) {
+    out.clear();
+    out.extend(a.iter_f32());
+}
+
+impl ShardTransport for TcpShardClient {
+    fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    fn hello(&self) -> &HelloResponse {
+        &self.hello
+    }
+
+    fn list_tables(&self) -> Result<Vec<TableInfo>, TransportError> {
+        self.call(
+            Op::ListTables,
+            &(),
+            |_| {},
+            |p| Ok(self.header::<TablesResponse>(p)?.tables),
+        )
+    }
+
+    fn create_table(&self, spec: &TableSpec) -> Result<CreateResponse, TransportError> {
+        let req = CreateRequest { spec: spec.clone() };
+        self.call(Op::CreateTable, &req, |_| {}, |p| self.header(p))
+    }
+
+    fn region_info(&self, table: &str) -> Result<RegionDescriptor, TransportError> {
+        let req = TableRequest {
+            table: table.to_string(),
+        };
+        self.call(Op::RegionInfo, &req, |_| {}, |p| self.header(p))
+    }
+
+    fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError> {
+        let req = ReadRequest {
+            spans: spans.len() as u32,
+        };
+        let want: u64 = spans.iter().map(|s| s.len as u64).sum();
+        self.call(
+            Op::Read,
+            &req,
+            |buf| spans.iter().for_each(|s| s.encode(buf)),
+            |p| {
+                let h: ReadResponse = self.header(p)?;
+                if h.bytes != want || p.payload.len() as u64 != want {
+                    return Err(self.protocol(format!(
+                        "read of {want} bytes answered with {} (header says {})",
+                        p.payload.len(),
+                        h.bytes
+                    )));
+                }
+                out.clear();
+                out.extend_from_slice(p.payload);
+                Ok(())
+            },
+        )
+    }
+
+    fn pull(
+        &self,
+        table: &str,
+        keys: &[u64],
+        versions: &mut Vec<u64>,
+        rows: &mut Vec<f32>,
+    ) -> Result<(), TransportError> {
+        let req = PullRequest {
+            table: table.to_string(),
+            keys: keys.len() as u32,
+        };
+        self.call(
+            Op::Pull,
+            &req,
+            |buf| put_u64s(buf, keys),
+            |p| {
+                let h: PullResponse = self.header(p)?;
+                let n = h.rows as usize;
+                if n != keys.len() {
+                    return Err(self.protocol(format!("{n} rows for {} keys", keys.len())));
+                }
+                let parts = split_payload(p.payload, &[(n, 8), (n * h.dim as usize, 4)])
+                    .map_err(|e| self.protocol(e.to_string()))?;
+                extend_u64s(versions, le_array(parts[0]));
+                extend_f32s(rows, le_array(parts[1]));
+                self.dim_of(h.dim, rows.len(), n)
+            },
+        )
+    }
+
+    fn pull_if_stale(
+        &self,
+        table: &str,
+        keys: &[u64],
+        clocks: &[u64],
+        bound: u64,
+        out: &mut StaleRows,
+    ) -> Result<(), TransportError> {
+        if keys.len() != clocks.len() {
+            return Err(TransportError::InvalidRequest {
+                addr: self.addr.clone(),
+                message: format!("{} keys but {} clocks", keys.len(), clocks.len()),
+            });
+        }
+        let req = PullIfStaleRequest {
+            table: table.to_string(),
+            keys: keys.len() as u32,
+            bound,
+        };
+        self.call(
+            Op::PullIfStale,
+            &req,
+            |buf| {
+                put_u64s(buf, keys);
+                put_u64s(buf, clocks);
+            },
+            |p| {
+                let h: PullIfStaleResponse = self.header(p)?;
+                let s = h.stale as usize;
+                let parts = split_payload(p.payload, &[(s, 4), (s, 8), (s * h.dim as usize, 4)])
+                    .map_err(|e| self.protocol(e.to_string()))?;
+                let idx: U32s<'_> = le_array(parts[0]);
+                out.indices.clear();
+                out.indices.extend((0..s).map(|i| idx.get_u32(i)));
+                if out.indices.iter().any(|&i| i as usize >= keys.len())
+                    || out.indices.windows(2).any(|w| w[0] >= w[1])
+                {
+                    return Err(self.protocol("stale indices out of range or not ascending"));
+                }
+                extend_u64s(&mut out.versions, le_array(parts[1]));
+                extend_f32s(&mut out.rows, le_array(parts[2]));
+                Ok(())
+            },
+        )
+    }
+
+    fn push(
+        &self,
+        table: &str,
+        keys: &[u64],
+        counts: &[u32],
+        grads: &[f32],
+    ) -> Result<PushResponse, TransportError> {
+        if keys.len() != counts.len() {
+            return Err(TransportError::InvalidRequest {
+                addr: self.addr.clone(),
+                message: format!("{} keys but {} counts", keys.len(), counts.len()),
+            });
+        }
+        let req = PushRequest {
+            table: table.to_string(),
+            rows: keys.len() as u32,
+        };
+        self.call(
+            Op::Push,
+            &req,
+            |buf| {
+                put_u64s(buf, keys);
+                put_u32s(buf, counts);
+                put_f32s(buf, grads);
+            },
+            |p| self.header(p),
+        )
+    }
+
+    fn stats(&self) -> Result<ShardStats, TransportError> {
+        self.call(Op::Stats, &(), |_| {}, |p| self.header(p))
+    }
+
+    fn traffic(&self) -> Traffic {
+        self.traffic.snapshot()
+    }
+}

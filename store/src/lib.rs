@@ -1,0 +1,61 @@
+//! hetkv's store: embedding tables in mapped regions, the server-side optimizers, the shard logic
+//! (transport-agnostic, no I/O), the daemon's configuration and an embedded in-process cluster.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod config;
+pub mod embedded;
+pub mod optimizer;
+pub mod shard;
+pub mod table;
+
+pub use config::DaemonConfig;
+pub use embedded::EmbeddedCluster;
+pub use optimizer::Optimizer;
+pub use shard::{Shard, ShardConfig};
+pub use table::Table;
+
+use hetkv_transport::WireError;
+
+/// Errors of the store. Each maps to a wire [`hetkv_transport::ErrorCode`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No table of that name.
+    #[error("unknown table {0:?}")]
+    UnknownTable(String),
+    /// A table of that name exists with another spec.
+    #[error("conflicting table: {0}")]
+    ConflictingTable(String),
+    /// The spec is invalid or too large for this shard.
+    #[error("{0}")]
+    InvalidSpec(String),
+    /// Rows or gradients that do not match the table's dim.
+    #[error("wrong dim: {0}")]
+    WrongDim(String),
+    /// A key outside the table or on another shard.
+    #[error("{0}")]
+    KeyOutOfRange(String),
+    /// NaN/Inf gradients or zero counts.
+    #[error("invalid gradient: {0}")]
+    InvalidGradient(String),
+    /// A read span outside its region.
+    #[error("{0}")]
+    InvalidSpan(String),
+    /// Inconsistent lengths in a request.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// A protocol-level refusal (such as a response above the frame limit).
+    #[error("{0}")]
+    Frame(WireError),
+    /// Mapping or file errors.
+    #[error("I/O: {0}")]
+    Io(String),
+    /// Bad daemon configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl From<WireError> for StoreError {
+    fn from(e: WireError) -> Self {
+        Self::Frame(e)
+    }
+}

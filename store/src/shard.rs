@@ -1,0 +1,409 @@
+//! A shard: its registry of tables and the protocol operations on them. No I/O happens here; the
+//! TCP server (or any other carrier) hands frames to a [`hetkv_transport::Session`], which calls
+//! this [`ShardService`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use hetkv_transport::row::copy_span;
+use hetkv_transport::service::{Response, ServerCounters, ShardService};
+use hetkv_transport::wire::{
+    put_u32s, CreateResponse, ErrorCode, F32s, PullIfStaleResponse, PullResponse, PushResponse,
+    ReadResponse, RegionDescriptor, ShardStats, Span, TablesResponse, U32s, U64s, WireError,
+    NOT_CACHED, SPAN_BYTES,
+};
+use hetkv_transport::TableSpec;
+
+use crate::table::Table;
+use crate::StoreError;
+
+/// How a shard is set up.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// This shard's index.
+    pub shard: u32,
+    /// Shards in the cluster.
+    pub shards: u32,
+    /// Directory for file-backed regions; anonymous memory when `None`.
+    pub data_dir: Option<PathBuf>,
+    /// Largest footprint (region plus optimizer state) one table may have on this shard.
+    pub max_table_bytes: u64,
+    /// Token a hello must carry, when set.
+    pub auth_token: Option<String>,
+}
+
+impl ShardConfig {
+    /// Shard `shard` of `shards`, in anonymous memory, with default limits.
+    pub fn new(shard: u32, shards: u32) -> Self {
+        Self {
+            shard,
+            shards,
+            data_dir: None,
+            max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
+            auth_token: None,
+        }
+    }
+}
+
+/// Default per-table limit: 32 GiB.
+pub const DEFAULT_MAX_TABLE_BYTES: u64 = 32 << 30;
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_name: HashMap<String, Arc<Table>>,
+    by_id: Vec<Arc<Table>>,
+}
+
+/// One shard of a cluster.
+#[derive(Debug)]
+pub struct Shard {
+    config: ShardConfig,
+    // Read once per request (not per key), so a reader-writer lock costs nothing measurable;
+    // writers (table creation) hold it only to insert a table already built.
+    tables: RwLock<Registry>,
+    create_lock: Mutex<()>,
+    counters: ServerCounters,
+}
+
+impl Shard {
+    /// A shard with no tables. Fails if `shard >= shards` or the data dir cannot be created.
+    pub fn new(config: ShardConfig) -> Result<Self, StoreError> {
+        if config.shards == 0 || config.shard >= config.shards {
+            return Err(StoreError::Config(format!(
+                "shard index {} is not below the shard count {}",
+                config.shard, config.shards
+            )));
+        }
+        if let Some(dir) = &config.data_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("creating data dir {}: {e}", dir.display())))?;
+        }
+        Ok(Self {
+            config,
+            tables: RwLock::new(Registry::default()),
+            create_lock: Mutex::new(()),
+            counters: ServerCounters::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        // The registry is only written by `create`, which cannot panic while holding the lock.
+        self.tables.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The table named `name`.
+    pub fn table(&self, name: &str) -> Result<Arc<Table>, StoreError> {
+        self.registry()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownTable(name.to_string()))
+    }
+
+    /// Creates a table, or returns the existing one when its spec is identical.
+    /// Returns the table and whether it was created.
+    pub fn create(&self, spec: TableSpec) -> Result<(Arc<Table>, bool), StoreError> {
+        spec.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
+        let check = |existing: &Arc<Table>| {
+            if existing.spec() == &spec {
+                Ok((existing.clone(), false))
+            } else {
+                Err(StoreError::ConflictingTable(format!(
+                    "table {} exists as {:?}; asked for {:?}",
+                    spec.name,
+                    existing.spec(),
+                    spec
+                )))
+            }
+        };
+        if let Some(t) = self.registry().by_name.get(&spec.name) {
+            return check(t);
+        }
+        let _creating = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = self.registry().by_name.get(&spec.name) {
+            return check(t);
+        }
+        let (shard, shards) = (self.config.shard, self.config.shards);
+        let footprint = Table::footprint(&spec, shard, shards);
+        if footprint > self.config.max_table_bytes {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} needs {footprint} bytes on this shard, above its limit of {}",
+                spec.name, self.config.max_table_bytes
+            )));
+        }
+        let id = self.registry().by_id.len() as u32;
+        let name = spec.name.clone();
+        let table = Arc::new(Table::create(
+            spec,
+            shard,
+            shards,
+            id,
+            self.config.data_dir.as_deref(),
+        )?);
+        let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        reg.by_name.insert(name.clone(), table.clone());
+        reg.by_id.push(table.clone());
+        drop(reg);
+        tracing::info!(
+            table = %name,
+            rows = table.spec().rows,
+            local_rows = table.local_rows(),
+            dim = table.spec().dim,
+            optimizer = table.spec().optimizer.name(),
+            bytes = footprint,
+            "created table"
+        );
+        Ok((table, true))
+    }
+
+    /// Tables in creation order.
+    pub fn tables(&self) -> Vec<Arc<Table>> {
+        self.registry().by_id.clone()
+    }
+
+    fn pull_rows(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let t = self.table(table)?;
+        let layout = *t.layout();
+        let n = keys.len();
+        let locals = keys
+            .iter()
+            .map(|k| t.local_index(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let header = PullResponse {
+            rows: n as u32,
+            dim: layout.dim() as u32,
+        };
+        resp.begin(&header);
+        resp.reserve_payload((n * (8 + 4 * layout.dim())) as u64)?;
+        let out = resp.payload();
+        let versions_at = out.len();
+        let rows_at = versions_at + 8 * n;
+        out.resize(rows_at + 4 * layout.dim() * n, 0);
+        let mut image = vec![0u8; layout.stride()];
+        let row_bytes = 4 * layout.dim();
+        for (j, &i) in locals.iter().enumerate() {
+            let version = t.read_local(i, &mut image);
+            out[versions_at + 8 * j..versions_at + 8 * (j + 1)]
+                .copy_from_slice(&version.to_le_bytes());
+            out[rows_at + row_bytes * j..rows_at + row_bytes * (j + 1)]
+                .copy_from_slice(layout.payload(&image));
+        }
+        t.count_read(n as u64);
+        Ok(())
+    }
+
+    fn pull_stale(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        clocks: U64s<'_>,
+        bound: u64,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let t = self.table(table)?;
+        let layout = *t.layout();
+        let mut stale = Vec::new();
+        let mut locals = Vec::new();
+        for j in 0..keys.len() {
+            let i = t.local_index(keys.get(j))?;
+            let clock = clocks.get(j);
+            if clock == NOT_CACHED || t.version_local(i) > clock.saturating_add(bound) {
+                stale.push(j as u32);
+                locals.push(i);
+            }
+        }
+        let s = stale.len();
+        let header = PullIfStaleResponse {
+            stale: s as u32,
+            dim: layout.dim() as u32,
+        };
+        resp.begin(&header);
+        resp.reserve_payload((s * (4 + 8 + 4 * layout.dim())) as u64)?;
+        let out = resp.payload();
+        put_u32s(out, &stale);
+        let versions_at = out.len();
+        let rows_at = versions_at + 8 * s;
+        let row_bytes = 4 * layout.dim();
+        out.resize(rows_at + row_bytes * s, 0);
+        let mut image = vec![0u8; layout.stride()];
+        for (j, &i) in locals.iter().enumerate() {
+            let version = t.read_local(i, &mut image);
+            out[versions_at + 8 * j..versions_at + 8 * (j + 1)]
+                .copy_from_slice(&version.to_le_bytes());
+            out[rows_at + row_bytes * j..rows_at + row_bytes * (j + 1)]
+                .copy_from_slice(layout.payload(&image));
+        }
+        t.count_read(s as u64);
+        Ok(())
+    }
+
+    fn read_spans(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), StoreError> {
+        let tables = self.tables();
+        let mut total: u64 = 0;
+        for chunk in spans.chunks_exact(SPAN_BYTES) {
+            let span = Span::decode(chunk);
+            let t = tables.get(span.region as usize).ok_or_else(|| {
+                StoreError::InvalidSpan(format!("no region {} on this shard", span.region))
+            })?;
+            let end = span.offset.checked_add(span.len as u64);
+            if end.is_none_or(|end| end > t.region().len()) {
+                return Err(StoreError::InvalidSpan(format!(
+                    "span {}+{} outside region {} of {} bytes",
+                    span.offset,
+                    span.len,
+                    span.region,
+                    t.region().len()
+                )));
+            }
+            total += span.len as u64;
+        }
+        let header = ReadResponse { bytes: total };
+        resp.begin(&header);
+        resp.reserve_payload(total)?;
+        let out = resp.payload();
+        for chunk in spans.chunks_exact(SPAN_BYTES) {
+            let span = Span::decode(chunk);
+            let t = &tables[span.region as usize];
+            copy_span(t.region().words(), span.offset, span.len as usize, out);
+            t.count_read((span.len as u64).div_ceil(t.layout().stride() as u64));
+        }
+        Ok(())
+    }
+
+    fn push_rows(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        counts: U32s<'_>,
+        grads: F32s<'_>,
+    ) -> Result<PushResponse, StoreError> {
+        let t = self.table(table)?;
+        let locals = t.validate_push(keys, counts, grads)?;
+        let updates = t.apply_push(&locals, counts, grads);
+        Ok(PushResponse {
+            rows: locals.len() as u32,
+            updates,
+        })
+    }
+}
+
+impl ShardService for Shard {
+    fn identity(&self) -> (u32, u32) {
+        (self.config.shard, self.config.shards)
+    }
+
+    fn authorize(&self, token: Option<&str>) -> bool {
+        match (&self.config.auth_token, token) {
+            (None, _) => true,
+            (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
+            (Some(_), None) => false,
+        }
+    }
+
+    fn list_tables(&self) -> TablesResponse {
+        TablesResponse {
+            tables: self.tables().iter().map(|t| t.info()).collect(),
+        }
+    }
+
+    fn create_table(&self, spec: TableSpec) -> Result<CreateResponse, WireError> {
+        let (table, created) = self.create(spec)?;
+        Ok(CreateResponse {
+            info: table.info(),
+            created,
+        })
+    }
+
+    fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError> {
+        let t = self.table(table)?;
+        Ok(RegionDescriptor {
+            region: t.region_id(),
+            table: table.to_string(),
+            dim: t.spec().dim,
+            stride: t.layout().stride() as u32,
+            rows: t.local_rows(),
+            len: t.region().len(),
+            addr: t.region().addr(),
+            rkey: 0,
+            shm_path: t.region().path().map(|p| p.display().to_string()),
+        })
+    }
+
+    fn read(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), WireError> {
+        Ok(self.read_spans(spans, resp)?)
+    }
+
+    fn pull(&self, table: &str, keys: U64s<'_>, resp: &mut Response<'_>) -> Result<(), WireError> {
+        Ok(self.pull_rows(table, keys, resp)?)
+    }
+
+    fn pull_if_stale(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        clocks: U64s<'_>,
+        bound: u64,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError> {
+        Ok(self.pull_stale(table, keys, clocks, bound, resp)?)
+    }
+
+    fn push(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        counts: U32s<'_>,
+        grads: F32s<'_>,
+    ) -> Result<PushResponse, WireError> {
+        Ok(self.push_rows(table, keys, counts, grads)?)
+    }
+
+    fn stats(&self) -> ShardStats {
+        let tables: Vec<_> = self.tables().iter().map(|t| t.stats()).collect();
+        ShardStats {
+            shard: self.config.shard,
+            shards: self.config.shards,
+            rows_read: tables.iter().map(|t| t.rows_read).sum(),
+            rows_pushed: tables.iter().map(|t| t.rows_pushed).sum(),
+            tables,
+            ..ShardStats::default()
+        }
+    }
+
+    fn counters(&self) -> &ServerCounters {
+        &self.counters
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl From<StoreError> for WireError {
+    fn from(e: StoreError) -> Self {
+        let code = match &e {
+            StoreError::UnknownTable(_) => ErrorCode::UnknownTable,
+            StoreError::ConflictingTable(_) => ErrorCode::ConflictingTable,
+            StoreError::InvalidSpec(_) => ErrorCode::InvalidSpec,
+            StoreError::WrongDim(_) => ErrorCode::WrongDim,
+            StoreError::KeyOutOfRange(_) => ErrorCode::KeyOutOfRange,
+            StoreError::InvalidGradient(_) => ErrorCode::InvalidGradient,
+            StoreError::InvalidSpan(_) => ErrorCode::InvalidSpan,
+            StoreError::Malformed(_) => ErrorCode::MalformedFrame,
+            StoreError::Frame(w) => return w.clone(),
+            StoreError::Io(_) | StoreError::Config(_) => ErrorCode::Internal,
+        };
+        WireError::new(code, e.to_string())
+    }
+}

@@ -1,0 +1,383 @@
+//! The shard driven through the protocol session with no sockets: optimizers against the textbook
+//! formulas, all-or-nothing pushes, and the protocol's refusals.
+
+use hetkv_store::{Shard, ShardConfig};
+use hetkv_transport::service::Session;
+use hetkv_transport::wire::{
+    self, decode_header, put_f32s, put_u32s, put_u64s, split_body, CreateRequest, CreateResponse,
+    ErrorCode, HelloRequest, Op, PullRequest, PullResponse, PushRequest, PushResponse, Status,
+    WireError, MAGIC, PROTOCOL_VERSION,
+};
+use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use serde::{de::DeserializeOwned, Serialize};
+
+struct Harness {
+    shard: Shard,
+    session: Session,
+}
+
+impl Harness {
+    fn new(shard: u32, shards: u32) -> Self {
+        let mut h = Self {
+            shard: Shard::new(ShardConfig::new(shard, shards)).unwrap(),
+            session: Session::new(wire::DEFAULT_MAX_FRAME),
+        };
+        let hello = HelloRequest {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            auth: None,
+            client: "test".into(),
+        };
+        h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+        h
+    }
+
+    /// One frame through the session: Ok((header, payload)) or the error sent.
+    fn call_raw<H: Serialize>(
+        &mut self,
+        op: u8,
+        header: &H,
+        payload: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), WireError> {
+        let mut frame = Vec::new();
+        wire::start_frame(&mut frame, op, Status::Ok, header);
+        frame.extend_from_slice(payload);
+        wire::finish_frame(&mut frame, u32::MAX).unwrap();
+        let mut out = Vec::new();
+        self.session.on_frame(&self.shard, &frame[4..], &mut out);
+        let parts = split_body(&out[4..]).unwrap();
+        if parts.status == Status::Error as u8 {
+            return Err(decode_header(parts.header).unwrap());
+        }
+        Ok((parts.header.to_vec(), parts.payload.to_vec()))
+    }
+
+    fn call<H: Serialize, R: DeserializeOwned>(
+        &mut self,
+        op: Op,
+        header: &H,
+        payload: &[u8],
+    ) -> Result<(R, Vec<u8>), WireError> {
+        let (h, p) = self.call_raw(op as u8, header, payload)?;
+        Ok((decode_header(&h).unwrap(), p))
+    }
+
+    fn create(&mut self, spec: &TableSpec) -> Result<CreateResponse, WireError> {
+        self.call(Op::CreateTable, &CreateRequest { spec: spec.clone() }, &[])
+            .map(|r| r.0)
+    }
+
+    fn push(
+        &mut self,
+        table: &str,
+        keys: &[u64],
+        counts: &[u32],
+        grads: &[f32],
+    ) -> Result<PushResponse, WireError> {
+        let mut p = Vec::new();
+        put_u64s(&mut p, keys);
+        put_u32s(&mut p, counts);
+        put_f32s(&mut p, grads);
+        let req = PushRequest {
+            table: table.into(),
+            rows: keys.len() as u32,
+        };
+        self.call(Op::Push, &req, &p).map(|r| r.0)
+    }
+
+    fn pull(&mut self, table: &str, keys: &[u64]) -> Result<(Vec<u64>, Vec<f32>), WireError> {
+        let mut p = Vec::new();
+        put_u64s(&mut p, keys);
+        let req = PullRequest {
+            table: table.into(),
+            keys: keys.len() as u32,
+        };
+        let (h, payload): (PullResponse, _) = self.call(Op::Pull, &req, &p)?;
+        let n = h.rows as usize;
+        let versions = payload[..8 * n]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let rows = payload[8 * n..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Ok((versions, rows))
+    }
+}
+
+fn spec(name: &str, dim: u32, optimizer: OptimizerSpec) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        rows: 100,
+        dim,
+        init: Initializer::Uniform {
+            bound: 0.5,
+            seed: 3,
+        },
+        optimizer,
+    }
+}
+
+fn initial(spec: &TableSpec, key: u64) -> Vec<f64> {
+    let mut v = vec![0f32; spec.dim as usize];
+    spec.init.fill(key, &mut v);
+    v.into_iter().map(f64::from).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len());
+    for (j, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            ((*g as f64) - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{what}[{j}]: got {g}, want {w}"
+        );
+    }
+}
+
+/// Gradients for three pushes, the first two to the same row in one message.
+fn grads(dim: usize, seed: u64) -> Vec<Vec<f64>> {
+    (0..3u64)
+        .map(|k| {
+            (0..dim as u64)
+                .map(|j| ((seed * 31 + k * 7 + j * 3) % 11) as f64 / 10.0 - 0.5)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn sgd_matches_the_textbook_with_repeated_rows_in_one_push() {
+    let mut h = Harness::new(0, 1);
+    let s = spec("sgd", 4, OptimizerSpec::Sgd { lr: 0.1 });
+    h.create(&s).unwrap();
+    let g = grads(4, 1);
+    let flat: Vec<f32> = g.iter().flatten().map(|&x| x as f32).collect();
+    let ack = h.push("sgd", &[7, 7, 9], &[2, 3, 1], &flat).unwrap();
+    assert_eq!((ack.rows, ack.updates), (3, 6));
+    let mut w7 = initial(&s, 7);
+    for grad in &g[..2] {
+        for (w, g) in w7.iter_mut().zip(grad) {
+            *w -= 0.1 * g;
+        }
+    }
+    let (versions, rows) = h.pull("sgd", &[7, 9, 8]).unwrap();
+    assert_eq!(versions, vec![5, 1, 0]);
+    assert_close(&rows[..4], &w7, "row 7");
+    let w9: Vec<f64> = initial(&s, 9)
+        .iter()
+        .zip(&g[2])
+        .map(|(w, g)| w - 0.1 * g)
+        .collect();
+    assert_close(&rows[4..8], &w9, "row 9");
+    assert_close(&rows[8..], &initial(&s, 8), "untouched row 8");
+}
+
+#[test]
+fn adagrad_matches_the_textbook_with_repeated_rows_in_one_push() {
+    let mut h = Harness::new(0, 1);
+    let (lr, eps, acc0) = (0.05, 1e-6, 0.1);
+    let s = spec(
+        "ada",
+        5,
+        OptimizerSpec::Adagrad {
+            lr,
+            eps,
+            initial_accumulator: acc0,
+        },
+    );
+    h.create(&s).unwrap();
+    let g = grads(5, 2);
+    let flat: Vec<f32> = g.iter().flatten().map(|&x| x as f32).collect();
+    h.push("ada", &[3, 3, 3], &[1, 1, 4], &flat).unwrap();
+    let mut w = initial(&s, 3);
+    let mut acc = vec![acc0 as f64; 5];
+    for grad in &g {
+        for j in 0..5 {
+            acc[j] += grad[j] * grad[j];
+            w[j] -= lr as f64 * grad[j] / (acc[j].sqrt() + eps as f64);
+        }
+    }
+    let (versions, rows) = h.pull("ada", &[3]).unwrap();
+    assert_eq!(versions, vec![6]);
+    assert_close(&rows, &w, "adagrad row");
+}
+
+#[test]
+fn adam_matches_the_textbook_with_a_per_row_step_count() {
+    let mut h = Harness::new(0, 1);
+    let (lr, b1, b2, eps) = (0.01f32, 0.9f32, 0.999f32, 1e-8f32);
+    let s = spec(
+        "adam",
+        3,
+        OptimizerSpec::Adam {
+            lr,
+            beta1: b1,
+            beta2: b2,
+            eps,
+        },
+    );
+    h.create(&s).unwrap();
+    let g = grads(3, 3);
+    // Row 5 gets two steps in one message and one in a second; row 6 one step only (lazy Adam:
+    // its step count is its own).
+    let flat: Vec<f32> = [&g[0], &g[1], &g[2]]
+        .iter()
+        .flat_map(|v| v.iter().map(|&x| x as f32))
+        .collect();
+    h.push("adam", &[5, 5, 6], &[1, 1, 1], &flat).unwrap();
+    let second: Vec<f32> = g[2].iter().map(|&x| x as f32).collect();
+    h.push("adam", &[5], &[1], &second).unwrap();
+
+    let adam = |w: &mut Vec<f64>, steps: &[&Vec<f64>]| {
+        let (mut m, mut v) = (vec![0f64; 3], vec![0f64; 3]);
+        for (t, grad) in steps.iter().enumerate() {
+            let t = t as i32 + 1;
+            for j in 0..3 {
+                m[j] = b1 as f64 * m[j] + (1.0 - b1 as f64) * grad[j];
+                v[j] = b2 as f64 * v[j] + (1.0 - b2 as f64) * grad[j] * grad[j];
+                let m_hat = m[j] / (1.0 - (b1 as f64).powi(t));
+                let v_hat = v[j] / (1.0 - (b2 as f64).powi(t));
+                w[j] -= lr as f64 * m_hat / (v_hat.sqrt() + eps as f64);
+            }
+        }
+    };
+    let mut w5 = initial(&s, 5);
+    adam(&mut w5, &[&g[0], &g[1], &g[2]]);
+    let mut w6 = initial(&s, 6);
+    adam(&mut w6, &[&g[2]]);
+    let (versions, rows) = h.pull("adam", &[5, 6]).unwrap();
+    assert_eq!(versions, vec![3, 1]);
+    assert_close(&rows[..3], &w5, "row 5");
+    assert_close(&rows[3..], &w6, "row 6");
+    let table = h.shard.table("adam").unwrap();
+    assert_eq!(table.optimizer_state(5).1, 3, "row 5 took three Adam steps");
+    assert_eq!(table.optimizer_state(6).1, 1, "row 6 took one");
+}
+
+#[test]
+fn a_push_with_one_bad_row_changes_nothing() {
+    let mut h = Harness::new(0, 1);
+    let s = spec("t", 2, OptimizerSpec::Sgd { lr: 1.0 });
+    h.create(&s).unwrap();
+    let before = h.pull("t", &[1, 2, 3]).unwrap();
+    for (bad, code) in [
+        (f32::NAN, ErrorCode::InvalidGradient),
+        (f32::INFINITY, ErrorCode::InvalidGradient),
+        (f32::NEG_INFINITY, ErrorCode::InvalidGradient),
+    ] {
+        let e = h
+            .push("t", &[1, 2, 3], &[1, 1, 1], &[0.5, 0.5, 0.5, 0.5, 0.5, bad])
+            .unwrap_err();
+        assert_eq!(e.code, code, "{e}");
+    }
+    let e = h
+        .push("t", &[1, 2, 100], &[1, 1, 1], &[0.5; 6])
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::KeyOutOfRange);
+    let e = h.push("t", &[1, 2, 3], &[1, 0, 1], &[0.5; 6]).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidGradient);
+    let e = h.push("t", &[1, 2, 3], &[1, 1, 1], &[0.5; 5]).unwrap_err();
+    assert_eq!(e.code, ErrorCode::WrongDim);
+    assert_eq!(
+        h.pull("t", &[1, 2, 3]).unwrap(),
+        before,
+        "nothing was applied"
+    );
+}
+
+#[test]
+fn keys_must_live_on_this_shard() {
+    let mut h = Harness::new(1, 3);
+    let s = spec("t", 2, OptimizerSpec::Sgd { lr: 1.0 });
+    let info = h.create(&s).unwrap().info;
+    assert_eq!(info.local_rows, 33); // keys 1, 4, ..., 97
+    let (v, rows) = h.pull("t", &[1, 4, 97]).unwrap();
+    assert_eq!(v, vec![0, 0, 0]);
+    let mut want = vec![0f32; 2];
+    s.init.fill(97, &mut want);
+    assert_eq!(
+        &rows[4..],
+        &want[..],
+        "initial value is a function of the global key"
+    );
+    let e = h.pull("t", &[2]).unwrap_err();
+    assert_eq!(e.code, ErrorCode::KeyOutOfRange);
+    assert!(e.message.contains("shard 2"), "{}", e.message);
+}
+
+#[test]
+fn create_is_idempotent_and_refuses_conflicts_and_oversized_tables() {
+    let mut h = Harness::new(0, 1);
+    let s = spec("t", 2, OptimizerSpec::Sgd { lr: 1.0 });
+    assert!(h.create(&s).unwrap().created);
+    assert!(!h.create(&s).unwrap().created);
+    let other = TableSpec {
+        dim: 3,
+        ..s.clone()
+    };
+    assert_eq!(
+        h.create(&other).unwrap_err().code,
+        ErrorCode::ConflictingTable
+    );
+    let huge = TableSpec {
+        name: "huge".into(),
+        rows: 1 << 40,
+        ..s.clone()
+    };
+    let e = h.create(&huge).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidSpec);
+    assert!(e.message.contains("limit"), "{}", e.message);
+    let e = h
+        .create(&TableSpec {
+            name: "bad name".into(),
+            ..s
+        })
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidSpec);
+}
+
+#[test]
+fn the_first_frame_must_be_a_hello_of_this_version() {
+    let shard = Shard::new(ShardConfig::new(0, 1)).unwrap();
+    let mut out = Vec::new();
+    let mut frame = Vec::new();
+    wire::start_frame(&mut frame, Op::Stats as u8, Status::Ok, &());
+    wire::finish_frame(&mut frame, u32::MAX).unwrap();
+    let outcome = Session::new(1 << 20).on_frame(&shard, &frame[4..], &mut out);
+    assert!(outcome.close);
+    assert_eq!(outcome.error.unwrap().code, ErrorCode::HandshakeRequired);
+
+    let future = HelloRequest {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION + 1,
+        auth: None,
+        client: "x".into(),
+    };
+    wire::start_frame(&mut frame, Op::Hello as u8, Status::Ok, &future);
+    wire::finish_frame(&mut frame, u32::MAX).unwrap();
+    let outcome = Session::new(1 << 20).on_frame(&shard, &frame[4..], &mut out);
+    assert!(outcome.close);
+    let e = outcome.error.unwrap();
+    assert_eq!(e.code, ErrorCode::ProtocolVersion);
+    assert!(e.message.contains("protocol 2"), "{}", e.message);
+}
+
+#[test]
+fn responses_above_the_frame_limit_are_refused_before_being_built() {
+    let mut h = Harness::new(0, 1);
+    h.session = Session::new(4096);
+    let hello = HelloRequest {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        auth: None,
+        client: "t".into(),
+    };
+    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    h.create(&spec("t", 64, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    let keys: Vec<u64> = (0..100).collect();
+    let e = h.pull("t", &keys).unwrap_err();
+    assert_eq!(e.code, ErrorCode::FrameTooLarge);
+    assert!(h.pull("t", &keys[..10]).is_ok(), "the session goes on");
+}

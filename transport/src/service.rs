@@ -1,0 +1,346 @@
+//! The server side of the protocol, without I/O.
+//!
+//! A [`Session`] takes one frame body at a time and writes one response frame; it holds the
+//! handshake state of one connection and dispatches to a [`ShardService`]. Transports (the tokio
+//! TCP server, later the RDMA control channel) only move bytes: every protocol rule lives here, so
+//! it is tested deterministically, without sockets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::spec::TableSpec;
+use crate::wire::{
+    self, decode_header, le_array, split_body, split_payload, CreateRequest, CreateResponse,
+    ErrorCode, F32s, FrameError, HelloRequest, HelloResponse, Op, PullIfStaleRequest, PullRequest,
+    PushRequest, PushResponse, ReadRequest, RegionDescriptor, ShardStats, Status, TableRequest,
+    TablesResponse, U32s, U64s, WireError, MAGIC, PROTOCOL_VERSION, SPAN_BYTES,
+};
+
+/// Counters every server keeps, whatever carries its frames.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Frames handled.
+    pub requests: AtomicU64,
+    /// Frames answered with an error.
+    pub errors: AtomicU64,
+    /// Bytes received, prefixes included.
+    pub bytes_in: AtomicU64,
+    /// Bytes sent, prefixes included.
+    pub bytes_out: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
+}
+
+impl ServerCounters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Copies the counters into a stats record (tables and rows are the service's).
+    pub fn fill(&self, stats: &mut ShardStats) {
+        stats.requests = self.requests.load(Ordering::Relaxed);
+        stats.errors = self.errors.load(Ordering::Relaxed);
+        stats.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        stats.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        stats.connections = self.connections.load(Ordering::Relaxed);
+    }
+}
+
+/// The response frame under construction, with the limit it must respect.
+#[derive(Debug)]
+pub struct Response<'a> {
+    out: &'a mut Vec<u8>,
+    op: u8,
+    max_frame: u32,
+}
+
+impl Response<'_> {
+    /// Starts a successful response with `header`; the caller appends the payload to the returned
+    /// buffer after checking its size with [`Response::reserve_payload`].
+    pub fn begin<T: Serialize>(&mut self, header: &T) -> &mut Vec<u8> {
+        wire::start_frame(self.out, self.op, Status::Ok, header);
+        self.out
+    }
+
+    /// The frame started by [`Response::begin`], to append the payload to.
+    pub fn payload(&mut self) -> &mut Vec<u8> {
+        self.out
+    }
+
+    /// Checks that `bytes` more payload keep the frame within the maximum, then reserves them.
+    /// Call it before producing a payload whose size the peer chose.
+    pub fn reserve_payload(&mut self, bytes: u64) -> Result<(), WireError> {
+        let total = (self.out.len() as u64).saturating_add(bytes);
+        if total > self.max_frame as u64 {
+            return Err(WireError::new(
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "response would be {total} bytes, above the maximum frame of {}: split the batch",
+                    self.max_frame
+                ),
+            ));
+        }
+        self.out.reserve(bytes as usize);
+        Ok(())
+    }
+}
+
+/// What a shard offers to the protocol. The store implements it; transports never see tables.
+pub trait ShardService: Send + Sync + 'static {
+    /// This shard's index and the cluster's size.
+    fn identity(&self) -> (u32, u32);
+    /// Checks the hello's auth token (true when the daemon needs none).
+    fn authorize(&self, token: Option<&str>) -> bool;
+    /// Tables in creation order.
+    fn list_tables(&self) -> TablesResponse;
+    /// Creates a table, or confirms an identical one.
+    fn create_table(&self, spec: TableSpec) -> Result<CreateResponse, WireError>;
+    /// Describes a table's region.
+    fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError>;
+    /// Emulated one-sided read: appends each span's bytes (`spans` holds 16-byte spans), with the
+    /// response started with a [`wire::ReadResponse`].
+    fn read(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), WireError>;
+    /// Consistent read of `keys`: versions then rows, after a [`wire::PullResponse`] header.
+    fn pull(&self, table: &str, keys: U64s<'_>, resp: &mut Response<'_>) -> Result<(), WireError>;
+    /// Conditional read, after a [`wire::PullIfStaleResponse`] header.
+    fn pull_if_stale(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        clocks: U64s<'_>,
+        bound: u64,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError>;
+    /// Applies a push, all or nothing.
+    fn push(
+        &self,
+        table: &str,
+        keys: U64s<'_>,
+        counts: U32s<'_>,
+        grads: F32s<'_>,
+    ) -> Result<PushResponse, WireError>;
+    /// Tables and row counters (the session fills in the frame counters).
+    fn stats(&self) -> ShardStats;
+    /// The frame counters.
+    fn counters(&self) -> &ServerCounters;
+}
+
+/// What a transport does after sending the response.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    /// Close the connection (handshake failures: nothing after them can be trusted).
+    pub close: bool,
+    /// The error sent, for the transport's log.
+    pub error: Option<WireError>,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    greeted: bool,
+    max_frame: u32,
+    peer: String,
+}
+
+impl Session {
+    /// A new connection; `max_frame` is the largest body this server sends or accepts.
+    pub fn new(max_frame: u32) -> Self {
+        Self {
+            greeted: false,
+            max_frame,
+            peer: String::new(),
+        }
+    }
+
+    /// The client's self-description from its hello.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Handles one frame body (the bytes after the length prefix) and writes the whole response
+    /// frame, prefix included, into `out`.
+    pub fn on_frame<S: ShardService + ?Sized>(
+        &mut self,
+        service: &S,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let counters = service.counters();
+        ServerCounters::add(&counters.requests, 1);
+        let op_byte = body.first().copied().unwrap_or(0);
+        let mut close = false;
+        let result = self.dispatch(service, body, out, &mut close);
+        let error = match result {
+            Ok(()) => match wire::finish_frame(out, self.max_frame) {
+                Ok(()) => None,
+                Err(e) => Some(WireError::new(ErrorCode::FrameTooLarge, e.to_string())),
+            },
+            Err(e) => Some(e),
+        };
+        if let Some(e) = &error {
+            ServerCounters::add(&counters.errors, 1);
+            wire::start_frame(out, op_byte, Status::Error, e);
+            wire::finish_frame(out, u32::MAX).expect("an error frame is small");
+        }
+        Outcome { close, error }
+    }
+
+    fn dispatch<S: ShardService + ?Sized>(
+        &mut self,
+        service: &S,
+        body: &[u8],
+        out: &mut Vec<u8>,
+        close: &mut bool,
+    ) -> Result<(), WireError> {
+        let parts = split_body(body).map_err(malformed)?;
+        let Some(op) = Op::from_u8(parts.op) else {
+            if !self.greeted {
+                *close = true;
+                return Err(WireError::new(
+                    ErrorCode::HandshakeRequired,
+                    format!("first frame has op byte {} instead of hello", parts.op),
+                ));
+            }
+            return Err(WireError::new(
+                ErrorCode::UnknownOp,
+                format!("unknown operation {}", parts.op),
+            ));
+        };
+        if !self.greeted && op != Op::Hello {
+            *close = true;
+            return Err(WireError::new(
+                ErrorCode::HandshakeRequired,
+                format!("first frame is {op:?}; a connection starts with hello"),
+            ));
+        }
+        let mut resp = Response {
+            out,
+            op: op as u8,
+            max_frame: self.max_frame,
+        };
+        let payload = parts.payload;
+        match op {
+            Op::Hello => {
+                *close = true; // until the hello succeeds
+                let h: HelloRequest = decode_header(parts.header).map_err(malformed)?;
+                if h.magic != MAGIC {
+                    return Err(WireError::new(
+                        ErrorCode::HandshakeRequired,
+                        format!("hello magic {:?} is not {:?}", h.magic, MAGIC),
+                    ));
+                }
+                if h.version != PROTOCOL_VERSION {
+                    return Err(WireError::new(
+                        ErrorCode::ProtocolVersion,
+                        format!(
+                            "client speaks protocol {}, this daemon speaks {PROTOCOL_VERSION}",
+                            h.version
+                        ),
+                    ));
+                }
+                if !service.authorize(h.auth.as_deref()) {
+                    return Err(WireError::new(ErrorCode::Unauthorized, "bad auth token"));
+                }
+                let (shard, shards) = service.identity();
+                self.greeted = true;
+                self.peer = h.client.chars().take(128).collect();
+                *close = false;
+                resp.begin(&HelloResponse {
+                    version: PROTOCOL_VERSION,
+                    shard,
+                    shards,
+                    max_frame: self.max_frame,
+                    server: concat!("hetkv ", env!("CARGO_PKG_VERSION")).to_string(),
+                });
+            }
+            Op::ListTables => {
+                no_payload(payload)?;
+                let tables = service.list_tables();
+                resp.begin(&tables);
+            }
+            Op::CreateTable => {
+                no_payload(payload)?;
+                let r: CreateRequest = decode_header(parts.header).map_err(malformed)?;
+                let created = service.create_table(r.spec)?;
+                resp.begin(&created);
+            }
+            Op::RegionInfo => {
+                no_payload(payload)?;
+                let r: TableRequest = decode_header(parts.header).map_err(malformed)?;
+                let region = service.region_info(&r.table)?;
+                resp.begin(&region);
+            }
+            Op::Read => {
+                let r: ReadRequest = decode_header(parts.header).map_err(malformed)?;
+                let p =
+                    split_payload(payload, &[(r.spans as usize, SPAN_BYTES)]).map_err(malformed)?;
+                service.read(p[0], &mut resp)?;
+            }
+            Op::Pull => {
+                let r: PullRequest = decode_header(parts.header).map_err(malformed)?;
+                let p = split_payload(payload, &[(r.keys as usize, 8)]).map_err(malformed)?;
+                service.pull(&r.table, le_array(p[0]), &mut resp)?;
+            }
+            Op::PullIfStale => {
+                let r: PullIfStaleRequest = decode_header(parts.header).map_err(malformed)?;
+                let n = r.keys as usize;
+                let p = split_payload(payload, &[(n, 8), (n, 8)]).map_err(malformed)?;
+                service.pull_if_stale(
+                    &r.table,
+                    le_array(p[0]),
+                    le_array(p[1]),
+                    r.bound,
+                    &mut resp,
+                )?;
+            }
+            Op::Push => {
+                let r: PushRequest = decode_header(parts.header).map_err(malformed)?;
+                let n = r.rows as usize;
+                // The gradient block's size depends on the table's dim, which the service checks;
+                // here only the keys and counts must fit.
+                let fixed = n.saturating_mul(12);
+                if payload.len() < fixed {
+                    return Err(malformed(FrameError::Malformed(format!(
+                        "push of {n} rows needs at least {fixed} payload bytes, got {}",
+                        payload.len()
+                    ))));
+                }
+                let (keys, rest) = payload.split_at(n * 8);
+                let (counts, grads) = rest.split_at(n * 4);
+                if grads.len() % 4 != 0 {
+                    return Err(WireError::new(
+                        ErrorCode::WrongDim,
+                        format!("gradient block of {} bytes is not whole f32s", grads.len()),
+                    ));
+                }
+                let ack =
+                    service.push(&r.table, le_array(keys), le_array(counts), le_array(grads))?;
+                resp.begin(&ack);
+            }
+            Op::Stats => {
+                no_payload(payload)?;
+                let mut stats = service.stats();
+                service.counters().fill(&mut stats);
+                resp.begin(&stats);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn malformed(e: FrameError) -> WireError {
+    WireError::new(ErrorCode::MalformedFrame, e.to_string())
+}
+
+fn no_payload(payload: &[u8]) -> Result<(), WireError> {
+    if payload.is_empty() {
+        Ok(())
+    } else {
+        Err(WireError::new(
+            ErrorCode::MalformedFrame,
+            format!("unexpected payload of {} bytes", payload.len()),
+        ))
+    }
+}

@@ -1,0 +1,351 @@
+//! Table specifications (DESIGN section 3): what a table is, as created by clients and configs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::row::MAX_DIM;
+
+/// Longest table name, in bytes.
+pub const MAX_TABLE_NAME: usize = 128;
+
+/// A table's definition. Two specs are the same table only if every field is equal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableSpec {
+    /// Name: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// Global capacity: keys are row ids in `[0, rows)`.
+    pub rows: u64,
+    /// f32 values per row, 1 to 65,536.
+    pub dim: u32,
+    /// How rows are initialised; a pure function of (seed, row).
+    pub init: Initializer,
+    /// The server-side optimizer applied to pushed gradients.
+    pub optimizer: OptimizerSpec,
+}
+
+/// Deterministic row initialisers: the initial value of row r is a pure function of (seed, r), so
+/// every shard initialises its rows the same way on every run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Initializer {
+    /// All zeros.
+    Zeros,
+    /// Uniform in `[-bound, bound)`.
+    Uniform {
+        /// Half-width of the interval.
+        bound: f32,
+        /// Seed.
+        seed: u64,
+    },
+    /// Normal with mean 0.
+    Normal {
+        /// Standard deviation.
+        std: f32,
+        /// Seed.
+        seed: u64,
+    },
+}
+
+/// Server-side optimizers. All are sparse: only pushed rows change.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerSpec {
+    /// `w -= lr * g`.
+    Sgd {
+        /// Learning rate.
+        lr: f32,
+    },
+    /// `acc += g^2; w -= lr * g / (sqrt(acc) + eps)`.
+    Adagrad {
+        /// Learning rate.
+        lr: f32,
+        /// Added to the denominator.
+        eps: f32,
+        /// Starting value of each accumulator element.
+        initial_accumulator: f32,
+    },
+    /// Lazy Adam with a per-row step count.
+    Adam {
+        /// Learning rate.
+        lr: f32,
+        /// First-moment decay.
+        beta1: f32,
+        /// Second-moment decay.
+        beta2: f32,
+        /// Added to the denominator.
+        eps: f32,
+    },
+}
+
+impl OptimizerSpec {
+    /// Short name: `sgd`, `adagrad` or `adam`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sgd { .. } => "sgd",
+            Self::Adagrad { .. } => "adagrad",
+            Self::Adam { .. } => "adam",
+        }
+    }
+
+    /// The learning rate, which clients also use for their local approximation of an update.
+    pub fn lr(&self) -> f32 {
+        match *self {
+            Self::Sgd { lr } | Self::Adagrad { lr, .. } | Self::Adam { lr, .. } => lr,
+        }
+    }
+}
+
+/// Why a spec was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("invalid table spec: {0}")]
+pub struct SpecError(pub String);
+
+impl TableSpec {
+    /// Checks every field; a spec that passes can be created on any shard.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError(m));
+        if self.name.is_empty() || self.name.len() > MAX_TABLE_NAME {
+            return bad(format!("name must be 1 to {MAX_TABLE_NAME} bytes"));
+        }
+        if !self
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return bad(format!("name {:?} may only hold [A-Za-z0-9_.-]", self.name));
+        }
+        if self.rows == 0 || self.rows > 1 << 48 {
+            return bad(format!("rows {} outside 1..=2^48", self.rows));
+        }
+        if self.dim == 0 || self.dim > MAX_DIM {
+            return bad(format!("dim {} outside 1..={MAX_DIM}", self.dim));
+        }
+        let finite_pos = |what: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(SpecError(format!("{what} must be finite and > 0, got {v}")))
+            }
+        };
+        match self.init {
+            Initializer::Zeros => {}
+            Initializer::Uniform { bound: x, .. } | Initializer::Normal { std: x, .. } => {
+                if !x.is_finite() || x < 0.0 {
+                    return bad(format!(
+                        "initializer scale must be finite and >= 0, got {x}"
+                    ));
+                }
+            }
+        }
+        match self.optimizer {
+            OptimizerSpec::Sgd { lr } => finite_pos("lr", lr)?,
+            OptimizerSpec::Adagrad {
+                lr,
+                eps,
+                initial_accumulator,
+            } => {
+                finite_pos("lr", lr)?;
+                finite_pos("eps", eps)?;
+                if !initial_accumulator.is_finite() || initial_accumulator < 0.0 {
+                    return bad("initial_accumulator must be finite and >= 0".into());
+                }
+            }
+            OptimizerSpec::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                finite_pos("lr", lr)?;
+                finite_pos("eps", eps)?;
+                for (what, b) in [("beta1", beta1), ("beta2", beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(format!("{what} must be in [0, 1), got {b}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows of this table held by shard `shard` of `shards` (row r lives on shard `r % shards`).
+    pub fn local_rows(&self, shard: u32, shards: u32) -> u64 {
+        let (s, n) = (shard as u64, shards as u64);
+        if s >= self.rows {
+            0
+        } else {
+            (self.rows - s).div_ceil(n)
+        }
+    }
+}
+
+/// A table as one shard holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableInfo {
+    /// The table's spec.
+    pub spec: TableSpec,
+    /// Rows held on this shard.
+    pub local_rows: u64,
+    /// Bytes between rows in this shard's region.
+    pub stride: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> TableSpec {
+        TableSpec {
+            name: "emb".into(),
+            rows: 10,
+            dim: 4,
+            init: Initializer::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+        }
+    }
+
+    #[test]
+    fn local_rows_partition_the_table() {
+        for rows in 1..40u64 {
+            for shards in 1..6u32 {
+                let s = TableSpec { rows, ..spec() };
+                let total: u64 = (0..shards).map(|i| s.local_rows(i, shards)).sum();
+                assert_eq!(total, rows, "rows {rows} shards {shards}");
+            }
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(spec().validate().is_ok());
+        let cases = [
+            TableSpec {
+                name: "".into(),
+                ..spec()
+            },
+            TableSpec {
+                name: "a b".into(),
+                ..spec()
+            },
+            TableSpec { rows: 0, ..spec() },
+            TableSpec { dim: 0, ..spec() },
+            TableSpec {
+                dim: MAX_DIM + 1,
+                ..spec()
+            },
+            TableSpec {
+                optimizer: OptimizerSpec::Sgd { lr: f32::NAN },
+                ..spec()
+            },
+            TableSpec {
+                optimizer: OptimizerSpec::Adam {
+                    lr: 0.1,
+                    beta1: 1.0,
+                    beta2: 0.9,
+                    eps: 1e-8,
+                },
+                ..spec()
+            },
+            TableSpec {
+                init: Initializer::Normal {
+                    std: f32::INFINITY,
+                    seed: 1,
+                },
+                ..spec()
+            },
+        ];
+        for c in cases {
+            assert!(c.validate().is_err(), "{c:?} accepted");
+        }
+    }
+}
+
+/// SplitMix64: the mixing function behind the deterministic initialisers.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform f64 in `[0, 1)` that is a pure function of (seed, row, element).
+fn unit(seed: u64, row: u64, j: u64) -> f64 {
+    let h = splitmix64(splitmix64(seed ^ splitmix64(row)) ^ j);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Initializer {
+    /// Fills `out` (one row) with the initial value of global row `row`.
+    pub fn fill(&self, row: u64, out: &mut [f32]) {
+        match *self {
+            Self::Zeros => out.fill(0.0),
+            Self::Uniform { bound, seed } => {
+                for (j, v) in out.iter_mut().enumerate() {
+                    *v = ((unit(seed, row, j as u64) * 2.0 - 1.0) * bound as f64) as f32;
+                }
+            }
+            Self::Normal { std, seed } => {
+                for (j, v) in out.iter_mut().enumerate() {
+                    // Box-Muller on two independent uniforms per element.
+                    let u1 = 1.0 - unit(seed, row, 2 * j as u64);
+                    let u2 = unit(seed, row, 2 * j as u64 + 1);
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                    *v = (z * std as f64) as f32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod init_tests {
+    use super::*;
+
+    #[test]
+    fn initialisers_are_pure_functions_of_seed_and_row() {
+        let mut a = [0f32; 16];
+        let mut b = [0f32; 16];
+        for init in [
+            Initializer::Uniform {
+                bound: 0.5,
+                seed: 9,
+            },
+            Initializer::Normal { std: 0.1, seed: 9 },
+        ] {
+            init.fill(42, &mut a);
+            init.fill(42, &mut b);
+            assert_eq!(a, b);
+            init.fill(43, &mut b);
+            assert_ne!(a, b, "rows differ");
+        }
+        Initializer::Zeros.fill(1, &mut a);
+        assert_eq!(a, [0.0; 16]);
+    }
+
+    #[test]
+    fn initialisers_have_the_requested_distribution() {
+        let n = 20_000;
+        let mut row = [0f32; 8];
+        let (mut sum, mut sq, mut max) = (0f64, 0f64, 0f32);
+        for r in 0..n {
+            Initializer::Uniform {
+                bound: 0.5,
+                seed: 1,
+            }
+            .fill(r, &mut row);
+            for v in row {
+                max = max.max(v.abs());
+            }
+            Initializer::Normal { std: 0.2, seed: 1 }.fill(r, &mut row);
+            for v in row {
+                sum += v as f64;
+                sq += (v as f64) * (v as f64);
+            }
+        }
+        assert!(max < 0.5 && max > 0.49, "uniform bound: {max}");
+        let count = (n * 8) as f64;
+        let mean = sum / count;
+        let std = (sq / count - mean * mean).sqrt();
+        assert!(mean.abs() < 0.005, "normal mean {mean}");
+        assert!((std - 0.2).abs() < 0.005, "normal std {std}");
+    }
+}

@@ -1,0 +1,701 @@
+//! The wire format shared by every transport's control channel (byte-level spec in
+//! `docs/PROTOCOL.md`).
+//!
+//! ```text
+//! u32 LE   body_len     bytes after this field; refused above the configured maximum, before any
+//!                       allocation
+//! u8       op           Op (requests); responses echo the request's op
+//! u8       status       0 = ok, 1 = error (the header is then a WireError)
+//! u16 LE   reserved     0
+//! u32 LE   header_len   <= body_len - 8, <= MAX_HEADER
+//! [header_len]          header: bincode 2, standard config, through serde
+//! [rest]                payload: raw little-endian arrays (keys, clocks, counts, rows, gradients)
+//! ```
+//!
+//! bincode is confined to this module (`encode_header` and `decode_header`): it is pinned at
+//! `=2.0.1` and unmaintained, so nothing else names it.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::spec::{TableInfo, TableSpec};
+
+/// Version of this protocol. A hello with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Magic bytes at the start of every hello.
+pub const MAGIC: [u8; 4] = *b"HTKV";
+/// Length of the frame prefix (`body_len`).
+pub const PREFIX_BYTES: usize = 4;
+/// Fixed part of a body before the header: op, status, reserved, header_len.
+pub const HEAD_BYTES: usize = 8;
+/// Largest header accepted (headers are small: names, counts, specs).
+pub const MAX_HEADER: usize = 64 << 10;
+/// Default largest frame body, in bytes.
+pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
+/// Bytes of one span in a read request: region u32, len u32, offset u64.
+pub const SPAN_BYTES: usize = 16;
+
+/// Operations (DESIGN section 6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Op {
+    /// Handshake: protocol version and optional auth. Must be the first frame.
+    Hello = 1,
+    /// The tables this shard holds.
+    ListTables = 2,
+    /// Create a table (idempotent for an identical spec).
+    CreateTable = 3,
+    /// Where a table's region is and how it is laid out.
+    RegionInfo = 4,
+    /// Emulated one-sided read of (region, offset, len) spans.
+    Read = 5,
+    /// Server-side consistent read of rows.
+    Pull = 6,
+    /// Rows whose version exceeds the client's clock plus the bound.
+    PullIfStale = 7,
+    /// Apply (key, count, gradient sum) rows with the table's optimizer.
+    Push = 8,
+    /// Counters and tables.
+    Stats = 9,
+}
+
+impl Op {
+    /// Decodes an op byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Hello,
+            2 => Self::ListTables,
+            3 => Self::CreateTable,
+            4 => Self::RegionInfo,
+            5 => Self::Read,
+            6 => Self::Pull,
+            7 => Self::PullIfStale,
+            8 => Self::Push,
+            9 => Self::Stats,
+            _ => return None,
+        })
+    }
+}
+
+/// Status byte of a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// The header is the op's response.
+    Ok = 0,
+    /// The header is a [`WireError`].
+    Error = 1,
+}
+
+/// Error classes carried to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// A frame that does not follow the format (bad lengths, undecodable header or payload).
+    MalformedFrame,
+    /// A frame larger than the receiver's maximum.
+    FrameTooLarge,
+    /// An op byte this daemon does not know.
+    UnknownOp,
+    /// The first frame was not a valid hello.
+    HandshakeRequired,
+    /// The peer speaks another protocol version.
+    ProtocolVersion,
+    /// Authentication failed.
+    Unauthorized,
+    /// No table of that name.
+    UnknownTable,
+    /// A table of that name exists with another spec.
+    ConflictingTable,
+    /// A spec that fails validation, or exceeds this daemon's limits.
+    InvalidSpec,
+    /// Rows or gradients whose length is not a multiple of the table's dim.
+    WrongDim,
+    /// A key outside `[0, rows)`, or one that does not live on this shard.
+    KeyOutOfRange,
+    /// A gradient with NaN or Inf, or a count of zero.
+    InvalidGradient,
+    /// A read span outside its region, or naming no region.
+    InvalidSpan,
+    /// The daemon failed (I/O, resources).
+    Internal,
+}
+
+/// An error response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireError {
+    /// The class.
+    pub code: ErrorCode,
+    /// A message for people.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Hello request header.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HelloRequest {
+    /// Must be [`MAGIC`].
+    pub magic: [u8; 4],
+    /// The client's [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// Auth token, when the daemon requires one.
+    pub auth: Option<String>,
+    /// Free text naming the client, for logs.
+    pub client: String,
+}
+
+/// Hello response header.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloResponse {
+    /// The daemon's protocol version.
+    pub version: u32,
+    /// This shard's index.
+    pub shard: u32,
+    /// The number of shards in its cluster.
+    pub shards: u32,
+    /// Largest frame body the daemon accepts.
+    pub max_frame: u32,
+    /// Free text naming the daemon build.
+    pub server: String,
+}
+
+/// Header naming a table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableRequest {
+    /// Table name.
+    pub table: String,
+}
+
+/// Create-table response header.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateResponse {
+    /// The table as held.
+    pub info: TableInfo,
+    /// False when an identical table already existed.
+    pub created: bool,
+}
+
+/// Create-table request header.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateRequest {
+    /// The spec.
+    pub spec: TableSpec,
+}
+
+/// List-tables response header.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TablesResponse {
+    /// Tables in creation order.
+    pub tables: Vec<TableInfo>,
+}
+
+/// Where one table's region is on one shard (what a one-sided reader needs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionDescriptor {
+    /// Region id on this shard, used in read spans.
+    pub region: u32,
+    /// Table name.
+    pub table: String,
+    /// Row dimension.
+    pub dim: u32,
+    /// Bytes between rows.
+    pub stride: u32,
+    /// Rows in the region.
+    pub rows: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Virtual address in the daemon (for RDMA READ).
+    pub addr: u64,
+    /// Remote key, when registered with an RDMA device; 0 otherwise.
+    pub rkey: u32,
+    /// Path of the region file, when the daemon exposes it through shared memory.
+    pub shm_path: Option<String>,
+}
+
+/// Read request header; the payload holds `spans` spans of [`SPAN_BYTES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadRequest {
+    /// Number of spans.
+    pub spans: u32,
+}
+
+/// One span of a read: `len` bytes at `offset` in region `region`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// Region id from [`RegionDescriptor::region`].
+    pub region: u32,
+    /// Byte offset in the region.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: u32,
+}
+
+impl Span {
+    /// Appends the span's 16 wire bytes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.region.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+    }
+
+    /// Decodes 16 wire bytes.
+    pub fn decode(b: &[u8]) -> Self {
+        Self {
+            region: u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")),
+            len: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            offset: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        }
+    }
+}
+
+/// Read response header; the payload is the spans' bytes, concatenated in request order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadResponse {
+    /// Total payload bytes.
+    pub bytes: u64,
+}
+
+/// Pull request header; payload: `keys` x u64 keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// Table name.
+    pub table: String,
+    /// Number of keys.
+    pub keys: u32,
+}
+
+/// Pull response header; payload: `rows` x u64 versions, then `rows` x `dim` f32 values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullResponse {
+    /// Rows returned (= keys requested).
+    pub rows: u32,
+    /// Row dimension.
+    pub dim: u32,
+}
+
+/// Conditional pull header; payload: `keys` x u64 keys, then `keys` x u64 clocks.
+///
+/// A row comes back when its version `v > clock + bound` (saturating), or when its clock is
+/// [`NOT_CACHED`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PullIfStaleRequest {
+    /// Table name.
+    pub table: String,
+    /// Number of keys.
+    pub keys: u32,
+    /// The staleness bound; `u64::MAX` disables the check for cached keys.
+    pub bound: u64,
+}
+
+/// A clock meaning "the client holds no copy": the row always comes back.
+pub const NOT_CACHED: u64 = u64::MAX;
+
+/// Conditional pull response; payload: `stale` x u32 indices into the request's keys (ascending),
+/// `stale` x u64 versions, then `stale` x `dim` f32 values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullIfStaleResponse {
+    /// Rows returned.
+    pub stale: u32,
+    /// Row dimension.
+    pub dim: u32,
+}
+
+/// Push request header; payload: `rows` x u64 keys, `rows` x u32 counts, `rows` x `dim` f32
+/// gradient sums. The push is validated whole before any row changes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// Table name.
+    pub table: String,
+    /// Number of rows.
+    pub rows: u32,
+}
+
+/// Push response header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResponse {
+    /// Rows applied.
+    pub rows: u32,
+    /// Sum of the counts applied (the versions added).
+    pub updates: u64,
+}
+
+/// Per-table statistics of one shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableStats {
+    /// Table name.
+    pub name: String,
+    /// Global rows.
+    pub rows: u64,
+    /// Rows on this shard.
+    pub local_rows: u64,
+    /// Row dimension.
+    pub dim: u32,
+    /// Optimizer name.
+    pub optimizer: String,
+    /// Rows read by pulls, conditional pulls and span reads.
+    pub rows_read: u64,
+    /// Rows pushed.
+    pub rows_pushed: u64,
+    /// Updates applied (sum of pushed counts).
+    pub updates: u64,
+}
+
+/// Statistics of one shard.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShardStats {
+    /// This shard's index.
+    pub shard: u32,
+    /// Shards in the cluster.
+    pub shards: u32,
+    /// Frames handled.
+    pub requests: u64,
+    /// Frames answered with an error.
+    pub errors: u64,
+    /// Rows read (all tables).
+    pub rows_read: u64,
+    /// Rows pushed (all tables).
+    pub rows_pushed: u64,
+    /// Bytes received, frame prefixes included.
+    pub bytes_in: u64,
+    /// Bytes sent, frame prefixes included.
+    pub bytes_out: u64,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Tables in creation order.
+    pub tables: Vec<TableStats>,
+}
+
+/// A frame's fixed fields and its two variable parts.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameParts<'a> {
+    /// Op byte (not yet validated).
+    pub op: u8,
+    /// Status byte (not yet validated).
+    pub status: u8,
+    /// The bincode header.
+    pub header: &'a [u8],
+    /// The raw payload.
+    pub payload: &'a [u8],
+}
+
+/// Frame-level failures.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// A body longer than the maximum.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Declared length.
+        len: u64,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// A body that does not follow the format.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+/// Checks a prefix against the maximum and returns the body length.
+pub fn body_len(prefix: [u8; PREFIX_BYTES], max: u32) -> Result<u32, FrameError> {
+    let len = u32::from_le_bytes(prefix);
+    if len > max {
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max,
+        });
+    }
+    if (len as usize) < HEAD_BYTES {
+        return Err(FrameError::Malformed(format!(
+            "body of {len} bytes is shorter than the {HEAD_BYTES}-byte head"
+        )));
+    }
+    Ok(len)
+}
+
+/// Splits a body (everything after the prefix) into its parts.
+pub fn split_body(body: &[u8]) -> Result<FrameParts<'_>, FrameError> {
+    if body.len() < HEAD_BYTES {
+        return Err(FrameError::Malformed(format!(
+            "body of {} bytes is shorter than the head",
+            body.len()
+        )));
+    }
+    let header_len = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")) as usize;
+    if header_len > MAX_HEADER || header_len > body.len() - HEAD_BYTES {
+        return Err(FrameError::Malformed(format!(
+            "header of {header_len} bytes does not fit a body of {} (max header {MAX_HEADER})",
+            body.len()
+        )));
+    }
+    Ok(FrameParts {
+        op: body[0],
+        status: body[1],
+        header: &body[HEAD_BYTES..HEAD_BYTES + header_len],
+        payload: &body[HEAD_BYTES + header_len..],
+    })
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_HEADER>()
+}
+
+/// Decodes a header; every byte must be consumed.
+pub fn decode_header<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| FrameError::Malformed(format!("undecodable header: {e}")))?;
+    if used != bytes.len() {
+        return Err(FrameError::Malformed(format!(
+            "header has {} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+/// Starts a frame in `out` (cleared first): prefix placeholder, head and the encoded header.
+/// Append the payload, then call [`finish_frame`].
+pub fn start_frame<T: Serialize>(out: &mut Vec<u8>, op: u8, status: Status, header: &T) {
+    out.clear();
+    out.extend_from_slice(&[0; PREFIX_BYTES]);
+    out.extend_from_slice(&[op, status as u8, 0, 0, 0, 0, 0, 0]);
+    let start = out.len();
+    bincode::serde::encode_into_std_write(header, out, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail for hetkv's header types");
+    let header_len = (out.len() - start) as u32;
+    out[PREFIX_BYTES + 4..PREFIX_BYTES + 8].copy_from_slice(&header_len.to_le_bytes());
+}
+
+/// Writes the body length into the prefix; fails if the frame exceeds `max`.
+pub fn finish_frame(out: &mut [u8], max: u32) -> Result<(), FrameError> {
+    let len = (out.len() - PREFIX_BYTES) as u64;
+    if len > max as u64 {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    out[..PREFIX_BYTES].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Appends u64 values as little-endian bytes.
+pub fn put_u64s(out: &mut Vec<u8>, values: &[u64]) {
+    out.reserve(values.len() * 8);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Appends u32 values as little-endian bytes.
+pub fn put_u32s(out: &mut Vec<u8>, values: &[u32]) {
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Appends f32 values as little-endian bytes.
+pub fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A little-endian array of fixed-width values inside a payload, read without copying.
+#[derive(Clone, Copy, Debug)]
+pub struct LeArray<'a, const W: usize> {
+    bytes: &'a [u8],
+}
+
+impl<'a, const W: usize> LeArray<'a, W> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.bytes.len() / W
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The raw bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    fn chunk(&self, i: usize) -> [u8; W] {
+        self.bytes[i * W..(i + 1) * W]
+            .try_into()
+            .expect("W-byte chunk")
+    }
+}
+
+/// u64 values.
+pub type U64s<'a> = LeArray<'a, 8>;
+/// u32 values.
+pub type U32s<'a> = LeArray<'a, 4>;
+/// f32 values.
+pub type F32s<'a> = LeArray<'a, 4>;
+
+impl U64s<'_> {
+    /// Element `i`.
+    pub fn get(&self, i: usize) -> u64 {
+        u64::from_le_bytes(self.chunk(i))
+    }
+
+    /// All elements.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+    }
+}
+
+impl LeArray<'_, 4> {
+    /// Element `i` as u32.
+    pub fn get_u32(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.chunk(i))
+    }
+
+    /// Element `i` as f32.
+    pub fn get_f32(&self, i: usize) -> f32 {
+        f32::from_le_bytes(self.chunk(i))
+    }
+
+    /// All elements as f32.
+    pub fn iter_f32(&self) -> impl Iterator<Item = f32> + '_ {
+        self.bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+    }
+
+    /// Copies elements `[start, start + out.len())` as f32 into `out`.
+    pub fn copy_f32s(&self, start: usize, out: &mut [f32]) {
+        let src = &self.bytes[start * 4..(start + out.len()) * 4];
+        for (v, c) in out.iter_mut().zip(src.chunks_exact(4)) {
+            *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+    }
+}
+
+/// Splits a payload into consecutive arrays of the given element counts. Fails unless the sizes
+/// add up to the payload exactly.
+pub fn split_payload<'a>(
+    payload: &'a [u8],
+    parts: &[(usize, usize)],
+) -> Result<Vec<&'a [u8]>, FrameError> {
+    let mut need: u64 = 0;
+    for &(count, width) in parts {
+        need = need.saturating_add((count as u64).saturating_mul(width as u64));
+    }
+    if need != payload.len() as u64 {
+        return Err(FrameError::Malformed(format!(
+            "payload of {} bytes, header implies {need}",
+            payload.len()
+        )));
+    }
+    let mut rest = payload;
+    let mut out = Vec::with_capacity(parts.len());
+    for &(count, width) in parts {
+        let (head, tail) = rest.split_at(count * width);
+        out.push(head);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// Wraps bytes as a little-endian array; the length must be a multiple of `W`.
+pub fn le_array<const W: usize>(bytes: &[u8]) -> LeArray<'_, W> {
+    debug_assert_eq!(bytes.len() % W, 0);
+    LeArray { bytes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trip() {
+        let mut out = Vec::new();
+        let req = PullRequest {
+            table: "t".into(),
+            keys: 2,
+        };
+        start_frame(&mut out, Op::Pull as u8, Status::Ok, &req);
+        put_u64s(&mut out, &[7, 9]);
+        finish_frame(&mut out, DEFAULT_MAX_FRAME).unwrap();
+        let len = body_len(out[..4].try_into().unwrap(), DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(len as usize, out.len() - 4);
+        let parts = split_body(&out[4..]).unwrap();
+        assert_eq!(Op::from_u8(parts.op), Some(Op::Pull));
+        assert_eq!(decode_header::<PullRequest>(parts.header).unwrap(), req);
+        let keys: U64s = le_array(parts.payload);
+        assert_eq!(keys.iter().collect::<Vec<_>>(), vec![7, 9]);
+    }
+
+    #[test]
+    fn oversized_and_short_prefixes_are_refused() {
+        assert!(matches!(
+            body_len(u32::MAX.to_le_bytes(), DEFAULT_MAX_FRAME),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            body_len(3u32.to_le_bytes(), 100),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn header_length_must_fit() {
+        let mut body = vec![Op::Stats as u8, 0, 0, 0];
+        body.extend_from_slice(&1000u32.to_le_bytes());
+        body.extend_from_slice(&[0; 10]);
+        assert!(split_body(&body).is_err());
+    }
+
+    #[test]
+    fn header_claiming_a_huge_string_is_refused_without_allocating_it() {
+        // A varint string length of 2^40 followed by nothing.
+        let bytes = [0xFD, 0, 0, 0, 0, 0, 1, 0, 0];
+        assert!(decode_header::<TableRequest>(&bytes).is_err());
+        // Trailing garbage after a valid header is refused too.
+        let mut out = Vec::new();
+        start_frame(&mut out, 1, Status::Ok, &TableRequest { table: "x".into() });
+        out.push(0);
+        let parts = split_body(&out[4..]).unwrap();
+        assert_eq!(parts.payload, &[0]);
+    }
+
+    #[test]
+    fn payload_split_checks_sizes() {
+        let p = [0u8; 24];
+        assert!(split_payload(&p, &[(2, 8), (2, 4)]).is_ok());
+        assert!(split_payload(&p, &[(2, 8)]).is_err());
+        assert!(split_payload(&p, &[(usize::MAX, 8)]).is_err());
+    }
+
+    #[test]
+    fn span_round_trip() {
+        let s = Span {
+            region: 3,
+            offset: 1 << 40,
+            len: 272,
+        };
+        let mut b = Vec::new();
+        s.encode(&mut b);
+        assert_eq!(b.len(), SPAN_BYTES);
+        assert_eq!(Span::decode(&b), s);
+    }
+}
