@@ -1,1 +1,140 @@
-//! placeholder
+//! Helpers shared by hetkv's integration tests: raw protocol frames over real sockets, for the
+//! tests that must send what no well-behaved client would.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use hetkv_transport::wire::{
+    self, decode_header, split_body, HelloRequest, Op, Status, WireError, MAGIC, PROTOCOL_VERSION,
+};
+use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use serde::Serialize;
+
+/// A raw connection to a shard.
+pub struct RawConn {
+    /// The socket.
+    pub stream: TcpStream,
+}
+
+/// A response frame as received.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Op byte.
+    pub op: u8,
+    /// Status byte.
+    pub status: u8,
+    /// Header bytes.
+    pub header: Vec<u8>,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The error carried, if the status says error.
+    pub fn error(&self) -> Option<WireError> {
+        (self.status == Status::Error as u8)
+            .then(|| decode_header(&self.header).expect("error header"))
+    }
+}
+
+impl RawConn {
+    /// Connects with a 10 s read timeout.
+    pub fn connect(addr: &str) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        Self { stream }
+    }
+
+    /// Connects and completes a hello.
+    pub fn greeted(addr: &str) -> Self {
+        let mut c = Self::connect(addr);
+        let hello = HelloRequest {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            auth: None,
+            client: "raw test".into(),
+        };
+        c.send(Op::Hello as u8, &hello, &[]);
+        let r = c.recv().expect("hello response");
+        assert!(r.error().is_none(), "hello refused: {:?}", r.error());
+        c
+    }
+
+    /// Sends one well-formed frame.
+    pub fn send<H: Serialize>(&mut self, op: u8, header: &H, payload: &[u8]) {
+        let mut frame = Vec::new();
+        wire::start_frame(&mut frame, op, Status::Ok, header);
+        frame.extend_from_slice(payload);
+        wire::finish_frame(&mut frame, u32::MAX).expect("finish");
+        self.stream.write_all(&frame).expect("send");
+    }
+
+    /// Sends raw bytes.
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// Receives one response frame, or `None` when the daemon closed the connection.
+    pub fn recv(&mut self) -> Option<RawResponse> {
+        let mut prefix = [0u8; 4];
+        self.stream.read_exact(&mut prefix).ok()?;
+        let len = u32::from_le_bytes(prefix) as usize;
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).expect("body");
+        let parts = split_body(&body).expect("well-formed response");
+        Some(RawResponse {
+            op: parts.op,
+            status: parts.status,
+            header: parts.header.to_vec(),
+            payload: parts.payload.to_vec(),
+        })
+    }
+
+    /// Whether the daemon closed the connection (reads EOF or a reset).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A table spec for tests: uniform init, SGD.
+pub fn sgd_table(name: &str, rows: u64, dim: u32, lr: f32) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        rows,
+        dim,
+        init: Initializer::Uniform {
+            bound: 0.1,
+            seed: 11,
+        },
+        optimizer: OptimizerSpec::Sgd { lr },
+    }
+}
+
+/// A small deterministic generator (SplitMix64) so tests need no RNG crate.
+#[derive(Clone, Debug)]
+pub struct TestRng(pub u64);
+
+impl TestRng {
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, n)`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn signed_unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}

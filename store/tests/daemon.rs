@@ -1,0 +1,171 @@
+//! The `hetkv` binary: tables from a TOML config, `hetkv stats --json` against two running
+//! daemons, and a graceful stop on SIGTERM and SIGINT.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_transport::ShardTransport;
+
+const CONFIG: &str = r#"
+[server]
+max_frame_bytes = 8388608
+
+[[tables]]
+name = "ads"
+rows = 1000
+dim = 8
+init = { normal = { std = 0.01, seed = 7 } }
+optimizer = { adagrad = { lr = 0.05, eps = 1e-8, initial_accumulator = 0.1 } }
+"#;
+
+struct Daemon {
+    child: Child,
+    addr: String,
+    log: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(
+        shard: u32,
+        shards: u32,
+        config: &std::path::Path,
+        data_dir: &std::path::Path,
+    ) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--shard",
+                &shard.to_string(),
+            ])
+            .args(["--shards", &shards.to_string(), "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hetkv serve");
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let addr = loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(20))
+                .expect("daemon logs 'listening'");
+            if line.contains("listening") {
+                let at = line.find("addr=").expect("addr field") + 5;
+                break line[at..].split_whitespace().next().unwrap().to_string();
+            }
+        };
+        Self { child, addr, log }
+    }
+
+    fn signal_and_wait(mut self, signal: &str) -> Vec<String> {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "daemon exited with {status}");
+                return self.log.try_iter().collect();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill().ok();
+        panic!("daemon did not stop within 10 s of {signal}");
+    }
+}
+
+#[test]
+fn two_daemons_serve_their_config_report_stats_and_stop_on_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hetkv.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let d0 = Daemon::start(0, 2, &config, &dir.path().join("d0"));
+    let d1 = Daemon::start(1, 2, &config, &dir.path().join("d1"));
+
+    let c0 = TcpShardClient::connect(&d0.addr, ClientConfig::default()).unwrap();
+    let c1 = TcpShardClient::connect(&d1.addr, ClientConfig::default()).unwrap();
+    assert_eq!(
+        (c0.hello().shard, c0.hello().shards, c0.hello().max_frame),
+        (0, 2, 8 << 20)
+    );
+    let (mut v, mut rows) = (Vec::new(), Vec::new());
+    c0.pull("ads", &[0, 2, 4], &mut v, &mut rows).unwrap();
+    c1.push("ads", &[1, 3], &[2, 1], &[0.5; 16]).unwrap();
+    let region = c1.region_info("ads").unwrap();
+    assert!(
+        region.shm_path.as_deref().unwrap().contains("d1"),
+        "file-backed under the data dir"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["stats", "--json", "--cluster"])
+        .arg(format!("{},{}", d0.addr, d1.addr))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let shards = json["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 2);
+    let s0 = &shards[0]["stats"];
+    let s1 = &shards[1]["stats"];
+    assert_eq!(s0["tables"][0]["name"], "ads");
+    assert_eq!(s0["tables"][0]["rows"], 1000);
+    assert_eq!(s0["tables"][0]["dim"], 8);
+    assert_eq!(s0["tables"][0]["optimizer"], "adagrad");
+    assert_eq!(s0["rows_read"], 3);
+    assert_eq!(s1["rows_pushed"], 2);
+    assert_eq!(s1["tables"][0]["updates"], 3);
+    for s in [s0, s1] {
+        assert!(s["requests"].as_u64().unwrap() >= 2);
+        assert!(s["bytes_in"].as_u64().unwrap() > 0 && s["bytes_out"].as_u64().unwrap() > 0);
+    }
+
+    // Listing the shards in the wrong order is an error, not a silent misroute.
+    let swapped = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["stats", "--cluster"])
+        .arg(format!("{},{}", d1.addr, d0.addr))
+        .output()
+        .unwrap();
+    assert!(!swapped.status.success());
+    assert!(String::from_utf8_lossy(&swapped.stderr).contains("listed as shard 0"));
+
+    drop((c0, c1));
+    let log0 = d0.signal_and_wait("-TERM");
+    assert!(log0.iter().any(|l| l.contains("SIGTERM")), "{log0:?}");
+    assert!(log0.iter().any(|l| l.contains("stopped")), "{log0:?}");
+    let log1 = d1.signal_and_wait("-INT");
+    assert!(log1.iter().any(|l| l.contains("SIGINT")), "{log1:?}");
+}
+
+#[test]
+fn a_bad_config_stops_the_daemon_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[[tables]]\nname = \"t\"\nrows = 0\ndim = 4\ninit = \"zeros\"\noptimizer = { sgd = { lr = 0.1 } }\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rows 0"), "{err}");
+}

@@ -1,0 +1,307 @@
+//! Bad input over real sockets: each case gets a clear error (where the peer is still there), and
+//! the daemon keeps serving other clients afterwards.
+
+use hetkv_client::Cluster;
+use hetkv_fallback_tcp::{ClientConfig, ServerConfig, TcpShardClient};
+use hetkv_store::{EmbeddedCluster, ShardConfig};
+use hetkv_tests::{sgd_table, RawConn};
+use hetkv_transport::wire::{
+    ErrorCode, PullRequest, PushRequest, ReadRequest, Span, TableRequest, PROTOCOL_VERSION,
+};
+use hetkv_transport::{ShardTransport, TransportError};
+
+fn cluster(shards: u32) -> EmbeddedCluster {
+    let c = EmbeddedCluster::start_with(
+        shards,
+        ServerConfig {
+            max_frame: 1 << 20,
+            ..ServerConfig::default()
+        },
+        |i| ShardConfig::new(i, shards),
+    )
+    .unwrap();
+    let cl = Cluster::connect_tcp(c.addrs(), &ClientConfig::default()).unwrap();
+    cl.create_table(&sgd_table("emb", 1000, 8, 0.5)).unwrap();
+    c
+}
+
+/// Another client is served normally: pulls and pushes work and values are sane.
+fn assert_still_serves(addrs: &[String]) {
+    let cl = Cluster::connect_tcp(addrs, &ClientConfig::default()).unwrap();
+    let t = cl.open_table("emb").unwrap();
+    let mut out = vec![0f32; 16];
+    let mut versions = vec![0u64; 2];
+    t.pull(&[1, 2], &mut out, Some(&mut versions)).unwrap();
+    assert!(out.iter().all(|v| v.is_finite() && v.abs() <= 0.1 + 1e-6));
+}
+
+fn remote_code(e: TransportError) -> ErrorCode {
+    e.remote()
+        .unwrap_or_else(|| panic!("expected a remote error, got {e}"))
+        .code
+}
+
+#[test]
+fn garbage_bytes_get_an_error_and_a_closed_connection() {
+    let c = cluster(1);
+    let mut raw = RawConn::connect(&c.addrs()[0]);
+    raw.send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = raw.recv().expect("an error frame before closing");
+    assert_eq!(r.error().unwrap().code, ErrorCode::FrameTooLarge);
+    assert!(raw.is_closed());
+
+    // Garbage inside a well-sized frame after a valid hello: refused, the connection goes on.
+    let mut raw = RawConn::greeted(&c.addrs()[0]);
+    let mut frame = 24u32.to_le_bytes().to_vec();
+    frame.extend_from_slice(&[0x06, 0x00, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00]);
+    frame.extend_from_slice(&[0xAB; 16]);
+    raw.send_bytes(&frame);
+    assert_eq!(
+        raw.recv().unwrap().error().unwrap().code,
+        ErrorCode::MalformedFrame
+    );
+    raw.send(
+        6,
+        &PullRequest {
+            table: "emb".into(),
+            keys: 3,
+        },
+        &[1, 2, 3],
+    );
+    assert_eq!(
+        raw.recv().unwrap().error().unwrap().code,
+        ErrorCode::MalformedFrame
+    );
+    raw.send(9, &(), &[]);
+    assert!(raw.recv().unwrap().error().is_none(), "stats after garbage");
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn a_4_gib_length_prefix_is_refused_before_allocating() {
+    let c = cluster(1);
+    for prefix in [u32::MAX, 1 << 31, (1 << 20) + 1] {
+        let mut raw = RawConn::greeted(&c.addrs()[0]);
+        raw.send_bytes(&prefix.to_le_bytes());
+        let e = raw.recv().unwrap().error().unwrap();
+        assert_eq!(e.code, ErrorCode::FrameTooLarge);
+        assert!(e.message.contains(&prefix.to_string()), "{}", e.message);
+        assert!(raw.is_closed());
+    }
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn a_frame_cut_off_midway_by_a_departing_peer_changes_nothing() {
+    let c = cluster(1);
+    let before = c.shard(0).table("emb").unwrap().stats();
+    {
+        let mut raw = RawConn::greeted(&c.addrs()[0]);
+        // A push of 4 rows announced, a third of it sent, then the peer is gone.
+        let mut frame = Vec::new();
+        hetkv_transport::wire::start_frame(
+            &mut frame,
+            8,
+            hetkv_transport::wire::Status::Ok,
+            &PushRequest {
+                table: "emb".into(),
+                rows: 4,
+            },
+        );
+        let len_without_payload = frame.len();
+        frame.resize(len_without_payload + 4 * 8 + 4 * 4 + 4 * 8 * 4, 0);
+        hetkv_transport::wire::finish_frame(&mut frame, u32::MAX).unwrap();
+        raw.send_bytes(&frame[..frame.len() / 3]);
+    }
+    // Also a peer that leaves inside the 4-byte prefix.
+    {
+        let mut raw = RawConn::greeted(&c.addrs()[0]);
+        raw.send_bytes(&[0x10, 0x00]);
+    }
+    assert_still_serves(c.addrs());
+    let after = c.shard(0).table("emb").unwrap().stats();
+    assert_eq!(
+        after.rows_pushed, before.rows_pushed,
+        "no part of the cut push was applied"
+    );
+}
+
+#[test]
+fn an_unknown_operation_is_refused_and_the_connection_goes_on() {
+    let c = cluster(1);
+    let mut raw = RawConn::greeted(&c.addrs()[0]);
+    raw.send(77, &(), &[]);
+    let r = raw.recv().unwrap();
+    assert_eq!(r.op, 77);
+    let e = r.error().unwrap();
+    assert_eq!(e.code, ErrorCode::UnknownOp);
+    assert!(e.message.contains("77"));
+    raw.send(
+        4,
+        &TableRequest {
+            table: "emb".into(),
+        },
+        &[],
+    );
+    assert!(raw.recv().unwrap().error().is_none());
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn unknown_tables_wrong_dims_and_out_of_range_keys_are_refused() {
+    let c = cluster(2);
+    let shard0 = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    let (mut v, mut rows) = (Vec::new(), Vec::new());
+
+    let e = shard0.pull("nope", &[0], &mut v, &mut rows).unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::UnknownTable);
+    let e = shard0
+        .push("emb", &[0, 2], &[1, 1], &[0.1; 15])
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::WrongDim);
+    let e = shard0.pull("emb", &[1000], &mut v, &mut rows).unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::KeyOutOfRange);
+    let e = shard0
+        .pull("emb", &[u64::MAX], &mut v, &mut rows)
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::KeyOutOfRange);
+    let e = shard0.pull("emb", &[3], &mut v, &mut rows).unwrap_err();
+    assert_eq!(
+        remote_code(e),
+        ErrorCode::KeyOutOfRange,
+        "key 3 lives on shard 1"
+    );
+    let e = shard0
+        .push("emb", &[0, 1001], &[1, 1], &[0.1; 16])
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::KeyOutOfRange);
+    let region = shard0.region_info("emb").unwrap();
+    let mut out = Vec::new();
+    let e = shard0
+        .read(
+            &[Span {
+                region: region.region,
+                offset: region.len - 4,
+                len: 8,
+            }],
+            &mut out,
+        )
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::InvalidSpan);
+    let e = shard0
+        .read(
+            &[Span {
+                region: 9,
+                offset: 0,
+                len: 8,
+            }],
+            &mut out,
+        )
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::InvalidSpan);
+    // A read whose answer would exceed the frame limit.
+    let mut raw = RawConn::greeted(&c.addrs()[0]);
+    let mut spans = Vec::new();
+    let whole = Span {
+        region: region.region,
+        offset: 0,
+        len: region.len as u32,
+    };
+    let n = (2 << 20) / region.len as u32; // twice the 1 MiB limit in all
+    for _ in 0..n {
+        whole.encode(&mut spans);
+    }
+    raw.send(5, &ReadRequest { spans: n }, &spans);
+    assert_eq!(
+        raw.recv().unwrap().error().unwrap().code,
+        ErrorCode::FrameTooLarge
+    );
+
+    // The client crate refuses these before sending anything.
+    let cl = Cluster::connect_tcp(c.addrs(), &ClientConfig::default()).unwrap();
+    let t = cl.open_table("emb").unwrap();
+    assert!(t.pull(&[1000], &mut [0.0; 8], None).is_err());
+    assert!(t.pull(&[1], &mut [0.0; 7], None).is_err());
+    assert!(cl.open_table("nope").is_err());
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn nan_and_inf_gradients_are_refused_and_the_rows_stay_unchanged() {
+    let c = cluster(1);
+    let shard = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    let keys = [10u64, 11, 12];
+    let (mut v0, mut r0) = (Vec::new(), Vec::new());
+    shard.pull("emb", &keys, &mut v0, &mut r0).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut grads = vec![0.25f32; 24];
+        grads[20] = bad; // in the last row: the first two would be applied by a careless server
+        let e = shard.push("emb", &keys, &[1, 1, 1], &grads).unwrap_err();
+        let e = e.remote().unwrap().clone();
+        assert_eq!(e.code, ErrorCode::InvalidGradient);
+        assert!(e.message.contains("key 12"), "{}", e.message);
+    }
+    let (mut v1, mut r1) = (Vec::new(), Vec::new());
+    shard.pull("emb", &keys, &mut v1, &mut r1).unwrap();
+    assert_eq!((v0, r0), (v1, r1), "versions and values unchanged");
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn a_conflicting_create_table_is_refused_and_an_identical_one_is_accepted() {
+    let c = cluster(1);
+    let shard = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    let same = shard.create_table(&sgd_table("emb", 1000, 8, 0.5)).unwrap();
+    assert!(!same.created);
+    for other in [
+        sgd_table("emb", 1000, 16, 0.5),
+        sgd_table("emb", 1000, 8, 0.25),
+        sgd_table("emb", 999, 8, 0.5),
+    ] {
+        let e = shard.create_table(&other).unwrap_err();
+        assert_eq!(remote_code(e), ErrorCode::ConflictingTable);
+    }
+    assert_eq!(shard.list_tables().unwrap().len(), 1);
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn a_protocol_version_from_the_future_is_refused_clearly() {
+    let c = cluster(1);
+    let config = ClientConfig {
+        protocol_version: PROTOCOL_VERSION + 1,
+        ..ClientConfig::default()
+    };
+    let e = TcpShardClient::connect(&c.addrs()[0], config).unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(remote_code(e), ErrorCode::ProtocolVersion);
+    assert!(
+        msg.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)),
+        "{msg}"
+    );
+    // Skipping the hello altogether closes the connection too.
+    let mut raw = RawConn::connect(&c.addrs()[0]);
+    raw.send(9, &(), &[]);
+    assert_eq!(
+        raw.recv().unwrap().error().unwrap().code,
+        ErrorCode::HandshakeRequired
+    );
+    assert!(raw.is_closed());
+    assert_still_serves(c.addrs());
+}
+
+#[test]
+fn a_wrong_auth_token_is_refused() {
+    let c = EmbeddedCluster::start_with(1, ServerConfig::default(), |i| ShardConfig {
+        auth_token: Some("s3cret".into()),
+        ..ShardConfig::new(i, 1)
+    })
+    .unwrap();
+    let e = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::Unauthorized);
+    let ok = ClientConfig {
+        auth: Some("s3cret".into()),
+        ..ClientConfig::default()
+    };
+    assert!(TcpShardClient::connect(&c.addrs()[0], ok).is_ok());
+}
