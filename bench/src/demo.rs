@@ -81,7 +81,10 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         name: "demo".into(),
         rows: args.rows,
         dim: args.dim,
-        init: Initializer::Normal { std: 0.01, seed: 42 },
+        init: Initializer::Normal {
+            std: 0.01,
+            seed: 42,
+        },
         optimizer: OptimizerSpec::Sgd { lr: 0.05 },
     };
     let table = client.create_table(&spec)?;

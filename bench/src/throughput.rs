@@ -85,7 +85,10 @@ pub fn run(args: &TcpArgs) -> Result<Report> {
             name: format!("bench_d{dim}"),
             rows: args.rows,
             dim,
-            init: Initializer::Uniform { bound: 0.01, seed: 1 },
+            init: Initializer::Uniform {
+                bound: 0.01,
+                seed: 1,
+            },
             optimizer: OptimizerSpec::Sgd { lr: 0.01 },
         };
         Cluster::connect_tcp(cluster.addrs(), &config)?.create_table(&spec)?;

@@ -24,11 +24,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows = vec![0f32; keys.len() * dim];
     let mut versions = vec![0u64; keys.len()];
     table.pull(&keys, &mut rows, Some(&mut versions))?;
-    println!("before: versions {versions:?}, row 0 starts {:?}", &rows[..dim.min(4)]);
+    println!(
+        "before: versions {versions:?}, row 0 starts {:?}",
+        &rows[..dim.min(4)]
+    );
 
     let grads = vec![0.5f32; keys.len() * dim];
     let applied = table.push(&keys, &[1; 5], &grads)?;
     table.pull(&keys, &mut rows, Some(&mut versions))?;
-    println!("pushed {applied} updates; after: versions {versions:?}, row 0 starts {:?}", &rows[..dim.min(4)]);
+    println!(
+        "pushed {applied} updates; after: versions {versions:?}, row 0 starts {:?}",
+        &rows[..dim.min(4)]
+    );
     Ok(())
 }

@@ -191,7 +191,7 @@ fn adagrad_matches_the_textbook_with_repeated_rows_in_one_push() {
     let flat: Vec<f32> = g.iter().flatten().map(|&x| x as f32).collect();
     h.push("ada", &[3, 3, 3], &[1, 1, 4], &flat).unwrap();
     let mut w = initial(&s, 3);
-    let mut acc = vec![acc0 as f64; 5];
+    let mut acc = [acc0 as f64; 5];
     for grad in &g {
         for j in 0..5 {
             acc[j] += grad[j] * grad[j];

@@ -80,8 +80,8 @@ fn eight_clients_pushing_overlapping_rows_match_sequential_sgd() {
         for (b, (keys, counts)) in plan.iter().enumerate() {
             for (slot, (&k, &c)) in keys.iter().zip(counts).enumerate() {
                 versions[k as usize] += c as u64;
-                for j in 0..DIM {
-                    values[k as usize][j] -= LR as f64 * grad(t as u64, b, slot, j) as f64;
+                for (j, w) in values[k as usize].iter_mut().enumerate() {
+                    *w -= LR as f64 * grad(t as u64, b, slot, j) as f64;
                 }
             }
         }
