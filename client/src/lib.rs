@@ -264,6 +264,17 @@ impl Table {
                 .map(|()| (v, rows))
         })?;
         let dim = self.spec.dim as usize;
+        for (shard, (v, rows)) in results.iter().enumerate() {
+            let n = routed.keys[shard].len();
+            if v.len() != n || rows.len() != n * dim {
+                return Err(ClientError::InconsistentCluster(format!(
+                    "{} answered {} versions and {} values for {n} keys of table {name} (dim {dim})",
+                    self.cluster.shards[shard].addr(),
+                    v.len(),
+                    rows.len()
+                )));
+            }
+        }
         for (shard, (v, rows)) in results.into_iter().enumerate() {
             for (j, &pos) in routed.positions[shard].iter().enumerate() {
                 out[pos * dim..(pos + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);

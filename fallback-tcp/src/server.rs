@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub frame_timeout: Duration,
     /// How long in-flight requests get to finish at shutdown before their connections are cut.
     pub shutdown_grace: Duration,
+    /// Most connections served at once; further ones are closed on arrival, with a log line.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -32,6 +34,7 @@ impl Default for ServerConfig {
             max_frame: wire::DEFAULT_MAX_FRAME,
             frame_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            max_connections: 4096,
         }
     }
 }
@@ -72,6 +75,10 @@ impl TcpServer {
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) if connections.len() >= self.config.max_connections => {
+                        tracing::warn!(%peer, limit = self.config.max_connections, "too many connections: closing the new one");
+                        drop(stream);
+                    }
                     Ok((stream, peer)) => {
                         ServerCounters::add(&self.service.counters().connections, 1);
                         let service = self.service.clone();

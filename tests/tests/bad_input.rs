@@ -305,3 +305,33 @@ fn a_wrong_auth_token_is_refused() {
     };
     assert!(TcpShardClient::connect(&c.addrs()[0], ok).is_ok());
 }
+
+#[test]
+fn connections_beyond_the_limit_are_closed_and_the_rest_are_served() {
+    let c = EmbeddedCluster::start_with(
+        1,
+        ServerConfig {
+            max_connections: 2,
+            ..ServerConfig::default()
+        },
+        |i| ShardConfig::new(i, 1),
+    )
+    .unwrap();
+    let mut held: Vec<RawConn> = (0..2).map(|_| RawConn::greeted(&c.addrs()[0])).collect();
+    let mut extra = RawConn::connect(&c.addrs()[0]);
+    assert!(
+        extra.is_closed(),
+        "the third connection is closed on arrival"
+    );
+    held.pop();
+    // The freed slot is usable again (the server notices the closed connection first).
+    let mut ok = false;
+    for _ in 0..100 {
+        if TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).is_ok() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(ok, "a slot freed by a departing client is served again");
+}
