@@ -1,0 +1,555 @@
+//! The cache core: lines, their clocks and pending gradients, and the bounds of DESIGN section 5.
+//!
+//! It does no I/O. [`CacheCore::plan_lookup`] says which keys go to the shards and with which
+//! clocks; [`CacheCore::finish_lookup`] is told what came back and fills the caller's rows;
+//! [`CacheCore::update`] and [`CacheCore::flush`] leave the rows to push in a [`PushBatch`] that
+//! the caller takes with [`CacheCore::take_pushes`], sends, and hands back with
+//! [`CacheCore::pushed`] (or [`CacheCore::requeue`] when a shard could not be reached, so nothing
+//! is lost). The caller routes keys to shards; the core never sees them.
+//!
+//! Each line holds the row (with the worker's own pending updates applied), `c_s` (the server
+//! version when fetched or last refreshed), `pending` (the gradient sum not yet pushed) and `p` (the
+//! number of updates in it); its clock is `c_c = c_s + p`.
+
+use rustc_hash::FxHashMap;
+
+use hetkv_transport::wire::NOT_CACHED;
+use hetkv_transport::TableSpec;
+
+use super::policy::{self, EvictionPolicy};
+use super::CacheConfig;
+use crate::stats::CacheStats;
+
+const NIL: u32 = u32::MAX;
+
+/// Errors found before anything changes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CacheError {
+    /// A key outside the table.
+    #[error("key {key} is outside table {table} of {rows} rows")]
+    KeyOutOfRange {
+        /// Table.
+        table: String,
+        /// Key.
+        key: u64,
+        /// Rows.
+        rows: u64,
+    },
+    /// A buffer of the wrong length.
+    #[error("table {table} has dim {dim}: {len} values do not fit {keys} keys")]
+    WrongDim {
+        /// Table.
+        table: String,
+        /// Dim.
+        dim: usize,
+        /// Keys.
+        keys: usize,
+        /// Values.
+        len: usize,
+    },
+    /// A NaN or infinite gradient value.
+    #[error("gradient for key {key} holds {value}; nothing was applied")]
+    NonFinite {
+        /// Key.
+        key: u64,
+        /// The value.
+        value: f32,
+    },
+    /// The shards' replies do not cover the plan.
+    #[error("replies do not match the lookup plan: {0}")]
+    Replies(String),
+}
+
+/// Rows to push: `(key, count, gradient sum)`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PushBatch {
+    /// Keys.
+    pub keys: Vec<u64>,
+    /// Update counts.
+    pub counts: Vec<u32>,
+    /// Gradient sums, keys x dim.
+    pub grads: Vec<f32>,
+}
+
+impl PushBatch {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there is nothing to push.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn add(&mut self, key: u64, count: u32, grad: &[f32]) {
+        self.keys.push(key);
+        self.counts.push(count);
+        self.grads.extend_from_slice(grad);
+    }
+
+    fn append(&mut self, other: &PushBatch) {
+        self.keys.extend_from_slice(&other.keys);
+        self.counts.extend_from_slice(&other.counts);
+        self.grads.extend_from_slice(&other.grads);
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.counts.clear();
+        self.grads.clear();
+    }
+}
+
+/// What a lookup needs from the shards: for each request, a key and the clock to check it
+/// against ([`NOT_CACHED`] for misses).
+#[derive(Debug)]
+pub struct LookupPlan<'a> {
+    /// Keys to ask for.
+    pub keys: &'a [u64],
+    /// Their clocks.
+    pub clocks: &'a [u64],
+    /// The bound to check clocks against.
+    pub bound: u64,
+}
+
+/// What came back for a plan: for each returned row, its request index, version and values.
+#[derive(Clone, Debug, Default)]
+pub struct Replies {
+    /// Request indices (into the plan's keys), in any order.
+    pub requests: Vec<u32>,
+    /// Server versions.
+    pub versions: Vec<u64>,
+    /// Rows, requests x dim.
+    pub rows: Vec<f32>,
+}
+
+impl Replies {
+    /// Empties the replies, keeping their buffers.
+    pub fn clear(&mut self) {
+        self.requests.clear();
+        self.versions.clear();
+        self.rows.clear();
+    }
+}
+
+/// One worker's cache of one table.
+pub struct CacheCore {
+    table: String,
+    rows: u64,
+    dim: usize,
+    lr: f32,
+    pull_bound: u64,
+    push_bound: u64,
+    capacity: usize,
+    index: FxHashMap<u64, u32>,
+    line_key: Vec<u64>,
+    c_s: Vec<u64>,
+    p: Vec<u32>,
+    data: Vec<f32>,
+    pending: Vec<f32>,
+    free: Vec<u32>,
+    policy: Box<dyn EvictionPolicy>,
+    stats: CacheStats,
+    // Scratch of the current call, kept to reuse its allocations.
+    dedup: FxHashMap<u64, u32>,
+    uniq: Vec<u64>,
+    uniq_of_pos: Vec<u32>,
+    slot_of_uniq: Vec<u32>,
+    req_of_uniq: Vec<u32>,
+    req_keys: Vec<u64>,
+    req_clocks: Vec<u64>,
+    reply_of_req: Vec<u32>,
+    uniq_rows: Vec<f32>,
+    uniq_clock: Vec<u64>,
+    counts: Vec<u32>,
+    pushes: PushBatch,
+    unsent: PushBatch,
+}
+
+impl std::fmt::Debug for CacheCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheCore")
+            .field("table", &self.table)
+            .field("capacity", &self.capacity)
+            .field("resident", &self.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheCore {
+    /// A cache of `spec`'s rows under `config`. The local update uses the table's learning rate.
+    pub fn new(spec: &TableSpec, config: &CacheConfig) -> Self {
+        let capacity = config.capacity.rows(spec);
+        let dim = spec.dim as usize;
+        Self {
+            table: spec.name.clone(),
+            rows: spec.rows,
+            dim,
+            lr: spec.optimizer.lr(),
+            pull_bound: config.pull_bound.get(),
+            push_bound: config.push_bound.get(),
+            capacity,
+            index: FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+            line_key: vec![0; capacity],
+            c_s: vec![0; capacity],
+            p: vec![0; capacity],
+            data: vec![0.0; capacity * dim],
+            pending: vec![0.0; capacity * dim],
+            free: (0..capacity as u32).rev().collect(),
+            policy: policy::build(config.policy, capacity),
+            stats: CacheStats::default(),
+            dedup: FxHashMap::default(),
+            uniq: Vec::new(),
+            uniq_of_pos: Vec::new(),
+            slot_of_uniq: Vec::new(),
+            req_of_uniq: Vec::new(),
+            req_keys: Vec::new(),
+            req_clocks: Vec::new(),
+            reply_of_req: Vec::new(),
+            uniq_rows: Vec::new(),
+            uniq_clock: Vec::new(),
+            counts: Vec::new(),
+            pushes: PushBatch::default(),
+            unsent: PushBatch::default(),
+        }
+    }
+
+    /// Rows the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Rows it holds now.
+    pub fn resident(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Counters so far (transport bytes are the caller's to add).
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Unpushed updates held for `key` (0 when not cached).
+    pub fn unpushed(&self, key: u64) -> u32 {
+        self.index.get(&key).map_or(0, |&s| self.p[s as usize])
+    }
+
+    fn check_keys(&self, keys: &[u64]) -> Result<(), CacheError> {
+        match keys.iter().find(|&&k| k >= self.rows) {
+            Some(&key) => Err(CacheError::KeyOutOfRange {
+                table: self.table.clone(),
+                key,
+                rows: self.rows,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn wrong_dim(&self, keys: usize, len: usize) -> CacheError {
+        CacheError::WrongDim {
+            table: self.table.clone(),
+            dim: self.dim,
+            keys,
+            len,
+        }
+    }
+
+    /// De-duplicates `keys` into `uniq` (first-seen order) and `uniq_of_pos`.
+    fn dedup_keys(&mut self, keys: &[u64]) {
+        self.dedup.clear();
+        self.uniq.clear();
+        self.uniq_of_pos.clear();
+        for &k in keys {
+            let next = self.uniq.len() as u32;
+            let u = *self.dedup.entry(k).or_insert(next);
+            if u == next {
+                self.uniq.push(k);
+            }
+            self.uniq_of_pos.push(u);
+        }
+    }
+
+    /// Starts a lookup of `keys` (duplicates allowed): classifies hits and misses and returns the
+    /// requests to send. Misses carry [`NOT_CACHED`]; hits carry their clock `c_s + p` unless the
+    /// read bound is infinite, in which case they are not sent at all.
+    pub fn plan_lookup(&mut self, keys: &[u64]) -> Result<LookupPlan<'_>, CacheError> {
+        self.check_keys(keys)?;
+        self.dedup_keys(keys);
+        self.slot_of_uniq.clear();
+        self.req_of_uniq.clear();
+        self.req_keys.clear();
+        self.req_clocks.clear();
+        let check_hits = self.pull_bound != u64::MAX;
+        for u in 0..self.uniq.len() {
+            let key = self.uniq[u];
+            self.policy.record(key);
+            let slot = self.index.get(&key).copied().unwrap_or(NIL);
+            self.slot_of_uniq.push(slot);
+            if slot != NIL {
+                self.stats.hits += 1;
+                self.policy.touch(slot, key);
+                if !check_hits {
+                    self.req_of_uniq.push(NIL);
+                    continue;
+                }
+                self.stats.version_checks += 1;
+                let clock = self.c_s[slot as usize] + self.p[slot as usize] as u64;
+                self.req_clocks.push(clock);
+            } else {
+                self.stats.misses += 1;
+                self.req_clocks.push(NOT_CACHED);
+            }
+            self.req_of_uniq.push(self.req_keys.len() as u32);
+            self.req_keys.push(key);
+        }
+        self.stats.lookups += keys.len() as u64;
+        self.stats.unique_keys += self.uniq.len() as u64;
+        Ok(LookupPlan {
+            keys: &self.req_keys,
+            clocks: &self.req_clocks,
+            bound: self.pull_bound,
+        })
+    }
+
+    /// Completes the lookup planned last: applies `replies` (stale hits are refreshed with their
+    /// pending gradient re-applied; misses are inserted, evicting as the policy says), then writes
+    /// every key's row into `out` (keys x dim) and, when given, its clock into `clocks`. Dirty
+    /// victims are left in the push batch: push them before the lookup returns to the trainer.
+    pub fn finish_lookup(
+        &mut self,
+        replies: &Replies,
+        out: &mut [f32],
+        mut clocks: Option<&mut [u64]>,
+    ) -> Result<(), CacheError> {
+        let dim = self.dim;
+        let n = self.uniq_of_pos.len();
+        if out.len() != n * dim {
+            return Err(self.wrong_dim(n, out.len()));
+        }
+        if clocks.as_ref().is_some_and(|c| c.len() != n) {
+            return Err(self.wrong_dim(n, clocks.as_ref().map_or(0, |c| c.len())));
+        }
+        if replies.versions.len() != replies.requests.len()
+            || replies.rows.len() != replies.requests.len() * dim
+        {
+            return Err(CacheError::Replies(format!(
+                "{} requests, {} versions, {} values",
+                replies.requests.len(),
+                replies.versions.len(),
+                replies.rows.len()
+            )));
+        }
+        self.reply_of_req.clear();
+        self.reply_of_req.resize(self.req_keys.len(), NIL);
+        for (i, &r) in replies.requests.iter().enumerate() {
+            let slot = self.reply_of_req.get_mut(r as usize).ok_or_else(|| {
+                CacheError::Replies(format!("reply for request {r} of {}", self.req_keys.len()))
+            })?;
+            *slot = i as u32;
+        }
+        // Every miss must have come back before anything changes.
+        for u in 0..self.uniq.len() {
+            let r = self.req_of_uniq[u];
+            if self.slot_of_uniq[u] == NIL && self.reply_of_req[r as usize] == NIL {
+                return Err(CacheError::Replies(format!(
+                    "no row for missed key {}",
+                    self.uniq[u]
+                )));
+            }
+        }
+        self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+        self.uniq_clock.resize(self.uniq.len(), 0);
+        // Hits first: a miss below may evict a line that is also a hit of this batch.
+        for u in 0..self.uniq.len() {
+            let slot = self.slot_of_uniq[u];
+            if slot == NIL {
+                continue;
+            }
+            let s = slot as usize;
+            let r = self.req_of_uniq[u];
+            let reply = if r == NIL {
+                NIL
+            } else {
+                self.reply_of_req[r as usize]
+            };
+            if reply != NIL {
+                // Stale: take the server's row, keep the pending gradient and re-apply it.
+                let i = reply as usize;
+                self.stats.stale_refreshes += 1;
+                self.stats.rows_pulled += 1;
+                let fresh = &replies.rows[i * dim..(i + 1) * dim];
+                let (data, pending) = (
+                    &mut self.data[s * dim..(s + 1) * dim],
+                    &self.pending[s * dim..(s + 1) * dim],
+                );
+                for ((d, f), g) in data.iter_mut().zip(fresh).zip(pending) {
+                    *d = f - self.lr * g;
+                }
+                self.c_s[s] = replies.versions[i];
+            }
+            self.uniq_rows[u * dim..(u + 1) * dim]
+                .copy_from_slice(&self.data[s * dim..(s + 1) * dim]);
+            self.uniq_clock[u] = self.c_s[s] + self.p[s] as u64;
+        }
+        for u in 0..self.uniq.len() {
+            if self.slot_of_uniq[u] != NIL {
+                continue;
+            }
+            let i = self.reply_of_req[self.req_of_uniq[u] as usize] as usize;
+            let (key, version) = (self.uniq[u], replies.versions[i]);
+            let fresh = &replies.rows[i * dim..(i + 1) * dim];
+            self.stats.rows_pulled += 1;
+            self.uniq_rows[u * dim..(u + 1) * dim].copy_from_slice(fresh);
+            self.uniq_clock[u] = version;
+            if let Some(slot) = self.make_room(key) {
+                let s = slot as usize;
+                self.index.insert(key, slot);
+                self.line_key[s] = key;
+                self.c_s[s] = version;
+                self.p[s] = 0;
+                self.data[s * dim..(s + 1) * dim].copy_from_slice(fresh);
+                self.pending[s * dim..(s + 1) * dim].fill(0.0);
+                self.policy.insert(slot, key);
+            } else {
+                self.stats.not_admitted += 1;
+            }
+        }
+        for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
+            let u = u as usize;
+            out[pos * dim..(pos + 1) * dim]
+                .copy_from_slice(&self.uniq_rows[u * dim..(u + 1) * dim]);
+            if let Some(c) = clocks.as_deref_mut() {
+                c[pos] = self.uniq_clock[u];
+            }
+        }
+        Ok(())
+    }
+
+    /// A free slot for `key`, evicting a victim if needed (its unpushed updates go to the push
+    /// batch); `None` when the policy does not admit `key` or there is no cache.
+    fn make_room(&mut self, key: u64) -> Option<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        let victim = self.policy.victim(key)?;
+        let s = victim as usize;
+        self.policy.remove(victim);
+        self.index.remove(&self.line_key[s]);
+        self.stats.evictions += 1;
+        if self.p[s] > 0 {
+            self.stats.dirty_evictions += 1;
+            let dim = self.dim;
+            self.pushes.add(
+                self.line_key[s],
+                self.p[s],
+                &self.pending[s * dim..(s + 1) * dim],
+            );
+            self.p[s] = 0;
+        }
+        Some(victim)
+    }
+
+    /// Applies `grads` (keys x dim, one gradient row per key occurrence) locally and leaves in the
+    /// push batch every line whose unpushed count now exceeds the push bound, and every key that is
+    /// not cached (written through). Nothing changes if any value is NaN or infinite.
+    pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), CacheError> {
+        let dim = self.dim;
+        if grads.len() != keys.len() * dim {
+            return Err(self.wrong_dim(keys.len(), grads.len()));
+        }
+        self.check_keys(keys)?;
+        if let Some(pos) = grads.iter().position(|g| !g.is_finite()) {
+            return Err(CacheError::NonFinite {
+                key: keys[pos / dim],
+                value: grads[pos],
+            });
+        }
+        self.dedup_keys(keys);
+        self.uniq_rows.clear();
+        self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+        self.counts.clear();
+        self.counts.resize(self.uniq.len(), 0);
+        for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
+            let u = u as usize;
+            self.counts[u] += 1;
+            for (s, g) in self.uniq_rows[u * dim..(u + 1) * dim]
+                .iter_mut()
+                .zip(&grads[pos * dim..(pos + 1) * dim])
+            {
+                *s += g;
+            }
+        }
+        self.stats.updates += keys.len() as u64;
+        for u in 0..self.uniq.len() {
+            let key = self.uniq[u];
+            let g = &self.uniq_rows[u * dim..(u + 1) * dim];
+            let Some(&slot) = self.index.get(&key) else {
+                self.stats.write_throughs += 1;
+                self.pushes.add(key, self.counts[u], g);
+                continue;
+            };
+            let s = slot as usize;
+            let data = &mut self.data[s * dim..(s + 1) * dim];
+            let pending = &mut self.pending[s * dim..(s + 1) * dim];
+            for ((d, p), g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
+                *p += g;
+                *d -= self.lr * g;
+            }
+            self.p[s] = self.p[s].saturating_add(self.counts[u]);
+            if self.p[s] as u64 > self.push_bound || self.p[s] == u32::MAX {
+                self.push_line(slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a line's unpushed updates into the push batch; the line's `c_s` advances by them.
+    fn push_line(&mut self, slot: u32) {
+        let (s, dim) = (slot as usize, self.dim);
+        self.pushes.add(
+            self.line_key[s],
+            self.p[s],
+            &self.pending[s * dim..(s + 1) * dim],
+        );
+        self.c_s[s] += self.p[s] as u64;
+        self.p[s] = 0;
+        self.pending[s * dim..(s + 1) * dim].fill(0.0);
+    }
+
+    /// Leaves every dirty line in the push batch.
+    pub fn flush(&mut self) {
+        for slot in 0..self.capacity as u32 {
+            // Free slots always have p = 0 (eviction and insertion reset it).
+            if self.p[slot as usize] > 0 {
+                self.push_line(slot);
+            }
+        }
+    }
+
+    /// Takes the rows to push, with any that an earlier call could not deliver first.
+    pub fn take_pushes(&mut self) -> PushBatch {
+        if self.unsent.is_empty() {
+            return std::mem::take(&mut self.pushes);
+        }
+        let mut batch = std::mem::take(&mut self.unsent);
+        batch.append(&self.pushes);
+        self.pushes.clear();
+        batch
+    }
+
+    /// `rows` rows of a taken batch were applied by the shards.
+    pub fn pushed(&mut self, rows: usize) {
+        self.stats.rows_pushed += rows as u64;
+    }
+
+    /// The batch (or part of it) could not be delivered: keep it for the next call.
+    pub fn requeue(&mut self, batch: &PushBatch) {
+        self.unsent.append(batch);
+    }
+
+    /// Rows waiting for a retry after a failed push.
+    pub fn unsent(&self) -> usize {
+        self.unsent.len()
+    }
+}

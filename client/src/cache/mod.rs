@@ -1,0 +1,127 @@
+//! The HET embedding cache: configuration, the sans-IO core and the eviction policies.
+
+pub mod core;
+pub mod policy;
+
+pub use self::core::{CacheCore, CacheError, LookupPlan, PushBatch, Replies};
+pub use policy::PolicyKind;
+
+use hetkv_transport::TableSpec;
+
+/// A staleness bound: a number of updates, or infinite (never checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bound(u64);
+
+impl Bound {
+    /// 0: strict.
+    pub const STRICT: Self = Self(0);
+    /// Never checked.
+    pub const INFINITE: Self = Self(u64::MAX);
+
+    /// A finite bound of `n` updates.
+    pub fn updates(n: u64) -> Self {
+        Self(n)
+    }
+
+    /// The bound as a number (`u64::MAX` for infinite), as the wire carries it.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Whether the bound is infinite.
+    pub fn is_infinite(self) -> bool {
+        self.0 == u64::MAX
+    }
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_infinite() {
+            write!(f, "inf")
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+impl std::str::FromStr for Bound {
+    type Err = String;
+
+    /// A number of updates, or `inf`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "inf" | "infinite" => Ok(Self::INFINITE),
+            _ => s
+                .parse::<u64>()
+                .map(Self)
+                .map_err(|_| format!("bound {s:?} is neither a number of updates nor \"inf\"")),
+        }
+    }
+}
+
+/// How many rows a cache holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Capacity {
+    /// No cache: every lookup reaches the shards and every update is written through.
+    Disabled,
+    /// A number of rows.
+    Rows(usize),
+    /// A memory budget for row data and pending gradients.
+    Bytes(u64),
+    /// A fraction of the table's rows.
+    Fraction(f64),
+}
+
+impl Capacity {
+    /// Bytes one cached line costs for rows of `dim`: data, pending gradient, and bookkeeping
+    /// (key, clocks, index and policy links), rounded up.
+    pub fn line_bytes(dim: usize) -> u64 {
+        (8 * dim + 64) as u64
+    }
+
+    /// The number of rows for a table of `spec`.
+    pub fn rows(&self, spec: &TableSpec) -> usize {
+        let rows = match *self {
+            Self::Disabled => 0,
+            Self::Rows(n) => n as u64,
+            Self::Bytes(b) => b / Self::line_bytes(spec.dim as usize),
+            Self::Fraction(f) => (spec.rows as f64 * f.clamp(0.0, 1.0)).round() as u64,
+        };
+        rows.min(spec.rows).min(u32::MAX as u64 - 1) as usize
+    }
+}
+
+/// A cache's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CacheConfig {
+    /// How many rows.
+    pub capacity: Capacity,
+    /// The eviction policy.
+    pub policy: PolicyKind,
+    /// Read staleness: a returned row lags the server by at most this many updates.
+    pub pull_bound: Bound,
+    /// Write staleness: a line holds at most this many unpushed updates after `update` returns.
+    pub push_bound: Bound,
+}
+
+impl CacheConfig {
+    /// The classic parameter server: no cache, bounds 0.
+    pub fn disabled() -> Self {
+        Self {
+            capacity: Capacity::Disabled,
+            policy: PolicyKind::Lru,
+            pull_bound: Bound::STRICT,
+            push_bound: Bound::STRICT,
+        }
+    }
+
+    /// A cache of `capacity` with `policy` and the same bound for reads and writes.
+    pub fn new(capacity: Capacity, policy: PolicyKind, bound: Bound) -> Self {
+        Self {
+            capacity,
+            policy,
+            pull_bound: bound,
+            push_bound: bound,
+        }
+    }
+}

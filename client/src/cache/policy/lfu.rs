@@ -1,0 +1,231 @@
+//! Least frequently used, with frequencies that outlive residency, and optional pinning (HET's
+//! "light LFU").
+//!
+//! Lines sit in one of 64 frequency buckets (the sketch's estimate, capped at 63), each an LRU
+//! list; a bitmap of non-empty buckets finds the lowest in O(1). The victim is the least recently
+//! used line of the lowest bucket. A miss whose estimated frequency is below the victim's is not
+//! admitted.
+//!
+//! Why a sketch: HET's LFU counted hits only while a line was resident, so every new line entered
+//! with the lowest count and was the next victim; within a batch each new miss evicted the previous
+//! one and the contents froze (68.4% hits where the best static cache gets 77.3%). Counting every
+//! access, resident or not, lets a popular key that was evicted or never admitted earn its way in.
+
+use super::links::{Links, List, NIL};
+use super::sketch::FrequencySketch;
+use super::EvictionPolicy;
+
+const BUCKETS: usize = 64;
+/// Largest share of the capacity that may be pinned.
+const MAX_PINNED: f64 = 0.9;
+
+/// LFU (and light LFU) over slots.
+#[derive(Debug)]
+pub struct Lfu {
+    links: Links,
+    buckets: [List; BUCKETS],
+    nonempty: u64,
+    freq: Vec<u8>,
+    hits: Vec<u32>,
+    pinned: Vec<bool>,
+    keys: Vec<u64>,
+    resident: Vec<bool>,
+    sketch: FrequencySketch,
+    pin_after: Option<u32>,
+    pinned_count: usize,
+    max_pinned: usize,
+}
+
+impl Lfu {
+    /// An empty policy for `capacity` slots; `pin_after` enables pinning.
+    pub fn new(capacity: usize, pin_after: Option<u32>) -> Self {
+        Self {
+            links: Links::new(capacity),
+            buckets: [List::EMPTY; BUCKETS],
+            nonempty: 0,
+            freq: vec![0; capacity],
+            hits: vec![0; capacity],
+            pinned: vec![false; capacity],
+            keys: vec![0; capacity],
+            resident: vec![false; capacity],
+            sketch: FrequencySketch::new(capacity, 10 * capacity.max(64) as u64),
+            pin_after,
+            pinned_count: 0,
+            max_pinned: (capacity as f64 * MAX_PINNED) as usize,
+        }
+    }
+
+    fn frequency(&self, key: u64) -> u8 {
+        self.sketch.estimate(key).min(BUCKETS as u8 - 1)
+    }
+
+    fn link(&mut self, slot: u32, freq: u8) {
+        let b = freq as usize;
+        self.freq[slot as usize] = freq;
+        self.links.push_back(&mut self.buckets[b], slot);
+        self.nonempty |= 1 << b;
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let b = self.freq[slot as usize] as usize;
+        self.links.unlink(&mut self.buckets[b], slot);
+        if self.buckets[b].is_empty() {
+            self.nonempty &= !(1 << b);
+        }
+    }
+
+    /// After the sketch halves, every unpinned line moves to its new bucket. O(capacity) once per
+    /// `10 x capacity` accesses.
+    fn rebucket(&mut self) {
+        for slot in 0..self.freq.len() as u32 {
+            let s = slot as usize;
+            if self.resident[s] && !self.pinned[s] {
+                self.unlink(slot);
+                let f = self.frequency(self.keys[s]);
+                self.link(slot, f);
+            }
+        }
+    }
+}
+
+impl EvictionPolicy for Lfu {
+    fn record(&mut self, key: u64) {
+        if self.sketch.increment(key) {
+            self.rebucket();
+        }
+    }
+
+    fn touch(&mut self, slot: u32, key: u64) {
+        let s = slot as usize;
+        if self.pinned[s] {
+            return;
+        }
+        self.hits[s] = self.hits[s].saturating_add(1);
+        self.unlink(slot);
+        if let Some(k) = self.pin_after {
+            if self.hits[s] >= k && self.pinned_count < self.max_pinned {
+                self.pinned[s] = true;
+                self.pinned_count += 1;
+                return;
+            }
+        }
+        let f = self.frequency(key);
+        self.link(slot, f);
+    }
+
+    fn insert(&mut self, slot: u32, key: u64) {
+        let s = slot as usize;
+        self.keys[s] = key;
+        self.hits[s] = 0;
+        self.resident[s] = true;
+        let f = self.frequency(key);
+        self.link(slot, f);
+    }
+
+    fn remove(&mut self, slot: u32) {
+        let s = slot as usize;
+        if self.pinned[s] {
+            self.pinned[s] = false;
+            self.pinned_count -= 1;
+        } else {
+            self.unlink(slot);
+        }
+        self.resident[s] = false;
+    }
+
+    fn victim(&mut self, key: u64) -> Option<u32> {
+        if self.nonempty == 0 {
+            return None;
+        }
+        let lowest = self.nonempty.trailing_zeros() as usize;
+        let slot = self.buckets[lowest].head;
+        debug_assert_ne!(slot, NIL);
+        (self.frequency(key) as usize >= lowest).then_some(slot)
+    }
+
+    fn order(&self) -> Vec<u32> {
+        self.buckets
+            .iter()
+            .flat_map(|b| self.links.iter(b))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_the_least_frequent_and_refuses_rarer_newcomers() {
+        let mut p = Lfu::new(3, None);
+        for (slot, key, accesses) in [(0u32, 10u64, 5), (1, 11, 1), (2, 12, 3)] {
+            for _ in 0..accesses {
+                p.record(key);
+            }
+            p.insert(slot, key);
+        }
+        assert_eq!(p.order(), vec![1, 2, 0]);
+        // Key 99 seen once: ties with key 11 (frequency 1), so it may replace it.
+        p.record(99);
+        assert_eq!(p.victim(99), Some(1));
+        p.remove(1);
+        p.insert(1, 99);
+        // Key 98 never seen before this access, key 99 and the rest seen at least once: a new key
+        // seen once ties with 99 and the least recent of the tie goes.
+        p.record(98);
+        assert_eq!(p.victim(98), Some(1));
+        // A key seen zero times (not even recorded) is not admitted over a line seen once.
+        assert_eq!(p.victim(97), None);
+    }
+
+    #[test]
+    fn a_newcomer_does_not_evict_the_previous_newcomer_of_equal_frequency() {
+        // HET's freeze: with in-cache counts, each new miss evicted the previous new miss. Here the
+        // least recently used line of the lowest bucket goes, which is the older one.
+        let mut p = Lfu::new(2, None);
+        p.record(1);
+        p.insert(0, 1);
+        p.record(2);
+        p.insert(1, 2);
+        p.record(3);
+        assert_eq!(p.victim(3), Some(0), "the older of two equal lines");
+    }
+
+    #[test]
+    fn light_lfu_pins_after_k_hits_and_never_evicts_pinned_lines() {
+        let mut p = Lfu::new(10, Some(2));
+        p.record(5);
+        p.insert(0, 5);
+        p.record(6);
+        p.insert(1, 6);
+        for _ in 0..2 {
+            p.record(5);
+            p.touch(0, 5);
+        }
+        assert_eq!(
+            p.order(),
+            vec![1],
+            "slot 0 is pinned and out of the eviction order"
+        );
+        for _ in 0..50 {
+            p.record(7);
+        }
+        assert_eq!(p.victim(7), Some(1));
+        p.remove(0);
+        assert_eq!(p.pinned_count, 0);
+    }
+
+    #[test]
+    fn halving_rebuckets_resident_lines() {
+        let mut p = Lfu::new(1, None); // period 640 additions
+        for _ in 0..40 {
+            p.record(1);
+        }
+        p.insert(0, 1);
+        assert_eq!(p.freq[0], 40);
+        for _ in 0..600 {
+            p.record(2);
+        }
+        assert_eq!(p.freq[0], 20, "halved with the sketch");
+    }
+}

@@ -1,0 +1,255 @@
+//! One worker's cached view of a table: the [`CacheCore`] driven over the cluster's transports.
+
+use hetkv_transport::wire::NOT_CACHED;
+use hetkv_transport::{StaleRows, Traffic, TransportError};
+
+use crate::cache::{CacheConfig, CacheCore, PushBatch, Replies};
+use crate::cluster::Table;
+use crate::stats::CacheStats;
+use crate::ClientError;
+
+/// Per-shard scratch of one call.
+#[derive(Debug, Default)]
+struct ShardBatch {
+    keys: Vec<u64>,
+    clocks: Vec<u64>,
+    /// Request (or push-row) index of each key.
+    origin: Vec<u32>,
+    counts: Vec<u32>,
+    grads: Vec<f32>,
+}
+
+impl ShardBatch {
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.clocks.clear();
+        self.origin.clear();
+        self.counts.clear();
+        self.grads.clear();
+    }
+}
+
+/// One worker's HET cache of one table.
+///
+/// `lookup` returns rows that lag the server by at most `pull_bound` updates at the moment they
+/// were validated and include this worker's own updates; after `update` returns no line holds more
+/// than `push_bound` unpushed updates; `flush` returns when the shards have applied every pending
+/// update. Every call that evicts a dirty line pushes it, to its shard, before returning.
+///
+/// A `CachedTable` is owned by one worker thread (`&mut self`); create one per worker from a shared
+/// [`Table`]. Byte counts in [`CachedTable::stats`] are those of the table's [`crate::Cluster`]:
+/// give each worker its own cluster connection to count per worker.
+pub struct CachedTable {
+    table: Table,
+    core: CacheCore,
+    shards: Vec<ShardBatch>,
+    replies: Replies,
+    traffic_at_start: Traffic,
+}
+
+impl std::fmt::Debug for CachedTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedTable")
+            .field("table", &self.table.spec().name)
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachedTable {
+    /// A cache of `table` under `config`.
+    pub fn new(table: Table, config: CacheConfig) -> Self {
+        let core = CacheCore::new(table.spec(), &config);
+        let shards = (0..table.cluster().shard_count())
+            .map(|_| ShardBatch::default())
+            .collect();
+        let traffic_at_start = table.cluster().traffic();
+        Self {
+            table,
+            core,
+            shards,
+            replies: Replies::default(),
+            traffic_at_start,
+        }
+    }
+
+    /// The table.
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// The sans-IO core (capacity, residency, per-key unpushed counts).
+    pub fn core(&self) -> &CacheCore {
+        &self.core
+    }
+
+    /// Reads the rows of `keys` (duplicates allowed) into `out` (keys x dim).
+    pub fn lookup(&mut self, keys: &[u64], out: &mut [f32]) -> Result<(), ClientError> {
+        self.lookup_inner(keys, out, None)
+    }
+
+    /// Like [`CachedTable::lookup`], and writes each returned row's clock (`c_s + p`: the server
+    /// version it reflects plus this worker's unpushed updates in it) into `clocks`.
+    pub fn lookup_with_clocks(
+        &mut self,
+        keys: &[u64],
+        out: &mut [f32],
+        clocks: &mut [u64],
+    ) -> Result<(), ClientError> {
+        self.lookup_inner(keys, out, Some(clocks))
+    }
+
+    fn lookup_inner(
+        &mut self,
+        keys: &[u64],
+        out: &mut [f32],
+        clocks: Option<&mut [u64]>,
+    ) -> Result<(), ClientError> {
+        let dim = self.table.spec().dim as usize;
+        if out.len() != keys.len() * dim || clocks.as_ref().is_some_and(|c| c.len() != keys.len()) {
+            return Err(ClientError::WrongDim {
+                table: self.table.spec().name.clone(),
+                dim,
+                keys: keys.len(),
+                len: out.len(),
+            });
+        }
+        let plan = self.core.plan_lookup(keys)?;
+        let bound = plan.bound;
+        let cluster = self.table.cluster();
+        for s in &mut self.shards {
+            s.clear();
+        }
+        for (i, (&k, &c)) in plan.keys.iter().zip(plan.clocks).enumerate() {
+            let s = &mut self.shards[cluster.shard_of(k)];
+            s.keys.push(k);
+            s.clocks.push(c);
+            s.origin.push(i as u32);
+        }
+        let busy: Vec<usize> = (0..self.shards.len())
+            .filter(|&s| !self.shards[s].keys.is_empty())
+            .collect();
+        let name = &self.table.spec().name;
+        let shards = &self.shards;
+        let results = cluster.on_shards(&busy, |s, shard| {
+            let b = &shards[s];
+            let mut rows = StaleRows::default();
+            if b.clocks.iter().all(|&c| c == NOT_CACHED) {
+                // Only misses: a plain pull sends no clocks.
+                shard.pull(name, &b.keys, &mut rows.versions, &mut rows.rows)?;
+                rows.indices = (0..b.keys.len() as u32).collect();
+            } else {
+                shard.pull_if_stale(name, &b.keys, &b.clocks, bound, &mut rows)?;
+            }
+            Ok(rows)
+        });
+        self.replies.clear();
+        for (&s, result) in busy.iter().zip(results) {
+            let rows = result?;
+            if rows.rows.len() != rows.indices.len() * dim
+                || rows.versions.len() != rows.indices.len()
+            {
+                return Err(ClientError::InconsistentCluster(format!(
+                    "{} answered {} rows of {} values for table {name} of dim {dim}",
+                    cluster.shard(s).addr(),
+                    rows.indices.len(),
+                    rows.rows.len()
+                )));
+            }
+            for &i in &rows.indices {
+                self.replies
+                    .requests
+                    .push(self.shards[s].origin[i as usize]);
+            }
+            self.replies.versions.extend_from_slice(&rows.versions);
+            self.replies.rows.extend_from_slice(&rows.rows);
+        }
+        self.core.finish_lookup(&self.replies, out, clocks)?;
+        self.push_pending()
+    }
+
+    /// Applies one gradient row per key occurrence (`grads` is keys x dim): locally at once, and on
+    /// the shards when a line's unpushed updates exceed the push bound or the key is not cached.
+    /// Nothing changes if a value is NaN or infinite, a key is out of range, or the length is wrong.
+    pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), ClientError> {
+        self.core.update(keys, grads)?;
+        self.push_pending()
+    }
+
+    /// Pushes every unpushed update and returns when the shards have applied them.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.core.flush();
+        self.push_pending()
+    }
+
+    /// Counters, with the bytes the cluster's transports moved since this cache was created.
+    pub fn stats(&self) -> CacheStats {
+        let mut s = *self.core.stats();
+        let now = self.table.cluster().traffic();
+        s.bytes_sent = now.sent - self.traffic_at_start.sent;
+        s.bytes_received = now.received - self.traffic_at_start.received;
+        s
+    }
+
+    /// Sends the core's push batch, grouped by shard. Rows a shard did not acknowledge are kept
+    /// for the next call; the first error is returned.
+    fn push_pending(&mut self) -> Result<(), ClientError> {
+        let batch = self.core.take_pushes();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let dim = self.table.spec().dim as usize;
+        let cluster = self.table.cluster();
+        for s in &mut self.shards {
+            s.clear();
+        }
+        for (i, &k) in batch.keys.iter().enumerate() {
+            let s = &mut self.shards[cluster.shard_of(k)];
+            s.keys.push(k);
+            s.counts.push(batch.counts[i]);
+            s.grads
+                .extend_from_slice(&batch.grads[i * dim..(i + 1) * dim]);
+            s.origin.push(i as u32);
+        }
+        let busy: Vec<usize> = (0..self.shards.len())
+            .filter(|&s| !self.shards[s].keys.is_empty())
+            .collect();
+        let name = &self.table.spec().name;
+        let shards = &self.shards;
+        let results = cluster.on_shards(&busy, |s, shard| {
+            let b = &shards[s];
+            shard.push(name, &b.keys, &b.counts, &b.grads)
+        });
+        let mut failed = PushBatch::default();
+        let mut first_error = None;
+        for (&s, result) in busy.iter().zip(results) {
+            let b = &self.shards[s];
+            match result {
+                Ok(_) => self.core.pushed(b.keys.len()),
+                // Lost in transit: keep the rows for the next call. A shard's refusal of rows the
+                // core validated (an unknown table after a daemon restart, say) would be refused
+                // again, so it is reported, not retried.
+                Err(e @ TransportError::Io { .. }) => {
+                    failed.keys.extend_from_slice(&b.keys);
+                    failed.counts.extend_from_slice(&b.counts);
+                    failed.grads.extend_from_slice(&b.grads);
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    tracing::error!(rows = b.keys.len(), error = %e, "shard refused pushed rows");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => {
+                if !failed.is_empty() {
+                    tracing::warn!(rows = failed.len(), error = %e, "push failed; rows kept for the next call");
+                    self.core.requeue(&failed);
+                }
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! A cluster of shards and direct (uncached) table access.
+
+use std::sync::Arc;
+
+use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_transport::{ShardStats, ShardTransport, TableSpec, Traffic, TransportError};
+
+use crate::cache::CacheConfig;
+use crate::cached::CachedTable;
+use crate::ClientError;
+
+/// A connected cluster: an ordered list of shards.
+#[derive(Clone)]
+pub struct Cluster {
+    shards: Arc<[Arc<dyn ShardTransport>]>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addrs: Vec<_> = self.shards.iter().map(|s| s.addr().to_string()).collect();
+        f.debug_struct("Cluster").field("shards", &addrs).finish()
+    }
+}
+
+impl Cluster {
+    /// Connects to every shard over TCP (`addrs` in shard order) and checks that each is the
+    /// shard it is listed as.
+    pub fn connect_tcp<A: AsRef<str>>(
+        addrs: &[A],
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let shards = addrs
+            .iter()
+            .map(|a| {
+                TcpShardClient::connect(a.as_ref(), config.clone())
+                    .map(|c| Arc::new(c) as Arc<dyn ShardTransport>)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_transports(shards)
+    }
+
+    /// A cluster over already-connected transports, in shard order.
+    pub fn from_transports(shards: Vec<Arc<dyn ShardTransport>>) -> Result<Self, ClientError> {
+        if shards.is_empty() {
+            return Err(ClientError::InconsistentCluster("no shards".into()));
+        }
+        for (i, s) in shards.iter().enumerate() {
+            let h = s.hello();
+            if h.shard as usize != i || h.shards as usize != shards.len() {
+                return Err(ClientError::InconsistentCluster(format!(
+                    "{} is shard {} of {}, but is listed as shard {i} of {}",
+                    s.addr(),
+                    h.shard,
+                    h.shards,
+                    shards.len()
+                )));
+            }
+        }
+        Ok(Self {
+            shards: shards.into(),
+        })
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard holding row `key`.
+    pub fn shard_of(&self, key: u64) -> usize {
+        (key % self.shards.len() as u64) as usize
+    }
+
+    /// Shard `i`'s transport.
+    pub fn shard(&self, i: usize) -> &Arc<dyn ShardTransport> {
+        &self.shards[i]
+    }
+
+    /// Creates the table on every shard (idempotent for an identical spec).
+    pub fn create_table(&self, spec: &TableSpec) -> Result<Table, ClientError> {
+        for s in self.shards.iter() {
+            s.create_table(spec)?;
+        }
+        Ok(Table {
+            cluster: self.clone(),
+            spec: Arc::new(spec.clone()),
+        })
+    }
+
+    /// Opens an existing table, checking that every shard holds it with the same spec.
+    pub fn open_table(&self, name: &str) -> Result<Table, ClientError> {
+        let mut found: Option<TableSpec> = None;
+        for s in self.shards.iter() {
+            let spec = s
+                .list_tables()?
+                .into_iter()
+                .find(|t| t.spec.name == name)
+                .map(|t| t.spec)
+                .ok_or_else(|| ClientError::UnknownTable(name.to_string()))?;
+            match &found {
+                Some(f) if f != &spec => {
+                    return Err(ClientError::InconsistentCluster(format!(
+                        "table {name} differs between shards: {f:?} vs {spec:?}"
+                    )))
+                }
+                _ => found = Some(spec),
+            }
+        }
+        let spec = found.ok_or_else(|| ClientError::UnknownTable(name.to_string()))?;
+        Ok(Table {
+            cluster: self.clone(),
+            spec: Arc::new(spec),
+        })
+    }
+
+    /// Every shard's statistics, in shard order.
+    pub fn stats(&self) -> Result<Vec<ShardStats>, ClientError> {
+        Ok(self
+            .shards
+            .iter()
+            .map(|s| s.stats())
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Runs `f` for each of `shards`, in parallel when there are several, and returns each
+    /// shard's result in the order given. No lock is held; each call uses its own connection.
+    pub fn on_shards<T: Send>(
+        &self,
+        shards: &[usize],
+        f: impl Fn(usize, &dyn ShardTransport) -> Result<T, TransportError> + Sync,
+    ) -> Vec<Result<T, TransportError>> {
+        if shards.len() <= 1 {
+            return shards.iter().map(|&s| f(s, &*self.shards[s])).collect();
+        }
+        let f = &f;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .iter()
+                .map(|&s| {
+                    let shard = &*self.shards[s];
+                    scope.spawn(move || f(s, shard))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
+    /// Bytes moved by this client's transports, summed over shards.
+    pub fn traffic(&self) -> Traffic {
+        self.shards.iter().fold(Traffic::default(), |acc, s| {
+            let t = s.traffic();
+            Traffic {
+                sent: acc.sent + t.sent,
+                received: acc.received + t.received,
+            }
+        })
+    }
+}
+
+/// Keys of one batch grouped by shard, remembering where each came from.
+#[derive(Debug, Default)]
+struct Routed {
+    keys: Vec<Vec<u64>>,
+    positions: Vec<Vec<usize>>,
+}
+
+impl Routed {
+    fn new(cluster: &Cluster, keys: &[u64]) -> Self {
+        let s = cluster.shard_count();
+        let mut r = Self {
+            keys: vec![Vec::with_capacity(keys.len() / s + 1); s],
+            positions: vec![Vec::with_capacity(keys.len() / s + 1); s],
+        };
+        for (pos, &k) in keys.iter().enumerate() {
+            let shard = cluster.shard_of(k);
+            r.keys[shard].push(k);
+            r.positions[shard].push(pos);
+        }
+        r
+    }
+}
+
+/// A table of a cluster: direct reads and writes, with no cache (the classic parameter server).
+#[derive(Clone, Debug)]
+pub struct Table {
+    cluster: Cluster,
+    spec: Arc<TableSpec>,
+}
+
+impl Table {
+    /// The table's spec.
+    pub fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    fn check(&self, keys: &[u64], values: usize) -> Result<(), ClientError> {
+        let dim = self.spec.dim as usize;
+        if values != keys.len() * dim {
+            return Err(ClientError::WrongDim {
+                table: self.spec.name.clone(),
+                dim,
+                keys: keys.len(),
+                len: values,
+            });
+        }
+        if let Some(&key) = keys.iter().find(|&&k| k >= self.spec.rows) {
+            return Err(ClientError::KeyOutOfRange {
+                table: self.spec.name.clone(),
+                key,
+                rows: self.spec.rows,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the rows of `keys` into `out` (keys x dim) and, when given, their versions.
+    /// Shards are asked in parallel.
+    pub fn pull(
+        &self,
+        keys: &[u64],
+        out: &mut [f32],
+        mut versions: Option<&mut [u64]>,
+    ) -> Result<(), ClientError> {
+        self.check(keys, out.len())?;
+        if let Some(v) = &versions {
+            if v.len() != keys.len() {
+                return Err(ClientError::WrongDim {
+                    table: self.spec.name.clone(),
+                    dim: 1,
+                    keys: keys.len(),
+                    len: v.len(),
+                });
+            }
+        }
+        let routed = Routed::new(&self.cluster, keys);
+        let name = &self.spec.name;
+        let results = self.per_shard(&routed, |_, shard, keys| {
+            let (mut v, mut rows) = (Vec::new(), Vec::new());
+            shard
+                .pull(name, keys, &mut v, &mut rows)
+                .map(|()| (v, rows))
+        })?;
+        let dim = self.spec.dim as usize;
+        for (shard, (v, rows)) in results.iter().enumerate() {
+            let n = routed.keys[shard].len();
+            if v.len() != n || rows.len() != n * dim {
+                return Err(ClientError::InconsistentCluster(format!(
+                    "{} answered {} versions and {} values for {n} keys of table {name} (dim {dim})",
+                    self.cluster.shards[shard].addr(),
+                    v.len(),
+                    rows.len()
+                )));
+            }
+        }
+        for (shard, (v, rows)) in results.into_iter().enumerate() {
+            for (j, &pos) in routed.positions[shard].iter().enumerate() {
+                out[pos * dim..(pos + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
+                if let Some(versions) = versions.as_deref_mut() {
+                    versions[pos] = v[j];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes `(key, count, gradient sum)` rows; `grads` is keys x dim. Returns when every shard
+    /// has applied its rows.
+    pub fn push(&self, keys: &[u64], counts: &[u32], grads: &[f32]) -> Result<u64, ClientError> {
+        self.check(keys, grads.len())?;
+        if counts.len() != keys.len() {
+            return Err(ClientError::WrongDim {
+                table: self.spec.name.clone(),
+                dim: 1,
+                keys: keys.len(),
+                len: counts.len(),
+            });
+        }
+        let routed = Routed::new(&self.cluster, keys);
+        let dim = self.spec.dim as usize;
+        let name = &self.spec.name;
+        let updates = self.per_shard(&routed, |s, shard, shard_keys| {
+            let positions = &routed.positions[s];
+            let c: Vec<u32> = positions.iter().map(|&p| counts[p]).collect();
+            let mut g = Vec::with_capacity(positions.len() * dim);
+            for &p in positions {
+                g.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+            }
+            shard.push(name, shard_keys, &c, &g).map(|ack| ack.updates)
+        })?;
+        Ok(updates.iter().sum())
+    }
+
+    /// Runs `f` for every shard with keys and returns the results in shard order (shards without
+    /// keys get `T::default()`).
+    fn per_shard<T: Send + Default>(
+        &self,
+        routed: &Routed,
+        f: impl Fn(usize, &dyn ShardTransport, &[u64]) -> Result<T, TransportError> + Sync,
+    ) -> Result<Vec<T>, ClientError> {
+        let busy: Vec<usize> = (0..routed.keys.len())
+            .filter(|&s| !routed.keys[s].is_empty())
+            .collect();
+        let mut results: Vec<T> = (0..routed.keys.len()).map(|_| T::default()).collect();
+        let outcomes = self
+            .cluster
+            .on_shards(&busy, |s, shard| f(s, shard, &routed.keys[s]));
+        for (&s, r) in busy.iter().zip(outcomes) {
+            results[s] = r?;
+        }
+        Ok(results)
+    }
+
+    /// A cache of this table for one worker (see [`CachedTable`]).
+    pub fn cached(&self, config: CacheConfig) -> CachedTable {
+        CachedTable::new(self.clone(), config)
+    }
+}

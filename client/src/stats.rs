@@ -1,0 +1,70 @@
+//! Cache statistics: exact counters, bumped once per key or per batch.
+
+use serde::Serialize;
+
+/// What one worker's cache of one table has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CacheStats {
+    /// Keys looked up, duplicates included.
+    pub lookups: u64,
+    /// Unique keys per lookup, summed over lookups.
+    pub unique_keys: u64,
+    /// Unique keys found in the cache (stale ones included).
+    pub hits: u64,
+    /// Unique keys not in the cache.
+    pub misses: u64,
+    /// Hits whose server version exceeded their clock plus the read bound: refreshed.
+    pub stale_refreshes: u64,
+    /// Hits whose version was checked with the shards.
+    pub version_checks: u64,
+    /// Rows received from the shards.
+    pub rows_pulled: u64,
+    /// Rows pushed to the shards (each `(key, count, gradient sum)` once).
+    pub rows_pushed: u64,
+    /// Lines evicted.
+    pub evictions: u64,
+    /// Evicted lines that held unpushed updates (pushed before the evicting call returned).
+    pub dirty_evictions: u64,
+    /// Updated keys that were not cached and went straight to the shards.
+    pub write_throughs: u64,
+    /// Misses the policy did not admit (served without caching).
+    pub not_admitted: u64,
+    /// Gradient rows given to `update`, duplicates included.
+    pub updates: u64,
+    /// Bytes sent by this client's transports, framing included.
+    pub bytes_sent: u64,
+    /// Bytes received by this client's transports, framing included.
+    pub bytes_received: u64,
+}
+
+impl CacheStats {
+    /// Hits over unique keys looked up.
+    pub fn hit_rate(&self) -> f64 {
+        if self.unique_keys == 0 {
+            0.0
+        } else {
+            self.hits as f64 / self.unique_keys as f64
+        }
+    }
+
+    /// The counters accumulated since `earlier`.
+    pub fn since(&self, earlier: &CacheStats) -> CacheStats {
+        CacheStats {
+            lookups: self.lookups - earlier.lookups,
+            unique_keys: self.unique_keys - earlier.unique_keys,
+            hits: self.hits - earlier.hits,
+            misses: self.misses - earlier.misses,
+            stale_refreshes: self.stale_refreshes - earlier.stale_refreshes,
+            version_checks: self.version_checks - earlier.version_checks,
+            rows_pulled: self.rows_pulled - earlier.rows_pulled,
+            rows_pushed: self.rows_pushed - earlier.rows_pushed,
+            evictions: self.evictions - earlier.evictions,
+            dirty_evictions: self.dirty_evictions - earlier.dirty_evictions,
+            write_throughs: self.write_throughs - earlier.write_throughs,
+            not_admitted: self.not_admitted - earlier.not_admitted,
+            updates: self.updates - earlier.updates,
+            bytes_sent: self.bytes_sent - earlier.bytes_sent,
+            bytes_received: self.bytes_received - earlier.bytes_received,
+        }
+    }
+}
