@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
+mod cache_bench;
 mod demo;
 mod throughput;
 mod workload;
@@ -21,6 +22,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Pull and push throughput over loopback TCP (rows/s), against an embedded cluster.
     Tcp(throughput::TcpArgs),
+    /// Hit rate against cache size and policy on the reference workload.
+    CacheSweep(cache_bench::SweepArgs),
+    /// Bytes on the wire and batches/s against the bounds and the no-cache baseline.
+    Comm(cache_bench::CommArgs),
 }
 
 fn write_json<T: Serialize>(path: &Option<std::path::PathBuf>, report: &T) -> Result<()> {
@@ -63,6 +68,14 @@ fn main() -> Result<()> {
                 r.wire_bytes_per_batch / 1e3,
                 if r.versions_consistent { "yes" } else { "NO" },
             );
+            write_json(&args.json, &r)
+        }
+        Command::CacheSweep(args) => {
+            let r = cache_bench::sweep(&args)?;
+            write_json(&args.json, &r)
+        }
+        Command::Comm(args) => {
+            let r = cache_bench::comm(&args)?;
             write_json(&args.json, &r)
         }
         Command::Tcp(args) => {

@@ -9,30 +9,54 @@ use rand_distr::{Distribution, Zipf};
 /// scattered over shards (rank 1 is the most popular).
 pub struct ZipfKeys {
     zipf: Zipf<f64>,
-    permutation: Vec<u64>,
+    permutation: std::sync::Arc<Vec<u64>>,
     rng: SmallRng,
 }
 
 impl ZipfKeys {
-    /// A stream over `rows` ids with exponent `s`, seeded.
+    /// A stream over `rows` ids with exponent `s`, seeded (the permutation and the draws).
     pub fn new(rows: u64, s: f64, seed: u64) -> anyhow::Result<Self> {
-        let zipf = Zipf::new(rows, s).map_err(|e| anyhow::anyhow!("zipf({rows}, {s}): {e:?}"))?;
-        let mut rng = SmallRng::seed_from_u64(seed);
+        Self::with_permutation(s, Self::permutation(rows, seed), seed)
+    }
+
+    /// The rank-to-id permutation for `rows` ids, seeded: share it between streams that must agree
+    /// on which ids are popular.
+    pub fn permutation(rows: u64, seed: u64) -> std::sync::Arc<Vec<u64>> {
+        let mut rng = SmallRng::seed_from_u64(seed ^ 0x5045_524D);
         let mut permutation: Vec<u64> = (0..rows).collect();
         permutation.shuffle(&mut rng);
+        std::sync::Arc::new(permutation)
+    }
+
+    /// A stream over a shared permutation, with its own draws.
+    pub fn with_permutation(
+        s: f64,
+        permutation: std::sync::Arc<Vec<u64>>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        let rows = permutation.len() as u64;
+        let zipf = Zipf::new(rows, s).map_err(|e| anyhow::anyhow!("zipf({rows}, {s}): {e:?}"))?;
         Ok(Self {
             zipf,
             permutation,
-            rng,
+            rng: SmallRng::seed_from_u64(seed),
         })
+    }
+
+    /// Fills `out` with keys (duplicates kept) and, when given, their ranks (0 = most popular).
+    pub fn fill_ranked(&mut self, out: &mut [u64], mut ranks: Option<&mut [u64]>) {
+        for (i, k) in out.iter_mut().enumerate() {
+            let rank = self.zipf.sample(&mut self.rng) as usize - 1; // sample is 1..=rows
+            *k = self.permutation[rank];
+            if let Some(r) = ranks.as_deref_mut() {
+                r[i] = rank as u64;
+            }
+        }
     }
 
     /// Fills `out` with keys (duplicates kept).
     pub fn fill(&mut self, out: &mut [u64]) {
-        for k in out {
-            let rank = self.zipf.sample(&mut self.rng) as usize; // 1..=rows
-            *k = self.permutation[rank - 1];
-        }
+        self.fill_ranked(out, None);
     }
 }
 
