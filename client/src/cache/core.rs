@@ -146,8 +146,9 @@ pub struct CacheCore {
     line_key: Vec<u64>,
     c_s: Vec<u64>,
     p: Vec<u32>,
-    data: Vec<f32>,
-    pending: Vec<f32>,
+    /// Each slot's row then its pending gradient, contiguous (`2 x dim` values per slot), so one
+    /// line is one region of memory.
+    lines: Vec<f32>,
     free: Vec<u32>,
     policy: Box<dyn EvictionPolicy>,
     stats: CacheStats,
@@ -194,8 +195,7 @@ impl CacheCore {
             line_key: vec![0; capacity],
             c_s: vec![0; capacity],
             p: vec![0; capacity],
-            data: vec![0.0; capacity * dim],
-            pending: vec![0.0; capacity * dim],
+            lines: vec![0.0; capacity * 2 * dim],
             free: (0..capacity as u32).rev().collect(),
             policy: policy::build(config.policy, capacity),
             stats: CacheStats::default(),
@@ -233,6 +233,13 @@ impl CacheCore {
     /// Unpushed updates held for `key` (0 when not cached).
     pub fn unpushed(&self, key: u64) -> u32 {
         self.index.get(&key).map_or(0, |&s| self.p[s as usize])
+    }
+
+    /// A slot's row and its pending gradient.
+    fn line_mut(&mut self, slot: u32) -> (&mut [f32], &mut [f32]) {
+        let dim = self.dim;
+        let at = slot as usize * 2 * dim;
+        self.lines[at..at + 2 * dim].split_at_mut(dim)
     }
 
     fn check_keys(&self, keys: &[u64]) -> Result<(), CacheError> {
@@ -379,17 +386,15 @@ impl CacheCore {
                 self.stats.stale_refreshes += 1;
                 self.stats.rows_pulled += 1;
                 let fresh = &replies.rows[i * dim..(i + 1) * dim];
-                let (data, pending) = (
-                    &mut self.data[s * dim..(s + 1) * dim],
-                    &self.pending[s * dim..(s + 1) * dim],
-                );
-                for ((d, f), g) in data.iter_mut().zip(fresh).zip(pending) {
-                    *d = f - self.lr * g;
+                let lr = self.lr;
+                let (data, pending) = self.line_mut(slot);
+                for ((d, f), g) in data.iter_mut().zip(fresh).zip(pending.iter()) {
+                    *d = f - lr * g;
                 }
                 self.c_s[s] = replies.versions[i];
             }
-            self.uniq_rows[u * dim..(u + 1) * dim]
-                .copy_from_slice(&self.data[s * dim..(s + 1) * dim]);
+            let at = slot as usize * 2 * dim;
+            self.uniq_rows[u * dim..(u + 1) * dim].copy_from_slice(&self.lines[at..at + dim]);
             self.uniq_clock[u] = self.c_s[s] + self.p[s] as u64;
         }
         for u in 0..self.uniq.len() {
@@ -408,8 +413,9 @@ impl CacheCore {
                 self.line_key[s] = key;
                 self.c_s[s] = version;
                 self.p[s] = 0;
-                self.data[s * dim..(s + 1) * dim].copy_from_slice(fresh);
-                self.pending[s * dim..(s + 1) * dim].fill(0.0);
+                let (data, pending) = self.line_mut(slot);
+                data.copy_from_slice(fresh);
+                pending.fill(0.0);
                 self.policy.insert(slot, key);
             } else {
                 self.stats.not_admitted += 1;
@@ -439,12 +445,9 @@ impl CacheCore {
         self.stats.evictions += 1;
         if self.p[s] > 0 {
             self.stats.dirty_evictions += 1;
-            let dim = self.dim;
-            self.pushes.add(
-                self.line_key[s],
-                self.p[s],
-                &self.pending[s * dim..(s + 1) * dim],
-            );
+            let at = s * 2 * self.dim + self.dim;
+            self.pushes
+                .add(self.line_key[s], self.p[s], &self.lines[at..at + self.dim]);
             self.p[s] = 0;
         }
         Some(victim)
@@ -466,55 +469,61 @@ impl CacheCore {
             });
         }
         self.dedup_keys(keys);
-        self.uniq_rows.clear();
-        self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+        // With duplicates, sum each key's gradient rows first; without (what a backward pass
+        // hands over), use the caller's rows as they are.
+        let summed = self.uniq.len() != keys.len();
         self.counts.clear();
         self.counts.resize(self.uniq.len(), 0);
+        if summed {
+            self.uniq_rows.clear();
+            self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+        }
         for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
             let u = u as usize;
             self.counts[u] += 1;
-            for (s, g) in self.uniq_rows[u * dim..(u + 1) * dim]
-                .iter_mut()
-                .zip(&grads[pos * dim..(pos + 1) * dim])
-            {
-                *s += g;
+            if summed {
+                let sums = &mut self.uniq_rows[u * dim..(u + 1) * dim];
+                for (s, g) in sums.iter_mut().zip(&grads[pos * dim..(pos + 1) * dim]) {
+                    *s += g;
+                }
             }
         }
         self.stats.updates += keys.len() as u64;
+        let rows = std::mem::take(&mut self.uniq_rows);
+        let sums: &[f32] = if summed { &rows } else { grads };
         for u in 0..self.uniq.len() {
             let key = self.uniq[u];
-            let g = &self.uniq_rows[u * dim..(u + 1) * dim];
+            let g = &sums[u * dim..(u + 1) * dim];
             let Some(&slot) = self.index.get(&key) else {
                 self.stats.write_throughs += 1;
                 self.pushes.add(key, self.counts[u], g);
                 continue;
             };
-            let s = slot as usize;
-            let data = &mut self.data[s * dim..(s + 1) * dim];
-            let pending = &mut self.pending[s * dim..(s + 1) * dim];
+            let lr = self.lr;
+            let (data, pending) = self.line_mut(slot);
             for ((d, p), g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
                 *p += g;
-                *d -= self.lr * g;
+                *d -= lr * g;
             }
+            let s = slot as usize;
             self.p[s] = self.p[s].saturating_add(self.counts[u]);
             if self.p[s] as u64 > self.push_bound || self.p[s] == u32::MAX {
                 self.push_line(slot);
             }
         }
+        self.uniq_rows = rows;
         Ok(())
     }
 
     /// Moves a line's unpushed updates into the push batch; the line's `c_s` advances by them.
     fn push_line(&mut self, slot: u32) {
-        let (s, dim) = (slot as usize, self.dim);
-        self.pushes.add(
-            self.line_key[s],
-            self.p[s],
-            &self.pending[s * dim..(s + 1) * dim],
-        );
+        let s = slot as usize;
+        let at = s * 2 * self.dim + self.dim;
+        self.pushes
+            .add(self.line_key[s], self.p[s], &self.lines[at..at + self.dim]);
         self.c_s[s] += self.p[s] as u64;
         self.p[s] = 0;
-        self.pending[s * dim..(s + 1) * dim].fill(0.0);
+        self.line_mut(slot).1.fill(0.0);
     }
 
     /// Leaves every dirty line in the push batch.

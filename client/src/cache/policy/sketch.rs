@@ -1,46 +1,48 @@
 //! A count-min sketch of access frequencies with periodic halving (TinyLFU's aging), so a key's
 //! frequency survives its eviction and old popularity fades.
+//!
+//! Blocked layout: a key's four counters lie in one 64-byte block (one in each 16-byte quarter), so
+//! counting an access costs one cache miss, not four. The block and the positions within it come
+//! from independent bits of one 64-bit mix of the key.
 
 /// Estimated access counts of keys, in bounded memory.
 #[derive(Debug)]
 pub struct FrequencySketch {
     table: Vec<u8>,
-    mask: usize,
+    block_mask: usize,
     additions: u64,
     period: u64,
 }
 
+const BLOCK: usize = 64;
 const DEPTH: usize = 4;
-const SEEDS: [u64; DEPTH] = [
-    0x9E37_79B9_7F4A_7C15,
-    0xC2B2_AE3D_27D4_EB4F,
-    0x1656_67B1_9E37_79F9,
-    0x27D4_EB2F_1656_67C5,
-];
+const QUARTER: usize = BLOCK / DEPTH;
 
-fn mix(key: u64, seed: u64) -> u64 {
-    let mut z = key ^ seed;
+fn mix(key: u64) -> u64 {
+    let mut z = key ^ 0x9E37_79B9_7F4A_7C15;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
 impl FrequencySketch {
-    /// A sketch sized for a cache of `capacity` lines: `4 x width` one-byte counters, with width
-    /// the power of two at or above 8 x capacity, halved every `period` additions.
+    /// A sketch sized for a cache of `capacity` lines: about 8 one-byte counters per line
+    /// (a power of two of 64-byte blocks), halved every `period` additions.
     pub fn new(capacity: usize, period: u64) -> Self {
-        let width = (capacity.max(64) * 8).next_power_of_two();
+        let blocks = (capacity.max(64) * 8 / BLOCK).next_power_of_two();
         Self {
-            table: vec![0; width * DEPTH],
-            mask: width - 1,
+            table: vec![0; blocks * BLOCK],
+            block_mask: blocks - 1,
             additions: 0,
             period: period.max(1),
         }
     }
 
     fn cells(&self, key: u64) -> [usize; DEPTH] {
-        let width = self.mask + 1;
-        std::array::from_fn(|d| d * width + (mix(key, SEEDS[d]) as usize & self.mask))
+        let h = mix(key);
+        let base = ((h >> 16) as usize & self.block_mask) * BLOCK;
+        // Four 4-bit offsets from the low 16 bits, one per quarter of the block.
+        std::array::from_fn(|d| base + d * QUARTER + ((h >> (4 * d)) as usize & (QUARTER - 1)))
     }
 
     /// Counts one access to `key`; returns true when the sketch was just halved.
@@ -96,5 +98,18 @@ mod tests {
         assert_eq!(small.estimate(1), 9);
         assert!(small.increment(1));
         assert_eq!(small.estimate(1), 5);
+    }
+
+    #[test]
+    fn a_keys_counters_share_one_block() {
+        let s = FrequencySketch::new(10_000, 1 << 30);
+        for key in 0..1000u64 {
+            let cells = s.cells(key);
+            let block = cells[0] / BLOCK;
+            assert!(cells.iter().all(|&c| c / BLOCK == block));
+            for (d, &c) in cells.iter().enumerate() {
+                assert_eq!((c % BLOCK) / QUARTER, d, "counter {d} in its own quarter");
+            }
+        }
     }
 }
