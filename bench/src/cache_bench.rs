@@ -325,6 +325,8 @@ fn add(a: &CacheStats, b: &CacheStats) -> CacheStats {
         misses: a.misses + b.misses,
         stale_refreshes: a.stale_refreshes + b.stale_refreshes,
         version_checks: a.version_checks + b.version_checks,
+        checks_skipped: a.checks_skipped + b.checks_skipped,
+        clock_retries: a.clock_retries + b.clock_retries,
         rows_pulled: a.rows_pulled + b.rows_pulled,
         rows_pushed: a.rows_pushed + b.rows_pushed,
         evictions: a.evictions + b.evictions,

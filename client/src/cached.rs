@@ -15,6 +15,10 @@ struct ShardBatch {
     clocks: Vec<u64>,
     /// Request (or push-row) index of each key.
     origin: Vec<u32>,
+    /// Hits whose checks are left to the table clock: keys, clocks, request indices.
+    skip_keys: Vec<u64>,
+    skip_clocks: Vec<u64>,
+    skip_origin: Vec<u32>,
     counts: Vec<u32>,
     grads: Vec<f32>,
 }
@@ -24,6 +28,9 @@ impl ShardBatch {
         self.keys.clear();
         self.clocks.clear();
         self.origin.clear();
+        self.skip_keys.clear();
+        self.skip_clocks.clear();
+        self.skip_origin.clear();
         self.counts.clear();
         self.grads.clear();
     }
@@ -59,7 +66,7 @@ impl std::fmt::Debug for CachedTable {
 impl CachedTable {
     /// A cache of `table` under `config`.
     pub fn new(table: Table, config: CacheConfig) -> Self {
-        let core = CacheCore::new(table.spec(), &config);
+        let core = CacheCore::new(table.spec(), &config, table.cluster().shard_count());
         let shards = (0..table.cluster().shard_count())
             .map(|_| ShardBatch::default())
             .collect();
@@ -116,53 +123,83 @@ impl CachedTable {
         }
         let plan = self.core.plan_lookup(keys)?;
         let bound = plan.bound;
+        let since: Vec<_> = plan.since.to_vec();
         let cluster = self.table.cluster();
         for s in &mut self.shards {
             s.clear();
         }
-        for (i, (&k, &c)) in plan.keys.iter().zip(plan.clocks).enumerate() {
+        for (i, ((&k, &c), &skipped)) in plan
+            .keys
+            .iter()
+            .zip(plan.clocks)
+            .zip(plan.skipped)
+            .enumerate()
+        {
             let s = &mut self.shards[cluster.shard_of(k)];
-            s.keys.push(k);
-            s.clocks.push(c);
-            s.origin.push(i as u32);
+            let (keys, clocks, origin) = if skipped {
+                (&mut s.skip_keys, &mut s.skip_clocks, &mut s.skip_origin)
+            } else {
+                (&mut s.keys, &mut s.clocks, &mut s.origin)
+            };
+            keys.push(k);
+            clocks.push(c);
+            origin.push(i as u32);
         }
         let busy: Vec<usize> = (0..self.shards.len())
-            .filter(|&s| !self.shards[s].keys.is_empty())
+            .filter(|&s| !self.shards[s].keys.is_empty() || !self.shards[s].skip_keys.is_empty())
             .collect();
         let name = &self.table.spec().name;
         let shards = &self.shards;
         let results = cluster.on_shards(&busy, |s, shard| {
             let b = &shards[s];
             let mut rows = StaleRows::default();
-            if b.clocks.iter().all(|&c| c == NOT_CACHED) {
+            if b.skip_keys.is_empty() && b.clocks.iter().all(|&c| c == NOT_CACHED) {
                 // Only misses: a plain pull sends no clocks.
-                shard.pull(name, &b.keys, &mut rows.versions, &mut rows.rows)?;
+                rows.table_clock = shard.pull(name, &b.keys, &mut rows.versions, &mut rows.rows)?;
                 rows.indices = (0..b.keys.len() as u32).collect();
+                rows.since_held = true;
             } else {
-                shard.pull_if_stale(name, &b.keys, &b.clocks, bound, &mut rows)?;
+                shard.pull_if_stale(name, &b.keys, &b.clocks, bound, since[s], &mut rows)?;
             }
-            Ok(rows)
+            // The shard could not vouch for the checks left out: send them now.
+            let retry = if rows.since_held || b.skip_keys.is_empty() {
+                None
+            } else {
+                let mut retry = StaleRows::default();
+                shard.pull_if_stale(name, &b.skip_keys, &b.skip_clocks, bound, None, &mut retry)?;
+                Some(retry)
+            };
+            Ok((rows, retry))
         });
         self.replies.clear();
         for (&s, result) in busy.iter().zip(results) {
-            let rows = result?;
-            if rows.rows.len() != rows.indices.len() * dim
-                || rows.versions.len() != rows.indices.len()
+            let (rows, retry) = result?;
+            self.core.observe(s, rows.table_clock);
+            let b = &self.shards[s];
+            for (part, origin) in std::iter::once((&rows, &b.origin))
+                .chain(retry.as_ref().map(|r| (r, &b.skip_origin)))
             {
-                return Err(ClientError::InconsistentCluster(format!(
-                    "{} answered {} rows of {} values for table {name} of dim {dim}",
-                    cluster.shard(s).addr(),
-                    rows.indices.len(),
-                    rows.rows.len()
-                )));
+                if part.rows.len() != part.indices.len() * dim
+                    || part.versions.len() != part.indices.len()
+                    || part.indices.iter().any(|&i| i as usize >= origin.len())
+                {
+                    return Err(ClientError::InconsistentCluster(format!(
+                        "{} answered {} rows of {} values for {} keys of table {name} (dim {dim})",
+                        cluster.shard(s).addr(),
+                        part.indices.len(),
+                        part.rows.len(),
+                        origin.len()
+                    )));
+                }
+                for &i in &part.indices {
+                    self.replies.requests.push(origin[i as usize]);
+                }
+                self.replies.versions.extend_from_slice(&part.versions);
+                self.replies.rows.extend_from_slice(&part.rows);
             }
-            for &i in &rows.indices {
-                self.replies
-                    .requests
-                    .push(self.shards[s].origin[i as usize]);
+            if retry.is_some() {
+                self.core.claim_failed();
             }
-            self.replies.versions.extend_from_slice(&rows.versions);
-            self.replies.rows.extend_from_slice(&rows.rows);
         }
         self.core.finish_lookup(&self.replies, out, clocks)?;
         self.push_pending()
@@ -225,7 +262,7 @@ impl CachedTable {
         for (&s, result) in busy.iter().zip(results) {
             let b = &self.shards[s];
             match result {
-                Ok(_) => self.core.pushed(b.keys.len()),
+                Ok(ack) => self.core.pushed(s, b.keys.len(), ack.updates),
                 // Lost in transit: keep the rows for the next call. A shard's refusal of rows the
                 // core validated (an unknown table after a daemon restart, say) would be refused
                 // again, so it is reported, not retried.

@@ -246,7 +246,7 @@ impl Table {
             let (mut v, mut rows) = (Vec::new(), Vec::new());
             shard
                 .pull(name, keys, &mut v, &mut rows)
-                .map(|()| (v, rows))
+                .map(|_clock| (v, rows))
         })?;
         let dim = self.spec.dim as usize;
         for (shard, (v, rows)) in results.iter().enumerate() {

@@ -17,6 +17,11 @@ pub struct CacheStats {
     pub stale_refreshes: u64,
     /// Hits whose version was checked with the shards.
     pub version_checks: u64,
+    /// Hits whose check the shard's table clock vouched for (no key or clock sent).
+    pub checks_skipped: u64,
+    /// Lookups in which a shard's table clock could not vouch for the skipped checks, which were
+    /// then sent in a second round trip.
+    pub clock_retries: u64,
     /// Rows received from the shards.
     pub rows_pulled: u64,
     /// Rows pushed to the shards (each `(key, count, gradient sum)` once).
@@ -56,6 +61,8 @@ impl CacheStats {
             misses: self.misses - earlier.misses,
             stale_refreshes: self.stale_refreshes - earlier.stale_refreshes,
             version_checks: self.version_checks - earlier.version_checks,
+            checks_skipped: self.checks_skipped - earlier.checks_skipped,
+            clock_retries: self.clock_retries - earlier.clock_retries,
             rows_pulled: self.rows_pulled - earlier.rows_pulled,
             rows_pushed: self.rows_pushed - earlier.rows_pushed,
             evictions: self.evictions - earlier.evictions,

@@ -55,7 +55,7 @@ fn core(capacity: usize, policy: PolicyKind, pull: Bound, push: Bound) -> CacheC
         pull_bound: pull,
         push_bound: push,
     };
-    CacheCore::new(&spec, &config)
+    CacheCore::new(&spec, &config, 1)
 }
 
 fn lookup(core: &mut CacheCore, server: &Server, keys: &[u64]) -> Vec<f32> {
@@ -69,7 +69,7 @@ fn lookup(core: &mut CacheCore, server: &Server, keys: &[u64]) -> Vec<f32> {
 fn deliver(core: &mut CacheCore, server: &mut Server) -> usize {
     let batch = core.take_pushes();
     server.apply(&batch.keys, &batch.counts, &batch.grads);
-    core.pushed(batch.len());
+    core.pushed(0, batch.len(), batch.counts.iter().map(|&c| c as u64).sum());
     batch.len()
 }
 

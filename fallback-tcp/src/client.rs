@@ -18,7 +18,7 @@ use hetkv_transport::wire::{
     self, decode_header, le_array, put_f32s, put_u32s, put_u64s, split_body, split_payload,
     CreateRequest, CreateResponse, F32s, FrameParts, HelloRequest, HelloResponse, Op,
     PullIfStaleRequest, PullIfStaleResponse, PullRequest, PullResponse, PushRequest, PushResponse,
-    ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Span, Status, TableRequest,
+    ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Since, Span, Status, TableRequest,
     TablesResponse, U32s, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
@@ -337,7 +337,7 @@ impl ShardTransport for TcpShardClient {
         keys: &[u64],
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<(), TransportError> {
+    ) -> Result<u64, TransportError> {
         let req = PullRequest {
             table: table.to_string(),
             keys: keys.len() as u32,
@@ -356,7 +356,8 @@ impl ShardTransport for TcpShardClient {
                     .map_err(|e| self.protocol(e.to_string()))?;
                 extend_u64s(versions, le_array(parts[0]));
                 extend_f32s(rows, le_array(parts[1]));
-                self.dim_of(h.dim, rows.len(), n)
+                self.dim_of(h.dim, rows.len(), n)?;
+                Ok(h.table_clock)
             },
         )
     }
@@ -367,6 +368,7 @@ impl ShardTransport for TcpShardClient {
         keys: &[u64],
         clocks: &[u64],
         bound: u64,
+        since: Option<Since>,
         out: &mut StaleRows,
     ) -> Result<(), TransportError> {
         if keys.len() != clocks.len() {
@@ -379,6 +381,7 @@ impl ShardTransport for TcpShardClient {
             table: table.to_string(),
             keys: keys.len() as u32,
             bound,
+            since,
         };
         self.call(
             Op::PullIfStale,
@@ -402,6 +405,8 @@ impl ShardTransport for TcpShardClient {
                 }
                 extend_u64s(&mut out.versions, le_array(parts[1]));
                 extend_f32s(&mut out.rows, le_array(parts[2]));
+                out.table_clock = h.table_clock;
+                out.since_held = h.since_held;
                 Ok(())
             },
         )

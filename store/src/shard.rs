@@ -10,7 +10,7 @@ use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ServerCounters, ShardService};
 use hetkv_transport::wire::{
     put_u32s, CreateResponse, ErrorCode, F32s, PullIfStaleResponse, PullResponse, PushResponse,
-    ReadResponse, RegionDescriptor, ShardStats, Span, TablesResponse, U32s, U64s, WireError,
+    ReadResponse, RegionDescriptor, ShardStats, Since, Span, TablesResponse, U32s, U64s, WireError,
     NOT_CACHED, SPAN_BYTES,
 };
 use hetkv_transport::TableSpec;
@@ -183,6 +183,7 @@ impl Shard {
         let header = PullResponse {
             rows: n as u32,
             dim: layout.dim() as u32,
+            table_clock: t.clock(),
         };
         resp.begin(&header);
         resp.reserve_payload((n * (8 + 4 * layout.dim())) as u64)?;
@@ -203,16 +204,23 @@ impl Shard {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn pull_stale(
         &self,
         table: &str,
         keys: U64s<'_>,
         clocks: U64s<'_>,
         bound: u64,
+        since: Option<Since>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
         let t = self.table(table)?;
         let layout = *t.layout();
+        // The clock first: every update it does not count happened after this moment.
+        let table_clock = t.clock();
+        let since_held = since.is_none_or(|s| {
+            table_clock.saturating_sub(s.clock).saturating_sub(s.own) <= s.max_foreign
+        });
         let mut stale = Vec::new();
         let mut locals = Vec::new();
         for j in 0..keys.len() {
@@ -227,6 +235,8 @@ impl Shard {
         let header = PullIfStaleResponse {
             stale: s as u32,
             dim: layout.dim() as u32,
+            table_clock,
+            since_held,
         };
         resp.begin(&header);
         resp.reserve_payload((s * (4 + 8 + 4 * layout.dim())) as u64)?;
@@ -354,9 +364,10 @@ impl ShardService for Shard {
         keys: U64s<'_>,
         clocks: U64s<'_>,
         bound: u64,
+        since: Option<Since>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
-        Ok(self.pull_stale(table, keys, clocks, bound, resp)?)
+        Ok(self.pull_stale(table, keys, clocks, bound, since, resp)?)
     }
 
     fn push(

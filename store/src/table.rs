@@ -231,6 +231,13 @@ impl Table {
         row::read_seq(self.region.words(), &self.layout, i) >> 1
     }
 
+    /// The table's clock on this shard: updates applied so far. Every push counts its updates here
+    /// before it changes any row, so a row version seen after reading the clock is never ahead of
+    /// what the clock accounts for.
+    pub fn clock(&self) -> u64 {
+        self.updates.load(Ordering::Acquire)
+    }
+
     /// Counts rows served to readers.
     pub fn count_read(&self, rows: u64) {
         self.rows_read.fetch_add(rows, Ordering::Relaxed);
@@ -284,6 +291,9 @@ impl Table {
     /// applied. Entries for the same row apply in message order.
     pub fn apply_push(&self, locals: &[u64], counts: U32s<'_>, grads: F32s<'_>) -> u64 {
         let dim = self.layout.dim();
+        // The clock moves before any row does (see `clock`).
+        let total: u64 = (0..locals.len()).map(|n| counts.get_u32(n) as u64).sum();
+        self.updates.fetch_add(total, Ordering::AcqRel);
         let mut w = vec![0f32; dim];
         let mut g = vec![0f32; dim];
         let mut image = vec![0u8; self.layout.stride()];
@@ -310,7 +320,7 @@ impl Table {
         }
         self.rows_pushed
             .fetch_add(locals.len() as u64, Ordering::Relaxed);
-        self.updates.fetch_add(updates, Ordering::Relaxed);
+        debug_assert_eq!(updates, total);
         updates
     }
 

@@ -41,7 +41,8 @@ impl Truth {
     }
 }
 
-fn run(cluster: &EmbeddedCluster, policy: PolicyKind, bound: Bound) {
+/// Returns (checks skipped on the table clock's word, lookups where that word failed).
+fn run(cluster: &EmbeddedCluster, policy: PolicyKind, bound: Bound) -> (u64, u64) {
     let name = format!("model_{policy}_{bound}").replace('-', "_");
     let spec = TableSpec {
         name: name.clone(),
@@ -205,6 +206,10 @@ fn run(cluster: &EmbeddedCluster, policy: PolicyKind, bound: Bound) {
         let stale: u64 = stats.iter().map(|s| s.stale_refreshes).sum();
         assert!(stale > 0, "{name}: tight bounds must refresh stale lines");
     }
+    (
+        stats.iter().map(|s| s.checks_skipped).sum(),
+        stats.iter().map(|s| s.clock_retries).sum(),
+    )
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::spec::{TableInfo, TableSpec};
 use crate::wire::{
-    CreateResponse, HelloResponse, PushResponse, RegionDescriptor, ShardStats, Span, WireError,
+    CreateResponse, HelloResponse, PushResponse, RegionDescriptor, ShardStats, Since, Span,
+    WireError,
 };
 
 /// Errors of a shard transport, naming the shard.
@@ -66,6 +67,10 @@ pub struct StaleRows {
     pub versions: Vec<u64>,
     /// Their values, `indices.len() x dim`.
     pub rows: Vec<f32>,
+    /// The table's clock on the shard, read before any row.
+    pub table_clock: u64,
+    /// Whether the request's `since` claim held (true when there was none).
+    pub since_held: bool,
 }
 
 /// Bytes a transport has moved, as it counts them (frame prefixes and headers included).
@@ -119,22 +124,25 @@ pub trait ShardTransport: Send + Sync {
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, TransportError>;
     /// One-sided read of spans; `out` receives their bytes concatenated.
     fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError>;
-    /// Consistent read: `versions` and `rows` (keys x dim) are replaced.
+    /// Consistent read: `versions` and `rows` (keys x dim) are replaced. Returns the table's
+    /// clock on the shard, read before any row.
     fn pull(
         &self,
         table: &str,
         keys: &[u64],
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<(), TransportError>;
+    ) -> Result<u64, TransportError>;
     /// Rows whose server version exceeds `clocks[i] + bound`, or whose clock is
-    /// [`crate::wire::NOT_CACHED`].
+    /// [`crate::wire::NOT_CACHED`]; with `since`, the shard also says whether the claim about the
+    /// checks not sent holds.
     fn pull_if_stale(
         &self,
         table: &str,
         keys: &[u64],
         clocks: &[u64],
         bound: u64,
+        since: Option<Since>,
         out: &mut StaleRows,
     ) -> Result<(), TransportError>;
     /// Applies `(key, count, gradient sum)` rows; `grads` is keys x dim.

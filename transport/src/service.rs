@@ -111,6 +111,7 @@ pub trait ShardService: Send + Sync + 'static {
         keys: U64s<'_>,
         clocks: U64s<'_>,
         bound: u64,
+        since: Option<wire::Since>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError>;
     /// Applies a push, all or nothing.
@@ -292,6 +293,7 @@ impl Session {
                     le_array(p[0]),
                     le_array(p[1]),
                     r.bound,
+                    r.since,
                     &mut resp,
                 )?;
             }

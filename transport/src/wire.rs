@@ -286,6 +286,24 @@ pub struct PullResponse {
     pub rows: u32,
     /// Row dimension.
     pub dim: u32,
+    /// The table's clock on this shard, read before any row: see [`PullIfStaleResponse`].
+    pub table_clock: u64,
+}
+
+/// A client's claim that its unsent version checks are still within their bounds, for the shard
+/// to verify (DESIGN section 5, check elision; `docs/PROTOCOL.md`).
+///
+/// The client last saw the table's clock at `clock`; since then it pushed `own` updates to this
+/// shard's table. The claim holds when `table_clock - clock - own <= max_foreign`, that is, when at
+/// most `max_foreign` updates from other clients were applied since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    /// The table clock the client last observed.
+    pub clock: u64,
+    /// Updates the client pushed to this shard's table since then (all acknowledged).
+    pub own: u64,
+    /// Foreign updates its unsent checks can absorb.
+    pub max_foreign: u64,
 }
 
 /// Conditional pull header; payload: `keys` x u64 keys, then `keys` x u64 clocks.
@@ -300,6 +318,8 @@ pub struct PullIfStaleRequest {
     pub keys: u32,
     /// The staleness bound; `u64::MAX` disables the check for cached keys.
     pub bound: u64,
+    /// A claim about checks the client did not send, for the shard to verify.
+    pub since: Option<Since>,
 }
 
 /// A clock meaning "the client holds no copy": the row always comes back.
@@ -313,6 +333,11 @@ pub struct PullIfStaleResponse {
     pub stale: u32,
     /// Row dimension.
     pub dim: u32,
+    /// The table's clock on this shard: the number of updates applied to it, read before any row.
+    /// Every update is counted in the clock before its row changes.
+    pub table_clock: u64,
+    /// Whether the request's [`Since`] claim held at `table_clock` (true when there was none).
+    pub since_held: bool,
 }
 
 /// Push request header; payload: `rows` x u64 keys, `rows` x u32 counts, `rows` x `dim` f32

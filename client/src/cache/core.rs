@@ -13,7 +13,7 @@
 
 use rustc_hash::FxHashMap;
 
-use hetkv_transport::wire::NOT_CACHED;
+use hetkv_transport::wire::{Since, NOT_CACHED};
 use hetkv_transport::TableSpec;
 
 use super::policy::{self, EvictionPolicy};
@@ -103,14 +103,45 @@ impl PushBatch {
 
 /// What a lookup needs from the shards: for each request, a key and the clock to check it
 /// against ([`NOT_CACHED`] for misses).
+///
+/// Requests marked `skipped` are hits whose check the table clock can vouch for: send them only if
+/// the shard says the claim in `since` (per shard) did not hold.
 #[derive(Debug)]
 pub struct LookupPlan<'a> {
     /// Keys to ask for.
     pub keys: &'a [u64],
     /// Their clocks.
     pub clocks: &'a [u64],
+    /// Whether each request's check is left to the table clock.
+    pub skipped: &'a [bool],
+    /// Per shard, the claim covering its skipped checks.
+    pub since: &'a [Option<Since>],
     /// The bound to check clocks against.
     pub bound: u64,
+}
+
+/// What a client knows of one shard's table clock (the updates applied to the table there).
+///
+/// `clock - own_at` is the *foreign clock*: updates from other clients up to the last observation.
+/// A line fetched when the foreign clock was `f` lacks at most `foreign_now - f` updates, so while
+/// that stays within `bound + p` its version check can be skipped.
+#[derive(Clone, Copy, Debug, Default)]
+struct ShardClock {
+    observed: bool,
+    /// The table clock at the last observation.
+    clock: u64,
+    /// Updates this cache pushed to the shard and saw acknowledged, in all.
+    own: u64,
+    /// `own` at the last observation.
+    own_at: u64,
+    /// Foreign updates between the last two observations: the forecast for the next interval.
+    forecast: u64,
+}
+
+impl ShardClock {
+    fn foreign(&self) -> u64 {
+        self.clock.saturating_sub(self.own_at)
+    }
 }
 
 /// What came back for a plan: for each returned row, its request index, version and values.
@@ -150,6 +181,10 @@ pub struct CacheCore {
     /// line is one region of memory.
     lines: Vec<f32>,
     free: Vec<u32>,
+    /// Each slot's foreign clock when its row was fetched or refreshed.
+    fetched_at: Vec<u64>,
+    shards: u64,
+    clocks: Vec<ShardClock>,
     policy: Box<dyn EvictionPolicy>,
     stats: CacheStats,
     // Scratch of the current call, kept to reuse its allocations.
@@ -160,6 +195,8 @@ pub struct CacheCore {
     req_of_uniq: Vec<u32>,
     req_keys: Vec<u64>,
     req_clocks: Vec<u64>,
+    req_skipped: Vec<bool>,
+    since: Vec<Option<Since>>,
     reply_of_req: Vec<u32>,
     uniq_rows: Vec<f32>,
     uniq_clock: Vec<u64>,
@@ -179,8 +216,10 @@ impl std::fmt::Debug for CacheCore {
 }
 
 impl CacheCore {
-    /// A cache of `spec`'s rows under `config`. The local update uses the table's learning rate.
-    pub fn new(spec: &TableSpec, config: &CacheConfig) -> Self {
+    /// A cache of `spec`'s rows, spread over `shards` shards (row r on shard `r % shards`), under
+    /// `config`. The local update uses the table's learning rate.
+    pub fn new(spec: &TableSpec, config: &CacheConfig, shards: usize) -> Self {
+        let shards = shards.max(1);
         let capacity = config.capacity.rows(spec);
         let dim = spec.dim as usize;
         Self {
@@ -197,6 +236,9 @@ impl CacheCore {
             p: vec![0; capacity],
             lines: vec![0.0; capacity * 2 * dim],
             free: (0..capacity as u32).rev().collect(),
+            fetched_at: vec![0; capacity],
+            shards: shards as u64,
+            clocks: vec![ShardClock::default(); shards],
             policy: policy::build(config.policy, capacity),
             stats: CacheStats::default(),
             dedup: FxHashMap::default(),
@@ -206,6 +248,8 @@ impl CacheCore {
             req_of_uniq: Vec::new(),
             req_keys: Vec::new(),
             req_clocks: Vec::new(),
+            req_skipped: Vec::new(),
+            since: vec![None; shards],
             reply_of_req: Vec::new(),
             uniq_rows: Vec::new(),
             uniq_clock: Vec::new(),
@@ -287,6 +331,8 @@ impl CacheCore {
         self.req_of_uniq.clear();
         self.req_keys.clear();
         self.req_clocks.clear();
+        self.req_skipped.clear();
+        self.since.iter_mut().for_each(|s| *s = None);
         let check_hits = self.pull_bound != u64::MAX;
         for u in 0..self.uniq.len() {
             let key = self.uniq[u];
@@ -300,12 +346,20 @@ impl CacheCore {
                     self.req_of_uniq.push(NIL);
                     continue;
                 }
-                self.stats.version_checks += 1;
-                let clock = self.c_s[slot as usize] + self.p[slot as usize] as u64;
+                let s = slot as usize;
+                let clock = self.c_s[s] + self.p[s] as u64;
+                let skipped = self.covered_by_clock(key, s);
+                if skipped {
+                    self.stats.checks_skipped += 1;
+                } else {
+                    self.stats.version_checks += 1;
+                }
                 self.req_clocks.push(clock);
+                self.req_skipped.push(skipped);
             } else {
                 self.stats.misses += 1;
                 self.req_clocks.push(NOT_CACHED);
+                self.req_skipped.push(false);
             }
             self.req_of_uniq.push(self.req_keys.len() as u32);
             self.req_keys.push(key);
@@ -315,8 +369,61 @@ impl CacheCore {
         Ok(LookupPlan {
             keys: &self.req_keys,
             clocks: &self.req_clocks,
+            skipped: &self.req_skipped,
+            since: &self.since,
             bound: self.pull_bound,
         })
+    }
+
+    /// Whether the check of the hit in `slot` can be left to the table clock, and if so, narrows
+    /// that shard's claim to what this line can absorb. The line lacks at most `foreign_now -
+    /// fetched_at` updates; it is valid while that is at most `bound + p`. Lines whose slack is
+    /// below the foreign updates forecast for this interval are checked as usual.
+    fn covered_by_clock(&mut self, key: u64, slot: usize) -> bool {
+        let shard = (key % self.shards) as usize;
+        let sc = self.clocks[shard];
+        if !sc.observed {
+            return false;
+        }
+        let allowance = self.pull_bound.saturating_add(self.p[slot] as u64);
+        let Some(slack) = allowance.checked_sub(sc.foreign().saturating_sub(self.fetched_at[slot]))
+        else {
+            return false;
+        };
+        if slack < sc.forecast {
+            return false;
+        }
+        let claim = self.since[shard].get_or_insert(Since {
+            clock: sc.clock,
+            own: sc.own - sc.own_at,
+            max_foreign: slack,
+        });
+        claim.max_foreign = claim.max_foreign.min(slack);
+        true
+    }
+
+    /// Records the table clock `clock` that shard `shard` reported for the lookup planned last
+    /// (read before any of its rows). Call before [`CacheCore::finish_lookup`].
+    pub fn observe(&mut self, shard: usize, clock: u64) {
+        let sc = &mut self.clocks[shard];
+        let foreign_now = clock.saturating_sub(sc.own);
+        sc.forecast = if sc.observed {
+            foreign_now.saturating_sub(sc.foreign())
+        } else {
+            0
+        };
+        sc.clock = clock;
+        sc.own_at = sc.own;
+        sc.observed = true;
+    }
+
+    /// A shard said its claim did not hold: its skipped checks were sent after all.
+    pub fn claim_failed(&mut self) {
+        self.stats.clock_retries += 1;
+    }
+
+    fn foreign_now(&self, key: u64) -> u64 {
+        self.clocks[(key % self.shards) as usize].foreign()
     }
 
     /// Completes the lookup planned last: applies `replies` (stale hits are refreshed with their
@@ -392,6 +499,7 @@ impl CacheCore {
                     *d = f - lr * g;
                 }
                 self.c_s[s] = replies.versions[i];
+                self.fetched_at[s] = self.foreign_now(self.uniq[u]);
             }
             let at = slot as usize * 2 * dim;
             self.uniq_rows[u * dim..(u + 1) * dim].copy_from_slice(&self.lines[at..at + dim]);
@@ -412,6 +520,7 @@ impl CacheCore {
                 self.index.insert(key, slot);
                 self.line_key[s] = key;
                 self.c_s[s] = version;
+                self.fetched_at[s] = self.foreign_now(key);
                 self.p[s] = 0;
                 let (data, pending) = self.line_mut(slot);
                 data.copy_from_slice(fresh);
@@ -547,9 +656,10 @@ impl CacheCore {
         batch
     }
 
-    /// `rows` rows of a taken batch were applied by the shards.
-    pub fn pushed(&mut self, rows: usize) {
+    /// `rows` rows carrying `updates` updates of a taken batch were applied by shard `shard`.
+    pub fn pushed(&mut self, shard: usize, rows: usize, updates: u64) {
         self.stats.rows_pushed += rows as u64;
+        self.clocks[shard].own += updates;
     }
 
     /// The batch (or part of it) could not be delivered: keep it for the next call.
