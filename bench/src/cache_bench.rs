@@ -439,21 +439,34 @@ pub struct CommArgs {
     /// Client counts.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     pub clients: Vec<usize>,
+    /// Rounds of (baseline, then each bound), run one after the other so that machine noise hits
+    /// all alike; reported figures are medians over rounds.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
     /// Write the report here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
 
-/// One run of `comm`, with its ratios to the no-cache baseline of the same client count.
+/// One configuration of `comm`, with its ratios to the no-cache baseline of the same round.
 #[derive(Debug, Serialize)]
 pub struct CommEntry {
-    /// The run.
+    /// The round with the median speedup.
     #[serde(flatten)]
     pub run: RunResult,
-    /// 1 - bytes per batch / baseline bytes per batch.
+    /// 1 - bytes per batch / baseline bytes per batch (same round).
     pub bytes_reduction: f64,
-    /// Batches/s over the baseline's.
+    /// Median over rounds of batches/s over the same round's baseline batches/s.
     pub speedup: f64,
+    /// Batches/s of every round.
+    pub batches_per_s_rounds: Vec<f64>,
+    /// Speedup of every round.
+    pub speedup_rounds: Vec<f64>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// The `comm` report.
@@ -469,23 +482,50 @@ pub struct CommReport {
 pub fn comm(args: &CommArgs) -> Result<CommReport> {
     let bench = Bench::start(&args.workload)?;
     let mut entries = Vec::new();
+    let configs: Vec<CacheConfig> = std::iter::once(CacheConfig::disabled())
+        .chain(
+            args.bounds
+                .iter()
+                .map(|&b| CacheConfig::new(Capacity::Fraction(args.cache), args.policy, b)),
+        )
+        .collect();
     for &clients in &args.clients {
-        let base = bench.run(CacheConfig::disabled(), clients)?;
-        let mut runs = vec![base.clone()];
-        for &bound in &args.bounds {
-            runs.push(bench.run(
-                CacheConfig::new(Capacity::Fraction(args.cache), args.policy, bound),
-                clients,
-            )?);
+        // rounds[r][c]: round r, configuration c (0 = baseline).
+        let mut rounds: Vec<Vec<RunResult>> = Vec::new();
+        for round in 0..args.repeats.max(1) {
+            eprintln!(
+                "{clients} client(s), round {} of {}",
+                round + 1,
+                args.repeats.max(1)
+            );
+            rounds.push(
+                configs
+                    .iter()
+                    .map(|&c| bench.run(c, clients))
+                    .collect::<Result<_>>()?,
+            );
         }
-        for run in runs {
+        for c in 0..configs.len() {
+            let mut speedups: Vec<f64> = rounds
+                .iter()
+                .map(|r| r[c].batches_per_s / r[0].batches_per_s)
+                .collect();
+            let speedup_rounds = speedups.clone();
+            let speedup = median(&mut speedups);
+            let pick = speedup_rounds
+                .iter()
+                .position(|&s| s == speedup)
+                .unwrap_or(0);
+            let run = rounds[pick][c].clone();
             let e = CommEntry {
-                bytes_reduction: 1.0 - run.bytes_per_batch / base.bytes_per_batch,
-                speedup: run.batches_per_s / base.batches_per_s,
+                bytes_reduction: 1.0 - run.bytes_per_batch / rounds[pick][0].bytes_per_batch,
+                speedup,
+                batches_per_s_rounds: rounds.iter().map(|r| r[c].batches_per_s).collect(),
+                speedup_rounds,
                 run,
             };
             eprintln!(
-                "{} client(s) {:<10} bound {:>4}: {:>7.1} batches/s ({:>4.2}x)  {:>7.1} KB/batch ({:>5.1}% less)  hit {:>5.1}%  stale {:>6.1}/batch",
+                "{} client(s) {:<10} bound {:>4}: {:>7.1} batches/s (median {:>4.2}x of no cache)  {:>7.1} KB/batch ({:>5.1}% less)  hit {:>5.1}%  stale {:>6.1}/batch",
                 clients,
                 e.run.policy,
                 e.run.pull_bound,

@@ -191,6 +191,8 @@ pub struct CacheCore {
     dedup: FxHashMap<u64, u32>,
     uniq: Vec<u64>,
     uniq_of_pos: Vec<u32>,
+    /// Position of each unique key's first occurrence.
+    first_pos: Vec<u32>,
     slot_of_uniq: Vec<u32>,
     req_of_uniq: Vec<u32>,
     req_keys: Vec<u64>,
@@ -244,6 +246,7 @@ impl CacheCore {
             dedup: FxHashMap::default(),
             uniq: Vec::new(),
             uniq_of_pos: Vec::new(),
+            first_pos: Vec::new(),
             slot_of_uniq: Vec::new(),
             req_of_uniq: Vec::new(),
             req_keys: Vec::new(),
@@ -311,11 +314,13 @@ impl CacheCore {
         self.dedup.clear();
         self.uniq.clear();
         self.uniq_of_pos.clear();
-        for &k in keys {
+        self.first_pos.clear();
+        for (pos, &k) in keys.iter().enumerate() {
             let next = self.uniq.len() as u32;
             let u = *self.dedup.entry(k).or_insert(next);
             if u == next {
                 self.uniq.push(k);
+                self.first_pos.push(pos as u32);
             }
             self.uniq_of_pos.push(u);
         }
@@ -472,7 +477,8 @@ impl CacheCore {
                 )));
             }
         }
-        self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+        // Each unique key's row goes to its first position in `out`; duplicates are copied from
+        // there at the end.
         self.uniq_clock.resize(self.uniq.len(), 0);
         // Hits first: a miss below may evict a line that is also a hit of this batch.
         for u in 0..self.uniq.len() {
@@ -501,8 +507,8 @@ impl CacheCore {
                 self.c_s[s] = replies.versions[i];
                 self.fetched_at[s] = self.foreign_now(self.uniq[u]);
             }
-            let at = slot as usize * 2 * dim;
-            self.uniq_rows[u * dim..(u + 1) * dim].copy_from_slice(&self.lines[at..at + dim]);
+            let (at, first) = (s * 2 * dim, self.first_pos[u] as usize * dim);
+            out[first..first + dim].copy_from_slice(&self.lines[at..at + dim]);
             self.uniq_clock[u] = self.c_s[s] + self.p[s] as u64;
         }
         for u in 0..self.uniq.len() {
@@ -513,7 +519,8 @@ impl CacheCore {
             let (key, version) = (self.uniq[u], replies.versions[i]);
             let fresh = &replies.rows[i * dim..(i + 1) * dim];
             self.stats.rows_pulled += 1;
-            self.uniq_rows[u * dim..(u + 1) * dim].copy_from_slice(fresh);
+            let first = self.first_pos[u] as usize * dim;
+            out[first..first + dim].copy_from_slice(fresh);
             self.uniq_clock[u] = version;
             if let Some(slot) = self.make_room(key) {
                 let s = slot as usize;
@@ -532,8 +539,10 @@ impl CacheCore {
         }
         for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
             let u = u as usize;
-            out[pos * dim..(pos + 1) * dim]
-                .copy_from_slice(&self.uniq_rows[u * dim..(u + 1) * dim]);
+            let first = self.first_pos[u] as usize;
+            if first != pos {
+                out.copy_within(first * dim..(first + 1) * dim, pos * dim);
+            }
             if let Some(c) = clocks.as_deref_mut() {
                 c[pos] = self.uniq_clock[u];
             }
