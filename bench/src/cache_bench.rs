@@ -289,14 +289,17 @@ impl Bench {
 /// The unique keys of a batch and their summed gradients, as a trainer's backward pass hands them
 /// to the optimizer.
 #[derive(Default)]
-struct Unique {
+pub(crate) struct Unique {
     index: rustc_hash::FxHashMap<u64, u32>,
-    keys: Vec<u64>,
-    grads: Vec<f32>,
+    /// The unique keys, in first-seen order.
+    pub keys: Vec<u64>,
+    /// Their summed gradients, keys x dim.
+    pub grads: Vec<f32>,
 }
 
 impl Unique {
-    fn gradients(&mut self, keys: &[u64], rows: &[f32], dim: usize, grad: impl Fn(f32) -> f32) {
+    /// Collects the unique keys of `keys` and sums `grad(row value)` over each key's occurrences.
+    pub fn gradients(&mut self, keys: &[u64], rows: &[f32], dim: usize, grad: impl Fn(f32) -> f32) {
         self.index.clear();
         self.keys.clear();
         self.grads.clear();

@@ -82,10 +82,3 @@ impl UniformKeys {
         }
     }
 }
-
-/// Sorts and de-duplicates `keys` in place; returns the number of unique keys.
-pub fn dedup(keys: &mut Vec<u64>) -> usize {
-    keys.sort_unstable();
-    keys.dedup();
-    keys.len()
-}
