@@ -1,10 +1,11 @@
 //! Least frequently used, with frequencies that outlive residency, and optional pinning (HET's
 //! "light LFU").
 //!
-//! Lines sit in one of 64 frequency buckets (the sketch's estimate, capped at 63), each an LRU
-//! list; a bitmap of non-empty buckets finds the lowest in O(1). The victim is the least recently
-//! used line of the lowest bucket. A miss whose estimated frequency is below the victim's is not
-//! admitted.
+//! Lines sit in one of 64 frequency buckets (the sketch's estimate, capped at 63), each a list in
+//! the order lines entered it; a bitmap of non-empty buckets finds the lowest in O(1). The victim
+//! is the line of the lowest bucket that entered it first. A hit moves its line only when its
+//! bucket changes, so the hottest lines (whose estimate has saturated) cost no list writes. A miss
+//! whose estimated frequency is below the victim's is not admitted.
 //!
 //! Why a sketch: HET's LFU counted hits only while a line was resident, so every new line entered
 //! with the lowest count and was the next victim; within a batch each new miss evicted the previous
@@ -105,16 +106,19 @@ impl EvictionPolicy for Lfu {
             return;
         }
         self.hits[s] = self.hits[s].saturating_add(1);
-        self.unlink(slot);
         if let Some(k) = self.pin_after {
             if self.hits[s] >= k && self.pinned_count < self.max_pinned {
+                self.unlink(slot);
                 self.pinned[s] = true;
                 self.pinned_count += 1;
                 return;
             }
         }
         let f = self.frequency(key);
-        self.link(slot, f);
+        if f != self.freq[s] {
+            self.unlink(slot);
+            self.link(slot, f);
+        }
     }
 
     fn insert(&mut self, slot: u32, key: u64) {
