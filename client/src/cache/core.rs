@@ -332,18 +332,21 @@ impl CacheCore {
     pub fn plan_lookup(&mut self, keys: &[u64]) -> Result<LookupPlan<'_>, CacheError> {
         self.check_keys(keys)?;
         self.dedup_keys(keys);
-        self.slot_of_uniq.clear();
         self.req_of_uniq.clear();
         self.req_keys.clear();
         self.req_clocks.clear();
         self.req_skipped.clear();
         self.since.iter_mut().for_each(|s| *s = None);
         let check_hits = self.pull_bound != u64::MAX;
+        // Separate passes, each of independent memory accesses: the lines (which finish_lookup
+        // copies), then the frequency sketch, then the policy and the requests.
+        self.resolve_lines();
+        for &key in &self.uniq {
+            self.policy.record(key);
+        }
         for u in 0..self.uniq.len() {
             let key = self.uniq[u];
-            self.policy.record(key);
-            let slot = self.index.get(&key).copied().unwrap_or(NIL);
-            self.slot_of_uniq.push(slot);
+            let slot = self.slot_of_uniq[u];
             if slot != NIL {
                 self.stats.hits += 1;
                 self.policy.touch(slot, key);
@@ -609,14 +612,16 @@ impl CacheCore {
         self.stats.updates += keys.len() as u64;
         let rows = std::mem::take(&mut self.uniq_rows);
         let sums: &[f32] = if summed { &rows } else { grads };
+        self.resolve_lines();
         for u in 0..self.uniq.len() {
             let key = self.uniq[u];
             let g = &sums[u * dim..(u + 1) * dim];
-            let Some(&slot) = self.index.get(&key) else {
+            let slot = self.slot_of_uniq[u];
+            if slot == NIL {
                 self.stats.write_throughs += 1;
                 self.pushes.add(key, self.counts[u], g);
                 continue;
-            };
+            }
             let lr = self.lr;
             let (data, pending) = self.line_mut(slot);
             for ((d, p), g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
@@ -631,6 +636,28 @@ impl CacheCore {
         }
         self.uniq_rows = rows;
         Ok(())
+    }
+
+    /// Resolves the slot of every unique key into `slot_of_uniq`, then reads the first word of
+    /// each resident line's row and pending gradient. Each probe and each read is independent of
+    /// the others, so the processor overlaps their cache misses; the loop that follows finds the
+    /// lines in cache instead of waiting for them one at a time.
+    fn resolve_lines(&mut self) {
+        self.slot_of_uniq.clear();
+        let index = &self.index;
+        self.slot_of_uniq.extend(
+            self.uniq
+                .iter()
+                .map(|k| index.get(k).copied().unwrap_or(NIL)),
+        );
+        let (dim, mut warm) = (self.dim, 0f32);
+        for &slot in &self.slot_of_uniq {
+            if slot != NIL {
+                let at = slot as usize * 2 * dim;
+                warm += self.lines[at] + self.lines[at + dim];
+            }
+        }
+        std::hint::black_box(warm);
     }
 
     /// Moves a line's unpushed updates into the push batch; the line's `c_s` advances by them.
