@@ -339,6 +339,7 @@ fn add(a: &CacheStats, b: &CacheStats) -> CacheStats {
         updates: a.updates + b.updates,
         bytes_sent: a.bytes_sent + b.bytes_sent,
         bytes_received: a.bytes_received + b.bytes_received,
+        time: a.time.add(&b.time),
     }
 }
 
@@ -398,6 +399,16 @@ pub fn sweep(args: &SweepArgs) -> Result<SweepReport> {
                 CacheConfig::new(Capacity::Fraction(f), policy, args.bound),
                 1,
             )?;
+            let t = &r.stats.time;
+            let us = |ns: u64| ns as f64 / 1e3 / (args.workload.measured as f64);
+            eprintln!(
+                "    us/batch: plan {:.0}, request {:.0}, place {:.0}, push {:.0}, update {:.0}",
+                us(t.plan_ns),
+                us(t.request_ns),
+                us(t.place_ns),
+                us(t.push_ns),
+                us(t.update_ns)
+            );
             eprintln!(
                 "cache {:>4.0}% {:<12} hit {:>5.1}% (online ceiling {:>5.1}%, static top-k {:>5.1}%)  pulled {:>6.0} rows/batch  received {:>7.1} KB/batch  {:>6.1} batches/s",
                 f * 100.0,

@@ -1,11 +1,13 @@
 //! One worker's cached view of a table: the [`CacheCore`] driven over the cluster's transports.
 
+use std::time::Instant;
+
 use hetkv_transport::wire::NOT_CACHED;
 use hetkv_transport::{StaleRows, Traffic, TransportError};
 
 use crate::cache::{CacheConfig, CacheCore, PushBatch, Replies};
 use crate::cluster::Table;
-use crate::stats::CacheStats;
+use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
 
 /// Per-shard scratch of one call.
@@ -52,6 +54,11 @@ pub struct CachedTable {
     shards: Vec<ShardBatch>,
     replies: Replies,
     traffic_at_start: Traffic,
+    time: PhaseTimes,
+}
+
+fn nanos(d: std::time::Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
 }
 
 impl std::fmt::Debug for CachedTable {
@@ -77,6 +84,7 @@ impl CachedTable {
             shards,
             replies: Replies::default(),
             traffic_at_start,
+            time: PhaseTimes::default(),
         }
     }
 
@@ -121,6 +129,7 @@ impl CachedTable {
                 len: out.len(),
             });
         }
+        let started = Instant::now();
         let plan = self.core.plan_lookup(keys)?;
         let bound = plan.bound;
         let since: Vec<_> = plan.since.to_vec();
@@ -150,6 +159,7 @@ impl CachedTable {
             .collect();
         let name = &self.table.spec().name;
         let shards = &self.shards;
+        let planned = Instant::now();
         let results = cluster.on_shards(&busy, |s, shard| {
             let b = &shards[s];
             let mut rows = StaleRows::default();
@@ -171,6 +181,7 @@ impl CachedTable {
             };
             Ok((rows, retry))
         });
+        let answered = Instant::now();
         self.replies.clear();
         for (&s, result) in busy.iter().zip(results) {
             let (rows, retry) = result?;
@@ -202,6 +213,9 @@ impl CachedTable {
             }
         }
         self.core.finish_lookup(&self.replies, out, clocks)?;
+        self.time.plan_ns += nanos(planned - started);
+        self.time.request_ns += nanos(answered - planned);
+        self.time.place_ns += nanos(answered.elapsed());
         self.push_pending()
     }
 
@@ -209,7 +223,9 @@ impl CachedTable {
     /// the shards when a line's unpushed updates exceed the push bound or the key is not cached.
     /// Nothing changes if a value is NaN or infinite, a key is out of range, or the length is wrong.
     pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), ClientError> {
+        let started = Instant::now();
         self.core.update(keys, grads)?;
+        self.time.update_ns += nanos(started.elapsed());
         self.push_pending()
     }
 
@@ -222,6 +238,7 @@ impl CachedTable {
     /// Counters, with the bytes the cluster's transports moved since this cache was created.
     pub fn stats(&self) -> CacheStats {
         let mut s = *self.core.stats();
+        s.time = self.time;
         let now = self.table.cluster().traffic();
         s.bytes_sent = now.sent - self.traffic_at_start.sent;
         s.bytes_received = now.received - self.traffic_at_start.received;
@@ -235,6 +252,13 @@ impl CachedTable {
         if batch.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
+        let result = self.send_pushes(batch);
+        self.time.push_ns += nanos(started.elapsed());
+        result
+    }
+
+    fn send_pushes(&mut self, batch: PushBatch) -> Result<(), ClientError> {
         let dim = self.table.spec().dim as usize;
         let cluster = self.table.cluster();
         for s in &mut self.shards {

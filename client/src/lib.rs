@@ -24,7 +24,7 @@ pub mod stats;
 pub use cache::{Bound, CacheConfig, Capacity, PolicyKind};
 pub use cached::CachedTable;
 pub use cluster::{Cluster, Table};
-pub use stats::CacheStats;
+pub use stats::{CacheStats, PhaseTimes};
 
 use hetkv_transport::TransportError;
 

@@ -40,6 +40,46 @@ pub struct CacheStats {
     pub bytes_sent: u64,
     /// Bytes received by this client's transports, framing included.
     pub bytes_received: u64,
+    /// Wall-clock nanoseconds spent in each phase of the calls, for finding where time goes.
+    pub time: PhaseTimes,
+}
+
+/// Wall-clock nanoseconds per phase, summed over calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PhaseTimes {
+    /// Lookups: de-duplication, policy and request planning.
+    pub plan_ns: u64,
+    /// Lookups: the requests to the shards, until every answer is in.
+    pub request_ns: u64,
+    /// Lookups: refreshing, inserting and writing rows out.
+    pub place_ns: u64,
+    /// Pushes of evicted, bound-exceeding and written-through rows, in all calls.
+    pub push_ns: u64,
+    /// Updates: applying gradients locally.
+    pub update_ns: u64,
+}
+
+impl PhaseTimes {
+    fn since(&self, e: &PhaseTimes) -> PhaseTimes {
+        PhaseTimes {
+            plan_ns: self.plan_ns - e.plan_ns,
+            request_ns: self.request_ns - e.request_ns,
+            place_ns: self.place_ns - e.place_ns,
+            push_ns: self.push_ns - e.push_ns,
+            update_ns: self.update_ns - e.update_ns,
+        }
+    }
+
+    /// The sum of two.
+    pub fn add(&self, o: &PhaseTimes) -> PhaseTimes {
+        PhaseTimes {
+            plan_ns: self.plan_ns + o.plan_ns,
+            request_ns: self.request_ns + o.request_ns,
+            place_ns: self.place_ns + o.place_ns,
+            push_ns: self.push_ns + o.push_ns,
+            update_ns: self.update_ns + o.update_ns,
+        }
+    }
 }
 
 impl CacheStats {
@@ -72,6 +112,7 @@ impl CacheStats {
             updates: self.updates - earlier.updates,
             bytes_sent: self.bytes_sent - earlier.bytes_sent,
             bytes_received: self.bytes_received - earlier.bytes_received,
+            time: self.time.since(&earlier.time),
         }
     }
 }
