@@ -3,12 +3,13 @@
 use std::time::Instant;
 
 use hetkv_transport::wire::NOT_CACHED;
-use hetkv_transport::{StaleRows, Traffic, TransportError};
+use hetkv_transport::{PushRef, StaleRows, Traffic, TransportError};
 
 use crate::cache::{CacheConfig, CacheCore, PushBatch, Replies};
 use crate::cluster::Table;
 use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
+use hetkv_transport::wire::PushResponse;
 
 /// Per-shard scratch of one call.
 #[derive(Debug, Default)]
@@ -51,7 +52,10 @@ impl ShardBatch {
 pub struct CachedTable {
     table: Table,
     core: CacheCore,
+    /// Per-shard requests of the current lookup.
     shards: Vec<ShardBatch>,
+    /// Per-shard rows of the current push.
+    push_shards: Vec<ShardBatch>,
     replies: Replies,
     traffic_at_start: Traffic,
     time: PhaseTimes,
@@ -74,14 +78,18 @@ impl CachedTable {
     /// A cache of `table` under `config`.
     pub fn new(table: Table, config: CacheConfig) -> Self {
         let core = CacheCore::new(table.spec(), &config, table.cluster().shard_count());
-        let shards = (0..table.cluster().shard_count())
-            .map(|_| ShardBatch::default())
-            .collect();
+        let batches = || {
+            (0..table.cluster().shard_count())
+                .map(|_| ShardBatch::default())
+                .collect()
+        };
+        let (shards, push_shards) = (batches(), batches());
         let traffic_at_start = table.cluster().traffic();
         Self {
             table,
             core,
             shards,
+            push_shards,
             replies: Replies::default(),
             traffic_at_start,
             time: PhaseTimes::default(),
@@ -133,7 +141,7 @@ impl CachedTable {
         let plan = self.core.plan_lookup(keys)?;
         let bound = plan.bound;
         let since: Vec<_> = plan.since.to_vec();
-        let cluster = self.table.cluster();
+        let cluster = self.table.cluster().clone();
         for s in &mut self.shards {
             s.clear();
         }
@@ -154,37 +162,90 @@ impl CachedTable {
             clocks.push(c);
             origin.push(i as u32);
         }
+        // The lines evicted to make room for the misses (and any rows an earlier call could not
+        // deliver) travel with each shard's request: one round trip, applied before the pull.
+        let victims = self.core.take_pushes();
+        self.group_pushes(&victims);
         let busy: Vec<usize> = (0..self.shards.len())
-            .filter(|&s| !self.shards[s].keys.is_empty() || !self.shards[s].skip_keys.is_empty())
+            .filter(|&s| {
+                let (b, p) = (&self.shards[s], &self.push_shards[s]);
+                !b.keys.is_empty() || !b.skip_keys.is_empty() || !p.keys.is_empty()
+            })
             .collect();
-        let name = &self.table.spec().name;
-        let shards = &self.shards;
+        let name = self.table.spec().name.as_str();
+        let (shards, push_shards) = (&self.shards, &self.push_shards);
         let planned = Instant::now();
         let results = cluster.on_shards(&busy, |s, shard| {
-            let b = &shards[s];
+            let (b, p) = (&shards[s], &push_shards[s]);
             let mut rows = StaleRows::default();
-            if b.skip_keys.is_empty() && b.clocks.iter().all(|&c| c == NOT_CACHED) {
-                // Only misses: a plain pull sends no clocks.
+            if p.keys.is_empty()
+                && b.skip_keys.is_empty()
+                && b.clocks.iter().all(|&c| c == NOT_CACHED)
+            {
+                // Only misses and nothing to push: a plain pull sends no clocks.
                 rows.table_clock = shard.pull(name, &b.keys, &mut rows.versions, &mut rows.rows)?;
                 rows.indices = (0..b.keys.len() as u32).collect();
                 rows.since_held = true;
             } else {
-                shard.pull_if_stale(name, &b.keys, &b.clocks, bound, since[s], &mut rows)?;
+                let push = (!p.keys.is_empty()).then_some(PushRef {
+                    keys: &p.keys,
+                    counts: &p.counts,
+                    grads: &p.grads,
+                });
+                shard.pull_if_stale(name, &b.keys, &b.clocks, bound, since[s], push, &mut rows)?;
             }
             // The shard could not vouch for the checks left out: send them now.
             let retry = if rows.since_held || b.skip_keys.is_empty() {
                 None
             } else {
                 let mut retry = StaleRows::default();
-                shard.pull_if_stale(name, &b.skip_keys, &b.skip_clocks, bound, None, &mut retry)?;
+                shard.pull_if_stale(
+                    name,
+                    &b.skip_keys,
+                    &b.skip_clocks,
+                    bound,
+                    None,
+                    None,
+                    &mut retry,
+                )?;
                 Some(retry)
             };
             Ok((rows, retry))
         });
         let answered = Instant::now();
+        // Account for the pushed rows shard by shard before anything else can fail.
+        let mut lost = PushBatch::default();
+        for (&s, result) in busy.iter().zip(&results) {
+            let p = &self.push_shards[s];
+            match result {
+                Ok((rows, _)) => self.core.pushed(s, p.keys.len(), rows.pushed_updates),
+                Err(e) => {
+                    if matches!(e, TransportError::Io { .. }) {
+                        // Lost in transit, perhaps applied: kept for the next call.
+                        lost.keys.extend_from_slice(&p.keys);
+                        lost.counts.extend_from_slice(&p.counts);
+                        lost.grads.extend_from_slice(&p.grads);
+                    } else if !p.keys.is_empty() {
+                        tracing::error!(rows = p.keys.len(), error = %e, "shard refused pushed rows");
+                    }
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.core.requeue(&lost);
+        }
+        let mut results_ok = Vec::with_capacity(results.len());
+        for r in results {
+            match r {
+                Ok(v) => results_ok.push(v),
+                Err(e) => {
+                    self.core.abort_lookup();
+                    return Err(e.into());
+                }
+            }
+        }
         self.replies.clear();
-        for (&s, result) in busy.iter().zip(results) {
-            let (rows, retry) = result?;
+        for (&s, (rows, retry)) in busy.iter().zip(results_ok) {
             self.core.observe(s, rows.table_clock);
             let b = &self.shards[s];
             for (part, origin) in std::iter::once((&rows, &b.origin))
@@ -194,6 +255,7 @@ impl CachedTable {
                     || part.versions.len() != part.indices.len()
                     || part.indices.iter().any(|&i| i as usize >= origin.len())
                 {
+                    self.core.abort_lookup();
                     return Err(ClientError::InconsistentCluster(format!(
                         "{} answered {} rows of {} values for {} keys of table {name} (dim {dim})",
                         cluster.shard(s).addr(),
@@ -216,7 +278,7 @@ impl CachedTable {
         self.time.plan_ns += nanos(planned - started);
         self.time.request_ns += nanos(answered - planned);
         self.time.place_ns += nanos(answered.elapsed());
-        self.push_pending()
+        Ok(())
     }
 
     /// Applies one gradient row per key occurrence (`grads` is keys x dim): locally at once, and on
@@ -253,38 +315,43 @@ impl CachedTable {
             return Ok(());
         }
         let started = Instant::now();
-        let result = self.send_pushes(batch);
+        let busy = self.group_pushes(&batch);
+        let results = run_pushes(&self.table, &self.push_shards, &busy);
+        let result = self.settle_pushes(&busy, results);
         self.time.push_ns += nanos(started.elapsed());
         result
     }
 
-    fn send_pushes(&mut self, batch: PushBatch) -> Result<(), ClientError> {
+    /// Spreads a push batch over the per-shard push buffers; returns the shards with rows.
+    fn group_pushes(&mut self, batch: &PushBatch) -> Vec<usize> {
         let dim = self.table.spec().dim as usize;
         let cluster = self.table.cluster();
-        for s in &mut self.shards {
+        for s in &mut self.push_shards {
             s.clear();
         }
         for (i, &k) in batch.keys.iter().enumerate() {
-            let s = &mut self.shards[cluster.shard_of(k)];
+            let s = &mut self.push_shards[cluster.shard_of(k)];
             s.keys.push(k);
             s.counts.push(batch.counts[i]);
             s.grads
                 .extend_from_slice(&batch.grads[i * dim..(i + 1) * dim]);
-            s.origin.push(i as u32);
         }
-        let busy: Vec<usize> = (0..self.shards.len())
-            .filter(|&s| !self.shards[s].keys.is_empty())
-            .collect();
-        let name = &self.table.spec().name;
-        let shards = &self.shards;
-        let results = cluster.on_shards(&busy, |s, shard| {
-            let b = &shards[s];
-            shard.push(name, &b.keys, &b.counts, &b.grads)
-        });
+        (0..self.push_shards.len())
+            .filter(|&s| !self.push_shards[s].keys.is_empty())
+            .collect()
+    }
+
+    /// Accounts for the shards' answers to a push: acknowledged rows are counted; rows lost in
+    /// transit are kept for the next call; the first error is returned.
+    fn settle_pushes(
+        &mut self,
+        busy: &[usize],
+        results: Vec<Result<PushResponse, TransportError>>,
+    ) -> Result<(), ClientError> {
         let mut failed = PushBatch::default();
         let mut first_error = None;
         for (&s, result) in busy.iter().zip(results) {
-            let b = &self.shards[s];
+            let b = &self.push_shards[s];
             match result {
                 Ok(ack) => self.core.pushed(s, b.keys.len(), ack.updates),
                 // Lost in transit: keep the rows for the next call. A shard's refusal of rows the
@@ -313,4 +380,17 @@ impl CachedTable {
             }
         }
     }
+}
+
+/// Sends each listed shard's push buffer, shards in parallel.
+fn run_pushes(
+    table: &Table,
+    shards: &[ShardBatch],
+    busy: &[usize],
+) -> Vec<Result<PushResponse, TransportError>> {
+    let name = &table.spec().name;
+    table.cluster().on_shards(busy, |s, shard| {
+        let b = &shards[s];
+        shard.push(name, &b.keys, &b.counts, &b.grads)
+    })
 }

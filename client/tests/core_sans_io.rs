@@ -185,3 +185,51 @@ fn lfu_keeps_the_popular_keys_where_lru_churns() {
     let (a, b) = (lfu.stats().hit_rate(), lru.stats().hit_rate());
     assert!(a > 0.45 && a > b + 0.2, "lfu {a:.2} vs lru {b:.2}");
 }
+
+#[test]
+fn a_failed_lookup_gives_back_its_slots_and_keeps_its_victims_updates() {
+    let mut server = Server::default();
+    let mut c = core(2, PolicyKind::Lru, Bound::INFINITE, Bound::INFINITE);
+    lookup(&mut c, &server, &[1, 2]);
+    c.update(&[1, 2], &[1.0, 1.0, 2.0, 2.0]).unwrap();
+    // Planning a lookup of two new keys evicts both dirty lines to make room...
+    let plan = c.plan_lookup(&[3, 4]).unwrap();
+    assert_eq!(plan.keys, &[3, 4]);
+    assert_eq!(
+        c.resident(),
+        0,
+        "both lines were evicted for the planned misses"
+    );
+    // ...then the shards cannot be reached: the lookup is abandoned.
+    c.abort_lookup();
+    let victims = c.take_pushes();
+    assert_eq!(
+        victims.keys,
+        vec![1, 2],
+        "the evicted lines' updates are still to be pushed"
+    );
+    server.apply(&victims.keys, &victims.counts, &victims.grads);
+    assert_eq!(server.rows[&2], (1, [-2.0, -2.0]));
+    // The slots are free again: the next lookup caches both keys without evicting anything.
+    lookup(&mut c, &server, &[3, 4]);
+    assert_eq!(c.resident(), 2);
+    assert_eq!(c.stats().evictions, 2);
+    assert_eq!(
+        lookup(&mut c, &server, &[2]),
+        vec![-2.0, -2.0],
+        "read back from the shard"
+    );
+}
+
+#[test]
+fn a_lookup_never_evicts_a_line_it_reads() {
+    // Capacity 2, both lines hit by the batch that also misses a third key: the miss is served
+    // without caching rather than evicting a line this lookup returns.
+    let server = Server::default();
+    let mut c = core(2, PolicyKind::Lru, Bound::INFINITE, Bound::INFINITE);
+    lookup(&mut c, &server, &[1, 2]);
+    lookup(&mut c, &server, &[1, 2, 3]);
+    assert_eq!(c.stats().evictions, 0);
+    assert_eq!(c.stats().not_admitted, 1);
+    assert_eq!(c.resident(), 2);
+}

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hetkv_transport::client::{
-    ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError,
+    PushRef, ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError,
 };
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
@@ -369,12 +369,17 @@ impl ShardTransport for TcpShardClient {
         clocks: &[u64],
         bound: u64,
         since: Option<Since>,
+        push: Option<PushRef<'_>>,
         out: &mut StaleRows,
     ) -> Result<(), TransportError> {
-        if keys.len() != clocks.len() {
+        if keys.len() != clocks.len() || push.is_some_and(|p| p.keys.len() != p.counts.len()) {
             return Err(TransportError::InvalidRequest {
                 addr: self.addr.clone(),
-                message: format!("{} keys but {} clocks", keys.len(), clocks.len()),
+                message: format!(
+                    "{} keys but {} clocks, or push keys and counts of unequal length",
+                    keys.len(),
+                    clocks.len()
+                ),
             });
         }
         let req = PullIfStaleRequest {
@@ -382,6 +387,7 @@ impl ShardTransport for TcpShardClient {
             keys: keys.len() as u32,
             bound,
             since,
+            push_rows: push.map_or(0, |p| p.keys.len() as u32),
         };
         self.call(
             Op::PullIfStale,
@@ -389,6 +395,11 @@ impl ShardTransport for TcpShardClient {
             |buf| {
                 put_u64s(buf, keys);
                 put_u64s(buf, clocks);
+                if let Some(p) = push {
+                    put_u64s(buf, p.keys);
+                    put_u32s(buf, p.counts);
+                    put_f32s(buf, p.grads);
+                }
             },
             |p| {
                 let h: PullIfStaleResponse = self.header(p)?;
@@ -407,6 +418,7 @@ impl ShardTransport for TcpShardClient {
                 extend_f32s(&mut out.rows, le_array(parts[2]));
                 out.table_clock = h.table_clock;
                 out.since_held = h.since_held;
+                out.pushed_updates = h.pushed_updates;
                 Ok(())
             },
         )

@@ -10,8 +10,8 @@ use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ServerCounters, ShardService};
 use hetkv_transport::wire::{
     put_u32s, CreateResponse, ErrorCode, F32s, PullIfStaleResponse, PullResponse, PushResponse,
-    ReadResponse, RegionDescriptor, ShardStats, Since, Span, TablesResponse, U32s, U64s, WireError,
-    NOT_CACHED, SPAN_BYTES,
+    PushRows, ReadResponse, RegionDescriptor, ShardStats, Since, Span, TablesResponse, U32s, U64s,
+    WireError, NOT_CACHED, SPAN_BYTES,
 };
 use hetkv_transport::TableSpec;
 
@@ -212,19 +212,34 @@ impl Shard {
         clocks: U64s<'_>,
         bound: u64,
         since: Option<Since>,
+        push: Option<PushRows<'_>>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
         let t = self.table(table)?;
         let layout = *t.layout();
-        // The clock first: every update it does not count happened after this moment.
+        // Everything is validated before anything changes: the pushed rows and the keys.
+        let pushed = push
+            .map(|p| {
+                t.validate_push(p.keys, p.counts, p.grads)
+                    .map(|locals| (p, locals))
+            })
+            .transpose()?;
+        let locals_all = keys
+            .iter()
+            .map(|k| t.local_index(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let pushed_updates = pushed
+            .map(|(p, locals)| t.apply_push(&locals, p.counts, p.grads))
+            .unwrap_or(0);
+        // The clock after the push and before any row: every update it does not count happened
+        // after this moment.
         let table_clock = t.clock();
         let since_held = since.is_none_or(|s| {
             table_clock.saturating_sub(s.clock).saturating_sub(s.own) <= s.max_foreign
         });
         let mut stale = Vec::new();
         let mut locals = Vec::new();
-        for j in 0..keys.len() {
-            let i = t.local_index(keys.get(j))?;
+        for (j, &i) in locals_all.iter().enumerate() {
             let clock = clocks.get(j);
             if clock == NOT_CACHED || t.version_local(i) > clock.saturating_add(bound) {
                 stale.push(j as u32);
@@ -237,6 +252,7 @@ impl Shard {
             dim: layout.dim() as u32,
             table_clock,
             since_held,
+            pushed_updates,
         };
         resp.begin(&header);
         resp.reserve_payload((s * (4 + 8 + 4 * layout.dim())) as u64)?;
@@ -365,9 +381,10 @@ impl ShardService for Shard {
         clocks: U64s<'_>,
         bound: u64,
         since: Option<Since>,
+        push: Option<PushRows<'_>>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
-        Ok(self.pull_stale(table, keys, clocks, bound, since, resp)?)
+        Ok(self.pull_stale(table, keys, clocks, bound, since, push, resp)?)
     }
 
     fn push(

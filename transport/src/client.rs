@@ -71,6 +71,19 @@ pub struct StaleRows {
     pub table_clock: u64,
     /// Whether the request's `since` claim held (true when there was none).
     pub since_held: bool,
+    /// Updates applied from the rows pushed with the request.
+    pub pushed_updates: u64,
+}
+
+/// Rows to push with a conditional pull: `(key, count, gradient sum)`, grads keys x dim.
+#[derive(Clone, Copy, Debug)]
+pub struct PushRef<'a> {
+    /// Keys.
+    pub keys: &'a [u64],
+    /// Update counts.
+    pub counts: &'a [u32],
+    /// Gradient sums.
+    pub grads: &'a [f32],
 }
 
 /// Bytes a transport has moved, as it counts them (frame prefixes and headers included).
@@ -135,7 +148,9 @@ pub trait ShardTransport: Send + Sync {
     ) -> Result<u64, TransportError>;
     /// Rows whose server version exceeds `clocks[i] + bound`, or whose clock is
     /// [`crate::wire::NOT_CACHED`]; with `since`, the shard also says whether the claim about the
-    /// checks not sent holds.
+    /// checks not sent holds. Rows in `push` are applied first, all or nothing, in the same
+    /// request.
+    #[allow(clippy::too_many_arguments)]
     fn pull_if_stale(
         &self,
         table: &str,
@@ -143,6 +158,7 @@ pub trait ShardTransport: Send + Sync {
         clocks: &[u64],
         bound: u64,
         since: Option<Since>,
+        push: Option<PushRef<'_>>,
         out: &mut StaleRows,
     ) -> Result<(), TransportError>;
     /// Applies `(key, count, gradient sum)` rows; `grads` is keys x dim.

@@ -15,7 +15,7 @@ pub mod service;
 pub mod spec;
 pub mod wire;
 
-pub use client::{ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError};
+pub use client::{PushRef, ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError};
 pub use region::{Region, SharedRegion};
 pub use row::RowLayout;
 pub use service::{Outcome, Response, ServerCounters, Session, ShardService};

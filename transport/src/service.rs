@@ -104,7 +104,9 @@ pub trait ShardService: Send + Sync + 'static {
     fn read(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), WireError>;
     /// Consistent read of `keys`: versions then rows, after a [`wire::PullResponse`] header.
     fn pull(&self, table: &str, keys: U64s<'_>, resp: &mut Response<'_>) -> Result<(), WireError>;
-    /// Conditional read, after a [`wire::PullIfStaleResponse`] header.
+    /// Conditional read, after a [`wire::PullIfStaleResponse`] header; `push`, when given, is
+    /// validated with the keys and applied, all or nothing, before the table clock is read.
+    #[allow(clippy::too_many_arguments)]
     fn pull_if_stale(
         &self,
         table: &str,
@@ -112,6 +114,7 @@ pub trait ShardService: Send + Sync + 'static {
         clocks: U64s<'_>,
         bound: u64,
         since: Option<wire::Since>,
+        push: Option<wire::PushRows<'_>>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError>;
     /// Applies a push, all or nothing.
@@ -287,38 +290,35 @@ impl Session {
             Op::PullIfStale => {
                 let r: PullIfStaleRequest = decode_header(parts.header).map_err(malformed)?;
                 let n = r.keys as usize;
-                let p = split_payload(payload, &[(n, 8), (n, 8)]).map_err(malformed)?;
+                let lookup = n.saturating_mul(16).min(payload.len());
+                let (lookup, pushed) = payload.split_at(lookup);
+                let p = split_payload(lookup, &[(n, 8), (n, 8)]).map_err(malformed)?;
+                let push = if r.push_rows == 0 {
+                    if !pushed.is_empty() {
+                        return Err(malformed(FrameError::Malformed(format!(
+                            "{} bytes after the clocks of a lookup that pushes nothing",
+                            pushed.len()
+                        ))));
+                    }
+                    None
+                } else {
+                    Some(wire::PushRows::split(pushed, r.push_rows as usize).map_err(malformed)?)
+                };
                 service.pull_if_stale(
                     &r.table,
                     le_array(p[0]),
                     le_array(p[1]),
                     r.bound,
                     r.since,
+                    push,
                     &mut resp,
                 )?;
             }
             Op::Push => {
                 let r: PushRequest = decode_header(parts.header).map_err(malformed)?;
-                let n = r.rows as usize;
-                // The gradient block's size depends on the table's dim, which the service checks;
-                // here only the keys and counts must fit.
-                let fixed = n.saturating_mul(12);
-                if payload.len() < fixed {
-                    return Err(malformed(FrameError::Malformed(format!(
-                        "push of {n} rows needs at least {fixed} payload bytes, got {}",
-                        payload.len()
-                    ))));
-                }
-                let (keys, rest) = payload.split_at(n * 8);
-                let (counts, grads) = rest.split_at(n * 4);
-                if grads.len() % 4 != 0 {
-                    return Err(WireError::new(
-                        ErrorCode::WrongDim,
-                        format!("gradient block of {} bytes is not whole f32s", grads.len()),
-                    ));
-                }
-                let ack =
-                    service.push(&r.table, le_array(keys), le_array(counts), le_array(grads))?;
+                // The gradient block's size depends on the table's dim, which the service checks.
+                let rows = wire::PushRows::split(payload, r.rows as usize).map_err(malformed)?;
+                let ack = service.push(&r.table, rows.keys, rows.counts, rows.grads)?;
                 resp.begin(&ack);
             }
             Op::Stats => {

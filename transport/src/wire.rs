@@ -294,13 +294,14 @@ pub struct PullResponse {
 /// to verify (DESIGN section 5, check elision; `docs/PROTOCOL.md`).
 ///
 /// The client last saw the table's clock at `clock`; since then it pushed `own` updates to this
-/// shard's table. The claim holds when `table_clock - clock - own <= max_foreign`, that is, when at
-/// most `max_foreign` updates from other clients were applied since.
+/// shard's table (acknowledged ones, plus those carried by this very request, which the shard
+/// applies before reading its clock). The claim holds when `table_clock - clock - own <=
+/// max_foreign`, that is, when at most `max_foreign` updates from other clients were applied since.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Since {
     /// The table clock the client last observed.
     pub clock: u64,
-    /// Updates the client pushed to this shard's table since then (all acknowledged).
+    /// Updates the client pushed to this shard's table since then, this request's included.
     pub own: u64,
     /// Foreign updates its unsent checks can absorb.
     pub max_foreign: u64,
@@ -320,6 +321,10 @@ pub struct PullIfStaleRequest {
     pub bound: u64,
     /// A claim about checks the client did not send, for the shard to verify.
     pub since: Option<Since>,
+    /// Rows pushed with this request (the lines the lookup evicted): after the clocks, the payload
+    /// holds `push_rows` x u64 keys, `push_rows` x u32 counts and `push_rows` x `dim` f32 gradient
+    /// sums. They are validated with the keys and applied before the clock is read.
+    pub push_rows: u32,
 }
 
 /// A clock meaning "the client holds no copy": the row always comes back.
@@ -338,6 +343,39 @@ pub struct PullIfStaleResponse {
     pub table_clock: u64,
     /// Whether the request's [`Since`] claim held at `table_clock` (true when there was none).
     pub since_held: bool,
+    /// Updates applied from the rows pushed with the request.
+    pub pushed_updates: u64,
+}
+
+/// Rows to push, as a server reads them from a payload.
+#[derive(Clone, Copy, Debug)]
+pub struct PushRows<'a> {
+    /// Keys.
+    pub keys: U64s<'a>,
+    /// Update counts.
+    pub counts: U32s<'a>,
+    /// Gradient sums, keys x dim.
+    pub grads: F32s<'a>,
+}
+
+impl<'a> PushRows<'a> {
+    /// Splits `rows` push rows off a payload (keys, then counts, then the rest as gradients).
+    pub fn split(payload: &'a [u8], rows: usize) -> Result<Self, FrameError> {
+        let fixed = rows.saturating_mul(12);
+        if payload.len() < fixed || (payload.len() - fixed) % 4 != 0 {
+            return Err(FrameError::Malformed(format!(
+                "{rows} push rows need {fixed} bytes of keys and counts plus whole f32 gradients, got {} bytes",
+                payload.len()
+            )));
+        }
+        let (keys, rest) = payload.split_at(rows * 8);
+        let (counts, grads) = rest.split_at(rows * 4);
+        Ok(Self {
+            keys: le_array(keys),
+            counts: le_array(counts),
+            grads: le_array(grads),
+        })
+    }
 }
 
 /// Push request header; payload: `rows` x u64 keys, `rows` x u32 counts, `rows` x `dim` f32

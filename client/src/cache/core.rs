@@ -183,6 +183,10 @@ pub struct CacheCore {
     free: Vec<u32>,
     /// Each slot's foreign clock when its row was fetched or refreshed.
     fetched_at: Vec<u64>,
+    /// The lookup that last read or reserved each slot: a lookup never evicts what it reads.
+    stamp: Vec<u64>,
+    /// Lookups planned so far.
+    calls: u64,
     shards: u64,
     clocks: Vec<ShardClock>,
     policy: Box<dyn EvictionPolicy>,
@@ -194,6 +198,8 @@ pub struct CacheCore {
     /// Position of each unique key's first occurrence.
     first_pos: Vec<u32>,
     slot_of_uniq: Vec<u32>,
+    /// For each missed key of the current lookup, the slot reserved for it (NIL: not admitted).
+    reserved_of_uniq: Vec<u32>,
     req_of_uniq: Vec<u32>,
     req_keys: Vec<u64>,
     req_clocks: Vec<u64>,
@@ -239,6 +245,8 @@ impl CacheCore {
             lines: vec![0.0; capacity * 2 * dim],
             free: (0..capacity as u32).rev().collect(),
             fetched_at: vec![0; capacity],
+            stamp: vec![0; capacity],
+            calls: 0,
             shards: shards as u64,
             clocks: vec![ShardClock::default(); shards],
             policy: policy::build(config.policy, capacity),
@@ -248,6 +256,7 @@ impl CacheCore {
             uniq_of_pos: Vec::new(),
             first_pos: Vec::new(),
             slot_of_uniq: Vec::new(),
+            reserved_of_uniq: Vec::new(),
             req_of_uniq: Vec::new(),
             req_keys: Vec::new(),
             req_clocks: Vec::new(),
@@ -338,6 +347,7 @@ impl CacheCore {
         self.req_skipped.clear();
         self.since.iter_mut().for_each(|s| *s = None);
         let check_hits = self.pull_bound != u64::MAX;
+        self.calls += 1;
         // Separate passes, each of independent memory accesses: the lines (which finish_lookup
         // copies), then the frequency sketch, then the policy and the requests.
         self.resolve_lines();
@@ -350,6 +360,7 @@ impl CacheCore {
             if slot != NIL {
                 self.stats.hits += 1;
                 self.policy.touch(slot, key);
+                self.stamp[slot as usize] = self.calls;
                 if !check_hits {
                     self.req_of_uniq.push(NIL);
                     continue;
@@ -371,6 +382,26 @@ impl CacheCore {
             }
             self.req_of_uniq.push(self.req_keys.len() as u32);
             self.req_keys.push(key);
+        }
+        // Slots for the misses are chosen now, so that the lines they evict travel with this
+        // lookup's requests; a line this lookup reads or reserves is never its victim.
+        self.reserved_of_uniq.clear();
+        self.reserved_of_uniq.resize(self.uniq.len(), NIL);
+        for u in 0..self.uniq.len() {
+            if self.slot_of_uniq[u] == NIL {
+                if let Some(slot) = self.make_room(self.uniq[u]) {
+                    self.stamp[slot as usize] = self.calls;
+                    self.reserved_of_uniq[u] = slot;
+                }
+            }
+        }
+        // Every row queued for pushing goes with this lookup and is applied before its shard reads
+        // the clock, so each shard's claim counts those updates as this cache's own.
+        let queued = self.unsent.keys.iter().zip(&self.unsent.counts);
+        for (&k, &c) in queued.chain(self.pushes.keys.iter().zip(&self.pushes.counts)) {
+            if let Some(claim) = &mut self.since[(k % self.shards) as usize] {
+                claim.own += c as u64;
+            }
         }
         self.stats.lookups += keys.len() as u64;
         self.stats.unique_keys += self.uniq.len() as u64;
@@ -411,7 +442,8 @@ impl CacheCore {
     }
 
     /// Records the table clock `clock` that shard `shard` reported for the lookup planned last
-    /// (read before any of its rows). Call before [`CacheCore::finish_lookup`].
+    /// (read after applying the rows the lookup carried and before any row it read). Call after
+    /// [`CacheCore::pushed`] for those rows and before [`CacheCore::finish_lookup`].
     pub fn observe(&mut self, shard: usize, clock: u64) {
         let sc = &mut self.clocks[shard];
         let foreign_now = clock.saturating_sub(sc.own);
@@ -439,6 +471,19 @@ impl CacheCore {
     /// every key's row into `out` (keys x dim) and, when given, its clock into `clocks`. Dirty
     /// victims are left in the push batch: push them before the lookup returns to the trainer.
     pub fn finish_lookup(
+        &mut self,
+        replies: &Replies,
+        out: &mut [f32],
+        clocks: Option<&mut [u64]>,
+    ) -> Result<(), CacheError> {
+        let result = self.place(replies, out, clocks);
+        if result.is_err() {
+            self.abort_lookup();
+        }
+        result
+    }
+
+    fn place(
         &mut self,
         replies: &Replies,
         out: &mut [f32],
@@ -525,7 +570,8 @@ impl CacheCore {
             let first = self.first_pos[u] as usize * dim;
             out[first..first + dim].copy_from_slice(fresh);
             self.uniq_clock[u] = version;
-            if let Some(slot) = self.make_room(key) {
+            let slot = std::mem::replace(&mut self.reserved_of_uniq[u], NIL);
+            if slot != NIL {
                 let s = slot as usize;
                 self.index.insert(key, slot);
                 self.line_key[s] = key;
@@ -553,6 +599,16 @@ impl CacheCore {
         Ok(())
     }
 
+    /// Gives back the slots reserved by the lookup planned last, when it cannot complete (a shard
+    /// failed). The lines they evicted were already queued for pushing.
+    pub fn abort_lookup(&mut self) {
+        for slot in self.reserved_of_uniq.drain(..) {
+            if slot != NIL {
+                self.free.push(slot);
+            }
+        }
+    }
+
     /// A free slot for `key`, evicting a victim if needed (its unpushed updates go to the push
     /// batch); `None` when the policy does not admit `key` or there is no cache.
     fn make_room(&mut self, key: u64) -> Option<u32> {
@@ -560,6 +616,9 @@ impl CacheCore {
             return Some(slot);
         }
         let victim = self.policy.victim(key)?;
+        if self.stamp[victim as usize] == self.calls {
+            return None;
+        }
         let s = victim as usize;
         self.policy.remove(victim);
         self.index.remove(&self.line_key[s]);
