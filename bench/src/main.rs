@@ -73,7 +73,11 @@ fn main() -> Result<()> {
                 (1.0 - cached.wire_bytes_per_batch / base.wire_bytes_per_batch) * 100.0,
                 cached.batches_per_s / base.batches_per_s
             );
-            write_json(&args.json, &r)
+            // The summary above is the demo's report; JSON only where asked for.
+            match &args.json {
+                Some(_) => write_json(&args.json, &r),
+                None => Ok(()),
+            }
         }
         Command::CacheSweep(args) => {
             let r = cache_bench::sweep(&args)?;

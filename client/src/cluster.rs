@@ -129,22 +129,30 @@ impl Cluster {
         shards: &[usize],
         f: impl Fn(usize, &dyn ShardTransport) -> Result<T, TransportError> + Sync,
     ) -> Vec<Result<T, TransportError>> {
-        if shards.len() <= 1 {
-            return shards.iter().map(|&s| f(s, &*self.shards[s])).collect();
+        let Some((&first, rest)) = shards.split_first() else {
+            return Vec::new();
+        };
+        if rest.is_empty() {
+            return vec![f(first, &*self.shards[first])];
         }
+        // The calling thread serves the first shard itself; the others get a scoped thread each.
         let f = &f;
         std::thread::scope(|scope| {
-            let handles: Vec<_> = shards
+            let handles: Vec<_> = rest
                 .iter()
                 .map(|&s| {
                     let shard = &*self.shards[s];
                     scope.spawn(move || f(s, shard))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+            let mut results = Vec::with_capacity(shards.len());
+            results.push(f(first, &*self.shards[first]));
+            results.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            );
+            results
         })
     }
 
