@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 mod cache_bench;
+mod criteo;
 mod demo;
+mod metrics;
 mod throughput;
 mod workload;
 
@@ -26,6 +28,9 @@ enum Command {
     CacheSweep(cache_bench::SweepArgs),
     /// Bytes on the wire and batches/s against the bounds and the no-cache baseline.
     Comm(cache_bench::CommArgs),
+    /// A Criteo-like synthetic data set with a planted model: its click rate and the planted
+    /// model's AUC and logloss, optionally written as Criteo TSV and read back.
+    Criteo(criteo::CriteoArgs),
 }
 
 fn write_json<T: Serialize>(path: &Option<std::path::PathBuf>, report: &T) -> Result<()> {
@@ -81,6 +86,14 @@ fn main() -> Result<()> {
         }
         Command::CacheSweep(args) => {
             let r = cache_bench::sweep(&args)?;
+            write_json(&args.json, &r)
+        }
+        Command::Criteo(args) => {
+            let r = criteo::run(&args)?;
+            eprintln!(
+                "{} samples at scale {}: {} table rows, CTR {:.4}, planted model AUC {:.4} logloss {:.4} (mean-CTR logloss {:.4})",
+                r.samples, r.scale, r.table_rows, r.ctr, r.oracle_auc, r.oracle_logloss, r.mean_ctr_logloss
+            );
             write_json(&args.json, &r)
         }
         Command::Comm(args) => {
