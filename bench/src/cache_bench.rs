@@ -295,9 +295,26 @@ pub(crate) struct Unique {
     pub keys: Vec<u64>,
     /// Their summed gradients, keys x dim.
     pub grads: Vec<f32>,
+    /// For each position of the batch, the index of its key in `keys`.
+    pub position: Vec<u32>,
 }
 
 impl Unique {
+    /// Collects the unique keys of `keys` and where each position's key is.
+    pub fn collect(&mut self, keys: &[u64]) {
+        self.index.clear();
+        self.keys.clear();
+        self.position.clear();
+        for &k in keys {
+            let next = self.keys.len() as u32;
+            let u = *self.index.entry(k).or_insert(next);
+            if u == next {
+                self.keys.push(k);
+            }
+            self.position.push(u);
+        }
+    }
+
     /// Collects the unique keys of `keys` and sums `grad(row value)` over each key's occurrences.
     pub fn gradients(&mut self, keys: &[u64], rows: &[f32], dim: usize, grad: impl Fn(f32) -> f32) {
         self.index.clear();

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 mod cache_bench;
+mod compare;
 mod criteo;
 mod demo;
 mod metrics;
@@ -28,6 +29,8 @@ enum Command {
     CacheSweep(cache_bench::SweepArgs),
     /// Bytes on the wire and batches/s against the bounds and the no-cache baseline.
     Comm(cache_bench::CommArgs),
+    /// hetkv with and without its cache, and Redis, side by side on the Criteo-like key stream.
+    Compare(compare::CompareArgs),
     /// A Criteo-like synthetic data set with a planted model: its click rate and the planted
     /// model's AUC and logloss, optionally written as Criteo TSV and read back.
     Criteo(criteo::CriteoArgs),
@@ -86,6 +89,16 @@ fn main() -> Result<()> {
         }
         Command::CacheSweep(args) => {
             let r = cache_bench::sweep(&args)?;
+            write_json(&args.json, &r)
+        }
+        Command::Compare(args) => {
+            let r = compare::run(&args)?;
+            let table = compare::markdown(&r);
+            eprintln!("\n{table}");
+            if let Some(path) = &args.json {
+                let md = path.with_extension("md");
+                std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+            }
             write_json(&args.json, &r)
         }
         Command::Criteo(args) => {

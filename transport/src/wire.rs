@@ -362,7 +362,7 @@ impl<'a> PushRows<'a> {
     /// Splits `rows` push rows off a payload (keys, then counts, then the rest as gradients).
     pub fn split(payload: &'a [u8], rows: usize) -> Result<Self, FrameError> {
         let fixed = rows.saturating_mul(12);
-        if payload.len() < fixed || (payload.len() - fixed) % 4 != 0 {
+        if payload.len() < fixed || !(payload.len() - fixed).is_multiple_of(4) {
             return Err(FrameError::Malformed(format!(
                 "{rows} push rows need {fixed} bytes of keys and counts plus whole f32 gradients, got {} bytes",
                 payload.len()

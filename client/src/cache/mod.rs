@@ -44,6 +44,13 @@ impl std::fmt::Display for Bound {
     }
 }
 
+impl serde::Serialize for Bound {
+    /// As its display form: a number of updates, or `"inf"`.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl std::str::FromStr for Bound {
     type Err = String;
 
