@@ -200,6 +200,14 @@ impl Bench {
     /// Runs the workload with `clients` clients under `config`.
     pub fn run(&self, config: CacheConfig, clients: usize) -> Result<RunResult> {
         let w = &self.workload;
+        let label = match config.capacity {
+            Capacity::Disabled => format!("no cache, {clients} client(s)"),
+            _ => format!(
+                "{} bound {}, {clients} client(s)",
+                config.policy, config.pull_bound
+            ),
+        };
+        let label = &label;
         let dim = w.dim as usize;
         let outcomes: Vec<Result<(CacheStats, f64, u64)>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..clients)
@@ -220,7 +228,13 @@ impl Bench {
                         let mut unique = Unique::default();
                         let mut before = CacheStats::default();
                         let mut start = Instant::now();
+                        let bar = if c == 0 {
+                            crate::progress::bar(stream.len() as u64 / w.batch as u64, &label)
+                        } else {
+                            indicatif::ProgressBar::hidden()
+                        };
                         for (b, keys) in stream.chunks_exact(w.batch).enumerate() {
+                            bar.inc(1);
                             if b == w.warmup {
                                 before = cache.stats();
                                 start = Instant::now();
@@ -232,6 +246,7 @@ impl Bench {
                             cache.update(&unique.keys, &unique.grads)?;
                         }
                         let elapsed = start.elapsed().as_secs_f64();
+                        bar.finish_and_clear();
                         // The final flush is a one-off (amortised over a whole training run), so it
                         // is reported apart from the per-batch figures.
                         let measured = cache.stats().since(&before);

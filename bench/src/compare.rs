@@ -140,13 +140,13 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport> {
         let table = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?
             .open_table(&spec.name)?;
         let mut cache = table.cached(config);
-        let r = drive(args, &stream, batch, &mut cache)?;
+        let r = drive(args, &stream, batch, &mut cache, &name)?;
         systems.push(SystemResult { system: name, ..r });
     }
     eprintln!("running redis");
     let redis = RedisServer::start(&args.redis_server)?;
     let mut store = RedisTable::connect(&redis, &spec)?;
-    let r = drive(args, &stream, batch, &mut store)?;
+    let r = drive(args, &stream, batch, &mut store, "redis")?;
     systems.push(SystemResult {
         system: "redis 7 (MGET, client-side SGD, MSET)".into(),
         ..r
@@ -215,7 +215,9 @@ fn drive(
     stream: &[u64],
     batch: usize,
     system: &mut dyn System,
+    name: &str,
 ) -> Result<SystemResult> {
+    let bar = crate::progress::bar((stream.len() / batch) as u64, name);
     let dim = args.dim as usize;
     let mut rows = vec![0f32; batch * dim];
     let mut unique = Unique::default();
@@ -223,6 +225,7 @@ fn drive(
     let mut before = (0, 0, 0, 0);
     let mut start = Instant::now();
     for (b, keys) in stream.chunks_exact(batch).enumerate() {
+        bar.inc(1);
         if b == args.warmup {
             before = system.counters()?;
             start = Instant::now();
@@ -234,6 +237,7 @@ fn drive(
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
     let after = system.counters()?;
     let samples = (args.measured * args.samples) as f64;
     Ok(SystemResult {

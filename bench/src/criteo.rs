@@ -462,7 +462,9 @@ pub fn run(args: &CriteoArgs) -> Result<CriteoReport> {
         Vec::with_capacity(args.samples),
         Vec::with_capacity(args.samples),
     );
+    let bar = crate::progress::bar(args.samples as u64, "generating samples");
     for _ in 0..args.samples {
+        bar.inc(1);
         let s = g.sample();
         if let Some(w) = out.as_mut() {
             write_tsv(w, &s)?;
@@ -470,6 +472,7 @@ pub fn run(args: &CriteoArgs) -> Result<CriteoReport> {
         labels.push(s.label);
         p.push(s.p);
     }
+    bar.finish_and_clear();
     if let Some(mut w) = out {
         w.flush()?;
     }

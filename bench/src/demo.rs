@@ -144,7 +144,9 @@ fn run_one(
     let mut unique = Unique::default();
     let mut issued: HashMap<u64, u64> = HashMap::new();
     let start = Instant::now();
-    for (b, keys) in stream.chunks_exact(args.batch).enumerate() {
+    let bar = crate::progress::bar(args.batches as u64, &name);
+    for keys in stream.chunks_exact(args.batch) {
+        bar.inc(1);
         cache.lookup(keys, &mut rows)?;
         // A weight decay toward zero: deterministic, and it keeps values bounded.
         unique.gradients(keys, &rows, dim, |w| 0.1 * w);
@@ -152,10 +154,8 @@ fn run_one(
         for &k in &unique.keys {
             *issued.entry(k).or_default() += 1;
         }
-        if (b + 1) % 200 == 0 {
-            eprintln!("  {} / {} batches", b + 1, args.batches);
-        }
     }
+    bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
     cache.flush()?;
     let stats = cache.stats();

@@ -9,6 +9,7 @@ mod compare;
 mod criteo;
 mod demo;
 mod metrics;
+mod progress;
 mod throughput;
 mod workload;
 

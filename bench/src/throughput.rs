@@ -80,6 +80,10 @@ pub fn run(args: &TcpArgs) -> Result<Report> {
     let cluster = EmbeddedCluster::start(args.shards).context("starting the embedded cluster")?;
     let config = ClientConfig::default();
     let mut entries = Vec::new();
+    let bar = crate::progress::bar(
+        (args.dims.len() * args.threads.len() * 2) as u64,
+        "measurements",
+    );
     for &dim in &args.dims {
         let spec = TableSpec {
             name: format!("bench_d{dim}"),
@@ -94,15 +98,19 @@ pub fn run(args: &TcpArgs) -> Result<Report> {
         Cluster::connect_tcp(cluster.addrs(), &config)?.create_table(&spec)?;
         for &threads in &args.threads {
             for op in ["pull", "push"] {
+                bar.inc(1);
                 let e = measure(&cluster, &spec, op, threads, args)?;
-                eprintln!(
-                    "{op:>4} dim {dim:>4} threads {threads}: {:>10.0} rows/s  {:>6.2} GB/s payload  {:>6.1} wire B/row  {:>7.0} us/batch",
-                    e.rows_per_s, e.payload_gb_per_s, e.wire_bytes_per_row, e.mean_batch_us
-                );
+                bar.suspend(|| {
+                    eprintln!(
+                        "{op:>4} dim {dim:>4} threads {threads}: {:>10.0} rows/s  {:>6.2} GB/s payload  {:>6.1} wire B/row  {:>7.0} us/batch",
+                        e.rows_per_s, e.payload_gb_per_s, e.wire_bytes_per_row, e.mean_batch_us
+                    );
+                });
                 entries.push(e);
             }
         }
     }
+    bar.finish_and_clear();
     Ok(Report {
         rows: args.rows,
         batch: args.batch,
