@@ -229,7 +229,7 @@ impl Bench {
                         let mut before = CacheStats::default();
                         let mut start = Instant::now();
                         let bar = if c == 0 {
-                            crate::progress::bar(stream.len() as u64 / w.batch as u64, &label)
+                            crate::progress::bar(stream.len() as u64 / w.batch as u64, label)
                         } else {
                             indicatif::ProgressBar::hidden()
                         };
