@@ -10,6 +10,7 @@ mod criteo;
 mod demo;
 mod metrics;
 mod movielens;
+mod plots;
 mod progress;
 mod throughput;
 mod workload;
@@ -93,6 +94,11 @@ fn main() -> Result<()> {
         }
         Command::CacheSweep(args) => {
             let r = cache_bench::sweep(&args)?;
+            if let Some(path) = &args.json {
+                let png = path.with_extension("png");
+                plots::sweep(&r, &png)?;
+                eprintln!("plot written to {}", png.display());
+            }
             write_json(&args.json, &r)
         }
         Command::Compare(args) => {
@@ -102,6 +108,13 @@ fn main() -> Result<()> {
             if let Some(path) = &args.json {
                 let md = path.with_extension("md");
                 std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+                let png = path.with_extension("png");
+                plots::compare(&r, &png)?;
+                eprintln!(
+                    "table and plot written to {} and {}",
+                    md.display(),
+                    png.display()
+                );
             }
             write_json(&args.json, &r)
         }
