@@ -82,3 +82,49 @@ impl UniformKeys {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_keys_are_deterministic_by_seed_over_a_bijection() {
+        let p = ZipfKeys::permutation(1000, 9);
+        let mut sorted = p.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            (0..1000).collect::<Vec<u64>>(),
+            "a permutation of the ids"
+        );
+        let (mut a, mut b) = (vec![0u64; 500], vec![0u64; 500]);
+        ZipfKeys::new(1000, 1.05, 3).unwrap().fill(&mut a);
+        ZipfKeys::new(1000, 1.05, 3).unwrap().fill(&mut b);
+        assert_eq!(a, b);
+        ZipfKeys::new(1000, 1.05, 4).unwrap().fill(&mut b);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn zipf_rank_frequencies_follow_the_law() {
+        // P(rank k) = k^-s / H(n, s): check the first ranks against the formula.
+        let (n, s) = (10_000u64, 1.05);
+        let h: f64 = (1..=n).map(|k| (k as f64).powf(-s)).sum();
+        let mut g = ZipfKeys::new(n, s, 1).unwrap();
+        let draws = 400_000;
+        let (mut keys, mut ranks) = (vec![0u64; draws], vec![0u64; draws]);
+        g.fill_ranked(&mut keys, Some(&mut ranks));
+        for k in [1u64, 2, 5, 10] {
+            let observed = ranks.iter().filter(|&&r| r == k - 1).count() as f64 / draws as f64;
+            let expected = (k as f64).powf(-s) / h;
+            assert!(
+                (observed - expected).abs() < 0.1 * expected + 0.001,
+                "rank {k}: {observed} vs {expected}"
+            );
+        }
+        assert!(keys
+            .iter()
+            .zip(&ranks)
+            .all(|(&key, &rank)| g.permutation[rank as usize] == key));
+    }
+}

@@ -56,5 +56,8 @@ fn compare_runs_every_system_on_one_stream_and_reports_ratios() {
     let md = std::fs::read_to_string(json.with_extension("md")).unwrap();
     assert!(md.contains("| redis 7"), "{md}");
     let png = std::fs::read(json.with_extension("png")).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a drawn PNG");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a drawn PNG"
+    );
 }
