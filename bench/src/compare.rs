@@ -96,9 +96,9 @@ pub struct CompareReport {
     pub unique_per_batch: f64,
     /// Results, in run order.
     pub systems: Vec<SystemResult>,
-    /// ratios[i][j]: rows/s of system i over rows/s of system j.
+    /// `ratios[i][j]`: rows/s of system i over rows/s of system j.
     pub rows_per_s_ratios: Vec<Vec<f64>>,
-    /// bytes[i][j]: bytes per sample of system i over those of system j.
+    /// `bytes[i][j]`: bytes per sample of system i over those of system j.
     pub bytes_ratios: Vec<Vec<f64>>,
 }
 
