@@ -267,7 +267,7 @@ impl Bench {
         let mut flush_rows = 0;
         for o in outcomes {
             let (s, e, f) = o?;
-            total = add(&total, &s);
+            total = total.plus(&s);
             secs = secs.max(e);
             flush_rows += f;
         }
@@ -349,29 +349,6 @@ impl Unique {
                 *g += grad(*w);
             }
         }
-    }
-}
-
-fn add(a: &CacheStats, b: &CacheStats) -> CacheStats {
-    CacheStats {
-        lookups: a.lookups + b.lookups,
-        unique_keys: a.unique_keys + b.unique_keys,
-        hits: a.hits + b.hits,
-        misses: a.misses + b.misses,
-        stale_refreshes: a.stale_refreshes + b.stale_refreshes,
-        version_checks: a.version_checks + b.version_checks,
-        checks_skipped: a.checks_skipped + b.checks_skipped,
-        clock_retries: a.clock_retries + b.clock_retries,
-        rows_pulled: a.rows_pulled + b.rows_pulled,
-        rows_pushed: a.rows_pushed + b.rows_pushed,
-        evictions: a.evictions + b.evictions,
-        dirty_evictions: a.dirty_evictions + b.dirty_evictions,
-        write_throughs: a.write_throughs + b.write_throughs,
-        not_admitted: a.not_admitted + b.not_admitted,
-        updates: a.updates + b.updates,
-        bytes_sent: a.bytes_sent + b.bytes_sent,
-        bytes_received: a.bytes_received + b.bytes_received,
-        time: a.time.add(&b.time),
     }
 }
 

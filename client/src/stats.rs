@@ -59,29 +59,6 @@ pub struct PhaseTimes {
     pub update_ns: u64,
 }
 
-impl PhaseTimes {
-    fn since(&self, e: &PhaseTimes) -> PhaseTimes {
-        PhaseTimes {
-            plan_ns: self.plan_ns - e.plan_ns,
-            request_ns: self.request_ns - e.request_ns,
-            place_ns: self.place_ns - e.place_ns,
-            push_ns: self.push_ns - e.push_ns,
-            update_ns: self.update_ns - e.update_ns,
-        }
-    }
-
-    /// The sum of two.
-    pub fn add(&self, o: &PhaseTimes) -> PhaseTimes {
-        PhaseTimes {
-            plan_ns: self.plan_ns + o.plan_ns,
-            request_ns: self.request_ns + o.request_ns,
-            place_ns: self.place_ns + o.place_ns,
-            push_ns: self.push_ns + o.push_ns,
-            update_ns: self.update_ns + o.update_ns,
-        }
-    }
-}
-
 impl CacheStats {
     /// Hits over unique keys looked up.
     pub fn hit_rate(&self) -> f64 {
@@ -94,25 +71,41 @@ impl CacheStats {
 
     /// The counters accumulated since `earlier`.
     pub fn since(&self, earlier: &CacheStats) -> CacheStats {
+        self.zip(earlier, |a, b| a - b)
+    }
+
+    /// The sum of two sets of counters (several workers' caches, say).
+    pub fn plus(&self, other: &CacheStats) -> CacheStats {
+        self.zip(other, |a, b| a + b)
+    }
+
+    /// Combines every counter of `self` and `o` with `f`.
+    fn zip(&self, o: &CacheStats, f: impl Fn(u64, u64) -> u64) -> CacheStats {
         CacheStats {
-            lookups: self.lookups - earlier.lookups,
-            unique_keys: self.unique_keys - earlier.unique_keys,
-            hits: self.hits - earlier.hits,
-            misses: self.misses - earlier.misses,
-            stale_refreshes: self.stale_refreshes - earlier.stale_refreshes,
-            version_checks: self.version_checks - earlier.version_checks,
-            checks_skipped: self.checks_skipped - earlier.checks_skipped,
-            clock_retries: self.clock_retries - earlier.clock_retries,
-            rows_pulled: self.rows_pulled - earlier.rows_pulled,
-            rows_pushed: self.rows_pushed - earlier.rows_pushed,
-            evictions: self.evictions - earlier.evictions,
-            dirty_evictions: self.dirty_evictions - earlier.dirty_evictions,
-            write_throughs: self.write_throughs - earlier.write_throughs,
-            not_admitted: self.not_admitted - earlier.not_admitted,
-            updates: self.updates - earlier.updates,
-            bytes_sent: self.bytes_sent - earlier.bytes_sent,
-            bytes_received: self.bytes_received - earlier.bytes_received,
-            time: self.time.since(&earlier.time),
+            lookups: f(self.lookups, o.lookups),
+            unique_keys: f(self.unique_keys, o.unique_keys),
+            hits: f(self.hits, o.hits),
+            misses: f(self.misses, o.misses),
+            stale_refreshes: f(self.stale_refreshes, o.stale_refreshes),
+            version_checks: f(self.version_checks, o.version_checks),
+            checks_skipped: f(self.checks_skipped, o.checks_skipped),
+            clock_retries: f(self.clock_retries, o.clock_retries),
+            rows_pulled: f(self.rows_pulled, o.rows_pulled),
+            rows_pushed: f(self.rows_pushed, o.rows_pushed),
+            evictions: f(self.evictions, o.evictions),
+            dirty_evictions: f(self.dirty_evictions, o.dirty_evictions),
+            write_throughs: f(self.write_throughs, o.write_throughs),
+            not_admitted: f(self.not_admitted, o.not_admitted),
+            updates: f(self.updates, o.updates),
+            bytes_sent: f(self.bytes_sent, o.bytes_sent),
+            bytes_received: f(self.bytes_received, o.bytes_received),
+            time: PhaseTimes {
+                plan_ns: f(self.time.plan_ns, o.time.plan_ns),
+                request_ns: f(self.time.request_ns, o.time.request_ns),
+                place_ns: f(self.time.place_ns, o.time.place_ns),
+                push_ns: f(self.time.push_ns, o.time.push_ns),
+                update_ns: f(self.time.update_ns, o.time.update_ns),
+            },
         }
     }
 }
