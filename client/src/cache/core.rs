@@ -467,9 +467,10 @@ impl CacheCore {
     }
 
     /// Completes the lookup planned last: applies `replies` (stale hits are refreshed with their
-    /// pending gradient re-applied; misses are inserted, evicting as the policy says), then writes
-    /// every key's row into `out` (keys x dim) and, when given, its clock into `clocks`. Dirty
-    /// victims are left in the push batch: push them before the lookup returns to the trainer.
+    /// pending gradient re-applied; misses fill the slots reserved for them while planning), then
+    /// writes every key's row into `out` (keys x dim) and, when given, its clock into `clocks`.
+    /// The lines evicted for those slots were queued while planning and travel with the lookup's
+    /// requests. On an error nothing changes and the reserved slots are given back.
     pub fn finish_lookup(
         &mut self,
         replies: &Replies,
