@@ -134,7 +134,7 @@ fn main() -> Result<()> {
                 )
             };
             eprintln!(
-                "{} with {} workers, {setup}: test AUC {:.4} (planted model {:.4}), logloss {:.4} ({:.4}); {:.0} samples/s; hit rate {:.1}%",
+                "{:?} with {} workers, {setup}: test AUC {:.4} (planted model {:.4}), logloss {:.4} ({:.4}); {:.0} samples/s; hit rate {:.1}%",
                 r.settings.model, r.settings.workers, r.auc, r.oracle_auc, r.logloss, r.oracle_logloss, r.samples_per_s,
                 r.cache.hit_rate() * 100.0
             );

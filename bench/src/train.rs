@@ -1,10 +1,15 @@
-//! Training a CTR model through hetkv: a factorization machine (the FM part of DeepFM) on the
-//! Criteo-like data, its embeddings served by worker caches under the staleness bounds.
+//! Training CTR models through hetkv on the Criteo-like data, their embeddings served by worker
+//! caches under the staleness bounds.
 //!
-//! Model: logit = b + sum_i a_i d_i + sum_f w_f + sum_{f<g} <v_f, v_g>, with d_i = ln(1 + x_i) of the
-//! dense features and, per categorical key, one embedding row `[w, v_1..v_K]` in the table
-//! `fm_emb`. The dense weights and the bias are the 14 rows of dim 1 of the table `fm_dense`, read
-//! and written by every worker with no cache and bounds 0 (so they are consistent across workers).
+//! Models (`ModelKind`), with d_i = ln(1 + x_i) of the dense features and, per categorical key, one
+//! embedding row `[w, v_1..v_K]` in the table `ctr_emb`:
+//! - LR: logit = b + sum_i a_i d_i + sum_f w_f;
+//! - FM: LR + sum_{f<g} <v_f, v_g>;
+//! - DeepFM: FM + an MLP (`MLP_IN` -> `HIDDEN` ReLU -> 1) over the concatenated v_f.
+//!
+//! The dense weights and the bias are the 14 rows of dim 1 of `ctr_dense`, and the MLP the rows of
+//! `ctr_mlp`; every worker reads and writes both with no cache and bounds 0, so they are consistent
+//! across workers.
 //! Loss: binary cross-entropy; a batch pushes the mean gradient, applied by the server's SGD.
 //!
 //! Workers are threads, each with its own cluster connection and cache. Evaluation reads the
@@ -86,6 +91,151 @@ impl Fm {
     }
 }
 
+/// Hidden units of DeepFM's MLP.
+pub const HIDDEN: usize = 32;
+/// Inputs of the MLP: the factor vectors of the 26 fields, concatenated.
+pub const MLP_IN: usize = CATEGORICAL * FACTORS;
+/// Rows (of `HIDDEN` values) of the MLP's table: `W1` (one row per input), `b1`, `W2`, and a row
+/// whose first value is `b2`.
+pub const MLP_ROWS: usize = MLP_IN + 3;
+
+/// The models `hetkv-bench train` builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Logistic regression: bias, dense weights, one weight per key.
+    Lr,
+    /// Factorization machine: LR plus pairwise factor interactions.
+    Fm,
+    /// DeepFM: the FM plus an MLP over the concatenated factors.
+    Deepfm,
+}
+
+/// DeepFM's MLP: `y = W2 . relu(W1^T x + b1) + b2`, parameters as `MLP_ROWS x HIDDEN` values.
+pub struct Mlp;
+
+impl Mlp {
+    /// The factor vectors of a sample's rows, concatenated.
+    pub fn input(rows: &[f32]) -> [f32; MLP_IN] {
+        std::array::from_fn(|i| rows[(i / FACTORS) * ROW + 1 + i % FACTORS])
+    }
+
+    /// The output and the hidden activations.
+    pub fn forward(p: &[f32], x: &[f32; MLP_IN]) -> (f32, [f32; HIDDEN]) {
+        let mut h: [f32; HIDDEN] = p[MLP_IN * HIDDEN..(MLP_IN + 1) * HIDDEN]
+            .try_into()
+            .expect("b1");
+        for (i, &xi) in x.iter().enumerate() {
+            for (hj, w) in h.iter_mut().zip(&p[i * HIDDEN..(i + 1) * HIDDEN]) {
+                *hj += xi * w;
+            }
+        }
+        h.iter_mut().for_each(|v| *v = v.max(0.0));
+        let w2 = &p[(MLP_IN + 1) * HIDDEN..(MLP_IN + 2) * HIDDEN];
+        let b2 = p[(MLP_IN + 2) * HIDDEN];
+        (h.iter().zip(w2).map(|(a, b)| a * b).sum::<f32>() + b2, h)
+    }
+
+    /// Adds `k` times the gradient of the output to `g_p` (parameters) and `g_x` (inputs).
+    pub fn backward(
+        p: &[f32],
+        x: &[f32; MLP_IN],
+        h: &[f32; HIDDEN],
+        k: f32,
+        g_p: &mut [f32],
+        g_x: &mut [f32; MLP_IN],
+    ) {
+        let w2 = &p[(MLP_IN + 1) * HIDDEN..(MLP_IN + 2) * HIDDEN];
+        let mut dh = [0f32; HIDDEN];
+        for j in 0..HIDDEN {
+            g_p[(MLP_IN + 1) * HIDDEN + j] += k * h[j];
+            dh[j] = if h[j] > 0.0 { k * w2[j] } else { 0.0 };
+            g_p[MLP_IN * HIDDEN + j] += dh[j];
+        }
+        g_p[(MLP_IN + 2) * HIDDEN] += k;
+        for (i, &xi) in x.iter().enumerate() {
+            let w1 = &p[i * HIDDEN..(i + 1) * HIDDEN];
+            let g1 = &mut g_p[i * HIDDEN..(i + 1) * HIDDEN];
+            let mut gx = 0.0;
+            for j in 0..HIDDEN {
+                g1[j] += xi * dh[j];
+                gx += w1[j] * dh[j];
+            }
+            g_x[i] += gx;
+        }
+    }
+}
+
+/// A model's logit and gradients over one sample.
+pub struct Model;
+
+impl Model {
+    /// The logit of `kind` (`mlp` is empty unless DeepFM); also returns the MLP's activations.
+    pub fn logit(
+        kind: ModelKind,
+        rows: &[f32],
+        dense: &[f32; DENSE],
+        dense_w: &[f32],
+        mlp: &[f32],
+    ) -> (f32, [f32; HIDDEN]) {
+        match kind {
+            ModelKind::Lr => {
+                let mut z = dense_w[DENSE];
+                for (a, d) in dense_w[..DENSE].iter().zip(dense) {
+                    z += a * d;
+                }
+                (
+                    z + rows.chunks_exact(ROW).map(|r| r[0]).sum::<f32>(),
+                    [0.0; HIDDEN],
+                )
+            }
+            ModelKind::Fm => (Fm::logit(rows, dense, dense_w), [0.0; HIDDEN]),
+            ModelKind::Deepfm => {
+                let (y, h) = Mlp::forward(mlp, &Mlp::input(rows));
+                (Fm::logit(rows, dense, dense_w) + y, h)
+            }
+        }
+    }
+
+    /// Adds `e * scale` times the gradient of the logit to the three gradient buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradient(
+        kind: ModelKind,
+        rows: &[f32],
+        dense: &[f32; DENSE],
+        mlp: &[f32],
+        h: &[f32; HIDDEN],
+        e: f32,
+        scale: f32,
+        g_rows: &mut [f32],
+        g_dense: &mut [f32],
+        g_mlp: &mut [f32],
+    ) {
+        let k = e * scale;
+        match kind {
+            ModelKind::Lr => {
+                for g in g_rows.chunks_exact_mut(ROW) {
+                    g[0] += k;
+                }
+                for (g, d) in g_dense[..DENSE].iter_mut().zip(dense) {
+                    *g += k * d;
+                }
+                g_dense[DENSE] += k;
+            }
+            ModelKind::Fm => Fm::gradient(rows, dense, e, scale, g_rows, g_dense),
+            ModelKind::Deepfm => {
+                Fm::gradient(rows, dense, e, scale, g_rows, g_dense);
+                let x = Mlp::input(rows);
+                let mut g_x = [0f32; MLP_IN];
+                Mlp::backward(mlp, &x, h, k, g_mlp, &mut g_x);
+                for (i, g) in g_x.iter().enumerate() {
+                    g_rows[(i / FACTORS) * ROW + 1 + i % FACTORS] += g;
+                }
+            }
+        }
+    }
+}
+
 fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
@@ -93,9 +243,9 @@ fn sigmoid(z: f32) -> f32 {
 /// `hetkv-bench train` settings.
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct TrainArgs {
-    /// The model (only `fm` so far).
-    #[arg(long, default_value = "fm")]
-    pub model: String,
+    /// The model.
+    #[arg(long, value_enum, default_value = "fm")]
+    pub model: ModelKind,
     /// Worker threads, each with its own cache.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -152,10 +302,10 @@ pub struct TrainReport {
     pub cache: CacheStats,
 }
 
-fn tables(rows: u64, lr: f32) -> (TableSpec, TableSpec) {
-    (
+fn tables(rows: u64, lr: f32) -> [TableSpec; 3] {
+    [
         TableSpec {
-            name: "fm_emb".into(),
+            name: "ctr_emb".into(),
             rows,
             dim: ROW as u32,
             init: Initializer::Normal {
@@ -165,22 +315,27 @@ fn tables(rows: u64, lr: f32) -> (TableSpec, TableSpec) {
             optimizer: OptimizerSpec::Sgd { lr },
         },
         TableSpec {
-            name: "fm_dense".into(),
+            name: "ctr_dense".into(),
             rows: DENSE as u64 + 1,
             dim: 1,
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr },
         },
-    )
+        TableSpec {
+            name: "ctr_mlp".into(),
+            rows: MLP_ROWS as u64,
+            dim: HIDDEN as u32,
+            init: Initializer::Normal {
+                std: 0.05,
+                seed: 23,
+            },
+            optimizer: OptimizerSpec::Sgd { lr },
+        },
+    ]
 }
 
 /// Trains and evaluates.
 pub fn run(args: &TrainArgs) -> Result<TrainReport> {
-    anyhow::ensure!(
-        args.model == "fm",
-        "model {:?}: only fm is built so far",
-        args.model
-    );
     anyhow::ensure!(
         args.workers > 0 && args.batch > 0,
         "workers and batch must be positive"
@@ -196,10 +351,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     let train_keys: Vec<[u64; CATEGORICAL]> = train.iter().map(keys).collect();
 
     let cluster = EmbeddedCluster::start(2)?;
-    let (emb_spec, dense_spec) = tables(synth.table_rows(), args.lr);
+    let specs = tables(synth.table_rows(), args.lr);
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?;
-    let emb = admin.create_table(&emb_spec)?;
-    let dense_table = admin.create_table(&dense_spec)?;
+    let [emb, dense_table, mlp_table] = [0, 1, 2].map(|i| admin.create_table(&specs[i]));
+    let (emb, dense_table, mlp_table) = (emb?, dense_table?, mlp_table?);
     let config = if args.cache <= 0.0 {
         CacheConfig::disabled()
     } else {
@@ -224,13 +379,18 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
                     .collect();
                 s.spawn(move || -> Result<CacheStats> {
                     let client = Cluster::connect_tcp(addrs, &ClientConfig::default())?;
-                    let mut cache = client.open_table("fm_emb")?.cached(config);
-                    let mut dense = client
-                        .open_table("fm_dense")?
-                        .cached(CacheConfig::disabled());
-                    worker(args, &mine, train, train_keys, &mut cache, &mut dense, bar)?;
-                    cache.flush()?;
-                    Ok(cache.stats())
+                    let mut tables = Tables {
+                        emb: client.open_table("ctr_emb")?.cached(config),
+                        dense: client
+                            .open_table("ctr_dense")?
+                            .cached(CacheConfig::disabled()),
+                        mlp: client
+                            .open_table("ctr_mlp")?
+                            .cached(CacheConfig::disabled()),
+                    };
+                    worker(args, &mine, train, train_keys, &mut tables, bar)?;
+                    tables.emb.flush()?;
+                    Ok(tables.emb.stats())
                 })
             })
             .collect();
@@ -245,7 +405,10 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     for s in stats {
         total = total.plus(&s?);
     }
-    let (auc_model, logloss_model) = evaluate(&emb, &dense_table, test, &|s| keys(s))?;
+    let (auc_model, logloss_model) =
+        evaluate(args.model, [&emb, &dense_table, &mlp_table], test, &|s| {
+            keys(s)
+        })?;
     let labels: Vec<bool> = test.iter().map(|s| s.label).collect();
     let oracle: Vec<f64> = test.iter().map(|s| s.p).collect();
     Ok(TrainReport {
@@ -259,44 +422,70 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     })
 }
 
+/// One worker's view of the model's tables: the embeddings through its cache; the dense weights
+/// and the MLP with no cache and bounds 0.
+struct Tables {
+    emb: hetkv_client::CachedTable,
+    dense: hetkv_client::CachedTable,
+    mlp: hetkv_client::CachedTable,
+}
+
 fn worker(
     args: &TrainArgs,
     mine: &[usize],
     train: &[Sample],
     train_keys: &[[u64; CATEGORICAL]],
-    cache: &mut hetkv_client::CachedTable,
-    dense_table: &mut hetkv_client::CachedTable,
+    t: &mut Tables,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
+    let deep = args.model == ModelKind::Deepfm;
     let dense_keys: Vec<u64> = (0..=DENSE as u64).collect();
+    let mlp_keys: Vec<u64> = (0..MLP_ROWS as u64).collect();
     let mut dense_w = vec![0f32; DENSE + 1];
+    let mut mlp = vec![0f32; if deep { MLP_ROWS * HIDDEN } else { 0 }];
+    let mut g_mlp = vec![0f32; mlp.len()];
     let mut keys = Vec::new();
     let mut rows = Vec::new();
     let mut g_rows = Vec::new();
     let mut g_dense = vec![0f32; DENSE + 1];
     let mut unique = Unique::default();
+    let per_sample = CATEGORICAL * ROW;
     for &b in mine {
         let lo = b * args.batch;
         let hi = (lo + args.batch).min(train.len());
-        let n = hi - lo;
         keys.clear();
         for k in &train_keys[lo..hi] {
             keys.extend_from_slice(k);
         }
         rows.resize(keys.len() * ROW, 0.0);
-        cache.lookup(&keys, &mut rows)?;
-        dense_table.lookup(&dense_keys, &mut dense_w)?;
+        t.emb.lookup(&keys, &mut rows)?;
+        t.dense.lookup(&dense_keys, &mut dense_w)?;
+        if deep {
+            t.mlp.lookup(&mlp_keys, &mut mlp)?;
+            g_mlp.iter_mut().for_each(|g| *g = 0.0);
+        }
         g_rows.clear();
         g_rows.resize(keys.len() * ROW, 0.0);
         g_dense.iter_mut().for_each(|g| *g = 0.0);
-        let scale = 1.0 / n as f32;
+        let scale = 1.0 / (hi - lo) as f32;
         for (i, s) in train[lo..hi].iter().enumerate() {
-            let r = &rows[i * CATEGORICAL * ROW..(i + 1) * CATEGORICAL * ROW];
+            let r = &rows[i * per_sample..(i + 1) * per_sample];
             let d = Fm::dense(s);
-            let p = sigmoid(Fm::logit(r, &d, &dense_w));
-            let e = p - if s.label { 1.0 } else { 0.0 };
-            let g = &mut g_rows[i * CATEGORICAL * ROW..(i + 1) * CATEGORICAL * ROW];
-            Fm::gradient(r, &d, e, scale, g, &mut g_dense);
+            let (z, h) = Model::logit(args.model, r, &d, &dense_w, &mlp);
+            let e = sigmoid(z) - if s.label { 1.0 } else { 0.0 };
+            let g = &mut g_rows[i * per_sample..(i + 1) * per_sample];
+            Model::gradient(
+                args.model,
+                r,
+                &d,
+                &mlp,
+                &h,
+                e,
+                scale,
+                g,
+                &mut g_dense,
+                &mut g_mlp,
+            );
         }
         // One update per unique key: its gradients summed over occurrences.
         unique.collect(&keys);
@@ -310,21 +499,26 @@ fn worker(
                 *s += g;
             }
         }
-        cache.update(&unique.keys, &sums)?;
-        dense_table.update(&dense_keys, &g_dense)?;
+        t.emb.update(&unique.keys, &sums)?;
+        t.dense.update(&dense_keys, &g_dense)?;
+        if deep {
+            t.mlp.update(&mlp_keys, &g_mlp)?;
+        }
         bar.inc(1);
     }
     Ok(())
 }
 
 fn evaluate(
-    emb: &Table,
-    dense_table: &Table,
+    kind: ModelKind,
+    [emb, dense_table, mlp_table]: [&Table; 3],
     test: &[Sample],
     keys: &dyn Fn(&Sample) -> [u64; CATEGORICAL],
 ) -> Result<(f64, f64)> {
     let mut dense_w = vec![0f32; DENSE + 1];
     dense_table.pull(&(0..=DENSE as u64).collect::<Vec<_>>(), &mut dense_w, None)?;
+    let mut mlp = vec![0f32; MLP_ROWS * HIDDEN];
+    mlp_table.pull(&(0..MLP_ROWS as u64).collect::<Vec<_>>(), &mut mlp, None)?;
     let mut p = Vec::with_capacity(test.len());
     let mut rows = vec![0f32; CATEGORICAL * ROW * 1024];
     for chunk in test.chunks(1024) {
@@ -332,11 +526,8 @@ fn evaluate(
         let r = &mut rows[..k.len() * ROW];
         emb.pull(&k, r, None)?;
         for (i, s) in chunk.iter().enumerate() {
-            let z = Fm::logit(
-                &r[i * CATEGORICAL * ROW..(i + 1) * CATEGORICAL * ROW],
-                &Fm::dense(s),
-                &dense_w,
-            );
+            let sample = &r[i * CATEGORICAL * ROW..(i + 1) * CATEGORICAL * ROW];
+            let (z, _) = Model::logit(kind, sample, &Fm::dense(s), &dense_w, &mlp);
             p.push(sigmoid(z) as f64);
         }
     }
@@ -349,7 +540,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fm_gradients_match_finite_differences() {
+    fn every_model_s_gradients_match_finite_differences() {
         let mut rng = 0x1234_5678u64;
         let mut next = || {
             rng = rng
@@ -360,42 +551,82 @@ mod tests {
         let rows: Vec<f32> = (0..CATEGORICAL * ROW).map(|_| next()).collect();
         let dense: [f32; DENSE] = std::array::from_fn(|_| next() + 0.5);
         let dense_w: Vec<f32> = (0..=DENSE).map(|_| next()).collect();
-        let loss = |rows: &[f32], dense_w: &[f32]| -> f64 {
-            let p = sigmoid(Fm::logit(rows, &dense, dense_w)) as f64;
-            -(p.ln()) // label 1
-        };
-        let e = sigmoid(Fm::logit(&rows, &dense, &dense_w)) - 1.0;
-        let (mut g_rows, mut g_dense) = (vec![0f32; rows.len()], vec![0f32; DENSE + 1]);
-        Fm::gradient(&rows, &dense, e, 1.0, &mut g_rows, &mut g_dense);
-        let h = 1e-3f32;
-        for i in (0..rows.len()).step_by(7) {
-            let (mut up, mut down) = (rows.clone(), rows.clone());
-            up[i] += h;
-            down[i] -= h;
-            let numeric = (loss(&up, &dense_w) - loss(&down, &dense_w)) / (2.0 * h as f64);
-            assert!(
-                (numeric - g_rows[i] as f64).abs() < 2e-3,
-                "row param {i}: {numeric} vs {}",
-                g_rows[i]
+        let mlp: Vec<f32> = (0..MLP_ROWS * HIDDEN).map(|_| next()).collect();
+        for kind in [ModelKind::Lr, ModelKind::Fm, ModelKind::Deepfm] {
+            // Loss for label 1: -ln sigmoid(logit).
+            let loss = |rows: &[f32], dense_w: &[f32], mlp: &[f32]| -> f64 {
+                let (z, _) = Model::logit(kind, rows, &dense, dense_w, mlp);
+                -(sigmoid(z) as f64).ln()
+            };
+            let (z, h) = Model::logit(kind, &rows, &dense, &dense_w, &mlp);
+            let e = sigmoid(z) - 1.0;
+            let (mut g_rows, mut g_dense, mut g_mlp) = (
+                vec![0f32; rows.len()],
+                vec![0f32; DENSE + 1],
+                vec![0f32; mlp.len()],
             );
-        }
-        for i in 0..=DENSE {
-            let (mut up, mut down) = (dense_w.clone(), dense_w.clone());
-            up[i] += h;
-            down[i] -= h;
-            let numeric = (loss(&rows, &up) - loss(&rows, &down)) / (2.0 * h as f64);
-            assert!(
-                (numeric - g_dense[i] as f64).abs() < 2e-3,
-                "dense param {i}: {numeric} vs {}",
-                g_dense[i]
+            Model::gradient(
+                kind,
+                &rows,
+                &dense,
+                &mlp,
+                &h,
+                e,
+                1.0,
+                &mut g_rows,
+                &mut g_dense,
+                &mut g_mlp,
             );
+            let h = 1e-3f32;
+            let check = |what: &str, i: usize, numeric: f64, analytic: f32| {
+                assert!(
+                    (numeric - analytic as f64).abs() < 2e-3,
+                    "{kind:?} {what} {i}: numeric {numeric} vs analytic {analytic}"
+                );
+            };
+            for i in (0..rows.len()).step_by(5) {
+                let (mut up, mut down) = (rows.clone(), rows.clone());
+                up[i] += h;
+                down[i] -= h;
+                let numeric =
+                    (loss(&up, &dense_w, &mlp) - loss(&down, &dense_w, &mlp)) / (2.0 * h as f64);
+                check("row parameter", i, numeric, g_rows[i]);
+            }
+            for i in 0..=DENSE {
+                let (mut up, mut down) = (dense_w.clone(), dense_w.clone());
+                up[i] += h;
+                down[i] -= h;
+                let numeric =
+                    (loss(&rows, &up, &mlp) - loss(&rows, &down, &mlp)) / (2.0 * h as f64);
+                check("dense parameter", i, numeric, g_dense[i]);
+            }
+            if kind == ModelKind::Deepfm {
+                for i in (0..mlp.len()).step_by(37).chain([
+                    MLP_IN * HIDDEN,
+                    (MLP_IN + 1) * HIDDEN,
+                    (MLP_IN + 2) * HIDDEN,
+                ]) {
+                    let (mut up, mut down) = (mlp.clone(), mlp.clone());
+                    up[i] += h;
+                    down[i] -= h;
+                    let numeric = (loss(&rows, &dense_w, &up) - loss(&rows, &dense_w, &down))
+                        / (2.0 * h as f64);
+                    check("mlp parameter", i, numeric, g_mlp[i]);
+                }
+            }
         }
     }
 
     #[test]
-    fn a_short_run_learns_the_planted_model() {
+    fn short_runs_learn_the_planted_model() {
+        for model in [ModelKind::Lr, ModelKind::Fm, ModelKind::Deepfm] {
+            short_run(model);
+        }
+    }
+
+    fn short_run(model: ModelKind) {
         let args = TrainArgs {
-            model: "fm".into(),
+            model,
             workers: 2,
             pull_bound: Bound::updates(10),
             push_bound: Bound::updates(10),
@@ -410,10 +641,14 @@ mod tests {
         };
         let r = run(&args).unwrap();
         println!(
-            "AUC {:.4} (planted {:.4}), logloss {:.4}",
+            "{model:?}: AUC {:.4} (planted {:.4}), logloss {:.4}",
             r.auc, r.oracle_auc, r.logloss
         );
-        assert!(r.auc > 0.65, "AUC {} after one short epoch", r.auc);
+        assert!(
+            r.auc > 0.65,
+            "{model:?}: AUC {} after one short epoch",
+            r.auc
+        );
         assert!(r.cache.hits > 0 && r.cache.rows_pushed > 0);
     }
 }
