@@ -5,11 +5,13 @@
 //! embedding row `[w, v_1..v_K]` in the table `ctr_emb`:
 //! - LR: logit = b + sum_i a_i d_i + sum_f w_f;
 //! - FM: LR + sum_{f<g} <v_f, v_g>;
-//! - DeepFM: FM + an MLP (`MLP_IN` -> `HIDDEN` ReLU -> 1) over the concatenated v_f.
+//! - DeepFM: FM + an MLP (`MLP_IN` -> `HIDDEN` ReLU -> 1) over the concatenated v_f;
+//! - Wide&Deep: LR + the MLP;
+//! - DCN: LR + the MLP + two cross layers over the concatenated v_f with a linear readout.
 //!
-//! The dense weights and the bias are the 14 rows of dim 1 of `ctr_dense`, and the MLP the rows of
-//! `ctr_mlp`; every worker reads and writes both with no cache and bounds 0, so they are consistent
-//! across workers.
+//! The dense weights and the bias are the 14 rows of dim 1 of `ctr_dense`, the MLP the rows of
+//! `ctr_mlp` and the cross network those of `ctr_cross`; every worker reads and writes them with
+//! no cache and bounds 0, so they are consistent across workers.
 //! Loss: binary cross-entropy; a batch pushes the mean gradient, applied by the server's SGD.
 //!
 //! Workers are threads, each with its own cluster connection and cache. Evaluation reads the
@@ -109,6 +111,79 @@ pub enum ModelKind {
     Fm,
     /// DeepFM: the FM plus an MLP over the concatenated factors.
     Deepfm,
+    /// Wide&Deep: LR (wide) plus the MLP over the concatenated factors (deep).
+    Wdl,
+    /// Deep&Cross: LR, plus two cross layers over the concatenated factors with a linear
+    /// readout, plus the MLP.
+    Dcn,
+}
+
+/// Cross layers of DCN.
+pub const CROSS_LAYERS: usize = 2;
+/// Rows (of `MLP_IN` values) of the cross table: `w_l` and `b_l` per layer, then the readout.
+pub const CROSS_ROWS: usize = 2 * CROSS_LAYERS + 1;
+
+/// DCN's cross network: `x_{l+1} = x0 (x_l . w_l) + b_l + x_l`, output `p . x_L`.
+pub struct Cross;
+
+impl Cross {
+    fn layer(c: &[f32], l: usize) -> (&[f32], &[f32]) {
+        (
+            &c[2 * l * MLP_IN..(2 * l + 1) * MLP_IN],
+            &c[(2 * l + 1) * MLP_IN..(2 * l + 2) * MLP_IN],
+        )
+    }
+
+    /// The layers' inputs x_0..x_L and the scalars s_l = x_l . w_l.
+    fn forward(c: &[f32], x0: &[f32; MLP_IN]) -> (Vec<[f32; MLP_IN]>, [f32; CROSS_LAYERS]) {
+        let mut xs = vec![*x0];
+        let mut s = [0f32; CROSS_LAYERS];
+        for (l, sl) in s.iter_mut().enumerate() {
+            let (w, b) = Self::layer(c, l);
+            let x = xs[l];
+            *sl = x.iter().zip(w).map(|(a, b)| a * b).sum();
+            xs.push(std::array::from_fn(|i| x0[i] * *sl + b[i] + x[i]));
+        }
+        (xs, s)
+    }
+
+    /// The output.
+    pub fn output(c: &[f32], x0: &[f32; MLP_IN]) -> f32 {
+        let (xs, _) = Self::forward(c, x0);
+        let p = &c[2 * CROSS_LAYERS * MLP_IN..];
+        xs[CROSS_LAYERS].iter().zip(p).map(|(a, b)| a * b).sum()
+    }
+
+    /// Adds `k` times the gradient of the output to `g_c` and `g_x0`.
+    pub fn backward(
+        c: &[f32],
+        x0: &[f32; MLP_IN],
+        k: f32,
+        g_c: &mut [f32],
+        g_x0: &mut [f32; MLP_IN],
+    ) {
+        let (xs, s) = Self::forward(c, x0);
+        let p = &c[2 * CROSS_LAYERS * MLP_IN..];
+        let mut dx: [f32; MLP_IN] = std::array::from_fn(|i| k * p[i]);
+        for (i, g) in g_c[2 * CROSS_LAYERS * MLP_IN..].iter_mut().enumerate() {
+            *g += k * xs[CROSS_LAYERS][i];
+        }
+        for l in (0..CROSS_LAYERS).rev() {
+            let (w, _) = Self::layer(c, l);
+            let x = &xs[l];
+            // x_{l+1} = x0 s_l + b_l + x_l, s_l = x_l . w_l
+            let ds: f32 = dx.iter().zip(x0).map(|(a, b)| a * b).sum();
+            for i in 0..MLP_IN {
+                g_c[2 * l * MLP_IN + i] += ds * x[i];
+                g_c[(2 * l + 1) * MLP_IN + i] += dx[i];
+                g_x0[i] += dx[i] * s[l];
+            }
+            dx = std::array::from_fn(|i| dx[i] + ds * w[i]);
+        }
+        for i in 0..MLP_IN {
+            g_x0[i] += dx[i];
+        }
+    }
 }
 
 /// DeepFM's MLP: `y = W2 . relu(W1^T x + b1) + b2`, parameters as `MLP_ROWS x HIDDEN` values.
@@ -170,64 +245,89 @@ impl Mlp {
 pub struct Model;
 
 impl Model {
-    /// The logit of `kind` (`mlp` is empty unless DeepFM); also returns the MLP's activations.
+    /// The LR part: bias, dense weights, one weight per key.
+    fn linear(rows: &[f32], dense: &[f32; DENSE], dense_w: &[f32]) -> f32 {
+        let mut z = dense_w[DENSE];
+        for (a, d) in dense_w[..DENSE].iter().zip(dense) {
+            z += a * d;
+        }
+        z + rows.chunks_exact(ROW).map(|r| r[0]).sum::<f32>()
+    }
+
+    /// The logit of `kind` (`mlp` and `cross` may be empty when the model has none); also returns
+    /// the MLP's activations.
     pub fn logit(
         kind: ModelKind,
         rows: &[f32],
         dense: &[f32; DENSE],
         dense_w: &[f32],
         mlp: &[f32],
+        cross: &[f32],
     ) -> (f32, [f32; HIDDEN]) {
         match kind {
-            ModelKind::Lr => {
-                let mut z = dense_w[DENSE];
-                for (a, d) in dense_w[..DENSE].iter().zip(dense) {
-                    z += a * d;
-                }
-                (
-                    z + rows.chunks_exact(ROW).map(|r| r[0]).sum::<f32>(),
-                    [0.0; HIDDEN],
-                )
-            }
+            ModelKind::Lr => (Self::linear(rows, dense, dense_w), [0.0; HIDDEN]),
             ModelKind::Fm => (Fm::logit(rows, dense, dense_w), [0.0; HIDDEN]),
             ModelKind::Deepfm => {
                 let (y, h) = Mlp::forward(mlp, &Mlp::input(rows));
                 (Fm::logit(rows, dense, dense_w) + y, h)
             }
+            ModelKind::Wdl => {
+                let (y, h) = Mlp::forward(mlp, &Mlp::input(rows));
+                (Self::linear(rows, dense, dense_w) + y, h)
+            }
+            ModelKind::Dcn => {
+                let x0 = Mlp::input(rows);
+                let (y, h) = Mlp::forward(mlp, &x0);
+                (
+                    Self::linear(rows, dense, dense_w) + y + Cross::output(cross, &x0),
+                    h,
+                )
+            }
         }
     }
 
-    /// Adds `e * scale` times the gradient of the logit to the three gradient buffers.
+    /// Adds `e * scale` times the gradient of the logit to the gradient buffers; `params` and
+    /// `g_params` are the MLP's and the cross network's.
     #[allow(clippy::too_many_arguments)]
     pub fn gradient(
         kind: ModelKind,
         rows: &[f32],
         dense: &[f32; DENSE],
-        mlp: &[f32],
+        params: (&[f32], &[f32]),
         h: &[f32; HIDDEN],
         e: f32,
         scale: f32,
         g_rows: &mut [f32],
         g_dense: &mut [f32],
-        g_mlp: &mut [f32],
+        g_params: (&mut [f32], &mut [f32]),
     ) {
+        let (mlp, cross) = params;
+        let (g_mlp, g_cross) = g_params;
         let k = e * scale;
-        match kind {
-            ModelKind::Lr => {
-                for g in g_rows.chunks_exact_mut(ROW) {
-                    g[0] += k;
-                }
-                for (g, d) in g_dense[..DENSE].iter_mut().zip(dense) {
-                    *g += k * d;
-                }
-                g_dense[DENSE] += k;
+        let linear = |g_rows: &mut [f32], g_dense: &mut [f32]| {
+            for g in g_rows.chunks_exact_mut(ROW) {
+                g[0] += k;
             }
+            for (g, d) in g_dense[..DENSE].iter_mut().zip(dense) {
+                *g += k * d;
+            }
+            g_dense[DENSE] += k;
+        };
+        match kind {
+            ModelKind::Lr => linear(g_rows, g_dense),
             ModelKind::Fm => Fm::gradient(rows, dense, e, scale, g_rows, g_dense),
-            ModelKind::Deepfm => {
-                Fm::gradient(rows, dense, e, scale, g_rows, g_dense);
+            ModelKind::Deepfm | ModelKind::Wdl | ModelKind::Dcn => {
+                if kind == ModelKind::Deepfm {
+                    Fm::gradient(rows, dense, e, scale, g_rows, g_dense);
+                } else {
+                    linear(g_rows, g_dense);
+                }
                 let x = Mlp::input(rows);
                 let mut g_x = [0f32; MLP_IN];
                 Mlp::backward(mlp, &x, h, k, g_mlp, &mut g_x);
+                if kind == ModelKind::Dcn {
+                    Cross::backward(cross, &x, k, g_cross, &mut g_x);
+                }
                 for (i, g) in g_x.iter().enumerate() {
                     g_rows[(i / FACTORS) * ROW + 1 + i % FACTORS] += g;
                 }
@@ -302,35 +402,43 @@ pub struct TrainReport {
     pub cache: CacheStats,
 }
 
-fn tables(rows: u64, lr: f32) -> [TableSpec; 3] {
+fn tables(rows: u64, lr: f32) -> [TableSpec; 4] {
+    let spec = |name: &str, rows: u64, dim: usize, init| TableSpec {
+        name: name.into(),
+        rows,
+        dim: dim as u32,
+        init,
+        optimizer: OptimizerSpec::Sgd { lr },
+    };
     [
-        TableSpec {
-            name: "ctr_emb".into(),
+        spec(
+            "ctr_emb",
             rows,
-            dim: ROW as u32,
-            init: Initializer::Normal {
+            ROW,
+            Initializer::Normal {
                 std: 0.01,
                 seed: 17,
             },
-            optimizer: OptimizerSpec::Sgd { lr },
-        },
-        TableSpec {
-            name: "ctr_dense".into(),
-            rows: DENSE as u64 + 1,
-            dim: 1,
-            init: Initializer::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr },
-        },
-        TableSpec {
-            name: "ctr_mlp".into(),
-            rows: MLP_ROWS as u64,
-            dim: HIDDEN as u32,
-            init: Initializer::Normal {
+        ),
+        spec("ctr_dense", DENSE as u64 + 1, 1, Initializer::Zeros),
+        spec(
+            "ctr_mlp",
+            MLP_ROWS as u64,
+            HIDDEN,
+            Initializer::Normal {
                 std: 0.05,
                 seed: 23,
             },
-            optimizer: OptimizerSpec::Sgd { lr },
-        },
+        ),
+        spec(
+            "ctr_cross",
+            CROSS_ROWS as u64,
+            MLP_IN,
+            Initializer::Normal {
+                std: 0.01,
+                seed: 29,
+            },
+        ),
     ]
 }
 
@@ -353,8 +461,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     let cluster = EmbeddedCluster::start(2)?;
     let specs = tables(synth.table_rows(), args.lr);
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?;
-    let [emb, dense_table, mlp_table] = [0, 1, 2].map(|i| admin.create_table(&specs[i]));
-    let (emb, dense_table, mlp_table) = (emb?, dense_table?, mlp_table?);
+    let [emb, dense_table, mlp_table, cross_table] =
+        [0, 1, 2, 3].map(|i| admin.create_table(&specs[i]));
+    let (emb, dense_table, mlp_table, cross_table) = (emb?, dense_table?, mlp_table?, cross_table?);
     let config = if args.cache <= 0.0 {
         CacheConfig::disabled()
     } else {
@@ -387,6 +496,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
                         mlp: client
                             .open_table("ctr_mlp")?
                             .cached(CacheConfig::disabled()),
+                        cross: client
+                            .open_table("ctr_cross")?
+                            .cached(CacheConfig::disabled()),
                     };
                     worker(args, &mine, train, train_keys, &mut tables, bar)?;
                     tables.emb.flush()?;
@@ -405,10 +517,12 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     for s in stats {
         total = total.plus(&s?);
     }
-    let (auc_model, logloss_model) =
-        evaluate(args.model, [&emb, &dense_table, &mlp_table], test, &|s| {
-            keys(s)
-        })?;
+    let (auc_model, logloss_model) = evaluate(
+        args.model,
+        [&emb, &dense_table, &mlp_table, &cross_table],
+        test,
+        &|s| keys(s),
+    )?;
     let labels: Vec<bool> = test.iter().map(|s| s.label).collect();
     let oracle: Vec<f64> = test.iter().map(|s| s.p).collect();
     Ok(TrainReport {
@@ -422,12 +536,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     })
 }
 
-/// One worker's view of the model's tables: the embeddings through its cache; the dense weights
-/// and the MLP with no cache and bounds 0.
+/// One worker's view of the model's tables: the embeddings through its cache; the dense weights,
+/// the MLP and the cross network with no cache and bounds 0.
 struct Tables {
     emb: hetkv_client::CachedTable,
     dense: hetkv_client::CachedTable,
     mlp: hetkv_client::CachedTable,
+    cross: hetkv_client::CachedTable,
 }
 
 fn worker(
@@ -438,12 +553,19 @@ fn worker(
     t: &mut Tables,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
-    let deep = args.model == ModelKind::Deepfm;
+    let deep = matches!(
+        args.model,
+        ModelKind::Deepfm | ModelKind::Wdl | ModelKind::Dcn
+    );
+    let crossing = args.model == ModelKind::Dcn;
     let dense_keys: Vec<u64> = (0..=DENSE as u64).collect();
     let mlp_keys: Vec<u64> = (0..MLP_ROWS as u64).collect();
+    let cross_keys: Vec<u64> = (0..CROSS_ROWS as u64).collect();
     let mut dense_w = vec![0f32; DENSE + 1];
     let mut mlp = vec![0f32; if deep { MLP_ROWS * HIDDEN } else { 0 }];
     let mut g_mlp = vec![0f32; mlp.len()];
+    let mut cross = vec![0f32; if crossing { CROSS_ROWS * MLP_IN } else { 0 }];
+    let mut g_cross = vec![0f32; cross.len()];
     let mut keys = Vec::new();
     let mut rows = Vec::new();
     let mut g_rows = Vec::new();
@@ -464,6 +586,10 @@ fn worker(
             t.mlp.lookup(&mlp_keys, &mut mlp)?;
             g_mlp.iter_mut().for_each(|g| *g = 0.0);
         }
+        if crossing {
+            t.cross.lookup(&cross_keys, &mut cross)?;
+            g_cross.iter_mut().for_each(|g| *g = 0.0);
+        }
         g_rows.clear();
         g_rows.resize(keys.len() * ROW, 0.0);
         g_dense.iter_mut().for_each(|g| *g = 0.0);
@@ -471,20 +597,20 @@ fn worker(
         for (i, s) in train[lo..hi].iter().enumerate() {
             let r = &rows[i * per_sample..(i + 1) * per_sample];
             let d = Fm::dense(s);
-            let (z, h) = Model::logit(args.model, r, &d, &dense_w, &mlp);
+            let (z, h) = Model::logit(args.model, r, &d, &dense_w, &mlp, &cross);
             let e = sigmoid(z) - if s.label { 1.0 } else { 0.0 };
             let g = &mut g_rows[i * per_sample..(i + 1) * per_sample];
             Model::gradient(
                 args.model,
                 r,
                 &d,
-                &mlp,
+                (&mlp, &cross),
                 &h,
                 e,
                 scale,
                 g,
                 &mut g_dense,
-                &mut g_mlp,
+                (&mut g_mlp, &mut g_cross),
             );
         }
         // One update per unique key: its gradients summed over occurrences.
@@ -504,6 +630,9 @@ fn worker(
         if deep {
             t.mlp.update(&mlp_keys, &g_mlp)?;
         }
+        if crossing {
+            t.cross.update(&cross_keys, &g_cross)?;
+        }
         bar.inc(1);
     }
     Ok(())
@@ -511,7 +640,7 @@ fn worker(
 
 fn evaluate(
     kind: ModelKind,
-    [emb, dense_table, mlp_table]: [&Table; 3],
+    [emb, dense_table, mlp_table, cross_table]: [&Table; 4],
     test: &[Sample],
     keys: &dyn Fn(&Sample) -> [u64; CATEGORICAL],
 ) -> Result<(f64, f64)> {
@@ -519,6 +648,12 @@ fn evaluate(
     dense_table.pull(&(0..=DENSE as u64).collect::<Vec<_>>(), &mut dense_w, None)?;
     let mut mlp = vec![0f32; MLP_ROWS * HIDDEN];
     mlp_table.pull(&(0..MLP_ROWS as u64).collect::<Vec<_>>(), &mut mlp, None)?;
+    let mut cross = vec![0f32; CROSS_ROWS * MLP_IN];
+    cross_table.pull(
+        &(0..CROSS_ROWS as u64).collect::<Vec<_>>(),
+        &mut cross,
+        None,
+    )?;
     let mut p = Vec::with_capacity(test.len());
     let mut rows = vec![0f32; CATEGORICAL * ROW * 1024];
     for chunk in test.chunks(1024) {
@@ -527,7 +662,7 @@ fn evaluate(
         emb.pull(&k, r, None)?;
         for (i, s) in chunk.iter().enumerate() {
             let sample = &r[i * CATEGORICAL * ROW..(i + 1) * CATEGORICAL * ROW];
-            let (z, _) = Model::logit(kind, sample, &Fm::dense(s), &dense_w, &mlp);
+            let (z, _) = Model::logit(kind, sample, &Fm::dense(s), &dense_w, &mlp, &cross);
             p.push(sigmoid(z) as f64);
         }
     }
@@ -552,74 +687,104 @@ mod tests {
         let dense: [f32; DENSE] = std::array::from_fn(|_| next() + 0.5);
         let dense_w: Vec<f32> = (0..=DENSE).map(|_| next()).collect();
         let mlp: Vec<f32> = (0..MLP_ROWS * HIDDEN).map(|_| next()).collect();
-        for kind in [ModelKind::Lr, ModelKind::Fm, ModelKind::Deepfm] {
-            // Loss for label 1: -ln sigmoid(logit).
-            let loss = |rows: &[f32], dense_w: &[f32], mlp: &[f32]| -> f64 {
-                let (z, _) = Model::logit(kind, rows, &dense, dense_w, mlp);
+        let cross: Vec<f32> = (0..CROSS_ROWS * MLP_IN).map(|_| next() * 0.1).collect();
+        let kinds = [
+            ModelKind::Lr,
+            ModelKind::Fm,
+            ModelKind::Deepfm,
+            ModelKind::Wdl,
+            ModelKind::Dcn,
+        ];
+        for kind in kinds {
+            // Loss for label 1: -ln sigmoid(logit), as a function of each parameter group.
+            let loss = |rows: &[f32], dense_w: &[f32], mlp: &[f32], cross: &[f32]| -> f64 {
+                let (z, _) = Model::logit(kind, rows, &dense, dense_w, mlp, cross);
                 -(sigmoid(z) as f64).ln()
             };
-            let (z, h) = Model::logit(kind, &rows, &dense, &dense_w, &mlp);
+            let (z, hid) = Model::logit(kind, &rows, &dense, &dense_w, &mlp, &cross);
             let e = sigmoid(z) - 1.0;
-            let (mut g_rows, mut g_dense, mut g_mlp) = (
-                vec![0f32; rows.len()],
-                vec![0f32; DENSE + 1],
-                vec![0f32; mlp.len()],
-            );
+            let mut g_rows = vec![0f32; rows.len()];
+            let mut g_dense = vec![0f32; DENSE + 1];
+            let (mut g_mlp, mut g_cross) = (vec![0f32; mlp.len()], vec![0f32; cross.len()]);
             Model::gradient(
                 kind,
                 &rows,
                 &dense,
-                &mlp,
-                &h,
+                (&mlp, &cross),
+                &hid,
                 e,
                 1.0,
                 &mut g_rows,
                 &mut g_dense,
-                &mut g_mlp,
+                (&mut g_mlp, &mut g_cross),
             );
             let h = 1e-3f32;
-            let check = |what: &str, i: usize, numeric: f64, analytic: f32| {
-                assert!(
-                    (numeric - analytic as f64).abs() < 2e-3,
-                    "{kind:?} {what} {i}: numeric {numeric} vs analytic {analytic}"
-                );
-            };
-            for i in (0..rows.len()).step_by(5) {
-                let (mut up, mut down) = (rows.clone(), rows.clone());
-                up[i] += h;
-                down[i] -= h;
-                let numeric =
-                    (loss(&up, &dense_w, &mlp) - loss(&down, &dense_w, &mlp)) / (2.0 * h as f64);
-                check("row parameter", i, numeric, g_rows[i]);
-            }
-            for i in 0..=DENSE {
-                let (mut up, mut down) = (dense_w.clone(), dense_w.clone());
-                up[i] += h;
-                down[i] -= h;
-                let numeric =
-                    (loss(&rows, &up, &mlp) - loss(&rows, &down, &mlp)) / (2.0 * h as f64);
-                check("dense parameter", i, numeric, g_dense[i]);
-            }
-            if kind == ModelKind::Deepfm {
-                for i in (0..mlp.len()).step_by(37).chain([
-                    MLP_IN * HIDDEN,
-                    (MLP_IN + 1) * HIDDEN,
-                    (MLP_IN + 2) * HIDDEN,
-                ]) {
-                    let (mut up, mut down) = (mlp.clone(), mlp.clone());
+            // Central differences of one parameter group, at the given indices.
+            let check = |what: &str,
+                         base: &[f32],
+                         analytic: &[f32],
+                         idx: Vec<usize>,
+                         f: &dyn Fn(&[f32]) -> f64| {
+                for i in idx {
+                    let (mut up, mut down) = (base.to_vec(), base.to_vec());
                     up[i] += h;
                     down[i] -= h;
-                    let numeric = (loss(&rows, &dense_w, &up) - loss(&rows, &dense_w, &down))
-                        / (2.0 * h as f64);
-                    check("mlp parameter", i, numeric, g_mlp[i]);
+                    let numeric = (f(&up) - f(&down)) / (2.0 * h as f64);
+                    assert!(
+                        (numeric - analytic[i] as f64).abs() < 2e-3,
+                        "{kind:?} {what} {i}: numeric {numeric} vs analytic {}",
+                        analytic[i]
+                    );
                 }
+            };
+            check(
+                "row parameter",
+                &rows,
+                &g_rows,
+                (0..rows.len()).step_by(5).collect(),
+                &|r| loss(r, &dense_w, &mlp, &cross),
+            );
+            check(
+                "dense parameter",
+                &dense_w,
+                &g_dense,
+                (0..=DENSE).collect(),
+                &|d| loss(&rows, d, &mlp, &cross),
+            );
+            if kind != ModelKind::Lr && kind != ModelKind::Fm {
+                let idx = (0..mlp.len())
+                    .step_by(37)
+                    .chain([
+                        MLP_IN * HIDDEN,
+                        (MLP_IN + 1) * HIDDEN,
+                        (MLP_IN + 2) * HIDDEN,
+                    ])
+                    .collect();
+                check("mlp parameter", &mlp, &g_mlp, idx, &|m| {
+                    loss(&rows, &dense_w, m, &cross)
+                });
+            }
+            if kind == ModelKind::Dcn {
+                check(
+                    "cross parameter",
+                    &cross,
+                    &g_cross,
+                    (0..cross.len()).step_by(11).collect(),
+                    &|c| loss(&rows, &dense_w, &mlp, c),
+                );
             }
         }
     }
 
     #[test]
     fn short_runs_learn_the_planted_model() {
-        for model in [ModelKind::Lr, ModelKind::Fm, ModelKind::Deepfm] {
+        for model in [
+            ModelKind::Lr,
+            ModelKind::Fm,
+            ModelKind::Deepfm,
+            ModelKind::Wdl,
+            ModelKind::Dcn,
+        ] {
             short_run(model);
         }
     }
