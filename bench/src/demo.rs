@@ -1,188 +1,112 @@
-//! `hetkv-bench demo`: the whole system on one machine with no setup. Starts an embedded cluster,
-//! runs an embedding workload (Zipf(1.05) keys, lookups then gradient pushes) through the client
-//! twice on the same key stream, without a cache (the classic parameter server) and with the HET
-//! cache, checks after each that every row's server version equals the updates issued for it, and
-//! reports hit rate, bytes saved and speed.
+//! `hetkv-bench demo`: the whole system on one machine with no setup. Two in-process shards,
+//! several worker threads, a DeepFM trained on the Criteo-like data through the HET cache, and the
+//! same run without a cache (the classic parameter server) for comparison: samples/s, cache hit
+//! rate, bytes saved, and test AUC beside the planted model's ceiling.
 
-use std::collections::HashMap;
-use std::time::Instant;
-
-use anyhow::{ensure, Context, Result};
-use hetkv_client::{Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind};
-use hetkv_fallback_tcp::ClientConfig;
-use hetkv_store::EmbeddedCluster;
-use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use anyhow::Result;
+use hetkv_client::Bound;
 use serde::Serialize;
 
-use crate::cache_bench::Unique;
-use crate::workload::ZipfKeys;
+use crate::train::{self, ModelKind, TrainArgs, TrainReport};
 
 /// Settings of the demo.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Shards in the embedded cluster.
-    #[arg(long, default_value_t = 2)]
-    pub shards: u32,
-    /// Rows in the embedding table.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub rows: u64,
-    /// Row dimension.
-    #[arg(long, default_value_t = 64)]
-    pub dim: u32,
-    /// Keys per batch (duplicates kept, as a trainer sees them).
-    #[arg(long, default_value_t = 4096)]
-    pub batch: usize,
-    /// Zipf exponent of key popularity.
-    #[arg(long, default_value_t = 1.05)]
-    pub zipf: f64,
-    /// Batches to run, per configuration.
-    #[arg(long, default_value_t = 600)]
-    pub batches: usize,
-    /// Cache size, as a fraction of the table.
+    /// The model.
+    #[arg(long, value_enum, default_value = "deepfm")]
+    pub model: ModelKind,
+    /// Worker threads, each with its own cache.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Training samples (one epoch).
+    #[arg(long, default_value_t = 1_500_000)]
+    pub train: usize,
+    /// Held-out samples.
+    #[arg(long, default_value_t = 200_000)]
+    pub test: usize,
+    /// Cache size as a fraction of the embedding table.
     #[arg(long, default_value_t = 0.10)]
     pub cache: f64,
-    /// Read and write staleness bound of the cache.
+    /// Read and write staleness bound of the caches.
     #[arg(long, default_value = "100")]
     pub bound: Bound,
+    /// Cardinality scale of the Criteo-like data.
+    #[arg(long, default_value_t = 0.01)]
+    pub scale: f64,
     /// Write the report here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
 }
 
-/// One configuration's run.
-#[derive(Debug, Serialize)]
-pub struct DemoRun {
-    /// What ran.
-    pub name: String,
-    /// Batches per second (lookup + update).
-    pub batches_per_s: f64,
-    /// Keys (with duplicates) served to the trainer per second.
-    pub keys_per_s: f64,
-    /// Bytes on the wire per batch, both directions, final flush included.
-    pub wire_bytes_per_batch: f64,
-    /// Cache counters.
-    pub stats: CacheStats,
-    /// Whether every touched row's server version equals the updates issued for it.
-    pub versions_consistent: bool,
-}
-
 /// What the demo measured.
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
-    /// Shards.
-    pub shards: u32,
-    /// Table rows.
-    pub rows: u64,
-    /// Row dimension.
-    pub dim: u32,
-    /// Batches per configuration.
-    pub batches: usize,
-    /// Keys per batch.
-    pub batch: usize,
-    /// The no-cache baseline, then the cache.
-    pub runs: Vec<DemoRun>,
+    /// The run with the cache.
+    pub cached: TrainReport,
+    /// The same run without a cache.
+    pub no_cache: TrainReport,
+    /// Embedding bytes on the wire per sample with the cache over those without.
+    pub bytes_ratio: f64,
+    /// Samples/s with the cache over those without.
+    pub speed_ratio: f64,
 }
 
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<DemoReport> {
+    let base = TrainArgs {
+        model: args.model,
+        workers: args.workers,
+        pull_bound: args.bound,
+        push_bound: args.bound,
+        cache: args.cache,
+        train: args.train,
+        test: args.test,
+        batch: 256,
+        lr: 0.1,
+        scale: args.scale,
+        seed: 1,
+        json: None,
+    };
     eprintln!(
-        "starting {} in-process shards on loopback; tables of {} rows x {} f32",
-        args.shards, args.rows, args.dim
+        "training {:?} on {} Criteo-like samples with {} workers, two in-process shards: with the HET cache, then without",
+        args.model, args.train, args.workers
     );
-    let cluster = EmbeddedCluster::start(args.shards).context("starting the embedded cluster")?;
-    let mut stream = vec![0u64; args.batches * args.batch];
-    ZipfKeys::new(args.rows, args.zipf, 7)?.fill(&mut stream);
-    let configs = [
-        (
-            "no cache (classic parameter server)".to_string(),
-            CacheConfig::disabled(),
-        ),
-        (
-            format!(
-                "HET cache: lfu {:.0}%, bounds {}",
-                args.cache * 100.0,
-                args.bound
-            ),
-            CacheConfig::new(Capacity::Fraction(args.cache), PolicyKind::Lfu, args.bound),
-        ),
-    ];
-    let mut runs = Vec::new();
-    for (i, (name, config)) in configs.into_iter().enumerate() {
-        let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?;
-        let spec = TableSpec {
-            name: format!("demo{i}"),
-            rows: args.rows,
-            dim: args.dim,
-            init: Initializer::Normal {
-                std: 0.01,
-                seed: 42,
-            },
-            optimizer: OptimizerSpec::Sgd { lr: 0.05 },
-        };
-        let mut cache = client.create_table(&spec)?.cached(config);
-        eprintln!("running {} batches: {name}", args.batches);
-        runs.push(run_one(args, name, &mut cache, &stream)?);
-    }
+    let cached = train::run(&base)?;
+    let no_cache = train::run(&TrainArgs { cache: 0.0, ..base })?;
     Ok(DemoReport {
-        shards: args.shards,
-        rows: args.rows,
-        dim: args.dim,
-        batches: args.batches,
-        batch: args.batch,
-        runs,
+        bytes_ratio: cached.embedding_bytes_per_sample / no_cache.embedding_bytes_per_sample,
+        speed_ratio: cached.samples_per_s / no_cache.samples_per_s,
+        cached,
+        no_cache,
     })
 }
 
-fn run_one(
-    args: &DemoArgs,
-    name: String,
-    cache: &mut hetkv_client::CachedTable,
-    stream: &[u64],
-) -> Result<DemoRun> {
-    let dim = args.dim as usize;
-    let mut rows = vec![0f32; args.batch * dim];
-    let mut unique = Unique::default();
-    let mut issued: HashMap<u64, u64> = HashMap::new();
-    let start = Instant::now();
-    let bar = crate::progress::bar(args.batches as u64, &name);
-    for keys in stream.chunks_exact(args.batch) {
-        bar.inc(1);
-        cache.lookup(keys, &mut rows)?;
-        // A weight decay toward zero: deterministic, and it keeps values bounded.
-        unique.gradients(keys, &rows, dim, |w| 0.1 * w);
-        cache.update(&unique.keys, &unique.grads)?;
-        for &k in &unique.keys {
-            *issued.entry(k).or_default() += 1;
-        }
-    }
-    bar.finish_and_clear();
-    let elapsed = start.elapsed().as_secs_f64();
-    cache.flush()?;
-    let stats = cache.stats();
-
-    // Every touched row's server version must equal the updates issued for it.
-    let mut touched: Vec<u64> = issued.keys().copied().collect();
-    touched.sort_unstable();
-    let mut consistent = true;
-    for chunk in touched.chunks(16_384) {
-        let mut versions = vec![0u64; chunk.len()];
-        let mut values = vec![0f32; chunk.len() * dim];
-        cache
-            .table()
-            .pull(chunk, &mut values, Some(&mut versions))?;
-        consistent &= chunk.iter().zip(&versions).all(|(k, v)| issued[k] == *v);
-    }
-    ensure!(
-        consistent,
-        "{name}: a server version differs from the updates issued"
-    );
-    Ok(DemoRun {
-        name,
-        batches_per_s: args.batches as f64 / elapsed,
-        keys_per_s: (args.batches * args.batch) as f64 / elapsed,
-        wire_bytes_per_batch: (stats.bytes_sent + stats.bytes_received) as f64
-            / args.batches as f64,
-        stats,
-        versions_consistent: consistent,
-    })
+/// The report for people.
+pub fn summary(r: &DemoReport) -> String {
+    let line = |name: &str, x: &TrainReport| {
+        format!(
+            "  {name:<34} {:>7.0} samples/s  embeddings {:>4.0} B/sample, dense layers {:>4.0}  hit rate {:>5.1}%  test AUC {:.4}  logloss {:.4}\n",
+            x.samples_per_s,
+            x.embedding_bytes_per_sample,
+            x.dense_bytes_per_sample,
+            x.cache.hit_rate() * 100.0,
+            x.auc,
+            x.logloss
+        )
+    };
+    let c = &r.cached;
+    format!(
+        "\nhetkv demo: {:?}, {} workers, {} training samples, {} held out\n\n{}{}\n  the cache sent {:.1}% fewer embedding bytes at {:.2}x the speed; test AUC {:.4} with the cache, {:.4} without; the planted model scores {:.4}\n",
+        c.settings.model,
+        c.settings.workers,
+        c.settings.train,
+        c.settings.test,
+        line(&format!("HET cache {:.0}%, bounds {}", c.settings.cache * 100.0, c.settings.pull_bound), c),
+        line("no cache (classic parameter server)", &r.no_cache),
+        (1.0 - r.bytes_ratio) * 100.0,
+        r.speed_ratio,
+        c.auc,
+        r.no_cache.auc,
+        c.oracle_auc
+    )
 }

@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the whole system in-process: shards, a client, an embedding workload, a report.
+    /// Run the whole system in-process: shards, workers training DeepFM through the HET cache and
+    /// without it, and a report.
     Demo(demo::DemoArgs),
     /// Pull and push throughput over loopback TCP (rows/s), against an embedded cluster.
     Tcp(throughput::TcpArgs),
@@ -68,28 +69,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => {
             let r = demo::run(&args)?;
-            let (base, cached) = (&r.runs[0], &r.runs[1]);
-            eprintln!(
-                "\nhetkv demo: {} shards, {} rows x {} f32, {} batches of {} Zipf(1.05) keys\n",
-                r.shards, r.rows, r.dim, r.batches, r.batch
-            );
-            for run in &r.runs {
-                eprintln!(
-                    "  {:<40} {:>7.1} batches/s  {:>10.0} keys/s  {:>7.1} KB/batch  hit rate {:>5.1}%  versions match updates: {}",
-                    run.name,
-                    run.batches_per_s,
-                    run.keys_per_s,
-                    run.wire_bytes_per_batch / 1e3,
-                    run.stats.hit_rate() * 100.0,
-                    if run.versions_consistent { "yes" } else { "NO" },
-                );
-            }
-            eprintln!(
-                "\n  the cache sent {:.1}% fewer bytes at {:.2}x the no-cache speed (one machine, loopback, 2 shards in-process)",
-                (1.0 - cached.wire_bytes_per_batch / base.wire_bytes_per_batch) * 100.0,
-                cached.batches_per_s / base.batches_per_s
-            );
-            // The summary above is the demo's report; JSON only where asked for.
+            eprintln!("{}", demo::summary(&r));
             match &args.json {
                 Some(_) => write_json(&args.json, &r),
                 None => Ok(()),

@@ -398,6 +398,11 @@ pub struct TrainReport {
     pub oracle_logloss: f64,
     /// Training samples per second, all workers together.
     pub samples_per_s: f64,
+    /// Bytes on the wire per training sample for the embedding table (what HET reports).
+    pub embedding_bytes_per_sample: f64,
+    /// Bytes on the wire per training sample for the dense weights, MLP and cross network (read and
+    /// written whole every batch, bounds 0).
+    pub dense_bytes_per_sample: f64,
     /// The embedding caches' counters, all workers summed.
     pub cache: CacheStats,
 }
@@ -477,7 +482,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     let batches: Vec<usize> = (0..args.train.div_ceil(args.batch)).collect();
     let bar = crate::progress::bar(batches.len() as u64, "training batches");
     let start = Instant::now();
-    let stats: Vec<Result<CacheStats>> = std::thread::scope(|s| {
+    let stats: Vec<Result<(CacheStats, u64)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.workers)
             .map(|w| {
                 let (train, train_keys, bar, addrs) = (train, &train_keys, &bar, cluster.addrs());
@@ -486,10 +491,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
                     .copied()
                     .filter(|b| b % args.workers == w)
                     .collect();
-                s.spawn(move || -> Result<CacheStats> {
+                s.spawn(move || -> Result<(CacheStats, u64)> {
+                    // Two connections, so that the embedding cache counts embedding traffic
+                    // alone (as HET reports it) and the dense parameters are counted apart.
+                    let emb_client = Cluster::connect_tcp(addrs, &ClientConfig::default())?;
                     let client = Cluster::connect_tcp(addrs, &ClientConfig::default())?;
                     let mut tables = Tables {
-                        emb: client.open_table("ctr_emb")?.cached(config),
+                        emb: emb_client.open_table("ctr_emb")?.cached(config),
                         dense: client
                             .open_table("ctr_dense")?
                             .cached(CacheConfig::disabled()),
@@ -502,7 +510,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
                     };
                     worker(args, &mine, train, train_keys, &mut tables, bar)?;
                     tables.emb.flush()?;
-                    Ok(tables.emb.stats())
+                    let dense = client.traffic();
+                    Ok((tables.emb.stats(), dense.sent + dense.received))
                 })
             })
             .collect();
@@ -514,8 +523,11 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
     let mut total = CacheStats::default();
+    let mut dense_bytes = 0;
     for s in stats {
-        total = total.plus(&s?);
+        let (cache, dense) = s?;
+        total = total.plus(&cache);
+        dense_bytes += dense;
     }
     let (auc_model, logloss_model) = evaluate(
         args.model,
@@ -532,6 +544,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         oracle_auc: auc(&oracle, &labels).unwrap_or(f64::NAN),
         oracle_logloss: logloss(&oracle, &labels),
         samples_per_s: args.train as f64 / elapsed,
+        embedding_bytes_per_sample: (total.bytes_sent + total.bytes_received) as f64
+            / args.train as f64,
+        dense_bytes_per_sample: dense_bytes as f64 / args.train as f64,
         cache: total,
     })
 }

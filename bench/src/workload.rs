@@ -14,11 +14,6 @@ pub struct ZipfKeys {
 }
 
 impl ZipfKeys {
-    /// A stream over `rows` ids with exponent `s`, seeded (the permutation and the draws).
-    pub fn new(rows: u64, s: f64, seed: u64) -> anyhow::Result<Self> {
-        Self::with_permutation(s, Self::permutation(rows, seed), seed)
-    }
-
     /// The rank-to-id permutation for `rows` ids, seeded: share it between streams that must agree
     /// on which ids are popular.
     pub fn permutation(rows: u64, seed: u64) -> std::sync::Arc<Vec<u64>> {
@@ -98,10 +93,16 @@ mod tests {
             "a permutation of the ids"
         );
         let (mut a, mut b) = (vec![0u64; 500], vec![0u64; 500]);
-        ZipfKeys::new(1000, 1.05, 3).unwrap().fill(&mut a);
-        ZipfKeys::new(1000, 1.05, 3).unwrap().fill(&mut b);
+        ZipfKeys::with_permutation(1.05, ZipfKeys::permutation(1000, 3), 3)
+            .unwrap()
+            .fill(&mut a);
+        ZipfKeys::with_permutation(1.05, ZipfKeys::permutation(1000, 3), 3)
+            .unwrap()
+            .fill(&mut b);
         assert_eq!(a, b);
-        ZipfKeys::new(1000, 1.05, 4).unwrap().fill(&mut b);
+        ZipfKeys::with_permutation(1.05, ZipfKeys::permutation(1000, 4), 4)
+            .unwrap()
+            .fill(&mut b);
         assert_ne!(a, b);
     }
 
@@ -110,7 +111,7 @@ mod tests {
         // P(rank k) = k^-s / H(n, s): check the first ranks against the formula.
         let (n, s) = (10_000u64, 1.05);
         let h: f64 = (1..=n).map(|k| (k as f64).powf(-s)).sum();
-        let mut g = ZipfKeys::new(n, s, 1).unwrap();
+        let mut g = ZipfKeys::with_permutation(s, ZipfKeys::permutation(n, 1), 1).unwrap();
         let draws = 400_000;
         let (mut keys, mut ranks) = (vec![0u64; draws], vec![0u64; draws]);
         g.fill_ranked(&mut keys, Some(&mut ranks));
