@@ -330,23 +330,19 @@ impl Unique {
         }
     }
 
-    /// Collects the unique keys of `keys` and sums `grad(row value)` over each key's occurrences.
+    /// Collects the unique keys of `keys` and, into `grads`, sums `grad(x)` over each key's
+    /// occurrences, `rows` holding one row of `dim` values per position.
     pub fn gradients(&mut self, keys: &[u64], rows: &[f32], dim: usize, grad: impl Fn(f32) -> f32) {
-        self.index.clear();
-        self.keys.clear();
+        self.collect(keys);
         self.grads.clear();
-        for (pos, &k) in keys.iter().enumerate() {
-            let next = self.keys.len() as u32;
-            let u = *self.index.entry(k).or_insert(next) as usize;
-            if u == next as usize {
-                self.keys.push(k);
-                self.grads.resize(self.keys.len() * dim, 0.0);
-            }
-            for (g, w) in self.grads[u * dim..(u + 1) * dim]
+        self.grads.resize(self.keys.len() * dim, 0.0);
+        for (pos, &u) in self.position.iter().enumerate() {
+            let u = u as usize;
+            for (g, x) in self.grads[u * dim..(u + 1) * dim]
                 .iter_mut()
                 .zip(&rows[pos * dim..(pos + 1) * dim])
             {
-                *g += grad(*w);
+                *g += grad(*x);
             }
         }
     }

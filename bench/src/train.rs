@@ -629,18 +629,8 @@ fn worker(
             );
         }
         // One update per unique key: its gradients summed over occurrences.
-        unique.collect(&keys);
-        let mut sums = vec![0f32; unique.keys.len() * ROW];
-        for (pos, &u) in unique.position.iter().enumerate() {
-            let u = u as usize;
-            for (s, g) in sums[u * ROW..(u + 1) * ROW]
-                .iter_mut()
-                .zip(&g_rows[pos * ROW..(pos + 1) * ROW])
-            {
-                *s += g;
-            }
-        }
-        t.emb.update(&unique.keys, &sums)?;
+        unique.gradients(&keys, &g_rows, ROW, |g| g);
+        t.emb.update(&unique.keys, &unique.grads)?;
         t.dense.update(&dense_keys, &g_dense)?;
         if deep {
             t.mlp.update(&mlp_keys, &g_mlp)?;
