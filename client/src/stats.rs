@@ -1,9 +1,9 @@
 //! Cache statistics: exact counters, bumped once per key or per batch.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What one worker's cache of one table has done.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheStats {
     /// Keys looked up, duplicates included.
     pub lookups: u64,
@@ -45,7 +45,7 @@ pub struct CacheStats {
 }
 
 /// Wall-clock nanoseconds per phase, summed over calls.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseTimes {
     /// Lookups: de-duplication, policy and request planning.
     pub plan_ns: u64,

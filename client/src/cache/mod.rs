@@ -51,6 +51,22 @@ impl serde::Serialize for Bound {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Bound {
+    /// From its display form, or from a plain number of updates.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Updates(u64),
+            Text(String),
+        }
+        match Form::deserialize(d)? {
+            Form::Updates(n) => Ok(Self(n)),
+            Form::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 impl std::str::FromStr for Bound {
     type Err = String;
 
