@@ -68,7 +68,10 @@ pub fn run(args: &DemoArgs) -> Result<DemoReport> {
         args.model, args.train, args.workers
     );
     let cached = train::run(&base)?;
-    let no_cache = train::run(&TrainArgs { cache: 0.0, ..base.clone() })?;
+    let no_cache = train::run(&TrainArgs {
+        cache: 0.0,
+        ..base.clone()
+    })?;
     Ok(DemoReport {
         bytes_ratio: cached.embedding_bytes_per_sample / no_cache.embedding_bytes_per_sample,
         speed_ratio: cached.samples_per_s / no_cache.samples_per_s,

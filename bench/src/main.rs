@@ -14,6 +14,7 @@ mod plots;
 mod progress;
 mod throughput;
 mod train;
+mod transport_bench;
 mod workload;
 
 #[derive(Parser, Debug)]
@@ -30,6 +31,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Pull and push throughput over loopback TCP (rows/s), against an embedded cluster.
     Tcp(throughput::TcpArgs),
+    /// Reads of random rows over shared memory and TCP beside a plain memcpy gather of the same
+    /// rows (rows/s, GB/s).
+    Transport(transport_bench::TransportArgs),
     /// Hit rate against cache size and policy on the reference workload.
     CacheSweep(cache_bench::SweepArgs),
     /// Bytes on the wire and batches/s against the bounds and the no-cache baseline.
@@ -147,6 +151,10 @@ fn main() -> Result<()> {
         }
         Command::Comm(args) => {
             let r = cache_bench::comm(&args)?;
+            write_json(&args.json, &r)
+        }
+        Command::Transport(args) => {
+            let r = transport_bench::run(&args)?;
             write_json(&args.json, &r)
         }
         Command::Tcp(args) => {

@@ -26,7 +26,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hetkv_client::{Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, Table};
+use hetkv_client::{
+    Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, Table, TransportKind,
+};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::EmbeddedCluster;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
@@ -390,6 +392,11 @@ pub struct TrainArgs {
     /// run starts two in-process shards.
     #[arg(long, value_delimiter = ',')]
     pub servers: Vec<String>,
+    /// How the workers reach the shards: tcp, shm (same host; the in-process shards then expose
+    /// shared memory, and embedding reads cross no socket, so the byte counts cover pushes and
+    /// control only), rdma, or auto.
+    #[arg(long, default_value = "tcp")]
+    pub transport: TransportKind,
     /// Run each worker as a separate process (this binary's hidden `train-worker` command)
     /// instead of a thread.
     #[arg(long)]
@@ -432,6 +439,7 @@ impl TrainArgs {
             scale: 0.01,
             seed: 1,
             servers: Vec::new(),
+            transport: TransportKind::Tcp,
             processes: false,
             spawn_prefix: None,
             eval_every: None,
@@ -592,9 +600,18 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     );
     anyhow::ensure!(args.test > 0, "the held-out split must not be empty");
     let data = Data::generate(args)?;
-    let embedded = match args.servers.is_empty() {
-        true => Some(EmbeddedCluster::start(2)?),
-        false => None,
+    let embedded = match (args.servers.is_empty(), args.transport) {
+        (false, _) => None,
+        (true, TransportKind::Tcp) => Some(EmbeddedCluster::start(2)?),
+        (true, _) => {
+            let shm = std::env::temp_dir();
+            Some(EmbeddedCluster::start_with(2, Default::default(), |i| {
+                hetkv_store::ShardConfig {
+                    shm_dir: Some(shm.clone()),
+                    ..hetkv_store::ShardConfig::new(i, 2)
+                }
+            })?)
+        }
     };
     let mut settings = args.clone();
     if let Some(cluster) = &embedded {
@@ -619,7 +636,9 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
             &|s| data.keys(s),
         )?;
         let secs = start.elapsed().as_secs_f64();
-        say(format!("{secs:7.2} s: test AUC {auc:.4}, logloss {logloss:.4}"));
+        say(format!(
+            "{secs:7.2} s: test AUC {auc:.4}, logloss {logloss:.4}"
+        ));
         timeline.push(EvalPoint { secs, auc, logloss });
         Ok(())
     };
@@ -887,13 +906,15 @@ struct WorkerTables {
 
 impl WorkerTables {
     fn connect(args: &TrainArgs) -> Result<Self> {
-        let emb_client = Cluster::connect_tcp(&args.servers, &ClientConfig::default())?;
-        let client = Cluster::connect_tcp(&args.servers, &ClientConfig::default())?;
+        let emb_client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
+        let client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
         let direct = |name: &str| -> Result<hetkv_client::CachedTable> {
             Ok(client.open_table(name)?.cached(CacheConfig::disabled()))
         };
         Ok(Self {
-            emb: emb_client.open_table("ctr_emb")?.cached(args.cache_config()),
+            emb: emb_client
+                .open_table("ctr_emb")?
+                .cached(args.cache_config()),
             dense: direct("ctr_dense")?,
             mlp: direct("ctr_mlp")?,
             cross: direct("ctr_cross")?,

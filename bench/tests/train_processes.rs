@@ -63,7 +63,10 @@ fn worker_processes_train_against_a_running_cluster() {
     assert!(r["dense_bytes_per_sample"].as_f64().unwrap() > 0.0);
     let timeline = r["timeline"].as_array().unwrap();
     assert!(!timeline.is_empty(), "no evaluation during training");
-    let secs: Vec<f64> = timeline.iter().map(|p| p["secs"].as_f64().unwrap()).collect();
+    let secs: Vec<f64> = timeline
+        .iter()
+        .map(|p| p["secs"].as_f64().unwrap())
+        .collect();
     assert!(secs.windows(2).all(|w| w[0] < w[1]), "{secs:?}");
     let reached = r["time_to_target"].as_f64();
     let first = timeline

@@ -3,11 +3,57 @@
 use std::sync::Arc;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
-use hetkv_transport::{ShardStats, ShardTransport, TableSpec, Traffic, TransportError};
+use hetkv_transport::{
+    ShardStats, ShardTransport, ShmTransport, TableSpec, Traffic, TransportError,
+};
 
 use crate::cache::CacheConfig;
 use crate::cached::CachedTable;
 use crate::ClientError;
+
+/// How a client reaches the shards (DESIGN section 6). Serialized as its name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// RDMA where a device works, else shared memory where every daemon is on this host, else
+    /// TCP; the choice and its reason are logged once per connection.
+    #[default]
+    Auto,
+    /// Frames over TCP for everything.
+    Tcp,
+    /// One-sided reads of the daemons' regions mapped from shared memory; pushes and control over
+    /// TCP. Fails unless every daemon is on this host and exposes its regions (`--shm-dir`).
+    Shm,
+    /// One-sided RDMA READs; pushes and control over TCP. Needs the `rdma` feature and a device.
+    Rdma,
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Tcp => "tcp",
+            Self::Shm => "shm",
+            Self::Rdma => "rdma",
+        })
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcp" => Ok(Self::Tcp),
+            "shm" => Ok(Self::Shm),
+            "rdma" => Ok(Self::Rdma),
+            _ => Err(format!(
+                "transport {s:?} is not one of auto, tcp, shm, rdma"
+            )),
+        }
+    }
+}
 
 /// A connected cluster: an ordered list of shards.
 #[derive(Clone)]
@@ -36,6 +82,33 @@ impl Cluster {
                     .map(|c| Arc::new(c) as Arc<dyn ShardTransport>)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        Self::from_transports(shards)
+    }
+
+    /// Connects to every shard (`addrs` in shard order) over the transport `kind` asks for:
+    /// `Auto` picks RDMA, then shared memory, then TCP, for the whole cluster, and logs the choice
+    /// and its reason once; an explicit kind that cannot work fails with the reason.
+    pub fn connect<A: AsRef<str>>(
+        addrs: &[A],
+        kind: TransportKind,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let controls = addrs
+            .iter()
+            .map(|a| TcpShardClient::connect(a.as_ref(), config.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (shards, chosen, reason) = select(controls, kind)?;
+        // `auto` says what it chose and why once per process; later connections say it at debug.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        let mut first = false;
+        if kind == TransportKind::Auto {
+            SAID.call_once(|| first = true);
+        }
+        if first {
+            tracing::info!(transport = %chosen, reason = %reason, "transport chosen");
+        } else {
+            tracing::debug!(transport = %chosen, reason = %reason, "transport chosen");
+        }
         Self::from_transports(shards)
     }
 
@@ -330,4 +403,60 @@ impl Table {
     pub fn cached(&self, config: CacheConfig) -> CachedTable {
         CachedTable::new(self.clone(), config)
     }
+}
+
+type Shards = Vec<Arc<dyn ShardTransport>>;
+
+/// Wraps the connected control transports in the backend `kind` asks for; with `Auto`, the first
+/// that works for every shard. Returns the shards, the kind chosen and why.
+fn select(
+    controls: Vec<TcpShardClient>,
+    kind: TransportKind,
+) -> Result<(Shards, TransportKind, String), ClientError> {
+    let tcp = |controls: Vec<TcpShardClient>| -> Shards {
+        controls
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn ShardTransport>)
+            .collect()
+    };
+    let (controls, no_rdma) = match kind {
+        TransportKind::Auto | TransportKind::Rdma => match crate::rdma_backend::wrap(controls) {
+            Ok(shards) => return Ok((shards, TransportKind::Rdma, "an RDMA device works".into())),
+            Err((_, why)) if kind == TransportKind::Rdma => {
+                return Err(ClientError::TransportUnavailable(format!("rdma: {why}")))
+            }
+            Err(back) => back,
+        },
+        _ => (controls, "not asked for".to_string()),
+    };
+    if kind == TransportKind::Tcp {
+        return Ok((tcp(controls), TransportKind::Tcp, "asked for".into()));
+    }
+    // Shared memory only when every shard offers it here: one backend per cluster.
+    let mut shm: Vec<ShmTransport<TcpShardClient>> = Vec::with_capacity(controls.len());
+    let mut rest = controls.into_iter();
+    for c in rest.by_ref() {
+        match ShmTransport::new(c) {
+            Ok(t) => shm.push(t),
+            Err((c, why)) => {
+                if kind == TransportKind::Shm {
+                    return Err(ClientError::TransportUnavailable(format!("shm: {why}")));
+                }
+                let back: Vec<TcpShardClient> = shm
+                    .into_iter()
+                    .map(ShmTransport::into_control)
+                    .chain(std::iter::once(c))
+                    .chain(rest)
+                    .collect();
+                let reason = format!("rdma: {no_rdma}; shm: {why}");
+                return Ok((tcp(back), TransportKind::Tcp, reason));
+            }
+        }
+    }
+    let shards = shm
+        .into_iter()
+        .map(|t| Arc::new(t) as Arc<dyn ShardTransport>)
+        .collect();
+    let reason = format!("rdma: {no_rdma}; every daemon is on this host and exposes shared memory");
+    Ok((shards, TransportKind::Shm, reason))
 }

@@ -19,11 +19,12 @@
 pub mod cache;
 mod cached;
 mod cluster;
+mod rdma_backend;
 pub mod stats;
 
 pub use cache::{Bound, CacheConfig, Capacity, PolicyKind};
 pub use cached::CachedTable;
-pub use cluster::{Cluster, Table};
+pub use cluster::{Cluster, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};
 
 use hetkv_transport::TransportError;
@@ -56,6 +57,9 @@ pub enum ClientError {
         /// Values given.
         len: usize,
     },
+    /// The transport asked for cannot work here.
+    #[error("transport unavailable: {0}")]
+    TransportUnavailable(String),
     /// No shard holds a table of that name.
     #[error("unknown table {0:?}")]
     UnknownTable(String),

@@ -105,6 +105,7 @@ impl TcpShardClient {
                 shards: 0,
                 max_frame: wire::DEFAULT_MAX_FRAME,
                 server: String::new(),
+                shm_dir: None,
             },
             pool: Mutex::new(Vec::new()),
             traffic: TrafficCounters::default(),

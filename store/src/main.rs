@@ -52,6 +52,11 @@ struct ServeArgs {
     /// Directory for file-backed table regions (anonymous memory when absent).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Expose the tables to clients on this host through shared memory: regions and clock words
+    /// become files in a directory of this daemon's own under DIR (normally /dev/shm), removed
+    /// when it stops. Excludes --data-dir.
+    #[arg(long, conflicts_with = "data_dir")]
+    shm_dir: Option<PathBuf>,
     /// TOML configuration: server limits and tables to create at start.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -99,6 +104,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         shard: args.shard,
         shards: args.shards,
         data_dir: args.data_dir.clone(),
+        shm_dir: args.shm_dir.clone(),
         max_table_bytes: args
             .max_table_bytes
             .or(file.server.max_table_bytes)

@@ -3,7 +3,7 @@
 //! this [`ShardService`].
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hetkv_transport::row::copy_span;
@@ -15,7 +15,7 @@ use hetkv_transport::wire::{
 };
 use hetkv_transport::TableSpec;
 
-use crate::table::Table;
+use crate::table::{Table, PREFETCH_ROWS};
 use crate::StoreError;
 
 /// How a shard is set up.
@@ -27,6 +27,10 @@ pub struct ShardConfig {
     pub shards: u32,
     /// Directory for file-backed regions; anonymous memory when `None`.
     pub data_dir: Option<PathBuf>,
+    /// Directory (normally under `/dev/shm`) in which the shard makes a directory of its own,
+    /// named with a random instance id, for its regions and clock words, and exposes them to
+    /// clients on this host. Removed when the shard is dropped. Excludes `data_dir`.
+    pub shm_dir: Option<PathBuf>,
     /// Largest footprint (region plus optimizer state) one table may have on this shard.
     pub max_table_bytes: u64,
     /// Token a hello must carry, when set.
@@ -40,8 +44,36 @@ impl ShardConfig {
             shard,
             shards,
             data_dir: None,
+            shm_dir: None,
             max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
             auth_token: None,
+        }
+    }
+}
+
+/// Makes `dir/hetkv-shard{shard}-{random id}` for one shard instance's shared-memory files.
+fn make_instance_dir(dir: &Path, shard: u32) -> Result<PathBuf, StoreError> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    let path = dir.join(format!("hetkv-shard{shard}-{:016x}", h.finish()));
+    std::fs::create_dir_all(&path)
+        .map_err(|e| StoreError::Io(format!("creating shm dir {}: {e}", path.display())))?;
+    Ok(path)
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.shm_instance {
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the shm dir");
+            }
         }
     }
 }
@@ -59,6 +91,10 @@ struct Registry {
 #[derive(Debug)]
 pub struct Shard {
     config: ShardConfig,
+    /// Where regions are file-backed: the data dir, or this shard's own shm directory.
+    region_dir: Option<PathBuf>,
+    /// This shard's own shm directory, when it exposes its regions.
+    shm_instance: Option<PathBuf>,
     // Read once per request (not per key), so a reader-writer lock costs nothing measurable;
     // writers (table creation) hold it only to insert a table already built.
     tables: RwLock<Registry>,
@@ -79,7 +115,18 @@ impl Shard {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Io(format!("creating data dir {}: {e}", dir.display())))?;
         }
+        let shm_instance = match (&config.shm_dir, &config.data_dir) {
+            (Some(_), Some(_)) => {
+                return Err(StoreError::Config(
+                    "a data dir and a shm dir exclude each other: regions live in one place".into(),
+                ))
+            }
+            (Some(dir), None) => Some(make_instance_dir(dir, config.shard)?),
+            (None, _) => None,
+        };
         Ok(Self {
+            region_dir: shm_instance.clone().or_else(|| config.data_dir.clone()),
+            shm_instance,
             config,
             tables: RwLock::new(Registry::default()),
             create_lock: Mutex::new(()),
@@ -144,7 +191,7 @@ impl Shard {
             shard,
             shards,
             id,
-            self.config.data_dir.as_deref(),
+            self.region_dir.as_deref(),
         )?);
         let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
         reg.by_name.insert(name.clone(), table.clone());
@@ -194,6 +241,9 @@ impl Shard {
         let mut image = vec![0u8; layout.stride()];
         let row_bytes = 4 * layout.dim();
         for (j, &i) in locals.iter().enumerate() {
+            if let Some(&ahead) = locals.get(j + PREFETCH_ROWS) {
+                t.prefetch_local(ahead);
+            }
             let version = t.read_local(i, &mut image);
             out[versions_at + 8 * j..versions_at + 8 * (j + 1)]
                 .copy_from_slice(&version.to_le_bytes());
@@ -264,6 +314,9 @@ impl Shard {
         out.resize(rows_at + row_bytes * s, 0);
         let mut image = vec![0u8; layout.stride()];
         for (j, &i) in locals.iter().enumerate() {
+            if let Some(&ahead) = locals.get(j + PREFETCH_ROWS) {
+                t.prefetch_local(ahead);
+            }
             let version = t.read_local(i, &mut image);
             out[versions_at + 8 * j..versions_at + 8 * (j + 1)]
                 .copy_from_slice(&version.to_le_bytes());
@@ -351,8 +404,18 @@ impl ShardService for Shard {
         })
     }
 
+    fn shm_dir(&self) -> Option<String> {
+        self.shm_instance.as_ref().map(|d| d.display().to_string())
+    }
+
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError> {
         let t = self.table(table)?;
+        let shm = |r: &hetkv_transport::region::Region| {
+            self.shm_instance
+                .as_ref()
+                .and(r.path())
+                .map(|p| p.display().to_string())
+        };
         Ok(RegionDescriptor {
             region: t.region_id(),
             table: table.to_string(),
@@ -362,7 +425,10 @@ impl ShardService for Shard {
             len: t.region().len(),
             addr: t.region().addr(),
             rkey: 0,
-            shm_path: t.region().path().map(|p| p.display().to_string()),
+            shm_path: shm(t.region()),
+            clock_addr: t.clock_region().addr(),
+            clock_rkey: 0,
+            clock_shm_path: shm(t.clock_region()),
         })
     }
 

@@ -40,7 +40,7 @@ pub struct Table {
     stripes: Box<[Mutex<StripeState>]>,
     rows_read: AtomicU64,
     rows_pushed: AtomicU64,
-    updates: AtomicU64,
+    clock: Region,
 }
 
 impl Table {
@@ -69,19 +69,25 @@ impl Table {
         let layout = RowLayout::new(spec.dim);
         let local_rows = spec.local_rows(shard, shards);
         let len = layout.region_bytes(local_rows);
-        let region = match dir {
-            Some(dir) => {
-                let path = dir.join(format!("shard{shard}-{}.region", spec.name));
-                Region::file_backed(&path, len)
+        let map = |suffix: &str, len: u64| {
+            match dir {
+                Some(dir) => Region::file_backed(
+                    &dir.join(format!("shard{shard}-{}.{suffix}", spec.name)),
+                    len,
+                ),
+                None => Region::anonymous(len),
             }
-            None => Region::anonymous(len),
-        }
-        .map_err(|e| {
-            StoreError::Io(format!(
-                "mapping {} bytes for table {}: {e}",
-                len, spec.name
-            ))
-        })?;
+            .map_err(|e| {
+                StoreError::Io(format!(
+                    "mapping {len} bytes for the {suffix} of table {}: {e}",
+                    spec.name
+                ))
+            })
+        };
+        let region = map("region", len)?;
+        // The clock is one word in a region of its own, so that one-sided readers (shared memory,
+        // RDMA) can read it beside the rows.
+        let clock = map("clock", 8)?;
 
         let optimizer = Optimizer::new(spec.optimizer);
         let state_len = optimizer.state_len(spec.dim as usize);
@@ -114,7 +120,7 @@ impl Table {
             stripes,
             rows_read: AtomicU64::new(0),
             rows_pushed: AtomicU64::new(0),
-            updates: AtomicU64::new(0),
+            clock,
         };
         let mut values = vec![0f32; layout.dim()];
         let mut image = vec![0u8; layout.stride()];
@@ -170,7 +176,7 @@ impl Table {
             optimizer: self.spec.optimizer.name().to_string(),
             rows_read: self.rows_read.load(Ordering::Relaxed),
             rows_pushed: self.rows_pushed.load(Ordering::Relaxed),
-            updates: self.updates.load(Ordering::Relaxed),
+            updates: self.clock(),
         }
     }
 
@@ -226,6 +232,11 @@ impl Table {
         }
     }
 
+    /// Asks the CPU to start loading local row `i` (a gather of random rows overlaps their misses).
+    pub fn prefetch_local(&self, i: u64) {
+        row::prefetch_row(self.region.words(), &self.layout, i);
+    }
+
     /// The version of local row `i` (a lower bound while a write is under way).
     pub fn version_local(&self, i: u64) -> u64 {
         row::read_seq(self.region.words(), &self.layout, i) >> 1
@@ -235,7 +246,16 @@ impl Table {
     /// before it changes any row, so a row version seen after reading the clock is never ahead of
     /// what the clock accounts for.
     pub fn clock(&self) -> u64 {
-        self.updates.load(Ordering::Acquire)
+        self.clock_word().load(Ordering::Acquire)
+    }
+
+    fn clock_word(&self) -> &AtomicU64 {
+        &self.clock.words()[0]
+    }
+
+    /// The region holding the clock word (file-backed beside the rows when they are).
+    pub fn clock_region(&self) -> &Region {
+        &self.clock
     }
 
     /// Counts rows served to readers.
@@ -293,12 +313,15 @@ impl Table {
         let dim = self.layout.dim();
         // The clock moves before any row does (see `clock`).
         let total: u64 = (0..locals.len()).map(|n| counts.get_u32(n) as u64).sum();
-        self.updates.fetch_add(total, Ordering::AcqRel);
+        self.clock_word().fetch_add(total, Ordering::AcqRel);
         let mut w = vec![0f32; dim];
         let mut g = vec![0f32; dim];
         let mut image = vec![0u8; self.layout.stride()];
         let mut updates = 0u64;
         for (n, &i) in locals.iter().enumerate() {
+            if let Some(&ahead) = locals.get(n + PREFETCH_ROWS) {
+                self.prefetch_local(ahead);
+            }
             let count = counts.get_u32(n) as u64;
             grads.copy_f32s(n * dim, &mut g);
             let mut stripe = self.stripe(i);
@@ -332,6 +355,9 @@ impl Table {
         (floats, stripe.steps.get(slot).copied().unwrap_or(0))
     }
 }
+
+/// Rows a push or a gather prefetches ahead of the one it works on.
+pub(crate) const PREFETCH_ROWS: usize = 8;
 
 /// Rows of a table of `local_rows` rows that fall in stripe `s`.
 fn stripe_rows(local_rows: u64, s: usize) -> usize {

@@ -107,8 +107,14 @@ fn two_daemons_serve_their_config_report_stats_and_stop_on_signals() {
     c1.push("ads", &[1, 3], &[2, 1], &[0.5; 16]).unwrap();
     let region = c1.region_info("ads").unwrap();
     assert!(
-        region.shm_path.as_deref().unwrap().contains("d1"),
+        dir.path().join("d1/shard1-ads.region").exists()
+            && dir.path().join("d1/shard1-ads.clock").exists(),
         "file-backed under the data dir"
+    );
+    assert_eq!(
+        (region.shm_path, c1.hello().shm_dir.clone()),
+        (None, None),
+        "a data dir is not exposed as shared memory"
     );
 
     let out = Command::new(env!("CARGO_BIN_EXE_hetkv"))

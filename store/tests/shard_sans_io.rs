@@ -360,7 +360,12 @@ fn the_first_frame_must_be_a_hello_of_this_version() {
     assert!(outcome.close);
     let e = outcome.error.unwrap();
     assert_eq!(e.code, ErrorCode::ProtocolVersion);
-    assert!(e.message.contains("protocol 2"), "{}", e.message);
+    assert!(
+        e.message
+            .contains(&format!("protocol {}", PROTOCOL_VERSION + 1)),
+        "{}",
+        e.message
+    );
 }
 
 #[test]

@@ -12,9 +12,11 @@
 //!   are missing from the server;
 //! - after flushes, versions equal the updates issued and values equal sequential SGD.
 
-use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, Cluster, PolicyKind, Table};
+use hetkv_client::{
+    Bound, CacheConfig, CachedTable, Capacity, Cluster, PolicyKind, Table, TransportKind,
+};
 use hetkv_fallback_tcp::ClientConfig;
-use hetkv_store::EmbeddedCluster;
+use hetkv_store::{EmbeddedCluster, ShardConfig};
 use hetkv_tests::TestRng;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
@@ -42,7 +44,12 @@ impl Truth {
 }
 
 /// Returns (checks skipped on the table clock's word, lookups where that word failed).
-fn run(cluster: &EmbeddedCluster, policy: PolicyKind, bound: Bound) -> (u64, u64) {
+fn run(
+    cluster: &EmbeddedCluster,
+    transport: TransportKind,
+    policy: PolicyKind,
+    bound: Bound,
+) -> (u64, u64) {
     let name = format!("model_{policy}_{bound}").replace('-', "_");
     let spec = TableSpec {
         name: name.clone(),
@@ -58,7 +65,7 @@ fn run(cluster: &EmbeddedCluster, policy: PolicyKind, bound: Bound) -> (u64, u64
     let config = CacheConfig::new(Capacity::Rows(CAPACITY), policy, bound);
     let mut clients: Vec<CachedTable> = (0..CLIENTS)
         .map(|_| {
-            Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())
+            Cluster::connect(cluster.addrs(), transport, &ClientConfig::default())
                 .unwrap()
                 .open_table(&name)
                 .unwrap()
@@ -214,7 +221,23 @@ fn run(cluster: &EmbeddedCluster, policy: PolicyKind, bound: Bound) -> (u64, u64
 
 #[test]
 fn bounds_hold_for_every_policy_under_constant_eviction() {
-    let cluster = EmbeddedCluster::start(3).unwrap();
+    every_policy_and_bound(&EmbeddedCluster::start(3).unwrap(), TransportKind::Tcp);
+}
+
+/// The same model over one-sided reads: the caches read rows, versions and the clock word through
+/// shared memory and push over TCP.
+#[test]
+fn bounds_hold_over_shared_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EmbeddedCluster::start_with(3, Default::default(), |i| ShardConfig {
+        shm_dir: Some(dir.path().to_path_buf()),
+        ..ShardConfig::new(i, 3)
+    })
+    .unwrap();
+    every_policy_and_bound(&cluster, TransportKind::Shm);
+}
+
+fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
     for policy in [
         PolicyKind::Lru,
         PolicyKind::Lfu,
@@ -226,7 +249,7 @@ fn bounds_hold_for_every_policy_under_constant_eviction() {
             Bound::updates(10),
             Bound::INFINITE,
         ] {
-            run(&cluster, policy, bound);
+            run(cluster, transport, policy, bound);
         }
     }
 }

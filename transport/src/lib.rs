@@ -5,13 +5,15 @@
 //! - [`spec`]: table specifications;
 //! - [`wire`]: frames, headers and payload arrays of the control protocol;
 //! - [`service`]: the server side of the protocol, sans-IO;
-//! - [`client`]: the client-side interface every backend implements.
+//! - [`client`]: the client-side interface every backend implements;
+//! - [`shm`]: the shared-memory backend (one-sided reads of a same-host daemon's regions).
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod client;
 pub mod region;
 pub mod row;
 pub mod service;
+pub mod shm;
 pub mod spec;
 pub mod wire;
 
@@ -19,5 +21,6 @@ pub use client::{PushRef, ShardTransport, StaleRows, Traffic, TrafficCounters, T
 pub use region::{Region, SharedRegion};
 pub use row::RowLayout;
 pub use service::{Outcome, Response, ServerCounters, Session, ShardService};
+pub use shm::{ShmStats, ShmTransport, ShmUnavailable};
 pub use spec::{Initializer, OptimizerSpec, SpecError, TableInfo, TableSpec};
 pub use wire::{ErrorCode, RegionDescriptor, ShardStats, Span, TableStats, WireError};

@@ -6,6 +6,8 @@
 //! expose their bytes only as a slice of [`AtomicU64`] words, so a daemon thread writing a row and a
 //! reader copying it never race in the sense of the Rust memory model: every access is atomic, and
 //! the row codec ([`crate::row`]) decides with the seq word and the CRC whether a copy is whole.
+//! The one exception is [`SharedRegion::copy_unverified`], a plain memcpy kept for measuring the
+//! physical limit of a same-host read.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -28,6 +30,22 @@ unsafe fn words_of<'a>(ptr: *const u8, len: usize) -> &'a [AtomicU64] {
     // SAFETY: the caller guarantees validity and alignment; `AtomicU64` has the size and alignment
     // of `u64` (checked at compile time below) and no invalid bit patterns.
     unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), len / WORD) }
+}
+
+/// Asks the CPU to load `words` into its caches (one hint per 64-byte line); a no-op off x86_64.
+pub fn prefetch(words: &[AtomicU64]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in words.chunks(64 / WORD) {
+        // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has; it is a hint that never
+        // faults and reads nothing into the program, and the address is that of live memory.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = words;
 }
 
 const _: () = assert!(std::mem::size_of::<AtomicU64>() == WORD);
@@ -136,6 +154,30 @@ impl SharedRegion {
     /// Length in bytes.
     pub fn len(&self) -> u64 {
         self.map.len() as u64
+    }
+
+    /// Appends `len` bytes from `offset` to `out` with one plain memory copy: no atomics, no
+    /// verification, so a copy made while the daemon writes may be torn. It exists to measure the
+    /// physical limit that the verifying reader is compared against (`hetkv-bench transport`).
+    /// Panics if the span is not inside the mapping.
+    pub fn copy_unverified(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
+        let start = usize::try_from(offset).expect("offset fits in memory");
+        let end = start.checked_add(len).expect("span end fits in memory");
+        assert!(end <= self.map.len(), "span past the mapping");
+        out.reserve(len);
+        let at = out.len();
+        // SAFETY: the source span lies inside the live, readable mapping (checked above) and the
+        // destination has `len` bytes reserved past `at`; the two cannot overlap (one is this
+        // process's heap, the other a file mapping). Every bit pattern is a valid `u8`: bytes a
+        // concurrent writer in the daemon is changing are only inconsistent, never invalid.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.as_ptr().add(start),
+                out.as_mut_ptr().add(at),
+                len,
+            );
+            out.set_len(at + len);
+        }
     }
 
     /// Whether the mapping is empty (never true).

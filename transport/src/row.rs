@@ -235,6 +235,16 @@ pub fn read_row(
     Err(last)
 }
 
+/// Asks the CPU to start loading row `index` into its caches, so that a gather of random rows
+/// overlaps their memory latencies (a verified read does too much work per row for the CPU to look
+/// ahead by itself). Only a hint: no effect off x86_64 or for an index past the region.
+pub fn prefetch_row(words: &[AtomicU64], layout: &RowLayout, index: u64) {
+    let base = index as usize * layout.stride_words();
+    if let Some(row) = words.get(base..base + layout.stride_words()) {
+        crate::region::prefetch(row);
+    }
+}
+
 /// The seq word of row `index`: even = stable at version `seq >> 1`; odd = a write is under way
 /// and the version is at least `seq >> 1`.
 pub fn read_seq(words: &[AtomicU64], layout: &RowLayout, index: u64) -> u64 {

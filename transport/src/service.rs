@@ -91,6 +91,10 @@ impl Response<'_> {
 pub trait ShardService: Send + Sync + 'static {
     /// This shard's index and the cluster's size.
     fn identity(&self) -> (u32, u32);
+    /// The directory of this shard's shared-memory region files, when it exposes them.
+    fn shm_dir(&self) -> Option<String> {
+        None
+    }
     /// Checks the hello's auth token (true when the daemon needs none).
     fn authorize(&self, token: Option<&str>) -> bool;
     /// Tables in creation order.
@@ -257,6 +261,7 @@ impl Session {
                     shards,
                     max_frame: self.max_frame,
                     server: concat!("hetkv ", env!("CARGO_PKG_VERSION")).to_string(),
+                    shm_dir: service.shm_dir(),
                 });
             }
             Op::ListTables => {

@@ -20,7 +20,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -172,6 +172,10 @@ pub struct HelloResponse {
     pub max_frame: u32,
     /// Free text naming the daemon build.
     pub server: String,
+    /// The directory under which this daemon exposes its regions as shared-memory files, when it
+    /// does. Its name carries a random instance id, so a client that finds it is on the daemon's
+    /// host.
+    pub shm_dir: Option<String>,
 }
 
 /// Header naming a table.
@@ -225,6 +229,13 @@ pub struct RegionDescriptor {
     pub rkey: u32,
     /// Path of the region file, when the daemon exposes it through shared memory.
     pub shm_path: Option<String>,
+    /// Virtual address of the table's clock word (one u64: updates applied on this shard) in the
+    /// daemon, for RDMA READ.
+    pub clock_addr: u64,
+    /// Remote key of the clock word's registration; 0 when not registered.
+    pub clock_rkey: u32,
+    /// Path of the clock word's file, when the daemon exposes it through shared memory.
+    pub clock_shm_path: Option<String>,
 }
 
 /// Read request header; the payload holds `spans` spans of [`SPAN_BYTES`].

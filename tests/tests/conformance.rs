@@ -1,0 +1,552 @@
+//! One conformance suite for every shard transport that can run here: TCP and shared memory
+//! always, RDMA when built with `--features rdma` (where a device exists: the soft-RoCE VM).
+//!
+//! Each case runs against a real two-shard cluster whose daemons expose their regions through
+//! shared memory, so every backend reads the same bytes. Covered: reads of every row shape (direct
+//! and as raw spans), version reads against the bounds, torn-read detection while the daemon
+//! writes the same rows, pushes, reads after daemon-side updates, and the bad inputs of the
+//! foundation that apply to a client (unknown table, key out of range or on another shard, wrong
+//! dim, NaN gradients, spans past a region).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hetkv_fallback_tcp::{ClientConfig, ServerConfig, TcpShardClient};
+use hetkv_store::{EmbeddedCluster, ShardConfig};
+use hetkv_tests::{sgd_table, TestRng};
+use hetkv_transport::row::{self, RowLayout};
+use hetkv_transport::wire::NOT_CACHED;
+use hetkv_transport::{
+    ErrorCode, Initializer, OptimizerSpec, ShardTransport, ShmTransport, Span, StaleRows,
+    TableSpec, TransportError,
+};
+
+/// A backend under test, with its one-sided read counters where it has them.
+enum Backend {
+    Tcp(TcpShardClient),
+    Shm(ShmTransport<TcpShardClient>),
+}
+
+impl Backend {
+    fn connect(kind: &str, addr: &str) -> Self {
+        let control = TcpShardClient::connect(addr, ClientConfig::default()).unwrap();
+        match kind {
+            "tcp" => Self::Tcp(control),
+            "shm" => Self::Shm(
+                ShmTransport::new(control)
+                    .map_err(|(_, why)| why)
+                    .expect("the daemon exposes shared memory on this host"),
+            ),
+            _ => panic!("no backend {kind}"),
+        }
+    }
+
+    fn t(&self) -> &dyn ShardTransport {
+        match self {
+            Self::Tcp(t) => t,
+            Self::Shm(t) => t,
+        }
+    }
+
+    /// Torn copies the client itself discarded (one-sided backends only).
+    fn torn_retries(&self) -> Option<u64> {
+        match self {
+            Self::Tcp(_) => None,
+            Self::Shm(t) => Some(t.shm_stats().torn_retries),
+        }
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    cluster: EmbeddedCluster,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let shm = dir.path().to_path_buf();
+        let cluster = EmbeddedCluster::start_with(2, ServerConfig::default(), |i| ShardConfig {
+            shm_dir: Some(shm.clone()),
+            ..ShardConfig::new(i, 2)
+        })
+        .unwrap();
+        Self { _dir: dir, cluster }
+    }
+
+    fn addr(&self, shard: usize) -> &str {
+        &self.cluster.addrs()[shard]
+    }
+
+    /// A TCP client that plays "the daemon side" (another trainer's pushes).
+    fn other(&self, shard: usize) -> TcpShardClient {
+        TcpShardClient::connect(self.addr(shard), ClientConfig::default()).unwrap()
+    }
+
+    fn create(&self, spec: &TableSpec) {
+        for s in 0..2 {
+            self.other(s).create_table(spec).unwrap();
+        }
+    }
+}
+
+/// SGD at `lr` from zeros.
+fn zero_table(name: &str, rows: u64, dim: u32, lr: f32) -> TableSpec {
+    TableSpec {
+        init: Initializer::Zeros,
+        ..sgd_table(name, rows, dim, lr)
+    }
+}
+
+fn normal_table(name: &str, rows: u64, dim: u32) -> TableSpec {
+    TableSpec {
+        init: Initializer::Normal {
+            std: 0.5,
+            seed: dim as u64,
+        },
+        ..sgd_table(name, rows, dim, 0.5)
+    }
+}
+
+/// Keys of shard `s` of 2 in a table of `rows`.
+fn keys_of(s: u64, rows: u64) -> Vec<u64> {
+    (s..rows).step_by(2).collect()
+}
+
+fn reads_every_row_shape(kind: &str) {
+    let f = Fixture::new();
+    for dim in [1u32, 2, 3, 7, 16, 64, 128, 129, 512] {
+        let rows = 37;
+        let spec = normal_table(&format!("shape{dim}"), rows, dim);
+        f.create(&spec);
+        for s in 0..2u64 {
+            let b = Backend::connect(kind, f.addr(s as usize));
+            let keys = keys_of(s, rows);
+            let (mut versions, mut values) = (Vec::new(), Vec::new());
+            b.t()
+                .pull(&spec.name, &keys, &mut versions, &mut values)
+                .unwrap();
+            assert_eq!(versions, vec![0; keys.len()], "dim {dim}");
+            let mut expected = vec![0f32; dim as usize];
+            for (n, &k) in keys.iter().enumerate() {
+                spec.init.fill(k, &mut expected);
+                assert_eq!(
+                    &values[n * dim as usize..(n + 1) * dim as usize],
+                    &expected[..],
+                    "{kind}: dim {dim}, key {k}"
+                );
+            }
+            // The same rows as raw spans of the region, verified by the codec.
+            let desc = b.t().region_info(&spec.name).unwrap();
+            let layout = RowLayout::new(dim);
+            assert_eq!(desc.stride as usize, layout.stride());
+            let spans: Vec<Span> = (0..desc.rows)
+                .map(|i| Span {
+                    region: desc.region,
+                    offset: layout.row_offset(i),
+                    len: layout.stride() as u32,
+                })
+                .collect();
+            let mut bytes = Vec::new();
+            b.t().read(&spans, &mut bytes).unwrap();
+            assert_eq!(bytes.len(), spans.len() * layout.stride());
+            let mut decoded = vec![0f32; dim as usize];
+            for (i, image) in bytes.chunks_exact(layout.stride()).enumerate() {
+                assert_eq!(row::verify_image(&layout, image), Ok(0));
+                row::decode_payload(&layout, image, &mut decoded);
+                spec.init.fill(s + 2 * i as u64, &mut expected);
+                assert_eq!(decoded, expected, "{kind}: span of row {i}, dim {dim}");
+            }
+            // An unaligned span inside a row: the bytes the row holds there.
+            let inner = Span {
+                region: desc.region,
+                offset: layout.row_offset(1) + 3,
+                len: 9,
+            };
+            b.t().read(&[inner], &mut bytes).unwrap();
+            let whole = layout.stride();
+            assert_eq!(bytes, {
+                let mut all = Vec::new();
+                b.t().read(&spans[1..2], &mut all).unwrap();
+                all[3..12].to_vec()
+            });
+            assert!(whole >= 12);
+        }
+    }
+}
+
+fn version_reads_follow_the_bounds(kind: &str) {
+    let f = Fixture::new();
+    let spec = zero_table("versions", 40, 4, 0.1);
+    f.create(&spec);
+    let b = Backend::connect(kind, f.addr(0));
+    let keys = keys_of(0, 40);
+    // Row k gets k % 5 updates (in one entry of that count).
+    let updated: Vec<u64> = keys.iter().copied().filter(|k| k % 5 != 0).collect();
+    let counts: Vec<u32> = updated.iter().map(|k| (k % 5) as u32).collect();
+    let grads = vec![0.5f32; updated.len() * 4];
+    let total: u64 = counts.iter().map(|&c| c as u64).sum();
+    let resp = f
+        .other(0)
+        .push(&spec.name, &updated, &counts, &grads)
+        .unwrap();
+    assert_eq!(resp.updates, total);
+    let version = |k: u64| k % 5;
+    // A cache that holds every row at version 0: with bound b, rows ahead by more than b return.
+    for bound in [0u64, 1, 2, 3, 4, u64::MAX] {
+        let clocks = vec![0u64; keys.len()];
+        let mut out = StaleRows::default();
+        b.t()
+            .pull_if_stale(&spec.name, &keys, &clocks, bound, None, None, &mut out)
+            .unwrap();
+        let expected: Vec<u32> = (0..keys.len() as u32)
+            .filter(|&j| version(keys[j as usize]) > bound)
+            .collect();
+        assert_eq!(out.indices, expected, "{kind}: bound {bound}");
+        let got: Vec<u64> = out
+            .indices
+            .iter()
+            .map(|&j| version(keys[j as usize]))
+            .collect();
+        assert_eq!(out.versions, got);
+        assert_eq!(out.table_clock, total);
+        assert_eq!(out.rows.len(), out.indices.len() * 4);
+    }
+    // Missing rows always come back; clocks at the current version never do.
+    let clocks: Vec<u64> = keys
+        .iter()
+        .map(|&k| {
+            if k.is_multiple_of(4) {
+                NOT_CACHED
+            } else {
+                version(k)
+            }
+        })
+        .collect();
+    let mut out = StaleRows::default();
+    b.t()
+        .pull_if_stale(&spec.name, &keys, &clocks, 0, None, None, &mut out)
+        .unwrap();
+    let missing: Vec<u32> = (0..keys.len() as u32)
+        .filter(|&j| keys[j as usize].is_multiple_of(4))
+        .collect();
+    assert_eq!(out.indices, missing, "{kind}");
+    // A clock claim holds while the foreign updates stay within its allowance.
+    let claim = |max_foreign| hetkv_transport::wire::Since {
+        clock: total - 3,
+        own: 0,
+        max_foreign,
+    };
+    for (max_foreign, held) in [(3, true), (2, false)] {
+        let mut out = StaleRows::default();
+        b.t()
+            .pull_if_stale(
+                &spec.name,
+                &keys[..1],
+                &[NOT_CACHED],
+                0,
+                Some(claim(max_foreign)),
+                None,
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(out.since_held, held, "{kind}: allowance {max_foreign}");
+    }
+}
+
+fn pushes_apply_and_read_back(kind: &str) {
+    let f = Fixture::new();
+    let spec = zero_table("pushes", 20, 3, 0.5);
+    f.create(&spec);
+    let b = Backend::connect(kind, f.addr(1));
+    let keys = [1u64, 3, 5, 3];
+    let counts = [1u32, 2, 1, 3];
+    let grads: Vec<f32> = (0..12).map(|i| i as f32).collect();
+    let resp = b.t().push(&spec.name, &keys, &counts, &grads).unwrap();
+    assert_eq!((resp.rows, resp.updates), (4, 7));
+    // SGD from zeros: each entry subtracts lr x its gradient sum; key 3's two entries add up.
+    let (mut versions, mut values) = (Vec::new(), Vec::new());
+    f.other(1)
+        .pull(&spec.name, &[1, 3, 5], &mut versions, &mut values)
+        .unwrap();
+    assert_eq!(versions, vec![1, 5, 1]);
+    let expect = |g: &[f32]| g.iter().map(|x| -0.5 * x).collect::<Vec<f32>>();
+    assert_eq!(&values[0..3], &expect(&grads[0..3])[..]);
+    let k3: Vec<f32> = (3..6).map(|i| grads[i] + grads[i + 6]).collect();
+    assert_eq!(&values[3..6], &expect(&k3)[..]);
+    assert_eq!(&values[6..9], &expect(&grads[6..9])[..]);
+    // A push carried by a conditional pull is applied before its rows are read.
+    let mut out = StaleRows::default();
+    let push = hetkv_transport::PushRef {
+        keys: &[7],
+        counts: &[2],
+        grads: &[2.0, 2.0, 2.0],
+    };
+    b.t()
+        .pull_if_stale(&spec.name, &[7, 9], &[0, 0], 0, None, Some(push), &mut out)
+        .unwrap();
+    assert_eq!(out.pushed_updates, 2);
+    assert_eq!(out.indices, vec![0]);
+    assert_eq!(out.versions, vec![2]);
+    assert_eq!(out.rows, vec![-1.0; 3]);
+    assert_eq!(out.table_clock, 9);
+}
+
+fn reads_see_daemon_side_updates(kind: &str) {
+    let f = Fixture::new();
+    let spec = zero_table("fresh", 64, 8, 1.0);
+    f.create(&spec);
+    let b = Backend::connect(kind, f.addr(0));
+    let other = f.other(0);
+    let mut rng = TestRng(7);
+    let keys = keys_of(0, 64);
+    let mut model = vec![0f32; 64 * 8];
+    let mut model_versions = vec![0u64; 64];
+    for round in 0..50 {
+        let k = keys[rng.below(keys.len() as u64) as usize];
+        let g: Vec<f32> = (0..8).map(|_| rng.signed_unit()).collect();
+        other.push(&spec.name, &[k], &[1], &g).unwrap();
+        for (m, x) in model[k as usize * 8..][..8].iter_mut().zip(&g) {
+            *m -= x;
+        }
+        model_versions[k as usize] += 1;
+        let (mut versions, mut values) = (Vec::new(), Vec::new());
+        b.t()
+            .pull(&spec.name, &keys, &mut versions, &mut values)
+            .unwrap();
+        for (n, &key) in keys.iter().enumerate() {
+            assert_eq!(
+                versions[n], model_versions[key as usize],
+                "{kind}: round {round}"
+            );
+            assert_eq!(
+                &values[n * 8..(n + 1) * 8],
+                &model[key as usize * 8..][..8],
+                "{kind}: round {round}, key {key}"
+            );
+        }
+    }
+}
+
+/// Every element of a row equals its version: the daemon adds 1 per update (SGD, lr 1, gradient
+/// -1 everywhere), so an accepted row mixing two writes shows as a mismatch.
+fn torn_reads_are_never_accepted(kind: &str) {
+    let f = Fixture::new();
+    let dim = 2048u32; // 8 KiB rows: long writes, so copies do tear
+    let spec = TableSpec {
+        init: Initializer::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        ..sgd_table("torn", 4, dim, 1.0)
+    };
+    f.create(&spec);
+    let keys = [0u64, 2];
+    let stop = AtomicBool::new(false);
+    let b = Backend::connect(kind, f.addr(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut reads, mut last) = (0u64, [0u64; 2]);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let w = f.other(0);
+            let g = vec![-1f32; keys.len() * dim as usize];
+            let mut pushes = 0u64;
+            while !stop.load(Ordering::Relaxed) && pushes < 200_000 {
+                w.push(&spec.name, &keys, &[1, 1], &g).unwrap();
+                pushes += 1;
+            }
+            pushes
+        });
+        let (mut versions, mut values) = (Vec::new(), Vec::new());
+        // Read until the client saw torn copies (one-sided backends) and at least 2,000 reads,
+        // within the deadline.
+        while Instant::now() < deadline
+            && (reads < 2_000 || b.torn_retries().is_some_and(|t| t == 0))
+            && !writer.is_finished()
+        {
+            b.t()
+                .pull(&spec.name, &keys, &mut versions, &mut values)
+                .unwrap();
+            for (n, &v) in versions.iter().enumerate() {
+                let row = &values[n * dim as usize..(n + 1) * dim as usize];
+                assert!(
+                    row.iter().all(|&x| x == v as f32),
+                    "{kind}: an accepted row mixes writes: version {v}, values {:?}..",
+                    &row[..4]
+                );
+                assert!(
+                    v >= last[n],
+                    "{kind}: version went back from {} to {v}",
+                    last[n]
+                );
+                last[n] = v;
+            }
+            reads += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let pushes = writer.join().unwrap();
+        eprintln!(
+            "{kind}: {reads} reads of 2 rows of {dim} f32 during {pushes} pushes; torn copies discarded by the client: {:?}",
+            b.torn_retries()
+        );
+    });
+    assert!(last[0] > 0, "{kind}: the reads never overlapped a write");
+    if let Some(torn) = b.torn_retries() {
+        assert!(
+            torn > 0,
+            "{kind}: {reads} reads during writes and no torn copy detected"
+        );
+    }
+}
+
+fn bad_inputs_are_refused(kind: &str) {
+    let f = Fixture::new();
+    let spec = zero_table("bad", 10, 4, 0.1);
+    f.create(&spec);
+    let b = Backend::connect(kind, f.addr(0));
+    let code = |e: TransportError| e.remote().map(|w| w.code);
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    let e = b.t().pull("nope", &[0], &mut v, &mut r).unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::UnknownTable), "{kind}");
+    let e = b.t().pull(&spec.name, &[10], &mut v, &mut r).unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
+    let e = b.t().pull(&spec.name, &[1], &mut v, &mut r).unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
+    let mut out = StaleRows::default();
+    let e = b
+        .t()
+        .pull_if_stale(&spec.name, &[0, 12], &[0, 0], 0, None, None, &mut out)
+        .unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
+    let e = b.t().push(&spec.name, &[0], &[1], &[1.0; 3]).unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::WrongDim), "{kind}");
+    let e = b
+        .t()
+        .push(
+            &spec.name,
+            &[0, 2],
+            &[1, 1],
+            &[0.0, 0.0, 0.0, 0.0, 1.0, f32::NAN, 0.0, 0.0],
+        )
+        .unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::InvalidGradient), "{kind}");
+    // A push that travels with a conditional pull is refused whole when a key is bad.
+    let push = hetkv_transport::PushRef {
+        keys: &[0],
+        counts: &[1],
+        grads: &[1.0; 4],
+    };
+    let e = b
+        .t()
+        .pull_if_stale(&spec.name, &[3], &[0], 0, None, Some(push), &mut out)
+        .unwrap_err();
+    assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
+    // Spans past the region, or of a region that does not exist.
+    let desc = b.t().region_info(&spec.name).unwrap();
+    let mut bytes = Vec::new();
+    for span in [
+        Span {
+            region: desc.region,
+            offset: desc.len - 4,
+            len: 8,
+        },
+        Span {
+            region: desc.region + 100,
+            offset: 0,
+            len: 8,
+        },
+    ] {
+        let e = b.t().read(&[span], &mut bytes).unwrap_err();
+        assert!(e.remote().is_some(), "{kind}: {e}");
+    }
+    // Nothing changed, and the connection still serves.
+    let keys = keys_of(0, 10);
+    b.t().pull(&spec.name, &keys, &mut v, &mut r).unwrap();
+    assert_eq!(v, vec![0; keys.len()], "{kind}");
+    assert!(r.iter().all(|&x| x == 0.0));
+    assert_eq!(b.t().stats().unwrap().shard, 0);
+}
+
+macro_rules! conformance {
+    ($backend:ident) => {
+        mod $backend {
+            #[test]
+            fn reads_every_row_shape() {
+                super::reads_every_row_shape(stringify!($backend));
+            }
+            #[test]
+            fn version_reads_follow_the_bounds() {
+                super::version_reads_follow_the_bounds(stringify!($backend));
+            }
+            #[test]
+            fn pushes_apply_and_read_back() {
+                super::pushes_apply_and_read_back(stringify!($backend));
+            }
+            #[test]
+            fn reads_see_daemon_side_updates() {
+                super::reads_see_daemon_side_updates(stringify!($backend));
+            }
+            #[test]
+            fn torn_reads_are_never_accepted() {
+                super::torn_reads_are_never_accepted(stringify!($backend));
+            }
+            #[test]
+            fn bad_inputs_are_refused() {
+                super::bad_inputs_are_refused(stringify!($backend));
+            }
+        }
+    };
+}
+
+conformance!(tcp);
+conformance!(shm);
+
+#[test]
+fn shm_is_refused_with_its_reason_when_the_daemon_does_not_offer_it() {
+    let cluster = EmbeddedCluster::start(1).unwrap();
+    let control = TcpShardClient::connect(&cluster.addrs()[0], ClientConfig::default()).unwrap();
+    let (_, why) = ShmTransport::new(control).unwrap_err();
+    assert!(why.to_string().contains("--shm-dir"), "{why}");
+}
+
+#[test]
+fn the_shm_directory_disappears_with_the_daemon() {
+    let f = Fixture::new();
+    f.create(&sgd_table("gone", 4, 2, 0.1));
+    let hello = f.other(0).hello().clone();
+    let dir = std::path::PathBuf::from(hello.shm_dir.unwrap());
+    assert!(dir.join("shard0-gone.region").exists());
+    assert!(dir.join("shard0-gone.clock").exists());
+    drop(f);
+    assert!(!dir.exists(), "{} outlived its daemon", dir.display());
+}
+
+#[test]
+fn auto_picks_shm_for_daemons_on_this_host_and_tcp_otherwise() {
+    use hetkv_client::{Cluster, TransportKind};
+    let f = Fixture::new();
+    let spec = sgd_table("auto", 8, 2, 0.1);
+    f.create(&spec);
+    let addrs = f.cluster.addrs();
+    for kind in [TransportKind::Auto, TransportKind::Shm, TransportKind::Tcp] {
+        let c = Cluster::connect(addrs, kind, &ClientConfig::default()).unwrap();
+        let t = c.open_table("auto").unwrap();
+        let mut out = vec![0f32; 16];
+        t.pull(&(0..8).collect::<Vec<_>>(), &mut out, None).unwrap();
+        // Shared-memory reads cross no socket: only the control traffic is counted.
+        let before = c.traffic().received;
+        t.pull(&(0..8).collect::<Vec<_>>(), &mut out, None).unwrap();
+        let pulled = c.traffic().received - before;
+        let expect_shm = kind != TransportKind::Tcp;
+        assert_eq!(pulled == 0, expect_shm, "{kind}: {pulled} bytes received");
+    }
+    let plain = EmbeddedCluster::start(1).unwrap();
+    let c = Cluster::connect(plain.addrs(), TransportKind::Auto, &ClientConfig::default());
+    assert!(c.is_ok(), "auto falls back to tcp");
+    let e =
+        Cluster::connect(plain.addrs(), TransportKind::Shm, &ClientConfig::default()).unwrap_err();
+    assert!(e.to_string().contains("shm"), "{e}");
+    if !cfg!(feature = "rdma") {
+        let e = Cluster::connect(plain.addrs(), TransportKind::Rdma, &ClientConfig::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("rdma"), "{e}");
+    }
+}
