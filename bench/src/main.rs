@@ -1,4 +1,5 @@
 //! `hetkv-bench`: the embedded demo and hetkv's benchmarks.
+#![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

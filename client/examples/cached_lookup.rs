@@ -5,7 +5,7 @@
 //! cargo run -p hetkv-client --example cached_lookup -- 127.0.0.1:7070,127.0.0.1:7071 ads
 //! ```
 
-use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind};
+use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -20,7 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let name = args.next().ok_or(usage)?;
 
     // One cluster connection and one cache per worker thread; here, one worker.
-    let table = Cluster::connect_tcp(&addrs, &ClientConfig::default())?.open_table(&name)?;
+    let table = Cluster::connect(&addrs, TransportKind::Auto, &ClientConfig::default())?
+        .open_table(&name)?;
     let dim = table.spec().dim as usize;
     let config = CacheConfig::new(
         Capacity::Fraction(0.10),

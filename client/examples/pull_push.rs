@@ -4,7 +4,7 @@
 //! cargo run -p hetkv-client --example pull_push -- 127.0.0.1:7070,127.0.0.1:7071 ads
 //! ```
 
-use hetkv_client::Cluster;
+use hetkv_client::{Cluster, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let name = args.next().ok_or("usage: pull_push ADDR[,ADDR...] TABLE")?;
 
-    let cluster = Cluster::connect_tcp(&addrs, &ClientConfig::default())?;
+    let cluster = Cluster::connect(&addrs, TransportKind::Auto, &ClientConfig::default())?;
     let table = cluster.open_table(&name)?;
     let dim = table.spec().dim as usize;
     let keys = [0u64, 1, 2, 3, 4];

@@ -14,6 +14,7 @@
 //! [`CachedTable`] belongs to one worker thread (`&mut self`, as in HET, where each worker has its
 //! own cache): no locks at all on the lookup path. Workers of one process share the cluster's
 //! connection pools, and the shards' versions keep their caches within the bounds of each other.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cache;

@@ -16,7 +16,7 @@ use hetkv_transport::client::{
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
     self, decode_header, le_array, put_f32s, put_u32s, put_u64s, split_body, split_payload,
-    CreateRequest, CreateResponse, F32s, FrameParts, HelloRequest, HelloResponse, Op,
+    CreateRequest, CreateResponse, Endpoint, F32s, FrameParts, HelloRequest, HelloResponse, Op,
     PullIfStaleRequest, PullIfStaleResponse, PullRequest, PullResponse, PushRequest, PushResponse,
     ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Since, Span, Status, TableRequest,
     TablesResponse, U32s, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
@@ -460,5 +460,9 @@ impl ShardTransport for TcpShardClient {
 
     fn traffic(&self) -> Traffic {
         self.traffic.snapshot()
+    }
+
+    fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {
+        self.call(Op::RdmaConnect, ours, |_| {}, |p| self.header(p))
     }
 }

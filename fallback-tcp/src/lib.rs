@@ -2,6 +2,7 @@
 //! blocking, pooled client ([`client`]) implementing [`hetkv_transport::ShardTransport`].
 //!
 //! Used where no RDMA device exists, and as the control channel of the other transports.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod client;

@@ -1,5 +1,6 @@
 //! hetkv's store: embedding tables in mapped regions, the server-side optimizers, the shard logic
 //! (transport-agnostic, no I/O), the daemon's configuration and an embedded in-process cluster.
+#![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod config;

@@ -1,4 +1,5 @@
 //! `hetkv`: the store daemon and its operator commands.
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -57,6 +58,10 @@ struct ServeArgs {
     /// when it stops. Excludes --data-dir.
     #[arg(long, conflicts_with = "data_dir")]
     shm_dir: Option<PathBuf>,
+    /// Register the tables with the first RDMA device and accept queue pairs (needs a build with
+    /// the `rdma` feature and a device; fails with the reason otherwise).
+    #[arg(long)]
+    rdma: bool,
     /// TOML configuration: server limits and tables to create at start.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -105,6 +110,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         shards: args.shards,
         data_dir: args.data_dir.clone(),
         shm_dir: args.shm_dir.clone(),
+        rdma: args.rdma,
         max_table_bytes: args
             .max_table_bytes
             .or(file.server.max_table_bytes)

@@ -31,6 +31,9 @@ pub struct ShardConfig {
     /// named with a random instance id, for its regions and clock words, and exposes them to
     /// clients on this host. Removed when the shard is dropped. Excludes `data_dir`.
     pub shm_dir: Option<PathBuf>,
+    /// Register every table's region and clock word with the first RDMA device (remote read
+    /// only) and accept queue pairs from clients. Needs the `rdma` feature and a device.
+    pub rdma: bool,
     /// Largest footprint (region plus optimizer state) one table may have on this shard.
     pub max_table_bytes: u64,
     /// Token a hello must carry, when set.
@@ -45,6 +48,7 @@ impl ShardConfig {
             shards,
             data_dir: None,
             shm_dir: None,
+            rdma: false,
             max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
             auth_token: None,
         }
@@ -90,6 +94,12 @@ struct Registry {
 /// One shard of a cluster.
 #[derive(Debug)]
 pub struct Shard {
+    /// Registrations of each table's region and clock word, by region id; declared before the
+    /// tables so that they are dropped before the memory they pin is unmapped.
+    #[cfg(feature = "rdma")]
+    registered: Mutex<HashMap<u32, RdmaRegistration>>,
+    #[cfg(feature = "rdma")]
+    device: Option<Arc<hetkv_transport::rdma::Device>>,
     config: ShardConfig,
     /// Where regions are file-backed: the data dir, or this shard's own shm directory.
     region_dir: Option<PathBuf>,
@@ -124,7 +134,26 @@ impl Shard {
             (Some(dir), None) => Some(make_instance_dir(dir, config.shard)?),
             (None, _) => None,
         };
+        #[cfg(feature = "rdma")]
+        let device = match config.rdma {
+            true => Some(Arc::new(
+                hetkv_transport::rdma::Device::open_first()
+                    .map_err(|e| StoreError::Config(format!("RDMA was asked for: {e}")))?,
+            )),
+            false => None,
+        };
+        #[cfg(not(feature = "rdma"))]
+        if config.rdma {
+            return Err(StoreError::Config(
+                "RDMA was asked for, but this build has no RDMA support (cargo feature `rdma`)"
+                    .into(),
+            ));
+        }
         Ok(Self {
+            #[cfg(feature = "rdma")]
+            registered: Mutex::new(HashMap::new()),
+            #[cfg(feature = "rdma")]
+            device,
             region_dir: shm_instance.clone().or_else(|| config.data_dir.clone()),
             shm_instance,
             config,
@@ -193,6 +222,21 @@ impl Shard {
             id,
             self.region_dir.as_deref(),
         )?);
+        #[cfg(feature = "rdma")]
+        if let Some(device) = &self.device {
+            let register = |r: &hetkv_transport::Region| {
+                hetkv_transport::rdma::MemoryRegion::remote_read(device, r.addr(), r.len())
+                    .map_err(|e| StoreError::Io(format!("registering table {name}: {e}")))
+            };
+            let registration = RdmaRegistration {
+                rows: register(table.region())?,
+                clock: register(table.clock_region())?,
+            };
+            self.registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(table.region_id(), registration);
+        }
         let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
         reg.by_name.insert(name.clone(), table.clone());
         reg.by_id.push(table.clone());
@@ -377,9 +421,55 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// The remote keys of a table's region and clock word (0 without RDMA).
+    fn rkeys(&self, region: u32) -> (u32, u32) {
+        #[cfg(feature = "rdma")]
+        if let Some(r) = self
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&region)
+        {
+            return (r.rows.rkey(), r.clock.rkey());
+        }
+        let _ = region;
+        (0, 0)
+    }
+}
+
+/// A table's registrations with the RDMA device.
+#[cfg(feature = "rdma")]
+#[derive(Debug)]
+struct RdmaRegistration {
+    rows: hetkv_transport::rdma::MemoryRegion,
+    clock: hetkv_transport::rdma::MemoryRegion,
+}
+
 impl ShardService for Shard {
     fn identity(&self) -> (u32, u32) {
         (self.config.shard, self.config.shards)
+    }
+
+    #[cfg(feature = "rdma")]
+    fn rdma_connect(
+        &self,
+        client: &hetkv_transport::wire::Endpoint,
+    ) -> Result<(hetkv_transport::wire::Endpoint, Box<dyn Send>), WireError> {
+        let Some(device) = &self.device else {
+            return Err(WireError::new(
+                ErrorCode::Unsupported,
+                "this daemon was started without --rdma",
+            ));
+        };
+        let (ours, qp) = hetkv_transport::rdma::accept(device, client)
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("RDMA accept: {e}")))?;
+        tracing::info!(
+            qpn = ours.qpn,
+            peer_qpn = client.qpn,
+            "RDMA queue pair connected"
+        );
+        Ok((ours, Box::new(qp)))
     }
 
     fn authorize(&self, token: Option<&str>) -> bool {
@@ -424,10 +514,10 @@ impl ShardService for Shard {
             rows: t.local_rows(),
             len: t.region().len(),
             addr: t.region().addr(),
-            rkey: 0,
+            rkey: self.rkeys(t.region_id()).0,
             shm_path: shm(t.region()),
             clock_addr: t.clock_region().addr(),
-            clock_rkey: 0,
+            clock_rkey: self.rkeys(t.region_id()).1,
             clock_shm_path: shm(t.clock_region()),
         })
     }

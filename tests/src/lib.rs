@@ -1,5 +1,6 @@
 //! Helpers shared by hetkv's integration tests: raw protocol frames over real sockets, for the
 //! tests that must send what no well-behaved client would.
+#![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

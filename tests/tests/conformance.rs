@@ -25,6 +25,22 @@ use hetkv_transport::{
 enum Backend {
     Tcp(TcpShardClient),
     Shm(ShmTransport<TcpShardClient>),
+    #[cfg(feature = "rdma")]
+    Rdma(hetkv_transport::rdma::RdmaTransport<TcpShardClient>),
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_device() -> std::sync::Arc<hetkv_transport::rdma::Device> {
+    static DEVICE: std::sync::OnceLock<std::sync::Arc<hetkv_transport::rdma::Device>> =
+        std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            std::sync::Arc::new(
+                hetkv_transport::rdma::Device::open_first()
+                    .expect("the rdma feature is on, so an RDMA device must work here"),
+            )
+        })
+        .clone()
 }
 
 impl Backend {
@@ -37,6 +53,12 @@ impl Backend {
                     .map_err(|(_, why)| why)
                     .expect("the daemon exposes shared memory on this host"),
             ),
+            #[cfg(feature = "rdma")]
+            "rdma" => Self::Rdma(
+                hetkv_transport::rdma::RdmaTransport::connect(rdma_device(), control)
+                    .map_err(|(_, e)| e)
+                    .expect("an RDMA queue pair to the daemon"),
+            ),
             _ => panic!("no backend {kind}"),
         }
     }
@@ -45,6 +67,8 @@ impl Backend {
         match self {
             Self::Tcp(t) => t,
             Self::Shm(t) => t,
+            #[cfg(feature = "rdma")]
+            Self::Rdma(t) => t,
         }
     }
 
@@ -53,6 +77,8 @@ impl Backend {
         match self {
             Self::Tcp(_) => None,
             Self::Shm(t) => Some(t.shm_stats().torn_retries),
+            #[cfg(feature = "rdma")]
+            Self::Rdma(t) => Some(t.torn_retries()),
         }
     }
 }
@@ -68,6 +94,7 @@ impl Fixture {
         let shm = dir.path().to_path_buf();
         let cluster = EmbeddedCluster::start_with(2, ServerConfig::default(), |i| ShardConfig {
             shm_dir: Some(shm.clone()),
+            rdma: cfg!(feature = "rdma"),
             ..ShardConfig::new(i, 2)
         })
         .unwrap();
@@ -498,6 +525,8 @@ macro_rules! conformance {
 
 conformance!(tcp);
 conformance!(shm);
+#[cfg(feature = "rdma")]
+conformance!(rdma);
 
 #[test]
 fn shm_is_refused_with_its_reason_when_the_daemon_does_not_offer_it() {
@@ -535,7 +564,9 @@ fn auto_picks_shm_for_daemons_on_this_host_and_tcp_otherwise() {
         let before = c.traffic().received;
         t.pull(&(0..8).collect::<Vec<_>>(), &mut out, None).unwrap();
         let pulled = c.traffic().received - before;
-        let expect_shm = kind != TransportKind::Tcp;
+        // Auto prefers RDMA where it runs, whose READs are counted as received bytes.
+        let expect_shm =
+            kind == TransportKind::Shm || (kind == TransportKind::Auto && !cfg!(feature = "rdma"));
         assert_eq!(pulled == 0, expect_shm, "{kind}: {pulled} bytes received");
     }
     let plain = EmbeddedCluster::start(1).unwrap();
@@ -548,5 +579,51 @@ fn auto_picks_shm_for_daemons_on_this_host_and_tcp_otherwise() {
         let e = Cluster::connect(plain.addrs(), TransportKind::Rdma, &ClientConfig::default())
             .unwrap_err();
         assert!(e.to_string().contains("rdma"), "{e}");
+    }
+}
+
+/// The probe names why RDMA cannot work, or opens a device where one is up (`/dev/infiniband`).
+#[cfg(feature = "rdma")]
+#[test]
+fn rdma_probe_opens_a_device_or_names_the_reason() {
+    let up = std::path::Path::new("/dev/infiniband/uverbs0").exists();
+    match hetkv_transport::rdma::Device::open_first() {
+        Ok(d) => {
+            assert!(up, "a device opened without /dev/infiniband/uverbs0");
+            eprintln!("RDMA device {} is up", d.name());
+        }
+        Err(e) => {
+            let why = e.to_string();
+            eprintln!("no RDMA here: {why}");
+            assert!(!up, "uverbs0 exists but the device did not open: {why}");
+            assert!(
+                [
+                    "kernel has no RDMA support",
+                    "no RDMA devices",
+                    "is not active"
+                ]
+                .iter()
+                .any(|r| why.contains(r)),
+                "{why}"
+            );
+        }
+    }
+}
+
+/// Queue pairs come and go with their transports and control connections, on both sides.
+#[cfg(feature = "rdma")]
+#[test]
+fn rdma_queue_pairs_are_torn_down_with_their_transports() {
+    let f = Fixture::new();
+    let spec = zero_table("churn", 16, 8, 0.1);
+    f.create(&spec);
+    let keys = keys_of(0, 16);
+    for round in 0..100 {
+        let b = Backend::connect("rdma", f.addr(0));
+        let (mut v, mut r) = (Vec::new(), Vec::new());
+        b.t()
+            .pull(&spec.name, &keys, &mut v, &mut r)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(v, vec![0; keys.len()]);
     }
 }

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::spec::{TableInfo, TableSpec};
 use crate::wire::{
-    CreateResponse, HelloResponse, PushResponse, RegionDescriptor, ShardStats, Since, Span,
-    WireError,
+    CreateResponse, Endpoint, HelloResponse, PushResponse, RegionDescriptor, ShardStats, Since,
+    Span, WireError,
 };
 
 /// Errors of a shard transport, naming the shard.
@@ -173,4 +173,13 @@ pub trait ShardTransport: Send + Sync {
     fn stats(&self) -> Result<ShardStats, TransportError>;
     /// Bytes moved so far by this transport.
     fn traffic(&self) -> Traffic;
+    /// Sends this side's RDMA endpoint to the shard, which connects a queue pair to it (held for
+    /// the life of the connection that carried the request) and answers with its own.
+    fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {
+        let _ = ours;
+        Err(TransportError::InvalidRequest {
+            addr: self.addr().to_string(),
+            message: "this transport cannot set up RDMA connections".into(),
+        })
+    }
 }

@@ -6,10 +6,17 @@
 //! - [`wire`]: frames, headers and payload arrays of the control protocol;
 //! - [`service`]: the server side of the protocol, sans-IO;
 //! - [`client`]: the client-side interface every backend implements;
-//! - [`shm`]: the shared-memory backend (one-sided reads of a same-host daemon's regions).
+//! - [`shm`]: the shared-memory backend (one-sided reads of a same-host daemon's regions);
+//! - `rdma` (feature `rdma`): the RDMA backend over libibverbs.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+// `unsafe` lives in the shared-memory module (`region`) and the RDMA module only.
+#![deny(unsafe_code)]
 
 pub mod client;
+#[cfg(feature = "rdma")]
+#[allow(unsafe_code)]
+pub mod rdma;
+#[allow(unsafe_code)]
 pub mod region;
 pub mod row;
 pub mod service;

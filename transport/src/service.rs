@@ -12,9 +12,9 @@ use serde::Serialize;
 use crate::spec::TableSpec;
 use crate::wire::{
     self, decode_header, le_array, split_body, split_payload, CreateRequest, CreateResponse,
-    ErrorCode, F32s, FrameError, HelloRequest, HelloResponse, Op, PullIfStaleRequest, PullRequest,
-    PushRequest, PushResponse, ReadRequest, RegionDescriptor, ShardStats, Status, TableRequest,
-    TablesResponse, U32s, U64s, WireError, MAGIC, PROTOCOL_VERSION, SPAN_BYTES,
+    Endpoint, ErrorCode, F32s, FrameError, HelloRequest, HelloResponse, Op, PullIfStaleRequest,
+    PullRequest, PushRequest, PushResponse, ReadRequest, RegionDescriptor, ShardStats, Status,
+    TableRequest, TablesResponse, U32s, U64s, WireError, MAGIC, PROTOCOL_VERSION, SPAN_BYTES,
 };
 
 /// Counters every server keeps, whatever carries its frames.
@@ -91,6 +91,15 @@ impl Response<'_> {
 pub trait ShardService: Send + Sync + 'static {
     /// This shard's index and the cluster's size.
     fn identity(&self) -> (u32, u32);
+    /// Creates a queue pair connected to `client`'s and returns this side's endpoint and the
+    /// queue pair, which the session keeps until the connection closes.
+    fn rdma_connect(&self, client: &Endpoint) -> Result<(Endpoint, Box<dyn Send>), WireError> {
+        let _ = client;
+        Err(WireError::new(
+            ErrorCode::Unsupported,
+            "this daemon serves no RDMA (built without the rdma feature, or started without --rdma)",
+        ))
+    }
     /// The directory of this shard's shared-memory region files, when it exposes them.
     fn shm_dir(&self) -> Option<String> {
         None
@@ -144,12 +153,26 @@ pub struct Outcome {
     pub error: Option<WireError>,
 }
 
+/// Queue pairs one connection may hold (a client needs one per connection).
+const MAX_HELD: usize = 4;
+
 /// One connection's protocol state.
-#[derive(Debug)]
 pub struct Session {
     greeted: bool,
     max_frame: u32,
     peer: String,
+    /// Resources that live as long as the connection (the daemon's RDMA queue pairs).
+    held: Vec<Box<dyn Send>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("greeted", &self.greeted)
+            .field("peer", &self.peer)
+            .field("held", &self.held.len())
+            .finish()
+    }
 }
 
 impl Session {
@@ -159,6 +182,7 @@ impl Session {
             greeted: false,
             max_frame,
             peer: String::new(),
+            held: Vec::new(),
         }
     }
 
@@ -331,6 +355,19 @@ impl Session {
                 let mut stats = service.stats();
                 service.counters().fill(&mut stats);
                 resp.begin(&stats);
+            }
+            Op::RdmaConnect => {
+                no_payload(payload)?;
+                let client: Endpoint = decode_header(parts.header).map_err(malformed)?;
+                if self.held.len() >= MAX_HELD {
+                    return Err(WireError::new(
+                        ErrorCode::Unsupported,
+                        format!("a connection may hold at most {MAX_HELD} queue pairs"),
+                    ));
+                }
+                let (ours, qp) = service.rdma_connect(&client)?;
+                self.held.push(qp);
+                resp.begin(&ours);
             }
         }
         Ok(())

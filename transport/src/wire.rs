@@ -56,6 +56,9 @@ pub enum Op {
     Push = 8,
     /// Counters and tables.
     Stats = 9,
+    /// Exchange RDMA queue-pair endpoints; the daemon's queue pair lives as long as this
+    /// connection.
+    RdmaConnect = 10,
 }
 
 impl Op {
@@ -71,6 +74,7 @@ impl Op {
             7 => Self::PullIfStale,
             8 => Self::Push,
             9 => Self::Stats,
+            10 => Self::RdmaConnect,
             _ => return None,
         })
     }
@@ -117,6 +121,8 @@ pub enum ErrorCode {
     InvalidSpan,
     /// The daemon failed (I/O, resources).
     Internal,
+    /// The daemon cannot do this (an RDMA connect to a daemon without an RDMA device).
+    Unsupported,
 }
 
 /// An error response.
@@ -176,6 +182,21 @@ pub struct HelloResponse {
     /// does. Its name carries a random instance id, so a client that finds it is on the daemon's
     /// host.
     pub shm_dir: Option<String>,
+}
+
+/// One side of an RDMA RC connection: what the other side needs to reach its queue pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Queue pair number.
+    pub qpn: u32,
+    /// Initial packet sequence number.
+    pub psn: u32,
+    /// Port LID (InfiniBand; 0 on RoCE).
+    pub lid: u16,
+    /// Port GID (RoCE; may be zero on InfiniBand).
+    pub gid: [u8; 16],
+    /// Active path MTU (`ibv_mtu` value).
+    pub mtu: u32,
 }
 
 /// Header naming a table.
