@@ -41,7 +41,7 @@ pub struct TransportArgs {
 /// One measurement.
 #[derive(Debug, Serialize)]
 pub struct Entry {
-    /// `memcpy`, `shm` or `tcp`.
+    /// `memcpy`, `shm`, `tcp`, or `rdma` (soft-RoCE in the VM: emulation, a correctness run).
     pub path: &'static str,
     /// Row dimension.
     pub dim: u32,
@@ -94,6 +94,46 @@ fn measure(
     ))
 }
 
+/// The RDMA device, when this build has RDMA and one works here (said once, with the reason).
+#[cfg(feature = "rdma")]
+fn rdma_device() -> Option<std::sync::Arc<hetkv_transport::rdma::Device>> {
+    match hetkv_transport::rdma::Device::open_first() {
+        Ok(d) => Some(std::sync::Arc::new(d)),
+        Err(e) => {
+            eprintln!("no RDMA path: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_device() -> Option<std::convert::Infallible> {
+    None
+}
+
+#[cfg(feature = "rdma")]
+fn rdma_transport(
+    device: Option<std::sync::Arc<hetkv_transport::rdma::Device>>,
+    addr: &str,
+) -> Result<Option<Box<dyn ShardTransport>>> {
+    let Some(device) = device else {
+        return Ok(None);
+    };
+    let control = TcpShardClient::connect(addr, ClientConfig::default())?;
+    let t = hetkv_transport::rdma::RdmaTransport::connect(device, control)
+        .map_err(|(_, e)| e)
+        .context("connecting an RDMA queue pair")?;
+    Ok(Some(Box::new(t)))
+}
+
+#[cfg(not(feature = "rdma"))]
+fn rdma_transport(
+    device: Option<std::convert::Infallible>,
+    _addr: &str,
+) -> Result<Option<Box<dyn ShardTransport>>> {
+    Ok(device.map(|d| match d {}))
+}
+
 /// Runs the benchmark.
 pub fn run(args: &TransportArgs) -> Result<Report> {
     anyhow::ensure!(args.batch > 0, "the batch must not be empty");
@@ -105,13 +145,16 @@ pub fn run(args: &TransportArgs) -> Result<Report> {
             std::env::temp_dir()
         }
     });
+    let rdma_device = rdma_device();
     let cluster = EmbeddedCluster::start_with(1, ServerConfig::default(), |i| ShardConfig {
         shm_dir: Some(shm_root.clone()),
+        rdma: rdma_device.is_some(),
         ..ShardConfig::new(i, 1)
     })
     .context("starting a shard that exposes shared memory")?;
     let addr = &cluster.addrs()[0];
     let tcp = TcpShardClient::connect(addr, ClientConfig::default())?;
+    let rdma = rdma_transport(rdma_device, addr)?;
     let shm = ShmTransport::new(TcpShardClient::connect(addr, ClientConfig::default())?)
         .map_err(|(_, why)| why)
         .context("mapping the shard's regions")?;
@@ -156,10 +199,16 @@ pub fn run(args: &TransportArgs) -> Result<Report> {
             tcp.pull(&spec.name, k, &mut versions, &mut values)?;
             Ok(())
         })?;
+        let mut paths = vec![("memcpy", memcpy), ("shm", one_sided), ("tcp", over_tcp)];
+        if let Some(rdma) = &rdma {
+            let over_rdma = measure(args.seconds, args.batch, &mut keys, |k| {
+                rdma.pull(&spec.name, k, &mut versions, &mut values)?;
+                Ok(())
+            })?;
+            paths.push(("rdma", over_rdma));
+        }
         bar.finish_and_clear();
-        for (path, (batches, rows_per_s)) in
-            [("memcpy", memcpy), ("shm", one_sided), ("tcp", over_tcp)]
-        {
+        for (path, (batches, rows_per_s)) in paths {
             entries.push(Entry {
                 path,
                 dim,
@@ -168,6 +217,17 @@ pub fn run(args: &TransportArgs) -> Result<Report> {
                 payload_gb_per_s: rows_per_s * payload as f64 / 1e9,
                 vs_memcpy: rows_per_s / memcpy.1,
             });
+        }
+        if let Some((_, r)) = entries
+            .iter()
+            .rev()
+            .find(|e| e.path == "rdma")
+            .map(|e| (e, e.rows_per_s))
+        {
+            eprintln!(
+                "dim {dim}: rdma (soft-RoCE, emulated: a correctness run) {:.2} GB/s",
+                r * payload as f64 / 1e9
+            );
         }
         eprintln!(
             "dim {dim}: memcpy {:.2} GB/s, shm {:.2} GB/s ({:.2}x memcpy), tcp {:.2} GB/s; shm/tcp {:.1}x",

@@ -3,6 +3,8 @@
 # Debian's stock kernel (which builds rdma_rxe) and brings up a soft-RoCE device on a veth pair.
 #
 #   tests/rdma-vm/run.sh            # build, boot, run the rdma:: (and tcp::, shm::) cases, report
+#   tests/rdma-vm/run.sh --bench F  # also run `hetkv-bench transport` in the guest; JSON to F
+#                                   # (soft-RoCE under TCG: a correctness run, not performance)
 #
 # The host needs no RDMA support: the guest kernel has it. The guest mounts the host's /usr and
 # /etc read-only over 9p (so the test binary and libibverbs with its rxe provider run unchanged)
@@ -11,6 +13,8 @@
 # RDMA test ran, or any test failed: it never skips. Facts behind it: shared/notes/rdma-vm.md.
 set -euo pipefail
 
+BENCH_OUT=
+if [[ ${1:-} == --bench ]]; then BENCH_OUT=$(realpath -m "$2"); shift 2; fi
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -64,6 +68,11 @@ say "host probe: $("$BIN" rdma_probe_opens_a_device_or_names_the_reason --exact 
 BINDIR=$WORK/bin
 rm -rf "$BINDIR" && mkdir -p "$BINDIR"
 cp "$BIN" "$BINDIR/conformance"
+if [[ -n $BENCH_OUT ]]; then
+    say "building hetkv-bench with --features rdma"
+    cargo build -q --release -p hetkv-bench --features rdma
+    cp "$TARGET/release/hetkv-bench" "$BINDIR/hetkv-bench"
+fi
 
 # --- the initramfs -------------------------------------------------------------------------------------
 # Modules in dependency order: each wanted module after everything it depends on.
@@ -138,6 +147,10 @@ echo "RXE-UP"
 cd /tmp
 /work/conformance --test-threads=1 --nocapture 2>&1
 echo $? > /out/rc
+if [ -x /work/hetkv-bench ]; then
+    /work/hetkv-bench transport --table-bytes 33554432 --seconds 1 --shm-dir /dev/shm \
+        --json /out/transport.json 2>&1 | grep -v '^ '
+fi
 poweroff -f
 EOF
 chmod +x "$INITRD_DIR/init"
@@ -169,4 +182,9 @@ rc=$(cat "$OUT/rc")
 say "RDMA tests inside the guest: $((rdma_all - rdma_failed)) of $rdma_all passed (soft-RoCE: rxe0 over a veth, emulated)"
 [[ $rdma_all -gt 0 ]] || die "no RDMA test ran"
 [[ $rc -eq 0 && $rdma_failed -eq 0 ]] || die "the suite failed in the guest (exit $rc)"
+if [[ -n $BENCH_OUT ]]; then
+    [[ -f $OUT/transport.json ]] || die "hetkv-bench transport wrote no report in the guest"
+    cp "$OUT/transport.json" "$BENCH_OUT"
+    say "guest transport report (soft-RoCE under TCG emulation) written to $BENCH_OUT"
+fi
 say "passed"
