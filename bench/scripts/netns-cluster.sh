@@ -164,9 +164,12 @@ run_config() { # rate config
     done
     ip netns exec "${P}c" "$HETKV" stats --cluster "$servers" >/dev/null || die "the daemons did not come up"
     echo "== $rate, $config: $SHARDS daemons, $WORKERS worker processes, coordinator in its own namespace" >&2
+    # In the background, so that a signal to this script runs its traps at once (bash defers them
+    # while a foreground command runs); the cleanup kills everything left in the namespaces.
     ip netns exec "${P}c" "$BENCH" train --workers "$WORKERS" --servers "$servers" \
         --spawn-prefix "ip netns exec ${P}w{i}" "${train_cfg[@]}" "${TRAIN_ARGS[@]}" \
-        --json "$OUT/$rate-$config.json"
+        --json "$OUT/$rate-$config.json" &
+    wait $! || die "training failed ($rate, $config)"
     for pid in "${DAEMONS[@]}"; do kill "$pid"; wait "$pid" || true; done
     DAEMONS=()
 }
