@@ -627,3 +627,35 @@ fn rdma_queue_pairs_are_torn_down_with_their_transports() {
         assert_eq!(v, vec![0; keys.len()]);
     }
 }
+
+/// A READ the responder refuses (a wrong rkey) completes with an error that comes back as an
+/// error naming the status; the queue pair is then refused, and a new transport works.
+#[cfg(feature = "rdma")]
+#[test]
+fn rdma_completion_errors_are_surfaced() {
+    let f = Fixture::new();
+    let spec = zero_table("wrongkey", 16, 4, 0.1);
+    f.create(&spec);
+    let control = TcpShardClient::connect(f.addr(0), ClientConfig::default()).unwrap();
+    let t = hetkv_transport::rdma::RdmaTransport::connect(rdma_device(), control)
+        .map_err(|(_, e)| e)
+        .unwrap();
+    let desc = t.region_info(&spec.name).unwrap();
+    let good = t.read_remote(desc.addr, desc.rkey, 8).unwrap();
+    assert_eq!(good, 0u64.to_le_bytes(), "row 0's seq word at version 0");
+    let e = t
+        .read_remote(desc.addr, desc.rkey ^ 0x5a5a_5a5a, 8)
+        .unwrap_err()
+        .to_string();
+    eprintln!("wrong rkey: {e}");
+    assert!(e.contains("completed with"), "{e}");
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    let e = t
+        .pull(&spec.name, &[0], &mut v, &mut r)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unusable"), "{e}");
+    let b = Backend::connect("rdma", f.addr(0));
+    b.t().pull(&spec.name, &[0, 2], &mut v, &mut r).unwrap();
+    assert_eq!(v, vec![0, 0]);
+}

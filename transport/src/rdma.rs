@@ -669,10 +669,11 @@ impl<C: ShardTransport> RdmaTransport<C> {
         self.torn.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// RDMA failures are failures of the link to the shard, as an I/O error is for TCP.
     fn err(&self, e: RdmaError) -> TransportError {
-        TransportError::Protocol {
+        TransportError::Io {
             addr: self.control.addr().to_string(),
-            message: e.to_string(),
+            source: std::io::Error::other(e),
         }
     }
 
@@ -759,6 +760,22 @@ impl<C: ShardTransport> RdmaTransport<C> {
             start += batch.len();
         }
         Ok(())
+    }
+
+    /// One RDMA READ of `len` bytes at `remote_addr` under `rkey`, unverified (diagnostics: what
+    /// the NIC returns). A completion error comes back as an error, and the queue pair is then
+    /// refused for further use.
+    pub fn read_remote(
+        &self,
+        remote_addr: u64,
+        rkey: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, TransportError> {
+        let mut out = Vec::new();
+        self.run(&[(remote_addr, rkey, len)], |_, bytes| {
+            out.extend_from_slice(bytes)
+        })?;
+        Ok(out)
     }
 
     fn clock_op(r: &Remote) -> (u64, u32, u32) {
