@@ -53,21 +53,29 @@ MODDIR="$KDIR/lib/modules/$KVER"
 [[ -f $MODDIR/kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko || -f $MODDIR/kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko.xz ]] ||
     die "$KPKG has no rdma_rxe module"
 
-# --- the test binary ---------------------------------------------------------------------------------
-say "building the conformance suite with --features rdma"
-BIN=$(cargo test -q -p hetkv-tests --features rdma --test conformance --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
+# --- the test binaries --------------------------------------------------------------------------------
+# The transport conformance suite and the cache's model-based consistency test, with RDMA cases.
+TESTS="conformance cache_consistency"
+say "building the tests ($TESTS) with --features rdma"
+declare -A BINS
+while read -r name exe; do BINS[$name]=$exe; done < <(
+    cargo test -q -p hetkv-tests --features rdma $(printf -- '--test %s ' $TESTS) --no-run \
+        --message-format=json 2>/dev/null | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "conformance" in m["target"]["name"]:
-        print(m["executable"])' | tail -1)
-[[ -x $BIN ]] || die "the conformance test binary was not built (cargo test --features rdma --no-run)"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])')
+BINDIR=$WORK/bin
+rm -rf "$BINDIR" && mkdir -p "$BINDIR"
+for t in $TESTS; do
+    [[ -x ${BINS[$t]:-} ]] || die "the test binary $t was not built (cargo test --features rdma --no-run)"
+    cp "${BINS[$t]}" "$BINDIR/$t"
+done
+echo "$TESTS" > "$BINDIR/tests"
+BIN=$BINDIR/conformance
 say "host probe: $("$BIN" rdma_probe_opens_a_device_or_names_the_reason --exact --nocapture 2>&1 | grep -E 'no RDMA here|RDMA device' || echo 'probe test failed')"
 "$BIN" rdma_probe_opens_a_device_or_names_the_reason --exact -q >/dev/null 2>&1 ||
     die "the RDMA probe test failed on the host"
-BINDIR=$WORK/bin
-rm -rf "$BINDIR" && mkdir -p "$BINDIR"
-cp "$BIN" "$BINDIR/conformance"
 if [[ -n $BENCH_OUT ]]; then
     say "building hetkv-bench with --features rdma"
     cargo build -q --release -p hetkv-bench --features rdma
@@ -145,8 +153,12 @@ $RDMA link show
 if [ ! -e /dev/infiniband/uverbs0 ]; then echo "NO-RXE-DEVICE"; echo 97 > /out/rc; poweroff -f; fi
 echo "RXE-UP"
 cd /tmp
-/work/conformance --test-threads=1 --nocapture 2>&1
-echo $? > /out/rc
+rc=0
+for t in $(cat /work/tests); do
+    echo "== $t"
+    /work/$t --test-threads=1 --nocapture 2>&1 || rc=1
+done
+echo $rc > /out/rc
 if [ -x /work/hetkv-bench ]; then
     /work/hetkv-bench transport --table-bytes 33554432 --seconds 1 --shm-dir /dev/shm \
         --json /out/transport.json 2>&1 | grep -v '^ '
@@ -176,8 +188,8 @@ cat "$OUT/guest.log"
 grep -q RXE-UP "$OUT/guest.log" || die "no soft-RoCE (rxe) device came up in the guest"
 [[ -f $OUT/rc ]] || die "the guest did not finish the suite (no exit status)"
 # With --nocapture a test's "ok" may follow its own output, so count failures, not oks.
-rdma_all=$(grep -cE '^test rdma' "$OUT/guest.log" || true)
-rdma_failed=$(grep -E '^test rdma' "$OUT/guest.log" | grep -c FAILED || true)
+rdma_all=$(grep -cE '^test [^ ]*rdma' "$OUT/guest.log" || true)
+rdma_failed=$(grep -E '^test [^ ]*rdma' "$OUT/guest.log" | grep -c FAILED || true)
 rc=$(cat "$OUT/rc")
 say "RDMA tests inside the guest: $((rdma_all - rdma_failed)) of $rdma_all passed (soft-RoCE: rxe0 over a veth, emulated)"
 [[ $rdma_all -gt 0 ]] || die "no RDMA test ran"

@@ -237,6 +237,19 @@ fn bounds_hold_over_shared_memory() {
     every_policy_and_bound(&cluster, TransportKind::Shm);
 }
 
+/// The same model over RDMA: rows, versions and the clock word by RDMA READ, pushes over TCP
+/// (runs in the soft-RoCE VM, `tests/rdma-vm/run.sh`).
+#[cfg(feature = "rdma")]
+#[test]
+fn bounds_hold_over_rdma() {
+    let cluster = EmbeddedCluster::start_with(3, Default::default(), |i| ShardConfig {
+        rdma: true,
+        ..ShardConfig::new(i, 3)
+    })
+    .unwrap();
+    every_policy_and_bound(&cluster, TransportKind::Rdma);
+}
+
 fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
     for policy in [
         PolicyKind::Lru,
