@@ -304,7 +304,7 @@ impl Landing {
         Ok(Self { buf, mr })
     }
 
-    fn bytes(&self) -> usize {
+    fn len(&self) -> usize {
         self.buf.len() * 8
     }
 
@@ -313,15 +313,16 @@ impl Landing {
     }
 
     /// The bytes the NIC wrote, after the completion that covers them was polled.
-    fn read(&self, offset: usize, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len);
-        // SAFETY: `[offset, offset + len)` lies in the buffer (callers lay out READs inside it);
-        // the NIC finished writing it before the completion this follows; u8 has no invalid
-        // values.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>().add(offset), len) };
-        out.extend_from_slice(bytes);
-        out
+    fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(
+            offset + len <= self.len(),
+            "a span inside the landing buffer"
+        );
+        // SAFETY: the span lies in the buffer (checked); the NIC finished writing it before the
+        // completion this follows and writes it again only during a later `QueuePair::read`,
+        // which needs `&Landing` while no slice from here is alive (the caller's closure ends
+        // first); u8 has no invalid values.
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>().add(offset), len) }
     }
 }
 
@@ -474,65 +475,84 @@ impl QueuePair {
         self.modify(&mut attr, mask, "ibv_modify_qp(RTS)")
     }
 
-    /// Runs `ops` as RDMA READs into `landing`: up to `QUEUE_DEPTH` work requests per post, chained,
-    /// only the last signalled; waits for that completion before the next post, so never more
-    /// are outstanding than the queue holds. Every op must lie inside `landing`.
+    /// Runs `ops` as RDMA READs into `landing`, pipelined: chains of `QUEUE_DEPTH / 2` work
+    /// requests, one post each, only the last of a chain signalled. A chain is posted while the
+    /// one before it is in flight, and its predecessor's completion is awaited before the next
+    /// post, so never more than `QUEUE_DEPTH` requests are outstanding. Every op must lie inside
+    /// `landing`.
     fn read(&self, ops: &[ReadOp], landing: &Landing) -> Result<(), RdmaError> {
-        for chunk in ops.chunks(QUEUE_DEPTH as usize) {
-            // SAFETY: zeroed SGEs and work requests are valid; each is filled below.
-            let mut sges: Vec<ibv::ibv_sge> = vec![unsafe { std::mem::zeroed() }; chunk.len()];
-            let mut wrs: Vec<ibv::ibv_send_wr> = (0..chunk.len())
-                // SAFETY: an all-zero work request (null pointers, zero lengths) is valid.
-                .map(|_| unsafe { std::mem::zeroed() })
-                .collect();
-            for (i, op) in chunk.iter().enumerate() {
-                assert!(op.offset + op.len as u64 <= landing.bytes() as u64);
-                sges[i].addr = landing.addr() + op.offset;
-                sges[i].length = op.len;
-                sges[i].lkey = landing.mr.lkey();
-            }
-            let last = chunk.len() - 1;
-            let sge_base = sges.as_mut_ptr();
-            let wr_base = wrs.as_mut_ptr();
-            for (i, op) in chunk.iter().enumerate() {
-                let wr = &mut wrs[i];
-                wr.wr_id = i as u64;
-                // SAFETY: `i` and `i + 1` index live elements of the two vectors, which are not
-                // moved until the post returns.
-                wr.sg_list = unsafe { sge_base.add(i) };
-                wr.num_sge = 1;
-                wr.opcode = ibv::ibv_wr_opcode::IBV_WR_RDMA_READ;
-                wr.send_flags = if i == last {
-                    ibv::ibv_send_flags::IBV_SEND_SIGNALED.0
-                } else {
-                    0
-                };
-                wr.wr = ibv::wr_t {
-                    rdma: ibv::rdma_t {
-                        remote_addr: op.remote_addr,
-                        rkey: op.rkey,
-                    },
-                };
-                wr.next = if i == last {
-                    std::ptr::null_mut()
-                } else {
-                    // SAFETY: as above.
-                    unsafe { wr_base.add(i + 1) }
-                };
-            }
+        let n = ops.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let chain = (QUEUE_DEPTH / 2) as usize;
+        let mut sges: Vec<ibv::ibv_sge> = ops
+            .iter()
+            .map(|op| {
+                assert!(op.offset + op.len as u64 <= landing.len() as u64);
+                // SAFETY: an all-zero scatter-gather entry is valid; every field is set next.
+                let mut sge: ibv::ibv_sge = unsafe { std::mem::zeroed() };
+                sge.addr = landing.addr() + op.offset;
+                sge.length = op.len;
+                sge.lkey = landing.mr.lkey();
+                sge
+            })
+            .collect();
+        let mut wrs: Vec<ibv::ibv_send_wr> = (0..n)
+            // SAFETY: an all-zero work request (null pointers, zero lengths) is valid.
+            .map(|_| unsafe { std::mem::zeroed() })
+            .collect();
+        let sge_base = sges.as_mut_ptr();
+        let wr_base = wrs.as_mut_ptr();
+        for (i, op) in ops.iter().enumerate() {
+            let ends_chain = (i + 1) % chain == 0 || i + 1 == n;
+            let wr = &mut wrs[i];
+            wr.wr_id = i as u64;
+            // SAFETY: `i` and `i + 1` (when it exists) index live elements of the two vectors,
+            // which are neither moved nor freed until the last post below returns.
+            wr.sg_list = unsafe { sge_base.add(i) };
+            wr.num_sge = 1;
+            wr.opcode = ibv::ibv_wr_opcode::IBV_WR_RDMA_READ;
+            wr.send_flags = if ends_chain {
+                ibv::ibv_send_flags::IBV_SEND_SIGNALED.0
+            } else {
+                0
+            };
+            wr.wr = ibv::wr_t {
+                rdma: ibv::rdma_t {
+                    remote_addr: op.remote_addr,
+                    rkey: op.rkey,
+                },
+            };
+            wr.next = if ends_chain {
+                std::ptr::null_mut()
+            } else {
+                // SAFETY: as above.
+                unsafe { wr_base.add(i + 1) }
+            };
+        }
+        let mut in_flight: Option<u64> = None;
+        for start in (0..n).step_by(chain) {
             let mut bad: *mut ibv::ibv_send_wr = std::ptr::null_mut();
-            // SAFETY: the chain and its SGEs are valid and alive for the call; the landing
-            // buffer is registered for local writes and outlives the completion waited for below.
-            let rc = unsafe { ibv::ibv_post_send(self.qp, wr_base, &mut bad) };
+            // SAFETY: the chain from `start` and its SGEs are valid and alive for the call (the
+            // verbs library copies them into the send queue); the landing buffer is registered
+            // for local writes and lives in the connection beyond every completion.
+            let rc = unsafe { ibv::ibv_post_send(self.qp, wr_base.add(start), &mut bad) };
             if rc != 0 {
                 return Err(RdmaError::Verbs {
                     call: "ibv_post_send",
                     source: std::io::Error::from_raw_os_error(rc),
                 });
             }
-            self.wait(last as u64)?;
+            if let Some(previous) = in_flight.take() {
+                self.wait(previous)?;
+            }
+            in_flight = Some(((start + chain).min(n) - 1) as u64);
         }
-        Ok(())
+        match in_flight {
+            Some(last) => self.wait(last),
+            None => Ok(()),
+        }
     }
 
     /// Polls until the signalled request `wr_id` completes; an error completion is an error.
@@ -721,7 +741,7 @@ impl<C: ShardTransport> RdmaTransport<C> {
         if let Some(why) = &conn.broken {
             return Err(self.err(RdmaError::Broken(why.clone())));
         }
-        let cap = conn.landing.bytes() as u64;
+        let cap = conn.landing.len() as u64;
         let mut start = 0;
         while start < ops.len() {
             let mut batch = Vec::new();
@@ -752,7 +772,7 @@ impl<C: ShardTransport> RdmaTransport<C> {
             for (i, op) in batch.iter().enumerate() {
                 each(
                     start + i,
-                    &conn.landing.read(op.offset as usize, op.len as usize),
+                    conn.landing.bytes(op.offset as usize, op.len as usize),
                 );
             }
             self.read_bytes
