@@ -659,3 +659,37 @@ fn rdma_completion_errors_are_surfaced() {
     b.t().pull(&spec.name, &[0, 2], &mut v, &mut r).unwrap();
     assert_eq!(v, vec![0, 0]);
 }
+
+/// A daemon without RDMA answers an RDMA connect with `Unsupported`, naming why, and goes on
+/// serving the connection.
+#[test]
+fn an_rdma_connect_to_a_daemon_without_rdma_is_refused_clearly() {
+    let f = Fixture::new();
+    let c = f.other(0);
+    let ours = hetkv_transport::wire::Endpoint {
+        qpn: 17,
+        psn: 1,
+        lid: 0,
+        gid: [0; 16],
+        mtu: 3,
+    };
+    match c.rdma_connect(&ours) {
+        // In the VM the fixture's daemons have RDMA: a made-up peer may still get a queue pair
+        // (held with this connection) or an error, but never `Unsupported`.
+        Ok(_) => {
+            if !cfg!(feature = "rdma") {
+                panic!("a daemon without RDMA accepted");
+            }
+        }
+        Err(e) => {
+            let w = e.remote().expect("the daemon's own answer");
+            if cfg!(feature = "rdma") {
+                assert_ne!(w.code, ErrorCode::Unsupported, "{w:?}");
+            } else {
+                assert_eq!(w.code, ErrorCode::Unsupported, "{w:?}");
+                assert!(w.message.contains("rdma"), "{}", w.message);
+            }
+        }
+    }
+    assert_eq!(c.stats().unwrap().shard, 0);
+}
