@@ -328,9 +328,7 @@ impl Shard {
         // The clock after the push and before any row: every update it does not count happened
         // after this moment.
         let table_clock = t.clock();
-        let since_held = since.is_none_or(|s| {
-            table_clock.saturating_sub(s.clock).saturating_sub(s.own) <= s.max_foreign
-        });
+        let since_held = since.is_none_or(|s| s.holds(table_clock));
         let mut stale = Vec::new();
         let mut locals = Vec::new();
         for (j, &i) in locals_all.iter().enumerate() {

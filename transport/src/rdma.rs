@@ -726,8 +726,7 @@ impl<C: ShardTransport> RdmaTransport<C> {
 
     fn local(&self, r: &Remote, key: u64) -> Option<u64> {
         let hello = self.control.hello();
-        let shards = hello.shards.max(1) as u64;
-        (key % shards == hello.shard as u64 && key / shards < r.desc.rows).then_some(key / shards)
+        r.desc.local_row(key, hello.shard, hello.shards)
     }
 
     /// Runs `ops` (each at most the landing buffer) and hands each op's bytes to `each`, in
@@ -986,9 +985,7 @@ impl<C: ShardTransport> ShardTransport for RdmaTransport<C> {
             }
         })?;
         out.table_clock = table_clock;
-        out.since_held = since.is_none_or(|s| {
-            table_clock.saturating_sub(s.clock).saturating_sub(s.own) <= s.max_foreign
-        });
+        out.since_held = since.is_none_or(|s| s.holds(table_clock));
         out.indices = (0..keys.len() as u32)
             .filter(|&j| stale[j as usize])
             .collect();

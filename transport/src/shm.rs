@@ -211,8 +211,7 @@ impl<C: ShardTransport> ShmTransport<C> {
     /// The local row index of `key`, when it lives on this shard.
     fn local(&self, m: &Mapped, key: u64) -> Option<u64> {
         let hello = self.control.hello();
-        let shards = hello.shards.max(1) as u64;
-        (key % shards == hello.shard as u64 && key / shards < m.desc.rows).then_some(key / shards)
+        m.desc.local_row(key, hello.shard, hello.shards)
     }
 
     fn locals(&self, m: &Mapped, keys: &[u64]) -> Option<Vec<u64>> {
@@ -383,9 +382,7 @@ impl<C: ShardTransport> ShardTransport for ShmTransport<C> {
         // The clock after the push and before any row, as in the daemon's answer.
         let table_clock = m.clock();
         out.table_clock = table_clock;
-        out.since_held = since.is_none_or(|s| {
-            table_clock.saturating_sub(s.clock).saturating_sub(s.own) <= s.max_foreign
-        });
+        out.since_held = since.is_none_or(|s| s.holds(table_clock));
         let words = m.rows.words();
         let mut checked = 0u64;
         out.indices.clear();

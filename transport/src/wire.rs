@@ -259,6 +259,15 @@ pub struct RegionDescriptor {
     pub clock_shm_path: Option<String>,
 }
 
+impl RegionDescriptor {
+    /// The local row of `key` in this region of shard `shard` of `shards` (row `r` lives on shard
+    /// `r % S` at index `r / S`), or `None` when the key is not this shard's or is out of range.
+    pub fn local_row(&self, key: u64, shard: u32, shards: u32) -> Option<u64> {
+        let shards = u64::from(shards.max(1));
+        (key % shards == u64::from(shard) && key / shards < self.rows).then_some(key / shards)
+    }
+}
+
 /// Read request header; the payload holds `spans` spans of [`SPAN_BYTES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadRequest {
@@ -337,6 +346,18 @@ pub struct Since {
     pub own: u64,
     /// Foreign updates its unsent checks can absorb.
     pub max_foreign: u64,
+}
+
+impl Since {
+    /// Whether the claim holds at `table_clock`: at most `max_foreign` updates from other
+    /// clients were applied since `clock` (saturating). The daemon and the one-sided readers
+    /// answer claims with this one rule.
+    pub fn holds(&self, table_clock: u64) -> bool {
+        table_clock
+            .saturating_sub(self.clock)
+            .saturating_sub(self.own)
+            <= self.max_foreign
+    }
 }
 
 /// Conditional pull header; payload: `keys` x u64 keys, then `keys` x u64 clocks.
