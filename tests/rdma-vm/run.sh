@@ -37,7 +37,12 @@ if ((${#need[@]})); then
 fi
 
 # --- the kernel ------------------------------------------------------------------------------------
-KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+KPKG=$(kernel_pkg)
+if [[ -z $KPKG ]]; then   # a fresh machine may have no package lists yet
+    apt-get update -q >/dev/null || die "apt-get update"
+    KPKG=$(kernel_pkg)
+fi
 [[ -n $KPKG ]] || die "cannot resolve Debian's stock kernel package from linux-image-amd64"
 KDIR="$WORK/$KPKG"
 if [[ ! -d $KDIR/boot ]]; then

@@ -122,6 +122,30 @@ impl TrafficCounters {
     }
 }
 
+/// The last step of the verifying reader (DESIGN section 4) for the one-sided backends: the rows
+/// of `keys`, whose copies kept tearing, are read with the `pull` RPC and written at
+/// `positions` of `versions` and `rows` (`dim` values per row).
+pub(crate) fn pull_into<C: ShardTransport + ?Sized>(
+    control: &C,
+    table: &str,
+    keys: &[u64],
+    positions: &[usize],
+    dim: usize,
+    versions: &mut [u64],
+    rows: &mut [f32],
+) -> Result<(), TransportError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    control.pull(table, keys, &mut v, &mut r)?;
+    for (t, &n) in positions.iter().enumerate() {
+        versions[n] = v[t];
+        rows[n * dim..(n + 1) * dim].copy_from_slice(&r[t * dim..(t + 1) * dim]);
+    }
+    Ok(())
+}
+
 /// One shard as a client sees it. Implementations are shared by many threads (`&self`), and hold
 /// no lock across network calls.
 pub trait ShardTransport: Send + Sync {

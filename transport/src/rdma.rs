@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use rdma_sys as ibv;
 
-use crate::client::{PushRef, ShardTransport, StaleRows, Traffic, TransportError};
+use crate::client::{pull_into, PushRef, ShardTransport, StaleRows, Traffic, TransportError};
 use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use crate::spec::{TableInfo, TableSpec};
 use crate::wire::{
@@ -866,15 +866,8 @@ impl<C: ShardTransport> RdmaTransport<C> {
             })?;
             torn = still;
         }
-        if !torn.is_empty() {
-            let k: Vec<u64> = torn.iter().map(|&n| keys[n]).collect();
-            let (mut v, mut values) = (Vec::new(), Vec::new());
-            self.control.pull(table, &k, &mut v, &mut values)?;
-            for (t, &n) in torn.iter().enumerate() {
-                versions[n] = v[t];
-                rows[n * dim..(n + 1) * dim].copy_from_slice(&values[t * dim..(t + 1) * dim]);
-            }
-        }
+        let torn_keys: Vec<u64> = torn.iter().map(|&n| keys[n]).collect();
+        pull_into(&self.control, table, &torn_keys, &torn, dim, versions, rows)?;
         Ok(table_clock)
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::client::{PushRef, ShardTransport, StaleRows, Traffic, TransportError};
+use crate::client::{pull_into, PushRef, ShardTransport, StaleRows, Traffic, TransportError};
 use crate::region::SharedRegion;
 use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use crate::spec::{TableInfo, TableSpec};
@@ -277,17 +277,10 @@ impl<C: ShardTransport> ShmTransport<C> {
                 }
             }
         }
-        if !torn.is_empty() {
-            let (mut v, mut r) = (Vec::new(), Vec::new());
-            self.control.pull(table, &torn_keys, &mut v, &mut r)?;
-            for (t, &n) in torn.iter().enumerate() {
-                versions[n] = v[t];
-                rows[n * dim..(n + 1) * dim].copy_from_slice(&r[t * dim..(t + 1) * dim]);
-            }
-            self.counters
-                .fallback_rows
-                .fetch_add(torn.len() as u64, Ordering::Relaxed);
-        }
+        pull_into(&self.control, table, &torn_keys, &torn, dim, versions, rows)?;
+        self.counters
+            .fallback_rows
+            .fetch_add(torn.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
