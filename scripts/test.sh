@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need on a fresh machine (Debian packages and
+# the rust components), then runs the workspace's tests. `.ci/run` calls exactly this script.
+#
+#   bash scripts/test.sh            # every test of the workspace
+#   bash scripts/test.sh -p NAME    # extra arguments go to `cargo test`
+#
+# Needs root (or sudo) only when a package is missing. Fails loudly on any missing piece.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+    echo "scripts/test.sh: '$*' needs root, and there is no sudo" >&2
+    exit 1
+  fi
+}
+
+# What the tests use beyond cargo:
+# - kill(1) (procps): the daemon tests signal the daemon;
+# - redis-server: `hetkv-bench compare` is tested against a real Redis;
+# - fonts-dejavu-core: the plots draw their labels with DejaVu Sans;
+# - python3 with pip: the MovieLens test fetches its data set from PyPI.
+need=()
+if [ ! -x /usr/bin/kill ] && [ ! -x /bin/kill ]; then need+=(procps); fi
+if ! command -v redis-server >/dev/null 2>&1; then need+=(redis-server); fi
+if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then need+=(fonts-dejavu-core); fi
+if ! command -v python3 >/dev/null 2>&1; then need+=(python3 python3-pip);
+elif ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing ${need[*]}"
+  as_root apt-get update
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
+fi
+redis-server --version
+python3 -m pip --version
+
+exec cargo test --workspace "$@"
