@@ -238,7 +238,7 @@ pub fn run(args: &TransportArgs) -> Result<Report> {
             one_sided.1 / over_tcp.1
         );
     }
-    let stats = shm.shm_stats();
+    let stats = shm.read_stats();
     tracing::info!(?stats, "shared-memory reads");
     Ok(Report {
         batch: args.batch,

@@ -2,42 +2,12 @@
 
 use std::time::Instant;
 
-use hetkv_transport::wire::NOT_CACHED;
-use hetkv_transport::{PushRef, StaleRows, Traffic, TransportError};
+use hetkv_transport::{Carried, PushOutcome, ShardTransport, StaleRows, Traffic, TransportError};
 
-use crate::cache::{CacheConfig, CacheCore, PushBatch, Replies};
+use crate::cache::{CacheConfig, CacheCore, RequestKind, ShardRequest};
 use crate::cluster::Table;
 use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
-use hetkv_transport::wire::PushResponse;
-
-/// Per-shard scratch of one call.
-#[derive(Debug, Default)]
-struct ShardBatch {
-    keys: Vec<u64>,
-    clocks: Vec<u64>,
-    /// Request (or push-row) index of each key.
-    origin: Vec<u32>,
-    /// Hits whose checks are left to the table clock: keys, clocks, request indices.
-    skip_keys: Vec<u64>,
-    skip_clocks: Vec<u64>,
-    skip_origin: Vec<u32>,
-    counts: Vec<u32>,
-    grads: Vec<f32>,
-}
-
-impl ShardBatch {
-    fn clear(&mut self) {
-        self.keys.clear();
-        self.clocks.clear();
-        self.origin.clear();
-        self.skip_keys.clear();
-        self.skip_clocks.clear();
-        self.skip_origin.clear();
-        self.counts.clear();
-        self.grads.clear();
-    }
-}
 
 /// One worker's HET cache of one table.
 ///
@@ -52,11 +22,6 @@ impl ShardBatch {
 pub struct CachedTable {
     table: Table,
     core: CacheCore,
-    /// Per-shard requests of the current lookup.
-    shards: Vec<ShardBatch>,
-    /// Per-shard rows of the current push.
-    push_shards: Vec<ShardBatch>,
-    replies: Replies,
     traffic_at_start: Traffic,
     time: PhaseTimes,
 }
@@ -78,19 +43,10 @@ impl CachedTable {
     /// A cache of `table` under `config`.
     pub fn new(table: Table, config: CacheConfig) -> Self {
         let core = CacheCore::new(table.spec(), &config, table.cluster().shard_count());
-        let batches = || {
-            (0..table.cluster().shard_count())
-                .map(|_| ShardBatch::default())
-                .collect()
-        };
-        let (shards, push_shards) = (batches(), batches());
         let traffic_at_start = table.cluster().traffic();
         Self {
             table,
             core,
-            shards,
-            push_shards,
-            replies: Replies::default(),
             traffic_at_start,
             time: PhaseTimes::default(),
         }
@@ -138,147 +94,60 @@ impl CachedTable {
             });
         }
         let started = Instant::now();
-        let plan = self.core.plan_lookup(keys)?;
-        let bound = plan.bound;
-        let since: Vec<_> = plan.since.to_vec();
-        let cluster = self.table.cluster().clone();
-        for s in &mut self.shards {
-            s.clear();
-        }
-        for (i, ((&k, &c), &skipped)) in plan
-            .keys
-            .iter()
-            .zip(plan.clocks)
-            .zip(plan.skipped)
-            .enumerate()
-        {
-            let s = &mut self.shards[cluster.shard_of(k)];
-            let (keys, clocks, origin) = if skipped {
-                (&mut s.skip_keys, &mut s.skip_clocks, &mut s.skip_origin)
-            } else {
-                (&mut s.keys, &mut s.clocks, &mut s.origin)
-            };
-            keys.push(k);
-            clocks.push(c);
-            origin.push(i as u32);
-        }
-        // The lines evicted to make room for the misses (and any rows an earlier call could not
-        // deliver) travel with each shard's request: one round trip, applied before the pull.
-        let victims = self.core.take_pushes();
-        self.group_pushes(&victims);
-        let busy: Vec<usize> = (0..self.shards.len())
-            .filter(|&s| {
-                let (b, p) = (&self.shards[s], &self.push_shards[s]);
-                !b.keys.is_empty() || !b.skip_keys.is_empty() || !p.keys.is_empty()
-            })
-            .collect();
-        let name = self.table.spec().name.as_str();
-        let (shards, push_shards) = (&self.shards, &self.push_shards);
+        self.core.start_lookup(keys)?;
         let planned = Instant::now();
-        let results = cluster.on_shards(&busy, |s, shard| {
-            let (b, p) = (&shards[s], &push_shards[s]);
-            let mut rows = StaleRows::default();
-            if p.keys.is_empty()
-                && b.skip_keys.is_empty()
-                && b.clocks.iter().all(|&c| c == NOT_CACHED)
-            {
-                // Only misses and nothing to push: a plain pull sends no clocks.
-                rows.table_clock = shard.pull(name, &b.keys, &mut rows.versions, &mut rows.rows)?;
-                rows.indices = (0..b.keys.len() as u32).collect();
-                rows.since_held = true;
-            } else {
-                let push = (!p.keys.is_empty()).then_some(PushRef {
-                    keys: &p.keys,
-                    counts: &p.counts,
-                    grads: &p.grads,
-                });
-                shard.pull_if_stale(name, &b.keys, &b.clocks, bound, since[s], push, &mut rows)?;
-            }
-            // The shard could not vouch for the checks left out: send them now.
-            let retry = if rows.since_held || b.skip_keys.is_empty() {
-                None
-            } else {
-                let mut retry = StaleRows::default();
-                shard.pull_if_stale(
-                    name,
-                    &b.skip_keys,
-                    &b.skip_clocks,
-                    bound,
-                    None,
-                    None,
-                    &mut retry,
-                )?;
-                Some(retry)
-            };
-            Ok((rows, retry))
-        });
+        let result = self.exchange();
         let answered = Instant::now();
-        // Account for the pushed rows shard by shard before anything else can fail.
-        let mut lost = PushBatch::default();
-        for (&s, result) in busy.iter().zip(&results) {
-            let p = &self.push_shards[s];
-            match result {
-                Ok((rows, _)) => self.core.pushed(s, p.keys.len(), rows.pushed_updates),
-                Err(e) => {
-                    if matches!(e, TransportError::Io { .. }) {
-                        // Lost in transit, perhaps applied: kept for the next call.
-                        lost.keys.extend_from_slice(&p.keys);
-                        lost.counts.extend_from_slice(&p.counts);
-                        lost.grads.extend_from_slice(&p.grads);
-                    } else if !p.keys.is_empty() {
-                        tracing::error!(rows = p.keys.len(), error = %e, "shard refused pushed rows");
-                    }
-                }
-            }
+        if let Err(e) = result {
+            self.core.abort_lookup();
+            return Err(e);
         }
-        if !lost.is_empty() {
-            self.core.requeue(&lost);
-        }
-        let mut results_ok = Vec::with_capacity(results.len());
-        for r in results {
-            match r {
-                Ok(v) => results_ok.push(v),
-                Err(e) => {
-                    self.core.abort_lookup();
-                    return Err(e.into());
-                }
-            }
-        }
-        self.replies.clear();
-        for (&s, (rows, retry)) in busy.iter().zip(results_ok) {
-            self.core.observe(s, rows.table_clock);
-            let b = &self.shards[s];
-            for (part, origin) in std::iter::once((&rows, &b.origin))
-                .chain(retry.as_ref().map(|r| (r, &b.skip_origin)))
-            {
-                if part.rows.len() != part.indices.len() * dim
-                    || part.versions.len() != part.indices.len()
-                    || part.indices.iter().any(|&i| i as usize >= origin.len())
-                {
-                    self.core.abort_lookup();
-                    return Err(ClientError::InconsistentCluster(format!(
-                        "{} answered {} rows of {} values for {} keys of table {name} (dim {dim})",
-                        cluster.shard(s).addr(),
-                        part.indices.len(),
-                        part.rows.len(),
-                        origin.len()
-                    )));
-                }
-                for &i in &part.indices {
-                    self.replies.requests.push(origin[i as usize]);
-                }
-                self.replies.versions.extend_from_slice(&part.versions);
-                self.replies.rows.extend_from_slice(&part.rows);
-            }
-            if retry.is_some() {
-                self.core.claim_failed();
-            }
-        }
-        self.core.finish_lookup(&self.replies, out, clocks)?;
+        self.core.complete_lookup(out, clocks)?;
         self.time.plan_ns += nanos(planned - started);
         self.time.request_ns += nanos(answered - planned);
         self.time.place_ns += nanos(answered.elapsed());
         Ok(())
+    }
+
+    /// Sends what the core asks for, round after round (shards in parallel), and hands every
+    /// answer back to it, until it asks for nothing more or a shard fails. Every push's outcome
+    /// reaches the core, whatever else fails; the first failure is returned.
+    fn exchange(&mut self) -> Result<(), ClientError> {
+        let cluster = self.table.cluster().clone();
+        let name = self.table.spec().name.as_str();
+        loop {
+            let requests = self.core.requests();
+            if requests.is_empty() {
+                return Ok(());
+            }
+            let shards: Vec<usize> = requests.iter().map(|r| r.shard).collect();
+            let answers = cluster.on_shards(&shards, |s, shard| {
+                let r = requests
+                    .iter()
+                    .find(|r| r.shard == s)
+                    .expect("a request for every shard asked");
+                Ok(send(name, r, shard))
+            });
+            let mut first_error: Option<ClientError> = None;
+            for (&s, answer) in shards.iter().zip(answers) {
+                let (push, read) = match answer {
+                    Ok(a) => a,
+                    Err(e) => (PushOutcome::Lost, Err(e)),
+                };
+                if let Err(e) = self.core.on_reply(s, push, read.as_ref().ok()) {
+                    first_error.get_or_insert(ClientError::InconsistentCluster(format!(
+                        "{}: {e}",
+                        cluster.shard(s).addr()
+                    )));
+                }
+                if let Err(e) = read {
+                    first_error.get_or_insert(e.into());
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
+            }
+        }
     }
 
     /// Applies one gradient row per key occurrence (`grads` is keys x dim): locally at once, and on
@@ -307,90 +176,50 @@ impl CachedTable {
         s
     }
 
-    /// Sends the core's push batch, grouped by shard. Rows a shard did not acknowledge are kept
-    /// for the next call; the first error is returned.
+    /// Sends every queued push, grouped by shard. Rows whose delivery is unknown are kept for the
+    /// next call; the first error is returned.
     fn push_pending(&mut self) -> Result<(), ClientError> {
-        let batch = self.core.take_pushes();
-        if batch.is_empty() {
-            return Ok(());
-        }
+        self.core.start_push();
         let started = Instant::now();
-        let busy = self.group_pushes(&batch);
-        let results = run_pushes(&self.table, &self.push_shards, &busy);
-        let result = self.settle_pushes(&busy, results);
+        let result = self.exchange();
         self.time.push_ns += nanos(started.elapsed());
+        if let Err(e) = &result {
+            if self.core.unsent() > 0 {
+                tracing::warn!(rows = self.core.unsent(), error = %e, "push failed; rows kept for the next call");
+            }
+        }
         result
-    }
-
-    /// Spreads a push batch over the per-shard push buffers; returns the shards with rows.
-    fn group_pushes(&mut self, batch: &PushBatch) -> Vec<usize> {
-        let dim = self.table.spec().dim as usize;
-        let cluster = self.table.cluster();
-        for s in &mut self.push_shards {
-            s.clear();
-        }
-        for (i, &k) in batch.keys.iter().enumerate() {
-            let s = &mut self.push_shards[cluster.shard_of(k)];
-            s.keys.push(k);
-            s.counts.push(batch.counts[i]);
-            s.grads
-                .extend_from_slice(&batch.grads[i * dim..(i + 1) * dim]);
-        }
-        (0..self.push_shards.len())
-            .filter(|&s| !self.push_shards[s].keys.is_empty())
-            .collect()
-    }
-
-    /// Accounts for the shards' answers to a push: acknowledged rows are counted; rows lost in
-    /// transit are kept for the next call; the first error is returned.
-    fn settle_pushes(
-        &mut self,
-        busy: &[usize],
-        results: Vec<Result<PushResponse, TransportError>>,
-    ) -> Result<(), ClientError> {
-        let mut failed = PushBatch::default();
-        let mut first_error = None;
-        for (&s, result) in busy.iter().zip(results) {
-            let b = &self.push_shards[s];
-            match result {
-                Ok(ack) => self.core.pushed(s, b.keys.len(), ack.updates),
-                // Lost in transit: keep the rows for the next call. A shard's refusal of rows the
-                // core validated (an unknown table after a daemon restart, say) would be refused
-                // again, so it is reported, not retried.
-                Err(e @ TransportError::Io { .. }) => {
-                    failed.keys.extend_from_slice(&b.keys);
-                    failed.counts.extend_from_slice(&b.counts);
-                    failed.grads.extend_from_slice(&b.grads);
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => {
-                    tracing::error!(rows = b.keys.len(), error = %e, "shard refused pushed rows");
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            None => Ok(()),
-            Some(e) => {
-                if !failed.is_empty() {
-                    tracing::warn!(rows = failed.len(), error = %e, "push failed; rows kept for the next call");
-                    self.core.requeue(&failed);
-                }
-                Err(e.into())
-            }
-        }
     }
 }
 
-/// Sends each listed shard's push buffer, shards in parallel.
-fn run_pushes(
-    table: &Table,
-    shards: &[ShardBatch],
-    busy: &[usize],
-) -> Vec<Result<PushResponse, TransportError>> {
-    let name = &table.spec().name;
-    table.cluster().on_shards(busy, |s, shard| {
-        let b = &shards[s];
-        shard.push(name, &b.keys, &b.counts, &b.grads)
-    })
+/// Sends one request of the core to `shard`: the outcome of the rows it pushes and the rows read.
+fn send(
+    table: &str,
+    r: &ShardRequest<'_>,
+    shard: &dyn ShardTransport,
+) -> (PushOutcome, Result<StaleRows, TransportError>) {
+    let mut rows = StaleRows::default();
+    match r.kind {
+        RequestKind::Push => match r.push {
+            Some(p) => {
+                let c = Carried::one_request(true, shard.push(table, p.keys, p.counts, p.grads));
+                (c.push, c.read.map(|()| rows))
+            }
+            None => (PushOutcome::NotSent, Ok(rows)),
+        },
+        RequestKind::Pull => {
+            let pulled = shard.pull(table, r.keys, &mut rows.versions, &mut rows.rows);
+            let read = pulled.map(|clock| {
+                rows.table_clock = clock;
+                rows.indices = (0..r.keys.len() as u32).collect();
+                rows.since_held = true;
+                rows
+            });
+            (PushOutcome::NotSent, read)
+        }
+        RequestKind::PullIfStale => {
+            let c = shard.pull_if_stale(&r.query(table), &mut rows);
+            (c.push, c.read.map(|()| rows))
+        }
+    }
 }

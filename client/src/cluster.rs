@@ -15,8 +15,8 @@ use crate::ClientError;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
-    /// RDMA where a device works, else shared memory where every daemon is on this host, else
-    /// TCP; the choice and its reason are logged once per connection.
+    /// For each shard: RDMA where a device works and the daemon serves it, else shared memory where
+    /// the daemon is on this host, else TCP; the choices and their reasons are logged once.
     #[default]
     Auto,
     /// Frames over TCP for everything.
@@ -86,8 +86,9 @@ impl Cluster {
     }
 
     /// Connects to every shard (`addrs` in shard order) over the transport `kind` asks for:
-    /// `Auto` picks RDMA, then shared memory, then TCP, for the whole cluster, and logs the choice
-    /// and its reason once; an explicit kind that cannot work fails with the reason.
+    /// `Auto` picks, for each shard, RDMA where it works, else shared memory where the daemon is on
+    /// this host, else TCP, and logs the choices and their reasons once; an explicit kind that
+    /// cannot work for some shard fails with the reason.
     pub fn connect<A: AsRef<str>>(
         addrs: &[A],
         kind: TransportKind,
@@ -97,17 +98,18 @@ impl Cluster {
             .iter()
             .map(|a| TcpShardClient::connect(a.as_ref(), config.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        let (shards, chosen, reason) = select(controls, kind)?;
+        let (shards, chosen) = select(controls, kind)?;
         // `auto` says what it chose and why once per process; later connections say it at debug.
         static SAID: std::sync::Once = std::sync::Once::new();
         let mut first = false;
         if kind == TransportKind::Auto {
             SAID.call_once(|| first = true);
         }
+        let chosen = chosen.join(", ");
         if first {
-            tracing::info!(transport = %chosen, reason = %reason, "transport chosen");
+            tracing::info!(transports = %chosen, "transports chosen");
         } else {
-            tracing::debug!(transport = %chosen, reason = %reason, "transport chosen");
+            tracing::debug!(transports = %chosen, "transports chosen");
         }
         Self::from_transports(shards)
     }
@@ -141,7 +143,7 @@ impl Cluster {
 
     /// The shard holding row `key`.
     pub fn shard_of(&self, key: u64) -> usize {
-        (key % self.shards.len() as u64) as usize
+        hetkv_transport::Routing::new(self.shards.len() as u32).shard_of(key)
     }
 
     /// Shard `i`'s transport.
@@ -407,56 +409,76 @@ impl Table {
 
 type Shards = Vec<Arc<dyn ShardTransport>>;
 
-/// Wraps the connected control transports in the backend `kind` asks for; with `Auto`, the first
-/// that works for every shard. Returns the shards, the kind chosen and why.
+/// Wraps each connected control transport in the backend `kind` asks for. With `Auto`, each shard
+/// gets the first that works for it (RDMA, then shared memory, then TCP), so one daemon without
+/// `--rdma` or on another host costs only its own shard the faster path. Returns the shards and,
+/// per shard, what it got and why.
 fn select(
     controls: Vec<TcpShardClient>,
     kind: TransportKind,
-) -> Result<(Shards, TransportKind, String), ClientError> {
-    let tcp = |controls: Vec<TcpShardClient>| -> Shards {
-        controls
-            .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn ShardTransport>)
-            .collect()
+) -> Result<(Shards, Vec<String>), ClientError> {
+    let device = match kind {
+        TransportKind::Auto | TransportKind::Rdma => Some(crate::rdma_backend::open_device()),
+        _ => None,
     };
-    let (controls, no_rdma) = match kind {
-        TransportKind::Auto | TransportKind::Rdma => match crate::rdma_backend::wrap(controls) {
-            Ok(shards) => return Ok((shards, TransportKind::Rdma, "an RDMA device works".into())),
-            Err((_, why)) if kind == TransportKind::Rdma => {
-                return Err(ClientError::TransportUnavailable(format!("rdma: {why}")))
-            }
-            Err(back) => back,
-        },
-        _ => (controls, "not asked for".to_string()),
-    };
-    if kind == TransportKind::Tcp {
-        return Ok((tcp(controls), TransportKind::Tcp, "asked for".into()));
-    }
-    // Shared memory only when every shard offers it here: one backend per cluster.
-    let mut shm: Vec<ShmTransport<TcpShardClient>> = Vec::with_capacity(controls.len());
-    let mut rest = controls.into_iter();
-    for c in rest.by_ref() {
-        match ShmTransport::new(c) {
-            Ok(t) => shm.push(t),
-            Err((c, why)) => {
-                if kind == TransportKind::Shm {
-                    return Err(ClientError::TransportUnavailable(format!("shm: {why}")));
+    let mut shards: Shards = Vec::with_capacity(controls.len());
+    let mut chosen = Vec::with_capacity(controls.len());
+    for (i, control) in controls.into_iter().enumerate() {
+        let mut why = Vec::new();
+        let mut control = Some(control);
+        match &device {
+            Some(Ok(device)) => match crate::rdma_backend::connect(device, take(&mut control)) {
+                Ok(t) => {
+                    shards.push(t);
+                    chosen.push(format!("shard {i}: rdma"));
+                    continue;
                 }
-                let back: Vec<TcpShardClient> = shm
-                    .into_iter()
-                    .map(ShmTransport::into_control)
-                    .chain(std::iter::once(c))
-                    .chain(rest)
-                    .collect();
-                let reason = format!("rdma: {no_rdma}; shm: {why}");
-                return Ok((tcp(back), TransportKind::Tcp, reason));
+                Err((c, e)) => {
+                    control = Some(c);
+                    why.push(format!("rdma: {e}"));
+                }
+            },
+            Some(Err(e)) => why.push(format!("rdma: {e}")),
+            None => {}
+        }
+        if kind == TransportKind::Rdma {
+            return Err(ClientError::TransportUnavailable(format!(
+                "shard {i}: {}",
+                why.join("; ")
+            )));
+        }
+        if matches!(kind, TransportKind::Auto | TransportKind::Shm) {
+            match ShmTransport::new(take(&mut control)) {
+                Ok(t) => {
+                    shards.push(Arc::new(t));
+                    chosen.push(format!("shard {i}: shm ({})", why.join("; ")));
+                    continue;
+                }
+                Err((c, e)) if kind == TransportKind::Shm => {
+                    drop(c);
+                    return Err(ClientError::TransportUnavailable(format!("shm: {e}")));
+                }
+                Err((c, e)) => {
+                    control = Some(c);
+                    why.push(format!("shm: {e}"));
+                }
             }
         }
+        shards.push(Arc::new(take(&mut control)));
+        let reason = if why.is_empty() {
+            "asked for".to_string()
+        } else {
+            why.join("; ")
+        };
+        chosen.push(format!("shard {i}: tcp ({reason})"));
     }
-    let shards = shm
-        .into_iter()
-        .map(|t| Arc::new(t) as Arc<dyn ShardTransport>)
-        .collect();
-    let reason = format!("rdma: {no_rdma}; every daemon is on this host and exposes shared memory");
-    Ok((shards, TransportKind::Shm, reason))
+    Ok((shards, chosen))
+}
+
+/// The control transport in hand: every path through [`select`] puts it back before taking it
+/// again.
+fn take(control: &mut Option<TcpShardClient>) -> TcpShardClient {
+    control
+        .take()
+        .expect("the control transport is in hand between attempts")
 }

@@ -26,6 +26,8 @@ pub struct CacheStats {
     pub rows_pulled: u64,
     /// Rows pushed to the shards (each `(key, count, gradient sum)` once).
     pub rows_pushed: u64,
+    /// Pushed rows a shard refused (and applied none of); they are dropped, not retried.
+    pub rows_refused: u64,
     /// Lines evicted.
     pub evictions: u64,
     /// Evicted lines that held unpushed updates (pushed before the evicting call returned).
@@ -92,6 +94,7 @@ impl CacheStats {
             clock_retries: f(self.clock_retries, o.clock_retries),
             rows_pulled: f(self.rows_pulled, o.rows_pulled),
             rows_pushed: f(self.rows_pushed, o.rows_pushed),
+            rows_refused: f(self.rows_refused, o.rows_refused),
             evictions: f(self.evictions, o.evictions),
             dirty_evictions: f(self.dirty_evictions, o.dirty_evictions),
             write_throughs: f(self.write_throughs, o.write_throughs),

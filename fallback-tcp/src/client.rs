@@ -11,14 +11,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hetkv_transport::client::{
-    PushRef, ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError,
+    Carried, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
 };
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
     self, decode_header, le_array, put_f32s, put_u32s, put_u64s, split_body, split_payload,
     CreateRequest, CreateResponse, Endpoint, F32s, FrameParts, HelloRequest, HelloResponse, Op,
     PullIfStaleRequest, PullIfStaleResponse, PullRequest, PullResponse, PushRequest, PushResponse,
-    ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Since, Span, Status, TableRequest,
+    ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Span, Status, TableRequest,
     TablesResponse, U32s, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
@@ -259,6 +259,67 @@ impl TcpShardClient {
         result
     }
 
+    /// A conditional pull, and the pushed rows it carries, in one request.
+    fn pull_if_stale_request(
+        &self,
+        q: &StaleQuery<'_>,
+        out: &mut StaleRows,
+    ) -> Result<PushResponse, TransportError> {
+        let (keys, clocks, push) = (q.keys, q.clocks, q.push);
+        if keys.len() != clocks.len() || push.is_some_and(|p| p.keys.len() != p.counts.len()) {
+            return Err(TransportError::InvalidRequest {
+                addr: self.addr.clone(),
+                message: format!(
+                    "{} keys but {} clocks, or push keys and counts of unequal length",
+                    keys.len(),
+                    clocks.len()
+                ),
+            });
+        }
+        let req = PullIfStaleRequest {
+            table: q.table.to_string(),
+            keys: keys.len() as u32,
+            bound: q.bound,
+            since: q.since,
+            push_rows: push.map_or(0, |p| p.keys.len() as u32),
+        };
+        self.call(
+            Op::PullIfStale,
+            &req,
+            |buf| {
+                put_u64s(buf, keys);
+                put_u64s(buf, clocks);
+                if let Some(p) = push {
+                    put_u64s(buf, p.keys);
+                    put_u32s(buf, p.counts);
+                    put_f32s(buf, p.grads);
+                }
+            },
+            |p| {
+                let h: PullIfStaleResponse = self.header(p)?;
+                let s = h.stale as usize;
+                let parts = split_payload(p.payload, &[(s, 4), (s, 8), (s * h.dim as usize, 4)])
+                    .map_err(|e| self.protocol(e.to_string()))?;
+                let idx: U32s<'_> = le_array(parts[0]);
+                out.indices.clear();
+                out.indices.extend((0..s).map(|i| idx.get_u32(i)));
+                if out.indices.iter().any(|&i| i as usize >= keys.len())
+                    || out.indices.windows(2).any(|w| w[0] >= w[1])
+                {
+                    return Err(self.protocol("stale indices out of range or not ascending"));
+                }
+                extend_u64s(&mut out.versions, le_array(parts[1]));
+                extend_f32s(&mut out.rows, le_array(parts[2]));
+                out.table_clock = h.table_clock;
+                out.since_held = h.since_held;
+                Ok(PushResponse {
+                    rows: req.push_rows,
+                    updates: h.pushed_updates,
+                })
+            },
+        )
+    }
+
     fn dim_of(&self, dim: u32, values: usize, rows: usize) -> Result<(), TransportError> {
         if dim as usize * rows != values {
             return Err(self.protocol(format!("{values} values for {rows} rows of dim {dim}")));
@@ -363,66 +424,8 @@ impl ShardTransport for TcpShardClient {
         )
     }
 
-    fn pull_if_stale(
-        &self,
-        table: &str,
-        keys: &[u64],
-        clocks: &[u64],
-        bound: u64,
-        since: Option<Since>,
-        push: Option<PushRef<'_>>,
-        out: &mut StaleRows,
-    ) -> Result<(), TransportError> {
-        if keys.len() != clocks.len() || push.is_some_and(|p| p.keys.len() != p.counts.len()) {
-            return Err(TransportError::InvalidRequest {
-                addr: self.addr.clone(),
-                message: format!(
-                    "{} keys but {} clocks, or push keys and counts of unequal length",
-                    keys.len(),
-                    clocks.len()
-                ),
-            });
-        }
-        let req = PullIfStaleRequest {
-            table: table.to_string(),
-            keys: keys.len() as u32,
-            bound,
-            since,
-            push_rows: push.map_or(0, |p| p.keys.len() as u32),
-        };
-        self.call(
-            Op::PullIfStale,
-            &req,
-            |buf| {
-                put_u64s(buf, keys);
-                put_u64s(buf, clocks);
-                if let Some(p) = push {
-                    put_u64s(buf, p.keys);
-                    put_u32s(buf, p.counts);
-                    put_f32s(buf, p.grads);
-                }
-            },
-            |p| {
-                let h: PullIfStaleResponse = self.header(p)?;
-                let s = h.stale as usize;
-                let parts = split_payload(p.payload, &[(s, 4), (s, 8), (s * h.dim as usize, 4)])
-                    .map_err(|e| self.protocol(e.to_string()))?;
-                let idx: U32s<'_> = le_array(parts[0]);
-                out.indices.clear();
-                out.indices.extend((0..s).map(|i| idx.get_u32(i)));
-                if out.indices.iter().any(|&i| i as usize >= keys.len())
-                    || out.indices.windows(2).any(|w| w[0] >= w[1])
-                {
-                    return Err(self.protocol("stale indices out of range or not ascending"));
-                }
-                extend_u64s(&mut out.versions, le_array(parts[1]));
-                extend_f32s(&mut out.rows, le_array(parts[2]));
-                out.table_clock = h.table_clock;
-                out.since_held = h.since_held;
-                out.pushed_updates = h.pushed_updates;
-                Ok(())
-            },
-        )
+    fn pull_if_stale(&self, q: &StaleQuery<'_>, out: &mut StaleRows) -> Carried {
+        Carried::one_request(q.push.is_some(), self.pull_if_stale_request(q, out))
     }
 
     fn push(

@@ -6,12 +6,14 @@
 pub mod config;
 pub mod embedded;
 pub mod optimizer;
+pub mod placement;
 pub mod shard;
 pub mod table;
 
 pub use config::DaemonConfig;
 pub use embedded::EmbeddedCluster;
 pub use optimizer::Optimizer;
+pub use placement::Placement;
 pub use shard::{Shard, ShardConfig};
 pub use table::Table;
 

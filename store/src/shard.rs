@@ -3,18 +3,19 @@
 //! this [`ShardService`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ServerCounters, ShardService};
 use hetkv_transport::wire::{
-    put_u32s, CreateResponse, ErrorCode, F32s, PullIfStaleResponse, PullResponse, PushResponse,
-    PushRows, ReadResponse, RegionDescriptor, ShardStats, Since, Span, TablesResponse, U32s, U64s,
-    WireError, NOT_CACHED, SPAN_BYTES,
+    is_stale, put_u32s, CreateResponse, ErrorCode, F32s, PullIfStaleResponse, PullResponse,
+    PushResponse, PushRows, ReadResponse, RegionDescriptor, ShardStats, Since, Span,
+    TablesResponse, U32s, U64s, WireError, SPAN_BYTES,
 };
 use hetkv_transport::TableSpec;
 
+use crate::placement::Placement;
 use crate::table::{Table, PREFETCH_ROWS};
 use crate::StoreError;
 
@@ -55,33 +56,6 @@ impl ShardConfig {
     }
 }
 
-/// Makes `dir/hetkv-shard{shard}-{random id}` for one shard instance's shared-memory files.
-fn make_instance_dir(dir: &Path, shard: u32) -> Result<PathBuf, StoreError> {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    let path = dir.join(format!("hetkv-shard{shard}-{:016x}", h.finish()));
-    std::fs::create_dir_all(&path)
-        .map_err(|e| StoreError::Io(format!("creating shm dir {}: {e}", path.display())))?;
-    Ok(path)
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.shm_instance {
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "could not remove the shm dir");
-            }
-        }
-    }
-}
-
 /// Default per-table limit: 32 GiB.
 pub const DEFAULT_MAX_TABLE_BYTES: u64 = 32 << 30;
 
@@ -94,17 +68,15 @@ struct Registry {
 /// One shard of a cluster.
 #[derive(Debug)]
 pub struct Shard {
-    /// Registrations of each table's region and clock word, by region id; declared before the
-    /// tables so that they are dropped before the memory they pin is unmapped.
+    /// Registrations of each table's region and clock word, by region id; each holds the memory
+    /// it registered.
     #[cfg(feature = "rdma")]
     registered: Mutex<HashMap<u32, RdmaRegistration>>,
     #[cfg(feature = "rdma")]
     device: Option<Arc<hetkv_transport::rdma::Device>>,
     config: ShardConfig,
-    /// Where regions are file-backed: the data dir, or this shard's own shm directory.
-    region_dir: Option<PathBuf>,
-    /// This shard's own shm directory, when it exposes its regions.
-    shm_instance: Option<PathBuf>,
+    /// Where the regions live.
+    placement: Placement,
     // Read once per request (not per key), so a reader-writer lock costs nothing measurable;
     // writers (table creation) hold it only to insert a table already built.
     tables: RwLock<Registry>,
@@ -121,19 +93,11 @@ impl Shard {
                 config.shard, config.shards
             )));
         }
-        if let Some(dir) = &config.data_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Io(format!("creating data dir {}: {e}", dir.display())))?;
-        }
-        let shm_instance = match (&config.shm_dir, &config.data_dir) {
-            (Some(_), Some(_)) => {
-                return Err(StoreError::Config(
-                    "a data dir and a shm dir exclude each other: regions live in one place".into(),
-                ))
-            }
-            (Some(dir), None) => Some(make_instance_dir(dir, config.shard)?),
-            (None, _) => None,
-        };
+        let placement = Placement::new(
+            config.shard,
+            config.data_dir.as_deref(),
+            config.shm_dir.as_deref(),
+        )?;
         #[cfg(feature = "rdma")]
         let device = match config.rdma {
             true => Some(Arc::new(
@@ -154,8 +118,7 @@ impl Shard {
             registered: Mutex::new(HashMap::new()),
             #[cfg(feature = "rdma")]
             device,
-            region_dir: shm_instance.clone().or_else(|| config.data_dir.clone()),
-            shm_instance,
+            placement,
             config,
             tables: RwLock::new(Registry::default()),
             create_lock: Mutex::new(()),
@@ -215,17 +178,11 @@ impl Shard {
         }
         let id = self.registry().by_id.len() as u32;
         let name = spec.name.clone();
-        let table = Arc::new(Table::create(
-            spec,
-            shard,
-            shards,
-            id,
-            self.region_dir.as_deref(),
-        )?);
+        let table = Arc::new(Table::create(spec, shard, shards, id, &self.placement)?);
         #[cfg(feature = "rdma")]
         if let Some(device) = &self.device {
-            let register = |r: &hetkv_transport::Region| {
-                hetkv_transport::rdma::MemoryRegion::remote_read(device, r.addr(), r.len())
+            let register = |r: &Arc<hetkv_transport::Region>| {
+                hetkv_transport::rdma::MemoryRegion::remote_read(device, r.clone())
                     .map_err(|e| StoreError::Io(format!("registering table {name}: {e}")))
             };
             let registration = RdmaRegistration {
@@ -332,8 +289,7 @@ impl Shard {
         let mut stale = Vec::new();
         let mut locals = Vec::new();
         for (j, &i) in locals_all.iter().enumerate() {
-            let clock = clocks.get(j);
-            if clock == NOT_CACHED || t.version_local(i) > clock.saturating_add(bound) {
+            if is_stale(t.version_local(i), clocks.get(j), bound) {
                 stale.push(j as u32);
                 locals.push(i);
             }
@@ -493,14 +449,16 @@ impl ShardService for Shard {
     }
 
     fn shm_dir(&self) -> Option<String> {
-        self.shm_instance.as_ref().map(|d| d.display().to_string())
+        self.placement
+            .shm_instance()
+            .map(|d| d.display().to_string())
     }
 
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError> {
         let t = self.table(table)?;
         let shm = |r: &hetkv_transport::region::Region| {
-            self.shm_instance
-                .as_ref()
+            self.placement
+                .shm_instance()
                 .and(r.path())
                 .map(|p| p.display().to_string())
         };

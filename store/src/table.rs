@@ -4,15 +4,15 @@
 //! the row codec requires; readers never lock: they use the verifying reader and fall back to the
 //! stripe lock only after a bounded number of torn copies.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::wire::{F32s, U32s, U64s};
-use hetkv_transport::{Region, TableInfo, TableSpec, TableStats};
+use hetkv_transport::{Region, Routing, TableInfo, TableSpec, TableStats};
 
 use crate::optimizer::Optimizer;
+use crate::placement::Placement;
 use crate::StoreError;
 
 /// Stripes of row locks per table (rows `i` with equal `i % STRIPES` share a lock).
@@ -34,13 +34,13 @@ pub struct Table {
     shards: u32,
     local_rows: u64,
     region_id: u32,
-    region: Region,
+    region: Arc<Region>,
     optimizer: Optimizer,
     state_len: usize,
     stripes: Box<[Mutex<StripeState>]>,
     rows_read: AtomicU64,
     rows_pushed: AtomicU64,
-    clock: Region,
+    clock: Arc<Region>,
 }
 
 impl Table {
@@ -57,37 +57,21 @@ impl Table {
             .saturating_add(local.saturating_mul(state))
     }
 
-    /// Creates the table's region (file-backed under `dir` when given) and writes every row's
-    /// initial value at version 0. `spec` must be valid.
+    /// Creates the table's region where `placement` puts regions and writes every row's initial
+    /// value at version 0. `spec` must be valid.
     pub fn create(
         spec: TableSpec,
         shard: u32,
         shards: u32,
         region_id: u32,
-        dir: Option<&Path>,
+        placement: &Placement,
     ) -> Result<Self, StoreError> {
         let layout = RowLayout::new(spec.dim);
         let local_rows = spec.local_rows(shard, shards);
-        let len = layout.region_bytes(local_rows);
-        let map = |suffix: &str, len: u64| {
-            match dir {
-                Some(dir) => Region::file_backed(
-                    &dir.join(format!("shard{shard}-{}.{suffix}", spec.name)),
-                    len,
-                ),
-                None => Region::anonymous(len),
-            }
-            .map_err(|e| {
-                StoreError::Io(format!(
-                    "mapping {len} bytes for the {suffix} of table {}: {e}",
-                    spec.name
-                ))
-            })
-        };
-        let region = map("region", len)?;
+        let region = placement.map(shard, &spec.name, "region", layout.region_bytes(local_rows))?;
         // The clock is one word in a region of its own, so that one-sided readers (shared memory,
         // RDMA) can read it beside the rows.
-        let clock = map("clock", 8)?;
+        let clock = placement.map(shard, &spec.name, "clock", 8)?;
 
         let optimizer = Optimizer::new(spec.optimizer);
         let state_len = optimizer.state_len(spec.dim as usize);
@@ -143,7 +127,7 @@ impl Table {
     }
 
     /// The region holding the rows.
-    pub fn region(&self) -> &Region {
+    pub fn region(&self) -> &Arc<Region> {
         &self.region
     }
 
@@ -182,7 +166,7 @@ impl Table {
 
     /// The global key of local row `i`.
     pub fn global_key(&self, i: u64) -> u64 {
-        i * self.shards as u64 + self.shard as u64
+        Routing::new(self.shards).global_key(self.shard, i)
     }
 
     /// The local index of global `key`, or why it is not on this shard.
@@ -193,15 +177,17 @@ impl Table {
                 self.spec.name, self.spec.rows
             )));
         }
-        if key % self.shards as u64 != self.shard as u64 {
-            return Err(StoreError::KeyOutOfRange(format!(
-                "key {key} lives on shard {}, not on shard {} of {}",
-                key % self.shards as u64,
-                self.shard,
-                self.shards
-            )));
-        }
-        Ok(key / self.shards as u64)
+        let routing = Routing::new(self.shards);
+        routing
+            .local_on(key, self.shard, self.local_rows)
+            .ok_or_else(|| {
+                StoreError::KeyOutOfRange(format!(
+                    "key {key} lives on shard {}, not on shard {} of {}",
+                    routing.shard_of(key),
+                    self.shard,
+                    self.shards
+                ))
+            })
     }
 
     fn stripe(&self, i: u64) -> MutexGuard<'_, StripeState> {
@@ -239,7 +225,7 @@ impl Table {
 
     /// The version of local row `i` (a lower bound while a write is under way).
     pub fn version_local(&self, i: u64) -> u64 {
-        row::read_seq(self.region.words(), &self.layout, i) >> 1
+        row::version_of(row::read_seq(self.region.words(), &self.layout, i))
     }
 
     /// The table's clock on this shard: updates applied so far. Every push counts its updates here
@@ -254,7 +240,7 @@ impl Table {
     }
 
     /// The region holding the clock word (file-backed beside the rows when they are).
-    pub fn clock_region(&self) -> &Region {
+    pub fn clock_region(&self) -> &Arc<Region> {
         &self.clock
     }
 

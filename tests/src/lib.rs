@@ -2,6 +2,9 @@
 //! tests that must send what no well-behaved client would.
 #![forbid(unsafe_code)]
 
+pub mod model;
+pub mod sim;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;

@@ -16,10 +16,34 @@ use hetkv_store::{EmbeddedCluster, ShardConfig};
 use hetkv_tests::{sgd_table, TestRng};
 use hetkv_transport::row::{self, RowLayout};
 use hetkv_transport::wire::NOT_CACHED;
+use hetkv_transport::wire::{PushResponse, Since};
 use hetkv_transport::{
-    ErrorCode, Initializer, OptimizerSpec, ShardTransport, ShmTransport, Span, StaleRows,
-    TableSpec, TransportError,
+    Carried, ErrorCode, Initializer, OptimizerSpec, PushOutcome, PushRef, ShardTransport,
+    ShmTransport, Span, StaleQuery, StaleRows, TableSpec, TransportError,
 };
+
+/// A conditional pull of `keys` against `clocks`, with `push` applied first.
+#[allow(clippy::too_many_arguments)]
+fn stale(
+    t: &dyn ShardTransport,
+    table: &str,
+    keys: &[u64],
+    clocks: &[u64],
+    bound: u64,
+    since: Option<Since>,
+    push: Option<PushRef<'_>>,
+    out: &mut StaleRows,
+) -> Carried {
+    let query = StaleQuery {
+        table,
+        keys,
+        clocks,
+        bound,
+        since,
+        push,
+    };
+    t.pull_if_stale(&query, out)
+}
 
 /// A backend under test, with its one-sided read counters where it has them.
 enum Backend {
@@ -76,9 +100,9 @@ impl Backend {
     fn torn_retries(&self) -> Option<u64> {
         match self {
             Self::Tcp(_) => None,
-            Self::Shm(t) => Some(t.shm_stats().torn_retries),
+            Self::Shm(t) => Some(t.read_stats().torn_retries),
             #[cfg(feature = "rdma")]
-            Self::Rdma(t) => Some(t.torn_retries()),
+            Self::Rdma(t) => Some(t.read_stats().torn_retries),
         }
     }
 }
@@ -223,9 +247,18 @@ fn version_reads_follow_the_bounds(kind: &str) {
     for bound in [0u64, 1, 2, 3, 4, u64::MAX] {
         let clocks = vec![0u64; keys.len()];
         let mut out = StaleRows::default();
-        b.t()
-            .pull_if_stale(&spec.name, &keys, &clocks, bound, None, None, &mut out)
-            .unwrap();
+        stale(
+            b.t(),
+            &spec.name,
+            &keys,
+            &clocks,
+            bound,
+            None,
+            None,
+            &mut out,
+        )
+        .into_result()
+        .unwrap();
         let expected: Vec<u32> = (0..keys.len() as u32)
             .filter(|&j| version(keys[j as usize]) > bound)
             .collect();
@@ -251,32 +284,33 @@ fn version_reads_follow_the_bounds(kind: &str) {
         })
         .collect();
     let mut out = StaleRows::default();
-    b.t()
-        .pull_if_stale(&spec.name, &keys, &clocks, 0, None, None, &mut out)
+    stale(b.t(), &spec.name, &keys, &clocks, 0, None, None, &mut out)
+        .into_result()
         .unwrap();
     let missing: Vec<u32> = (0..keys.len() as u32)
         .filter(|&j| keys[j as usize].is_multiple_of(4))
         .collect();
     assert_eq!(out.indices, missing, "{kind}");
     // A clock claim holds while the foreign updates stay within its allowance.
-    let claim = |max_foreign| hetkv_transport::wire::Since {
+    let claim = |max_foreign| Since {
         clock: total - 3,
         own: 0,
         max_foreign,
     };
     for (max_foreign, held) in [(3, true), (2, false)] {
         let mut out = StaleRows::default();
-        b.t()
-            .pull_if_stale(
-                &spec.name,
-                &keys[..1],
-                &[NOT_CACHED],
-                0,
-                Some(claim(max_foreign)),
-                None,
-                &mut out,
-            )
-            .unwrap();
+        stale(
+            b.t(),
+            &spec.name,
+            &keys[..1],
+            &[NOT_CACHED],
+            0,
+            Some(claim(max_foreign)),
+            None,
+            &mut out,
+        )
+        .into_result()
+        .unwrap();
         assert_eq!(out.since_held, held, "{kind}: allowance {max_foreign}");
     }
 }
@@ -304,15 +338,29 @@ fn pushes_apply_and_read_back(kind: &str) {
     assert_eq!(&values[6..9], &expect(&grads[6..9])[..]);
     // A push carried by a conditional pull is applied before its rows are read.
     let mut out = StaleRows::default();
-    let push = hetkv_transport::PushRef {
+    let push = PushRef {
         keys: &[7],
         counts: &[2],
         grads: &[2.0, 2.0, 2.0],
     };
-    b.t()
-        .pull_if_stale(&spec.name, &[7, 9], &[0, 0], 0, None, Some(push), &mut out)
-        .unwrap();
-    assert_eq!(out.pushed_updates, 2);
+    let carried = stale(
+        b.t(),
+        &spec.name,
+        &[7, 9],
+        &[0, 0],
+        0,
+        None,
+        Some(push),
+        &mut out,
+    );
+    assert_eq!(
+        carried.push,
+        PushOutcome::Applied(PushResponse {
+            rows: 1,
+            updates: 2
+        })
+    );
+    carried.read.unwrap();
     assert_eq!(out.indices, vec![0]);
     assert_eq!(out.versions, vec![2]);
     assert_eq!(out.rows, vec![-1.0; 3]);
@@ -438,10 +486,18 @@ fn bad_inputs_are_refused(kind: &str) {
     let e = b.t().pull(&spec.name, &[1], &mut v, &mut r).unwrap_err();
     assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
     let mut out = StaleRows::default();
-    let e = b
-        .t()
-        .pull_if_stale(&spec.name, &[0, 12], &[0, 0], 0, None, None, &mut out)
-        .unwrap_err();
+    let e = stale(
+        b.t(),
+        &spec.name,
+        &[0, 12],
+        &[0, 0],
+        0,
+        None,
+        None,
+        &mut out,
+    )
+    .into_result()
+    .unwrap_err();
     assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
     let e = b.t().push(&spec.name, &[0], &[1], &[1.0; 3]).unwrap_err();
     assert_eq!(code(e), Some(ErrorCode::WrongDim), "{kind}");
@@ -456,16 +512,22 @@ fn bad_inputs_are_refused(kind: &str) {
         .unwrap_err();
     assert_eq!(code(e), Some(ErrorCode::InvalidGradient), "{kind}");
     // A push that travels with a conditional pull is refused whole when a key is bad.
-    let push = hetkv_transport::PushRef {
+    let push = PushRef {
         keys: &[0],
         counts: &[1],
         grads: &[1.0; 4],
     };
-    let e = b
-        .t()
-        .pull_if_stale(&spec.name, &[3], &[0], 0, None, Some(push), &mut out)
-        .unwrap_err();
-    assert_eq!(code(e), Some(ErrorCode::KeyOutOfRange), "{kind}");
+    let carried = stale(b.t(), &spec.name, &[3], &[0], 0, None, Some(push), &mut out);
+    assert_eq!(
+        carried.push,
+        PushOutcome::Refused,
+        "{kind}: nothing applied, and said so"
+    );
+    assert_eq!(
+        code(carried.read.unwrap_err()),
+        Some(ErrorCode::KeyOutOfRange),
+        "{kind}"
+    );
     // Spans past the region, or of a region that does not exist.
     let desc = b.t().region_info(&spec.name).unwrap();
     let mut bytes = Vec::new();

@@ -71,8 +71,82 @@ pub struct StaleRows {
     pub table_clock: u64,
     /// Whether the request's `since` claim held (true when there was none).
     pub since_held: bool,
-    /// Updates applied from the rows pushed with the request.
-    pub pushed_updates: u64,
+}
+
+/// A conditional pull (DESIGN section 5): the rows of `keys` whose server version exceeds
+/// `clocks[i] + bound` ([`crate::wire::is_stale`]), with rows pushed first in the same call.
+#[derive(Clone, Copy, Debug)]
+pub struct StaleQuery<'a> {
+    /// Table name.
+    pub table: &'a str,
+    /// Keys, all of this shard.
+    pub keys: &'a [u64],
+    /// The client's clock of each key, or [`crate::wire::NOT_CACHED`].
+    pub clocks: &'a [u64],
+    /// The staleness bound (`u64::MAX`: cached rows never come back).
+    pub bound: u64,
+    /// A claim about the checks the client did not send, for the shard to verify.
+    pub since: Option<Since>,
+    /// Rows to apply, all or nothing, before the table clock and any row are read.
+    pub push: Option<PushRef<'a>>,
+}
+
+/// What became of rows pushed with a read, reported apart from the read's own result: a read that
+/// fails after its push was applied must not make the caller push the rows again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The call pushed nothing.
+    NotSent,
+    /// The shard applied the rows.
+    Applied(PushResponse),
+    /// The shard refused the rows, and applied none of them; it would refuse them again.
+    Refused,
+    /// The rows were not delivered, or their acknowledgement was lost: the shard may or may not
+    /// have applied them. A caller that sends them again risks applying them twice.
+    Lost,
+}
+
+impl PushOutcome {
+    /// The outcome of a push whose request failed with `error`.
+    pub fn failed(error: &TransportError) -> Self {
+        match error {
+            TransportError::Remote { .. } | TransportError::InvalidRequest { .. } => Self::Refused,
+            TransportError::Io { .. } | TransportError::Protocol { .. } => Self::Lost,
+        }
+    }
+}
+
+/// The result of a call that may carry a push: the push's outcome and the read's result apart.
+/// When anything failed, `read` holds the error.
+#[must_use = "the push outcome says whether the pushed rows were applied"]
+#[derive(Debug)]
+pub struct Carried {
+    /// What became of the rows pushed with the call.
+    pub push: PushOutcome,
+    /// The read's result.
+    pub read: Result<(), TransportError>,
+}
+
+impl Carried {
+    /// A call whose push and read travelled in one request, which ended with `result` (the
+    /// acknowledgement of the pushed rows when it succeeded); `carried_rows` says whether it
+    /// pushed any.
+    pub fn one_request(carried_rows: bool, result: Result<PushResponse, TransportError>) -> Self {
+        let push = match (&result, carried_rows) {
+            (_, false) => PushOutcome::NotSent,
+            (Ok(ack), true) => PushOutcome::Applied(*ack),
+            (Err(e), true) => PushOutcome::failed(e),
+        };
+        Self {
+            push,
+            read: result.map(|_| ()),
+        }
+    }
+
+    /// The read's result, for callers that pushed nothing.
+    pub fn into_result(self) -> Result<(), TransportError> {
+        self.read
+    }
 }
 
 /// Rows to push with a conditional pull: `(key, count, gradient sum)`, grads keys x dim.
@@ -170,21 +244,10 @@ pub trait ShardTransport: Send + Sync {
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
     ) -> Result<u64, TransportError>;
-    /// Rows whose server version exceeds `clocks[i] + bound`, or whose clock is
-    /// [`crate::wire::NOT_CACHED`]; with `since`, the shard also says whether the claim about the
-    /// checks not sent holds. Rows in `push` are applied first, all or nothing, in the same
-    /// request.
-    #[allow(clippy::too_many_arguments)]
-    fn pull_if_stale(
-        &self,
-        table: &str,
-        keys: &[u64],
-        clocks: &[u64],
-        bound: u64,
-        since: Option<Since>,
-        push: Option<PushRef<'_>>,
-        out: &mut StaleRows,
-    ) -> Result<(), TransportError>;
+    /// The rows of `query` that are stale ([`crate::wire::is_stale`]); with a `since` claim, the
+    /// shard also says whether the claim about the checks not sent holds. Rows in the query's
+    /// `push` are applied first, all or nothing; their outcome is reported apart from the read's.
+    fn pull_if_stale(&self, query: &StaleQuery<'_>, out: &mut StaleRows) -> Carried;
     /// Applies `(key, count, gradient sum)` rows; `grads` is keys x dim.
     fn push(
         &self,

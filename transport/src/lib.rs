@@ -3,9 +3,11 @@
 //! - [`region`]: mapped memory regions (the shared-memory module, and the only `unsafe` here);
 //! - [`row`]: the row format of DESIGN section 4, its writer protocol and its verifying reader;
 //! - [`spec`]: table specifications;
+//! - [`routing`]: which shard holds a row, and at which local index;
 //! - [`wire`]: frames, headers and payload arrays of the control protocol;
 //! - [`service`]: the server side of the protocol, sans-IO;
 //! - [`client`]: the client-side interface every backend implements;
+//! - [`onesided`]: the one transport over memory a client reads without the daemon's CPU;
 //! - [`shm`]: the shared-memory backend (one-sided reads of a same-host daemon's regions);
 //! - `rdma` (feature `rdma`): the RDMA backend over libibverbs.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -13,21 +15,28 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod onesided;
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]
 pub mod rdma;
 #[allow(unsafe_code)]
 pub mod region;
+pub mod routing;
 pub mod row;
 pub mod service;
 pub mod shm;
 pub mod spec;
 pub mod wire;
 
-pub use client::{PushRef, ShardTransport, StaleRows, Traffic, TrafficCounters, TransportError};
+pub use client::{
+    Carried, PushOutcome, PushRef, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters,
+    TransportError,
+};
+pub use onesided::{OneSidedStats, OneSidedTransport, RemoteMemory};
 pub use region::{Region, SharedRegion};
+pub use routing::Routing;
 pub use row::RowLayout;
 pub use service::{Outcome, Response, ServerCounters, Session, ShardService};
-pub use shm::{ShmStats, ShmTransport, ShmUnavailable};
+pub use shm::{ShmMemory, ShmTransport, ShmUnavailable};
 pub use spec::{Initializer, OptimizerSpec, SpecError, TableInfo, TableSpec};
 pub use wire::{ErrorCode, RegionDescriptor, ShardStats, Span, TableStats, WireError};

@@ -116,7 +116,7 @@ pub fn encode_image(layout: &RowLayout, version: u64, payload: &[f32], image: &m
         "payload length is the table's dim"
     );
     assert_eq!(image.len(), layout.stride(), "image length is the stride");
-    image[..SEQ_BYTES].copy_from_slice(&(version << 1).to_le_bytes());
+    image[..SEQ_BYTES].copy_from_slice(&seq_of(version).to_le_bytes());
     for (chunk, v) in image[SEQ_BYTES..layout.crc_offset()]
         .chunks_exact_mut(4)
         .zip(payload)
@@ -156,7 +156,7 @@ pub fn verify_image(layout: &RowLayout, image: &[u8]) -> Result<u64, RowError> {
     if stored != computed {
         return Err(RowError::Checksum { stored, computed });
     }
-    Ok(seq >> 1)
+    Ok(version_of(seq))
 }
 
 /// Decodes a verified image's payload into `out` (dim f32 values).
@@ -243,6 +243,17 @@ pub fn prefetch_row(words: &[AtomicU64], layout: &RowLayout, index: u64) {
     if let Some(row) = words.get(base..base + layout.stride_words()) {
         crate::region::prefetch(row);
     }
+}
+
+/// The version a seq word stands for (`seq >> 1`): the row's version when the word is even, a
+/// lower bound while it is odd (a write is under way). The one home of that rule.
+pub fn version_of(seq: u64) -> u64 {
+    seq >> 1
+}
+
+/// The stable seq word of a row at `version` (even).
+pub fn seq_of(version: u64) -> u64 {
+    version << 1
 }
 
 /// The seq word of row `index`: even = stable at version `seq >> 1`; odd = a write is under way

@@ -169,12 +169,7 @@ impl TableSpec {
 
     /// Rows of this table held by shard `shard` of `shards` (row r lives on shard `r % shards`).
     pub fn local_rows(&self, shard: u32, shards: u32) -> u64 {
-        let (s, n) = (shard as u64, shards as u64);
-        if s >= self.rows {
-            0
-        } else {
-            (self.rows - s).div_ceil(n)
-        }
+        crate::routing::Routing::new(shards).local_rows(self.rows, shard)
     }
 }
 

@@ -263,8 +263,27 @@ impl RegionDescriptor {
     /// The local row of `key` in this region of shard `shard` of `shards` (row `r` lives on shard
     /// `r % S` at index `r / S`), or `None` when the key is not this shard's or is out of range.
     pub fn local_row(&self, key: u64, shard: u32, shards: u32) -> Option<u64> {
-        let shards = u64::from(shards.max(1));
-        (key % shards == u64::from(shard) && key / shards < self.rows).then_some(key / shards)
+        crate::routing::Routing::new(shards).local_on(key, shard, self.rows)
+    }
+
+    /// The row layout the descriptor implies, after checking that its dim is supported, that its
+    /// stride is that dim's and that its rows fit its length (a reader relies on all three).
+    pub fn check_layout(&self) -> Result<crate::row::RowLayout, String> {
+        if !(1..=crate::row::MAX_DIM).contains(&self.dim) {
+            return Err(format!(
+                "dim {} outside 1..={}",
+                self.dim,
+                crate::row::MAX_DIM
+            ));
+        }
+        let layout = crate::row::RowLayout::new(self.dim);
+        if layout.stride() as u32 != self.stride || layout.region_bytes(self.rows) > self.len {
+            return Err(format!(
+                "stride {} and length {} do not fit dim {} and {} rows",
+                self.stride, self.len, self.dim, self.rows
+            ));
+        }
+        Ok(layout)
     }
 }
 
@@ -382,6 +401,14 @@ pub struct PullIfStaleRequest {
 
 /// A clock meaning "the client holds no copy": the row always comes back.
 pub const NOT_CACHED: u64 = u64::MAX;
+
+/// The stale rule of a conditional pull (DESIGN section 5): a row at server version `version`
+/// comes back to a client whose copy has clock `clock` when `version > clock + bound`
+/// (saturating, so a bound of `u64::MAX` never refreshes a cached row), or when the client holds
+/// no copy ([`NOT_CACHED`]). The daemon, the one-sided readers and the tests all use this rule.
+pub fn is_stale(version: u64, clock: u64, bound: u64) -> bool {
+    clock == NOT_CACHED || version > clock.saturating_add(bound)
+}
 
 /// Conditional pull response; payload: `stale` x u32 indices into the request's keys (ascending),
 /// `stale` x u64 versions, then `stale` x `dim` f32 values.

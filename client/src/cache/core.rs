@@ -1,20 +1,32 @@
 //! The cache core: lines, their clocks and pending gradients, and the bounds of DESIGN section 5.
 //!
-//! It does no I/O. [`CacheCore::plan_lookup`] says which keys go to the shards and with which
-//! clocks; [`CacheCore::finish_lookup`] is told what came back and fills the caller's rows;
-//! [`CacheCore::update`] and [`CacheCore::flush`] leave the rows to push in a [`PushBatch`] that
-//! the caller takes with [`CacheCore::take_pushes`], sends, and hands back with
-//! [`CacheCore::pushed`] (or [`CacheCore::requeue`] when a shard could not be reached, so nothing
-//! is lost). The caller routes keys to shards; the core never sees them.
+//! It does no I/O. The whole protocol, shard by shard, is in `exchange.rs`:
+//! [`CacheCore::start_lookup`] and [`CacheCore::start_push`] plan a call, [`CacheCore::requests`]
+//! lists what to send to which shard, [`CacheCore::on_reply`] takes each shard's answer (the
+//! push's outcome apart from the read's) and schedules the follow-up checks a shard's table
+//! clock could not vouch for, and [`CacheCore::complete_lookup`] fills the caller's rows. The core
+//! routes keys to shards itself ([`Routing`]).
+//!
+//! Below that sit the building blocks, usable on their own for one shard:
+//! [`CacheCore::plan_lookup`] says which keys to ask for and with which clocks;
+//! [`CacheCore::finish_lookup`] is told what came back; [`CacheCore::update`] and
+//! [`CacheCore::flush`] leave the rows to push in a [`PushBatch`] taken with
+//! [`CacheCore::take_pushes`] and acknowledged with [`CacheCore::pushed`] (or kept with
+//! [`CacheCore::requeue`] when their delivery is unknown).
 //!
 //! Each line holds the row (with the worker's own pending updates applied), `c_s` (the server
 //! version when fetched or last refreshed), `pending` (the gradient sum not yet pushed) and `p` (the
 //! number of updates in it); its clock is `c_c = c_s + p`.
 
+mod exchange;
+
 use rustc_hash::FxHashMap;
 
 use hetkv_transport::wire::{Since, NOT_CACHED};
-use hetkv_transport::TableSpec;
+use hetkv_transport::{Routing, TableSpec};
+
+use exchange::ShardPlan;
+pub use exchange::{RequestKind, ShardRequest};
 
 use super::policy::{self, EvictionPolicy};
 use super::CacheConfig;
@@ -187,8 +199,14 @@ pub struct CacheCore {
     stamp: Vec<u64>,
     /// Lookups planned so far.
     calls: u64,
-    shards: u64,
+    routing: Routing,
     clocks: Vec<ShardClock>,
+    /// Each shard's part of the current call.
+    plans: Vec<ShardPlan>,
+    /// Rows read so far by the current lookup, from every shard.
+    replies: Replies,
+    /// Whether a read of the current lookup failed.
+    read_failed: bool,
     policy: Box<dyn EvictionPolicy>,
     stats: CacheStats,
     // Scratch of the current call, kept to reuse its allocations.
@@ -247,8 +265,11 @@ impl CacheCore {
             fetched_at: vec![0; capacity],
             stamp: vec![0; capacity],
             calls: 0,
-            shards: shards as u64,
+            routing: Routing::new(shards as u32),
             clocks: vec![ShardClock::default(); shards],
+            plans: (0..shards).map(|_| ShardPlan::default()).collect(),
+            replies: Replies::default(),
+            read_failed: false,
             policy: policy::build(config.policy, capacity),
             stats: CacheStats::default(),
             dedup: FxHashMap::default(),
@@ -399,7 +420,7 @@ impl CacheCore {
         // the clock, so each shard's claim counts those updates as this cache's own.
         let queued = self.unsent.keys.iter().zip(&self.unsent.counts);
         for (&k, &c) in queued.chain(self.pushes.keys.iter().zip(&self.pushes.counts)) {
-            if let Some(claim) = &mut self.since[(k % self.shards) as usize] {
+            if let Some(claim) = &mut self.since[self.routing.shard_of(k)] {
                 claim.own += c as u64;
             }
         }
@@ -419,7 +440,7 @@ impl CacheCore {
     /// fetched_at` updates; it is valid while that is at most `bound + p`. Lines whose slack is
     /// below the foreign updates forecast for this interval are checked as usual.
     fn covered_by_clock(&mut self, key: u64, slot: usize) -> bool {
-        let shard = (key % self.shards) as usize;
+        let shard = self.routing.shard_of(key);
         let sc = self.clocks[shard];
         if !sc.observed {
             return false;
@@ -463,7 +484,7 @@ impl CacheCore {
     }
 
     fn foreign_now(&self, key: u64) -> u64 {
-        self.clocks[(key % self.shards) as usize].foreign()
+        self.clocks[self.routing.shard_of(key)].foreign()
     }
 
     /// Completes the lookup planned last: applies `replies` (stale hits are refreshed with their

@@ -3,7 +3,9 @@
 pub mod core;
 pub mod policy;
 
-pub use self::core::{CacheCore, CacheError, LookupPlan, PushBatch, Replies};
+pub use self::core::{
+    CacheCore, CacheError, LookupPlan, PushBatch, Replies, RequestKind, ShardRequest,
+};
 pub use policy::PolicyKind;
 
 use hetkv_transport::TableSpec;

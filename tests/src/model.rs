@@ -1,0 +1,261 @@
+//! The model-based test of the cache's consistency bounds, run by the socket tests
+//! (`tests/cache_consistency.rs`, every transport) and by the in-memory harness
+//! (`tests/cache_harness.rs`, simulated shards).
+//!
+//! Several clients, each with its own cache, issue random interleavings of lookups, updates and
+//! flushes on one table spread over the shards. The table uses SGD with lr 1 from zeros, and
+//! client c's gradients are -1 in element c (plus small random values in two shared elements), so
+//! element c of any row counts exactly the updates of client c it includes and the count elements
+//! of a row sum to its version. That makes every claim checkable exactly:
+//! - read bound: at every lookup, the server's version minus the returned row's clock is at most
+//!   `pull_bound`, and the returned values are exactly those of that clock;
+//! - read-your-writes: element c of a row returned to client c equals the updates c issued;
+//! - write bound: after every update by client c, at most `push_bound` of its updates to any key
+//!   are missing from the server;
+//! - after flushes, versions equal the updates issued and values equal sequential SGD.
+
+use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, PolicyKind, Table};
+use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+
+use crate::TestRng;
+
+/// Clients (caches) in a run.
+pub const CLIENTS: usize = 3;
+/// Rows of the model's table.
+pub const ROWS: u64 = 48;
+/// Its dim: one count element per client, and two shared elements.
+pub const DIM: usize = CLIENTS + 2;
+/// Rows each cache holds: small enough to evict constantly.
+pub const CAPACITY: usize = 6;
+/// Operations in a run.
+pub const OPS: usize = 300;
+
+/// The model's table, named `name`.
+pub fn spec(name: &str) -> TableSpec {
+    TableSpec {
+        name: name.to_string(),
+        rows: ROWS,
+        dim: DIM as u32,
+        init: Initializer::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+    }
+}
+
+/// The policies and bounds every run covers.
+pub fn policies_and_bounds() -> Vec<(PolicyKind, Bound)> {
+    let mut v = Vec::new();
+    for policy in [
+        PolicyKind::Lru,
+        PolicyKind::Lfu,
+        PolicyKind::LightLfu { pin_after: 2 },
+    ] {
+        for bound in [
+            Bound::STRICT,
+            Bound::updates(1),
+            Bound::updates(10),
+            Bound::INFINITE,
+        ] {
+            v.push((policy, bound));
+        }
+    }
+    v
+}
+
+/// What a run saw of the check-elision protocol.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Outcome {
+    /// Hits whose version checks a shard's table clock vouched for (the elided path).
+    pub checks_skipped: u64,
+    /// Lookups whose claim did not hold, so the skipped checks were sent after all (the re-sent
+    /// path).
+    pub clock_retries: u64,
+    /// Lookups that failed (only with faults).
+    pub failed_lookups: u64,
+}
+
+struct Truth {
+    table: Table,
+}
+
+impl Truth {
+    /// Versions and rows of every key, read directly from the shards.
+    fn read(&self) -> (Vec<u64>, Vec<f32>) {
+        let keys: Vec<u64> = (0..ROWS).collect();
+        let mut rows = vec![0f32; ROWS as usize * DIM];
+        let mut versions = vec![0u64; ROWS as usize];
+        self.table
+            .pull(&keys, &mut rows, Some(&mut versions))
+            .unwrap();
+        (versions, rows)
+    }
+}
+
+/// Runs the model: `CLIENTS` caches made by `connect` (each a new connection to the cluster
+/// that `truth`, a direct handle of the model's table, reads), `OPS` seeded operations, every
+/// claim checked after each. With `faults`, a lookup may fail (a read injected to fail after its
+/// push was applied): its rows are not checked, and everything else still is, exactly.
+pub fn run(
+    truth: &Table,
+    connect: &mut dyn FnMut() -> Table,
+    policy: PolicyKind,
+    bound: Bound,
+    seed: u64,
+    faults: bool,
+) -> Outcome {
+    let name = truth.spec().name.clone();
+    let truth = Truth {
+        table: truth.clone(),
+    };
+    let config = CacheConfig::new(Capacity::Rows(CAPACITY), policy, bound);
+    let mut clients: Vec<CachedTable> = (0..CLIENTS).map(|_| connect().cached(config)).collect();
+    let mut failed_lookups = 0;
+    let mut issued = vec![vec![0u64; ROWS as usize]; CLIENTS];
+    let mut shared_ref = vec![[0f64; 2]; ROWS as usize];
+    let mut rng = TestRng(seed ^ bound.get().wrapping_mul(31) ^ policy.to_string().len() as u64);
+    let ctx = |op: usize, c: usize| format!("{name}: op {op}, client {c}");
+
+    for op in 0..OPS {
+        let c = rng.below(CLIENTS as u64) as usize;
+        // Keys concentrate on a hot third of the table so caches both hit and evict.
+        let n = 1 + rng.below(8) as usize;
+        let keys: Vec<u64> = (0..n)
+            .map(|_| {
+                if rng.below(3) > 0 {
+                    rng.below(ROWS / 3)
+                } else {
+                    rng.below(ROWS)
+                }
+            })
+            .collect();
+        match rng.below(10) {
+            0..=4 => {
+                let mut out = vec![0f32; n * DIM];
+                let mut clocks = vec![0u64; n];
+                // The bound holds at validation, before the lookup pushes its own dirty victims;
+                // operations are sequential, so the server at validation is the server now.
+                let (versions, server) = truth.read();
+                let looked_up = clients[c].lookup_with_clocks(&keys, &mut out, &mut clocks);
+                if faults && looked_up.is_err() {
+                    failed_lookups += 1;
+                    continue;
+                }
+                looked_up.unwrap();
+                for (i, &k) in keys.iter().enumerate() {
+                    let k = k as usize;
+                    let row = &out[i * DIM..(i + 1) * DIM];
+                    assert_eq!(
+                        row[c] as u64,
+                        issued[c][k],
+                        "{}: read-your-writes on key {k}",
+                        ctx(op, c)
+                    );
+                    let counted: f32 = row[..CLIENTS].iter().sum();
+                    assert_eq!(
+                        counted as u64,
+                        clocks[i],
+                        "{}: key {k} values do not match their clock",
+                        ctx(op, c)
+                    );
+                    for other in (0..CLIENTS).filter(|&o| o != c) {
+                        assert!(
+                            row[other] <= server[k * DIM + other],
+                            "{}: key {k} ahead of the server",
+                            ctx(op, c)
+                        );
+                    }
+                    if !bound.is_infinite() {
+                        let lag = versions[k].saturating_sub(clocks[i]);
+                        assert!(
+                            lag <= bound.get(),
+                            "{}: key {k} lags the server by {lag} > {bound}",
+                            ctx(op, c)
+                        );
+                    }
+                }
+            }
+            5..=8 => {
+                let mut grads = vec![0f32; n * DIM];
+                for (i, &k) in keys.iter().enumerate() {
+                    let g = &mut grads[i * DIM..(i + 1) * DIM];
+                    g[c] = -1.0;
+                    for (e, r) in shared_ref[k as usize].iter_mut().enumerate() {
+                        g[CLIENTS + e] = rng.signed_unit() * 0.01;
+                        *r -= g[CLIENTS + e] as f64;
+                    }
+                    issued[c][k as usize] += 1;
+                }
+                clients[c].update(&keys, &grads).unwrap();
+                let (_, server) = truth.read();
+                for k in 0..ROWS as usize {
+                    let on_server = server[k * DIM + c] as u64;
+                    let missing = issued[c][k] - on_server;
+                    assert!(
+                        bound.is_infinite() || missing <= bound.get(),
+                        "{}: key {k} has {missing} unpushed updates > {bound}",
+                        ctx(op, c)
+                    );
+                    assert_eq!(
+                        missing,
+                        clients[c].core().unpushed(k as u64) as u64,
+                        "{}: key {k}",
+                        ctx(op, c)
+                    );
+                }
+            }
+            _ => {
+                clients[c].flush().unwrap();
+                let (_, server) = truth.read();
+                for k in 0..ROWS as usize {
+                    assert_eq!(
+                        server[k * DIM + c] as u64,
+                        issued[c][k],
+                        "{}: flush of key {k}",
+                        ctx(op, c)
+                    );
+                }
+            }
+        }
+    }
+    for client in &mut clients {
+        client.flush().unwrap();
+    }
+    let (versions, server) = truth.read();
+    for k in 0..ROWS as usize {
+        let total: u64 = (0..CLIENTS).map(|c| issued[c][k]).sum();
+        assert_eq!(
+            versions[k], total,
+            "{name}: version of key {k} after flushes"
+        );
+        for c in 0..CLIENTS {
+            assert_eq!(
+                server[k * DIM + c] as u64,
+                issued[c][k],
+                "{name}: key {k} client {c}"
+            );
+        }
+        for e in 0..2 {
+            let (got, want) = (server[k * DIM + CLIENTS + e] as f64, shared_ref[k][e]);
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{name}: key {k}: {got} vs sequential SGD {want}"
+            );
+        }
+    }
+    let stats: Vec<_> = clients.iter().map(|c| c.stats()).collect();
+    let evictions: u64 = stats.iter().map(|s| s.evictions).sum();
+    let hits: u64 = stats.iter().map(|s| s.hits).sum();
+    assert!(
+        evictions > 20,
+        "{name}: the cache must be small enough to evict constantly ({evictions})"
+    );
+    assert!(hits > 20, "{name}: and large enough to hit ({hits})");
+    if !bound.is_infinite() && bound.get() <= 1 {
+        let stale: u64 = stats.iter().map(|s| s.stale_refreshes).sum();
+        assert!(stale > 0, "{name}: tight bounds must refresh stale lines");
+    }
+    Outcome {
+        checks_skipped: stats.iter().map(|s| s.checks_skipped).sum(),
+        clock_retries: stats.iter().map(|s| s.clock_retries).sum(),
+        failed_lookups,
+    }
+}

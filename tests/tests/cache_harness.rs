@@ -1,0 +1,137 @@
+//! The cache driven without sockets: `CachedTable` (the sans-IO core and its thin driver) over
+//! shards simulated in memory (`hetkv_tests::sim`). The model of `hetkv_tests::model` checks the
+//! read bound, the write bound, read-your-writes and "flush equals sequential SGD" for every policy
+//! and bound over several seeds, and the runs must have taken both paths of check elision: checks a
+//! shard's table clock vouched for, and checks re-sent because a claim did not hold.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind, Table};
+use hetkv_tests::{model, sim::SimShard};
+use hetkv_transport::ShardTransport;
+
+const SHARDS: u32 = 3;
+
+fn cluster(shards: &[Arc<SimShard>]) -> Cluster {
+    Cluster::from_transports(
+        shards
+            .iter()
+            .map(|s| s.clone() as Arc<dyn ShardTransport>)
+            .collect(),
+    )
+    .unwrap()
+}
+
+fn sim_shards(name: &str) -> Vec<Arc<SimShard>> {
+    let spec = model::spec(name);
+    (0..SHARDS)
+        .map(|i| Arc::new(SimShard::new(&spec, i, SHARDS)))
+        .collect()
+}
+
+#[test]
+fn bounds_hold_in_memory_for_every_policy_bound_and_seed_and_both_elision_paths_run() {
+    let (mut skipped, mut retried) = (0, 0);
+    for (policy, bound) in model::policies_and_bounds() {
+        for seed in [1u64, 2, 3] {
+            let started = Instant::now();
+            let shards = sim_shards("model");
+            let truth = cluster(&shards).open_table("model").unwrap();
+            let mut connect = || cluster(&shards).open_table("model").unwrap();
+            let o = model::run(&truth, &mut connect, policy, bound, seed, false);
+            skipped += o.checks_skipped;
+            retried += o.clock_retries;
+            let claims_failed: u64 = shards
+                .iter()
+                .map(|s| s.claims_failed.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            assert_eq!(
+                o.clock_retries, claims_failed,
+                "{policy} {bound} seed {seed}: every failed claim, and only those, re-sent its checks"
+            );
+            eprintln!(
+                "{policy} bound {bound} seed {seed}: {:?} in {:?}",
+                o,
+                started.elapsed()
+            );
+        }
+    }
+    assert!(skipped > 0, "no check was ever left to the table clock");
+    assert!(
+        retried > 0,
+        "no claim ever failed, so the re-sent path never ran"
+    );
+}
+
+/// A read that fails after the push it carried was applied (as a one-sided backend's may) must
+/// not make the cache push those rows again: after the flush, every version equals the updates
+/// issued, exactly, and the values equal sequential SGD.
+#[test]
+fn a_read_that_fails_after_its_push_was_applied_does_not_apply_the_push_twice() {
+    let mut failed = 0;
+    for (policy, bound) in model::policies_and_bounds() {
+        let shards = sim_shards("faults");
+        for s in &shards {
+            s.fail_read_after_push_every(3);
+        }
+        let truth = cluster(&shards).open_table("faults").unwrap();
+        let mut connect = || cluster(&shards).open_table("faults").unwrap();
+        let o = model::run(&truth, &mut connect, policy, bound, 7, true);
+        failed += o.failed_lookups;
+        let injected: u64 = shards
+            .iter()
+            .map(|s| s.failed_reads.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        // A lookup fails once however many of its shards' reads failed. (With a push bound of 0
+        // no evicted line is dirty, so no lookup carries a push to fail after.)
+        assert!(
+            o.failed_lookups <= injected && (o.failed_lookups == 0) == (injected == 0),
+            "{policy} {bound}: {} lookups failed, {injected} reads were failed",
+            o.failed_lookups
+        );
+    }
+    assert!(failed > 10, "the faults must have been injected ({failed})");
+}
+
+/// Flush after updates through a small cache: the version of each key equals the updates sent,
+/// with a failure injected after every push-carrying lookup.
+#[test]
+fn versions_equal_updates_sent_when_every_carried_read_fails() {
+    let shards = sim_shards("t");
+    for s in &shards {
+        s.fail_read_after_push_every(1);
+    }
+    let table: Table = cluster(&shards).open_table("t").unwrap();
+    let mut cache = table.cached(CacheConfig::new(
+        Capacity::Rows(4),
+        PolicyKind::Lru,
+        Bound::INFINITE,
+    ));
+    let mut sent = vec![0u64; model::ROWS as usize];
+    let mut out = vec![0f32; 3 * model::DIM];
+    let mut failures = 0;
+    for i in 0..200u64 {
+        let keys = [i % 48, (i * 7) % 48, (i * 13 + 5) % 48];
+        if cache.lookup(&keys, &mut out).is_err() {
+            failures += 1;
+        }
+        cache.update(&keys, &[0.5; 3 * model::DIM]).unwrap();
+        for k in keys {
+            sent[k as usize] += 1;
+        }
+    }
+    cache.flush().unwrap();
+    assert!(
+        failures > 50,
+        "lookups carrying evicted rows failed ({failures})"
+    );
+    let keys: Vec<u64> = (0..model::ROWS).collect();
+    let mut versions = vec![0; keys.len()];
+    let mut rows = vec![0f32; keys.len() * model::DIM];
+    table.pull(&keys, &mut rows, Some(&mut versions)).unwrap();
+    assert_eq!(
+        versions, sent,
+        "every row's version equals the updates sent"
+    );
+}

@@ -1,0 +1,504 @@
+//! One-sided reads (DESIGN sections 4 and 6), written once for every kind of memory a client can
+//! read without the daemon's CPU.
+//!
+//! A [`RemoteMemory`] only moves bytes: it makes a table's region and clock word readable
+//! ([`RemoteMemory::attach`]) and reads batches of spans ([`RemoteMemory::read`]). Two implement
+//! it: the shared-memory mapping of a same-host daemon's files ([`crate::shm::ShmMemory`]) and
+//! batched RDMA READ (`crate::rdma::RdmaMemory`, feature `rdma`). [`OneSidedTransport`] is the
+//! one [`ShardTransport`] on top of either: the verifying reader (copy the whole row, accept it only
+//! when its seq is even and its checksum matches, re-read torn copies a bounded number of times,
+//! then fall back to the `pull` RPC), the conditional pull (the clock, then the version word of each
+//! cached key against [`is_stale`], then the stale rows), and the forwarding of everything it cannot
+//! answer (pushes, control, keys of another shard) to its control transport.
+//!
+//! A conditional pull that carries a push sends the push over the control transport first and
+//! reports its outcome apart from the read's ([`Carried`]): a read that fails after the shard
+//! acknowledged the push never makes the caller push the rows again.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::client::{
+    pull_into, Carried, PushOutcome, ShardTransport, StaleQuery, StaleRows, Traffic, TransportError,
+};
+use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
+use crate::spec::{TableInfo, TableSpec};
+use crate::wire::{
+    is_stale, CreateResponse, Endpoint, HelloResponse, PushResponse, RegionDescriptor, ShardStats,
+    Span, NOT_CACHED,
+};
+
+/// A table's rows and clock word, made readable by a [`RemoteMemory`].
+#[derive(Debug)]
+pub struct Attachment<R> {
+    /// The region of rows (`RegionDescriptor::len` bytes).
+    pub rows: R,
+    /// The table's clock word (8 bytes: updates applied on the shard).
+    pub clock: R,
+}
+
+/// `len` bytes at `offset` of one attached region.
+#[derive(Debug)]
+pub struct RemoteSpan<'a, R> {
+    /// The region.
+    pub region: &'a R,
+    /// Byte offset in it.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: u32,
+}
+
+/// Memory of a shard that a client reads without the daemon's CPU.
+pub trait RemoteMemory: Send + Sync {
+    /// A region made readable by [`RemoteMemory::attach`].
+    type Region: Send + Sync;
+    /// Makes the region and the clock word that `desc` describes readable, or says why not.
+    /// `desc` comes from the daemon; an implementation checks what it relies on.
+    fn attach(&self, desc: &RegionDescriptor) -> Result<Attachment<Self::Region>, String>;
+    /// Reads every span, and hands each one's bytes (exactly `len` of them), in order, to
+    /// `each(index, bytes)`. A failure is a failure of the link to the shard.
+    fn read(
+        &self,
+        spans: &[RemoteSpan<'_, Self::Region>],
+        each: &mut dyn FnMut(usize, &[u8]),
+    ) -> io::Result<()>;
+    /// Bytes read so far that crossed a link (0 for shared memory).
+    fn bytes_read(&self) -> u64 {
+        0
+    }
+}
+
+/// Counters of one one-sided transport.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OneSidedStats {
+    /// Rows read and verified one-sidedly.
+    pub rows_read: u64,
+    /// Version words read one-sidedly.
+    pub versions_read: u64,
+    /// Torn copies discarded (odd seq or a checksum mismatch).
+    pub torn_retries: u64,
+    /// Rows whose copies all failed verification, then read with the `pull` RPC.
+    pub fallback_rows: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    rows_read: AtomicU64,
+    versions_read: AtomicU64,
+    torn_retries: AtomicU64,
+    fallback_rows: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// One table as the transport reads it.
+#[derive(Debug)]
+struct Attached<R> {
+    desc: RegionDescriptor,
+    layout: RowLayout,
+    at: Attachment<R>,
+}
+
+impl<R> Attached<R> {
+    fn row(&self, local: u64) -> RemoteSpan<'_, R> {
+        RemoteSpan {
+            region: &self.at.rows,
+            offset: self.layout.row_offset(local),
+            len: self.layout.stride() as u32,
+        }
+    }
+
+    fn version_word(&self, local: u64) -> RemoteSpan<'_, R> {
+        RemoteSpan {
+            region: &self.at.rows,
+            offset: self.layout.row_offset(local),
+            len: 8,
+        }
+    }
+
+    fn clock(&self) -> RemoteSpan<'_, R> {
+        RemoteSpan {
+            region: &self.at.clock,
+            offset: 0,
+            len: 8,
+        }
+    }
+}
+
+struct Tables<R> {
+    by_name: HashMap<String, Arc<Attached<R>>>,
+    by_region: HashMap<u32, Arc<Attached<R>>>,
+}
+
+/// A shard read one-sidedly through `M`, controlled (and pushed to) through `C`.
+pub struct OneSidedTransport<M: RemoteMemory, C> {
+    control: C,
+    memory: M,
+    tables: RwLock<Tables<M::Region>>,
+    attempts: u32,
+    counters: Counters,
+}
+
+impl<M: RemoteMemory, C> std::fmt::Debug for OneSidedTransport<M, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OneSidedTransport")
+            .field("memory", &std::any::type_name::<M>())
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes[..8].try_into().expect("an 8-byte span"))
+}
+
+/// Accepts a row copy into slot `n` of `versions` and `rows` when it verifies.
+fn accept(
+    layout: &RowLayout,
+    image: &[u8],
+    n: usize,
+    versions: &mut [u64],
+    rows: &mut [f32],
+) -> bool {
+    let dim = layout.dim();
+    match row::verify_image(layout, image) {
+        Ok(v) => {
+            versions[n] = v;
+            row::decode_payload(layout, image, &mut rows[n * dim..(n + 1) * dim]);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
+    /// Reads the shard behind `control` through `memory`.
+    pub fn with_memory(memory: M, control: C) -> Self {
+        Self {
+            control,
+            memory,
+            tables: RwLock::new(Tables {
+                by_name: HashMap::new(),
+                by_region: HashMap::new(),
+            }),
+            attempts: DEFAULT_READ_ATTEMPTS,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Sets how many copies of a row a read makes before asking the control transport.
+    pub fn with_read_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// The control transport.
+    pub fn control(&self) -> &C {
+        &self.control
+    }
+
+    /// The memory the rows are read from.
+    pub fn memory(&self) -> &M {
+        &self.memory
+    }
+
+    /// Detaches everything and hands the control transport back.
+    pub fn into_control(self) -> C {
+        self.control
+    }
+
+    /// The one-sided read counters.
+    pub fn read_stats(&self) -> OneSidedStats {
+        let c = &self.counters;
+        OneSidedStats {
+            rows_read: c.rows_read.load(Ordering::Relaxed),
+            versions_read: c.versions_read.load(Ordering::Relaxed),
+            torn_retries: c.torn_retries.load(Ordering::Relaxed),
+            fallback_rows: c.fallback_rows.load(Ordering::Relaxed),
+        }
+    }
+
+    fn link(&self, source: io::Error) -> TransportError {
+        TransportError::Io {
+            addr: self.control.addr().to_string(),
+            source,
+        }
+    }
+
+    /// The table's attachment, made on first use from its region descriptor.
+    fn attached(&self, table: &str) -> Result<Arc<Attached<M::Region>>, TransportError> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = tables.by_name.get(table) {
+            return Ok(a.clone());
+        }
+        drop(tables);
+        let desc = self.control.region_info(table)?;
+        let protocol = |message: String| TransportError::Protocol {
+            addr: self.control.addr().to_string(),
+            message: format!("table {table}: {message}"),
+        };
+        let layout = desc
+            .check_layout()
+            .map_err(|e| protocol(format!("region descriptor: {e}")))?;
+        let at = self.memory.attach(&desc).map_err(protocol)?;
+        let attached = Arc::new(Attached { desc, layout, at });
+        let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        tables
+            .by_region
+            .insert(attached.desc.region, attached.clone());
+        Ok(tables
+            .by_name
+            .entry(table.to_string())
+            .or_insert(attached)
+            .clone())
+    }
+
+    /// The local rows of `keys`, when every key lives on this shard.
+    fn locals(&self, a: &Attached<M::Region>, keys: &[u64]) -> Option<Vec<u64>> {
+        let hello = self.control.hello();
+        keys.iter()
+            .map(|&k| a.desc.local_row(k, hello.shard, hello.shards))
+            .collect()
+    }
+
+    /// The verifying reader over a batch: reads the rows at `locals` (whose keys are `keys`) into
+    /// `versions` and `rows` (`locals.len()` x dim); copies that fail verification are read again,
+    /// up to the attempt limit, then with the `pull` RPC. With `with_clock`, the table clock is read
+    /// first, in the same batch, and returned.
+    #[allow(clippy::too_many_arguments)]
+    fn read_rows(
+        &self,
+        table: &str,
+        a: &Attached<M::Region>,
+        keys: &[u64],
+        locals: &[u64],
+        with_clock: bool,
+        versions: &mut Vec<u64>,
+        rows: &mut Vec<f32>,
+    ) -> Result<Option<u64>, TransportError> {
+        let (n, dim) = (locals.len(), a.layout.dim());
+        versions.clear();
+        versions.resize(n, 0);
+        rows.clear();
+        rows.resize(n * dim, 0.0);
+        let mut spans = Vec::with_capacity(n + 1);
+        spans.extend(with_clock.then(|| a.clock()));
+        let skip = spans.len();
+        spans.extend(locals.iter().map(|&l| a.row(l)));
+        let mut clock = None;
+        let mut torn = Vec::new();
+        self.memory
+            .read(&spans, &mut |i, bytes| {
+                if i < skip {
+                    clock = Some(word(bytes));
+                } else if !accept(&a.layout, bytes, i - skip, versions, rows) {
+                    torn.push(i - skip);
+                }
+            })
+            .map_err(|e| self.link(e))?;
+        let mut discarded = torn.len();
+        for _ in 1..self.attempts {
+            if torn.is_empty() {
+                break;
+            }
+            let again: Vec<_> = torn.iter().map(|&t| a.row(locals[t])).collect();
+            let mut still = Vec::new();
+            self.memory
+                .read(&again, &mut |i, bytes| {
+                    if !accept(&a.layout, bytes, torn[i], versions, rows) {
+                        still.push(torn[i]);
+                    }
+                })
+                .map_err(|e| self.link(e))?;
+            discarded += still.len();
+            torn = still;
+        }
+        Counters::add(&self.counters.torn_retries, discarded);
+        Counters::add(&self.counters.rows_read, n - torn.len());
+        Counters::add(&self.counters.fallback_rows, torn.len());
+        let torn_keys: Vec<u64> = torn.iter().map(|&t| keys[t]).collect();
+        pull_into(&self.control, table, &torn_keys, &torn, dim, versions, rows)?;
+        Ok(clock)
+    }
+
+    /// The read half of a conditional pull whose keys all live here: the table clock and the
+    /// version word of every key a finite bound checks in one batch, then the stale rows.
+    fn stale_rows(
+        &self,
+        q: &StaleQuery<'_>,
+        a: &Attached<M::Region>,
+        locals: &[u64],
+        out: &mut StaleRows,
+    ) -> Result<(), TransportError> {
+        let checked: Vec<usize> = (0..q.keys.len())
+            .filter(|&j| q.clocks[j] != NOT_CACHED && q.bound != u64::MAX)
+            .collect();
+        let mut spans = Vec::with_capacity(checked.len() + 1);
+        spans.push(a.clock());
+        spans.extend(checked.iter().map(|&j| a.version_word(locals[j])));
+        let mut stale: Vec<bool> = q.clocks.iter().map(|&c| c == NOT_CACHED).collect();
+        let mut table_clock = 0;
+        self.memory
+            .read(&spans, &mut |i, bytes| match i {
+                0 => table_clock = word(bytes),
+                _ => {
+                    let j = checked[i - 1];
+                    stale[j] = is_stale(row::version_of(word(bytes)), q.clocks[j], q.bound);
+                }
+            })
+            .map_err(|e| self.link(e))?;
+        Counters::add(&self.counters.versions_read, checked.len());
+        out.table_clock = table_clock;
+        out.since_held = q.since.is_none_or(|s| s.holds(table_clock));
+        out.indices.clear();
+        out.indices
+            .extend((0..q.keys.len() as u32).filter(|&j| stale[j as usize]));
+        let keys: Vec<u64> = out.indices.iter().map(|&j| q.keys[j as usize]).collect();
+        let locals: Vec<u64> = out.indices.iter().map(|&j| locals[j as usize]).collect();
+        self.read_rows(
+            q.table,
+            a,
+            &keys,
+            &locals,
+            false,
+            &mut out.versions,
+            &mut out.rows,
+        )?;
+        Ok(())
+    }
+}
+
+impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M, C> {
+    fn addr(&self) -> &str {
+        self.control.addr()
+    }
+
+    fn hello(&self) -> &HelloResponse {
+        self.control.hello()
+    }
+
+    fn list_tables(&self) -> Result<Vec<TableInfo>, TransportError> {
+        self.control.list_tables()
+    }
+
+    fn create_table(&self, spec: &TableSpec) -> Result<CreateResponse, TransportError> {
+        self.control.create_table(spec)
+    }
+
+    /// Attaches the table (if not yet attached), so that reads of its spans are served here.
+    fn region_info(&self, table: &str) -> Result<RegionDescriptor, TransportError> {
+        Ok(self.attached(table)?.desc.clone())
+    }
+
+    /// Spans of attached regions are read here; a request naming any other region, or reaching
+    /// past one, goes to the daemon whole (which reads or refuses it).
+    fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        let attached: Option<Vec<Arc<Attached<M::Region>>>> = spans
+            .iter()
+            .map(|s| {
+                let a = tables.by_region.get(&s.region)?;
+                let end = s.offset.checked_add(u64::from(s.len))?;
+                (end <= a.desc.len).then(|| a.clone())
+            })
+            .collect();
+        drop(tables);
+        let Some(attached) = attached else {
+            return self.control.read(spans, out);
+        };
+        let remote: Vec<_> = spans
+            .iter()
+            .zip(&attached)
+            .map(|(s, a)| RemoteSpan {
+                region: &a.at.rows,
+                offset: s.offset,
+                len: s.len,
+            })
+            .collect();
+        out.clear();
+        self.memory
+            .read(&remote, &mut |_, bytes| out.extend_from_slice(bytes))
+            .map_err(|e| self.link(e))
+    }
+
+    fn pull(
+        &self,
+        table: &str,
+        keys: &[u64],
+        versions: &mut Vec<u64>,
+        rows: &mut Vec<f32>,
+    ) -> Result<u64, TransportError> {
+        let a = self.attached(table)?;
+        // A key that is not this shard's goes to the daemon, which names the problem.
+        let Some(locals) = self.locals(&a, keys) else {
+            return self.control.pull(table, keys, versions, rows);
+        };
+        let clock = self.read_rows(table, &a, keys, &locals, true, versions, rows)?;
+        Ok(clock.unwrap_or(0))
+    }
+
+    fn pull_if_stale(&self, q: &StaleQuery<'_>, out: &mut StaleRows) -> Carried {
+        let not_sent = |e: TransportError| Carried {
+            push: match q.push {
+                Some(_) => PushOutcome::failed(&e),
+                None => PushOutcome::NotSent,
+            },
+            read: Err(e),
+        };
+        let a = match self.attached(q.table) {
+            Ok(a) => a,
+            Err(e) => return not_sent(e),
+        };
+        let (Some(locals), true) = (self.locals(&a, q.keys), q.clocks.len() == q.keys.len()) else {
+            // The daemon validates (and refuses) the whole request, push included.
+            return self.control.pull_if_stale(q, out);
+        };
+        // Pushed rows first, as the daemon would apply them: the reads below see them.
+        let push = match q.push {
+            None => PushOutcome::NotSent,
+            Some(p) => match self.control.push(q.table, p.keys, p.counts, p.grads) {
+                Ok(ack) => PushOutcome::Applied(ack),
+                Err(e) => return not_sent(e),
+            },
+        };
+        Carried {
+            push,
+            read: self.stale_rows(q, &a, &locals, out),
+        }
+    }
+
+    fn push(
+        &self,
+        table: &str,
+        keys: &[u64],
+        counts: &[u32],
+        grads: &[f32],
+    ) -> Result<PushResponse, TransportError> {
+        self.control.push(table, keys, counts, grads)
+    }
+
+    fn stats(&self) -> Result<ShardStats, TransportError> {
+        self.control.stats()
+    }
+
+    /// The control transport's bytes, plus the bytes one-sided reads brought over a link (as
+    /// received; none for shared memory).
+    fn traffic(&self) -> Traffic {
+        let mut t = self.control.traffic();
+        t.received += self.memory.bytes_read();
+        t
+    }
+
+    fn rdma_connect(&self, _ours: &Endpoint) -> Result<Endpoint, TransportError> {
+        Err(TransportError::InvalidRequest {
+            addr: self.control.addr().to_string(),
+            message: "already a one-sided transport: set up RDMA on its control transport".into(),
+        })
+    }
+}
