@@ -755,3 +755,93 @@ fn an_rdma_connect_to_a_daemon_without_rdma_is_refused_clearly() {
     }
     assert_eq!(c.stats().unwrap().shard, 0);
 }
+
+/// Which backend shard `i` of `c` reads through, told by what a pull of `key` (a key of that
+/// shard) moves: TCP sends a request and receives rows; shared memory moves nothing over a link;
+/// RDMA sends nothing and receives its READs.
+fn backend_of(c: &hetkv_client::Cluster, table: &str, i: usize, key: u64) -> &'static str {
+    let t = c.shard(i);
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    t.pull(table, &[key], &mut v, &mut r).unwrap();
+    let before = t.traffic();
+    t.pull(table, &[key], &mut v, &mut r).unwrap();
+    let after = t.traffic();
+    match (after.sent > before.sent, after.received > before.received) {
+        (true, _) => "tcp",
+        (false, false) => "shm",
+        (false, true) => "rdma",
+    }
+}
+
+/// A cluster where only shard 0 offers a one-sided path (shared memory, and RDMA where the build
+/// has it): `auto` gives shard 0 its fastest backend and falls back to TCP for shard 1 alone, and
+/// the cluster serves reads and pushes; asking for that path explicitly fails naming shard 1.
+#[test]
+fn auto_falls_back_shard_by_shard_when_only_shard_0_offers_one_sided_reads() {
+    use hetkv_client::{Cluster, TransportKind};
+    let dir = tempfile::tempdir().unwrap();
+    let shm = dir.path().to_path_buf();
+    let cluster = EmbeddedCluster::start_with(2, ServerConfig::default(), |i| ShardConfig {
+        shm_dir: (i == 0).then(|| shm.clone()),
+        rdma: cfg!(feature = "rdma") && i == 0,
+        ..ShardConfig::new(i, 2)
+    })
+    .unwrap();
+    let spec = zero_table("mixed", 16, 2, 1.0);
+    let c = Cluster::connect(
+        cluster.addrs(),
+        TransportKind::Auto,
+        &ClientConfig::default(),
+    )
+    .unwrap();
+    let table = c.create_table(&spec).unwrap();
+    let fast = if cfg!(feature = "rdma") {
+        "rdma"
+    } else {
+        "shm"
+    };
+    assert_eq!(backend_of(&c, "mixed", 0, 0), fast);
+    assert_eq!(backend_of(&c, "mixed", 1, 1), "tcp");
+    let keys: Vec<u64> = (0..16).collect();
+    table.push(&keys, &[1; 16], &[-1.0; 32]).unwrap();
+    let (mut rows, mut versions) = (vec![0f32; 32], vec![0u64; 16]);
+    table.pull(&keys, &mut rows, Some(&mut versions)).unwrap();
+    assert_eq!(versions, vec![1; 16]);
+    assert_eq!(rows, vec![1.0; 32]);
+    let explicit = if cfg!(feature = "rdma") {
+        TransportKind::Rdma
+    } else {
+        TransportKind::Shm
+    };
+    let e = Cluster::connect(cluster.addrs(), explicit, &ClientConfig::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("shard 1") || e.to_string().contains(&cluster.addrs()[1]),
+        "{e}"
+    );
+}
+
+/// A cluster where no daemon serves RDMA: `auto` falls back for every shard (to shared memory,
+/// as the daemons are on this host) and serves.
+#[cfg(feature = "rdma")]
+#[test]
+fn auto_falls_back_for_every_shard_when_no_daemon_has_rdma() {
+    use hetkv_client::{Cluster, TransportKind};
+    let f = {
+        let dir = tempfile::tempdir().unwrap();
+        let shm = dir.path().to_path_buf();
+        let cluster = EmbeddedCluster::start_with(2, ServerConfig::default(), |i| ShardConfig {
+            shm_dir: Some(shm.clone()),
+            ..ShardConfig::new(i, 2)
+        })
+        .unwrap();
+        (dir, cluster)
+    };
+    let c = Cluster::connect(f.1.addrs(), TransportKind::Auto, &ClientConfig::default()).unwrap();
+    let table = c.create_table(&zero_table("nordma", 8, 2, 1.0)).unwrap();
+    assert_eq!(backend_of(&c, "nordma", 0, 0), "shm");
+    assert_eq!(backend_of(&c, "nordma", 1, 1), "shm");
+    let mut rows = vec![0f32; 16];
+    table
+        .pull(&(0..8).collect::<Vec<_>>(), &mut rows, None)
+        .unwrap();
+}
