@@ -13,13 +13,12 @@ use std::time::Duration;
 use hetkv_transport::client::{
     Carried, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
 };
+use hetkv_transport::codec;
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
-    self, decode_header, le_array, put_f32s, put_u32s, put_u64s, split_body, split_payload,
-    CreateRequest, CreateResponse, Endpoint, F32s, FrameParts, HelloRequest, HelloResponse, Op,
-    PullIfStaleRequest, PullIfStaleResponse, PullRequest, PullResponse, PushRequest, PushResponse,
-    ReadRequest, ReadResponse, RegionDescriptor, ShardStats, Span, Status, TableRequest,
-    TablesResponse, U32s, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
+    self, decode_header, split_body, CreateRequest, CreateResponse, Endpoint, F32s, FrameParts,
+    HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats, Span, Status,
+    TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -152,7 +151,9 @@ impl TcpShardClient {
             client: self.config.name.clone(),
         };
         let reply: HelloResponse =
-            self.exchange(&mut conn, Op::Hello, &hello, |_| {}, |p| self.header(p))?;
+            self.exchange(&mut conn, Op::Hello, header_only(Op::Hello, &hello), |p| {
+                self.header(p)
+            })?;
         if reply.version != PROTOCOL_VERSION {
             return Err(self.protocol(format!(
                 "daemon speaks protocol {}, this client {PROTOCOL_VERSION}",
@@ -183,16 +184,14 @@ impl TcpShardClient {
 
     /// Sends one request on `conn` and parses the response. The connection stays usable after
     /// an error response; any other failure leaves it in an unknown state.
-    fn exchange<H: Serialize, R>(
+    fn exchange<R>(
         &self,
         conn: &mut Conn,
         op: Op,
-        header: &H,
-        payload: impl FnOnce(&mut Vec<u8>),
+        encode: impl FnOnce(&mut Vec<u8>),
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
-        wire::start_frame(&mut conn.send, op as u8, Status::Ok, header);
-        payload(&mut conn.send);
+        encode(&mut conn.send);
         let send_max = self.hello.max_frame.min(self.config.max_frame);
         wire::finish_frame(&mut conn.send, send_max).map_err(|e| {
             TransportError::InvalidRequest {
@@ -240,16 +239,16 @@ impl TcpShardClient {
         parse(parts)
     }
 
-    /// One call on a pooled connection.
-    fn call<H: Serialize, R>(
+    /// One call on a pooled connection: `encode` starts the request frame (a codec's
+    /// `encode_request`, or [`header_only`]), `parse` reads the answer.
+    fn call<R>(
         &self,
         op: Op,
-        header: &H,
-        payload: impl FnOnce(&mut Vec<u8>),
+        encode: impl FnOnce(&mut Vec<u8>),
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
         let mut conn = self.take()?;
-        let result = self.exchange(&mut conn, op, header, payload, parse);
+        let result = self.exchange(&mut conn, op, encode, parse);
         match &result {
             Ok(_)
             | Err(TransportError::Remote { .. })
@@ -276,56 +275,36 @@ impl TcpShardClient {
                 ),
             });
         }
-        let req = PullIfStaleRequest {
-            table: q.table.to_string(),
-            keys: keys.len() as u32,
-            bound: q.bound,
-            since: q.since,
-            push_rows: push.map_or(0, |p| p.keys.len() as u32),
-        };
+        let push_rows = push.map_or(0, |p| p.keys.len() as u32);
         self.call(
             Op::PullIfStale,
-            &req,
-            |buf| {
-                put_u64s(buf, keys);
-                put_u64s(buf, clocks);
-                if let Some(p) = push {
-                    put_u64s(buf, p.keys);
-                    put_u32s(buf, p.counts);
-                    put_f32s(buf, p.grads);
-                }
-            },
+            |buf| codec::pull_if_stale::encode_request(buf, q),
             |p| {
-                let h: PullIfStaleResponse = self.header(p)?;
-                let s = h.stale as usize;
-                let parts = split_payload(p.payload, &[(s, 4), (s, 8), (s * h.dim as usize, 4)])
-                    .map_err(|e| self.protocol(e.to_string()))?;
-                let idx: U32s<'_> = le_array(parts[0]);
+                let r = codec::pull_if_stale::decode_response(&p, keys.len())
+                    .map_err(|e| self.malformed(e))?;
                 out.indices.clear();
-                out.indices.extend((0..s).map(|i| idx.get_u32(i)));
-                if out.indices.iter().any(|&i| i as usize >= keys.len())
-                    || out.indices.windows(2).any(|w| w[0] >= w[1])
-                {
-                    return Err(self.protocol("stale indices out of range or not ascending"));
-                }
-                extend_u64s(&mut out.versions, le_array(parts[1]));
-                extend_f32s(&mut out.rows, le_array(parts[2]));
-                out.table_clock = h.table_clock;
-                out.since_held = h.since_held;
+                out.indices
+                    .extend((0..r.indices.len()).map(|i| r.indices.get_u32(i)));
+                extend_u64s(&mut out.versions, r.versions);
+                extend_f32s(&mut out.rows, r.rows);
+                out.table_clock = r.header.table_clock;
+                out.since_held = r.header.since_held;
                 Ok(PushResponse {
-                    rows: req.push_rows,
-                    updates: h.pushed_updates,
+                    rows: push_rows,
+                    updates: r.header.pushed_updates,
                 })
             },
         )
     }
 
-    fn dim_of(&self, dim: u32, values: usize, rows: usize) -> Result<(), TransportError> {
-        if dim as usize * rows != values {
-            return Err(self.protocol(format!("{values} values for {rows} rows of dim {dim}")));
-        }
-        Ok(())
+    fn malformed(&self, e: wire::FrameError) -> TransportError {
+        self.protocol(e.to_string())
     }
+}
+
+/// Starts a frame of op `op` whose request is its header alone.
+fn header_only<H: Serialize>(op: Op, header: &H) -> impl FnOnce(&mut Vec<u8>) + '_ {
+    move |out| wire::start_frame(out, op as u8, Status::Ok, header)
 }
 
 fn extend_u64s(out: &mut Vec<u64>, a: U64s<'_>) {
@@ -348,46 +327,37 @@ impl ShardTransport for TcpShardClient {
     }
 
     fn list_tables(&self) -> Result<Vec<TableInfo>, TransportError> {
-        self.call(
-            Op::ListTables,
-            &(),
-            |_| {},
-            |p| Ok(self.header::<TablesResponse>(p)?.tables),
-        )
+        self.call(Op::ListTables, header_only(Op::ListTables, &()), |p| {
+            Ok(self.header::<TablesResponse>(p)?.tables)
+        })
     }
 
     fn create_table(&self, spec: &TableSpec) -> Result<CreateResponse, TransportError> {
         let req = CreateRequest { spec: spec.clone() };
-        self.call(Op::CreateTable, &req, |_| {}, |p| self.header(p))
+        self.call(Op::CreateTable, header_only(Op::CreateTable, &req), |p| {
+            self.header(p)
+        })
     }
 
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, TransportError> {
         let req = TableRequest {
             table: table.to_string(),
         };
-        self.call(Op::RegionInfo, &req, |_| {}, |p| self.header(p))
+        self.call(Op::RegionInfo, header_only(Op::RegionInfo, &req), |p| {
+            self.header(p)
+        })
     }
 
     fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError> {
-        let req = ReadRequest {
-            spans: spans.len() as u32,
-        };
         let want: u64 = spans.iter().map(|s| s.len as u64).sum();
         self.call(
             Op::Read,
-            &req,
-            |buf| spans.iter().for_each(|s| s.encode(buf)),
+            |buf| codec::read::encode_request(buf, spans),
             |p| {
-                let h: ReadResponse = self.header(p)?;
-                if h.bytes != want || p.payload.len() as u64 != want {
-                    return Err(self.protocol(format!(
-                        "read of {want} bytes answered with {} (header says {})",
-                        p.payload.len(),
-                        h.bytes
-                    )));
-                }
+                let bytes =
+                    codec::read::decode_response(&p, want).map_err(|e| self.malformed(e))?;
                 out.clear();
-                out.extend_from_slice(p.payload);
+                out.extend_from_slice(bytes);
                 Ok(())
             },
         )
@@ -400,26 +370,15 @@ impl ShardTransport for TcpShardClient {
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
     ) -> Result<u64, TransportError> {
-        let req = PullRequest {
-            table: table.to_string(),
-            keys: keys.len() as u32,
-        };
         self.call(
             Op::Pull,
-            &req,
-            |buf| put_u64s(buf, keys),
+            |buf| codec::pull::encode_request(buf, table, keys),
             |p| {
-                let h: PullResponse = self.header(p)?;
-                let n = h.rows as usize;
-                if n != keys.len() {
-                    return Err(self.protocol(format!("{n} rows for {} keys", keys.len())));
-                }
-                let parts = split_payload(p.payload, &[(n, 8), (n * h.dim as usize, 4)])
-                    .map_err(|e| self.protocol(e.to_string()))?;
-                extend_u64s(versions, le_array(parts[0]));
-                extend_f32s(rows, le_array(parts[1]));
-                self.dim_of(h.dim, rows.len(), n)?;
-                Ok(h.table_clock)
+                let r =
+                    codec::pull::decode_response(&p, keys.len()).map_err(|e| self.malformed(e))?;
+                extend_u64s(versions, r.versions);
+                extend_f32s(rows, r.rows);
+                Ok(r.header.table_clock)
             },
         )
     }
@@ -441,24 +400,15 @@ impl ShardTransport for TcpShardClient {
                 message: format!("{} keys but {} counts", keys.len(), counts.len()),
             });
         }
-        let req = PushRequest {
-            table: table.to_string(),
-            rows: keys.len() as u32,
-        };
         self.call(
             Op::Push,
-            &req,
-            |buf| {
-                put_u64s(buf, keys);
-                put_u32s(buf, counts);
-                put_f32s(buf, grads);
-            },
+            |buf| codec::push::encode_request(buf, table, keys, counts, grads),
             |p| self.header(p),
         )
     }
 
     fn stats(&self) -> Result<ShardStats, TransportError> {
-        self.call(Op::Stats, &(), |_| {}, |p| self.header(p))
+        self.call(Op::Stats, header_only(Op::Stats, &()), |p| self.header(p))
     }
 
     fn traffic(&self) -> Traffic {
@@ -466,6 +416,8 @@ impl ShardTransport for TcpShardClient {
     }
 
     fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {
-        self.call(Op::RdmaConnect, ours, |_| {}, |p| self.header(p))
+        self.call(Op::RdmaConnect, header_only(Op::RdmaConnect, ours), |p| {
+            self.header(p)
+        })
     }
 }

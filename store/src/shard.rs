@@ -6,17 +6,17 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
+use hetkv_transport::codec;
 use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ServerCounters, ShardService};
 use hetkv_transport::wire::{
-    is_stale, put_u32s, CreateResponse, ErrorCode, F32s, PullIfStaleResponse, PullResponse,
-    PushResponse, PushRows, ReadResponse, RegionDescriptor, ShardStats, Since, Span,
-    TablesResponse, U32s, U64s, WireError, SPAN_BYTES,
+    is_stale, CreateResponse, ErrorCode, PullIfStaleResponse, PullResponse, PushResponse,
+    RegionDescriptor, ShardStats, TablesResponse, WireError,
 };
 use hetkv_transport::TableSpec;
 
 use crate::placement::Placement;
-use crate::table::{Table, PREFETCH_ROWS};
+use crate::table::Table;
 use crate::StoreError;
 
 /// How a shard is set up.
@@ -217,65 +217,41 @@ impl Shard {
 
     fn pull_rows(
         &self,
-        table: &str,
-        keys: U64s<'_>,
+        req: &codec::pull::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
-        let t = self.table(table)?;
-        let layout = *t.layout();
-        let n = keys.len();
-        let locals = keys
+        let t = self.table(&req.table)?;
+        let locals = req
+            .keys
             .iter()
             .map(|k| t.local_index(k))
             .collect::<Result<Vec<_>, _>>()?;
         let header = PullResponse {
-            rows: n as u32,
-            dim: layout.dim() as u32,
+            rows: locals.len() as u32,
+            dim: t.spec().dim,
             table_clock: t.clock(),
         };
-        resp.begin(&header);
-        resp.reserve_payload((n * (8 + 4 * layout.dim())) as u64)?;
-        let out = resp.payload();
-        let versions_at = out.len();
-        let rows_at = versions_at + 8 * n;
-        out.resize(rows_at + 4 * layout.dim() * n, 0);
-        let mut image = vec![0u8; layout.stride()];
-        let row_bytes = 4 * layout.dim();
-        for (j, &i) in locals.iter().enumerate() {
-            if let Some(&ahead) = locals.get(j + PREFETCH_ROWS) {
-                t.prefetch_local(ahead);
-            }
-            let version = t.read_local(i, &mut image);
-            out[versions_at + 8 * j..versions_at + 8 * (j + 1)]
-                .copy_from_slice(&version.to_le_bytes());
-            out[rows_at + row_bytes * j..rows_at + row_bytes * (j + 1)]
-                .copy_from_slice(layout.payload(&image));
-        }
-        t.count_read(n as u64);
+        let mut rows = codec::pull::respond(resp, header)?;
+        t.read_rows_into(&locals, &mut rows);
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn pull_stale(
         &self,
-        table: &str,
-        keys: U64s<'_>,
-        clocks: U64s<'_>,
-        bound: u64,
-        since: Option<Since>,
-        push: Option<PushRows<'_>>,
+        req: &codec::pull_if_stale::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
-        let t = self.table(table)?;
-        let layout = *t.layout();
+        let t = self.table(&req.header.table)?;
         // Everything is validated before anything changes: the pushed rows and the keys.
-        let pushed = push
+        let pushed = req
+            .push
             .map(|p| {
                 t.validate_push(p.keys, p.counts, p.grads)
                     .map(|locals| (p, locals))
             })
             .transpose()?;
-        let locals_all = keys
+        let locals_all = req
+            .keys
             .iter()
             .map(|k| t.local_index(k))
             .collect::<Result<Vec<_>, _>>()?;
@@ -285,51 +261,35 @@ impl Shard {
         // The clock after the push and before any row: every update it does not count happened
         // after this moment.
         let table_clock = t.clock();
-        let since_held = since.is_none_or(|s| s.holds(table_clock));
+        let since_held = req.header.since.is_none_or(|s| s.holds(table_clock));
         let mut stale = Vec::new();
         let mut locals = Vec::new();
         for (j, &i) in locals_all.iter().enumerate() {
-            if is_stale(t.version_local(i), clocks.get(j), bound) {
+            if is_stale(t.version_local(i), req.clocks.get(j), req.header.bound) {
                 stale.push(j as u32);
                 locals.push(i);
             }
         }
-        let s = stale.len();
         let header = PullIfStaleResponse {
-            stale: s as u32,
-            dim: layout.dim() as u32,
+            stale: stale.len() as u32,
+            dim: t.spec().dim,
             table_clock,
             since_held,
             pushed_updates,
         };
-        resp.begin(&header);
-        resp.reserve_payload((s * (4 + 8 + 4 * layout.dim())) as u64)?;
-        let out = resp.payload();
-        put_u32s(out, &stale);
-        let versions_at = out.len();
-        let rows_at = versions_at + 8 * s;
-        let row_bytes = 4 * layout.dim();
-        out.resize(rows_at + row_bytes * s, 0);
-        let mut image = vec![0u8; layout.stride()];
-        for (j, &i) in locals.iter().enumerate() {
-            if let Some(&ahead) = locals.get(j + PREFETCH_ROWS) {
-                t.prefetch_local(ahead);
-            }
-            let version = t.read_local(i, &mut image);
-            out[versions_at + 8 * j..versions_at + 8 * (j + 1)]
-                .copy_from_slice(&version.to_le_bytes());
-            out[rows_at + row_bytes * j..rows_at + row_bytes * (j + 1)]
-                .copy_from_slice(layout.payload(&image));
-        }
-        t.count_read(s as u64);
+        let mut rows = codec::pull_if_stale::respond(resp, header, &stale)?;
+        t.read_rows_into(&locals, &mut rows);
         Ok(())
     }
 
-    fn read_spans(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), StoreError> {
+    fn read_spans(
+        &self,
+        req: codec::read::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
         let tables = self.tables();
         let mut total: u64 = 0;
-        for chunk in spans.chunks_exact(SPAN_BYTES) {
-            let span = Span::decode(chunk);
+        for span in req.spans() {
             let t = tables.get(span.region as usize).ok_or_else(|| {
                 StoreError::InvalidSpan(format!("no region {} on this shard", span.region))
             })?;
@@ -345,12 +305,8 @@ impl Shard {
             }
             total += span.len as u64;
         }
-        let header = ReadResponse { bytes: total };
-        resp.begin(&header);
-        resp.reserve_payload(total)?;
-        let out = resp.payload();
-        for chunk in spans.chunks_exact(SPAN_BYTES) {
-            let span = Span::decode(chunk);
+        let out = codec::read::respond(resp, total)?;
+        for span in req.spans() {
             let t = &tables[span.region as usize];
             copy_span(t.region().words(), span.offset, span.len as usize, out);
             t.count_read((span.len as u64).div_ceil(t.layout().stride() as u64));
@@ -358,16 +314,11 @@ impl Shard {
         Ok(())
     }
 
-    fn push_rows(
-        &self,
-        table: &str,
-        keys: U64s<'_>,
-        counts: U32s<'_>,
-        grads: F32s<'_>,
-    ) -> Result<PushResponse, StoreError> {
-        let t = self.table(table)?;
-        let locals = t.validate_push(keys, counts, grads)?;
-        let updates = t.apply_push(&locals, counts, grads);
+    fn push_rows(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, StoreError> {
+        let t = self.table(&req.table)?;
+        let r = &req.rows;
+        let locals = t.validate_push(r.keys, r.counts, r.grads)?;
+        let updates = t.apply_push(&locals, r.counts, r.grads);
         Ok(PushResponse {
             rows: locals.len() as u32,
             updates,
@@ -478,35 +429,32 @@ impl ShardService for Shard {
         })
     }
 
-    fn read(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), WireError> {
-        Ok(self.read_spans(spans, resp)?)
+    fn read(
+        &self,
+        req: codec::read::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError> {
+        Ok(self.read_spans(req, resp)?)
     }
 
-    fn pull(&self, table: &str, keys: U64s<'_>, resp: &mut Response<'_>) -> Result<(), WireError> {
-        Ok(self.pull_rows(table, keys, resp)?)
+    fn pull(
+        &self,
+        req: &codec::pull::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError> {
+        Ok(self.pull_rows(req, resp)?)
     }
 
     fn pull_if_stale(
         &self,
-        table: &str,
-        keys: U64s<'_>,
-        clocks: U64s<'_>,
-        bound: u64,
-        since: Option<Since>,
-        push: Option<PushRows<'_>>,
+        req: &codec::pull_if_stale::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
-        Ok(self.pull_stale(table, keys, clocks, bound, since, push, resp)?)
+        Ok(self.pull_stale(req, resp)?)
     }
 
-    fn push(
-        &self,
-        table: &str,
-        keys: U64s<'_>,
-        counts: U32s<'_>,
-        grads: F32s<'_>,
-    ) -> Result<PushResponse, WireError> {
-        Ok(self.push_rows(table, keys, counts, grads)?)
+    fn push(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, WireError> {
+        Ok(self.push_rows(req)?)
     }
 
     fn stats(&self) -> ShardStats {

@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hetkv_transport::codec::RowsWriter;
 use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::wire::{F32s, U32s, U64s};
 use hetkv_transport::{Region, Routing, TableInfo, TableSpec, TableStats};
@@ -196,6 +197,20 @@ impl Table {
         self.stripes[i as usize % STRIPES]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads the local rows `locals`, verified, into an answer's rows (row `j` of `out` is
+    /// `locals[j]`), prefetching a few ahead, and counts them as read.
+    pub fn read_rows_into(&self, locals: &[u64], out: &mut RowsWriter<'_>) {
+        let mut image = vec![0u8; self.layout.stride()];
+        for (j, &i) in locals.iter().enumerate() {
+            if let Some(&ahead) = locals.get(j + PREFETCH_ROWS) {
+                self.prefetch_local(ahead);
+            }
+            let version = self.read_local(i, &mut image);
+            out.put(j, version, self.layout.payload(&image));
+        }
+        self.count_read(locals.len() as u64);
     }
 
     /// Reads local row `i` into `image` (one stride), verified; returns its version. Falls back to

@@ -2,11 +2,11 @@
 //! formulas, all-or-nothing pushes, and the protocol's refusals.
 
 use hetkv_store::{Shard, ShardConfig};
+use hetkv_transport::codec;
 use hetkv_transport::service::Session;
 use hetkv_transport::wire::{
-    self, decode_header, put_f32s, put_u32s, put_u64s, split_body, CreateRequest, CreateResponse,
-    ErrorCode, HelloRequest, Op, PullRequest, PullResponse, PushRequest, PushResponse, Status,
-    WireError, MAGIC, PROTOCOL_VERSION,
+    self, decode_header, split_body, CreateRequest, CreateResponse, ErrorCode, HelloRequest, Op,
+    PushResponse, Status, WireError, MAGIC, PROTOCOL_VERSION,
 };
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 use serde::{de::DeserializeOwned, Serialize};
@@ -42,6 +42,15 @@ impl Harness {
         let mut frame = Vec::new();
         wire::start_frame(&mut frame, op, Status::Ok, header);
         frame.extend_from_slice(payload);
+        self.call_frame(frame).map(|out| {
+            let parts = split_body(&out[4..]).unwrap();
+            (parts.header.to_vec(), parts.payload.to_vec())
+        })
+    }
+
+    /// A started request frame (from a codec) through the session: the whole answer frame, or
+    /// the error sent.
+    fn call_frame(&mut self, mut frame: Vec<u8>) -> Result<Vec<u8>, WireError> {
         wire::finish_frame(&mut frame, u32::MAX).unwrap();
         let mut out = Vec::new();
         self.session.on_frame(&self.shard, &frame[4..], &mut out);
@@ -49,7 +58,7 @@ impl Harness {
         if parts.status == Status::Error as u8 {
             return Err(decode_header(parts.header).unwrap());
         }
-        Ok((parts.header.to_vec(), parts.payload.to_vec()))
+        Ok(out)
     }
 
     fn call<H: Serialize, R: DeserializeOwned>(
@@ -74,35 +83,22 @@ impl Harness {
         counts: &[u32],
         grads: &[f32],
     ) -> Result<PushResponse, WireError> {
-        let mut p = Vec::new();
-        put_u64s(&mut p, keys);
-        put_u32s(&mut p, counts);
-        put_f32s(&mut p, grads);
-        let req = PushRequest {
-            table: table.into(),
-            rows: keys.len() as u32,
-        };
-        self.call(Op::Push, &req, &p).map(|r| r.0)
+        let mut frame = Vec::new();
+        codec::push::encode_request(&mut frame, table, keys, counts, grads);
+        let out = self.call_frame(frame)?;
+        Ok(decode_header(split_body(&out[4..]).unwrap().header).unwrap())
     }
 
     fn pull(&mut self, table: &str, keys: &[u64]) -> Result<(Vec<u64>, Vec<f32>), WireError> {
-        let mut p = Vec::new();
-        put_u64s(&mut p, keys);
-        let req = PullRequest {
-            table: table.into(),
-            keys: keys.len() as u32,
-        };
-        let (h, payload): (PullResponse, _) = self.call(Op::Pull, &req, &p)?;
-        let n = h.rows as usize;
-        let versions = payload[..8 * n]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        let rows = payload[8 * n..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Ok((versions, rows))
+        let mut frame = Vec::new();
+        codec::pull::encode_request(&mut frame, table, keys);
+        let out = self.call_frame(frame)?;
+        let reply = codec::pull::decode_response(&split_body(&out[4..]).unwrap(), keys.len())
+            .expect("a well-formed answer");
+        Ok((
+            reply.versions.iter().collect(),
+            reply.rows.iter_f32().collect(),
+        ))
     }
 }
 

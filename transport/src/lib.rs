@@ -5,6 +5,7 @@
 //! - [`spec`]: table specifications;
 //! - [`routing`]: which shard holds a row, and at which local index;
 //! - [`wire`]: frames, headers and payload arrays of the control protocol;
+//! - [`codec`]: each bulk operation's request and answer bytes, encoded and decoded once;
 //! - [`service`]: the server side of the protocol, sans-IO;
 //! - [`client`]: the client-side interface every backend implements;
 //! - [`onesided`]: the one transport over memory a client reads without the daemon's CPU;
@@ -15,6 +16,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod codec;
 pub mod onesided;
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::codec;
 use crate::spec::TableSpec;
 use crate::wire::{
-    self, decode_header, le_array, split_body, split_payload, CreateRequest, CreateResponse,
-    Endpoint, ErrorCode, F32s, FrameError, HelloRequest, HelloResponse, Op, PullIfStaleRequest,
-    PullRequest, PushRequest, PushResponse, ReadRequest, RegionDescriptor, ShardStats, Status,
-    TableRequest, TablesResponse, U32s, U64s, WireError, MAGIC, PROTOCOL_VERSION, SPAN_BYTES,
+    self, decode_header, split_body, CreateRequest, CreateResponse, Endpoint, ErrorCode,
+    FrameError, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats,
+    Status, TableRequest, TablesResponse, WireError, MAGIC, PROTOCOL_VERSION,
 };
 
 /// Counters every server keeps, whatever carries its frames.
@@ -56,7 +56,12 @@ pub struct Response<'a> {
     max_frame: u32,
 }
 
-impl Response<'_> {
+impl<'a> Response<'a> {
+    /// A response to op `op` written into `out`, which must stay within `max_frame` bytes.
+    pub fn new(out: &'a mut Vec<u8>, op: u8, max_frame: u32) -> Self {
+        Self { out, op, max_frame }
+    }
+
     /// Starts a successful response with `header`; the caller appends the payload to the returned
     /// buffer after checking its size with [`Response::reserve_payload`].
     pub fn begin<T: Serialize>(&mut self, header: &T) -> &mut Vec<u8> {
@@ -112,32 +117,25 @@ pub trait ShardService: Send + Sync + 'static {
     fn create_table(&self, spec: TableSpec) -> Result<CreateResponse, WireError>;
     /// Describes a table's region.
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError>;
-    /// Emulated one-sided read: appends each span's bytes (`spans` holds 16-byte spans), with the
-    /// response started with a [`wire::ReadResponse`].
-    fn read(&self, spans: &[u8], resp: &mut Response<'_>) -> Result<(), WireError>;
-    /// Consistent read of `keys`: versions then rows, after a [`wire::PullResponse`] header.
-    fn pull(&self, table: &str, keys: U64s<'_>, resp: &mut Response<'_>) -> Result<(), WireError>;
-    /// Conditional read, after a [`wire::PullIfStaleResponse`] header; `push`, when given, is
-    /// validated with the keys and applied, all or nothing, before the table clock is read.
-    #[allow(clippy::too_many_arguments)]
+    /// Emulated one-sided read of `req`'s spans, answered through [`codec::read::respond`].
+    fn read(&self, req: codec::read::Request<'_>, resp: &mut Response<'_>)
+        -> Result<(), WireError>;
+    /// Consistent read of `req`'s keys, answered through [`codec::pull::respond`].
+    fn pull(
+        &self,
+        req: &codec::pull::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError>;
+    /// Conditional read, answered through [`codec::pull_if_stale::respond`]; the request's push,
+    /// when given, is validated with the keys and applied, all or nothing, before the table clock
+    /// is read.
     fn pull_if_stale(
         &self,
-        table: &str,
-        keys: U64s<'_>,
-        clocks: U64s<'_>,
-        bound: u64,
-        since: Option<wire::Since>,
-        push: Option<wire::PushRows<'_>>,
+        req: &codec::pull_if_stale::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError>;
     /// Applies a push, all or nothing.
-    fn push(
-        &self,
-        table: &str,
-        keys: U64s<'_>,
-        counts: U32s<'_>,
-        grads: F32s<'_>,
-    ) -> Result<PushResponse, WireError>;
+    fn push(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, WireError>;
     /// Tables and row counters (the session fills in the frame counters).
     fn stats(&self) -> ShardStats;
     /// The frame counters.
@@ -247,11 +245,7 @@ impl Session {
                 format!("first frame is {op:?}; a connection starts with hello"),
             ));
         }
-        let mut resp = Response {
-            out,
-            op: op as u8,
-            max_frame: self.max_frame,
-        };
+        let mut resp = Response::new(out, op as u8, self.max_frame);
         let payload = parts.payload;
         match op {
             Op::Hello => {
@@ -306,48 +300,20 @@ impl Session {
                 resp.begin(&region);
             }
             Op::Read => {
-                let r: ReadRequest = decode_header(parts.header).map_err(malformed)?;
-                let p =
-                    split_payload(payload, &[(r.spans as usize, SPAN_BYTES)]).map_err(malformed)?;
-                service.read(p[0], &mut resp)?;
+                let r = codec::read::decode_request(&parts).map_err(malformed)?;
+                service.read(r, &mut resp)?;
             }
             Op::Pull => {
-                let r: PullRequest = decode_header(parts.header).map_err(malformed)?;
-                let p = split_payload(payload, &[(r.keys as usize, 8)]).map_err(malformed)?;
-                service.pull(&r.table, le_array(p[0]), &mut resp)?;
+                let r = codec::pull::decode_request(&parts).map_err(malformed)?;
+                service.pull(&r, &mut resp)?;
             }
             Op::PullIfStale => {
-                let r: PullIfStaleRequest = decode_header(parts.header).map_err(malformed)?;
-                let n = r.keys as usize;
-                let lookup = n.saturating_mul(16).min(payload.len());
-                let (lookup, pushed) = payload.split_at(lookup);
-                let p = split_payload(lookup, &[(n, 8), (n, 8)]).map_err(malformed)?;
-                let push = if r.push_rows == 0 {
-                    if !pushed.is_empty() {
-                        return Err(malformed(FrameError::Malformed(format!(
-                            "{} bytes after the clocks of a lookup that pushes nothing",
-                            pushed.len()
-                        ))));
-                    }
-                    None
-                } else {
-                    Some(wire::PushRows::split(pushed, r.push_rows as usize).map_err(malformed)?)
-                };
-                service.pull_if_stale(
-                    &r.table,
-                    le_array(p[0]),
-                    le_array(p[1]),
-                    r.bound,
-                    r.since,
-                    push,
-                    &mut resp,
-                )?;
+                let r = codec::pull_if_stale::decode_request(&parts).map_err(malformed)?;
+                service.pull_if_stale(&r, &mut resp)?;
             }
             Op::Push => {
-                let r: PushRequest = decode_header(parts.header).map_err(malformed)?;
-                // The gradient block's size depends on the table's dim, which the service checks.
-                let rows = wire::PushRows::split(payload, r.rows as usize).map_err(malformed)?;
-                let ack = service.push(&r.table, rows.keys, rows.counts, rows.grads)?;
+                let r = codec::push::decode_request(&parts).map_err(malformed)?;
+                let ack = service.push(&r)?;
                 resp.begin(&ack);
             }
             Op::Stats => {
