@@ -1,0 +1,128 @@
+//! The settings of `hetkv-bench train` and how they split the batches over the workers.
+
+use super::*;
+
+/// `hetkv-bench train` settings.
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+pub struct TrainArgs {
+    /// The model.
+    #[arg(long, value_enum, default_value = "fm")]
+    pub model: ModelKind,
+    /// Data-parallel workers, each with its own client and cache.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Read staleness bound of the embedding caches.
+    #[arg(long, default_value = "100")]
+    pub pull_bound: Bound,
+    /// Write staleness bound of the embedding caches.
+    #[arg(long, default_value = "100")]
+    pub push_bound: Bound,
+    /// Cache size as a fraction of the table (0 = no cache).
+    #[arg(long, default_value_t = 0.10)]
+    pub cache: f64,
+    /// Training samples.
+    #[arg(long, default_value_t = 400_000)]
+    pub train: usize,
+    /// Passes over the training samples.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Held-out samples.
+    #[arg(long, default_value_t = 100_000)]
+    pub test: usize,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Learning rate of the server's SGD (on mean batch gradients). At 0.2, four workers at
+    /// bound 0 diverged (the store refused the NaN gradients); 0.1 is stable at every bound.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+    /// Cardinality scale of the Criteo-like data.
+    #[arg(long, default_value_t = 0.01)]
+    pub scale: f64,
+    /// Seed of the data.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Shard addresses of a running cluster, in shard order (comma-separated). Without them the
+    /// run starts two in-process shards.
+    #[arg(long, value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// How the workers reach the shards: tcp, shm (same host; the in-process shards then expose
+    /// shared memory, and embedding reads cross no socket, so the byte counts cover pushes and
+    /// control only), rdma, or auto.
+    #[arg(long, default_value = "tcp")]
+    pub transport: TransportKind,
+    /// Run each worker as a separate process (this binary's hidden `train-worker` command)
+    /// instead of a thread.
+    #[arg(long)]
+    pub processes: bool,
+    /// Words put before each worker process's command line, `{i}` replaced by the worker's
+    /// index: `--spawn-prefix "ip netns exec hetkv-w{i}"` starts worker i in that namespace.
+    /// Implies `--processes`.
+    #[arg(long)]
+    pub spawn_prefix: Option<String>,
+    /// Evaluate on the first `--eval-samples` held-out samples every this many seconds while
+    /// training, for the AUC-over-time curve and the time to `--target-auc`.
+    #[arg(long)]
+    pub eval_every: Option<f64>,
+    /// Held-out samples scored by each evaluation during training.
+    #[arg(long, default_value_t = 20_000)]
+    pub eval_samples: usize,
+    /// The AUC whose first crossing during training is reported as the time to accuracy.
+    #[arg(long)]
+    pub target_auc: Option<f64>,
+    /// Write the report here as JSON.
+    #[arg(long)]
+    #[serde(skip)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+impl TrainArgs {
+    /// The defaults of the command line, for callers that build settings in code.
+    pub fn defaults(model: ModelKind) -> Self {
+        Self {
+            model,
+            workers: 4,
+            pull_bound: Bound::updates(100),
+            push_bound: Bound::updates(100),
+            cache: 0.1,
+            train: 400_000,
+            epochs: 1,
+            test: 100_000,
+            batch: 256,
+            lr: 0.1,
+            scale: 0.01,
+            seed: 1,
+            servers: Vec::new(),
+            transport: TransportKind::Tcp,
+            processes: false,
+            spawn_prefix: None,
+            eval_every: None,
+            eval_samples: 20_000,
+            target_auc: None,
+            json: None,
+        }
+    }
+
+    pub(super) fn cache_config(&self) -> CacheConfig {
+        if self.cache <= 0.0 {
+            CacheConfig::disabled()
+        } else {
+            CacheConfig {
+                capacity: Capacity::Fraction(self.cache),
+                policy: PolicyKind::Lfu,
+                pull_bound: self.pull_bound,
+                push_bound: self.push_bound,
+            }
+        }
+    }
+
+    /// The batches of worker `w`: batch `b` of the epoch-long sequence goes to worker
+    /// `b % workers`.
+    pub(super) fn batches_of(&self, w: usize) -> Vec<usize> {
+        let per_epoch = self.train.div_ceil(self.batch);
+        (0..per_epoch * self.epochs)
+            .filter(|b| b % self.workers == w)
+            .map(|b| b % per_epoch)
+            .collect()
+    }
+}

@@ -1,0 +1,306 @@
+//! Training CTR models through hetkv on the Criteo-like data, their embeddings served by worker
+//! caches under the staleness bounds.
+//!
+//! Models (`ModelKind`), with d_i = ln(1 + x_i) of the dense features and, per categorical key, one
+//! embedding row `[w, v_1..v_K]` in the table `ctr_emb`:
+//! - LR: logit = b + sum_i a_i d_i + sum_f w_f;
+//! - FM: LR + sum_{f<g} <v_f, v_g>;
+//! - DeepFM: FM + an MLP (`MLP_IN` -> `HIDDEN` ReLU -> 1) over the concatenated v_f;
+//! - Wide&Deep: LR + the MLP;
+//! - DCN: LR + the MLP + two cross layers over the concatenated v_f with a linear readout.
+//!
+//! The dense weights and the bias are the 14 rows of dim 1 of `ctr_dense`, the MLP the rows of
+//! `ctr_mlp` and the cross network those of `ctr_cross`; every worker reads and writes them with
+//! no cache and bounds 0, so they are consistent across workers.
+//! Loss: binary cross-entropy; a batch pushes the mean gradient, applied by the server's SGD.
+//!
+//! Workers are threads, or processes (`--processes`; each generates the same data from the seed,
+//! connects, and starts when the coordinator says so), each with its own cluster connection and
+//! cache. The coordinator starts two in-process shards or joins a running cluster (`--servers`).
+//! Evaluation reads the trained rows straight from the shards and scores a held-out split beside
+//! the planted model; with `--eval-every` it also does so during training, for the time to a
+//! target AUC.
+
+//!
+//! Files: `model.rs` (the models' maths and gradients), `args.rs` (settings), `coordinator.rs`
+//! (threads or processes, started and joined), `worker.rs` (one worker's loop), `eval.rs`
+//! (scoring); this file runs the whole and reports.
+
+mod args;
+mod coordinator;
+mod eval;
+mod model;
+mod worker;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hetkv_client::{
+    Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, Table, TransportKind,
+};
+use hetkv_fallback_tcp::ClientConfig;
+use hetkv_store::EmbeddedCluster;
+use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::cache_bench::Unique;
+use crate::criteo::{CriteoSynth, Sample, CATEGORICAL, DENSE};
+use crate::metrics::{auc, logloss};
+
+pub use args::TrainArgs;
+pub use model::*;
+pub use worker::{worker_process, WorkerArgs};
+
+use coordinator::*;
+use eval::*;
+use worker::*;
+
+/// One evaluation during training.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EvalPoint {
+    /// Seconds since the workers started.
+    pub secs: f64,
+    /// Test AUC on the evaluation subset.
+    pub auc: f64,
+    /// Test logloss on the evaluation subset.
+    pub logloss: f64,
+}
+
+/// What a training run reached.
+#[derive(Debug, Serialize)]
+pub struct TrainReport {
+    /// Settings.
+    pub settings: TrainArgs,
+    /// Test AUC of the trained model.
+    pub auc: f64,
+    /// Test logloss of the trained model.
+    pub logloss: f64,
+    /// The planted model's test AUC (the ceiling).
+    pub oracle_auc: f64,
+    /// The planted model's test logloss.
+    pub oracle_logloss: f64,
+    /// Wall-clock seconds from the workers' start to the last one's end (data generation and
+    /// connection set-up excluded).
+    pub train_secs: f64,
+    /// Training samples per second, all workers together.
+    pub samples_per_s: f64,
+    /// Bytes on the wire per training sample for the embedding table (what HET reports).
+    pub embedding_bytes_per_sample: f64,
+    /// Bytes on the wire per training sample for the dense weights, MLP and cross network (read and
+    /// written whole every batch, bounds 0).
+    pub dense_bytes_per_sample: f64,
+    /// The embedding caches' counters, all workers summed.
+    pub cache: CacheStats,
+    /// Evaluations during training (with `--eval-every`).
+    pub timeline: Vec<EvalPoint>,
+    /// Seconds until an evaluation first reached `--target-auc` (absent when none did).
+    pub time_to_target: Option<f64>,
+}
+
+/// What one worker hands back: its cache's counters and its dense-layer bytes. A worker process
+/// prints it as one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct WorkerResult {
+    cache: CacheStats,
+    dense_bytes: u64,
+}
+
+pub(super) fn tables(rows: u64, lr: f32) -> [TableSpec; 4] {
+    let spec = |name: &str, rows: u64, dim: usize, init| TableSpec {
+        name: name.into(),
+        rows,
+        dim: dim as u32,
+        init,
+        optimizer: OptimizerSpec::Sgd { lr },
+    };
+    [
+        spec(
+            "ctr_emb",
+            rows,
+            ROW,
+            Initializer::Normal {
+                std: 0.01,
+                seed: 17,
+            },
+        ),
+        spec("ctr_dense", DENSE as u64 + 1, 1, Initializer::Zeros),
+        spec(
+            "ctr_mlp",
+            MLP_ROWS as u64,
+            HIDDEN,
+            Initializer::Normal {
+                std: 0.05,
+                seed: 23,
+            },
+        ),
+        spec(
+            "ctr_cross",
+            CROSS_ROWS as u64,
+            MLP_IN,
+            Initializer::Normal {
+                std: 0.01,
+                seed: 29,
+            },
+        ),
+    ]
+}
+
+/// The samples of a run: the same for every process given the same settings.
+pub(super) struct Data {
+    synth: CriteoSynth,
+    train: Vec<Sample>,
+    test: Vec<Sample>,
+    train_keys: Vec<[u64; CATEGORICAL]>,
+}
+
+impl Data {
+    fn generate(args: &TrainArgs) -> Result<Self> {
+        let mut synth = CriteoSynth::new(args.scale, args.seed)?;
+        let train: Vec<Sample> = (0..args.train).map(|_| synth.sample()).collect();
+        let test: Vec<Sample> = (0..args.test).map(|_| synth.sample()).collect();
+        let mut data = Self {
+            synth,
+            train,
+            test,
+            train_keys: Vec::new(),
+        };
+        data.train_keys = data.train.iter().map(|s| data.keys(s)).collect();
+        Ok(data)
+    }
+
+    fn keys(&self, s: &Sample) -> [u64; CATEGORICAL] {
+        std::array::from_fn(|f| self.synth.key(f, Some(s.ids[f])))
+    }
+}
+
+/// Trains and evaluates: starts (or joins) the cluster, creates the tables, runs the workers as
+/// threads or processes while evaluating at intervals, then scores the held-out split.
+pub fn run(args: &TrainArgs) -> Result<TrainReport> {
+    anyhow::ensure!(
+        args.workers > 0 && args.batch > 0 && args.epochs > 0,
+        "workers, batch and epochs must be positive"
+    );
+    anyhow::ensure!(args.test > 0, "the held-out split must not be empty");
+    let data = Data::generate(args)?;
+    let embedded = match (args.servers.is_empty(), args.transport) {
+        (false, _) => None,
+        (true, TransportKind::Tcp) => Some(EmbeddedCluster::start(2)?),
+        (true, _) => {
+            let shm = std::env::temp_dir();
+            Some(EmbeddedCluster::start_with(2, Default::default(), |i| {
+                hetkv_store::ShardConfig {
+                    shm_dir: Some(shm.clone()),
+                    ..hetkv_store::ShardConfig::new(i, 2)
+                }
+            })?)
+        }
+    };
+    let mut settings = args.clone();
+    if let Some(cluster) = &embedded {
+        settings.servers = cluster.addrs().to_vec();
+    }
+    let admin = Cluster::connect_tcp(&settings.servers, &ClientConfig::default())
+        .with_context(|| format!("connecting to {}", settings.servers.join(",")))?;
+    let specs = tables(data.synth.table_rows(), args.lr);
+    let handles: Vec<Table> = specs
+        .iter()
+        .map(|s| admin.create_table(s))
+        .collect::<Result<_, _>>()
+        .context("creating the model's tables")?;
+    let [emb, dense, mlp, cross] = [&handles[0], &handles[1], &handles[2], &handles[3]];
+    let eval_n = args.eval_samples.clamp(1, data.test.len());
+    let mut timeline = Vec::new();
+    let mut probe = |start: Instant, say: &dyn Fn(String)| -> Result<()> {
+        let (auc, logloss) = evaluate(
+            args.model,
+            [emb, dense, mlp, cross],
+            &data.test[..eval_n],
+            &|s| data.keys(s),
+        )?;
+        let secs = start.elapsed().as_secs_f64();
+        say(format!(
+            "{secs:7.2} s: test AUC {auc:.4}, logloss {logloss:.4}"
+        ));
+        timeline.push(EvalPoint { secs, auc, logloss });
+        Ok(())
+    };
+    let (results, train_secs) = if settings.processes || settings.spawn_prefix.is_some() {
+        run_processes(&settings, &mut probe)?
+    } else {
+        run_threads(&settings, &data, &mut probe)?
+    };
+    let mut total = CacheStats::default();
+    let mut dense_bytes = 0;
+    for r in results {
+        total = total.plus(&r.cache);
+        dense_bytes += r.dense_bytes;
+    }
+    let (auc_model, logloss_model) =
+        evaluate(args.model, [emb, dense, mlp, cross], &data.test, &|s| {
+            data.keys(s)
+        })?;
+    let labels: Vec<bool> = data.test.iter().map(|s| s.label).collect();
+    let oracle: Vec<f64> = data.test.iter().map(|s| s.p).collect();
+    let samples = (args.train * args.epochs) as f64;
+    let time_to_target = args
+        .target_auc
+        .and_then(|t| timeline.iter().find(|p| p.auc >= t).map(|p| p.secs));
+    Ok(TrainReport {
+        settings,
+        auc: auc_model,
+        logloss: logloss_model,
+        oracle_auc: auc(&oracle, &labels).unwrap_or(f64::NAN),
+        oracle_logloss: logloss(&oracle, &labels),
+        train_secs,
+        samples_per_s: samples / train_secs,
+        embedding_bytes_per_sample: (total.bytes_sent + total.bytes_received) as f64 / samples,
+        dense_bytes_per_sample: dense_bytes as f64 / samples,
+        cache: total,
+        timeline,
+        time_to_target,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_runs_learn_the_planted_model() {
+        for model in [
+            ModelKind::Lr,
+            ModelKind::Fm,
+            ModelKind::Deepfm,
+            ModelKind::Wdl,
+            ModelKind::Dcn,
+        ] {
+            short_run(model);
+        }
+    }
+
+    fn short_run(model: ModelKind) {
+        let args = TrainArgs {
+            workers: 2,
+            pull_bound: Bound::updates(10),
+            push_bound: Bound::updates(10),
+            train: 30_000,
+            test: 10_000,
+            scale: 0.001,
+            seed: 3,
+            ..TrainArgs::defaults(model)
+        };
+        let r = run(&args).unwrap();
+        println!(
+            "{model:?}: AUC {:.4} (planted {:.4}), logloss {:.4}",
+            r.auc, r.oracle_auc, r.logloss
+        );
+        assert!(
+            r.auc > 0.65,
+            "{model:?}: AUC {} after one short epoch",
+            r.auc
+        );
+        assert!(r.cache.hits > 0 && r.cache.rows_pushed > 0);
+    }
+}
