@@ -1,22 +1,14 @@
-//! `hetkv-bench`: the embedded demo and hetkv's benchmarks.
+//! `hetkv-bench`: the embedded demo and hetkv's benchmarks, as a command line over the
+//! `hetkv_bench` library.
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-mod cache_bench;
-mod compare;
-mod criteo;
-mod demo;
-mod metrics;
-mod movielens;
-mod plots;
-mod progress;
-mod throughput;
-mod train;
-mod transport_bench;
-mod workload;
+use hetkv_bench::{
+    cache_bench, compare, criteo, demo, movielens, plots, throughput, train, transport_bench,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "hetkv-bench", version, about = "hetkv demo and benchmarks")]

@@ -1,41 +1,34 @@
-//! `hetkv-bench compare` end to end, against a real redis-server (Debian's `redis-server`, which
-//! CI installs). Fails, rather than skipping, when redis-server is missing.
+//! The comparison (`hetkv_bench::compare`) against a real redis-server (Debian's `redis-server`,
+//! which the test script installs), called as a library; its table and its plot too. Fails,
+//! rather than skipping, when redis-server is missing.
 
-use std::process::Command;
+use hetkv_bench::compare::{self, CompareArgs};
+use hetkv_bench::plots;
+use hetkv_client::Bound;
 
 #[test]
 fn compare_runs_every_system_on_one_stream_and_reports_ratios() {
     assert!(
-        Command::new("redis-server")
+        std::process::Command::new("redis-server")
             .arg("--version")
             .output()
             .is_ok(),
         "redis-server is not installed (apt-get install redis-server): the comparison needs it"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("compare.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_hetkv-bench"))
-        .args([
-            "compare",
-            "--scale",
-            "0.001",
-            "--samples",
-            "16",
-            "--warmup",
-            "10",
-            "--measured",
-            "40",
-        ])
-        .args(["--dim", "8", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let args = CompareArgs {
+        scale: 0.001,
+        samples: 16,
+        dim: 8,
+        warmup: 10,
+        measured: 40,
+        cache: 0.10,
+        bounds: vec![Bound::STRICT, Bound::updates(10), Bound::updates(100)],
+        redis_server: "redis-server".into(),
+        seed: 1,
+        json: None,
+    };
+    let report = compare::run(&args).unwrap();
+    let r = serde_json::to_value(&report).unwrap();
     let systems = r["systems"].as_array().unwrap();
     assert_eq!(systems.len(), 5, "no cache, three bounds, redis");
     for s in systems {
@@ -53,9 +46,12 @@ fn compare_runs_every_system_on_one_stream_and_reports_ratios() {
     );
     assert!(systems[3]["hit_rate"].as_f64().unwrap() > 0.5);
     assert_eq!(r["rows_per_s_ratios"][0][0].as_f64(), Some(1.0));
-    let md = std::fs::read_to_string(json.with_extension("md")).unwrap();
+    let md = compare::markdown(&report);
     assert!(md.contains("| redis 7"), "{md}");
-    let png = std::fs::read(json.with_extension("png")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("compare.png");
+    plots::compare(&report, &path).unwrap();
+    let png = std::fs::read(&path).unwrap();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
         "a drawn PNG"

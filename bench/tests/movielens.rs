@@ -1,26 +1,18 @@
 //! MovieLens ml-100k, fetched at test time from the recbole wheel on PyPI (never committed), read
 //! whole. Fails, rather than skipping, when it cannot be fetched.
 
-use std::process::Command;
+use hetkv_bench::movielens::{self, MovieLensArgs};
 
 #[test]
 fn movielens_100k_is_fetched_read_and_mildly_skewed() {
     let cache = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("movielens");
-    let json = cache.join("summary.json");
     std::fs::create_dir_all(&cache).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hetkv-bench"))
-        .args(["movielens", "--cache-dir"])
-        .arg(&cache)
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let summary = movielens::run(&MovieLensArgs {
+        cache_dir: cache,
+        json: None,
+    })
+    .unwrap();
+    let s = serde_json::to_value(&summary).unwrap();
     assert_eq!(s["ratings"], 100_000);
     assert_eq!(s["users"], 943);
     assert_eq!(s["items"], 1682);
