@@ -1,19 +1,29 @@
 //! The tokio TCP server: accepts connections and moves frames between sockets and a
 //! [`Session`]. Every protocol rule lives in the session; this module only enforces the frame
-//! limit before reading a body, times out stalled peers, and stops gracefully.
+//! limit before reading a body, times out stalled and silent peers, admits a bounded number of
+//! peers that have not completed their hello, and stops gracefully.
+//!
+//! Admission before authentication: a new connection must complete its hello within
+//! `hello_timeout`, may send no frame larger than `hello_max_frame` until then, and is one of at
+//! most `max_pending_hellos` such connections: a newer one displaces the oldest. So connections
+//! that never speak cannot fill the connection slots or hold memory, and a client that completes
+//! its hello at once gets in however many silent peers are arriving.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hetkv_transport::service::{ServerCounters, Session, ShardService};
 use hetkv_transport::wire::{self, ErrorCode, FrameError, Status, WireError, PREFIX_BYTES};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 /// Server settings.
 #[derive(Clone, Debug)]
@@ -26,6 +36,18 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Most connections served at once; further ones are closed on arrival, with a log line.
     pub max_connections: usize,
+    /// How long a new connection has to complete its hello.
+    pub hello_timeout: Duration,
+    /// Largest frame body accepted before the hello succeeded (a hello is a few hundred bytes).
+    pub hello_max_frame: u32,
+    /// Connections that have not completed their hello, at most; a newer one displaces the
+    /// oldest.
+    pub max_pending_hellos: usize,
+    /// How long a greeted connection may stay silent between requests (`None`, the default:
+    /// forever). A trainer's pooled connections can be idle for long stretches, and a client
+    /// sees a connection the daemon closed as an I/O error on its next call, so this is for
+    /// operators who prefer freeing idle connections to that.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +57,10 @@ impl Default for ServerConfig {
             frame_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             max_connections: 4096,
+            hello_timeout: Duration::from_secs(5),
+            hello_max_frame: 16 << 10,
+            max_pending_hellos: 64,
+            idle_timeout: None,
         }
     }
 }
@@ -71,6 +97,7 @@ impl TcpServer {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
+        let pending = Arc::new(Pending::new(self.config.max_pending_hellos));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -84,8 +111,9 @@ impl TcpServer {
                         let service = self.service.clone();
                         let config = self.config.clone();
                         let stop = stop_rx.clone();
+                        let admitted = Pending::admit(&pending);
                         connections.spawn(async move {
-                            connection(stream, peer, service, config, stop).await;
+                            connection(stream, peer, service, config, stop, admitted).await;
                         });
                     }
                     Err(e) => {
@@ -119,6 +147,63 @@ impl TcpServer {
     }
 }
 
+/// The connections that have not completed their hello, oldest first.
+#[derive(Debug)]
+struct Pending {
+    max: usize,
+    next: AtomicU64,
+    queue: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+}
+
+/// One connection's place among the pending ones, given up when it is greeted or ends.
+#[derive(Debug)]
+struct Admitted {
+    pending: Arc<Pending>,
+    id: u64,
+    displaced: Arc<Notify>,
+}
+
+impl Pending {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            next: AtomicU64::new(0),
+            queue: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Admits a new connection, displacing the oldest pending one when the budget is full.
+    fn admit(this: &Arc<Self>) -> Admitted {
+        let id = this.next.fetch_add(1, Ordering::Relaxed);
+        let displaced = Arc::new(Notify::new());
+        let mut queue = this.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while queue.len() >= this.max {
+            if let Some((_, oldest)) = queue.pop_front() {
+                oldest.notify_one();
+            }
+        }
+        queue.push_back((id, displaced.clone()));
+        Admitted {
+            pending: this.clone(),
+            id,
+            displaced,
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = queue.iter().position(|(i, _)| *i == id) {
+            queue.remove(at);
+        }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.pending.leave(self.id);
+    }
+}
+
 /// Why a connection ended.
 #[derive(Debug)]
 enum End {
@@ -133,9 +218,10 @@ async fn connection(
     service: Arc<dyn ShardService>,
     config: ServerConfig,
     stop: watch::Receiver<bool>,
+    admitted: Admitted,
 ) {
     let _ = stream.set_nodelay(true);
-    let end = serve_connection(stream, peer, &*service, &config, stop).await;
+    let end = serve_connection(stream, peer, &*service, &config, stop, admitted).await;
     match end {
         End::Clean => tracing::debug!(%peer, "connection closed by peer"),
         End::Stopping => tracing::debug!(%peer, "connection closed for shutdown"),
@@ -149,7 +235,10 @@ async fn serve_connection(
     service: &dyn ShardService,
     config: &ServerConfig,
     mut stop: watch::Receiver<bool>,
+    admitted: Admitted,
 ) -> End {
+    let hello_by = Instant::now() + config.hello_timeout;
+    let mut admitted = Some(admitted);
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let mut session = Session::new(config.max_frame);
@@ -157,6 +246,33 @@ async fn serve_connection(
     let mut out = Vec::new();
     let counters = service.counters();
     loop {
+        let greeted = session.greeted();
+        if greeted {
+            // Greeted: no longer one of the connections that have not said hello.
+            admitted = None;
+        }
+        // Before the hello, everything is bounded by the hello's deadline; after it, waiting for
+        // the next frame by the idle timeout and reading one by the frame timeout.
+        let (wait_until, frame_timeout, max_frame) = if greeted {
+            let idle = config.idle_timeout.map(|t| Instant::now() + t);
+            (idle, config.frame_timeout, config.max_frame)
+        } else {
+            let left = hello_by.saturating_duration_since(Instant::now());
+            let limit = config.hello_max_frame.min(config.max_frame);
+            (Some(hello_by), left.min(config.frame_timeout), limit)
+        };
+        let displaced = async {
+            match &admitted {
+                Some(a) => a.displaced.notified().await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let expired = async {
+            match wait_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         // Wait for the next frame, or for shutdown, between frames only.
         tokio::select! {
             ready = rd.fill_buf() => match ready {
@@ -165,16 +281,26 @@ async fn serve_connection(
                 Err(e) => return End::Error(format!("read failed: {e}")),
             },
             _ = stop.changed() => return End::Stopping,
+            () = displaced => {
+                return End::Error("displaced by newer connections that have not said hello".into())
+            }
+            () = expired => {
+                return End::Error(if greeted {
+                    "idle for longer than the idle timeout".into()
+                } else {
+                    format!("no hello within {:?}", config.hello_timeout)
+                })
+            }
         }
         let mut prefix = [0u8; PREFIX_BYTES];
-        match tokio::time::timeout(config.frame_timeout, rd.read_exact(&mut prefix)).await {
+        match tokio::time::timeout(frame_timeout, rd.read_exact(&mut prefix)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 return End::Error(format!("peer disconnected inside a frame prefix: {e}"))
             }
             Err(_) => return End::Error("peer stalled inside a frame prefix".into()),
         }
-        let len = match wire::body_len(prefix, config.max_frame) {
+        let len = match wire::body_len(prefix, max_frame) {
             Ok(len) => len,
             Err(e) => {
                 // The stream cannot be resynchronised: answer, then close.
@@ -195,7 +321,7 @@ async fn serve_connection(
         // up front, and the declared length is already within the limit.
         body.clear();
         let read = tokio::time::timeout(
-            config.frame_timeout,
+            frame_timeout,
             (&mut rd).take(len as u64).read_to_end(&mut body),
         )
         .await;

@@ -68,6 +68,16 @@ struct ServeArgs {
     /// Largest frame body accepted or sent [default: 64 MiB, or the config's].
     #[arg(long)]
     max_frame_bytes: Option<u32>,
+    /// Seconds a new connection has to complete its hello; until then it may send only small
+    /// frames, and at most a few dozen such connections are held (a newer one displaces the
+    /// oldest).
+    #[arg(long, default_value_t = 5.0)]
+    hello_timeout: f64,
+    /// Seconds a greeted connection may stay silent between requests before it is closed
+    /// (0, the default: never; a client sees a closed pooled connection as an I/O error on its
+    /// next call).
+    #[arg(long, default_value_t = 0.0)]
+    idle_timeout: f64,
     /// Largest table footprint on this shard [default: 32 GiB, or the config's].
     #[arg(long)]
     max_table_bytes: Option<u64>,
@@ -122,6 +132,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_frame_bytes
             .or(file.server.max_frame_bytes)
             .unwrap_or(DEFAULT_MAX_FRAME),
+        hello_timeout: seconds("--hello-timeout", args.hello_timeout)?,
+        idle_timeout: match args.idle_timeout {
+            0.0 => None,
+            t => Some(seconds("--idle-timeout", t)?),
+        },
         ..ServerConfig::default()
     };
     let shard = Arc::new(Shard::new(shard_config).context("setting up the shard")?);
@@ -207,4 +222,12 @@ fn stats(cluster: &[String], json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A positive number of seconds from the command line.
+fn seconds(flag: &str, secs: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} must be a positive number of seconds, got {secs}"))
 }

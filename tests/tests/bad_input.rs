@@ -335,3 +335,89 @@ fn connections_beyond_the_limit_are_closed_and_the_rest_are_served() {
     }
     assert!(ok, "a slot freed by a departing client is served again");
 }
+
+/// A daemon that requires a token, with a small budget of connections that have not said hello.
+fn guarded(config: ServerConfig) -> EmbeddedCluster {
+    EmbeddedCluster::start_with(1, config, |i| ShardConfig {
+        auth_token: Some("secret".into()),
+        ..ShardConfig::new(i, 1)
+    })
+    .unwrap()
+}
+
+fn authorized() -> ClientConfig {
+    ClientConfig {
+        auth: Some("secret".into()),
+        ..ClientConfig::default()
+    }
+}
+
+#[test]
+fn connections_that_never_say_hello_do_not_lock_out_an_authorized_client() {
+    let c = guarded(ServerConfig {
+        max_connections: 64,
+        max_pending_hellos: 8,
+        hello_timeout: std::time::Duration::from_secs(60),
+        ..ServerConfig::default()
+    });
+    let addr = &c.addrs()[0];
+    // Far more silent connections than the daemon has slots, all held open by the peer.
+    let silent: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let client = TcpShardClient::connect(addr, authorized())
+        .expect("an authorized client gets in while silent peers keep arriving and staying");
+    client.stats().unwrap();
+    // And it keeps being served while more silent peers arrive.
+    let more: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    client.stats().unwrap();
+    drop((silent, more));
+}
+
+#[test]
+fn a_peer_that_has_not_said_hello_cannot_send_a_large_frame() {
+    let c = guarded(ServerConfig::default());
+    let mut raw = RawConn::connect(&c.addrs()[0]);
+    // Far below the daemon's frame limit, far above what a hello needs.
+    raw.send_bytes(&(1u32 << 20).to_le_bytes());
+    let e = raw.recv().unwrap().error().unwrap();
+    assert_eq!(e.code, ErrorCode::FrameTooLarge, "{}", e.message);
+    assert!(raw.is_closed(), "refused before the body was read");
+    TcpShardClient::connect(&c.addrs()[0], authorized()).unwrap();
+}
+
+#[test]
+fn silent_connections_are_closed_at_their_deadlines() {
+    let c = guarded(ServerConfig {
+        hello_timeout: std::time::Duration::from_millis(300),
+        ..ServerConfig::default()
+    });
+    let mut never_greets = RawConn::connect(&c.addrs()[0]);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert!(never_greets.is_closed(), "no hello within the deadline");
+    TcpShardClient::connect(&c.addrs()[0], authorized()).unwrap();
+
+    // With an idle timeout, a greeted connection that goes quiet is closed; one that keeps
+    // talking never is.
+    let c = EmbeddedCluster::start_with(
+        1,
+        ServerConfig {
+            idle_timeout: Some(std::time::Duration::from_millis(500)),
+            ..ServerConfig::default()
+        },
+        |i| ShardConfig::new(i, 1),
+    )
+    .unwrap();
+    let mut quiet = RawConn::greeted(&c.addrs()[0]);
+    let mut busy = RawConn::greeted(&c.addrs()[0]);
+    for _ in 0..8 {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        busy.send(hetkv_transport::wire::Op::Stats as u8, &(), &[]);
+        let r = busy.recv().expect("a talking connection stays open");
+        assert!(r.error().is_none());
+    }
+    assert!(quiet.is_closed(), "idle past the idle timeout");
+}

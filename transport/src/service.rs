@@ -184,6 +184,11 @@ impl Session {
         }
     }
 
+    /// Whether the connection completed its hello.
+    pub fn greeted(&self) -> bool {
+        self.greeted
+    }
+
     /// The client's self-description from its hello.
     pub fn peer(&self) -> &str {
         &self.peer
