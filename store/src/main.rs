@@ -28,15 +28,25 @@ struct Cli {
 enum Command {
     /// Run one shard of a cluster in the foreground until SIGTERM or SIGINT.
     Serve(ServeArgs),
-    /// Print each shard's tables and counters.
-    Stats {
-        /// Comma-separated shard addresses, in shard order.
-        #[arg(long, value_delimiter = ',', required = true)]
-        cluster: Vec<String>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Print each shard's tables and counters, one shard per line; a shard that cannot be asked
+    /// gets a line with its error, and the exit status is then non-zero.
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StatsArgs {
+    /// Comma-separated shard addresses, in shard order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    cluster: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds each shard gets to connect and answer (shards are asked in parallel).
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+    /// File holding the token the daemons require.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,7 +107,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
-        Command::Stats { cluster, json } => stats(&cluster, json),
+        Command::Stats(args) => stats(&args),
     }
 }
 
@@ -106,15 +116,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         Some(path) => DaemonConfig::load(path)?,
         None => DaemonConfig::default(),
     };
-    let auth_token = match &args.auth_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading auth token from {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let auth_token = read_token(args.auth_token_file.as_deref())?;
     let shard_config = ShardConfig {
         shard: args.shard,
         shards: args.shards,
@@ -178,48 +180,96 @@ async fn shutdown_signal() {
     }
 }
 
-fn stats(cluster: &[String], json: bool) -> Result<()> {
-    let mut all: Vec<(String, ShardStats)> = Vec::new();
-    for addr in cluster {
-        let client = TcpShardClient::connect(addr, ClientConfig::default())
-            .with_context(|| format!("connecting to {addr}"))?;
-        let stats = client
-            .stats()
-            .with_context(|| format!("stats from {addr}"))?;
-        all.push((addr.clone(), stats));
+/// The token in `path`, trimmed; an empty one is an error (it would admit an empty token).
+fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading auth token from {}", path.display()))?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        bail!("the auth token file {} is empty", path.display());
     }
-    for (i, (addr, s)) in all.iter().enumerate() {
-        if s.shard as usize != i || s.shards as usize != cluster.len() {
-            bail!(
-                "{addr} is shard {} of {}, but is listed as shard {i} of {}",
-                s.shard,
-                s.shards,
-                cluster.len()
-            );
-        }
-    }
-    if json {
-        let shards: Vec<_> = all
+    Ok(Some(token))
+}
+
+fn stats(args: &StatsArgs) -> Result<()> {
+    let timeout = seconds("--timeout", args.timeout)?;
+    let config = ClientConfig {
+        connect_timeout: timeout,
+        io_timeout: Some(timeout),
+        auth: read_token(args.auth_token_file.as_deref())?,
+        ..ClientConfig::default()
+    };
+    let n = args.cluster.len();
+    // Every shard at once, so that a dead or hung one costs the timeout once, not once per shard.
+    let results: Vec<Result<ShardStats>> = std::thread::scope(|scope| {
+        let asks: Vec<_> = args
+            .cluster
             .iter()
-            .map(|(addr, s)| serde_json::json!({ "addr": addr, "stats": s }))
+            .enumerate()
+            .map(|(i, addr)| {
+                let config = config.clone();
+                scope.spawn(move || -> Result<ShardStats> {
+                    let client = TcpShardClient::connect(addr, config)
+                        .with_context(|| format!("connecting to {addr}"))?;
+                    let s = client
+                        .stats()
+                        .with_context(|| format!("asking {addr} for stats"))?;
+                    if s.shard as usize != i || s.shards as usize != n {
+                        bail!(
+                            "{addr} is shard {} of {}, but is listed as shard {i} of {n}",
+                            s.shard,
+                            s.shards
+                        );
+                    }
+                    Ok(s)
+                })
+            })
+            .collect();
+        asks.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the stats thread panicked")))
+            })
+            .collect()
+    });
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if args.json {
+        let shards: Vec<_> = args
+            .cluster
+            .iter()
+            .zip(&results)
+            .map(|(addr, r)| match r {
+                Ok(s) => serde_json::json!({ "addr": addr, "stats": s }),
+                Err(e) => serde_json::json!({ "addr": addr, "error": format!("{e:#}") }),
+            })
             .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "shards": shards }))?
         );
-        return Ok(());
     }
-    for (addr, s) in &all {
-        println!(
-            "shard {}/{} at {addr}: {} requests, {} errors, {} rows read, {} rows pushed, {} B in, {} B out, {} connections",
-            s.shard, s.shards, s.requests, s.errors, s.rows_read, s.rows_pushed, s.bytes_in, s.bytes_out, s.connections
-        );
-        for t in &s.tables {
-            println!(
-                "  {:<24} rows {:>12} (here {:>12})  dim {:>5}  {:<8} read {:>12} pushed {:>12} updates {:>12}",
-                t.name, t.rows, t.local_rows, t.dim, t.optimizer, t.rows_read, t.rows_pushed, t.updates
-            );
+    for (i, (addr, r)) in args.cluster.iter().zip(&results).enumerate() {
+        match r {
+            Err(e) => eprintln!("shard {i}/{n} at {addr}: error: {e:#}"),
+            Ok(_) if args.json => {}
+            Ok(s) => {
+                println!(
+                    "shard {}/{} at {addr}: {} requests, {} errors, {} rows read, {} rows pushed, {} B in, {} B out, {} connections",
+                    s.shard, s.shards, s.requests, s.errors, s.rows_read, s.rows_pushed, s.bytes_in, s.bytes_out, s.connections
+                );
+                for t in &s.tables {
+                    println!(
+                        "  {:<24} rows {:>12} (here {:>12})  dim {:>5}  {:<8} read {:>12} pushed {:>12} updates {:>12}",
+                        t.name, t.rows, t.local_rows, t.dim, t.optimizer, t.rows_read, t.rows_pushed, t.updates
+                    );
+                }
+            }
         }
+    }
+    if failed > 0 {
+        bail!("{failed} of {n} shards did not answer");
     }
     Ok(())
 }

@@ -175,3 +175,55 @@ fn a_bad_config_stops_the_daemon_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rows 0"), "{err}");
 }
+
+/// `hetkv stats` against a port that accepts and never answers, and one where nothing listens:
+/// it returns within its timeout, with one error line per failed shard naming it, and fails.
+#[test]
+fn stats_reports_each_failing_shard_within_its_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        // Accept and hold one connection without a word, until the test is done with it.
+        let conn = silent.accept().map(|(c, _)| c);
+        std::thread::sleep(Duration::from_secs(4));
+        drop(conn);
+    });
+    let dead_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["stats", "--timeout", "1", "--cluster"])
+        .arg(format!("{silent_addr},{dead_addr}"))
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("shard 0/2 at {silent_addr}: error")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("shard 1/2 at {dead_addr}: error")),
+        "{err}"
+    );
+    assert!(err.contains("2 of 2 shards did not answer"), "{err}");
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} with a 1 s timeout"
+    );
+    held.join().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--auth-token-file"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
+}
