@@ -16,9 +16,9 @@ use hetkv_transport::client::{
 use hetkv_transport::codec;
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
-    self, decode_header, split_body, CreateRequest, CreateResponse, Endpoint, F32s, FrameParts,
-    HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats, Span, Status,
-    TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
+    self, decode_response_header, split_response, CreateRequest, CreateResponse, Endpoint, F32s,
+    FrameParts, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats, Span,
+    Status, TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -179,7 +179,7 @@ impl TcpShardClient {
     }
 
     fn header<T: DeserializeOwned>(&self, parts: FrameParts<'_>) -> Result<T, TransportError> {
-        decode_header(parts.header).map_err(|e| self.protocol(e.to_string()))
+        decode_response_header(parts.header).map_err(|e| self.protocol(e.to_string()))
     }
 
     /// Sends one request on `conn` and parses the response. The connection stays usable after
@@ -222,7 +222,7 @@ impl TcpShardClient {
             )));
         }
         self.traffic.received(PREFIX_BYTES + got);
-        let parts = split_body(&conn.recv).map_err(|e| self.protocol(e.to_string()))?;
+        let parts = split_response(&conn.recv).map_err(|e| self.protocol(e.to_string()))?;
         if parts.status == Status::Error as u8 {
             let error: WireError = self.header(parts)?;
             return Err(TransportError::Remote {

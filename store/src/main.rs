@@ -75,6 +75,9 @@ struct ServeArgs {
     /// TOML configuration: server limits and tables to create at start.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Most tables this shard holds; creating one more is refused.
+    #[arg(long, default_value_t = hetkv_store::shard::DEFAULT_MAX_TABLES)]
+    max_tables: usize,
     /// Largest frame body accepted or sent [default: 64 MiB, or the config's].
     #[arg(long)]
     max_frame_bytes: Option<u32>,
@@ -128,6 +131,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .or(file.server.max_table_bytes)
             .unwrap_or(DEFAULT_MAX_TABLE_BYTES),
         auth_token,
+        max_tables: args.max_tables,
     };
     let server_config = ServerConfig {
         max_frame: args

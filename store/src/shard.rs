@@ -37,6 +37,8 @@ pub struct ShardConfig {
     pub rdma: bool,
     /// Largest footprint (region plus optimizer state) one table may have on this shard.
     pub max_table_bytes: u64,
+    /// Most tables this shard holds; creating one more is refused.
+    pub max_tables: usize,
     /// Token a hello must carry, when set.
     pub auth_token: Option<String>,
 }
@@ -51,10 +53,15 @@ impl ShardConfig {
             shm_dir: None,
             rdma: false,
             max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
+            max_tables: DEFAULT_MAX_TABLES,
             auth_token: None,
         }
     }
 }
+
+/// Default bound on the number of tables of a shard. Listing them all (names of up to 128 bytes)
+/// takes under 8 MiB, within the default frame.
+pub const DEFAULT_MAX_TABLES: usize = 16_384;
 
 /// Default per-table limit: 32 GiB.
 pub const DEFAULT_MAX_TABLE_BYTES: u64 = 32 << 30;
@@ -176,7 +183,14 @@ impl Shard {
                 spec.name, self.config.max_table_bytes
             )));
         }
-        let id = self.registry().by_id.len() as u32;
+        let id = self.registry().by_id.len();
+        if id >= self.config.max_tables {
+            return Err(StoreError::InvalidSpec(format!(
+                "this shard holds {id} tables, its limit (--max-tables): table {} is refused",
+                spec.name
+            )));
+        }
+        let id = id as u32;
         let name = spec.name.clone();
         let table = Arc::new(Table::create(spec, shard, shards, id, &self.placement)?);
         #[cfg(feature = "rdma")]

@@ -421,3 +421,32 @@ fn silent_connections_are_closed_at_their_deadlines() {
     }
     assert!(quiet.is_closed(), "idle past the idle timeout");
 }
+
+/// Thousands of tables list (the answer is larger than a request header may be), `open_table`
+/// finds them and stats report them; one past the shard's bound is refused.
+#[test]
+fn thousands_of_tables_list_and_the_bound_refuses_one_more() {
+    let c = EmbeddedCluster::start_with(1, ServerConfig::default(), |i| ShardConfig {
+        max_tables: 5_000,
+        ..ShardConfig::new(i, 1)
+    })
+    .unwrap();
+    let client = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    // Long names make each record large: 5,000 of them are about a megabyte.
+    let name = |i: usize| format!("{}_{i:05}", "t".repeat(100));
+    for i in 0..5_000 {
+        client
+            .create_table(&sgd_table(&name(i), 2, 1, 0.1))
+            .unwrap();
+    }
+    let tables = client.list_tables().unwrap();
+    assert_eq!(tables.len(), 5_000);
+    assert_eq!(tables[4_999].spec.name, name(4_999));
+    assert_eq!(client.stats().unwrap().tables.len(), 5_000);
+    let cluster = Cluster::connect_tcp(c.addrs(), &ClientConfig::default()).unwrap();
+    cluster.open_table(&name(1_234)).unwrap();
+    let e = client
+        .create_table(&sgd_table("one_more", 2, 1, 0.1))
+        .unwrap_err();
+    assert_eq!(remote_code(e), ErrorCode::InvalidSpec);
+}

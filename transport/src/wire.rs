@@ -7,12 +7,14 @@
 //! u8       op           Op (requests); responses echo the request's op
 //! u8       status       0 = ok, 1 = error (the header is then a WireError)
 //! u16 LE   reserved     0
-//! u32 LE   header_len   <= body_len - 8, <= MAX_HEADER
+//! u32 LE   header_len   <= body_len - 8, <= MAX_HEADER (requests), <= MAX_RESPONSE_HEADER
+//!                       (responses)
 //! [header_len]          header: bincode 2, standard config, through serde
 //! [rest]                payload: raw little-endian arrays (keys, clocks, counts, rows, gradients)
 //! ```
 //!
-//! bincode is confined to this module (`encode_header` and `decode_header`): it is pinned at
+//! bincode is confined to this module (`start_frame`, `decode_header` and
+//! `decode_response_header`): it is pinned at
 //! `=2.0.1` and unmaintained, so nothing else names it.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -27,8 +29,12 @@ pub const MAGIC: [u8; 4] = *b"HTKV";
 pub const PREFIX_BYTES: usize = 4;
 /// Fixed part of a body before the header: op, status, reserved, header_len.
 pub const HEAD_BYTES: usize = 8;
-/// Largest header accepted (headers are small: names, counts, specs).
+/// Largest header of a request (requests' headers are small: names, counts, specs); also the
+/// limit a daemon decodes any header with.
 pub const MAX_HEADER: usize = 64 << 10;
+/// Largest header of a response a client accepts: the answers that list a shard's tables (and
+/// their statistics) grow with the number of tables, which a daemon bounds (`--max-tables`).
+pub const MAX_RESPONSE_HEADER: usize = 64 << 20;
 /// Default largest frame body, in bytes.
 pub const DEFAULT_MAX_FRAME: u32 = 64 << 20;
 /// Bytes of one span in a read request: region u32, len u32, offset u64.
@@ -569,8 +575,17 @@ pub fn body_len(prefix: [u8; PREFIX_BYTES], max: u32) -> Result<u32, FrameError>
     Ok(len)
 }
 
-/// Splits a body (everything after the prefix) into its parts.
+/// Splits a request body (everything after the prefix) into its parts.
 pub fn split_body(body: &[u8]) -> Result<FrameParts<'_>, FrameError> {
+    split_with(body, MAX_HEADER)
+}
+
+/// Splits a response body into its parts (a header up to [`MAX_RESPONSE_HEADER`]).
+pub fn split_response(body: &[u8]) -> Result<FrameParts<'_>, FrameError> {
+    split_with(body, MAX_RESPONSE_HEADER)
+}
+
+fn split_with(body: &[u8], max_header: usize) -> Result<FrameParts<'_>, FrameError> {
     if body.len() < HEAD_BYTES {
         return Err(FrameError::Malformed(format!(
             "body of {} bytes is shorter than the head",
@@ -578,9 +593,9 @@ pub fn split_body(body: &[u8]) -> Result<FrameParts<'_>, FrameError> {
         )));
     }
     let header_len = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")) as usize;
-    if header_len > MAX_HEADER || header_len > body.len() - HEAD_BYTES {
+    if header_len > max_header || header_len > body.len() - HEAD_BYTES {
         return Err(FrameError::Malformed(format!(
-            "header of {header_len} bytes does not fit a body of {} (max header {MAX_HEADER})",
+            "header of {header_len} bytes does not fit a body of {} (max header {max_header})",
             body.len()
         )));
     }
@@ -596,14 +611,33 @@ fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_HEADER>()
 }
 
-/// Decodes a header; every byte must be consumed.
+/// Decodes a request's header (at most [`MAX_HEADER`] bytes of claims); every byte must be
+/// consumed.
 pub fn decode_header<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
-        .map_err(|e| FrameError::Malformed(format!("undecodable header: {e}")))?;
-    if used != bytes.len() {
+    let decoded = bincode::serde::decode_from_slice(bytes, bincode_config());
+    consumed(decoded, bytes.len())
+}
+
+/// Decodes a response's header (at most [`MAX_RESPONSE_HEADER`] bytes of claims); every byte
+/// must be consumed.
+pub fn decode_response_header<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FrameError> {
+    let config = bincode::config::standard().with_limit::<MAX_RESPONSE_HEADER>();
+    consumed(
+        bincode::serde::decode_from_slice(bytes, config),
+        bytes.len(),
+    )
+}
+
+fn consumed<T>(
+    decoded: Result<(T, usize), bincode::error::DecodeError>,
+    len: usize,
+) -> Result<T, FrameError> {
+    let (value, used) =
+        decoded.map_err(|e| FrameError::Malformed(format!("undecodable header: {e}")))?;
+    if used != len {
         return Err(FrameError::Malformed(format!(
             "header has {} trailing bytes",
-            bytes.len() - used
+            len - used
         )));
     }
     Ok(value)
