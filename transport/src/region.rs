@@ -67,20 +67,30 @@ impl Region {
         Ok(Self { map, path: None })
     }
 
-    /// Creates (or truncates) the file at `path`, sizes it to `len` bytes and maps it writable.
-    /// Clients on the same host can map the same file read-only with [`SharedRegion::open`].
+    /// Creates the file at `path`, owner-only (0600), sizes it to `len` bytes and maps it
+    /// writable. Whatever was at `path` is unlinked first (a region file is live memory, never a
+    /// checkpoint), and the new file is created exclusively, so a symbolic link placed there is
+    /// removed, never followed, and one placed in between makes this fail. Clients on the same
+    /// host (and user) can map the file read-only with [`SharedRegion::open`].
     pub fn file_backed(path: &Path, len: u64) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let len = region_len(len)?;
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o600)
             .open(path)?;
         file.set_len(len as u64)?;
-        // SAFETY: the file was just created or truncated by this daemon, which owns the data or shm
-        // directory; other processes only ever map it read-only. Undefined behaviour would need
-        // another process to truncate it under us, which the directory's ownership rules out.
+        // SAFETY: the file was just created by this daemon, owner-only, in a directory it owns;
+        // other processes only ever map it read-only. Undefined behaviour would need another
+        // process of the same user to truncate it under us, which the directory's lock rules out
+        // for hetkv daemons.
         let map = unsafe { MmapOptions::new().len(len).map_mut(&file)? };
         Ok(Self {
             map,
