@@ -13,13 +13,14 @@ use std::time::Duration;
 use hetkv_transport::client::{
     Carried, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
 };
-use hetkv_transport::codec;
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
-    self, decode_response_header, split_response, CreateRequest, CreateResponse, Endpoint, F32s,
-    FrameParts, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats, Span,
-    Status, TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
+    self, decode_response_header, split_response, ChallengeResponse, CreateRequest, CreateResponse,
+    Endpoint, F32s, FrameParts, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor,
+    ShardStats, Span, Status, TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES,
+    PROTOCOL_VERSION,
 };
+use hetkv_transport::{auth, codec};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Client settings.
@@ -31,7 +32,8 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Read and write timeout on every call (`None` waits forever).
     pub io_timeout: Option<Duration>,
-    /// Auth token for the hello.
+    /// The daemons' token: the hello answers each connection's challenge with it (the token
+    /// itself never travels).
     pub auth: Option<String>,
     /// Name sent in the hello, for the daemon's logs.
     pub name: String,
@@ -144,10 +146,23 @@ impl TcpShardClient {
             send: Vec::new(),
             recv: Vec::new(),
         };
+        // With a token: ask for this connection's nonce and answer it; the token never travels.
+        let auth = match &self.config.auth {
+            None => None,
+            Some(token) => {
+                let challenge: ChallengeResponse = self.exchange(
+                    &mut conn,
+                    Op::Challenge,
+                    header_only(Op::Challenge, &()),
+                    |p| self.header(p),
+                )?;
+                Some(auth::respond(token, &challenge.nonce))
+            }
+        };
         let hello = HelloRequest {
             magic: MAGIC,
             version: self.config.protocol_version,
-            auth: self.config.auth.clone(),
+            auth,
             client: self.config.name.clone(),
         };
         let reply: HelloResponse =

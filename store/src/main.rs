@@ -120,6 +120,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         None => DaemonConfig::default(),
     };
     let auth_token = read_token(args.auth_token_file.as_deref())?;
+    let authenticated = auth_token.is_some();
     let shard_config = ShardConfig {
         shard: args.shard,
         shards: args.shards,
@@ -163,6 +164,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = server.local_addr()?;
         tracing::info!(%addr, shard = args.shard, shards = args.shards, "listening");
+        if !addr.ip().is_loopback() && !authenticated {
+            tracing::warn!(
+                %addr,
+                "listening beyond loopback WITHOUT AUTHENTICATION: any host that reaches this \
+                 address can read and change every table; give --auth-token-file"
+            );
+            eprintln!(
+                "hetkv: WARNING: {addr} accepts clients from other hosts without authentication \
+                 (--auth-token-file)"
+            );
+        }
         server.run(shutdown_signal()).await?;
         tracing::info!("stopped");
         Ok(())

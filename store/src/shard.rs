@@ -391,11 +391,13 @@ impl ShardService for Shard {
         Ok((ours, Box::new(qp)))
     }
 
-    fn authorize(&self, token: Option<&str>) -> bool {
-        match (&self.config.auth_token, token) {
-            (None, _) => true,
-            (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
-            (Some(_), None) => false,
+    fn authorize(&self, nonce: Option<&[u8; 32]>, response: Option<&[u8; 32]>) -> bool {
+        match (&self.config.auth_token, nonce, response) {
+            (None, _, _) => true,
+            (Some(token), Some(nonce), Some(response)) => {
+                hetkv_transport::auth::verify(token, nonce, response)
+            }
+            (Some(_), _, _) => false,
         }
     }
 
@@ -486,10 +488,6 @@ impl ShardService for Shard {
     fn counters(&self) -> &ServerCounters {
         &self.counters
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl From<StoreError> for WireError {

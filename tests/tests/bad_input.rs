@@ -450,3 +450,67 @@ fn thousands_of_tables_list_and_the_bound_refuses_one_more() {
         .unwrap_err();
     assert_eq!(remote_code(e), ErrorCode::InvalidSpec);
 }
+
+/// The token never travels: a hello answers the connection's challenge with HMAC-SHA256, and a
+/// recorded hello is refused on another connection, with or without a challenge of its own.
+#[test]
+fn the_token_never_travels_and_a_recorded_hello_cannot_be_replayed() {
+    use hetkv_transport::wire::{self, ChallengeResponse, HelloRequest, Op, Status, MAGIC};
+    let c = guarded(ServerConfig::default());
+    let addr = &c.addrs()[0];
+    let challenge = |raw: &mut RawConn| -> [u8; 32] {
+        raw.send(Op::Challenge as u8, &(), &[]);
+        let r = raw.recv().unwrap();
+        assert!(r.error().is_none(), "{:?}", r.error());
+        wire::decode_header::<ChallengeResponse>(&r.header)
+            .unwrap()
+            .nonce
+    };
+    let hello_frame = |nonce: &[u8; 32]| {
+        let hello = HelloRequest {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            auth: Some(hetkv_transport::auth::respond("secret", nonce)),
+            client: "replay test".into(),
+        };
+        let mut frame = Vec::new();
+        wire::start_frame(&mut frame, Op::Hello as u8, Status::Ok, &hello);
+        wire::finish_frame(&mut frame, u32::MAX).unwrap();
+        frame
+    };
+    let mut first = RawConn::connect(addr);
+    let nonce = challenge(&mut first);
+    let recorded = hello_frame(&nonce);
+    assert!(
+        !recorded.windows(6).any(|w| w == b"secret"),
+        "the token is not in the hello"
+    );
+    first.send_bytes(&recorded);
+    assert!(
+        first.recv().unwrap().error().is_none(),
+        "the answered challenge is accepted"
+    );
+
+    let mut replay = RawConn::connect(addr);
+    replay.send_bytes(&recorded);
+    assert_eq!(
+        replay.recv().unwrap().error().unwrap().code,
+        ErrorCode::Unauthorized
+    );
+    assert!(replay.is_closed());
+
+    let mut replay = RawConn::connect(addr);
+    let fresh = challenge(&mut replay);
+    assert_ne!(fresh, nonce, "every connection gets its own nonce");
+    replay.send_bytes(&recorded);
+    assert_eq!(
+        replay.recv().unwrap().error().unwrap().code,
+        ErrorCode::Unauthorized
+    );
+
+    // The client library does the same dance.
+    TcpShardClient::connect(addr, authorized())
+        .unwrap()
+        .stats()
+        .unwrap();
+}

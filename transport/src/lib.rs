@@ -7,6 +7,7 @@
 //! - [`wire`]: frames, headers and payload arrays of the control protocol;
 //! - [`codec`]: each bulk operation's request and answer bytes, encoded and decoded once;
 //! - [`service`]: the server side of the protocol, sans-IO;
+//! - [`auth`]: challenge-response authentication (HMAC-SHA256 over a daemon nonce);
 //! - [`client`]: the client-side interface every backend implements;
 //! - [`onesided`]: the one transport over memory a client reads without the daemon's CPU;
 //! - [`shm`]: the shared-memory backend (one-sided reads of a same-host daemon's regions);
@@ -15,6 +16,7 @@
 // `unsafe` lives in the shared-memory module (`region`) and the RDMA module only.
 #![deny(unsafe_code)]
 
+pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod onesided;

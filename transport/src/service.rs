@@ -109,8 +109,14 @@ pub trait ShardService: Send + Sync + 'static {
     fn shm_dir(&self) -> Option<String> {
         None
     }
-    /// Checks the hello's auth token (true when the daemon needs none).
-    fn authorize(&self, token: Option<&str>) -> bool;
+    /// Checks a hello's response to this connection's challenge (true when the daemon needs no
+    /// token): `nonce` is the challenge's, `None` when none was asked for.
+    fn authorize(&self, nonce: Option<&[u8; 32]>, response: Option<&[u8; 32]>) -> bool;
+    /// A fresh nonce for a challenge (from the kernel's random source unless overridden).
+    fn nonce(&self) -> Result<[u8; 32], WireError> {
+        crate::auth::nonce()
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("no random nonce: {e}")))
+    }
     /// Tables in creation order.
     fn list_tables(&self) -> TablesResponse;
     /// Creates a table, or confirms an identical one.
@@ -159,6 +165,8 @@ pub struct Session {
     greeted: bool,
     max_frame: u32,
     peer: String,
+    /// The nonce of the last challenge, spent by the next hello.
+    nonce: Option<[u8; 32]>,
     /// Resources that live as long as the connection (the daemon's RDMA queue pairs).
     held: Vec<Box<dyn Send>>,
 }
@@ -180,6 +188,7 @@ impl Session {
             greeted: false,
             max_frame,
             peer: String::new(),
+            nonce: None,
             held: Vec::new(),
         }
     }
@@ -243,7 +252,7 @@ impl Session {
                 format!("unknown operation {}", parts.op),
             ));
         };
-        if !self.greeted && op != Op::Hello {
+        if !self.greeted && op != Op::Hello && op != Op::Challenge {
             *close = true;
             return Err(WireError::new(
                 ErrorCode::HandshakeRequired,
@@ -271,8 +280,12 @@ impl Session {
                         ),
                     ));
                 }
-                if !service.authorize(h.auth.as_deref()) {
-                    return Err(WireError::new(ErrorCode::Unauthorized, "bad auth token"));
+                let nonce = self.nonce.take();
+                if !service.authorize(nonce.as_ref(), h.auth.as_ref()) {
+                    return Err(WireError::new(
+                        ErrorCode::Unauthorized,
+                        "the hello does not answer this connection's challenge with the token",
+                    ));
                 }
                 let (shard, shards) = service.identity();
                 self.greeted = true;
@@ -286,6 +299,18 @@ impl Session {
                     server: concat!("hetkv ", env!("CARGO_PKG_VERSION")).to_string(),
                     shm_dir: service.shm_dir(),
                 });
+            }
+            Op::Challenge => {
+                no_payload(payload)?;
+                if self.greeted {
+                    return Err(WireError::new(
+                        ErrorCode::MalformedFrame,
+                        "a challenge comes before the hello",
+                    ));
+                }
+                let nonce = service.nonce()?;
+                self.nonce = Some(nonce);
+                resp.begin(&wire::ChallengeResponse { nonce });
             }
             Op::ListTables => {
                 no_payload(payload)?;

@@ -22,7 +22,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -65,6 +65,8 @@ pub enum Op {
     /// Exchange RDMA queue-pair endpoints; the daemon's queue pair lives as long as this
     /// connection.
     RdmaConnect = 10,
+    /// Ask for a nonce to authenticate the hello with (may precede the hello).
+    Challenge = 11,
 }
 
 impl Op {
@@ -81,6 +83,7 @@ impl Op {
             8 => Self::Push,
             9 => Self::Stats,
             10 => Self::RdmaConnect,
+            11 => Self::Challenge,
             _ => return None,
         })
     }
@@ -165,10 +168,18 @@ pub struct HelloRequest {
     pub magic: [u8; 4],
     /// The client's [`PROTOCOL_VERSION`].
     pub version: u32,
-    /// Auth token, when the daemon requires one.
-    pub auth: Option<String>,
+    /// HMAC-SHA256(token, nonce) over the nonce of this connection's challenge, when the daemon
+    /// requires a token ([`crate::auth`]).
+    pub auth: Option<[u8; 32]>,
     /// Free text naming the client, for logs.
     pub client: String,
+}
+
+/// Challenge response header: the nonce a hello on this connection must answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeResponse {
+    /// Fresh random bytes, spent by the next hello.
+    pub nonce: [u8; 32],
 }
 
 /// Hello response header.
