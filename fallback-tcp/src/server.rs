@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hetkv_transport::service::{ServerCounters, Session, ShardService};
-use hetkv_transport::wire::{self, ErrorCode, FrameError, Status, WireError, PREFIX_BYTES};
+use hetkv_transport::wire::{self, ErrorCode, FrameError, Op, Status, WireError, PREFIX_BYTES};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -43,6 +43,9 @@ pub struct ServerConfig {
     /// Connections that have not completed their hello, at most; a newer one displaces the
     /// oldest.
     pub max_pending_hellos: usize,
+    /// How long writing one answer may take: a peer that stops reading is dropped then, and its
+    /// buffers freed.
+    pub write_timeout: Duration,
     /// How long a greeted connection may stay silent between requests (`None`, the default:
     /// forever). A trainer's pooled connections can be idle for long stretches, and a client
     /// sees a connection the daemon closed as an I/O error on its next call, so this is for
@@ -61,6 +64,7 @@ impl Default for ServerConfig {
             hello_max_frame: 16 << 10,
             max_pending_hellos: 64,
             idle_timeout: None,
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -313,7 +317,7 @@ async fn serve_connection(
                 let err = WireError::new(code, e.to_string());
                 wire::start_frame(&mut out, 0, Status::Error, &err);
                 let _ = wire::finish_frame(&mut out, u32::MAX);
-                let _ = wr.write_all(&out).await;
+                let _ = tokio::time::timeout(config.write_timeout, wr.write_all(&out)).await;
                 return End::Error(format!("refused frame: {e}"));
             }
         };
@@ -336,12 +340,26 @@ async fn serve_connection(
             Err(_) => return End::Error(format!("peer stalled inside a frame of {len} bytes")),
         }
         ServerCounters::add(&counters.bytes_in, (PREFIX_BYTES + body.len()) as u64);
-        let outcome = session.on_frame(service, &body, &mut out);
+        // Creating a table initializes all of its rows: that runs with this worker handed over to
+        // blocking work, so the runtime's other connections keep their latency.
+        let outcome = if body.first() == Some(&(Op::CreateTable as u8)) {
+            tokio::task::block_in_place(|| session.on_frame(service, &body, &mut out))
+        } else {
+            session.on_frame(service, &body, &mut out)
+        };
         if let Some(e) = &outcome.error {
             tracing::warn!(%peer, client = session.peer(), code = ?e.code, "request refused: {}", e.message);
         }
-        if let Err(e) = wr.write_all(&out).await {
-            return End::Error(format!("write failed: {e}"));
+        match tokio::time::timeout(config.write_timeout, wr.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return End::Error(format!("write failed: {e}")),
+            Err(_) => {
+                return End::Error(format!(
+                    "the peer stopped reading: an answer of {} bytes was not taken within {:?}",
+                    out.len(),
+                    config.write_timeout
+                ))
+            }
         }
         ServerCounters::add(&counters.bytes_out, out.len() as u64);
         if outcome.close {

@@ -75,6 +75,10 @@ struct ServeArgs {
     /// TOML configuration: server limits and tables to create at start.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Most bytes all tables together may take on this shard (regions and optimizer state),
+    /// checked before a table is mapped [default: three quarters of the machine's memory].
+    #[arg(long)]
+    max_memory: Option<u64>,
     /// Most tables this shard holds; creating one more is refused.
     #[arg(long, default_value_t = hetkv_store::shard::DEFAULT_MAX_TABLES)]
     max_tables: usize,
@@ -133,6 +137,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             .unwrap_or(DEFAULT_MAX_TABLE_BYTES),
         auth_token,
         max_tables: args.max_tables,
+        max_memory: args
+            .max_memory
+            .unwrap_or_else(hetkv_store::shard::default_max_memory),
     };
     let server_config = ServerConfig {
         max_frame: args

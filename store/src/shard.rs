@@ -39,6 +39,9 @@ pub struct ShardConfig {
     pub max_table_bytes: u64,
     /// Most tables this shard holds; creating one more is refused.
     pub max_tables: usize,
+    /// Most bytes all tables together may take on this shard (regions and optimizer state),
+    /// checked before a table is mapped.
+    pub max_memory: u64,
     /// Token a hello must carry, when set.
     pub auth_token: Option<String>,
 }
@@ -54,6 +57,7 @@ impl ShardConfig {
             rdma: false,
             max_table_bytes: DEFAULT_MAX_TABLE_BYTES,
             max_tables: DEFAULT_MAX_TABLES,
+            max_memory: default_max_memory(),
             auth_token: None,
         }
     }
@@ -62,6 +66,17 @@ impl ShardConfig {
 /// Default bound on the number of tables of a shard. Listing them all (names of up to 128 bytes)
 /// takes under 8 MiB, within the default frame.
 pub const DEFAULT_MAX_TABLES: usize = 16_384;
+
+/// Default bound on all tables' memory: three quarters of the machine's memory (`MemTotal` of
+/// `/proc/meminfo`), or unbounded where that cannot be read.
+pub fn default_max_memory() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    total.map_or(u64::MAX, |kib| kib.saturating_mul(1024) / 4 * 3)
+}
 
 /// Default per-table limit: 32 GiB.
 pub const DEFAULT_MAX_TABLE_BYTES: u64 = 32 << 30;
@@ -87,7 +102,8 @@ pub struct Shard {
     // Read once per request (not per key), so a reader-writer lock costs nothing measurable;
     // writers (table creation) hold it only to insert a table already built.
     tables: RwLock<Registry>,
-    create_lock: Mutex<()>,
+    /// Serializes table creation; holds the bytes all tables take.
+    create_lock: Mutex<u64>,
     counters: ServerCounters,
 }
 
@@ -128,7 +144,7 @@ impl Shard {
             placement,
             config,
             tables: RwLock::new(Registry::default()),
-            create_lock: Mutex::new(()),
+            create_lock: Mutex::new(0),
             counters: ServerCounters::default(),
         })
     }
@@ -171,7 +187,7 @@ impl Shard {
         if let Some(t) = self.registry().by_name.get(&spec.name) {
             return check(t);
         }
-        let _creating = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut allocated = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(t) = self.registry().by_name.get(&spec.name) {
             return check(t);
         }
@@ -181,6 +197,13 @@ impl Shard {
             return Err(StoreError::InvalidSpec(format!(
                 "table {} needs {footprint} bytes on this shard, above its limit of {}",
                 spec.name, self.config.max_table_bytes
+            )));
+        }
+        if allocated.saturating_add(footprint) > self.config.max_memory {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} needs {footprint} bytes on this shard; its tables already take {} of \
+                 its {} (--max-memory)",
+                spec.name, *allocated, self.config.max_memory
             )));
         }
         let id = self.registry().by_id.len();
@@ -208,6 +231,7 @@ impl Shard {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(table.region_id(), registration);
         }
+        *allocated += footprint;
         let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
         reg.by_name.insert(name.clone(), table.clone());
         reg.by_id.push(table.clone());

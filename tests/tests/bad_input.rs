@@ -514,3 +514,105 @@ fn the_token_never_travels_and_a_recorded_hello_cannot_be_replayed() {
         .stats()
         .unwrap();
 }
+
+/// A create that would take the shard past --max-memory is refused, naming both figures, and
+/// nothing is created; smaller tables still fit.
+#[test]
+fn a_create_beyond_the_memory_bound_is_refused() {
+    let c = EmbeddedCluster::start_with(1, ServerConfig::default(), |i| ShardConfig {
+        max_memory: 1 << 20,
+        ..ShardConfig::new(i, 1)
+    })
+    .unwrap();
+    let client = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    // 10,000 rows of dim 8: 48 bytes a row, about 480 KB.
+    client
+        .create_table(&sgd_table("first", 10_000, 8, 0.1))
+        .unwrap();
+    let e = client
+        .create_table(&sgd_table("second", 20_000, 8, 0.1))
+        .unwrap_err();
+    let w = e.remote().unwrap();
+    assert_eq!(w.code, ErrorCode::InvalidSpec);
+    assert!(
+        w.message.contains("1048576") && w.message.contains("--max-memory"),
+        "{}",
+        w.message
+    );
+    assert_eq!(client.list_tables().unwrap().len(), 1);
+    client
+        .create_table(&sgd_table("small", 1_000, 8, 0.1))
+        .unwrap();
+}
+
+/// A greeted client that asks for large answers and stops reading them is dropped once an answer
+/// has waited past the write timeout, so its buffers are freed.
+#[test]
+fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    use std::io::{Read, Write};
+    let c = EmbeddedCluster::start_with(
+        1,
+        ServerConfig {
+            write_timeout: std::time::Duration::from_millis(300),
+            ..ServerConfig::default()
+        },
+        |i| ShardConfig::new(i, 1),
+    )
+    .unwrap();
+    let client = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    client
+        .create_table(&sgd_table("wide", 4_096, 1024, 0.1))
+        .unwrap();
+    let mut raw = RawConn::greeted(&c.addrs()[0]);
+    // 16 pulls of 4,096 rows of 4 KiB: 256 MiB of answers, far more than socket buffers hold.
+    let keys: Vec<u8> = (0..4_096u64).flat_map(|k| k.to_le_bytes()).collect();
+    let mut frame = Vec::new();
+    hetkv_transport::wire::start_frame(
+        &mut frame,
+        hetkv_transport::wire::Op::Pull as u8,
+        hetkv_transport::wire::Status::Ok,
+        &PullRequest {
+            table: "wide".into(),
+            keys: 4_096,
+        },
+    );
+    frame.extend_from_slice(&keys);
+    hetkv_transport::wire::finish_frame(&mut frame, u32::MAX).unwrap();
+    for _ in 0..16 {
+        if raw.stream.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Drain what the kernel buffered: the daemon has closed its end, so the stream ends (or is
+    // reset) instead of waiting.
+    raw.stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    let ended = loop {
+        match raw.stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(e) => break matches!(e.kind(), std::io::ErrorKind::BrokenPipe),
+        }
+    };
+    assert!(
+        ended,
+        "the daemon still held the connection after {total} bytes"
+    );
+    assert!(
+        total < 256 << 20,
+        "it did not write everything ({total} bytes)"
+    );
+    assert_still_serves_wide(c.addrs());
+}
+
+fn assert_still_serves_wide(addrs: &[String]) {
+    let client = TcpShardClient::connect(&addrs[0], ClientConfig::default()).unwrap();
+    let (mut v, mut r) = (Vec::new(), Vec::new());
+    client.pull("wide", &[1, 2], &mut v, &mut r).unwrap();
+    assert_eq!(r.len(), 2 * 1024);
+}
