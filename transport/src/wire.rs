@@ -874,6 +874,52 @@ mod tests {
         assert!(split_payload(&p, &[(usize::MAX, 8)]).is_err());
     }
 
+    fn header_bytes<T: Serialize>(h: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        start_frame(&mut out, 0, Status::Ok, h);
+        out[PREFIX_BYTES + HEAD_BYTES..].to_vec()
+    }
+
+    /// The examples of `docs/PROTOCOL.md`'s records section, byte for byte.
+    #[test]
+    fn records_encode_as_documented() {
+        let since = Since {
+            clock: 300,
+            own: 1,
+            max_foreign: 0,
+        };
+        assert_eq!(header_bytes(&since), [0xfb, 0x2c, 0x01, 0x01, 0x00]);
+        assert_eq!(
+            header_bytes(&TableRequest { table: "ab".into() }),
+            [0x02, b'a', b'b']
+        );
+        let e = WireError::new(ErrorCode::UnknownTable, "x");
+        assert_eq!(header_bytes(&e), [6, 1, b'x'], "UnknownTable is index 6");
+        let spec = crate::spec::TableSpec {
+            name: "t".into(),
+            rows: 1000,
+            dim: 8,
+            init: crate::spec::Initializer::Uniform {
+                bound: 0.5,
+                seed: 7,
+            },
+            optimizer: crate::spec::OptimizerSpec::Sgd { lr: 1.0 },
+        };
+        let mut want = vec![1, b't', 0xfb, 0xe8, 0x03, 8, 1];
+        want.extend_from_slice(&0.5f32.to_le_bytes());
+        want.push(7);
+        want.push(0);
+        want.extend_from_slice(&1.0f32.to_le_bytes());
+        assert_eq!(header_bytes(&spec), want);
+        let hello = HelloRequest {
+            magic: MAGIC,
+            version: 3,
+            auth: None,
+            client: String::new(),
+        };
+        assert_eq!(header_bytes(&hello), [b'H', b'T', b'K', b'V', 3, 0, 0]);
+    }
+
     #[test]
     fn span_round_trip() {
         let s = Span {
