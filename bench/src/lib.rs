@@ -3,10 +3,12 @@
 //!
 //! - [`workload`], [`criteo`], [`movielens`]: key streams and data sets;
 //! - [`train`]: CTR models trained through the caches, and their evaluation ([`metrics`]);
-//! - [`throughput`], [`transport_bench`], [`cache_bench`], [`compare`]: the benchmarks;
+//! - [`throughput`], [`transport_bench`], [`cache_bench`], [`compare`], [`attack`]: the
+//!   benchmarks;
 //! - [`demo`]: the README's main job; [`plots`] and [`progress`]: reports and progress bars.
 #![forbid(unsafe_code)]
 
+pub mod attack;
 pub mod cache_bench;
 pub mod compare;
 pub mod criteo;

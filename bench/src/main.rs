@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use hetkv_bench::{
-    cache_bench, compare, criteo, demo, movielens, plots, throughput, train, transport_bench,
+    attack, cache_bench, compare, criteo, demo, movielens, plots, throughput, train,
+    transport_bench,
 };
 
 #[derive(Parser, Debug)]
@@ -24,6 +25,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Pull and push throughput over loopback TCP (rows/s), against an embedded cluster.
     Tcp(throughput::TcpArgs),
+    /// A well-behaved client's latency while hostile or careless peers work on the daemon.
+    Attack(attack::AttackArgs),
     /// Reads of random rows over shared memory and TCP beside a plain memcpy gather of the same
     /// rows (rows/s, GB/s).
     Transport(transport_bench::TransportArgs),
@@ -148,6 +151,10 @@ fn main() -> Result<()> {
         }
         Command::Transport(args) => {
             let r = transport_bench::run(&args)?;
+            write_json(&args.json, &r)
+        }
+        Command::Attack(args) => {
+            let r = attack::run(&args)?;
             write_json(&args.json, &r)
         }
         Command::Tcp(args) => {
