@@ -616,3 +616,42 @@ fn assert_still_serves_wide(addrs: &[String]) {
     client.pull("wide", &[1, 2], &mut v, &mut r).unwrap();
     assert_eq!(r.len(), 2 * 1024);
 }
+
+/// Creating a large table (its rows initialised one by one) does not hold up other clients: new
+/// ones connect, say hello and pull, and the slowest of them stays far below the creation's time.
+#[test]
+fn a_large_create_does_not_hold_up_other_clients() {
+    let c = cluster(1);
+    let addr = &c.addrs()[0];
+    let creating = std::sync::atomic::AtomicBool::new(true);
+    let (create_took, slowest, calls) = std::thread::scope(|s| {
+        let creator = s.spawn(|| {
+            let t = std::time::Instant::now();
+            let admin = TcpShardClient::connect(addr, ClientConfig::default()).unwrap();
+            // 65,536 rows of 1,024 values: 256 MiB to initialise.
+            admin
+                .create_table(&sgd_table("large", 65_536, 1024, 0.1))
+                .unwrap();
+            creating.store(false, std::sync::atomic::Ordering::Relaxed);
+            t.elapsed()
+        });
+        let (mut v, mut r) = (Vec::new(), Vec::new());
+        let (mut slowest, mut calls) = (std::time::Duration::ZERO, 0u32);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // New clients keep arriving (a connection accepted, a hello, a pull) while it runs.
+        while creating.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = std::time::Instant::now();
+            let client = TcpShardClient::connect(addr, ClientConfig::default()).unwrap();
+            client.pull("emb", &[1, 2, 3, 4], &mut v, &mut r).unwrap();
+            slowest = slowest.max(t.elapsed());
+            calls += 1;
+        }
+        (creator.join().unwrap(), slowest, calls)
+    });
+    eprintln!("create took {create_took:?}; {calls} pulls meanwhile, the slowest {slowest:?}");
+    assert!(calls > 10, "pulls ran during the create ({calls})");
+    assert!(
+        slowest < std::time::Duration::from_millis(500) && slowest * 4 < create_took,
+        "a pull waited {slowest:?} during a create of {create_took:?}"
+    );
+}
