@@ -293,6 +293,9 @@ impl Shard {
             .iter()
             .map(|k| t.local_index(k))
             .collect::<Result<Vec<_>, _>>()?;
+        if pushed.is_some() {
+            codec::pull_if_stale::check_room(resp, locals_all.len(), t.spec().dim as usize)?;
+        }
         let pushed_updates = pushed
             .map(|(p, locals)| t.apply_push(&locals, p.counts, p.grads))
             .unwrap_or(0);

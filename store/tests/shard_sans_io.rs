@@ -9,6 +9,7 @@ use hetkv_transport::wire::{
     PushResponse, Status, WireError, MAGIC, PROTOCOL_VERSION,
 };
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use hetkv_transport::{PushRef, StaleQuery};
 use serde::{de::DeserializeOwned, Serialize};
 
 struct Harness {
@@ -381,4 +382,54 @@ fn responses_above_the_frame_limit_are_refused_before_being_built() {
     let e = h.pull("t", &keys).unwrap_err();
     assert_eq!(e.code, ErrorCode::FrameTooLarge);
     assert!(h.pull("t", &keys[..10]).is_ok(), "the session goes on");
+}
+
+/// A conditional pull that carries a push and whose answer could exceed the frame is refused
+/// before the push is applied: a refusal means nothing changed. Without a push, the same keys are
+/// answered when the rows that actually come back fit.
+#[test]
+fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
+    let mut h = Harness::new(0, 1);
+    h.session = Session::new(4096);
+    let hello = HelloRequest {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        auth: None,
+        client: "t".into(),
+    };
+    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    h.create(&spec("t", 64, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    // 100 keys at their current version (0): nothing is stale, so the answer is small, but if
+    // all came back it would be 100 x 268 bytes, above 4,096.
+    let keys: Vec<u64> = (0..100).collect();
+    let clocks = vec![0u64; keys.len()];
+    let stale = |h: &mut Harness, push: Option<PushRef<'_>>| {
+        let mut frame = Vec::new();
+        let q = StaleQuery {
+            table: "t",
+            keys: &keys,
+            clocks: &clocks,
+            bound: 0,
+            since: None,
+            push,
+        };
+        codec::pull_if_stale::encode_request(&mut frame, &q);
+        h.call_frame(frame)
+    };
+    let grad = vec![1.0f32; 64];
+    let push = PushRef {
+        keys: &[5],
+        counts: &[1],
+        grads: &grad,
+    };
+    let e = stale(&mut h, Some(push)).unwrap_err();
+    assert_eq!(e.code, ErrorCode::FrameTooLarge);
+    assert!(e.message.contains("nothing was applied"), "{}", e.message);
+    let (versions, _) = h.pull("t", &[5]).unwrap();
+    assert_eq!(versions, vec![0], "the refused push was not applied");
+    assert!(
+        stale(&mut h, None).is_ok(),
+        "without a push the small answer is given"
+    );
 }

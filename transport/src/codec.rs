@@ -275,6 +275,17 @@ pub mod pull_if_stale {
         })
     }
 
+    /// Bytes an answer's header takes at most (five integers, varint-encoded, and a bool).
+    const HEADER_BOUND: u64 = 64;
+
+    /// Fails unless an answer in which all of `keys` keys came back stale, rows of `dim`, fits
+    /// the frame. A shard checks this before it applies the rows a request pushes, so that a push
+    /// is never applied under an answer refused for its size.
+    pub fn check_room(resp: &Response<'_>, keys: usize, dim: usize) -> Result<(), WireError> {
+        let per_row = 4 + 8 + 4 * dim as u64;
+        resp.check_fits(HEADER_BOUND.saturating_add((keys as u64).saturating_mul(per_row)))
+    }
+
     /// Starts the answer: the indices of the stale keys, then (through the writer, in the same
     /// order) their versions and rows.
     pub fn respond<'r>(

@@ -14,7 +14,8 @@ use crate::spec::TableSpec;
 use crate::wire::{
     self, decode_header, split_body, CreateRequest, CreateResponse, Endpoint, ErrorCode,
     FrameError, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats,
-    Status, TableRequest, TablesResponse, WireError, MAGIC, PROTOCOL_VERSION,
+    Status, TableRequest, TablesResponse, WireError, HEAD_BYTES, MAGIC, PREFIX_BYTES,
+    PROTOCOL_VERSION,
 };
 
 /// Counters every server keeps, whatever carries its frames.
@@ -72,6 +73,25 @@ impl<'a> Response<'a> {
     /// The frame started by [`Response::begin`], to append the payload to.
     pub fn payload(&mut self) -> &mut Vec<u8> {
         self.out
+    }
+
+    /// Fails unless a frame of `bytes` after the head (header and payload together) stays within
+    /// the maximum. For answers whose size is known only after something has changed: checked
+    /// first, with the largest size the answer can have, so that nothing changes under a
+    /// refusal.
+    pub fn check_fits(&self, bytes: u64) -> Result<(), WireError> {
+        let total = ((PREFIX_BYTES + HEAD_BYTES) as u64).saturating_add(bytes);
+        if total > self.max_frame as u64 {
+            return Err(WireError::new(
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "the answer could be {total} bytes, above the maximum frame of {}: split the \
+                     batch (nothing was applied)",
+                    self.max_frame
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that `bytes` more payload keep the frame within the maximum, then reserves them.
