@@ -20,13 +20,17 @@ as_root() {
 # - kill(1) (procps): the daemon tests signal the daemon;
 # - redis-server: `hetkv-bench compare` is tested against a real Redis;
 # - fonts-dejavu-core: the plots draw their labels with DejaVu Sans;
-# - python3 with pip: the MovieLens test fetches its data set from PyPI.
+# - python3 with pip: the MovieLens test fetches its data set from PyPI;
+# - python3's venv with numpy and safetensors: the export test loads an exported table in Python.
 need=()
 if [ ! -x /usr/bin/kill ] && [ ! -x /bin/kill ]; then need+=(procps); fi
 if ! command -v redis-server >/dev/null 2>&1; then need+=(redis-server); fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then need+=(fonts-dejavu-core); fi
 if ! command -v python3 >/dev/null 2>&1; then need+=(python3 python3-pip);
 elif ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  need+=(python3-venv)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need[*]}"
   as_root apt-get update
@@ -34,5 +38,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 redis-server --version
 python3 -m pip --version
+
+# A virtual environment of the tests' own (under target/, reused between runs).
+venv=target/test-python
+if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
+"$venv/bin/python" -c 'import numpy, safetensors' >/dev/null 2>&1 ||
+  "$venv/bin/python" -m pip install --quiet numpy safetensors
+"$venv/bin/python" -c 'import numpy, safetensors; print("python test env: numpy", numpy.__version__, "safetensors", safetensors.__version__)'
+export HETKV_PYTHON="$PWD/$venv/bin/python"
 
 exec cargo test --workspace "$@"

@@ -10,6 +10,7 @@
 
 pub mod attack;
 pub mod cache_bench;
+pub mod checkpoint_bench;
 pub mod compare;
 pub mod criteo;
 pub mod demo;

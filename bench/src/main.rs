@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use hetkv_bench::{
-    attack, cache_bench, compare, criteo, demo, movielens, plots, throughput, train,
-    transport_bench,
+    attack, cache_bench, checkpoint_bench, compare, criteo, demo, movielens, plots, throughput,
+    train, transport_bench,
 };
 
 #[derive(Parser, Debug)]
@@ -30,6 +30,9 @@ enum Command {
     /// Reads of random rows over shared memory and TCP beside a plain memcpy gather of the same
     /// rows (rows/s, GB/s).
     Transport(transport_bench::TransportArgs),
+    /// What checkpoints cost: write bandwidth against a plain write, pushes during a
+    /// checkpoint, restore time, incremental size on the Criteo-like stream.
+    Checkpoint(checkpoint_bench::CheckpointArgs),
     /// Hit rate against cache size and policy on the reference workload.
     CacheSweep(cache_bench::SweepArgs),
     /// Bytes on the wire and batches/s against the bounds and the no-cache baseline.
@@ -136,6 +139,14 @@ fn main() -> Result<()> {
                 s.ratings, s.users, s.items, s.top10_item_share * 100.0, s.malformed
             );
             write_json(&args.json, &s)
+        }
+        Command::Checkpoint(args) => {
+            let r = checkpoint_bench::run(&args)?;
+            eprintln!(
+                "{}: checkpoint bandwidth {:.2} of a plain write; pushes during checkpoints {:.2} of alone; restore {:.2} s/GiB",
+                r.table, r.bandwidth_ratio, r.push_ratio, r.restore_s_per_gib
+            );
+            write_json(&args.json, &r)
         }
         Command::Criteo(args) => {
             let r = criteo::run(&args)?;

@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
 use hetkv_transport::{
-    ShardStats, ShardTransport, ShmTransport, TableSpec, Traffic, TransportError,
+    wire::CheckpointResponse, ShardStats, ShardTransport, ShmTransport, TableSpec, Traffic,
+    TransportError,
 };
 
 use crate::cache::CacheConfig;
@@ -197,6 +198,23 @@ impl Cluster {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
+    /// Asks every shard, in parallel, to write checkpoint `name` (with `incremental`, of the rows
+    /// changed since its previous one) into its data directory; returns each shard's answer in
+    /// shard order once all have committed. The shards keep serving meanwhile, so the checkpoint
+    /// is a consistent cut of a job only while its workers are quiet ([`crate::CheckpointBarrier`]).
+    /// Each call is bound by the transports' I/O timeout.
+    pub fn checkpoint(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<Vec<CheckpointResponse>, ClientError> {
+        let all: Vec<usize> = (0..self.shards.len()).collect();
+        self.on_shards(&all, |_, shard| shard.checkpoint(name, incremental))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ClientError::from)
+    }
+
     /// Runs `f` for each of `shards`, in parallel when there are several, and returns each
     /// shard's result in the order given. No lock is held; each call uses its own connection.
     pub fn on_shards<T: Send>(
@@ -379,6 +397,26 @@ impl Table {
             shard.push(name, shard_keys, &c, &g).map(|ack| ack.updates)
         })?;
         Ok(updates.iter().sum())
+    }
+
+    /// Sets the rows of `keys` to `values` (keys x dim): each such row's version grows by one (so
+    /// caches see the change) and its optimizer state starts again. For imports and warm starts;
+    /// each shard applies its rows all or nothing.
+    pub fn assign(&self, keys: &[u64], values: &[f32]) -> Result<u64, ClientError> {
+        self.check(keys, values.len())?;
+        let routed = Routed::new(&self.cluster, keys);
+        let dim = self.spec.dim as usize;
+        let name = &self.spec.name;
+        let rows = self.per_shard(&routed, |s, shard, shard_keys| {
+            let mut v = Vec::with_capacity(routed.positions[s].len() * dim);
+            for &p in &routed.positions[s] {
+                v.extend_from_slice(&values[p * dim..(p + 1) * dim]);
+            }
+            shard
+                .assign(name, shard_keys, &v)
+                .map(|ack| ack.rows as u64)
+        })?;
+        Ok(rows.iter().sum())
     }
 
     /// Runs `f` for every shard with keys and returns the results in shard order (shards without

@@ -17,12 +17,14 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod barrier;
 pub mod cache;
 mod cached;
 mod cluster;
 mod rdma_backend;
 pub mod stats;
 
+pub use barrier::CheckpointBarrier;
 pub use cache::{Bound, CacheConfig, Capacity, PolicyKind};
 pub use cached::CachedTable;
 pub use cluster::{Cluster, Table, TransportKind};
@@ -70,4 +72,7 @@ pub enum ClientError {
     /// The shards disagree (indices, counts, or table specs).
     #[error("inconsistent cluster: {0}")]
     InconsistentCluster(String),
+    /// A checkpoint barrier's flush or checkpoint failed (the message of the first failure).
+    #[error("checkpoint failed: {0}")]
+    CheckpointFailed(String),
 }

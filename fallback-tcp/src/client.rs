@@ -15,10 +15,10 @@ use hetkv_transport::client::{
 };
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
-    self, decode_response_header, split_response, ChallengeResponse, CreateRequest, CreateResponse,
-    Endpoint, F32s, FrameParts, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor,
-    ShardStats, Span, Status, TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES,
-    PROTOCOL_VERSION,
+    self, decode_response_header, split_response, ChallengeResponse, CheckpointRequest,
+    CheckpointResponse, CreateRequest, CreateResponse, Endpoint, F32s, FrameParts, HelloRequest,
+    HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats, Span, Status, TableRequest,
+    TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
 use hetkv_transport::{auth, codec};
 use serde::{de::DeserializeOwned, Serialize};
@@ -420,6 +420,33 @@ impl ShardTransport for TcpShardClient {
             |buf| codec::push::encode_request(buf, table, keys, counts, grads),
             |p| self.header(p),
         )
+    }
+
+    fn assign(
+        &self,
+        table: &str,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Result<PushResponse, TransportError> {
+        self.call(
+            Op::Assign,
+            |buf| codec::assign::encode_request(buf, table, keys, values),
+            |p| self.header(p),
+        )
+    }
+
+    fn checkpoint(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, TransportError> {
+        let req = CheckpointRequest {
+            name: name.to_string(),
+            incremental,
+        };
+        self.call(Op::Checkpoint, header_only(Op::Checkpoint, &req), |p| {
+            self.header(p)
+        })
     }
 
     fn stats(&self) -> Result<ShardStats, TransportError> {

@@ -340,9 +340,13 @@ async fn serve_connection(
             Err(_) => return End::Error(format!("peer stalled inside a frame of {len} bytes")),
         }
         ServerCounters::add(&counters.bytes_in, (PREFIX_BYTES + body.len()) as u64);
-        // Creating a table initializes all of its rows: that runs with this worker handed over to
-        // blocking work, so the runtime's other connections keep their latency.
-        let outcome = if body.first() == Some(&(Op::CreateTable as u8)) {
+        // Creating a table initializes all of its rows, and a checkpoint writes them all: those run
+        // with this worker handed over to blocking work, so the runtime's other connections keep
+        // their latency.
+        let outcome = if matches!(
+            body.first().copied().and_then(Op::from_u8),
+            Some(Op::CreateTable | Op::Checkpoint)
+        ) {
             tokio::task::block_in_place(|| session.on_frame(service, &body, &mut out))
         } else {
             session.on_frame(service, &body, &mut out)

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod checkpoint;
 pub mod config;
 pub mod embedded;
 pub mod optimizer;
@@ -55,6 +56,9 @@ pub enum StoreError {
     /// Bad daemon configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// A checkpoint that cannot be written or restored.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
 }
 
 impl From<WireError> for StoreError {

@@ -1,6 +1,8 @@
 //! `hetkv`: the store daemon and its operator commands.
 #![forbid(unsafe_code)]
 
+mod operator;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +33,120 @@ enum Command {
     /// Print each shard's tables and counters, one shard per line; a shard that cannot be asked
     /// gets a line with its error, and the exit status is then non-zero.
     Stats(StatsArgs),
+    /// Write a checkpoint on every shard of a running cluster (`--cluster ... --name NAME`), or
+    /// list, verify or compact the checkpoints of a data directory.
+    Checkpoint(CheckpointArgs),
+    /// Write a table of a running cluster to a safetensors file: `embeddings` [rows, dim] f32 in
+    /// global key order, `versions` [rows] u64 (and `keys` [rows] u64 with --keys).
+    Export(ExportArgs),
+    /// Set a table's rows from a safetensors file (`embeddings` [n, dim] f32, and `keys` [n] u64
+    /// if present, else keys 0..n): a warm start from pretrained embeddings.
+    Import(ImportArgs),
+}
+
+/// How operator commands reach a cluster.
+#[derive(clap::Args, Debug, Clone)]
+struct ClusterArgs {
+    /// Comma-separated shard addresses, in shard order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    cluster: Vec<String>,
+    /// Seconds each shard gets to connect and answer each request.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// File holding the token the daemons require.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct CheckpointArgs {
+    #[command(subcommand)]
+    action: Option<CheckpointAction>,
+    /// Comma-separated shard addresses, in shard order: each shard writes the checkpoint into its
+    /// own data directory.
+    #[arg(long, value_delimiter = ',', required = true)]
+    cluster: Vec<String>,
+    /// The checkpoint's name: 1 to 128 bytes of [A-Za-z0-9_.-].
+    #[arg(long, required = true)]
+    name: Option<String>,
+    /// Only the rows changed since each shard's previous checkpoint.
+    #[arg(long)]
+    incremental: bool,
+    /// Seconds each shard gets to write it.
+    #[arg(long, default_value_t = 3600.0)]
+    timeout: f64,
+    /// File holding the token the daemons require.
+    #[arg(long)]
+    auth_token_file: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum CheckpointAction {
+    /// The checkpoints of a data directory, oldest first, and any incomplete ones.
+    List {
+        /// The data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a checkpoint's whole chain, every file and block, and report what is wrong.
+    Verify {
+        /// The data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The checkpoint [default: the newest].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Merge an incremental checkpoint's chain into one full checkpoint (the daemon using the
+    /// data directory must be stopped).
+    Compact {
+        /// The data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The checkpoint to compact [default: the newest].
+        #[arg(long)]
+        name: Option<String>,
+        /// The new checkpoint's name.
+        #[arg(long)]
+        out: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The table.
+    #[arg(long)]
+    table: String,
+    /// The file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// A text file of keys (whitespace-separated): export only these rows, in this order.
+    #[arg(long)]
+    keys: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImportArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The table (it must exist, with the file's dim).
+    #[arg(long)]
+    table: String,
+    /// The safetensors file.
+    #[arg(long)]
+    file: PathBuf,
+    /// The tensor of values in the file.
+    #[arg(long, default_value = "embeddings")]
+    tensor: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -60,9 +176,18 @@ struct ServeArgs {
     /// Shards in the cluster.
     #[arg(long, default_value_t = 1)]
     shards: u32,
-    /// Directory for file-backed table regions (anonymous memory when absent).
+    /// The shard's data directory: `checkpoints/` (what `hetkv checkpoint` writes, and what
+    /// this daemon restores at start: the newest committed checkpoint, or --restore's), `live/`
+    /// (the file-backed regions of the running tables: scratch, rewritten at every start and
+    /// never read back as state) and `hetkv.lock`. Without it tables live in anonymous memory
+    /// and cannot be checkpointed.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Restore this checkpoint instead of the newest (needs --data-dir). A checkpoint that is
+    /// incomplete or fails a check stops the daemon; it never starts from the initializers
+    /// instead.
+    #[arg(long, requires = "data_dir")]
+    restore: Option<String>,
     /// Expose the tables to clients on this host through shared memory: regions and clock words
     /// become files in a directory of this daemon's own under DIR (normally /dev/shm), removed
     /// when it stops. Excludes --data-dir.
@@ -115,6 +240,9 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Stats(args) => stats(&args),
+        Command::Checkpoint(args) => operator::checkpoint(&args),
+        Command::Export(args) => operator::export(&args),
+        Command::Import(args) => operator::import(&args),
     }
 }
 
@@ -154,6 +282,26 @@ fn serve(args: ServeArgs) -> Result<()> {
         ..ServerConfig::default()
     };
     let shard = Arc::new(Shard::new(shard_config).context("setting up the shard")?);
+    if let Some(dir) = &args.data_dir {
+        let started = std::time::Instant::now();
+        match shard.restore(args.restore.as_deref()).with_context(|| {
+            format!(
+                "restoring from {}; the daemon does not start",
+                dir.display()
+            )
+        })? {
+            Some(m) => tracing::info!(
+                checkpoint = %m.name,
+                seq = m.seq,
+                tables = m.tables.len(),
+                millis = started.elapsed().as_millis() as u64,
+                "restored"
+            ),
+            None => {
+                tracing::info!(dir = %dir.display(), "no checkpoint to restore: starting empty")
+            }
+        }
+    }
     for spec in file.tables {
         let name = spec.name.clone();
         shard
@@ -204,7 +352,7 @@ async fn shutdown_signal() {
 }
 
 /// The token in `path`, trimmed; an empty one is an error (it would admit an empty token).
-fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>> {
+pub(crate) fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>> {
     let Some(path) = path else { return Ok(None) };
     let token = std::fs::read_to_string(path)
         .with_context(|| format!("reading auth token from {}", path.display()))?
@@ -298,7 +446,7 @@ fn stats(args: &StatsArgs) -> Result<()> {
 }
 
 /// A positive number of seconds from the command line.
-fn seconds(flag: &str, secs: f64) -> Result<std::time::Duration> {
+pub(crate) fn seconds(flag: &str, secs: f64) -> Result<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|d| !d.is_zero())

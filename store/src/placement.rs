@@ -21,21 +21,24 @@ use crate::StoreError;
 
 /// Name of the lock file a daemon holds in its data directory.
 pub const LOCK_FILE: &str = "hetkv.lock";
+/// The directory under a data directory that holds the live regions: scratch, rewritten at every
+/// start (state comes back from checkpoints, never from these files).
+pub const LIVE_DIR: &str = "live";
 /// Names of shared-memory instance directories start with this, then the shard index.
 const INSTANCE_PREFIX: &str = "hetkv-shard";
 /// The file in an instance directory that names the daemon's pid.
 const OWNER_FILE: &str = "owner.pid";
 /// `O_NOFOLLOW` (Linux, every architecture hetkv builds for): refuse a symbolic link.
-const O_NOFOLLOW: i32 = 0o400000;
+pub(crate) const O_NOFOLLOW: i32 = 0o400000;
 
 /// Where a shard's regions live.
 #[derive(Debug)]
 pub enum Placement {
     /// Anonymous memory: nothing outlives the process, nothing is shared.
     Anonymous,
-    /// Files under a data directory, locked for this daemon.
+    /// Files under a data directory's `live/`, the directory locked for this daemon.
     DataDir {
-        /// The directory.
+        /// The data directory.
         dir: PathBuf,
         /// The locked file; the lock goes with it.
         _lock: File,
@@ -60,7 +63,7 @@ impl Placement {
             (Some(_), Some(_)) => Err(StoreError::Config(
                 "a data dir and a shm dir exclude each other: regions live in one place".into(),
             )),
-            (Some(dir), None) => Self::data_dir(dir),
+            (Some(dir), None) => Self::lock_data_dir(dir),
             (None, Some(dir)) => {
                 let instance = make_instance_dir(dir, shard)?;
                 remove_stale_instances(dir, &instance);
@@ -70,7 +73,7 @@ impl Placement {
         }
     }
 
-    fn data_dir(dir: &Path) -> Result<Self, StoreError> {
+    fn lock_data_dir(dir: &Path) -> Result<Self, StoreError> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
         let io = |what: &str, e: std::io::Error| {
             StoreError::Io(format!("{what} data dir {}: {e}", dir.display()))
@@ -127,10 +130,24 @@ impl Placement {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io("locking", e)),
         }
+        let live = dir.join(LIVE_DIR);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&live)
+            .map_err(|e| io("creating the live dir of", e))?;
         Ok(Self::DataDir {
             dir: dir.to_path_buf(),
             _lock: lock,
         })
+    }
+
+    /// The data directory, when there is one (locked by this placement).
+    pub fn data_dir(&self) -> Option<&Path> {
+        match self {
+            Self::DataDir { dir, .. } => Some(dir),
+            _ => None,
+        }
     }
 
     /// The shared-memory instance directory, when regions are exposed to clients on this host.
@@ -151,8 +168,8 @@ impl Placement {
     ) -> Result<Arc<Region>, StoreError> {
         let dir = match self {
             Self::Anonymous => None,
-            Self::DataDir { dir, .. } => Some(dir.as_path()),
-            Self::Shm { instance } => Some(instance.as_path()),
+            Self::DataDir { dir, .. } => Some(dir.join(LIVE_DIR)),
+            Self::Shm { instance } => Some(instance.clone()),
         };
         match dir {
             Some(dir) => {
@@ -296,14 +313,14 @@ mod tests {
         // Another user's trick: a link where a region file will be, to a file it wants changed.
         let victim = root.path().join("victim");
         std::fs::write(&victim, b"precious").unwrap();
-        std::os::unix::fs::symlink(&victim, dir.join("shard0-t.region")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(LIVE_DIR).join("shard0-t.region")).unwrap();
         p.map(0, "t", "region", 4096).unwrap();
         assert_eq!(
             std::fs::read(&victim).unwrap(),
             b"precious",
             "the link was not followed"
         );
-        let region = dir.join("shard0-t.region");
+        let region = dir.join(LIVE_DIR).join("shard0-t.region");
         assert!(std::fs::symlink_metadata(&region).unwrap().is_file());
         assert_eq!(mode(&region), 0o600);
         drop(p);

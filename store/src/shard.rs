@@ -10,11 +10,13 @@ use hetkv_transport::codec;
 use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ServerCounters, ShardService};
 use hetkv_transport::wire::{
-    is_stale, CreateResponse, ErrorCode, PullIfStaleResponse, PullResponse, PushResponse,
-    RegionDescriptor, ShardStats, TablesResponse, WireError,
+    is_stale, CheckpointRequest, CheckpointResponse, CreateResponse, ErrorCode,
+    PullIfStaleResponse, PullResponse, PushResponse, RegionDescriptor, ShardStats, TablesResponse,
+    WireError,
 };
 use hetkv_transport::TableSpec;
 
+use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
 use crate::placement::Placement;
 use crate::table::Table;
 use crate::StoreError;
@@ -105,6 +107,18 @@ pub struct Shard {
     /// Serializes table creation; holds the bytes all tables take.
     create_lock: Mutex<u64>,
     counters: ServerCounters,
+    /// Serializes checkpoints; holds the parent of the next incremental one.
+    checkpoints: Mutex<CheckpointBase>,
+    /// The checkpoint being written, for the message that refuses a second one.
+    writing: Mutex<Option<String>>,
+}
+
+/// The last checkpoint this shard committed or restored, with the tables it held: the parent of
+/// the next incremental checkpoint. Cleared when a checkpoint fails after its copy began (dirty
+/// bits were cleared for rows that no committed checkpoint holds).
+#[derive(Debug, Default)]
+struct CheckpointBase {
+    base: Option<(String, Vec<String>)>,
 }
 
 impl Shard {
@@ -146,6 +160,8 @@ impl Shard {
             tables: RwLock::new(Registry::default()),
             create_lock: Mutex::new(0),
             counters: ServerCounters::default(),
+            checkpoints: Mutex::new(CheckpointBase::default()),
+            writing: Mutex::new(None),
         })
     }
 
@@ -171,6 +187,11 @@ impl Shard {
     /// Creates a table, or returns the existing one when its spec is identical.
     /// Returns the table and whether it was created.
     pub fn create(&self, spec: TableSpec) -> Result<(Arc<Table>, bool), StoreError> {
+        self.create_with(spec, true)
+    }
+
+    /// [`Shard::create`]; with `fill` false a new table's rows are left for a restore to write.
+    fn create_with(&self, spec: TableSpec, fill: bool) -> Result<(Arc<Table>, bool), StoreError> {
         spec.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
         let check = |existing: &Arc<Table>| {
             if existing.spec() == &spec {
@@ -215,7 +236,10 @@ impl Shard {
         }
         let id = id as u32;
         let name = spec.name.clone();
-        let table = Arc::new(Table::create(spec, shard, shards, id, &self.placement)?);
+        let table = Arc::new(match fill {
+            true => Table::create(spec, shard, shards, id, &self.placement)?,
+            false => Table::create_unfilled(spec, shard, shards, id, &self.placement)?,
+        });
         #[cfg(feature = "rdma")]
         if let Some(device) = &self.device {
             let register = |r: &Arc<hetkv_transport::Region>| {
@@ -251,6 +275,201 @@ impl Shard {
     /// Tables in creation order.
     pub fn tables(&self) -> Vec<Arc<Table>> {
         self.registry().by_id.clone()
+    }
+
+    fn data_dir(&self) -> Result<&std::path::Path, StoreError> {
+        self.placement.data_dir().ok_or_else(|| {
+            CheckpointError::Refused(
+                "this daemon has no data directory to write checkpoints into (--data-dir)".into(),
+            )
+            .into()
+        })
+    }
+
+    /// Writes checkpoint `name` of every table into the data directory while pushes and pulls go
+    /// on (docs/CHECKPOINTS.md section 4): every row, or with `incremental` the rows changed
+    /// since the last checkpoint this shard committed or restored. One at a time: a second one
+    /// asked for meanwhile is refused.
+    pub fn checkpoint(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, StoreError> {
+        let data_dir = self.data_dir()?;
+        checkpoint::check_name(name)?;
+        let mut base = match self.checkpoints.try_lock() {
+            Ok(b) => b,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let busy = self
+                    .writing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return Err(CheckpointError::Refused(format!(
+                    "checkpoint {} is being written on this shard; {name} is refused (one at a \
+                     time)",
+                    busy.unwrap_or_default()
+                ))
+                .into());
+            }
+        };
+        *self.writing.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
+        let result = self.write_checkpoint(&mut base, data_dir, name, incremental);
+        *self.writing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        match &result {
+            Ok(r) => tracing::info!(
+                checkpoint = name,
+                seq = r.seq,
+                parent = r.parent.as_deref(),
+                tables = r.tables,
+                rows = r.rows,
+                bytes = r.bytes,
+                millis = r.micros / 1000,
+                "checkpoint committed"
+            ),
+            Err(e) => tracing::error!(checkpoint = name, error = %e, "checkpoint failed"),
+        }
+        result
+    }
+
+    fn write_checkpoint(
+        &self,
+        base: &mut CheckpointBase,
+        data_dir: &std::path::Path,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, StoreError> {
+        let start = std::time::Instant::now();
+        let dir = CheckpointDir::create(data_dir)?;
+        let parent = match (incremental, &base.base) {
+            (false, _) => None,
+            (true, Some(b)) => Some(b.clone()),
+            (true, None) => {
+                return Err(CheckpointError::Refused(format!(
+                    "an incremental checkpoint needs a parent: this daemon has committed or \
+                     restored none since it started, or its last one failed; take a full one \
+                     before {name}"
+                ))
+                .into())
+            }
+        };
+        let mut pending = dir.begin(name)?;
+        let tables = self.tables();
+        // From here on dirty bits are cleared: if this fails, no chain may continue from the old
+        // parent, which lacks rows whose bits are gone.
+        base.base = None;
+        let (mut rows, mut bytes) = (0, 0);
+        for (index, t) in tables.iter().enumerate() {
+            let table = &t.spec().name;
+            let kind = match &parent {
+                Some((_, held)) if held.contains(table) => Kind::Incremental,
+                _ => Kind::Full,
+            };
+            let mut w = pending.table_writer(index, &t.checkpoint_header(kind))?;
+            t.snapshot_into(kind, &mut w)
+                .map_err(|e| CheckpointError::Io {
+                    path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
+                    source: e,
+                })?;
+            let summary = pending.finish_table(table, kind, w, t.clock())?;
+            rows += summary.rows;
+            bytes += summary.bytes;
+        }
+        let identity = (self.config.shard, self.config.shards);
+        let parent = parent.map(|(p, _)| p);
+        let manifest = pending.commit(dir.next_seq()?, parent.clone(), identity)?;
+        base.base = Some((
+            name.to_string(),
+            tables.iter().map(|t| t.spec().name.clone()).collect(),
+        ));
+        Ok(CheckpointResponse {
+            name: name.to_string(),
+            seq: manifest.seq,
+            parent,
+            tables: tables.len() as u32,
+            rows,
+            bytes,
+            micros: start.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Restores checkpoint `name`, or the newest committed one when `None`, into this shard,
+    /// which must have no tables yet. Returns the restored manifest, or `None` when the data
+    /// directory holds no checkpoint (and none was named). Every file of the chain is checked
+    /// against its manifest while it is read; on any failure the error names the file (and the
+    /// block) and the shard must not serve.
+    pub fn restore(&self, name: Option<&str>) -> Result<Option<Manifest>, StoreError> {
+        let data_dir = self.data_dir()?;
+        if !self.tables().is_empty() {
+            return Err(CheckpointError::Refused(
+                "a checkpoint is restored into a shard with no tables".into(),
+            )
+            .into());
+        }
+        let dir = CheckpointDir::at(data_dir);
+        let manifest = match name {
+            Some(n) => dir.manifest(n)?,
+            None => match dir.newest()? {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        let identity = (self.config.shard, self.config.shards);
+        if (manifest.shard, manifest.shards) != identity {
+            return Err(CheckpointError::Refused(format!(
+                "checkpoint {} is of shard {} of {}; this daemon is shard {} of {} (restoring \
+                 onto another shard count is not supported)",
+                manifest.name, manifest.shard, manifest.shards, identity.0, identity.1
+            ))
+            .into());
+        }
+        let chain = dir.chain(&manifest.name)?;
+        let mut base = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        for t in &manifest.tables {
+            let mut table: Option<Arc<Table>> = None;
+            let mut failed = None;
+            dir.read_table(&chain, &t.name, identity, |h, rec| {
+                if table.is_none() {
+                    match self.create_with(h.spec.clone(), false) {
+                        Ok((created, _)) => table = Some(created),
+                        Err(e) => {
+                            failed = Some(e);
+                            return Err(CheckpointError::Refused(format!(
+                                "creating table {}",
+                                h.spec.name
+                            )));
+                        }
+                    }
+                }
+                table.as_ref().expect("created").restore_record(&rec);
+                Ok(())
+            })
+            .map_err(|e| failed.take().unwrap_or(e.into()))?;
+            let table = table.ok_or_else(|| {
+                StoreError::from(CheckpointError::Refused(format!(
+                    "table {} has no rows in checkpoint {}",
+                    t.name, manifest.name
+                )))
+            })?;
+            let clock = table.finish_restore()?;
+            tracing::info!(table = %t.name, rows = table.local_rows(), clock, "restored table");
+        }
+        base.base = Some((
+            manifest.name.clone(),
+            manifest.tables.iter().map(|t| t.name.clone()).collect(),
+        ));
+        Ok(Some(manifest))
+    }
+
+    fn assign_rows(&self, req: &codec::assign::Request<'_>) -> Result<PushResponse, StoreError> {
+        let t = self.table(&req.table)?;
+        let locals = t.validate_assign(req.keys, req.values)?;
+        t.apply_assign(&locals, req.values);
+        Ok(PushResponse {
+            rows: locals.len() as u32,
+            updates: locals.len() as u64,
+        })
     }
 
     fn pull_rows(
@@ -500,6 +719,14 @@ impl ShardService for Shard {
         Ok(self.push_rows(req)?)
     }
 
+    fn assign(&self, req: &codec::assign::Request<'_>) -> Result<PushResponse, WireError> {
+        Ok(self.assign_rows(req)?)
+    }
+
+    fn checkpoint(&self, req: &CheckpointRequest) -> Result<CheckpointResponse, WireError> {
+        Ok(Shard::checkpoint(self, &req.name, req.incremental)?)
+    }
+
     fn stats(&self) -> ShardStats {
         let tables: Vec<_> = self.tables().iter().map(|t| t.stats()).collect();
         ShardStats {
@@ -530,6 +757,7 @@ impl From<StoreError> for WireError {
             StoreError::Malformed(_) => ErrorCode::MalformedFrame,
             StoreError::Frame(w) => return w.clone(),
             StoreError::Io(_) | StoreError::Config(_) => ErrorCode::Internal,
+            StoreError::Checkpoint(_) => ErrorCode::CheckpointFailed,
         };
         WireError::new(code, e.to_string())
     }

@@ -12,6 +12,8 @@ use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::wire::{F32s, U32s, U64s};
 use hetkv_transport::{Region, Routing, TableInfo, TableSpec, TableStats};
 
+use crate::checkpoint::format::{RecordView, TableFileWriter};
+use crate::checkpoint::{FileHeader, Kind, RecordShape};
 use crate::optimizer::Optimizer;
 use crate::placement::Placement;
 use crate::StoreError;
@@ -42,6 +44,9 @@ pub struct Table {
     rows_read: AtomicU64,
     rows_pushed: AtomicU64,
     clock: Arc<Region>,
+    /// One bit per local row: set by every write under the row's lock, cleared by a checkpoint's
+    /// copy under the same lock (docs/CHECKPOINTS.md section 5).
+    dirty: Box<[AtomicU64]>,
 }
 
 impl Table {
@@ -61,6 +66,26 @@ impl Table {
     /// Creates the table's region where `placement` puts regions and writes every row's initial
     /// value at version 0. `spec` must be valid.
     pub fn create(
+        spec: TableSpec,
+        shard: u32,
+        shards: u32,
+        region_id: u32,
+        placement: &Placement,
+    ) -> Result<Self, StoreError> {
+        let table = Self::create_unfilled(spec, shard, shards, region_id, placement)?;
+        let mut values = vec![0f32; table.layout.dim()];
+        let mut image = vec![0u8; table.layout.stride()];
+        for i in 0..table.local_rows {
+            table.spec.init.fill(table.global_key(i), &mut values);
+            row::encode_image(&table.layout, 0, &values, &mut image);
+            row::write_row(table.region.words(), &table.layout, i, &image);
+        }
+        Ok(table)
+    }
+
+    /// Maps the table's region without writing its rows, for a restore that writes every one
+    /// (a full checkpoint file holds them all). Every row is dirty until then.
+    pub fn create_unfilled(
         spec: TableSpec,
         shard: u32,
         shards: u32,
@@ -92,7 +117,10 @@ impl Table {
             })
             .collect();
 
-        let table = Self {
+        let dirty = (0..local_rows.div_ceil(64))
+            .map(|_| AtomicU64::new(u64::MAX))
+            .collect();
+        Ok(Self {
             spec,
             layout,
             shard,
@@ -106,15 +134,8 @@ impl Table {
             rows_read: AtomicU64::new(0),
             rows_pushed: AtomicU64::new(0),
             clock,
-        };
-        let mut values = vec![0f32; layout.dim()];
-        let mut image = vec![0u8; layout.stride()];
-        for i in 0..local_rows {
-            table.spec.init.fill(table.global_key(i), &mut values);
-            row::encode_image(&layout, 0, &values, &mut image);
-            row::write_row(table.region.words(), &layout, i, &image);
-        }
-        Ok(table)
+            dirty,
+        })
     }
 
     /// The spec.
@@ -339,6 +360,7 @@ impl Table {
             self.optimizer.apply(&mut w, &g, state, step);
             row::encode_image(&self.layout, version.saturating_add(count), &w, &mut image);
             row::write_row(self.region.words(), &self.layout, i, &image);
+            self.mark_dirty(i);
             drop(stripe);
             updates += count;
         }
@@ -346,6 +368,154 @@ impl Table {
             .fetch_add(locals.len() as u64, Ordering::Relaxed);
         debug_assert_eq!(updates, total);
         updates
+    }
+
+    fn mark_dirty(&self, i: u64) {
+        self.dirty[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+    }
+
+    /// Whether local row `i` changed since a checkpoint copied it (lock-free: a write sets the
+    /// bit before it releases the row's lock).
+    fn is_dirty(&self, i: u64) -> bool {
+        self.dirty[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// Validates an assignment (import) without changing anything: returns the local indices.
+    pub fn validate_assign(
+        &self,
+        keys: U64s<'_>,
+        values: F32s<'_>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let dim = self.layout.dim();
+        if values.len() != keys.len() * dim {
+            return Err(StoreError::WrongDim(format!(
+                "table {} has dim {dim}: {} values do not make {} rows",
+                self.spec.name,
+                values.len(),
+                keys.len()
+            )));
+        }
+        if let Some(pos) = values.iter_f32().position(|v| !v.is_finite()) {
+            return Err(StoreError::InvalidGradient(format!(
+                "value for key {} holds {} at element {}; nothing was assigned",
+                keys.get(pos / dim),
+                values.get_f32(pos),
+                pos % dim
+            )));
+        }
+        keys.iter().map(|k| self.local_index(k)).collect()
+    }
+
+    /// Sets validated rows (`locals` from [`Table::validate_assign`]) to `values`: each is one
+    /// update (its version and the clock grow by one, so caches see the change) and its
+    /// optimizer state starts again.
+    pub fn apply_assign(&self, locals: &[u64], values: F32s<'_>) {
+        let dim = self.layout.dim();
+        self.clock_word()
+            .fetch_add(locals.len() as u64, Ordering::AcqRel);
+        let mut w = vec![0f32; dim];
+        let mut image = vec![0u8; self.layout.stride()];
+        for (n, &i) in locals.iter().enumerate() {
+            values.copy_f32s(n * dim, &mut w);
+            let mut stripe = self.stripe(i);
+            let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
+                .expect("a row read under its writer lock is stable")
+                .version;
+            let slot = i as usize / STRIPES;
+            let StripeState { floats, steps } = &mut *stripe;
+            self.optimizer
+                .init_state(&mut floats[slot * self.state_len..(slot + 1) * self.state_len]);
+            if let Some(step) = steps.get_mut(slot) {
+                *step = 0;
+            }
+            row::encode_image(&self.layout, version.saturating_add(1), &w, &mut image);
+            row::write_row(self.region.words(), &self.layout, i, &image);
+            self.mark_dirty(i);
+        }
+    }
+
+    /// The header of this table's file in a checkpoint of `kind`, the clock read now.
+    pub fn checkpoint_header(&self, kind: Kind) -> FileHeader {
+        FileHeader {
+            kind,
+            shard: self.shard,
+            shards: self.shards,
+            local_rows: self.local_rows,
+            clock_start: self.clock(),
+            spec: self.spec.clone(),
+            shape: RecordShape::of(&self.spec),
+        }
+    }
+
+    /// Copies rows into a checkpoint file, in local-index order, each under its lock (value,
+    /// version and optimizer state of one moment), clearing their dirty bits: every row for a
+    /// full file, the dirty ones for an incremental one. Pushes go on meanwhile.
+    pub fn snapshot_into<W: std::io::Write>(
+        &self,
+        kind: Kind,
+        out: &mut TableFileWriter<W>,
+    ) -> std::io::Result<()> {
+        let shape = RecordShape::of(&self.spec);
+        let mut image = vec![0u8; self.layout.stride()];
+        let mut state = vec![0f32; self.state_len];
+        for i in 0..self.local_rows {
+            if kind == Kind::Incremental && !self.is_dirty(i) {
+                continue;
+            }
+            if i + (PREFETCH_ROWS as u64) < self.local_rows {
+                self.prefetch_local(i + PREFETCH_ROWS as u64);
+            }
+            let (version, step) = {
+                let stripe = self.stripe(i);
+                let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
+                    .expect("a row read under its writer lock is stable")
+                    .version;
+                let slot = i as usize / STRIPES;
+                state.copy_from_slice(
+                    &stripe.floats[slot * self.state_len..(slot + 1) * self.state_len],
+                );
+                self.dirty[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+                (version, stripe.steps.get(slot).copied().unwrap_or(0))
+            };
+            let room = out.next_record(i)?;
+            shape.encode(i, version, self.layout.payload(&image), &state, step, room);
+        }
+        Ok(())
+    }
+
+    /// Writes one record of a checkpoint into local row `rec.index()`: its value, version and
+    /// optimizer state, clearing its dirty bit. For a table not yet served.
+    pub fn restore_record(&self, rec: &RecordView<'_>) {
+        let i = rec.index();
+        let mut w = vec![0f32; self.layout.dim()];
+        for (v, c) in w.iter_mut().zip(rec.value_bytes().chunks_exact(4)) {
+            *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+        let mut image = vec![0u8; self.layout.stride()];
+        let mut stripe = self.stripe(i);
+        let slot = i as usize / STRIPES;
+        let StripeState { floats, steps } = &mut *stripe;
+        rec.state_into(&mut floats[slot * self.state_len..(slot + 1) * self.state_len]);
+        if let Some(step) = steps.get_mut(slot) {
+            *step = rec.step();
+        }
+        row::encode_image(&self.layout, rec.version(), &w, &mut image);
+        row::write_row(self.region.words(), &self.layout, i, &image);
+        self.dirty[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+    }
+
+    /// After a restore: sets the clock to the sum of the rows' versions; fails if a row was not
+    /// restored (a chain that did not cover the table).
+    pub fn finish_restore(&self) -> Result<u64, StoreError> {
+        if let Some(i) = (0..self.local_rows).find(|&i| self.is_dirty(i)) {
+            return Err(StoreError::Io(format!(
+                "table {}: local row {i} is in no checkpoint file of the chain",
+                self.spec.name
+            )));
+        }
+        let clock = (0..self.local_rows).map(|i| self.version_local(i)).sum();
+        self.clock_word().store(clock, Ordering::Release);
+        Ok(clock)
     }
 
     /// The optimizer state of local row `i` (floats, step), for tests and inspection.

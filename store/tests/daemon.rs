@@ -107,8 +107,8 @@ fn two_daemons_serve_their_config_report_stats_and_stop_on_signals() {
     c1.push("ads", &[1, 3], &[2, 1], &[0.5; 16]).unwrap();
     let region = c1.region_info("ads").unwrap();
     assert!(
-        dir.path().join("d1/shard1-ads.region").exists()
-            && dir.path().join("d1/shard1-ads.clock").exists(),
+        dir.path().join("d1/live/shard1-ads.region").exists()
+            && dir.path().join("d1/live/shard1-ads.clock").exists(),
         "file-backed under the data dir"
     );
     assert_eq!(

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use hetkv_transport::wire::{
-    is_stale, CreateResponse, ErrorCode, HelloResponse, PushResponse, RegionDescriptor, ShardStats,
-    Since, Span, WireError, PROTOCOL_VERSION,
+    is_stale, CheckpointResponse, CreateResponse, ErrorCode, HelloResponse, PushResponse,
+    RegionDescriptor, ShardStats, Since, Span, WireError, PROTOCOL_VERSION,
 };
 use hetkv_transport::{
     Carried, PushOutcome, Routing, ShardTransport, StaleQuery, StaleRows, TableInfo, TableSpec,
@@ -281,6 +281,20 @@ impl ShardTransport for SimShard {
             rows: keys.len() as u32,
             updates: self.apply(&mut s, keys, counts, grads),
         })
+    }
+
+    fn assign(&self, _: &str, _: &[u64], _: &[f32]) -> Result<PushResponse, TransportError> {
+        Err(self.refuse(
+            ErrorCode::Unsupported,
+            "the simulation has no assign".into(),
+        ))
+    }
+
+    fn checkpoint(&self, _: &str, _: bool) -> Result<CheckpointResponse, TransportError> {
+        Err(self.refuse(
+            ErrorCode::Unsupported,
+            "the simulation keeps no checkpoints".into(),
+        ))
     }
 
     fn stats(&self) -> Result<ShardStats, TransportError> {

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::spec::{TableInfo, TableSpec};
 use crate::wire::{
-    CreateResponse, Endpoint, HelloResponse, PushResponse, RegionDescriptor, ShardStats, Since,
-    Span, WireError,
+    CheckpointResponse, CreateResponse, Endpoint, HelloResponse, PushResponse, RegionDescriptor,
+    ShardStats, Since, Span, WireError,
 };
 
 /// Errors of a shard transport, naming the shard.
@@ -256,6 +256,21 @@ pub trait ShardTransport: Send + Sync {
         counts: &[u32],
         grads: &[f32],
     ) -> Result<PushResponse, TransportError>;
+    /// Sets rows to `values` (keys x dim), all or nothing: each row's version grows by one and
+    /// its optimizer state starts again (import, warm start).
+    fn assign(
+        &self,
+        table: &str,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Result<PushResponse, TransportError>;
+    /// Asks the shard to write checkpoint `name` of all its tables into its data directory
+    /// (docs/CHECKPOINTS.md); returns when it is committed.
+    fn checkpoint(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, TransportError>;
     /// The shard's counters and tables.
     fn stats(&self) -> Result<ShardStats, TransportError>;
     /// Bytes moved so far by this transport.

@@ -26,8 +26,8 @@ use crate::client::{
 use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use crate::spec::{TableInfo, TableSpec};
 use crate::wire::{
-    is_stale, CreateResponse, Endpoint, HelloResponse, PushResponse, RegionDescriptor, ShardStats,
-    Span, NOT_CACHED,
+    is_stale, CheckpointResponse, CreateResponse, Endpoint, HelloResponse, PushResponse,
+    RegionDescriptor, ShardStats, Span, NOT_CACHED,
 };
 
 /// A table's rows and clock word, made readable by a [`RemoteMemory`].
@@ -481,6 +481,23 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         grads: &[f32],
     ) -> Result<PushResponse, TransportError> {
         self.control.push(table, keys, counts, grads)
+    }
+
+    fn assign(
+        &self,
+        table: &str,
+        keys: &[u64],
+        values: &[f32],
+    ) -> Result<PushResponse, TransportError> {
+        self.control.assign(table, keys, values)
+    }
+
+    fn checkpoint(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, TransportError> {
+        self.control.checkpoint(name, incremental)
     }
 
     fn stats(&self) -> Result<ShardStats, TransportError> {

@@ -162,6 +162,13 @@ pub trait ShardService: Send + Sync + 'static {
     ) -> Result<(), WireError>;
     /// Applies a push, all or nothing.
     fn push(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, WireError>;
+    /// Sets rows to the given values, all or nothing; returns the rows set.
+    fn assign(&self, req: &codec::assign::Request<'_>) -> Result<PushResponse, WireError>;
+    /// Writes a checkpoint of every table (may take long: carriers run it off their event loop).
+    fn checkpoint(
+        &self,
+        req: &wire::CheckpointRequest,
+    ) -> Result<wire::CheckpointResponse, WireError>;
     /// Tables and row counters (the session fills in the frame counters).
     fn stats(&self) -> ShardStats;
     /// The frame counters.
@@ -365,6 +372,17 @@ impl Session {
                 let r = codec::push::decode_request(&parts).map_err(malformed)?;
                 let ack = service.push(&r)?;
                 resp.begin(&ack);
+            }
+            Op::Assign => {
+                let r = codec::assign::decode_request(&parts).map_err(malformed)?;
+                let ack = service.assign(&r)?;
+                resp.begin(&ack);
+            }
+            Op::Checkpoint => {
+                no_payload(payload)?;
+                let r: wire::CheckpointRequest = decode_header(parts.header).map_err(malformed)?;
+                let done = service.checkpoint(&r)?;
+                resp.begin(&done);
             }
             Op::Stats => {
                 no_payload(payload)?;

@@ -22,7 +22,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -67,6 +67,11 @@ pub enum Op {
     RdmaConnect = 10,
     /// Ask for a nonce to authenticate the hello with (may precede the hello).
     Challenge = 11,
+    /// Write a checkpoint of every table of the shard into its data directory.
+    Checkpoint = 12,
+    /// Set rows to given values (import, warm start): each row's version grows by one and its
+    /// optimizer state starts again.
+    Assign = 13,
 }
 
 impl Op {
@@ -84,6 +89,8 @@ impl Op {
             9 => Self::Stats,
             10 => Self::RdmaConnect,
             11 => Self::Challenge,
+            12 => Self::Checkpoint,
+            13 => Self::Assign,
             _ => return None,
         })
     }
@@ -132,6 +139,9 @@ pub enum ErrorCode {
     Internal,
     /// The daemon cannot do this (an RDMA connect to a daemon without an RDMA device).
     Unsupported,
+    /// A checkpoint could not be written (no data directory, a taken name, one already being
+    /// written, an I/O error such as a full disk); nothing committed was lost.
+    CheckpointFailed,
 }
 
 /// An error response.
@@ -494,6 +504,43 @@ pub struct PushResponse {
     pub updates: u64,
 }
 
+/// Checkpoint request header (no payload).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    /// The checkpoint's name (docs/CHECKPOINTS.md: 1 to 128 bytes of `[A-Za-z0-9_.-]`).
+    pub name: String,
+    /// Only the rows changed since the shard's previous checkpoint.
+    pub incremental: bool,
+}
+
+/// What a shard wrote for a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointResponse {
+    /// The checkpoint's name.
+    pub name: String,
+    /// Its order among the shard's checkpoints.
+    pub seq: u64,
+    /// The checkpoint it builds on (incremental ones).
+    pub parent: Option<String>,
+    /// Tables written.
+    pub tables: u32,
+    /// Row records written.
+    pub rows: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Time it took, microseconds.
+    pub micros: u64,
+}
+
+/// Assign request header; payload: `rows` x u64 keys, then `rows` x `dim` f32 values.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AssignRequest {
+    /// Table name.
+    pub table: String,
+    /// Number of rows.
+    pub rows: u32,
+}
+
 /// Per-table statistics of one shard.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TableStats {
@@ -620,6 +667,13 @@ fn split_with(body: &[u8], max_header: usize) -> Result<FrameParts<'_>, FrameErr
 
 fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_HEADER>()
+}
+
+/// Encodes one record as a header is encoded (PROTOCOL.md section 3, "Records"), for formats
+/// outside frames that embed records (checkpoint headers).
+pub fn encode_record<T: Serialize>(record: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(record, bincode::config::standard())
+        .expect("encoding into a Vec cannot fail for hetkv's record types")
 }
 
 /// Decodes a request's header (at most [`MAX_HEADER`] bytes of claims); every byte must be

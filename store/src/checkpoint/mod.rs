@@ -1,0 +1,635 @@
+//! Checkpoints under a data directory (docs/CHECKPOINTS.md): committing them crash-safely, listing,
+//! verifying, reading chains back, and compacting a chain into one full checkpoint.
+//!
+//! The bytes live in [`mod@format`]; this module owns the files: where they go, the order of writes,
+//! renames and fsyncs that makes a checkpoint exist only once it is whole, and the checks that
+//! tie every file to its manifest. What a shard copies into a checkpoint and restores from one is
+//! [`crate::Shard`]'s.
+
+pub mod format;
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+pub use format::{FileHeader, FileSummary, Kind, Manifest, ManifestTable, RecordShape};
+use format::{RecordView, TableFileReader, TableFileWriter};
+
+/// Errors of checkpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file that is not what it claims: named, with what is wrong and where.
+    #[error("checkpoint file {file} is refused: {what}")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// What is wrong, and where (block, offset).
+        what: String,
+    },
+    /// A file-system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A request that cannot be done: a bad or taken name, a missing parent, another shard's
+    /// checkpoint, one already being written.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl CheckpointError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// The directory of checkpoints under a data directory.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The file that makes a checkpoint exist.
+pub const MANIFEST_FILE: &str = "MANIFEST";
+/// Longest checkpoint name.
+pub const MAX_NAME: usize = 128;
+/// Longest chain of checkpoints followed back to a full one.
+pub const MAX_CHAIN: usize = 10_000;
+
+/// Checks a checkpoint name: 1 to 128 bytes of `[A-Za-z0-9_.-]`, not starting with `.`.
+pub fn check_name(name: &str) -> Result<(), CheckpointError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(CheckpointError::Refused(format!(
+            "checkpoint name {name:?} is not 1 to {MAX_NAME} bytes of [A-Za-z0-9_.-] not \
+             starting with '.'"
+        )))
+    }
+}
+
+/// The file name of the table with index `index` on its shard.
+pub fn table_file_name(index: usize) -> String {
+    format!("t{index:05}.hkc")
+}
+
+/// Checks a table file name as a manifest gives it (no path may escape the checkpoint).
+pub(crate) fn check_file_name(file: &str) -> Result<(), CheckpointError> {
+    let digits = file
+        .strip_prefix('t')
+        .and_then(|f| f.strip_suffix(".hkc"))
+        .unwrap_or("");
+    if digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(CheckpointError::Refused(format!(
+            "{file:?} is not a table file name (tNNNNN.hkc)"
+        )))
+    }
+}
+
+/// What a checkpoint directory holds.
+#[derive(Debug)]
+pub enum Listing {
+    /// A committed checkpoint.
+    Committed(Manifest),
+    /// A directory without a manifest: a crash or a failed write left it.
+    Incomplete {
+        /// Its name.
+        name: String,
+    },
+    /// A manifest that cannot be read or is refused.
+    Unreadable {
+        /// Its name.
+        name: String,
+        /// Why.
+        error: CheckpointError,
+    },
+}
+
+/// The checkpoints of one data directory.
+#[derive(Clone, Debug)]
+pub struct CheckpointDir {
+    root: PathBuf,
+}
+
+impl CheckpointDir {
+    /// The checkpoints under `data_dir` (nothing is created).
+    pub fn at(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.join(CHECKPOINTS_DIR),
+        }
+    }
+
+    /// The checkpoints under `data_dir`, making the directory (0700) if needed.
+    pub fn create(data_dir: &Path) -> Result<Self, CheckpointError> {
+        let dir = Self::at(data_dir);
+        make_private_dir(&dir.root)?;
+        Ok(dir)
+    }
+
+    /// The directory holding the checkpoints.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of checkpoint `name`.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Every checkpoint directory: committed ones by `seq`, then the others by name.
+    pub fn list(&self) -> Result<Vec<Listing>, CheckpointError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(CheckpointError::io(&self.root, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| CheckpointError::io(&self.root, e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if check_name(&name).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            match self.manifest(&name) {
+                Ok(m) => out.push(Listing::Committed(m)),
+                Err(CheckpointError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound =>
+                {
+                    out.push(Listing::Incomplete { name })
+                }
+                Err(error) => out.push(Listing::Unreadable { name, error }),
+            }
+        }
+        out.sort_by_key(|l| match l {
+            Listing::Committed(m) => (0, m.seq, m.name.clone()),
+            Listing::Incomplete { name } => (1, 0, name.clone()),
+            Listing::Unreadable { name, .. } => (1, 0, name.clone()),
+        });
+        Ok(out)
+    }
+
+    /// The manifest of checkpoint `name`.
+    pub fn manifest(&self, name: &str) -> Result<Manifest, CheckpointError> {
+        check_name(name)?;
+        let path = self.path_of(name).join(MANIFEST_FILE);
+        let bytes = read_bounded(&path, format::MAX_MANIFEST_BYTES as u64 + 16)?;
+        let m = Manifest::decode(&bytes, &path.display().to_string())?;
+        if m.name != name {
+            return Err(CheckpointError::Corrupt {
+                file: path.display().to_string(),
+                what: format!("it names checkpoint {:?}, in directory {name:?}", m.name),
+            });
+        }
+        Ok(m)
+    }
+
+    /// The newest committed checkpoint (largest `seq`), if any. A manifest that cannot be read is
+    /// an error: it might be the newest.
+    pub fn newest(&self) -> Result<Option<Manifest>, CheckpointError> {
+        let mut newest: Option<Manifest> = None;
+        for l in self.list()? {
+            match l {
+                Listing::Committed(m) => {
+                    if newest.as_ref().is_none_or(|n| m.seq > n.seq) {
+                        newest = Some(m);
+                    }
+                }
+                Listing::Incomplete { .. } => {}
+                Listing::Unreadable { error, .. } => return Err(error),
+            }
+        }
+        Ok(newest)
+    }
+
+    /// The `seq` the next checkpoint gets.
+    pub fn next_seq(&self) -> Result<u64, CheckpointError> {
+        let mut next = 1;
+        for l in self.list()? {
+            if let Listing::Committed(m) = l {
+                next = next.max(m.seq + 1);
+            }
+        }
+        Ok(next)
+    }
+
+    /// The chain that restores checkpoint `name`: its full root first, `name` last. Every link
+    /// must be of the same shard and shard count, and older than the one after it.
+    pub fn chain(&self, name: &str) -> Result<Vec<Manifest>, CheckpointError> {
+        let mut chain = vec![self.manifest(name)?];
+        while let Some(parent) = chain.last().and_then(|m| m.parent.clone()) {
+            if chain.len() >= MAX_CHAIN {
+                return Err(CheckpointError::Refused(format!(
+                    "checkpoint {name}'s chain is longer than {MAX_CHAIN}: compact it"
+                )));
+            }
+            let child = chain.last().expect("not empty");
+            let m = self.manifest(&parent).map_err(|e| match e {
+                CheckpointError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+                    CheckpointError::Refused(format!(
+                        "checkpoint {} is incremental on {parent}, which is missing or \
+                         incomplete in {}",
+                        child.name,
+                        self.root.display()
+                    ))
+                }
+                e => e,
+            })?;
+            if (m.shard, m.shards) != (child.shard, child.shards) || m.seq >= child.seq {
+                return Err(CheckpointError::Refused(format!(
+                    "checkpoint {} (shard {} of {}, seq {}) cannot build on {} (shard {} of {}, \
+                     seq {})",
+                    child.name,
+                    child.shard,
+                    child.shards,
+                    child.seq,
+                    m.name,
+                    m.shard,
+                    m.shards,
+                    m.seq
+                )));
+            }
+            chain.push(m);
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// The files that restore table `table` from `chain`: from its newest full file on, oldest
+    /// first. Empty when no checkpoint of the chain holds the table.
+    pub fn files_of(&self, chain: &[Manifest], table: &str) -> Vec<(PathBuf, ManifestTable)> {
+        let mut files = Vec::new();
+        for m in chain {
+            if let Some(t) = m.tables.iter().find(|t| t.name == table) {
+                if t.kind == Kind::Full {
+                    files.clear();
+                }
+                files.push((self.path_of(&m.name).join(&t.file), t.clone()));
+            }
+        }
+        files
+    }
+
+    /// Reads every record of one table of `chain`, oldest file first, checking each file against
+    /// its manifest entry and its header against `expect` (shard, shard count, and the spec of
+    /// the first file). Returns the spec.
+    pub fn read_table(
+        &self,
+        chain: &[Manifest],
+        table: &str,
+        (shard, shards): (u32, u32),
+        mut each: impl FnMut(&FileHeader, RecordView<'_>) -> Result<(), CheckpointError>,
+    ) -> Result<hetkv_transport::TableSpec, CheckpointError> {
+        let files = self.files_of(chain, table);
+        if files.first().is_none_or(|(_, t)| t.kind != Kind::Full) {
+            return Err(CheckpointError::Refused(format!(
+                "no full file of table {table} in the chain of {}",
+                chain.last().map_or("", |m| m.name.as_str())
+            )));
+        }
+        let mut spec: Option<hetkv_transport::TableSpec> = None;
+        for (path, entry) in files {
+            let label = path.display().to_string();
+            let file = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+            let mut r = TableFileReader::open(BufReader::with_capacity(1 << 20, file), &label)?;
+            let h = r.header().clone();
+            let refuse = |what: String| CheckpointError::Corrupt {
+                file: label.clone(),
+                what,
+            };
+            if h.spec.name != table || h.kind != entry.kind {
+                return Err(refuse(format!(
+                    "it holds a {} file of table {}; the manifest lists a {} file of {table}",
+                    h.kind.name(),
+                    h.spec.name,
+                    entry.kind.name()
+                )));
+            }
+            if (h.shard, h.shards) != (shard, shards) {
+                return Err(CheckpointError::Refused(format!(
+                    "{label} is of shard {} of {}; this is shard {shard} of {shards} \
+                     (restoring onto another shard count is not supported: start {} daemons)",
+                    h.shard, h.shards, h.shards
+                )));
+            }
+            if let Some(s) = &spec {
+                if s != &h.spec {
+                    return Err(refuse(format!(
+                        "table {table} is {:?} here and {s:?} earlier in the chain",
+                        h.spec
+                    )));
+                }
+            }
+            while let Some(rec) = r.next_record()? {
+                each(&h, rec)?;
+            }
+            let s = r.summary().expect("read to the trailer");
+            if (s.rows, s.bytes, s.crc32c) != (entry.rows, entry.bytes, entry.crc32c) {
+                return Err(refuse(format!(
+                    "{} rows, {} bytes, CRC32C {:08x}; its manifest says {} rows, {} bytes, \
+                     {:08x}",
+                    s.rows, s.bytes, s.crc32c, entry.rows, entry.bytes, entry.crc32c
+                )));
+            }
+            spec.get_or_insert(h.spec);
+        }
+        Ok(spec.expect("at least the full file"))
+    }
+
+    /// Reads the whole chain of `name`, every file and block, without restoring anything;
+    /// returns the chain and the rows read per table of its newest checkpoint.
+    pub fn verify(&self, name: &str) -> Result<(Vec<Manifest>, Vec<u64>), CheckpointError> {
+        let chain = self.chain(name)?;
+        let last = chain.last().expect("a chain has its checkpoint");
+        let mut rows = Vec::new();
+        for t in &last.tables {
+            let mut n = 0;
+            self.read_table(&chain, &t.name, (last.shard, last.shards), |_, _| {
+                n += 1;
+                Ok(())
+            })?;
+            rows.push(n);
+        }
+        Ok((chain, rows))
+    }
+
+    /// Starts writing checkpoint `name`: refused if it exists; a directory of that name without a
+    /// manifest (a crash's leftover) is cleared first.
+    pub fn begin(&self, name: &str) -> Result<PendingCheckpoint, CheckpointError> {
+        check_name(name)?;
+        make_private_dir(&self.root)?;
+        let dir = self.path_of(name);
+        if dir.join(MANIFEST_FILE).exists() {
+            return Err(CheckpointError::Refused(format!(
+                "checkpoint {name} exists in {}; a committed checkpoint is never overwritten",
+                self.root.display()
+            )));
+        }
+        if dir.exists() {
+            tracing::info!(dir = %dir.display(), "clearing an incomplete checkpoint");
+            std::fs::remove_dir_all(&dir).map_err(|e| CheckpointError::io(&dir, e))?;
+        }
+        make_private_dir(&dir)?;
+        fsync_dir(&self.root)?;
+        Ok(PendingCheckpoint {
+            dir,
+            name: name.to_string(),
+            tables: Vec::new(),
+            committed: false,
+        })
+    }
+
+    /// Writes the state `name`'s chain restores as one full checkpoint `out` (offline: the caller
+    /// holds the data directory's lock). Each row comes from the newest file holding it; the
+    /// files are equal byte for byte to those a full checkpoint of that state, taken while no
+    /// push ran, would have (both clocks are the sum of the versions).
+    pub fn compact(&self, name: &str, out: &str) -> Result<Manifest, CheckpointError> {
+        let chain = self.chain(name)?;
+        let last = chain.last().expect("a chain has its checkpoint").clone();
+        let identity = (last.shard, last.shards);
+        let mut pending = self.begin(out)?;
+        for (index, t) in last.tables.iter().enumerate() {
+            // First pass: verify every file of the table's chain and find the restored clock.
+            let mut versions: Vec<u64> = Vec::new();
+            let mut header: Option<FileHeader> = None;
+            self.read_table(&chain, &t.name, identity, |h, rec| {
+                if header.is_none() {
+                    versions = vec![0; h.local_rows as usize];
+                    header = Some(h.clone());
+                }
+                versions[rec.index() as usize] = rec.version();
+                Ok(())
+            })?;
+            let mut header = header.expect("a table's chain starts with a full file");
+            let clock: u64 = versions.iter().sum();
+            drop(versions);
+            header.kind = Kind::Full;
+            header.clock_start = clock;
+            // Second pass: merge the files' sorted streams into the new one.
+            let mut merge = Merge::open(self.files_of(&chain, &t.name))?;
+            let mut w = pending.table_writer(index, &header)?;
+            let path = pending.dir.clone();
+            while let Some(rec) = merge.next_merged()? {
+                let i = u64::from_le_bytes(rec[0..8].try_into().expect("8 bytes"));
+                w.next_record(i)
+                    .map_err(|e| CheckpointError::io(&path, e))?
+                    .copy_from_slice(&rec);
+            }
+            pending.finish_table(&t.name, Kind::Full, w, clock)?;
+        }
+        pending.commit(self.next_seq()?, None, identity)
+    }
+}
+
+/// The sorted record streams of a table's files, merged: each index once, from the newest file
+/// holding it.
+struct Merge {
+    streams: Vec<TableFileReader<BufReader<File>>>,
+    heads: Vec<Option<Vec<u8>>>,
+}
+
+impl Merge {
+    fn open(files: Vec<(PathBuf, ManifestTable)>) -> Result<Self, CheckpointError> {
+        let mut streams = Vec::with_capacity(files.len());
+        for (path, _) in &files {
+            let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+            streams.push(TableFileReader::open(
+                BufReader::with_capacity(1 << 20, file),
+                path.display().to_string(),
+            )?);
+        }
+        let heads = streams
+            .iter_mut()
+            .map(|s| s.next_record().map(|r| r.map(|r| r.bytes().to_vec())))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { streams, heads })
+    }
+
+    fn next_merged(&mut self) -> Result<Option<Vec<u8>>, CheckpointError> {
+        let index = |b: &Vec<u8>| u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+        let Some(min) = self.heads.iter().flatten().map(index).min() else {
+            return Ok(None);
+        };
+        let mut chosen = None;
+        // Oldest first, so the newest stream holding `min` is the one kept.
+        for (s, head) in self.heads.iter_mut().enumerate() {
+            if head.as_ref().is_some_and(|b| index(b) == min) {
+                chosen = head.take();
+                *head = self.streams[s].next_record()?.map(|r| r.bytes().to_vec());
+            }
+        }
+        Ok(chosen)
+    }
+}
+
+/// A checkpoint being written; removed unless committed.
+#[derive(Debug)]
+pub struct PendingCheckpoint {
+    dir: PathBuf,
+    name: String,
+    tables: Vec<ManifestTable>,
+    committed: bool,
+}
+
+/// A table file being written.
+pub type TableWriter = TableFileWriter<BufWriter<File>>;
+
+impl PendingCheckpoint {
+    /// The checkpoint's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A writer for the file of the table with index `index`, with its header written.
+    pub fn table_writer(
+        &self,
+        index: usize,
+        header: &FileHeader,
+    ) -> Result<TableWriter, CheckpointError> {
+        let path = self.tmp_path(index);
+        let file = create_private(&path)?;
+        TableFileWriter::new(BufWriter::with_capacity(1 << 20, file), header)
+            .map_err(|e| CheckpointError::io(&path, e))
+    }
+
+    fn tmp_path(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("{}.tmp", table_file_name(index)))
+    }
+
+    /// Ends the table's file (the next in creation order): trailer, fsync, rename.
+    pub fn finish_table(
+        &mut self,
+        table: &str,
+        kind: Kind,
+        writer: TableWriter,
+        clock_end: u64,
+    ) -> Result<FileSummary, CheckpointError> {
+        let index = self.tables.len();
+        let tmp = self.tmp_path(index);
+        let io = |e| CheckpointError::io(&tmp, e);
+        let (out, summary) = writer.finish(clock_end).map_err(io)?;
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        drop(file);
+        let name = table_file_name(index);
+        std::fs::rename(&tmp, self.dir.join(&name)).map_err(io)?;
+        self.tables.push(ManifestTable {
+            name: table.to_string(),
+            file: name,
+            kind,
+            rows: summary.rows,
+            bytes: summary.bytes,
+            crc32c: summary.crc32c,
+        });
+        Ok(summary)
+    }
+
+    /// Writes the manifest: the checkpoint exists once this returns.
+    pub fn commit(
+        mut self,
+        seq: u64,
+        parent: Option<String>,
+        (shard, shards): (u32, u32),
+    ) -> Result<Manifest, CheckpointError> {
+        fsync_dir(&self.dir)?;
+        let manifest = Manifest {
+            name: self.name.clone(),
+            seq,
+            kind: if parent.is_some() {
+                Kind::Incremental
+            } else {
+                Kind::Full
+            },
+            parent,
+            shard,
+            shards,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            tables: std::mem::take(&mut self.tables),
+        };
+        let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let io = |e| CheckpointError::io(&tmp, e);
+        {
+            use std::io::Write;
+            let mut f = create_private(&tmp)?;
+            f.write_all(&manifest.encode()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, self.dir.join(MANIFEST_FILE)).map_err(io)?;
+        self.committed = true;
+        fsync_dir(&self.dir)?;
+        Ok(manifest)
+    }
+}
+
+impl Drop for PendingCheckpoint {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove a failed checkpoint");
+            }
+        }
+    }
+}
+
+fn make_private_dir(path: &Path) -> Result<(), CheckpointError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| CheckpointError::io(path, e))
+}
+
+fn create_private(path: &Path) -> Result<File, CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(crate::placement::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| CheckpointError::io(path, e))
+}
+
+/// fsyncs a directory, so that the names made or renamed in it are durable.
+pub fn fsync_dir(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CheckpointError::io(path, e))
+}
+
+/// Reads a whole file of at most `max` bytes (larger is refused before reading).
+fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, CheckpointError> {
+    use std::io::Read;
+    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| CheckpointError::io(path, e))?
+        .len();
+    if len > max {
+        return Err(CheckpointError::Corrupt {
+            file: path.display().to_string(),
+            what: format!("{len} bytes, above the {max} a manifest may have"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    Ok(bytes)
+}

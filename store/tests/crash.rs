@@ -1,0 +1,234 @@
+//! Real kills: a daemon on a data directory takes pushes and checkpoints and is SIGKILLed at
+//! random moments, twenty times, most of them while a checkpoint is being written. After every
+//! restart the state it serves is exactly one complete checkpoint (values, versions and optimizer
+//! state): the last one acknowledged to the client, or a later one that committed before the
+//! kill, never a mix.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_store::checkpoint::CheckpointDir;
+use hetkv_transport::{Initializer, OptimizerSpec, ShardTransport, TableSpec};
+
+struct Daemon {
+    child: Child,
+    addr: String,
+    restored: Option<String>,
+}
+
+fn start(data_dir: &Path) -> Daemon {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hetkv serve");
+    let (tx, log) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let mut d = Daemon {
+        child,
+        addr: String::new(),
+        restored: None,
+    };
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the daemon logs 'listening'");
+        if line.contains("restored") && line.contains("checkpoint=") {
+            let at = line.find("checkpoint=").unwrap() + 11;
+            d.restored = Some(line[at..].split_whitespace().next().unwrap().to_string());
+        }
+        if line.contains("listening") {
+            let at = line.find("addr=").expect("addr field") + 5;
+            d.addr = line[at..].split_whitespace().next().unwrap().to_string();
+            return d;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn table(name: &str, optimizer: OptimizerSpec) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        rows: 20_000,
+        dim: 8,
+        init: Initializer::Zeros,
+        optimizer,
+    }
+}
+
+/// The records (bytes) the chain of checkpoint `name` restores, per table, in index order.
+fn records(dir: &CheckpointDir, name: &str) -> Vec<Vec<Vec<u8>>> {
+    let chain = dir.chain(name).unwrap();
+    let last = chain.last().unwrap().clone();
+    last.tables
+        .iter()
+        .map(|t| {
+            let mut rows: Vec<Vec<u8>> = Vec::new();
+            dir.read_table(&chain, &t.name, (0, 1), |h, rec| {
+                if rows.is_empty() {
+                    rows = vec![Vec::new(); h.local_rows as usize];
+                }
+                rows[rec.index() as usize] = rec.bytes().to_vec();
+                Ok(())
+            })
+            .unwrap();
+            rows
+        })
+        .collect()
+}
+
+#[test]
+fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = CheckpointDir::at(data.path());
+    let sgd = table("sgd", OptimizerSpec::Sgd { lr: 1.0 });
+    let adam = table(
+        "adam",
+        OptimizerSpec::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+    );
+    let mut acked: Option<(String, u64)> = None;
+    let mut mid_checkpoint = 0;
+    let mut seed = 0x5eed_u64;
+    let mut rand = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    for round in 0..20 {
+        let d = start(data.path());
+        // The state served is one whole checkpoint: the last acknowledged or a later one.
+        match (&acked, &d.restored) {
+            (None, _) => {}
+            (Some((name, seq)), None) => {
+                panic!("round {round}: checkpoint {name} (seq {seq}) was acknowledged, nothing was restored")
+            }
+            (Some((name, seq)), Some(restored)) => {
+                let m = dir.manifest(restored).unwrap();
+                assert!(
+                    m.seq >= *seq,
+                    "round {round}: restored {restored} (seq {}), older than the acknowledged {name} (seq {seq})",
+                    m.seq
+                );
+            }
+        }
+        let config = ClientConfig {
+            io_timeout: Some(Duration::from_secs(30)),
+            ..ClientConfig::default()
+        };
+        let client = Arc::new(TcpShardClient::connect(&d.addr, config).unwrap());
+        client.create_table(&sgd).unwrap();
+        client.create_table(&adam).unwrap();
+        if let Some(restored) = &d.restored {
+            // What it serves, optimizer state included, written out again and compared.
+            let check = format!("check-{round}");
+            client.checkpoint(&check, false).unwrap();
+            assert_eq!(
+                records(&dir, &check),
+                records(&dir, restored),
+                "round {round}: the restored state is checkpoint {restored}, bit for bit"
+            );
+            // Each record is of one moment: SGD (lr 1, gradient -1) values equal versions, and
+            // Adam's steps equal versions (every push has count 1).
+            for (t, rows) in ["sgd", "adam"].iter().zip(records(&dir, &check)) {
+                for r in rows {
+                    let version = u64::from_le_bytes(r[8..16].try_into().unwrap());
+                    if *t == "sgd" {
+                        let x = f32::from_le_bytes(r[16..20].try_into().unwrap());
+                        assert_eq!(x, version as f32);
+                    } else {
+                        let step = u64::from_le_bytes(r[r.len() - 8..].try_into().unwrap());
+                        assert_eq!(step, version);
+                    }
+                }
+            }
+            acked = Some((check.clone(), dir.manifest(&check).unwrap().seq));
+        }
+        // Pushes and checkpoints, until the kill.
+        let stop = Arc::new(AtomicBool::new(false));
+        let in_checkpoint = Arc::new(AtomicBool::new(false));
+        let last_acked = Arc::new(Mutex::new(acked.clone()));
+        let pushes = Arc::new(AtomicU64::new(0));
+        let pusher = {
+            let (client, stop, pushes) = (client.clone(), stop.clone(), pushes.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let keys: Vec<u64> = (0..64).map(|j| (n * 64 + j * 313) % 20_000).collect();
+                    let counts = vec![1u32; keys.len()];
+                    let ok = client
+                        .push("sgd", &keys, &counts, &vec![-1.0; keys.len() * 8])
+                        .and_then(|_| {
+                            client.push("adam", &keys, &counts, &vec![0.5; keys.len() * 8])
+                        });
+                    if ok.is_err() {
+                        break;
+                    }
+                    pushes.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+            })
+        };
+        let checkpointer = {
+            let (client, stop, in_checkpoint, last_acked) = (
+                client.clone(),
+                stop.clone(),
+                in_checkpoint.clone(),
+                last_acked.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut k = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let name = format!("r{round}-{k}");
+                    in_checkpoint.store(true, Ordering::SeqCst);
+                    let r = client.checkpoint(&name, k % 3 != 0);
+                    in_checkpoint.store(false, Ordering::SeqCst);
+                    match r {
+                        Ok(done) => *last_acked.lock().unwrap() = Some((name, done.seq)),
+                        Err(_) => break,
+                    }
+                    k += 1;
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50 + rand() % 400));
+        let during = in_checkpoint.load(Ordering::SeqCst);
+        let mut d = d;
+        d.child.kill().unwrap();
+        d.child.wait().unwrap();
+        mid_checkpoint += during as usize;
+        stop.store(true, Ordering::Relaxed);
+        pusher.join().unwrap();
+        checkpointer.join().unwrap();
+        acked = last_acked.lock().unwrap().clone();
+        assert!(pushes.load(Ordering::Relaxed) > 0, "round {round} pushed");
+    }
+    assert!(
+        mid_checkpoint >= 5,
+        "only {mid_checkpoint} of 20 kills landed while a checkpoint was being written"
+    );
+}
