@@ -36,11 +36,11 @@ enum Command {
     /// Write a checkpoint on every shard of a running cluster (`--cluster ... --name NAME`), or
     /// list, verify or compact the checkpoints of a data directory.
     Checkpoint(CheckpointArgs),
-    /// Write a table of a running cluster to a safetensors file: `embeddings` [rows, dim] f32 in
-    /// global key order, `versions` [rows] u64 (and `keys` [rows] u64 with --keys).
+    /// Write a table of a running cluster to a safetensors file: `embeddings` (f32, rows x dim) in
+    /// global key order, `versions` (u64, one per row), and `keys` (u64) with --keys.
     Export(ExportArgs),
-    /// Set a table's rows from a safetensors file (`embeddings` [n, dim] f32, and `keys` [n] u64
-    /// if present, else keys 0..n): a warm start from pretrained embeddings.
+    /// Set a table's rows from a safetensors file (`embeddings`, f32, n x dim; and `keys`, u64, n,
+    /// if present, else keys 0 to n-1): a warm start from pretrained embeddings.
     Import(ImportArgs),
 }
 
