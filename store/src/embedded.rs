@@ -35,7 +35,8 @@ impl EmbeddedCluster {
         })
     }
 
-    /// Starts `shards` shards with the given server settings and per-shard configuration.
+    /// Starts `shards` shards with the given server settings and per-shard configuration. A shard
+    /// with a data directory first restores its newest checkpoint there, as `hetkv serve` does.
     pub fn start_with(
         shards: u32,
         server: ServerConfig,
@@ -52,7 +53,12 @@ impl EmbeddedCluster {
         let mut all = Vec::new();
         let mut servers = Vec::new();
         for i in 0..shards {
-            let shard = Arc::new(Shard::new(shard_config(i))?);
+            let config = shard_config(i);
+            let restore = config.data_dir.is_some();
+            let shard = Arc::new(Shard::new(config)?);
+            if restore {
+                shard.restore(None)?;
+            }
             let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
             let server = runtime
                 .block_on(TcpServer::bind(loopback, shard.clone(), server.clone()))

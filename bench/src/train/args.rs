@@ -70,10 +70,56 @@ pub struct TrainArgs {
     /// The AUC whose first crossing during training is reported as the time to accuracy.
     #[arg(long)]
     pub target_auc: Option<f64>,
+    /// The server-side optimizer of every table of the model (with `--lr`).
+    #[arg(long, value_enum, default_value = "sgd")]
+    pub optimizer: TrainOptimizer,
+    /// Take a checkpoint of the cluster every this many seconds: every worker flushes at its
+    /// next batch boundary and waits, each daemon writes one into its data directory
+    /// (`--servers` started with `--data-dir`), then the workers go on.
+    #[arg(long)]
+    pub checkpoint_every: Option<f64>,
+    /// Names of those checkpoints: PREFIX-1, PREFIX-2, ...
+    #[arg(long, default_value = "train")]
+    pub checkpoint_prefix: String,
+    /// Make every checkpoint after the first incremental.
+    #[arg(long)]
+    pub incremental_checkpoints: bool,
+    /// End the run after this many checkpoints (the workers stop at the barrier).
+    #[arg(long)]
+    pub stop_after_checkpoints: Option<usize>,
+    /// Skip this many of each worker's batches (comma-separated, one per worker): resume a run
+    /// from a checkpoint its report lists, after restarting the daemons from it.
+    #[arg(long, value_delimiter = ',')]
+    pub resume_batches: Vec<usize>,
     /// Write the report here as JSON.
     #[arg(long)]
     #[serde(skip)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// The server-side optimizer of a training run's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOptimizer {
+    /// SGD with `--lr`.
+    Sgd,
+    /// Lazy Adam with `--lr`, betas 0.9 and 0.999, eps 1e-8.
+    Adam,
+}
+
+impl TrainOptimizer {
+    /// The spec at learning rate `lr`.
+    pub fn spec(self, lr: f32) -> OptimizerSpec {
+        match self {
+            Self::Sgd => OptimizerSpec::Sgd { lr },
+            Self::Adam => OptimizerSpec::Adam {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        }
+    }
 }
 
 impl TrainArgs {
@@ -99,8 +145,19 @@ impl TrainArgs {
             eval_every: None,
             eval_samples: 20_000,
             target_auc: None,
+            optimizer: TrainOptimizer::Sgd,
+            checkpoint_every: None,
+            checkpoint_prefix: "train".into(),
+            incremental_checkpoints: false,
+            stop_after_checkpoints: None,
+            resume_batches: Vec::new(),
             json: None,
         }
+    }
+
+    /// Batches worker `w` skips (`--resume-batches`).
+    pub(super) fn resume_of(&self, w: usize) -> usize {
+        self.resume_batches.get(w).copied().unwrap_or(0)
     }
 
     pub(super) fn cache_config(&self) -> CacheConfig {

@@ -3,27 +3,55 @@
 
 use super::*;
 
+/// Worker `w`'s batches, after those `--resume-batches` skips.
+fn remaining(args: &TrainArgs, w: usize) -> Vec<usize> {
+    let all = args.batches_of(w);
+    all[args.resume_of(w).min(all.len())..].to_vec()
+}
+
 pub(super) fn run_threads(
     args: &TrainArgs,
     data: &Data,
     probe: &mut Probe<'_>,
+    checkpoints: &mut Checkpoints<'_>,
 ) -> Result<(Vec<WorkerResult>, f64)> {
-    let batches = args.train.div_ceil(args.batch) * args.epochs;
+    let batches: usize = (0..args.workers).map(|w| remaining(args, w).len()).sum();
     let bar = crate::progress::bar(batches as u64, "training batches");
     let start = Instant::now();
+    checkpoints.started(start);
     let say = |line: String| bar.println(line);
+    let gate = ThreadGate::new(args.workers);
     let results = std::thread::scope(|s| -> Result<Vec<WorkerResult>> {
         let handles: Vec<_> = (0..args.workers)
             .map(|w| {
-                let bar = &bar;
+                let (bar, gate) = (&bar, &gate);
                 s.spawn(move || -> Result<WorkerResult> {
-                    let mut tables = WorkerTables::connect(args)?;
-                    worker(args, &args.batches_of(w), data, &mut tables, bar)?;
-                    tables.finish()
+                    let mut done = 0;
+                    let result = (|| {
+                        let mut tables = WorkerTables::connect(args)?;
+                        let (batches, samples) = worker(
+                            args,
+                            &remaining(args, w),
+                            data,
+                            &mut tables,
+                            bar,
+                            &gate.worker(w),
+                        )?;
+                        done = batches;
+                        tables.finish(batches, samples)
+                    })();
+                    // Quiet from here on, whether it finished or failed.
+                    gate.finished(w, done);
+                    result
                 })
             })
             .collect();
         evaluate_while(args, start, probe, &say, &mut || {
+            if checkpoints.due() {
+                let since = Instant::now();
+                let stop = checkpoints.ends_after_this();
+                gate.quiesce(stop, |done| checkpoints.take(done, since))?;
+            }
             Ok(handles.iter().all(|h| h.is_finished()))
         })?;
         handles
@@ -41,6 +69,7 @@ pub(super) fn run_threads(
 pub(super) fn run_processes(
     args: &TrainArgs,
     probe: &mut Probe<'_>,
+    checkpoints: &mut Checkpoints<'_>,
 ) -> Result<(Vec<WorkerResult>, f64)> {
     let exe = std::env::current_exe().context("finding this program to start workers")?;
     let settings = serde_json::to_string(args)?;
@@ -75,11 +104,15 @@ pub(super) fn run_processes(
         );
     }
     let start = Instant::now();
+    checkpoints.started(start);
     for c in &mut children {
         c.send("go")?;
     }
     let say = |line: String| eprintln!("{line}");
     evaluate_while(args, start, probe, &say, &mut || {
+        if checkpoints.due() {
+            checkpoint_processes(&mut children, checkpoints)?;
+        }
         let mut all = true;
         for c in &mut children {
             all &= c.exited()?;
@@ -89,13 +122,60 @@ pub(super) fn run_processes(
     let secs = start.elapsed().as_secs_f64();
     let results = children
         .iter_mut()
-        .map(|c| {
-            let line = c.read_line()?;
-            serde_json::from_str(&line)
-                .with_context(|| format!("worker {}'s result {line:?}", c.index))
+        .map(|c| match c.result.take() {
+            Some(r) => Ok(r),
+            None => c.read_result(),
         })
         .collect::<Result<_>>()?;
     Ok((results, secs))
+}
+
+/// The barrier over worker processes: `pause` to each, `paused N` (or its final result) from
+/// each, the checkpoint, then `resume` (or `stop`) to those that paused.
+fn checkpoint_processes(
+    children: &mut [WorkerProcess],
+    checkpoints: &mut Checkpoints<'_>,
+) -> Result<()> {
+    let since = Instant::now();
+    for c in children.iter_mut().filter(|c| c.result.is_none()) {
+        // One that has just exited cannot take it; its result is read below.
+        let _ = c.send("pause");
+    }
+    let mut done = vec![0; children.len()];
+    let mut paused = vec![false; children.len()];
+    for (i, c) in children.iter_mut().enumerate() {
+        if c.result.is_none() {
+            let line = c.read_line()?;
+            match line.trim().strip_prefix("paused ") {
+                Some(n) => {
+                    done[i] = n
+                        .parse()
+                        .with_context(|| format!("worker {i} said {line:?}"))?;
+                    paused[i] = true;
+                }
+                None => {
+                    c.result = Some(
+                        serde_json::from_str(&line)
+                            .with_context(|| format!("worker {i}'s result {line:?}"))?,
+                    )
+                }
+            }
+        }
+        if let Some(r) = &c.result {
+            done[i] = r.batches;
+        }
+    }
+    let stop = checkpoints.ends_after_this();
+    let taken = checkpoints.take(&done, since);
+    let word = if stop || taken.is_err() {
+        "stop"
+    } else {
+        "resume"
+    };
+    for (c, _) in children.iter_mut().zip(&paused).filter(|(_, &p)| p) {
+        c.send(word)?;
+    }
+    taken
 }
 
 /// A worker process and the pipes to it.
@@ -104,6 +184,8 @@ pub(super) struct WorkerProcess {
     child: Child,
     stdout: BufReader<std::process::ChildStdout>,
     status: Option<std::process::ExitStatus>,
+    /// Its result, when read during a checkpoint barrier.
+    result: Option<WorkerResult>,
 }
 
 impl WorkerProcess {
@@ -114,7 +196,14 @@ impl WorkerProcess {
             child,
             stdout,
             status: None,
+            result: None,
         }
+    }
+
+    fn read_result(&mut self) -> Result<WorkerResult> {
+        let line = self.read_line()?;
+        serde_json::from_str(&line)
+            .with_context(|| format!("worker {}'s result {line:?}", self.index))
     }
 
     fn read_line(&mut self) -> Result<String> {

@@ -29,11 +29,13 @@
 mod args;
 mod coordinator;
 mod eval;
+mod gate;
 mod model;
 mod worker;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -49,12 +51,14 @@ use crate::cache_bench::Unique;
 use crate::criteo::{CriteoSynth, Sample, CATEGORICAL, DENSE};
 use crate::metrics::{auc, logloss};
 
-pub use args::TrainArgs;
+pub use args::{TrainArgs, TrainOptimizer};
+pub use gate::CheckpointRecord;
 pub use model::*;
 pub use worker::{worker_process, WorkerArgs};
 
 use coordinator::*;
 use eval::*;
+use gate::*;
 use worker::*;
 
 /// One evaluation during training.
@@ -97,6 +101,10 @@ pub struct TrainReport {
     pub timeline: Vec<EvalPoint>,
     /// Seconds until an evaluation first reached `--target-auc` (absent when none did).
     pub time_to_target: Option<f64>,
+    /// Checkpoints taken during the run (`--checkpoint-every`).
+    pub checkpoints: Vec<CheckpointRecord>,
+    /// Batches each worker trained in this run (after the ones `--resume-batches` skipped).
+    pub batches_trained: Vec<usize>,
 }
 
 /// What one worker hands back: its cache's counters and its dense-layer bytes. A worker process
@@ -105,15 +113,18 @@ pub struct TrainReport {
 pub(super) struct WorkerResult {
     cache: CacheStats,
     dense_bytes: u64,
+    /// Batches and samples trained in this run.
+    batches: usize,
+    samples: usize,
 }
 
-pub(super) fn tables(rows: u64, lr: f32) -> [TableSpec; 4] {
+pub(super) fn tables(rows: u64, optimizer: OptimizerSpec) -> [TableSpec; 4] {
     let spec = |name: &str, rows: u64, dim: usize, init| TableSpec {
         name: name.into(),
         rows,
         dim: dim as u32,
         init,
-        optimizer: OptimizerSpec::Sgd { lr },
+        optimizer,
     };
     [
         spec(
@@ -203,7 +214,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     }
     let admin = Cluster::connect_tcp(&settings.servers, &ClientConfig::default())
         .with_context(|| format!("connecting to {}", settings.servers.join(",")))?;
-    let specs = tables(data.synth.table_rows(), args.lr);
+    let specs = tables(data.synth.table_rows(), args.optimizer.spec(args.lr));
     let handles: Vec<Table> = specs
         .iter()
         .map(|s| admin.create_table(s))
@@ -226,16 +237,20 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         timeline.push(EvalPoint { secs, auc, logloss });
         Ok(())
     };
+    let mut checkpoints = Checkpoints::new(&settings, &admin);
     let (results, train_secs) = if settings.processes || settings.spawn_prefix.is_some() {
-        run_processes(&settings, &mut probe)?
+        run_processes(&settings, &mut probe, &mut checkpoints)?
     } else {
-        run_threads(&settings, &data, &mut probe)?
+        run_threads(&settings, &data, &mut probe, &mut checkpoints)?
     };
     let mut total = CacheStats::default();
     let mut dense_bytes = 0;
+    let mut samples = 0;
+    let batches_trained = results.iter().map(|r| r.batches).collect();
     for r in results {
         total = total.plus(&r.cache);
         dense_bytes += r.dense_bytes;
+        samples += r.samples;
     }
     let (auc_model, logloss_model) =
         evaluate(args.model, [emb, dense, mlp, cross], &data.test, &|s| {
@@ -243,7 +258,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         })?;
     let labels: Vec<bool> = data.test.iter().map(|s| s.label).collect();
     let oracle: Vec<f64> = data.test.iter().map(|s| s.p).collect();
-    let samples = (args.train * args.epochs) as f64;
+    let samples = samples.max(1) as f64;
+    let checkpoints = std::mem::take(&mut checkpoints.records);
     let time_to_target = args
         .target_auc
         .and_then(|t| timeline.iter().find(|p| p.auc >= t).map(|p| p.secs));
@@ -260,7 +276,87 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         cache: total,
         timeline,
         time_to_target,
+        checkpoints,
+        batches_trained,
     })
+}
+
+/// The checkpoint schedule of a run and what it took.
+pub(super) struct Checkpoints<'a> {
+    every: Option<Duration>,
+    next: Option<Instant>,
+    settings: &'a TrainArgs,
+    cluster: &'a Cluster,
+    start: Option<Instant>,
+    records: Vec<CheckpointRecord>,
+}
+
+impl<'a> Checkpoints<'a> {
+    fn new(settings: &'a TrainArgs, cluster: &'a Cluster) -> Self {
+        Self {
+            every: settings.checkpoint_every.map(Duration::from_secs_f64),
+            next: None,
+            settings,
+            cluster,
+            start: None,
+            records: Vec::new(),
+        }
+    }
+
+    /// The workers started now.
+    pub(super) fn started(&mut self, at: Instant) {
+        self.start = Some(at);
+        self.next = self.every.map(|e| at + e);
+    }
+
+    /// Whether a checkpoint is due.
+    pub(super) fn due(&self) -> bool {
+        self.next.is_some_and(|n| Instant::now() >= n) && !self.ended()
+    }
+
+    /// Whether the run ends after the checkpoint being taken.
+    pub(super) fn ends_after_this(&self) -> bool {
+        self.settings
+            .stop_after_checkpoints
+            .is_some_and(|k| self.records.len() + 1 >= k)
+    }
+
+    fn ended(&self) -> bool {
+        self.settings
+            .stop_after_checkpoints
+            .is_some_and(|k| self.records.len() >= k)
+    }
+
+    /// Writes the next checkpoint on every shard (the workers are quiet), paused since `since`.
+    pub(super) fn take(&mut self, batches_done: &[usize], since: Instant) -> Result<()> {
+        let k = self.records.len() + 1;
+        let name = format!("{}-{k}", self.settings.checkpoint_prefix);
+        let incremental = self.settings.incremental_checkpoints && k > 1;
+        let done = self
+            .cluster
+            .checkpoint(&name, incremental)
+            .with_context(|| format!("checkpoint {name}"))?;
+        let start = self.start.unwrap_or(since);
+        // Counted from the start of the data, so that `--resume-batches` takes them as they are.
+        let batches_done: Vec<usize> = batches_done
+            .iter()
+            .enumerate()
+            .map(|(w, &n)| n + self.settings.resume_of(w))
+            .collect();
+        self.records.push(CheckpointRecord {
+            name: name.clone(),
+            secs: start.elapsed().as_secs_f64(),
+            batches_done: batches_done.clone(),
+            pause_ms: since.elapsed().as_secs_f64() * 1e3,
+            bytes: done.iter().map(|d| d.bytes).sum(),
+        });
+        eprintln!(
+            "checkpoint {name} committed on {} shards after batches {batches_done:?}",
+            done.len()
+        );
+        self.next = self.every.map(|e| Instant::now() + e);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -34,8 +34,16 @@ pub fn worker_process(w: &WorkerArgs) -> Result<()> {
     std::io::stdin().read_line(&mut go)?;
     anyhow::ensure!(go.trim() == "go", "expected \"go\" on stdin, got {go:?}");
     let bar = indicatif::ProgressBar::hidden();
-    worker(&args, &args.batches_of(w.index), &data, &mut tables, &bar)?;
-    let result = tables.finish()?;
+    let gate = ProcessGate::start();
+    let (batches, samples) = worker(
+        &args,
+        &args.batches_of(w.index)[args.resume_of(w.index).min(args.batches_of(w.index).len())..],
+        &data,
+        &mut tables,
+        &bar,
+        &gate,
+    )?;
+    let result = tables.finish(batches, samples)?;
     writeln!(stdout, "{}", serde_json::to_string(&result)?)?;
     stdout.flush()?;
     Ok(())
@@ -71,24 +79,35 @@ impl WorkerTables {
         })
     }
 
-    /// Flushes the embedding cache and counts what this worker did.
-    pub(super) fn finish(mut self) -> Result<WorkerResult> {
+    /// Applies every update this worker has made (the dense tables write through).
+    pub(super) fn flush(&mut self) -> Result<()> {
         self.emb.flush()?;
+        Ok(())
+    }
+
+    /// Flushes the embedding cache and counts what this worker did.
+    pub(super) fn finish(mut self, batches: usize, samples: usize) -> Result<WorkerResult> {
+        self.flush()?;
         let dense = self.dense_client.traffic();
         Ok(WorkerResult {
             cache: self.emb.stats(),
             dense_bytes: dense.sent + dense.received,
+            batches,
+            samples,
         })
     }
 }
 
+/// Trains the batches `mine`, consulting `gate` before each; returns the batches and samples
+/// trained.
 pub(super) fn worker(
     args: &TrainArgs,
     mine: &[usize],
     data: &Data,
     t: &mut WorkerTables,
     bar: &indicatif::ProgressBar,
-) -> Result<()> {
+    gate: &dyn Gate,
+) -> Result<(usize, usize)> {
     let (train, train_keys) = (&data.train, &data.train_keys);
     let deep = matches!(
         args.model,
@@ -109,9 +128,15 @@ pub(super) fn worker(
     let mut g_dense = vec![0f32; DENSE + 1];
     let mut unique = Unique::default();
     let per_sample = CATEGORICAL * ROW;
+    let (mut batches, mut samples) = (0, 0);
     for &b in mine {
+        if gate.between(batches, t)? == Step::Stop {
+            break;
+        }
         let lo = b * args.batch;
         let hi = (lo + args.batch).min(train.len());
+        batches += 1;
+        samples += hi - lo;
         keys.clear();
         for k in &train_keys[lo..hi] {
             keys.extend_from_slice(k);
@@ -162,5 +187,5 @@ pub(super) fn worker(
         }
         bar.inc(1);
     }
-    Ok(())
+    Ok((batches, samples))
 }
