@@ -916,6 +916,13 @@ mod tests {
             let err = read_all(&bytes[..cut]).unwrap_err().to_string();
             assert!(err.contains("truncated"), "cut at {cut}: {err}");
         }
+        // Blocks swapped (each intact, with its own checksum) are refused too.
+        let head = HEADER_FIXED + encode_record(&h.spec).len() + 4;
+        let block = 8 + h.shape.block_rows() as usize * h.shape.len() + 4;
+        let mut swapped = bytes.clone();
+        swapped[head..head + 2 * block].rotate_left(block);
+        let err = read_all(&swapped).unwrap_err().to_string();
+        assert!(err.contains("block 0"), "{err}");
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(read_all(&longer)

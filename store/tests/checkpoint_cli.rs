@@ -1,0 +1,203 @@
+//! The operator's view of checkpoints, through the `hetkv` binary: `checkpoint --cluster` on a
+//! running daemon, `checkpoint list|verify|compact` on its data directory, a restart that restores
+//! the newest checkpoint, and daemons that refuse to start on a damaged checkpoint or on a config
+//! table that contradicts the restored one.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_transport::{Initializer, OptimizerSpec, ShardTransport, TableSpec};
+
+struct Daemon(Child, String);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(data: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hetkv"));
+    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    c
+}
+
+fn start(data: &Path) -> (Daemon, Vec<String>) {
+    let mut child = serve(data, &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut d = Daemon(child, String::new());
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        log.push(line.clone());
+        if let Some(at) = line.find("addr=") {
+            d.1 = line[at + 5..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+            break;
+        }
+    }
+    assert!(!d.1.is_empty(), "the daemon did not start: {log:#?}");
+    std::thread::spawn(move || lines.for_each(drop));
+    (d, log)
+}
+
+fn hetkv(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn spec() -> TableSpec {
+    TableSpec {
+        name: "ads".into(),
+        rows: 5000,
+        dim: 8,
+        init: Initializer::Normal { std: 0.1, seed: 2 },
+        optimizer: OptimizerSpec::Adagrad {
+            lr: 0.1,
+            eps: 1e-8,
+            initial_accumulator: 0.1,
+        },
+    }
+}
+
+#[test]
+fn operators_checkpoint_list_verify_compact_and_restart_from_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let data_s = data.to_str().unwrap();
+    let (d, _) = start(&data);
+    let c = TcpShardClient::connect(&d.1, ClientConfig::default()).unwrap();
+    c.create_table(&spec()).unwrap(); // created over RPC: part of what a checkpoint keeps
+    c.push("ads", &[1, 2, 3], &[1, 2, 3], &[0.5; 24]).unwrap();
+    let out = ok(hetkv(&["checkpoint", "--cluster", &d.1, "--name", "a"]));
+    assert!(out.contains("checkpoint a (seq 1) committed"), "{out}");
+    c.push("ads", &[3, 4], &[1, 1], &[0.25; 16]).unwrap();
+    let out = ok(hetkv(&[
+        "checkpoint",
+        "--cluster",
+        &d.1,
+        "--name",
+        "b",
+        "--incremental",
+    ]));
+    assert!(out.contains("incremental on a"), "{out}");
+    // A name taken is refused, with a non-zero exit.
+    let again = hetkv(&["checkpoint", "--cluster", &d.1, "--name", "b"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+    let (mut v, mut rows) = (Vec::new(), Vec::new());
+    c.pull("ads", &[1, 2, 3, 4, 5], &mut v, &mut rows).unwrap();
+    let at_b = (v.clone(), rows.clone());
+    drop(c);
+    drop(d); // SIGKILL
+
+    let list = ok(hetkv(&["checkpoint", "list", "--data-dir", data_s]));
+    assert!(list.contains("a ") && list.contains("on a"), "{list}");
+    ok(hetkv(&[
+        "checkpoint",
+        "verify",
+        "--data-dir",
+        data_s,
+        "--name",
+        "b",
+    ]));
+
+    // Restarted: the newest checkpoint (b) comes back, and the same table from a config is fine.
+    let (d, log) = start(&data);
+    assert!(
+        log.iter()
+            .any(|l| l.contains("restored") && l.contains("checkpoint=b")),
+        "{log:#?}"
+    );
+    let c = TcpShardClient::connect(&d.1, ClientConfig::default()).unwrap();
+    assert!(!c.create_table(&spec()).unwrap().created);
+    c.pull("ads", &[1, 2, 3, 4, 5], &mut v, &mut rows).unwrap();
+    assert_eq!((v.clone(), rows.clone()), at_b);
+    drop(c);
+    drop(d);
+
+    // Compacted into a full checkpoint (the data dir must be free of daemons).
+    let out = ok(hetkv(&[
+        "checkpoint",
+        "compact",
+        "--data-dir",
+        data_s,
+        "--name",
+        "b",
+        "--out",
+        "b-full",
+    ]));
+    assert!(out.contains("b-full"), "{out}");
+
+    // A flipped byte in the newest checkpoint: verify names it, and the daemon does not start.
+    let file = data.join("checkpoints/b-full/t00000.hkc");
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 1;
+    std::fs::write(&file, &bad).unwrap();
+    let v = hetkv(&["checkpoint", "verify", "--data-dir", data_s]);
+    assert!(!v.status.success());
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert!(err.contains("t00000.hkc") && err.contains("block"), "{err}");
+    let refused = serve(&data, &[]).output().unwrap();
+    assert!(
+        !refused.status.success(),
+        "a daemon started on a damaged checkpoint"
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("t00000.hkc") && err.contains("does not start"),
+        "{err}"
+    );
+    // The operator picks the older one explicitly.
+    let restored = serve(&data, &["--restore", "b"])
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = Daemon(restored.unwrap(), String::new());
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    assert!(lines.by_ref().any(|l| l.contains("listening")));
+    drop(child);
+    std::fs::write(&file, &good).unwrap();
+
+    // A config whose table contradicts the restored one stops the daemon.
+    let config = dir.path().join("conflict.toml");
+    std::fs::write(
+        &config,
+        "[[tables]]\nname = \"ads\"\nrows = 5000\ndim = 16\ninit = \"zeros\"\noptimizer = { sgd = { lr = 0.1 } }\n",
+    )
+    .unwrap();
+    let out = serve(&data, &["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("conflicting table"), "{err}");
+    // Another shard count is refused too.
+    let out = serve(&data, &["--shards", "2"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shard 0 of 1"));
+}
