@@ -52,6 +52,10 @@ pub struct CheckpointArgs {
     /// measurement.
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
     pub criteo_batches: Vec<usize>,
+    /// Cardinality scale of the Criteo-like table for the incremental sizes (1.0: the Kaggle
+    /// cardinalities, 33.8M rows).
+    #[arg(long, default_value_t = 0.05)]
+    pub criteo_scale: f64,
     /// Write the report here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -78,6 +82,8 @@ pub struct CheckpointReport {
     pub push_ratio: f64,
     /// Seconds to restore the newest full checkpoint, per GiB of checkpoint.
     pub restore_s_per_gib: f64,
+    /// Rows of the Criteo-like table.
+    pub criteo_rows: u64,
     /// (batches, incremental bytes, full bytes, fraction) on the Criteo-like stream.
     pub incremental: Vec<(usize, u64, u64, f64)>,
 }
@@ -221,9 +227,10 @@ pub fn run(args: &CheckpointArgs) -> Result<CheckpointReport> {
 
     // Incremental size on the Criteo-like stream (a table of its rows).
     let mut incremental = Vec::new();
+    let criteo_rows = CriteoSynth::new(args.criteo_scale, 5)?.table_rows();
     for &batches in &args.criteo_batches {
         let dir = root.path().join(format!("criteo-{batches}"));
-        let mut synth = CriteoSynth::new(1.0, 5)?;
+        let mut synth = CriteoSynth::new(args.criteo_scale, 5)?;
         let s = shard(&dir)?;
         let (t, _) = s.create(TableSpec {
             rows: synth.table_rows(),
@@ -263,6 +270,7 @@ pub fn run(args: &CheckpointArgs) -> Result<CheckpointReport> {
         checkpoints_during: n,
         push_ratio: during / alone,
         restore_s_per_gib,
+        criteo_rows,
         incremental,
     })
 }

@@ -177,10 +177,9 @@ struct ServeArgs {
     #[arg(long, default_value_t = 1)]
     shards: u32,
     /// The shard's data directory: `checkpoints/` (what `hetkv checkpoint` writes, and what
-    /// this daemon restores at start: the newest committed checkpoint, or --restore's), `live/`
-    /// (the file-backed regions of the running tables: scratch, rewritten at every start and
-    /// never read back as state) and `hetkv.lock`. Without it tables live in anonymous memory
-    /// and cannot be checkpointed.
+    /// this daemon restores at start: the newest committed checkpoint, or --restore's) and
+    /// `hetkv.lock`. The running tables live in memory, never in files here. Without it nothing
+    /// can be checkpointed.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Restore this checkpoint instead of the newest (needs --data-dir). A checkpoint that is
@@ -190,8 +189,8 @@ struct ServeArgs {
     restore: Option<String>,
     /// Expose the tables to clients on this host through shared memory: regions and clock words
     /// become files in a directory of this daemon's own under DIR (normally /dev/shm), removed
-    /// when it stops. Excludes --data-dir.
-    #[arg(long, conflicts_with = "data_dir")]
+    /// when it stops. Works with --data-dir (which then holds the checkpoints).
+    #[arg(long)]
     shm_dir: Option<PathBuf>,
     /// Register the tables with the first RDMA device and accept queue pairs (needs a build with
     /// the `rdma` feature and a device; fails with the reason otherwise).

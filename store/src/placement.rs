@@ -1,9 +1,13 @@
-//! Where a shard's regions live: anonymous memory, files in a data directory, or files in a
-//! shared-memory instance directory that clients on this host map read-only.
+//! Where a shard's state lives: its regions in anonymous memory, or in files of a shared-memory
+//! instance directory that clients on this host map read-only; its checkpoints in a data
+//! directory, which it locks.
 //!
 //! A [`Placement`] creates the regions, removes what it created (its own shared-memory instance
 //! directory), and holds an exclusive lock on a data directory for as long as it lives, so that a
-//! second daemon started on the same directory is refused instead of mapping the same files.
+//! second daemon started on the same directory is refused instead of writing the same
+//! checkpoints. The data directory never holds live regions: the live state is scratch, and
+//! mapping it from files there would only make the kernel write it back to disk (competing with
+//! checkpoints for the disk and throttling pushes that dirty its pages).
 //!
 //! Everything it makes is owner-only: directories 0700, files 0600 ([`Region::file_backed`] also
 //! replaces a symbolic link rather than following it). A data directory that already exists must
@@ -21,9 +25,6 @@ use crate::StoreError;
 
 /// Name of the lock file a daemon holds in its data directory.
 pub const LOCK_FILE: &str = "hetkv.lock";
-/// The directory under a data directory that holds the live regions: scratch, rewritten at every
-/// start (state comes back from checkpoints, never from these files).
-pub const LIVE_DIR: &str = "live";
 /// Names of shared-memory instance directories start with this, then the shard index.
 const INSTANCE_PREFIX: &str = "hetkv-shard";
 /// The file in an instance directory that names the daemon's pid.
@@ -31,49 +32,37 @@ const OWNER_FILE: &str = "owner.pid";
 /// `O_NOFOLLOW` (Linux, every architecture hetkv builds for): refuse a symbolic link.
 pub(crate) const O_NOFOLLOW: i32 = 0o400000;
 
-/// Where a shard's regions live.
+/// Where a shard's regions and checkpoints live.
 #[derive(Debug)]
-pub enum Placement {
-    /// Anonymous memory: nothing outlives the process, nothing is shared.
-    Anonymous,
-    /// Files under a data directory's `live/`, the directory locked for this daemon.
-    DataDir {
-        /// The data directory.
-        dir: PathBuf,
-        /// The locked file; the lock goes with it.
-        _lock: File,
-    },
-    /// Files under `dir/hetkv-shard{I}-{random id}`, made by this shard and removed when it is
-    /// dropped.
-    Shm {
-        /// The instance directory.
-        instance: PathBuf,
-    },
+pub struct Placement {
+    /// The data directory and its lock file (the lock goes with the file).
+    data_dir: Option<(PathBuf, File)>,
+    /// The shared-memory instance directory `dir/hetkv-shard{I}-{random id}`, made by this shard
+    /// and removed when it is dropped; regions are anonymous without one.
+    shm: Option<PathBuf>,
 }
 
 impl Placement {
-    /// The placement of shard `shard`: under `data_dir` (locked), or in an instance directory
-    /// under `shm_dir`, or anonymous. The two directories exclude each other.
+    /// The placement of shard `shard`: checkpoints under `data_dir` (locked); regions in an
+    /// instance directory under `shm_dir`, or anonymous.
     pub fn new(
         shard: u32,
         data_dir: Option<&Path>,
         shm_dir: Option<&Path>,
     ) -> Result<Self, StoreError> {
-        match (data_dir, shm_dir) {
-            (Some(_), Some(_)) => Err(StoreError::Config(
-                "a data dir and a shm dir exclude each other: regions live in one place".into(),
-            )),
-            (Some(dir), None) => Self::lock_data_dir(dir),
-            (None, Some(dir)) => {
+        let data_dir = data_dir.map(Self::lock_data_dir).transpose()?;
+        let shm = match shm_dir {
+            Some(dir) => {
                 let instance = make_instance_dir(dir, shard)?;
                 remove_stale_instances(dir, &instance);
-                Ok(Self::Shm { instance })
+                Some(instance)
             }
-            (None, None) => Ok(Self::Anonymous),
-        }
+            None => None,
+        };
+        Ok(Self { data_dir, shm })
     }
 
-    fn lock_data_dir(dir: &Path) -> Result<Self, StoreError> {
+    fn lock_data_dir(dir: &Path) -> Result<(PathBuf, File), StoreError> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
         let io = |what: &str, e: std::io::Error| {
             StoreError::Io(format!("{what} data dir {}: {e}", dir.display()))
@@ -130,32 +119,17 @@ impl Placement {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io("locking", e)),
         }
-        let live = dir.join(LIVE_DIR);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .recursive(true)
-            .create(&live)
-            .map_err(|e| io("creating the live dir of", e))?;
-        Ok(Self::DataDir {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-        })
+        Ok((dir.to_path_buf(), lock))
     }
 
     /// The data directory, when there is one (locked by this placement).
     pub fn data_dir(&self) -> Option<&Path> {
-        match self {
-            Self::DataDir { dir, .. } => Some(dir),
-            _ => None,
-        }
+        self.data_dir.as_ref().map(|(d, _)| d.as_path())
     }
 
     /// The shared-memory instance directory, when regions are exposed to clients on this host.
     pub fn shm_instance(&self) -> Option<&Path> {
-        match self {
-            Self::Shm { instance } => Some(instance),
-            _ => None,
-        }
+        self.shm.as_deref()
     }
 
     /// Maps `len` bytes for the `what` (`region` or `clock`) of table `table` of shard `shard`.
@@ -166,12 +140,7 @@ impl Placement {
         what: &str,
         len: u64,
     ) -> Result<Arc<Region>, StoreError> {
-        let dir = match self {
-            Self::Anonymous => None,
-            Self::DataDir { dir, .. } => Some(dir.join(LIVE_DIR)),
-            Self::Shm { instance } => Some(instance.clone()),
-        };
-        match dir {
+        match &self.shm {
             Some(dir) => {
                 Region::file_backed(&dir.join(format!("shard{shard}-{table}.{what}")), len)
             }
@@ -188,8 +157,8 @@ impl Placement {
 
 impl Drop for Placement {
     fn drop(&mut self) {
-        if let Self::Shm { instance } = self {
-            if let Err(e) = std::fs::remove_dir_all(&*instance) {
+        if let Some(instance) = &self.shm {
+            if let Err(e) = std::fs::remove_dir_all(instance) {
                 tracing::warn!(dir = %instance.display(), error = %e, "could not remove the shm dir");
             }
         }
@@ -298,7 +267,6 @@ mod tests {
         assert!(instance.join("shard3-t.region").is_file());
         drop(p);
         assert!(!instance.exists());
-        assert!(Placement::new(0, Some(dir.path()), Some(dir.path())).is_err());
     }
 
     #[test]
@@ -307,22 +275,32 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("data");
-        let p = Placement::new(0, Some(&dir), None).unwrap();
+        let shm = root.path().join("shm");
+        std::fs::create_dir(&shm).unwrap();
+        let p = Placement::new(0, Some(&dir), Some(&shm)).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(LOCK_FILE)), 0o600);
+        let instance = p.shm_instance().unwrap().to_path_buf();
+        assert_eq!(mode(&instance), 0o700);
         // Another user's trick: a link where a region file will be, to a file it wants changed.
         let victim = root.path().join("victim");
         std::fs::write(&victim, b"precious").unwrap();
-        std::os::unix::fs::symlink(&victim, dir.join(LIVE_DIR).join("shard0-t.region")).unwrap();
+        std::os::unix::fs::symlink(&victim, instance.join("shard0-t.region")).unwrap();
         p.map(0, "t", "region", 4096).unwrap();
         assert_eq!(
             std::fs::read(&victim).unwrap(),
             b"precious",
             "the link was not followed"
         );
-        let region = dir.join(LIVE_DIR).join("shard0-t.region");
+        let region = instance.join("shard0-t.region");
         assert!(std::fs::symlink_metadata(&region).unwrap().is_file());
         assert_eq!(mode(&region), 0o600);
+        // The data dir holds the lock (and, later, checkpoints), never live regions.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [LOCK_FILE]);
         drop(p);
         // A data dir that is a link is refused; a loose one is tightened.
         let link = root.path().join("link");

@@ -28,11 +28,12 @@ pub struct ShardConfig {
     pub shard: u32,
     /// Shards in the cluster.
     pub shards: u32,
-    /// Directory for file-backed regions; anonymous memory when `None`.
+    /// The data directory: checkpoints, and the lock that keeps a second daemon out. Regions
+    /// are never placed there (see [`Placement`]).
     pub data_dir: Option<PathBuf>,
     /// Directory (normally under `/dev/shm`) in which the shard makes a directory of its own,
     /// named with a random instance id, for its regions and clock words, and exposes them to
-    /// clients on this host. Removed when the shard is dropped. Excludes `data_dir`.
+    /// clients on this host. Removed when the shard is dropped. Anonymous memory without it.
     pub shm_dir: Option<PathBuf>,
     /// Register every table's region and clock word with the first RDMA device (remote read
     /// only) and accept queue pairs from clients. Needs the `rdma` feature and a device.
@@ -426,6 +427,7 @@ impl Shard {
         }
         let chain = dir.chain(&manifest.name)?;
         let mut base = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut image = Vec::new();
         for t in &manifest.tables {
             let mut table: Option<Arc<Table>> = None;
             let mut failed = None;
@@ -442,7 +444,10 @@ impl Shard {
                         }
                     }
                 }
-                table.as_ref().expect("created").restore_record(&rec);
+                table
+                    .as_ref()
+                    .expect("created")
+                    .restore_record(&rec, &mut image);
                 Ok(())
             })
             .map_err(|e| failed.take().unwrap_or(e.into()))?;

@@ -18,10 +18,23 @@ use crate::optimizer::Optimizer;
 use crate::placement::Placement;
 use crate::StoreError;
 
-/// Stripes of row locks per table (rows `i` with equal `i % STRIPES` share a lock).
+/// Stripes of row locks per table. Rows go to stripes in groups of [`GROUP`] consecutive rows,
+/// round robin: group `g = i / GROUP` is in stripe `g % STRIPES`. Random pushes spread over all
+/// stripes, while a checkpoint copies a whole group under one lock, with its optimizer state
+/// contiguous in memory and its dirty bits in one word.
 const STRIPES: usize = 1024;
+/// Consecutive rows per group: the rows of one dirty-bit word.
+const GROUP: u64 = 64;
 
-/// Optimizer state of the rows of one stripe, indexed by `local_index / STRIPES`.
+/// The stripe of local row `i` and its slot in that stripe's state.
+fn locate(i: u64) -> (usize, usize) {
+    let g = i / GROUP;
+    let stripe = (g % STRIPES as u64) as usize;
+    let slot = (g / STRIPES as u64) * GROUP + i % GROUP;
+    (stripe, slot as usize)
+}
+
+/// Optimizer state of the rows of one stripe, indexed by slot ([`locate`]).
 #[derive(Debug, Default)]
 struct StripeState {
     floats: Vec<f32>,
@@ -117,7 +130,7 @@ impl Table {
             })
             .collect();
 
-        let dirty = (0..local_rows.div_ceil(64))
+        let dirty = (0..local_rows.div_ceil(GROUP))
             .map(|_| AtomicU64::new(u64::MAX))
             .collect();
         Ok(Self {
@@ -215,7 +228,7 @@ impl Table {
     fn stripe(&self, i: u64) -> MutexGuard<'_, StripeState> {
         // A panic while holding a stripe lock can only come from a bug in this module; the row
         // data itself is guarded by its checksum, so carrying on with the inner value is sound.
-        self.stripes[i as usize % STRIPES]
+        self.stripes[locate(i).0]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -352,7 +365,7 @@ impl Table {
                 .expect("a row read under its writer lock is stable")
                 .version;
             row::decode_payload(&self.layout, &image, &mut w);
-            let slot = i as usize / STRIPES;
+            let slot = locate(i).1;
             let StripeState { floats, steps } = &mut *stripe;
             let state = &mut floats[slot * self.state_len..(slot + 1) * self.state_len];
             let mut scratch_step = 0;
@@ -370,14 +383,16 @@ impl Table {
         updates
     }
 
+    /// Marks local row `i` changed; called under the row's stripe lock (the lock of its whole
+    /// dirty word's group).
     fn mark_dirty(&self, i: u64) {
-        self.dirty[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Release);
+        self.dirty[(i / GROUP) as usize].fetch_or(1 << (i % GROUP), Ordering::Release);
     }
 
     /// Whether local row `i` changed since a checkpoint copied it (lock-free: a write sets the
     /// bit before it releases the row's lock).
     fn is_dirty(&self, i: u64) -> bool {
-        self.dirty[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+        self.dirty[(i / GROUP) as usize].load(Ordering::Acquire) & (1 << (i % GROUP)) != 0
     }
 
     /// Validates an assignment (import) without changing anything: returns the local indices.
@@ -421,7 +436,7 @@ impl Table {
             let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
                 .expect("a row read under its writer lock is stable")
                 .version;
-            let slot = i as usize / STRIPES;
+            let slot = locate(i).1;
             let StripeState { floats, steps } = &mut *stripe;
             self.optimizer
                 .init_state(&mut floats[slot * self.state_len..(slot + 1) * self.state_len]);
@@ -447,61 +462,83 @@ impl Table {
         }
     }
 
-    /// Copies rows into a checkpoint file, in local-index order, each under its lock (value,
-    /// version and optimizer state of one moment), clearing their dirty bits: every row for a
-    /// full file, the dirty ones for an incremental one. Pushes go on meanwhile.
+    /// Copies rows into a checkpoint file, in local-index order, clearing their dirty bits:
+    /// every row for a full file, the dirty ones for an incremental one. Each group of
+    /// [`GROUP`] rows is copied under its stripe's lock (so every record is value, version and
+    /// optimizer state of one moment) into scratch memory, and encoded after the lock is
+    /// released, so a writer that waits for the disk never holds a row. Pushes go on meanwhile.
     pub fn snapshot_into<W: std::io::Write>(
         &self,
         kind: Kind,
         out: &mut TableFileWriter<W>,
     ) -> std::io::Result<()> {
         let shape = RecordShape::of(&self.spec);
-        let mut image = vec![0u8; self.layout.stride()];
-        let mut state = vec![0f32; self.state_len];
-        for i in 0..self.local_rows {
-            if kind == Kind::Incremental && !self.is_dirty(i) {
+        let stride = self.layout.stride();
+        let n_max = GROUP as usize;
+        let mut images = vec![0u8; n_max * stride];
+        let mut states = vec![0f32; n_max * self.state_len];
+        let mut versions = [0u64; GROUP as usize];
+        let mut steps = [0u64; GROUP as usize];
+        for g in 0..self.local_rows.div_ceil(GROUP) {
+            let word = &self.dirty[g as usize];
+            if kind == Kind::Incremental && word.load(Ordering::Acquire) == 0 {
                 continue;
             }
-            if i + (PREFETCH_ROWS as u64) < self.local_rows {
-                self.prefetch_local(i + PREFETCH_ROWS as u64);
-            }
-            let (version, step) = {
-                let stripe = self.stripe(i);
-                let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
-                    .expect("a row read under its writer lock is stable")
-                    .version;
-                let slot = i as usize / STRIPES;
-                state.copy_from_slice(
-                    &stripe.floats[slot * self.state_len..(slot + 1) * self.state_len],
-                );
-                self.dirty[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
-                (version, stripe.steps.get(slot).copied().unwrap_or(0))
+            let first = g * GROUP;
+            let n = (self.local_rows - first).min(GROUP) as usize;
+            let copied = {
+                let stripe = self.stripe(first);
+                // Every write to these rows sets its bit under this lock: the bits are exact.
+                let bits = word.swap(0, Ordering::AcqRel);
+                let take = if kind == Kind::Full { u64::MAX } else { bits };
+                for k in (0..n).filter(|k| take & (1 << k) != 0) {
+                    let i = first + k as u64;
+                    let image = &mut images[k * stride..(k + 1) * stride];
+                    versions[k] = row::read_row(self.region.words(), &self.layout, i, image, 1)
+                        .expect("a row read under its writer lock is stable")
+                        .version;
+                    let slot = locate(i).1;
+                    states[k * self.state_len..(k + 1) * self.state_len].copy_from_slice(
+                        &stripe.floats[slot * self.state_len..(slot + 1) * self.state_len],
+                    );
+                    steps[k] = stripe.steps.get(slot).copied().unwrap_or(0);
+                }
+                take
             };
-            let room = out.next_record(i)?;
-            shape.encode(i, version, self.layout.payload(&image), &state, step, room);
+            for k in (0..n).filter(|k| copied & (1 << k) != 0) {
+                let room = out.next_record(first + k as u64)?;
+                shape.encode(
+                    first + k as u64,
+                    versions[k],
+                    self.layout.payload(&images[k * stride..(k + 1) * stride]),
+                    &states[k * self.state_len..(k + 1) * self.state_len],
+                    steps[k],
+                    room,
+                );
+            }
         }
         Ok(())
     }
 
     /// Writes one record of a checkpoint into local row `rec.index()`: its value, version and
-    /// optimizer state, clearing its dirty bit. For a table not yet served.
-    pub fn restore_record(&self, rec: &RecordView<'_>) {
+    /// optimizer state, clearing its dirty bit. For a table not yet served; `image` is scratch.
+    pub fn restore_record(&self, rec: &RecordView<'_>, image: &mut Vec<u8>) {
         let i = rec.index();
-        let mut w = vec![0f32; self.layout.dim()];
-        for (v, c) in w.iter_mut().zip(rec.value_bytes().chunks_exact(4)) {
-            *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-        }
-        let mut image = vec![0u8; self.layout.stride()];
+        image.resize(self.layout.stride(), 0);
+        image[..row::SEQ_BYTES].copy_from_slice(&row::seq_of(rec.version()).to_le_bytes());
+        image[row::SEQ_BYTES..row::SEQ_BYTES + 4 * self.layout.dim()]
+            .copy_from_slice(rec.value_bytes());
+        row::seal_image(&self.layout, image);
         let mut stripe = self.stripe(i);
-        let slot = i as usize / STRIPES;
+        let slot = locate(i).1;
         let StripeState { floats, steps } = &mut *stripe;
         rec.state_into(&mut floats[slot * self.state_len..(slot + 1) * self.state_len]);
         if let Some(step) = steps.get_mut(slot) {
             *step = rec.step();
         }
-        row::encode_image(&self.layout, rec.version(), &w, &mut image);
-        row::write_row(self.region.words(), &self.layout, i, &image);
-        self.dirty[(i / 64) as usize].fetch_and(!(1 << (i % 64)), Ordering::AcqRel);
+        row::write_row(self.region.words(), &self.layout, i, image);
+        drop(stripe);
+        self.dirty[(i / GROUP) as usize].fetch_and(!(1 << (i % GROUP)), Ordering::AcqRel);
     }
 
     /// After a restore: sets the clock to the sum of the rows' versions; fails if a row was not
@@ -521,7 +558,7 @@ impl Table {
     /// The optimizer state of local row `i` (floats, step), for tests and inspection.
     pub fn optimizer_state(&self, i: u64) -> (Vec<f32>, u64) {
         let stripe = self.stripe(i);
-        let slot = i as usize / STRIPES;
+        let slot = locate(i).1;
         let floats = stripe.floats[slot * self.state_len..(slot + 1) * self.state_len].to_vec();
         (floats, stripe.steps.get(slot).copied().unwrap_or(0))
     }
@@ -530,12 +567,37 @@ impl Table {
 /// Rows a push or a gather prefetches ahead of the one it works on.
 pub(crate) const PREFETCH_ROWS: usize = 8;
 
-/// Rows of a table of `local_rows` rows that fall in stripe `s`.
+/// Slots of stripe `s` in a table of `local_rows` rows (one per row of the stripe).
 fn stripe_rows(local_rows: u64, s: usize) -> usize {
+    let groups = local_rows.div_ceil(GROUP);
     let s = s as u64;
-    if s >= local_rows {
-        0
-    } else {
-        (local_rows - s).div_ceil(STRIPES as u64) as usize
+    if s >= groups {
+        return 0;
+    }
+    let mine = (groups - s).div_ceil(STRIPES as u64);
+    let last = s + (mine - 1) * STRIPES as u64;
+    ((mine - 1) * GROUP + (local_rows - last * GROUP).min(GROUP)) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_has_its_own_slot_within_its_stripe() {
+        for rows in [0u64, 1, 63, 64, 65, 1000, 64 * 1024, 64 * 1024 + 1, 200_001] {
+            let sizes: Vec<usize> = (0..STRIPES).map(|s| stripe_rows(rows, s)).collect();
+            assert_eq!(sizes.iter().sum::<usize>() as u64, rows, "{rows} rows");
+            let mut seen = std::collections::HashSet::new();
+            for i in 0..rows {
+                let (stripe, slot) = locate(i);
+                assert!(
+                    slot < sizes[stripe],
+                    "row {i} of {rows}: slot {slot} of {}",
+                    sizes[stripe]
+                );
+                assert!(seen.insert((stripe, slot)), "row {i} shares a slot");
+            }
+        }
     }
 }

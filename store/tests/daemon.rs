@@ -106,10 +106,14 @@ fn two_daemons_serve_their_config_report_stats_and_stop_on_signals() {
     c0.pull("ads", &[0, 2, 4], &mut v, &mut rows).unwrap();
     c1.push("ads", &[1, 3], &[2, 1], &[0.5; 16]).unwrap();
     let region = c1.region_info("ads").unwrap();
-    assert!(
-        dir.path().join("d1/live/shard1-ads.region").exists()
-            && dir.path().join("d1/live/shard1-ads.clock").exists(),
-        "file-backed under the data dir"
+    let in_data_dir: Vec<_> = std::fs::read_dir(dir.path().join("d1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        in_data_dir,
+        ["hetkv.lock"],
+        "the data dir holds the lock (and checkpoints), never live regions"
     );
     assert_eq!(
         (region.shm_path, c1.hello().shm_dir.clone()),

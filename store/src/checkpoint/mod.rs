@@ -9,7 +9,7 @@
 pub mod format;
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter};
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 
 pub use format::{FileHeader, FileSummary, Kind, Manifest, ManifestTable, RecordShape};
@@ -484,7 +484,107 @@ pub struct PendingCheckpoint {
 }
 
 /// A table file being written.
-pub type TableWriter = TableFileWriter<BufWriter<File>>;
+pub type TableWriter = TableFileWriter<PipelinedFile>;
+
+/// Bytes handed to the writing thread at a time.
+const PIPE_CHUNK: usize = 1 << 20;
+/// Chunks in flight between the copying thread and the writing thread.
+const PIPE_DEPTH: usize = 4;
+
+/// A file written by a thread of its own: [`Write`](std::io::Write) gathers 1 MiB chunks and
+/// hands them over a bounded channel, so copying rows out of the table and writing them to the
+/// disk overlap (a checkpoint then runs at the slower of the two, not their sum). The first write
+/// error ends the thread and is returned by every later call.
+#[derive(Debug)]
+pub struct PipelinedFile {
+    chunk: Vec<u8>,
+    to_writer: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    writer: Option<std::thread::JoinHandle<io::Result<File>>>,
+}
+
+impl PipelinedFile {
+    fn new(file: File) -> Self {
+        let (to_writer, chunks) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
+        let (give_back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH + 1);
+        let writer = std::thread::Builder::new()
+            .name("hetkv-ckpt-io".into())
+            .spawn(move || -> io::Result<File> {
+                use std::io::Write;
+                let mut file = file;
+                for mut chunk in chunks {
+                    file.write_all(&chunk)?;
+                    chunk.clear();
+                    let _ = give_back.try_send(chunk);
+                }
+                Ok(file)
+            })
+            .expect("spawning a checkpoint writer thread");
+        Self {
+            chunk: Vec::with_capacity(PIPE_CHUNK),
+            to_writer: Some(to_writer),
+            spare,
+            writer: Some(writer),
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        let next = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(PIPE_CHUNK));
+        let full = std::mem::replace(&mut self.chunk, next);
+        let sent = self.to_writer.as_ref().map(|t| t.send(full));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The thread ended on an error: finish() reports it.
+            _ => Err(self.join_error()),
+        }
+    }
+
+    fn join_error(&mut self) -> io::Error {
+        self.to_writer = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("the checkpoint writer thread panicked"),
+            _ => io::Error::other("the checkpoint writer thread has stopped"),
+        }
+    }
+
+    /// Writes what is left and returns the file once every byte is written.
+    pub fn finish(mut self) -> io::Result<File> {
+        if !self.chunk.is_empty() {
+            self.send()?;
+        }
+        self.to_writer = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("the checkpoint writer thread panicked")),
+            None => Err(io::Error::other("the checkpoint writer thread has stopped")),
+        }
+    }
+}
+
+impl std::io::Write for PipelinedFile {
+    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len();
+        while !buf.is_empty() {
+            let room = PIPE_CHUNK - self.chunk.len();
+            let take = room.min(buf.len());
+            self.chunk.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.chunk.len() == PIPE_CHUNK {
+                self.send()?;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Durability is `finish` and fsync; a flush only moves bytes along.
+        Ok(())
+    }
+}
 
 impl PendingCheckpoint {
     /// The checkpoint's name.
@@ -500,7 +600,7 @@ impl PendingCheckpoint {
     ) -> Result<TableWriter, CheckpointError> {
         let path = self.tmp_path(index);
         let file = create_private(&path)?;
-        TableFileWriter::new(BufWriter::with_capacity(1 << 20, file), header)
+        TableFileWriter::new(PipelinedFile::new(file), header)
             .map_err(|e| CheckpointError::io(&path, e))
     }
 
@@ -520,7 +620,7 @@ impl PendingCheckpoint {
         let tmp = self.tmp_path(index);
         let io = |e| CheckpointError::io(&tmp, e);
         let (out, summary) = writer.finish(clock_end).map_err(io)?;
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        let file = out.finish().map_err(io)?;
         file.sync_all().map_err(io)?;
         drop(file);
         let name = table_file_name(index);
