@@ -3,52 +3,23 @@
 //! the newest checkpoint, and daemons that refuse to start on a damaged checkpoint or on a config
 //! table that contradicts the restored one.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
 use hetkv_transport::{Initializer, OptimizerSpec, ShardTransport, TableSpec};
 
-struct Daemon(Child, String);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::Daemon;
 
 fn serve(data: &Path, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hetkv"));
-    c.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1");
+    let mut c = common::serve(extra);
+    c.arg("--data-dir").arg(data);
     c
 }
 
-fn start(data: &Path) -> (Daemon, Vec<String>) {
-    let mut child = serve(data, &[]).stderr(Stdio::piped()).spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut d = Daemon(child, String::new());
-    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-    let mut log = Vec::new();
-    for line in lines.by_ref() {
-        log.push(line.clone());
-        if let Some(at) = line.find("addr=") {
-            d.1 = line[at + 5..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-            break;
-        }
-    }
-    assert!(!d.1.is_empty(), "the daemon did not start: {log:#?}");
-    std::thread::spawn(move || lines.for_each(drop));
-    (d, log)
+fn start(data: &Path) -> Daemon {
+    Daemon::start(serve(data, &[]))
 }
 
 fn hetkv(args: &[&str]) -> Output {
@@ -86,24 +57,24 @@ fn operators_checkpoint_list_verify_compact_and_restart_from_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
     let data_s = data.to_str().unwrap();
-    let (d, _) = start(&data);
-    let c = TcpShardClient::connect(&d.1, ClientConfig::default()).unwrap();
+    let d = start(&data);
+    let c = TcpShardClient::connect(&d.addr, ClientConfig::default()).unwrap();
     c.create_table(&spec()).unwrap(); // created over RPC: part of what a checkpoint keeps
     c.push("ads", &[1, 2, 3], &[1, 2, 3], &[0.5; 24]).unwrap();
-    let out = ok(hetkv(&["checkpoint", "--cluster", &d.1, "--name", "a"]));
+    let out = ok(hetkv(&["checkpoint", "--cluster", &d.addr, "--name", "a"]));
     assert!(out.contains("checkpoint a (seq 1) committed"), "{out}");
     c.push("ads", &[3, 4], &[1, 1], &[0.25; 16]).unwrap();
     let out = ok(hetkv(&[
         "checkpoint",
         "--cluster",
-        &d.1,
+        &d.addr,
         "--name",
         "b",
         "--incremental",
     ]));
     assert!(out.contains("incremental on a"), "{out}");
     // A name taken is refused, with a non-zero exit.
-    let again = hetkv(&["checkpoint", "--cluster", &d.1, "--name", "b"]);
+    let again = hetkv(&["checkpoint", "--cluster", &d.addr, "--name", "b"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
     let (mut v, mut rows) = (Vec::new(), Vec::new());
@@ -124,13 +95,14 @@ fn operators_checkpoint_list_verify_compact_and_restart_from_checkpoints() {
     ]));
 
     // Restarted: the newest checkpoint (b) comes back, and the same table from a config is fine.
-    let (d, log) = start(&data);
-    assert!(
-        log.iter()
-            .any(|l| l.contains("restored") && l.contains("checkpoint=b")),
-        "{log:#?}"
+    let d = start(&data);
+    assert_eq!(
+        d.logged("restored", "checkpoint").as_deref(),
+        Some("b"),
+        "{:#?}",
+        d.startup
     );
-    let c = TcpShardClient::connect(&d.1, ClientConfig::default()).unwrap();
+    let c = TcpShardClient::connect(&d.addr, ClientConfig::default()).unwrap();
     assert!(!c.create_table(&spec()).unwrap().created);
     c.pull("ads", &[1, 2, 3, 4, 5], &mut v, &mut rows).unwrap();
     assert_eq!((v.clone(), rows.clone()), at_b);
@@ -172,15 +144,9 @@ fn operators_checkpoint_list_verify_compact_and_restart_from_checkpoints() {
         "{err}"
     );
     // The operator picks the older one explicitly.
-    let restored = serve(&data, &["--restore", "b"])
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = Daemon(restored.unwrap(), String::new());
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    assert!(lines.by_ref().any(|l| l.contains("listening")));
-    drop(child);
+    let older = Daemon::start(serve(&data, &["--restore", "b"]));
+    assert_eq!(older.logged("restored", "checkpoint").as_deref(), Some("b"));
+    drop(older);
     std::fs::write(&file, &good).unwrap();
 
     // A config whose table contradicts the restored one stops the daemon.

@@ -4,65 +4,25 @@
 //! state): the last one acknowledged to the client, or a later one that committed before the
 //! kill, never a mix.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
 use hetkv_store::checkpoint::CheckpointDir;
 use hetkv_transport::{Initializer, OptimizerSpec, ShardTransport, TableSpec};
 
-struct Daemon {
-    child: Child,
-    addr: String,
-    restored: Option<String>,
-}
+mod common;
+use common::{serve, Daemon};
 
-fn start(data_dir: &Path) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hetkv"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hetkv serve");
-    let (tx, log) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    let mut d = Daemon {
-        child,
-        addr: String::new(),
-        restored: None,
-    };
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = log
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the daemon logs 'listening'");
-        if line.contains("restored") && line.contains("checkpoint=") {
-            let at = line.find("checkpoint=").unwrap() + 11;
-            d.restored = Some(line[at..].split_whitespace().next().unwrap().to_string());
-        }
-        if line.contains("listening") {
-            let at = line.find("addr=").expect("addr field") + 5;
-            d.addr = line[at..].split_whitespace().next().unwrap().to_string();
-            return d;
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A daemon on `data_dir`, and the checkpoint it restored (from its log).
+fn start(data_dir: &Path) -> (Daemon, Option<String>) {
+    let mut cmd = serve(&[]);
+    cmd.arg("--data-dir").arg(data_dir);
+    let d = Daemon::start(cmd);
+    let restored = d.logged("restored", "checkpoint");
+    (d, restored)
 }
 
 fn table(name: &str, optimizer: OptimizerSpec) -> TableSpec {
@@ -120,9 +80,9 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
         seed >> 33
     };
     for round in 0..20 {
-        let d = start(data.path());
+        let (d, restored) = start(data.path());
         // The state served is one whole checkpoint: the last acknowledged or a later one.
-        match (&acked, &d.restored) {
+        match (&acked, &restored) {
             (None, _) => {}
             (Some((name, seq)), None) => {
                 panic!("round {round}: checkpoint {name} (seq {seq}) was acknowledged, nothing was restored")
@@ -143,7 +103,7 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
         let client = Arc::new(TcpShardClient::connect(&d.addr, config).unwrap());
         client.create_table(&sgd).unwrap();
         client.create_table(&adam).unwrap();
-        if let Some(restored) = &d.restored {
+        if let Some(restored) = &restored {
             // What it serves, optimizer state included, written out again and compared.
             let check = format!("check-{round}");
             client.checkpoint(&check, false).unwrap();
@@ -220,6 +180,7 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
         let mut d = d;
         d.child.kill().unwrap();
         d.child.wait().unwrap();
+        drop(d);
         mid_checkpoint += during as usize;
         stop.store(true, Ordering::Relaxed);
         pusher.join().unwrap();

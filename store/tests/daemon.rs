@@ -1,9 +1,7 @@
 //! The `hetkv` binary: tables from a TOML config, `hetkv stats --json` against two running
 //! daemons, and a graceful stop on SIGTERM and SIGINT.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
@@ -21,55 +19,24 @@ init = { normal = { std = 0.01, seed = 7 } }
 optimizer = { adagrad = { lr = 0.05, eps = 1e-8, initial_accumulator = 0.1 } }
 "#;
 
-struct Daemon {
-    child: Child,
-    addr: String,
-    log: mpsc::Receiver<String>,
+mod common;
+use common::{serve, Daemon};
+
+fn start(shard: u32, shards: u32, config: &std::path::Path, data_dir: &std::path::Path) -> Daemon {
+    let (shard, shards) = (shard.to_string(), shards.to_string());
+    let mut cmd = serve(&["--shard", &shard, "--shards", &shards]);
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data_dir);
+    Daemon::start(cmd)
 }
 
-impl Daemon {
-    fn start(
-        shard: u32,
-        shards: u32,
-        config: &std::path::Path,
-        data_dir: &std::path::Path,
-    ) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hetkv"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shard",
-                &shard.to_string(),
-            ])
-            .args(["--shards", &shards.to_string(), "--config"])
-            .arg(config)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start hetkv serve");
-        let (tx, log) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let addr = loop {
-            let line = log
-                .recv_timeout(Duration::from_secs(20))
-                .expect("daemon logs 'listening'");
-            if line.contains("listening") {
-                let at = line.find("addr=").expect("addr field") + 5;
-                break line[at..].split_whitespace().next().unwrap().to_string();
-            }
-        };
-        Self { child, addr, log }
-    }
+trait Stop {
+    fn signal_and_wait(self, signal: &str) -> Vec<String>;
+}
 
+impl Stop for Daemon {
     fn signal_and_wait(mut self, signal: &str) -> Vec<String> {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
@@ -93,8 +60,8 @@ fn two_daemons_serve_their_config_report_stats_and_stop_on_signals() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("hetkv.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    let d0 = Daemon::start(0, 2, &config, &dir.path().join("d0"));
-    let d1 = Daemon::start(1, 2, &config, &dir.path().join("d1"));
+    let d0 = start(0, 2, &config, &dir.path().join("d0"));
+    let d1 = start(1, 2, &config, &dir.path().join("d1"));
 
     let c0 = TcpShardClient::connect(&d0.addr, ClientConfig::default()).unwrap();
     let c1 = TcpShardClient::connect(&d1.addr, ClientConfig::default()).unwrap();

@@ -3,48 +3,18 @@
 //! the rows and versions the client pulls; importing it seeds another table with those rows.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
 use hetkv_transport::{Initializer, OptimizerSpec, Routing, ShardTransport, TableSpec};
 
-struct Daemon(Child, String);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{serve, Daemon};
 
 fn start(shard: u32, shards: u32) -> Daemon {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hetkv"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--shard"])
-        .args([shard.to_string(), "--shards".into(), shards.to_string()])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut d = Daemon(child, String::new());
-    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-    for line in lines.by_ref() {
-        if let Some(at) = line.find("addr=") {
-            d.1 = line[at + 5..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-            break;
-        }
-    }
-    assert!(!d.1.is_empty(), "the daemon said where it listens");
-    // Keep reading its log, so that its writes to stderr never fail.
-    std::thread::spawn(move || lines.for_each(drop));
-    d
+    let (shard, shards) = (shard.to_string(), shards.to_string());
+    Daemon::start(serve(&["--shard", &shard, "--shards", &shards]))
 }
 
 /// The Python the test suite set up (scripts/test.sh), else `python3`.
@@ -87,14 +57,14 @@ fn write_raw(path: &Path, bytes: impl IntoIterator<Item = u8>) {
 #[test]
 fn an_exported_table_loads_in_python_as_pulled_and_imports_into_another() {
     let daemons = [start(0, 2), start(1, 2)];
-    let cluster = format!("{},{}", daemons[0].1, daemons[1].1);
+    let cluster = format!("{},{}", daemons[0].addr, daemons[1].addr);
     let config = || ClientConfig {
         io_timeout: Some(Duration::from_secs(30)),
         ..ClientConfig::default()
     };
     let shards: Vec<TcpShardClient> = daemons
         .iter()
-        .map(|d| TcpShardClient::connect(&d.1, config()).unwrap())
+        .map(|d| TcpShardClient::connect(&d.addr, config()).unwrap())
         .collect();
     let (rows, dim) = (1001u64, 5usize);
     let spec = |name: &str| TableSpec {
