@@ -464,7 +464,7 @@ impl Table {
 
     /// Copies rows into a checkpoint file, in local-index order, clearing their dirty bits:
     /// every row for a full file, the dirty ones for an incremental one. Each group of
-    /// [`GROUP`] rows is copied under its stripe's lock (so every record is value, version and
+    /// 64 rows is copied under its stripe's lock (so every record is value, version and
     /// optimizer state of one moment) into scratch memory, and encoded after the lock is
     /// released, so a writer that waits for the disk never holds a row. Pushes go on meanwhile.
     pub fn snapshot_into<W: std::io::Write>(
