@@ -7,8 +7,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hetkv_transport::client::{
     Carried, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
@@ -17,8 +18,8 @@ use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
     self, decode_response_header, split_response, ChallengeResponse, CheckpointRequest,
     CheckpointResponse, CreateRequest, CreateResponse, Endpoint, F32s, FrameParts, HelloRequest,
-    HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats, Span, Status, TableRequest,
-    TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
+    HelloResponse, Op, Origin, PushResponse, RegionDescriptor, ShardStats, Span, Status,
+    TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
 use hetkv_transport::{auth, codec};
 use serde::{de::DeserializeOwned, Serialize};
@@ -39,6 +40,11 @@ pub struct ClientConfig {
     pub name: String,
     /// The protocol version sent in the hello (tests use another to check refusal).
     pub protocol_version: u32,
+    /// How long one call may take, retries included: a request that fails on a broken or
+    /// stalled connection is sent again on a new one (with exponential backoff from 10 ms to
+    /// 1 s) until this much time has passed, then fails with an error naming the shard and the
+    /// time waited. Pushes are numbered, so a push sent again is applied at most once.
+    pub deadline: Duration,
 }
 
 impl Default for ClientConfig {
@@ -50,13 +56,13 @@ impl Default for ClientConfig {
             auth: None,
             name: format!("hetkv-client pid {}", std::process::id()),
             protocol_version: PROTOCOL_VERSION,
+            deadline: Duration::from_secs(60),
         }
     }
 }
 
 struct Conn {
     stream: TcpStream,
-    send: Vec<u8>,
     recv: Vec<u8>,
 }
 
@@ -68,6 +74,10 @@ pub struct TcpShardClient {
     hello: HelloResponse,
     pool: Mutex<Vec<Conn>>,
     traffic: TrafficCounters,
+    /// This client's id in the origins of its pushes; the same on every connection.
+    client_id: u64,
+    next_seq: AtomicU64,
+    retries: AtomicU64,
 }
 
 impl std::fmt::Debug for TcpShardClient {
@@ -110,11 +120,52 @@ impl TcpShardClient {
             },
             pool: Mutex::new(Vec::new()),
             traffic: TrafficCounters::default(),
+            client_id: u64::from_le_bytes(
+                auth::nonce().map_err(io_err)?[..8]
+                    .try_into()
+                    .expect("8 bytes"),
+            ),
+            next_seq: AtomicU64::new(1),
+            retries: AtomicU64::new(0),
         };
-        let (conn, hello) = client.open()?;
+        // A daemon that is starting, restarting or unreachable for a moment: try again, within
+        // the deadline.
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        let (conn, hello) = loop {
+            let left = client.config.deadline.saturating_sub(start.elapsed());
+            match client.open_within(left) {
+                Ok(opened) => break opened,
+                Err(TransportError::Io { source, .. })
+                    if start.elapsed() + backoff < client.config.deadline =>
+                {
+                    tracing::debug!(shard = addr, error = %source, "connecting again");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         client.hello = hello;
         client.put_back(conn);
         Ok(client)
+    }
+
+    /// This client's id in the origins of its pushes.
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// Requests sent again after a broken or stalled connection.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    fn origin(&self) -> Option<Origin> {
+        Some(Origin {
+            client: self.client_id,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
     fn io_err(&self, source: io::Error) -> TransportError {
@@ -131,9 +182,15 @@ impl TcpShardClient {
         }
     }
 
-    fn open(&self) -> Result<(Conn, HelloResponse), TransportError> {
-        let stream = TcpStream::connect_timeout(&self.sockaddr, self.config.connect_timeout)
-            .map_err(|e| self.io_err(e))?;
+    /// Connects (within `limit`, and the connect timeout) and shakes hands.
+    fn open_within(&self, limit: Duration) -> Result<(Conn, HelloResponse), TransportError> {
+        let timeout = self
+            .config
+            .connect_timeout
+            .min(limit)
+            .max(Duration::from_millis(1));
+        let stream =
+            TcpStream::connect_timeout(&self.sockaddr, timeout).map_err(|e| self.io_err(e))?;
         stream.set_nodelay(true).map_err(|e| self.io_err(e))?;
         stream
             .set_read_timeout(self.config.io_timeout)
@@ -143,7 +200,6 @@ impl TcpShardClient {
             .map_err(|e| self.io_err(e))?;
         let mut conn = Conn {
             stream,
-            send: Vec::new(),
             recv: Vec::new(),
         };
         // With a token: ask for this connection's nonce and answer it; the token never travels.
@@ -153,7 +209,7 @@ impl TcpShardClient {
                 let challenge: ChallengeResponse = self.exchange(
                     &mut conn,
                     Op::Challenge,
-                    header_only(Op::Challenge, &()),
+                    &self.frame(header_only(Op::Challenge, &()))?,
                     |p| self.header(p),
                 )?;
                 Some(auth::respond(token, &challenge.nonce))
@@ -165,10 +221,9 @@ impl TcpShardClient {
             auth,
             client: self.config.name.clone(),
         };
+        let frame = self.frame(header_only(Op::Hello, &hello))?;
         let reply: HelloResponse =
-            self.exchange(&mut conn, Op::Hello, header_only(Op::Hello, &hello), |p| {
-                self.header(p)
-            })?;
+            self.exchange(&mut conn, Op::Hello, &frame, |p| self.header(p))?;
         if reply.version != PROTOCOL_VERSION {
             return Err(self.protocol(format!(
                 "daemon speaks protocol {}, this client {PROTOCOL_VERSION}",
@@ -176,14 +231,6 @@ impl TcpShardClient {
             )));
         }
         Ok((conn, reply))
-    }
-
-    fn take(&self) -> Result<Conn, TransportError> {
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match pooled {
-            Some(c) => Ok(c),
-            None => Ok(self.open()?.0),
-        }
     }
 
     fn put_back(&self, conn: Conn) {
@@ -197,27 +244,41 @@ impl TcpShardClient {
         decode_response_header(parts.header).map_err(|e| self.protocol(e.to_string()))
     }
 
-    /// Sends one request on `conn` and parses the response. The connection stays usable after
-    /// an error response; any other failure leaves it in an unknown state.
+    /// A request frame, encoded by `encode` and checked against the frame limits.
+    fn frame(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<Vec<u8>, TransportError> {
+        let mut frame = Vec::new();
+        encode(&mut frame);
+        let send_max = self.hello.max_frame.min(self.config.max_frame);
+        wire::finish_frame(&mut frame, send_max).map_err(|e| TransportError::InvalidRequest {
+            addr: self.addr.clone(),
+            message: format!("{e}: split the batch"),
+        })?;
+        Ok(frame)
+    }
+
+    /// Sends one request frame on `conn` and parses the response. The connection stays usable
+    /// after an error response; any other failure leaves it in an unknown state.
     fn exchange<R>(
         &self,
         conn: &mut Conn,
         op: Op,
-        encode: impl FnOnce(&mut Vec<u8>),
+        frame: &[u8],
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
-        encode(&mut conn.send);
-        let send_max = self.hello.max_frame.min(self.config.max_frame);
-        wire::finish_frame(&mut conn.send, send_max).map_err(|e| {
-            TransportError::InvalidRequest {
-                addr: self.addr.clone(),
-                message: format!("{e}: split the batch"),
-            }
-        })?;
-        conn.stream
-            .write_all(&conn.send)
-            .map_err(|e| self.io_err(e))?;
-        self.traffic.sent(conn.send.len());
+        let parts = self.send_and_receive(conn, op, frame)?;
+        parse(parts)
+    }
+
+    /// Sends one request frame on `conn` and reads its answer, which must be a success of `op`
+    /// (an error answer is returned as [`TransportError::Remote`]).
+    fn send_and_receive<'c>(
+        &self,
+        conn: &'c mut Conn,
+        op: Op,
+        frame: &[u8],
+    ) -> Result<FrameParts<'c>, TransportError> {
+        conn.stream.write_all(frame).map_err(|e| self.io_err(e))?;
+        self.traffic.sent(frame.len());
 
         let mut prefix = [0u8; PREFIX_BYTES];
         conn.stream
@@ -251,19 +312,83 @@ impl TcpShardClient {
                 parts.op, parts.status
             )));
         }
-        parse(parts)
+        Ok(parts)
     }
 
     /// One call on a pooled connection: `encode` starts the request frame (a codec's
     /// `encode_request`, or [`header_only`]), `parse` reads the answer.
+    ///
+    /// A request that may be sent again (every one but a checkpoint, an assignment and an RDMA
+    /// connect; pushes carry their origin) is retried on a new connection after an I/O error
+    /// until the deadline: the same bytes each time, so a push keeps its number.
     fn call<R>(
         &self,
         op: Op,
         encode: impl FnOnce(&mut Vec<u8>),
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
-        let mut conn = self.take()?;
-        let result = self.exchange(&mut conn, op, encode, parse);
+        let frame = self.frame(encode)?;
+        let again = !matches!(op, Op::Checkpoint | Op::Assign | Op::RdmaConnect);
+        let start = Instant::now();
+        let deadline = self.config.deadline;
+        let mut parse = Some(parse);
+        let mut backoff = Duration::from_millis(10);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let left = deadline.saturating_sub(start.elapsed());
+            let result = self.attempt(op, &frame, left, &mut parse);
+            let error = match result {
+                Err(e @ TransportError::Io { .. }) => e,
+                other => return other,
+            };
+            let waited = start.elapsed();
+            if !again || waited + backoff >= deadline {
+                let TransportError::Io { source, .. } = error else {
+                    unreachable!("only I/O errors are retried")
+                };
+                return Err(self.io_err(io::Error::new(
+                    source.kind(),
+                    format!(
+                        "{source} ({attempts} attempt{} over {:.1} s; the deadline is {:.1} s)",
+                        if attempts == 1 { "" } else { "s" },
+                        waited.as_secs_f64(),
+                        deadline.as_secs_f64()
+                    ),
+                )));
+            }
+            tracing::debug!(shard = %self.addr, ?op, attempts, error = %error, "sending the request again");
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// One try of a call: a pooled or new connection whose timeouts end within `left`.
+    fn attempt<R, P>(
+        &self,
+        op: Op,
+        frame: &[u8],
+        left: Duration,
+        parse: &mut Option<P>,
+    ) -> Result<R, TransportError>
+    where
+        P: FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
+    {
+        let left = left.max(Duration::from_millis(1));
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.open_within(left)?.0,
+        };
+        let limit = Some(self.config.io_timeout.map_or(left, |t| t.min(left)));
+        conn.stream
+            .set_read_timeout(limit)
+            .and_then(|()| conn.stream.set_write_timeout(limit))
+            .map_err(|e| self.io_err(e))?;
+        let result = self
+            .send_and_receive(&mut conn, op, frame)
+            .and_then(|parts| (parse.take().expect("an answer is parsed once"))(parts));
         match &result {
             Ok(_)
             | Err(TransportError::Remote { .. })
@@ -293,7 +418,10 @@ impl TcpShardClient {
         let push_rows = push.map_or(0, |p| p.keys.len() as u32);
         self.call(
             Op::PullIfStale,
-            |buf| codec::pull_if_stale::encode_request(buf, q),
+            |buf| {
+                let origin = push.and_then(|_| self.origin());
+                codec::pull_if_stale::encode_request(buf, q, origin)
+            },
             |p| {
                 let r = codec::pull_if_stale::decode_response(&p, keys.len())
                     .map_err(|e| self.malformed(e))?;
@@ -307,6 +435,7 @@ impl TcpShardClient {
                 Ok(PushResponse {
                     rows: push_rows,
                     updates: r.header.pushed_updates,
+                    duplicate: r.header.push_duplicate,
                 })
             },
         )
@@ -417,7 +546,7 @@ impl ShardTransport for TcpShardClient {
         }
         self.call(
             Op::Push,
-            |buf| codec::push::encode_request(buf, table, keys, counts, grads),
+            |buf| codec::push::encode_request(buf, table, keys, counts, grads, self.origin()),
             |p| self.header(p),
         )
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod embedded;
 pub mod optimizer;
 pub mod placement;
+pub mod sessions;
 pub mod shard;
 pub mod table;
 
@@ -56,6 +57,9 @@ pub enum StoreError {
     /// Bad daemon configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// A push number the shard no longer remembers.
+    #[error(transparent)]
+    Forgotten(#[from] sessions::Forgotten),
     /// A checkpoint that cannot be written or restored.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),

@@ -225,6 +225,10 @@ struct ServeArgs {
     /// File holding a token that every client's hello must carry.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    /// Seconds a client may be silent before this daemon forgets the numbers of its pushes (a
+    /// push it sends again after that is applied again).
+    #[arg(long, default_value_t = 3600.0)]
+    session_idle: f64,
 }
 
 fn main() -> Result<()> {
@@ -267,6 +271,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_memory: args
             .max_memory
             .unwrap_or_else(hetkv_store::shard::default_max_memory),
+        session_idle: seconds("--session-idle", args.session_idle)?,
     };
     let server_config = ServerConfig {
         max_frame: args
@@ -368,6 +373,7 @@ fn stats(args: &StatsArgs) -> Result<()> {
     let config = ClientConfig {
         connect_timeout: timeout,
         io_timeout: Some(timeout),
+        deadline: timeout,
         auth: read_token(args.auth_token_file.as_deref())?,
         ..ClientConfig::default()
     };

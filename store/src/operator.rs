@@ -22,6 +22,7 @@ fn connect(
     let config = ClientConfig {
         connect_timeout: timeout.min(std::time::Duration::from_secs(30)),
         io_timeout: Some(timeout),
+        deadline: timeout,
         auth: read_token(token)?,
         ..ClientConfig::default()
     };

@@ -18,6 +18,7 @@ use hetkv_transport::TableSpec;
 
 use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
 use crate::placement::Placement;
+use crate::sessions::{Claim, Sessions};
 use crate::table::Table;
 use crate::StoreError;
 
@@ -47,6 +48,9 @@ pub struct ShardConfig {
     pub max_memory: u64,
     /// Token a hello must carry, when set.
     pub auth_token: Option<String>,
+    /// How long a client may be silent before the shard forgets its push numbers (a repeat of
+    /// one of its pushes after that would be applied again).
+    pub session_idle: std::time::Duration,
 }
 
 impl ShardConfig {
@@ -62,6 +66,7 @@ impl ShardConfig {
             max_tables: DEFAULT_MAX_TABLES,
             max_memory: default_max_memory(),
             auth_token: None,
+            session_idle: crate::sessions::DEFAULT_IDLE,
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct Shard {
     checkpoints: Mutex<CheckpointBase>,
     /// The checkpoint being written, for the message that refuses a second one.
     writing: Mutex<Option<String>>,
+    /// The push numbers of each client, for exactly-once pushes.
+    sessions: Sessions,
 }
 
 /// The last checkpoint this shard committed or restored, with the tables it held: the parent of
@@ -151,6 +158,7 @@ impl Shard {
                     .into(),
             ));
         }
+        let idle = config.session_idle;
         Ok(Self {
             #[cfg(feature = "rdma")]
             registered: Mutex::new(HashMap::new()),
@@ -163,6 +171,7 @@ impl Shard {
             counters: ServerCounters::default(),
             checkpoints: Mutex::new(CheckpointBase::default()),
             writing: Mutex::new(None),
+            sessions: Sessions::new(idle),
         })
     }
 
@@ -273,6 +282,11 @@ impl Shard {
         Ok((table, true))
     }
 
+    /// Numbered pushes received again and acknowledged without being applied twice.
+    pub fn repeated_pushes(&self) -> u64 {
+        self.sessions.repeats()
+    }
+
     /// Tables in creation order.
     pub fn tables(&self) -> Vec<Arc<Table>> {
         self.registry().by_id.clone()
@@ -357,6 +371,8 @@ impl Shard {
         };
         let mut pending = dir.begin(name)?;
         let tables = self.tables();
+        // Every push claimed as applied here is in every row it touched.
+        let sessions = self.sessions.records();
         // From here on dirty bits are cleared: if this fails, no chain may continue from the old
         // parent, which lacks rows whose bits are gone.
         base.base = None;
@@ -379,7 +395,7 @@ impl Shard {
         }
         let identity = (self.config.shard, self.config.shards);
         let parent = parent.map(|(p, _)| p);
-        let manifest = pending.commit(dir.next_seq()?, parent.clone(), identity)?;
+        let manifest = pending.commit(dir.next_seq()?, parent.clone(), identity, sessions)?;
         base.base = Some((
             name.to_string(),
             tables.iter().map(|t| t.spec().name.clone()).collect(),
@@ -460,6 +476,7 @@ impl Shard {
             let clock = table.finish_restore()?;
             tracing::info!(table = %t.name, rows = table.local_rows(), clock, "restored table");
         }
+        self.sessions.restore(&manifest.sessions);
         base.base = Some((
             manifest.name.clone(),
             manifest.tables.iter().map(|t| t.name.clone()).collect(),
@@ -474,6 +491,7 @@ impl Shard {
         Ok(PushResponse {
             rows: locals.len() as u32,
             updates: locals.len() as u64,
+            duplicate: false,
         })
     }
 
@@ -520,9 +538,10 @@ impl Shard {
         if pushed.is_some() {
             codec::pull_if_stale::check_room(resp, locals_all.len(), t.spec().dim as usize)?;
         }
-        let pushed_updates = pushed
-            .map(|(p, locals)| t.apply_push(&locals, p.counts, p.grads))
-            .unwrap_or(0);
+        let (pushed_updates, push_duplicate) = match pushed {
+            Some((p, locals)) => self.apply_once(&t, req.header.origin, &locals, p)?,
+            None => (0, false),
+        };
         // The clock after the push and before any row: every update it does not count happened
         // after this moment.
         let table_clock = t.clock();
@@ -541,6 +560,7 @@ impl Shard {
             table_clock,
             since_held,
             pushed_updates,
+            push_duplicate,
         };
         let mut rows = codec::pull_if_stale::respond(resp, header, &stale)?;
         t.read_rows_into(&locals, &mut rows);
@@ -583,11 +603,39 @@ impl Shard {
         let t = self.table(&req.table)?;
         let r = &req.rows;
         let locals = t.validate_push(r.keys, r.counts, r.grads)?;
-        let updates = t.apply_push(&locals, r.counts, r.grads);
+        let (updates, duplicate) = self.apply_once(&t, req.origin, &locals, *r)?;
         Ok(PushResponse {
             rows: locals.len() as u32,
             updates,
+            duplicate,
         })
+    }
+
+    /// Applies validated push rows once per origin: a numbered push applied before is
+    /// acknowledged (its updates counted, `true`) without being applied again.
+    fn apply_once(
+        &self,
+        t: &Table,
+        origin: Option<hetkv_transport::wire::Origin>,
+        locals: &[u64],
+        rows: hetkv_transport::wire::PushRows<'_>,
+    ) -> Result<(u64, bool), StoreError> {
+        let Some(origin) = origin else {
+            return Ok((t.apply_push(locals, rows.counts, rows.grads), false));
+        };
+        match self.sessions.claim(origin)? {
+            Claim::Fresh(ticket) => {
+                let updates = t.apply_push(locals, rows.counts, rows.grads);
+                ticket.applied();
+                Ok((updates, false))
+            }
+            Claim::Repeat => {
+                let updates = (0..rows.counts.len())
+                    .map(|i| rows.counts.get_u32(i) as u64)
+                    .sum();
+                Ok((updates, true))
+            }
+        }
     }
 }
 
@@ -763,6 +811,7 @@ impl From<StoreError> for WireError {
             StoreError::Frame(w) => return w.clone(),
             StoreError::Io(_) | StoreError::Config(_) => ErrorCode::Internal,
             StoreError::Checkpoint(_) => ErrorCode::CheckpointFailed,
+            StoreError::Forgotten(_) => ErrorCode::SequenceForgotten,
         };
         WireError::new(code, e.to_string())
     }

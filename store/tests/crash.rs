@@ -96,8 +96,11 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
                 );
             }
         }
+        // A short deadline: the calls in flight at the kill fail soon instead of waiting for a
+        // daemon that is gone.
         let config = ClientConfig {
             io_timeout: Some(Duration::from_secs(30)),
+            deadline: Duration::from_secs(1),
             ..ClientConfig::default()
         };
         let client = Arc::new(TcpShardClient::connect(&d.addr, config).unwrap());

@@ -46,7 +46,12 @@ impl Stop for Daemon {
         for _ in 0..200 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(status.success(), "daemon exited with {status}");
-                return self.log.try_iter().collect();
+                // Everything it wrote, up to the end of its stderr.
+                let mut lines = Vec::new();
+                while let Ok(line) = self.log.recv_timeout(Duration::from_secs(10)) {
+                    lines.push(line);
+                }
+                return lines;
             }
             std::thread::sleep(Duration::from_millis(50));
         }

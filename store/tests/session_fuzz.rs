@@ -5,7 +5,7 @@
 use hetkv_store::{Shard, ShardConfig};
 use hetkv_transport::service::Session;
 use hetkv_transport::wire::{
-    self, put_f32s, put_u32s, put_u64s, split_body, CreateRequest, HelloRequest, Op,
+    self, put_f32s, put_u32s, put_u64s, split_body, CreateRequest, HelloRequest, Op, Origin,
     PullIfStaleRequest, PullRequest, PushRequest, PushResponse, ReadRequest, Since, Span, Status,
     TableRequest, MAGIC, PROTOCOL_VERSION,
 };
@@ -86,6 +86,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 bound: 1,
                 since: None,
                 push_rows: 0,
+                origin: None,
             },
             &stale,
         ),
@@ -101,6 +102,7 @@ fn seeds() -> Vec<Vec<u8>> {
                     max_foreign: 3,
                 }),
                 push_rows: 3,
+                origin: Some(Origin { client: 1, seq: 1 }),
             },
             &stale_push,
         ),
@@ -109,6 +111,7 @@ fn seeds() -> Vec<Vec<u8>> {
             &PushRequest {
                 table: t(),
                 rows: 3,
+                origin: Some(Origin { client: 1, seq: 2 }),
             },
             &push,
         ),
@@ -182,10 +185,15 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
             assert_eq!(parts.status, Status::Error as u8);
         } else if parts.op == Op::Push as u8 {
             let ack: PushResponse = wire::decode_header(parts.header).unwrap();
-            acked_updates += ack.updates;
+            // A repeat of a numbered push is acknowledged without being applied.
+            acked_updates += if ack.duplicate { 0 } else { ack.updates };
         } else if parts.op == Op::PullIfStale as u8 {
             let h: wire::PullIfStaleResponse = wire::decode_header(parts.header).unwrap();
-            acked_updates += h.pushed_updates;
+            acked_updates += if h.push_duplicate {
+                0
+            } else {
+                h.pushed_updates
+            };
         }
         if outcome.close {
             // A failed handshake ends the connection: start a new one.
@@ -195,7 +203,8 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
         }
     }
     // The shard is consistent: over every table (mutated creates make new ones, and mutated
-    // names push to them), row versions add up to the updates acknowledged, and every row reads
+    // names push to them), row versions add up to the updates acknowledged as applied (repeats
+    // of numbered pushes are acknowledged and not applied), and every row reads
     // back whole and finite.
     let mut versions = 0;
     for t in shard.tables() {

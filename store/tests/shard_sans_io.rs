@@ -85,7 +85,7 @@ impl Harness {
         grads: &[f32],
     ) -> Result<PushResponse, WireError> {
         let mut frame = Vec::new();
-        codec::push::encode_request(&mut frame, table, keys, counts, grads);
+        codec::push::encode_request(&mut frame, table, keys, counts, grads, None);
         let out = self.call_frame(frame)?;
         Ok(decode_header(split_body(&out[4..]).unwrap().header).unwrap())
     }
@@ -414,7 +414,7 @@ fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
             since: None,
             push,
         };
-        codec::pull_if_stale::encode_request(&mut frame, &q);
+        codec::pull_if_stale::encode_request(&mut frame, &q, None);
         h.call_frame(frame)
     };
     let grad = vec![1.0f32; 64];
@@ -432,4 +432,59 @@ fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
         stale(&mut h, None).is_ok(),
         "without a push the small answer is given"
     );
+}
+
+#[test]
+fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
+    let mut h = Harness::new(0, 1);
+    h.create(&spec("t", 2, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    let origin = |seq| Some(wire::Origin { client: 42, seq });
+    let numbered = |h: &mut Harness, seq: u64| -> PushResponse {
+        let mut frame = Vec::new();
+        codec::push::encode_request(&mut frame, "t", &[3, 3], &[1, 2], &[1.0; 4], origin(seq));
+        let out = h.call_frame(frame).unwrap();
+        decode_header(split_body(&out[4..]).unwrap().header).unwrap()
+    };
+    let first = numbered(&mut h, 1);
+    assert_eq!((first.updates, first.duplicate), (3, false));
+    let again = numbered(&mut h, 1);
+    assert_eq!((again.rows, again.updates, again.duplicate), (2, 3, true));
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![3], "applied once");
+    // A push carried by a conditional pull, sent twice: its rows once, the read both times.
+    let carried = |h: &mut Harness| {
+        let mut frame = Vec::new();
+        let q = StaleQuery {
+            table: "t",
+            keys: &[3],
+            clocks: &[0],
+            bound: 0,
+            since: None,
+            push: Some(PushRef {
+                keys: &[3],
+                counts: &[5],
+                grads: &[1.0, 1.0],
+            }),
+        };
+        codec::pull_if_stale::encode_request(&mut frame, &q, origin(2));
+        let out = h.call_frame(frame).unwrap();
+        let r = codec::pull_if_stale::decode_response(&split_body(&out[4..]).unwrap(), 1).unwrap();
+        (
+            r.header.pushed_updates,
+            r.header.push_duplicate,
+            r.versions.get(0),
+        )
+    };
+    assert_eq!(carried(&mut h), (5, false, 8));
+    assert_eq!(carried(&mut h), (5, true, 8));
+    // Unnumbered pushes are applied every time (old clients, tools).
+    h.push("t", &[3], &[1], &[1.0; 2]).unwrap();
+    h.push("t", &[3], &[1], &[1.0; 2]).unwrap();
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![10]);
+    // Another client's push 1 is its own.
+    let mut frame = Vec::new();
+    let other = Some(wire::Origin { client: 7, seq: 1 });
+    codec::push::encode_request(&mut frame, "t", &[3], &[1], &[1.0; 2], other);
+    h.call_frame(frame).unwrap();
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![11]);
 }

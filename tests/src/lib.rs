@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod proxy;
 pub mod sim;
 
 use std::io::{Read, Write};

@@ -168,10 +168,12 @@ impl SimShard {
             Some(p) => PushResponse {
                 rows: p.keys.len() as u32,
                 updates: self.apply(&mut s, p.keys, p.counts, p.grads),
+                duplicate: false,
             },
             None => PushResponse {
                 rows: 0,
                 updates: 0,
+                duplicate: false,
             },
         };
         out.table_clock = s.clock;
@@ -280,6 +282,7 @@ impl ShardTransport for SimShard {
         Ok(PushResponse {
             rows: keys.len() as u32,
             updates: self.apply(&mut s, keys, counts, grads),
+            duplicate: false,
         })
     }
 

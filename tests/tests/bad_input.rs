@@ -106,6 +106,7 @@ fn a_frame_cut_off_midway_by_a_departing_peer_changes_nothing() {
             &PushRequest {
                 table: "emb".into(),
                 rows: 4,
+                origin: None,
             },
         );
         let len_without_payload = frame.len();

@@ -357,7 +357,8 @@ fn pushes_apply_and_read_back(kind: &str) {
         carried.push,
         PushOutcome::Applied(PushResponse {
             rows: 1,
-            updates: 2
+            updates: 2,
+            duplicate: false,
         })
     );
     carried.read.unwrap();

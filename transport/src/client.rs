@@ -110,6 +110,12 @@ impl PushOutcome {
     /// The outcome of a push whose request failed with `error`.
     pub fn failed(error: &TransportError) -> Self {
         match error {
+            // The shard no longer knows whether it applied the push.
+            TransportError::Remote { error, .. }
+                if error.code == crate::wire::ErrorCode::SequenceForgotten =>
+            {
+                Self::Lost
+            }
             TransportError::Remote { .. } | TransportError::InvalidRequest { .. } => Self::Refused,
             TransportError::Io { .. } | TransportError::Protocol { .. } => Self::Lost,
         }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::service::Response;
 use crate::wire::{
     self, decode_header, le_array, put_f32s, put_u32s, put_u64s, split_payload, F32s, FrameError,
-    FrameParts, Op, PushRows, Status, U32s, U64s, WireError, SPAN_BYTES,
+    FrameParts, Op, Origin, PushRows, Status, U32s, U64s, WireError, SPAN_BYTES,
 };
 
 fn malformed(message: String) -> FrameError {
@@ -217,14 +217,15 @@ pub mod pull_if_stale {
     use crate::client::StaleQuery;
     use crate::wire::{PullIfStaleRequest, PullIfStaleResponse};
 
-    /// Starts a request frame for `q` in `out`.
-    pub fn encode_request(out: &mut Vec<u8>, q: &StaleQuery<'_>) {
+    /// Starts a request frame for `q` in `out`; `origin` numbers its push, if it carries one.
+    pub fn encode_request(out: &mut Vec<u8>, q: &StaleQuery<'_>, origin: Option<Origin>) {
         let req = PullIfStaleRequest {
             table: q.table.to_string(),
             keys: q.keys.len() as u32,
             bound: q.bound,
             since: q.since,
             push_rows: q.push.map_or(0, |p| p.keys.len() as u32),
+            origin: origin.filter(|_| q.push.is_some()),
         };
         wire::start_frame(out, Op::PullIfStale as u8, Status::Ok, &req);
         put_u64s(out, q.keys);
@@ -350,17 +351,19 @@ pub mod push {
     use super::*;
     use crate::wire::PushRequest;
 
-    /// Starts a request frame in `out`.
+    /// Starts a request frame in `out`; `origin` numbers it for exactly-once application.
     pub fn encode_request(
         out: &mut Vec<u8>,
         table: &str,
         keys: &[u64],
         counts: &[u32],
         grads: &[f32],
+        origin: Option<Origin>,
     ) {
         let req = PushRequest {
             table: table.to_string(),
             rows: keys.len() as u32,
+            origin,
         };
         wire::start_frame(out, Op::Push as u8, Status::Ok, &req);
         put_u64s(out, keys);
@@ -376,6 +379,8 @@ pub mod push {
         /// The rows (the gradient block's size depends on the table's dim, which the shard
         /// checks).
         pub rows: PushRows<'a>,
+        /// Who sent it.
+        pub origin: Option<Origin>,
     }
 
     /// Decodes a request frame.
@@ -384,6 +389,7 @@ pub mod push {
         Ok(Request {
             table: r.table,
             rows: PushRows::split(parts.payload, r.rows as usize)?,
+            origin: r.origin,
         })
     }
 }
@@ -471,7 +477,7 @@ mod tests {
             }),
         };
         let mut f = Vec::new();
-        pull_if_stale::encode_request(&mut f, &q);
+        pull_if_stale::encode_request(&mut f, &q, None);
         let r = pull_if_stale::decode_request(&parts(&mut f)).unwrap();
         assert_eq!(r.header.bound, 5);
         assert_eq!(r.clocks.iter().collect::<Vec<_>>(), vec![0, u64::MAX]);
@@ -480,7 +486,7 @@ mod tests {
         assert_eq!(p.grads.iter_f32().collect::<Vec<_>>(), vec![0.5, -1.0]);
 
         let mut f = Vec::new();
-        push::encode_request(&mut f, "t", &[7], &[1], &[2.0]);
+        push::encode_request(&mut f, "t", &[7], &[1], &[2.0], None);
         let r = push::decode_request(&parts(&mut f)).unwrap();
         assert_eq!(r.rows.keys.get(0), 7);
     }
@@ -510,6 +516,7 @@ mod tests {
             table_clock: 1,
             since_held: true,
             pushed_updates: 0,
+            push_duplicate: false,
         };
         let mut w = pull_if_stale::respond(&mut resp, header, &[2, 0]).unwrap();
         w.put(0, 1, &0f32.to_le_bytes());

@@ -22,7 +22,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -142,6 +142,9 @@ pub enum ErrorCode {
     /// A checkpoint could not be written (no data directory, a taken name, one already being
     /// written, an I/O error such as a full disk); nothing committed was lost.
     CheckpointFailed,
+    /// A push's sequence number is older than what the shard remembers of its client: whether
+    /// it was applied is unknown (the client reports it as lost, never as refused).
+    SequenceForgotten,
 }
 
 /// An error response.
@@ -424,6 +427,19 @@ pub struct PullIfStaleRequest {
     /// holds `push_rows` x u64 keys, `push_rows` x u32 counts and `push_rows` x `dim` f32 gradient
     /// sums. They are validated with the keys and applied before the clock is read.
     pub push_rows: u32,
+    /// Who sent the pushed rows, for exactly-once application of a request sent again.
+    pub origin: Option<Origin>,
+}
+
+/// The sender of a push and its number: a shard applies each `(client, seq)` once, and
+/// acknowledges a push it already applied without applying it again (docs/ARCHITECTURE.md,
+/// "Exactly-once pushes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    /// The client's id, random, the same on all its connections and reconnections.
+    pub client: u64,
+    /// The push's number among that client's pushes to this shard, from 1.
+    pub seq: u64,
 }
 
 /// A clock meaning "the client holds no copy": the row always comes back.
@@ -452,6 +468,9 @@ pub struct PullIfStaleResponse {
     pub since_held: bool,
     /// Updates applied from the rows pushed with the request.
     pub pushed_updates: u64,
+    /// Whether those rows had been applied already (the request was sent again): they were
+    /// acknowledged without being applied twice.
+    pub push_duplicate: bool,
 }
 
 /// Rows to push, as a server reads them from a payload.
@@ -493,6 +512,8 @@ pub struct PushRequest {
     pub table: String,
     /// Number of rows.
     pub rows: u32,
+    /// Who sent it, for exactly-once application of a request sent again.
+    pub origin: Option<Origin>,
 }
 
 /// Push response header.
@@ -502,6 +523,9 @@ pub struct PushResponse {
     pub rows: u32,
     /// Sum of the counts applied (the versions added).
     pub updates: u64,
+    /// Whether the push had been applied already (the request was sent again): it was
+    /// acknowledged without being applied twice.
+    pub duplicate: bool,
 }
 
 /// Checkpoint request header (no payload).

@@ -705,6 +705,10 @@ pub struct Manifest {
     pub created_unix_ms: u64,
     /// One entry per table, in creation order.
     pub tables: Vec<ManifestTable>,
+    /// The push numbers the shard remembered of each client when the copy began (exactly-once
+    /// pushes across a restore).
+    #[serde(default)]
+    pub sessions: Vec<crate::sessions::ClientRecord>,
 }
 
 /// A manifest's entry for one table file.
@@ -970,6 +974,11 @@ mod tests {
                 rows: 4,
                 bytes: 300,
                 crc32c: 0xdead_beef,
+            }],
+            sessions: vec![crate::sessions::ClientRecord {
+                client: 5,
+                floor: 2,
+                applied: vec![2, 4],
             }],
         };
         let bytes = m.encode();

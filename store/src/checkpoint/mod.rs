@@ -429,7 +429,7 @@ impl CheckpointDir {
             }
             pending.finish_table(&t.name, Kind::Full, w, clock)?;
         }
-        pending.commit(self.next_seq()?, None, identity)
+        pending.commit(self.next_seq()?, None, identity, last.sessions)
     }
 }
 
@@ -642,6 +642,7 @@ impl PendingCheckpoint {
         seq: u64,
         parent: Option<String>,
         (shard, shards): (u32, u32),
+        sessions: Vec<crate::sessions::ClientRecord>,
     ) -> Result<Manifest, CheckpointError> {
         fsync_dir(&self.dir)?;
         let manifest = Manifest {
@@ -659,6 +660,7 @@ impl PendingCheckpoint {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             tables: std::mem::take(&mut self.tables),
+            sessions,
         };
         let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
         let io = |e| CheckpointError::io(&tmp, e);

@@ -1,0 +1,168 @@
+//! Every push applied exactly once through a proxy that cuts connections inside frames (in both
+//! directions), stalls answers past the clients' I/O timeout, and delays bytes: 16 clients (half
+//! pushing directly, half through HET caches with bounds) against 3 shards, for a bounded time.
+//! Afterwards every row's version equals the updates the clients issued for it, so none was lost
+//! or applied twice, and no call waited past its deadline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind};
+use hetkv_fallback_tcp::ClientConfig;
+use hetkv_store::EmbeddedCluster;
+use hetkv_tests::proxy::{FaultProxy, Faults};
+use hetkv_tests::{sgd_table, TestRng};
+
+const ROWS: u64 = 3000;
+const DIM: usize = 4;
+const CLIENTS: usize = 16;
+
+#[test]
+fn pushes_through_a_cutting_stalling_proxy_are_applied_exactly_once() {
+    let cluster = EmbeddedCluster::start(3).unwrap();
+    let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let table = admin
+        .create_table(&sgd_table("emb", ROWS, DIM as u32, 0.001))
+        .unwrap();
+    let faults = Faults {
+        cut: 150,
+        stall: 400,
+        stall_for: Duration::from_millis(700),
+        delay: 50,
+    };
+    let proxies: Vec<FaultProxy> = cluster
+        .addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| FaultProxy::start(a, faults, 0xfa17 + i as u64))
+        .collect();
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let deadline = Duration::from_secs(20);
+    let config = ClientConfig {
+        io_timeout: Some(Duration::from_millis(400)),
+        connect_timeout: Duration::from_millis(400),
+        deadline,
+        ..ClientConfig::default()
+    };
+    let issued: Arc<Vec<AtomicU64>> = Arc::new((0..ROWS).map(|_| AtomicU64::new(0)).collect());
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..CLIENTS)
+        .map(|w| {
+            let (through, config, issued, slowest) = (
+                through.clone(),
+                config.clone(),
+                issued.clone(),
+                slowest.clone(),
+            );
+            std::thread::spawn(move || {
+                let client = Cluster::connect_tcp(&through, &config).unwrap();
+                let t = client.open_table("emb").unwrap();
+                let mut rng = TestRng(w as u64 * 7919 + 1);
+                let mut keys = Vec::new();
+                let timed = |f: &mut dyn FnMut()| {
+                    let at = Instant::now();
+                    f();
+                    let took = at.elapsed();
+                    let mut s = slowest.lock().unwrap();
+                    *s = (*s).max(took);
+                };
+                if w % 2 == 0 {
+                    // Direct pushes: each key of a batch once, count 1.
+                    for _ in 0..150 {
+                        keys.clear();
+                        keys.extend((0..16).map(|_| rng.below(ROWS)));
+                        keys.sort_unstable();
+                        keys.dedup();
+                        let grads = vec![0.5f32; keys.len() * DIM];
+                        timed(&mut || {
+                            t.push(&keys, &vec![1; keys.len()], &grads).unwrap();
+                        });
+                        for &k in &keys {
+                            issued[k as usize].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                } else {
+                    let mut cache = t.cached(CacheConfig {
+                        capacity: Capacity::Fraction(0.1),
+                        policy: PolicyKind::Lfu,
+                        pull_bound: Bound::updates(5),
+                        push_bound: Bound::updates(5),
+                    });
+                    let mut rows = vec![0f32; 16 * DIM];
+                    for _ in 0..150 {
+                        keys.clear();
+                        keys.extend((0..16).map(|_| rng.below(ROWS)));
+                        keys.sort_unstable();
+                        keys.dedup();
+                        let n = keys.len();
+                        timed(&mut || cache.lookup(&keys, &mut rows[..n * DIM]).unwrap());
+                        timed(&mut || cache.update(&keys, &vec![0.5; n * DIM]).unwrap());
+                        for &k in &keys {
+                            issued[k as usize].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    timed(&mut || cache.flush().unwrap());
+                }
+            })
+        })
+        .collect();
+    // Faults for a bounded time, then the links heal and the clients finish.
+    while start.elapsed() < Duration::from_secs(4) && !workers.iter().all(|h| h.is_finished()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxies.iter().for_each(FaultProxy::heal);
+    workers.into_iter().for_each(|h| h.join().unwrap());
+
+    let keys: Vec<u64> = (0..ROWS).collect();
+    let mut values = vec![0f32; keys.len() * DIM];
+    let mut versions = vec![0u64; keys.len()];
+    table.pull(&keys, &mut values, Some(&mut versions)).unwrap();
+    let wrong: Vec<(u64, u64, u64)> = keys
+        .iter()
+        .filter_map(|&k| {
+            let want = issued[k as usize].load(Ordering::Relaxed);
+            (versions[k as usize] != want).then_some((k, versions[k as usize], want))
+        })
+        .collect();
+    let cuts: u64 = proxies
+        .iter()
+        .map(|p| {
+            p.counts.cut_requests.load(Ordering::Relaxed)
+                + p.counts.cut_answers.load(Ordering::Relaxed)
+        })
+        .sum();
+    let answers_cut: u64 = proxies
+        .iter()
+        .map(|p| p.counts.cut_answers.load(Ordering::Relaxed))
+        .sum();
+    let stalls: u64 = proxies
+        .iter()
+        .map(|p| p.counts.stalls.load(Ordering::Relaxed))
+        .sum();
+    let repeats: u64 = (0..3).map(|i| cluster.shard(i).repeated_pushes()).sum();
+    println!(
+        "{cuts} cuts ({answers_cut} of answers), {stalls} stalls, {repeats} pushes received \
+         again and not applied twice; slowest call {:?}",
+        slowest.lock().unwrap()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} rows whose version is not the updates issued (key, version, issued): {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(
+        answers_cut > 0 && stalls > 0,
+        "the proxy cut answers and stalled links"
+    );
+    assert!(
+        repeats > 0,
+        "some acknowledgements were lost, so some pushes arrived twice"
+    );
+    assert!(
+        *slowest.lock().unwrap() < deadline,
+        "a call waited past its deadline"
+    );
+}
