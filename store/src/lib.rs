@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod embedded;
+pub mod metrics;
 pub mod optimizer;
 pub mod placement;
 pub mod sessions;

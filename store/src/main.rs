@@ -225,6 +225,9 @@ struct ServeArgs {
     /// File holding a token that every client's hello must carry.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
+    /// Serve the shard's metrics (Prometheus text format) at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Seconds a client may be silent before this daemon forgets the numbers of its pushes (a
     /// push it sends again after that is applied again).
     #[arg(long, default_value_t = 3600.0)]
@@ -318,6 +321,18 @@ fn serve(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
+        if let Some(at) = args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("binding the metrics listener {at}"))?;
+            let metrics_addr = listener.local_addr()?;
+            tracing::info!(addr = %metrics_addr, "serving metrics");
+            tokio::spawn(hetkv_store::metrics::serve_http(
+                listener,
+                shard.clone(),
+                shutdown_signal(),
+            ));
+        }
         let server = TcpServer::bind(args.listen, shard, server_config)
             .await
             .with_context(|| format!("binding {}", args.listen))?;

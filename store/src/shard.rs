@@ -17,6 +17,7 @@ use hetkv_transport::wire::{
 use hetkv_transport::TableSpec;
 
 use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
+use crate::metrics::{ShardMetrics, Totals};
 use crate::placement::Placement;
 use crate::sessions::{Claim, Sessions};
 use crate::table::Table;
@@ -119,6 +120,7 @@ pub struct Shard {
     writing: Mutex<Option<String>>,
     /// The push numbers of each client, for exactly-once pushes.
     sessions: Sessions,
+    metrics: ShardMetrics,
 }
 
 /// The last checkpoint this shard committed or restored, with the tables it held: the parent of
@@ -159,6 +161,7 @@ impl Shard {
             ));
         }
         let idle = config.session_idle;
+        let shard_index = config.shard;
         Ok(Self {
             #[cfg(feature = "rdma")]
             registered: Mutex::new(HashMap::new()),
@@ -172,6 +175,7 @@ impl Shard {
             checkpoints: Mutex::new(CheckpointBase::default()),
             writing: Mutex::new(None),
             sessions: Sessions::new(idle),
+            metrics: ShardMetrics::new(shard_index),
         })
     }
 
@@ -282,6 +286,42 @@ impl Shard {
         Ok((table, true))
     }
 
+    /// The shard's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        let totals = Totals {
+            frames: (c.requests.load(Relaxed), c.errors.load(Relaxed)),
+            bytes: (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed)),
+            connections: c.connections.load(Relaxed),
+            repeated_pushes: self.sessions.repeats(),
+            tables: self
+                .tables()
+                .iter()
+                .map(|t| {
+                    let s = t.stats();
+                    (s.name, s.rows_read, s.rows_pushed, s.updates)
+                })
+                .collect(),
+        };
+        self.metrics.encode(&totals)
+    }
+
+    /// Runs `f`, a request of `op` on `table`, and counts it in the metrics.
+    fn measured<T>(
+        &self,
+        op: &str,
+        table: &str,
+        f: impl FnOnce() -> Result<T, WireError>,
+    ) -> Result<T, WireError> {
+        let start = std::time::Instant::now();
+        let r = f();
+        let code = r.as_ref().err().map(|e| format!("{:?}", e.code));
+        self.metrics
+            .request(op, table, start.elapsed(), code.as_deref());
+        r
+    }
+
     /// Numbered pushes received again and acknowledged without being applied twice.
     pub fn repeated_pushes(&self) -> u64 {
         self.sessions.repeats()
@@ -330,8 +370,14 @@ impl Shard {
             }
         };
         *self.writing.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
+        let started = std::time::Instant::now();
         let result = self.write_checkpoint(&mut base, data_dir, name, incremental);
         *self.writing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.metrics.checkpoint(
+            result.is_ok(),
+            started.elapsed(),
+            result.as_ref().map_or(0, |r| r.bytes),
+        );
         match &result {
             Ok(r) => tracing::info!(
                 checkpoint = name,
@@ -707,10 +753,13 @@ impl ShardService for Shard {
     }
 
     fn create_table(&self, spec: TableSpec) -> Result<CreateResponse, WireError> {
-        let (table, created) = self.create(spec)?;
-        Ok(CreateResponse {
-            info: table.info(),
-            created,
+        let name = spec.name.clone();
+        self.measured("create_table", &name, || {
+            let (table, created) = self.create(spec)?;
+            Ok(CreateResponse {
+                info: table.info(),
+                created,
+            })
         })
     }
 
@@ -749,7 +798,7 @@ impl ShardService for Shard {
         req: codec::read::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
-        Ok(self.read_spans(req, resp)?)
+        self.measured("read", "", || Ok(self.read_spans(req, resp)?))
     }
 
     fn pull(
@@ -757,7 +806,7 @@ impl ShardService for Shard {
         req: &codec::pull::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
-        Ok(self.pull_rows(req, resp)?)
+        self.measured("pull", &req.table, || Ok(self.pull_rows(req, resp)?))
     }
 
     fn pull_if_stale(
@@ -765,19 +814,23 @@ impl ShardService for Shard {
         req: &codec::pull_if_stale::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
-        Ok(self.pull_stale(req, resp)?)
+        self.measured("pull_if_stale", &req.header.table, || {
+            Ok(self.pull_stale(req, resp)?)
+        })
     }
 
     fn push(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, WireError> {
-        Ok(self.push_rows(req)?)
+        self.measured("push", &req.table, || Ok(self.push_rows(req)?))
     }
 
     fn assign(&self, req: &codec::assign::Request<'_>) -> Result<PushResponse, WireError> {
-        Ok(self.assign_rows(req)?)
+        self.measured("assign", &req.table, || Ok(self.assign_rows(req)?))
     }
 
     fn checkpoint(&self, req: &CheckpointRequest) -> Result<CheckpointResponse, WireError> {
-        Ok(Shard::checkpoint(self, &req.name, req.incremental)?)
+        self.measured("checkpoint", "", || {
+            Ok(Shard::checkpoint(self, &req.name, req.incremental)?)
+        })
     }
 
     fn stats(&self) -> ShardStats {

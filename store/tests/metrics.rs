@@ -1,0 +1,132 @@
+//! `hetkv serve --metrics-listen`: the Prometheus text format over HTTP, counting what clients
+//! did, per operation, table and error code; other paths get 404, and peers that connect and
+//! leave without a request do not break the endpoint.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_transport::{Initializer, OptimizerSpec, ShardTransport, TableSpec};
+
+mod common;
+use common::{serve, Daemon};
+
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn the_metrics_endpoint_counts_requests_rows_errors_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = serve(&["--metrics-listen", "127.0.0.1:0", "--data-dir"]);
+    cmd.arg(dir.path());
+    let d = Daemon::start(cmd);
+    let metrics = d
+        .logged("serving metrics", "addr")
+        .expect("metrics address logged");
+    let c = TcpShardClient::connect(&d.addr, ClientConfig::default()).unwrap();
+    c.create_table(&TableSpec {
+        name: "ads".into(),
+        rows: 100,
+        dim: 2,
+        init: Initializer::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+    })
+    .unwrap();
+    for _ in 0..3 {
+        c.push("ads", &[1, 2], &[1, 2], &[0.5; 4]).unwrap();
+    }
+    let (mut v, mut rows) = (Vec::new(), Vec::new());
+    c.pull("ads", &[1, 2, 3], &mut v, &mut rows).unwrap();
+    assert!(c.pull("ads", &[1000], &mut v, &mut rows).is_err());
+    c.checkpoint("one", false).unwrap();
+    // Peers that connect and leave without a request.
+    let _silent: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(&metrics).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(_silent);
+    let reply = get(&metrics, "/metrics");
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    let push = r#"{op="push",table="ads"}"#;
+    assert_eq!(
+        value(&reply, &format!("hetkv_requests_total{push}")),
+        Some(3.0),
+        "{reply}"
+    );
+    assert_eq!(
+        value(&reply, &format!("hetkv_request_seconds_count{push}")),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(
+            &reply,
+            r#"hetkv_request_errors_total{op="pull",code="KeyOutOfRange"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&reply, r#"hetkv_rows_pushed_total{table="ads"}"#),
+        Some(6.0)
+    );
+    assert_eq!(
+        value(&reply, r#"hetkv_updates_total{table="ads"}"#),
+        Some(9.0)
+    );
+    assert_eq!(
+        value(&reply, r#"hetkv_rows_read_total{table="ads"}"#),
+        Some(3.0)
+    );
+    assert_eq!(
+        value(&reply, r#"hetkv_checkpoints_total{outcome="committed"}"#),
+        Some(1.0)
+    );
+    assert!(value(&reply, "hetkv_bytes_in_total").unwrap() > 0.0);
+    assert_eq!(value(&reply, "hetkv_tables"), Some(1.0));
+    assert!(get(&metrics, "/other").starts_with("HTTP/1.1 404"));
+
+    // Every series the Grafana dashboard queries is one this endpoint serves.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/grafana/hetkv.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("hetkv_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.push(name);
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    for name in queried {
+        assert!(
+            reply.lines().any(|l| l.starts_with(&name)),
+            "the dashboard queries {name}, which the endpoint does not serve"
+        );
+    }
+}
