@@ -74,6 +74,8 @@ pub struct TcpShardClient {
     hello: HelloResponse,
     pool: Mutex<Vec<Conn>>,
     traffic: TrafficCounters,
+    /// Request buffers kept for reuse: a call encodes into one and keeps it across its retries.
+    frames: Mutex<Vec<Vec<u8>>>,
     /// This client's id in the origins of its pushes; the same on every connection.
     client_id: u64,
     next_seq: AtomicU64,
@@ -120,6 +122,7 @@ impl TcpShardClient {
             },
             pool: Mutex::new(Vec::new()),
             traffic: TrafficCounters::default(),
+            frames: Mutex::new(Vec::new()),
             client_id: u64::from_le_bytes(
                 auth::nonce().map_err(io_err)?[..8]
                     .try_into()
@@ -246,7 +249,12 @@ impl TcpShardClient {
 
     /// A request frame, encoded by `encode` and checked against the frame limits.
     fn frame(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<Vec<u8>, TransportError> {
-        let mut frame = Vec::new();
+        let mut frame = self
+            .frames
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
         encode(&mut frame);
         let send_max = self.hello.max_frame.min(self.config.max_frame);
         wire::finish_frame(&mut frame, send_max).map_err(|e| TransportError::InvalidRequest {
@@ -328,6 +336,27 @@ impl TcpShardClient {
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
         let frame = self.frame(encode)?;
+        let result = self.send_until_deadline(op, &frame, parse);
+        self.recycle(frame);
+        result
+    }
+
+    /// Keeps a request buffer for the next call (a few, of up to 4 MiB each).
+    fn recycle(&self, frame: Vec<u8>) {
+        let mut spare = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < 16 && frame.capacity() <= 4 << 20 {
+            spare.push(frame);
+        }
+    }
+
+    /// Sends `frame` and parses its answer, on new connections after I/O errors, until the
+    /// deadline (see [`Self::call`]).
+    fn send_until_deadline<R>(
+        &self,
+        op: Op,
+        frame: &[u8],
+        parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
         let again = !matches!(op, Op::Checkpoint | Op::Assign | Op::RdmaConnect);
         let start = Instant::now();
         let deadline = self.config.deadline;
@@ -337,7 +366,7 @@ impl TcpShardClient {
         loop {
             attempts += 1;
             let left = deadline.saturating_sub(start.elapsed());
-            let result = self.attempt(op, &frame, left, &mut parse);
+            let result = self.attempt(op, frame, left, &mut parse);
             let error = match result {
                 Err(e @ TransportError::Io { .. }) => e,
                 other => return other,
