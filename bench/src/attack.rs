@@ -112,6 +112,7 @@ fn greeted(addr: &str) -> Result<TcpStream> {
         version: wire::PROTOCOL_VERSION,
         auth: Some(hetkv_transport::auth::respond(TOKEN, &c.nonce)),
         client: "attack bench".into(),
+        client_id: None,
     };
     wire::start_frame(&mut frame, Op::Hello as u8, Status::Ok, &hello);
     wire::finish_frame(&mut frame, u32::MAX)?;

@@ -134,7 +134,8 @@ impl CachedTable {
                     Ok(a) => a,
                     Err(e) => (PushOutcome::Lost, Err(e)),
                 };
-                if let Err(e) = self.core.on_reply(s, push, read.as_ref().ok()) {
+                let incarnation = cluster.shard(s).incarnation();
+                if let Err(e) = self.core.on_reply(s, push, read.as_ref().ok(), incarnation) {
                     first_error.get_or_insert(ClientError::InconsistentCluster(format!(
                         "{}: {e}",
                         cluster.shard(s).addr()

@@ -249,6 +249,14 @@ impl Cluster {
         })
     }
 
+    /// What this client has seen of the shards' restarts, summed over shards: restarts noticed,
+    /// and the acknowledged pushes the restarted shards no longer hold.
+    pub fn restarts(&self) -> hetkv_transport::Restarts {
+        self.shards
+            .iter()
+            .fold(Default::default(), |acc, s| acc.plus(&s.restarts()))
+    }
+
     /// Bytes moved by this client's transports, summed over shards.
     pub fn traffic(&self) -> Traffic {
         self.shards.iter().fold(Traffic::default(), |acc, s| {

@@ -38,6 +38,16 @@ pub struct CacheStats {
     pub not_admitted: u64,
     /// Gradient rows given to `update`, duplicates included.
     pub updates: u64,
+    /// Restarts of a shard noticed (its incarnation changed between two answers).
+    pub restarts: u64,
+    /// Lines marked for reading again because their shard restarted.
+    pub lines_revalidated: u64,
+    /// Lines read again after a restart whose server version was below the one they had seen
+    /// (the shard restored an earlier state).
+    pub rows_went_back: u64,
+    /// Unpushed updates held in lines of a restarted shard: kept, and pushed to the new
+    /// incarnation (which never saw them).
+    pub updates_kept: u64,
     /// Bytes sent by this client's transports, framing included.
     pub bytes_sent: u64,
     /// Bytes received by this client's transports, framing included.
@@ -100,6 +110,10 @@ impl CacheStats {
             write_throughs: f(self.write_throughs, o.write_throughs),
             not_admitted: f(self.not_admitted, o.not_admitted),
             updates: f(self.updates, o.updates),
+            restarts: f(self.restarts, o.restarts),
+            lines_revalidated: f(self.lines_revalidated, o.lines_revalidated),
+            rows_went_back: f(self.rows_went_back, o.rows_went_back),
+            updates_kept: f(self.updates_kept, o.updates_kept),
             bytes_sent: f(self.bytes_sent, o.bytes_sent),
             bytes_received: f(self.bytes_received, o.bytes_received),
             time: PhaseTimes {

@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hetkv_transport::client::{
-    Carried, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
+    Carried, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters,
+    TransportError,
 };
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
@@ -23,6 +24,8 @@ use hetkv_transport::wire::{
 };
 use hetkv_transport::{auth, codec};
 use serde::{de::DeserializeOwned, Serialize};
+
+use crate::ledger::PushLedger;
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -80,6 +83,10 @@ pub struct TcpShardClient {
     client_id: u64,
     next_seq: AtomicU64,
     retries: AtomicU64,
+    /// The incarnation in the latest answer.
+    incarnation: AtomicU64,
+    /// The pushes acknowledged by the current incarnation, and what restarts cost.
+    ledger: Mutex<PushLedger>,
 }
 
 impl std::fmt::Debug for TcpShardClient {
@@ -119,6 +126,8 @@ impl TcpShardClient {
                 max_frame: wire::DEFAULT_MAX_FRAME,
                 server: String::new(),
                 shm_dir: None,
+                incarnation: 0,
+                pushes: None,
             },
             pool: Mutex::new(Vec::new()),
             traffic: TrafficCounters::default(),
@@ -130,6 +139,8 @@ impl TcpShardClient {
             ),
             next_seq: AtomicU64::new(1),
             retries: AtomicU64::new(0),
+            incarnation: AtomicU64::new(0),
+            ledger: Mutex::new(PushLedger::default()),
         };
         // A daemon that is starting, restarting or unreachable for a moment: try again, within
         // the deadline.
@@ -169,6 +180,17 @@ impl TcpShardClient {
             client: self.client_id,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, PushLedger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Push `seq` of `rows` rows was acknowledged in an answer of `incarnation`.
+    fn acknowledged(&self, seq: Option<u64>, rows: usize, incarnation: u64) {
+        if let Some(seq) = seq {
+            self.ledger().acknowledged(seq, rows as u64, incarnation);
+        }
     }
 
     fn io_err(&self, source: io::Error) -> TransportError {
@@ -223,6 +245,7 @@ impl TcpShardClient {
             version: self.config.protocol_version,
             auth,
             client: self.config.name.clone(),
+            client_id: Some(self.client_id),
         };
         let frame = self.frame(header_only(Op::Hello, &hello))?;
         let reply: HelloResponse =
@@ -233,6 +256,21 @@ impl TcpShardClient {
                 reply.version
             )));
         }
+        let mut ledger = self.ledger();
+        let before = ledger.restarts();
+        if ledger.greeted(reply.incarnation, reply.pushes.clone()) {
+            let now = ledger.restarts();
+            tracing::warn!(
+                shard = %self.addr,
+                incarnation = format!("{:016x}", reply.incarnation),
+                pushes_rolled_back = now.pushes_rolled_back - before.pushes_rolled_back,
+                rows_rolled_back = now.rows_rolled_back - before.rows_rolled_back,
+                pushes_unknown = now.pushes_unknown - before.pushes_unknown,
+                "the shard restarted"
+            );
+        }
+        self.incarnation.store(reply.incarnation, Ordering::Release);
+        drop(ledger);
         Ok((conn, reply))
     }
 
@@ -307,6 +345,10 @@ impl TcpShardClient {
         }
         self.traffic.received(PREFIX_BYTES + got);
         let parts = split_response(&conn.recv).map_err(|e| self.protocol(e.to_string()))?;
+        if op != Op::Hello && op != Op::Challenge {
+            // A hello's incarnation is taken with what it says of the pushes (open_within).
+            self.incarnation.store(parts.incarnation, Ordering::Release);
+        }
         if parts.status == Status::Error as u8 {
             let error: WireError = self.header(parts)?;
             return Err(TransportError::Remote {
@@ -445,13 +487,16 @@ impl TcpShardClient {
             });
         }
         let push_rows = push.map_or(0, |p| p.keys.len() as u32);
+        let seq = std::cell::Cell::new(None);
         self.call(
             Op::PullIfStale,
             |buf| {
                 let origin = push.and_then(|_| self.origin());
+                seq.set(origin.map(|o| o.seq));
                 codec::pull_if_stale::encode_request(buf, q, origin)
             },
             |p| {
+                self.acknowledged(seq.get(), push_rows as usize, p.incarnation);
                 let r = codec::pull_if_stale::decode_response(&p, keys.len())
                     .map_err(|e| self.malformed(e))?;
                 out.indices.clear();
@@ -573,10 +618,18 @@ impl ShardTransport for TcpShardClient {
                 message: format!("{} keys but {} counts", keys.len(), counts.len()),
             });
         }
+        let seq = std::cell::Cell::new(None);
         self.call(
             Op::Push,
-            |buf| codec::push::encode_request(buf, table, keys, counts, grads, self.origin()),
-            |p| self.header(p),
+            |buf| {
+                let origin = self.origin();
+                seq.set(origin.map(|o| o.seq));
+                codec::push::encode_request(buf, table, keys, counts, grads, origin)
+            },
+            |p| {
+                self.acknowledged(seq.get(), keys.len(), p.incarnation);
+                self.header(p)
+            },
         )
     }
 
@@ -613,6 +666,14 @@ impl ShardTransport for TcpShardClient {
 
     fn traffic(&self) -> Traffic {
         self.traffic.snapshot()
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Acquire)
+    }
+
+    fn restarts(&self) -> Restarts {
+        self.ledger().restarts()
     }
 
     fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {

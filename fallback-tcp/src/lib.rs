@@ -6,6 +6,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod client;
+pub mod ledger;
 pub mod server;
 
 pub use client::{ClientConfig, TcpShardClient};

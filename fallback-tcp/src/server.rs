@@ -315,7 +315,7 @@ async fn serve_connection(
                 ServerCounters::add(&counters.requests, 1);
                 ServerCounters::add(&counters.errors, 1);
                 let err = WireError::new(code, e.to_string());
-                wire::start_frame(&mut out, 0, Status::Error, &err);
+                wire::start_response(&mut out, 0, Status::Error, service.incarnation(), &err);
                 let _ = wire::finish_frame(&mut out, u32::MAX);
                 let _ = tokio::time::timeout(config.write_timeout, wr.write_all(&out)).await;
                 return End::Error(format!("refused frame: {e}"));

@@ -13,6 +13,7 @@ use hetkv_fallback_tcp::{ClientConfig, ServerConfig, TcpServer, TcpShardClient};
 use hetkv_store::shard::DEFAULT_MAX_TABLE_BYTES;
 use hetkv_store::{DaemonConfig, Shard, ShardConfig};
 use hetkv_transport::wire::DEFAULT_MAX_FRAME;
+use hetkv_transport::ShardService as _;
 use hetkv_transport::{ShardStats, ShardTransport};
 
 #[derive(Parser, Debug)]
@@ -333,11 +334,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                 shutdown_signal(),
             ));
         }
+        let incarnation = format!("{:016x}", shard.incarnation());
         let server = TcpServer::bind(args.listen, shard, server_config)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = server.local_addr()?;
-        tracing::info!(%addr, shard = args.shard, shards = args.shards, "listening");
+        tracing::info!(%addr, shard = args.shard, shards = args.shards, %incarnation, "listening");
         if !addr.ip().is_loopback() && !authenticated {
             tracing::warn!(
                 %addr,

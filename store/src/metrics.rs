@@ -48,6 +48,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Labels of the incarnation info metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IncarnationLabels {
+    /// The daemon's incarnation, 16 hex digits.
+    pub incarnation: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn request_histogram() -> Histogram {
@@ -75,6 +82,7 @@ pub struct ShardMetrics {
     checkpoint_bytes: Counter,
     tables: Gauge,
     shard: Gauge,
+    incarnation: Family<IncarnationLabels, Gauge>,
     lock: Mutex<()>,
 }
 
@@ -104,6 +112,8 @@ pub struct Totals {
     pub repeated_pushes: u64,
     /// Per table: rows read, rows pushed, updates applied.
     pub tables: Vec<(String, u64, u64, u64)>,
+    /// The daemon's incarnation.
+    pub incarnation: u64,
 }
 
 fn mirror(c: &Counter, total: u64) {
@@ -201,6 +211,13 @@ impl ShardMetrics {
         );
         registry.register("tables", "Tables on this shard", tables.clone());
         registry.register("shard", "This shard's index", shard_gauge.clone());
+        let incarnation = Family::<IncarnationLabels, Gauge>::default();
+        registry.register(
+            "incarnation",
+            "This daemon's incarnation (the label; the value is 1): it changes at every start \
+             and restore",
+            incarnation.clone(),
+        );
         Self {
             registry,
             requests,
@@ -212,6 +229,7 @@ impl ShardMetrics {
             checkpoint_bytes,
             tables,
             shard: shard_gauge,
+            incarnation,
             lock: Mutex::new(()),
         }
     }
@@ -268,6 +286,13 @@ impl ShardMetrics {
         }
         self.tables.set(totals.tables.len() as i64);
         let _ = &self.shard;
+        let label = IncarnationLabels {
+            incarnation: format!("{:016x}", totals.incarnation),
+        };
+        if self.incarnation.get(&label).is_none() {
+            self.incarnation.clear();
+            self.incarnation.get_or_create(&label).set(1);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("encoding into a String cannot fail");

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hetkv_transport::wire::Origin;
+use hetkv_transport::wire::{AppliedPushes, Origin};
 use serde::{Deserialize, Serialize};
 
 /// Applied push numbers remembered per client.
@@ -202,6 +202,15 @@ impl Sessions {
         out
     }
 
+    /// What is remembered of client `client`'s pushes (`None` for a client unknown here).
+    pub fn applied_of(&self, client: u64) -> Option<AppliedPushes> {
+        let clients = self.lock();
+        clients.get(&client).map(|c| AppliedPushes {
+            floor: c.floor,
+            applied: c.applied.iter().copied().collect(),
+        })
+    }
+
     /// Replaces what is remembered with a checkpoint's records (at restore, before serving).
     pub fn restore(&self, records: &[ClientRecord]) {
         let now = Instant::now();
@@ -278,6 +287,9 @@ mod tests {
         assert_eq!(err.floor, 11);
         assert!(matches!(s.claim(origin(11)).unwrap(), Claim::Repeat));
         let kept = s.records();
+        let known = s.applied_of(7).unwrap();
+        assert_eq!((known.floor, known.applied.len()), (11, WINDOW));
+        assert!(s.applied_of(99).is_none());
         let r = Sessions::new(DEFAULT_IDLE);
         r.restore(&kept);
         assert!(matches!(r.claim(origin(11)).unwrap(), Claim::Repeat));

@@ -121,6 +121,8 @@ pub struct Shard {
     /// The push numbers of each client, for exactly-once pushes.
     sessions: Sessions,
     metrics: ShardMetrics,
+    /// Random, drawn when the shard is built (at every daemon start) and again by a restore.
+    incarnation: std::sync::atomic::AtomicU64,
 }
 
 /// The last checkpoint this shard committed or restored, with the tables it held: the parent of
@@ -176,6 +178,7 @@ impl Shard {
             writing: Mutex::new(None),
             sessions: Sessions::new(idle),
             metrics: ShardMetrics::new(shard_index),
+            incarnation: std::sync::atomic::AtomicU64::new(fresh_incarnation()?),
         })
     }
 
@@ -303,6 +306,7 @@ impl Shard {
                     (s.name, s.rows_read, s.rows_pushed, s.updates)
                 })
                 .collect(),
+            incarnation: self.incarnation(),
         };
         self.metrics.encode(&totals)
     }
@@ -523,6 +527,8 @@ impl Shard {
             tracing::info!(table = %t.name, rows = table.local_rows(), clock, "restored table");
         }
         self.sessions.restore(&manifest.sessions);
+        self.incarnation
+            .store(fresh_incarnation()?, std::sync::atomic::Ordering::Release);
         base.base = Some((
             manifest.name.clone(),
             manifest.tables.iter().map(|t| t.name.clone()).collect(),
@@ -710,9 +716,25 @@ struct RdmaRegistration {
     clock: hetkv_transport::rdma::MemoryRegion,
 }
 
+/// A random incarnation, never 0 (which clients read as "none seen yet").
+fn fresh_incarnation() -> Result<u64, StoreError> {
+    let nonce = hetkv_transport::auth::nonce()
+        .map_err(|e| StoreError::Config(format!("no random incarnation: {e}")))?;
+    let value = u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes"));
+    Ok(value.max(1))
+}
+
 impl ShardService for Shard {
     fn identity(&self) -> (u32, u32) {
         (self.config.shard, self.config.shards)
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn applied_pushes(&self, client: u64) -> Option<hetkv_transport::wire::AppliedPushes> {
+        self.sessions.applied_of(client)
     }
 
     #[cfg(feature = "rdma")]

@@ -5,7 +5,7 @@
 use hetkv_store::{Shard, ShardConfig};
 use hetkv_transport::service::Session;
 use hetkv_transport::wire::{
-    self, put_f32s, put_u32s, put_u64s, split_body, CreateRequest, HelloRequest, Op, Origin,
+    self, put_f32s, put_u32s, put_u64s, split_response, CreateRequest, HelloRequest, Op, Origin,
     PullIfStaleRequest, PullRequest, PushRequest, PushResponse, ReadRequest, Since, Span, Status,
     TableRequest, MAGIC, PROTOCOL_VERSION,
 };
@@ -158,6 +158,7 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
             version: PROTOCOL_VERSION,
             auth: None,
             client: "fuzz".into(),
+            client_id: None,
         },
         &[],
     );
@@ -179,7 +180,7 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
         // Every answer is a frame whose length prefix matches and whose body splits.
         let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
         assert_eq!(len + 4, out.len(), "answer {i}: length prefix");
-        let parts = split_body(&out[4..]).unwrap_or_else(|e| panic!("answer {i}: {e}"));
+        let parts = split_response(&out[4..]).unwrap_or_else(|e| panic!("answer {i}: {e}"));
         if outcome.error.is_some() {
             refused += 1;
             assert_eq!(parts.status, Status::Error as u8);

@@ -5,8 +5,8 @@ use hetkv_store::{Shard, ShardConfig};
 use hetkv_transport::codec;
 use hetkv_transport::service::Session;
 use hetkv_transport::wire::{
-    self, decode_header, split_body, CreateRequest, CreateResponse, ErrorCode, HelloRequest, Op,
-    PushResponse, Status, WireError, MAGIC, PROTOCOL_VERSION,
+    self, decode_header, split_response, CreateRequest, CreateResponse, ErrorCode, HelloRequest,
+    Op, PushResponse, Status, WireError, MAGIC, PROTOCOL_VERSION,
 };
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 use hetkv_transport::{PushRef, StaleQuery};
@@ -28,6 +28,7 @@ impl Harness {
             version: PROTOCOL_VERSION,
             auth: None,
             client: "test".into(),
+            client_id: None,
         };
         h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
         h
@@ -44,7 +45,7 @@ impl Harness {
         wire::start_frame(&mut frame, op, Status::Ok, header);
         frame.extend_from_slice(payload);
         self.call_frame(frame).map(|out| {
-            let parts = split_body(&out[4..]).unwrap();
+            let parts = split_response(&out[4..]).unwrap();
             (parts.header.to_vec(), parts.payload.to_vec())
         })
     }
@@ -55,7 +56,7 @@ impl Harness {
         wire::finish_frame(&mut frame, u32::MAX).unwrap();
         let mut out = Vec::new();
         self.session.on_frame(&self.shard, &frame[4..], &mut out);
-        let parts = split_body(&out[4..]).unwrap();
+        let parts = split_response(&out[4..]).unwrap();
         if parts.status == Status::Error as u8 {
             return Err(decode_header(parts.header).unwrap());
         }
@@ -87,14 +88,14 @@ impl Harness {
         let mut frame = Vec::new();
         codec::push::encode_request(&mut frame, table, keys, counts, grads, None);
         let out = self.call_frame(frame)?;
-        Ok(decode_header(split_body(&out[4..]).unwrap().header).unwrap())
+        Ok(decode_header(split_response(&out[4..]).unwrap().header).unwrap())
     }
 
     fn pull(&mut self, table: &str, keys: &[u64]) -> Result<(Vec<u64>, Vec<f32>), WireError> {
         let mut frame = Vec::new();
         codec::pull::encode_request(&mut frame, table, keys);
         let out = self.call_frame(frame)?;
-        let reply = codec::pull::decode_response(&split_body(&out[4..]).unwrap(), keys.len())
+        let reply = codec::pull::decode_response(&split_response(&out[4..]).unwrap(), keys.len())
             .expect("a well-formed answer");
         Ok((
             reply.versions.iter().collect(),
@@ -350,6 +351,7 @@ fn the_first_frame_must_be_a_hello_of_this_version() {
         version: PROTOCOL_VERSION + 1,
         auth: None,
         client: "x".into(),
+        client_id: None,
     };
     wire::start_frame(&mut frame, Op::Hello as u8, Status::Ok, &future);
     wire::finish_frame(&mut frame, u32::MAX).unwrap();
@@ -374,6 +376,7 @@ fn responses_above_the_frame_limit_are_refused_before_being_built() {
         version: PROTOCOL_VERSION,
         auth: None,
         client: "t".into(),
+        client_id: None,
     };
     h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
     h.create(&spec("t", 64, OptimizerSpec::Sgd { lr: 1.0 }))
@@ -396,6 +399,7 @@ fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
         version: PROTOCOL_VERSION,
         auth: None,
         client: "t".into(),
+        client_id: None,
     };
     h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
     h.create(&spec("t", 64, OptimizerSpec::Sgd { lr: 1.0 }))
@@ -444,7 +448,7 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
         let mut frame = Vec::new();
         codec::push::encode_request(&mut frame, "t", &[3, 3], &[1, 2], &[1.0; 4], origin(seq));
         let out = h.call_frame(frame).unwrap();
-        decode_header(split_body(&out[4..]).unwrap().header).unwrap()
+        decode_header(split_response(&out[4..]).unwrap().header).unwrap()
     };
     let first = numbered(&mut h, 1);
     assert_eq!((first.updates, first.duplicate), (3, false));
@@ -468,7 +472,8 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
         };
         codec::pull_if_stale::encode_request(&mut frame, &q, origin(2));
         let out = h.call_frame(frame).unwrap();
-        let r = codec::pull_if_stale::decode_response(&split_body(&out[4..]).unwrap(), 1).unwrap();
+        let r =
+            codec::pull_if_stale::decode_response(&split_response(&out[4..]).unwrap(), 1).unwrap();
         (
             r.header.pushed_updates,
             r.header.push_duplicate,

@@ -11,7 +11,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use hetkv_transport::wire::{
-    self, decode_header, split_body, HelloRequest, Op, Status, WireError, MAGIC, PROTOCOL_VERSION,
+    self, decode_header, split_response, HelloRequest, Op, Status, WireError, MAGIC,
+    PROTOCOL_VERSION,
 };
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 use serde::Serialize;
@@ -61,6 +62,7 @@ impl RawConn {
             version: PROTOCOL_VERSION,
             auth: None,
             client: "raw test".into(),
+            client_id: None,
         };
         c.send(Op::Hello as u8, &hello, &[]);
         let r = c.recv().expect("hello response");
@@ -89,7 +91,7 @@ impl RawConn {
         let len = u32::from_le_bytes(prefix) as usize;
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).expect("body");
-        let parts = split_body(&body).expect("well-formed response");
+        let parts = split_response(&body).expect("well-formed response");
         Some(RawResponse {
             op: parts.op,
             status: parts.status,

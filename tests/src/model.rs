@@ -71,6 +71,12 @@ pub struct Outcome {
     pub clock_retries: u64,
     /// Lookups that failed (only with faults).
     pub failed_lookups: u64,
+    /// Shards restarted ([`run_with_restarts`]).
+    pub restarts: u64,
+    /// Restarts the caches noticed, over all caches.
+    pub restarts_noticed: u64,
+    /// Lines read again after a restart that had seen a later version than the restored one.
+    pub rows_went_back: u64,
 }
 
 struct Truth {
@@ -102,6 +108,27 @@ pub fn run(
     seed: u64,
     faults: bool,
 ) -> Outcome {
+    run_with_restarts(truth, connect, policy, bound, seed, faults, None)
+}
+
+/// Decides before each operation whether to restart a shard (from an earlier state, as a
+/// restore from a checkpoint does); returns true when it did.
+pub type Restarter<'a> = &'a mut dyn FnMut(&mut TestRng) -> bool;
+
+/// [`run`], with shards restarted between operations by `restart`. What a restart rolls back
+/// (the updates the restored shard no longer holds, read as the difference of its rows before
+/// and after) is taken out of what each client is expected to see: every claim then holds
+/// against the restored state, read-your-writes included (a line of a restarted shard keeps
+/// its unpushed updates and takes the shard's row for everything else).
+pub fn run_with_restarts(
+    truth: &Table,
+    connect: &mut dyn FnMut() -> Table,
+    policy: PolicyKind,
+    bound: Bound,
+    seed: u64,
+    faults: bool,
+    mut restart: Option<Restarter<'_>>,
+) -> Outcome {
     let name = truth.spec().name.clone();
     let truth = Truth {
         table: truth.clone(),
@@ -114,7 +141,25 @@ pub fn run(
     let mut rng = TestRng(seed ^ bound.get().wrapping_mul(31) ^ policy.to_string().len() as u64);
     let ctx = |op: usize, c: usize| format!("{name}: op {op}, client {c}");
 
+    let mut restarts = 0;
     for op in 0..OPS {
+        if let Some(restart) = restart.as_mut() {
+            let (_, before) = truth.read();
+            if restart(&mut rng) {
+                restarts += 1;
+                let (_, after) = truth.read();
+                for k in 0..ROWS as usize {
+                    let row = k * DIM;
+                    for (c, issued) in issued.iter_mut().enumerate() {
+                        issued[k] -= (before[row + c] - after[row + c]) as u64;
+                    }
+                    for (e, r) in shared_ref[k].iter_mut().enumerate() {
+                        let at = row + CLIENTS + e;
+                        *r -= (before[at] - after[at]) as f64;
+                    }
+                }
+            }
+        }
         let c = rng.below(CLIENTS as u64) as usize;
         // Keys concentrate on a hot third of the table so caches both hit and evict.
         let n = 1 + rng.below(8) as usize;
@@ -257,5 +302,8 @@ pub fn run(
         checks_skipped: stats.iter().map(|s| s.checks_skipped).sum(),
         clock_retries: stats.iter().map(|s| s.clock_retries).sum(),
         failed_lookups,
+        restarts,
+        restarts_noticed: stats.iter().map(|s| s.restarts).sum(),
+        rows_went_back: stats.iter().map(|s| s.rows_went_back).sum(),
     }
 }

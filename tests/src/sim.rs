@@ -42,6 +42,7 @@ pub struct SimShard {
     pub claims: AtomicU64,
     /// Claims that did not hold.
     pub claims_failed: AtomicU64,
+    incarnation: AtomicU64,
 }
 
 impl SimShard {
@@ -57,6 +58,8 @@ impl SimShard {
                 max_frame: u32::MAX,
                 server: "simulated".into(),
                 shm_dir: None,
+                incarnation: 1,
+                pushes: None,
             },
             spec: spec.clone(),
             lr: spec.optimizer.lr(),
@@ -70,7 +73,30 @@ impl SimShard {
             failed_reads: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             claims_failed: AtomicU64::new(0),
+            incarnation: AtomicU64::new(1),
         }
+    }
+
+    /// The rows, versions and table clock now, as a checkpoint would keep them.
+    pub fn snapshot(&self) -> SimSnapshot {
+        let s = self.state.lock().unwrap();
+        SimSnapshot(State {
+            versions: s.versions.clone(),
+            values: s.values.clone(),
+            clock: s.clock,
+        })
+    }
+
+    /// Restarts the shard from `snapshot` (a restore from a checkpoint): everything applied
+    /// since is gone, and the shard answers as a new incarnation.
+    pub fn restart_from(&self, snapshot: &SimSnapshot) {
+        let mut s = self.state.lock().unwrap();
+        *s = State {
+            versions: snapshot.0.versions.clone(),
+            values: snapshot.0.values.clone(),
+            clock: snapshot.0.clock,
+        };
+        self.incarnation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Makes every `n`-th conditional pull that carries a push fail its read after the push was
@@ -193,9 +219,17 @@ impl SimShard {
     }
 }
 
+/// A simulated shard's state at one moment ([`SimShard::snapshot`]).
+#[derive(Debug)]
+pub struct SimSnapshot(State);
+
 impl ShardTransport for SimShard {
     fn addr(&self) -> &str {
         &self.addr
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::SeqCst)
     }
 
     fn hello(&self) -> &HelloResponse {

@@ -473,6 +473,7 @@ fn the_token_never_travels_and_a_recorded_hello_cannot_be_replayed() {
             version: PROTOCOL_VERSION,
             auth: Some(hetkv_transport::auth::respond("secret", nonce)),
             client: "replay test".into(),
+            client_id: None,
         };
         let mut frame = Vec::new();
         wire::start_frame(&mut frame, Op::Hello as u8, Status::Ok, &hello);

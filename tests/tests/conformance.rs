@@ -47,10 +47,10 @@ fn stale(
 
 /// A backend under test, with its one-sided read counters where it has them.
 enum Backend {
-    Tcp(TcpShardClient),
-    Shm(ShmTransport<TcpShardClient>),
+    Tcp(Box<TcpShardClient>),
+    Shm(Box<ShmTransport<TcpShardClient>>),
     #[cfg(feature = "rdma")]
-    Rdma(hetkv_transport::rdma::RdmaTransport<TcpShardClient>),
+    Rdma(Box<hetkv_transport::rdma::RdmaTransport<TcpShardClient>>),
 }
 
 #[cfg(feature = "rdma")]
@@ -71,28 +71,28 @@ impl Backend {
     fn connect(kind: &str, addr: &str) -> Self {
         let control = TcpShardClient::connect(addr, ClientConfig::default()).unwrap();
         match kind {
-            "tcp" => Self::Tcp(control),
-            "shm" => Self::Shm(
+            "tcp" => Self::Tcp(Box::new(control)),
+            "shm" => Self::Shm(Box::new(
                 ShmTransport::new(control)
                     .map_err(|(_, why)| why)
                     .expect("the daemon exposes shared memory on this host"),
-            ),
+            )),
             #[cfg(feature = "rdma")]
-            "rdma" => Self::Rdma(
+            "rdma" => Self::Rdma(Box::new(
                 hetkv_transport::rdma::RdmaTransport::connect(rdma_device(), control)
                     .map_err(|(_, e)| e)
                     .expect("an RDMA queue pair to the daemon"),
-            ),
+            )),
             _ => panic!("no backend {kind}"),
         }
     }
 
     fn t(&self) -> &dyn ShardTransport {
         match self {
-            Self::Tcp(t) => t,
-            Self::Shm(t) => t,
+            Self::Tcp(t) => &**t,
+            Self::Shm(t) => &**t,
             #[cfg(feature = "rdma")]
-            Self::Rdma(t) => t,
+            Self::Rdma(t) => &**t,
         }
     }
 

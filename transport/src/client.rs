@@ -166,6 +166,36 @@ pub struct PushRef<'a> {
     pub grads: &'a [f32],
 }
 
+/// What a client has seen of one shard's restarts (new incarnations), and what each cost it.
+///
+/// After a restart from a checkpoint, the pushes the previous incarnation acknowledged after
+/// that checkpoint are gone from the shard: the client counts them by comparing the numbers it
+/// saw acknowledged with those the new incarnation remembers applying (its hello's answer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Restarts {
+    /// New incarnations seen after the first.
+    pub seen: u64,
+    /// Acknowledged pushes that the new incarnation does not hold (rolled back by the restart).
+    pub pushes_rolled_back: u64,
+    /// Their rows.
+    pub rows_rolled_back: u64,
+    /// Acknowledged pushes older than what the new incarnation remembers of this client: whether
+    /// it holds them is unknown.
+    pub pushes_unknown: u64,
+}
+
+impl Restarts {
+    /// The sum of two reports (several shards').
+    pub fn plus(&self, o: &Restarts) -> Restarts {
+        Restarts {
+            seen: self.seen + o.seen,
+            pushes_rolled_back: self.pushes_rolled_back + o.pushes_rolled_back,
+            rows_rolled_back: self.rows_rolled_back + o.rows_rolled_back,
+            pushes_unknown: self.pushes_unknown + o.pushes_unknown,
+        }
+    }
+}
+
 /// Bytes a transport has moved, as it counts them (frame prefixes and headers included).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -281,6 +311,13 @@ pub trait ShardTransport: Send + Sync {
     fn stats(&self) -> Result<ShardStats, TransportError>;
     /// Bytes moved so far by this transport.
     fn traffic(&self) -> Traffic;
+    /// The incarnation of the shard's daemon in the latest answer (0 before any): it changes
+    /// when the daemon restarts (ARCHITECTURE, "Restarts").
+    fn incarnation(&self) -> u64;
+    /// What this client has seen of the shard's restarts.
+    fn restarts(&self) -> Restarts {
+        Restarts::default()
+    }
     /// Sends this side's RDMA endpoint to the shard, which connects a queue pair to it (held for
     /// the life of the connection that carried the request) and answers with its own.
     fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {

@@ -447,11 +447,18 @@ pub mod assign {
 mod tests {
     use super::*;
     use crate::client::{PushRef, StaleQuery};
-    use crate::wire::{split_body, PullIfStaleResponse, PullResponse, DEFAULT_MAX_FRAME};
+    use crate::wire::{
+        split_body, split_response, PullIfStaleResponse, PullResponse, DEFAULT_MAX_FRAME,
+    };
 
     fn parts(frame: &mut [u8]) -> FrameParts<'_> {
         wire::finish_frame(frame, DEFAULT_MAX_FRAME).unwrap();
         split_body(&frame[4..]).unwrap()
+    }
+
+    fn answer(frame: &mut [u8]) -> FrameParts<'_> {
+        wire::finish_frame(frame, DEFAULT_MAX_FRAME).unwrap();
+        split_response(&frame[4..]).unwrap()
     }
 
     #[test]
@@ -494,7 +501,7 @@ mod tests {
     #[test]
     fn answers_round_trip_and_sizes_are_checked() {
         let mut f = Vec::new();
-        let mut resp = Response::new(&mut f, Op::Pull as u8, DEFAULT_MAX_FRAME);
+        let mut resp = Response::new(&mut f, Op::Pull as u8, DEFAULT_MAX_FRAME, 7);
         let header = PullResponse {
             rows: 2,
             dim: 1,
@@ -503,13 +510,13 @@ mod tests {
         let mut w = pull::respond(&mut resp, header).unwrap();
         w.put(1, 4, &2.5f32.to_le_bytes());
         w.put(0, 3, &1.5f32.to_le_bytes());
-        let reply = pull::decode_response(&parts(&mut f), 2).unwrap();
+        let reply = pull::decode_response(&answer(&mut f), 2).unwrap();
         assert_eq!(reply.versions.iter().collect::<Vec<_>>(), vec![3, 4]);
         assert_eq!(reply.rows.iter_f32().collect::<Vec<_>>(), vec![1.5, 2.5]);
-        assert!(pull::decode_response(&parts(&mut f), 3).is_err());
+        assert!(pull::decode_response(&answer(&mut f), 3).is_err());
 
         let mut f = Vec::new();
-        let mut resp = Response::new(&mut f, Op::PullIfStale as u8, DEFAULT_MAX_FRAME);
+        let mut resp = Response::new(&mut f, Op::PullIfStale as u8, DEFAULT_MAX_FRAME, 7);
         let header = PullIfStaleResponse {
             stale: 2,
             dim: 1,
@@ -521,12 +528,12 @@ mod tests {
         let mut w = pull_if_stale::respond(&mut resp, header, &[2, 0]).unwrap();
         w.put(0, 1, &0f32.to_le_bytes());
         w.put(1, 1, &0f32.to_le_bytes());
-        let err = pull_if_stale::decode_response(&parts(&mut f), 3).unwrap_err();
+        let err = pull_if_stale::decode_response(&answer(&mut f), 3).unwrap_err();
         assert!(err.to_string().contains("ascending"), "{err}");
 
         // The limit is checked before the payload exists.
         let mut f = Vec::new();
-        let mut resp = Response::new(&mut f, Op::Pull as u8, 1024);
+        let mut resp = Response::new(&mut f, Op::Pull as u8, 1024, 7);
         let header = PullResponse {
             rows: 1000,
             dim: 64,

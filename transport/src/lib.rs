@@ -33,8 +33,8 @@ pub mod spec;
 pub mod wire;
 
 pub use client::{
-    Carried, PushOutcome, PushRef, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters,
-    TransportError,
+    Carried, PushOutcome, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic,
+    TrafficCounters, TransportError,
 };
 pub use onesided::{OneSidedStats, OneSidedTransport, RemoteMemory};
 pub use region::{Region, SharedRegion};

@@ -14,11 +14,19 @@
 //! A conditional pull that carries a push sends the push over the control transport first and
 //! reports its outcome apart from the read's ([`Carried`]): a read that fails after the shard
 //! acknowledged the push never makes the caller push the rows again.
+//!
+//! Reads that never touch the daemon cannot see it restart (a killed daemon's shared-memory files
+//! stay mapped, frozen). So at most once per liveness interval (one second by default, measured
+//! on this host's monotonic clock) a call first asks the daemon, over the control transport, for
+//! its tables: an answer from a new incarnation detaches every table (they are attached again
+//! from the new daemon's descriptors), and no answer within the control transport's deadline is
+//! the call's error.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::client::{
     pull_into, Carried, PushOutcome, ShardTransport, StaleQuery, StaleRows, Traffic, TransportError,
@@ -103,6 +111,8 @@ struct Attached<R> {
     desc: RegionDescriptor,
     layout: RowLayout,
     at: Attachment<R>,
+    /// The daemon's incarnation when it described the region.
+    incarnation: u64,
 }
 
 impl<R> Attached<R> {
@@ -143,7 +153,14 @@ pub struct OneSidedTransport<M: RemoteMemory, C> {
     tables: RwLock<Tables<M::Region>>,
     attempts: u32,
     counters: Counters,
+    liveness: Duration,
+    /// When this transport was made, and how long after that the daemon last answered.
+    epoch: Instant,
+    checked_at_ns: AtomicU64,
 }
+
+/// How often, at most, one-sided reads confirm that the daemon is the one they attached to.
+pub const DEFAULT_LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl<M: RemoteMemory, C> std::fmt::Debug for OneSidedTransport<M, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,7 +206,43 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             }),
             attempts: DEFAULT_READ_ATTEMPTS,
             counters: Counters::default(),
+            liveness: DEFAULT_LIVENESS_INTERVAL,
+            epoch: Instant::now(),
+            checked_at_ns: AtomicU64::new(0),
         }
+    }
+
+    /// Sets how often, at most, a call confirms the daemon's incarnation before reading.
+    pub fn with_liveness_interval(mut self, interval: Duration) -> Self {
+        self.liveness = interval;
+        self
+    }
+
+    /// Asks the daemon for its tables when the last answer is older than the liveness interval,
+    /// and detaches every table when the daemon is a new incarnation.
+    fn confirm_incarnation(&self) -> Result<(), TransportError> {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let last = self.checked_at_ns.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= self.liveness.as_nanos() as u64 {
+            self.control.list_tables()?;
+            self.checked_at_ns.store(now, Ordering::Relaxed);
+        }
+        let current = self.control.incarnation();
+        let stale = |t: &Tables<M::Region>| t.by_name.values().any(|a| a.incarnation != current);
+        if !stale(&self.tables.read().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(());
+        }
+        let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        if stale(&tables) {
+            tracing::warn!(
+                shard = self.control.addr(),
+                incarnation = format!("{current:016x}"),
+                "the shard restarted: attaching its tables again"
+            );
+            tables.by_name.clear();
+            tables.by_region.clear();
+        }
+        Ok(())
     }
 
     /// Sets how many copies of a row a read makes before asking the control transport.
@@ -233,12 +286,14 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
 
     /// The table's attachment, made on first use from its region descriptor.
     fn attached(&self, table: &str) -> Result<Arc<Attached<M::Region>>, TransportError> {
+        self.confirm_incarnation()?;
         let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
         if let Some(a) = tables.by_name.get(table) {
             return Ok(a.clone());
         }
         drop(tables);
         let desc = self.control.region_info(table)?;
+        let incarnation = self.control.incarnation();
         let protocol = |message: String| TransportError::Protocol {
             addr: self.control.addr().to_string(),
             message: format!("table {table}: {message}"),
@@ -247,7 +302,12 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             .check_layout()
             .map_err(|e| protocol(format!("region descriptor: {e}")))?;
         let at = self.memory.attach(&desc).map_err(protocol)?;
-        let attached = Arc::new(Attached { desc, layout, at });
+        let attached = Arc::new(Attached {
+            desc,
+            layout,
+            at,
+            incarnation,
+        });
         let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
         tables
             .by_region
@@ -399,6 +459,7 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
     /// Spans of attached regions are read here; a request naming any other region, or reaching
     /// past one, goes to the daemon whole (which reads or refuses it).
     fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError> {
+        self.confirm_incarnation()?;
         let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
         let attached: Option<Vec<Arc<Attached<M::Region>>>> = spans
             .iter()
@@ -510,6 +571,14 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         let mut t = self.control.traffic();
         t.received += self.memory.bytes_read();
         t
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.control.incarnation()
+    }
+
+    fn restarts(&self) -> crate::client::Restarts {
+        self.control.restarts()
     }
 
     fn rdma_connect(&self, _ours: &Endpoint) -> Result<Endpoint, TransportError> {

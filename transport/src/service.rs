@@ -14,8 +14,8 @@ use crate::spec::TableSpec;
 use crate::wire::{
     self, decode_header, split_body, CreateRequest, CreateResponse, Endpoint, ErrorCode,
     FrameError, HelloRequest, HelloResponse, Op, PushResponse, RegionDescriptor, ShardStats,
-    Status, TableRequest, TablesResponse, WireError, HEAD_BYTES, MAGIC, PREFIX_BYTES,
-    PROTOCOL_VERSION,
+    Status, TableRequest, TablesResponse, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
+    RESPONSE_HEAD_BYTES,
 };
 
 /// Counters every server keeps, whatever carries its frames.
@@ -55,18 +55,25 @@ pub struct Response<'a> {
     out: &'a mut Vec<u8>,
     op: u8,
     max_frame: u32,
+    incarnation: u64,
 }
 
 impl<'a> Response<'a> {
-    /// A response to op `op` written into `out`, which must stay within `max_frame` bytes.
-    pub fn new(out: &'a mut Vec<u8>, op: u8, max_frame: u32) -> Self {
-        Self { out, op, max_frame }
+    /// A response to op `op` from the daemon of incarnation `incarnation`, written into `out`,
+    /// which must stay within `max_frame` bytes.
+    pub fn new(out: &'a mut Vec<u8>, op: u8, max_frame: u32, incarnation: u64) -> Self {
+        Self {
+            out,
+            op,
+            max_frame,
+            incarnation,
+        }
     }
 
     /// Starts a successful response with `header`; the caller appends the payload to the returned
     /// buffer after checking its size with [`Response::reserve_payload`].
     pub fn begin<T: Serialize>(&mut self, header: &T) -> &mut Vec<u8> {
-        wire::start_frame(self.out, self.op, Status::Ok, header);
+        wire::start_response(self.out, self.op, Status::Ok, self.incarnation, header);
         self.out
     }
 
@@ -80,7 +87,7 @@ impl<'a> Response<'a> {
     /// first, with the largest size the answer can have, so that nothing changes under a
     /// refusal.
     pub fn check_fits(&self, bytes: u64) -> Result<(), WireError> {
-        let total = ((PREFIX_BYTES + HEAD_BYTES) as u64).saturating_add(bytes);
+        let total = ((PREFIX_BYTES + RESPONSE_HEAD_BYTES) as u64).saturating_add(bytes);
         if total > self.max_frame as u64 {
             return Err(WireError::new(
                 ErrorCode::FrameTooLarge,
@@ -116,6 +123,14 @@ impl<'a> Response<'a> {
 pub trait ShardService: Send + Sync + 'static {
     /// This shard's index and the cluster's size.
     fn identity(&self) -> (u32, u32);
+    /// This daemon's incarnation: random, drawn at every start (every restore is a start), and
+    /// carried in the hello and in the head of every response.
+    fn incarnation(&self) -> u64;
+    /// What the shard remembers of the numbered pushes of client `client` (for its hello).
+    fn applied_pushes(&self, client: u64) -> Option<wire::AppliedPushes> {
+        let _ = client;
+        None
+    }
     /// Creates a queue pair connected to `client`'s and returns this side's endpoint and the
     /// queue pair, which the session keeps until the connection closes.
     fn rdma_connect(&self, client: &Endpoint) -> Result<(Endpoint, Box<dyn Send>), WireError> {
@@ -252,7 +267,7 @@ impl Session {
         };
         if let Some(e) = &error {
             ServerCounters::add(&counters.errors, 1);
-            wire::start_frame(out, op_byte, Status::Error, e);
+            wire::start_response(out, op_byte, Status::Error, service.incarnation(), e);
             wire::finish_frame(out, u32::MAX).expect("an error frame is small");
         }
         Outcome { close, error }
@@ -286,7 +301,7 @@ impl Session {
                 format!("first frame is {op:?}; a connection starts with hello"),
             ));
         }
-        let mut resp = Response::new(out, op as u8, self.max_frame);
+        let mut resp = Response::new(out, op as u8, self.max_frame, service.incarnation());
         let payload = parts.payload;
         match op {
             Op::Hello => {
@@ -325,6 +340,8 @@ impl Session {
                     max_frame: self.max_frame,
                     server: concat!("hetkv ", env!("CARGO_PKG_VERSION")).to_string(),
                     shm_dir: service.shm_dir(),
+                    incarnation: service.incarnation(),
+                    pushes: h.client_id.and_then(|c| service.applied_pushes(c)),
                 });
             }
             Op::Challenge => {

@@ -45,7 +45,9 @@ pub enum ShmUnavailable {
 /// The regions of one same-host daemon, mapped read-only from its shared-memory directory.
 #[derive(Debug)]
 pub struct ShmMemory {
-    dir: PathBuf,
+    /// The directory under which the daemon makes its instance directories (the parent of the
+    /// one its hello announced): a restarted daemon makes a new instance beside the old one.
+    root: PathBuf,
 }
 
 impl ShmMemory {
@@ -59,13 +61,15 @@ impl ShmMemory {
             let dir = dir.display().to_string();
             return Err(ShmUnavailable::NotOnThisHost { addr, dir });
         }
-        Ok(Self { dir })
+        let root = dir.parent().map_or(dir.clone(), Path::to_path_buf);
+        Ok(Self { root })
     }
 
-    /// Maps the file at `path`, which must lie in the daemon's directory and hold `len` bytes.
+    /// Maps the file at `path`, which must lie under the daemon's shared-memory root and hold
+    /// `len` bytes.
     fn open(&self, path: Option<&str>, what: &str, len: u64) -> Result<SharedRegion, String> {
-        let Some(path) = path.map(Path::new).filter(|p| p.starts_with(&self.dir)) else {
-            return Err(format!("no {what} file under {}", self.dir.display()));
+        let Some(path) = path.map(Path::new).filter(|p| p.starts_with(&self.root)) else {
+            return Err(format!("no {what} file under {}", self.root.display()));
         };
         let region =
             SharedRegion::open(path).map_err(|e| format!("mapping {}: {e}", path.display()))?;

@@ -7,8 +7,9 @@
 //! u8       op           Op (requests); responses echo the request's op
 //! u8       status       0 = ok, 1 = error (the header is then a WireError)
 //! u16 LE   reserved     0
-//! u32 LE   header_len   <= body_len - 8, <= MAX_HEADER (requests), <= MAX_RESPONSE_HEADER
+//! u32 LE   header_len   <= body_len - head, <= MAX_HEADER (requests), <= MAX_RESPONSE_HEADER
 //!                       (responses)
+//! u64 LE   incarnation  responses only: the answering daemon's incarnation (random per start)
 //! [header_len]          header: bincode 2, standard config, through serde
 //! [rest]                payload: raw little-endian arrays (keys, clocks, counts, rows, gradients)
 //! ```
@@ -22,13 +23,16 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
 pub const PREFIX_BYTES: usize = 4;
-/// Fixed part of a body before the header: op, status, reserved, header_len.
+/// Fixed part of a request body before the header: op, status, reserved, header_len.
 pub const HEAD_BYTES: usize = 8;
+/// Fixed part of a response body before the header: a request's head, then the answering
+/// daemon's incarnation (u64).
+pub const RESPONSE_HEAD_BYTES: usize = HEAD_BYTES + 8;
 /// Largest header of a request (requests' headers are small: names, counts, specs); also the
 /// limit a daemon decodes any header with.
 pub const MAX_HEADER: usize = 64 << 10;
@@ -186,6 +190,19 @@ pub struct HelloRequest {
     pub auth: Option<[u8; 32]>,
     /// Free text naming the client, for logs.
     pub client: String,
+    /// The id in the origins of this client's pushes ([`Origin::client`]), when it numbers
+    /// them: the hello's answer then says which of its pushes the shard remembers applying.
+    pub client_id: Option<u64>,
+}
+
+/// The numbered pushes of one client that a shard remembers applying (the answer to a hello
+/// naming a client id; after a restore from a checkpoint, those the checkpoint holds).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedPushes {
+    /// Numbers below this are forgotten: whether they were applied is unknown.
+    pub floor: u64,
+    /// The numbers at or above `floor` it applied, ascending.
+    pub applied: Vec<u64>,
 }
 
 /// Challenge response header: the nonce a hello on this connection must answer.
@@ -212,6 +229,12 @@ pub struct HelloResponse {
     /// does. Its name carries a random instance id, so a client that finds it is on the daemon's
     /// host.
     pub shm_dir: Option<String>,
+    /// This daemon's incarnation: random, fresh at every start (and so at every restore). Every
+    /// response's head carries it too; a client that sees it change knows the shard restarted.
+    pub incarnation: u64,
+    /// What the shard remembers of the pushes of the hello's `client_id` (`None` when the hello
+    /// named none, or the shard knows nothing of that client).
+    pub pushes: Option<AppliedPushes>,
 }
 
 /// One side of an RDMA RC connection: what the other side needs to reach its queue pair.
@@ -618,6 +641,8 @@ pub struct FrameParts<'a> {
     pub op: u8,
     /// Status byte (not yet validated).
     pub status: u8,
+    /// The answering daemon's incarnation (responses; 0 in a request, whose head has none).
+    pub incarnation: u64,
     /// The bincode header.
     pub header: &'a [u8],
     /// The raw payload.
@@ -659,33 +684,39 @@ pub fn body_len(prefix: [u8; PREFIX_BYTES], max: u32) -> Result<u32, FrameError>
 
 /// Splits a request body (everything after the prefix) into its parts.
 pub fn split_body(body: &[u8]) -> Result<FrameParts<'_>, FrameError> {
-    split_with(body, MAX_HEADER)
+    split_with(body, MAX_HEADER, HEAD_BYTES)
 }
 
-/// Splits a response body into its parts (a header up to [`MAX_RESPONSE_HEADER`]).
+/// Splits a response body into its parts (a [`RESPONSE_HEAD_BYTES`] head with the incarnation,
+/// a header up to [`MAX_RESPONSE_HEADER`]).
 pub fn split_response(body: &[u8]) -> Result<FrameParts<'_>, FrameError> {
-    split_with(body, MAX_RESPONSE_HEADER)
+    split_with(body, MAX_RESPONSE_HEADER, RESPONSE_HEAD_BYTES)
 }
 
-fn split_with(body: &[u8], max_header: usize) -> Result<FrameParts<'_>, FrameError> {
-    if body.len() < HEAD_BYTES {
+fn split_with(body: &[u8], max_header: usize, head: usize) -> Result<FrameParts<'_>, FrameError> {
+    if body.len() < head {
         return Err(FrameError::Malformed(format!(
-            "body of {} bytes is shorter than the head",
+            "body of {} bytes is shorter than the {head}-byte head",
             body.len()
         )));
     }
     let header_len = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes")) as usize;
-    if header_len > max_header || header_len > body.len() - HEAD_BYTES {
+    if header_len > max_header || header_len > body.len() - head {
         return Err(FrameError::Malformed(format!(
             "header of {header_len} bytes does not fit a body of {} (max header {max_header})",
             body.len()
         )));
     }
+    let incarnation = match head {
+        RESPONSE_HEAD_BYTES => u64::from_le_bytes(body[8..16].try_into().expect("8 bytes")),
+        _ => 0,
+    };
     Ok(FrameParts {
         op: body[0],
         status: body[1],
-        header: &body[HEAD_BYTES..HEAD_BYTES + header_len],
-        payload: &body[HEAD_BYTES + header_len..],
+        incarnation,
+        header: &body[head..head + header_len],
+        payload: &body[head + header_len..],
     })
 }
 
@@ -732,12 +763,32 @@ fn consumed<T>(
     Ok(value)
 }
 
-/// Starts a frame in `out` (cleared first): prefix placeholder, head and the encoded header.
-/// Append the payload, then call [`finish_frame`].
+/// Starts a request frame in `out` (cleared first): prefix placeholder, head and the encoded
+/// header. Append the payload, then call [`finish_frame`].
 pub fn start_frame<T: Serialize>(out: &mut Vec<u8>, op: u8, status: Status, header: &T) {
+    start_with(out, &[op, status as u8, 0, 0, 0, 0, 0, 0], header);
+}
+
+/// Starts a response frame in `out` (cleared first): prefix placeholder, the response head with
+/// `incarnation`, and the encoded header. Append the payload, then call [`finish_frame`].
+pub fn start_response<T: Serialize>(
+    out: &mut Vec<u8>,
+    op: u8,
+    status: Status,
+    incarnation: u64,
+    header: &T,
+) {
+    let mut head = [0u8; RESPONSE_HEAD_BYTES];
+    head[0] = op;
+    head[1] = status as u8;
+    head[HEAD_BYTES..].copy_from_slice(&incarnation.to_le_bytes());
+    start_with(out, &head, header);
+}
+
+fn start_with<T: Serialize>(out: &mut Vec<u8>, head: &[u8], header: &T) {
     out.clear();
     out.extend_from_slice(&[0; PREFIX_BYTES]);
-    out.extend_from_slice(&[op, status as u8, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(head);
     let start = out.len();
     bincode::serde::encode_into_std_write(header, out, bincode::config::standard())
         .expect("encoding into a Vec cannot fail for hetkv's header types");
@@ -994,8 +1045,37 @@ mod tests {
             version: 3,
             auth: None,
             client: String::new(),
+            client_id: None,
         };
-        assert_eq!(header_bytes(&hello), [b'H', b'T', b'K', b'V', 3, 0, 0]);
+        assert_eq!(header_bytes(&hello), [b'H', b'T', b'K', b'V', 3, 0, 0, 0]);
+    }
+
+    #[test]
+    fn responses_carry_the_incarnation_in_their_head() {
+        let mut out = Vec::new();
+        let inc = 0x0123_4567_89ab_cdef;
+        start_response(
+            &mut out,
+            Op::Stats as u8,
+            Status::Ok,
+            inc,
+            &TableRequest { table: "x".into() },
+        );
+        put_u64s(&mut out, &[5]);
+        finish_frame(&mut out, DEFAULT_MAX_FRAME).unwrap();
+        assert_eq!(
+            &out[PREFIX_BYTES + HEAD_BYTES..PREFIX_BYTES + RESPONSE_HEAD_BYTES],
+            &inc.to_le_bytes()
+        );
+        let parts = split_response(&out[4..]).unwrap();
+        assert_eq!((parts.op, parts.incarnation), (Op::Stats as u8, inc));
+        assert_eq!(
+            decode_header::<TableRequest>(parts.header).unwrap().table,
+            "x"
+        );
+        assert_eq!(parts.payload, 5u64.to_le_bytes());
+        // A response head is longer than a request's: one cut to a request's head is malformed.
+        assert!(split_response(&out[4..4 + HEAD_BYTES + 2]).is_err());
     }
 
     #[test]

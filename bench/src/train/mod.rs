@@ -44,7 +44,7 @@ use hetkv_client::{
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::EmbeddedCluster;
-use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use hetkv_transport::{Initializer, OptimizerSpec, Restarts, TableSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::cache_bench::Unique;
@@ -97,6 +97,12 @@ pub struct TrainReport {
     pub dense_bytes_per_sample: f64,
     /// The embedding caches' counters, all workers summed.
     pub cache: CacheStats,
+    /// Shard restarts the workers' connections saw (each worker counts each restart once per
+    /// connection), and the acknowledged pushes the restarted shards no longer held: what went
+    /// back to the last checkpoint.
+    pub restarts: Restarts,
+    /// Checkpoints that failed during the run (training went on): each name and error.
+    pub failed_checkpoints: Vec<(String, String)>,
     /// Evaluations during training (with `--eval-every`).
     pub timeline: Vec<EvalPoint>,
     /// Seconds until an evaluation first reached `--target-auc` (absent when none did).
@@ -112,6 +118,8 @@ pub struct TrainReport {
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct WorkerResult {
     cache: CacheStats,
+    /// Shard restarts this worker's connections saw, and the pushes they rolled back.
+    restarts: Restarts,
     dense_bytes: u64,
     /// Batches and samples trained in this run.
     batches: usize,
@@ -244,11 +252,13 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         run_threads(&settings, &data, &mut probe, &mut checkpoints)?
     };
     let mut total = CacheStats::default();
+    let mut restarts = Restarts::default();
     let mut dense_bytes = 0;
     let mut samples = 0;
     let batches_trained = results.iter().map(|r| r.batches).collect();
     for r in results {
         total = total.plus(&r.cache);
+        restarts = restarts.plus(&r.restarts);
         dense_bytes += r.dense_bytes;
         samples += r.samples;
     }
@@ -259,6 +269,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     let labels: Vec<bool> = data.test.iter().map(|s| s.label).collect();
     let oracle: Vec<f64> = data.test.iter().map(|s| s.p).collect();
     let samples = samples.max(1) as f64;
+    let failed_checkpoints = std::mem::take(&mut checkpoints.failed);
     let checkpoints = std::mem::take(&mut checkpoints.records);
     let time_to_target = args
         .target_auc
@@ -274,6 +285,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         embedding_bytes_per_sample: (total.bytes_sent + total.bytes_received) as f64 / samples,
         dense_bytes_per_sample: dense_bytes as f64 / samples,
         cache: total,
+        restarts,
+        failed_checkpoints,
         timeline,
         time_to_target,
         checkpoints,
@@ -289,6 +302,9 @@ pub(super) struct Checkpoints<'a> {
     cluster: &'a Cluster,
     start: Option<Instant>,
     records: Vec<CheckpointRecord>,
+    /// Checkpoints asked for so far (each attempt gets a name of its own).
+    attempts: usize,
+    failed: Vec<(String, String)>,
 }
 
 impl<'a> Checkpoints<'a> {
@@ -300,6 +316,8 @@ impl<'a> Checkpoints<'a> {
             cluster,
             start: None,
             records: Vec::new(),
+            attempts: 0,
+            failed: Vec::new(),
         }
     }
 
@@ -328,14 +346,25 @@ impl<'a> Checkpoints<'a> {
     }
 
     /// Writes the next checkpoint on every shard (the workers are quiet), paused since `since`.
+    /// A checkpoint that fails (a shard down, a full disk) is reported and training goes on; the
+    /// next one is full, and has a name of its own.
     pub(super) fn take(&mut self, batches_done: &[usize], since: Instant) -> Result<()> {
-        let k = self.records.len() + 1;
-        let name = format!("{}-{k}", self.settings.checkpoint_prefix);
-        let incremental = self.settings.incremental_checkpoints && k > 1;
-        let done = self
-            .cluster
-            .checkpoint(&name, incremental)
-            .with_context(|| format!("checkpoint {name}"))?;
+        self.attempts += 1;
+        let name = format!("{}-{}", self.settings.checkpoint_prefix, self.attempts);
+        let after_failure = self.failed.last().is_some_and(|(n, _)| {
+            *n == format!("{}-{}", self.settings.checkpoint_prefix, self.attempts - 1)
+        });
+        let incremental =
+            self.settings.incremental_checkpoints && !self.records.is_empty() && !after_failure;
+        let done = match self.cluster.checkpoint(&name, incremental) {
+            Ok(done) => done,
+            Err(e) => {
+                eprintln!("checkpoint {name} failed; training goes on: {e}");
+                self.failed.push((name, e.to_string()));
+                self.next = self.every.map(|e| Instant::now() + e);
+                return Ok(());
+            }
+        };
         let start = self.start.unwrap_or(since);
         // Counted from the start of the data, so that `--resume-batches` takes them as they are.
         let batches_done: Vec<usize> = batches_done

@@ -89,8 +89,15 @@ impl WorkerTables {
     pub(super) fn finish(mut self, batches: usize, samples: usize) -> Result<WorkerResult> {
         self.flush()?;
         let dense = self.dense_client.traffic();
+        let restarts = self
+            .emb
+            .table()
+            .cluster()
+            .restarts()
+            .plus(&self.dense_client.restarts());
         Ok(WorkerResult {
             cache: self.emb.stats(),
+            restarts,
             dense_bytes: dense.sent + dense.received,
             batches,
             samples,

@@ -197,6 +197,11 @@ pub struct CacheCore {
     fetched_at: Vec<u64>,
     /// The lookup that last read or reserved each slot: a lookup never evicts what it reads.
     stamp: Vec<u64>,
+    /// Lines whose shard restarted since they were fetched: their next lookup reads them again,
+    /// whatever their clock says (the shard's versions may have gone back).
+    revalidate: Vec<bool>,
+    /// Each shard's incarnation in its last answer (0: none seen).
+    incarnations: Vec<u64>,
     /// Lookups planned so far.
     calls: u64,
     routing: Routing,
@@ -264,6 +269,8 @@ impl CacheCore {
             free: (0..capacity as u32).rev().collect(),
             fetched_at: vec![0; capacity],
             stamp: vec![0; capacity],
+            revalidate: vec![false; capacity],
+            incarnations: vec![0; shards],
             calls: 0,
             routing: Routing::new(shards as u32),
             clocks: vec![ShardClock::default(); shards],
@@ -382,11 +389,20 @@ impl CacheCore {
                 self.stats.hits += 1;
                 self.policy.touch(slot, key);
                 self.stamp[slot as usize] = self.calls;
+                let s = slot as usize;
+                if self.revalidate[s] {
+                    // Its shard restarted: read the row again, whatever its clock says.
+                    self.stats.version_checks += 1;
+                    self.req_clocks.push(NOT_CACHED);
+                    self.req_skipped.push(false);
+                    self.req_of_uniq.push(self.req_keys.len() as u32);
+                    self.req_keys.push(key);
+                    continue;
+                }
                 if !check_hits {
                     self.req_of_uniq.push(NIL);
                     continue;
                 }
-                let s = slot as usize;
                 let clock = self.c_s[s] + self.p[s] as u64;
                 let skipped = self.covered_by_clock(key, s);
                 if skipped {
@@ -564,9 +580,16 @@ impl CacheCore {
                 self.reply_of_req[r as usize]
             };
             if reply != NIL {
-                // Stale: take the server's row, keep the pending gradient and re-apply it.
+                // Stale (or its shard restarted): take the server's row, keep the pending
+                // gradient and re-apply it.
                 let i = reply as usize;
-                self.stats.stale_refreshes += 1;
+                if std::mem::take(&mut self.revalidate[s]) {
+                    if replies.versions[i] < self.c_s[s] {
+                        self.stats.rows_went_back += 1;
+                    }
+                } else {
+                    self.stats.stale_refreshes += 1;
+                }
                 self.stats.rows_pulled += 1;
                 let fresh = &replies.rows[i * dim..(i + 1) * dim];
                 let lr = self.lr;
@@ -600,6 +623,7 @@ impl CacheCore {
                 self.c_s[s] = version;
                 self.fetched_at[s] = self.foreign_now(key);
                 self.p[s] = 0;
+                self.revalidate[s] = false;
                 let (data, pending) = self.line_mut(slot);
                 data.copy_from_slice(fresh);
                 pending.fill(0.0);
@@ -771,6 +795,38 @@ impl CacheCore {
         batch.append(&self.pushes);
         self.pushes.clear();
         batch
+    }
+
+    /// Takes the incarnation of shard `shard`'s latest answer. When it is not the one seen
+    /// before, the shard restarted: what this cache knew of its table clock is forgotten, and
+    /// every line of that shard is read again at its next lookup (its row replaced by the
+    /// shard's, with the line's unpushed updates re-applied and kept for pushing). Returns true
+    /// on a restart.
+    pub fn observe_incarnation(&mut self, shard: usize, incarnation: u64) -> bool {
+        let seen = std::mem::replace(&mut self.incarnations[shard], incarnation);
+        if seen == 0 || seen == incarnation || incarnation == 0 {
+            if incarnation == 0 {
+                self.incarnations[shard] = seen;
+            }
+            return false;
+        }
+        self.stats.restarts += 1;
+        self.clocks[shard] = ShardClock::default();
+        for (&key, &slot) in &self.index {
+            if self.routing.shard_of(key) == shard {
+                let s = slot as usize;
+                self.revalidate[s] = true;
+                self.stats.lines_revalidated += 1;
+                self.stats.updates_kept += self.p[s] as u64;
+            }
+        }
+        tracing::warn!(
+            table = %self.table,
+            shard,
+            incarnation = format!("{incarnation:016x}"),
+            "the shard restarted: its cached lines will be read again"
+        );
+        true
     }
 
     /// `rows` rows carrying `updates` updates of a taken batch were applied by shard `shard`.

@@ -1,6 +1,7 @@
 //! Running the `hetkv` binary in tests: a daemon started from a command line, its address read
 //! from its log, its log kept (and drained, so its writes to stderr never fail), killed when
-//! dropped.
+//! dropped. Tests of other crates of the workspace include this file too (`#[path]`), and find
+//! the binary beside their own executable.
 
 #![allow(dead_code)] // each test binary uses part of this
 
@@ -21,10 +22,36 @@ pub struct Daemon {
     pub log: mpsc::Receiver<String>,
 }
 
+/// The `hetkv` binary: cargo's for the store's own tests; for another crate's tests, the one in
+/// the target directory above their executable (`cargo test --workspace` builds it).
+pub fn hetkv_binary() -> std::path::PathBuf {
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_hetkv") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("the test's executable");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("hetkv"))
+        .expect("a target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p \
+         hetkv-store` first)",
+        bin.display()
+    );
+    bin
+}
+
 /// `hetkv serve --listen 127.0.0.1:0` with `args`, logging at info level without colours.
 pub fn serve(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hetkv"));
-    c.args(["serve", "--listen", "127.0.0.1:0"])
+    serve_on("127.0.0.1:0", args)
+}
+
+/// `hetkv serve --listen addr` with `args`, logging at info level without colours.
+pub fn serve_on(addr: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(hetkv_binary());
+    c.args(["serve", "--listen", addr])
         .args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1");

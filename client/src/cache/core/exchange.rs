@@ -220,11 +220,16 @@ impl CacheCore {
     /// which the call cannot complete). Rows the shard applied are counted and forgotten; rows it
     /// may not have received are kept for the next call; rows it refused are dropped and counted.
     /// A reply that does not fit the request is an error, and the call cannot complete.
+    ///
+    /// `incarnation` is the shard's in this answer ([`CacheCore::observe_incarnation`]): when
+    /// the shard restarted, every key of this lookup on that shard is read again in the next
+    /// round, whatever it was checked against before.
     pub fn on_reply(
         &mut self,
         shard: usize,
         push: PushOutcome,
         reply: Option<&StaleRows>,
+        incarnation: u64,
     ) -> Result<(), CacheError> {
         let stage = self.plans[shard].stage;
         if stage == Stage::Done {
@@ -232,6 +237,7 @@ impl CacheCore {
                 "a reply from shard {shard}, which was sent nothing"
             )));
         }
+        let restarted = self.observe_incarnation(shard, incarnation);
         if stage == Stage::First {
             let rows = self.plans[shard].push.len();
             match push {
@@ -288,7 +294,20 @@ impl CacheCore {
         if stage == Stage::First && read_keys {
             self.observe(shard, reply.table_clock);
         }
-        if follow_up {
+        if restarted && read_keys {
+            // Rows of the previous incarnation, and checks against its versions, mean nothing
+            // now: every key of this shard in this lookup goes again, as a miss.
+            let p = &mut self.plans[shard];
+            let mut keys = std::mem::take(&mut p.keys);
+            keys.extend_from_slice(&p.skip_keys);
+            let mut origin = std::mem::take(&mut p.origin);
+            origin.extend_from_slice(&p.skip_origin);
+            p.skip_clocks.clear();
+            p.skip_clocks.resize(keys.len(), NOT_CACHED);
+            p.skip_keys = keys;
+            p.skip_origin = origin;
+            p.stage = Stage::FollowUp;
+        } else if follow_up {
             // The shard could not vouch for the checks left out: they go in the next round.
             self.plans[shard].stage = Stage::FollowUp;
             self.claim_failed();
