@@ -6,6 +6,7 @@ use hetkv_transport::{Carried, PushOutcome, ShardTransport, StaleRows, Traffic, 
 
 use crate::cache::{CacheConfig, CacheCore, RequestKind, ShardRequest};
 use crate::cluster::Table;
+use crate::metrics::{CacheStatsHandle, PublishedStats};
 use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
 
@@ -24,6 +25,7 @@ pub struct CachedTable {
     core: CacheCore,
     traffic_at_start: Traffic,
     time: PhaseTimes,
+    published: CacheStatsHandle,
 }
 
 fn nanos(d: std::time::Duration) -> u64 {
@@ -49,7 +51,23 @@ impl CachedTable {
             core,
             traffic_at_start,
             time: PhaseTimes::default(),
+            published: CacheStatsHandle::default(),
         }
+    }
+
+    /// A handle on this cache's counters as of the end of its last call, readable from other
+    /// threads (a metrics scrape: [`crate::metrics::register`]).
+    pub fn stats_handle(&self) -> CacheStatsHandle {
+        self.publish();
+        self.published.clone()
+    }
+
+    fn publish(&self) {
+        self.published.publish(PublishedStats {
+            stats: self.stats(),
+            resident: self.core.resident(),
+            capacity: self.core.capacity(),
+        });
     }
 
     /// The table.
@@ -64,7 +82,9 @@ impl CachedTable {
 
     /// Reads the rows of `keys` (duplicates allowed) into `out` (keys x dim).
     pub fn lookup(&mut self, keys: &[u64], out: &mut [f32]) -> Result<(), ClientError> {
-        self.lookup_inner(keys, out, None)
+        let result = self.lookup_inner(keys, out, None);
+        self.publish();
+        result
     }
 
     /// Like [`CachedTable::lookup`], and writes each returned row's clock (`c_s + p`: the server
@@ -75,7 +95,9 @@ impl CachedTable {
         out: &mut [f32],
         clocks: &mut [u64],
     ) -> Result<(), ClientError> {
-        self.lookup_inner(keys, out, Some(clocks))
+        let result = self.lookup_inner(keys, out, Some(clocks));
+        self.publish();
+        result
     }
 
     fn lookup_inner(
@@ -158,13 +180,17 @@ impl CachedTable {
         let started = Instant::now();
         self.core.update(keys, grads)?;
         self.time.update_ns += nanos(started.elapsed());
-        self.push_pending()
+        let result = self.push_pending();
+        self.publish();
+        result
     }
 
     /// Pushes every unpushed update and returns when the shards have applied them.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         self.core.flush();
-        self.push_pending()
+        let result = self.push_pending();
+        self.publish();
+        result
     }
 
     /// Counters, with the bytes the cluster's transports moved since this cache was created.

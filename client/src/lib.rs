@@ -7,6 +7,7 @@
 //!   parameter server).
 //! - [`CachedTable`]: one worker's HET cache of a table, with per-key read and write staleness
 //!   bounds (DESIGN section 5). Its logic is the sans-IO [`cache::CacheCore`].
+//! - [`metrics`]: a cache's counters in a Prometheus registry of the trainer's.
 //!
 //! Threads: a [`Cluster`] and its [`Table`]s are `Send + Sync` and meant to be shared. Each shard
 //! transport keeps a pool of connections; a call takes one connection per shard it touches, so
@@ -21,6 +22,7 @@ mod barrier;
 pub mod cache;
 mod cached;
 mod cluster;
+pub mod metrics;
 mod rdma_backend;
 pub mod stats;
 

@@ -1,6 +1,7 @@
 //! `hetkv serve --metrics-listen`: the Prometheus text format over HTTP, counting what clients
 //! did, per operation, table and error code; other paths get 404, and peers that connect and
-//! leave without a request do not break the endpoint.
+//! leave without a request do not break the endpoint. The replies are read with a Prometheus
+//! text-format parser (`prometheus-parse`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -21,11 +22,33 @@ fn get(addr: &str, path: &str) -> String {
     out
 }
 
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// The value of `series` (`name` or `name{label="value",...}`, labels in any order) in an HTTP
+/// reply's body, read by a Prometheus text-format parser.
+fn value(reply: &str, series: &str) -> Option<f64> {
+    let body = reply.split_once("\r\n\r\n").map_or(reply, |(_, b)| b);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("the Prometheus text format");
+    let (name, labels) = series
+        .split_once('{')
+        .map_or((series, ""), |(n, l)| (n, l.trim_end_matches('}')));
+    let wanted: Vec<(&str, &str)> = labels
+        .split(',')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').expect("label=value");
+            (k, v.trim_matches('"'))
+        })
+        .collect();
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && wanted.iter().all(|&(k, v)| s.labels.get(k) == Some(v)))
+        .and_then(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            _ => None,
+        })
 }
 
 #[test]
@@ -96,6 +119,15 @@ fn the_metrics_endpoint_counts_requests_rows_errors_and_checkpoints() {
     );
     assert!(value(&reply, "hetkv_bytes_in_total").unwrap() > 0.0);
     assert_eq!(value(&reply, "hetkv_tables"), Some(1.0));
+    let incarnation = format!("{:016x}", c.incarnation());
+    assert_eq!(
+        value(
+            &reply,
+            &format!(r#"hetkv_incarnation{{incarnation="{incarnation}"}}"#)
+        ),
+        Some(1.0),
+        "the incarnation the hello gave"
+    );
     assert!(get(&metrics, "/other").starts_with("HTTP/1.1 404"));
 
     // Every series the Grafana dashboard queries is one this endpoint serves.

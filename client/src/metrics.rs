@@ -1,0 +1,207 @@
+//! A cache's statistics in a Prometheus registry the trainer owns (`prometheus-client`).
+//!
+//! A [`CachedTable`] belongs to its worker thread; a scrape runs on another. So each cache
+//! publishes a copy of its counters at the end of every call (one uncontended lock per call,
+//! not per key) into a [`CacheStatsHandle`], and a [`CacheCollector`] reads that copy at each
+//! scrape:
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = hetkv_store::EmbeddedCluster::start(1)?;
+//! # let client = hetkv_client::Cluster::connect_tcp(cluster.addrs(), &Default::default())?;
+//! # let table = client.create_table(&hetkv_transport::TableSpec {
+//! #     name: "ads".into(), rows: 100, dim: 4,
+//! #     init: hetkv_transport::Initializer::Zeros,
+//! #     optimizer: hetkv_transport::OptimizerSpec::Sgd { lr: 0.1 },
+//! # })?;
+//! use hetkv_client::{Bound, CacheConfig, Capacity, PolicyKind};
+//! use prometheus_client::registry::Registry;
+//!
+//! let mut registry = Registry::with_prefix("trainer");
+//! let cache = table.cached(CacheConfig::new(Capacity::Rows(10), PolicyKind::Lfu, Bound::updates(100)));
+//! // One worker's cache, labelled with its table and the worker.
+//! let worker = registry.sub_registry_with_label(("worker".into(), "0".into()));
+//! hetkv_client::metrics::register(worker, &cache);
+//! let mut text = String::new();
+//! prometheus_client::encoding::text::encode(&mut text, &registry)?;
+//! assert!(text.contains(r#"trainer_hetkv_cache_lookups_total{worker="0",table="ads"} 0"#));
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::stats::CacheStats;
+use crate::CachedTable;
+
+/// What a cache publishes after each call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishedStats {
+    /// Its counters.
+    pub stats: CacheStats,
+    /// Rows it holds.
+    pub resident: usize,
+    /// Rows it can hold.
+    pub capacity: usize,
+}
+
+/// The counters a cache last published, shared with whoever reads them (a scrape).
+#[derive(Clone, Debug, Default)]
+pub struct CacheStatsHandle(Arc<Mutex<PublishedStats>>);
+
+impl CacheStatsHandle {
+    /// The counters as last published.
+    pub fn get(&self) -> PublishedStats {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn publish(&self, published: PublishedStats) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = published;
+    }
+}
+
+type Field = (&'static str, &'static str, fn(&CacheStats) -> u64);
+
+/// Every counter of [`CacheStats`], as `hetkv_cache_{name}_total`.
+const COUNTERS: &[Field] = &[
+    ("lookups", "Keys looked up, duplicates included", |s| {
+        s.lookups
+    }),
+    ("unique_keys", "Unique keys per lookup, summed", |s| {
+        s.unique_keys
+    }),
+    ("hits", "Unique keys found in the cache", |s| s.hits),
+    ("misses", "Unique keys not in the cache", |s| s.misses),
+    (
+        "stale_refreshes",
+        "Hits refreshed because they exceeded the read bound",
+        |s| s.stale_refreshes,
+    ),
+    (
+        "version_checks",
+        "Hits whose version was checked with the shards",
+        |s| s.version_checks,
+    ),
+    (
+        "checks_skipped",
+        "Hits whose check a shard's table clock vouched for",
+        |s| s.checks_skipped,
+    ),
+    (
+        "clock_retries",
+        "Lookups whose table-clock claim failed (a second round trip)",
+        |s| s.clock_retries,
+    ),
+    ("rows_pulled", "Rows received from the shards", |s| {
+        s.rows_pulled
+    }),
+    ("rows_pushed", "Rows pushed to the shards", |s| {
+        s.rows_pushed
+    }),
+    (
+        "rows_refused",
+        "Pushed rows a shard refused (dropped)",
+        |s| s.rows_refused,
+    ),
+    ("evictions", "Lines evicted", |s| s.evictions),
+    (
+        "dirty_evictions",
+        "Evicted lines that held unpushed updates",
+        |s| s.dirty_evictions,
+    ),
+    (
+        "write_throughs",
+        "Updated keys not cached, sent straight to the shards",
+        |s| s.write_throughs,
+    ),
+    ("not_admitted", "Misses the policy did not admit", |s| {
+        s.not_admitted
+    }),
+    ("updates", "Gradient rows given to update", |s| s.updates),
+    (
+        "restarts",
+        "Shard restarts noticed (a new incarnation)",
+        |s| s.restarts,
+    ),
+    (
+        "lines_revalidated",
+        "Lines read again because their shard restarted",
+        |s| s.lines_revalidated,
+    ),
+    (
+        "rows_went_back",
+        "Lines read again after a restart that found an older version",
+        |s| s.rows_went_back,
+    ),
+    (
+        "updates_kept",
+        "Unpushed updates kept through a shard's restart",
+        |s| s.updates_kept,
+    ),
+    ("bytes_sent", "Bytes sent by the cache's transports", |s| {
+        s.bytes_sent
+    }),
+    (
+        "bytes_received",
+        "Bytes received by the cache's transports",
+        |s| s.bytes_received,
+    ),
+];
+
+/// A [`Collector`] of one cache's published counters: every [`CacheStats`] counter as
+/// `hetkv_cache_{name}_total`, and the gauges `hetkv_cache_resident_rows` and
+/// `hetkv_cache_capacity_rows`.
+#[derive(Debug)]
+pub struct CacheCollector {
+    handle: CacheStatsHandle,
+}
+
+impl CacheCollector {
+    /// A collector of what `handle` holds ([`CachedTable::stats_handle`]).
+    pub fn new(handle: CacheStatsHandle) -> Self {
+        Self { handle }
+    }
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let p = self.handle.get();
+        for (name, help, field) in COUNTERS {
+            let counter = ConstCounter::new(field(&p.stats));
+            let name = format!("hetkv_cache_{name}");
+            let metric = encoder.encode_descriptor(&name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        for (name, help, value) in [
+            (
+                "hetkv_cache_resident_rows",
+                "Rows the cache holds",
+                p.resident,
+            ),
+            (
+                "hetkv_cache_capacity_rows",
+                "Rows the cache can hold",
+                p.capacity,
+            ),
+        ] {
+            let gauge = ConstGauge::new(value as i64);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers `cache`'s counters in `registry`, labelled `table="<its table>"` (add labels of
+/// your own, a worker's, with [`Registry::sub_registry_with_label`] first).
+pub fn register(registry: &mut Registry, cache: &CachedTable) {
+    let table = cache.table().spec().name.clone();
+    registry
+        .sub_registry_with_label(("table".into(), table.into()))
+        .register_collector(Box::new(CacheCollector::new(cache.stats_handle())));
+}
