@@ -19,12 +19,15 @@ as_root() {
 # What the tests use beyond cargo:
 # - kill(1) (procps): the daemon tests signal the daemon;
 # - redis-server: `hetkv-bench compare` is tested against a real Redis;
+# - libfaketime: daemons run with their wall clocks a year off (nothing may depend on clocks
+#   agreeing);
 # - fonts-dejavu-core: the plots draw their labels with DejaVu Sans;
 # - python3 with pip: the MovieLens test fetches its data set from PyPI;
 # - python3's venv with numpy and safetensors: the export test loads an exported table in Python.
 need=()
 if [ ! -x /usr/bin/kill ] && [ ! -x /bin/kill ]; then need+=(procps); fi
 if ! command -v redis-server >/dev/null 2>&1; then need+=(redis-server); fi
+if ! ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1; then need+=(libfaketime); fi
 if [ ! -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; then need+=(fonts-dejavu-core); fi
 if ! command -v python3 >/dev/null 2>&1; then need+=(python3 python3-pip);
 elif ! python3 -m pip --version >/dev/null 2>&1; then need+=(python3-pip); fi
@@ -37,6 +40,7 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
 fi
 redis-server --version
+ls /usr/lib/*/faketime/libfaketime.so.1
 python3 -m pip --version
 
 # A virtual environment of the tests' own (under target/, reused between runs).
