@@ -43,12 +43,21 @@ redis-server --version
 ls /usr/lib/*/faketime/libfaketime.so.1
 python3 -m pip --version
 
-# A virtual environment of the tests' own (under target/, reused between runs).
-venv=target/test-python
-if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
-"$venv/bin/python" -c 'import numpy, safetensors' >/dev/null 2>&1 ||
-  "$venv/bin/python" -m pip install --quiet numpy safetensors
-"$venv/bin/python" -c 'import numpy, safetensors; print("python test env: numpy", numpy.__version__, "safetensors", safetensors.__version__)'
-export HETKV_PYTHON="$PWD/$venv/bin/python"
+# A virtual environment of the tests' own, outside the clone so that torch (large) is installed
+# once per machine: numpy and safetensors (the export test loads a table in Python), and for the
+# Python package's suites pytest, maturin and torch.
+venv=${HETKV_TEST_VENV:-$HOME/.cache/hetkv/test-venv}
+if [ ! -x "$venv/bin/python" ]; then mkdir -p "$(dirname "$venv")"; python3 -m venv "$venv"; fi
+"$venv/bin/python" -c 'import numpy, safetensors, pytest, maturin, torch' >/dev/null 2>&1 ||
+  "$venv/bin/python" -m pip install --quiet numpy safetensors pytest maturin torch
+"$venv/bin/python" -c 'import numpy, safetensors, torch; print("python test env: numpy", numpy.__version__, "safetensors", safetensors.__version__, "torch", torch.__version__)'
+export HETKV_PYTHON="$venv/bin/python"
 
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+
+# The Python package, built from source as a user would (pip install ./client/python, with the
+# venv's maturin; a debug build, which is quicker to make), then its pytest suites against the
+# daemon binary the cargo tests built.
+PATH="$venv/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/python" -m pip install --quiet --force-reinstall \
+  --no-deps --no-build-isolation ./client/python
+HETKV_BIN="$PWD/target/debug/hetkv" "$venv/bin/python" -m pytest -q client/python/tests

@@ -71,7 +71,103 @@ pub struct PhaseTimes {
     pub update_ns: u64,
 }
 
+type Field = (&'static str, &'static str, fn(&CacheStats) -> u64);
+
+/// Every counter of [`CacheStats`]: name, description, how to read it.
+const COUNTERS: &[Field] = &[
+    ("lookups", "Keys looked up, duplicates included", |s| {
+        s.lookups
+    }),
+    ("unique_keys", "Unique keys per lookup, summed", |s| {
+        s.unique_keys
+    }),
+    ("hits", "Unique keys found in the cache", |s| s.hits),
+    ("misses", "Unique keys not in the cache", |s| s.misses),
+    (
+        "stale_refreshes",
+        "Hits refreshed because they exceeded the read bound",
+        |s| s.stale_refreshes,
+    ),
+    (
+        "version_checks",
+        "Hits whose version was checked with the shards",
+        |s| s.version_checks,
+    ),
+    (
+        "checks_skipped",
+        "Hits whose check a shard's table clock vouched for",
+        |s| s.checks_skipped,
+    ),
+    (
+        "clock_retries",
+        "Lookups whose table-clock claim failed (a second round trip)",
+        |s| s.clock_retries,
+    ),
+    ("rows_pulled", "Rows received from the shards", |s| {
+        s.rows_pulled
+    }),
+    ("rows_pushed", "Rows pushed to the shards", |s| {
+        s.rows_pushed
+    }),
+    (
+        "rows_refused",
+        "Pushed rows a shard refused (dropped)",
+        |s| s.rows_refused,
+    ),
+    ("evictions", "Lines evicted", |s| s.evictions),
+    (
+        "dirty_evictions",
+        "Evicted lines that held unpushed updates",
+        |s| s.dirty_evictions,
+    ),
+    (
+        "write_throughs",
+        "Updated keys not cached, sent straight to the shards",
+        |s| s.write_throughs,
+    ),
+    ("not_admitted", "Misses the policy did not admit", |s| {
+        s.not_admitted
+    }),
+    ("updates", "Gradient rows given to update", |s| s.updates),
+    (
+        "restarts",
+        "Shard restarts noticed (a new incarnation)",
+        |s| s.restarts,
+    ),
+    (
+        "lines_revalidated",
+        "Lines read again because their shard restarted",
+        |s| s.lines_revalidated,
+    ),
+    (
+        "rows_went_back",
+        "Lines read again after a restart that found an older version",
+        |s| s.rows_went_back,
+    ),
+    (
+        "updates_kept",
+        "Unpushed updates kept through a shard's restart",
+        |s| s.updates_kept,
+    ),
+    ("bytes_sent", "Bytes sent by the cache's transports", |s| {
+        s.bytes_sent
+    }),
+    (
+        "bytes_received",
+        "Bytes received by the cache's transports",
+        |s| s.bytes_received,
+    ),
+];
+
 impl CacheStats {
+    /// Every counter (the phase times aside) with its name and a description, in declaration
+    /// order: what a metrics exporter or a binding lists.
+    pub fn counters(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        COUNTERS
+            .iter()
+            .map(move |(name, help, field)| (*name, *help, field(self)))
+    }
+
     /// Hits over unique keys looked up.
     pub fn hit_rate(&self) -> f64 {
         if self.unique_keys == 0 {

@@ -155,7 +155,7 @@ print("python ok", e.shape, int(v.sum()))
     assert!(
         py.status.success(),
         "python could not load the export (scripts/test.sh installs numpy and safetensors into \
-         target/test-python): {}{}",
+         its venv and sets HETKV_PYTHON): {}{}",
         String::from_utf8_lossy(&py.stdout),
         String::from_utf8_lossy(&py.stderr)
     );

@@ -1,0 +1,140 @@
+"""Type stubs of hetkv's native module."""
+
+from os import PathLike
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class Error(Exception):
+    """The base of every hetkv error; its message is the Rust client's."""
+
+class ConnectionError(Error):
+    """A shard could not be reached, or broke the connection, within the call's deadline."""
+
+class UnknownTableError(Error):
+    """No shard holds a table of that name."""
+
+class KeyOutOfRangeError(Error):
+    """A key outside the table's [0, rows)."""
+
+class WrongDimError(Error):
+    """Rows or gradients whose shape does not match the keys and the table's dim."""
+
+class InvalidGradientError(Error):
+    """A gradient holding NaN or infinity: nothing was applied."""
+
+class CheckpointError(Error):
+    """A checkpoint could not be written (nothing committed was lost)."""
+
+class TableConflictError(Error):
+    """A table of that name exists with another spec, or the spec is invalid."""
+
+class ProtocolError(Error):
+    """A shard broke the protocol, or the shards disagree about the cluster."""
+
+class RemoteError(Error):
+    """A shard refused the request for another reason."""
+
+class Initializer:
+    """How a table's rows start: a pure function of the seed and the row."""
+    @staticmethod
+    def zeros() -> "Initializer": ...
+    @staticmethod
+    def uniform(bound: float, seed: int = 0) -> "Initializer": ...
+    @staticmethod
+    def normal(std: float, seed: int = 0) -> "Initializer": ...
+
+class Optimizer:
+    """The optimizer a table's shards apply to pushed gradients."""
+    @staticmethod
+    def sgd(lr: float) -> "Optimizer": ...
+    @staticmethod
+    def adagrad(lr: float, eps: float = 1e-10, initial_accumulator: float = 0.0) -> "Optimizer": ...
+    @staticmethod
+    def adam(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> "Optimizer": ...
+    @property
+    def lr(self) -> float: ...
+
+class Cache:
+    """One worker's HET cache of a table."""
+    def lookup(
+        self, keys: npt.NDArray[np.uint64], out: Optional[npt.NDArray[np.float32]] = None
+    ) -> npt.NDArray[np.float32]: ...
+    def update(self, keys: npt.NDArray[np.uint64], grads: npt.NDArray[np.float32]) -> None: ...
+    def flush(self) -> None: ...
+    def stats(self) -> Dict[str, Union[int, float]]: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def table(self) -> str: ...
+
+class Table:
+    """One table of a cluster: direct reads and writes (no cache)."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def optimizer(self) -> Optimizer: ...
+    def pull(
+        self,
+        keys: npt.NDArray[np.uint64],
+        out: Optional[npt.NDArray[np.float32]] = None,
+        versions: Optional[npt.NDArray[np.uint64]] = None,
+    ) -> npt.NDArray[np.float32]: ...
+    def push(
+        self,
+        keys: npt.NDArray[np.uint64],
+        grads: npt.NDArray[np.float32],
+        counts: Optional[npt.NDArray[np.uint32]] = None,
+    ) -> int: ...
+    def assign(self, keys: npt.NDArray[np.uint64], values: npt.NDArray[np.float32]) -> int: ...
+    def cached(
+        self,
+        capacity: Union[float, int] = 0.1,
+        policy: str = "lfu",
+        pull_bound: Optional[int] = 100,
+        push_bound: Optional[int] = 100,
+    ) -> Cache: ...
+
+class Cluster:
+    """A connection to every shard of a cluster."""
+    @property
+    def addrs(self) -> List[str]: ...
+    def create_table(
+        self,
+        name: str,
+        rows: int,
+        dim: int,
+        init: Optional[Initializer] = None,
+        optimizer: Optional[Optimizer] = None,
+    ) -> Table: ...
+    def table(self, name: str) -> Table: ...
+    def checkpoint(self, name: str, incremental: bool = False) -> List[Dict[str, Any]]: ...
+    def restarts(self) -> Dict[str, int]: ...
+
+class EmbeddedCluster(Cluster):
+    """Shards running in this process, on loopback TCP."""
+    def __init__(
+        self,
+        shards: int = 2,
+        tables: Optional[Sequence[Dict[str, Any]]] = None,
+        data_dir: Optional[Union[str, PathLike]] = None,
+    ) -> None: ...
+    def close(self) -> None: ...
+    @property
+    def running(self) -> bool: ...
+    def __enter__(self) -> "EmbeddedCluster": ...
+    def __exit__(self, *exc: Any) -> bool: ...
+
+def connect(
+    addrs: Sequence[str],
+    transport: str = "auto",
+    auth_token: Optional[str] = None,
+    timeout: float = 60.0,
+) -> Cluster: ...

@@ -1,0 +1,132 @@
+"""PyTorch embedding modules over a hetkv cache.
+
+``Embedding`` and ``EmbeddingBag`` replace ``torch.nn.Embedding`` and ``torch.nn.EmbeddingBag``
+for tables that live in hetkv. Forward looks the batch's unique keys up in the cache (within its
+read bound, with this worker's own updates in them) and puts the rows on the input's device;
+backward sums the gradient rows per unique key and hands them to ``Cache.update``, so the
+table's optimizer runs on the shards (as TorchRec's fused optimizers, PERSIA and TFRA do). The
+module holds no parameter and no dense gradient of the table: give the torch optimizer the rest
+of the model only.
+
+>>> import hetkv, hetkv.torch, torch
+>>> cluster = hetkv.EmbeddedCluster(shards=2)
+>>> table = cluster.create_table("ids", rows=10_000, dim=16,
+...                              init=hetkv.Initializer.normal(std=0.01),
+...                              optimizer=hetkv.Optimizer.sgd(lr=0.05))
+>>> emb = hetkv.torch.Embedding(table.cached(capacity=0.1))   # was: torch.nn.Embedding(10_000, 16)
+>>> out = emb(torch.tensor([[1, 2], [2, 3]]))                    # (2, 2, 16)
+>>> out.sum().backward()                                         # updates rows 1, 2 and 3
+>>> cluster.close()
+
+torch is imported here, at run time: the hetkv wheel does not link libtorch.
+"""
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._hetkv import Cache, KeyOutOfRangeError
+
+__all__ = ["Embedding", "EmbeddingBag"]
+
+
+class _Rows(torch.autograd.Function):
+    """The rows of ``keys`` from ``cache``: forward looks them up, backward pushes their
+    gradient rows (one update per unique key) through ``cache.update``."""
+
+    @staticmethod
+    def forward(ctx, anchor, cache, keys, device):  # type: ignore[override]
+        rows = cache.lookup(keys)
+        ctx.cache = cache
+        ctx.keys = keys
+        return torch.from_numpy(rows).to(device)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        rows = grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        ctx.cache.update(ctx.keys, rows)
+        return None, None, None, None
+
+
+def _unique(input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
+    """The unique keys of ``input`` as uint64 (for the cache) and each element's index among
+    them (on the input's device)."""
+    if input.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"keys must be an integer tensor (int64 or int32), not {input.dtype}")
+    flat = input.reshape(-1)
+    uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    if uniq.numel() and int(uniq[0]) < 0:
+        raise KeyOutOfRangeError(f"key {int(uniq[0])} is negative")
+    keys = uniq.to("cpu", torch.int64).numpy().astype(np.uint64)
+    return keys, inverse
+
+
+class _CacheModule(nn.Module):
+    def __init__(self, cache: Cache):
+        super().__init__()
+        if not isinstance(cache, Cache):
+            raise TypeError(f"expected a hetkv.Cache (Table.cached(...)), not {type(cache).__name__}")
+        self.cache = cache
+        self.embedding_dim = cache.dim
+
+    def _rows(self, keys: np.ndarray, device: torch.device) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.training:
+            # A leaf that requires grad, so that autograd calls _Rows.backward; the module
+            # itself has no parameter.
+            anchor = torch.empty(0, requires_grad=True)
+            return _Rows.apply(anchor, self.cache, keys, device)
+        return torch.from_numpy(self.cache.lookup(keys)).to(device)
+
+    def flush(self) -> None:
+        """Pushes every update the cache holds (before a checkpoint or evaluation elsewhere)."""
+        self.cache.flush()
+
+    def extra_repr(self) -> str:
+        return f"table={self.cache.table!r}, embedding_dim={self.embedding_dim}"
+
+
+class Embedding(_CacheModule):
+    """``torch.nn.Embedding`` over a hetkv cache: ``forward(input)`` maps an integer tensor of
+    any shape to its rows, shape ``input.shape + (dim,)``, on the input's device."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        keys, inverse = _unique(input)
+        rows = self._rows(keys, input.device)
+        return F.embedding(inverse.to(input.device), rows).reshape(*input.shape, self.embedding_dim)
+
+
+class EmbeddingBag(_CacheModule):
+    """``torch.nn.EmbeddingBag`` over a hetkv cache, ``mode`` "sum" or "mean".
+
+    ``forward(input, offsets=None, per_sample_weights=None)`` takes bags as
+    ``torch.nn.EmbeddingBag`` does: a 2-D input (one bag per row), or a 1-D input with
+    ``offsets`` (where each bag starts)."""
+
+    def __init__(self, cache: Cache, mode: str = "mean"):
+        super().__init__(cache)
+        if mode not in ("sum", "mean"):
+            raise ValueError(f'mode must be "sum" or "mean", not {mode!r}')
+        self.mode = mode
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offsets: Optional[torch.Tensor] = None,
+        per_sample_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        keys, inverse = _unique(input)
+        rows = self._rows(keys, input.device)
+        inverse = inverse.reshape(input.shape).to(input.device)
+        return F.embedding_bag(
+            inverse,
+            rows,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mode={self.mode!r}"

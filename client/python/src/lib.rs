@@ -1,0 +1,866 @@
+//! The native half of the `hetkv` Python package: the client crate's cluster, tables and caches,
+//! and an in-process cluster, as Python classes. NumPy arrays go in and out without copies where
+//! their layout allows (u64 keys, f32 rows, C-contiguous); every call that talks to a shard
+//! releases the GIL; errors are subclasses of `hetkv.Error` carrying the Rust message.
+//!
+//! The Python half (`python/hetkv`) re-exports these names and adds `hetkv.torch`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hetkv_client::cache::CacheError;
+use hetkv_client::{
+    Bound as CacheBound, CacheConfig, CachedTable, Capacity, ClientError, Cluster as RustCluster,
+    PolicyKind, Table as RustTable, TransportKind,
+};
+use hetkv_fallback_tcp::ClientConfig;
+use hetkv_transport::{
+    ErrorCode, Initializer as RustInit, OptimizerSpec, TableSpec, TransportError,
+};
+use numpy::{
+    PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1,
+    PyReadwriteArray2, PyUntypedArrayMethods,
+};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+create_exception!(
+    hetkv,
+    Error,
+    PyException,
+    "The base of every hetkv error; its message is the Rust client's."
+);
+create_exception!(
+    hetkv,
+    ConnectionError,
+    Error,
+    "A shard could not be reached, or broke the connection, within the call's deadline."
+);
+create_exception!(
+    hetkv,
+    UnknownTableError,
+    Error,
+    "No shard holds a table of that name."
+);
+create_exception!(
+    hetkv,
+    KeyOutOfRangeError,
+    Error,
+    "A key outside the table's [0, rows)."
+);
+create_exception!(
+    hetkv,
+    WrongDimError,
+    Error,
+    "Rows or gradients whose shape does not match the keys and the table's dim."
+);
+create_exception!(
+    hetkv,
+    InvalidGradientError,
+    Error,
+    "A gradient holding NaN or infinity: nothing was applied."
+);
+create_exception!(
+    hetkv,
+    CheckpointError,
+    Error,
+    "A checkpoint could not be written (nothing committed was lost)."
+);
+create_exception!(
+    hetkv,
+    TableConflictError,
+    Error,
+    "A table of that name exists with another spec, or the spec is invalid."
+);
+create_exception!(
+    hetkv,
+    ProtocolError,
+    Error,
+    "A shard broke the protocol, or the shards disagree about the cluster."
+);
+create_exception!(
+    hetkv,
+    RemoteError,
+    Error,
+    "A shard refused the request for another reason (its message says why)."
+);
+
+/// The Python exception for a client error.
+fn py_err(e: ClientError) -> PyErr {
+    let message = e.to_string();
+    match &e {
+        ClientError::Transport(t) => match t {
+            TransportError::Io { .. } => ConnectionError::new_err(message),
+            TransportError::Protocol { .. } => ProtocolError::new_err(message),
+            TransportError::InvalidRequest { .. } => RemoteError::new_err(message),
+            TransportError::Remote { error, .. } => match error.code {
+                ErrorCode::UnknownTable => UnknownTableError::new_err(message),
+                ErrorCode::KeyOutOfRange => KeyOutOfRangeError::new_err(message),
+                ErrorCode::WrongDim => WrongDimError::new_err(message),
+                ErrorCode::InvalidGradient => InvalidGradientError::new_err(message),
+                ErrorCode::CheckpointFailed => CheckpointError::new_err(message),
+                ErrorCode::ConflictingTable | ErrorCode::InvalidSpec => {
+                    TableConflictError::new_err(message)
+                }
+                _ => RemoteError::new_err(message),
+            },
+        },
+        ClientError::KeyOutOfRange { .. } => KeyOutOfRangeError::new_err(message),
+        ClientError::WrongDim { .. } => WrongDimError::new_err(message),
+        ClientError::TransportUnavailable(_) => ConnectionError::new_err(message),
+        ClientError::UnknownTable(_) => UnknownTableError::new_err(message),
+        ClientError::Cache(c) => match c {
+            CacheError::KeyOutOfRange { .. } => KeyOutOfRangeError::new_err(message),
+            CacheError::WrongDim { .. } => WrongDimError::new_err(message),
+            CacheError::NonFinite { .. } => InvalidGradientError::new_err(message),
+            CacheError::Replies(_) => ProtocolError::new_err(message),
+        },
+        ClientError::InconsistentCluster(_) => ProtocolError::new_err(message),
+        ClientError::CheckpointFailed(_) => CheckpointError::new_err(message),
+    }
+}
+
+fn dtype_of(obj: &Bound<'_, PyAny>) -> String {
+    match obj.getattr("dtype") {
+        Ok(d) => d.str().map_or_else(|_| "?".into(), |s| s.to_string()),
+        Err(_) => obj
+            .get_type()
+            .name()
+            .map_or_else(|_| "?".into(), |n| n.to_string()),
+    }
+}
+
+/// `obj` as a read-only view of a 1-D array of `T` (its `what` for messages).
+fn array1<'py, T: numpy::Element>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    dtype: &str,
+) -> PyResult<PyReadonlyArray1<'py, T>> {
+    obj.extract::<PyReadonlyArray1<'py, T>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} must be a 1-D numpy array of {dtype} (got {} of {}); convert it with \
+             numpy.asarray(..., dtype=numpy.{dtype})",
+            obj.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string()),
+            dtype_of(obj)
+        ))
+    })
+}
+
+/// `obj` as a read-only view of a 2-D array of f32.
+fn rows2<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
+    obj.extract::<PyReadonlyArray2<'py, f32>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} must be a 2-D numpy array of float32, keys x dim (got {} of {})",
+            obj.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string()),
+            dtype_of(obj)
+        ))
+    })
+}
+
+fn contiguous<'a, T>(slice: Result<&'a [T], numpy::AsSliceError>, what: &str) -> PyResult<&'a [T]> {
+    slice.map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be C-contiguous: pass numpy.ascontiguousarray({what})"
+        ))
+    })
+}
+
+fn check_rows(shape: &[usize], keys: usize, dim: usize, what: &str, table: &str) -> PyResult<()> {
+    if shape != [keys, dim] {
+        return Err(WrongDimError::new_err(format!(
+            "table {table} has dim {dim}: {what} of shape {shape:?} does not fit {keys} keys \
+             (want ({keys}, {dim}))"
+        )));
+    }
+    Ok(())
+}
+
+/// How a table's rows start (`hetkv.Initializer.zeros()`, `.uniform(bound, seed)`,
+/// `.normal(std, seed)`): a pure function of the seed and the row.
+#[pyclass(module = "hetkv", frozen, from_py_object)]
+#[derive(Clone)]
+struct Initializer(RustInit);
+
+#[pymethods]
+impl Initializer {
+    /// Every value 0.
+    #[staticmethod]
+    fn zeros() -> Self {
+        Self(RustInit::Zeros)
+    }
+
+    /// Uniform in [-bound, bound).
+    #[staticmethod]
+    #[pyo3(signature = (bound, seed = 0))]
+    fn uniform(bound: f32, seed: u64) -> Self {
+        Self(RustInit::Uniform { bound, seed })
+    }
+
+    /// Normal with mean 0 and standard deviation `std`.
+    #[staticmethod]
+    #[pyo3(signature = (std, seed = 0))]
+    fn normal(std: f32, seed: u64) -> Self {
+        Self(RustInit::Normal { std, seed })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("hetkv.Initializer({:?})", self.0)
+    }
+}
+
+/// The optimizer a table's shards apply to pushed gradients (`hetkv.Optimizer.sgd(lr)`,
+/// `.adagrad(lr, ...)`, `.adam(lr, ...)`).
+#[pyclass(module = "hetkv", frozen, from_py_object)]
+#[derive(Clone)]
+struct Optimizer(OptimizerSpec);
+
+#[pymethods]
+impl Optimizer {
+    /// Plain SGD: `w -= lr * g`.
+    #[staticmethod]
+    fn sgd(lr: f32) -> Self {
+        Self(OptimizerSpec::Sgd { lr })
+    }
+
+    /// Adagrad.
+    #[staticmethod]
+    #[pyo3(signature = (lr, eps = 1e-10, initial_accumulator = 0.0))]
+    fn adagrad(lr: f32, eps: f32, initial_accumulator: f32) -> Self {
+        Self(OptimizerSpec::Adagrad {
+            lr,
+            eps,
+            initial_accumulator,
+        })
+    }
+
+    /// Adam, applied lazily (a row's moments advance when it is pushed).
+    #[staticmethod]
+    #[pyo3(signature = (lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8))]
+    fn adam(lr: f32, beta1: f32, beta2: f32, eps: f32) -> Self {
+        Self(OptimizerSpec::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        })
+    }
+
+    /// The learning rate.
+    #[getter]
+    fn lr(&self) -> f32 {
+        self.0.lr()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("hetkv.Optimizer({:?})", self.0)
+    }
+}
+
+fn spec_of(
+    name: String,
+    rows: u64,
+    dim: u32,
+    init: Option<Initializer>,
+    optimizer: Option<Optimizer>,
+) -> TableSpec {
+    TableSpec {
+        name,
+        rows,
+        dim,
+        init: init.map_or(RustInit::Zeros, |i| i.0),
+        optimizer: optimizer.map_or(OptimizerSpec::Sgd { lr: 0.01 }, |o| o.0),
+    }
+}
+
+/// A connection to every shard of a cluster (`hetkv.connect`).
+#[pyclass(module = "hetkv", subclass, frozen)]
+struct Cluster {
+    inner: RustCluster,
+}
+
+#[pymethods]
+impl Cluster {
+    /// The shards' addresses, in shard order.
+    #[getter]
+    fn addrs(&self) -> Vec<String> {
+        (0..self.inner.shard_count())
+            .map(|i| self.inner.shard(i).addr().to_string())
+            .collect()
+    }
+
+    /// Creates a table on every shard (or confirms an identical one) and returns it.
+    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None))]
+    fn create_table(
+        &self,
+        py: Python<'_>,
+        name: String,
+        rows: u64,
+        dim: u32,
+        init: Option<Initializer>,
+        optimizer: Option<Optimizer>,
+    ) -> PyResult<Table> {
+        let spec = spec_of(name, rows, dim, init, optimizer);
+        let inner = py
+            .detach(|| self.inner.create_table(&spec))
+            .map_err(py_err)?;
+        Ok(Table { inner })
+    }
+
+    /// The table named `name` (`hetkv.UnknownTableError` when no shard holds it).
+    fn table(&self, py: Python<'_>, name: &str) -> PyResult<Table> {
+        let inner = py.detach(|| self.inner.open_table(name)).map_err(py_err)?;
+        Ok(Table { inner })
+    }
+
+    /// Writes checkpoint `name` on every shard (each into its data directory); returns one dict
+    /// per shard (`name`, `seq`, `tables`, `rows`, `bytes`, `seconds`).
+    #[pyo3(signature = (name, incremental = false))]
+    fn checkpoint<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        incremental: bool,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let done = py
+            .detach(|| self.inner.checkpoint(name, incremental))
+            .map_err(py_err)?;
+        done.into_iter()
+            .map(|d| {
+                let out = PyDict::new(py);
+                out.set_item("name", d.name)?;
+                out.set_item("seq", d.seq)?;
+                out.set_item("parent", d.parent)?;
+                out.set_item("tables", d.tables)?;
+                out.set_item("rows", d.rows)?;
+                out.set_item("bytes", d.bytes)?;
+                out.set_item("seconds", d.micros as f64 / 1e6)?;
+                Ok(out)
+            })
+            .collect()
+    }
+
+    /// What this client has seen of the shards' restarts: `seen`, and the acknowledged pushes a
+    /// restore took back (`pushes_rolled_back`, `rows_rolled_back`, `pushes_unknown`).
+    fn restarts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.inner.restarts();
+        let out = PyDict::new(py);
+        out.set_item("seen", r.seen)?;
+        out.set_item("pushes_rolled_back", r.pushes_rolled_back)?;
+        out.set_item("rows_rolled_back", r.rows_rolled_back)?;
+        out.set_item("pushes_unknown", r.pushes_unknown)?;
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("hetkv.Cluster({:?})", self.addrs())
+    }
+}
+
+/// Connects to the shards at `addrs` (in shard order).
+///
+/// `transport` is "auto" (shared memory for shards on this host that expose it, else TCP),
+/// "tcp", "shm" or "rdma"; `auth_token` is the daemons' token; `timeout` is every call's
+/// deadline in seconds, retries included.
+#[pyfunction]
+#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0))]
+fn connect(
+    py: Python<'_>,
+    addrs: Vec<String>,
+    transport: &str,
+    auth_token: Option<String>,
+    timeout: f64,
+) -> PyResult<Cluster> {
+    let kind: TransportKind = transport.parse().map_err(PyValueError::new_err)?;
+    let config = client_config(auth_token, timeout)?;
+    let inner = py
+        .detach(|| RustCluster::connect(&addrs, kind, &config))
+        .map_err(py_err)?;
+    Ok(Cluster { inner })
+}
+
+fn client_config(auth_token: Option<String>, timeout: f64) -> PyResult<ClientConfig> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "timeout must be a positive number of seconds, not {timeout}"
+        )));
+    }
+    let deadline = Duration::from_secs_f64(timeout);
+    Ok(ClientConfig {
+        auth: auth_token,
+        connect_timeout: deadline.min(Duration::from_secs(5)),
+        io_timeout: Some(deadline),
+        deadline,
+        name: format!("hetkv-python pid {}", std::process::id()),
+        ..ClientConfig::default()
+    })
+}
+
+/// Shards running in this process, on loopback TCP (for notebooks and tests): a cluster with
+/// every method of `hetkv.Cluster`, whose `addrs` other processes can connect to.
+#[pyclass(module = "hetkv", extends = Cluster, frozen)]
+struct EmbeddedCluster {
+    shards: Mutex<Option<hetkv_store::EmbeddedCluster>>,
+}
+
+#[pymethods]
+impl EmbeddedCluster {
+    /// Starts `shards` shards; `tables` is a list of dicts of `create_table`'s arguments.
+    #[new]
+    #[pyo3(signature = (shards = 2, tables = None, data_dir = None))]
+    fn new(
+        py: Python<'_>,
+        shards: u32,
+        tables: Option<Vec<Bound<'_, PyDict>>>,
+        data_dir: Option<std::path::PathBuf>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        if shards == 0 {
+            return Err(PyValueError::new_err(
+                "an embedded cluster needs at least one shard",
+            ));
+        }
+        let mut specs = Vec::new();
+        for t in tables.unwrap_or_default() {
+            let get = |k: &str| t.get_item(k);
+            let name: String = get("name")?
+                .ok_or_else(|| PyValueError::new_err("a table needs a name"))?
+                .extract()?;
+            let rows: u64 = get("rows")?
+                .ok_or_else(|| PyValueError::new_err(format!("table {name} needs rows")))?
+                .extract()?;
+            let dim: u32 = get("dim")?
+                .ok_or_else(|| PyValueError::new_err(format!("table {name} needs dim")))?
+                .extract()?;
+            let init = match get("init")? {
+                Some(v) => Some(v.extract::<Initializer>()?),
+                None => None,
+            };
+            let optimizer = match get("optimizer")? {
+                Some(v) => Some(v.extract::<Optimizer>()?),
+                None => None,
+            };
+            specs.push(spec_of(name, rows, dim, init, optimizer));
+        }
+        let started = py.detach(|| {
+            let cluster = match &data_dir {
+                None => hetkv_store::EmbeddedCluster::start(shards),
+                Some(dir) => {
+                    hetkv_store::EmbeddedCluster::start_with(shards, Default::default(), |i| {
+                        hetkv_store::ShardConfig {
+                            data_dir: Some(dir.join(format!("shard{i}"))),
+                            ..hetkv_store::ShardConfig::new(i, shards)
+                        }
+                    })
+                }
+            }
+            .map_err(|e| e.to_string())?;
+            let client = RustCluster::connect_tcp(cluster.addrs(), &ClientConfig::default())
+                .map_err(|e| e.to_string())?;
+            for spec in &specs {
+                client.create_table(spec).map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>((cluster, client))
+        });
+        let (cluster, client) = started.map_err(Error::new_err)?;
+        Ok(
+            PyClassInitializer::from(Cluster { inner: client }).add_subclass(Self {
+                shards: Mutex::new(Some(cluster)),
+            }),
+        )
+    }
+
+    /// Stops the shards (the cluster's tables are gone unless they were checkpointed).
+    fn close(&self, py: Python<'_>) {
+        let taken = self.shards.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(c) = taken {
+            py.detach(|| c.shutdown());
+        }
+    }
+
+    /// Whether the shards are running.
+    #[getter]
+    fn running(&self) -> bool {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _kind: Option<Bound<'_, PyAny>>,
+        _value: Option<Bound<'_, PyAny>>,
+        _traceback: Option<Bound<'_, PyAny>>,
+    ) -> bool {
+        self.close(py);
+        false
+    }
+}
+
+/// A cache's capacity as Python gives it: a row count (int) or a fraction of the rows (float).
+#[derive(FromPyObject)]
+enum CapacityArg {
+    Rows(u64),
+    Fraction(f64),
+}
+
+/// One table of a cluster: direct reads and writes (no cache: the classic parameter server).
+#[pyclass(module = "hetkv", frozen)]
+struct Table {
+    inner: RustTable,
+}
+
+#[pymethods]
+impl Table {
+    /// The table's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.spec().name.clone()
+    }
+
+    /// Rows (keys are 0 to rows - 1).
+    #[getter]
+    fn rows(&self) -> u64 {
+        self.inner.spec().rows
+    }
+
+    /// Values per row.
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.spec().dim as usize
+    }
+
+    /// The shards' optimizer.
+    #[getter]
+    fn optimizer(&self) -> Optimizer {
+        Optimizer(self.inner.spec().optimizer)
+    }
+
+    /// Reads the rows of `keys` (uint64, 1-D) into `out` (float32, keys x dim; a new array when
+    /// None) and, when given, their versions into `versions` (uint64, 1-D). Returns `out`.
+    #[pyo3(signature = (keys, out = None, versions = None))]
+    fn pull<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+        versions: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let keys = array1::<u64>(keys, "keys", "uint64")?;
+        let keys = contiguous(keys.as_slice(), "keys")?;
+        let dim = self.dim();
+        let name = self.name();
+        let mut versions: Option<PyReadwriteArray1<'py, u64>> = match versions {
+            None => None,
+            Some(v) => Some(v.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "versions must be a 1-D numpy array of uint64 (got {})",
+                    dtype_of(v)
+                ))
+            })?),
+        };
+        let versions = match versions.as_mut() {
+            None => None,
+            Some(v) => {
+                if v.len() != keys.len() {
+                    return Err(WrongDimError::new_err(format!(
+                        "versions holds {} values for {} keys",
+                        v.len(),
+                        keys.len()
+                    )));
+                }
+                Some(contiguous_mut(v.as_slice_mut(), "versions")?)
+            }
+        };
+        into_rows(py, out, keys.len(), dim, &name, |rows| {
+            self.inner.pull(keys, rows, versions)
+        })
+    }
+
+    /// Applies one update per row of `grads` (float32, keys x dim) with the shards' optimizer;
+    /// `counts` (uint32) says how many updates each row sums (1 each when None). Returns the
+    /// updates applied.
+    #[pyo3(signature = (keys, grads, counts = None))]
+    fn push(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let keys = array1::<u64>(keys, "keys", "uint64")?;
+        let keys = contiguous(keys.as_slice(), "keys")?;
+        let grads = rows2(grads, "grads")?;
+        check_rows(grads.shape(), keys.len(), self.dim(), "grads", &self.name())?;
+        let grads = contiguous(grads.as_slice(), "grads")?;
+        let counts: Vec<u32> = match counts {
+            None => vec![1; keys.len()],
+            Some(c) => {
+                let c = array1::<u32>(c, "counts", "uint32")?;
+                contiguous(c.as_slice(), "counts")?.to_vec()
+            }
+        };
+        py.detach(|| self.inner.push(keys, &counts, grads))
+            .map_err(py_err)
+    }
+
+    /// Sets the rows of `keys` to `values` (float32, keys x dim): each row's version grows by one
+    /// and its optimizer state starts again (imports, warm starts). Returns the rows set.
+    fn assign(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
+        let keys = array1::<u64>(keys, "keys", "uint64")?;
+        let keys = contiguous(keys.as_slice(), "keys")?;
+        let values = rows2(values, "values")?;
+        check_rows(
+            values.shape(),
+            keys.len(),
+            self.dim(),
+            "values",
+            &self.name(),
+        )?;
+        let values = contiguous(values.as_slice(), "values")?;
+        py.detach(|| self.inner.assign(keys, values))
+            .map_err(py_err)
+    }
+
+    /// One worker's HET cache of this table.
+    ///
+    /// `capacity` is a fraction of the table's rows (a float below 1) or a number of rows (an
+    /// int); 0 turns the cache off (with bounds 0, the classic parameter server). `policy` is
+    /// "lru", "lfu" or "light-lfu". A cached row lags the shards by at most `pull_bound` updates;
+    /// a line holds at most `push_bound` unpushed updates (None: unbounded).
+    #[pyo3(signature = (capacity = CapacityArg::Fraction(0.1), policy = "lfu", pull_bound = Some(100), push_bound = Some(100)))]
+    fn cached(
+        &self,
+        capacity: CapacityArg,
+        policy: &str,
+        pull_bound: Option<u64>,
+        push_bound: Option<u64>,
+    ) -> PyResult<Cache> {
+        let capacity = match capacity {
+            CapacityArg::Rows(0) => Capacity::Disabled,
+            CapacityArg::Rows(rows) => Capacity::Rows(rows as usize),
+            CapacityArg::Fraction(f) if !(0.0..=1.0).contains(&f) => {
+                return Err(PyValueError::new_err(format!(
+                    "capacity {f} is not a fraction of the rows in [0, 1] (give a row count as an int)"
+                )))
+            }
+            CapacityArg::Fraction(0.0) => Capacity::Disabled,
+            CapacityArg::Fraction(f) => Capacity::Fraction(f),
+        };
+        let policy: PolicyKind = policy.parse().map_err(PyValueError::new_err)?;
+        let bound = |b: Option<u64>| b.map_or(CacheBound::INFINITE, CacheBound::updates);
+        let config = CacheConfig {
+            capacity,
+            policy,
+            pull_bound: bound(pull_bound),
+            push_bound: bound(push_bound),
+        };
+        let dim = self.dim();
+        Ok(Cache {
+            inner: Mutex::new(self.inner.cached(config)),
+            dim,
+            name: self.name(),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "hetkv.Table(name={:?}, rows={}, dim={}, optimizer={:?})",
+            self.name(),
+            self.rows(),
+            self.dim(),
+            self.inner.spec().optimizer
+        )
+    }
+}
+
+fn contiguous_mut<'a, T>(
+    slice: Result<&'a mut [T], numpy::AsSliceError>,
+    what: &str,
+) -> PyResult<&'a mut [T]> {
+    slice.map_err(|_| PyValueError::new_err(format!("{what} must be C-contiguous")))
+}
+
+/// Fills `out` (checked to be float32, n x dim, C-contiguous), or a new array, with `fill`,
+/// the GIL released; returns the array.
+fn into_rows<'py>(
+    py: Python<'py>,
+    out: Option<&Bound<'py, PyAny>>,
+    n: usize,
+    dim: usize,
+    table: &str,
+    fill: impl FnOnce(&mut [f32]) -> Result<(), ClientError> + Send,
+) -> PyResult<Bound<'py, PyAny>> {
+    match out {
+        Some(given) => {
+            let mut rw: PyReadwriteArray2<'py, f32> = given.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "out must be a writable 2-D numpy array of float32 (got {})",
+                    dtype_of(given)
+                ))
+            })?;
+            check_rows(rw.shape(), n, dim, "out", table)?;
+            let rows = contiguous_mut(rw.as_slice_mut(), "out")?;
+            py.detach(|| fill(rows)).map_err(py_err)?;
+            Ok(given.clone())
+        }
+        None => {
+            let rows = py
+                .detach(|| {
+                    let mut rows = vec![0f32; n * dim];
+                    fill(&mut rows).map(|()| rows)
+                })
+                .map_err(py_err)?;
+            let array = PyArray1::from_vec(py, rows).reshape([n, dim])?;
+            Ok(array.into_any())
+        }
+    }
+}
+
+/// One worker's HET cache of a table (`Table.cached`). Calls from several Python threads are
+/// serialized; give each worker thread a cache of its own.
+#[pyclass(module = "hetkv", frozen)]
+struct Cache {
+    inner: Mutex<CachedTable>,
+    dim: usize,
+    name: String,
+}
+
+impl Cache {
+    fn with<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut CachedTable) -> Result<R, ClientError> + Send,
+    ) -> PyResult<R> {
+        py.detach(|| {
+            let mut cache = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut cache)
+        })
+        .map_err(py_err)
+    }
+}
+
+#[pymethods]
+impl Cache {
+    /// Reads the rows of `keys` (uint64, 1-D, duplicates allowed) into `out` (float32, keys x
+    /// dim; a new array when None), each within the read bound and with this cache's own updates
+    /// in it. Returns `out`.
+    #[pyo3(signature = (keys, out = None))]
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let keys = array1::<u64>(keys, "keys", "uint64")?;
+        let keys = contiguous(keys.as_slice(), "keys")?;
+        into_rows(py, out, keys.len(), self.dim, &self.name, |rows| {
+            let mut cache = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            cache.lookup(keys, rows)
+        })
+    }
+
+    /// Applies one gradient row per key (float32, keys x dim): locally at once, and on the
+    /// shards when a line's unpushed updates exceed the push bound. Nothing changes when a value
+    /// is NaN or infinite (`hetkv.InvalidGradientError`).
+    fn update(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let keys = array1::<u64>(keys, "keys", "uint64")?;
+        let keys = contiguous(keys.as_slice(), "keys")?;
+        let grads = rows2(grads, "grads")?;
+        check_rows(grads.shape(), keys.len(), self.dim, "grads", &self.name)?;
+        let grads = contiguous(grads.as_slice(), "grads")?;
+        self.with(py, |c| c.update(keys, grads))
+    }
+
+    /// Pushes every unpushed update; returns when the shards have applied them.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |c| c.flush())
+    }
+
+    /// The cache's counters (hits, misses, pushes, bytes, restarts noticed, ...) and its
+    /// `hit_rate`, `resident` and `capacity`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (stats, resident, capacity) = {
+            let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            (c.stats(), c.core().resident(), c.core().capacity())
+        };
+        let out = PyDict::new(py);
+        for (name, _, value) in stats.counters() {
+            out.set_item(name, value)?;
+        }
+        out.set_item("hit_rate", stats.hit_rate())?;
+        out.set_item("resident", resident)?;
+        out.set_item("capacity", capacity)?;
+        Ok(out)
+    }
+
+    /// Values per row.
+    #[getter]
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The table's name.
+    #[getter]
+    fn table(&self) -> String {
+        self.name.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        format!(
+            "hetkv.Cache(table={:?}, capacity={}, resident={})",
+            self.name,
+            c.core().capacity(),
+            c.core().resident()
+        )
+    }
+}
+
+/// The native module, `hetkv._hetkv`.
+#[pymodule]
+fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_class::<Cluster>()?;
+    m.add_class::<EmbeddedCluster>()?;
+    m.add_class::<Table>()?;
+    m.add_class::<Cache>()?;
+    m.add_class::<Initializer>()?;
+    m.add_class::<Optimizer>()?;
+    m.add("Error", py.get_type::<Error>())?;
+    m.add("ConnectionError", py.get_type::<ConnectionError>())?;
+    m.add("UnknownTableError", py.get_type::<UnknownTableError>())?;
+    m.add("KeyOutOfRangeError", py.get_type::<KeyOutOfRangeError>())?;
+    m.add("WrongDimError", py.get_type::<WrongDimError>())?;
+    m.add(
+        "InvalidGradientError",
+        py.get_type::<InvalidGradientError>(),
+    )?;
+    m.add("CheckpointError", py.get_type::<CheckpointError>())?;
+    m.add("TableConflictError", py.get_type::<TableConflictError>())?;
+    m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    m.add("RemoteError", py.get_type::<RemoteError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

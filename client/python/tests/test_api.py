@@ -1,0 +1,128 @@
+"""The Python API against the Rust client: rows read through Python equal rows read through
+Rust (the ``hetkv export`` command), caches within their bounds, checkpoints, and an embedded
+cluster started and stopped many times in one process."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import hetkv
+from conftest import hetkv_binary
+
+
+def test_rows_read_through_python_equal_rows_read_through_rust(tmp_path):
+    with hetkv.EmbeddedCluster(shards=3) as cluster:
+        table = cluster.create_table(
+            "ads",
+            rows=1000,
+            dim=16,
+            init=hetkv.Initializer.normal(std=0.1, seed=3),
+            optimizer=hetkv.Optimizer.adam(lr=0.01),
+        )
+        rng = np.random.default_rng(1)
+        for _ in range(20):
+            keys = rng.integers(0, 1000, size=64).astype(np.uint64)
+            keys = np.unique(keys)
+            table.push(keys, rng.standard_normal((len(keys), 16)).astype(np.float32))
+        all_keys = np.arange(1000, dtype=np.uint64)
+        versions = np.zeros(1000, dtype=np.uint64)
+        rows = table.pull(all_keys, versions=versions)
+        assert rows.shape == (1000, 16) and rows.dtype == np.float32
+        out = tmp_path / "ads.safetensors"
+        subprocess.run(
+            [str(hetkv_binary()), "export", "--cluster", ",".join(cluster.addrs), "--table", "ads", "--out", str(out)],
+            check=True,
+            capture_output=True,
+        )
+        exported = safetensors.numpy.load_file(str(out))
+        np.testing.assert_array_equal(exported["embeddings"], rows)
+        np.testing.assert_array_equal(exported["versions"], versions)
+        assert versions.sum() > 0
+
+
+def test_pull_writes_into_a_given_array_without_a_new_one():
+    with hetkv.EmbeddedCluster(shards=2, tables=[{"name": "t", "rows": 10, "dim": 4}]) as cluster:
+        table = cluster.table("t")
+        keys = np.array([3, 1, 3], dtype=np.uint64)
+        table.push(keys[:2], np.ones((2, 4), dtype=np.float32))
+        out = np.full((3, 4), 7.0, dtype=np.float32)
+        assert table.pull(keys, out=out) is out
+        np.testing.assert_allclose(out, -0.01)  # the default optimizer: SGD, lr 0.01
+
+
+def test_a_cache_holds_its_bounds_and_flush_applies_everything():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("t", rows=100, dim=2, optimizer=hetkv.Optimizer.sgd(lr=1.0))
+        writer = table.cached(capacity=20, policy="lru", pull_bound=3, push_bound=3)
+        reader = table.cached(capacity=20, policy="lfu", pull_bound=3, push_bound=0)
+        keys = np.array([5], dtype=np.uint64)
+        reader.lookup(keys)
+        for i in range(1, 21):
+            writer.update(keys, np.full((1, 2), -1.0, dtype=np.float32))
+            versions = np.zeros(1, dtype=np.uint64)
+            table.pull(keys, versions=versions)
+            assert i - versions[0] <= 3, "the write bound"
+            seen = reader.lookup(keys)[0, 0]
+            assert versions[0] - seen <= 3, "the read bound (row value counts its updates)"
+        writer.flush()
+        np.testing.assert_array_equal(table.pull(keys), [[20.0, 20.0]])
+        s = writer.stats()
+        assert s["updates"] == 20 and s["rows_pushed"] > 0 and 0 <= s["hit_rate"] <= 1
+
+
+def test_capacity_zero_with_bounds_zero_is_the_classic_parameter_server():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("t", rows=10, dim=1, optimizer=hetkv.Optimizer.sgd(lr=1.0))
+        ps = table.cached(capacity=0, pull_bound=0, push_bound=0)
+        keys = np.array([2, 2, 3], dtype=np.uint64)
+        ps.update(keys, np.ones((3, 1), dtype=np.float32))
+        # Written through at once: one update per occurrence.
+        versions = np.zeros(3, dtype=np.uint64)
+        np.testing.assert_array_equal(table.pull(keys, versions=versions)[:, 0], [-2, -2, -1])
+        np.testing.assert_array_equal(versions, [2, 2, 1])
+        assert ps.stats()["capacity"] == 0
+
+
+def test_checkpoints_are_written_and_restored(tmp_path):
+    with hetkv.EmbeddedCluster(shards=2, data_dir=tmp_path) as cluster:
+        table = cluster.create_table("t", rows=10, dim=2)
+        table.assign(np.array([4], dtype=np.uint64), np.array([[1.5, 2.5]], dtype=np.float32))
+        done = cluster.checkpoint("c1")
+        assert [d["name"] for d in done] == ["c1", "c1"] and sum(d["rows"] for d in done) == 10
+    with hetkv.EmbeddedCluster(shards=2, data_dir=tmp_path) as again:
+        np.testing.assert_array_equal(again.table("t").pull(np.array([4], dtype=np.uint64)), [[1.5, 2.5]])
+
+
+def test_other_processes_connect_to_an_embedded_cluster(daemon_factory):
+    with hetkv.EmbeddedCluster(shards=2, tables=[{"name": "t", "rows": 10, "dim": 1}]) as cluster:
+        cluster.table("t").push(np.array([1], dtype=np.uint64), np.ones((1, 1), dtype=np.float32))
+        out = subprocess.run(
+            [str(hetkv_binary()), "stats", "--cluster", ",".join(cluster.addrs)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        assert "t" in out.stdout
+
+
+def test_an_embedded_cluster_starts_and_stops_cleanly_many_times():
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    with hetkv.EmbeddedCluster(shards=2):
+        pass
+    before = threads()
+    for i in range(30):
+        cluster = hetkv.EmbeddedCluster(shards=2, tables=[{"name": "t", "rows": 100, "dim": 4}])
+        assert cluster.running
+        keys = np.arange(10, dtype=np.uint64)
+        cluster.table("t").cached(capacity=0.5).lookup(keys)
+        cluster.close()
+        assert not cluster.running
+        cluster.close()  # closing twice is fine
+    assert threads() <= before + 4, f"threads grew from {before} to {threads()}"
+    with pytest.raises(hetkv.ConnectionError):
+        hetkv.connect(cluster.addrs, timeout=0.5)

@@ -1,0 +1,150 @@
+"""``hetkv.torch``: with no cache and bounds 0, ``Embedding`` trains exactly as
+``torch.nn.Embedding`` plus SGD; ``EmbeddingBag`` matches ``torch.nn.EmbeddingBag`` forward and
+backward; and the dense part trains under DDP (gloo) beside it."""
+
+import copy
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hetkv
+import hetkv.torch
+
+
+def table_like(cluster, weight: torch.Tensor, lr: float, name: str = "t"):
+    """A table holding ``weight``'s rows, with SGD at ``lr`` on the shards."""
+    rows, dim = weight.shape
+    table = cluster.create_table(name, rows=rows, dim=dim, optimizer=hetkv.Optimizer.sgd(lr=lr))
+    table.assign(np.arange(rows, dtype=np.uint64), weight.detach().numpy().astype(np.float32))
+    return table
+
+
+def all_rows(table):
+    return torch.from_numpy(table.pull(np.arange(table.rows, dtype=np.uint64)))
+
+
+def test_embedding_without_a_cache_trains_exactly_as_torch_embedding_with_sgd():
+    torch.manual_seed(0)
+    rows, dim, lr = 50, 8, 0.1
+    reference = nn.Embedding(rows, dim)
+    head_ref = nn.Linear(dim, 1)
+    head = copy.deepcopy(head_ref)
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = table_like(cluster, reference.weight, lr)
+        emb = hetkv.torch.Embedding(table.cached(capacity=0, pull_bound=0, push_bound=0))
+        assert list(emb.parameters()) == [], "the module holds no parameter"
+        opt_ref = torch.optim.SGD([*reference.parameters(), *head_ref.parameters()], lr=lr)
+        opt = torch.optim.SGD(head.parameters(), lr=lr)
+        for step in range(40):
+            x = torch.randint(0, rows, (16, 3))  # repeated keys within and across samples
+            y = torch.rand(16, 1)
+            loss_ref = nn.functional.mse_loss(head_ref(reference(x).sum(1)), y)
+            opt_ref.zero_grad()
+            loss_ref.backward()
+            opt_ref.step()
+            out = emb(x)
+            assert out.shape == (16, 3, dim)
+            loss = nn.functional.mse_loss(head(out.sum(1)), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            assert abs(loss.item() - loss_ref.item()) < 1e-5, step
+        torch.testing.assert_close(all_rows(table), reference.weight.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head.weight, head_ref.weight, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("layout", ["offsets", "2d"])
+def test_embedding_bag_matches_torch_forward_and_backward(mode, layout):
+    torch.manual_seed(1)
+    rows, dim = 30, 6
+    reference = nn.EmbeddingBag(rows, dim, mode=mode)
+    with hetkv.EmbeddedCluster(shards=3) as cluster:
+        table = table_like(cluster, reference.weight, lr=1.0)
+        bag = hetkv.torch.EmbeddingBag(table.cached(capacity=0, pull_bound=0, push_bound=0), mode=mode)
+        if layout == "offsets":
+            x = torch.tensor([1, 2, 2, 7, 29, 0, 1, 1, 1])
+            args = (x, torch.tensor([0, 3, 5, 5]))  # an empty bag among them
+        else:
+            x = torch.randint(0, rows, (5, 4))
+            args = (x,)
+        want = reference(*args)
+        got = bag(*args)
+        torch.testing.assert_close(got, want)
+        grad_out = torch.randn_like(want)
+        (want * grad_out).sum().backward()
+        (got * grad_out).sum().backward()
+        # SGD at lr 1 on the shards: each row moved by minus its gradient.
+        torch.testing.assert_close(
+            all_rows(table), (reference.weight - reference.weight.grad).detach(), atol=1e-6, rtol=1e-6
+        )
+
+
+def test_per_sample_weights_match_torch():
+    torch.manual_seed(2)
+    reference = nn.EmbeddingBag(20, 3, mode="sum")
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = table_like(cluster, reference.weight, lr=1.0)
+        bag = hetkv.torch.EmbeddingBag(table.cached(capacity=0, pull_bound=0, push_bound=0), mode="sum")
+        x, offsets = torch.tensor([3, 4, 3, 9]), torch.tensor([0, 2])
+        w = torch.tensor([0.5, 2.0, -1.0, 1.0])
+        torch.testing.assert_close(bag(x, offsets, per_sample_weights=w), reference(x, offsets, per_sample_weights=w))
+
+
+def test_evaluation_does_not_update_and_bad_keys_are_refused():
+    with hetkv.EmbeddedCluster(shards=2, tables=[{"name": "t", "rows": 10, "dim": 2}]) as cluster:
+        emb = hetkv.torch.Embedding(cluster.table("t").cached(capacity=0, pull_bound=0, push_bound=0))
+        emb.eval()
+        out = emb(torch.tensor([1, 2]))
+        assert not out.requires_grad
+        with pytest.raises(hetkv.KeyOutOfRangeError):
+            emb(torch.tensor([-1]))
+        with pytest.raises(hetkv.KeyOutOfRangeError):
+            emb(torch.tensor([10]))
+        with pytest.raises(TypeError):
+            emb(torch.tensor([1.0]))
+        with pytest.raises(TypeError):
+            hetkv.torch.Embedding(cluster.table("t"))
+
+
+def _ddp_worker(rank, world, addrs, port, steps, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same dense initialisation on every rank
+    cluster = hetkv.connect(addrs)
+    emb = hetkv.torch.EmbeddingBag(cluster.table("ids").cached(capacity=0.2, pull_bound=10, push_bound=10), mode="sum")
+    head = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
+    opt = torch.optim.SGD(head.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    updates = 0
+    for _ in range(steps):
+        x = torch.randint(0, 200, (32, 5), generator=gen)
+        loss = nn.functional.mse_loss(head(emb(x)), torch.ones(32, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        updates += len(torch.unique(x))
+    emb.flush()
+    torch.save({"head": head.module.state_dict(), "updates": updates}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_the_dense_part_trains_under_ddp_beside_hetkv_embeddings(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with hetkv.EmbeddedCluster(shards=2, tables=[{"name": "ids", "rows": 200, "dim": 4}]) as cluster:
+        mp.spawn(_ddp_worker, args=(2, cluster.addrs, port, 15, str(tmp_path)), nprocs=2, join=True)
+        results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+        for k, v in results[0]["head"].items():
+            torch.testing.assert_close(v, results[1]["head"][k], msg=f"DDP kept {k} in sync")
+        versions = np.zeros(200, dtype=np.uint64)
+        cluster.table("ids").pull(np.arange(200, dtype=np.uint64), versions=versions)
+        assert versions.sum() == sum(r["updates"] for r in results), "every worker's update applied once"
