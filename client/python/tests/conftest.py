@@ -20,6 +20,14 @@ def hetkv_binary() -> pathlib.Path:
     return path
 
 
+def bench_binary() -> pathlib.Path:
+    """``$HETKV_BENCH_BIN``, else the workspace's debug build of ``hetkv-bench``."""
+    path = pathlib.Path(os.environ.get("HETKV_BENCH_BIN", REPO / "target" / "debug" / "hetkv-bench"))
+    if not path.exists():
+        pytest.fail(f"{path} is missing: build it with `cargo build -p hetkv-bench` or set HETKV_BENCH_BIN")
+    return path
+
+
 class Daemon:
     """A ``hetkv serve`` process on loopback; killed when closed."""
 

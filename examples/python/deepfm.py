@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""DeepFM in PyTorch on the Criteo-like data set, with its embeddings in hetkv.
+
+Make the data, then train (CPU, or a GPU with --device cuda):
+
+    hetkv-bench criteo --samples 400000 --tsv criteo.tsv --json criteo.json
+    python examples/python/deepfm.py --tsv criteo.tsv --report criteo.json
+
+The categorical fields share one hetkv table of rows ``1 + dim`` (a first-order weight and the
+factors, as HET's DeepFM has it), read through ``hetkv.torch.Embedding`` over a cache (10% of
+the rows, bounds 100, by default; ``--cache 0 --bound 0`` is the classic parameter server) and
+trained by the table's optimizer on the shards. The dense part (MLP, dense features) trains with
+torch. ``--torch-embedding`` trains the same model with ``torch.nn.Embedding`` wholly on the
+device instead: the upper bound when a table fits. The report says samples/s, the test AUC and
+logloss over time, and the planted model's AUC from ``criteo.json`` (the ceiling).
+
+Without ``--cluster`` the shards run in this process (``hetkv.EmbeddedCluster``).
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+import hetkv
+import hetkv.torch
+
+FIELDS = 26
+DENSE = 13
+
+
+def read_tsv(path, field_ids):
+    """Labels, dense features (log(1 + x)) and global keys of a Criteo TSV file; keys map each
+    field's id into its range of the table (the last row of a field stands for "missing"), as
+    ``hetkv-bench`` does."""
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(field_ids, dtype=np.int64) + 1)[:-1]])
+    labels, dense, keys = [], [], []
+    with open(path) as f:
+        for line in f:
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 1 + DENSE + FIELDS:
+                continue
+            labels.append(float(cols[0]))
+            dense.append([math.log1p(max(0, int(c))) if c else 0.0 for c in cols[1 : 1 + DENSE]])
+            row = []
+            for field, c in enumerate(cols[1 + DENSE :]):
+                ids = field_ids[field]
+                row.append(offsets[field] + (int(c, 16) % ids if c else ids))
+            keys.append(row)
+    return (
+        torch.tensor(labels, dtype=torch.float32),
+        torch.tensor(dense, dtype=torch.float32),
+        torch.tensor(np.asarray(keys, dtype=np.int64)),
+    )
+
+
+def auc(scores, labels):
+    """The area under the ROC curve (rank statistic, ties averaged)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels) > 0.5
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    pos = labels.sum()
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+class DeepFM(nn.Module):
+    """First-order weights, FM interactions and an MLP over the factors and dense features."""
+
+    def __init__(self, embedding, dim, hidden):
+        super().__init__()
+        self.embedding = embedding  # keys (B, 26) -> (B, 26, 1 + dim)
+        self.dim = dim
+        self.dense_linear = nn.Linear(DENSE, 1)
+        layers, width = [], FIELDS * dim + DENSE
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, keys, dense):
+        rows = self.embedding(keys)
+        first, v = rows[..., 0], rows[..., 1:]
+        fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1, keepdim=True)
+        deep = self.mlp(torch.cat([v.reshape(len(keys), -1), dense], 1))
+        return first.sum(1, keepdim=True) + self.dense_linear(dense) + fm + deep
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tsv", required=True, help="Criteo TSV (hetkv-bench criteo --tsv)")
+    p.add_argument("--report", required=True, help="its JSON report (hetkv-bench criteo --json)")
+    p.add_argument("--cluster", help="comma-separated shard addresses (default: shards in this process)")
+    p.add_argument("--shards", type=int, default=2, help="embedded shards (without --cluster)")
+    p.add_argument("--transport", default="auto", help="auto, tcp, shm or rdma")
+    p.add_argument("--dim", type=int, default=8, help="factors per field (rows hold 1 + dim)")
+    p.add_argument("--hidden", default="256,256,256", help="MLP widths")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05, help="the embeddings' Adagrad learning rate")
+    p.add_argument("--dense-lr", type=float, default=1e-3, help="the dense part's Adam learning rate")
+    p.add_argument("--cache", type=float, default=0.1, help="cache capacity, a fraction of the rows (0: none)")
+    p.add_argument("--bound", type=int, default=100, help="pull and push bounds")
+    p.add_argument("--torch-embedding", action="store_true", help="torch.nn.Embedding on the device instead of hetkv")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--test-fraction", type=float, default=0.1)
+    p.add_argument("--eval-every", type=float, default=0.0, help="seconds between test evaluations (0: at the end)")
+    p.add_argument("--eval-samples", type=int, default=20000)
+    p.add_argument("--target-auc", type=float, help="report the time to reach this test AUC")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", help="write the report here")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    with open(args.report) as f:
+        report = json.load(f)
+    labels, dense, keys = read_tsv(args.tsv, report["field_ids"])
+    rows = int(report["table_rows"])
+    if int(keys.max()) >= rows:
+        sys.exit(f"a key {int(keys.max())} is outside the table of {rows} rows: is --report this file's?")
+    n_test = max(1, int(len(labels) * args.test_fraction))
+    train, test = slice(0, len(labels) - n_test), slice(len(labels) - n_test, len(labels))
+    test_idx = torch.arange(len(labels))[test][: args.eval_samples]
+
+    cluster = None
+    if args.torch_embedding:
+        # Sparse gradients, as a practitioner trains a large table with torch alone.
+        embedding = nn.Embedding(rows, 1 + args.dim, sparse=True)
+        nn.init.normal_(embedding.weight, std=0.01)
+        what = "torch.nn.Embedding on " + str(device)
+    else:
+        if args.cluster:
+            cluster = hetkv.connect(args.cluster.split(","), transport=args.transport)
+        else:
+            cluster = hetkv.EmbeddedCluster(shards=args.shards)
+        table = cluster.create_table(
+            "deepfm_emb",
+            rows=rows,
+            dim=1 + args.dim,
+            init=hetkv.Initializer.normal(std=0.01, seed=args.seed),
+            optimizer=hetkv.Optimizer.adagrad(lr=args.lr),
+        )
+        capacity = 0 if args.cache <= 0 else args.cache
+        cache = table.cached(capacity=capacity, policy="lfu", pull_bound=args.bound, push_bound=args.bound)
+        embedding = hetkv.torch.Embedding(cache)
+        what = f"hetkv (cache {args.cache:g}, bounds {args.bound}, {len(cluster.addrs)} shards)"
+    hidden = [int(h) for h in args.hidden.split(",") if h]
+    model = DeepFM(embedding, args.dim, hidden).to(device)
+    dense_params = [q for n, q in model.named_parameters() if not (args.torch_embedding and n.startswith("embedding"))]
+    opt = torch.optim.Adam(dense_params, lr=args.dense_lr)
+    emb_opt = torch.optim.Adagrad(model.embedding.parameters(), lr=args.lr) if args.torch_embedding else None
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            logits = torch.cat(
+                [
+                    model(keys[b].to(device), dense[b].to(device)).squeeze(1).cpu()
+                    for b in test_idx.split(4096)
+                ]
+            )
+        model.train()
+        prob = torch.sigmoid(logits).clamp(1e-7, 1 - 1e-7)
+        y = labels[test_idx]
+        logloss = float(-(y * prob.log() + (1 - y) * (1 - prob).log()).mean())
+        return auc(prob.numpy(), y.numpy()), logloss
+
+    timeline, trained, reached = [], 0, None
+    started = time.monotonic()
+    next_eval = args.eval_every if args.eval_every > 0 else float("inf")
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        order = torch.arange(train.stop)[torch.randperm(train.stop, generator=gen)]
+        for b in order.split(args.batch):
+            k, x, y = keys[b].to(device), dense[b].to(device), labels[b].to(device)
+            loss = loss_fn(model(k, x).squeeze(1), y)
+            opt.zero_grad()
+            if emb_opt:
+                emb_opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if emb_opt:
+                emb_opt.step()
+            trained += len(b)
+            elapsed = time.monotonic() - started
+            if elapsed >= next_eval:
+                a, l = evaluate()
+                timeline.append({"secs": elapsed, "samples": trained, "auc": a, "logloss": l})
+                print(f"{elapsed:7.1f} s  {trained:9d} samples  test AUC {a:.4f}  logloss {l:.4f}", flush=True)
+                if reached is None and args.target_auc and a >= args.target_auc:
+                    reached = elapsed
+                next_eval = elapsed + args.eval_every
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_secs = time.monotonic() - started
+    if not args.torch_embedding:
+        embedding.flush()
+    final_auc, final_logloss = evaluate()
+    if reached is None and args.target_auc and final_auc >= args.target_auc:
+        reached = train_secs
+    out = {
+        "embedding": what,
+        "device": str(device),
+        "dim": args.dim,
+        "batch": args.batch,
+        "samples": trained,
+        "train_secs": train_secs,
+        "samples_per_s": trained / train_secs,
+        "test_auc": final_auc,
+        "test_logloss": final_logloss,
+        "planted_auc": report["oracle_auc"],
+        "planted_logloss": report["oracle_logloss"],
+        "time_to_target": reached,
+        "timeline": timeline,
+    }
+    if not args.torch_embedding:
+        out["cache"] = embedding.cache.stats()
+    print(
+        f"{what}: {out['samples_per_s']:.0f} samples/s, test AUC {final_auc:.4f} (planted model "
+        f"{report['oracle_auc']:.4f}), logloss {final_logloss:.4f}"
+        + (f", target reached after {reached:.1f} s" if reached is not None else "")
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if isinstance(cluster, hetkv.EmbeddedCluster):
+        cluster.close()
+    return out
+
+
+if __name__ == "__main__":
+    main()
