@@ -20,6 +20,7 @@ Without ``--cluster`` the shards run in this process (``hetkv.EmbeddedCluster``)
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -98,7 +99,7 @@ class DeepFM(nn.Module):
         rows = self.embedding(keys)
         first, v = rows[..., 0], rows[..., 1:]
         fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(1, keepdim=True)
-        deep = self.mlp(torch.cat([v.reshape(len(keys), -1), dense], 1))
+        deep = self.mlp(torch.cat([v.reshape(len(dense), -1), dense], 1))
         return first.sum(1, keepdim=True) + self.dense_linear(dense) + fm + deep
 
 
@@ -106,8 +107,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tsv", required=True, help="Criteo TSV (hetkv-bench criteo --tsv)")
     p.add_argument("--report", required=True, help="its JSON report (hetkv-bench criteo --json)")
+    p.add_argument("--npz", help="keep the parsed data here and read it from here next time")
     p.add_argument("--cluster", help="comma-separated shard addresses (default: shards in this process)")
     p.add_argument("--shards", type=int, default=2, help="embedded shards (without --cluster)")
+    p.add_argument("--table", default="deepfm_emb", help="the embedding table's name (a new one per run)")
     p.add_argument("--transport", default="auto", help="auto, tcp, shm or rdma")
     p.add_argument("--dim", type=int, default=8, help="factors per field (rows hold 1 + dim)")
     p.add_argument("--hidden", default="256,256,256", help="MLP widths")
@@ -131,7 +134,13 @@ def main(argv=None):
     device = torch.device(args.device)
     with open(args.report) as f:
         report = json.load(f)
-    labels, dense, keys = read_tsv(args.tsv, report["field_ids"])
+    if args.npz and os.path.exists(args.npz):
+        parsed = np.load(args.npz)
+        labels, dense, keys = (torch.from_numpy(parsed[k]) for k in ("labels", "dense", "keys"))
+    else:
+        labels, dense, keys = read_tsv(args.tsv, report["field_ids"])
+        if args.npz:
+            np.savez(args.npz, labels=labels.numpy(), dense=dense.numpy(), keys=keys.numpy())
     rows = int(report["table_rows"])
     if int(keys.max()) >= rows:
         sys.exit(f"a key {int(keys.max())} is outside the table of {rows} rows: is --report this file's?")
@@ -151,7 +160,7 @@ def main(argv=None):
         else:
             cluster = hetkv.EmbeddedCluster(shards=args.shards)
         table = cluster.create_table(
-            "deepfm_emb",
+            args.table,
             rows=rows,
             dim=1 + args.dim,
             init=hetkv.Initializer.normal(std=0.01, seed=args.seed),
@@ -159,7 +168,8 @@ def main(argv=None):
         )
         capacity = 0 if args.cache <= 0 else args.cache
         cache = table.cached(capacity=capacity, policy="lfu", pull_bound=args.bound, push_bound=args.bound)
-        embedding = hetkv.torch.Embedding(cache)
+        # Keys stay on the host; the rows go to the model's device.
+        embedding = hetkv.torch.Embedding(cache, device=device)
         what = f"hetkv (cache {args.cache:g}, bounds {args.bound}, {len(cluster.addrs)} shards)"
     hidden = [int(h) for h in args.hidden.split(",") if h]
     model = DeepFM(embedding, args.dim, hidden).to(device)
@@ -173,7 +183,9 @@ def main(argv=None):
         with torch.no_grad():
             logits = torch.cat(
                 [
-                    model(keys[b].to(device), dense[b].to(device)).squeeze(1).cpu()
+                    model(keys[b] if not args.torch_embedding else keys[b].to(device), dense[b].to(device))
+                    .squeeze(1)
+                    .cpu()
                     for b in test_idx.split(4096)
                 ]
             )
@@ -190,7 +202,8 @@ def main(argv=None):
     for _ in range(args.epochs):
         order = torch.arange(train.stop)[torch.randperm(train.stop, generator=gen)]
         for b in order.split(args.batch):
-            k, x, y = keys[b].to(device), dense[b].to(device), labels[b].to(device)
+            k = keys[b] if not args.torch_embedding else keys[b].to(device)
+            x, y = dense[b].to(device), labels[b].to(device)
             loss = loss_fn(model(k, x).squeeze(1), y)
             opt.zero_grad()
             if emb_opt:

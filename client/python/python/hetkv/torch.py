@@ -39,16 +39,26 @@ class _Rows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, cache, keys, device):  # type: ignore[override]
-        rows = cache.lookup(keys)
         ctx.cache = cache
         ctx.keys = keys
-        return torch.from_numpy(rows).to(device)
+        return _lookup(cache, keys, device)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         rows = grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         ctx.cache.update(ctx.keys, rows)
         return None, None, None, None
+
+
+def _lookup(cache: Cache, keys: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The rows of ``keys`` on ``device``. For a GPU they are written straight into pinned host
+    memory (PyTorch's caching host allocator keeps the block until the copy is done) and copied
+    without blocking the host."""
+    if device.type == "cuda":
+        staged = torch.empty((len(keys), cache.dim), dtype=torch.float32, pin_memory=True)
+        cache.lookup(keys, out=staged.numpy())
+        return staged.to(device, non_blocking=True)
+    return torch.from_numpy(cache.lookup(keys)).to(device)
 
 
 def _unique(input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
@@ -65,12 +75,16 @@ def _unique(input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
 
 
 class _CacheModule(nn.Module):
-    def __init__(self, cache: Cache):
+    def __init__(self, cache: Cache, device: Optional[torch.device] = None):
         super().__init__()
         if not isinstance(cache, Cache):
             raise TypeError(f"expected a hetkv.Cache (Table.cached(...)), not {type(cache).__name__}")
         self.cache = cache
         self.embedding_dim = cache.dim
+        self.device = None if device is None else torch.device(device)
+
+    def _out_device(self, input: torch.Tensor) -> torch.device:
+        return self.device if self.device is not None else input.device
 
     def _rows(self, keys: np.ndarray, device: torch.device) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
@@ -78,7 +92,7 @@ class _CacheModule(nn.Module):
             # itself has no parameter.
             anchor = torch.empty(0, requires_grad=True)
             return _Rows.apply(anchor, self.cache, keys, device)
-        return torch.from_numpy(self.cache.lookup(keys)).to(device)
+        return _lookup(self.cache, keys, device)
 
     def flush(self) -> None:
         """Pushes every update the cache holds (before a checkpoint or evaluation elsewhere)."""
@@ -90,12 +104,16 @@ class _CacheModule(nn.Module):
 
 class Embedding(_CacheModule):
     """``torch.nn.Embedding`` over a hetkv cache: ``forward(input)`` maps an integer tensor of
-    any shape to its rows, shape ``input.shape + (dim,)``, on the input's device."""
+    any shape to its rows, shape ``input.shape + (dim,)``, on ``device`` (the input's when None).
+
+    Keys on the CPU with ``device="cuda"`` is the quick way to feed a GPU model (as TorchRec
+    keeps its keys on the host): the keys never cross to the GPU and back."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        device = self._out_device(input)
         keys, inverse = _unique(input)
-        rows = self._rows(keys, input.device)
-        return F.embedding(inverse.to(input.device), rows).reshape(*input.shape, self.embedding_dim)
+        rows = self._rows(keys, device)
+        return F.embedding(inverse.to(device), rows).reshape(*input.shape, self.embedding_dim)
 
 
 class EmbeddingBag(_CacheModule):
@@ -105,8 +123,8 @@ class EmbeddingBag(_CacheModule):
     ``torch.nn.EmbeddingBag`` does: a 2-D input (one bag per row), or a 1-D input with
     ``offsets`` (where each bag starts)."""
 
-    def __init__(self, cache: Cache, mode: str = "mean"):
-        super().__init__(cache)
+    def __init__(self, cache: Cache, mode: str = "mean", device: Optional[torch.device] = None):
+        super().__init__(cache, device)
         if mode not in ("sum", "mean"):
             raise ValueError(f'mode must be "sum" or "mean", not {mode!r}')
         self.mode = mode
@@ -117,15 +135,16 @@ class EmbeddingBag(_CacheModule):
         offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        device = self._out_device(input)
         keys, inverse = _unique(input)
-        rows = self._rows(keys, input.device)
-        inverse = inverse.reshape(input.shape).to(input.device)
+        rows = self._rows(keys, device)
+        inverse = inverse.reshape(input.shape).to(device)
         return F.embedding_bag(
             inverse,
             rows,
-            offsets,
+            None if offsets is None else offsets.to(device),
             mode=self.mode,
-            per_sample_weights=per_sample_weights,
+            per_sample_weights=None if per_sample_weights is None else per_sample_weights.to(device),
         )
 
     def extra_repr(self) -> str:
