@@ -12,6 +12,7 @@ pub mod placement;
 pub mod sessions;
 pub mod shard;
 pub mod table;
+pub mod tensors;
 
 pub use config::DaemonConfig;
 pub use embedded::EmbeddedCluster;

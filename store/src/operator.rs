@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
 use hetkv_store::checkpoint::{CheckpointDir, Listing};
 use hetkv_store::placement::Placement;
-use hetkv_transport::{Routing, ShardTransport, TableSpec};
+use hetkv_store::tensors;
+use hetkv_transport::ShardTransport;
 
 use crate::{
     read_token, seconds, CheckpointAction, CheckpointArgs, ClusterArgs, ExportArgs, ImportArgs,
@@ -213,203 +214,45 @@ fn compact(data_dir: &Path, name: Option<&str>, out: &str) -> Result<()> {
     Ok(())
 }
 
-/// The table's spec as every shard lists it.
-fn table_spec(shards: &[TcpShardClient], table: &str) -> Result<TableSpec> {
-    let mut spec: Option<TableSpec> = None;
-    for c in shards {
-        let t = c
-            .list_tables()?
-            .into_iter()
-            .find(|t| t.spec.name == table)
-            .with_context(|| format!("{} holds no table {table}", c.addr()))?;
-        match &spec {
-            Some(s) if s != &t.spec => bail!("table {table} differs between shards"),
-            _ => spec = Some(t.spec),
-        }
-    }
-    spec.context("no shards")
-}
-
-/// Keys per request: about 16 MiB of rows, within any frame limit a daemon uses by default.
-fn chunk_keys(dim: u32) -> usize {
-    ((16usize << 20) / (8 + 4 * dim as usize)).max(1)
-}
-
 pub(crate) fn export(args: &ExportArgs) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
     let shards = connect_cluster(&args.cluster)?;
-    let spec = table_spec(&shards, &args.table)?;
     let keys: Option<Vec<u64>> = match &args.keys {
         None => None,
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading keys from {}", path.display()))?;
-            let keys = text
-                .split_whitespace()
-                .map(|w| {
-                    w.parse::<u64>()
-                        .with_context(|| format!("{w:?} in {} is not a key", path.display()))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            if let Some(k) = keys.iter().find(|&&k| k >= spec.rows) {
-                bail!(
-                    "key {k} in {} is outside table {} of {} rows",
-                    path.display(),
-                    spec.name,
-                    spec.rows
-                );
-            }
-            Some(keys)
+            Some(
+                text.split_whitespace()
+                    .map(|w| {
+                        w.parse::<u64>()
+                            .with_context(|| format!("{w:?} in {} is not a key", path.display()))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            )
         }
     };
-    let n = keys.as_ref().map_or(spec.rows, |k| k.len() as u64);
-    let dim = spec.dim as usize;
-    let bytes = n.checked_mul(4 * dim as u64).context("table too large")?;
-    let mut values = vec![0u8; usize::try_from(bytes).context("table too large to export")?];
-    let mut versions = vec![0u8; n as usize * 8];
-    let routing = Routing::new(shards.len() as u32);
-    let chunk = chunk_keys(spec.dim);
-    let (mut v, mut rows) = (Vec::new(), Vec::new());
-    let mut shard_keys: Vec<Vec<u64>> = vec![Vec::new(); shards.len()];
-    let mut shard_pos: Vec<Vec<usize>> = vec![Vec::new(); shards.len()];
-    let mut start = 0u64;
-    while start < n {
-        let end = (start + chunk as u64).min(n);
-        shard_keys.iter_mut().for_each(Vec::clear);
-        shard_pos.iter_mut().for_each(Vec::clear);
-        for pos in start..end {
-            let key = keys.as_ref().map_or(pos, |k| k[pos as usize]);
-            let s = routing.shard_of(key);
-            shard_keys[s].push(key);
-            shard_pos[s].push(pos as usize);
-        }
-        for (s, c) in shards.iter().enumerate() {
-            if shard_keys[s].is_empty() {
-                continue;
-            }
-            c.pull(&spec.name, &shard_keys[s], &mut v, &mut rows)
-                .with_context(|| format!("pulling rows of {} from {}", spec.name, c.addr()))?;
-            for (j, &pos) in shard_pos[s].iter().enumerate() {
-                versions[pos * 8..pos * 8 + 8].copy_from_slice(&v[j].to_le_bytes());
-                for (e, x) in rows[j * dim..(j + 1) * dim].iter().enumerate() {
-                    let at = (pos * dim + e) * 4;
-                    values[at..at + 4].copy_from_slice(&x.to_le_bytes());
-                }
-            }
-        }
-        start = end;
-    }
-    let key_bytes: Option<Vec<u8>> = keys
-        .as_ref()
-        .map(|k| k.iter().flat_map(|k| k.to_le_bytes()).collect());
-    let mut tensors = vec![
-        (
-            "embeddings".to_string(),
-            TensorView::new(Dtype::F32, vec![n as usize, dim], &values)?,
-        ),
-        (
-            "versions".to_string(),
-            TensorView::new(Dtype::U64, vec![n as usize], &versions)?,
-        ),
-    ];
-    if let Some(k) = &key_bytes {
-        tensors.push((
-            "keys".to_string(),
-            TensorView::new(Dtype::U64, vec![n as usize], k)?,
-        ));
-    }
-    let metadata = std::collections::HashMap::from([
-        ("table".to_string(), spec.name.clone()),
-        ("rows".to_string(), spec.rows.to_string()),
-        ("dim".to_string(), spec.dim.to_string()),
-        ("optimizer".to_string(), spec.optimizer.name().to_string()),
-    ]);
-    safetensors::serialize_to_file(tensors, Some(metadata), &args.out)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    let shards: Vec<&dyn ShardTransport> =
+        shards.iter().map(|c| c as &dyn ShardTransport).collect();
+    let done = tensors::export_table(&shards, &args.table, keys.as_deref(), &args.out)?;
     println!(
-        "exported {n} rows of table {} (dim {dim}) to {}",
-        spec.name,
+        "exported {} rows of table {} (dim {}) to {}",
+        done.rows,
+        done.table,
+        done.dim,
         args.out.display()
     );
     Ok(())
 }
 
 pub(crate) fn import(args: &ImportArgs) -> Result<()> {
-    use safetensors::tensor::{Dtype, SafeTensors};
     let shards = connect_cluster(&args.cluster)?;
-    let spec = table_spec(&shards, &args.table)?;
-    let bytes =
-        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let file = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", args.file.display()))?;
-    let t = file
-        .tensor(&args.tensor)
-        .with_context(|| format!("{} holds no tensor {:?}", args.file.display(), args.tensor))?;
-    let dim = spec.dim as usize;
-    if t.dtype() != Dtype::F32 || t.shape().len() != 2 || t.shape()[1] != dim {
-        bail!(
-            "tensor {} is {:?} {:?}; table {} needs f32 [n, {dim}]",
-            args.tensor,
-            t.dtype(),
-            t.shape(),
-            spec.name
-        );
-    }
-    let n = t.shape()[0];
-    let keys: Vec<u64> = match file.tensor("keys") {
-        Ok(k) => {
-            if k.dtype() != Dtype::U64 || k.shape() != [n] {
-                bail!(
-                    "tensor keys is {:?} {:?}; it must be u64 [{n}]",
-                    k.dtype(),
-                    k.shape()
-                );
-            }
-            k.data()
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect()
-        }
-        Err(_) => (0..n as u64).collect(),
-    };
-    if let Some(k) = keys.iter().find(|&&k| k >= spec.rows) {
-        bail!(
-            "key {k} is outside table {} of {} rows",
-            spec.name,
-            spec.rows
-        );
-    }
-    let values: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
-    let routing = Routing::new(shards.len() as u32);
-    let chunk = chunk_keys(spec.dim);
-    let mut assigned = 0u64;
-    for (ci, ks) in keys.chunks(chunk).enumerate() {
-        let base = ci * chunk;
-        for (s, c) in shards.iter().enumerate() {
-            let mine: Vec<usize> = (0..ks.len())
-                .filter(|&j| routing.shard_of(ks[j]) == s)
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let k: Vec<u64> = mine.iter().map(|&j| ks[j]).collect();
-            let mut v = Vec::with_capacity(mine.len() * dim);
-            for &j in &mine {
-                v.extend_from_slice(&values[(base + j) * dim..(base + j + 1) * dim]);
-            }
-            assigned += c
-                .assign(&spec.name, &k, &v)
-                .with_context(|| format!("assigning rows of {} on {}", spec.name, c.addr()))?
-                .rows as u64;
-        }
-    }
+    let shards: Vec<&dyn ShardTransport> =
+        shards.iter().map(|c| c as &dyn ShardTransport).collect();
+    let done = tensors::import_table(&shards, &args.table, &args.file, &args.tensor)?;
     println!(
-        "imported {assigned} rows into table {} from {}",
-        spec.name,
+        "imported {} rows into table {} from {}",
+        done.rows,
+        done.table,
         args.file.display()
     );
     Ok(())

@@ -122,6 +122,19 @@ fn py_err(e: ClientError) -> PyErr {
     }
 }
 
+/// The Python exception for an export's or an import's error.
+fn store_err(e: hetkv_store::StoreError) -> PyErr {
+    use hetkv_store::StoreError as E;
+    let message = e.to_string();
+    match e {
+        E::UnknownTable(_) => UnknownTableError::new_err(message),
+        E::KeyOutOfRange(_) => KeyOutOfRangeError::new_err(message),
+        E::WrongDim(_) => WrongDimError::new_err(message),
+        E::ConflictingTable(_) | E::InvalidSpec(_) => TableConflictError::new_err(message),
+        _ => Error::new_err(message),
+    }
+}
+
 fn dtype_of(obj: &Bound<'_, PyAny>) -> String {
     match obj.getattr("dtype") {
         Ok(d) => d.str().map_or_else(|_| "?".into(), |s| s.to_string()),
@@ -635,6 +648,48 @@ impl Table {
         let values = contiguous(values.as_slice(), "values")?;
         py.detach(|| self.inner.assign(keys, values))
             .map_err(py_err)
+    }
+
+    /// Writes the table (every row, or the rows of `keys` in their order) to the safetensors
+    /// file `path`: `embeddings` (float32, rows x dim), `versions` (uint64) and, with `keys`,
+    /// `keys` (uint64), as `hetkv export` does. Returns the rows written.
+    #[pyo3(signature = (path, keys = None))]
+    fn export(
+        &self,
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        keys: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let keys = keys
+            .map(|k| array1::<u64>(k, "keys", "uint64"))
+            .transpose()?;
+        let keys = match &keys {
+            Some(k) => Some(contiguous(k.as_slice(), "keys")?),
+            None => None,
+        };
+        let cluster = self.inner.cluster();
+        let shards: Vec<&dyn hetkv_transport::ShardTransport> = (0..cluster.shard_count())
+            .map(|i| &**cluster.shard(i) as &dyn hetkv_transport::ShardTransport)
+            .collect();
+        let name = self.name();
+        py.detach(|| hetkv_store::tensors::export_table(&shards, &name, keys, &path))
+            .map(|t| t.rows)
+            .map_err(store_err)
+    }
+
+    /// Sets rows from the safetensors file `path`: its tensor `tensor` (float32, n x dim) and,
+    /// if present, `keys` (uint64, else keys 0 to n-1), as `hetkv import` does. Each row becomes
+    /// one update and its optimizer state starts again. Returns the rows set.
+    #[pyo3(signature = (path, tensor = "embeddings"))]
+    fn import_file(&self, py: Python<'_>, path: std::path::PathBuf, tensor: &str) -> PyResult<u64> {
+        let cluster = self.inner.cluster();
+        let shards: Vec<&dyn hetkv_transport::ShardTransport> = (0..cluster.shard_count())
+            .map(|i| &**cluster.shard(i) as &dyn hetkv_transport::ShardTransport)
+            .collect();
+        let name = self.name();
+        py.detach(|| hetkv_store::tensors::import_table(&shards, &name, &path, tensor))
+            .map(|t| t.rows)
+            .map_err(store_err)
     }
 
     /// One worker's HET cache of this table.

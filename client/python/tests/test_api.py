@@ -126,3 +126,29 @@ def test_an_embedded_cluster_starts_and_stops_cleanly_many_times():
     assert threads() <= before + 4, f"threads grew from {before} to {threads()}"
     with pytest.raises(hetkv.ConnectionError):
         hetkv.connect(cluster.addrs, timeout=0.5)
+
+
+def test_export_and_import_through_python(tmp_path):
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("src", rows=50, dim=3, init=hetkv.Initializer.uniform(0.5, seed=9))
+        table.push(np.array([7], dtype=np.uint64), np.ones((1, 3), dtype=np.float32))
+        path = tmp_path / "src.safetensors"
+        assert table.export(path) == 50
+        loaded = safetensors.numpy.load_file(str(path))
+        np.testing.assert_array_equal(loaded["embeddings"], table.pull(np.arange(50, dtype=np.uint64)))
+        assert loaded["versions"][7] == 1
+        some = tmp_path / "some.safetensors"
+        assert table.export(some, keys=np.array([9, 3], dtype=np.uint64)) == 2
+        np.testing.assert_array_equal(safetensors.numpy.load_file(str(some))["keys"], [9, 3])
+
+        copy = cluster.create_table("copy", rows=50, dim=3)
+        assert copy.import_file(path) == 50
+        np.testing.assert_array_equal(copy.pull(np.arange(50, dtype=np.uint64)), loaded["embeddings"])
+        not_a_file = tmp_path / "junk"
+        not_a_file.write_bytes(b"\x00" * 64)
+        with pytest.raises(hetkv.Error, match="not a safetensors file"):
+            copy.import_file(not_a_file)
+        with pytest.raises(hetkv.WrongDimError):
+            cluster.create_table("wide", rows=50, dim=4).import_file(path)
+        with pytest.raises(hetkv.KeyOutOfRangeError):
+            table.export(some, keys=np.array([50], dtype=np.uint64))
