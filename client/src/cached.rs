@@ -185,10 +185,17 @@ impl CachedTable {
         result
     }
 
-    /// Pushes every unpushed update and returns when the shards have applied them.
+    /// Pushes every unpushed update and returns when the shards have applied them (those the
+    /// transports hold after a deadline included).
     pub fn flush(&mut self) -> Result<(), ClientError> {
         self.core.flush();
-        let result = self.push_pending();
+        let mut result = self.push_pending();
+        if result.is_ok() {
+            let cluster = self.table.cluster();
+            result = (0..cluster.shard_count())
+                .try_for_each(|s| cluster.shard(s).settle())
+                .map_err(ClientError::from);
+        }
         self.publish();
         result
     }

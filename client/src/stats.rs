@@ -28,6 +28,9 @@ pub struct CacheStats {
     pub rows_pushed: u64,
     /// Pushed rows a shard refused (and applied none of); they are dropped, not retried.
     pub rows_refused: u64,
+    /// Pushed rows unanswered at their deadline, held by the transport and sent again under
+    /// their numbers (so applied exactly once), not by the cache.
+    pub rows_held: u64,
     /// Lines evicted.
     pub evictions: u64,
     /// Evicted lines that held unpushed updates (pushed before the evicting call returned).
@@ -113,6 +116,11 @@ const COUNTERS: &[Field] = &[
         "rows_refused",
         "Pushed rows a shard refused (dropped)",
         |s| s.rows_refused,
+    ),
+    (
+        "rows_held",
+        "Pushed rows unanswered at their deadline, sent again by the transport under their numbers",
+        |s| s.rows_held,
     ),
     ("evictions", "Lines evicted", |s| s.evictions),
     (
@@ -201,6 +209,7 @@ impl CacheStats {
             rows_pulled: f(self.rows_pulled, o.rows_pulled),
             rows_pushed: f(self.rows_pushed, o.rows_pushed),
             rows_refused: f(self.rows_refused, o.rows_refused),
+            rows_held: f(self.rows_held, o.rows_held),
             evictions: f(self.evictions, o.evictions),
             dirty_evictions: f(self.dirty_evictions, o.dirty_evictions),
             write_throughs: f(self.write_throughs, o.write_throughs),

@@ -87,6 +87,21 @@ pub struct TcpShardClient {
     incarnation: AtomicU64,
     /// The pushes acknowledged by the current incarnation, and what restarts cost.
     ledger: Mutex<PushLedger>,
+    /// Numbered pushes whose delivery was unknown at their deadline, sent again (the same
+    /// bytes, so the same number) before the next request; `holding` says whether there are any.
+    held: Mutex<Vec<HeldPush>>,
+    holding: std::sync::atomic::AtomicBool,
+    /// Serializes the re-sending of held pushes, so that a `settle` returns only once they are
+    /// delivered (a recovery path: it holds the lock across the network).
+    settling: Mutex<()>,
+}
+
+/// A push held after its deadline.
+struct HeldPush {
+    op: Op,
+    frame: Vec<u8>,
+    seq: u64,
+    rows: usize,
 }
 
 impl std::fmt::Debug for TcpShardClient {
@@ -141,6 +156,9 @@ impl TcpShardClient {
             retries: AtomicU64::new(0),
             incarnation: AtomicU64::new(0),
             ledger: Mutex::new(PushLedger::default()),
+            held: Mutex::new(Vec::new()),
+            holding: std::sync::atomic::AtomicBool::new(false),
+            settling: Mutex::new(()),
         };
         // A daemon that is starting, restarting or unreachable for a moment: try again, within
         // the deadline.
@@ -377,10 +395,78 @@ impl TcpShardClient {
         encode: impl FnOnce(&mut Vec<u8>),
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
+        self.deliver_held()?;
         let frame = self.frame(encode)?;
         let result = self.send_until_deadline(op, &frame, parse);
         self.recycle(frame);
         result
+    }
+
+    /// [`Self::call`] for a request that carries push `seq` of `rows` rows: when its delivery is
+    /// still unknown at the deadline, the request is held (its bytes, so its number) and sent
+    /// again before the next request, and the error is [`TransportError::Held`].
+    fn call_push<R>(
+        &self,
+        op: Op,
+        push: Option<(u64, usize)>,
+        frame: Vec<u8>,
+        parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
+    ) -> Result<R, TransportError> {
+        match (self.send_until_deadline(op, &frame, parse), push) {
+            (Err(TransportError::Io { addr, source }), Some((seq, rows))) => {
+                tracing::warn!(shard = %addr, seq, rows, error = %source, "push unanswered at its deadline: held, to be sent again under its number");
+                self.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(HeldPush {
+                        op,
+                        frame,
+                        seq,
+                        rows,
+                    });
+                self.holding.store(true, Ordering::Release);
+                Err(TransportError::Held { addr, source })
+            }
+            (result, _) => {
+                self.recycle(frame);
+                result
+            }
+        }
+    }
+
+    /// Sends every held push again, each until its deadline; fails (keeping what is left) while
+    /// the shard cannot be reached.
+    fn deliver_held(&self) -> Result<(), TransportError> {
+        if !self.holding.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        while let Some(h) = pending.first() {
+            let result = self.send_until_deadline(h.op, &h.frame, |p| {
+                self.acknowledged(Some(h.seq), h.rows, p.incarnation);
+                Ok(())
+            });
+            match result {
+                Err(e @ TransportError::Io { .. }) => {
+                    let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                    pending.append(&mut held);
+                    *held = pending;
+                    return Err(e);
+                }
+                Err(e) => {
+                    // Refused, or its number forgotten: it was not applied by this answer, and
+                    // sending it again cannot help.
+                    tracing::error!(shard = %self.addr, seq = h.seq, rows = h.rows, error = %e, "a held push could not be delivered");
+                }
+                Ok(()) => {}
+            }
+            let done = pending.remove(0);
+            self.recycle(done.frame);
+        }
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        self.holding.store(!held.is_empty(), Ordering::Release);
+        Ok(())
     }
 
     /// Keeps a request buffer for the next call (a few, of up to 4 MiB each).
@@ -487,16 +573,16 @@ impl TcpShardClient {
             });
         }
         let push_rows = push.map_or(0, |p| p.keys.len() as u32);
-        let seq = std::cell::Cell::new(None);
-        self.call(
+        self.deliver_held()?;
+        let origin = push.and_then(|_| self.origin());
+        let seq = origin.map(|o| o.seq);
+        let frame = self.frame(|buf| codec::pull_if_stale::encode_request(buf, q, origin))?;
+        self.call_push(
             Op::PullIfStale,
-            |buf| {
-                let origin = push.and_then(|_| self.origin());
-                seq.set(origin.map(|o| o.seq));
-                codec::pull_if_stale::encode_request(buf, q, origin)
-            },
+            seq.map(|s| (s, push_rows as usize)),
+            frame,
             |p| {
-                self.acknowledged(seq.get(), push_rows as usize, p.incarnation);
+                self.acknowledged(seq, push_rows as usize, p.incarnation);
                 let r = codec::pull_if_stale::decode_response(&p, keys.len())
                     .map_err(|e| self.malformed(e))?;
                 out.indices.clear();
@@ -618,19 +704,15 @@ impl ShardTransport for TcpShardClient {
                 message: format!("{} keys but {} counts", keys.len(), counts.len()),
             });
         }
-        let seq = std::cell::Cell::new(None);
-        self.call(
-            Op::Push,
-            |buf| {
-                let origin = self.origin();
-                seq.set(origin.map(|o| o.seq));
-                codec::push::encode_request(buf, table, keys, counts, grads, origin)
-            },
-            |p| {
-                self.acknowledged(seq.get(), keys.len(), p.incarnation);
-                self.header(p)
-            },
-        )
+        self.deliver_held()?;
+        let origin = self.origin();
+        let seq = origin.map(|o| o.seq);
+        let frame =
+            self.frame(|buf| codec::push::encode_request(buf, table, keys, counts, grads, origin))?;
+        self.call_push(Op::Push, seq.map(|s| (s, keys.len())), frame, |p| {
+            self.acknowledged(seq, keys.len(), p.incarnation);
+            self.header(p)
+        })
     }
 
     fn assign(
@@ -674,6 +756,10 @@ impl ShardTransport for TcpShardClient {
 
     fn restarts(&self) -> Restarts {
         self.ledger().restarts()
+    }
+
+    fn settle(&self) -> Result<(), TransportError> {
+        self.deliver_held()
     }
 
     fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {

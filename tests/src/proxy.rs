@@ -109,6 +109,11 @@ impl FaultProxy {
     pub fn heal(&self) {
         self.faulty.store(false, Ordering::Relaxed);
     }
+
+    /// Injects faults again (after [`FaultProxy::heal`]).
+    pub fn resume(&self) {
+        self.faulty.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Drop for FaultProxy {

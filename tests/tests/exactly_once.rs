@@ -166,3 +166,114 @@ fn pushes_through_a_cutting_stalling_proxy_are_applied_exactly_once() {
         "a call waited past its deadline"
     );
 }
+
+/// Stalls longer than the clients' deadline: a push whose answer does not come before the
+/// deadline is unknown (the stalled bytes may still reach the shard and be applied). The TCP
+/// client holds such a request and sends it again, under its number, before its next request;
+/// the cache does not push those rows again. After the links heal and every cache flushes, every
+/// row's version equals the updates issued. (Sent again by the cache under a new number, as
+/// before, they were applied twice.)
+#[test]
+fn pushes_unanswered_at_their_deadline_are_held_and_applied_once() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let table = admin
+        .create_table(&sgd_table("held", 500, DIM as u32, 0.001))
+        .unwrap();
+    let faults = Faults {
+        cut: u64::MAX,
+        stall: 4,
+        stall_for: Duration::from_millis(900),
+        delay: u64::MAX,
+    };
+    let proxies: Vec<FaultProxy> = cluster
+        .addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| FaultProxy::start(a, faults, 0x4e1d + i as u64))
+        .collect();
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let config = ClientConfig {
+        io_timeout: Some(Duration::from_millis(120)),
+        connect_timeout: Duration::from_millis(120),
+        deadline: Duration::from_millis(400),
+        ..ClientConfig::default()
+    };
+    let issued: Arc<Vec<AtomicU64>> = Arc::new((0..500).map(|_| AtomicU64::new(0)).collect());
+    let held = Arc::new(AtomicU64::new(0));
+    // Connected while the links are healthy; the faults start with the work.
+    proxies.iter().for_each(FaultProxy::heal);
+    let caches: Vec<_> = (0..6)
+        .map(|_| {
+            let client = Cluster::connect_tcp(&through, &config).unwrap();
+            client.open_table("held").unwrap().cached(CacheConfig {
+                capacity: Capacity::Rows(20),
+                policy: PolicyKind::Lru,
+                pull_bound: Bound::updates(2),
+                push_bound: Bound::updates(1),
+            })
+        })
+        .collect();
+    proxies.iter().for_each(FaultProxy::resume);
+    let workers: Vec<_> = caches
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut cache)| {
+            let (issued, held) = (issued.clone(), held.clone());
+            std::thread::spawn(move || {
+                let mut rng = TestRng(w as u64 * 104_729 + 3);
+                let mut rows = [0f32; 8 * DIM];
+                for _ in 0..40 {
+                    let mut keys: Vec<u64> = (0..8).map(|_| rng.below(500)).collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    let n = keys.len();
+                    // Calls fail at their deadline while the links stall; the updates are kept
+                    // (queued, or held by the transport) whatever the result.
+                    let _ = cache.lookup(&keys, &mut rows[..n * DIM]);
+                    let _ = cache.update(&keys, &vec![0.5; n * DIM]);
+                    for &k in &keys {
+                        issued[k as usize].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                (cache, held)
+            })
+        })
+        .collect();
+    let caches: Vec<_> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+    proxies.iter().for_each(FaultProxy::heal);
+    std::thread::sleep(Duration::from_secs(1)); // stalled bytes still in the proxies arrive
+    for (mut cache, held) in caches {
+        let mut flushed = cache.flush();
+        for _ in 0..20 {
+            if flushed.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            flushed = cache.flush();
+        }
+        flushed.unwrap();
+        held.fetch_add(cache.stats().rows_held, Ordering::Relaxed);
+    }
+    let keys: Vec<u64> = (0..500).collect();
+    let mut values = vec![0f32; keys.len() * DIM];
+    let mut versions = vec![0u64; keys.len()];
+    table.pull(&keys, &mut values, Some(&mut versions)).unwrap();
+    let wrong: Vec<(u64, u64, u64)> = keys
+        .iter()
+        .filter_map(|&k| {
+            let want = issued[k as usize].load(Ordering::Relaxed);
+            (versions[k as usize] != want).then_some((k, versions[k as usize], want))
+        })
+        .collect();
+    let repeats: u64 = (0..2).map(|i| cluster.shard(i).repeated_pushes()).sum();
+    let held = held.load(Ordering::Relaxed);
+    println!("{held} rows held past their deadline; {repeats} pushes received again");
+    assert!(
+        wrong.is_empty(),
+        "{} rows whose version is not the updates issued (key, version, issued): {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    assert!(held > 0, "some pushes were unanswered at their deadline");
+}

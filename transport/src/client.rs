@@ -30,6 +30,21 @@ pub enum TransportError {
         /// The error it sent.
         error: WireError,
     },
+    /// A numbered push whose delivery was still unknown at the call's deadline (the connection
+    /// failed or stalled after it was sent): the transport holds the request and sends it again,
+    /// under the same number, before its next request to the shard and at
+    /// [`ShardTransport::settle`], so that it is applied exactly once. Do not push its rows again.
+    #[error(
+        "shard {addr}: {source}; the push is held and will be sent again under its number (do \
+         not send its rows again)"
+    )]
+    Held {
+        /// The shard's address.
+        addr: String,
+        /// The last I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// The shard sent something that does not follow the protocol.
     #[error("shard {addr} broke the protocol: {message}")]
     Protocol {
@@ -104,6 +119,10 @@ pub enum PushOutcome {
     /// The rows were not delivered, or their acknowledgement was lost: the shard may or may not
     /// have applied them. A caller that sends them again risks applying them twice.
     Lost,
+    /// Their delivery was unknown at the deadline and the transport holds the request: it sends
+    /// it again under its number until the shard answers ([`TransportError::Held`]), so the rows
+    /// are applied exactly once. The caller must not send them again.
+    Held,
 }
 
 impl PushOutcome {
@@ -118,6 +137,7 @@ impl PushOutcome {
             }
             TransportError::Remote { .. } | TransportError::InvalidRequest { .. } => Self::Refused,
             TransportError::Io { .. } | TransportError::Protocol { .. } => Self::Lost,
+            TransportError::Held { .. } => Self::Held,
         }
     }
 }
@@ -317,6 +337,11 @@ pub trait ShardTransport: Send + Sync {
     /// What this client has seen of the shard's restarts.
     fn restarts(&self) -> Restarts {
         Restarts::default()
+    }
+    /// Delivers every push this transport holds ([`PushOutcome::Held`]); fails while the shard
+    /// still cannot be reached.
+    fn settle(&self) -> Result<(), TransportError> {
+        Ok(())
     }
     /// Sends this side's RDMA endpoint to the shard, which connects a queue pair to it (held for
     /// the life of the connection that carried the request) and answers with its own.

@@ -581,6 +581,10 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         self.control.restarts()
     }
 
+    fn settle(&self) -> Result<(), TransportError> {
+        self.control.settle()
+    }
+
     fn rdma_connect(&self, _ours: &Endpoint) -> Result<Endpoint, TransportError> {
         Err(TransportError::InvalidRequest {
             addr: self.control.addr().to_string(),

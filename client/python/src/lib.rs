@@ -92,7 +92,9 @@ fn py_err(e: ClientError) -> PyErr {
     let message = e.to_string();
     match &e {
         ClientError::Transport(t) => match t {
-            TransportError::Io { .. } => ConnectionError::new_err(message),
+            TransportError::Io { .. } | TransportError::Held { .. } => {
+                ConnectionError::new_err(message)
+            }
             TransportError::Protocol { .. } => ProtocolError::new_err(message),
             TransportError::InvalidRequest { .. } => RemoteError::new_err(message),
             TransportError::Remote { error, .. } => match error.code {

@@ -247,6 +247,10 @@ impl CacheCore {
                     self.requeue(&batch);
                     self.plans[shard].push = batch;
                 }
+                PushOutcome::Held => {
+                    // The transport delivers them, under their numbers; `flush` waits for it.
+                    self.stats.rows_held += rows as u64;
+                }
                 PushOutcome::Refused => {
                     self.stats.rows_refused += rows as u64;
                     tracing::error!(shard, rows, "shard refused pushed rows; they are dropped");
