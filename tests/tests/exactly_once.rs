@@ -18,6 +18,20 @@ const ROWS: u64 = 3000;
 const DIM: usize = 4;
 const CLIENTS: usize = 16;
 
+/// The rows whose version is not the number of updates issued for them: (key, version, issued).
+fn wrong_versions(table: &hetkv_client::Table, issued: &[AtomicU64]) -> Vec<(u64, u64, u64)> {
+    let keys: Vec<u64> = (0..issued.len() as u64).collect();
+    let mut values = vec![0f32; keys.len() * DIM];
+    let mut versions = vec![0u64; keys.len()];
+    table.pull(&keys, &mut values, Some(&mut versions)).unwrap();
+    keys.iter()
+        .filter_map(|&k| {
+            let want = issued[k as usize].load(Ordering::Relaxed);
+            (versions[k as usize] != want).then_some((k, versions[k as usize], want))
+        })
+        .collect()
+}
+
 #[test]
 fn pushes_through_a_cutting_stalling_proxy_are_applied_exactly_once() {
     let cluster = EmbeddedCluster::start(3).unwrap();
@@ -115,17 +129,7 @@ fn pushes_through_a_cutting_stalling_proxy_are_applied_exactly_once() {
     proxies.iter().for_each(FaultProxy::heal);
     workers.into_iter().for_each(|h| h.join().unwrap());
 
-    let keys: Vec<u64> = (0..ROWS).collect();
-    let mut values = vec![0f32; keys.len() * DIM];
-    let mut versions = vec![0u64; keys.len()];
-    table.pull(&keys, &mut values, Some(&mut versions)).unwrap();
-    let wrong: Vec<(u64, u64, u64)> = keys
-        .iter()
-        .filter_map(|&k| {
-            let want = issued[k as usize].load(Ordering::Relaxed);
-            (versions[k as usize] != want).then_some((k, versions[k as usize], want))
-        })
-        .collect();
+    let wrong = wrong_versions(&table, &issued);
     let cuts: u64 = proxies
         .iter()
         .map(|p| {
@@ -255,17 +259,7 @@ fn pushes_unanswered_at_their_deadline_are_held_and_applied_once() {
         flushed.unwrap();
         held.fetch_add(cache.stats().rows_held, Ordering::Relaxed);
     }
-    let keys: Vec<u64> = (0..500).collect();
-    let mut values = vec![0f32; keys.len() * DIM];
-    let mut versions = vec![0u64; keys.len()];
-    table.pull(&keys, &mut values, Some(&mut versions)).unwrap();
-    let wrong: Vec<(u64, u64, u64)> = keys
-        .iter()
-        .filter_map(|&k| {
-            let want = issued[k as usize].load(Ordering::Relaxed);
-            (versions[k as usize] != want).then_some((k, versions[k as usize], want))
-        })
-        .collect();
+    let wrong = wrong_versions(&table, &issued);
     let repeats: u64 = (0..2).map(|i| cluster.shard(i).repeated_pushes()).sum();
     let held = held.load(Ordering::Relaxed);
     println!("{held} rows held past their deadline; {repeats} pushes received again");
