@@ -49,6 +49,23 @@ pub struct Workload {
     /// Seed of the permutation and the draws.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// An emulated link of this many Gbit/s each way between every client and every shard (a
+    /// token bucket in the client's transport: transfer time only, no latency; labelled
+    /// "emulated" in the report). Unlimited loopback when absent.
+    #[arg(long)]
+    pub emulated_link_gbps: Option<f64>,
+}
+
+impl Workload {
+    /// The clients' transport settings: the emulated link, if any.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            emulated_link: self
+                .emulated_link_gbps
+                .map(hetkv_fallback_tcp::LinkLimit::gbit),
+            ..ClientConfig::default()
+        }
+    }
 }
 
 /// What one run measured (sums over its clients, per client batch where it says so).
@@ -213,9 +230,8 @@ impl Bench {
             let handles: Vec<_> = (0..clients)
                 .map(|c| {
                     s.spawn(move || -> Result<(CacheStats, f64, u64)> {
-                        let table =
-                            Cluster::connect_tcp(self.cluster.addrs(), &ClientConfig::default())?
-                                .open_table(&self.spec.name)?;
+                        let table = Cluster::connect_tcp(self.cluster.addrs(), &w.client_config())?
+                            .open_table(&self.spec.name)?;
                         let mut cache = table.cached(config);
                         // The key stream is drawn before timing: sampling Zipf costs more than a
                         // cache lookup and is not what is measured.

@@ -112,6 +112,7 @@ def main(argv=None):
     p.add_argument("--shards", type=int, default=2, help="embedded shards (without --cluster)")
     p.add_argument("--table", default="deepfm_emb", help="the embedding table's name (a new one per run)")
     p.add_argument("--transport", default="auto", help="auto, tcp, shm or rdma")
+    p.add_argument("--emulated-link-gbps", type=float, help="hold the TCP link to each shard to this bandwidth (emulated)")
     p.add_argument("--dim", type=int, default=8, help="factors per field (rows hold 1 + dim)")
     p.add_argument("--hidden", default="256,256,256", help="MLP widths")
     p.add_argument("--batch", type=int, default=128)
@@ -156,7 +157,9 @@ def main(argv=None):
         what = "torch.nn.Embedding on " + str(device)
     else:
         if args.cluster:
-            cluster = hetkv.connect(args.cluster.split(","), transport=args.transport)
+            cluster = hetkv.connect(
+                args.cluster.split(","), transport=args.transport, emulated_link_gbps=args.emulated_link_gbps
+            )
         else:
             cluster = hetkv.EmbeddedCluster(shards=args.shards)
         table = cluster.create_table(
@@ -170,7 +173,9 @@ def main(argv=None):
         cache = table.cached(capacity=capacity, policy="lfu", pull_bound=args.bound, push_bound=args.bound)
         # Keys stay on the host; the rows go to the model's device.
         embedding = hetkv.torch.Embedding(cache, device=device)
-        what = f"hetkv (cache {args.cache:g}, bounds {args.bound}, {len(cluster.addrs)} shards)"
+        what = f"hetkv (cache {args.cache:g}, bounds {args.bound}, {len(cluster.addrs)} shards" + (
+            f", emulated {args.emulated_link_gbps:g} Gbit/s link)" if args.emulated_link_gbps else ")"
+        )
     hidden = [int(h) for h in args.hidden.split(",") if h]
     model = DeepFM(embedding, args.dim, hidden).to(device)
     dense_params = [q for n, q in model.named_parameters() if not (args.torch_embedding and n.startswith("embedding"))]

@@ -48,6 +48,9 @@ pub struct ClientConfig {
     /// 1 s) until this much time has passed, then fails with an error naming the shard and the
     /// time waited. Pushes are numbered, so a push sent again is applied at most once.
     pub deadline: Duration,
+    /// An emulated link ([`crate::link`]): every frame to and from the shard waits its transfer
+    /// time at this bandwidth. For showing a slow network on one machine; `None` for a real one.
+    pub emulated_link: Option<crate::link::LinkLimit>,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +63,7 @@ impl Default for ClientConfig {
             name: format!("hetkv-client pid {}", std::process::id()),
             protocol_version: PROTOCOL_VERSION,
             deadline: Duration::from_secs(60),
+            emulated_link: None,
         }
     }
 }
@@ -94,6 +98,7 @@ pub struct TcpShardClient {
     /// Serializes the re-sending of held pushes, so that a `settle` returns only once they are
     /// delivered (a recovery path: it holds the lock across the network).
     settling: Mutex<()>,
+    link: Option<crate::link::EmulatedLink>,
 }
 
 /// A push held after its deadline.
@@ -159,7 +164,12 @@ impl TcpShardClient {
             held: Mutex::new(Vec::new()),
             holding: std::sync::atomic::AtomicBool::new(false),
             settling: Mutex::new(()),
+            link: None,
         };
+        client.link = client
+            .config
+            .emulated_link
+            .map(crate::link::EmulatedLink::new);
         // A daemon that is starting, restarting or unreachable for a moment: try again, within
         // the deadline.
         let start = Instant::now();
@@ -343,6 +353,9 @@ impl TcpShardClient {
     ) -> Result<FrameParts<'c>, TransportError> {
         conn.stream.write_all(frame).map_err(|e| self.io_err(e))?;
         self.traffic.sent(frame.len());
+        if let Some(link) = &self.link {
+            crate::link::EmulatedLink::pass(&link.up, frame.len());
+        }
 
         let mut prefix = [0u8; PREFIX_BYTES];
         conn.stream
@@ -362,6 +375,9 @@ impl TcpShardClient {
             )));
         }
         self.traffic.received(PREFIX_BYTES + got);
+        if let Some(link) = &self.link {
+            crate::link::EmulatedLink::pass(&link.down, PREFIX_BYTES + got);
+        }
         let parts = split_response(&conn.recv).map_err(|e| self.protocol(e.to_string()))?;
         if op != Op::Hello && op != Op::Challenge {
             // A hello's incarnation is taken with what it says of the pushes (open_within).

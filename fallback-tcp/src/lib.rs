@@ -7,7 +7,9 @@
 
 pub mod client;
 pub mod ledger;
+pub mod link;
 pub mod server;
 
 pub use client::{ClientConfig, TcpShardClient};
+pub use link::LinkLimit;
 pub use server::{ServerConfig, TcpServer};

@@ -381,18 +381,29 @@ impl Cluster {
 ///
 /// `transport` is "auto" (shared memory for shards on this host that expose it, else TCP),
 /// "tcp", "shm" or "rdma"; `auth_token` is the daemons' token; `timeout` is every call's
-/// deadline in seconds, retries included.
+/// deadline in seconds, retries included. `emulated_link_gbps` holds every frame to and from
+/// each shard to that bandwidth (a token bucket in the TCP transport: transfer time, no
+/// latency), to show a slow network on one machine.
 #[pyfunction]
-#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0))]
+#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0, emulated_link_gbps = None))]
 fn connect(
     py: Python<'_>,
     addrs: Vec<String>,
     transport: &str,
     auth_token: Option<String>,
     timeout: f64,
+    emulated_link_gbps: Option<f64>,
 ) -> PyResult<Cluster> {
     let kind: TransportKind = transport.parse().map_err(PyValueError::new_err)?;
-    let config = client_config(auth_token, timeout)?;
+    let mut config = client_config(auth_token, timeout)?;
+    if let Some(g) = emulated_link_gbps {
+        if !(g.is_finite() && g > 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "emulated_link_gbps must be a positive number, not {g}"
+            )));
+        }
+        config.emulated_link = Some(hetkv_fallback_tcp::LinkLimit::gbit(g));
+    }
     let inner = py
         .detach(|| RustCluster::connect(&addrs, kind, &config))
         .map_err(py_err)?;

@@ -152,3 +152,19 @@ def test_export_and_import_through_python(tmp_path):
             cluster.create_table("wide", rows=50, dim=4).import_file(path)
         with pytest.raises(hetkv.KeyOutOfRangeError):
             table.export(some, keys=np.array([50], dtype=np.uint64))
+
+
+def test_an_emulated_link_holds_transfers_to_its_bandwidth():
+    with hetkv.EmbeddedCluster(shards=1, tables=[{"name": "t", "rows": 200, "dim": 1000}]) as cluster:
+        slow = hetkv.connect(cluster.addrs, emulated_link_gbps=0.01)  # 1.25 MB/s each way
+        keys = np.arange(100, dtype=np.uint64)  # 100 rows of 4000 bytes: 0.4 MB
+        import time
+
+        started = time.monotonic()
+        rows = slow.table("t").pull(keys)
+        took = time.monotonic() - started
+        assert rows.shape == (100, 1000)
+        # 0.4 MB less the 64 KiB burst at 1.25 MB/s: at least 0.26 s, however fast the machine.
+        assert took >= 0.25, took
+        with pytest.raises(ValueError):
+            hetkv.connect(cluster.addrs, emulated_link_gbps=0)

@@ -141,4 +141,5 @@ def connect(
     transport: str = "auto",
     auth_token: Optional[str] = None,
     timeout: float = 60.0,
+    emulated_link_gbps: Optional[float] = None,
 ) -> Cluster: ...
