@@ -533,6 +533,13 @@ impl EmbeddedCluster {
     }
 }
 
+/// A cluster's shard transports, in shard order (what export and import take).
+fn shards_of(cluster: &RustCluster) -> Vec<&dyn hetkv_transport::ShardTransport> {
+    (0..cluster.shard_count())
+        .map(|i| &**cluster.shard(i) as &dyn hetkv_transport::ShardTransport)
+        .collect()
+}
+
 /// A cache's capacity as Python gives it: a row count (int) or a fraction of the rows (float).
 #[derive(FromPyObject)]
 enum CapacityArg {
@@ -680,10 +687,7 @@ impl Table {
             Some(k) => Some(contiguous(k.as_slice(), "keys")?),
             None => None,
         };
-        let cluster = self.inner.cluster();
-        let shards: Vec<&dyn hetkv_transport::ShardTransport> = (0..cluster.shard_count())
-            .map(|i| &**cluster.shard(i) as &dyn hetkv_transport::ShardTransport)
-            .collect();
+        let shards = shards_of(self.inner.cluster());
         let name = self.name();
         py.detach(|| hetkv_store::tensors::export_table(&shards, &name, keys, &path))
             .map(|t| t.rows)
@@ -695,10 +699,7 @@ impl Table {
     /// one update and its optimizer state starts again. Returns the rows set.
     #[pyo3(signature = (path, tensor = "embeddings"))]
     fn import_file(&self, py: Python<'_>, path: std::path::PathBuf, tensor: &str) -> PyResult<u64> {
-        let cluster = self.inner.cluster();
-        let shards: Vec<&dyn hetkv_transport::ShardTransport> = (0..cluster.shard_count())
-            .map(|i| &**cluster.shard(i) as &dyn hetkv_transport::ShardTransport)
-            .collect();
+        let shards = shards_of(self.inner.cluster());
         let name = self.name();
         py.detach(|| hetkv_store::tensors::import_table(&shards, &name, &path, tensor))
             .map(|t| t.rows)

@@ -803,12 +803,13 @@ impl CacheCore {
     /// shard's, with the line's unpushed updates re-applied and kept for pushing). Returns true
     /// on a restart.
     pub fn observe_incarnation(&mut self, shard: usize, incarnation: u64) -> bool {
-        let seen = std::mem::replace(&mut self.incarnations[shard], incarnation);
-        if seen == 0 || seen == incarnation || incarnation == 0 {
-            if incarnation == 0 {
-                self.incarnations[shard] = seen;
-            }
+        let seen = self.incarnations[shard];
+        if incarnation == 0 || incarnation == seen {
             return false;
+        }
+        self.incarnations[shard] = incarnation;
+        if seen == 0 {
+            return false; // the first answer: nothing known to forget
         }
         self.stats.restarts += 1;
         self.clocks[shard] = ShardClock::default();
