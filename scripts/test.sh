@@ -46,7 +46,8 @@ python3 -m pip --version
 # A virtual environment of the tests' own, outside the clone so that torch (large) is installed
 # once per machine: numpy and safetensors (the export test loads a table in Python), and for the
 # Python package's suites pytest, maturin and torch.
-venv=${HETKV_TEST_VENV:-$HOME/.cache/hetkv/test-venv}
+home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+venv=${HETKV_TEST_VENV:-${XDG_CACHE_HOME:-$home/.cache}/hetkv/test-venv}
 if [ ! -x "$venv/bin/python" ]; then mkdir -p "$(dirname "$venv")"; python3 -m venv "$venv"; fi
 "$venv/bin/python" -c 'import numpy, safetensors, pytest, maturin, torch' >/dev/null 2>&1 ||
   "$venv/bin/python" -m pip install --quiet numpy safetensors pytest maturin torch
