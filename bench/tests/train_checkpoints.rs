@@ -9,7 +9,7 @@ use hetkv_client::{Bound, Cluster};
 use hetkv_fallback_tcp::{ClientConfig, ServerConfig};
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 
-const TABLES: [&str; 4] = ["ctr_emb", "ctr_dense", "ctr_mlp", "ctr_cross"];
+const TABLES: [&str; 2] = ["ctr_emb", "ctr_dense"];
 
 /// Two shards, each with a data directory under `dir` (restoring what is there).
 fn cluster_on(dir: &Path) -> EmbeddedCluster {

@@ -8,6 +8,22 @@ pub struct TrainArgs {
     /// The model.
     #[arg(long, value_enum, default_value = "fm")]
     pub model: ModelKind,
+    /// Values per embedding row: the key's linear weight, then `dim - 1` factors. HET's regime is
+    /// 128 (with `--hidden 256,256,256 --batch 128`).
+    #[arg(long, default_value_t = DEFAULT_DIM)]
+    pub dim: usize,
+    /// Widths of the MLP's hidden layers (DeepFM, Wide&Deep, DCN), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    pub hidden: Vec<usize>,
+    /// Threads of each worker's forward and backward passes (a batch is split between them).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Read and write staleness bounds of each worker's copy of the dense parameters (the MLP,
+    /// the cross network, the dense weights), the same in every configuration: 0 reads and writes
+    /// them whole every batch; N lets a worker train on its own copy, pushing its accumulated
+    /// gradient after N batches and re-reading a row once N foreign updates have reached it.
+    #[arg(long, default_value = "0")]
+    pub dense_bound: Bound,
     /// Data-parallel workers, each with its own client and cache.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -127,6 +143,10 @@ impl TrainArgs {
     pub fn defaults(model: ModelKind) -> Self {
         Self {
             model,
+            dim: DEFAULT_DIM,
+            hidden: vec![32],
+            threads: 1,
+            dense_bound: Bound::updates(0),
             workers: 4,
             pull_bound: Bound::updates(100),
             push_bound: Bound::updates(100),
@@ -152,6 +172,21 @@ impl TrainArgs {
             stop_after_checkpoints: None,
             resume_batches: Vec::new(),
             json: None,
+        }
+    }
+
+    /// The model these settings describe.
+    pub fn net(&self) -> Result<Net> {
+        Net::new(self.model, self.dim, &self.hidden)
+    }
+
+    /// The cache of a worker's dense parameters: all of them, under `--dense-bound`.
+    pub(super) fn dense_cache_config(&self) -> CacheConfig {
+        CacheConfig {
+            capacity: Capacity::Fraction(1.0),
+            policy: PolicyKind::Lfu,
+            pull_bound: self.dense_bound,
+            push_bound: self.dense_bound,
         }
     }
 

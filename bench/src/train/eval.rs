@@ -26,33 +26,30 @@ pub(super) fn evaluate_while(
     Ok(())
 }
 
+/// Scores `test` with the model on the shards: the dense parameters read once from `ctr_dense`,
+/// the rows a thousand samples at a time from `ctr_emb`.
 pub(super) fn evaluate(
-    kind: ModelKind,
-    [emb, dense_table, mlp_table, cross_table]: [&Table; 4],
+    net: &Net,
+    [emb, dense_table]: [&Table; 2],
     test: &[Sample],
     keys: &dyn Fn(&Sample) -> [u64; CATEGORICAL],
 ) -> Result<(f64, f64)> {
-    let mut dense_w = vec![0f32; DENSE + 1];
-    dense_table.pull(&(0..=DENSE as u64).collect::<Vec<_>>(), &mut dense_w, None)?;
-    let mut mlp = vec![0f32; MLP_ROWS * HIDDEN];
-    mlp_table.pull(&(0..MLP_ROWS as u64).collect::<Vec<_>>(), &mut mlp, None)?;
-    let mut cross = vec![0f32; CROSS_ROWS * MLP_IN];
-    cross_table.pull(
-        &(0..CROSS_ROWS as u64).collect::<Vec<_>>(),
-        &mut cross,
-        None,
-    )?;
+    let dense_rows = net.dense_rows() as u64;
+    let mut params = vec![0f32; net.dense_rows() * DENSE_CHUNK];
+    dense_table.pull(&(0..dense_rows).collect::<Vec<_>>(), &mut params, None)?;
+    let dim = net.dim();
     let mut p = Vec::with_capacity(test.len());
-    let mut rows = vec![0f32; CATEGORICAL * ROW * 1024];
+    let mut rows = vec![0f32; CATEGORICAL * dim * 1024];
+    let mut scratch = Scratch::default();
+    let mut z = Vec::new();
     for chunk in test.chunks(1024) {
         let k: Vec<u64> = chunk.iter().flat_map(keys).collect();
-        let r = &mut rows[..k.len() * ROW];
+        let r = &mut rows[..k.len() * dim];
         emb.pull(&k, r, None)?;
-        for (i, s) in chunk.iter().enumerate() {
-            let sample = &r[i * CATEGORICAL * ROW..(i + 1) * CATEGORICAL * ROW];
-            let (z, _) = Model::logit(kind, sample, &Fm::dense(s), &dense_w, &mlp, &cross);
-            p.push(sigmoid(z) as f64);
-        }
+        let dense: Vec<[f32; DENSE]> = chunk.iter().map(dense_inputs).collect();
+        z.resize(chunk.len(), 0.0);
+        net.logits(&params, r, &dense, &mut scratch, &mut z);
+        p.extend(z.iter().map(|&z| sigmoid(z) as f64));
     }
     let labels: Vec<bool> = test.iter().map(|s| s.label).collect();
     Ok((auc(&p, &labels).unwrap_or(f64::NAN), logloss(&p, &labels)))

@@ -2,16 +2,19 @@
 //! caches under the staleness bounds.
 //!
 //! Models (`ModelKind`), with d_i = ln(1 + x_i) of the dense features and, per categorical key, one
-//! embedding row `[w, v_1..v_K]` in the table `ctr_emb`:
+//! embedding row `[w, v_1..v_K]` of `--dim` = K + 1 values in the table `ctr_emb`:
 //! - LR: logit = b + sum_i a_i d_i + sum_f w_f;
 //! - FM: LR + sum_{f<g} <v_f, v_g>;
-//! - DeepFM: FM + an MLP (`MLP_IN` -> `HIDDEN` ReLU -> 1) over the concatenated v_f;
+//! - DeepFM: FM + an MLP (26 K inputs -> the `--hidden` ReLU layers -> 1) over the concatenated
+//!   v_f;
 //! - Wide&Deep: LR + the MLP;
 //! - DCN: LR + the MLP + two cross layers over the concatenated v_f with a linear readout.
 //!
-//! The dense weights and the bias are the 14 rows of dim 1 of `ctr_dense`, the MLP the rows of
-//! `ctr_mlp` and the cross network those of `ctr_cross`; every worker reads and writes them with
-//! no cache and bounds 0, so they are consistent across workers.
+//! The dense parameters (dense weights, bias, MLP, cross network; laid out by [`Net`]) are one
+//! flat vector, stored end to end in the rows of `ctr_dense`. Each worker reads and writes them
+//! through a cache of its own that holds them all, under `--dense-bound` (0: read and written
+//! whole every batch, consistent across workers); the embedding cache's settings do not touch
+//! them, so a run with no embedding cache uses the same dense scheme.
 //! Loss: binary cross-entropy; a batch pushes the mean gradient, applied by the server's SGD.
 //!
 //! Workers are threads, or processes (`--processes`; each generates the same data from the seed,
@@ -126,7 +129,9 @@ pub(super) struct WorkerResult {
     samples: usize,
 }
 
-pub(super) fn tables(rows: u64, optimizer: OptimizerSpec) -> [TableSpec; 4] {
+/// The model's tables: `ctr_emb` (one row per key) and `ctr_dense` (the dense parameters end to
+/// end, in rows of [`DENSE_CHUNK`]; zeros until the coordinator assigns [`Net::init`]).
+pub(super) fn tables(net: &Net, rows: u64, optimizer: OptimizerSpec) -> [TableSpec; 2] {
     let spec = |name: &str, rows: u64, dim: usize, init| TableSpec {
         name: name.into(),
         rows,
@@ -138,30 +143,17 @@ pub(super) fn tables(rows: u64, optimizer: OptimizerSpec) -> [TableSpec; 4] {
         spec(
             "ctr_emb",
             rows,
-            ROW,
+            net.dim(),
             Initializer::Normal {
                 std: 0.01,
                 seed: 17,
             },
         ),
-        spec("ctr_dense", DENSE as u64 + 1, 1, Initializer::Zeros),
         spec(
-            "ctr_mlp",
-            MLP_ROWS as u64,
-            HIDDEN,
-            Initializer::Normal {
-                std: 0.05,
-                seed: 23,
-            },
-        ),
-        spec(
-            "ctr_cross",
-            CROSS_ROWS as u64,
-            MLP_IN,
-            Initializer::Normal {
-                std: 0.01,
-                seed: 29,
-            },
+            "ctr_dense",
+            net.dense_rows() as u64,
+            DENSE_CHUNK,
+            Initializer::Zeros,
         ),
     ]
 }
@@ -222,19 +214,28 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     }
     let admin = Cluster::connect_tcp(&settings.servers, &ClientConfig::default())
         .with_context(|| format!("connecting to {}", settings.servers.join(",")))?;
-    let specs = tables(data.synth.table_rows(), args.optimizer.spec(args.lr));
+    let net = args.net()?;
+    let specs = tables(&net, data.synth.table_rows(), args.optimizer.spec(args.lr));
     let handles: Vec<Table> = specs
         .iter()
         .map(|s| admin.create_table(s))
         .collect::<Result<_, _>>()
         .context("creating the model's tables")?;
-    let [emb, dense, mlp, cross] = [&handles[0], &handles[1], &handles[2], &handles[3]];
+    let [emb, dense] = [&handles[0], &handles[1]];
+    if args.resume_batches.is_empty() {
+        // A fresh run starts from the model's initial dense parameters; a resumed one from the
+        // checkpoint the daemons restarted from.
+        let keys: Vec<u64> = (0..net.dense_rows() as u64).collect();
+        dense
+            .assign(&keys, &net.init(args.seed))
+            .context("setting the initial dense parameters")?;
+    }
     let eval_n = args.eval_samples.clamp(1, data.test.len());
     let mut timeline = Vec::new();
     let mut probe = |start: Instant, say: &dyn Fn(String)| -> Result<()> {
         let (auc, logloss) = evaluate(
-            args.model,
-            [emb, dense, mlp, cross],
+            &net,
+            [emb, dense],
             &data.test[..eval_n],
             &|s| data.keys(s),
         )?;
@@ -263,9 +264,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         samples += r.samples;
     }
     let (auc_model, logloss_model) =
-        evaluate(args.model, [emb, dense, mlp, cross], &data.test, &|s| {
-            data.keys(s)
-        })?;
+        evaluate(&net, [emb, dense], &data.test, &|s| data.keys(s))?;
     let labels: Vec<bool> = data.test.iter().map(|s| s.label).collect();
     let oracle: Vec<f64> = data.test.iter().map(|s| s.p).collect();
     let samples = samples.max(1) as f64;

@@ -1,78 +1,22 @@
-//! The models' maths: forward passes and gradients of LR, FM, DeepFM, Wide&Deep and DCN over one
-//! sample's embedding rows and the dense parameters (see the module above for the formulas).
+//! The models' maths, a batch at a time: forward passes and gradients of LR, FM, DeepFM,
+//! Wide&Deep and DCN over the batch's embedding rows and the dense parameters (see the module
+//! above for the formulas). The MLP's layers are batched matrix products (`ndarray` over
+//! `matrixmultiply`); a batch can be split over threads, each taking a contiguous share of the
+//! samples and summing its own dense gradient, the shares added at the end.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
 
 use super::*;
 
-/// Factor dimension K of the FM.
-pub const FACTORS: usize = 8;
-/// Embedding row: the linear weight then the K factors.
-pub const ROW: usize = 1 + FACTORS;
-
-/// The FM's forward pass and gradients for one sample, given its rows.
-pub struct Fm;
-
-impl Fm {
-    /// Dense inputs of a sample.
-    pub fn dense(s: &Sample) -> [f32; DENSE] {
-        std::array::from_fn(|i| (1.0 + s.dense[i] as f32).ln())
-    }
-
-    /// The logit; `rows` is the sample's 26 embedding rows (26 x ROW), `dense_w` the 13 dense
-    /// weights then the bias.
-    pub fn logit(rows: &[f32], dense: &[f32; DENSE], dense_w: &[f32]) -> f32 {
-        let mut z = dense_w[DENSE];
-        for (a, d) in dense_w[..DENSE].iter().zip(dense) {
-            z += a * d;
-        }
-        let mut sum = [0f32; FACTORS];
-        let mut squares = 0f32;
-        for r in rows.chunks_exact(ROW) {
-            z += r[0];
-            for (s, v) in sum.iter_mut().zip(&r[1..]) {
-                *s += v;
-                squares += v * v;
-            }
-        }
-        z + (sum.iter().map(|s| s * s).sum::<f32>() - squares) / 2.0
-    }
-
-    /// Adds d(loss)/d(parameters) scaled by `scale` to `g_rows` (26 x ROW) and `g_dense`
-    /// (14), for error `e = p - y` (the gradient of cross-entropy with respect to the logit).
-    pub fn gradient(
-        rows: &[f32],
-        dense: &[f32; DENSE],
-        e: f32,
-        scale: f32,
-        g_rows: &mut [f32],
-        g_dense: &mut [f32],
-    ) {
-        let mut sum = [0f32; FACTORS];
-        for r in rows.chunks_exact(ROW) {
-            for (s, v) in sum.iter_mut().zip(&r[1..]) {
-                *s += v;
-            }
-        }
-        let k = e * scale;
-        for (r, g) in rows.chunks_exact(ROW).zip(g_rows.chunks_exact_mut(ROW)) {
-            g[0] += k;
-            for j in 0..FACTORS {
-                g[1 + j] += k * (sum[j] - r[1 + j]);
-            }
-        }
-        for (g, d) in g_dense[..DENSE].iter_mut().zip(dense) {
-            *g += k * d;
-        }
-        g_dense[DENSE] += k;
-    }
-}
-
-/// Hidden units of DeepFM's MLP.
-pub const HIDDEN: usize = 32;
-/// Inputs of the MLP: the factor vectors of the 26 fields, concatenated.
-pub const MLP_IN: usize = CATEGORICAL * FACTORS;
-/// Rows (of `HIDDEN` values) of the MLP's table: `W1` (one row per input), `b1`, `W2`, and a row
-/// whose first value is `b2`.
-pub const MLP_ROWS: usize = MLP_IN + 3;
+/// Embedding row width by default: the linear weight then 8 factors.
+pub const DEFAULT_DIM: usize = 9;
+/// Values per row of the dense table `ctr_dense`, which holds the dense parameters end to end.
+pub const DENSE_CHUNK: usize = 256;
+/// Cross layers of DCN.
+pub const CROSS_LAYERS: usize = 2;
 
 /// The models `hetkv-bench train` builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -91,234 +35,537 @@ pub enum ModelKind {
     Dcn,
 }
 
-/// Cross layers of DCN.
-pub const CROSS_LAYERS: usize = 2;
-/// Rows (of `MLP_IN` values) of the cross table: `w_l` and `b_l` per layer, then the readout.
-pub const CROSS_ROWS: usize = 2 * CROSS_LAYERS + 1;
-
-/// DCN's cross network: `x_{l+1} = x0 (x_l . w_l) + b_l + x_l`, output `p . x_L`.
-pub struct Cross;
-
-impl Cross {
-    fn layer(c: &[f32], l: usize) -> (&[f32], &[f32]) {
-        (
-            &c[2 * l * MLP_IN..(2 * l + 1) * MLP_IN],
-            &c[(2 * l + 1) * MLP_IN..(2 * l + 2) * MLP_IN],
-        )
-    }
-
-    /// The layers' inputs x_0..x_L and the scalars s_l = x_l . w_l.
-    fn forward(c: &[f32], x0: &[f32; MLP_IN]) -> (Vec<[f32; MLP_IN]>, [f32; CROSS_LAYERS]) {
-        let mut xs = vec![*x0];
-        let mut s = [0f32; CROSS_LAYERS];
-        for (l, sl) in s.iter_mut().enumerate() {
-            let (w, b) = Self::layer(c, l);
-            let x = xs[l];
-            *sl = x.iter().zip(w).map(|(a, b)| a * b).sum();
-            xs.push(std::array::from_fn(|i| x0[i] * *sl + b[i] + x[i]));
-        }
-        (xs, s)
-    }
-
-    /// The output.
-    pub fn output(c: &[f32], x0: &[f32; MLP_IN]) -> f32 {
-        let (xs, _) = Self::forward(c, x0);
-        let p = &c[2 * CROSS_LAYERS * MLP_IN..];
-        xs[CROSS_LAYERS].iter().zip(p).map(|(a, b)| a * b).sum()
-    }
-
-    /// Adds `k` times the gradient of the output to `g_c` and `g_x0`.
-    pub fn backward(
-        c: &[f32],
-        x0: &[f32; MLP_IN],
-        k: f32,
-        g_c: &mut [f32],
-        g_x0: &mut [f32; MLP_IN],
-    ) {
-        let (xs, s) = Self::forward(c, x0);
-        let p = &c[2 * CROSS_LAYERS * MLP_IN..];
-        let mut dx: [f32; MLP_IN] = std::array::from_fn(|i| k * p[i]);
-        for (i, g) in g_c[2 * CROSS_LAYERS * MLP_IN..].iter_mut().enumerate() {
-            *g += k * xs[CROSS_LAYERS][i];
-        }
-        for l in (0..CROSS_LAYERS).rev() {
-            let (w, _) = Self::layer(c, l);
-            let x = &xs[l];
-            // x_{l+1} = x0 s_l + b_l + x_l, s_l = x_l . w_l
-            let ds: f32 = dx.iter().zip(x0).map(|(a, b)| a * b).sum();
-            for i in 0..MLP_IN {
-                g_c[2 * l * MLP_IN + i] += ds * x[i];
-                g_c[(2 * l + 1) * MLP_IN + i] += dx[i];
-                g_x0[i] += dx[i] * s[l];
-            }
-            dx = std::array::from_fn(|i| dx[i] + ds * w[i]);
-        }
-        for i in 0..MLP_IN {
-            g_x0[i] += dx[i];
-        }
+impl ModelKind {
+    fn deep(self) -> bool {
+        matches!(self, Self::Deepfm | Self::Wdl | Self::Dcn)
     }
 }
 
-/// DeepFM's MLP: `y = W2 . relu(W1^T x + b1) + b2`, parameters as `MLP_ROWS x HIDDEN` values.
-pub struct Mlp;
-
-impl Mlp {
-    /// The factor vectors of a sample's rows, concatenated.
-    pub fn input(rows: &[f32]) -> [f32; MLP_IN] {
-        std::array::from_fn(|i| rows[(i / FACTORS) * ROW + 1 + i % FACTORS])
-    }
-
-    /// The output and the hidden activations.
-    pub fn forward(p: &[f32], x: &[f32; MLP_IN]) -> (f32, [f32; HIDDEN]) {
-        let mut h: [f32; HIDDEN] = p[MLP_IN * HIDDEN..(MLP_IN + 1) * HIDDEN]
-            .try_into()
-            .expect("b1");
-        for (i, &xi) in x.iter().enumerate() {
-            for (hj, w) in h.iter_mut().zip(&p[i * HIDDEN..(i + 1) * HIDDEN]) {
-                *hj += xi * w;
-            }
-        }
-        h.iter_mut().for_each(|v| *v = v.max(0.0));
-        let w2 = &p[(MLP_IN + 1) * HIDDEN..(MLP_IN + 2) * HIDDEN];
-        let b2 = p[(MLP_IN + 2) * HIDDEN];
-        (h.iter().zip(w2).map(|(a, b)| a * b).sum::<f32>() + b2, h)
-    }
-
-    /// Adds `k` times the gradient of the output to `g_p` (parameters) and `g_x` (inputs).
-    pub fn backward(
-        p: &[f32],
-        x: &[f32; MLP_IN],
-        h: &[f32; HIDDEN],
-        k: f32,
-        g_p: &mut [f32],
-        g_x: &mut [f32; MLP_IN],
-    ) {
-        let w2 = &p[(MLP_IN + 1) * HIDDEN..(MLP_IN + 2) * HIDDEN];
-        let mut dh = [0f32; HIDDEN];
-        for j in 0..HIDDEN {
-            g_p[(MLP_IN + 1) * HIDDEN + j] += k * h[j];
-            dh[j] = if h[j] > 0.0 { k * w2[j] } else { 0.0 };
-            g_p[MLP_IN * HIDDEN + j] += dh[j];
-        }
-        g_p[(MLP_IN + 2) * HIDDEN] += k;
-        for (i, &xi) in x.iter().enumerate() {
-            let w1 = &p[i * HIDDEN..(i + 1) * HIDDEN];
-            let g1 = &mut g_p[i * HIDDEN..(i + 1) * HIDDEN];
-            let mut gx = 0.0;
-            for j in 0..HIDDEN {
-                g1[j] += xi * dh[j];
-                gx += w1[j] * dh[j];
-            }
-            g_x[i] += gx;
-        }
-    }
+/// One layer of the MLP in the dense parameters: `W` (inputs x outputs, row-major) at `w`, the
+/// bias at `b`.
+#[derive(Clone, Debug)]
+struct Layer {
+    w: usize,
+    b: usize,
+    inputs: usize,
+    outputs: usize,
 }
 
-/// A model's logit and gradients over one sample.
-pub struct Model;
+/// A model: its kind, its embedding row width, its MLP, and where each dense parameter lies in
+/// the flat dense vector (the 13 dense weights and the bias first, then each MLP layer's weights
+/// and bias, the last layer being the 1-output readout, then the cross network's `w_l`, `b_l` per
+/// layer and its readout).
+#[derive(Clone, Debug)]
+pub struct Net {
+    kind: ModelKind,
+    dim: usize,
+    layers: Vec<Layer>,
+    cross: usize,
+    params: usize,
+}
 
-impl Model {
-    /// The LR part: bias, dense weights, one weight per key.
-    fn linear(rows: &[f32], dense: &[f32; DENSE], dense_w: &[f32]) -> f32 {
-        let mut z = dense_w[DENSE];
-        for (a, d) in dense_w[..DENSE].iter().zip(dense) {
-            z += a * d;
-        }
-        z + rows.chunks_exact(ROW).map(|r| r[0]).sum::<f32>()
-    }
-
-    /// The logit of `kind` (`mlp` and `cross` may be empty when the model has none); also returns
-    /// the MLP's activations.
-    pub fn logit(
-        kind: ModelKind,
-        rows: &[f32],
-        dense: &[f32; DENSE],
-        dense_w: &[f32],
-        mlp: &[f32],
-        cross: &[f32],
-    ) -> (f32, [f32; HIDDEN]) {
-        match kind {
-            ModelKind::Lr => (Self::linear(rows, dense, dense_w), [0.0; HIDDEN]),
-            ModelKind::Fm => (Fm::logit(rows, dense, dense_w), [0.0; HIDDEN]),
-            ModelKind::Deepfm => {
-                let (y, h) = Mlp::forward(mlp, &Mlp::input(rows));
-                (Fm::logit(rows, dense, dense_w) + y, h)
-            }
-            ModelKind::Wdl => {
-                let (y, h) = Mlp::forward(mlp, &Mlp::input(rows));
-                (Self::linear(rows, dense, dense_w) + y, h)
-            }
-            ModelKind::Dcn => {
-                let x0 = Mlp::input(rows);
-                let (y, h) = Mlp::forward(mlp, &x0);
-                (
-                    Self::linear(rows, dense, dense_w) + y + Cross::output(cross, &x0),
-                    h,
-                )
-            }
-        }
-    }
-
-    /// Adds `e * scale` times the gradient of the logit to the gradient buffers; `params` and
-    /// `g_params` are the MLP's and the cross network's.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gradient(
-        kind: ModelKind,
-        rows: &[f32],
-        dense: &[f32; DENSE],
-        params: (&[f32], &[f32]),
-        h: &[f32; HIDDEN],
-        e: f32,
-        scale: f32,
-        g_rows: &mut [f32],
-        g_dense: &mut [f32],
-        g_params: (&mut [f32], &mut [f32]),
-    ) {
-        let (mlp, cross) = params;
-        let (g_mlp, g_cross) = g_params;
-        let k = e * scale;
-        let linear = |g_rows: &mut [f32], g_dense: &mut [f32]| {
-            for g in g_rows.chunks_exact_mut(ROW) {
-                g[0] += k;
-            }
-            for (g, d) in g_dense[..DENSE].iter_mut().zip(dense) {
-                *g += k * d;
-            }
-            g_dense[DENSE] += k;
-        };
-        match kind {
-            ModelKind::Lr => linear(g_rows, g_dense),
-            ModelKind::Fm => Fm::gradient(rows, dense, e, scale, g_rows, g_dense),
-            ModelKind::Deepfm | ModelKind::Wdl | ModelKind::Dcn => {
-                if kind == ModelKind::Deepfm {
-                    Fm::gradient(rows, dense, e, scale, g_rows, g_dense);
-                } else {
-                    linear(g_rows, g_dense);
-                }
-                let x = Mlp::input(rows);
-                let mut g_x = [0f32; MLP_IN];
-                Mlp::backward(mlp, &x, h, k, g_mlp, &mut g_x);
-                if kind == ModelKind::Dcn {
-                    Cross::backward(cross, &x, k, g_cross, &mut g_x);
-                }
-                for (i, g) in g_x.iter().enumerate() {
-                    g_rows[(i / FACTORS) * ROW + 1 + i % FACTORS] += g;
-                }
-            }
-        }
-    }
+/// Dense inputs of a sample: `ln(1 + x)` of its 13 counts.
+pub fn dense_inputs(s: &Sample) -> [f32; DENSE] {
+    std::array::from_fn(|i| (1.0 + s.dense[i] as f32).ln())
 }
 
 pub(super) fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
+/// The cross-entropy of probability `sigmoid(z)` for `label`, computed stably from the logit.
+fn bce(z: f32, label: f32) -> f64 {
+    let z = z as f64;
+    z.max(0.0) - z * label as f64 + (-z.abs()).exp().ln_1p()
+}
+
+/// What one share of a batch keeps between its forward and backward passes, reused batch to
+/// batch.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// The MLP's input: the factor vectors of the fields, concatenated (samples x mlp_in).
+    x: Vec<f32>,
+    /// Each MLP layer's output (post-ReLU for hidden layers).
+    acts: Vec<Vec<f32>>,
+    /// The gradient at a layer's output, then at its input.
+    d_out: Vec<f32>,
+    d_in: Vec<f32>,
+    /// Logits.
+    z: Vec<f32>,
+    /// The dense gradient of this share (for every share but the first).
+    g_params: Vec<f32>,
+}
+
+impl Net {
+    /// A `kind` model over rows of `dim` values (the linear weight, then `dim - 1` factors) with
+    /// hidden MLP layers of the given widths (ignored by LR and FM).
+    pub fn new(kind: ModelKind, dim: usize, hidden: &[usize]) -> Result<Self> {
+        anyhow::ensure!(
+            dim >= 2 || kind == ModelKind::Lr,
+            "{kind:?} needs rows of at least 2 values (the linear weight and a factor); got {dim}"
+        );
+        anyhow::ensure!(dim >= 1, "rows need at least the linear weight");
+        anyhow::ensure!(
+            !kind.deep() || (!hidden.is_empty() && hidden.iter().all(|&h| h > 0)),
+            "{kind:?} needs at least one hidden layer of positive width; got {hidden:?}"
+        );
+        let mlp_in = CATEGORICAL * (dim - 1);
+        let mut at = DENSE + 1;
+        let mut layers = Vec::new();
+        if kind.deep() {
+            let widths: Vec<usize> = hidden.iter().copied().chain([1]).collect();
+            let mut inputs = mlp_in;
+            for outputs in widths {
+                layers.push(Layer {
+                    w: at,
+                    b: at + inputs * outputs,
+                    inputs,
+                    outputs,
+                });
+                at += inputs * outputs + outputs;
+                inputs = outputs;
+            }
+        }
+        let cross = at;
+        if kind == ModelKind::Dcn {
+            at += (2 * CROSS_LAYERS + 1) * mlp_in;
+        }
+        Ok(Self {
+            kind,
+            dim,
+            layers,
+            cross,
+            params: at,
+        })
+    }
+
+    /// The model kind.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// Values per embedding row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Dense parameters in all.
+    pub fn params(&self) -> usize {
+        self.params
+    }
+
+    /// Rows of `ctr_dense` (of [`DENSE_CHUNK`] values) that hold the dense parameters.
+    pub fn dense_rows(&self) -> usize {
+        self.params.div_ceil(DENSE_CHUNK)
+    }
+
+    fn factors(&self) -> usize {
+        self.dim - 1
+    }
+
+    fn mlp_in(&self) -> usize {
+        CATEGORICAL * self.factors()
+    }
+
+    /// The starting dense parameters, padded to whole rows of `ctr_dense`: He-normal weights for
+    /// the hidden layers, `N(0, 1/inputs)` for the readout, `N(0, 0.01²)` for the cross network,
+    /// zero biases and dense weights.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+        let mut p = vec![0f32; self.dense_rows() * DENSE_CHUNK];
+        let last = self.layers.len().saturating_sub(1);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let gain = if l == last { 1.0 } else { 2.0 };
+            let normal = Normal::new(0.0, (gain / layer.inputs as f32).sqrt()).expect("finite std");
+            for v in &mut p[layer.w..layer.b] {
+                *v = normal.sample(&mut rng);
+            }
+        }
+        let normal = Normal::new(0.0, 0.01f32).expect("finite std");
+        for v in &mut p[self.cross..self.params] {
+            *v = normal.sample(&mut rng);
+        }
+        p
+    }
+
+    /// The logits of a batch: `rows` holds each sample's 26 rows (samples x 26 x dim), `dense`
+    /// its dense inputs; `params` the dense parameters (at least [`Net::params`] values).
+    pub fn logits(
+        &self,
+        params: &[f32],
+        rows: &[f32],
+        dense: &[[f32; DENSE]],
+        scratch: &mut Scratch,
+        out: &mut [f32],
+    ) {
+        self.forward(params, rows, dense, scratch);
+        out.copy_from_slice(&scratch.z);
+    }
+
+    /// One training step's gradients of the batch's mean cross-entropy: fills `g_rows` (one
+    /// gradient row per row of `rows`) and `g_params` (like `params`), splitting the batch over
+    /// `scratch.len()` threads. Returns the batch's summed loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradients(
+        &self,
+        params: &[f32],
+        rows: &[f32],
+        dense: &[[f32; DENSE]],
+        labels: &[f32],
+        scratch: &mut [Scratch],
+        g_rows: &mut [f32],
+        g_params: &mut [f32],
+    ) -> f64 {
+        let n = labels.len();
+        let per_sample = CATEGORICAL * self.dim;
+        debug_assert_eq!(rows.len(), n * per_sample);
+        debug_assert_eq!(g_rows.len(), rows.len());
+        let scale = 1.0 / n.max(1) as f32;
+        g_params.fill(0.0);
+        let shares = scratch.len().clamp(1, n.max(1));
+        let per_share = n.div_ceil(shares).max(1);
+        if shares == 1 {
+            return self.share(
+                params, rows, dense, labels, scale, &mut scratch[0], g_rows, g_params,
+            );
+        }
+        let (first, others) = scratch.split_at_mut(1);
+        let head = per_share.min(n);
+        let (g_head, mut g_rest) = g_rows.split_at_mut(head * per_sample);
+        let loss = std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for (i, sc) in others.iter_mut().enumerate().take(shares - 1) {
+                let lo = ((i + 1) * per_share).min(n);
+                let hi = ((i + 2) * per_share).min(n);
+                let (g, rest) = std::mem::take(&mut g_rest).split_at_mut((hi - lo) * per_sample);
+                g_rest = rest;
+                sc.g_params.clear();
+                sc.g_params.resize(g_params.len(), 0.0);
+                handles.push(s.spawn(move || {
+                    let mut gp = std::mem::take(&mut sc.g_params);
+                    let loss = self.share(
+                        params,
+                        &rows[lo * per_sample..hi * per_sample],
+                        &dense[lo..hi],
+                        &labels[lo..hi],
+                        scale,
+                        sc,
+                        g,
+                        &mut gp,
+                    );
+                    sc.g_params = gp;
+                    loss
+                }));
+            }
+            let mut loss = self.share(
+                params,
+                &rows[..head * per_sample],
+                &dense[..head],
+                &labels[..head],
+                scale,
+                &mut first[0],
+                g_head,
+                g_params,
+            );
+            for h in handles {
+                loss += h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            }
+            loss
+        });
+        for sc in &others[..shares - 1] {
+            for (g, p) in g_params.iter_mut().zip(&sc.g_params) {
+                *g += p;
+            }
+        }
+        loss
+    }
+
+    /// Forward and backward over one share of a batch, adding to `g_params`.
+    #[allow(clippy::too_many_arguments)]
+    fn share(
+        &self,
+        params: &[f32],
+        rows: &[f32],
+        dense: &[[f32; DENSE]],
+        labels: &[f32],
+        scale: f32,
+        scratch: &mut Scratch,
+        g_rows: &mut [f32],
+        g_params: &mut [f32],
+    ) -> f64 {
+        self.forward(params, rows, dense, scratch);
+        let mut loss = 0.0;
+        // The gradient of the loss at each logit, scaled to the batch mean; kept in `z`.
+        for (z, &y) in scratch.z.iter_mut().zip(labels) {
+            loss += bce(*z, y);
+            *z = (sigmoid(*z) - y) * scale;
+        }
+        g_rows.fill(0.0);
+        self.backward(params, rows, dense, scratch, g_rows, g_params);
+        loss
+    }
+
+    fn forward(&self, params: &[f32], rows: &[f32], dense: &[[f32; DENSE]], sc: &mut Scratch) {
+        let (n, dim, k) = (dense.len(), self.dim, self.factors());
+        let per_sample = CATEGORICAL * dim;
+        sc.z.clear();
+        for (r, d) in rows.chunks_exact(per_sample).zip(dense) {
+            // The linear part: bias, dense weights, each field's weight.
+            let mut z = params[DENSE];
+            for (a, x) in params[..DENSE].iter().zip(d) {
+                z += a * x;
+            }
+            z += r.chunks_exact(dim).map(|row| row[0]).sum::<f32>();
+            if self.kind == ModelKind::Fm || self.kind == ModelKind::Deepfm {
+                z += fm_interactions(r, dim);
+            }
+            sc.z.push(z);
+        }
+        if !self.kind.deep() {
+            return;
+        }
+        let mlp_in = self.mlp_in();
+        sc.x.clear();
+        sc.x.reserve(n * mlp_in);
+        for row in rows.chunks_exact(dim) {
+            sc.x.extend_from_slice(&row[1..1 + k]);
+        }
+        sc.acts.resize_with(self.layers.len(), Vec::new);
+        let last = self.layers.len() - 1;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (before, rest) = sc.acts.split_at_mut(l);
+            let input = if l == 0 { &sc.x } else { &before[l - 1] };
+            let out = &mut rest[0];
+            out.clear();
+            for _ in 0..n {
+                out.extend_from_slice(&params[layer.b..layer.b + layer.outputs]);
+            }
+            let a = ArrayView2::from_shape((n, layer.inputs), input).expect("input shape");
+            let w = ArrayView2::from_shape((layer.inputs, layer.outputs), &params[layer.w..layer.b])
+                .expect("weight shape");
+            let mut o =
+                ArrayViewMut2::from_shape((n, layer.outputs), out.as_mut_slice()).expect("shape");
+            general_mat_mul(1.0, &a, &w, 1.0, &mut o);
+            if l != last {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+        for (z, y) in sc.z.iter_mut().zip(&sc.acts[last]) {
+            *z += y;
+        }
+        if self.kind == ModelKind::Dcn {
+            let c = &params[self.cross..self.params];
+            for (z, x0) in sc.z.iter_mut().zip(sc.x.chunks_exact(mlp_in)) {
+                *z += Cross::output(c, x0);
+            }
+        }
+    }
+
+    /// Adds the gradients of the logits, whose loss gradients are in `sc.z`, to `g_rows` and
+    /// `g_params`.
+    fn backward(
+        &self,
+        params: &[f32],
+        rows: &[f32],
+        dense: &[[f32; DENSE]],
+        sc: &mut Scratch,
+        g_rows: &mut [f32],
+        g_params: &mut [f32],
+    ) {
+        let (n, dim, k) = (dense.len(), self.dim, self.factors());
+        let per_sample = CATEGORICAL * dim;
+        let fm = self.kind == ModelKind::Fm || self.kind == ModelKind::Deepfm;
+        for (((r, g), d), &e) in rows
+            .chunks_exact(per_sample)
+            .zip(g_rows.chunks_exact_mut(per_sample))
+            .zip(dense)
+            .zip(&sc.z)
+        {
+            for (gp, x) in g_params[..DENSE].iter_mut().zip(d) {
+                *gp += e * x;
+            }
+            g_params[DENSE] += e;
+            for gr in g.chunks_exact_mut(dim) {
+                gr[0] += e;
+            }
+            if fm {
+                fm_gradient(r, dim, e, g);
+            }
+        }
+        if !self.kind.deep() {
+            return;
+        }
+        let mlp_in = self.mlp_in();
+        // d(logit)/d(readout output) = 1: the output gradient of the last layer is e itself.
+        sc.d_out.clear();
+        sc.d_out.extend_from_slice(&sc.z);
+        let last = self.layers.len() - 1;
+        for l in (0..self.layers.len()).rev() {
+            let layer = &self.layers[l];
+            if l != last {
+                for (d, &a) in sc.d_out.iter_mut().zip(&sc.acts[l]) {
+                    if a <= 0.0 {
+                        *d = 0.0;
+                    }
+                }
+            }
+            let input = if l == 0 { &sc.x } else { &sc.acts[l - 1] };
+            let a = ArrayView2::from_shape((n, layer.inputs), input).expect("input shape");
+            let dz = ArrayView2::from_shape((n, layer.outputs), &sc.d_out).expect("grad shape");
+            {
+                let (gw, gb) = g_params[layer.w..layer.b + layer.outputs]
+                    .split_at_mut(layer.inputs * layer.outputs);
+                let mut gw =
+                    ArrayViewMut2::from_shape((layer.inputs, layer.outputs), gw).expect("shape");
+                general_mat_mul(1.0, &a.t(), &dz, 1.0, &mut gw);
+                for row in sc.d_out.chunks_exact(layer.outputs) {
+                    for (b, d) in gb.iter_mut().zip(row) {
+                        *b += d;
+                    }
+                }
+            }
+            let w = ArrayView2::from_shape((layer.inputs, layer.outputs), &params[layer.w..layer.b])
+                .expect("weight shape");
+            sc.d_in.clear();
+            sc.d_in.resize(n * layer.inputs, 0.0);
+            let mut di =
+                ArrayViewMut2::from_shape((n, layer.inputs), sc.d_in.as_mut_slice()).expect("shape");
+            general_mat_mul(1.0, &dz, &w.t(), 0.0, &mut di);
+            std::mem::swap(&mut sc.d_in, &mut sc.d_out);
+        }
+        // Now `d_out` is the gradient at the MLP's input.
+        if self.kind == ModelKind::Dcn {
+            let c = &params[self.cross..self.params];
+            let gc = &mut g_params[self.cross..self.params];
+            for ((x0, dx), &e) in sc
+                .x
+                .chunks_exact(mlp_in)
+                .zip(sc.d_out.chunks_exact_mut(mlp_in))
+                .zip(&sc.z)
+            {
+                Cross::backward(c, x0, e, gc, dx);
+            }
+        }
+        for (g, dx) in g_rows.chunks_exact_mut(dim).zip(sc.d_out.chunks_exact(k)) {
+            for (gv, d) in g[1..].iter_mut().zip(dx) {
+                *gv += d;
+            }
+        }
+    }
+}
+
+/// `sum_{f<g} <v_f, v_g>` over one sample's rows: `(|sum v|^2 - sum |v|^2) / 2`.
+fn fm_interactions(r: &[f32], dim: usize) -> f32 {
+    let k = dim - 1;
+    let mut sum = vec![0f32; k];
+    let mut squares = 0f32;
+    for row in r.chunks_exact(dim) {
+        for (s, v) in sum.iter_mut().zip(&row[1..]) {
+            *s += v;
+            squares += v * v;
+        }
+    }
+    (sum.iter().map(|s| s * s).sum::<f32>() - squares) / 2.0
+}
+
+/// Adds `e` times the gradient of the FM interactions, `sum v - v_f` for field f, to `g`.
+fn fm_gradient(r: &[f32], dim: usize, e: f32, g: &mut [f32]) {
+    let k = dim - 1;
+    let mut sum = vec![0f32; k];
+    for row in r.chunks_exact(dim) {
+        for (s, v) in sum.iter_mut().zip(&row[1..]) {
+            *s += v;
+        }
+    }
+    for (row, gr) in r.chunks_exact(dim).zip(g.chunks_exact_mut(dim)) {
+        for ((gv, s), v) in gr[1..].iter_mut().zip(&sum).zip(&row[1..]) {
+            *gv += e * (s - v);
+        }
+    }
+}
+
+/// DCN's cross network over inputs of width m: `x_{l+1} = x0 (x_l . w_l) + b_l + x_l`, output
+/// `p . x_L`; its parameters are `w_l`, `b_l` per layer, then `p`, each m values.
+pub struct Cross;
+
+impl Cross {
+    fn layer(c: &[f32], m: usize, l: usize) -> (&[f32], &[f32]) {
+        (&c[2 * l * m..(2 * l + 1) * m], &c[(2 * l + 1) * m..(2 * l + 2) * m])
+    }
+
+    /// The layers' inputs x_0..x_L and the scalars s_l = x_l . w_l.
+    fn forward(c: &[f32], x0: &[f32]) -> (Vec<Vec<f32>>, [f32; CROSS_LAYERS]) {
+        let m = x0.len();
+        let mut xs = vec![x0.to_vec()];
+        let mut s = [0f32; CROSS_LAYERS];
+        for (l, sl) in s.iter_mut().enumerate() {
+            let (w, b) = Self::layer(c, m, l);
+            let x = &xs[l];
+            *sl = x.iter().zip(w).map(|(a, b)| a * b).sum();
+            let next = (0..m).map(|i| x0[i] * *sl + b[i] + x[i]).collect();
+            xs.push(next);
+        }
+        (xs, s)
+    }
+
+    /// The output.
+    pub fn output(c: &[f32], x0: &[f32]) -> f32 {
+        let m = x0.len();
+        let (xs, _) = Self::forward(c, x0);
+        let p = &c[2 * CROSS_LAYERS * m..];
+        xs[CROSS_LAYERS].iter().zip(p).map(|(a, b)| a * b).sum()
+    }
+
+    /// Adds `k` times the gradient of the output to `g_c` and `g_x0`.
+    pub fn backward(c: &[f32], x0: &[f32], k: f32, g_c: &mut [f32], g_x0: &mut [f32]) {
+        let m = x0.len();
+        let (xs, s) = Self::forward(c, x0);
+        let p = &c[2 * CROSS_LAYERS * m..];
+        let mut dx: Vec<f32> = p.iter().map(|v| k * v).collect();
+        for (g, x) in g_c[2 * CROSS_LAYERS * m..].iter_mut().zip(&xs[CROSS_LAYERS]) {
+            *g += k * x;
+        }
+        for l in (0..CROSS_LAYERS).rev() {
+            let (w, _) = Self::layer(c, m, l);
+            let x = &xs[l];
+            // x_{l+1} = x0 s_l + b_l + x_l, s_l = x_l . w_l
+            let ds: f32 = dx.iter().zip(x0).map(|(a, b)| a * b).sum();
+            for i in 0..m {
+                g_c[2 * l * m + i] += ds * x[i];
+                g_c[(2 * l + 1) * m + i] += dx[i];
+                g_x0[i] += dx[i] * s[l];
+            }
+            for (d, wi) in dx.iter_mut().zip(w) {
+                *d += ds * wi;
+            }
+        }
+        for (g, d) in g_x0.iter_mut().zip(&dx) {
+            *g += d;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_model_s_gradients_match_finite_differences() {
+    const KINDS: [ModelKind; 5] = [
+        ModelKind::Lr,
+        ModelKind::Fm,
+        ModelKind::Deepfm,
+        ModelKind::Wdl,
+        ModelKind::Dcn,
+    ];
+
+    struct Case {
+        net: Net,
+        rows: Vec<f32>,
+        dense: Vec<[f32; DENSE]>,
+        labels: Vec<f32>,
+        params: Vec<f32>,
+    }
+
+    fn case(kind: ModelKind, samples: usize) -> Case {
         let mut rng = 0x1234_5678u64;
         let mut next = || {
             rng = rng
@@ -326,49 +573,58 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.6
         };
-        let rows: Vec<f32> = (0..CATEGORICAL * ROW).map(|_| next()).collect();
-        let dense: [f32; DENSE] = std::array::from_fn(|_| next() + 0.5);
-        let dense_w: Vec<f32> = (0..=DENSE).map(|_| next()).collect();
-        let mlp: Vec<f32> = (0..MLP_ROWS * HIDDEN).map(|_| next()).collect();
-        let cross: Vec<f32> = (0..CROSS_ROWS * MLP_IN).map(|_| next() * 0.1).collect();
-        let kinds = [
-            ModelKind::Lr,
-            ModelKind::Fm,
-            ModelKind::Deepfm,
-            ModelKind::Wdl,
-            ModelKind::Dcn,
-        ];
-        for kind in kinds {
-            // Loss for label 1: -ln sigmoid(logit), as a function of each parameter group.
-            let loss = |rows: &[f32], dense_w: &[f32], mlp: &[f32], cross: &[f32]| -> f64 {
-                let (z, _) = Model::logit(kind, rows, &dense, dense_w, mlp, cross);
-                -(sigmoid(z) as f64).ln()
-            };
-            let (z, hid) = Model::logit(kind, &rows, &dense, &dense_w, &mlp, &cross);
-            let e = sigmoid(z) - 1.0;
-            let mut g_rows = vec![0f32; rows.len()];
-            let mut g_dense = vec![0f32; DENSE + 1];
-            let (mut g_mlp, mut g_cross) = (vec![0f32; mlp.len()], vec![0f32; cross.len()]);
-            Model::gradient(
-                kind,
-                &rows,
-                &dense,
-                (&mlp, &cross),
-                &hid,
-                e,
-                1.0,
+        let net = Net::new(kind, 4, &[6, 5]).unwrap();
+        let rows = (0..samples * CATEGORICAL * 4).map(|_| next()).collect();
+        let dense = (0..samples)
+            .map(|_| std::array::from_fn(|_| next() + 0.5))
+            .collect();
+        let labels = (0..samples).map(|i| (i % 2) as f32).collect();
+        // Random everywhere (biases included), so that no ReLU sits at its kink by construction.
+        let params = (0..net.params()).map(|_| next()).collect();
+        Case {
+            net,
+            rows,
+            dense,
+            labels,
+            params,
+        }
+    }
+
+    impl Case {
+        fn loss(&self, rows: &[f32], params: &[f32]) -> f64 {
+            let mut z = vec![0f32; self.labels.len()];
+            self.net
+                .logits(params, rows, &self.dense, &mut Scratch::default(), &mut z);
+            let n = self.labels.len() as f64;
+            z.iter().zip(&self.labels).map(|(&z, &y)| bce(z, y)).sum::<f64>() / n
+        }
+
+        fn gradients(&self, threads: usize) -> (Vec<f32>, Vec<f32>, f64) {
+            let mut g_rows = vec![f32::NAN; self.rows.len()];
+            let mut g_params = vec![f32::NAN; self.params.len()];
+            let mut scratch: Vec<Scratch> = (0..threads).map(|_| Scratch::default()).collect();
+            let loss = self.net.gradients(
+                &self.params,
+                &self.rows,
+                &self.dense,
+                &self.labels,
+                &mut scratch,
                 &mut g_rows,
-                &mut g_dense,
-                (&mut g_mlp, &mut g_cross),
+                &mut g_params,
             );
+            (g_rows, g_params, loss)
+        }
+    }
+
+    #[test]
+    fn every_model_s_gradients_match_finite_differences() {
+        for kind in KINDS {
+            let c = case(kind, 3);
+            let (g_rows, g_params, loss) = c.gradients(1);
+            assert!((loss / 3.0 - c.loss(&c.rows, &c.params)).abs() < 1e-5);
             let h = 1e-3f32;
-            // Central differences of one parameter group, at the given indices.
-            let check = |what: &str,
-                         base: &[f32],
-                         analytic: &[f32],
-                         idx: Vec<usize>,
-                         f: &dyn Fn(&[f32]) -> f64| {
-                for i in idx {
+            let check = |what: &str, base: &[f32], analytic: &[f32], f: &dyn Fn(&[f32]) -> f64| {
+                for i in (0..base.len()).step_by(3) {
                     let (mut up, mut down) = (base.to_vec(), base.to_vec());
                     up[i] += h;
                     down[i] -= h;
@@ -380,42 +636,41 @@ mod tests {
                     );
                 }
             };
-            check(
-                "row parameter",
-                &rows,
-                &g_rows,
-                (0..rows.len()).step_by(5).collect(),
-                &|r| loss(r, &dense_w, &mlp, &cross),
-            );
-            check(
-                "dense parameter",
-                &dense_w,
-                &g_dense,
-                (0..=DENSE).collect(),
-                &|d| loss(&rows, d, &mlp, &cross),
-            );
-            if kind != ModelKind::Lr && kind != ModelKind::Fm {
-                let idx = (0..mlp.len())
-                    .step_by(37)
-                    .chain([
-                        MLP_IN * HIDDEN,
-                        (MLP_IN + 1) * HIDDEN,
-                        (MLP_IN + 2) * HIDDEN,
-                    ])
-                    .collect();
-                check("mlp parameter", &mlp, &g_mlp, idx, &|m| {
-                    loss(&rows, &dense_w, m, &cross)
-                });
-            }
-            if kind == ModelKind::Dcn {
-                check(
-                    "cross parameter",
-                    &cross,
-                    &g_cross,
-                    (0..cross.len()).step_by(11).collect(),
-                    &|c| loss(&rows, &dense_w, &mlp, c),
-                );
+            check("row value", &c.rows, &g_rows, &|r| c.loss(r, &c.params));
+            check("dense parameter", &c.params, &g_params, &|p| c.loss(&c.rows, p));
+        }
+    }
+
+    #[test]
+    fn a_batch_split_over_threads_has_the_gradients_of_one_thread() {
+        for kind in KINDS {
+            let c = case(kind, 11);
+            let (rows1, params1, loss1) = c.gradients(1);
+            for threads in [2, 3, 4, 16] {
+                let (rows_t, params_t, loss_t) = c.gradients(threads);
+                assert!((loss1 - loss_t).abs() < 1e-9, "{kind:?} x{threads}: loss");
+                let close = |what: &str, x: &[f32], y: &[f32]| {
+                    for (i, (a, b)) in x.iter().zip(y).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-6 * (1.0 + a.abs()),
+                            "{kind:?} x{threads}: {what} {i}: {a} vs {b}"
+                        );
+                    }
+                };
+                close("row gradient", &rows1, &rows_t);
+                close("dense gradient", &params1, &params_t);
             }
         }
+    }
+
+    #[test]
+    fn the_dense_layout_covers_every_parameter_once() {
+        let net = Net::new(ModelKind::Dcn, 128, &[256, 256, 256]).unwrap();
+        let m = CATEGORICAL * 127;
+        let mlp = m * 256 + 256 + 2 * (256 * 256 + 256) + 256 + 1;
+        assert_eq!(net.params(), DENSE + 1 + mlp + 5 * m);
+        assert_eq!(net.init(1).len(), net.dense_rows() * DENSE_CHUNK);
+        assert!(Net::new(ModelKind::Deepfm, 9, &[]).is_err());
+        assert!(Net::new(ModelKind::Fm, 1, &[]).is_err());
     }
 }

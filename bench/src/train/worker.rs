@@ -49,43 +49,39 @@ pub fn worker_process(w: &WorkerArgs) -> Result<()> {
     Ok(())
 }
 
-/// One worker's view of the model's tables: the embeddings through its cache; the dense weights,
-/// the MLP and the cross network with no cache and bounds 0. Two connections, so that the
+/// One worker's view of the model's tables: the embeddings through its cache, the dense
+/// parameters through a cache of its own under `--dense-bound`. Two connections, so that the
 /// embedding cache counts embedding traffic alone (as HET reports it) and the dense parameters are
 /// counted apart.
 pub(super) struct WorkerTables {
     dense_client: Cluster,
     emb: hetkv_client::CachedTable,
     dense: hetkv_client::CachedTable,
-    mlp: hetkv_client::CachedTable,
-    cross: hetkv_client::CachedTable,
 }
 
 impl WorkerTables {
     pub(super) fn connect(args: &TrainArgs) -> Result<Self> {
         let emb_client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
         let client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
-        let direct = |name: &str| -> Result<hetkv_client::CachedTable> {
-            Ok(client.open_table(name)?.cached(CacheConfig::disabled()))
-        };
         Ok(Self {
             emb: emb_client
                 .open_table("ctr_emb")?
                 .cached(args.cache_config()),
-            dense: direct("ctr_dense")?,
-            mlp: direct("ctr_mlp")?,
-            cross: direct("ctr_cross")?,
+            dense: client
+                .open_table("ctr_dense")?
+                .cached(args.dense_cache_config()),
             dense_client: client,
         })
     }
 
-    /// Applies every update this worker has made (the dense tables write through).
+    /// Applies every update this worker has made.
     pub(super) fn flush(&mut self) -> Result<()> {
         self.emb.flush()?;
+        self.dense.flush()?;
         Ok(())
     }
 
-    /// Flushes the embedding cache and counts what this worker did.
+    /// Flushes the caches and counts what this worker did.
     pub(super) fn finish(mut self, batches: usize, samples: usize) -> Result<WorkerResult> {
         self.flush()?;
         let dense = self.dense_client.traffic();
@@ -115,26 +111,18 @@ pub(super) fn worker(
     bar: &indicatif::ProgressBar,
     gate: &dyn Gate,
 ) -> Result<(usize, usize)> {
+    let net = args.net()?;
     let (train, train_keys) = (&data.train, &data.train_keys);
-    let deep = matches!(
-        args.model,
-        ModelKind::Deepfm | ModelKind::Wdl | ModelKind::Dcn
-    );
-    let crossing = args.model == ModelKind::Dcn;
-    let dense_keys: Vec<u64> = (0..=DENSE as u64).collect();
-    let mlp_keys: Vec<u64> = (0..MLP_ROWS as u64).collect();
-    let cross_keys: Vec<u64> = (0..CROSS_ROWS as u64).collect();
-    let mut dense_w = vec![0f32; DENSE + 1];
-    let mut mlp = vec![0f32; if deep { MLP_ROWS * HIDDEN } else { 0 }];
-    let mut g_mlp = vec![0f32; mlp.len()];
-    let mut cross = vec![0f32; if crossing { CROSS_ROWS * MLP_IN } else { 0 }];
-    let mut g_cross = vec![0f32; cross.len()];
-    let mut keys = Vec::new();
-    let mut rows = Vec::new();
-    let mut g_rows = Vec::new();
-    let mut g_dense = vec![0f32; DENSE + 1];
+    let dim = net.dim();
+    let dense_keys: Vec<u64> = (0..net.dense_rows() as u64).collect();
+    let mut params = vec![0f32; net.dense_rows() * DENSE_CHUNK];
+    let mut g_params = vec![0f32; params.len()];
+    let mut scratch: Vec<Scratch> = (0..args.threads.max(1))
+        .map(|_| Scratch::default())
+        .collect();
+    let (mut keys, mut rows, mut g_rows) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dense, mut labels) = (Vec::new(), Vec::new());
     let mut unique = Unique::default();
-    let per_sample = CATEGORICAL * ROW;
     let (mut batches, mut samples) = (0, 0);
     for &b in mine {
         if gate.between(batches, t)? == Step::Stop {
@@ -148,50 +136,27 @@ pub(super) fn worker(
         for k in &train_keys[lo..hi] {
             keys.extend_from_slice(k);
         }
-        rows.resize(keys.len() * ROW, 0.0);
+        rows.resize(keys.len() * dim, 0.0);
+        g_rows.resize(keys.len() * dim, 0.0);
         t.emb.lookup(&keys, &mut rows)?;
-        t.dense.lookup(&dense_keys, &mut dense_w)?;
-        if deep {
-            t.mlp.lookup(&mlp_keys, &mut mlp)?;
-            g_mlp.iter_mut().for_each(|g| *g = 0.0);
-        }
-        if crossing {
-            t.cross.lookup(&cross_keys, &mut cross)?;
-            g_cross.iter_mut().for_each(|g| *g = 0.0);
-        }
-        g_rows.clear();
-        g_rows.resize(keys.len() * ROW, 0.0);
-        g_dense.iter_mut().for_each(|g| *g = 0.0);
-        let scale = 1.0 / (hi - lo) as f32;
-        for (i, s) in train[lo..hi].iter().enumerate() {
-            let r = &rows[i * per_sample..(i + 1) * per_sample];
-            let d = Fm::dense(s);
-            let (z, h) = Model::logit(args.model, r, &d, &dense_w, &mlp, &cross);
-            let e = sigmoid(z) - if s.label { 1.0 } else { 0.0 };
-            let g = &mut g_rows[i * per_sample..(i + 1) * per_sample];
-            Model::gradient(
-                args.model,
-                r,
-                &d,
-                (&mlp, &cross),
-                &h,
-                e,
-                scale,
-                g,
-                &mut g_dense,
-                (&mut g_mlp, &mut g_cross),
-            );
-        }
+        t.dense.lookup(&dense_keys, &mut params)?;
+        dense.clear();
+        dense.extend(train[lo..hi].iter().map(dense_inputs));
+        labels.clear();
+        labels.extend(train[lo..hi].iter().map(|s| if s.label { 1.0 } else { 0.0 }));
+        net.gradients(
+            &params,
+            &rows,
+            &dense,
+            &labels,
+            &mut scratch,
+            &mut g_rows,
+            &mut g_params,
+        );
         // One update per unique key: its gradients summed over occurrences.
-        unique.gradients(&keys, &g_rows, ROW, |g| g);
+        unique.gradients(&keys, &g_rows, dim, |g| g);
         t.emb.update(&unique.keys, &unique.grads)?;
-        t.dense.update(&dense_keys, &g_dense)?;
-        if deep {
-            t.mlp.update(&mlp_keys, &g_mlp)?;
-        }
-        if crossing {
-            t.cross.update(&cross_keys, &g_cross)?;
-        }
+        t.dense.update(&dense_keys, &g_params)?;
         bar.inc(1);
     }
     Ok((batches, samples))
