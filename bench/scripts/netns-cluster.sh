@@ -2,8 +2,8 @@
 # A hetkv training cluster on one machine, every host in its own network namespace.
 #
 #   bench/scripts/netns-cluster.sh [--rates "1gbit 10gbit"] [--delay 100us] [--shards 2]
-#       [--workers 4] [--out DIR] [--configs "cache:100 nocache"] [--summary-only]
-#       -- [hetkv-bench train args...]
+#       [--workers 4] [--out DIR] [--configs "cache:100 nocache"] [--bin-dir DIR]
+#       [--summary-only] -- [hetkv-bench train args...]
 #
 # For each rate it makes a switch namespace holding a bridge, one namespace per daemon, per worker
 # and for the coordinator (which creates the tables and evaluates during training), each joined to
@@ -16,7 +16,10 @@
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
 # --summary-only prints the summary of the JSON files already in DIR.
 #
-# Needs root, iproute2 (ip, tc) and python3; builds the release binaries with cargo.
+# Needs root, iproute2 (ip, tc) and python3. Builds the release binaries with cargo, unless
+# --bin-dir names a folder holding release builds of `hetkv` and `hetkv-bench` made elsewhere (a
+# host with no cargo; bench/scripts/iproute-from-debs.sh supplies `ip` and `tc` where the host has
+# no iproute2).
 set -euo pipefail
 
 RATES="1gbit 10gbit"
@@ -26,6 +29,7 @@ WORKERS=4
 OUT="bench-out/netns"
 CONFIGS="cache:100 nocache"
 SUMMARY_ONLY=no
+BIN_DIR=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --rates) RATES="$2"; shift 2 ;;
@@ -34,6 +38,7 @@ while [[ $# -gt 0 ]]; do
         --workers) WORKERS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --configs) CONFIGS="$2"; shift 2 ;;
+        --bin-dir) BIN_DIR="$2"; shift 2 ;;
         --summary-only) SUMMARY_ONLY=yes; shift ;;
         --) shift; break ;;
         *) echo "netns-cluster: unknown option $1" >&2; exit 2 ;;
@@ -50,8 +55,8 @@ import json, os, sys
 out, rates, configs, delay = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
 netem = open(f"{out}/netem").read().strip() if os.path.exists(f"{out}/netem") else "unknown"
 print(f"\nlinks: token bucket at the rate, each way; delay: {delay if netem == 'yes' else 'none (no netem in this kernel)'}")
-print("| link | run | samples/s | embedding B/sample | dense B/sample | hit rate | final AUC | time to target AUC |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| link | run | samples/s | embedding B/sample | dense B/sample | hit rate | final AUC | final logloss | time to target AUC |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 ratios = []
 for rate in rates:
     runs = {c: json.load(open(f"{out}/{rate}-{c}.json")) for c in configs}
@@ -61,7 +66,7 @@ for rate in rates:
         ttt = r["time_to_target"]
         target = r["settings"]["target_auc"]
         print(f"| {rate} | {c} | {r['samples_per_s']:,.0f} | {r['embedding_bytes_per_sample']:.0f} | "
-              f"{r['dense_bytes_per_sample']:.0f} | {100 * s['hits'] / uniq:.1f}% | {r['auc']:.4f} | "
+              f"{r['dense_bytes_per_sample']:.0f} | {100 * s['hits'] / uniq:.1f}% | {r['auc']:.4f} | {r['logloss']:.4f} | "
               + (f"{ttt:.2f} s (AUC {target})" if ttt is not None else f"not reached ({target})") + " |")
     base = runs.get("nocache")
     for c, r in runs.items():
@@ -77,11 +82,17 @@ if [[ $SUMMARY_ONLY == yes ]]; then summary; exit 0; fi
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces and tc)"
 command -v ip >/dev/null && command -v tc >/dev/null || die "needs iproute2 (ip, tc)"
 
+[[ -z $BIN_DIR ]] || BIN_DIR="$(realpath "$BIN_DIR")"
 cd "$(dirname "$0")/../.."
-cargo build --release -q -p hetkv-store -p hetkv-bench
-TARGET="${CARGO_TARGET_DIR:-target}/release"
+if [[ -n $BIN_DIR ]]; then
+    TARGET="$BIN_DIR"
+else
+    cargo build --release -q -p hetkv-store -p hetkv-bench
+    TARGET="${CARGO_TARGET_DIR:-target}/release"
+fi
 HETKV="$(realpath "$TARGET/hetkv")"
 BENCH="$(realpath "$TARGET/hetkv-bench")"
+[[ -x $HETKV && -x $BENCH ]] || die "no hetkv and hetkv-bench in $TARGET"
 mkdir -p "$OUT"
 
 P="hk$$"                      # namespace prefix: unique per run

@@ -70,6 +70,13 @@ impl CachedTable {
         });
     }
 
+    /// Multiplies every gradient sum this cache pushes by `scale` (see
+    /// [`CacheCore::set_push_scale`]: model averaging of parameters every worker updates).
+    pub fn with_push_scale(mut self, scale: f32) -> Self {
+        self.core.set_push_scale(scale);
+        self
+    }
+
     /// The table.
     pub fn table(&self) -> &Table {
         &self.table

@@ -233,12 +233,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     let eval_n = args.eval_samples.clamp(1, data.test.len());
     let mut timeline = Vec::new();
     let mut probe = |start: Instant, say: &dyn Fn(String)| -> Result<()> {
-        let (auc, logloss) = evaluate(
-            &net,
-            [emb, dense],
-            &data.test[..eval_n],
-            &|s| data.keys(s),
-        )?;
+        let (auc, logloss) = evaluate(&net, [emb, dense], &data.test[..eval_n], &|s| data.keys(s))?;
         let secs = start.elapsed().as_secs_f64();
         say(format!(
             "{secs:7.2} s: test AUC {auc:.4}, logloss {logloss:.4}"
@@ -263,8 +258,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
         dense_bytes += r.dense_bytes;
         samples += r.samples;
     }
-    let (auc_model, logloss_model) =
-        evaluate(&net, [emb, dense], &data.test, &|s| data.keys(s))?;
+    let (auc_model, logloss_model) = evaluate(&net, [emb, dense], &data.test, &|s| data.keys(s))?;
     let labels: Vec<bool> = data.test.iter().map(|s| s.label).collect();
     let oracle: Vec<f64> = data.test.iter().map(|s| s.p).collect();
     let samples = samples.max(1) as f64;

@@ -226,7 +226,14 @@ impl Net {
         let per_share = n.div_ceil(shares).max(1);
         if shares == 1 {
             return self.share(
-                params, rows, dense, labels, scale, &mut scratch[0], g_rows, g_params,
+                params,
+                rows,
+                dense,
+                labels,
+                scale,
+                &mut scratch[0],
+                g_rows,
+                g_params,
             );
         }
         let (first, others) = scratch.split_at_mut(1);
@@ -341,8 +348,9 @@ impl Net {
                 out.extend_from_slice(&params[layer.b..layer.b + layer.outputs]);
             }
             let a = ArrayView2::from_shape((n, layer.inputs), input).expect("input shape");
-            let w = ArrayView2::from_shape((layer.inputs, layer.outputs), &params[layer.w..layer.b])
-                .expect("weight shape");
+            let w =
+                ArrayView2::from_shape((layer.inputs, layer.outputs), &params[layer.w..layer.b])
+                    .expect("weight shape");
             let mut o =
                 ArrayViewMut2::from_shape((n, layer.outputs), out.as_mut_slice()).expect("shape");
             general_mat_mul(1.0, &a, &w, 1.0, &mut o);
@@ -424,12 +432,13 @@ impl Net {
                     }
                 }
             }
-            let w = ArrayView2::from_shape((layer.inputs, layer.outputs), &params[layer.w..layer.b])
-                .expect("weight shape");
+            let w =
+                ArrayView2::from_shape((layer.inputs, layer.outputs), &params[layer.w..layer.b])
+                    .expect("weight shape");
             sc.d_in.clear();
             sc.d_in.resize(n * layer.inputs, 0.0);
-            let mut di =
-                ArrayViewMut2::from_shape((n, layer.inputs), sc.d_in.as_mut_slice()).expect("shape");
+            let mut di = ArrayViewMut2::from_shape((n, layer.inputs), sc.d_in.as_mut_slice())
+                .expect("shape");
             general_mat_mul(1.0, &dz, &w.t(), 0.0, &mut di);
             std::mem::swap(&mut sc.d_in, &mut sc.d_out);
         }
@@ -437,11 +446,10 @@ impl Net {
         if self.kind == ModelKind::Dcn {
             let c = &params[self.cross..self.params];
             let gc = &mut g_params[self.cross..self.params];
-            for ((x0, dx), &e) in sc
-                .x
-                .chunks_exact(mlp_in)
-                .zip(sc.d_out.chunks_exact_mut(mlp_in))
-                .zip(&sc.z)
+            for ((x0, dx), &e) in
+                sc.x.chunks_exact(mlp_in)
+                    .zip(sc.d_out.chunks_exact_mut(mlp_in))
+                    .zip(&sc.z)
             {
                 Cross::backward(c, x0, e, gc, dx);
             }
@@ -490,7 +498,10 @@ pub struct Cross;
 
 impl Cross {
     fn layer(c: &[f32], m: usize, l: usize) -> (&[f32], &[f32]) {
-        (&c[2 * l * m..(2 * l + 1) * m], &c[(2 * l + 1) * m..(2 * l + 2) * m])
+        (
+            &c[2 * l * m..(2 * l + 1) * m],
+            &c[(2 * l + 1) * m..(2 * l + 2) * m],
+        )
     }
 
     /// The layers' inputs x_0..x_L and the scalars s_l = x_l . w_l.
@@ -522,7 +533,10 @@ impl Cross {
         let (xs, s) = Self::forward(c, x0);
         let p = &c[2 * CROSS_LAYERS * m..];
         let mut dx: Vec<f32> = p.iter().map(|v| k * v).collect();
-        for (g, x) in g_c[2 * CROSS_LAYERS * m..].iter_mut().zip(&xs[CROSS_LAYERS]) {
+        for (g, x) in g_c[2 * CROSS_LAYERS * m..]
+            .iter_mut()
+            .zip(&xs[CROSS_LAYERS])
+        {
             *g += k * x;
         }
         for l in (0..CROSS_LAYERS).rev() {
@@ -596,7 +610,11 @@ mod tests {
             self.net
                 .logits(params, rows, &self.dense, &mut Scratch::default(), &mut z);
             let n = self.labels.len() as f64;
-            z.iter().zip(&self.labels).map(|(&z, &y)| bce(z, y)).sum::<f64>() / n
+            z.iter()
+                .zip(&self.labels)
+                .map(|(&z, &y)| bce(z, y))
+                .sum::<f64>()
+                / n
         }
 
         fn gradients(&self, threads: usize) -> (Vec<f32>, Vec<f32>, f64) {
@@ -637,7 +655,9 @@ mod tests {
                 }
             };
             check("row value", &c.rows, &g_rows, &|r| c.loss(r, &c.params));
-            check("dense parameter", &c.params, &g_params, &|p| c.loss(&c.rows, p));
+            check("dense parameter", &c.params, &g_params, &|p| {
+                c.loss(&c.rows, p)
+            });
         }
     }
 

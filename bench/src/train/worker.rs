@@ -69,7 +69,8 @@ impl WorkerTables {
                 .cached(args.cache_config()),
             dense: client
                 .open_table("ctr_dense")?
-                .cached(args.dense_cache_config()),
+                .cached(args.dense_cache_config())
+                .with_push_scale(1.0 / args.workers as f32),
             dense_client: client,
         })
     }
@@ -143,7 +144,11 @@ pub(super) fn worker(
         dense.clear();
         dense.extend(train[lo..hi].iter().map(dense_inputs));
         labels.clear();
-        labels.extend(train[lo..hi].iter().map(|s| if s.label { 1.0 } else { 0.0 }));
+        labels.extend(
+            train[lo..hi]
+                .iter()
+                .map(|s| if s.label { 1.0 } else { 0.0 }),
+        );
         net.gradients(
             &params,
             &rows,

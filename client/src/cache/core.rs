@@ -234,6 +234,8 @@ pub struct CacheCore {
     counts: Vec<u32>,
     pushes: PushBatch,
     unsent: PushBatch,
+    /// What every pushed gradient sum is multiplied by ([`CacheCore::set_push_scale`]).
+    push_scale: f32,
 }
 
 impl std::fmt::Debug for CacheCore {
@@ -296,6 +298,7 @@ impl CacheCore {
             counts: Vec::new(),
             pushes: PushBatch::default(),
             unsent: PushBatch::default(),
+            push_scale: 1.0,
         }
     }
 
@@ -786,8 +789,20 @@ impl CacheCore {
         }
     }
 
+    /// Multiplies every gradient sum pushed from now on by `scale` (1 by default); the local
+    /// copies still take each update whole. With `1 / workers`, for parameters every worker
+    /// updates, the shards' copy moves by the mean of the workers' local progress instead of its
+    /// sum: local SGD with periodic model averaging, the period being the push bound.
+    pub fn set_push_scale(&mut self, scale: f32) {
+        self.push_scale = scale;
+    }
+
     /// Takes the rows to push, with any that an earlier call could not deliver first.
     pub fn take_pushes(&mut self) -> PushBatch {
+        if self.push_scale != 1.0 {
+            let scale = self.push_scale;
+            self.pushes.grads.iter_mut().for_each(|g| *g *= scale);
+        }
         if self.unsent.is_empty() {
             return std::mem::take(&mut self.pushes);
         }
@@ -844,5 +859,46 @@ impl CacheCore {
     /// Rows waiting for a retry after a failed push.
     pub fn unsent(&self) -> usize {
         self.unsent.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Bound, Capacity, PolicyKind};
+    use hetkv_transport::{Initializer, OptimizerSpec};
+
+    #[test]
+    fn a_push_scale_shrinks_what_is_pushed_but_not_the_local_copy() {
+        let spec = TableSpec {
+            name: "t".into(),
+            rows: 4,
+            dim: 2,
+            init: Initializer::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 0.5 },
+        };
+        let config = CacheConfig::new(Capacity::Fraction(1.0), PolicyKind::Lfu, Bound::updates(1));
+        let mut core = CacheCore::new(&spec, &config, 1);
+        core.set_push_scale(0.25);
+        core.plan_lookup(&[1]).unwrap();
+        let replies = Replies {
+            requests: vec![0],
+            versions: vec![0],
+            rows: vec![1.0, 2.0],
+        };
+        let mut out = [0f32; 2];
+        core.finish_lookup(&replies, &mut out, None).unwrap();
+        core.update(&[1], &[4.0, 8.0]).unwrap();
+        assert!(core.take_pushes().is_empty(), "within the push bound");
+        core.update(&[1], &[4.0, 8.0]).unwrap();
+        let pushed = core.take_pushes();
+        assert_eq!(pushed.keys, [1]);
+        assert_eq!(pushed.counts, [2]);
+        assert_eq!(pushed.grads, [2.0, 4.0], "the sum (8, 16) times 0.25");
+        // The local copy took both updates whole: 1 - 0.5 * 8, 2 - 0.5 * 16.
+        core.plan_lookup(&[1]).unwrap();
+        core.finish_lookup(&Replies::default(), &mut out, None)
+            .unwrap();
+        assert_eq!(out, [-3.0, -6.0]);
     }
 }
