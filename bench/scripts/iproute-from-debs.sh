@@ -15,9 +15,8 @@ for f in "$debs"/*.deb; do dpkg-deb -x "$f" "$dest/root"; done
 mkdir -p "$dest/bin"
 libs="$dest/root/lib/x86_64-linux-gnu:$dest/root/usr/lib/x86_64-linux-gnu"
 for tool in ip tc; do
-    bin="$dest/root/sbin/$tool"
-    [[ -x $bin ]] || bin="$dest/root/usr/sbin/$tool"
-    [[ -x $bin ]] || { echo "iproute-from-debs: no $tool in $debs" >&2; exit 1; }
+    bin=$(find "$dest/root" -name "$tool" -type f -perm -u+x | head -1)
+    [[ -n $bin ]] || { echo "iproute-from-debs: no $tool in $debs" >&2; ls -R "$dest/root" | head -30 >&2; exit 1; }
     cat > "$dest/bin/$tool" <<WRAP
 #!/bin/sh
 # tc finds its qdisc modules and distribution tables here.
