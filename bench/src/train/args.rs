@@ -180,8 +180,13 @@ impl TrainArgs {
         Net::new(self.model, self.dim, &self.hidden)
     }
 
-    /// The cache of a worker's dense parameters: all of them, under `--dense-bound`.
+    /// The cache of a worker's dense parameters: all of them, under `--dense-bound`; at bound 0
+    /// none (every batch reads the shards' copy and writes through), so that the worker never
+    /// trains on a local copy the shards' optimizer (Adam, say) would not have produced.
     pub(super) fn dense_cache_config(&self) -> CacheConfig {
+        if self.dense_bound.get() == 0 {
+            return CacheConfig::disabled();
+        }
         CacheConfig {
             capacity: Capacity::Fraction(1.0),
             policy: PolicyKind::Lfu,

@@ -35,7 +35,7 @@ pub(super) fn evaluate(
     keys: &dyn Fn(&Sample) -> [u64; CATEGORICAL],
 ) -> Result<(f64, f64)> {
     let dense_rows = net.dense_rows() as u64;
-    let mut params = vec![0f32; net.dense_rows() * DENSE_CHUNK];
+    let mut params = vec![0f32; net.dense_rows() * net.dense_width()];
     dense_table.pull(&(0..dense_rows).collect::<Vec<_>>(), &mut params, None)?;
     let dim = net.dim();
     let mut p = Vec::with_capacity(test.len());

@@ -130,7 +130,7 @@ pub(super) struct WorkerResult {
 }
 
 /// The model's tables: `ctr_emb` (one row per key) and `ctr_dense` (the dense parameters end to
-/// end, in rows of [`DENSE_CHUNK`]; zeros until the coordinator assigns [`Net::init`]).
+/// end, in rows of [`Net::dense_width`]; zeros until the coordinator assigns [`Net::init`]).
 pub(super) fn tables(net: &Net, rows: u64, optimizer: OptimizerSpec) -> [TableSpec; 2] {
     let spec = |name: &str, rows: u64, dim: usize, init| TableSpec {
         name: name.into(),
@@ -152,7 +152,7 @@ pub(super) fn tables(net: &Net, rows: u64, optimizer: OptimizerSpec) -> [TableSp
         spec(
             "ctr_dense",
             net.dense_rows() as u64,
-            DENSE_CHUNK,
+            net.dense_width(),
             Initializer::Zeros,
         ),
     ]

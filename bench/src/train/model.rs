@@ -13,8 +13,13 @@ use super::*;
 
 /// Embedding row width by default: the linear weight then 8 factors.
 pub const DEFAULT_DIM: usize = 9;
-/// Values per row of the dense table `ctr_dense`, which holds the dense parameters end to end.
+/// The most values per row of the dense table `ctr_dense`, which holds the dense parameters end
+/// to end.
 pub const DENSE_CHUNK: usize = 256;
+/// Rows `ctr_dense` spreads small models over (one value a row below this many parameters), so
+/// that every shard of a cluster of up to this many holds some of it: restoring a checkpoint
+/// refuses a table with no rows on a shard.
+pub const DENSE_MIN_ROWS: usize = 64;
 /// Cross layers of DCN.
 pub const CROSS_LAYERS: usize = 2;
 
@@ -154,9 +159,14 @@ impl Net {
         self.params
     }
 
-    /// Rows of `ctr_dense` (of [`DENSE_CHUNK`] values) that hold the dense parameters.
+    /// Values per row of `ctr_dense`: at most [`DENSE_CHUNK`], fewer for small models.
+    pub fn dense_width(&self) -> usize {
+        self.params.div_ceil(DENSE_MIN_ROWS).clamp(1, DENSE_CHUNK)
+    }
+
+    /// Rows of `ctr_dense` (of [`Net::dense_width`] values) that hold the dense parameters.
     pub fn dense_rows(&self) -> usize {
-        self.params.div_ceil(DENSE_CHUNK)
+        self.params.div_ceil(self.dense_width())
     }
 
     fn factors(&self) -> usize {
@@ -172,7 +182,7 @@ impl Net {
     /// zero biases and dense weights.
     pub fn init(&self, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-        let mut p = vec![0f32; self.dense_rows() * DENSE_CHUNK];
+        let mut p = vec![0f32; self.dense_rows() * self.dense_width()];
         let last = self.layers.len().saturating_sub(1);
         for (l, layer) in self.layers.iter().enumerate() {
             let gain = if l == last { 1.0 } else { 2.0 };
@@ -689,7 +699,7 @@ mod tests {
         let m = CATEGORICAL * 127;
         let mlp = m * 256 + 256 + 2 * (256 * 256 + 256) + 256 + 1;
         assert_eq!(net.params(), DENSE + 1 + mlp + 5 * m);
-        assert_eq!(net.init(1).len(), net.dense_rows() * DENSE_CHUNK);
+        assert_eq!(net.init(1).len(), net.dense_rows() * net.dense_width());
         assert!(Net::new(ModelKind::Deepfm, 9, &[]).is_err());
         assert!(Net::new(ModelKind::Fm, 1, &[]).is_err());
     }

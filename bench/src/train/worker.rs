@@ -116,7 +116,7 @@ pub(super) fn worker(
     let (train, train_keys) = (&data.train, &data.train_keys);
     let dim = net.dim();
     let dense_keys: Vec<u64> = (0..net.dense_rows() as u64).collect();
-    let mut params = vec![0f32; net.dense_rows() * DENSE_CHUNK];
+    let mut params = vec![0f32; net.dense_rows() * net.dense_width()];
     let mut g_params = vec![0f32; params.len()];
     let mut scratch: Vec<Scratch> = (0..args.threads.max(1))
         .map(|_| Scratch::default())
