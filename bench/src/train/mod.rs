@@ -190,8 +190,8 @@ impl Data {
 /// threads or processes while evaluating at intervals, then scores the held-out split.
 pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     anyhow::ensure!(
-        args.workers > 0 && args.batch > 0 && args.epochs > 0,
-        "workers, batch and epochs must be positive"
+        args.workers > 0 && args.batch > 0 && args.epochs > 0 && args.threads > 0,
+        "workers, threads, batch and epochs must be positive"
     );
     anyhow::ensure!(args.test > 0, "the held-out split must not be empty");
     let data = Data::generate(args)?;

@@ -44,6 +44,11 @@ impl ModelKind {
     fn deep(self) -> bool {
         matches!(self, Self::Deepfm | Self::Wdl | Self::Dcn)
     }
+
+    /// Whether the model has the FM's pairwise interactions.
+    fn factorized(self) -> bool {
+        matches!(self, Self::Fm | Self::Deepfm)
+    }
 }
 
 /// One layer of the MLP in the dense parameters: `W` (inputs x outputs, row-major) at `w`, the
@@ -97,6 +102,9 @@ pub struct Scratch {
     d_in: Vec<f32>,
     /// Logits.
     z: Vec<f32>,
+    /// FM models: each sample's factor sum `sum_f v_f` (samples x factors), from the forward
+    /// pass for the backward one.
+    fm_sums: Vec<f32>,
     /// The dense gradient of this share (for every share but the first).
     g_params: Vec<f32>,
 }
@@ -230,6 +238,7 @@ impl Net {
         let per_sample = CATEGORICAL * self.dim;
         debug_assert_eq!(rows.len(), n * per_sample);
         debug_assert_eq!(g_rows.len(), rows.len());
+        assert!(!scratch.is_empty(), "one Scratch per thread, at least one");
         let scale = 1.0 / n.max(1) as f32;
         g_params.fill(0.0);
         let shares = scratch.len().clamp(1, n.max(1));
@@ -325,16 +334,19 @@ impl Net {
     fn forward(&self, params: &[f32], rows: &[f32], dense: &[[f32; DENSE]], sc: &mut Scratch) {
         let (n, dim, k) = (dense.len(), self.dim, self.factors());
         let per_sample = CATEGORICAL * dim;
+        let fm = self.kind.factorized();
         sc.z.clear();
-        for (r, d) in rows.chunks_exact(per_sample).zip(dense) {
+        sc.fm_sums.clear();
+        sc.fm_sums.resize(if fm { n * k } else { 0 }, 0.0);
+        for (i, (r, d)) in rows.chunks_exact(per_sample).zip(dense).enumerate() {
             // The linear part: bias, dense weights, each field's weight.
             let mut z = params[DENSE];
             for (a, x) in params[..DENSE].iter().zip(d) {
                 z += a * x;
             }
             z += r.chunks_exact(dim).map(|row| row[0]).sum::<f32>();
-            if self.kind == ModelKind::Fm || self.kind == ModelKind::Deepfm {
-                z += fm_interactions(r, dim);
+            if fm {
+                z += fm_interactions(r, dim, &mut sc.fm_sums[i * k..(i + 1) * k]);
             }
             sc.z.push(z);
         }
@@ -392,12 +404,13 @@ impl Net {
     ) {
         let (n, dim, k) = (dense.len(), self.dim, self.factors());
         let per_sample = CATEGORICAL * dim;
-        let fm = self.kind == ModelKind::Fm || self.kind == ModelKind::Deepfm;
-        for (((r, g), d), &e) in rows
+        let fm = self.kind.factorized();
+        for (i, (((r, g), d), &e)) in rows
             .chunks_exact(per_sample)
             .zip(g_rows.chunks_exact_mut(per_sample))
             .zip(dense)
             .zip(&sc.z)
+            .enumerate()
         {
             for (gp, x) in g_params[..DENSE].iter_mut().zip(d) {
                 *gp += e * x;
@@ -407,7 +420,7 @@ impl Net {
                 gr[0] += e;
             }
             if fm {
-                fm_gradient(r, dim, e, g);
+                fm_gradient(r, dim, &sc.fm_sums[i * k..(i + 1) * k], e, g);
             }
         }
         if !self.kind.deep() {
@@ -472,10 +485,9 @@ impl Net {
     }
 }
 
-/// `sum_{f<g} <v_f, v_g>` over one sample's rows: `(|sum v|^2 - sum |v|^2) / 2`.
-fn fm_interactions(r: &[f32], dim: usize) -> f32 {
-    let k = dim - 1;
-    let mut sum = vec![0f32; k];
+/// `sum_{f<g} <v_f, v_g>` over one sample's rows: `(|sum v|^2 - sum |v|^2) / 2`; leaves
+/// `sum v` in `sum` (zeros on entry).
+fn fm_interactions(r: &[f32], dim: usize, sum: &mut [f32]) -> f32 {
     let mut squares = 0f32;
     for row in r.chunks_exact(dim) {
         for (s, v) in sum.iter_mut().zip(&row[1..]) {
@@ -486,17 +498,11 @@ fn fm_interactions(r: &[f32], dim: usize) -> f32 {
     (sum.iter().map(|s| s * s).sum::<f32>() - squares) / 2.0
 }
 
-/// Adds `e` times the gradient of the FM interactions, `sum v - v_f` for field f, to `g`.
-fn fm_gradient(r: &[f32], dim: usize, e: f32, g: &mut [f32]) {
-    let k = dim - 1;
-    let mut sum = vec![0f32; k];
-    for row in r.chunks_exact(dim) {
-        for (s, v) in sum.iter_mut().zip(&row[1..]) {
-            *s += v;
-        }
-    }
+/// Adds `e` times the gradient of the FM interactions, `sum v - v_f` for field f, to `g`; `sum`
+/// is the sample's factor sum from the forward pass.
+fn fm_gradient(r: &[f32], dim: usize, sum: &[f32], e: f32, g: &mut [f32]) {
     for (row, gr) in r.chunks_exact(dim).zip(g.chunks_exact_mut(dim)) {
-        for ((gv, s), v) in gr[1..].iter_mut().zip(&sum).zip(&row[1..]) {
+        for ((gv, s), v) in gr[1..].iter_mut().zip(sum).zip(&row[1..]) {
             *gv += e * (s - v);
         }
     }
@@ -694,7 +700,7 @@ mod tests {
     }
 
     #[test]
-    fn the_dense_layout_covers_every_parameter_once() {
+    fn the_dense_layout_counts_every_parameter_and_pads_to_whole_rows() {
         let net = Net::new(ModelKind::Dcn, 128, &[256, 256, 256]).unwrap();
         let m = CATEGORICAL * 127;
         let mlp = m * 256 + 256 + 2 * (256 * 256 + 256) + 256 + 1;

@@ -118,9 +118,7 @@ pub(super) fn worker(
     let dense_keys: Vec<u64> = (0..net.dense_rows() as u64).collect();
     let mut params = vec![0f32; net.dense_rows() * net.dense_width()];
     let mut g_params = vec![0f32; params.len()];
-    let mut scratch: Vec<Scratch> = (0..args.threads.max(1))
-        .map(|_| Scratch::default())
-        .collect();
+    let mut scratch: Vec<Scratch> = (0..args.threads).map(|_| Scratch::default()).collect();
     let (mut keys, mut rows, mut g_rows) = (Vec::new(), Vec::new(), Vec::new());
     let (mut dense, mut labels) = (Vec::new(), Vec::new());
     let mut unique = Unique::default();
