@@ -1,11 +1,16 @@
 //! One worker's cached view of a table: the [`CacheCore`] driven over the cluster's transports.
 
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
-use hetkv_transport::{Carried, PushOutcome, ShardTransport, StaleRows, Traffic, TransportError};
+use hetkv_transport::wire::Since;
+use hetkv_transport::{
+    Carried, PushOutcome, PushRef, ShardTransport, StaleRows, Traffic, TransportError,
+};
 
-use crate::cache::{CacheConfig, CacheCore, RequestKind, ShardRequest};
-use crate::cluster::Table;
+use crate::cache::{CacheConfig, CacheCore, PushBatch, RequestKind, ShardRequest};
+use crate::cluster::{Cluster, Table};
 use crate::metrics::{CacheStatsHandle, PublishedStats};
 use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
@@ -20,12 +25,156 @@ use crate::ClientError;
 /// A `CachedTable` is owned by one worker thread (`&mut self`); create one per worker from a shared
 /// [`Table`]. Byte counts in [`CachedTable::stats`] are those of the table's [`crate::Cluster`]:
 /// give each worker its own cluster connection to count per worker.
+///
+/// # Prefetching
+///
+/// [`CachedTable::prefetch`] starts the lookup of the next batch's keys on a helper thread and
+/// returns: the worker computes the current batch meanwhile, and the [`CachedTable::lookup`] of
+/// those keys waits only for what is left of the round trip. The prefetch carries every row queued
+/// for pushing, so a worker that prefetches each batch sends one request per batch and shard:
+/// batch t's gradients, applied locally by `update` while batch t+1's prefetch is in flight, ride
+/// with batch t+2's. While a prefetch is in flight `update` checks its input and keeps it; the
+/// updates are applied when the prefetch lands (at the next `lookup`, `prefetch` or `flush`), in
+/// order, and the rows they touch are brought up to date before `lookup` returns them.
+///
+/// What holds for a row that `lookup` takes from a prefetch (checked by the model-based test):
+/// - it lags the server *as it stood when `prefetch` was called* by at most `pull_bound` updates
+///   (it was validated when its shard answered, which is later), and its values are exactly those
+///   of its clock;
+/// - it includes every update this worker made before the `lookup`, those made while the
+///   prefetch was in flight included;
+/// - updates other workers apply to the row between the `prefetch` and the `lookup` are not
+///   bounded: prefetching one batch ahead, they are those of one batch interval.
+///
+/// And of the write bound: updates made while a prefetch is in flight wait for it to land, and the
+/// rows they leave to push go with the next request, so the shards may lack, of a key, up to
+/// `push_bound` updates plus that key's updates of the last two batches. Every call made with no
+/// prefetch in flight keeps the bound as stated above.
 pub struct CachedTable {
     table: Table,
     core: CacheCore,
     traffic_at_start: Traffic,
     time: PhaseTimes,
     published: CacheStatsHandle,
+    /// The prefetch in flight, if any.
+    inflight: Option<InFlight>,
+    /// The thread that sends prefetches, started by the first one.
+    helper: Option<Helper>,
+    /// Updates made while a prefetch was in flight, applied when it lands: keys, gradients.
+    late_keys: Vec<u64>,
+    late_grads: Vec<f32>,
+    /// Where a prefetch nobody looked up lands.
+    discard: Vec<f32>,
+    prefetches: PrefetchCounts,
+}
+
+/// Prefetches used by their lookup, and landed without it.
+#[derive(Clone, Copy, Debug, Default)]
+struct PrefetchCounts {
+    used: u64,
+    unused: u64,
+}
+
+/// A prefetch sent and not yet landed.
+#[derive(Debug)]
+struct InFlight {
+    keys: Vec<u64>,
+    /// Whether a request went out (a lookup of hits under an infinite bound needs none).
+    sent: bool,
+}
+
+/// One shard's answer: what became of the rows pushed, and the rows read.
+type Answer = (PushOutcome, Result<StaleRows, TransportError>);
+
+/// A request of the core, owned, so that the helper thread can send it while the core serves the
+/// worker.
+#[derive(Debug)]
+struct OwnedRequest {
+    shard: usize,
+    kind: RequestKind,
+    keys: Vec<u64>,
+    clocks: Vec<u64>,
+    bound: u64,
+    since: Option<Since>,
+    push: Option<PushBatch>,
+}
+
+impl OwnedRequest {
+    fn new(r: &ShardRequest<'_>) -> Self {
+        Self {
+            shard: r.shard,
+            kind: r.kind,
+            keys: r.keys.to_vec(),
+            clocks: r.clocks.to_vec(),
+            bound: r.bound,
+            since: r.since,
+            push: r.push.map(|p| PushBatch {
+                keys: p.keys.to_vec(),
+                counts: p.counts.to_vec(),
+                grads: p.grads.to_vec(),
+            }),
+        }
+    }
+
+    fn view(&self) -> ShardRequest<'_> {
+        ShardRequest {
+            shard: self.shard,
+            kind: self.kind,
+            keys: &self.keys,
+            clocks: &self.clocks,
+            bound: self.bound,
+            since: self.since,
+            push: self.push.as_ref().map(|p| PushRef {
+                keys: &p.keys,
+                counts: &p.counts,
+                grads: &p.grads,
+            }),
+        }
+    }
+}
+
+/// The prefetch thread: takes a round of requests, sends them (shards in parallel), hands the
+/// answers back. It ends when its cache drops the sending side.
+#[derive(Debug)]
+struct Helper {
+    jobs: Option<mpsc::Sender<Vec<OwnedRequest>>>,
+    answers: mpsc::Receiver<Vec<Answer>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Helper {
+    fn start(cluster: Cluster, table: String) -> std::io::Result<Self> {
+        let (jobs, job_rx) = mpsc::channel::<Vec<OwnedRequest>>();
+        let (answer_tx, answers) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("hetkv-prefetch-{table}"))
+            .spawn(move || {
+                for requests in job_rx {
+                    let views: Vec<ShardRequest<'_>> =
+                        requests.iter().map(OwnedRequest::view).collect();
+                    if answer_tx
+                        .send(send_round(&cluster, &table, &views))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            answers,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn nanos(d: std::time::Duration) -> u64 {
@@ -52,6 +201,12 @@ impl CachedTable {
             traffic_at_start,
             time: PhaseTimes::default(),
             published: CacheStatsHandle::default(),
+            inflight: None,
+            helper: None,
+            late_keys: Vec::new(),
+            late_grads: Vec::new(),
+            discard: Vec::new(),
+            prefetches: PrefetchCounts::default(),
         }
     }
 
@@ -85,6 +240,137 @@ impl CachedTable {
     /// The sans-IO core (capacity, residency, per-key unpushed counts).
     pub fn core(&self) -> &CacheCore {
         &self.core
+    }
+
+    /// Updates of this worker to `key` not yet acknowledged by its shard as far as this cache
+    /// knows: those in its line, and those made while a prefetch is in flight (not applied yet).
+    pub fn unpushed(&self, key: u64) -> u64 {
+        let late = self.late_keys.iter().filter(|&&k| k == key).count() as u64;
+        self.core.unpushed(key) as u64 + late
+    }
+
+    /// Whether a prefetch is in flight.
+    pub fn prefetching(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// Starts the lookup of `keys` (the next batch's) and returns without waiting for it: the
+    /// [`CachedTable::lookup`] of the same keys completes it. The request carries every row queued
+    /// for pushing. A prefetch still in flight lands first. See the type's documentation for what
+    /// holds of prefetched rows.
+    pub fn prefetch(&mut self, keys: &[u64]) -> Result<(), ClientError> {
+        let result = self.prefetch_inner(keys);
+        self.publish();
+        result
+    }
+
+    fn prefetch_inner(&mut self, keys: &[u64]) -> Result<(), ClientError> {
+        self.land_unused();
+        let started = Instant::now();
+        self.core.start_lookup(keys)?;
+        let requests: Vec<OwnedRequest> =
+            self.core.requests().iter().map(OwnedRequest::new).collect();
+        let sent = !requests.is_empty();
+        if sent {
+            if self.helper.is_none() {
+                let cluster = self.table.cluster().clone();
+                let name = self.table.spec().name.clone();
+                let helper = Helper::start(cluster, name).map_err(|e| {
+                    self.core.abort_lookup();
+                    ClientError::Prefetch(format!("cannot start the thread: {e}"))
+                })?;
+                self.helper = Some(helper);
+            }
+            let helper = self.helper.as_ref().expect("started above");
+            let queued = helper.jobs.as_ref().map(|j| j.send(requests));
+            if !matches!(queued, Some(Ok(()))) {
+                self.core.abort_lookup();
+                return Err(ClientError::Prefetch("the thread is gone".into()));
+            }
+        }
+        self.time.plan_ns += nanos(started.elapsed());
+        self.inflight = Some(InFlight {
+            keys: keys.to_vec(),
+            sent,
+        });
+        Ok(())
+    }
+
+    /// Lands a prefetch in flight that no lookup asked for: its rows go into the cache only. Its
+    /// read failing fails nothing (no caller wants those rows; what it pushed is accounted for as
+    /// always, and the updates made meanwhile are applied): it is logged.
+    fn land_unused(&mut self) {
+        let Some(p) = self.inflight.take() else {
+            return;
+        };
+        self.prefetches.unused += 1;
+        let mut out = std::mem::take(&mut self.discard);
+        out.resize(p.keys.len() * self.table.spec().dim as usize, 0.0);
+        if let Err(e) = self.land(&p, &mut out, None) {
+            tracing::warn!(table = %self.table.spec().name, error = %e, "an unused prefetch failed");
+        }
+        self.discard = out;
+    }
+
+    /// Waits for the prefetch `p`'s answers, completes its lookup into `out`, then applies the
+    /// updates made meanwhile (whatever became of the lookup) and brings `out` up to date.
+    fn land(
+        &mut self,
+        p: &InFlight,
+        out: &mut [f32],
+        mut clocks: Option<&mut [u64]>,
+    ) -> Result<(), ClientError> {
+        let started = Instant::now();
+        let mut result = Ok(());
+        if p.sent {
+            let helper = self
+                .helper
+                .as_ref()
+                .expect("a prefetch was sent through it");
+            let shards: Vec<usize> = self.core.requests().iter().map(|r| r.shard).collect();
+            let answers = helper.answers.recv().unwrap_or_else(|_| {
+                // Nothing is known of what was sent: its pushes are kept for the next call.
+                let cluster = self.table.cluster();
+                let gone = |s: usize| TransportError::Io {
+                    addr: cluster.shard(s).addr().to_string(),
+                    source: std::io::Error::other("the prefetch thread is gone"),
+                };
+                shards
+                    .iter()
+                    .map(|&s| (PushOutcome::Lost, Err(gone(s))))
+                    .collect()
+            });
+            result = self.take_answers(&shards, answers);
+        }
+        let answered = Instant::now();
+        self.time.request_ns += nanos(answered - started);
+        // Follow-up rounds (claims that did not hold, restarts) are sent here, synchronously.
+        result = result.and_then(|()| self.exchange());
+        result = match result {
+            Ok(()) => self
+                .core
+                .complete_lookup(out, clocks.as_deref_mut())
+                .map_err(ClientError::from),
+            Err(e) => {
+                self.core.abort_lookup();
+                Err(e)
+            }
+        };
+        let late_keys = std::mem::take(&mut self.late_keys);
+        let late_grads = std::mem::take(&mut self.late_grads);
+        // The late updates were checked when they were made: applying them cannot fail.
+        let applied = if result.is_ok() {
+            self.core
+                .update_after_lookup(&p.keys, out, clocks, &late_keys, &late_grads)
+        } else {
+            self.core.update(&late_keys, &late_grads)
+        };
+        self.late_keys = late_keys;
+        self.late_keys.clear();
+        self.late_grads = late_grads;
+        self.late_grads.clear();
+        self.time.place_ns += nanos(answered.elapsed());
+        result.and(applied.map_err(ClientError::from))
     }
 
     /// Reads the rows of `keys` (duplicates allowed) into `out` (keys x dim).
@@ -122,6 +408,14 @@ impl CachedTable {
                 len: out.len(),
             });
         }
+        if let Some(p) = self.inflight.take() {
+            if p.keys == keys {
+                self.prefetches.used += 1;
+                return self.land(&p, out, clocks);
+            }
+            self.inflight = Some(p);
+            self.land_unused();
+        }
         let started = Instant::now();
         self.core.start_lookup(keys)?;
         let planned = Instant::now();
@@ -143,48 +437,52 @@ impl CachedTable {
     /// reaches the core, whatever else fails; the first failure is returned.
     fn exchange(&mut self) -> Result<(), ClientError> {
         let cluster = self.table.cluster().clone();
-        let name = self.table.spec().name.as_str();
         loop {
             let requests = self.core.requests();
             if requests.is_empty() {
                 return Ok(());
             }
             let shards: Vec<usize> = requests.iter().map(|r| r.shard).collect();
-            let answers = cluster.on_shards(&shards, |s, shard| {
-                let r = requests
-                    .iter()
-                    .find(|r| r.shard == s)
-                    .expect("a request for every shard asked");
-                Ok(send(name, r, shard))
-            });
-            let mut first_error: Option<ClientError> = None;
-            for (&s, answer) in shards.iter().zip(answers) {
-                let (push, read) = match answer {
-                    Ok(a) => a,
-                    Err(e) => (PushOutcome::Lost, Err(e)),
-                };
-                let incarnation = cluster.shard(s).incarnation();
-                if let Err(e) = self.core.on_reply(s, push, read.as_ref().ok(), incarnation) {
-                    first_error.get_or_insert(ClientError::InconsistentCluster(format!(
-                        "{}: {e}",
-                        cluster.shard(s).addr()
-                    )));
-                }
-                if let Err(e) = read {
-                    first_error.get_or_insert(e.into());
-                }
+            let answers = send_round(&cluster, &self.table.spec().name, &requests);
+            self.take_answers(&shards, answers)?;
+        }
+    }
+
+    /// Hands one round's answers (`answers[i]` from `shards[i]`) to the core; the first failure
+    /// is returned, after every answer was taken.
+    fn take_answers(&mut self, shards: &[usize], answers: Vec<Answer>) -> Result<(), ClientError> {
+        let cluster = self.table.cluster().clone();
+        let mut first_error: Option<ClientError> = None;
+        for (&s, (push, read)) in shards.iter().zip(answers) {
+            let incarnation = cluster.shard(s).incarnation();
+            if let Err(e) = self.core.on_reply(s, push, read.as_ref().ok(), incarnation) {
+                first_error.get_or_insert(ClientError::InconsistentCluster(format!(
+                    "{}: {e}",
+                    cluster.shard(s).addr()
+                )));
             }
-            if let Some(e) = first_error {
-                return Err(e);
+            if let Err(e) = read {
+                first_error.get_or_insert(e.into());
             }
         }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Applies one gradient row per key occurrence (`grads` is keys x dim): locally at once, and on
     /// the shards when a line's unpushed updates exceed the push bound or the key is not cached.
     /// Nothing changes if a value is NaN or infinite, a key is out of range, or the length is wrong.
+    ///
+    /// With a prefetch in flight, the input is checked and kept, and applied when the prefetch
+    /// lands (see the type's documentation).
     pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), ClientError> {
         let started = Instant::now();
+        if self.inflight.is_some() {
+            self.core.check_update(keys, grads)?;
+            self.late_keys.extend_from_slice(keys);
+            self.late_grads.extend_from_slice(grads);
+            self.time.update_ns += nanos(started.elapsed());
+            return Ok(());
+        }
         self.core.update(keys, grads)?;
         self.time.update_ns += nanos(started.elapsed());
         let result = self.push_pending();
@@ -195,6 +493,7 @@ impl CachedTable {
     /// Pushes every unpushed update and returns when the shards have applied them (those the
     /// transports hold after a deadline included).
     pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.land_unused();
         self.core.flush();
         let mut result = self.push_pending();
         if result.is_ok() {
@@ -211,6 +510,8 @@ impl CachedTable {
     pub fn stats(&self) -> CacheStats {
         let mut s = *self.core.stats();
         s.time = self.time;
+        s.prefetched = self.prefetches.used;
+        s.prefetches_unused = self.prefetches.unused;
         let now = self.table.cluster().traffic();
         s.bytes_sent = now.sent - self.traffic_at_start.sent;
         s.bytes_received = now.received - self.traffic_at_start.received;
@@ -231,6 +532,23 @@ impl CachedTable {
         }
         result
     }
+}
+
+/// Sends one round of requests, shards in parallel; the answers in the requests' order (a shard
+/// that could not be reached: its push `Lost`, its read failed).
+fn send_round(cluster: &Cluster, table: &str, requests: &[ShardRequest<'_>]) -> Vec<Answer> {
+    let shards: Vec<usize> = requests.iter().map(|r| r.shard).collect();
+    cluster
+        .on_shards(&shards, |s, shard| {
+            let r = requests
+                .iter()
+                .find(|r| r.shard == s)
+                .expect("a request for every shard asked");
+            Ok(send(table, r, shard))
+        })
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|e| (PushOutcome::Lost, Err(e))))
+        .collect()
 }
 
 /// Sends one request of the core to `shard`: the outcome of the rows it pushes and the rows read.

@@ -74,6 +74,9 @@ pub enum ClientError {
     /// The shards disagree (indices, counts, or table specs).
     #[error("inconsistent cluster: {0}")]
     InconsistentCluster(String),
+    /// The prefetch thread could not be started, or is gone.
+    #[error("prefetch: {0}")]
+    Prefetch(String),
     /// A checkpoint barrier's flush or checkpoint failed (the message of the first failure).
     #[error("checkpoint failed: {0}")]
     CheckpointFailed(String),

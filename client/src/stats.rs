@@ -51,6 +51,11 @@ pub struct CacheStats {
     /// Unpushed updates held in lines of a restarted shard: kept, and pushed to the new
     /// incarnation (which never saw them).
     pub updates_kept: u64,
+    /// Lookups whose rows a prefetch had requested (`CachedTable::prefetch`).
+    pub prefetched: u64,
+    /// Prefetches landed without the lookup they were for (another lookup, or a flush, came
+    /// first): their rows went into the cache only.
+    pub prefetches_unused: u64,
     /// Bytes sent by this client's transports, framing included.
     pub bytes_sent: u64,
     /// Bytes received by this client's transports, framing included.
@@ -157,6 +162,16 @@ const COUNTERS: &[Field] = &[
         "Unpushed updates kept through a shard's restart",
         |s| s.updates_kept,
     ),
+    (
+        "prefetched",
+        "Lookups whose rows a prefetch had requested",
+        |s| s.prefetched,
+    ),
+    (
+        "prefetches_unused",
+        "Prefetches landed without the lookup they were for",
+        |s| s.prefetches_unused,
+    ),
     ("bytes_sent", "Bytes sent by the cache's transports", |s| {
         s.bytes_sent
     }),
@@ -219,6 +234,8 @@ impl CacheStats {
             lines_revalidated: f(self.lines_revalidated, o.lines_revalidated),
             rows_went_back: f(self.rows_went_back, o.rows_went_back),
             updates_kept: f(self.updates_kept, o.updates_kept),
+            prefetched: f(self.prefetched, o.prefetched),
+            prefetches_unused: f(self.prefetches_unused, o.prefetches_unused),
             bytes_sent: f(self.bytes_sent, o.bytes_sent),
             bytes_received: f(self.bytes_received, o.bytes_received),
             time: PhaseTimes {

@@ -13,6 +13,16 @@
 //! - write bound: after every update by client c, at most `push_bound` of its updates to any key
 //!   are missing from the server;
 //! - after flushes, versions equal the updates issued and values equal sequential SGD.
+//!
+//! With prefetching ([`Options::prefetch`]), clients also prefetch keys, look up the prefetched
+//! keys (or others, landing the prefetch unused) and update while a prefetch is in flight; a row
+//! taken from a prefetch must lag the server *as it was when the prefetch was made* by at most
+//! `pull_bound`, and read-your-writes and the values-match-clock check hold exactly, updates made
+//! while the prefetch was in flight included. After an update with a prefetch in flight, the
+//! server must lack at least what the cache says it holds unpushed (the rows the prefetch carries
+//! may or may not have arrived); after any update with none in flight, exactly that. (Other
+//! clients' prefetches apply what they carry on their own threads, so a row may then be compared
+//! only with what was issued, not with a server read made before it.)
 
 use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, PolicyKind, Table};
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
@@ -61,6 +71,16 @@ pub fn policies_and_bounds() -> Vec<(PolicyKind, Bound)> {
     v
 }
 
+/// How a run drives the caches.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// A lookup may fail (a read injected to fail after its push was applied): its rows are not
+    /// checked, and everything else still is, exactly.
+    pub faults: bool,
+    /// Clients also prefetch, and update with a prefetch in flight.
+    pub prefetch: bool,
+}
+
 /// What a run saw of the check-elision protocol.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Outcome {
@@ -77,6 +97,10 @@ pub struct Outcome {
     pub restarts_noticed: u64,
     /// Lines read again after a restart that had seen a later version than the restored one.
     pub rows_went_back: u64,
+    /// Lookups served by a prefetch.
+    pub prefetched: u64,
+    /// Prefetches landed without their lookup.
+    pub prefetches_unused: u64,
 }
 
 struct Truth {
@@ -108,7 +132,11 @@ pub fn run(
     seed: u64,
     faults: bool,
 ) -> Outcome {
-    run_with_restarts(truth, connect, policy, bound, seed, faults, None)
+    let options = Options {
+        faults,
+        ..Options::default()
+    };
+    run_with(truth, connect, policy, bound, seed, options, None)
 }
 
 /// Decides before each operation whether to restart a shard (from an earlier state, as a
@@ -127,8 +155,34 @@ pub fn run_with_restarts(
     bound: Bound,
     seed: u64,
     faults: bool,
+    restart: Option<Restarter<'_>>,
+) -> Outcome {
+    let options = Options {
+        faults,
+        ..Options::default()
+    };
+    run_with(truth, connect, policy, bound, seed, options, restart)
+}
+
+/// The model under `options`, with shards restarted by `restart` when given (prefetching and
+/// restarts together are not modelled: a restart between a prefetch and its lookup may roll back
+/// what the prefetch read).
+pub fn run_with(
+    truth: &Table,
+    connect: &mut dyn FnMut() -> Table,
+    policy: PolicyKind,
+    bound: Bound,
+    seed: u64,
+    options: Options,
     mut restart: Option<Restarter<'_>>,
 ) -> Outcome {
+    assert!(
+        !(options.prefetch && restart.is_some()),
+        "prefetching with restarts is not modelled"
+    );
+    let faults = options.faults;
+    // Per client, the keys prefetched and the server's versions when the prefetch was made.
+    let mut prefetched: Vec<Option<(Vec<u64>, Vec<u64>)>> = vec![None; CLIENTS];
     let name = truth.spec().name.clone();
     let truth = Truth {
         table: truth.clone(),
@@ -172,13 +226,35 @@ pub fn run_with_restarts(
                 }
             })
             .collect();
+        if options.prefetch && rng.below(4) == 0 {
+            // Prefetch (landing any prefetch still in flight, unused).
+            let (versions, _) = truth.read();
+            let made = clients[c].prefetch(&keys);
+            if faults && made.is_err() {
+                failed_lookups += 1;
+                prefetched[c] = None;
+                continue;
+            }
+            made.unwrap();
+            prefetched[c] = Some((keys, versions));
+            continue;
+        }
         match rng.below(10) {
             0..=4 => {
+                // Mostly the keys prefetched, if any; otherwise the prefetch lands unused.
+                let (keys, from_prefetch) = match prefetched[c].take() {
+                    Some((keys, at_prefetch)) if rng.below(4) > 0 => (keys, Some(at_prefetch)),
+                    _ => (keys, None),
+                };
+                let n = keys.len();
                 let mut out = vec![0f32; n * DIM];
                 let mut clocks = vec![0u64; n];
                 // The bound holds at validation, before the lookup pushes its own dirty victims;
-                // operations are sequential, so the server at validation is the server now.
-                let (versions, server) = truth.read();
+                // operations are sequential, so the server at validation is the server now. A
+                // prefetched row was validated after the prefetch was made: it holds against the
+                // server as it was then.
+                let (versions_now, server) = truth.read();
+                let versions = from_prefetch.unwrap_or(versions_now);
                 let looked_up = clients[c].lookup_with_clocks(&keys, &mut out, &mut clocks);
                 if faults && looked_up.is_err() {
                     failed_lookups += 1;
@@ -202,8 +278,16 @@ pub fn run_with_restarts(
                         ctx(op, c)
                     );
                     for other in (0..CLIENTS).filter(|&o| o != c) {
+                        // Other clients' prefetches apply the rows they carry on their own
+                        // threads, so with prefetching the server read above may lag what a
+                        // shard answered since: then no row may hold more than was issued.
+                        let limit = if options.prefetch {
+                            issued[other][k] as f32
+                        } else {
+                            server[k * DIM + other]
+                        };
                         assert!(
-                            row[other] <= server[k * DIM + other],
+                            row[other] <= limit,
                             "{}: key {k} ahead of the server",
                             ctx(op, c)
                         );
@@ -229,11 +313,22 @@ pub fn run_with_restarts(
                     }
                     issued[c][k as usize] += 1;
                 }
+                let in_flight = clients[c].prefetching();
                 clients[c].update(&keys, &grads).unwrap();
                 let (_, server) = truth.read();
                 for k in 0..ROWS as usize {
                     let on_server = server[k * DIM + c] as u64;
                     let missing = issued[c][k] - on_server;
+                    if in_flight {
+                        // What the prefetch carries may or may not have been applied yet.
+                        assert!(
+                            missing >= clients[c].unpushed(k as u64),
+                            "{}: key {k}: the server lacks {missing}, the cache holds {}",
+                            ctx(op, c),
+                            clients[c].unpushed(k as u64)
+                        );
+                        continue;
+                    }
                     assert!(
                         bound.is_infinite() || missing <= bound.get(),
                         "{}: key {k} has {missing} unpushed updates > {bound}",
@@ -241,13 +336,14 @@ pub fn run_with_restarts(
                     );
                     assert_eq!(
                         missing,
-                        clients[c].core().unpushed(k as u64) as u64,
+                        clients[c].unpushed(k as u64),
                         "{}: key {k}",
                         ctx(op, c)
                     );
                 }
             }
             _ => {
+                prefetched[c] = None;
                 clients[c].flush().unwrap();
                 let (_, server) = truth.read();
                 for k in 0..ROWS as usize {
@@ -305,5 +401,7 @@ pub fn run_with_restarts(
         restarts,
         restarts_noticed: stats.iter().map(|s| s.restarts).sum(),
         rows_went_back: stats.iter().map(|s| s.rows_went_back).sum(),
+        prefetched: stats.iter().map(|s| s.prefetched).sum(),
+        prefetches_unused: stats.iter().map(|s| s.prefetches_unused).sum(),
     }
 }

@@ -1,6 +1,6 @@
 //! The model-based test of the cache's consistency bounds (`hetkv_tests::model`) against real
 //! daemons over sockets, over every transport. The same model runs without sockets, against
-//! simulated shards, in `cache_harness.rs`.
+//! simulated shards, in `cache_harness.rs`. Each transport runs it without and with prefetching.
 
 use hetkv_client::{Cluster, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
@@ -51,4 +51,26 @@ fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
         };
         model::run(&truth, &mut connect, policy, bound, 0x5EED, false);
     }
+    // And with prefetching: the prefetches' requests go from their caches' helper threads.
+    let mut prefetched = 0;
+    for (policy, bound) in model::policies_and_bounds() {
+        let name = format!("prefetch_{policy}_{bound}").replace('-', "_");
+        let truth = admin.create_table(&model::spec(&name)).unwrap();
+        let mut connect = || {
+            Cluster::connect(cluster.addrs(), transport, &ClientConfig::default())
+                .unwrap()
+                .open_table(&name)
+                .unwrap()
+        };
+        let options = model::Options {
+            prefetch: true,
+            ..Default::default()
+        };
+        prefetched +=
+            model::run_with(&truth, &mut connect, policy, bound, 0x5EED, options, None).prefetched;
+    }
+    assert!(
+        prefetched > 100,
+        "{prefetched} lookups served by a prefetch"
+    );
 }

@@ -64,6 +64,53 @@ fn bounds_hold_in_memory_for_every_policy_bound_and_seed_and_both_elision_paths_
     );
 }
 
+/// The same model with prefetching: rows taken from a prefetch keep the read bound against the
+/// server as it was when the prefetch was made, read-your-writes holds with updates made while
+/// it was in flight, and no update is lost or applied twice (the final flush equals sequential
+/// SGD). Prefetches must have been both used and landed unused.
+#[test]
+fn prefetched_rows_keep_their_bounds_in_memory_for_every_policy_bound_and_seed() {
+    let (mut used, mut unused) = (0, 0);
+    for (policy, bound) in model::policies_and_bounds() {
+        for seed in [1u64, 2, 3] {
+            let shards = sim_shards("prefetch");
+            let truth = cluster(&shards).open_table("prefetch").unwrap();
+            let mut connect = || cluster(&shards).open_table("prefetch").unwrap();
+            let options = model::Options {
+                prefetch: true,
+                ..Default::default()
+            };
+            let o = model::run_with(&truth, &mut connect, policy, bound, seed, options, None);
+            used += o.prefetched;
+            unused += o.prefetches_unused;
+        }
+    }
+    assert!(used > 200, "only {used} lookups were served by a prefetch");
+    assert!(unused > 50, "only {unused} prefetches landed unused");
+}
+
+/// Prefetches whose reads fail after the pushes they carried were applied: the lookups that land
+/// them fail, the updates made meanwhile are applied all the same, and nothing is pushed twice.
+#[test]
+fn a_prefetch_whose_read_fails_after_its_push_loses_and_repeats_nothing() {
+    let mut failed = 0;
+    for (policy, bound) in model::policies_and_bounds() {
+        let shards = sim_shards("prefetch_faults");
+        for s in &shards {
+            s.fail_read_after_push_every(3);
+        }
+        let truth = cluster(&shards).open_table("prefetch_faults").unwrap();
+        let mut connect = || cluster(&shards).open_table("prefetch_faults").unwrap();
+        let options = model::Options {
+            faults: true,
+            prefetch: true,
+        };
+        failed +=
+            model::run_with(&truth, &mut connect, policy, bound, 8, options, None).failed_lookups;
+    }
+    assert!(failed > 10, "the faults must have been injected ({failed})");
+}
+
 /// A read that fails after the push it carried was applied (as a one-sided backend's may) must
 /// not make the cache push those rows again: after the flush, every version equals the updates
 /// issued, exactly, and the values equal sequential SGD.

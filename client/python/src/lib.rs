@@ -121,6 +121,7 @@ fn py_err(e: ClientError) -> PyErr {
         },
         ClientError::InconsistentCluster(_) => ProtocolError::new_err(message),
         ClientError::CheckpointFailed(_) => CheckpointError::new_err(message),
+        ClientError::Prefetch(_) => Error::new_err(message),
     }
 }
 

@@ -686,17 +686,8 @@ impl CacheCore {
     /// push batch every line whose unpushed count now exceeds the push bound, and every key that is
     /// not cached (written through). Nothing changes if any value is NaN or infinite.
     pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), CacheError> {
+        self.check_update(keys, grads)?;
         let dim = self.dim;
-        if grads.len() != keys.len() * dim {
-            return Err(self.wrong_dim(keys.len(), grads.len()));
-        }
-        self.check_keys(keys)?;
-        if let Some(pos) = grads.iter().position(|g| !g.is_finite()) {
-            return Err(CacheError::NonFinite {
-                key: keys[pos / dim],
-                value: grads[pos],
-            });
-        }
         self.dedup_keys(keys);
         // With duplicates, sum each key's gradient rows first; without (what a backward pass
         // hands over), use the caller's rows as they are.
@@ -743,6 +734,88 @@ impl CacheCore {
             }
         }
         self.uniq_rows = rows;
+        Ok(())
+    }
+
+    /// What [`CacheCore::update`] refuses, checked without changing anything: a wrong length, a
+    /// key out of range, a NaN or infinite value.
+    pub fn check_update(&self, keys: &[u64], grads: &[f32]) -> Result<(), CacheError> {
+        let dim = self.dim;
+        if grads.len() != keys.len() * dim {
+            return Err(self.wrong_dim(keys.len(), grads.len()));
+        }
+        self.check_keys(keys)?;
+        match grads.iter().position(|g| !g.is_finite()) {
+            Some(pos) => Err(CacheError::NonFinite {
+                key: keys[pos / dim],
+                value: grads[pos],
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies updates made while a lookup of `keys` was in flight, once that lookup has
+    /// completed into `out` and `clocks` (a prefetch: its rows were read before these updates
+    /// were made). The updates go through [`CacheCore::update`]; then every row of `out` whose
+    /// key they touched is brought up to date: a cached key's row and clock are copied from its
+    /// line again, and a key not cached (its updates written through, not yet pushed) takes the
+    /// local step `-lr x` their gradient sum, its clock their count. So a prefetched row includes
+    /// every update this worker made before it is used, as a row looked up then would.
+    pub fn update_after_lookup(
+        &mut self,
+        keys: &[u64],
+        out: &mut [f32],
+        mut clocks: Option<&mut [u64]>,
+        late_keys: &[u64],
+        late_grads: &[f32],
+    ) -> Result<(), CacheError> {
+        let dim = self.dim;
+        if out.len() != keys.len() * dim {
+            return Err(self.wrong_dim(keys.len(), out.len()));
+        }
+        if clocks.as_ref().is_some_and(|c| c.len() != keys.len()) {
+            return Err(self.wrong_dim(keys.len(), clocks.as_ref().map_or(0, |c| c.len())));
+        }
+        self.update(late_keys, late_grads)?;
+        // Each late key's gradient sum and count, for the rows not cached.
+        self.dedup_keys(late_keys);
+        self.counts.clear();
+        self.counts.resize(self.uniq.len(), 0);
+        self.uniq_rows.clear();
+        self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+        for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
+            let u = u as usize;
+            self.counts[u] += 1;
+            let sums = &mut self.uniq_rows[u * dim..(u + 1) * dim];
+            for (s, g) in sums.iter_mut().zip(&late_grads[pos * dim..(pos + 1) * dim]) {
+                *s += g;
+            }
+        }
+        for (pos, key) in keys.iter().enumerate() {
+            let Some(&u) = self.dedup.get(key) else {
+                continue;
+            };
+            let row = &mut out[pos * dim..(pos + 1) * dim];
+            match self.index.get(key) {
+                Some(&slot) => {
+                    let (s, at) = (slot as usize, slot as usize * 2 * dim);
+                    row.copy_from_slice(&self.lines[at..at + dim]);
+                    if let Some(c) = clocks.as_deref_mut() {
+                        c[pos] = self.c_s[s] + self.p[s] as u64;
+                    }
+                }
+                None => {
+                    let u = u as usize;
+                    let lr = self.lr;
+                    for (d, g) in row.iter_mut().zip(&self.uniq_rows[u * dim..(u + 1) * dim]) {
+                        *d -= lr * g;
+                    }
+                    if let Some(c) = clocks.as_deref_mut() {
+                        c[pos] += self.counts[u] as u64;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
