@@ -12,7 +12,8 @@
 # when it has not). For each config it starts fresh daemons, runs `hetkv-bench train` with the
 # workers as processes in their namespaces, and writes DIR/RATE-CONFIG.json; at the end it prints
 # a summary, time to accuracy included. A config is `cache:BOUND` (LFU cache, both bounds BOUND)
-# or `nocache` (the classic parameter server). Only addresses inside these namespaces are used
+# or `nocache` (the classic parameter server), either with `:prefetch` appended (`--prefetch`:
+# the next batch's lookups overlap this batch's compute, `cache:0:prefetch` for instance). Only addresses inside these namespaces are used
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
 # --summary-only prints the summary of the JSON files already in DIR.
 #
@@ -158,10 +159,12 @@ make_cluster() { # rate
 declare -A ADDR
 run_config() { # rate config
     local rate=$1 config=$2 servers="" train_cfg=()
-    case "$config" in
-        nocache) train_cfg=(--cache 0) ;;
-        cache:*) train_cfg=(--cache 0.1 --pull-bound "${config#cache:}" --push-bound "${config#cache:}") ;;
-        *) die "unknown config $config (cache:BOUND or nocache)" ;;
+    local base=${config%:prefetch}
+    [ "$base" != "$config" ] && train_cfg=(--prefetch)
+    case "$base" in
+        nocache) train_cfg+=(--cache 0) ;;
+        cache:*) train_cfg+=(--cache 0.1 --pull-bound "${base#cache:}" --push-bound "${base#cache:}") ;;
+        *) die "unknown config $config (cache:BOUND or nocache, either with :prefetch)" ;;
     esac
     for ((s = 0; s < SHARDS; s++)); do
         ip netns exec "$P""s$s" "$HETKV" serve --listen "${ADDR[s$s]}:7070" --shard "$s" --shards "$SHARDS" \

@@ -24,6 +24,11 @@ pub struct TrainArgs {
     /// gradient after N batches and re-reading a row once N foreign updates have reached it.
     #[arg(long, default_value = "0")]
     pub dense_bound: Bound,
+    /// Prefetch: each worker starts the next batch's lookups (embeddings and dense parameters)
+    /// before computing the current one, and its pushes ride with them
+    /// (`CachedTable::prefetch`): one request a batch and shard, overlapped with compute.
+    #[arg(long)]
+    pub prefetch: bool,
     /// Data-parallel workers, each with its own client and cache.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -147,6 +152,7 @@ impl TrainArgs {
             hidden: vec![32],
             threads: 1,
             dense_bound: Bound::updates(0),
+            prefetch: false,
             workers: 4,
             pull_bound: Bound::updates(100),
             push_bound: Bound::updates(100),

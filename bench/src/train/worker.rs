@@ -119,26 +119,38 @@ pub(super) fn worker(
     let mut params = vec![0f32; net.dense_rows() * net.dense_width()];
     let mut g_params = vec![0f32; params.len()];
     let mut scratch: Vec<Scratch> = (0..args.threads).map(|_| Scratch::default()).collect();
-    let (mut keys, mut rows, mut g_rows) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut keys, mut next_keys, mut rows, mut g_rows) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut dense, mut labels) = (Vec::new(), Vec::new());
     let mut unique = Unique::default();
     let (mut batches, mut samples) = (0, 0);
-    for &b in mine {
-        if gate.between(batches, t)? == Step::Stop {
-            break;
-        }
-        let lo = b * args.batch;
-        let hi = (lo + args.batch).min(train.len());
-        batches += 1;
-        samples += hi - lo;
+    let span = |b: usize| (b * args.batch, ((b + 1) * args.batch).min(train.len()));
+    let batch_keys = |b: usize, keys: &mut Vec<u64>| {
+        let (lo, hi) = span(b);
         keys.clear();
         for k in &train_keys[lo..hi] {
             keys.extend_from_slice(k);
         }
+    };
+    for (i, &b) in mine.iter().enumerate() {
+        if gate.between(batches, t)? == Step::Stop {
+            break;
+        }
+        let (lo, hi) = span(b);
+        batches += 1;
+        samples += hi - lo;
+        batch_keys(b, &mut keys);
         rows.resize(keys.len() * dim, 0.0);
         g_rows.resize(keys.len() * dim, 0.0);
         t.emb.lookup(&keys, &mut rows)?;
         t.dense.lookup(&dense_keys, &mut params)?;
+        if let Some(&next) = mine.get(i + 1).filter(|_| args.prefetch) {
+            // The next batch's rows travel while this one computes; this batch's updates are
+            // applied when they land, and pushed with the prefetch after that.
+            batch_keys(next, &mut next_keys);
+            t.emb.prefetch(&next_keys)?;
+            t.dense.prefetch(&dense_keys)?;
+        }
         dense.clear();
         dense.extend(train[lo..hi].iter().map(dense_inputs));
         labels.clear();
