@@ -232,6 +232,13 @@ impl CachedTable {
         self
     }
 
+    /// Weights each line's push by this worker's share of the key's updates
+    /// ([`CacheCore::set_shared_averaging`]).
+    pub fn with_shared_averaging(mut self) -> Self {
+        self.core.set_shared_averaging(true);
+        self
+    }
+
     /// The table.
     pub fn table(&self) -> &Table {
         &self.table

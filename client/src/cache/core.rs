@@ -236,6 +236,13 @@ pub struct CacheCore {
     unsent: PushBatch,
     /// What every pushed gradient sum is multiplied by ([`CacheCore::set_push_scale`]).
     push_scale: f32,
+    /// Whether a line's push is weighted by its share of the key's updates
+    /// ([`CacheCore::set_shared_averaging`]).
+    shared_averaging: bool,
+    /// Per slot, this cache's updates and the foreign updates seen (at refreshes) since the line
+    /// was fetched: its share of the key's updates.
+    own_seen: Vec<u64>,
+    foreign_seen: Vec<u64>,
 }
 
 impl std::fmt::Debug for CacheCore {
@@ -299,6 +306,9 @@ impl CacheCore {
             pushes: PushBatch::default(),
             unsent: PushBatch::default(),
             push_scale: 1.0,
+            shared_averaging: false,
+            own_seen: vec![0; capacity],
+            foreign_seen: vec![0; capacity],
         }
     }
 
@@ -600,6 +610,8 @@ impl CacheCore {
                 for ((d, f), g) in data.iter_mut().zip(fresh).zip(pending.iter()) {
                     *d = f - lr * g;
                 }
+                // The server's updates beyond the line's (own pushes counted in c_s) are foreign.
+                self.foreign_seen[s] += replies.versions[i].saturating_sub(self.c_s[s]);
                 self.c_s[s] = replies.versions[i];
                 self.fetched_at[s] = self.foreign_now(self.uniq[u]);
             }
@@ -626,6 +638,8 @@ impl CacheCore {
                 self.c_s[s] = version;
                 self.fetched_at[s] = self.foreign_now(key);
                 self.p[s] = 0;
+                self.own_seen[s] = 0;
+                self.foreign_seen[s] = 0;
                 self.revalidate[s] = false;
                 let (data, pending) = self.line_mut(slot);
                 data.copy_from_slice(fresh);
@@ -674,9 +688,7 @@ impl CacheCore {
         self.stats.evictions += 1;
         if self.p[s] > 0 {
             self.stats.dirty_evictions += 1;
-            let at = s * 2 * self.dim + self.dim;
-            self.pushes
-                .add(self.line_key[s], self.p[s], &self.lines[at..at + self.dim]);
+            self.queue_line(victim);
             self.p[s] = 0;
         }
         Some(victim)
@@ -729,6 +741,7 @@ impl CacheCore {
             }
             let s = slot as usize;
             self.p[s] = self.p[s].saturating_add(self.counts[u]);
+            self.own_seen[s] += self.counts[u] as u64;
             if self.p[s] as u64 > self.push_bound || self.p[s] == u32::MAX {
                 self.push_line(slot);
             }
@@ -844,12 +857,52 @@ impl CacheCore {
     /// Moves a line's unpushed updates into the push batch; the line's `c_s` advances by them.
     fn push_line(&mut self, slot: u32) {
         let s = slot as usize;
-        let at = s * 2 * self.dim + self.dim;
-        self.pushes
-            .add(self.line_key[s], self.p[s], &self.lines[at..at + self.dim]);
+        self.queue_line(slot);
         self.c_s[s] += self.p[s] as u64;
         self.p[s] = 0;
         self.line_mut(slot).1.fill(0.0);
+    }
+
+    /// Queues a dirty line's pending gradient (weighted under shared averaging).
+    fn queue_line(&mut self, slot: u32) {
+        let s = slot as usize;
+        let at = s * 2 * self.dim + self.dim;
+        let weight = self.line_weight(s);
+        let start = self.pushes.grads.len();
+        self.pushes
+            .add(self.line_key[s], self.p[s], &self.lines[at..at + self.dim]);
+        if weight != 1.0 {
+            self.pushes.grads[start..]
+                .iter_mut()
+                .for_each(|g| *g *= weight);
+        }
+    }
+
+    /// What a line's pending gradient sum is multiplied by when pushed: 1, or under shared
+    /// averaging `1/p + share x (1 - 1/p)`, `share` being this cache's part of the key's updates
+    /// seen since the line was fetched (`(own + 1) / (own + foreign + 1)`) and `p` the updates
+    /// in the push. The first of the `p` local steps was taken from the point every worker shares
+    /// and is summed, as synchronous SGD sums the workers' gradients; the other `p - 1` are local
+    /// progress, which each worker updating the key makes on its own data, and count by share:
+    /// for a key every one of W workers trains, the shards' copy moves by the mean of their
+    /// local progress (as model averaging does), and for a key only this worker trains, by all of
+    /// it. With `p = 1` (a push bound of 0) or no foreign updates the weight is 1.
+    fn line_weight(&self, s: usize) -> f32 {
+        if !self.shared_averaging || self.p[s] <= 1 {
+            return 1.0;
+        }
+        let own = self.own_seen[s] as f64 + 1.0;
+        let share = own / (own + self.foreign_seen[s] as f64);
+        let first = 1.0 / self.p[s] as f64;
+        (first + share * (1.0 - first)) as f32
+    }
+
+    /// Weights every line's push by its share of the key's updates (see `line_weight`): for
+    /// keys several workers train under a push bound, summing their whole local progress would
+    /// move the shards' copy by W times a worker's; off by default (every update applied whole,
+    /// which the model-based test and sequential-SGD equivalence rely on).
+    pub fn set_shared_averaging(&mut self, on: bool) {
+        self.shared_averaging = on;
     }
 
     /// Leaves every dirty line in the push batch.
@@ -940,6 +993,66 @@ mod tests {
     use super::*;
     use crate::cache::{Bound, Capacity, PolicyKind};
     use hetkv_transport::{Initializer, OptimizerSpec};
+
+    fn one_row_core(push_bound: u64, shared: bool) -> CacheCore {
+        let spec = TableSpec {
+            name: "t".into(),
+            rows: 4,
+            dim: 1,
+            init: Initializer::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 0.5 },
+        };
+        let mut config =
+            CacheConfig::new(Capacity::Fraction(1.0), PolicyKind::Lfu, Bound::updates(0));
+        config.push_bound = Bound::updates(push_bound);
+        let mut core = CacheCore::new(&spec, &config, 1);
+        core.set_shared_averaging(shared);
+        core
+    }
+
+    /// Looks key 1 up, the shard answering `version` (a stale hit or a miss is refreshed).
+    fn look_up(core: &mut CacheCore, version: u64) {
+        core.plan_lookup(&[1]).unwrap();
+        let replies = Replies {
+            requests: vec![0],
+            versions: vec![version],
+            rows: vec![0.0],
+        };
+        core.finish_lookup(&replies, &mut [0f32], None).unwrap();
+    }
+
+    #[test]
+    fn shared_averaging_weights_a_push_by_the_line_s_share_of_the_key_s_updates() {
+        for shared in [false, true] {
+            let mut core = one_row_core(2, shared);
+            look_up(&mut core, 0);
+            core.update(&[1], &[1.0]).unwrap();
+            // The shard has 9 updates the line has not: foreign ones.
+            look_up(&mut core, 9);
+            core.update(&[1], &[1.0]).unwrap();
+            core.update(&[1], &[1.0]).unwrap();
+            let pushed = core.take_pushes();
+            assert_eq!(
+                pushed.counts,
+                [3],
+                "three updates exceed the push bound of 2"
+            );
+            // share = (3 own + 1) / (3 + 1 + 9 foreign) = 4/13; weight = 1/3 + 4/13 x 2/3.
+            let want = if shared { 3.0 * 21.0 / 39.0 } else { 3.0 };
+            assert!(
+                (pushed.grads[0] - want).abs() < 1e-5,
+                "shared {shared}: pushed {} for {want}",
+                pushed.grads[0]
+            );
+        }
+        // A push of one update (a push bound of 0) is whole, however many foreign updates.
+        let mut core = one_row_core(0, true);
+        look_up(&mut core, 0);
+        core.update(&[1], &[1.0]).unwrap();
+        look_up(&mut core, 50);
+        core.update(&[1], &[1.0]).unwrap();
+        assert_eq!(core.take_pushes().grads, [1.0, 1.0]);
+    }
 
     #[test]
     fn a_push_scale_shrinks_what_is_pushed_but_not_the_local_copy() {
