@@ -5,11 +5,12 @@ use std::path::Path;
 use std::process::Command;
 
 use hetkv_bench::train::{self, ModelKind, TrainArgs, TrainOptimizer};
-use hetkv_client::{Bound, Cluster};
-use hetkv_fallback_tcp::{ClientConfig, ServerConfig};
+use hetkv_client::Bound;
+use hetkv_fallback_tcp::ServerConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 
-const TABLES: [&str; 2] = ["ctr_emb", "ctr_dense"];
+mod common;
+use common::{rows, TABLES};
 
 /// Two shards, each with a data directory under `dir` (restoring what is there).
 fn cluster_on(dir: &Path) -> EmbeddedCluster {
@@ -18,22 +19,6 @@ fn cluster_on(dir: &Path) -> EmbeddedCluster {
         ..ShardConfig::new(i, 2)
     })
     .unwrap()
-}
-
-/// Every row and version of the model's tables.
-fn rows(addrs: &[String]) -> Vec<(Vec<f32>, Vec<u64>)> {
-    let c = Cluster::connect_tcp(addrs, &ClientConfig::default()).unwrap();
-    TABLES
-        .iter()
-        .map(|name| {
-            let t = c.open_table(name).unwrap();
-            let keys: Vec<u64> = (0..t.spec().rows).collect();
-            let mut values = vec![0f32; keys.len() * t.spec().dim as usize];
-            let mut versions = vec![0u64; keys.len()];
-            t.pull(&keys, &mut values, Some(&mut versions)).unwrap();
-            (values, versions)
-        })
-        .collect()
 }
 
 fn settings(servers: &[String]) -> TrainArgs {

@@ -4,30 +4,11 @@
 //! of the same run without prefetching (up to the rounding of pushes split differently).
 
 use hetkv_bench::train::{self, ModelKind, TrainArgs};
-use hetkv_client::{Bound, Cluster};
-use hetkv_fallback_tcp::ClientConfig;
+use hetkv_client::Bound;
 use hetkv_store::EmbeddedCluster;
 
-const TABLES: [&str; 2] = ["ctr_emb", "ctr_dense"];
-
-/// A table's values and versions.
-type Rows = (Vec<f32>, Vec<u64>);
-
-/// Every row and version of the model's tables.
-fn rows(addrs: &[String]) -> Vec<Rows> {
-    let c = Cluster::connect_tcp(addrs, &ClientConfig::default()).unwrap();
-    TABLES
-        .iter()
-        .map(|name| {
-            let t = c.open_table(name).unwrap();
-            let keys: Vec<u64> = (0..t.spec().rows).collect();
-            let mut values = vec![0f32; keys.len() * t.spec().dim as usize];
-            let mut versions = vec![0u64; keys.len()];
-            t.pull(&keys, &mut values, Some(&mut versions)).unwrap();
-            (values, versions)
-        })
-        .collect()
-}
+mod common;
+use common::{rows, Rows, TABLES};
 
 fn run(prefetch: bool) -> (train::TrainReport, Vec<Rows>) {
     let cluster = EmbeddedCluster::start(2).unwrap();

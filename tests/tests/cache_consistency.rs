@@ -40,34 +40,27 @@ fn bounds_hold_over_rdma() {
 
 fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
-    for (policy, bound) in model::policies_and_bounds() {
-        let name = format!("model_{policy}_{bound}").replace('-', "_");
-        let truth = admin.create_table(&model::spec(&name)).unwrap();
-        let mut connect = || {
-            Cluster::connect(cluster.addrs(), transport, &ClientConfig::default())
-                .unwrap()
-                .open_table(&name)
-                .unwrap()
-        };
-        model::run(&truth, &mut connect, policy, bound, 0x5EED, false);
-    }
-    // And with prefetching: the prefetches' requests go from their caches' helper threads.
     let mut prefetched = 0;
-    for (policy, bound) in model::policies_and_bounds() {
-        let name = format!("prefetch_{policy}_{bound}").replace('-', "_");
-        let truth = admin.create_table(&model::spec(&name)).unwrap();
-        let mut connect = || {
-            Cluster::connect(cluster.addrs(), transport, &ClientConfig::default())
-                .unwrap()
-                .open_table(&name)
-                .unwrap()
-        };
-        let options = model::Options {
-            prefetch: true,
-            ..Default::default()
-        };
-        prefetched +=
-            model::run_with(&truth, &mut connect, policy, bound, 0x5EED, options, None).prefetched;
+    // Without prefetching, then with it (the prefetches' requests go from their caches' helper
+    // threads).
+    for (prefix, prefetch) in [("model", false), ("prefetch", true)] {
+        for (policy, bound) in model::policies_and_bounds() {
+            let name = format!("{prefix}_{policy}_{bound}").replace('-', "_");
+            let truth = admin.create_table(&model::spec(&name)).unwrap();
+            let mut connect = || {
+                Cluster::connect(cluster.addrs(), transport, &ClientConfig::default())
+                    .unwrap()
+                    .open_table(&name)
+                    .unwrap()
+            };
+            let options = model::Options {
+                prefetch,
+                ..Default::default()
+            };
+            prefetched +=
+                model::run_with(&truth, &mut connect, policy, bound, 0x5EED, options, None)
+                    .prefetched;
+        }
     }
     assert!(
         prefetched > 100,
