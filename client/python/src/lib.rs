@@ -862,6 +862,15 @@ impl Cache {
         self.with(py, |c| c.update(keys, grads))
     }
 
+    /// Starts the lookup of `keys` (uint64, 1-D: the next batch's) and returns at once; the
+    /// `lookup` of the same keys completes it. It carries every queued push; updates made while
+    /// it is in flight are kept and applied when it lands, and the rows it returns include them.
+    fn prefetch(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<()> {
+        let keys = array1::<u64>(keys, "keys", "uint64")?;
+        let keys = contiguous(keys.as_slice(), "keys")?;
+        self.with(py, |c| c.prefetch(keys))
+    }
+
     /// Pushes every unpushed update; returns when the shards have applied them.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         self.with(py, |c| c.flush())

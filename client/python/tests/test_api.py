@@ -73,6 +73,25 @@ def test_a_cache_holds_its_bounds_and_flush_applies_everything():
         assert s["updates"] == 20 and s["rows_pushed"] > 0 and 0 <= s["hit_rate"] <= 1
 
 
+def test_a_prefetched_lookup_includes_the_updates_made_while_it_was_in_flight():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("t", rows=100, dim=2, optimizer=hetkv.Optimizer.sgd(lr=1.0))
+        cache = table.cached(capacity=10, policy="lru", pull_bound=100, push_bound=100)
+        now, after = np.arange(4, dtype=np.uint64), np.array([2, 3, 50, 60], dtype=np.uint64)
+        cache.lookup(now)
+        cache.prefetch(after)
+        # Made while the prefetch is in flight: cached keys 2, 3 and key 60 (not cached yet).
+        cache.update(np.array([2, 3, 60], dtype=np.uint64), np.ones((3, 2), dtype=np.float32))
+        rows = cache.lookup(after)
+        np.testing.assert_array_equal(rows[:, 0], [-1, -1, 0, -1])
+        s = cache.stats()
+        assert s["prefetched"] == 1 and s["prefetches_unused"] == 0
+        cache.flush()
+        versions = np.zeros(4, dtype=np.uint64)
+        np.testing.assert_array_equal(table.pull(after, versions=versions)[:, 0], [-1, -1, 0, -1])
+        np.testing.assert_array_equal(versions, [1, 1, 0, 1])
+
+
 def test_capacity_zero_with_bounds_zero_is_the_classic_parameter_server():
     with hetkv.EmbeddedCluster(shards=2) as cluster:
         table = cluster.create_table("t", rows=10, dim=1, optimizer=hetkv.Optimizer.sgd(lr=1.0))
