@@ -282,16 +282,20 @@ impl CachedTable {
             if self.helper.is_none() {
                 let cluster = self.table.cluster().clone();
                 let name = self.table.spec().name.clone();
-                let helper = Helper::start(cluster, name).map_err(|e| {
-                    self.core.abort_lookup();
-                    ClientError::Prefetch(format!("cannot start the thread: {e}"))
-                })?;
-                self.helper = Some(helper);
+                match Helper::start(cluster, name) {
+                    Ok(helper) => self.helper = Some(helper),
+                    Err(e) => {
+                        self.unsent_prefetch();
+                        return Err(ClientError::Prefetch(format!(
+                            "cannot start the thread: {e}"
+                        )));
+                    }
+                }
             }
             let helper = self.helper.as_ref().expect("started above");
             let queued = helper.jobs.as_ref().map(|j| j.send(requests));
             if !matches!(queued, Some(Ok(()))) {
-                self.core.abort_lookup();
+                self.unsent_prefetch();
                 return Err(ClientError::Prefetch("the thread is gone".into()));
             }
         }
@@ -301,6 +305,17 @@ impl CachedTable {
             sent,
         });
         Ok(())
+    }
+
+    /// Undoes a prefetch planned but never sent: the rows its requests would have pushed are kept
+    /// for the next call (as a push whose delivery is unknown is), the reserved slots given back.
+    fn unsent_prefetch(&mut self) {
+        let shards: Vec<usize> = self.core.requests().iter().map(|r| r.shard).collect();
+        for s in shards {
+            // Cannot fail: every listed shard awaits an answer.
+            let _ = self.core.on_reply(s, PushOutcome::Lost, None, 0);
+        }
+        self.core.abort_lookup();
     }
 
     /// Lands a prefetch in flight that no lookup asked for: its rows go into the cache only. Its
