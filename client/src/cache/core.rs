@@ -888,7 +888,7 @@ impl CacheCore {
     /// local progress (as model averaging does), and for a key only this worker trains, by all of
     /// it. With `p = 1` (a push bound of 0) or no foreign updates the weight is 1.
     fn line_weight(&self, s: usize) -> f32 {
-        if !self.shared_averaging || self.p[s] <= 1 {
+        if !self.shared_averaging || self.p[s] <= 1 || self.foreign_seen[s] == 0 {
             return 1.0;
         }
         let own = self.own_seen[s] as f64 + 1.0;
