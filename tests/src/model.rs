@@ -183,6 +183,9 @@ pub fn run_with(
     let faults = options.faults;
     // Per client, the keys prefetched and the server's versions when the prefetch was made.
     let mut prefetched: Vec<Option<(Vec<u64>, Vec<u64>)>> = vec![None; CLIENTS];
+    // Each client's last lookup's unique keys, in first-seen order: the update a training step
+    // makes right after its lookup (the cache's path for it skips resolving the keys again).
+    let mut looked_up_keys: Vec<Option<Vec<u64>>> = vec![None; CLIENTS];
     let name = truth.spec().name.clone();
     let truth = Truth {
         table: truth.clone(),
@@ -261,6 +264,10 @@ pub fn run_with(
                     continue;
                 }
                 looked_up.unwrap();
+                let mut unique = keys.clone();
+                let mut seen = std::collections::HashSet::new();
+                unique.retain(|k| seen.insert(*k));
+                looked_up_keys[c] = Some(unique);
                 for (i, &k) in keys.iter().enumerate() {
                     let k = k as usize;
                     let row = &out[i * DIM..(i + 1) * DIM];
@@ -303,7 +310,11 @@ pub fn run_with(
                 }
             }
             5..=8 => {
-                let mut grads = vec![0f32; n * DIM];
+                let keys = match looked_up_keys[c].take() {
+                    Some(unique) if rng.below(2) == 0 => unique,
+                    _ => keys,
+                };
+                let mut grads = vec![0f32; keys.len() * DIM];
                 for (i, &k) in keys.iter().enumerate() {
                     let g = &mut grads[i * DIM..(i + 1) * DIM];
                     g[c] = -1.0;

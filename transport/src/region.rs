@@ -32,20 +32,27 @@ unsafe fn words_of<'a>(ptr: *const u8, len: usize) -> &'a [AtomicU64] {
     unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), len / WORD) }
 }
 
-/// Asks the CPU to load `words` into its caches (one hint per 64-byte line); a no-op off x86_64.
-pub fn prefetch(words: &[AtomicU64]) {
+/// Asks the CPU to load the memory of `items` into its caches (one hint per 64-byte line); a
+/// no-op off x86_64. A gather of scattered rows issues these for every row first, so that their
+/// cache misses overlap instead of coming one at a time.
+pub fn prefetch<T>(items: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in words.chunks(64 / WORD) {
-        // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has; it is a hint that never
-        // faults and reads nothing into the program, and the address is that of live memory.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
+    {
+        let bytes = std::mem::size_of_val(items);
+        let base = items.as_ptr().cast::<i8>();
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has; it is a hint that
+            // never faults and reads nothing into the program. `offset < bytes`, so the address
+            // lies inside `items` (`wrapping_add` needs no more than that).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    base.wrapping_add(offset),
+                )
+            };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = words;
+    let _ = items;
 }
 
 const _: () = assert!(std::mem::size_of::<AtomicU64>() == WORD);

@@ -23,7 +23,7 @@ mod exchange;
 use rustc_hash::FxHashMap;
 
 use hetkv_transport::wire::{Since, NOT_CACHED};
-use hetkv_transport::{Routing, TableSpec};
+use hetkv_transport::{region, Routing, TableSpec};
 
 use exchange::ShardPlan;
 pub use exchange::{RequestKind, ShardRequest};
@@ -186,20 +186,12 @@ pub struct CacheCore {
     push_bound: u64,
     capacity: usize,
     index: FxHashMap<u64, u32>,
-    line_key: Vec<u64>,
-    c_s: Vec<u64>,
-    p: Vec<u32>,
+    /// Each slot's bookkeeping, one cache line per slot.
+    meta: Vec<LineMeta>,
     /// Each slot's row then its pending gradient, contiguous (`2 x dim` values per slot), so one
     /// line is one region of memory.
     lines: Vec<f32>,
     free: Vec<u32>,
-    /// Each slot's foreign clock when its row was fetched or refreshed.
-    fetched_at: Vec<u64>,
-    /// The lookup that last read or reserved each slot: a lookup never evicts what it reads.
-    stamp: Vec<u64>,
-    /// Lines whose shard restarted since they were fetched: their next lookup reads them again,
-    /// whatever their clock says (the shard's versions may have gone back).
-    revalidate: Vec<bool>,
     /// Each shard's incarnation in its last answer (0: none seen).
     incarnations: Vec<u64>,
     /// Lookups planned so far.
@@ -221,6 +213,11 @@ pub struct CacheCore {
     /// Position of each unique key's first occurrence.
     first_pos: Vec<u32>,
     slot_of_uniq: Vec<u32>,
+    /// Whether `slot_of_uniq` still says where every key of `uniq` is (set once a lookup has
+    /// placed its rows, cleared by anything that plans, evicts or gives slots back), so that the
+    /// update of exactly those keys, which a training step makes right after its lookup, skips
+    /// de-duplicating and resolving them again.
+    resolved: bool,
     /// For each missed key of the current lookup, the slot reserved for it (NIL: not admitted).
     reserved_of_uniq: Vec<u32>,
     req_of_uniq: Vec<u32>,
@@ -239,10 +236,30 @@ pub struct CacheCore {
     /// Whether a line's push is weighted by its share of the key's updates
     /// ([`CacheCore::set_shared_averaging`]).
     shared_averaging: bool,
-    /// Per slot, this cache's updates and the foreign updates seen (at refreshes) since the line
-    /// was fetched: its share of the key's updates.
-    own_seen: Vec<u64>,
-    foreign_seen: Vec<u64>,
+}
+
+/// What the cache keeps of one slot besides its values. One struct per slot, aligned to a cache
+/// line, so that a hit reads and writes one line of bookkeeping instead of one per field.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(align(64))]
+struct LineMeta {
+    /// The key the slot holds (meaningful while it is in the index).
+    key: u64,
+    /// The server version the row reflects, this cache's acknowledged pushes included.
+    c_s: u64,
+    /// The shard's foreign clock when the row was fetched or refreshed.
+    fetched_at: u64,
+    /// The lookup that last read or reserved the slot: a lookup never evicts what it reads.
+    stamp: u64,
+    /// This cache's updates and the foreign updates seen (at refreshes) since the line was
+    /// fetched: its share of the key's updates.
+    own_seen: u64,
+    foreign_seen: u64,
+    /// Updates applied locally and not pushed yet.
+    p: u32,
+    /// The shard restarted since the row was fetched: the next lookup reads it again, whatever
+    /// its clock says (the shard's versions may have gone back).
+    revalidate: bool,
 }
 
 impl std::fmt::Debug for CacheCore {
@@ -271,14 +288,9 @@ impl CacheCore {
             push_bound: config.push_bound.get(),
             capacity,
             index: FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
-            line_key: vec![0; capacity],
-            c_s: vec![0; capacity],
-            p: vec![0; capacity],
+            meta: vec![LineMeta::default(); capacity],
             lines: vec![0.0; capacity * 2 * dim],
             free: (0..capacity as u32).rev().collect(),
-            fetched_at: vec![0; capacity],
-            stamp: vec![0; capacity],
-            revalidate: vec![false; capacity],
             incarnations: vec![0; shards],
             calls: 0,
             routing: Routing::new(shards as u32),
@@ -293,6 +305,7 @@ impl CacheCore {
             uniq_of_pos: Vec::new(),
             first_pos: Vec::new(),
             slot_of_uniq: Vec::new(),
+            resolved: false,
             reserved_of_uniq: Vec::new(),
             req_of_uniq: Vec::new(),
             req_keys: Vec::new(),
@@ -307,8 +320,6 @@ impl CacheCore {
             unsent: PushBatch::default(),
             push_scale: 1.0,
             shared_averaging: false,
-            own_seen: vec![0; capacity],
-            foreign_seen: vec![0; capacity],
         }
     }
 
@@ -329,7 +340,7 @@ impl CacheCore {
 
     /// Unpushed updates held for `key` (0 when not cached).
     pub fn unpushed(&self, key: u64) -> u32 {
-        self.index.get(&key).map_or(0, |&s| self.p[s as usize])
+        self.index.get(&key).map_or(0, |&s| self.meta[s as usize].p)
     }
 
     /// A slot's row and its pending gradient.
@@ -361,6 +372,7 @@ impl CacheCore {
 
     /// De-duplicates `keys` into `uniq` (first-seen order) and `uniq_of_pos`.
     fn dedup_keys(&mut self, keys: &[u64]) {
+        self.resolved = false;
         self.dedup.clear();
         self.uniq.clear();
         self.uniq_of_pos.clear();
@@ -401,9 +413,9 @@ impl CacheCore {
             if slot != NIL {
                 self.stats.hits += 1;
                 self.policy.touch(slot, key);
-                self.stamp[slot as usize] = self.calls;
+                self.meta[slot as usize].stamp = self.calls;
                 let s = slot as usize;
-                if self.revalidate[s] {
+                if self.meta[s].revalidate {
                     // Its shard restarted: read the row again, whatever its clock says.
                     self.stats.version_checks += 1;
                     self.req_clocks.push(NOT_CACHED);
@@ -416,7 +428,7 @@ impl CacheCore {
                     self.req_of_uniq.push(NIL);
                     continue;
                 }
-                let clock = self.c_s[s] + self.p[s] as u64;
+                let clock = self.meta[s].c_s + self.meta[s].p as u64;
                 let skipped = self.covered_by_clock(key, s);
                 if skipped {
                     self.stats.checks_skipped += 1;
@@ -440,7 +452,7 @@ impl CacheCore {
         for u in 0..self.uniq.len() {
             if self.slot_of_uniq[u] == NIL {
                 if let Some(slot) = self.make_room(self.uniq[u]) {
-                    self.stamp[slot as usize] = self.calls;
+                    self.meta[slot as usize].stamp = self.calls;
                     self.reserved_of_uniq[u] = slot;
                 }
             }
@@ -474,8 +486,9 @@ impl CacheCore {
         if !sc.observed {
             return false;
         }
-        let allowance = self.pull_bound.saturating_add(self.p[slot] as u64);
-        let Some(slack) = allowance.checked_sub(sc.foreign().saturating_sub(self.fetched_at[slot]))
+        let allowance = self.pull_bound.saturating_add(self.meta[slot].p as u64);
+        let Some(slack) =
+            allowance.checked_sub(sc.foreign().saturating_sub(self.meta[slot].fetched_at))
         else {
             return false;
         };
@@ -581,6 +594,7 @@ impl CacheCore {
         self.uniq_clock.resize(self.uniq.len(), 0);
         // Hits first: a miss below may evict a line that is also a hit of this batch.
         for u in 0..self.uniq.len() {
+            self.load_ahead(u);
             let slot = self.slot_of_uniq[u];
             if slot == NIL {
                 continue;
@@ -596,8 +610,8 @@ impl CacheCore {
                 // Stale (or its shard restarted): take the server's row, keep the pending
                 // gradient and re-apply it.
                 let i = reply as usize;
-                if std::mem::take(&mut self.revalidate[s]) {
-                    if replies.versions[i] < self.c_s[s] {
+                if std::mem::take(&mut self.meta[s].revalidate) {
+                    if replies.versions[i] < self.meta[s].c_s {
                         self.stats.rows_went_back += 1;
                     }
                 } else {
@@ -611,13 +625,13 @@ impl CacheCore {
                     *d = f - lr * g;
                 }
                 // The server's updates beyond the line's (own pushes counted in c_s) are foreign.
-                self.foreign_seen[s] += replies.versions[i].saturating_sub(self.c_s[s]);
-                self.c_s[s] = replies.versions[i];
-                self.fetched_at[s] = self.foreign_now(self.uniq[u]);
+                self.meta[s].foreign_seen += replies.versions[i].saturating_sub(self.meta[s].c_s);
+                self.meta[s].c_s = replies.versions[i];
+                self.meta[s].fetched_at = self.foreign_now(self.uniq[u]);
             }
             let (at, first) = (s * 2 * dim, self.first_pos[u] as usize * dim);
             out[first..first + dim].copy_from_slice(&self.lines[at..at + dim]);
-            self.uniq_clock[u] = self.c_s[s] + self.p[s] as u64;
+            self.uniq_clock[u] = self.meta[s].c_s + self.meta[s].p as u64;
         }
         for u in 0..self.uniq.len() {
             if self.slot_of_uniq[u] != NIL {
@@ -634,19 +648,21 @@ impl CacheCore {
             if slot != NIL {
                 let s = slot as usize;
                 self.index.insert(key, slot);
-                self.line_key[s] = key;
-                self.c_s[s] = version;
-                self.fetched_at[s] = self.foreign_now(key);
-                self.p[s] = 0;
-                self.own_seen[s] = 0;
-                self.foreign_seen[s] = 0;
-                self.revalidate[s] = false;
+                self.meta[s].key = key;
+                self.meta[s].c_s = version;
+                self.meta[s].fetched_at = self.foreign_now(key);
+                self.meta[s].p = 0;
+                self.meta[s].own_seen = 0;
+                self.meta[s].foreign_seen = 0;
+                self.meta[s].revalidate = false;
                 let (data, pending) = self.line_mut(slot);
                 data.copy_from_slice(fresh);
                 pending.fill(0.0);
                 self.policy.insert(slot, key);
+                self.slot_of_uniq[u] = slot;
             } else {
                 self.stats.not_admitted += 1;
+                self.slot_of_uniq[u] = NIL;
             }
         }
         for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
@@ -659,12 +675,14 @@ impl CacheCore {
                 c[pos] = self.uniq_clock[u];
             }
         }
+        self.resolved = true;
         Ok(())
     }
 
     /// Gives back the slots reserved by the lookup planned last, when it cannot complete (a shard
     /// failed). The lines they evicted were already queued for pushing.
     pub fn abort_lookup(&mut self) {
+        self.resolved = false;
         for slot in self.reserved_of_uniq.drain(..) {
             if slot != NIL {
                 self.free.push(slot);
@@ -679,17 +697,17 @@ impl CacheCore {
             return Some(slot);
         }
         let victim = self.policy.victim(key)?;
-        if self.stamp[victim as usize] == self.calls {
+        if self.meta[victim as usize].stamp == self.calls {
             return None;
         }
         let s = victim as usize;
         self.policy.remove(victim);
-        self.index.remove(&self.line_key[s]);
+        self.index.remove(&self.meta[s].key);
         self.stats.evictions += 1;
-        if self.p[s] > 0 {
+        if self.meta[s].p > 0 {
             self.stats.dirty_evictions += 1;
             self.queue_line(victim);
-            self.p[s] = 0;
+            self.meta[s].p = 0;
         }
         Some(victim)
     }
@@ -700,31 +718,41 @@ impl CacheCore {
     pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), CacheError> {
         self.check_update(keys, grads)?;
         let dim = self.dim;
-        self.dedup_keys(keys);
-        // With duplicates, sum each key's gradient rows first; without (what a backward pass
-        // hands over), use the caller's rows as they are.
-        let summed = self.uniq.len() != keys.len();
+        // The update of exactly the unique keys the last lookup placed, in its order (what a
+        // backward pass hands over): their slots are known and each key occurs once.
+        let placed = self.resolved && keys == self.uniq.as_slice();
         self.counts.clear();
-        self.counts.resize(self.uniq.len(), 0);
-        if summed {
-            self.uniq_rows.clear();
-            self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
-        }
-        for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
-            let u = u as usize;
-            self.counts[u] += 1;
+        let summed = if placed {
+            self.counts.resize(self.uniq.len(), 1);
+            false
+        } else {
+            self.dedup_keys(keys);
+            self.counts.resize(self.uniq.len(), 0);
+            // With duplicates, sum each key's gradient rows first; without, use the caller's
+            // rows as they are.
+            let summed = self.uniq.len() != keys.len();
             if summed {
-                let sums = &mut self.uniq_rows[u * dim..(u + 1) * dim];
-                for (s, g) in sums.iter_mut().zip(&grads[pos * dim..(pos + 1) * dim]) {
-                    *s += g;
+                self.uniq_rows.clear();
+                self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
+            }
+            for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
+                let u = u as usize;
+                self.counts[u] += 1;
+                if summed {
+                    let sums = &mut self.uniq_rows[u * dim..(u + 1) * dim];
+                    for (s, g) in sums.iter_mut().zip(&grads[pos * dim..(pos + 1) * dim]) {
+                        *s += g;
+                    }
                 }
             }
-        }
+            self.resolve_lines();
+            summed
+        };
         self.stats.updates += keys.len() as u64;
         let rows = std::mem::take(&mut self.uniq_rows);
         let sums: &[f32] = if summed { &rows } else { grads };
-        self.resolve_lines();
         for u in 0..self.uniq.len() {
+            self.load_ahead(u);
             let key = self.uniq[u];
             let g = &sums[u * dim..(u + 1) * dim];
             let slot = self.slot_of_uniq[u];
@@ -740,9 +768,9 @@ impl CacheCore {
                 *d -= lr * g;
             }
             let s = slot as usize;
-            self.p[s] = self.p[s].saturating_add(self.counts[u]);
-            self.own_seen[s] += self.counts[u] as u64;
-            if self.p[s] as u64 > self.push_bound || self.p[s] == u32::MAX {
+            self.meta[s].p = self.meta[s].p.saturating_add(self.counts[u]);
+            self.meta[s].own_seen += self.counts[u] as u64;
+            if self.meta[s].p as u64 > self.push_bound || self.meta[s].p == u32::MAX {
                 self.push_line(slot);
             }
         }
@@ -758,7 +786,18 @@ impl CacheCore {
             return Err(self.wrong_dim(keys.len(), grads.len()));
         }
         self.check_keys(keys)?;
-        match grads.iter().position(|g| !g.is_finite()) {
+        // Chunk by chunk without early exit (so the test vectorizes), then the first bad value.
+        let chunk = dim.max(1) * 16;
+        let bad = grads
+            .chunks(chunk)
+            .position(|c| c.iter().fold(false, |bad, g| bad | !g.is_finite()));
+        match bad.and_then(|c| {
+            let at = c * chunk;
+            grads[at..]
+                .iter()
+                .position(|g| !g.is_finite())
+                .map(|p| at + p)
+        }) {
             Some(pos) => Err(CacheError::NonFinite {
                 key: keys[pos / dim],
                 value: grads[pos],
@@ -814,7 +853,7 @@ impl CacheCore {
                     let (s, at) = (slot as usize, slot as usize * 2 * dim);
                     row.copy_from_slice(&self.lines[at..at + dim]);
                     if let Some(c) = clocks.as_deref_mut() {
-                        c[pos] = self.c_s[s] + self.p[s] as u64;
+                        c[pos] = self.meta[s].c_s + self.meta[s].p as u64;
                     }
                 }
                 None => {
@@ -832,10 +871,10 @@ impl CacheCore {
         Ok(())
     }
 
-    /// Resolves the slot of every unique key into `slot_of_uniq`, then reads the first word of
-    /// each resident line's row and pending gradient. Each probe and each read is independent of
-    /// the others, so the processor overlaps their cache misses; the loop that follows finds the
-    /// lines in cache instead of waiting for them one at a time.
+    /// Resolves the slot of every unique key into `slot_of_uniq`, then asks the CPU to load each
+    /// resident line's bookkeeping. Each probe and each load is independent of the others, so
+    /// their cache misses overlap; the loop that follows finds them in cache instead of waiting
+    /// for them one at a time.
     fn resolve_lines(&mut self) {
         self.slot_of_uniq.clear();
         let index = &self.index;
@@ -844,22 +883,33 @@ impl CacheCore {
                 .iter()
                 .map(|k| index.get(k).copied().unwrap_or(NIL)),
         );
-        let (dim, mut warm) = (self.dim, 0f32);
         for &slot in &self.slot_of_uniq {
             if slot != NIL {
-                let at = slot as usize * 2 * dim;
-                warm += self.lines[at] + self.lines[at + dim];
+                region::prefetch(std::slice::from_ref(&self.meta[slot as usize]));
             }
         }
-        std::hint::black_box(warm);
+    }
+
+    /// Asks the CPU to load the values (row and pending gradient) of the line of unique key
+    /// `u + LINES_AHEAD`, so that a loop over the unique keys in order finds each line in cache
+    /// (a line is `2 x dim` values, too many for one batch's lines to stay in cache between
+    /// the phases of a step).
+    fn load_ahead(&self, u: usize) {
+        const LINES_AHEAD: usize = 6;
+        if let Some(&slot) = self.slot_of_uniq.get(u + LINES_AHEAD) {
+            if slot != NIL {
+                let (line, s) = (2 * self.dim, slot as usize);
+                region::prefetch(&self.lines[s * line..(s + 1) * line]);
+            }
+        }
     }
 
     /// Moves a line's unpushed updates into the push batch; the line's `c_s` advances by them.
     fn push_line(&mut self, slot: u32) {
         let s = slot as usize;
         self.queue_line(slot);
-        self.c_s[s] += self.p[s] as u64;
-        self.p[s] = 0;
+        self.meta[s].c_s += self.meta[s].p as u64;
+        self.meta[s].p = 0;
         self.line_mut(slot).1.fill(0.0);
     }
 
@@ -869,8 +919,11 @@ impl CacheCore {
         let at = s * 2 * self.dim + self.dim;
         let weight = self.line_weight(s);
         let start = self.pushes.grads.len();
-        self.pushes
-            .add(self.line_key[s], self.p[s], &self.lines[at..at + self.dim]);
+        self.pushes.add(
+            self.meta[s].key,
+            self.meta[s].p,
+            &self.lines[at..at + self.dim],
+        );
         if weight != 1.0 {
             self.pushes.grads[start..]
                 .iter_mut()
@@ -888,12 +941,12 @@ impl CacheCore {
     /// local progress (as model averaging does), and for a key only this worker trains, by all of
     /// it. With `p = 1` (a push bound of 0) or no foreign updates the weight is 1.
     fn line_weight(&self, s: usize) -> f32 {
-        if !self.shared_averaging || self.p[s] <= 1 || self.foreign_seen[s] == 0 {
+        if !self.shared_averaging || self.meta[s].p <= 1 || self.meta[s].foreign_seen == 0 {
             return 1.0;
         }
-        let own = self.own_seen[s] as f64 + 1.0;
-        let share = own / (own + self.foreign_seen[s] as f64);
-        let first = 1.0 / self.p[s] as f64;
+        let own = self.meta[s].own_seen as f64 + 1.0;
+        let share = own / (own + self.meta[s].foreign_seen as f64);
+        let first = 1.0 / self.meta[s].p as f64;
         (first + share * (1.0 - first)) as f32
     }
 
@@ -909,7 +962,7 @@ impl CacheCore {
     pub fn flush(&mut self) {
         for slot in 0..self.capacity as u32 {
             // Free slots always have p = 0 (eviction and insertion reset it).
-            if self.p[slot as usize] > 0 {
+            if self.meta[slot as usize].p > 0 {
                 self.push_line(slot);
             }
         }
@@ -957,9 +1010,9 @@ impl CacheCore {
         for (&key, &slot) in &self.index {
             if self.routing.shard_of(key) == shard {
                 let s = slot as usize;
-                self.revalidate[s] = true;
+                self.meta[s].revalidate = true;
                 self.stats.lines_revalidated += 1;
-                self.stats.updates_kept += self.p[s] as u64;
+                self.stats.updates_kept += self.meta[s].p as u64;
             }
         }
         tracing::warn!(
@@ -1086,5 +1139,86 @@ mod tests {
         core.finish_lookup(&Replies::default(), &mut out, None)
             .unwrap();
         assert_eq!(out, [-3.0, -6.0]);
+    }
+
+    /// A core of 16 rows of 2 values holding 4, read bound infinite (hits are not sent), every
+    /// update of a line pushed once it holds more than 1.
+    fn four_line_core() -> CacheCore {
+        let spec = TableSpec {
+            name: "t".into(),
+            rows: 16,
+            dim: 2,
+            init: Initializer::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 0.5 },
+        };
+        let mut config = CacheConfig::new(Capacity::Rows(4), PolicyKind::Lru, Bound::INFINITE);
+        config.push_bound = Bound::updates(1);
+        CacheCore::new(&spec, &config, 1)
+    }
+
+    /// Looks `keys` up, the shard answering every request with version 7 and row `[k, -k]`.
+    fn look_up_all(core: &mut CacheCore, keys: &[u64]) -> Vec<f32> {
+        let plan = core.plan_lookup(keys).unwrap();
+        let asked = plan.keys.to_vec();
+        let replies = Replies {
+            requests: (0..asked.len() as u32).collect(),
+            versions: vec![7; asked.len()],
+            rows: asked
+                .iter()
+                .flat_map(|&k| [k as f32, -(k as f32)])
+                .collect(),
+        };
+        let mut out = vec![0f32; keys.len() * 2];
+        core.finish_lookup(&replies, &mut out, None).unwrap();
+        out
+    }
+
+    #[test]
+    fn the_update_of_the_keys_a_lookup_placed_equals_one_that_resolves_them_again() {
+        // Keys 1, 2, 3, 5 are admitted into the four lines; 7 and 9 are not (LRU evicts only
+        // lines this lookup did not reserve), so the update touches lines and writes through.
+        let keys = [1, 2, 1, 3, 5, 7, 9, 2, 3];
+        let unique = [1u64, 2, 3, 5, 7, 9];
+        let grads: Vec<f32> = (0..unique.len() * 2)
+            .map(|i| 0.25 * i as f32 + 1.0)
+            .collect();
+        let mut outcomes = Vec::new();
+        for resolve_again in [false, true] {
+            let mut core = four_line_core();
+            look_up_all(&mut core, &keys);
+            if resolve_again {
+                // Any other call in between: the update's keys are resolved anew.
+                core.update(&[], &[]).unwrap();
+            }
+            for round in 0..3 {
+                core.update(&unique, &grads).unwrap();
+                let pushes = core.take_pushes();
+                let unpushed: Vec<u32> = unique.iter().map(|&k| core.unpushed(k)).collect();
+                outcomes.push((resolve_again, round, pushes, unpushed));
+            }
+            let rows = look_up_all(&mut core, &unique);
+            outcomes.push((resolve_again, 9, PushBatch::default(), vec![]));
+            outcomes.last_mut().unwrap().2.grads = rows;
+        }
+        let (fast, slow) = outcomes.split_at(outcomes.len() / 2);
+        for (a, b) in fast.iter().zip(slow) {
+            assert_eq!(
+                (a.1, &a.2.keys, &a.2.counts, &a.2.grads, &a.3),
+                (b.1, &b.2.keys, &b.2.counts, &b.2.grads, &b.3),
+                "round {}",
+                a.1
+            );
+        }
+        // The lines took the updates: resident keys hold the local steps.
+        assert_eq!(
+            fast[0].3,
+            [1, 1, 1, 1, 0, 0],
+            "one unpushed update per line"
+        );
+        assert_eq!(
+            fast[0].2.keys,
+            [7, 9],
+            "the keys not admitted are written through"
+        );
     }
 }
