@@ -99,6 +99,9 @@ pub struct RunResult {
     pub batches_per_s: f64,
     /// Stale refreshes per batch.
     pub stale_refreshes_per_batch: f64,
+    /// Whether each batch's lookup was prefetched during the previous batch's gradients and
+    /// update (`CachedTable::prefetch`).
+    pub prefetch: bool,
     /// Rows pushed by the final flush after the measured batches (not in the per-batch figures).
     pub flush_rows: u64,
     /// Counters of the measured batches, all clients summed.
@@ -216,11 +219,24 @@ impl Bench {
 
     /// Runs the workload with `clients` clients under `config`.
     pub fn run(&self, config: CacheConfig, clients: usize) -> Result<RunResult> {
+        self.run_with(config, clients, false)
+    }
+
+    /// Runs the workload with `clients` clients under `config`; with `prefetch`, each client
+    /// prefetches batch t+1's lookup right after batch t's, so that the round trip overlaps
+    /// batch t's gradients and update (whose pushes ride with the prefetch after it).
+    pub fn run_with(
+        &self,
+        config: CacheConfig,
+        clients: usize,
+        prefetch: bool,
+    ) -> Result<RunResult> {
         let w = &self.workload;
+        let ahead = if prefetch { ", prefetch" } else { "" };
         let label = match config.capacity {
-            Capacity::Disabled => format!("no cache, {clients} client(s)"),
+            Capacity::Disabled => format!("no cache{ahead}, {clients} client(s)"),
             _ => format!(
-                "{} bound {}, {clients} client(s)",
+                "{} bound {}{ahead}, {clients} client(s)",
                 config.policy, config.pull_bound
             ),
         };
@@ -249,13 +265,17 @@ impl Bench {
                         } else {
                             indicatif::ProgressBar::hidden()
                         };
-                        for (b, keys) in stream.chunks_exact(w.batch).enumerate() {
+                        let batches: Vec<&[u64]> = stream.chunks_exact(w.batch).collect();
+                        for (b, &keys) in batches.iter().enumerate() {
                             bar.inc(1);
                             if b == w.warmup {
                                 before = cache.stats();
                                 start = Instant::now();
                             }
                             cache.lookup(keys, &mut rows)?;
+                            if let Some(next) = batches.get(b + 1).filter(|_| prefetch) {
+                                cache.prefetch(next)?;
+                            }
                             // The backward pass: one gradient row per unique key, summed over its
                             // occurrences (a weight-decay gradient: cheap and bounded).
                             unique.gradients(keys, &rows, dim, |w| 0.01 * w);
@@ -311,6 +331,7 @@ impl Bench {
             bytes_per_batch: (total.bytes_received + total.bytes_sent) as f64 / batches,
             batches_per_s: batches / secs,
             stale_refreshes_per_batch: total.stale_refreshes as f64 / batches,
+            prefetch,
             flush_rows,
             stats: total,
         })
@@ -478,6 +499,11 @@ pub struct CommArgs {
     /// all alike; reported figures are medians over rounds.
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Also run every configuration, the baseline included, with each batch's lookup prefetched
+    /// during the previous batch's gradients and update (`CachedTable::prefetch`, as the trainer's
+    /// `--prefetch`); ratios stay against the baseline without prefetch.
+    #[arg(long)]
+    pub prefetch: bool,
     /// Write the report here as JSON.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -517,13 +543,18 @@ pub struct CommReport {
 pub fn comm(args: &CommArgs) -> Result<CommReport> {
     let bench = Bench::start(&args.workload)?;
     let mut entries = Vec::new();
-    let configs: Vec<CacheConfig> = std::iter::once(CacheConfig::disabled())
+    let plain: Vec<CacheConfig> = std::iter::once(CacheConfig::disabled())
         .chain(
             args.bounds
                 .iter()
                 .map(|&b| CacheConfig::new(Capacity::Fraction(args.cache), args.policy, b)),
         )
         .collect();
+    // (configuration, prefetch); the first is the baseline every ratio is taken against.
+    let mut configs: Vec<(CacheConfig, bool)> = plain.iter().map(|&c| (c, false)).collect();
+    if args.prefetch {
+        configs.extend(plain.iter().map(|&c| (c, true)));
+    }
     for &clients in &args.clients {
         // rounds[r][c]: round r, configuration c (0 = baseline).
         let mut rounds: Vec<Vec<RunResult>> = Vec::new();
@@ -536,7 +567,7 @@ pub fn comm(args: &CommArgs) -> Result<CommReport> {
             rounds.push(
                 configs
                     .iter()
-                    .map(|&c| bench.run(c, clients))
+                    .map(|&(c, prefetch)| bench.run_with(c, clients, prefetch))
                     .collect::<Result<_>>()?,
             );
         }
@@ -560,14 +591,16 @@ pub fn comm(args: &CommArgs) -> Result<CommReport> {
                 run,
             };
             eprintln!(
-                "{} client(s) {:<10} bound {:>4}: {:>7.1} batches/s (median {:>4.2}x of no cache)  {:>7.1} KB/batch ({:>5.1}% less)  hit {:>5.1}%  stale {:>6.1}/batch",
+                "{} client(s) {:<10} bound {:>4}{}: {:>7.1} batches/s (median {:>4.2}x of no cache)  {:>7.1} KB/batch ({:>5.1}% {})  hit {:>5.1}%  stale {:>6.1}/batch",
                 clients,
                 e.run.policy,
                 e.run.pull_bound,
+                if e.run.prefetch { " prefetch" } else { "" },
                 e.run.batches_per_s,
                 e.speedup,
                 e.run.bytes_per_batch / 1e3,
-                e.bytes_reduction * 100.0,
+                e.bytes_reduction.abs() * 100.0,
+                if e.bytes_reduction < 0.0 { "more" } else { "less" },
                 e.run.hit_rate * 100.0,
                 e.run.stale_refreshes_per_batch
             );
