@@ -1047,14 +1047,19 @@ mod tests {
     use crate::cache::{Bound, Capacity, PolicyKind};
     use hetkv_transport::{Initializer, OptimizerSpec};
 
-    fn one_row_core(push_bound: u64, shared: bool) -> CacheCore {
-        let spec = TableSpec {
+    /// Table `t` of `rows` rows of `dim` zeros, SGD at lr 0.5.
+    fn sgd_table(rows: u64, dim: u32) -> TableSpec {
+        TableSpec {
             name: "t".into(),
-            rows: 4,
-            dim: 1,
+            rows,
+            dim,
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.5 },
-        };
+        }
+    }
+
+    fn one_row_core(push_bound: u64, shared: bool) -> CacheCore {
+        let spec = sgd_table(4, 1);
         let mut config =
             CacheConfig::new(Capacity::Fraction(1.0), PolicyKind::Lfu, Bound::updates(0));
         config.push_bound = Bound::updates(push_bound);
@@ -1109,13 +1114,7 @@ mod tests {
 
     #[test]
     fn a_push_scale_shrinks_what_is_pushed_but_not_the_local_copy() {
-        let spec = TableSpec {
-            name: "t".into(),
-            rows: 4,
-            dim: 2,
-            init: Initializer::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr: 0.5 },
-        };
+        let spec = sgd_table(4, 2);
         let config = CacheConfig::new(Capacity::Fraction(1.0), PolicyKind::Lfu, Bound::updates(1));
         let mut core = CacheCore::new(&spec, &config, 1);
         core.set_push_scale(0.25);
@@ -1144,13 +1143,7 @@ mod tests {
     /// A core of 16 rows of 2 values holding 4, read bound infinite (hits are not sent), every
     /// update of a line pushed once it holds more than 1.
     fn four_line_core() -> CacheCore {
-        let spec = TableSpec {
-            name: "t".into(),
-            rows: 16,
-            dim: 2,
-            init: Initializer::Zeros,
-            optimizer: OptimizerSpec::Sgd { lr: 0.5 },
-        };
+        let spec = sgd_table(16, 2);
         let mut config = CacheConfig::new(Capacity::Rows(4), PolicyKind::Lru, Bound::INFINITE);
         config.push_bound = Bound::updates(1);
         CacheCore::new(&spec, &config, 1)
