@@ -829,20 +829,11 @@ impl CacheCore {
             return Err(self.wrong_dim(keys.len(), clocks.as_ref().map_or(0, |c| c.len())));
         }
         self.update(late_keys, late_grads)?;
-        // Each late key's gradient sum and count, for the rows not cached.
-        self.dedup_keys(late_keys);
-        self.counts.clear();
-        self.counts.resize(self.uniq.len(), 0);
-        self.uniq_rows.clear();
-        self.uniq_rows.resize(self.uniq.len() * dim, 0.0);
-        for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
-            let u = u as usize;
-            self.counts[u] += 1;
-            let sums = &mut self.uniq_rows[u * dim..(u + 1) * dim];
-            for (s, g) in sums.iter_mut().zip(&late_grads[pos * dim..(pos + 1) * dim]) {
-                *s += g;
-            }
-        }
+        // `update` left the late keys de-duplicated (`uniq`; `dedup`: key -> index into it;
+        // `counts`) and, where a key occurred more than once, their gradient sums in `uniq_rows`;
+        // the rows not cached take those.
+        let summed = self.uniq.len() != late_keys.len();
+        let sums: &[f32] = if summed { &self.uniq_rows } else { late_grads };
         for (pos, key) in keys.iter().enumerate() {
             let Some(&u) = self.dedup.get(key) else {
                 continue;
@@ -859,7 +850,7 @@ impl CacheCore {
                 None => {
                     let u = u as usize;
                     let lr = self.lr;
-                    for (d, g) in row.iter_mut().zip(&self.uniq_rows[u * dim..(u + 1) * dim]) {
+                    for (d, g) in row.iter_mut().zip(&sums[u * dim..(u + 1) * dim]) {
                         *d -= lr * g;
                     }
                     if let Some(c) = clocks.as_deref_mut() {
