@@ -592,7 +592,8 @@ impl CacheCore {
         // Each unique key's row goes to its first position in `out`; duplicates are copied from
         // there at the end.
         self.uniq_clock.resize(self.uniq.len(), 0);
-        // Hits first: a miss below may evict a line that is also a hit of this batch.
+        // Hits first; the misses then fill the slots reserved for them while planning (never a
+        // line this lookup hits: those carry its stamp).
         for u in 0..self.uniq.len() {
             self.load_ahead(u);
             let slot = self.slot_of_uniq[u];
@@ -662,7 +663,6 @@ impl CacheCore {
                 self.slot_of_uniq[u] = slot;
             } else {
                 self.stats.not_admitted += 1;
-                self.slot_of_uniq[u] = NIL;
             }
         }
         for (pos, &u) in self.uniq_of_pos.iter().enumerate() {
