@@ -9,7 +9,7 @@ use hetkv_transport::{
     Carried, PushOutcome, PushRef, ShardTransport, StaleRows, Traffic, TransportError,
 };
 
-use crate::cache::{CacheConfig, CacheCore, PushBatch, RequestKind, ShardRequest};
+use crate::cache::{CacheConfig, CacheCore, PushBatch, RequestKind, ShardRequest, SharedKeys};
 use crate::cluster::{Cluster, Table};
 use crate::metrics::{CacheStatsHandle, PublishedStats};
 use crate::stats::{CacheStats, PhaseTimes};
@@ -232,10 +232,10 @@ impl CachedTable {
         self
     }
 
-    /// Weights each line's push by this worker's share of the key's updates
-    /// ([`CacheCore::set_shared_averaging`]).
-    pub fn with_shared_averaging(mut self) -> Self {
-        self.core.set_shared_averaging(true);
+    /// How this cache's updates of a key combine with other workers' updates of it
+    /// ([`CacheCore::set_shared_keys`]; [`SharedKeys::Summed`] unless set).
+    pub fn with_shared_keys(mut self, mode: SharedKeys) -> Self {
+        self.core.set_shared_keys(mode);
         self
     }
 

@@ -27,7 +27,7 @@ mod rdma_backend;
 pub mod stats;
 
 pub use barrier::CheckpointBarrier;
-pub use cache::{Bound, CacheConfig, Capacity, PolicyKind};
+pub use cache::{Bound, CacheConfig, Capacity, PolicyKind, SharedKeys};
 pub use cached::CachedTable;
 pub use cluster::{Cluster, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};

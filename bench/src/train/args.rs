@@ -29,12 +29,12 @@ pub struct TrainArgs {
     /// (`CachedTable::prefetch`): one request a batch and shard, overlapped with compute.
     #[arg(long)]
     pub prefetch: bool,
-    /// Push each embedding line's accumulated gradient whole, instead of weighting it by the
-    /// worker's share of the key's updates (`CachedTable::with_shared_averaging`, the default:
-    /// keys every worker trains move by the mean of the workers' local progress, keys one worker
-    /// trains by all of it). Summed, DeepFM at bound 100 diverged in 3 of 8 runs (docs/BENCHMARKS.md).
-    #[arg(long)]
-    pub summed_pushes: bool,
+    /// How a worker's updates of an embedding key combine with the other workers' updates of it
+    /// under the write bound (`hetkv_client::SharedKeys`; docs/BENCHMARKS.md, "Why logloss drifts",
+    /// measures all three at bound 100: extrapolated comes closest to bound 0's AUC, averaged is
+    /// the default because it has not diverged).
+    #[arg(long, value_enum, default_value = "averaged")]
+    pub shared_keys: SharedKeysArg,
     /// Data-parallel workers, each with its own client and cache.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -124,6 +124,23 @@ pub struct TrainArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
+/// `--shared-keys`: the embedding caches' [`SharedKeys`] mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedKeysArg {
+    /// Local steps and pushes whole (`SharedKeys::Summed`): the four workers' local progress on a
+    /// hot key is summed; DeepFM at bound 100 diverged in 3 of 8 runs.
+    Summed,
+    /// Pushes weighted by the worker's share of the key's updates (`SharedKeys::Averaged`):
+    /// no divergence measured, but keys every worker trains learn at about a worker's pace
+    /// (AUC 0.003–0.006 below bound 0).
+    Averaged,
+    /// Local steps extrapolated by the inverse of the worker's share, at most `--workers` times,
+    /// pushes whole (`SharedKeys::Extrapolated`): AUC within 0.002 (Wide&Deep) and 0.004
+    /// (DeepFM) of bound 0, but DeepFM diverged in 1 of 20 runs.
+    Extrapolated,
+}
+
 /// The server-side optimizer of a training run's tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -159,7 +176,7 @@ impl TrainArgs {
             threads: 1,
             dense_bound: Bound::updates(0),
             prefetch: false,
-            summed_pushes: false,
+            shared_keys: SharedKeysArg::Averaged,
             workers: 4,
             pull_bound: Bound::updates(100),
             push_bound: Bound::updates(100),
@@ -211,6 +228,17 @@ impl TrainArgs {
     /// Batches worker `w` skips (`--resume-batches`).
     pub(super) fn resume_of(&self, w: usize) -> usize {
         self.resume_batches.get(w).copied().unwrap_or(0)
+    }
+
+    /// The embedding caches' [`SharedKeys`] mode.
+    pub(super) fn shared_keys(&self) -> SharedKeys {
+        match self.shared_keys {
+            SharedKeysArg::Summed => SharedKeys::Summed,
+            SharedKeysArg::Averaged => SharedKeys::Averaged,
+            SharedKeysArg::Extrapolated => SharedKeys::Extrapolated {
+                max_scale: self.workers.max(1) as f32,
+            },
+        }
     }
 
     pub(super) fn cache_config(&self) -> CacheConfig {

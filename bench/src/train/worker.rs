@@ -64,16 +64,10 @@ impl WorkerTables {
         let emb_client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
         let client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
         Ok(Self {
-            emb: {
-                let cache = emb_client
-                    .open_table("ctr_emb")?
-                    .cached(args.cache_config());
-                if !args.summed_pushes {
-                    cache.with_shared_averaging()
-                } else {
-                    cache
-                }
-            },
+            emb: emb_client
+                .open_table("ctr_emb")?
+                .cached(args.cache_config())
+                .with_shared_keys(args.shared_keys()),
             dense: client
                 .open_table("ctr_dense")?
                 .cached(args.dense_cache_config())

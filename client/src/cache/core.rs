@@ -233,9 +233,38 @@ pub struct CacheCore {
     unsent: PushBatch,
     /// What every pushed gradient sum is multiplied by ([`CacheCore::set_push_scale`]).
     push_scale: f32,
-    /// Whether a line's push is weighted by its share of the key's updates
-    /// ([`CacheCore::set_shared_averaging`]).
-    shared_averaging: bool,
+    /// How local updates of a key combine with other workers' ([`CacheCore::set_shared_keys`]).
+    shared_keys: SharedKeys,
+}
+
+/// How a cache's updates of a key combine with the updates other workers make to the same key
+/// while its line is dirty, under a write bound above 0. DESIGN leaves it open (every push is
+/// applied by the shards' optimizer, and versions count every update once in every mode);
+/// `docs/ARCHITECTURE.md` states each mode's consistency and `docs/BENCHMARKS.md` measures them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum SharedKeys {
+    /// Every local step is `lr x g` and every push the whole gradient sum: after a flush the
+    /// rows equal sequential SGD over the updates in push order. Several workers training one key
+    /// each take up to `push_bound` steps that see only their own progress, and the shards sum
+    /// them (an overshoot for the keys every worker trains).
+    #[default]
+    Summed,
+    /// Every local step is `lr x g`; a push is weighted by the line's share of the key's updates
+    /// (see `CacheCore::line_weight`): a key W workers train moves by the mean of their local
+    /// progress, a key one worker trains by all of it.
+    Averaged,
+    /// A local step is `lr x g / share`, `share = (own + 1) / (own + foreign + 1)` being the
+    /// line's part of the key's updates seen since it was fetched, and at most `max_scale` times
+    /// `lr x g`; pushes are whole (the shards take every gradient at `lr`, as in `Summed`). The
+    /// local copy so anticipates the other workers' concurrent progress on the key instead of
+    /// ignoring it, and the next gradients are taken near where the shards' copy is going. A
+    /// refresh re-applies the pending sum at `lr` only: the fresh row already holds the foreign
+    /// progress made meanwhile. `max_scale` bounds the extrapolation of a line with little own
+    /// history (the trainer uses its number of workers).
+    Extrapolated {
+        /// The largest factor a local step is scaled by (at least 1).
+        max_scale: f32,
+    },
 }
 
 /// What the cache keeps of one slot besides its values. One struct per slot, aligned to a cache
@@ -319,7 +348,7 @@ impl CacheCore {
             pushes: PushBatch::default(),
             unsent: PushBatch::default(),
             push_scale: 1.0,
-            shared_averaging: false,
+            shared_keys: SharedKeys::Summed,
         }
     }
 
@@ -620,6 +649,8 @@ impl CacheCore {
                 }
                 self.stats.rows_pulled += 1;
                 let fresh = &replies.rows[i * dim..(i + 1) * dim];
+                // At the plain learning rate in every mode: the fresh row already holds the
+                // foreign progress an extrapolated step anticipated.
                 let lr = self.lr;
                 let (data, pending) = self.line_mut(slot);
                 for ((d, f), g) in data.iter_mut().zip(fresh).zip(pending.iter()) {
@@ -761,7 +792,7 @@ impl CacheCore {
                 self.pushes.add(key, self.counts[u], g);
                 continue;
             }
-            let lr = self.lr;
+            let lr = self.lr * self.local_scale(slot as usize);
             let (data, pending) = self.line_mut(slot);
             for ((d, p), g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
                 *p += g;
@@ -904,7 +935,7 @@ impl CacheCore {
         self.line_mut(slot).1.fill(0.0);
     }
 
-    /// Queues a dirty line's pending gradient (weighted under shared averaging).
+    /// Queues a dirty line's pending gradient (weighted under [`SharedKeys::Averaged`]).
     fn queue_line(&mut self, slot: u32) {
         let s = slot as usize;
         let at = s * 2 * self.dim + self.dim;
@@ -922,8 +953,8 @@ impl CacheCore {
         }
     }
 
-    /// What a line's pending gradient sum is multiplied by when pushed: 1, or under shared
-    /// averaging `1/p + share x (1 - 1/p)`, `share` being this cache's part of the key's updates
+    /// What a line's pending gradient sum is multiplied by when pushed: 1, or under
+    /// [`SharedKeys::Averaged`] `1/p + share x (1 - 1/p)`, `share` being this cache's part of the key's updates
     /// seen since the line was fetched (`(own + 1) / (own + foreign + 1)`) and `p` the updates
     /// in the push. The first of the `p` local steps was taken from the point every worker shares
     /// and is summed, as synchronous SGD sums the workers' gradients; the other `p - 1` are local
@@ -932,21 +963,39 @@ impl CacheCore {
     /// local progress (as model averaging does), and for a key only this worker trains, by all of
     /// it. With `p = 1` (a push bound of 0) or no foreign updates the weight is 1.
     fn line_weight(&self, s: usize) -> f32 {
-        if !self.shared_averaging || self.meta[s].p <= 1 || self.meta[s].foreign_seen == 0 {
+        if self.shared_keys != SharedKeys::Averaged || self.meta[s].p <= 1 {
             return 1.0;
         }
-        let own = self.meta[s].own_seen as f64 + 1.0;
-        let share = own / (own + self.meta[s].foreign_seen as f64);
+        let share = self.line_share(s);
         let first = 1.0 / self.meta[s].p as f64;
         (first + share * (1.0 - first)) as f32
     }
 
-    /// Weights every line's push by its share of the key's updates (see `line_weight`): for
-    /// keys several workers train under a push bound, summing their whole local progress would
-    /// move the shards' copy by W times a worker's; off by default (every update applied whole,
-    /// which the model-based test and sequential-SGD equivalence rely on).
-    pub fn set_shared_averaging(&mut self, on: bool) {
-        self.shared_averaging = on;
+    /// What a local step of line `s` multiplies the learning rate by: under
+    /// [`SharedKeys::Extrapolated`] `1 / share`, at most `max_scale`; otherwise 1.
+    fn local_scale(&self, s: usize) -> f32 {
+        match self.shared_keys {
+            SharedKeys::Extrapolated { max_scale } => {
+                ((1.0 / self.line_share(s)) as f32).clamp(1.0, max_scale.max(1.0))
+            }
+            _ => 1.0,
+        }
+    }
+
+    /// This cache's part of the key's updates seen since line `s` was fetched,
+    /// `(own + 1) / (own + foreign + 1)`, foreign updates being learnt at its refreshes (1 before
+    /// any).
+    fn line_share(&self, s: usize) -> f64 {
+        let own = self.meta[s].own_seen as f64 + 1.0;
+        own / (own + self.meta[s].foreign_seen as f64)
+    }
+
+    /// How this cache's updates of a key combine with other workers' ([`SharedKeys`]);
+    /// [`SharedKeys::Summed`] by default (every update applied whole, which the model-based test
+    /// and the sequential-SGD equivalence rely on). One worker, or a push bound of 0, behaves the
+    /// same in every mode (no foreign updates while a line is dirty, or pushes of one update).
+    pub fn set_shared_keys(&mut self, mode: SharedKeys) {
+        self.shared_keys = mode;
     }
 
     /// Leaves every dirty line in the push batch.
@@ -1055,7 +1104,11 @@ mod tests {
             CacheConfig::new(Capacity::Fraction(1.0), PolicyKind::Lfu, Bound::updates(0));
         config.push_bound = Bound::updates(push_bound);
         let mut core = CacheCore::new(&spec, &config, 1);
-        core.set_shared_averaging(shared);
+        core.set_shared_keys(if shared {
+            SharedKeys::Averaged
+        } else {
+            SharedKeys::Summed
+        });
         core
     }
 
@@ -1101,6 +1154,52 @@ mod tests {
         look_up(&mut core, 50);
         core.update(&[1], &[1.0]).unwrap();
         assert_eq!(core.take_pushes().grads, [1.0, 1.0]);
+    }
+
+    /// The value of key 1's line in a core of one-value rows.
+    fn local_value(core: &CacheCore) -> f32 {
+        core.lines[core.index[&1] as usize * 2]
+    }
+
+    #[test]
+    fn extrapolation_scales_local_steps_by_the_inverse_share_and_pushes_whole() {
+        // (max_scale, the local value after the two extrapolated steps).
+        for (max_scale, want) in [(8.0, -5.25), (2.0, -2.5)] {
+            let mut core = one_row_core(2, false);
+            core.set_shared_keys(SharedKeys::Extrapolated { max_scale });
+            look_up(&mut core, 0);
+            core.update(&[1], &[1.0]).unwrap();
+            assert_eq!(local_value(&core), -0.5, "no foreign updates seen: lr x g");
+            // 9 foreign updates: the refresh re-applies the pending gradient at lr.
+            look_up(&mut core, 9);
+            assert_eq!(local_value(&core), -0.5);
+            // share (1 + 1) / (1 + 1 + 9) = 2/11: the step is 5.5 lr x g (or the cap);
+            // then (2 + 1) / (2 + 1 + 9) = 1/4: 4 lr x g (or the cap).
+            core.update(&[1], &[1.0]).unwrap();
+            core.update(&[1], &[1.0]).unwrap();
+            assert!(
+                (local_value(&core) - want).abs() < 1e-5,
+                "max_scale {max_scale}: local {} for {want}",
+                local_value(&core)
+            );
+            let pushed = core.take_pushes();
+            assert_eq!(pushed.counts, [3]);
+            assert_eq!(pushed.grads, [3.0], "pushes are the whole gradient sum");
+            // A refresh takes the shards' row and the pending gradient at lr, unscaled: the
+            // row already holds the foreign progress the local steps anticipated.
+            core.update(&[1], &[1.0]).unwrap();
+            look_up(&mut core, 20);
+            assert_eq!(local_value(&core), -0.5);
+        }
+        // One worker (no foreign updates) and a push bound of 0 are plain SGD.
+        let mut core = one_row_core(0, false);
+        core.set_shared_keys(SharedKeys::Extrapolated { max_scale: 4.0 });
+        look_up(&mut core, 0);
+        for _ in 0..3 {
+            core.update(&[1], &[1.0]).unwrap();
+        }
+        assert_eq!(local_value(&core), -1.5);
+        assert_eq!(core.take_pushes().grads, [1.0, 1.0, 1.0]);
     }
 
     #[test]

@@ -4,7 +4,7 @@ pub mod core;
 pub mod policy;
 
 pub use self::core::{
-    CacheCore, CacheError, LookupPlan, PushBatch, Replies, RequestKind, ShardRequest,
+    CacheCore, CacheError, LookupPlan, PushBatch, Replies, RequestKind, ShardRequest, SharedKeys,
 };
 pub use policy::PolicyKind;
 
