@@ -1,8 +1,9 @@
 //! The model-based test of the cache's consistency bounds (`hetkv_tests::model`) against real
 //! daemons over sockets, over every transport. The same model runs without sockets, against
-//! simulated shards, in `cache_harness.rs`. Each transport runs it without and with prefetching.
+//! simulated shards, in `cache_harness.rs`. Each transport runs it without and with prefetching,
+//! and with extrapolated local steps.
 
-use hetkv_client::{Cluster, TransportKind};
+use hetkv_client::{Cluster, SharedKeys, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 use hetkv_tests::model;
@@ -40,10 +41,15 @@ fn bounds_hold_over_rdma() {
 
 fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
-    let mut prefetched = 0;
+    let (mut prefetched, mut extrapolated_rows) = (0, 0);
     // Without prefetching, then with it (the prefetches' requests go from their caches' helper
-    // threads).
-    for (prefix, prefetch) in [("model", false), ("prefetch", true)] {
+    // threads), then with extrapolated local steps.
+    let extrapolated = SharedKeys::Extrapolated { max_scale: 3.0 };
+    for (prefix, prefetch, shared_keys) in [
+        ("model", false, SharedKeys::Summed),
+        ("prefetch", true, SharedKeys::Summed),
+        ("extrapolated", false, extrapolated),
+    ] {
         for (policy, bound) in model::policies_and_bounds() {
             let name = format!("{prefix}_{policy}_{bound}").replace('-', "_");
             let truth = admin.create_table(&model::spec(&name)).unwrap();
@@ -55,15 +61,21 @@ fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
             };
             let options = model::Options {
                 prefetch,
+                shared_keys,
                 ..Default::default()
             };
-            prefetched +=
-                model::run_with(&truth, &mut connect, policy, bound, 0x5EED, options, None)
-                    .prefetched;
+            let outcome =
+                model::run_with(&truth, &mut connect, policy, bound, 0x5EED, options, None);
+            prefetched += outcome.prefetched;
+            extrapolated_rows += outcome.extrapolated_rows;
         }
     }
     assert!(
         prefetched > 100,
         "{prefetched} lookups served by a prefetch"
+    );
+    assert!(
+        extrapolated_rows > 20,
+        "{extrapolated_rows} rows read ahead of their own updates by extrapolation"
     );
 }
