@@ -104,6 +104,7 @@ fn a_prefetch_whose_read_fails_after_its_push_loses_and_repeats_nothing() {
         let options = model::Options {
             faults: true,
             prefetch: true,
+            ..Default::default()
         };
         failed +=
             model::run_with(&truth, &mut connect, policy, bound, 8, options, None).failed_lookups;
