@@ -82,8 +82,9 @@ pub struct Options {
     /// How the caches combine their updates of a key: [`SharedKeys::Summed`] (the default) or
     /// [`SharedKeys::Extrapolated`]. Extrapolation scales a cache's local steps only, so every
     /// claim about the server and the bounds holds exactly; of a returned row, element c of
-    /// client c then lies between the updates c issued and `max_scale` times them, and every
-    /// other element is checked as without it. [`SharedKeys::Averaged`] weights the pushes
+    /// client c then lies between the updates c issued and `max_scale` times them, the other
+    /// clients' elements plus c's issued updates sum to the row's clock, and the rest is checked
+    /// as without it. [`SharedKeys::Averaged`] weights the pushes
     /// themselves, which the model's exact counts cannot check: it is refused.
     pub shared_keys: SharedKeys,
 }
@@ -320,6 +321,15 @@ pub fn run_with(
                             "{}: read-your-writes on key {k}: {} for {own} issued",
                             ctx(op, c),
                             row[c]
+                        );
+                        // The other clients' elements are exact counts: with c's issued updates they sum
+                        // to the row's clock.
+                        let others: f32 = (0..CLIENTS).filter(|&o| o != c).map(|o| row[o]).sum();
+                        assert_eq!(
+                            others as u64 + issued[c][k],
+                            clocks[i],
+                            "{}: key {k} values do not match their clock",
+                            ctx(op, c)
                         );
                     }
                     for other in (0..CLIENTS).filter(|&o| o != c) {

@@ -954,8 +954,8 @@ impl CacheCore {
     }
 
     /// What a line's pending gradient sum is multiplied by when pushed: 1, or under
-    /// [`SharedKeys::Averaged`] `1/p + share x (1 - 1/p)`, `share` being this cache's part of the key's updates
-    /// seen since the line was fetched (`(own + 1) / (own + foreign + 1)`) and `p` the updates
+    /// [`SharedKeys::Averaged`] `1/p + share x (1 - 1/p)`, `share` being this cache's part of the
+    /// key's updates seen since the line was fetched (`(own + 1) / (own + foreign + 1)`) and `p` the updates
     /// in the push. The first of the `p` local steps was taken from the point every worker shares
     /// and is summed, as synchronous SGD sums the workers' gradients; the other `p - 1` are local
     /// progress, which each worker updating the key makes on its own data, and count by share:
