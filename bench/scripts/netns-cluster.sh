@@ -12,8 +12,9 @@
 # when it has not). For each config it starts fresh daemons, runs `hetkv-bench train` with the
 # workers as processes in their namespaces, and writes DIR/RATE-CONFIG.json; at the end it prints
 # a summary, time to accuracy included. A config is `cache:BOUND` (LFU cache, both bounds BOUND)
-# or `nocache` (the classic parameter server), either with `:prefetch` appended (`--prefetch`:
-# the next batch's lookups overlap this batch's compute, `cache:0:prefetch` for instance). Only addresses inside these namespaces are used
+# or `nocache` (the classic parameter server), either followed by modifiers: `:prefetch`
+# (`--prefetch`: the next batch's lookups overlap this batch's compute) and `:summed`, `:averaged`
+# or `:extrapolated` (`--shared-keys`), as in `cache:100:prefetch:extrapolated`. Only addresses inside these namespaces are used
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
 # --summary-only prints the summary of the JSON files already in DIR.
 #
@@ -158,14 +159,22 @@ make_cluster() { # rate
 
 declare -A ADDR
 run_config() { # rate config
-    local rate=$1 config=$2 servers="" train_cfg=()
-    local base=${config%:prefetch}
-    [ "$base" != "$config" ] && train_cfg=(--prefetch)
-    case "$base" in
-        nocache) train_cfg+=(--cache 0) ;;
-        cache:*) train_cfg+=(--cache 0.1 --pull-bound "${base#cache:}" --push-bound "${base#cache:}") ;;
-        *) die "unknown config $config (cache:BOUND or nocache, either with :prefetch)" ;;
+    local rate=$1 config=$2 servers="" train_cfg=() parts mods
+    IFS=: read -ra parts <<< "$config"
+    case "${parts[0]}" in
+        nocache) train_cfg+=(--cache 0); mods=("${parts[@]:1}") ;;
+        cache) [[ ${parts[1]:-} =~ ^[0-9]+$ ]] || die "config $config: cache:BOUND needs a number"
+            train_cfg+=(--cache 0.1 --pull-bound "${parts[1]}" --push-bound "${parts[1]}")
+            mods=("${parts[@]:2}") ;;
+        *) die "unknown config $config (cache:BOUND or nocache, then :prefetch and/or :summed, :averaged or :extrapolated)" ;;
     esac
+    for mod in "${mods[@]}"; do
+        case "$mod" in
+            prefetch) train_cfg+=(--prefetch) ;;
+            summed|averaged|extrapolated) train_cfg+=(--shared-keys "$mod") ;;
+            *) die "config $config: unknown modifier $mod (prefetch, summed, averaged, extrapolated)" ;;
+        esac
+    done
     for ((s = 0; s < SHARDS; s++)); do
         ip netns exec "$P""s$s" "$HETKV" serve --listen "${ADDR[s$s]}:7070" --shard "$s" --shards "$SHARDS" \
             2> "$OUT/$rate-$config-daemon$s.log" &
