@@ -253,14 +253,20 @@ pub enum SharedKeys {
     /// (see `CacheCore::line_weight`): a key W workers train moves by the mean of their local
     /// progress, a key one worker trains by all of it.
     Averaged,
-    /// A local step is `lr x g / share`, `share = (own + 1) / (own + foreign + 1)` being the
-    /// line's part of the key's updates seen since it was fetched, and at most `max_scale` times
-    /// `lr x g`; pushes are whole (the shards take every gradient at `lr`, as in `Summed`). The
-    /// local copy so anticipates the other workers' concurrent progress on the key instead of
-    /// ignoring it, and the next gradients are taken near where the shards' copy is going. A
-    /// refresh re-applies the pending sum at `lr` only: the fresh row already holds the foreign
-    /// progress made meanwhile. `max_scale` bounds the extrapolation of a line with little own
-    /// history (the trainer uses its number of workers).
+    /// A local step is `lr x g` plus the extrapolation `lr x (scale - 1) x a`, `scale = 1 /
+    /// share` at most `max_scale`, `share = (own + 1) / (own + foreign + 1)` being the line's
+    /// part of the key's updates seen since it was fetched; pushes are whole (the shards take
+    /// every gradient at `lr`, as in `Summed`). The local copy so anticipates the other workers'
+    /// concurrent progress on the key instead of ignoring it, and the next gradients are taken
+    /// near where the shards' copy is going. `a` is limited element by element (a minmod
+    /// limiter): of this gradient `g` and the mean of the gradients pending in the line (this one
+    /// included), the one smaller in magnitude where they agree in sign, 0 where they do not.
+    /// Extrapolating `g` itself fed the worker's noise back `scale` times over (DeepFM at rows of
+    /// 128 diverged), and the mean alone kept pushing past the optimum after the gradient turned
+    /// (logloss drift); docs/BENCHMARKS.md measures the three. A refresh re-applies the pending
+    /// sum at `lr` only: the fresh row already holds the foreign progress made meanwhile.
+    /// `max_scale` bounds the extrapolation of a line with little own history (the trainer uses
+    /// its number of workers).
     Extrapolated {
         /// The largest factor a local step is scaled by (at least 1).
         max_scale: f32,
@@ -792,15 +798,40 @@ impl CacheCore {
                 self.pushes.add(key, self.counts[u], g);
                 continue;
             }
-            let lr = self.lr * self.local_scale(slot as usize);
-            let (data, pending) = self.line_mut(slot);
-            for ((d, p), g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
-                *p += g;
-                *d -= lr * g;
-            }
             let s = slot as usize;
-            self.meta[s].p = self.meta[s].p.saturating_add(self.counts[u]);
-            self.meta[s].own_seen += self.counts[u] as u64;
+            let count = self.counts[u];
+            let lr = self.lr;
+            let scale = self.local_scale(s);
+            if scale > 1.0 {
+                // Extrapolation, limited: per element, whichever of this gradient and the
+                // pending mean (`count` occurrences' worth) is smaller, nothing where they
+                // disagree in sign.
+                let extra = lr * (scale - 1.0);
+                let per_update = count as f32 / self.meta[s].p.saturating_add(count).max(1) as f32;
+                let (data, pending) = self.line_mut(slot);
+                for ((d, p), &g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
+                    *p += g;
+                    let mean = *p * per_update;
+                    let along = if g * mean > 0.0 {
+                        if mean.abs() < g.abs() {
+                            mean
+                        } else {
+                            g
+                        }
+                    } else {
+                        0.0
+                    };
+                    *d -= lr * g + extra * along;
+                }
+            } else {
+                let (data, pending) = self.line_mut(slot);
+                for ((d, p), g) in data.iter_mut().zip(pending.iter_mut()).zip(g) {
+                    *p += g;
+                    *d -= lr * g;
+                }
+            }
+            self.meta[s].p = self.meta[s].p.saturating_add(count);
+            self.meta[s].own_seen += count as u64;
             if self.meta[s].p as u64 > self.push_bound || self.meta[s].p == u32::MAX {
                 self.push_line(slot);
             }
@@ -971,7 +1002,7 @@ impl CacheCore {
         (first + share * (1.0 - first)) as f32
     }
 
-    /// What a local step of line `s` multiplies the learning rate by: under
+    /// What a local step of line `s` multiplies the learning rate by at most: under
     /// [`SharedKeys::Extrapolated`] `1 / share`, at most `max_scale`; otherwise 1.
     fn local_scale(&self, s: usize) -> f32 {
         match self.shared_keys {
@@ -1200,6 +1231,35 @@ mod tests {
         }
         assert_eq!(local_value(&core), -1.5);
         assert_eq!(core.take_pushes().grads, [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn the_extrapolated_part_of_a_step_is_limited_by_the_mean_pending_gradient() {
+        let mut core = one_row_core(5, false);
+        core.set_shared_keys(SharedKeys::Extrapolated { max_scale: 8.0 });
+        look_up(&mut core, 0);
+        core.update(&[1], &[1.0]).unwrap();
+        look_up(&mut core, 9);
+        assert_eq!(local_value(&core), -0.5);
+        let steps = [
+            // share 2/11, scale 5.5; pending 1 + 3 = 4 over 2 updates, mean 2 < 3: the step is
+            // lr x 3 + lr x 4.5 x 2 = 1.5 + 4.5, not 5.5 x lr x 3 = 8.25.
+            (vec![1], vec![3.0], -6.5),
+            // Two occurrences: share (2 + 1) / (2 + 1 + 9), scale 4; pending 6 over 4 updates,
+            // two means 3 > the gradient 2: lr x 2 + lr x 3 x 2 = 1 + 3.
+            (vec![1, 1], vec![1.0, 1.0], -10.5),
+            // A gradient against the pending mean (5 / 5) is not extrapolated: lr x -1.
+            (vec![1], vec![-1.0], -10.0),
+        ];
+        for (keys, grads, want) in steps {
+            core.update(&keys, &grads).unwrap();
+            assert!(
+                (local_value(&core) - want).abs() < 1e-5,
+                "after {grads:?}: local {} for {want}",
+                local_value(&core)
+            );
+        }
+        assert!(core.take_pushes().is_empty(), "within the push bound");
     }
 
     #[test]
