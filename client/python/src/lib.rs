@@ -11,7 +11,7 @@ use std::time::Duration;
 use hetkv_client::cache::CacheError;
 use hetkv_client::{
     Bound as CacheBound, CacheConfig, CachedTable, Capacity, ClientError, Cluster as RustCluster,
-    PolicyKind, Table as RustTable, TransportKind,
+    PolicyKind, SharedKeys, Table as RustTable, TransportKind,
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_transport::{
@@ -713,14 +713,49 @@ impl Table {
     /// int); 0 turns the cache off (with bounds 0, the classic parameter server). `policy` is
     /// "lru", "lfu" or "light-lfu". A cached row lags the shards by at most `pull_bound` updates;
     /// a line holds at most `push_bound` unpushed updates (None: unbounded).
-    #[pyo3(signature = (capacity = CapacityArg::Fraction(0.1), policy = "lfu", pull_bound = Some(100), push_bound = Some(100)))]
+    ///
+    /// `shared_keys` says how this worker's updates of a key combine with other workers' under
+    /// the write bound: "summed" (every local step and push whole: sequential SGD after a
+    /// flush), "averaged" (pushes weighted by the worker's share of the key's updates) or
+    /// "extrapolated" (local steps extrapolated by the inverse share, at most `max_scale` times,
+    /// usually the number of workers; pushes whole). docs/ARCHITECTURE.md states each mode's
+    /// consistency; one worker, or a push bound of 0, is the same in all three.
+    #[pyo3(signature = (capacity = CapacityArg::Fraction(0.1), policy = "lfu", pull_bound = Some(100), push_bound = Some(100), shared_keys = "summed", max_scale = None))]
     fn cached(
         &self,
         capacity: CapacityArg,
         policy: &str,
         pull_bound: Option<u64>,
         push_bound: Option<u64>,
+        shared_keys: &str,
+        max_scale: Option<f32>,
     ) -> PyResult<Cache> {
+        let shared_keys =
+            match (shared_keys, max_scale) {
+                ("summed", None) => SharedKeys::Summed,
+                ("averaged", None) => SharedKeys::Averaged,
+                ("extrapolated", Some(m)) if m >= 1.0 && m.is_finite() => {
+                    SharedKeys::Extrapolated { max_scale: m }
+                }
+                ("extrapolated", Some(m)) => {
+                    return Err(PyValueError::new_err(format!(
+                        "max_scale {m} must be a finite number of at least 1"
+                    )))
+                }
+                ("extrapolated", None) => return Err(PyValueError::new_err(
+                    "shared_keys=\"extrapolated\" needs max_scale (usually the number of workers)",
+                )),
+                ("summed" | "averaged", Some(_)) => {
+                    return Err(PyValueError::new_err(
+                        "max_scale applies to shared_keys=\"extrapolated\" only",
+                    ))
+                }
+                (other, _) => {
+                    return Err(PyValueError::new_err(format!(
+                        "shared_keys {other:?} is not \"summed\", \"averaged\" or \"extrapolated\""
+                    )))
+                }
+            };
         let capacity = match capacity {
             CapacityArg::Rows(0) => Capacity::Disabled,
             CapacityArg::Rows(rows) => Capacity::Rows(rows as usize),
@@ -742,7 +777,7 @@ impl Table {
         };
         let dim = self.dim();
         Ok(Cache {
-            inner: Mutex::new(self.inner.cached(config)),
+            inner: Mutex::new(self.inner.cached(config).with_shared_keys(shared_keys)),
             dim,
             name: self.name(),
         })

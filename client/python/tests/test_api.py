@@ -92,6 +92,52 @@ def test_a_prefetched_lookup_includes_the_updates_made_while_it_was_in_flight():
         np.testing.assert_array_equal(versions, [1, 1, 0, 1])
 
 
+@pytest.mark.parametrize(
+    "mode, max_scale, local, server",
+    [
+        # Every local step and push whole.
+        ("summed", None, -5.0, -5.0),
+        # The push of 2 updates weighted 1/2 + share (3/6) x 1/2 = 3/4.
+        ("averaged", None, -5.0, -4.5),
+        # The second local step extrapolated: share (1 + 1) / (1 + 1 + 3) = 2/5, so
+        # 1 + 1.5 x min(gradient 1, pending mean 1); the push whole.
+        ("extrapolated", 4.0, -6.5, -5.0),
+    ],
+)
+def test_shared_keys_modes_combine_two_workers_updates_of_a_key(mode, max_scale, local, server):
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("t", rows=100, dim=1, optimizer=hetkv.Optimizer.sgd(lr=1.0))
+        a = table.cached(capacity=10, pull_bound=0, push_bound=100, shared_keys=mode, max_scale=max_scale)
+        b = table.cached(capacity=10, pull_bound=0, push_bound=0)
+        key, one = np.array([7], dtype=np.uint64), np.ones((1, 1), dtype=np.float32)
+        a.lookup(key)
+        a.update(key, one)
+        for _ in range(3):
+            b.update(key, one)
+        b.flush()
+        assert a.lookup(key)[0, 0] == -4.0, "refreshed: the shards' -3 and the pending update"
+        a.update(key, one)
+        assert a.lookup(key)[0, 0] == pytest.approx(local)
+        a.flush()
+        versions = np.zeros(1, dtype=np.uint64)
+        assert table.pull(key, versions=versions)[0, 0] == pytest.approx(server)
+        assert versions[0] == 5, "every update counted once in every mode"
+
+
+def test_shared_keys_arguments_are_checked():
+    with hetkv.EmbeddedCluster(shards=1) as cluster:
+        table = cluster.create_table("t", rows=10, dim=1)
+        for kwargs, message in [
+            ({"shared_keys": "extrapolated"}, "needs max_scale"),
+            ({"shared_keys": "extrapolated", "max_scale": 0.5}, "at least 1"),
+            ({"shared_keys": "extrapolated", "max_scale": float("nan")}, "at least 1"),
+            ({"shared_keys": "averaged", "max_scale": 4.0}, "extrapolated\" only"),
+            ({"shared_keys": "mean"}, "is not"),
+        ]:
+            with pytest.raises(ValueError, match=message):
+                table.cached(**kwargs)
+
+
 def test_capacity_zero_with_bounds_zero_is_the_classic_parameter_server():
     with hetkv.EmbeddedCluster(shards=2) as cluster:
         table = cluster.create_table("t", rows=10, dim=1, optimizer=hetkv.Optimizer.sgd(lr=1.0))

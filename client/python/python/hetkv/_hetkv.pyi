@@ -105,6 +105,8 @@ class Table:
         policy: str = "lfu",
         pull_bound: Optional[int] = 100,
         push_bound: Optional[int] = 100,
+        shared_keys: str = "summed",
+        max_scale: Optional[float] = None,
     ) -> Cache: ...
 
 class Cluster:
