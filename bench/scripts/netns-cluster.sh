@@ -14,7 +14,8 @@
 # a summary, time to accuracy included. A config is `cache:BOUND` (LFU cache, both bounds BOUND)
 # or `nocache` (the classic parameter server), either followed by modifiers: `:prefetch`
 # (`--prefetch`: the next batch's lookups overlap this batch's compute) and `:summed`, `:averaged`
-# or `:extrapolated` (`--shared-keys`), as in `cache:100:prefetch:extrapolated`. Only addresses inside these namespaces are used
+# or `:extrapolated` (`--shared-keys`, the trainer's default when none is given), as in
+# `cache:100:prefetch:averaged`. Only addresses inside these namespaces are used
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
 # --summary-only prints the summary of the JSON files already in DIR.
 #
