@@ -13,7 +13,8 @@
 # workers as processes in their namespaces, and writes DIR/RATE-CONFIG.json; at the end it prints
 # a summary, time to accuracy included. A config is `cache:BOUND` (LFU cache, both bounds BOUND)
 # or `nocache` (the classic parameter server), either followed by modifiers: `:prefetch`
-# (`--prefetch`: the next batch's lookups overlap this batch's compute) and `:summed`, `:averaged`
+# (`--prefetch`: the next batch's lookups overlap this batch's compute), `:warmupN`
+# (`--warmup-batches N`: each worker's first N batches at bounds 0) and `:summed`, `:averaged`
 # or `:extrapolated` (`--shared-keys`, the trainer's default when none is given), as in
 # `cache:100:prefetch:averaged`. Only addresses inside these namespaces are used
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
@@ -167,13 +168,15 @@ run_config() { # rate config
         cache) [[ ${parts[1]:-} =~ ^[0-9]+$ ]] || die "config $config: cache:BOUND needs a number"
             train_cfg+=(--cache 0.1 --pull-bound "${parts[1]}" --push-bound "${parts[1]}")
             mods=("${parts[@]:2}") ;;
-        *) die "unknown config $config (cache:BOUND or nocache, then :prefetch and/or :summed, :averaged or :extrapolated)" ;;
+        *) die "unknown config $config (cache:BOUND or nocache, then :prefetch, :warmupN and/or :summed, :averaged or :extrapolated)" ;;
     esac
     for mod in "${mods[@]}"; do
         case "$mod" in
             prefetch) train_cfg+=(--prefetch) ;;
+            warmup[0-9]*) [[ ${mod#warmup} =~ ^[0-9]+$ ]] || die "config $config: warmupN needs a number"
+                train_cfg+=(--warmup-batches "${mod#warmup}") ;;
             summed|averaged|extrapolated) train_cfg+=(--shared-keys "$mod") ;;
-            *) die "config $config: unknown modifier $mod (prefetch, summed, averaged, extrapolated)" ;;
+            *) die "config $config: unknown modifier $mod (prefetch, warmupN, summed, averaged, extrapolated)" ;;
         esac
     done
     for ((s = 0; s < SHARDS; s++)); do

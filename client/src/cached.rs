@@ -9,7 +9,9 @@ use hetkv_transport::{
     Carried, PushOutcome, PushRef, ShardTransport, StaleRows, Traffic, TransportError,
 };
 
-use crate::cache::{CacheConfig, CacheCore, PushBatch, RequestKind, ShardRequest, SharedKeys};
+use crate::cache::{
+    Bound, CacheConfig, CacheCore, PushBatch, RequestKind, ShardRequest, SharedKeys,
+};
 use crate::cluster::{Cluster, Table};
 use crate::metrics::{CacheStatsHandle, PublishedStats};
 use crate::stats::{CacheStats, PhaseTimes};
@@ -237,6 +239,19 @@ impl CachedTable {
     pub fn with_shared_keys(mut self, mode: SharedKeys) -> Self {
         self.core.set_shared_keys(mode);
         self
+    }
+
+    /// Changes the read and write bounds: later calls keep the new ones ([`CacheCore::set_bounds`]).
+    /// A prefetch in flight lands first (into the cache only, counted as unused), as it was made
+    /// under the old bounds; lines holding more unpushed updates than a lowered write bound are
+    /// pushed before this returns. A trainer that starts synchronous and then lets staleness in
+    /// (post-local SGD) calls it once, with looser bounds.
+    pub fn set_bounds(&mut self, pull: Bound, push: Bound) -> Result<(), ClientError> {
+        self.land_unused();
+        self.core.set_bounds(pull, push);
+        let result = self.push_pending();
+        self.publish();
+        result
     }
 
     /// The table.

@@ -23,6 +23,11 @@
 //! may or may not have arrived); after any update with none in flight, exactly that. (Other
 //! clients' prefetches apply what they carry on their own threads, so a row may then be compared
 //! only with what was issued, not with a server read made before it.)
+//!
+//! With [`Options::rebound`], a client also changes its bounds now and then
+//! (`CachedTable::set_bounds`, to one of the bounds [`policies_and_bounds`] covers, up or down):
+//! every claim is then checked against the bounds the client has at the time, and right after
+//! the change the write bound must already hold (lines above a lowered bound are pushed by it).
 
 use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, PolicyKind, SharedKeys, Table};
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
@@ -87,6 +92,8 @@ pub struct Options {
     /// as without it. [`SharedKeys::Averaged`] weights the pushes
     /// themselves, which the model's exact counts cannot check: it is refused.
     pub shared_keys: SharedKeys,
+    /// Clients also change their bounds (both to one value) between operations.
+    pub rebound: bool,
 }
 
 /// What a run saw of the check-elision protocol.
@@ -210,6 +217,8 @@ pub fn run_with(
         table: truth.clone(),
     };
     let config = CacheConfig::new(Capacity::Rows(CAPACITY), policy, bound);
+    // Each client's bounds now (read and write alike).
+    let mut bounds = [bound; CLIENTS];
     let mut clients: Vec<CachedTable> = (0..CLIENTS)
         .map(|_| {
             connect()
@@ -244,6 +253,42 @@ pub fn run_with(
             }
         }
         let c = rng.below(CLIENTS as u64) as usize;
+        if options.rebound && rng.below(12) == 0 {
+            // New bounds for client c; a prefetch in flight lands, unused.
+            let choices = [
+                Bound::STRICT,
+                Bound::updates(1),
+                Bound::updates(10),
+                Bound::INFINITE,
+            ];
+            let new = choices[rng.below(choices.len() as u64) as usize];
+            prefetched[c] = None;
+            let set = clients[c].set_bounds(new, new);
+            bounds[c] = new;
+            if faults && set.is_err() {
+                // The bounds are in force; the rows left to push go with the next call.
+                failed_lookups += 1;
+                continue;
+            }
+            set.unwrap();
+            let (_, server) = truth.read();
+            for k in 0..ROWS as usize {
+                let missing = issued[c][k] - server[k * DIM + c] as u64;
+                assert!(
+                    new.is_infinite() || missing <= new.get(),
+                    "{}: key {k} has {missing} unpushed updates > {new} after set_bounds",
+                    ctx(op, c)
+                );
+                assert_eq!(
+                    missing,
+                    clients[c].unpushed(k as u64),
+                    "{}: key {k}",
+                    ctx(op, c)
+                );
+            }
+            continue;
+        }
+        let bound = bounds[c];
         // Keys concentrate on a hot third of the table so caches both hit and evict.
         let n = 1 + rng.below(8) as usize;
         let keys: Vec<u64> = (0..n)

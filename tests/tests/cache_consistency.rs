@@ -43,12 +43,14 @@ fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
     let (mut prefetched, mut extrapolated_rows) = (0, 0);
     // Without prefetching, then with it (the prefetches' requests go from their caches' helper
-    // threads), then with extrapolated local steps.
+    // threads), then with extrapolated local steps, then prefetching with bounds changed on
+    // the way.
     let extrapolated = SharedKeys::Extrapolated { max_scale: 3.0 };
-    for (prefix, prefetch, shared_keys) in [
-        ("model", false, SharedKeys::Summed),
-        ("prefetch", true, SharedKeys::Summed),
-        ("extrapolated", false, extrapolated),
+    for (prefix, prefetch, shared_keys, rebound) in [
+        ("model", false, SharedKeys::Summed, false),
+        ("prefetch", true, SharedKeys::Summed, false),
+        ("extrapolated", false, extrapolated, false),
+        ("rebound", true, SharedKeys::Summed, true),
     ] {
         for (policy, bound) in model::policies_and_bounds() {
             let name = format!("{prefix}_{policy}_{bound}").replace('-', "_");
@@ -62,6 +64,7 @@ fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
             let options = model::Options {
                 prefetch,
                 shared_keys,
+                rebound,
                 ..Default::default()
             };
             let outcome =

@@ -89,6 +89,28 @@ fn prefetched_rows_keep_their_bounds_in_memory_for_every_policy_bound_and_seed()
     assert!(unused > 50, "only {unused} prefetches landed unused");
 }
 
+/// The same model with bounds changed between operations, up and down (`set_bounds`, as a
+/// trainer's warm-up at bounds 0 does once), with and without prefetching: every claim holds
+/// against the bounds in force, and a lowered write bound holds as soon as the call returns.
+#[test]
+fn bounds_changed_during_a_run_hold_from_the_change_on() {
+    for prefetch in [false, true] {
+        for (policy, bound) in model::policies_and_bounds() {
+            for seed in [4u64, 5] {
+                let shards = sim_shards("rebound");
+                let truth = cluster(&shards).open_table("rebound").unwrap();
+                let mut connect = || cluster(&shards).open_table("rebound").unwrap();
+                let options = model::Options {
+                    prefetch,
+                    rebound: true,
+                    ..Default::default()
+                };
+                model::run_with(&truth, &mut connect, policy, bound, seed, options, None);
+            }
+        }
+    }
+}
+
 /// Prefetches whose reads fail after the pushes they carried were applied: the lookups that land
 /// them fail, the updates made meanwhile are applied all the same, and nothing is pushed twice.
 #[test]

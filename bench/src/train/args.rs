@@ -44,6 +44,12 @@ pub struct TrainArgs {
     /// Write staleness bound of the embedding caches.
     #[arg(long, default_value = "100")]
     pub push_bound: Bound,
+    /// Each worker trains its first N batches with its embedding cache at bounds 0, then at
+    /// `--pull-bound` and `--push-bound` (post-local SGD: synchronous while the model moves
+    /// fastest, stale after). Counted from the start of the run, a resumed run included; no
+    /// effect without a cache.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_batches: usize,
     /// Cache size as a fraction of the table (0 = no cache).
     #[arg(long, default_value_t = 0.10)]
     pub cache: f64,
@@ -182,6 +188,7 @@ impl TrainArgs {
             workers: 4,
             pull_bound: Bound::updates(100),
             push_bound: Bound::updates(100),
+            warmup_batches: 0,
             cache: 0.1,
             train: 400_000,
             epochs: 1,
@@ -241,6 +248,17 @@ impl TrainArgs {
                 max_scale: self.workers.max(1) as f32,
             },
         }
+    }
+
+    /// The embedding cache's settings for worker `w` at the start of its part of the run: bounds
+    /// 0 while it is within `--warmup-batches`.
+    pub(super) fn initial_cache_config(&self, w: usize) -> CacheConfig {
+        let mut config = self.cache_config();
+        if self.resume_of(w) < self.warmup_batches {
+            config.pull_bound = Bound::STRICT;
+            config.push_bound = Bound::STRICT;
+        }
+        config
     }
 
     pub(super) fn cache_config(&self) -> CacheConfig {

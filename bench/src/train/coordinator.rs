@@ -28,7 +28,7 @@ pub(super) fn run_threads(
                 s.spawn(move || -> Result<WorkerResult> {
                     let mut done = 0;
                     let result = (|| {
-                        let mut tables = WorkerTables::connect(args)?;
+                        let mut tables = WorkerTables::connect(args, w)?;
                         let (batches, samples) = worker(
                             args,
                             &remaining(args, w),

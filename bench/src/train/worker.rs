@@ -26,7 +26,7 @@ pub fn worker_process(w: &WorkerArgs) -> Result<()> {
     );
     anyhow::ensure!(!args.servers.is_empty(), "the settings name no servers");
     let data = Data::generate(&args)?;
-    let mut tables = WorkerTables::connect(&args)?;
+    let mut tables = WorkerTables::connect(&args, w.index)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "ready")?;
     stdout.flush()?;
@@ -57,16 +57,23 @@ pub(super) struct WorkerTables {
     dense_client: Cluster,
     emb: hetkv_client::CachedTable,
     dense: hetkv_client::CachedTable,
+    /// Batches of this run after which the embedding cache leaves the warm-up's bounds 0
+    /// (`--warmup-batches`); `None` once it has, or if it never had them.
+    warmup_ends: Option<usize>,
 }
 
 impl WorkerTables {
-    pub(super) fn connect(args: &TrainArgs) -> Result<Self> {
+    /// Worker `w`'s tables.
+    pub(super) fn connect(args: &TrainArgs, w: usize) -> Result<Self> {
         let emb_client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
         let client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
+        let config = args.initial_cache_config(w);
         Ok(Self {
+            warmup_ends: (config != args.cache_config())
+                .then(|| args.warmup_batches - args.resume_of(w)),
             emb: emb_client
                 .open_table("ctr_emb")?
-                .cached(args.cache_config())
+                .cached(config)
                 .with_shared_keys(args.shared_keys()),
             dense: client
                 .open_table("ctr_dense")?
@@ -74,6 +81,15 @@ impl WorkerTables {
                 .with_push_scale(1.0 / args.workers as f32),
             dense_client: client,
         })
+    }
+
+    /// Before the batch that follows `done` batches of this run: ends the warm-up when it is due.
+    fn before_batch(&mut self, args: &TrainArgs, done: usize) -> Result<()> {
+        if self.warmup_ends == Some(done) {
+            self.emb.set_bounds(args.pull_bound, args.push_bound)?;
+            self.warmup_ends = None;
+        }
+        Ok(())
     }
 
     /// Applies every update this worker has made.
@@ -137,6 +153,7 @@ pub(super) fn worker(
         if gate.between(batches, t)? == Step::Stop {
             break;
         }
+        t.before_batch(args, batches)?;
         let (lo, hi) = span(b);
         batches += 1;
         samples += hi - lo;

@@ -29,7 +29,7 @@ use exchange::ShardPlan;
 pub use exchange::{RequestKind, ShardRequest};
 
 use super::policy::{self, EvictionPolicy};
-use super::CacheConfig;
+use super::{Bound, CacheConfig};
 use crate::stats::CacheStats;
 
 const NIL: u32 = u32::MAX;
@@ -1029,6 +1029,29 @@ impl CacheCore {
         self.shared_keys = mode;
     }
 
+    /// The read and write bounds from now on. Raising them is always safe: what held under the
+    /// old bounds holds under the new. A lowered read bound applies from the next lookup (every
+    /// hit is checked against it). Lowering the write bound leaves in the push batch every line
+    /// holding more unpushed updates than the new bound, so that after the push the bound holds
+    /// again.
+    pub fn set_bounds(&mut self, pull: Bound, push: Bound) {
+        self.pull_bound = pull.get();
+        self.push_bound = push.get();
+        for slot in 0..self.capacity as u32 {
+            if self.meta[slot as usize].p as u64 > self.push_bound {
+                self.push_line(slot);
+            }
+        }
+    }
+
+    /// The read and write bounds in force.
+    pub fn bounds(&self) -> (Bound, Bound) {
+        (
+            Bound::updates(self.pull_bound),
+            Bound::updates(self.push_bound),
+        )
+    }
+
     /// Leaves every dirty line in the push batch.
     pub fn flush(&mut self) {
         for slot in 0..self.capacity as u32 {
@@ -1185,6 +1208,35 @@ mod tests {
         look_up(&mut core, 50);
         core.update(&[1], &[1.0]).unwrap();
         assert_eq!(core.take_pushes().grads, [1.0, 1.0]);
+    }
+
+    #[test]
+    fn lowering_the_write_bound_pushes_the_lines_above_it_and_a_new_read_bound_goes_with_lookups() {
+        // Push bound 3: three updates stay in the line.
+        let mut core = one_row_core(3, false);
+        look_up(&mut core, 0);
+        for _ in 0..3 {
+            core.update(&[1], &[1.0]).unwrap();
+        }
+        assert_eq!(core.take_pushes().counts, Vec::<u32>::new());
+        core.set_bounds(Bound::STRICT, Bound::updates(1));
+        assert_eq!(core.bounds(), (Bound::STRICT, Bound::updates(1)));
+        let pushed = core.take_pushes();
+        assert_eq!(pushed.counts, [3], "the line held 3 > 1 unpushed updates");
+        assert_eq!(core.unpushed(1), 0);
+        // A line within the new bound stays.
+        core.update(&[1], &[1.0]).unwrap();
+        core.set_bounds(Bound::STRICT, Bound::updates(1));
+        assert!(core.take_pushes().counts.is_empty());
+        assert_eq!(core.unpushed(1), 1);
+
+        // The read bound travels with each lookup's checks (the shard answers a row only when
+        // the line lags by more): the new one from the next lookup on.
+        let mut core = one_row_core(0, false);
+        look_up(&mut core, 0);
+        assert_eq!(core.plan_lookup(&[1]).unwrap().bound, 0);
+        core.set_bounds(Bound::updates(10), Bound::STRICT);
+        assert_eq!(core.plan_lookup(&[1]).unwrap().bound, 10);
     }
 
     /// The value of key 1's line in a core of one-value rows.
