@@ -768,12 +768,11 @@ impl Table {
             CapacityArg::Fraction(f) => Capacity::Fraction(f),
         };
         let policy: PolicyKind = policy.parse().map_err(PyValueError::new_err)?;
-        let bound = |b: Option<u64>| b.map_or(CacheBound::INFINITE, CacheBound::updates);
         let config = CacheConfig {
             capacity,
             policy,
-            pull_bound: bound(pull_bound),
-            push_bound: bound(push_bound),
+            pull_bound: cache_bound(pull_bound),
+            push_bound: cache_bound(push_bound),
         };
         let dim = self.dim();
         Ok(Cache {
@@ -792,6 +791,11 @@ impl Table {
             self.inner.spec().optimizer
         )
     }
+}
+
+/// A bound of the Python API: a number of updates, or None for unbounded.
+fn cache_bound(b: Option<u64>) -> CacheBound {
+    b.map_or(CacheBound::INFINITE, CacheBound::updates)
 }
 
 fn contiguous_mut<'a, T>(
@@ -904,6 +908,29 @@ impl Cache {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
         let keys = contiguous(keys.as_slice(), "keys")?;
         self.with(py, |c| c.prefetch(keys))
+    }
+
+    /// Changes the read and write bounds for every later call (None: unbounded). A prefetch in
+    /// flight lands first, unused; lines holding more unpushed updates than a lowered
+    /// `push_bound` are pushed before this returns. A trainer that warms up synchronously calls
+    /// `set_bounds(0, 0)`-made caches once with its looser bounds (post-local SGD).
+    fn set_bounds(
+        &self,
+        py: Python<'_>,
+        pull_bound: Option<u64>,
+        push_bound: Option<u64>,
+    ) -> PyResult<()> {
+        let (pull, push) = (cache_bound(pull_bound), cache_bound(push_bound));
+        self.with(py, |c| c.set_bounds(pull, push))
+    }
+
+    /// The bounds in force, `(pull_bound, push_bound)` (None: unbounded).
+    #[getter]
+    fn bounds(&self) -> (Option<u64>, Option<u64>) {
+        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (pull, push) = c.core().bounds();
+        let py_bound = |b: CacheBound| (!b.is_infinite()).then(|| b.get());
+        (py_bound(pull), py_bound(push))
     }
 
     /// Pushes every unpushed update; returns when the shards have applied them.

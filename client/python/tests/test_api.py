@@ -73,6 +73,31 @@ def test_a_cache_holds_its_bounds_and_flush_applies_everything():
         assert s["updates"] == 20 and s["rows_pushed"] > 0 and 0 <= s["hit_rate"] <= 1
 
 
+def test_set_bounds_raises_and_lowers_the_bounds_of_a_cache():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("t", rows=100, dim=2, optimizer=hetkv.Optimizer.sgd(lr=1.0))
+        cache = table.cached(capacity=20, pull_bound=0, push_bound=0)
+        assert cache.bounds == (0, 0)
+        keys = np.array([7], dtype=np.uint64)
+        grad = np.full((1, 2), -1.0, dtype=np.float32)
+        versions = np.zeros(1, dtype=np.uint64)
+        cache.lookup(keys)  # the key's line is resident from here on
+        cache.update(keys, grad)
+        table.pull(keys, versions=versions)
+        assert versions[0] == 1, "bounds 0: every update pushed"
+        cache.set_bounds(None, 10)
+        assert cache.bounds == (None, 10)
+        for _ in range(5):
+            cache.update(keys, grad)
+        table.pull(keys, versions=versions)
+        assert versions[0] == 1, "push bound 10: five updates stay in the line"
+        np.testing.assert_array_equal(cache.lookup(keys), [[6.0, 6.0]])
+        cache.set_bounds(0, 2)
+        table.pull(keys, versions=versions)
+        assert versions[0] == 6, "a lowered push bound pushes the lines above it"
+        assert cache.bounds == (0, 2)
+
+
 def test_a_prefetched_lookup_includes_the_updates_made_while_it_was_in_flight():
     with hetkv.EmbeddedCluster(shards=2) as cluster:
         table = cluster.create_table("t", rows=100, dim=2, optimizer=hetkv.Optimizer.sgd(lr=1.0))
