@@ -10,7 +10,7 @@ use hetkv_fallback_tcp::ServerConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 
 mod common;
-use common::{rows, TABLES};
+use common::{assert_same_rows, rows};
 
 /// Two shards, each with a data directory under `dir` (restoring what is there).
 fn cluster_on(dir: &Path) -> EmbeddedCluster {
@@ -76,15 +76,7 @@ fn a_run_stopped_at_a_checkpoint_and_resumed_from_it_ends_with_the_rows_of_one_n
     .unwrap();
     assert_eq!(resumed.batches_trained[0], total - at[0]);
     let got = rows(second.addrs());
-    for ((name, w), g) in TABLES.iter().zip(&want).zip(&got) {
-        assert_eq!(w.1, g.1, "{name}: versions differ after resuming");
-        assert!(
-            w.0.iter()
-                .zip(&g.0)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "{name}: values differ after resuming from batch {at:?}"
-        );
-    }
+    assert_same_rows(&want, &got, &format!("after resuming from batch {at:?}"));
 }
 
 #[test]

@@ -5,14 +5,12 @@
 
 use hetkv_bench::train::{self, ModelKind, TrainArgs};
 use hetkv_client::Bound;
-use hetkv_store::EmbeddedCluster;
 
 mod common;
-use common::{rows, Rows, TABLES};
+use common::{train_fresh, Rows, TABLES};
 
 fn run(prefetch: bool) -> (train::TrainReport, Vec<Rows>) {
-    let cluster = EmbeddedCluster::start(2).unwrap();
-    let report = train::run(&TrainArgs {
+    train_fresh(TrainArgs {
         workers: 1,
         cache: 0.1,
         pull_bound: Bound::updates(100),
@@ -24,12 +22,8 @@ fn run(prefetch: bool) -> (train::TrainReport, Vec<Rows>) {
         batch: 128,
         scale: 0.001,
         seed: 9,
-        servers: cluster.addrs().to_vec(),
         ..TrainArgs::defaults(ModelKind::Deepfm)
     })
-    .unwrap();
-    let got = rows(cluster.addrs());
-    (report, got)
 }
 
 #[test]

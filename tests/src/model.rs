@@ -120,6 +120,19 @@ pub struct Outcome {
     pub extrapolated_rows: u64,
 }
 
+/// The write bound where no prefetch is in flight: the server lacks exactly the updates the
+/// cache holds unpushed (`unpushed`), and at most `bound` of them.
+fn assert_write_bound(missing: u64, unpushed: u64, bound: Bound, what: &str) {
+    assert!(
+        bound.is_infinite() || missing <= bound.get(),
+        "{what}: {missing} unpushed updates > {bound}"
+    );
+    assert_eq!(
+        missing, unpushed,
+        "{what}: missing from the server against held unpushed"
+    );
+}
+
 struct Truth {
     table: Table,
 }
@@ -274,17 +287,8 @@ pub fn run_with(
             let (_, server) = truth.read();
             for k in 0..ROWS as usize {
                 let missing = issued[c][k] - server[k * DIM + c] as u64;
-                assert!(
-                    new.is_infinite() || missing <= new.get(),
-                    "{}: key {k} has {missing} unpushed updates > {new} after set_bounds",
-                    ctx(op, c)
-                );
-                assert_eq!(
-                    missing,
-                    clients[c].unpushed(k as u64),
-                    "{}: key {k}",
-                    ctx(op, c)
-                );
+                let what = format!("{}: after set_bounds, key {k}", ctx(op, c));
+                assert_write_bound(missing, clients[c].unpushed(k as u64), new, &what);
             }
             continue;
         }
@@ -433,17 +437,8 @@ pub fn run_with(
                         );
                         continue;
                     }
-                    assert!(
-                        bound.is_infinite() || missing <= bound.get(),
-                        "{}: key {k} has {missing} unpushed updates > {bound}",
-                        ctx(op, c)
-                    );
-                    assert_eq!(
-                        missing,
-                        clients[c].unpushed(k as u64),
-                        "{}: key {k}",
-                        ctx(op, c)
-                    );
+                    let what = format!("{}: key {k}", ctx(op, c));
+                    assert_write_bound(missing, clients[c].unpushed(k as u64), bound, &what);
                 }
             }
             _ => {

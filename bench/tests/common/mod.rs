@@ -1,7 +1,11 @@
 //! Helpers shared by the training tests.
 
+#![allow(dead_code)] // each test file uses its own part of these
+
+use hetkv_bench::train::{self, TrainArgs};
 use hetkv_client::Cluster;
 use hetkv_fallback_tcp::ClientConfig;
+use hetkv_store::EmbeddedCluster;
 
 /// The model's tables.
 pub const TABLES: [&str; 2] = ["ctr_emb", "ctr_dense"];
@@ -23,4 +27,30 @@ pub fn rows(addrs: &[String]) -> Vec<Rows> {
             (values, versions)
         })
         .collect()
+}
+
+/// Trains `args` on a fresh embedded cluster of two shards; returns the report and the rows the
+/// shards hold at the end.
+pub fn train_fresh(args: TrainArgs) -> (train::TrainReport, Vec<Rows>) {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let report = train::run(&TrainArgs {
+        servers: cluster.addrs().to_vec(),
+        ..args
+    })
+    .unwrap();
+    let got = rows(cluster.addrs());
+    (report, got)
+}
+
+/// Asserts that two runs' tables hold the same versions and bit for bit the same values.
+pub fn assert_same_rows(want: &[Rows], got: &[Rows], what: &str) {
+    for ((name, w), g) in TABLES.iter().zip(want).zip(got) {
+        assert_eq!(w.1, g.1, "{name}: versions differ {what}");
+        assert!(
+            w.0.iter()
+                .zip(&g.0)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{name}: values differ {what}"
+        );
+    }
 }
