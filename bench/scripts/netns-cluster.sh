@@ -18,6 +18,11 @@
 # or `:extrapolated` (`--shared-keys`, the trainer's default when none is given), as in
 # `cache:100:prefetch:averaged`. Only addresses inside these namespaces are used
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
+# A second network, unlimited, joins the daemons and the coordinator only (10.77.1.0/24): the
+# coordinator's evaluations read the model through it (`--eval-servers`), so they neither wait on
+# the training links nor take their bandwidth; the workers train through the limited links
+# alone. --no-eval-net leaves it out (the evaluations then share the training links, as before
+# 2026-12-03).
 # --summary-only prints the summary of the JSON files already in DIR.
 #
 # Needs root, iproute2 (ip, tc) and python3. Builds the release binaries with cargo, unless
@@ -34,6 +39,7 @@ OUT="bench-out/netns"
 CONFIGS="cache:100 nocache"
 SUMMARY_ONLY=no
 BIN_DIR=""
+EVAL_NET=yes
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --rates) RATES="$2"; shift 2 ;;
@@ -43,6 +49,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT="$2"; shift 2 ;;
         --configs) CONFIGS="$2"; shift 2 ;;
         --bin-dir) BIN_DIR="$2"; shift 2 ;;
+        --no-eval-net) EVAL_NET=no; shift ;;
         --summary-only) SUMMARY_ONLY=yes; shift ;;
         --) shift; break ;;
         *) echo "netns-cluster: unknown option $1" >&2; exit 2 ;;
@@ -157,11 +164,24 @@ make_cluster() { # rate
         shape "$sw" "$node" "$rate" "$DELAY"
         ADDR[$node]="10.77.0.$n"
     done
+    [[ $EVAL_NET == yes ]] || return 0
+    ip -n "$sw" link add br1 type bridge
+    ip -n "$sw" link set br1 up
+    n=0
+    for node in "${NODES[@]}"; do
+        n=$((n + 1))
+        [[ $node == s* || $node == c ]] || continue
+        ip -n "$sw" link add "e$node" type veth peer name eth1 netns "$P$node"
+        ip -n "$sw" link set "e$node" master br1 up
+        ip -n "$P$node" addr add "10.77.1.$n/24" dev eth1
+        ip -n "$P$node" link set eth1 up
+        EVAL_ADDR[$node]="10.77.1.$n"
+    done
 }
 
-declare -A ADDR
+declare -A ADDR EVAL_ADDR
 run_config() { # rate config
-    local rate=$1 config=$2 servers="" train_cfg=() parts mods
+    local rate=$1 config=$2 servers="" eval_servers="" listen train_cfg=() parts mods
     IFS=: read -ra parts <<< "$config"
     case "${parts[0]}" in
         nocache) train_cfg+=(--cache 0); mods=("${parts[@]:1}") ;;
@@ -180,11 +200,15 @@ run_config() { # rate config
         esac
     done
     for ((s = 0; s < SHARDS; s++)); do
-        ip netns exec "$P""s$s" "$HETKV" serve --listen "${ADDR[s$s]}:7070" --shard "$s" --shards "$SHARDS" \
+        # With the measurement network, on both of the namespace's links.
+        listen="${ADDR[s$s]}"; [[ $EVAL_NET == no ]] || listen=0.0.0.0
+        ip netns exec "$P""s$s" "$HETKV" serve --listen "$listen:7070" --shard "$s" --shards "$SHARDS" \
             2> "$OUT/$rate-$config-daemon$s.log" &
         DAEMONS+=($!)
         servers+="${servers:+,}${ADDR[s$s]}:7070"
+        [[ $EVAL_NET == no ]] || eval_servers+="${eval_servers:+,}${EVAL_ADDR[s$s]}:7070"
     done
+    [[ -z $eval_servers ]] || train_cfg+=(--eval-servers "$eval_servers")
     for _ in $(seq 100); do
         ip netns exec "${P}c" "$HETKV" stats --cluster "$servers" >/dev/null 2>&1 && break
         sleep 0.1

@@ -79,6 +79,12 @@ pub struct TrainArgs {
     /// run starts two in-process shards.
     #[arg(long, value_delimiter = ',')]
     pub servers: Vec<String>,
+    /// The coordinator's own addresses of the same daemons, in shard order (comma-separated):
+    /// it creates the tables, sets the dense parameters and evaluates through these, the workers
+    /// train through `--servers`. A measurement network apart from the training links keeps the
+    /// evaluations' reads off them (as `netns-cluster.sh` does). Default: `--servers`.
+    #[arg(long, value_delimiter = ',')]
+    pub eval_servers: Vec<String>,
     /// How the workers reach the shards: tcp, shm (same host; the in-process shards then expose
     /// shared memory, and embedding reads cross no socket, so the byte counts cover pushes and
     /// control only), rdma, or auto.
@@ -198,6 +204,7 @@ impl TrainArgs {
             scale: 0.01,
             seed: 1,
             servers: Vec::new(),
+            eval_servers: Vec::new(),
             transport: TransportKind::Tcp,
             processes: false,
             spawn_prefix: None,

@@ -212,8 +212,19 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     if let Some(cluster) = &embedded {
         settings.servers = cluster.addrs().to_vec();
     }
-    let admin = Cluster::connect_tcp(&settings.servers, &ClientConfig::default())
-        .with_context(|| format!("connecting to {}", settings.servers.join(",")))?;
+    let coordinator_servers = if args.eval_servers.is_empty() {
+        &settings.servers
+    } else {
+        anyhow::ensure!(
+            args.eval_servers.len() == settings.servers.len(),
+            "--eval-servers names {} daemons, --servers {}",
+            args.eval_servers.len(),
+            settings.servers.len()
+        );
+        &args.eval_servers
+    };
+    let admin = Cluster::connect_tcp(coordinator_servers, &ClientConfig::default())
+        .with_context(|| format!("connecting to {}", coordinator_servers.join(",")))?;
     let net = args.net()?;
     let specs = tables(&net, data.synth.table_rows(), args.optimizer.spec(args.lr));
     let handles: Vec<Table> = specs

@@ -1006,6 +1006,9 @@ impl CacheCore {
     /// [`SharedKeys::Extrapolated`] `1 / share`, at most `max_scale`; otherwise 1.
     fn local_scale(&self, s: usize) -> f32 {
         match self.shared_keys {
+            // A push bound of 0 pushes every update at once: nothing is held back for the
+            // extrapolation to stand in for, and the line must stay the shards' row plus nothing.
+            SharedKeys::Extrapolated { .. } if self.push_bound == 0 => 1.0,
             SharedKeys::Extrapolated { max_scale } => {
                 ((1.0 / self.line_share(s)) as f32).clamp(1.0, max_scale.max(1.0))
             }
@@ -1312,6 +1315,24 @@ mod tests {
             );
         }
         assert!(core.take_pushes().is_empty(), "within the push bound");
+    }
+
+    #[test]
+    fn at_a_push_bound_of_0_an_extrapolating_cache_takes_plain_steps() {
+        let mut core = one_row_core(0, false);
+        core.set_shared_keys(SharedKeys::Extrapolated { max_scale: 8.0 });
+        look_up(&mut core, 0);
+        core.update(&[1], &[1.0]).unwrap();
+        // 9 foreign updates: share 2/11, which at a push bound above 0 would scale by 5.5.
+        look_up(&mut core, 10);
+        assert_eq!(local_value(&core), 0.0, "refreshed to the shard's row");
+        core.update(&[1], &[3.0]).unwrap();
+        assert_eq!(
+            local_value(&core),
+            -1.5,
+            "lr x 3, what the shard applies: the line stays the shard's row"
+        );
+        assert_eq!(core.take_pushes().grads, [1.0, 3.0]);
     }
 
     #[test]
