@@ -1288,14 +1288,27 @@ mod tests {
         assert_eq!(core.take_pushes().grads, [1.0, 1.0, 1.0]);
     }
 
-    #[test]
-    fn the_extrapolated_part_of_a_step_is_limited_by_the_mean_pending_gradient() {
-        let mut core = one_row_core(5, false);
+    /// A core of one-value rows extrapolating up to 8 times, whose line of key 1 took one own
+    /// update of 1 and then learnt of 9 foreign ones at a refresh (the shard's row 0): its share
+    /// is (1 + 1) / (1 + 1 + 9) = 2/11. At a push bound of 0 the own update was pushed, so the
+    /// shard's version also counts it.
+    fn extrapolating_core_after_9_foreign(push_bound: u64) -> CacheCore {
+        let mut core = one_row_core(push_bound, false);
         core.set_shared_keys(SharedKeys::Extrapolated { max_scale: 8.0 });
         look_up(&mut core, 0);
         core.update(&[1], &[1.0]).unwrap();
-        look_up(&mut core, 9);
-        assert_eq!(local_value(&core), -0.5);
+        look_up(&mut core, 9 + u64::from(push_bound == 0));
+        core
+    }
+
+    #[test]
+    fn the_extrapolated_part_of_a_step_is_limited_by_the_mean_pending_gradient() {
+        let mut core = extrapolating_core_after_9_foreign(5);
+        assert_eq!(
+            local_value(&core),
+            -0.5,
+            "the fresh row and the pending update"
+        );
         let steps = [
             // share 2/11, scale 5.5; pending 1 + 3 = 4 over 2 updates, mean 2 < 3: the step is
             // lr x 3 + lr x 4.5 x 2 = 1.5 + 4.5, not 5.5 x lr x 3 = 8.25.
@@ -1319,12 +1332,8 @@ mod tests {
 
     #[test]
     fn at_a_push_bound_of_0_an_extrapolating_cache_takes_plain_steps() {
-        let mut core = one_row_core(0, false);
-        core.set_shared_keys(SharedKeys::Extrapolated { max_scale: 8.0 });
-        look_up(&mut core, 0);
-        core.update(&[1], &[1.0]).unwrap();
-        // 9 foreign updates: share 2/11, which at a push bound above 0 would scale by 5.5.
-        look_up(&mut core, 10);
+        // Share 2/11, which at a push bound above 0 would scale a step by 5.5.
+        let mut core = extrapolating_core_after_9_foreign(0);
         assert_eq!(local_value(&core), 0.0, "refreshed to the shard's row");
         core.update(&[1], &[3.0]).unwrap();
         assert_eq!(
