@@ -912,8 +912,8 @@ impl Cache {
 
     /// Changes the read and write bounds for every later call (None: unbounded). A prefetch in
     /// flight lands first, unused; lines holding more unpushed updates than a lowered
-    /// `push_bound` are pushed before this returns. A trainer that warms up synchronously calls
-    /// `set_bounds(0, 0)`-made caches once with its looser bounds (post-local SGD).
+    /// `push_bound` are pushed before this returns. A trainer that warms up synchronously makes
+    /// the cache at bounds 0 and calls this once with its looser bounds (post-local SGD).
     fn set_bounds(
         &self,
         py: Python<'_>,

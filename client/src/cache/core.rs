@@ -1040,11 +1040,7 @@ impl CacheCore {
     pub fn set_bounds(&mut self, pull: Bound, push: Bound) {
         self.pull_bound = pull.get();
         self.push_bound = push.get();
-        for slot in 0..self.capacity as u32 {
-            if self.meta[slot as usize].p as u64 > self.push_bound {
-                self.push_line(slot);
-            }
-        }
+        self.push_lines_above(self.push_bound);
     }
 
     /// The read and write bounds in force.
@@ -1057,9 +1053,14 @@ impl CacheCore {
 
     /// Leaves every dirty line in the push batch.
     pub fn flush(&mut self) {
+        self.push_lines_above(0);
+    }
+
+    /// Leaves in the push batch every line holding more than `updates` unpushed updates.
+    fn push_lines_above(&mut self, updates: u64) {
         for slot in 0..self.capacity as u32 {
             // Free slots always have p = 0 (eviction and insertion reset it).
-            if self.meta[slot as usize].p > 0 {
+            if self.meta[slot as usize].p as u64 > updates {
                 self.push_line(slot);
             }
         }
