@@ -16,9 +16,9 @@
 # A config is `cache:BOUND` (LFU cache, both bounds BOUND)
 # or `nocache` (the classic parameter server), either followed by modifiers: `:prefetch`
 # (`--prefetch`: the next batch's lookups overlap this batch's compute), `:warmupN`
-# (`--warmup-batches N`: each worker's first N batches at bounds 0) and `:summed`, `:averaged`
-# or `:extrapolated` (`--shared-keys`, the trainer's default when none is given), as in
-# `cache:100:prefetch:averaged`. Only addresses inside these namespaces are used
+# (`--warmup-batches N`: each worker's first N batches at bounds 0) and `:push-whole` or
+# `:share-weighted` (`--update-rule`; push-whole, HET's semantics, when none is given), as in
+# `cache:100:prefetch:share-weighted`. The optimizer is the trainer's (`-- --optimizer adagrad`). Only addresses inside these namespaces are used
 # (10.77.0.0/24). Every namespace it made is removed on exit, also when interrupted.
 # A second network, unlimited, joins the daemons and the coordinator only (10.77.1.0/24): the
 # coordinator's evaluations read the model through it (`--eval-servers`), so they neither wait on
@@ -198,15 +198,15 @@ run_config() { # rate config
         cache) [[ ${parts[1]:-} =~ ^[0-9]+$ ]] || die "config $config: cache:BOUND needs a number"
             train_cfg+=(--cache 0.1 --pull-bound "${parts[1]}" --push-bound "${parts[1]}")
             mods=("${parts[@]:2}") ;;
-        *) die "unknown config $config (cache:BOUND or nocache, then :prefetch, :warmupN and/or :summed, :averaged or :extrapolated)" ;;
+        *) die "unknown config $config (cache:BOUND or nocache, then :prefetch, :warmupN and/or :push-whole or :share-weighted)" ;;
     esac
     for mod in "${mods[@]}"; do
         case "$mod" in
             prefetch) train_cfg+=(--prefetch) ;;
             warmup[0-9]*) [[ ${mod#warmup} =~ ^[0-9]+$ ]] || die "config $config: warmupN needs a number"
                 train_cfg+=(--warmup-batches "${mod#warmup}") ;;
-            summed|averaged|extrapolated) train_cfg+=(--shared-keys "$mod") ;;
-            *) die "config $config: unknown modifier $mod (prefetch, warmupN, summed, averaged, extrapolated)" ;;
+            push-whole|share-weighted) train_cfg+=(--update-rule "$mod") ;;
+            *) die "config $config: unknown modifier $mod (prefetch, warmupN, push-whole, share-weighted)" ;;
         esac
     done
     for ((s = 0; s < SHARDS; s++)); do

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hetkv_store::{Shard, ShardConfig, Table};
-use hetkv_transport::wire::le_array;
-use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use hetkv_transport::wire::{le_array, PushRows};
+use hetkv_transport::{Initializer, OptimizerSpec, Produced, TableSpec};
 use serde::Serialize;
 
 use crate::criteo::{CriteoSynth, CATEGORICAL};
@@ -101,7 +101,13 @@ fn push(t: &Table, keys: &[u64], grads: &[u8]) {
     let locals = t
         .validate_push(le_array(&k), le_array(&c), le_array(g))
         .expect("valid push");
-    t.apply_push(&locals, le_array(&c), le_array(g));
+    let rows = PushRows {
+        keys: le_array(&k),
+        counts: le_array(&c),
+        bases: None,
+        grads: le_array(g),
+    };
+    t.apply_push(&locals, &rows, &mut Produced::default());
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

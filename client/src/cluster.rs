@@ -8,8 +8,6 @@ use hetkv_transport::{
     TransportError,
 };
 
-use crate::cache::CacheConfig;
-use crate::cached::CachedTable;
 use crate::ClientError;
 
 /// How a client reaches the shards (DESIGN section 6). Serialized as its name.
@@ -445,11 +443,6 @@ impl Table {
             results[s] = r?;
         }
         Ok(results)
-    }
-
-    /// A cache of this table for one worker (see [`CachedTable`]).
-    pub fn cached(&self, config: CacheConfig) -> CachedTable {
-        CachedTable::new(self.clone(), config)
     }
 }
 

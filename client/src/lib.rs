@@ -20,15 +20,15 @@
 
 mod barrier;
 pub mod cache;
-mod cached;
 mod cluster;
 pub mod metrics;
 mod rdma_backend;
 pub mod stats;
 
 pub use barrier::CheckpointBarrier;
-pub use cache::{Bound, CacheConfig, Capacity, PolicyKind, SharedKeys};
-pub use cached::CachedTable;
+pub use cache::{
+    Bound, CacheConfig, CachedTable, Capacity, PolicyKind, UpdateRule, UpdateRuleKind,
+};
 pub use cluster::{Cluster, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};
 

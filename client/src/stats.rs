@@ -31,6 +31,9 @@ pub struct CacheStats {
     /// Pushed rows unanswered at their deadline, held by the transport and sent again under
     /// their numbers (so applied exactly once), not by the cache.
     pub rows_held: u64,
+    /// Rows a push produced that its shard handed back because another update came between
+    /// the line's base and the push: the line took them (a refresh that cost no request).
+    pub rows_handed_back: u64,
     /// Lines evicted.
     pub evictions: u64,
     /// Evicted lines that held unpushed updates (pushed before the evicting call returned).
@@ -126,6 +129,11 @@ const COUNTERS: &[Field] = &[
         "rows_held",
         "Pushed rows unanswered at their deadline, sent again by the transport under their numbers",
         |s| s.rows_held,
+    ),
+    (
+        "rows_handed_back",
+        "Rows a push produced, handed back because another update came between",
+        |s| s.rows_handed_back,
     ),
     ("evictions", "Lines evicted", |s| s.evictions),
     (
@@ -225,6 +233,7 @@ impl CacheStats {
             rows_pushed: f(self.rows_pushed, o.rows_pushed),
             rows_refused: f(self.rows_refused, o.rows_refused),
             rows_held: f(self.rows_held, o.rows_held),
+            rows_handed_back: f(self.rows_handed_back, o.rows_handed_back),
             evictions: f(self.evictions, o.evictions),
             dirty_evictions: f(self.dirty_evictions, o.dirty_evictions),
             write_throughs: f(self.write_throughs, o.write_throughs),

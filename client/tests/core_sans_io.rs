@@ -1,43 +1,79 @@
-//! The cache core driven without sockets: an in-memory server answers its plans, so eviction,
-//! write-through and bound behaviour are checked deterministically.
+//! The cache core driven without sockets, through its public protocol (`start_lookup`,
+//! `requests`, `on_reply`, `complete_lookup`, `start_push`): an in-memory shard answers each
+//! request as the daemon would, so eviction, write-through, refreshes, handed-back rows and
+//! failed deliveries are checked deterministically.
 
 use std::collections::HashMap;
 
-use hetkv_client::cache::{CacheCore, Replies};
+use hetkv_client::cache::{CacheCore, RequestKind, ShardRequest};
 use hetkv_client::{Bound, CacheConfig, Capacity, PolicyKind};
-use hetkv_transport::wire::NOT_CACHED;
-use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use hetkv_transport::wire::{is_stale, PushResponse, NO_BASE};
+use hetkv_transport::{Initializer, OptimizerSpec, PushOutcome, StaleRows, TableSpec};
 
 const DIM: usize = 2;
 
-/// A server: versions and rows, SGD with lr 1.
+/// One shard: versions and rows, SGD with lr 1.
 #[derive(Default)]
 struct Server {
     rows: HashMap<u64, (u64, [f32; DIM])>,
+    clock: u64,
 }
 
 impl Server {
-    fn answer(&self, keys: &[u64], clocks: &[u64], bound: u64) -> Replies {
-        let mut r = Replies::default();
-        for (i, (&k, &c)) in keys.iter().zip(clocks).enumerate() {
-            let (v, row) = self.rows.get(&k).copied().unwrap_or((0, [0.0; DIM]));
-            if c == NOT_CACHED || v > c.saturating_add(bound) {
-                r.requests.push(i as u32);
-                r.versions.push(v);
-                r.rows.extend_from_slice(&row);
-            }
-        }
-        r
-    }
-
     fn apply(&mut self, keys: &[u64], counts: &[u32], grads: &[f32]) {
         for (i, &k) in keys.iter().enumerate() {
             let e = self.rows.entry(k).or_insert((0, [0.0; DIM]));
             e.0 += counts[i] as u64;
+            self.clock += counts[i] as u64;
             for j in 0..DIM {
                 e.1[j] -= grads[i * DIM + j];
             }
         }
+    }
+
+    fn row(&self, k: u64) -> (u64, [f32; DIM]) {
+        self.rows.get(&k).copied().unwrap_or((0, [0.0; DIM]))
+    }
+
+    /// Answers a request as the daemon would: the push first (handing back rows whose base was
+    /// not their version), then the stale rows.
+    fn answer(&mut self, r: &ShardRequest<'_>) -> (PushOutcome, StaleRows) {
+        let mut out = StaleRows::default();
+        let push = match r.push {
+            Some(p) => {
+                for (i, &k) in p.keys.iter().enumerate() {
+                    let before = self.row(k).0;
+                    self.apply(&[k], &[p.counts[i]], &p.grads[i * DIM..(i + 1) * DIM]);
+                    let base = p.bases.map_or(NO_BASE, |b| b[i]);
+                    if base != NO_BASE && base != before {
+                        let (v, row) = self.row(k);
+                        out.produced.indices.push(i as u32);
+                        out.produced.versions.push(v);
+                        out.produced.rows.extend_from_slice(&row);
+                    }
+                }
+                PushOutcome::Applied(PushResponse {
+                    rows: p.keys.len() as u32,
+                    updates: p.counts.iter().map(|&c| c as u64).sum(),
+                    produced: out.produced.len() as u32,
+                    ..PushResponse::default()
+                })
+            }
+            None => PushOutcome::NotSent,
+        };
+        if r.kind != RequestKind::Push {
+            for (i, (&k, &c)) in r.keys.iter().zip(r.clocks).enumerate() {
+                let (v, row) = self.row(k);
+                if is_stale(v, c, r.bound) {
+                    out.indices.push(i as u32);
+                    out.versions.push(v);
+                    out.rows.extend_from_slice(&row);
+                }
+            }
+        }
+        out.table_clock = self.clock;
+        out.since_held = true;
+        (push, out)
     }
 }
 
@@ -58,61 +94,80 @@ fn core(capacity: usize, policy: PolicyKind, pull: Bound, push: Bound) -> CacheC
     CacheCore::new(&spec, &config, 1)
 }
 
-fn lookup(core: &mut CacheCore, server: &Server, keys: &[u64]) -> Vec<f32> {
-    let plan = core.plan_lookup(keys).unwrap();
-    let replies = server.answer(plan.keys, plan.clocks, plan.bound);
+/// Sends every request the core lists, round after round, answered by `server`.
+fn exchange(c: &mut CacheCore, server: &mut Server) {
+    loop {
+        let answers: Vec<_> = c
+            .requests()
+            .iter()
+            .map(|r| (r.shard, server.answer(r)))
+            .collect();
+        if answers.is_empty() {
+            return;
+        }
+        for (shard, (push, rows)) in answers {
+            c.on_reply(shard, push, &rows, true, 1).unwrap();
+        }
+    }
+}
+
+fn lookup(c: &mut CacheCore, server: &mut Server, keys: &[u64]) -> Vec<f32> {
+    c.start_lookup(keys).unwrap();
+    exchange(c, server);
     let mut out = vec![0.0; keys.len() * DIM];
-    core.finish_lookup(&replies, &mut out, None).unwrap();
+    c.complete_lookup(&mut out, None).unwrap();
     out
 }
 
-fn deliver(core: &mut CacheCore, server: &mut Server) -> usize {
-    let batch = core.take_pushes();
-    server.apply(&batch.keys, &batch.counts, &batch.grads);
-    core.pushed(0, batch.len(), batch.counts.iter().map(|&c| c as u64).sum());
-    batch.len()
+/// Pushes what the core queued; returns the rows of the push request.
+fn push(c: &mut CacheCore, server: &mut Server) -> Vec<u64> {
+    c.start_push();
+    let keys = c
+        .requests()
+        .first()
+        .and_then(|r| r.push)
+        .map(|p| p.keys.to_vec())
+        .unwrap_or_default();
+    exchange(c, server);
+    keys
 }
 
 #[test]
-fn a_dirty_victim_is_handed_back_with_its_count_and_gradient_sum() {
+fn a_dirty_victim_is_pushed_with_its_count_and_gradient_sum() {
     let mut server = Server::default();
     let mut c = core(2, PolicyKind::Lru, Bound::INFINITE, Bound::INFINITE);
-    lookup(&mut c, &server, &[1, 2]);
+    lookup(&mut c, &mut server, &[1, 2]);
     c.update(&[1, 1, 2], &[1.0, 0.0, 2.0, 0.0, 5.0, 5.0])
         .unwrap();
-    assert_eq!(
-        deliver(&mut c, &mut server),
-        0,
+    assert!(
+        push(&mut c, &mut server).is_empty(),
         "infinite push bound: nothing pushed yet"
     );
     assert_eq!(
-        lookup(&mut c, &server, &[1]),
+        lookup(&mut c, &mut server, &[1]),
         vec![-3.0, 0.0],
         "read-your-writes from the cache"
     );
-    lookup(&mut c, &server, &[3]); // evicts 2, the least recently used, which is dirty
-    let batch = c.take_pushes();
-    assert_eq!(batch.keys, vec![2]);
-    assert_eq!(batch.counts, vec![1]);
-    assert_eq!(batch.grads, vec![5.0, 5.0]);
-    server.apply(&batch.keys, &batch.counts, &batch.grads);
-    assert_eq!(server.rows[&2], (1, [-5.0, -5.0]));
+    // Evicts 2, the least recently used, which is dirty: its row goes with the lookup.
+    lookup(&mut c, &mut server, &[3]);
+    assert_eq!(server.row(2), (1, [-5.0, -5.0]));
     assert_eq!(c.stats().dirty_evictions, 1);
+    assert_eq!(c.stats().rows_pushed, 1);
 }
 
 #[test]
 fn stale_lines_are_refreshed_keeping_pending_gradients() {
     let mut server = Server::default();
     let mut c = core(4, PolicyKind::Lfu, Bound::updates(2), Bound::INFINITE);
-    lookup(&mut c, &server, &[7]);
+    lookup(&mut c, &mut server, &[7]);
     c.update(&[7], &[1.0, 1.0]).unwrap(); // local: -1, pending 1, p = 1
                                           // Another worker pushes 3 updates: version 3 is not above c_c (0 + 1) + 2, so it is served.
     server.apply(&[7, 7, 7], &[1, 1, 1], &[10.0, 0.0, 10.0, 0.0, 10.0, 0.0]);
-    assert_eq!(lookup(&mut c, &server, &[7]), vec![-1.0, -1.0]);
+    assert_eq!(lookup(&mut c, &mut server, &[7]), vec![-1.0, -1.0]);
     assert_eq!(c.stats().stale_refreshes, 0);
     // A fourth: version 4 > 3, so the next lookup refreshes.
     server.apply(&[7], &[1], &[10.0, 0.0]);
-    let row = lookup(&mut c, &server, &[7]);
+    let row = lookup(&mut c, &mut server, &[7]);
     assert_eq!(
         row,
         vec![-41.0, -1.0],
@@ -121,25 +176,29 @@ fn stale_lines_are_refreshed_keeping_pending_gradients() {
     assert_eq!(c.stats().stale_refreshes, 1);
     // Two more foreign updates stay within the bound: the cached row is served.
     server.apply(&[7, 7], &[1, 1], &[1.0, 0.0, 1.0, 0.0]);
-    assert_eq!(lookup(&mut c, &server, &[7]), vec![-41.0, -1.0]);
+    assert_eq!(lookup(&mut c, &mut server, &[7]), vec![-41.0, -1.0]);
+    // The flush's push comes back with the row it produced (two updates came between the
+    // line's base and the push): the line takes it.
     c.flush();
-    deliver(&mut c, &mut server);
-    assert_eq!(server.rows[&7], (7, [-43.0, -1.0]));
+    push(&mut c, &mut server);
+    assert_eq!(server.row(7), (7, [-43.0, -1.0]));
+    let line = c.peek(7).unwrap();
+    assert_eq!((line.version, line.unpushed), (7, 0));
+    assert_eq!(line.value, [-43.0, -1.0], "the row its push produced");
+    assert_eq!(c.stats().rows_handed_back, 1);
 }
 
 #[test]
 fn uncached_keys_are_written_through_and_bad_gradients_change_nothing() {
     let mut server = Server::default();
     let mut c = core(1, PolicyKind::Lru, Bound::STRICT, Bound::updates(5));
-    lookup(&mut c, &server, &[1]);
+    lookup(&mut c, &mut server, &[1]);
     c.update(&[1, 9], &[1.0, 1.0, 2.0, 2.0]).unwrap();
-    let batch = c.take_pushes();
     assert_eq!(
-        batch.keys,
+        push(&mut c, &mut server),
         vec![9],
         "9 is not cached: written through; 1 stays within its bound"
     );
-    server.apply(&batch.keys, &batch.counts, &batch.grads);
     assert!(c.update(&[1], &[f32::NAN, 0.0]).is_err());
     assert!(c.update(&[100], &[0.0, 0.0]).is_err());
     assert!(c.update(&[1], &[0.0]).is_err());
@@ -148,37 +207,44 @@ fn uncached_keys_are_written_through_and_bad_gradients_change_nothing() {
 }
 
 #[test]
-fn a_push_that_failed_is_sent_again_with_the_next_batch() {
+fn a_push_whose_delivery_is_unknown_is_sent_again_with_the_next_batch() {
     let mut server = Server::default();
     let mut c = core(2, PolicyKind::Lru, Bound::STRICT, Bound::STRICT);
-    lookup(&mut c, &server, &[1]);
+    lookup(&mut c, &mut server, &[1]);
     c.update(&[1], &[1.0, 1.0]).unwrap();
-    let lost = c.take_pushes();
-    c.requeue(&lost);
+    c.start_push();
+    let shards: Vec<usize> = c.requests().iter().map(|r| r.shard).collect();
+    for s in shards {
+        c.on_reply(s, PushOutcome::Lost, &StaleRows::default(), false, 1)
+            .unwrap();
+    }
     assert_eq!(c.unsent(), 1);
     c.update(&[1], &[1.0, 1.0]).unwrap();
-    let batch = c.take_pushes();
-    assert_eq!(batch.keys, vec![1, 1], "the requeued row goes first");
-    server.apply(&batch.keys, &batch.counts, &batch.grads);
-    assert_eq!(server.rows[&1], (2, [-2.0, -2.0]));
+    assert_eq!(
+        push(&mut c, &mut server),
+        vec![1, 1],
+        "the kept row goes first"
+    );
+    assert_eq!(server.row(1), (2, [-2.0, -2.0]));
+    assert_eq!(c.unsent(), 0);
 }
 
 #[test]
 fn lfu_keeps_the_popular_keys_where_lru_churns() {
     // A hot set of 8 keys, each seen every round, interleaved with a stream of rarely repeated
     // keys: LRU lets the cold stream flush the hot set; LFU keeps it.
-    let server = Server::default();
+    let mut server = Server::default();
     let mut lfu = core(8, PolicyKind::Lfu, Bound::INFINITE, Bound::INFINITE);
     let mut lru = core(8, PolicyKind::Lru, Bound::INFINITE, Bound::INFINITE);
     let mut cold = 0u64;
     for _ in 0..50 {
         for hot in 0..8u64 {
             for c in [&mut lfu, &mut lru] {
-                lookup(c, &server, &[hot]);
+                lookup(c, &mut server, &[hot]);
             }
             cold = (cold + 1) % 49;
             for c in [&mut lfu, &mut lru] {
-                lookup(c, &server, &[50 + cold]);
+                lookup(c, &mut server, &[50 + cold]);
             }
         }
     }
@@ -190,32 +256,34 @@ fn lfu_keeps_the_popular_keys_where_lru_churns() {
 fn a_failed_lookup_gives_back_its_slots_and_keeps_its_victims_updates() {
     let mut server = Server::default();
     let mut c = core(2, PolicyKind::Lru, Bound::INFINITE, Bound::INFINITE);
-    lookup(&mut c, &server, &[1, 2]);
+    lookup(&mut c, &mut server, &[1, 2]);
     c.update(&[1, 2], &[1.0, 1.0, 2.0, 2.0]).unwrap();
     // Planning a lookup of two new keys evicts both dirty lines to make room...
-    let plan = c.plan_lookup(&[3, 4]).unwrap();
-    assert_eq!(plan.keys, &[3, 4]);
+    c.start_lookup(&[3, 4]).unwrap();
     assert_eq!(
         c.resident(),
         0,
         "both lines were evicted for the planned misses"
     );
-    // ...then the shards cannot be reached: the lookup is abandoned.
-    c.abort_lookup();
-    let victims = c.take_pushes();
+    // ...then the shards cannot be reached: the lookup is abandoned, its pushes kept.
+    let shards: Vec<usize> = c.requests().iter().map(|r| r.shard).collect();
+    for s in shards {
+        c.on_reply(s, PushOutcome::Lost, &StaleRows::default(), false, 1)
+            .unwrap();
+    }
+    assert!(c.complete_lookup(&mut [0.0; 4], None).is_err());
     assert_eq!(
-        victims.keys,
+        push(&mut c, &mut server),
         vec![1, 2],
         "the evicted lines' updates are still to be pushed"
     );
-    server.apply(&victims.keys, &victims.counts, &victims.grads);
-    assert_eq!(server.rows[&2], (1, [-2.0, -2.0]));
+    assert_eq!(server.row(2), (1, [-2.0, -2.0]));
     // The slots are free again: the next lookup caches both keys without evicting anything.
-    lookup(&mut c, &server, &[3, 4]);
+    lookup(&mut c, &mut server, &[3, 4]);
     assert_eq!(c.resident(), 2);
     assert_eq!(c.stats().evictions, 2);
     assert_eq!(
-        lookup(&mut c, &server, &[2]),
+        lookup(&mut c, &mut server, &[2]),
         vec![-2.0, -2.0],
         "read back from the shard"
     );
@@ -225,11 +293,29 @@ fn a_failed_lookup_gives_back_its_slots_and_keeps_its_victims_updates() {
 fn a_lookup_never_evicts_a_line_it_reads() {
     // Capacity 2, both lines hit by the batch that also misses a third key: the miss is served
     // without caching rather than evicting a line this lookup returns.
-    let server = Server::default();
+    let mut server = Server::default();
     let mut c = core(2, PolicyKind::Lru, Bound::INFINITE, Bound::INFINITE);
-    lookup(&mut c, &server, &[1, 2]);
-    lookup(&mut c, &server, &[1, 2, 3]);
+    lookup(&mut c, &mut server, &[1, 2]);
+    lookup(&mut c, &mut server, &[1, 2, 3]);
     assert_eq!(c.stats().evictions, 0);
     assert_eq!(c.stats().not_admitted, 1);
     assert_eq!(c.resident(), 2);
+}
+
+#[test]
+fn a_refused_push_makes_its_lines_read_again() {
+    let mut server = Server::default();
+    let mut c = core(2, PolicyKind::Lru, Bound::INFINITE, Bound::STRICT);
+    lookup(&mut c, &mut server, &[1]);
+    c.update(&[1], &[1.0, 1.0]).unwrap();
+    c.start_push();
+    let shards: Vec<usize> = c.requests().iter().map(|r| r.shard).collect();
+    for s in shards {
+        c.on_reply(s, PushOutcome::Refused, &StaleRows::default(), true, 1)
+            .unwrap();
+    }
+    // The line committed its push locally; the shard never applied it, so the next lookup reads
+    // the row again (even under an infinite read bound).
+    assert_eq!(lookup(&mut c, &mut server, &[1]), vec![0.0, 0.0]);
+    assert_eq!(c.stats().rows_refused, 1);
 }

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hetkv_transport::client::{
-    Carried, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic, TrafficCounters,
-    TransportError,
+    Carried, Produced, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic,
+    TrafficCounters, TransportError,
 };
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
@@ -578,11 +578,11 @@ impl TcpShardClient {
         out: &mut StaleRows,
     ) -> Result<PushResponse, TransportError> {
         let (keys, clocks, push) = (q.keys, q.clocks, q.push);
-        if keys.len() != clocks.len() || push.is_some_and(|p| p.keys.len() != p.counts.len()) {
+        if keys.len() != clocks.len() || push.is_some_and(|p| !p.lengths_agree()) {
             return Err(TransportError::InvalidRequest {
                 addr: self.addr.clone(),
                 message: format!(
-                    "{} keys but {} clocks, or push keys and counts of unequal length",
+                    "{} keys but {} clocks, or push keys, counts and bases of unequal length",
                     keys.len(),
                     clocks.len()
                 ),
@@ -599,19 +599,15 @@ impl TcpShardClient {
             frame,
             |p| {
                 self.acknowledged(seq, push_rows as usize, p.incarnation);
-                let r = codec::pull_if_stale::decode_response(&p, keys.len())
+                let h = codec::pull_if_stale::decode_response(&p, q, out)
                     .map_err(|e| self.malformed(e))?;
-                out.indices.clear();
-                out.indices
-                    .extend((0..r.indices.len()).map(|i| r.indices.get_u32(i)));
-                extend_u64s(&mut out.versions, r.versions);
-                extend_f32s(&mut out.rows, r.rows);
-                out.table_clock = r.header.table_clock;
-                out.since_held = r.header.since_held;
                 Ok(PushResponse {
                     rows: push_rows,
-                    updates: r.header.pushed_updates,
-                    duplicate: r.header.push_duplicate,
+                    updates: h.pushed_updates,
+                    duplicate: h.push_duplicate,
+                    produced: h.produced,
+                    state_len: h.state_len,
+                    steps: h.steps,
                 })
             },
         )
@@ -707,27 +703,32 @@ impl ShardTransport for TcpShardClient {
         Carried::one_request(q.push.is_some(), self.pull_if_stale_request(q, out))
     }
 
-    fn push(
+    fn push_rows(
         &self,
         table: &str,
-        keys: &[u64],
-        counts: &[u32],
-        grads: &[f32],
+        rows: &PushRef<'_>,
+        produced: &mut Produced,
     ) -> Result<PushResponse, TransportError> {
-        if keys.len() != counts.len() {
+        if !rows.lengths_agree() {
             return Err(TransportError::InvalidRequest {
                 addr: self.addr.clone(),
-                message: format!("{} keys but {} counts", keys.len(), counts.len()),
+                message: format!(
+                    "{} keys but {} counts, or bases of another length",
+                    rows.keys.len(),
+                    rows.counts.len()
+                ),
             });
         }
+        produced.clear();
         self.deliver_held()?;
         let origin = self.origin();
         let seq = origin.map(|o| o.seq);
-        let frame =
-            self.frame(|buf| codec::push::encode_request(buf, table, keys, counts, grads, origin))?;
-        self.call_push(Op::Push, seq.map(|s| (s, keys.len())), frame, |p| {
-            self.acknowledged(seq, keys.len(), p.incarnation);
-            self.header(p)
+        let n = rows.keys.len();
+        let dim = rows.grads.len().checked_div(n).unwrap_or(0);
+        let frame = self.frame(|buf| codec::push::encode_request(buf, table, rows, origin))?;
+        self.call_push(Op::Push, seq.map(|s| (s, n)), frame, |p| {
+            self.acknowledged(seq, n, p.incarnation);
+            codec::push::decode_response(&p, n, dim, produced).map_err(|e| self.malformed(e))
         })
     }
 

@@ -7,7 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod embedded;
 pub mod metrics;
-pub mod optimizer;
+
 pub mod placement;
 pub mod sessions;
 pub mod shard;
@@ -16,7 +16,7 @@ pub mod tensors;
 
 pub use config::DaemonConfig;
 pub use embedded::EmbeddedCluster;
-pub use optimizer::Optimizer;
+pub use hetkv_transport::optimizer::Optimizer;
 pub use placement::Placement;
 pub use shard::{Shard, ShardConfig};
 pub use table::Table;

@@ -14,7 +14,7 @@ use hetkv_transport::wire::{
     PullIfStaleResponse, PullResponse, PushResponse, RegionDescriptor, ShardStats, TablesResponse,
     WireError,
 };
-use hetkv_transport::TableSpec;
+use hetkv_transport::{Produced, TableSpec};
 
 use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
 use crate::metrics::{ShardMetrics, Totals};
@@ -543,7 +543,7 @@ impl Shard {
         Ok(PushResponse {
             rows: locals.len() as u32,
             updates: locals.len() as u64,
-            duplicate: false,
+            ..PushResponse::default()
         })
     }
 
@@ -587,11 +587,16 @@ impl Shard {
             .iter()
             .map(|k| t.local_index(k))
             .collect::<Result<Vec<_>, _>>()?;
-        if pushed.is_some() {
-            codec::pull_if_stale::check_room(resp, locals_all.len(), t.spec().dim as usize)?;
+        let dim = t.spec().dim as usize;
+        let shape = t.state_shape();
+        if let Some((p, _)) = &pushed {
+            codec::pull_if_stale::check_room(resp, locals_all.len(), p.keys.len(), dim, shape)?;
         }
+        let mut produced = Produced::default();
         let (pushed_updates, push_duplicate) = match pushed {
-            Some((p, locals)) => self.apply_once(&t, req.header.origin, &locals, p)?,
+            Some((p, locals)) => {
+                self.apply_once(&t, req.header.origin, &locals, p, &mut produced)?
+            }
             None => (0, false),
         };
         // The clock after the push and before any row: every update it does not count happened
@@ -606,6 +611,10 @@ impl Shard {
                 locals.push(i);
             }
         }
+        let n_state = stale
+            .iter()
+            .take_while(|&&j| j < req.header.state_keys)
+            .count();
         let header = PullIfStaleResponse {
             stale: stale.len() as u32,
             dim: t.spec().dim,
@@ -613,9 +622,15 @@ impl Shard {
             since_held,
             pushed_updates,
             push_duplicate,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+            produced: produced.len() as u32,
         };
-        let mut rows = codec::pull_if_stale::respond(resp, header, &stale)?;
-        t.read_rows_into(&locals, &mut rows);
+        t.read_rows_into(
+            &locals,
+            &mut codec::pull_if_stale::respond(resp, header, &stale, n_state)?,
+        );
+        codec::pull_if_stale::finish(resp, &header, &produced)?;
         Ok(())
     }
 
@@ -651,33 +666,49 @@ impl Shard {
         Ok(())
     }
 
-    fn push_rows(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, StoreError> {
+    fn push_rows(
+        &self,
+        req: &codec::push::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
         let t = self.table(&req.table)?;
         let r = &req.rows;
         let locals = t.validate_push(r.keys, r.counts, r.grads)?;
-        let (updates, duplicate) = self.apply_once(&t, req.origin, &locals, *r)?;
-        Ok(PushResponse {
+        let shape = t.state_shape();
+        if r.bases.is_some() {
+            codec::push::check_room(resp, locals.len(), t.spec().dim as usize, shape)?;
+        }
+        let mut produced = Produced::default();
+        let (updates, duplicate) = self.apply_once(&t, req.origin, &locals, *r, &mut produced)?;
+        let header = PushResponse {
             rows: locals.len() as u32,
             updates,
             duplicate,
-        })
+            produced: produced.len() as u32,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+        };
+        codec::push::respond(resp, header, &produced)?;
+        Ok(())
     }
 
     /// Applies validated push rows once per origin: a numbered push applied before is
-    /// acknowledged (its updates counted, `true`) without being applied again.
+    /// acknowledged (its updates counted, `true`) without being applied again, and hands back
+    /// the rows as they are now where its bases ask ([`Table::hand_back_current`]).
     fn apply_once(
         &self,
         t: &Table,
         origin: Option<hetkv_transport::wire::Origin>,
         locals: &[u64],
         rows: hetkv_transport::wire::PushRows<'_>,
+        produced: &mut Produced,
     ) -> Result<(u64, bool), StoreError> {
         let Some(origin) = origin else {
-            return Ok((t.apply_push(locals, rows.counts, rows.grads), false));
+            return Ok((t.apply_push(locals, &rows, produced), false));
         };
         match self.sessions.claim(origin)? {
             Claim::Fresh(ticket) => {
-                let updates = t.apply_push(locals, rows.counts, rows.grads);
+                let updates = t.apply_push(locals, &rows, produced);
                 ticket.applied();
                 Ok((updates, false))
             }
@@ -685,6 +716,7 @@ impl Shard {
                 let updates = (0..rows.counts.len())
                     .map(|i| rows.counts.get_u32(i) as u64)
                     .sum();
+                t.hand_back_current(locals, &rows, produced);
                 Ok((updates, true))
             }
         }
@@ -841,8 +873,12 @@ impl ShardService for Shard {
         })
     }
 
-    fn push(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, WireError> {
-        self.measured("push", &req.table, || Ok(self.push_rows(req)?))
+    fn push(
+        &self,
+        req: &codec::push::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError> {
+        self.measured("push", &req.table, || Ok(self.push_rows(req, resp)?))
     }
 
     fn assign(&self, req: &codec::assign::Request<'_>) -> Result<PushResponse, WireError> {

@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use hetkv_transport::codec::RowsWriter;
 use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
-use hetkv_transport::wire::{F32s, U32s, U64s};
-use hetkv_transport::{Region, Routing, TableInfo, TableSpec, TableStats};
+use hetkv_transport::wire::{F32s, PushRows, U32s, U64s, NO_BASE};
+use hetkv_transport::{Produced, Region, Routing, StateShape, TableInfo, TableSpec, TableStats};
 
 use crate::checkpoint::format::{RecordView, TableFileWriter};
 use crate::checkpoint::{FileHeader, Kind, RecordShape};
-use crate::optimizer::Optimizer;
 use crate::placement::Placement;
 use crate::StoreError;
+use hetkv_transport::optimizer::Optimizer;
 
 /// Stripes of row locks per table. Rows go to stripes in groups of [`GROUP`] consecutive rows,
 /// round robin: group `g = i / GROUP` is in stripe `g % STRIPES`. Random pushes spread over all
@@ -233,18 +233,92 @@ impl Table {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The shape of a row's optimizer state.
+    pub fn state_shape(&self) -> StateShape {
+        self.optimizer.state_shape(self.layout.dim())
+    }
+
     /// Reads the local rows `locals`, verified, into an answer's rows (row `j` of `out` is
-    /// `locals[j]`), prefetching a few ahead, and counts them as read.
+    /// `locals[j]`), prefetching a few ahead, and counts them as read. The rows whose state the
+    /// answer carries (the writer's first [`RowsWriter::state_rows`]) are read with their
+    /// optimizer state under their writer's lock, so that value, version and state are of one
+    /// moment; the others lock-free.
     pub fn read_rows_into(&self, locals: &[u64], out: &mut RowsWriter<'_>) {
         let mut image = vec![0u8; self.layout.stride()];
+        let with_state = out.state_rows();
         for (j, &i) in locals.iter().enumerate() {
             if let Some(&ahead) = locals.get(j + PREFETCH_ROWS) {
                 self.prefetch_local(ahead);
+            }
+            if j < with_state {
+                let stripe = self.stripe(i);
+                let version = self.read_stable(i, &mut image);
+                let (state, step) = self.state_of(&stripe, i);
+                out.put(j, version, self.layout.payload(&image));
+                out.put_state(j, state, step);
+                continue;
             }
             let version = self.read_local(i, &mut image);
             out.put(j, version, self.layout.payload(&image));
         }
         self.count_read(locals.len() as u64);
+    }
+
+    /// Reads local row `i` into `image` while holding its writer's lock (so the copy is stable).
+    fn read_stable(&self, i: u64, image: &mut [u8]) -> u64 {
+        row::read_row(self.region.words(), &self.layout, i, image, 1)
+            .expect("a row read under its writer lock is stable")
+            .version
+    }
+
+    /// Local row `i`'s optimizer state and step count, read under its stripe's lock.
+    fn state_of<'s>(&self, stripe: &'s StripeState, i: u64) -> (&'s [f32], u64) {
+        let slot = locate(i).1;
+        (
+            &stripe.floats[slot * self.state_len..(slot + 1) * self.state_len],
+            stripe.steps.get(slot).copied().unwrap_or(0),
+        )
+    }
+
+    /// Hands back local row `i` (entry `n` of a push) at `version` with `w` and its state.
+    fn hand_back(
+        &self,
+        produced: &mut Produced,
+        n: usize,
+        version: u64,
+        w: &[f32],
+        state: &[f32],
+        step: u64,
+    ) {
+        produced.indices.push(n as u32);
+        produced.versions.push(version);
+        produced.rows.extend_from_slice(w);
+        produced.states.values.extend_from_slice(state);
+        if self.optimizer.has_steps() {
+            produced.states.steps.push(step);
+        }
+    }
+
+    /// For a push that was applied before (a repeat): hands back, for every entry with a base,
+    /// the row as it is now wherever its version is not the base plus the entry's count (another
+    /// update came since, or it was never this push's to produce).
+    pub fn hand_back_current(&self, locals: &[u64], rows: &PushRows<'_>, produced: &mut Produced) {
+        let mut image = vec![0u8; self.layout.stride()];
+        let mut w = vec![0f32; self.layout.dim()];
+        for (n, &i) in locals.iter().enumerate() {
+            let base = rows.base(n);
+            if base == NO_BASE {
+                continue;
+            }
+            let stripe = self.stripe(i);
+            let version = self.read_stable(i, &mut image);
+            if version == base.saturating_add(rows.counts.get_u32(n) as u64) {
+                continue;
+            }
+            row::decode_payload(&self.layout, &image, &mut w);
+            let (state, step) = self.state_of(&stripe, i);
+            self.hand_back(produced, n, version, &w, state, step);
+        }
     }
 
     /// Reads local row `i` into `image` (one stride), verified; returns its version. Falls back to
@@ -343,8 +417,11 @@ impl Table {
     }
 
     /// Applies a validated push (`locals` from [`Table::validate_push`]); returns the updates
-    /// applied. Entries for the same row apply in message order.
-    pub fn apply_push(&self, locals: &[u64], counts: U32s<'_>, grads: F32s<'_>) -> u64 {
+    /// applied. Entries for the same row apply in message order. Where an entry carries a base
+    /// version and the row's version before it is applied is another, the row it produces is
+    /// handed back in `produced` (value, version, optimizer state).
+    pub fn apply_push(&self, locals: &[u64], rows: &PushRows<'_>, produced: &mut Produced) -> u64 {
+        let (counts, grads) = (rows.counts, rows.grads);
         let dim = self.layout.dim();
         // The clock moves before any row does (see `clock`).
         let total: u64 = (0..locals.len()).map(|n| counts.get_u32(n) as u64).sum();
@@ -361,9 +438,7 @@ impl Table {
             grads.copy_f32s(n * dim, &mut g);
             let mut stripe = self.stripe(i);
             // Under the stripe lock this thread is the row's only writer, so the copy is stable.
-            let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
-                .expect("a row read under its writer lock is stable")
-                .version;
+            let version = self.read_stable(i, &mut image);
             row::decode_payload(&self.layout, &image, &mut w);
             let slot = locate(i).1;
             let StripeState { floats, steps } = &mut *stripe;
@@ -371,9 +446,14 @@ impl Table {
             let mut scratch_step = 0;
             let step = steps.get_mut(slot).unwrap_or(&mut scratch_step);
             self.optimizer.apply(&mut w, &g, state, step);
-            row::encode_image(&self.layout, version.saturating_add(count), &w, &mut image);
+            let new_version = version.saturating_add(count);
+            row::encode_image(&self.layout, new_version, &w, &mut image);
             row::write_row(self.region.words(), &self.layout, i, &image);
             self.mark_dirty(i);
+            let base = rows.base(n);
+            if base != NO_BASE && base != version {
+                self.hand_back(produced, n, new_version, &w, state, *step);
+            }
             drop(stripe);
             updates += count;
         }

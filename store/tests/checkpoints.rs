@@ -56,7 +56,13 @@ fn push(t: &Table, keys: &[u64], count: u32, grads: &[f32]) {
     let locals = t
         .validate_push(le_array(&k), le_array(&c), le_array(&g))
         .unwrap();
-    t.apply_push(&locals, le_array(&c), le_array(&g));
+    let rows = hetkv_transport::wire::PushRows {
+        keys: le_array(&k),
+        counts: le_array(&c),
+        bases: None,
+        grads: le_array(&g),
+    };
+    t.apply_push(&locals, &rows, &mut hetkv_transport::Produced::default());
 }
 
 /// Pushes `rounds` batches of pseudo-random gradients to keys of shard `index` of `shards`.

@@ -27,7 +27,13 @@ fn train(t: &Table) {
     let locals = t
         .validate_push(le_array(&k), le_array(&c), le_array(&g))
         .unwrap();
-    t.apply_push(&locals, le_array(&c), le_array(&g));
+    let rows = hetkv_transport::wire::PushRows {
+        keys: le_array(&k),
+        counts: le_array(&c),
+        bases: None,
+        grads: le_array(&g),
+    };
+    t.apply_push(&locals, &rows, &mut hetkv_transport::Produced::default());
 }
 
 #[test]

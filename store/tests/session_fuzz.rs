@@ -52,6 +52,7 @@ fn seeds() -> Vec<Vec<u8>> {
     put_u64s(&mut keys, &[0, 5, 63]);
     let mut push = keys.clone();
     put_u32s(&mut push, &[1, 2, 1]);
+    put_u64s(&mut push, &[0, wire::NO_BASE, 7]);
     put_f32s(&mut push, &[-1.0; 12]);
     let mut stale = keys.clone();
     put_u64s(&mut stale, &[0, u64::MAX, 3]);
@@ -87,6 +88,8 @@ fn seeds() -> Vec<Vec<u8>> {
                 since: None,
                 push_rows: 0,
                 origin: None,
+                state_keys: 2,
+                push_bases: false,
             },
             &stale,
         ),
@@ -103,6 +106,8 @@ fn seeds() -> Vec<Vec<u8>> {
                 }),
                 push_rows: 3,
                 origin: Some(Origin { client: 1, seq: 1 }),
+                state_keys: 3,
+                push_bases: true,
             },
             &stale_push,
         ),
@@ -112,6 +117,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 table: t(),
                 rows: 3,
                 origin: Some(Origin { client: 1, seq: 2 }),
+                bases: true,
             },
             &push,
         ),

@@ -9,7 +9,7 @@ use hetkv_transport::wire::{
     Op, PushResponse, Status, WireError, MAGIC, PROTOCOL_VERSION,
 };
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
-use hetkv_transport::{PushRef, StaleQuery};
+use hetkv_transport::{PushRef, StaleQuery, StaleRows};
 use serde::{de::DeserializeOwned, Serialize};
 
 struct Harness {
@@ -86,7 +86,7 @@ impl Harness {
         grads: &[f32],
     ) -> Result<PushResponse, WireError> {
         let mut frame = Vec::new();
-        codec::push::encode_request(&mut frame, table, keys, counts, grads, None);
+        codec::push::encode_request(&mut frame, table, &PushRef::new(keys, counts, grads), None);
         let out = self.call_frame(frame)?;
         Ok(decode_header(split_response(&out[4..]).unwrap().header).unwrap())
     }
@@ -417,16 +417,13 @@ fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
             bound: 0,
             since: None,
             push,
+            state_keys: 0,
         };
         codec::pull_if_stale::encode_request(&mut frame, &q, None);
         h.call_frame(frame)
     };
     let grad = vec![1.0f32; 64];
-    let push = PushRef {
-        keys: &[5],
-        counts: &[1],
-        grads: &grad,
-    };
+    let push = PushRef::new(&[5], &[1], &grad);
     let e = stale(&mut h, Some(push)).unwrap_err();
     assert_eq!(e.code, ErrorCode::FrameTooLarge);
     assert!(e.message.contains("nothing was applied"), "{}", e.message);
@@ -446,7 +443,8 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     let origin = |seq| Some(wire::Origin { client: 42, seq });
     let numbered = |h: &mut Harness, seq: u64| -> PushResponse {
         let mut frame = Vec::new();
-        codec::push::encode_request(&mut frame, "t", &[3, 3], &[1, 2], &[1.0; 4], origin(seq));
+        let rows = PushRef::new(&[3, 3], &[1, 2], &[1.0; 4]);
+        codec::push::encode_request(&mut frame, "t", &rows, origin(seq));
         let out = h.call_frame(frame).unwrap();
         decode_header(split_response(&out[4..]).unwrap().header).unwrap()
     };
@@ -464,21 +462,19 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
             clocks: &[0],
             bound: 0,
             since: None,
-            push: Some(PushRef {
-                keys: &[3],
-                counts: &[5],
-                grads: &[1.0, 1.0],
-            }),
+            push: Some(PushRef::new(&[3], &[5], &[1.0, 1.0])),
+            state_keys: 0,
         };
         codec::pull_if_stale::encode_request(&mut frame, &q, origin(2));
         let out = h.call_frame(frame).unwrap();
-        let r =
-            codec::pull_if_stale::decode_response(&split_response(&out[4..]).unwrap(), 1).unwrap();
-        (
-            r.header.pushed_updates,
-            r.header.push_duplicate,
-            r.versions.get(0),
+        let mut rows = StaleRows::default();
+        let h = codec::pull_if_stale::decode_response(
+            &split_response(&out[4..]).unwrap(),
+            &q,
+            &mut rows,
         )
+        .unwrap();
+        (h.pushed_updates, h.push_duplicate, rows.versions[0])
     };
     assert_eq!(carried(&mut h), (5, false, 8));
     assert_eq!(carried(&mut h), (5, true, 8));
@@ -489,7 +485,7 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     // Another client's push 1 is its own.
     let mut frame = Vec::new();
     let other = Some(wire::Origin { client: 7, seq: 1 });
-    codec::push::encode_request(&mut frame, "t", &[3], &[1], &[1.0; 2], other);
+    codec::push::encode_request(&mut frame, "t", &PushRef::new(&[3], &[1], &[1.0; 2]), other);
     h.call_frame(frame).unwrap();
     assert_eq!(h.pull("t", &[3]).unwrap().0, vec![11]);
 }

@@ -1,18 +1,26 @@
-//! The model-based test of the cache's consistency bounds, run by the socket tests
-//! (`tests/cache_consistency.rs`, every transport) and by the in-memory harness
-//! (`tests/cache_harness.rs`, simulated shards).
+//! The model-based test of the cache's consistency bounds and of its optimizer steps, run by the
+//! socket tests (`tests/cache_consistency.rs`, every transport) and by the in-memory harness
+//! (`tests/cache_harness.rs`, simulated shards, every optimizer).
 //!
 //! Several clients, each with its own cache, issue random interleavings of lookups, updates and
-//! flushes on one table spread over the shards. The table uses SGD with lr 1 from zeros, and
-//! client c's gradients are -1 in element c (plus small random values in two shared elements), so
-//! element c of any row counts exactly the updates of client c it includes and the count elements
-//! of a row sum to its version. That makes every claim checkable exactly:
+//! flushes on one table spread over the shards. Client c's gradients are -1 in element c (plus
+//! small random values in two shared elements). Under SGD with lr 1 from zeros, element c of any
+//! row counts exactly the updates of client c it includes and the count elements of a row sum to
+//! its version, which makes every claim checkable exactly:
 //! - read bound: at every lookup, the server's version minus the returned row's clock is at most
 //!   `pull_bound`, and the returned values are exactly those of that clock;
 //! - read-your-writes: element c of a row returned to client c equals the updates c issued;
 //! - write bound: after every update by client c, at most `push_bound` of its updates to any key
 //!   are missing from the server;
 //! - after flushes, versions equal the updates issued and values equal sequential SGD.
+//!
+//! Under any optimizer, with a [`History`] of the shards (the in-memory harness keeps every
+//! version of every row, with its optimizer state), every cache line is checked after every
+//! operation to be exactly the shards' row at its version with its pending updates taken by the
+//! table's optimizer (bit for bit: one code computes both); at bounds 0 every looked-up row is
+//! exactly the shards' row; after a flush every line the flush pushed holds exactly the row its
+//! push produced; versions keep both bounds and, summed over the clients, the shards lack exactly
+//! the updates the caches hold unpushed.
 //!
 //! With prefetching ([`Options::prefetch`]), clients also prefetch keys, look up the prefetched
 //! keys (or others, landing the prefetch unused) and update while a prefetch is in flight; a row
@@ -29,9 +37,12 @@
 //! every claim is then checked against the bounds the client has at the time, and right after
 //! the change the write bound must already hold (lines above a lowered bound are pushed by it).
 
-use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, PolicyKind, SharedKeys, Table};
-use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
+use std::collections::HashMap;
 
+use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, PolicyKind, Table, UpdateRuleKind};
+use hetkv_transport::{Initializer, Optimizer, OptimizerSpec, TableSpec};
+
+use crate::sim::RowAt;
 use crate::TestRng;
 
 /// Clients (caches) in a run.
@@ -45,15 +56,43 @@ pub const CAPACITY: usize = 6;
 /// Operations in a run.
 pub const OPS: usize = 300;
 
-/// The model's table, named `name`.
+/// The model's table, named `name`: SGD with lr 1 from zeros.
 pub fn spec(name: &str) -> TableSpec {
+    spec_with(name, OptimizerSpec::Sgd { lr: 1.0 })
+}
+
+/// The model's table under `optimizer`.
+pub fn spec_with(name: &str, optimizer: OptimizerSpec) -> TableSpec {
     TableSpec {
         name: name.to_string(),
         rows: ROWS,
         dim: DIM as u32,
         init: Initializer::Zeros,
-        optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        optimizer,
     }
+}
+
+/// Every optimizer the shards offer, with parameters that make each step visible.
+pub fn optimizers() -> Vec<OptimizerSpec> {
+    vec![
+        OptimizerSpec::Sgd { lr: 1.0 },
+        OptimizerSpec::Adagrad {
+            lr: 0.5,
+            eps: 1e-6,
+            initial_accumulator: 0.1,
+        },
+        OptimizerSpec::RowwiseAdagrad {
+            lr: 0.5,
+            eps: 1e-6,
+            initial_accumulator: 0.0,
+        },
+        OptimizerSpec::Adam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+        },
+    ]
 }
 
 /// The policies and bounds every run covers.
@@ -76,6 +115,12 @@ pub fn policies_and_bounds() -> Vec<(PolicyKind, Bound)> {
     v
 }
 
+/// Every version of every row the shards held, to check cache lines against exactly.
+pub trait History {
+    /// Row `key` at `version`, if the shards held it so.
+    fn row_at(&self, key: u64, version: u64) -> Option<RowAt>;
+}
+
 /// How a run drives the caches.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
@@ -84,14 +129,11 @@ pub struct Options {
     pub faults: bool,
     /// Clients also prefetch, and update with a prefetch in flight.
     pub prefetch: bool,
-    /// How the caches combine their updates of a key: [`SharedKeys::Summed`] (the default) or
-    /// [`SharedKeys::Extrapolated`]. Extrapolation scales a cache's local steps only, so every
-    /// claim about the server and the bounds holds exactly; of a returned row, element c of
-    /// client c then lies between the updates c issued and `max_scale` times them, the other
-    /// clients' elements plus c's issued updates sum to the row's clock, and the rest is checked
-    /// as without it. [`SharedKeys::Averaged`] weights the pushes
-    /// themselves, which the model's exact counts cannot check: it is refused.
-    pub shared_keys: SharedKeys,
+    /// The caches' update rule. Under a rule that weighs pushes (not
+    /// [`UpdateRuleKind::PushWhole`]) the values of the shards are no longer counts: the
+    /// count-based checks are skipped, the versions and the lines against the history are
+    /// still checked.
+    pub rule: UpdateRuleKind,
     /// Clients also change their bounds (both to one value) between operations.
     pub rebound: bool,
 }
@@ -116,8 +158,10 @@ pub struct Outcome {
     pub prefetched: u64,
     /// Prefetches landed without their lookup.
     pub prefetches_unused: u64,
-    /// Rows returned to a client whose own element was ahead of its updates (extrapolated).
-    pub extrapolated_rows: u64,
+    /// Lines checked against the history, over all operations.
+    pub lines_checked: u64,
+    /// Rows pushes produced and handed back (another update came between).
+    pub rows_handed_back: u64,
 }
 
 /// The write bound where no prefetch is in flight: the server lacks exactly the updates the
@@ -150,6 +194,187 @@ impl Truth {
     }
 }
 
+/// Each client's updates per key, as its cache applies them: one entry (count, gradient sum) per
+/// update call that touched the key. Updates made while a prefetch is in flight are applied as
+/// one call when it lands.
+#[derive(Default)]
+struct Updates {
+    log: HashMap<u64, Vec<(u32, Vec<f32>)>>,
+    /// Keys and gradients given while a prefetch was in flight.
+    late: (Vec<u64>, Vec<f32>),
+}
+
+impl Updates {
+    /// Records one update call as the cache applies it: per key, the count and the gradient rows
+    /// summed in order.
+    fn call(&mut self, keys: &[u64], grads: &[f32]) {
+        for (k, c, s) in sums(keys, grads) {
+            self.log.entry(k).or_default().push((c, s));
+        }
+    }
+
+    /// The updates made while the prefetch is in flight, per key: count and gradient sum.
+    fn late(&self) -> HashMap<u64, (u32, Vec<f32>)> {
+        sums(&self.late.0, &self.late.1)
+            .into_iter()
+            .map(|(k, c, s)| (k, (c, s)))
+            .collect()
+    }
+
+    fn update(&mut self, in_flight: bool, keys: &[u64], grads: &[f32]) {
+        if in_flight {
+            self.late.0.extend_from_slice(keys);
+            self.late.1.extend_from_slice(grads);
+        } else {
+            self.call(keys, grads);
+        }
+    }
+
+    /// A prefetch landed: the updates made meanwhile were applied as one call.
+    fn landed(&mut self) {
+        let (keys, grads) = std::mem::take(&mut self.late);
+        if !keys.is_empty() {
+            self.call(&keys, &grads);
+        }
+    }
+
+    /// The gradient sum of the last `p` updates of `key`, summed as the line sums them.
+    fn pending(&self, key: u64, p: u32) -> Vec<f32> {
+        let mut sum = vec![0f32; DIM];
+        if p == 0 {
+            return sum;
+        }
+        let log = &self.log[&key];
+        let (mut n, mut from) = (0u32, log.len());
+        while n < p {
+            from -= 1;
+            n += log[from].0;
+        }
+        assert_eq!(n, p, "key {key}: {p} unpushed updates split an update call");
+        for (_, g) in &log[from..] {
+            sum.iter_mut().zip(g).for_each(|(s, g)| *s += g);
+        }
+        sum
+    }
+}
+
+/// Per key of one update call, in first-seen order: the count and the gradient rows summed in
+/// order, as the cache sums them.
+fn sums(keys: &[u64], grads: &[f32]) -> Vec<(u64, u32, Vec<f32>)> {
+    let mut sums: Vec<(u64, u32, Vec<f32>)> = Vec::new();
+    for (i, &k) in keys.iter().enumerate() {
+        let g = &grads[i * DIM..(i + 1) * DIM];
+        match sums.iter_mut().find(|(key, _, _)| *key == k) {
+            Some((_, c, s)) => {
+                *c += 1;
+                s.iter_mut().zip(g).for_each(|(s, g)| *s += g);
+            }
+            None => sums.push((k, 1, g.to_vec())),
+        }
+    }
+    sums
+}
+
+/// The checks of the lines against the history.
+struct LineCheck<'a> {
+    history: &'a dyn History,
+    optimizer: Optimizer,
+}
+
+impl LineCheck<'_> {
+    /// Every line of `client` is exactly the shards' row at its version with its pending updates
+    /// taken by the optimizer. Returns the lines checked.
+    fn lines(&self, client: &CachedTable, updates: &Updates, what: &str) -> u64 {
+        let mut checked = 0;
+        for k in 0..ROWS {
+            let Some(line) = client.peek(k) else {
+                continue;
+            };
+            if client.unpushed(k) != u64::from(line.unpushed) {
+                // A push of it is queued (after a prefetch landed, it goes with the next
+                // request): the line is committed to a row the shards do not hold yet.
+                continue;
+            }
+            let base = self.history.row_at(k, line.version).unwrap_or_else(|| {
+                panic!(
+                    "{what}: key {k}'s line has version {}, which the shards never held",
+                    line.version
+                )
+            });
+            let pending = updates.pending(k, line.unpushed);
+            let mut want = base.value.clone();
+            if line.unpushed > 0 {
+                let (mut state, mut step) = (base.state.clone(), base.step);
+                self.optimizer
+                    .apply(&mut want, &pending, &mut state, &mut step);
+            }
+            assert_eq!(
+                line.value, want,
+                "{what}: key {k}'s line (version {}, {} unpushed) is not the shards' row with its \
+                 pending updates taken by the optimizer",
+                line.version, line.unpushed
+            );
+            checked += 1;
+        }
+        checked
+    }
+}
+
+impl LineCheck<'_> {
+    /// A row `client` returned for `key` with `clock` is its line's value and clock when the key
+    /// is cached (and nothing of it is queued), and otherwise the shards' row of that version,
+    /// or, when updates made while its prefetch was in flight touched it (`late`: their count and
+    /// sum, queued to be written through), the row those updates produce from the row read.
+    fn returned(
+        &self,
+        client: &CachedTable,
+        key: u64,
+        row: &[f32],
+        clock: u64,
+        late: Option<&(u32, Vec<f32>)>,
+        what: &str,
+    ) {
+        if let (None, Some((n, g))) = (client.peek(key), late) {
+            if client.unpushed(key) == u64::from(*n) {
+                let read = clock - u64::from(*n);
+                let at = self.history.row_at(key, read).unwrap_or_else(|| {
+                    panic!("{what}: key {key} read at version {read}, never held")
+                });
+                let mut want = at.value.clone();
+                let (mut state, mut step) = (at.state.clone(), at.step);
+                self.optimizer.apply(&mut want, g, &mut state, &mut step);
+                assert_eq!(
+                    row,
+                    &want[..],
+                    "{what}: key {key}, not cached, does not include the updates made during its \
+                     prefetch as the shards will apply them"
+                );
+            }
+            return;
+        }
+        match client.peek(key) {
+            Some(line) if client.unpushed(key) == u64::from(line.unpushed) => {
+                assert_eq!(
+                    (row, clock),
+                    (&line.value[..], line.version + u64::from(line.unpushed)),
+                    "{what}: key {key} returned other than its line"
+                );
+            }
+            None if client.unpushed(key) == 0 => {
+                let at = self.history.row_at(key, clock).unwrap_or_else(|| {
+                    panic!("{what}: key {key} returned at version {clock}, never held")
+                });
+                assert_eq!(
+                    row,
+                    &at.value[..],
+                    "{what}: key {key} is not the row of its clock"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Runs the model: `CLIENTS` caches made by `connect` (each a new connection to the cluster
 /// that `truth`, a direct handle of the model's table, reads), `OPS` seeded operations, every
 /// claim checked after each. With `faults`, a lookup may fail (a read injected to fail after its
@@ -166,7 +391,7 @@ pub fn run(
         faults,
         ..Options::default()
     };
-    run_with(truth, connect, policy, bound, seed, options, None)
+    run_with(truth, connect, policy, bound, seed, options, None, None)
 }
 
 /// Decides before each operation whether to restart a shard (from an earlier state, as a
@@ -177,7 +402,7 @@ pub type Restarter<'a> = &'a mut dyn FnMut(&mut TestRng) -> bool;
 /// (the updates the restored shard no longer holds, read as the difference of its rows before
 /// and after) is taken out of what each client is expected to see: every claim then holds
 /// against the restored state, read-your-writes included (a line of a restarted shard keeps
-/// its unpushed updates and takes the shard's row for everything else).
+/// its unpushed updates and takes the shard's row for everything else). SGD only.
 pub fn run_with_restarts(
     truth: &Table,
     connect: &mut dyn FnMut() -> Table,
@@ -191,12 +416,14 @@ pub fn run_with_restarts(
         faults,
         ..Options::default()
     };
-    run_with(truth, connect, policy, bound, seed, options, restart)
+    run_with(truth, connect, policy, bound, seed, options, restart, None)
 }
 
 /// The model under `options`, with shards restarted by `restart` when given (prefetching and
 /// restarts together are not modelled: a restart between a prefetch and its lookup may roll back
-/// what the prefetch read).
+/// what the prefetch read), and every line checked against `history` when given (not with
+/// restarts: a version rolled back and reached again is another row).
+#[allow(clippy::too_many_arguments)]
 pub fn run_with(
     truth: &Table,
     connect: &mut dyn FnMut() -> Table,
@@ -205,20 +432,24 @@ pub fn run_with(
     seed: u64,
     options: Options,
     mut restart: Option<Restarter<'_>>,
+    history: Option<&dyn History>,
 ) -> Outcome {
     assert!(
         !(options.prefetch && restart.is_some()),
         "prefetching with restarts is not modelled"
     );
+    let optimizer = truth.spec().optimizer;
     assert!(
-        options.shared_keys != SharedKeys::Averaged,
-        "averaged pushes are not modelled"
+        restart.is_none() || matches!(optimizer, OptimizerSpec::Sgd { lr } if lr == 1.0),
+        "restarts are modelled under SGD with lr 1"
     );
-    // The largest factor a local step may take (1: every local step is the update itself).
-    let max_scale = match options.shared_keys {
-        SharedKeys::Extrapolated { max_scale } => max_scale.max(1.0),
-        _ => 1.0,
-    };
+    // Whether the shards' values count updates (SGD with lr 1, pushes whole).
+    let counting =
+        optimizer == (OptimizerSpec::Sgd { lr: 1.0 }) && options.rule == UpdateRuleKind::PushWhole;
+    let check = history.filter(|_| restart.is_none()).map(|h| LineCheck {
+        history: h,
+        optimizer: Optimizer::new(optimizer),
+    });
     let faults = options.faults;
     // Per client, the keys prefetched and the server's versions when the prefetch was made.
     let mut prefetched: Vec<Option<(Vec<u64>, Vec<u64>)>> = vec![None; CLIENTS];
@@ -233,14 +464,11 @@ pub fn run_with(
     // Each client's bounds now (read and write alike).
     let mut bounds = [bound; CLIENTS];
     let mut clients: Vec<CachedTable> = (0..CLIENTS)
-        .map(|_| {
-            connect()
-                .cached(config)
-                .with_shared_keys(options.shared_keys)
-        })
+        .map(|_| connect().cached(config).with_update_rule(options.rule))
         .collect();
+    let mut updates: Vec<Updates> = (0..CLIENTS).map(|_| Updates::default()).collect();
     let mut failed_lookups = 0;
-    let mut extrapolated_rows = 0;
+    let mut lines_checked = 0;
     let mut issued = vec![vec![0u64; ROWS as usize]; CLIENTS];
     let mut shared_ref = vec![[0f64; 2]; ROWS as usize];
     let mut rng = TestRng(seed ^ bound.get().wrapping_mul(31) ^ policy.to_string().len() as u64);
@@ -266,6 +494,9 @@ pub fn run_with(
             }
         }
         let c = rng.below(CLIENTS as u64) as usize;
+        // Whether client c's prefetch was in flight before this operation (it lands at the next
+        // lookup, prefetch, flush or change of bounds).
+        let in_flight = clients[c].prefetching();
         if options.rebound && rng.below(12) == 0 {
             // New bounds for client c; a prefetch in flight lands, unused.
             let choices = [
@@ -277,6 +508,9 @@ pub fn run_with(
             let new = choices[rng.below(choices.len() as u64) as usize];
             prefetched[c] = None;
             let set = clients[c].set_bounds(new, new);
+            if in_flight {
+                updates[c].landed();
+            }
             bounds[c] = new;
             if faults && set.is_err() {
                 // The bounds are in force; the rows left to push go with the next call.
@@ -284,30 +518,30 @@ pub fn run_with(
                 continue;
             }
             set.unwrap();
-            let (_, server) = truth.read();
+            let (versions, server) = truth.read();
             for k in 0..ROWS as usize {
-                let missing = issued[c][k] - server[k * DIM + c] as u64;
+                let unpushed = clients[c].unpushed(k as u64);
                 let what = format!("{}: after set_bounds, key {k}", ctx(op, c));
-                assert_write_bound(missing, clients[c].unpushed(k as u64), new, &what);
-            }
-            continue;
-        }
-        let bound = bounds[c];
-        // Keys concentrate on a hot third of the table so caches both hit and evict.
-        let n = 1 + rng.below(8) as usize;
-        let keys: Vec<u64> = (0..n)
-            .map(|_| {
-                if rng.below(3) > 0 {
-                    rng.below(ROWS / 3)
-                } else {
-                    rng.below(ROWS)
+                assert!(
+                    new.is_infinite() || unpushed <= new.get(),
+                    "{what}: {unpushed} > {new}"
+                );
+                if counting {
+                    let missing = issued[c][k] - server[k * DIM + c] as u64;
+                    assert_write_bound(missing, unpushed, new, &what);
                 }
-            })
-            .collect();
-        if options.prefetch && rng.below(4) == 0 {
+            }
+            if !options.prefetch {
+                check_versions(&clients, &issued, &versions, &ctx(op, c));
+            }
+        } else if options.prefetch && rng.below(4) == 0 {
             // Prefetch (landing any prefetch still in flight, unused).
+            let keys = random_keys(&mut rng);
             let (versions, _) = truth.read();
             let made = clients[c].prefetch(&keys);
+            if in_flight {
+                updates[c].landed();
+            }
             if faults && made.is_err() {
                 failed_lookups += 1;
                 prefetched[c] = None;
@@ -315,38 +549,75 @@ pub fn run_with(
             }
             made.unwrap();
             prefetched[c] = Some((keys, versions));
-            continue;
-        }
-        match rng.below(10) {
-            0..=4 => {
-                // Mostly the keys prefetched, if any; otherwise the prefetch lands unused.
-                let (keys, from_prefetch) = match prefetched[c].take() {
-                    Some((keys, at_prefetch)) if rng.below(4) > 0 => (keys, Some(at_prefetch)),
-                    _ => (keys, None),
-                };
-                let n = keys.len();
-                let mut out = vec![0f32; n * DIM];
-                let mut clocks = vec![0u64; n];
-                // The bound holds at validation, before the lookup pushes its own dirty victims;
-                // operations are sequential, so the server at validation is the server now. A
-                // prefetched row was validated after the prefetch was made: it holds against the
-                // server as it was then.
-                let (versions_now, server) = truth.read();
-                let versions = from_prefetch.unwrap_or(versions_now);
-                let looked_up = clients[c].lookup_with_clocks(&keys, &mut out, &mut clocks);
-                if faults && looked_up.is_err() {
-                    failed_lookups += 1;
-                    continue;
-                }
-                looked_up.unwrap();
-                let mut unique = keys.clone();
-                let mut seen = std::collections::HashSet::new();
-                unique.retain(|k| seen.insert(*k));
-                looked_up_keys[c] = Some(unique);
-                for (i, &k) in keys.iter().enumerate() {
-                    let k = k as usize;
-                    let row = &out[i * DIM..(i + 1) * DIM];
-                    if max_scale == 1.0 {
+        } else {
+            let keys = random_keys(&mut rng);
+            match rng.below(10) {
+                0..=4 => {
+                    // Mostly the keys prefetched, if any; otherwise the prefetch lands unused.
+                    let (keys, from_prefetch) = match prefetched[c].take() {
+                        Some((keys, at_prefetch)) if rng.below(4) > 0 => (keys, Some(at_prefetch)),
+                        _ => (keys, None),
+                    };
+                    let n = keys.len();
+                    let mut out = vec![0f32; n * DIM];
+                    let mut clocks = vec![0u64; n];
+                    // The bound holds at validation, before the lookup pushes its own dirty
+                    // victims; operations are sequential, so the server at validation is the
+                    // server now. A prefetched row was validated after the prefetch was made: it
+                    // holds against the server as it was then.
+                    let (versions_now, server) = truth.read();
+                    // (With prefetching, other clients apply what their prefetches carry on their
+                    // own threads, and this one may carry rows queued when its prefetch landed.)
+                    let at_bound_0 = !options.prefetch && bounds[c] == Bound::STRICT;
+                    let versions = from_prefetch.unwrap_or(versions_now);
+                    let late = updates[c].late();
+                    let looked_up = clients[c].lookup_with_clocks(&keys, &mut out, &mut clocks);
+                    if in_flight {
+                        updates[c].landed();
+                    }
+                    if faults && looked_up.is_err() {
+                        failed_lookups += 1;
+                        continue;
+                    }
+                    looked_up.unwrap();
+                    let mut unique = keys.clone();
+                    let mut seen = std::collections::HashSet::new();
+                    unique.retain(|k| seen.insert(*k));
+                    looked_up_keys[c] = Some(unique);
+                    let bound = bounds[c];
+                    for (i, &k) in keys.iter().enumerate() {
+                        if let Some(check) = &check {
+                            check.returned(
+                                &clients[c],
+                                k,
+                                &out[i * DIM..(i + 1) * DIM],
+                                clocks[i],
+                                late.get(&k),
+                                &ctx(op, c),
+                            );
+                        }
+                        let k = k as usize;
+                        let row = &out[i * DIM..(i + 1) * DIM];
+                        if at_bound_0 {
+                            // Bounds 0: the row is the shards' row, bit for bit.
+                            assert_eq!(
+                                row,
+                                &server[k * DIM..(k + 1) * DIM],
+                                "{}: at bounds 0, key {k} is not the shards' row",
+                                ctx(op, c)
+                            );
+                        }
+                        if !bound.is_infinite() {
+                            let lag = versions[k].saturating_sub(clocks[i]);
+                            assert!(
+                                lag <= bound.get(),
+                                "{}: key {k} lags the server by {lag} > {bound}",
+                                ctx(op, c)
+                            );
+                        }
+                        if !counting {
+                            continue;
+                        }
                         assert_eq!(
                             row[c] as u64,
                             issued[c][k],
@@ -360,104 +631,125 @@ pub fn run_with(
                             "{}: key {k} values do not match their clock",
                             ctx(op, c)
                         );
-                    } else {
-                        // Extrapolated local steps: at least each update, at most max_scale
-                        // times it.
-                        let own = issued[c][k] as f32;
-                        extrapolated_rows += u64::from(row[c] > own + 0.5);
-                        assert!(
-                            row[c] >= own - 1e-3 && row[c] <= own * max_scale + 1e-3,
-                            "{}: read-your-writes on key {k}: {} for {own} issued",
-                            ctx(op, c),
-                            row[c]
-                        );
-                        // The other clients' elements are exact counts: with c's issued updates they sum
-                        // to the row's clock.
-                        let others: f32 = (0..CLIENTS).filter(|&o| o != c).map(|o| row[o]).sum();
-                        assert_eq!(
-                            others as u64 + issued[c][k],
-                            clocks[i],
-                            "{}: key {k} values do not match their clock",
-                            ctx(op, c)
-                        );
-                    }
-                    for other in (0..CLIENTS).filter(|&o| o != c) {
-                        // Other clients' prefetches apply the rows they carry on their own
-                        // threads, so with prefetching the server read above may lag what a
-                        // shard answered since: then no row may hold more than was issued.
-                        let limit = if options.prefetch {
-                            issued[other][k] as f32
-                        } else {
-                            server[k * DIM + other]
-                        };
-                        assert!(
-                            row[other] <= limit,
-                            "{}: key {k} ahead of the server",
-                            ctx(op, c)
-                        );
-                    }
-                    if !bound.is_infinite() {
-                        let lag = versions[k].saturating_sub(clocks[i]);
-                        assert!(
-                            lag <= bound.get(),
-                            "{}: key {k} lags the server by {lag} > {bound}",
-                            ctx(op, c)
-                        );
+                        for other in (0..CLIENTS).filter(|&o| o != c) {
+                            // Other clients' prefetches apply the rows they carry on their own
+                            // threads, so with prefetching the server read above may lag what a
+                            // shard answered since: then no row may hold more than was issued.
+                            let limit = if options.prefetch {
+                                issued[other][k] as f32
+                            } else {
+                                server[k * DIM + other]
+                            };
+                            assert!(
+                                row[other] <= limit,
+                                "{}: key {k} ahead of the server",
+                                ctx(op, c)
+                            );
+                        }
                     }
                 }
-            }
-            5..=8 => {
-                let keys = match looked_up_keys[c].take() {
-                    Some(unique) if rng.below(2) == 0 => unique,
-                    _ => keys,
-                };
-                let mut grads = vec![0f32; keys.len() * DIM];
-                for (i, &k) in keys.iter().enumerate() {
-                    let g = &mut grads[i * DIM..(i + 1) * DIM];
-                    g[c] = -1.0;
-                    for (e, r) in shared_ref[k as usize].iter_mut().enumerate() {
-                        g[CLIENTS + e] = rng.signed_unit() * 0.01;
-                        *r -= g[CLIENTS + e] as f64;
+                5..=8 => {
+                    let keys = match looked_up_keys[c].take() {
+                        Some(unique) if rng.below(2) == 0 => unique,
+                        _ => keys,
+                    };
+                    let mut grads = vec![0f32; keys.len() * DIM];
+                    for (i, &k) in keys.iter().enumerate() {
+                        let g = &mut grads[i * DIM..(i + 1) * DIM];
+                        g[c] = -1.0;
+                        for (e, r) in shared_ref[k as usize].iter_mut().enumerate() {
+                            g[CLIENTS + e] = rng.signed_unit() * 0.01;
+                            *r -= g[CLIENTS + e] as f64;
+                        }
+                        issued[c][k as usize] += 1;
                     }
-                    issued[c][k as usize] += 1;
+                    clients[c].update(&keys, &grads).unwrap();
+                    updates[c].update(in_flight, &keys, &grads);
+                    let (versions, server) = truth.read();
+                    let bound = bounds[c];
+                    for k in 0..ROWS as usize {
+                        let unpushed = clients[c].unpushed(k as u64);
+                        let what = format!("{}: key {k}", ctx(op, c));
+                        if !in_flight {
+                            assert!(
+                                bound.is_infinite() || unpushed <= bound.get(),
+                                "{what}: {unpushed} unpushed updates > {bound}"
+                            );
+                        }
+                        if !counting {
+                            continue;
+                        }
+                        let missing = issued[c][k] - server[k * DIM + c] as u64;
+                        if in_flight {
+                            // What the prefetch carries may or may not have been applied yet.
+                            assert!(
+                                missing >= unpushed,
+                                "{what}: the server lacks {missing}, the cache holds {unpushed}"
+                            );
+                            continue;
+                        }
+                        assert_write_bound(missing, unpushed, bound, &what);
+                    }
+                    if !options.prefetch {
+                        check_versions(&clients, &issued, &versions, &ctx(op, c));
+                    }
                 }
-                let in_flight = clients[c].prefetching();
-                clients[c].update(&keys, &grads).unwrap();
-                let (_, server) = truth.read();
-                for k in 0..ROWS as usize {
-                    let on_server = server[k * DIM + c] as u64;
-                    let missing = issued[c][k] - on_server;
+                _ => {
+                    prefetched[c] = None;
+                    let dirty: Vec<u64> =
+                        (0..ROWS).filter(|&k| clients[c].unpushed(k) > 0).collect();
+                    clients[c].flush().unwrap();
                     if in_flight {
-                        // What the prefetch carries may or may not have been applied yet.
-                        assert!(
-                            missing >= clients[c].unpushed(k as u64),
-                            "{}: key {k}: the server lacks {missing}, the cache holds {}",
-                            ctx(op, c),
-                            clients[c].unpushed(k as u64)
-                        );
-                        continue;
+                        updates[c].landed();
                     }
-                    let what = format!("{}: key {k}", ctx(op, c));
-                    assert_write_bound(missing, clients[c].unpushed(k as u64), bound, &what);
-                }
-            }
-            _ => {
-                prefetched[c] = None;
-                clients[c].flush().unwrap();
-                let (_, server) = truth.read();
-                for k in 0..ROWS as usize {
-                    assert_eq!(
-                        server[k * DIM + c] as u64,
-                        issued[c][k],
-                        "{}: flush of key {k}",
-                        ctx(op, c)
-                    );
+                    let (versions, server) = truth.read();
+                    for k in 0..ROWS as usize {
+                        if counting {
+                            assert_eq!(
+                                server[k * DIM + c] as u64,
+                                issued[c][k],
+                                "{}: flush of key {k}",
+                                ctx(op, c)
+                            );
+                        }
+                        assert_eq!(clients[c].unpushed(k as u64), 0, "{}: flushed", ctx(op, c));
+                    }
+                    if !options.prefetch {
+                        // Every line the flush pushed holds the row its push produced: the
+                        // shards' row now (nothing else ran meanwhile).
+                        for &k in &dirty {
+                            let Some(line) = clients[c].peek(k) else {
+                                continue;
+                            };
+                            let k = k as usize;
+                            assert_eq!(
+                                (line.version, &line.value[..]),
+                                (versions[k], &server[k * DIM..(k + 1) * DIM]),
+                                "{}: after the flush, key {k}'s line is not the row its push \
+                                 produced",
+                                ctx(op, c)
+                            );
+                        }
+                    }
                 }
             }
         }
+        if let Some(check) = &check {
+            for (client, (cache, updates)) in clients.iter().zip(&updates).enumerate() {
+                if cache.prefetching() {
+                    // Its lines' pushes may be in flight on the helper thread.
+                    continue;
+                }
+                lines_checked += check.lines(cache, updates, &ctx(op, client));
+            }
+        }
     }
-    for client in &mut clients {
+    for (client, u) in clients.iter_mut().zip(&mut updates) {
+        let in_flight = client.prefetching();
         client.flush().unwrap();
+        if in_flight {
+            u.landed();
+        }
     }
     let (versions, server) = truth.read();
     for k in 0..ROWS as usize {
@@ -466,6 +758,9 @@ pub fn run_with(
             versions[k], total,
             "{name}: version of key {k} after flushes"
         );
+        if !counting {
+            continue;
+        }
         for c in 0..CLIENTS {
             assert_eq!(
                 server[k * DIM + c] as u64,
@@ -502,6 +797,35 @@ pub fn run_with(
         rows_went_back: stats.iter().map(|s| s.rows_went_back).sum(),
         prefetched: stats.iter().map(|s| s.prefetched).sum(),
         prefetches_unused: stats.iter().map(|s| s.prefetches_unused).sum(),
-        extrapolated_rows,
+        lines_checked,
+        rows_handed_back: stats.iter().map(|s| s.rows_handed_back).sum(),
+    }
+}
+
+/// Keys of one operation: mostly from a hot third of the table, so caches both hit and evict.
+fn random_keys(rng: &mut TestRng) -> Vec<u64> {
+    let n = 1 + rng.below(8) as usize;
+    (0..n)
+        .map(|_| {
+            if rng.below(3) > 0 {
+                rng.below(ROWS / 3)
+            } else {
+                rng.below(ROWS)
+            }
+        })
+        .collect()
+}
+
+/// Summed over the clients, the shards lack exactly the updates the caches hold unpushed (no
+/// prefetch in flight: nothing is on its way).
+fn check_versions(clients: &[CachedTable], issued: &[Vec<u64>], versions: &[u64], what: &str) {
+    for k in 0..ROWS as usize {
+        let total: u64 = issued.iter().map(|i| i[k]).sum();
+        let unpushed: u64 = clients.iter().map(|c| c.unpushed(k as u64)).sum();
+        assert_eq!(
+            versions[k] + unpushed,
+            total,
+            "{what}: key {k}: the shards' version and the caches' unpushed updates"
+        );
     }
 }

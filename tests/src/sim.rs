@@ -1,37 +1,61 @@
 //! Shards simulated in memory, for driving the cache without sockets (in the manner of
-//! quinn-proto's tests): each holds one SGD table's versions, values and table clock, answers the
-//! protocol's operations with the same rules as the daemon ([`is_stale`], [`Since::holds`]), and
-//! can be told to fail a read after applying the push it carried, as a one-sided backend may.
+//! quinn-proto's tests): each holds one table's versions, values, optimizer state and table clock,
+//! applies pushes with the table's own optimizer (`hetkv_transport::Optimizer`, the daemon's code),
+//! answers the protocol's operations with the same rules as the daemon ([`is_stale`],
+//! [`Since::holds`], optimizer state for the first `state_keys` keys, produced rows handed back
+//! where a push's base was not the row's version), and can be told to fail a read after applying
+//! the push it carried, as a one-sided backend may.
+//!
+//! Each shard also keeps every version of every row it ever held (value, optimizer state and
+//! step count): the model test checks that a cache line is exactly the row of its version with
+//! its pending updates taken by the optimizer ([`SimShard::history`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use hetkv_transport::wire::{
     is_stale, CheckpointResponse, CreateResponse, ErrorCode, HelloResponse, PushResponse,
-    RegionDescriptor, ShardStats, Since, Span, WireError, PROTOCOL_VERSION,
+    RegionDescriptor, ShardStats, Since, Span, WireError, NO_BASE, PROTOCOL_VERSION,
 };
 use hetkv_transport::{
-    Carried, PushOutcome, Routing, ShardTransport, StaleQuery, StaleRows, TableInfo, TableSpec,
-    Traffic, TransportError,
+    Carried, Optimizer, Produced, PushOutcome, PushRef, Routing, RowStates, ShardTransport,
+    StaleQuery, StaleRows, TableInfo, TableSpec, Traffic, TransportError,
 };
 
-#[derive(Debug)]
+/// One version of one row: its value, optimizer state and step count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowAt {
+    /// The values.
+    pub value: Vec<f32>,
+    /// The optimizer state.
+    pub state: Vec<f32>,
+    /// The step count.
+    pub step: u64,
+}
+
+#[derive(Clone, Debug)]
 struct State {
     /// Version of each global key (only this shard's are used).
     versions: Vec<u64>,
     /// Values of each global key, keys x dim.
     values: Vec<f32>,
+    /// Optimizer state of each global key, keys x state_len, and step counts.
+    states: Vec<f32>,
+    steps: Vec<u64>,
     clock: u64,
 }
 
-/// One simulated shard of a cluster holding one table (SGD from zeros, at the spec's lr).
+/// One simulated shard of a cluster holding one table (zeros, the spec's optimizer).
 #[derive(Debug)]
 pub struct SimShard {
     addr: String,
     hello: HelloResponse,
     spec: TableSpec,
-    lr: f32,
+    optimizer: Optimizer,
+    state_len: usize,
     state: Mutex<State>,
+    history: Mutex<HashMap<(u64, u64), RowAt>>,
     /// Fail the read of every n-th conditional pull that carries a push, after applying the push
     /// (0: never).
     fail_read_every: AtomicU64,
@@ -42,13 +66,34 @@ pub struct SimShard {
     pub claims: AtomicU64,
     /// Claims that did not hold.
     pub claims_failed: AtomicU64,
+    /// Rows handed back by pushes (their base was not the row's version).
+    pub handed_back: AtomicU64,
     incarnation: AtomicU64,
 }
 
 impl SimShard {
-    /// Shard `shard` of `shards` holding `spec` (zeros; its optimizer must be SGD).
+    /// Shard `shard` of `shards` holding `spec` (rows start at zero, with the optimizer's initial
+    /// state).
     pub fn new(spec: &TableSpec, shard: u32, shards: u32) -> Self {
         let n = spec.rows as usize;
+        let dim = spec.dim as usize;
+        let optimizer = Optimizer::new(spec.optimizer);
+        let state_len = optimizer.state_len(dim);
+        let mut states = vec![0f32; n * state_len];
+        for s in states.chunks_exact_mut(state_len.max(1)) {
+            optimizer.init_state(s);
+        }
+        let mut history = HashMap::new();
+        for k in 0..n {
+            history.insert(
+                (k as u64, 0),
+                RowAt {
+                    value: vec![0.0; dim],
+                    state: states[k * state_len..(k + 1) * state_len].to_vec(),
+                    step: 0,
+                },
+            );
+        }
         Self {
             addr: format!("sim-shard-{shard}"),
             hello: HelloResponse {
@@ -62,40 +107,35 @@ impl SimShard {
                 pushes: None,
             },
             spec: spec.clone(),
-            lr: spec.optimizer.lr(),
+            optimizer,
+            state_len,
             state: Mutex::new(State {
                 versions: vec![0; n],
-                values: vec![0.0; n * spec.dim as usize],
+                values: vec![0.0; n * dim],
+                states,
+                steps: vec![0; n],
                 clock: 0,
             }),
+            history: Mutex::new(history),
             fail_read_every: AtomicU64::new(0),
             carried: AtomicU64::new(0),
             failed_reads: AtomicU64::new(0),
             claims: AtomicU64::new(0),
             claims_failed: AtomicU64::new(0),
+            handed_back: AtomicU64::new(0),
             incarnation: AtomicU64::new(1),
         }
     }
 
-    /// The rows, versions and table clock now, as a checkpoint would keep them.
+    /// The rows, versions, state and table clock now, as a checkpoint would keep them.
     pub fn snapshot(&self) -> SimSnapshot {
-        let s = self.state.lock().unwrap();
-        SimSnapshot(State {
-            versions: s.versions.clone(),
-            values: s.values.clone(),
-            clock: s.clock,
-        })
+        SimSnapshot(self.state().clone())
     }
 
     /// Restarts the shard from `snapshot` (a restore from a checkpoint): everything applied
     /// since is gone, and the shard answers as a new incarnation.
     pub fn restart_from(&self, snapshot: &SimSnapshot) {
-        let mut s = self.state.lock().unwrap();
-        *s = State {
-            versions: snapshot.0.versions.clone(),
-            values: snapshot.0.values.clone(),
-            clock: snapshot.0.clock,
-        };
+        *self.state() = snapshot.0.clone();
         self.incarnation.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -103,6 +143,16 @@ impl SimShard {
     /// applied (0 turns the fault off).
     pub fn fail_read_after_push_every(&self, n: u64) {
         self.fail_read_every.store(n, Ordering::Relaxed);
+    }
+
+    /// Row `key` as it was at `version`, if this shard ever held it so (the latest such, when a
+    /// restart made a version occur twice).
+    pub fn history(&self, key: u64, version: u64) -> Option<RowAt> {
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(key, version))
+            .cloned()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -139,30 +189,85 @@ impl SimShard {
         }
     }
 
-    fn apply(&self, s: &mut State, keys: &[u64], counts: &[u32], grads: &[f32]) -> u64 {
-        let dim = self.spec.dim as usize;
-        let mut updates = 0;
-        for (i, &k) in keys.iter().enumerate() {
-            let k = k as usize;
-            s.versions[k] += u64::from(counts[i]);
-            s.clock += u64::from(counts[i]);
-            updates += u64::from(counts[i]);
-            for (v, g) in s.values[k * dim..(k + 1) * dim]
-                .iter_mut()
-                .zip(&grads[i * dim..(i + 1) * dim])
-            {
-                *v -= self.lr * g;
-            }
+    fn row_at(&self, s: &State, k: usize) -> RowAt {
+        let (dim, len) = (self.spec.dim as usize, self.state_len);
+        RowAt {
+            value: s.values[k * dim..(k + 1) * dim].to_vec(),
+            state: s.states[k * len..(k + 1) * len].to_vec(),
+            step: s.steps[k],
         }
-        updates
     }
 
-    fn read_into(&self, s: &State, keys: &[u64], versions: &mut Vec<u64>, rows: &mut Vec<f32>) {
-        let dim = self.spec.dim as usize;
-        for &k in keys {
-            let k = k as usize;
-            versions.push(s.versions[k]);
-            rows.extend_from_slice(&s.values[k * dim..(k + 1) * dim]);
+    /// Applies push rows with the optimizer; rows whose base was not their version come back in
+    /// `produced`.
+    fn apply(&self, s: &mut State, p: &PushRef<'_>, produced: &mut Produced) -> PushResponse {
+        let (dim, len) = (self.spec.dim as usize, self.state_len);
+        produced.clear();
+        let mut updates = 0;
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, &key) in p.keys.iter().enumerate() {
+            let k = key as usize;
+            let count = u64::from(p.counts[i]);
+            let before = s.versions[k];
+            s.versions[k] += count;
+            s.clock += count;
+            updates += count;
+            let State {
+                values,
+                states,
+                steps,
+                ..
+            } = &mut *s;
+            self.optimizer.apply(
+                &mut values[k * dim..(k + 1) * dim],
+                &p.grads[i * dim..(i + 1) * dim],
+                &mut states[k * len..(k + 1) * len],
+                &mut steps[k],
+            );
+            let now = self.row_at(s, k);
+            history.insert((key, s.versions[k]), now.clone());
+            let base = p.bases.map_or(NO_BASE, |b| b[i]);
+            if base != NO_BASE && base != before {
+                self.handed_back.fetch_add(1, Ordering::Relaxed);
+                produced.indices.push(i as u32);
+                produced.versions.push(s.versions[k]);
+                produced.rows.extend_from_slice(&now.value);
+                produced.states.values.extend_from_slice(&now.state);
+                if self.optimizer.has_steps() {
+                    produced.states.steps.push(now.step);
+                }
+            }
+        }
+        let shape = self.optimizer.state_shape(dim);
+        PushResponse {
+            rows: p.keys.len() as u32,
+            updates,
+            duplicate: false,
+            produced: produced.len() as u32,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+        }
+    }
+
+    fn read_into(
+        &self,
+        s: &State,
+        keys: &[u64],
+        with_state: usize,
+        versions: &mut Vec<u64>,
+        rows: &mut Vec<f32>,
+        states: &mut RowStates,
+    ) {
+        for (j, &k) in keys.iter().enumerate() {
+            let at = self.row_at(s, k as usize);
+            versions.push(s.versions[k as usize]);
+            rows.extend_from_slice(&at.value);
+            if j < with_state {
+                states.values.extend_from_slice(&at.state);
+                if self.optimizer.has_steps() {
+                    states.steps.push(at.step);
+                }
+            }
         }
     }
 
@@ -190,23 +295,13 @@ impl SimShard {
             self.check_keys(p.keys)?;
         }
         let mut s = self.state();
+        out.clear();
         let ack = match q.push {
-            Some(p) => PushResponse {
-                rows: p.keys.len() as u32,
-                updates: self.apply(&mut s, p.keys, p.counts, p.grads),
-                duplicate: false,
-            },
-            None => PushResponse {
-                rows: 0,
-                updates: 0,
-                duplicate: false,
-            },
+            Some(p) => self.apply(&mut s, &p, &mut out.produced),
+            None => PushResponse::default(),
         };
         out.table_clock = s.clock;
         out.since_held = self.answer_claim(q.since, s.clock);
-        out.indices.clear();
-        out.versions.clear();
-        out.rows.clear();
         let stale: Vec<u64> = (0..q.keys.len())
             .filter(|&j| is_stale(s.versions[q.keys[j] as usize], q.clocks[j], q.bound))
             .map(|j| {
@@ -214,7 +309,19 @@ impl SimShard {
                 q.keys[j]
             })
             .collect();
-        self.read_into(&s, &stale, &mut out.versions, &mut out.rows);
+        let with_state = out
+            .indices
+            .iter()
+            .take_while(|&&j| j < q.state_keys)
+            .count();
+        self.read_into(
+            &s,
+            &stale,
+            with_state,
+            &mut out.versions,
+            &mut out.rows,
+            &mut out.states,
+        );
         Ok(ack)
     }
 }
@@ -281,7 +388,8 @@ impl ShardTransport for SimShard {
         let s = self.state();
         versions.clear();
         rows.clear();
-        self.read_into(&s, keys, versions, rows);
+        let mut states = RowStates::default();
+        self.read_into(&s, keys, 0, versions, rows, &mut states);
         Ok(s.clock)
     }
 
@@ -303,21 +411,16 @@ impl ShardTransport for SimShard {
         Carried::one_request(q.push.is_some(), result)
     }
 
-    fn push(
+    fn push_rows(
         &self,
         table: &str,
-        keys: &[u64],
-        counts: &[u32],
-        grads: &[f32],
+        rows: &PushRef<'_>,
+        produced: &mut Produced,
     ) -> Result<PushResponse, TransportError> {
         self.check_table(table)?;
-        self.check_keys(keys)?;
+        self.check_keys(rows.keys)?;
         let mut s = self.state();
-        Ok(PushResponse {
-            rows: keys.len() as u32,
-            updates: self.apply(&mut s, keys, counts, grads),
-            duplicate: false,
-        })
+        Ok(self.apply(&mut s, rows, produced))
     }
 
     fn assign(&self, _: &str, _: &[u64], _: &[f32]) -> Result<PushResponse, TransportError> {

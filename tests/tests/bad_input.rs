@@ -107,6 +107,7 @@ fn a_frame_cut_off_midway_by_a_departing_peer_changes_nothing() {
                 table: "emb".into(),
                 rows: 4,
                 origin: None,
+                bases: false,
             },
         );
         let len_without_payload = frame.len();

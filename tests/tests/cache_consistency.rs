@@ -1,12 +1,15 @@
 //! The model-based test of the cache's consistency bounds (`hetkv_tests::model`) against real
 //! daemons over sockets, over every transport. The same model runs without sockets, against
 //! simulated shards, in `cache_harness.rs`. Each transport runs it without and with prefetching,
-//! and with extrapolated local steps.
+//! with bounds changed on the way, and under the share-weighted update rule; and under every
+//! optimizer (whose values the model checks only against itself over sockets: versions, both
+//! bounds, and the caches' lines at bounds 0).
 
-use hetkv_client::{Cluster, SharedKeys, TransportKind};
+use hetkv_client::{Cluster, TransportKind, UpdateRuleKind};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 use hetkv_tests::model;
+use hetkv_transport::OptimizerSpec;
 
 #[test]
 fn bounds_hold_for_every_policy_under_constant_eviction() {
@@ -41,20 +44,32 @@ fn bounds_hold_over_rdma() {
 
 fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
-    let (mut prefetched, mut extrapolated_rows) = (0, 0);
+    let (mut prefetched, mut handed_back) = (0, 0);
+    let sgd = OptimizerSpec::Sgd { lr: 1.0 };
     // Without prefetching, then with it (the prefetches' requests go from their caches' helper
-    // threads), then with extrapolated local steps, then prefetching with bounds changed on
-    // the way.
-    let extrapolated = SharedKeys::Extrapolated { max_scale: 3.0 };
-    for (prefix, prefetch, shared_keys, rebound) in [
-        ("model", false, SharedKeys::Summed, false),
-        ("prefetch", true, SharedKeys::Summed, false),
-        ("extrapolated", false, extrapolated, false),
-        ("rebound", true, SharedKeys::Summed, true),
-    ] {
+    // threads), then under a rule that weighs pushes, then prefetching with bounds changed on
+    // the way; and every other optimizer.
+    let mut runs = vec![
+        ("model", sgd, false, UpdateRuleKind::PushWhole, false),
+        ("prefetch", sgd, true, UpdateRuleKind::PushWhole, false),
+        ("weighted", sgd, false, UpdateRuleKind::ShareWeighted, false),
+        ("rebound", sgd, true, UpdateRuleKind::PushWhole, true),
+    ];
+    for optimizer in &model::optimizers()[1..] {
+        runs.push((
+            optimizer.name(),
+            *optimizer,
+            true,
+            UpdateRuleKind::PushWhole,
+            false,
+        ));
+    }
+    for (prefix, optimizer, prefetch, rule, rebound) in runs {
         for (policy, bound) in model::policies_and_bounds() {
             let name = format!("{prefix}_{policy}_{bound}").replace('-', "_");
-            let truth = admin.create_table(&model::spec(&name)).unwrap();
+            let truth = admin
+                .create_table(&model::spec_with(&name, optimizer))
+                .unwrap();
             let mut connect = || {
                 Cluster::connect(cluster.addrs(), transport, &ClientConfig::default())
                     .unwrap()
@@ -63,14 +78,22 @@ fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
             };
             let options = model::Options {
                 prefetch,
-                shared_keys,
+                rule,
                 rebound,
                 ..Default::default()
             };
-            let outcome =
-                model::run_with(&truth, &mut connect, policy, bound, 0x5EED, options, None);
+            let outcome = model::run_with(
+                &truth,
+                &mut connect,
+                policy,
+                bound,
+                0x5EED,
+                options,
+                None,
+                None,
+            );
             prefetched += outcome.prefetched;
-            extrapolated_rows += outcome.extrapolated_rows;
+            handed_back += outcome.rows_handed_back;
         }
     }
     assert!(
@@ -78,7 +101,7 @@ fn every_policy_and_bound(cluster: &EmbeddedCluster, transport: TransportKind) {
         "{prefetched} lookups served by a prefetch"
     );
     assert!(
-        extrapolated_rows > 20,
-        "{extrapolated_rows} rows read ahead of their own updates by extrapolation"
+        handed_back > 100,
+        "{handed_back} rows handed back by pushes and taken by lines"
     );
 }

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind, Table};
-use hetkv_tests::{model, sim::SimShard};
-use hetkv_transport::ShardTransport;
+use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind, Table, UpdateRuleKind};
+use hetkv_tests::model::{self, History};
+use hetkv_tests::sim::{RowAt, SimShard};
+use hetkv_transport::{OptimizerSpec, ShardTransport};
 
 const SHARDS: u32 = 3;
 
@@ -24,10 +25,50 @@ fn cluster(shards: &[Arc<SimShard>]) -> Cluster {
 }
 
 fn sim_shards(name: &str) -> Vec<Arc<SimShard>> {
-    let spec = model::spec(name);
+    sim_shards_with(name, OptimizerSpec::Sgd { lr: 1.0 })
+}
+
+fn sim_shards_with(name: &str, optimizer: OptimizerSpec) -> Vec<Arc<SimShard>> {
+    let spec = model::spec_with(name, optimizer);
     (0..SHARDS)
         .map(|i| Arc::new(SimShard::new(&spec, i, SHARDS)))
         .collect()
+}
+
+/// Every version of every row the simulated shards held.
+struct Versions<'a>(&'a [Arc<SimShard>]);
+
+impl History for Versions<'_> {
+    fn row_at(&self, key: u64, version: u64) -> Option<RowAt> {
+        self.0[(key % SHARDS as u64) as usize].history(key, version)
+    }
+}
+
+/// One model run over fresh simulated shards of `optimizer`, lines checked against their
+/// history.
+fn run_in_memory(
+    name: &str,
+    optimizer: OptimizerSpec,
+    policy: PolicyKind,
+    bound: Bound,
+    seed: u64,
+    options: model::Options,
+) -> (model::Outcome, Vec<Arc<SimShard>>) {
+    let shards = sim_shards_with(name, optimizer);
+    let truth = cluster(&shards).open_table(name).unwrap();
+    let mut connect = || cluster(&shards).open_table(name).unwrap();
+    let history = Versions(&shards);
+    let o = model::run_with(
+        &truth,
+        &mut connect,
+        policy,
+        bound,
+        seed,
+        options,
+        None,
+        Some(&history),
+    );
+    (o, shards)
 }
 
 #[test]
@@ -36,10 +77,8 @@ fn bounds_hold_in_memory_for_every_policy_bound_and_seed_and_both_elision_paths_
     for (policy, bound) in model::policies_and_bounds() {
         for seed in [1u64, 2, 3] {
             let started = Instant::now();
-            let shards = sim_shards("model");
-            let truth = cluster(&shards).open_table("model").unwrap();
-            let mut connect = || cluster(&shards).open_table("model").unwrap();
-            let o = model::run(&truth, &mut connect, policy, bound, seed, false);
+            let sgd = OptimizerSpec::Sgd { lr: 1.0 };
+            let (o, shards) = run_in_memory("model", sgd, policy, bound, seed, Default::default());
             skipped += o.checks_skipped;
             retried += o.clock_retries;
             let claims_failed: u64 = shards
@@ -64,25 +103,74 @@ fn bounds_hold_in_memory_for_every_policy_bound_and_seed_and_both_elision_paths_
     );
 }
 
-/// The same model with prefetching: rows taken from a prefetch keep the read bound against the
-/// server as it was when the prefetch was made, read-your-writes holds with updates made while
-/// it was in flight, and no update is lost or applied twice (the final flush equals sequential
-/// SGD). Prefetches must have been both used and landed unused.
+/// Every optimizer the shards offer (SGD, Adagrad, row-wise Adagrad, Adam) under every policy
+/// and bound: after every operation every line is exactly the shards' row at its version with
+/// its pending updates taken by the table's optimizer; at bounds 0 every looked-up row is the
+/// shards' row; after a flush the lines it pushed hold the rows their pushes produced; versions
+/// keep both bounds. Pushes must have handed rows back (another client's update came between a
+/// line's base and its push), and the lines must have taken them.
+#[test]
+fn every_optimizer_keeps_every_line_exactly_the_shards_row_plus_its_own_updates() {
+    for optimizer in model::optimizers() {
+        let (mut checked, mut handed_back) = (0, 0);
+        for (policy, bound) in model::policies_and_bounds() {
+            for seed in [1u64, 2] {
+                let (o, shards) =
+                    run_in_memory("opt", optimizer, policy, bound, seed, Default::default());
+                checked += o.lines_checked;
+                handed_back += o.rows_handed_back;
+                let sent_back: u64 = shards
+                    .iter()
+                    .map(|s| s.handed_back.load(std::sync::atomic::Ordering::Relaxed))
+                    .sum();
+                assert!(
+                    o.rows_handed_back <= sent_back,
+                    "{optimizer:?} {policy} {bound}: took {} rows, {sent_back} handed back",
+                    o.rows_handed_back
+                );
+            }
+        }
+        let name = optimizer.name();
+        assert!(checked > 20_000, "{name}: {checked} lines checked");
+        assert!(handed_back > 100, "{name}: {handed_back} rows handed back");
+    }
+}
+
+/// The same under the share-weighted update rule, which weighs pushes: every line is still the
+/// shards' row at its version plus its own updates, and the versions keep both bounds.
+#[test]
+fn a_rule_that_weighs_pushes_keeps_the_lines_exact_and_the_bounds() {
+    for optimizer in [OptimizerSpec::Sgd { lr: 1.0 }, model::optimizers()[1]] {
+        for (policy, bound) in model::policies_and_bounds() {
+            let options = model::Options {
+                rule: UpdateRuleKind::ShareWeighted,
+                ..Default::default()
+            };
+            let (o, _) = run_in_memory("rule", optimizer, policy, bound, 3, options);
+            assert!(o.lines_checked > 500, "{} lines checked", o.lines_checked);
+        }
+    }
+}
+
+/// The same model with prefetching, under every optimizer: rows taken from a prefetch keep the
+/// read bound against the server as it was when the prefetch was made, read-your-writes holds
+/// with updates made while it was in flight, no update is lost or applied twice (the final flush
+/// equals sequential SGD), and every line is exact whenever no prefetch is in flight. Prefetches
+/// must have been both used and landed unused.
 #[test]
 fn prefetched_rows_keep_their_bounds_in_memory_for_every_policy_bound_and_seed() {
     let (mut used, mut unused) = (0, 0);
-    for (policy, bound) in model::policies_and_bounds() {
-        for seed in [1u64, 2, 3] {
-            let shards = sim_shards("prefetch");
-            let truth = cluster(&shards).open_table("prefetch").unwrap();
-            let mut connect = || cluster(&shards).open_table("prefetch").unwrap();
-            let options = model::Options {
-                prefetch: true,
-                ..Default::default()
-            };
-            let o = model::run_with(&truth, &mut connect, policy, bound, seed, options, None);
-            used += o.prefetched;
-            unused += o.prefetches_unused;
+    for optimizer in model::optimizers() {
+        for (policy, bound) in model::policies_and_bounds() {
+            for seed in [1u64, 2] {
+                let options = model::Options {
+                    prefetch: true,
+                    ..Default::default()
+                };
+                let (o, _) = run_in_memory("prefetch", optimizer, policy, bound, seed, options);
+                used += o.prefetched;
+                unused += o.prefetches_unused;
+            }
         }
     }
     assert!(used > 200, "only {used} lookups were served by a prefetch");
@@ -94,18 +182,17 @@ fn prefetched_rows_keep_their_bounds_in_memory_for_every_policy_bound_and_seed()
 /// against the bounds in force, and a lowered write bound holds as soon as the call returns.
 #[test]
 fn bounds_changed_during_a_run_hold_from_the_change_on() {
-    for prefetch in [false, true] {
-        for (policy, bound) in model::policies_and_bounds() {
-            for seed in [4u64, 5] {
-                let shards = sim_shards("rebound");
-                let truth = cluster(&shards).open_table("rebound").unwrap();
-                let mut connect = || cluster(&shards).open_table("rebound").unwrap();
-                let options = model::Options {
-                    prefetch,
-                    rebound: true,
-                    ..Default::default()
-                };
-                model::run_with(&truth, &mut connect, policy, bound, seed, options, None);
+    for optimizer in [OptimizerSpec::Sgd { lr: 1.0 }, model::optimizers()[3]] {
+        for prefetch in [false, true] {
+            for (policy, bound) in model::policies_and_bounds() {
+                for seed in [4u64, 5] {
+                    let options = model::Options {
+                        prefetch,
+                        rebound: true,
+                        ..Default::default()
+                    };
+                    run_in_memory("rebound", optimizer, policy, bound, seed, options);
+                }
             }
         }
     }
@@ -128,8 +215,18 @@ fn a_prefetch_whose_read_fails_after_its_push_loses_and_repeats_nothing() {
             prefetch: true,
             ..Default::default()
         };
-        failed +=
-            model::run_with(&truth, &mut connect, policy, bound, 8, options, None).failed_lookups;
+        let history = Versions(&shards);
+        failed += model::run_with(
+            &truth,
+            &mut connect,
+            policy,
+            bound,
+            8,
+            options,
+            None,
+            Some(&history),
+        )
+        .failed_lookups;
     }
     assert!(failed > 10, "the faults must have been injected ({failed})");
 }

@@ -41,6 +41,7 @@ fn stale(
         bound,
         since,
         push,
+        state_keys: 0,
     };
     t.pull_if_stale(&query, out)
 }
@@ -338,11 +339,7 @@ fn pushes_apply_and_read_back(kind: &str) {
     assert_eq!(&values[6..9], &expect(&grads[6..9])[..]);
     // A push carried by a conditional pull is applied before its rows are read.
     let mut out = StaleRows::default();
-    let push = PushRef {
-        keys: &[7],
-        counts: &[2],
-        grads: &[2.0, 2.0, 2.0],
-    };
+    let push = PushRef::new(&[7], &[2], &[2.0, 2.0, 2.0]);
     let carried = stale(
         b.t(),
         &spec.name,
@@ -358,7 +355,7 @@ fn pushes_apply_and_read_back(kind: &str) {
         PushOutcome::Applied(PushResponse {
             rows: 1,
             updates: 2,
-            duplicate: false,
+            ..PushResponse::default()
         })
     );
     carried.read.unwrap();
@@ -516,11 +513,7 @@ fn bad_inputs_are_refused(kind: &str) {
         .unwrap_err();
     assert_eq!(code(e), Some(ErrorCode::InvalidGradient), "{kind}");
     // A push that travels with a conditional pull is refused whole when a key is bad.
-    let push = PushRef {
-        keys: &[0],
-        counts: &[1],
-        grads: &[1.0; 4],
-    };
+    let push = PushRef::new(&[0], &[1], &[1.0; 4]);
     let carried = stale(b.t(), &spec.name, &[3], &[0], 0, None, Some(push), &mut out);
     assert_eq!(
         carried.push,
@@ -558,9 +551,130 @@ fn bad_inputs_are_refused(kind: &str) {
     assert_eq!(b.t().stats().unwrap().shard, 0);
 }
 
+/// Reads that want optimizer state bring each row's state of the same moment (Adagrad's
+/// accumulators, Adam's moments and step count) for the first `state_keys` keys, and none for
+/// the others; pushes that carry base versions hand back the rows they produced where another
+/// update came between, with version and state, and nothing where the base was the row's version.
+fn states_come_with_rows_and_pushes_hand_back_what_they_produced(kind: &str) {
+    let f = Fixture::new();
+    let adagrad = OptimizerSpec::Adagrad {
+        lr: 0.5,
+        eps: 1e-6,
+        initial_accumulator: 0.25,
+    };
+    for (name, optimizer) in [("ada", adagrad), ("adam", OptimizerSpec::adam(0.1))] {
+        let spec = TableSpec {
+            optimizer,
+            ..zero_table(name, 16, 3, 1.0)
+        };
+        f.create(&spec);
+        let b = Backend::connect(kind, f.addr(0));
+        let other = f.other(0);
+        // Another client's update of key 2: its accumulator (or moments) grow.
+        other.push(name, &[2], &[1], &[1.0, 2.0, -1.0]).unwrap();
+        let mut out = StaleRows::default();
+        let query = StaleQuery {
+            table: name,
+            keys: &[2, 4, 6],
+            clocks: &[NOT_CACHED; 3],
+            bound: 0,
+            since: None,
+            push: None,
+            state_keys: 2,
+        };
+        b.t().pull_if_stale(&query, &mut out).read.unwrap();
+        assert_eq!(out.indices, [0, 1, 2], "{kind} {name}");
+        assert_eq!(out.versions, [1, 0, 0], "{kind} {name}");
+        let shard = f.cluster.shard(0);
+        let table = shard.table(name).unwrap();
+        let (state2, step2) = table.optimizer_state(1); // key 2 is local row 1
+        let (state4, _) = table.optimizer_state(2);
+        let len = state2.len();
+        assert_eq!(
+            out.states.values.len(),
+            2 * len,
+            "{kind} {name}: two rows wanted state"
+        );
+        assert_eq!(&out.states.values[..len], &state2[..], "{kind} {name}");
+        assert_eq!(&out.states.values[len..], &state4[..], "{kind} {name}");
+        if optimizer.name() == "adam" {
+            assert_eq!(out.states.steps, [step2, 0], "{kind} {name}");
+        } else {
+            assert!(out.states.steps.is_empty(), "{kind} {name}");
+        }
+        // A push whose base is the row's version hands nothing back; one whose base is behind
+        // (another update came between) hands back the row it produced.
+        let mut produced = hetkv_transport::Produced::default();
+        let push = PushRef {
+            keys: &[2, 4],
+            counts: &[1, 2],
+            grads: &[0.5; 6],
+            bases: Some(&[1, 0]),
+        };
+        let ack = b.t().push_rows(name, &push, &mut produced).unwrap();
+        assert_eq!(
+            (ack.rows, ack.updates, ack.produced),
+            (2, 3, 0),
+            "{kind} {name}"
+        );
+        assert!(produced.is_empty(), "{kind} {name}");
+        other.push(name, &[4], &[1], &[1.0; 3]).unwrap();
+        let push = PushRef {
+            keys: &[2, 4],
+            counts: &[1, 1],
+            grads: &[0.5; 6],
+            bases: Some(&[2, 2]),
+        };
+        let ack = b.t().push_rows(name, &push, &mut produced).unwrap();
+        assert_eq!(ack.produced, 1, "{kind} {name}");
+        assert_eq!(
+            produced.indices,
+            [1],
+            "{kind} {name}: only key 4 had another update"
+        );
+        let (mut versions, mut rows) = (Vec::new(), Vec::new());
+        other.pull(name, &[4], &mut versions, &mut rows).unwrap();
+        assert_eq!(produced.versions, versions, "{kind} {name}");
+        assert_eq!(produced.rows, rows, "{kind} {name}");
+        let (state, step) = table.optimizer_state(2);
+        assert_eq!(produced.states.values, state, "{kind} {name}");
+        if optimizer.name() == "adam" {
+            assert_eq!(produced.states.steps, [step], "{kind} {name}");
+        }
+        // The same, carried by a conditional pull.
+        other.push(name, &[6], &[1], &[1.0; 3]).unwrap();
+        let push = PushRef {
+            keys: &[6],
+            counts: &[1],
+            grads: &[0.5; 3],
+            bases: Some(&[0]),
+        };
+        let query = StaleQuery {
+            push: Some(push),
+            state_keys: 0,
+            keys: &[],
+            clocks: &[],
+            ..query
+        };
+        let carried = b.t().pull_if_stale(&query, &mut out);
+        carried.read.unwrap();
+        assert!(
+            matches!(carried.push, PushOutcome::Applied(a) if a.produced == 1),
+            "{kind}"
+        );
+        assert_eq!(out.produced.versions, [2], "{kind} {name}");
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
+            #[test]
+            fn states_come_with_rows_and_pushes_hand_back_what_they_produced() {
+                super::states_come_with_rows_and_pushes_hand_back_what_they_produced(stringify!(
+                    $backend
+                ));
+            }
             #[test]
             fn reads_every_row_shape() {
                 super::reads_every_row_shape(stringify!($backend));

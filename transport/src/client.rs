@@ -73,6 +73,60 @@ impl TransportError {
     }
 }
 
+/// The optimizer state of rows as a shard hands it out beside them
+/// ([`crate::optimizer::StateShape`]): `len` f32 values a row and, for optimizers that count
+/// steps, one u64 a row. Each row's state is of the same moment as its value and version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowStates {
+    /// Values, rows x the shape's `len`.
+    pub values: Vec<f32>,
+    /// Step counts, one a row (empty unless the optimizer counts steps).
+    pub steps: Vec<u64>,
+}
+
+impl RowStates {
+    /// Empties them, keeping their buffers.
+    pub fn clear(&mut self) {
+        self.values.clear();
+        self.steps.clear();
+    }
+}
+
+/// Rows a push produced and handed back: those whose version before the push was not the base
+/// version the pusher sent ([`crate::wire::PushRequest::bases`]), each with its new version and
+/// optimizer state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Produced {
+    /// Indices into the push's rows, ascending.
+    pub indices: Vec<u32>,
+    /// The rows' versions after the push.
+    pub versions: Vec<u64>,
+    /// Their values, `indices.len() x dim`.
+    pub rows: Vec<f32>,
+    /// Their optimizer state.
+    pub states: RowStates,
+}
+
+impl Produced {
+    /// Empties it, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.indices.clear();
+        self.versions.clear();
+        self.rows.clear();
+        self.states.clear();
+    }
+
+    /// Rows handed back.
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+}
+
 /// Rows returned by a conditional pull.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StaleRows {
@@ -82,10 +136,28 @@ pub struct StaleRows {
     pub versions: Vec<u64>,
     /// Their values, `indices.len() x dim`.
     pub rows: Vec<f32>,
+    /// The optimizer state of the returned rows whose index is below the query's `state_keys`:
+    /// the first ones, since indices ascend.
+    pub states: RowStates,
     /// The table's clock on the shard, read before any row.
     pub table_clock: u64,
     /// Whether the request's `since` claim held (true when there was none).
     pub since_held: bool,
+    /// The rows the query's push produced and handed back (when the push was applied).
+    pub produced: Produced,
+}
+
+impl StaleRows {
+    /// Empties the answer, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.indices.clear();
+        self.versions.clear();
+        self.rows.clear();
+        self.states.clear();
+        self.table_clock = 0;
+        self.since_held = false;
+        self.produced.clear();
+    }
 }
 
 /// A conditional pull (DESIGN section 5): the rows of `keys` whose server version exceeds
@@ -104,6 +176,8 @@ pub struct StaleQuery<'a> {
     pub since: Option<Since>,
     /// Rows to apply, all or nothing, before the table clock and any row are read.
     pub push: Option<PushRef<'a>>,
+    /// The first `state_keys` keys also want their optimizer state with their rows.
+    pub state_keys: u32,
 }
 
 /// What became of rows pushed with a read, reported apart from the read's own result: a read that
@@ -175,7 +249,9 @@ impl Carried {
     }
 }
 
-/// Rows to push with a conditional pull: `(key, count, gradient sum)`, grads keys x dim.
+/// Rows to push: `(key, count, gradient sum)`, grads keys x dim, and optionally each row's base
+/// version (the pusher's copy's version before this push, or [`crate::wire::NO_BASE`]): where
+/// the shard's row was at another version, the shard hands back the row it produced.
 #[derive(Clone, Copy, Debug)]
 pub struct PushRef<'a> {
     /// Keys.
@@ -184,6 +260,26 @@ pub struct PushRef<'a> {
     pub counts: &'a [u32],
     /// Gradient sums.
     pub grads: &'a [f32],
+    /// Base versions, one a row, when the pusher wants produced rows back.
+    pub bases: Option<&'a [u64]>,
+}
+
+impl<'a> PushRef<'a> {
+    /// Rows without base versions (nothing is handed back).
+    pub fn new(keys: &'a [u64], counts: &'a [u32], grads: &'a [f32]) -> Self {
+        Self {
+            keys,
+            counts,
+            grads,
+            bases: None,
+        }
+    }
+
+    /// Whether the lengths agree with one another (the dim is the shard's to check).
+    pub fn lengths_agree(&self) -> bool {
+        self.keys.len() == self.counts.len()
+            && self.bases.is_none_or(|b| b.len() == self.keys.len())
+    }
 }
 
 /// What a client has seen of one shard's restarts (new incarnations), and what each cost it.
@@ -304,6 +400,14 @@ pub trait ShardTransport: Send + Sync {
     /// shard also says whether the claim about the checks not sent holds. Rows in the query's
     /// `push` are applied first, all or nothing; their outcome is reported apart from the read's.
     fn pull_if_stale(&self, query: &StaleQuery<'_>, out: &mut StaleRows) -> Carried;
+    /// Applies `(key, count, gradient sum)` rows, all or nothing; where the rows carry base
+    /// versions, `produced` is replaced by the rows the shard hands back (cleared otherwise).
+    fn push_rows(
+        &self,
+        table: &str,
+        rows: &PushRef<'_>,
+        produced: &mut Produced,
+    ) -> Result<PushResponse, TransportError>;
     /// Applies `(key, count, gradient sum)` rows; `grads` is keys x dim.
     fn push(
         &self,
@@ -311,7 +415,10 @@ pub trait ShardTransport: Send + Sync {
         keys: &[u64],
         counts: &[u32],
         grads: &[f32],
-    ) -> Result<PushResponse, TransportError>;
+    ) -> Result<PushResponse, TransportError> {
+        let mut produced = Produced::default();
+        self.push_rows(table, &PushRef::new(keys, counts, grads), &mut produced)
+    }
     /// Sets rows to `values` (keys x dim), all or nothing: each row's version grows by one and
     /// its optimizer state starts again (import, warm start).
     fn assign(

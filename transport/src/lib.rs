@@ -3,6 +3,7 @@
 //! - [`region`]: mapped memory regions (the shared-memory module, and the only `unsafe` here);
 //! - [`row`]: the row format of DESIGN section 4, its writer protocol and its verifying reader;
 //! - [`spec`]: table specifications;
+//! - [`optimizer`]: the optimizers' maths, shared by the shard and the cache that mirrors it;
 //! - [`routing`]: which shard holds a row, and at which local index;
 //! - [`wire`]: frames, headers and payload arrays of the control protocol;
 //! - [`codec`]: each bulk operation's request and answer bytes, encoded and decoded once;
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod client;
 pub mod codec;
 pub mod onesided;
+pub mod optimizer;
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]
 pub mod rdma;
@@ -33,10 +35,11 @@ pub mod spec;
 pub mod wire;
 
 pub use client::{
-    Carried, PushOutcome, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic,
-    TrafficCounters, TransportError,
+    Carried, Produced, PushOutcome, PushRef, Restarts, RowStates, ShardTransport, StaleQuery,
+    StaleRows, Traffic, TrafficCounters, TransportError,
 };
 pub use onesided::{OneSidedStats, OneSidedTransport, RemoteMemory};
+pub use optimizer::{Optimizer, StateShape};
 pub use region::{Region, SharedRegion};
 pub use routing::Routing;
 pub use row::RowLayout;

@@ -29,7 +29,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::client::{
-    pull_into, Carried, PushOutcome, ShardTransport, StaleQuery, StaleRows, Traffic, TransportError,
+    pull_into, Carried, Produced, PushOutcome, PushRef, ShardTransport, StaleQuery, StaleRows,
+    Traffic, TransportError,
 };
 use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use crate::spec::{TableInfo, TableSpec};
@@ -417,6 +418,7 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         out.table_clock = table_clock;
         out.since_held = q.since.is_none_or(|s| s.holds(table_clock));
         out.indices.clear();
+        out.states.clear();
         out.indices
             .extend((0..q.keys.len() as u32).filter(|&j| stale[j as usize]));
         let keys: Vec<u64> = out.indices.iter().map(|&j| q.keys[j as usize]).collect();
@@ -520,10 +522,16 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
             // The daemon validates (and refuses) the whole request, push included.
             return self.control.pull_if_stale(q, out);
         };
+        if q.state_keys > 0 {
+            // Optimizer state lives in the daemon's memory, not in the regions it exposes: a
+            // read that wants it is the daemon's (docs/ARCHITECTURE.md, "Optimizer state").
+            return self.control.pull_if_stale(q, out);
+        }
         // Pushed rows first, as the daemon would apply them: the reads below see them.
+        out.produced.clear();
         let push = match q.push {
             None => PushOutcome::NotSent,
-            Some(p) => match self.control.push(q.table, p.keys, p.counts, p.grads) {
+            Some(p) => match self.control.push_rows(q.table, &p, &mut out.produced) {
                 Ok(ack) => PushOutcome::Applied(ack),
                 Err(e) => return not_sent(e),
             },
@@ -534,14 +542,13 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         }
     }
 
-    fn push(
+    fn push_rows(
         &self,
         table: &str,
-        keys: &[u64],
-        counts: &[u32],
-        grads: &[f32],
+        rows: &PushRef<'_>,
+        produced: &mut Produced,
     ) -> Result<PushResponse, TransportError> {
-        self.control.push(table, keys, counts, grads)
+        self.control.push_rows(table, rows, produced)
     }
 
     fn assign(

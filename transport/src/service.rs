@@ -175,8 +175,13 @@ pub trait ShardService: Send + Sync + 'static {
         req: &codec::pull_if_stale::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), WireError>;
-    /// Applies a push, all or nothing.
-    fn push(&self, req: &codec::push::Request<'_>) -> Result<PushResponse, WireError>;
+    /// Applies a push, all or nothing, answered through [`codec::push::respond`] (with the rows
+    /// it produced where the request's base versions ask for them).
+    fn push(
+        &self,
+        req: &codec::push::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError>;
     /// Sets rows to the given values, all or nothing; returns the rows set.
     fn assign(&self, req: &codec::assign::Request<'_>) -> Result<PushResponse, WireError>;
     /// Writes a checkpoint of every table (may take long: carriers run it off their event loop).
@@ -387,8 +392,7 @@ impl Session {
             }
             Op::Push => {
                 let r = codec::push::decode_request(&parts).map_err(malformed)?;
-                let ack = service.push(&r)?;
-                resp.begin(&ack);
+                service.push(&r, &mut resp)?;
             }
             Op::Assign => {
                 let r = codec::assign::decode_request(&parts).map_err(malformed)?;

@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -452,6 +452,13 @@ pub struct PullIfStaleRequest {
     pub push_rows: u32,
     /// Who sent the pushed rows, for exactly-once application of a request sent again.
     pub origin: Option<Origin>,
+    /// The first `state_keys` keys also want their optimizer state with their rows (a cache
+    /// that mirrors the table's optimizer reads it into its lines; 0: none).
+    pub state_keys: u32,
+    /// The pushed rows carry each one's base version (between their counts and gradients): the
+    /// shard hands back the row it produced wherever the row's version before the push was not
+    /// the base ([`PushRequest::bases`]).
+    pub push_bases: bool,
 }
 
 /// The sender of a push and its number: a shard applies each `(client, seq)` once, and
@@ -477,7 +484,10 @@ pub fn is_stale(version: u64, clock: u64, bound: u64) -> bool {
 }
 
 /// Conditional pull response; payload: `stale` x u32 indices into the request's keys (ascending),
-/// `stale` x u64 versions, then `stale` x `dim` f32 values.
+/// `stale` x u64 versions, `stale` x `dim` f32 values; then the optimizer state of the returned
+/// rows whose index is below the request's `state_keys` (the first `s` of them): `s` x
+/// `state_len` f32 values and, when `steps`, `s` x u64 step counts; then the rows the push
+/// produced ([`PushResponse`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullIfStaleResponse {
     /// Rows returned.
@@ -494,6 +504,12 @@ pub struct PullIfStaleResponse {
     /// Whether those rows had been applied already (the request was sent again): they were
     /// acknowledged without being applied twice.
     pub push_duplicate: bool,
+    /// f32 optimizer-state values per row in this answer's states (0 for SGD).
+    pub state_len: u32,
+    /// Whether each state also carries a u64 step count (Adam).
+    pub steps: bool,
+    /// Rows the push produced that are handed back ([`PushResponse::produced`]).
+    pub produced: u32,
 }
 
 /// Rows to push, as a server reads them from a payload.
@@ -503,32 +519,52 @@ pub struct PushRows<'a> {
     pub keys: U64s<'a>,
     /// Update counts.
     pub counts: U32s<'a>,
+    /// Each row's base version, when the pusher sent them ([`PushRequest::bases`]).
+    pub bases: Option<U64s<'a>>,
     /// Gradient sums, keys x dim.
     pub grads: F32s<'a>,
 }
 
+/// A base version meaning "hand nothing back" (the pusher keeps no line for the row: a write
+/// through, or a line it evicted).
+pub const NO_BASE: u64 = u64::MAX;
+/// A base version meaning "hand back whatever this push produces": no row reaches it, so it is
+/// never the row's version. A pusher whose copy may be of another incarnation of the shard (a
+/// version seen before a restart can be reached again by other updates) sends it.
+pub const ANY_BASE: u64 = u64::MAX - 1;
+
 impl<'a> PushRows<'a> {
-    /// Splits `rows` push rows off a payload (keys, then counts, then the rest as gradients).
-    pub fn split(payload: &'a [u8], rows: usize) -> Result<Self, FrameError> {
-        let fixed = rows.saturating_mul(12);
+    /// Splits `rows` push rows off a payload: keys, counts, base versions when `bases`, then the
+    /// rest as gradients.
+    pub fn split(payload: &'a [u8], rows: usize, with_bases: bool) -> Result<Self, FrameError> {
+        let fixed = rows.saturating_mul(if with_bases { 20 } else { 12 });
         if payload.len() < fixed || !(payload.len() - fixed).is_multiple_of(4) {
             return Err(FrameError::Malformed(format!(
-                "{rows} push rows need {fixed} bytes of keys and counts plus whole f32 gradients, got {} bytes",
+                "{rows} push rows need {fixed} bytes of keys, counts and bases plus whole f32 \
+                 gradients, got {} bytes",
                 payload.len()
             )));
         }
         let (keys, rest) = payload.split_at(rows * 8);
-        let (counts, grads) = rest.split_at(rows * 4);
+        let (counts, rest) = rest.split_at(rows * 4);
+        let (bases, grads) = rest.split_at(if with_bases { rows * 8 } else { 0 });
         Ok(Self {
             keys: le_array(keys),
             counts: le_array(counts),
+            bases: with_bases.then(|| le_array(bases)),
             grads: le_array(grads),
         })
     }
+
+    /// Row `n`'s base version ([`NO_BASE`] when the push carries none).
+    pub fn base(&self, n: usize) -> u64 {
+        self.bases.map_or(NO_BASE, |b| b.get(n))
+    }
 }
 
-/// Push request header; payload: `rows` x u64 keys, `rows` x u32 counts, `rows` x `dim` f32
-/// gradient sums. The push is validated whole before any row changes.
+/// Push request header; payload: `rows` x u64 keys, `rows` x u32 counts, when `bases` `rows` x
+/// u64 base versions, then `rows` x `dim` f32 gradient sums. The push is validated whole before
+/// any row changes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PushRequest {
     /// Table name.
@@ -537,18 +573,34 @@ pub struct PushRequest {
     pub rows: u32,
     /// Who sent it, for exactly-once application of a request sent again.
     pub origin: Option<Origin>,
+    /// The rows carry base versions: each row's version as the pusher's copy holds it before
+    /// this push (its line's `c_s`). Where the row's version before the entry is applied is not
+    /// its base (another client's update came between, or a restart took the row back), the
+    /// shard hands back the row it produced, with its version and optimizer state, so that the
+    /// pusher's copy becomes that row. [`NO_BASE`] asks for nothing.
+    pub bases: bool,
 }
 
-/// Push response header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Push response header; payload: the rows the push produced that it hands back (the rows whose
+/// version before the push was not their base): `produced` x u32 indices into the push's rows
+/// (ascending), `produced` x u64 versions, `produced` x `dim` f32 values, `produced` x
+/// `state_len` f32 optimizer-state values and, when `steps`, `produced` x u64 step counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushResponse {
     /// Rows applied.
     pub rows: u32,
     /// Sum of the counts applied (the versions added).
     pub updates: u64,
     /// Whether the push had been applied already (the request was sent again): it was
-    /// acknowledged without being applied twice.
+    /// acknowledged without being applied twice. The rows handed back are then the rows as they
+    /// are now, wherever their version is not base plus count.
     pub duplicate: bool,
+    /// Rows handed back.
+    pub produced: u32,
+    /// f32 optimizer-state values per row handed back.
+    pub state_len: u32,
+    /// Whether each handed-back state also carries a u64 step count (Adam).
+    pub steps: bool,
 }
 
 /// Checkpoint request header (no payload).

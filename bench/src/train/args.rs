@@ -29,12 +29,13 @@ pub struct TrainArgs {
     /// (`CachedTable::prefetch`): one request a batch and shard, overlapped with compute.
     #[arg(long)]
     pub prefetch: bool,
-    /// How a worker's updates of an embedding key combine with the other workers' updates of it
-    /// under the write bound (`hetkv_client::SharedKeys`; docs/BENCHMARKS.md, "Why logloss drifts"
-    /// and "Extrapolation in HET's regime", measures them at bound 100; the limited extrapolation
-    /// is the default: in the cluster it kept both Wide&Deep and DeepFM nearest no cache).
-    #[arg(long, value_enum, default_value = "extrapolated")]
-    pub shared_keys: SharedKeysArg,
+    /// The embedding caches' update rule (`hetkv_client::UpdateRuleKind`): how a worker's
+    /// updates of a key count in its line and in its pushes. `push-whole` is HET's semantics
+    /// (the library's default); `share-weighted` weighs pushes by the worker's share of the
+    /// key's updates (docs/BENCHMARKS.md, "Update rules", measures both).
+    #[arg(long, default_value = "push-whole")]
+    #[serde(with = "rule_text")]
+    pub update_rule: UpdateRuleKind,
     /// Data-parallel workers, each with its own client and cache.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
@@ -136,23 +137,20 @@ pub struct TrainArgs {
     pub json: Option<std::path::PathBuf>,
 }
 
-/// `--shared-keys`: the embedding caches' [`SharedKeys`] mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SharedKeysArg {
-    /// Local steps and pushes whole (`SharedKeys::Summed`): the four workers' local progress on a
-    /// hot key is summed; DeepFM at bound 100 diverged in 3 of 8 runs.
-    Summed,
-    /// Pushes weighted by the worker's share of the key's updates (`SharedKeys::Averaged`):
-    /// no divergence measured, but keys every worker trains learn at about a worker's pace
-    /// (AUC 0.003–0.006 below bound 0).
-    Averaged,
-    /// Local steps extrapolated by the inverse of the worker's share (at most `--workers`
-    /// times), the extrapolated part limited by the pending mean gradient, pushes whole
-    /// (`SharedKeys::Extrapolated`): in the namespace cluster at rows of 128, Wide&Deep within
-    /// 0.0004 AUC and DeepFM within 0.0019 of no cache, logloss at most 0.0027 worse, in 12 runs.
-    /// The default.
-    Extrapolated,
+/// The update rule as its name (`push-whole`, ...), in the settings' JSON.
+mod rule_text {
+    use hetkv_client::UpdateRuleKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(rule: &UpdateRuleKind, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(rule)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UpdateRuleKind, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// The server-side optimizer of a training run's tables.
@@ -161,7 +159,13 @@ pub enum SharedKeysArg {
 pub enum TrainOptimizer {
     /// SGD with `--lr`.
     Sgd,
-    /// Lazy Adam with `--lr`, betas 0.9 and 0.999, eps 1e-8.
+    /// Adagrad with `--lr` and the defaults of `OptimizerSpec::adagrad`.
+    Adagrad,
+    /// Row-wise Adagrad with `--lr` and the defaults of `OptimizerSpec::rowwise_adagrad`.
+    #[value(name = "rowwise-adagrad")]
+    #[serde(rename = "rowwise-adagrad")]
+    RowwiseAdagrad,
+    /// Lazy Adam with `--lr` and the defaults of `OptimizerSpec::adam`.
     Adam,
 }
 
@@ -169,13 +173,10 @@ impl TrainOptimizer {
     /// The spec at learning rate `lr`.
     pub fn spec(self, lr: f32) -> OptimizerSpec {
         match self {
-            Self::Sgd => OptimizerSpec::Sgd { lr },
-            Self::Adam => OptimizerSpec::Adam {
-                lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            },
+            Self::Sgd => OptimizerSpec::sgd(lr),
+            Self::Adagrad => OptimizerSpec::adagrad(lr),
+            Self::RowwiseAdagrad => OptimizerSpec::rowwise_adagrad(lr),
+            Self::Adam => OptimizerSpec::adam(lr),
         }
     }
 }
@@ -190,7 +191,7 @@ impl TrainArgs {
             threads: 1,
             dense_bound: Bound::updates(0),
             prefetch: false,
-            shared_keys: SharedKeysArg::Extrapolated,
+            update_rule: UpdateRuleKind::PushWhole,
             workers: 4,
             pull_bound: Bound::updates(100),
             push_bound: Bound::updates(100),
@@ -244,17 +245,6 @@ impl TrainArgs {
     /// Batches worker `w` skips (`--resume-batches`).
     pub(super) fn resume_of(&self, w: usize) -> usize {
         self.resume_batches.get(w).copied().unwrap_or(0)
-    }
-
-    /// The embedding caches' [`SharedKeys`] mode.
-    pub(super) fn shared_keys(&self) -> SharedKeys {
-        match self.shared_keys {
-            SharedKeysArg::Summed => SharedKeys::Summed,
-            SharedKeysArg::Averaged => SharedKeys::Averaged,
-            SharedKeysArg::Extrapolated => SharedKeys::Extrapolated {
-                max_scale: self.workers.max(1) as f32,
-            },
-        }
     }
 
     /// The embedding cache's settings for worker `w` at the start of its part of the run: bounds

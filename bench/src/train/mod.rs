@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hetkv_client::{
-    Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, SharedKeys, Table, TransportKind,
+    Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, Table, TransportKind,
+    UpdateRuleKind,
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::EmbeddedCluster;

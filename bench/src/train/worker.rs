@@ -74,11 +74,15 @@ impl WorkerTables {
             emb: emb_client
                 .open_table("ctr_emb")?
                 .cached(config)
-                .with_shared_keys(args.shared_keys()),
+                .with_update_rule(args.update_rule),
+            // Every worker updates every dense parameter: the shards' copy moves by the mean of
+            // their progress (periodic model averaging, the period being the dense bound).
             dense: client
                 .open_table("ctr_dense")?
                 .cached(args.dense_cache_config())
-                .with_push_scale(1.0 / args.workers as f32),
+                .with_update_rule(UpdateRuleKind::PushScaled {
+                    factor: 1.0 / args.workers as f32,
+                }),
             dense_client: client,
         })
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use hetkv_client::cache::CacheError;
 use hetkv_client::{
     Bound as CacheBound, CacheConfig, CachedTable, Capacity, ClientError, Cluster as RustCluster,
-    PolicyKind, SharedKeys, Table as RustTable, TransportKind,
+    PolicyKind, Table as RustTable, TransportKind, UpdateRuleKind,
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_transport::{
@@ -231,39 +231,64 @@ impl Initializer {
 }
 
 /// The optimizer a table's shards apply to pushed gradients (`hetkv.Optimizer.sgd(lr)`,
-/// `.adagrad(lr, ...)`, `.adam(lr, ...)`).
+/// `.adagrad(lr, ...)`, `.rowwise_adagrad(lr, ...)`, `.adam(lr, ...)`). A parameter left out
+/// takes the one default the Rust crate and the TOML config also use (`OptimizerSpec`); a
+/// parameter out of range is a `ValueError` naming it.
 #[pyclass(module = "hetkv", frozen, from_py_object)]
 #[derive(Clone)]
 struct Optimizer(OptimizerSpec);
+
+impl Optimizer {
+    fn checked(spec: OptimizerSpec) -> PyResult<Self> {
+        spec.validate().map_err(|e| PyValueError::new_err(e.0))?;
+        Ok(Self(spec))
+    }
+}
 
 #[pymethods]
 impl Optimizer {
     /// Plain SGD: `w -= lr * g`.
     #[staticmethod]
-    fn sgd(lr: f32) -> Self {
-        Self(OptimizerSpec::Sgd { lr })
+    fn sgd(lr: f32) -> PyResult<Self> {
+        Self::checked(OptimizerSpec::sgd(lr))
     }
 
-    /// Adagrad.
+    /// Adagrad, one accumulator per element (defaults: PyTorch's, eps 1e-10, accumulator 0).
     #[staticmethod]
-    #[pyo3(signature = (lr, eps = 1e-10, initial_accumulator = 0.0))]
-    fn adagrad(lr: f32, eps: f32, initial_accumulator: f32) -> Self {
-        Self(OptimizerSpec::Adagrad {
+    #[pyo3(signature = (lr, eps = None, initial_accumulator = None))]
+    fn adagrad(lr: f32, eps: Option<f32>, initial_accumulator: Option<f32>) -> PyResult<Self> {
+        Self::checked(OptimizerSpec::Adagrad {
             lr,
-            eps,
-            initial_accumulator,
+            eps: eps.unwrap_or(OptimizerSpec::ADAGRAD_EPS),
+            initial_accumulator: initial_accumulator.unwrap_or(0.0),
         })
     }
 
-    /// Adam, applied lazily (a row's moments advance when it is pushed).
+    /// Row-wise Adagrad, one accumulator per row (FBGEMM's default for embeddings; defaults
+    /// eps 1e-8, accumulator 0). A cache that mirrors it reads 4 bytes more a row.
     #[staticmethod]
-    #[pyo3(signature = (lr, beta1 = 0.9, beta2 = 0.999, eps = 1e-8))]
-    fn adam(lr: f32, beta1: f32, beta2: f32, eps: f32) -> Self {
-        Self(OptimizerSpec::Adam {
+    #[pyo3(signature = (lr, eps = None, initial_accumulator = None))]
+    fn rowwise_adagrad(
+        lr: f32,
+        eps: Option<f32>,
+        initial_accumulator: Option<f32>,
+    ) -> PyResult<Self> {
+        Self::checked(OptimizerSpec::RowwiseAdagrad {
             lr,
-            beta1,
-            beta2,
-            eps,
+            eps: eps.unwrap_or(OptimizerSpec::ROWWISE_ADAGRAD_EPS),
+            initial_accumulator: initial_accumulator.unwrap_or(0.0),
+        })
+    }
+
+    /// Adam, applied lazily (a row's moments advance when it is pushed; defaults: PyTorch's).
+    #[staticmethod]
+    #[pyo3(signature = (lr, beta1 = None, beta2 = None, eps = None))]
+    fn adam(lr: f32, beta1: Option<f32>, beta2: Option<f32>, eps: Option<f32>) -> PyResult<Self> {
+        Self::checked(OptimizerSpec::Adam {
+            lr,
+            beta1: beta1.unwrap_or(OptimizerSpec::ADAM_BETA1),
+            beta2: beta2.unwrap_or(OptimizerSpec::ADAM_BETA2),
+            eps: eps.unwrap_or(OptimizerSpec::ADAM_EPS),
         })
     }
 
@@ -273,25 +298,59 @@ impl Optimizer {
         self.0.lr()
     }
 
+    /// The optimizer's name: "sgd", "adagrad", "rowwise_adagrad" or "adam".
+    #[getter]
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
     fn __repr__(&self) -> String {
-        format!("hetkv.Optimizer({:?})", self.0)
+        format!("hetkv.Optimizer.{}", self.0)
+    }
+
+    fn __eq__(&self, other: &Optimizer) -> bool {
+        self.0 == other.0
     }
 }
 
+/// The optimizer a table created without one gets.
+fn default_optimizer() -> OptimizerSpec {
+    OptimizerSpec::sgd(0.01)
+}
+
+/// The spec of a table to create; a table created without an optimizer says, through Python's
+/// `logging` (logger `hetkv`, level WARNING), what it got.
 fn spec_of(
+    py: Python<'_>,
     name: String,
     rows: u64,
     dim: u32,
     init: Option<Initializer>,
     optimizer: Option<Optimizer>,
-) -> TableSpec {
-    TableSpec {
+) -> PyResult<TableSpec> {
+    let optimizer = match optimizer {
+        Some(o) => o.0,
+        None => {
+            let got = default_optimizer();
+            py.import("logging")?
+                .call_method1("getLogger", ("hetkv",))?
+                .call_method1(
+                    "warning",
+                    (format!(
+                        "table {name:?}: no optimizer given, the shards apply {got} (pass \
+                         optimizer=hetkv.Optimizer...)"
+                    ),),
+                )?;
+            got
+        }
+    };
+    Ok(TableSpec {
         name,
         rows,
         dim,
         init: init.map_or(RustInit::Zeros, |i| i.0),
-        optimizer: optimizer.map_or(OptimizerSpec::Sgd { lr: 0.01 }, |o| o.0),
-    }
+        optimizer,
+    })
 }
 
 /// A connection to every shard of a cluster (`hetkv.connect`).
@@ -321,7 +380,7 @@ impl Cluster {
         init: Option<Initializer>,
         optimizer: Option<Optimizer>,
     ) -> PyResult<Table> {
-        let spec = spec_of(name, rows, dim, init, optimizer);
+        let spec = spec_of(py, name, rows, dim, init, optimizer)?;
         let inner = py
             .detach(|| self.inner.create_table(&spec))
             .map_err(py_err)?;
@@ -471,7 +530,7 @@ impl EmbeddedCluster {
                 Some(v) => Some(v.extract::<Optimizer>()?),
                 None => None,
             };
-            specs.push(spec_of(name, rows, dim, init, optimizer));
+            specs.push(spec_of(py, name, rows, dim, init, optimizer)?);
         }
         let started = py.detach(|| {
             let cluster = match &data_dir {
@@ -714,48 +773,22 @@ impl Table {
     /// "lru", "lfu" or "light-lfu". A cached row lags the shards by at most `pull_bound` updates;
     /// a line holds at most `push_bound` unpushed updates (None: unbounded).
     ///
-    /// `shared_keys` says how this worker's updates of a key combine with other workers' under
-    /// the write bound: "summed" (every local step and push whole: sequential SGD after a
-    /// flush), "averaged" (pushes weighted by the worker's share of the key's updates) or
-    /// "extrapolated" (local steps extrapolated by the inverse share, at most `max_scale` times,
-    /// usually the number of workers; pushes whole). docs/ARCHITECTURE.md states each mode's
-    /// consistency; one worker, or a push bound of 0, is the same in all three.
-    #[pyo3(signature = (capacity = CapacityArg::Fraction(0.1), policy = "lfu", pull_bound = Some(100), push_bound = Some(100), shared_keys = "summed", max_scale = None))]
+    /// `update_rule` says how this worker's updates of a key count in its lines and its pushes:
+    /// "push-whole" (HET's semantics: gradients pushed whole and applied by the shards'
+    /// optimizer; a line shows exactly the row the shards produce from its own updates, so after
+    /// `flush` a lone worker's lines equal the shards' rows, and at bounds 0 a cached run is the
+    /// uncached one), "share-weighted" (pushes weighted by the worker's share of the key's
+    /// updates, a training heuristic) or "push-scaled:F" (every push times F).
+    #[pyo3(signature = (capacity = CapacityArg::Fraction(0.1), policy = "lfu", pull_bound = Some(100), push_bound = Some(100), update_rule = "push-whole"))]
     fn cached(
         &self,
         capacity: CapacityArg,
         policy: &str,
         pull_bound: Option<u64>,
         push_bound: Option<u64>,
-        shared_keys: &str,
-        max_scale: Option<f32>,
+        update_rule: &str,
     ) -> PyResult<Cache> {
-        let shared_keys =
-            match (shared_keys, max_scale) {
-                ("summed", None) => SharedKeys::Summed,
-                ("averaged", None) => SharedKeys::Averaged,
-                ("extrapolated", Some(m)) if m >= 1.0 && m.is_finite() => {
-                    SharedKeys::Extrapolated { max_scale: m }
-                }
-                ("extrapolated", Some(m)) => {
-                    return Err(PyValueError::new_err(format!(
-                        "max_scale {m} must be a finite number of at least 1"
-                    )))
-                }
-                ("extrapolated", None) => return Err(PyValueError::new_err(
-                    "shared_keys=\"extrapolated\" needs max_scale (usually the number of workers)",
-                )),
-                ("summed" | "averaged", Some(_)) => {
-                    return Err(PyValueError::new_err(
-                        "max_scale applies to shared_keys=\"extrapolated\" only",
-                    ))
-                }
-                (other, _) => {
-                    return Err(PyValueError::new_err(format!(
-                        "shared_keys {other:?} is not \"summed\", \"averaged\" or \"extrapolated\""
-                    )))
-                }
-            };
+        let rule: UpdateRuleKind = update_rule.parse().map_err(PyValueError::new_err)?;
         let capacity = match capacity {
             CapacityArg::Rows(0) => Capacity::Disabled,
             CapacityArg::Rows(rows) => Capacity::Rows(rows as usize),
@@ -776,7 +809,7 @@ impl Table {
         };
         let dim = self.dim();
         Ok(Cache {
-            inner: Mutex::new(self.inner.cached(config).with_shared_keys(shared_keys)),
+            inner: Mutex::new(self.inner.cached(config).with_update_rule(rule)),
             dim,
             name: self.name(),
         })
@@ -784,7 +817,7 @@ impl Table {
 
     fn __repr__(&self) -> String {
         format!(
-            "hetkv.Table(name={:?}, rows={}, dim={}, optimizer={:?})",
+            "hetkv.Table(name={:?}, rows={}, dim={}, optimizer={})",
             self.name(),
             self.rows(),
             self.dim(),

@@ -118,21 +118,18 @@ def test_a_prefetched_lookup_includes_the_updates_made_while_it_was_in_flight():
 
 
 @pytest.mark.parametrize(
-    "mode, max_scale, local, server",
+    "rule, server",
     [
-        # Every local step and push whole.
-        ("summed", None, -5.0, -5.0),
-        # The push of 2 updates weighted 1/2 + share (3/6) x 1/2 = 3/4.
-        ("averaged", None, -5.0, -4.5),
-        # The second local step extrapolated: share (1 + 1) / (1 + 1 + 3) = 2/5, so
-        # 1 + 1.5 x min(gradient 1, pending mean 1); the push whole.
-        ("extrapolated", 4.0, -6.5, -5.0),
+        # The push of 2 updates whole.
+        ("push-whole", -5.0),
+        # Weighted 1/2 + share (3/6) x 1/2 = 3/4.
+        ("share-weighted", -4.5),
     ],
 )
-def test_shared_keys_modes_combine_two_workers_updates_of_a_key(mode, max_scale, local, server):
+def test_update_rules_combine_two_workers_updates_of_a_key(rule, server):
     with hetkv.EmbeddedCluster(shards=2) as cluster:
         table = cluster.create_table("t", rows=100, dim=1, optimizer=hetkv.Optimizer.sgd(lr=1.0))
-        a = table.cached(capacity=10, pull_bound=0, push_bound=100, shared_keys=mode, max_scale=max_scale)
+        a = table.cached(capacity=10, pull_bound=0, push_bound=100, update_rule=rule)
         b = table.cached(capacity=10, pull_bound=0, push_bound=0)
         key, one = np.array([7], dtype=np.uint64), np.ones((1, 1), dtype=np.float32)
         a.lookup(key)
@@ -142,25 +139,91 @@ def test_shared_keys_modes_combine_two_workers_updates_of_a_key(mode, max_scale,
         b.flush()
         assert a.lookup(key)[0, 0] == -4.0, "refreshed: the shards' -3 and the pending update"
         a.update(key, one)
-        assert a.lookup(key)[0, 0] == pytest.approx(local)
+        assert a.lookup(key)[0, 0] == -5.0, "the line shows its own updates whole"
         a.flush()
         versions = np.zeros(1, dtype=np.uint64)
-        assert table.pull(key, versions=versions)[0, 0] == pytest.approx(server)
-        assert versions[0] == 5, "every update counted once in every mode"
+        assert table.pull(key, versions=versions)[0, 0] == server
+        assert versions[0] == 5, "every update counted once under every rule"
+        assert a.lookup(key)[0, 0] == server, "the push left the line the row it produced"
 
 
-def test_shared_keys_arguments_are_checked():
+def test_update_rule_arguments_are_checked():
     with hetkv.EmbeddedCluster(shards=1) as cluster:
-        table = cluster.create_table("t", rows=10, dim=1)
-        for kwargs, message in [
-            ({"shared_keys": "extrapolated"}, "needs max_scale"),
-            ({"shared_keys": "extrapolated", "max_scale": 0.5}, "at least 1"),
-            ({"shared_keys": "extrapolated", "max_scale": float("nan")}, "at least 1"),
-            ({"shared_keys": "averaged", "max_scale": 4.0}, "extrapolated\" only"),
-            ({"shared_keys": "mean"}, "is not"),
-        ]:
-            with pytest.raises(ValueError, match=message):
-                table.cached(**kwargs)
+        table = cluster.create_table("t", rows=10, dim=1, optimizer=hetkv.Optimizer.sgd(0.1))
+        for rule in ["summed", "extrapolated", "push-scaled:0", "push-scaled:nan"]:
+            with pytest.raises(ValueError, match="unknown update rule"):
+                table.cached(update_rule=rule)
+        table.cached(update_rule="push-scaled:0.25")
+
+
+OPTIMIZERS = [
+    hetkv.Optimizer.sgd(0.1),
+    hetkv.Optimizer.adagrad(0.1),
+    hetkv.Optimizer.rowwise_adagrad(0.1),
+    hetkv.Optimizer.adam(0.01),
+]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name)
+def test_a_cache_at_bounds_0_trains_the_rows_no_cache_trains(optimizer):
+    # Ten updates of 1e-3 (and a few more keys, repeated within batches) through a cache at bounds
+    # 0 and through none: the same rows, bit for bit, whatever the optimizer.
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        init = hetkv.Initializer.normal(0.1, seed=3)
+        cached = cluster.create_table("cached", rows=50, dim=8, init=init, optimizer=optimizer)
+        plain = cluster.create_table("plain", rows=50, dim=8, init=init, optimizer=optimizer)
+        a = cached.cached(capacity=20, pull_bound=0, push_bound=0)
+        b = plain.cached(capacity=0, pull_bound=0, push_bound=0)
+        rng = np.random.default_rng(5)
+        for step in range(10):
+            keys = np.array([3, 3, 7] + list(rng.integers(0, 50, 5)), dtype=np.uint64)
+            grads = np.full((len(keys), 8), 1e-3, dtype=np.float32)
+            grads[3:] = rng.normal(0, 0.01, (len(keys) - 3, 8)).astype(np.float32)
+            np.testing.assert_array_equal(a.lookup(keys), b.lookup(keys), err_msg=f"step {step}")
+            a.update(keys, grads)
+            b.update(keys, grads)
+        all_keys = np.arange(50, dtype=np.uint64)
+        np.testing.assert_array_equal(cached.pull(all_keys), plain.pull(all_keys))
+        # A line is the shards' row, not an approximation of it.
+        np.testing.assert_array_equal(a.lookup(np.array([3], dtype=np.uint64)), cached.pull(np.array([3], dtype=np.uint64)))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.name)
+def test_after_a_flush_a_lone_workers_lines_are_the_shards_rows(optimizer):
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("t", rows=30, dim=4, optimizer=optimizer)
+        cache = table.cached(capacity=30, pull_bound=None, push_bound=50)
+        keys = np.arange(30, dtype=np.uint64)
+        rng = np.random.default_rng(1)
+        for _ in range(20):
+            cache.lookup(keys)
+            cache.update(keys, rng.normal(0, 0.1, (30, 4)).astype(np.float32))
+        cache.flush()
+        np.testing.assert_array_equal(cache.lookup(keys), table.pull(keys))
+
+
+def test_optimizer_parameters_are_checked_and_defaults_have_one_home():
+    for make, message in [
+        (lambda: hetkv.Optimizer.sgd(0.0), "optimizer sgd: lr must be finite and > 0"),
+        (lambda: hetkv.Optimizer.adagrad(0.1, eps=0.0), "optimizer adagrad: eps"),
+        (lambda: hetkv.Optimizer.rowwise_adagrad(0.1, initial_accumulator=-1.0), "initial_accumulator"),
+        (lambda: hetkv.Optimizer.adam(0.1, beta2=1.0), "optimizer adam: beta2 must be in"),
+        (lambda: hetkv.Optimizer.adam(float("nan")), "lr must be finite"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    assert hetkv.Optimizer.adagrad(0.1) == hetkv.Optimizer.adagrad(0.1, eps=1e-10, initial_accumulator=0.0)
+    assert hetkv.Optimizer.adam(0.1) == hetkv.Optimizer.adam(0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert hetkv.Optimizer.rowwise_adagrad(0.1) == hetkv.Optimizer.rowwise_adagrad(0.1, eps=1e-8)
+    assert "eps=1e-10" in repr(hetkv.Optimizer.adagrad(0.1))
+
+
+def test_a_table_created_without_an_optimizer_says_what_it_got(caplog):
+    with hetkv.EmbeddedCluster(shards=1) as cluster:
+        with caplog.at_level("WARNING", logger="hetkv"):
+            table = cluster.create_table("t", rows=10, dim=1)
+        assert "no optimizer given, the shards apply sgd(lr=0.01)" in caplog.text
+        assert table.optimizer == hetkv.Optimizer.sgd(0.01)
 
 
 def test_capacity_zero_with_bounds_zero_is_the_classic_parameter_server():

@@ -1,14 +1,41 @@
-//! The HET embedding cache: configuration, the sans-IO core and the eviction policies.
+//! The HET embedding cache: its configuration, the sans-IO core, and the pieces it is made of,
+//! one concern a module:
+//!
+//! - `lines`: storage and its eviction policy (`policy/`, one file a policy): slots, the key
+//!   index, each line's value, base row, pending gradient and optimizer state;
+//! - `clocks`: what the cache knows of each shard's table clock and incarnation (claims,
+//!   observations, restarts);
+//! - `batch`: one call's keys de-duplicated and resolved, the requests a lookup plans, and what
+//!   came back;
+//! - `queue`: the rows waiting to be pushed;
+//! - [`rule`]: how a worker's updates count, between pushes and in them (a learning rule, apart
+//!   from consistency);
+//! - `core` and `lookup`: [`CacheCore`], which holds them and keeps the bounds; `exchange`: the
+//!   protocol with the shards, call by call;
+//! - `driver` ([`CachedTable`]) and `prefetch`: the core driven over the cluster's transports.
 
-pub mod core;
+mod batch;
+mod clocks;
+mod core;
+mod driver;
+mod exchange;
+mod lines;
+mod lookup;
 pub mod policy;
+mod prefetch;
+mod queue;
+pub mod rule;
+#[cfg(test)]
+mod tests;
 
-pub use self::core::{
-    CacheCore, CacheError, LookupPlan, PushBatch, Replies, RequestKind, ShardRequest, SharedKeys,
-};
+pub use self::core::{CacheCore, CacheError, LineView};
+pub use driver::CachedTable;
+pub use exchange::{RequestKind, ShardRequest};
 pub use policy::PolicyKind;
+pub use queue::PushBatch;
+pub use rule::{UpdateRule, UpdateRuleKind};
 
-use hetkv_transport::TableSpec;
+use hetkv_transport::{Optimizer, TableSpec};
 
 /// A staleness bound: a number of updates, or infinite (never checked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,10 +125,12 @@ pub enum Capacity {
 }
 
 impl Capacity {
-    /// Bytes one cached line costs for rows of `dim`: data, pending gradient, and bookkeeping
-    /// (key, clocks, index and policy links), rounded up.
-    pub fn line_bytes(dim: usize) -> u64 {
-        (8 * dim + 64) as u64
+    /// Bytes one cached line of `spec`'s table costs: its value, base row, pending gradient and
+    /// optimizer state, and its bookkeeping (key, clocks, index and policy links), rounded up.
+    pub fn line_bytes(spec: &TableSpec) -> u64 {
+        let dim = spec.dim as usize;
+        let state_len = Optimizer::new(spec.optimizer).state_len(dim);
+        (4 * lines::Lines::values_per_line(dim, state_len) + 96) as u64
     }
 
     /// The number of rows for a table of `spec`.
@@ -109,7 +138,7 @@ impl Capacity {
         let rows = match *self {
             Self::Disabled => 0,
             Self::Rows(n) => n as u64,
-            Self::Bytes(b) => b / Self::line_bytes(spec.dim as usize),
+            Self::Bytes(b) => b / Self::line_bytes(spec),
             Self::Fraction(f) => (spec.rows as f64 * f.clamp(0.0, 1.0)).round() as u64,
         };
         rows.min(spec.rows).min(u32::MAX as u64 - 1) as usize

@@ -48,15 +48,30 @@ class Initializer:
     def normal(std: float, seed: int = 0) -> "Initializer": ...
 
 class Optimizer:
-    """The optimizer a table's shards apply to pushed gradients."""
+    """The optimizer a table's shards apply to pushed gradients. A parameter left out takes the
+    one default the Rust crate and the TOML config use; one out of range is a ValueError naming
+    it."""
     @staticmethod
     def sgd(lr: float) -> "Optimizer": ...
     @staticmethod
-    def adagrad(lr: float, eps: float = 1e-10, initial_accumulator: float = 0.0) -> "Optimizer": ...
+    def adagrad(
+        lr: float, eps: Optional[float] = None, initial_accumulator: Optional[float] = None
+    ) -> "Optimizer": ...
     @staticmethod
-    def adam(lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> "Optimizer": ...
+    def rowwise_adagrad(
+        lr: float, eps: Optional[float] = None, initial_accumulator: Optional[float] = None
+    ) -> "Optimizer": ...
+    @staticmethod
+    def adam(
+        lr: float,
+        beta1: Optional[float] = None,
+        beta2: Optional[float] = None,
+        eps: Optional[float] = None,
+    ) -> "Optimizer": ...
     @property
     def lr(self) -> float: ...
+    @property
+    def name(self) -> str: ...
 
 class Cache:
     """One worker's HET cache of a table."""
@@ -108,8 +123,7 @@ class Table:
         policy: str = "lfu",
         pull_bound: Optional[int] = 100,
         push_bound: Optional[int] = 100,
-        shared_keys: str = "summed",
-        max_scale: Optional[float] = None,
+        update_rule: str = "push-whole",
     ) -> Cache: ...
 
 class Cluster:

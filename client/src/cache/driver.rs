@@ -1,26 +1,34 @@
 //! One worker's cached view of a table: the [`CacheCore`] driven over the cluster's transports.
 
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
-use hetkv_transport::wire::Since;
-use hetkv_transport::{
-    Carried, PushOutcome, PushRef, ShardTransport, StaleRows, Traffic, TransportError,
-};
+use hetkv_transport::{Carried, PushOutcome, ShardTransport, StaleRows, Traffic, TransportError};
 
-use crate::cache::{
-    Bound, CacheConfig, CacheCore, PushBatch, RequestKind, ShardRequest, SharedKeys,
-};
+use super::exchange::{RequestKind, ShardRequest};
+use super::prefetch::{Helper, OwnedRequest};
+use super::rule::{UpdateRule, UpdateRuleKind};
+use super::{Bound, CacheConfig, CacheCore, LineView};
 use crate::cluster::{Cluster, Table};
 use crate::metrics::{CacheStatsHandle, PublishedStats};
 use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
 
+/// One shard's answer: what became of the rows pushed, the rows read (and the rows the push
+/// produced and handed back, valid when the push was applied), and whether the read succeeded.
+pub(super) type Answer = (PushOutcome, StaleRows, Result<(), TransportError>);
+
+impl Table {
+    /// A cache of this table for one worker (see [`CachedTable`]).
+    pub fn cached(&self, config: CacheConfig) -> CachedTable {
+        CachedTable::new(self.clone(), config)
+    }
+}
+
 /// One worker's HET cache of one table.
 ///
 /// `lookup` returns rows that lag the server by at most `pull_bound` updates at the moment they
-/// were validated and include this worker's own updates; after `update` returns no line holds more
+/// were validated and include this worker's own updates, taken with the table's optimizer (a
+/// line shows the row the shards produce once its pending updates are pushed); after `update` returns no line holds more
 /// than `push_bound` unpushed updates; `flush` returns when the shards have applied every pending
 /// update. Every call that evicts a dirty line pushes it, to its shard, before returning.
 ///
@@ -85,100 +93,6 @@ struct InFlight {
     sent: bool,
 }
 
-/// One shard's answer: what became of the rows pushed, and the rows read.
-type Answer = (PushOutcome, Result<StaleRows, TransportError>);
-
-/// A request of the core, owned, so that the helper thread can send it while the core serves the
-/// worker.
-#[derive(Debug)]
-struct OwnedRequest {
-    shard: usize,
-    kind: RequestKind,
-    keys: Vec<u64>,
-    clocks: Vec<u64>,
-    bound: u64,
-    since: Option<Since>,
-    push: Option<PushBatch>,
-}
-
-impl OwnedRequest {
-    fn new(r: &ShardRequest<'_>) -> Self {
-        Self {
-            shard: r.shard,
-            kind: r.kind,
-            keys: r.keys.to_vec(),
-            clocks: r.clocks.to_vec(),
-            bound: r.bound,
-            since: r.since,
-            push: r.push.map(|p| PushBatch {
-                keys: p.keys.to_vec(),
-                counts: p.counts.to_vec(),
-                grads: p.grads.to_vec(),
-            }),
-        }
-    }
-
-    fn view(&self) -> ShardRequest<'_> {
-        ShardRequest {
-            shard: self.shard,
-            kind: self.kind,
-            keys: &self.keys,
-            clocks: &self.clocks,
-            bound: self.bound,
-            since: self.since,
-            push: self.push.as_ref().map(|p| PushRef {
-                keys: &p.keys,
-                counts: &p.counts,
-                grads: &p.grads,
-            }),
-        }
-    }
-}
-
-/// The prefetch thread: takes a round of requests, sends them (shards in parallel), hands the
-/// answers back. It ends when its cache drops the sending side.
-#[derive(Debug)]
-struct Helper {
-    jobs: Option<mpsc::Sender<Vec<OwnedRequest>>>,
-    answers: mpsc::Receiver<Vec<Answer>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Helper {
-    fn start(cluster: Cluster, table: String) -> std::io::Result<Self> {
-        let (jobs, job_rx) = mpsc::channel::<Vec<OwnedRequest>>();
-        let (answer_tx, answers) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("hetkv-prefetch-{table}"))
-            .spawn(move || {
-                for requests in job_rx {
-                    let views: Vec<ShardRequest<'_>> =
-                        requests.iter().map(OwnedRequest::view).collect();
-                    if answer_tx
-                        .send(send_round(&cluster, &table, &views))
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self {
-            jobs: Some(jobs),
-            answers,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn nanos(d: std::time::Duration) -> u64 {
     d.as_nanos().min(u64::MAX as u128) as u64
 }
@@ -227,18 +141,24 @@ impl CachedTable {
         });
     }
 
-    /// Multiplies every gradient sum this cache pushes by `scale` (see
-    /// [`CacheCore::set_push_scale`]: model averaging of parameters every worker updates).
-    pub fn with_push_scale(mut self, scale: f32) -> Self {
-        self.core.set_push_scale(scale);
+    /// The update rule this cache uses ([`UpdateRuleKind::PushWhole`], HET's semantics, unless
+    /// set): how its updates of a key count, in its lines and in its pushes.
+    pub fn with_update_rule(mut self, rule: UpdateRuleKind) -> Self {
+        self.core.set_update_rule(rule.build());
         self
     }
 
-    /// How this cache's updates of a key combine with other workers' updates of it
-    /// ([`CacheCore::set_shared_keys`]; [`SharedKeys::Summed`] unless set).
-    pub fn with_shared_keys(mut self, mode: SharedKeys) -> Self {
-        self.core.set_shared_keys(mode);
+    /// [`CachedTable::with_update_rule`] with a rule of the caller's own.
+    pub fn with_custom_update_rule(mut self, rule: Box<dyn UpdateRule>) -> Self {
+        self.core.set_update_rule(rule);
         self
+    }
+
+    /// What the cache holds of `key` (its value, the version it derives from, its unpushed
+    /// updates), without touching the eviction policy or asking a shard; `None` when not cached.
+    /// A prefetch in flight is not landed, so updates made meanwhile are not in it yet.
+    pub fn peek(&self, key: u64) -> Option<LineView> {
+        self.core.peek(key)
     }
 
     /// Changes the read and write bounds: later calls keep the new ones ([`CacheCore::set_bounds`]).
@@ -265,10 +185,11 @@ impl CachedTable {
     }
 
     /// Updates of this worker to `key` not yet acknowledged by its shard as far as this cache
-    /// knows: those in its line, and those made while a prefetch is in flight (not applied yet).
+    /// knows: those in its line, those queued for pushing (after a prefetch landed, they go with
+    /// the next request), and those made while a prefetch is in flight (not applied yet).
     pub fn unpushed(&self, key: u64) -> u64 {
         let late = self.late_keys.iter().filter(|&&k| k == key).count() as u64;
-        self.core.unpushed(key) as u64 + late
+        self.core.unpushed(key) + late
     }
 
     /// Whether a prefetch is in flight.
@@ -289,7 +210,7 @@ impl CachedTable {
     fn prefetch_inner(&mut self, keys: &[u64]) -> Result<(), ClientError> {
         self.land_unused();
         let started = Instant::now();
-        self.core.start_lookup(keys)?;
+        self.core.start_prefetch(keys)?;
         let requests: Vec<OwnedRequest> =
             self.core.requests().iter().map(OwnedRequest::new).collect();
         let sent = !requests.is_empty();
@@ -308,8 +229,7 @@ impl CachedTable {
                 }
             }
             let helper = self.helper.as_ref().expect("started above");
-            let queued = helper.jobs.as_ref().map(|j| j.send(requests));
-            if !matches!(queued, Some(Ok(()))) {
+            if !helper.send(requests) {
                 self.unsent_prefetch();
                 return Err(ClientError::Prefetch("the thread is gone".into()));
             }
@@ -326,9 +246,10 @@ impl CachedTable {
     /// for the next call (as a push whose delivery is unknown is), the reserved slots given back.
     fn unsent_prefetch(&mut self) {
         let shards: Vec<usize> = self.core.requests().iter().map(|r| r.shard).collect();
+        let nothing = StaleRows::default();
         for s in shards {
             // Cannot fail: every listed shard awaits an answer.
-            let _ = self.core.on_reply(s, PushOutcome::Lost, None, 0);
+            let _ = self.core.on_reply(s, PushOutcome::Lost, &nothing, false, 0);
         }
         self.core.abort_lookup();
     }
@@ -365,7 +286,7 @@ impl CachedTable {
                 .as_ref()
                 .expect("a prefetch was sent through it");
             let shards: Vec<usize> = self.core.requests().iter().map(|r| r.shard).collect();
-            let answers = helper.answers.recv().unwrap_or_else(|_| {
+            let answers = helper.answers().unwrap_or_else(|| {
                 // Nothing is known of what was sent: its pushes are kept for the next call.
                 let cluster = self.table.cluster();
                 let gone = |s: usize| TransportError::Io {
@@ -374,7 +295,7 @@ impl CachedTable {
                 };
                 shards
                     .iter()
-                    .map(|&s| (PushOutcome::Lost, Err(gone(s))))
+                    .map(|&s| (PushOutcome::Lost, StaleRows::default(), Err(gone(s))))
                     .collect()
             });
             result = self.take_answers(&shards, answers);
@@ -490,9 +411,12 @@ impl CachedTable {
     fn take_answers(&mut self, shards: &[usize], answers: Vec<Answer>) -> Result<(), ClientError> {
         let cluster = self.table.cluster().clone();
         let mut first_error: Option<ClientError> = None;
-        for (&s, (push, read)) in shards.iter().zip(answers) {
+        for (&s, (push, rows, read)) in shards.iter().zip(answers) {
             let incarnation = cluster.shard(s).incarnation();
-            if let Err(e) = self.core.on_reply(s, push, read.as_ref().ok(), incarnation) {
+            if let Err(e) = self
+                .core
+                .on_reply(s, push, &rows, read.is_ok(), incarnation)
+            {
                 first_error.get_or_insert(ClientError::InconsistentCluster(format!(
                     "{}: {e}",
                     cluster.shard(s).addr()
@@ -573,7 +497,11 @@ impl CachedTable {
 
 /// Sends one round of requests, shards in parallel; the answers in the requests' order (a shard
 /// that could not be reached: its push `Lost`, its read failed).
-fn send_round(cluster: &Cluster, table: &str, requests: &[ShardRequest<'_>]) -> Vec<Answer> {
+pub(super) fn send_round(
+    cluster: &Cluster,
+    table: &str,
+    requests: &[ShardRequest<'_>],
+) -> Vec<Answer> {
     let shards: Vec<usize> = requests.iter().map(|r| r.shard).collect();
     cluster
         .on_shards(&shards, |s, shard| {
@@ -584,24 +512,22 @@ fn send_round(cluster: &Cluster, table: &str, requests: &[ShardRequest<'_>]) -> 
             Ok(send(table, r, shard))
         })
         .into_iter()
-        .map(|a| a.unwrap_or_else(|e| (PushOutcome::Lost, Err(e))))
+        .map(|a| a.unwrap_or_else(|e| (PushOutcome::Lost, StaleRows::default(), Err(e))))
         .collect()
 }
 
-/// Sends one request of the core to `shard`: the outcome of the rows it pushes and the rows read.
-fn send(
-    table: &str,
-    r: &ShardRequest<'_>,
-    shard: &dyn ShardTransport,
-) -> (PushOutcome, Result<StaleRows, TransportError>) {
+/// Sends one request of the core to `shard`: the outcome of the rows it pushes (and the rows
+/// the push produced), the rows read, and the read's result.
+fn send(table: &str, r: &ShardRequest<'_>, shard: &dyn ShardTransport) -> Answer {
     let mut rows = StaleRows::default();
     match r.kind {
         RequestKind::Push => match r.push {
             Some(p) => {
-                let c = Carried::one_request(true, shard.push(table, p.keys, p.counts, p.grads));
-                (c.push, c.read.map(|()| rows))
+                let pushed = shard.push_rows(table, &p, &mut rows.produced);
+                let c = Carried::one_request(true, pushed);
+                (c.push, rows, c.read)
             }
-            None => (PushOutcome::NotSent, Ok(rows)),
+            None => (PushOutcome::NotSent, rows, Ok(())),
         },
         RequestKind::Pull => {
             let pulled = shard.pull(table, r.keys, &mut rows.versions, &mut rows.rows);
@@ -609,13 +535,12 @@ fn send(
                 rows.table_clock = clock;
                 rows.indices = (0..r.keys.len() as u32).collect();
                 rows.since_held = true;
-                rows
             });
-            (PushOutcome::NotSent, read)
+            (PushOutcome::NotSent, rows, read)
         }
         RequestKind::PullIfStale => {
             let c = shard.pull_if_stale(&r.query(table), &mut rows);
-            (c.push, c.read.map(|()| rows))
+            (c.push, rows, c.read)
         }
     }
 }

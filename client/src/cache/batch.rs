@@ -1,0 +1,169 @@
+//! One call's batch: its keys de-duplicated and resolved to slots, the requests a lookup plans,
+//! and what came back. Kept between calls only to reuse the allocations (and, for the update that
+//! follows a lookup of the same keys, the resolution).
+
+use rustc_hash::FxHashMap;
+
+use hetkv_transport::wire::Since;
+use hetkv_transport::RowStates;
+
+use super::lines::{Lines, NIL};
+
+/// The scratch of the current call.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    dedup: FxHashMap<u64, u32>,
+    /// The unique keys, in first-seen order.
+    pub uniq: Vec<u64>,
+    /// For each position of the call's keys, its unique key.
+    pub uniq_of_pos: Vec<u32>,
+    /// Position of each unique key's first occurrence.
+    pub first_pos: Vec<u32>,
+    /// Each unique key's slot (`NIL`: not cached).
+    pub slot_of_uniq: Vec<u32>,
+    /// Whether `slot_of_uniq` still says where every key of `uniq` is (set once a lookup has
+    /// placed its rows, cleared by anything that plans, evicts or gives slots back), so that the
+    /// update of exactly those keys, which a training step makes right after its lookup, skips
+    /// de-duplicating and resolving them again.
+    pub resolved: bool,
+    /// For each missed key of the current lookup, the slot reserved for it (`NIL`: not admitted).
+    pub reserved_of_uniq: Vec<u32>,
+    /// For each unique key, its request (`NIL`: none, a hit under an infinite read bound).
+    pub req_of_uniq: Vec<u32>,
+    /// The requests: keys, clocks ([`hetkv_transport::wire::NOT_CACHED`] for misses), whether the
+    /// table clock vouches for the check, and whether the row's optimizer state is wanted.
+    pub req_keys: Vec<u64>,
+    pub req_clocks: Vec<u64>,
+    pub req_skipped: Vec<bool>,
+    pub req_state: Vec<bool>,
+    /// Per shard, the claim covering its skipped checks.
+    pub since: Vec<Option<Since>>,
+    /// For each request, its reply (`NIL`: none came back).
+    pub reply_of_req: Vec<u32>,
+    /// Each unique key's clock as returned.
+    pub uniq_clock: Vec<u64>,
+    /// Updates per unique key, and their gradient sums where keys repeat.
+    pub counts: Vec<u32>,
+    pub uniq_rows: Vec<f32>,
+    /// The optimizer state of rows returned for keys not cached (for updates made while a
+    /// prefetch was in flight): key → index into `uncached_states`.
+    pub uncached: FxHashMap<u64, u32>,
+    pub uncached_states: RowStates,
+}
+
+impl Batch {
+    /// De-duplicates `keys` into `uniq` (first-seen order) and `uniq_of_pos`.
+    pub fn dedup(&mut self, keys: &[u64]) {
+        self.resolved = false;
+        self.dedup.clear();
+        self.uniq.clear();
+        self.uniq_of_pos.clear();
+        self.first_pos.clear();
+        for (pos, &k) in keys.iter().enumerate() {
+            let next = self.uniq.len() as u32;
+            let u = *self.dedup.entry(k).or_insert(next);
+            if u == next {
+                self.uniq.push(k);
+                self.first_pos.push(pos as u32);
+            }
+            self.uniq_of_pos.push(u);
+        }
+    }
+
+    /// The unique index of `key` in the last de-duplication.
+    pub fn uniq_index(&self, key: u64) -> Option<u32> {
+        self.dedup.get(&key).copied()
+    }
+
+    /// Resolves every unique key's slot into `slot_of_uniq`, then asks the CPU to load each
+    /// resident line's bookkeeping. Each probe and each load is independent of the others, so
+    /// their cache misses overlap; the loop that follows finds them in cache instead of waiting
+    /// for them one at a time.
+    pub fn resolve(&mut self, lines: &Lines) {
+        self.slot_of_uniq.clear();
+        self.slot_of_uniq
+            .extend(self.uniq.iter().map(|&k| lines.slot_of(k).unwrap_or(NIL)));
+        for &slot in &self.slot_of_uniq {
+            if slot != NIL {
+                lines.prefetch_meta(slot);
+            }
+        }
+    }
+
+    /// Clears the requests of a lookup about to be planned over `shards` shards.
+    pub fn clear_requests(&mut self, shards: usize) {
+        self.req_of_uniq.clear();
+        self.req_keys.clear();
+        self.req_clocks.clear();
+        self.req_skipped.clear();
+        self.req_state.clear();
+        self.since.clear();
+        self.since.resize(shards, None);
+        self.uncached.clear();
+        self.uncached_states.clear();
+    }
+
+    /// Adds a request for unique key `u`.
+    pub fn request(&mut self, u: usize, clock: u64, skipped: bool, state: bool) {
+        debug_assert_eq!(self.req_of_uniq.len(), u);
+        self.req_of_uniq.push(self.req_keys.len() as u32);
+        self.req_keys.push(self.uniq[u]);
+        self.req_clocks.push(clock);
+        self.req_skipped.push(skipped);
+        self.req_state.push(state);
+    }
+
+    /// Asks the CPU to load the line of unique key `u + LINES_AHEAD`, so that a loop over the
+    /// unique keys in order finds each line in cache (a batch's lines do not stay in cache
+    /// between the phases of a step).
+    pub fn load_ahead(&self, lines: &Lines, u: usize, whole_line: bool) {
+        const LINES_AHEAD: usize = 6;
+        if let Some(&slot) = self.slot_of_uniq.get(u + LINES_AHEAD) {
+            if slot != NIL {
+                if whole_line {
+                    lines.prefetch_line(slot);
+                } else {
+                    lines.prefetch_value(slot);
+                }
+            }
+        }
+    }
+}
+
+/// What came back for a lookup's requests: for each returned row, its request index, version,
+/// values and, where the request wanted it, optimizer state.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Replies {
+    /// Request indices, in any order.
+    pub requests: Vec<u32>,
+    /// Server versions.
+    pub versions: Vec<u64>,
+    /// Rows, requests x dim.
+    pub rows: Vec<f32>,
+    /// For each returned row, the index of its state in `states` (`NIL`: none came).
+    pub state_at: Vec<u32>,
+    /// States, `len` values and (with steps) one step count each.
+    pub states: RowStates,
+}
+
+impl Replies {
+    pub fn clear(&mut self) {
+        self.requests.clear();
+        self.versions.clear();
+        self.rows.clear();
+        self.state_at.clear();
+        self.states.clear();
+    }
+
+    /// The state of returned row `i` (values of `len`, and its step count), if one came.
+    pub fn state(&self, i: usize, len: usize) -> Option<(&[f32], u64)> {
+        let at = *self.state_at.get(i)?;
+        (at != NIL).then(|| {
+            let at = at as usize;
+            (
+                &self.states.values[at * len..(at + 1) * len],
+                self.states.steps.get(at).copied().unwrap_or(0),
+            )
+        })
+    }
+}

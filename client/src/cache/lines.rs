@@ -1,0 +1,269 @@
+//! The cache's storage and its eviction policy: slots of lines, the key index, and the policy
+//! that orders them (in the manner of foyer: reserving a slot hands back the victim it displaced,
+//! and the caller deals with the victim's unpushed updates before the slot is reused).
+//!
+//! A line holds, contiguously: the value lookups return, the shard's row it was derived from
+//! (`base`, of version `c_s`), the gradient sum not yet pushed, and the optimizer state of the
+//! base row. Its bookkeeping is one 64-byte [`LineMeta`], so that a hit touches one cache line of
+//! it.
+
+use rustc_hash::FxHashMap;
+
+use hetkv_transport::region;
+
+use super::policy::{self, EvictionPolicy, PolicyKind};
+
+/// No slot.
+pub(crate) const NIL: u32 = u32::MAX;
+
+/// What the cache keeps of one slot besides its values.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct LineMeta {
+    /// The key the slot holds (meaningful while it is in the index).
+    pub key: u64,
+    /// The server version of the base row: the shard's row as fetched, refreshed, or produced by
+    /// this cache's own acknowledged pushes.
+    pub c_s: u64,
+    /// The shard's foreign clock when the base row was read.
+    pub fetched_at: u64,
+    /// The lookup that last read or reserved the slot: a lookup never evicts what it reads.
+    pub stamp: u64,
+    /// This cache's updates, and the foreign updates seen, since the line was fetched: its share
+    /// of the key's updates, for the update rules that weigh by it.
+    pub own_seen: u64,
+    /// See `own_seen`.
+    pub foreign_seen: u64,
+    /// The base state's step count (Adam).
+    pub step: u64,
+    /// Updates applied locally and not pushed yet.
+    pub p: u32,
+    /// The shard restarted since the row was fetched: the next lookup reads it again, whatever
+    /// its clock says (the shard's versions may have gone back).
+    pub revalidate: bool,
+}
+
+/// The parts of one line's values.
+pub(crate) struct LineParts<'a> {
+    /// What lookups return.
+    pub value: &'a mut [f32],
+    /// The shard's row at version `c_s`.
+    pub base: &'a mut [f32],
+    /// The gradient sum of the updates not yet pushed.
+    pub pending: &'a mut [f32],
+    /// The optimizer state of the base row.
+    pub state: &'a mut [f32],
+}
+
+/// A slot reserved for a key that missed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reserved {
+    /// The slot.
+    pub slot: u32,
+    /// Whether a line was evicted to make room: its data is still in the slot (the caller queues
+    /// its unpushed updates before filling the slot).
+    pub evicted: bool,
+}
+
+/// Slots, index and policy of one cache.
+pub(crate) struct Lines {
+    dim: usize,
+    /// f32 values per slot: value, base, pending, state.
+    stride: usize,
+    capacity: usize,
+    index: FxHashMap<u64, u32>,
+    meta: Vec<LineMeta>,
+    values: Vec<f32>,
+    free: Vec<u32>,
+    policy: Box<dyn EvictionPolicy>,
+}
+
+impl Lines {
+    /// `capacity` empty slots of rows of `dim` with `state_len` optimizer values each.
+    pub fn new(capacity: usize, dim: usize, state_len: usize, policy: PolicyKind) -> Self {
+        let stride = 3 * dim + state_len;
+        Self {
+            dim,
+            stride,
+            capacity,
+            index: FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+            meta: vec![LineMeta::default(); capacity],
+            values: vec![0.0; capacity * stride],
+            free: (0..capacity as u32).rev().collect(),
+            policy: policy::build(policy, capacity),
+        }
+    }
+
+    /// f32 values a line takes, for rows of `dim` and `state_len` optimizer values.
+    pub fn values_per_line(dim: usize, state_len: usize) -> usize {
+        3 * dim + state_len
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn resident(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The slot holding `key`.
+    pub fn slot_of(&self, key: u64) -> Option<u32> {
+        self.index.get(&key).copied()
+    }
+
+    /// The resident lines: key and slot, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.index.iter().map(|(&k, &s)| (k, s))
+    }
+
+    pub fn meta(&self, slot: u32) -> &LineMeta {
+        &self.meta[slot as usize]
+    }
+
+    pub fn meta_mut(&mut self, slot: u32) -> &mut LineMeta {
+        &mut self.meta[slot as usize]
+    }
+
+    /// The value a lookup returns.
+    pub fn value(&self, slot: u32) -> &[f32] {
+        let at = slot as usize * self.stride;
+        &self.values[at..at + self.dim]
+    }
+
+    /// The line's pending gradient sum, read-only.
+    pub fn pending(&self, slot: u32) -> &[f32] {
+        let at = slot as usize * self.stride + 2 * self.dim;
+        &self.values[at..at + self.dim]
+    }
+
+    /// The line's values, to change them.
+    pub fn parts_mut(&mut self, slot: u32) -> LineParts<'_> {
+        let at = slot as usize * self.stride;
+        let line = &mut self.values[at..at + self.stride];
+        let (value, rest) = line.split_at_mut(self.dim);
+        let (base, rest) = rest.split_at_mut(self.dim);
+        let (pending, state) = rest.split_at_mut(self.dim);
+        LineParts {
+            value,
+            base,
+            pending,
+            state,
+        }
+    }
+
+    /// Records an access to `key` with the policy (hit or miss), before its hit or insert.
+    pub fn record(&mut self, key: u64) {
+        self.policy.record(key);
+    }
+
+    /// A resident line was hit by lookup `stamp`.
+    pub fn touch(&mut self, slot: u32, stamp: u64) {
+        let key = self.meta[slot as usize].key;
+        self.policy.touch(slot, key);
+        self.meta[slot as usize].stamp = stamp;
+    }
+
+    /// A slot for `key` (a miss of lookup `stamp`, already recorded): a free one, or the policy's
+    /// victim, which leaves the index and the policy and is handed back in the slot (unless
+    /// lookup `stamp` read or reserved it). `None` when the policy does not admit `key` or there
+    /// is no cache.
+    pub fn reserve(&mut self, key: u64, stamp: u64) -> Option<Reserved> {
+        let (slot, evicted) = match self.free.pop() {
+            Some(slot) => (slot, false),
+            None => {
+                let victim = self.policy.victim(key)?;
+                if self.meta[victim as usize].stamp == stamp {
+                    return None;
+                }
+                self.policy.remove(victim);
+                self.index.remove(&self.meta[victim as usize].key);
+                (victim, true)
+            }
+        };
+        self.meta[slot as usize].stamp = stamp;
+        Some(Reserved { slot, evicted })
+    }
+
+    /// Gives back a reserved slot that was never filled.
+    pub fn give_back(&mut self, slot: u32) {
+        self.meta[slot as usize].p = 0;
+        self.free.push(slot);
+    }
+
+    /// Fills a reserved slot with `key`'s row at `version` and its optimizer state: the value and
+    /// the base are the row, nothing is pending.
+    pub fn fill(&mut self, slot: u32, key: u64, version: u64, row: &[f32], state: &[f32]) {
+        let m = &mut self.meta[slot as usize];
+        m.key = key;
+        m.c_s = version;
+        m.p = 0;
+        m.own_seen = 0;
+        m.foreign_seen = 0;
+        m.revalidate = false;
+        let line = self.parts_mut(slot);
+        line.value.copy_from_slice(row);
+        line.base.copy_from_slice(row);
+        line.pending.fill(0.0);
+        line.state.copy_from_slice(state);
+        self.index.insert(key, slot);
+        self.policy.insert(slot, key);
+    }
+
+    /// Asks the CPU to load a slot's bookkeeping.
+    pub fn prefetch_meta(&self, slot: u32) {
+        region::prefetch(std::slice::from_ref(&self.meta[slot as usize]));
+    }
+
+    /// Asks the CPU to load a slot's value (what a hit copies out).
+    pub fn prefetch_value(&self, slot: u32) {
+        region::prefetch(self.value(slot));
+    }
+
+    /// Asks the CPU to load a slot's whole line (what an update touches).
+    pub fn prefetch_line(&self, slot: u32) {
+        let at = slot as usize * self.stride;
+        region::prefetch(&self.values[at..at + self.stride]);
+    }
+
+    /// Slots that hold more than `updates` unpushed updates (free slots hold none).
+    pub fn dirty_above(&self, updates: u64) -> impl Iterator<Item = u32> + '_ {
+        (0..self.capacity as u32).filter(move |&s| self.meta[s as usize].p as u64 > updates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserving_into_a_full_cache_hands_back_the_victim_in_its_slot() {
+        let mut lines = Lines::new(2, 1, 0, PolicyKind::Lru);
+        for (stamp, key) in [(1, 10u64), (2, 20)] {
+            lines.record(key);
+            let r = lines.reserve(key, stamp).unwrap();
+            assert!(!r.evicted);
+            lines.fill(r.slot, key, 0, &[key as f32], &[]);
+        }
+        lines.record(30);
+        let r = lines.reserve(30, 3).unwrap();
+        assert!(r.evicted, "the cache was full");
+        // The victim (10, least recently used) is out of the index, its data still in the slot.
+        assert_eq!(lines.meta(r.slot).key, 10);
+        assert_eq!(lines.slot_of(10), None);
+        assert_eq!(lines.value(r.slot), [10.0]);
+        lines.fill(r.slot, 30, 5, &[30.0], &[]);
+        assert_eq!(lines.slot_of(30), Some(r.slot));
+        assert_eq!(
+            (lines.meta(r.slot).c_s, lines.value(r.slot)),
+            (5, &[30.0][..])
+        );
+        // A line read by the same lookup is never its victim.
+        let s20 = lines.slot_of(20).unwrap();
+        lines.touch(s20, 4);
+        let s30 = lines.slot_of(30).unwrap();
+        lines.touch(s30, 4);
+        lines.record(40);
+        assert!(lines.reserve(40, 4).is_none());
+    }
+}

@@ -1,0 +1,127 @@
+//! The prefetch helper: one thread per cache that sends a planned lookup's requests while the
+//! worker computes, and hands the answers back when the lookup lands.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use hetkv_transport::wire::Since;
+use hetkv_transport::PushRef;
+
+use super::driver::{send_round, Answer};
+use super::exchange::{RequestKind, ShardRequest};
+use crate::cluster::Cluster;
+
+/// A request of the core, owned, so that the helper thread can send it while the core serves the
+/// worker.
+#[derive(Debug)]
+pub(super) struct OwnedRequest {
+    shard: usize,
+    kind: RequestKind,
+    keys: Vec<u64>,
+    clocks: Vec<u64>,
+    state_keys: u32,
+    bound: u64,
+    since: Option<Since>,
+    push: Option<OwnedPush>,
+}
+
+/// Push rows, owned.
+#[derive(Debug)]
+struct OwnedPush {
+    keys: Vec<u64>,
+    counts: Vec<u32>,
+    grads: Vec<f32>,
+    bases: Option<Vec<u64>>,
+}
+
+impl OwnedRequest {
+    pub(super) fn new(r: &ShardRequest<'_>) -> Self {
+        Self {
+            shard: r.shard,
+            kind: r.kind,
+            keys: r.keys.to_vec(),
+            clocks: r.clocks.to_vec(),
+            state_keys: r.state_keys,
+            bound: r.bound,
+            since: r.since,
+            push: r.push.map(|p| OwnedPush {
+                keys: p.keys.to_vec(),
+                counts: p.counts.to_vec(),
+                grads: p.grads.to_vec(),
+                bases: p.bases.map(<[u64]>::to_vec),
+            }),
+        }
+    }
+
+    fn view(&self) -> ShardRequest<'_> {
+        ShardRequest {
+            shard: self.shard,
+            kind: self.kind,
+            keys: &self.keys,
+            clocks: &self.clocks,
+            state_keys: self.state_keys,
+            bound: self.bound,
+            since: self.since,
+            push: self.push.as_ref().map(|p| PushRef {
+                keys: &p.keys,
+                counts: &p.counts,
+                grads: &p.grads,
+                bases: p.bases.as_deref(),
+            }),
+        }
+    }
+}
+
+/// The prefetch thread: takes a round of requests, sends them (shards in parallel), hands the
+/// answers back. It ends when its cache drops the sending side.
+#[derive(Debug)]
+pub(super) struct Helper {
+    jobs: Option<mpsc::Sender<Vec<OwnedRequest>>>,
+    answers: mpsc::Receiver<Vec<Answer>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Helper {
+    pub(super) fn start(cluster: Cluster, table: String) -> std::io::Result<Self> {
+        let (jobs, job_rx) = mpsc::channel::<Vec<OwnedRequest>>();
+        let (answer_tx, answers) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("hetkv-prefetch-{table}"))
+            .spawn(move || {
+                for requests in job_rx {
+                    let views: Vec<ShardRequest<'_>> =
+                        requests.iter().map(OwnedRequest::view).collect();
+                    if answer_tx
+                        .send(send_round(&cluster, &table, &views))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs),
+            answers,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands a round of requests to the thread; false when it is gone.
+    pub(super) fn send(&self, requests: Vec<OwnedRequest>) -> bool {
+        matches!(self.jobs.as_ref().map(|j| j.send(requests)), Some(Ok(())))
+    }
+
+    /// Waits for the answers of the round sent last; `None` when the thread is gone.
+    pub(super) fn answers(&self) -> Option<Vec<Answer>> {
+        self.answers.recv().ok()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The optimizers' maths, one step of one row, shared by the shard that applies pushes and the
+//! cache that mirrors them between pushes (DESIGN sections 3 and 5).
+//!
+//! All are sparse: only pushed rows change. One pushed entry `(key, count, gradient sum)` is one
+//! optimizer step with the summed gradient; the row's version grows by `count`. For SGD that equals
+//! `count` sequential steps (up to float reassociation); for the others it is one step with the
+//! sum, as HET's server takes for an accumulated gradient (docs/ARCHITECTURE.md, "Push
+//! semantics", says what that means at a write bound). Adam is lazy: its moments and its step
+//! count are per row and advance only when the row is pushed.
+//!
+//! Every operation here is IEEE-754 arithmetic in a fixed order (no library `pow`, whose last bit
+//! may differ between builds), so a client and a daemon built from this code compute the same
+//! bits from the same row, state and gradient: a cache line that takes its own pending updates
+//! with [`Optimizer::apply`] holds exactly the row the shard will produce from them.
+
+use crate::spec::OptimizerSpec;
+
+/// The shape of one row's optimizer state: `len` f32 values and, for optimizers that count steps
+/// (Adam), a u64 step count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateShape {
+    /// f32 values per row.
+    pub len: usize,
+    /// Whether a u64 step count comes with them.
+    pub steps: bool,
+}
+
+impl StateShape {
+    /// No state (SGD).
+    pub const NONE: Self = Self {
+        len: 0,
+        steps: false,
+    };
+
+    /// Bytes one row's state takes on the wire.
+    pub fn bytes(&self) -> usize {
+        4 * self.len + if self.steps { 8 } else { 0 }
+    }
+
+    /// Whether there is no state at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0 && !self.steps
+    }
+}
+
+/// An optimizer and the layout of its per-row state.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Optimizer {
+    spec: OptimizerSpec,
+}
+
+impl Optimizer {
+    /// The optimizer of a (validated) spec.
+    pub fn new(spec: OptimizerSpec) -> Self {
+        Self { spec }
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> OptimizerSpec {
+        self.spec
+    }
+
+    /// f32 state values per row for rows of `dim`: none (SGD), one accumulator per element
+    /// (Adagrad), one per row (row-wise Adagrad), two moments per element (Adam).
+    pub fn state_len(&self, dim: usize) -> usize {
+        match self.spec {
+            OptimizerSpec::Sgd { .. } => 0,
+            OptimizerSpec::Adagrad { .. } => dim,
+            OptimizerSpec::RowwiseAdagrad { .. } => 1,
+            OptimizerSpec::Adam { .. } => 2 * dim,
+        }
+    }
+
+    /// The shape of a row's state for rows of `dim`.
+    pub fn state_shape(&self, dim: usize) -> StateShape {
+        StateShape {
+            len: self.state_len(dim),
+            steps: self.has_steps(),
+        }
+    }
+
+    /// Whether rows carry a step count (Adam's bias correction).
+    pub fn has_steps(&self) -> bool {
+        matches!(self.spec, OptimizerSpec::Adam { .. })
+    }
+
+    /// Whether a step depends on anything but the row and the gradient: whether a client that
+    /// mirrors the step needs the row's state.
+    pub fn has_state(&self) -> bool {
+        !matches!(self.spec, OptimizerSpec::Sgd { .. })
+    }
+
+    /// The initial state of one row.
+    pub fn init_state(&self, state: &mut [f32]) {
+        match self.spec {
+            OptimizerSpec::Adagrad {
+                initial_accumulator,
+                ..
+            }
+            | OptimizerSpec::RowwiseAdagrad {
+                initial_accumulator,
+                ..
+            } => state.fill(initial_accumulator),
+            _ => state.fill(0.0),
+        }
+    }
+
+    /// Applies one step with gradient `g` to row `w`, updating its `state` (of
+    /// [`Self::state_len`]) and `step` count.
+    pub fn apply(&self, w: &mut [f32], g: &[f32], state: &mut [f32], step: &mut u64) {
+        debug_assert_eq!(w.len(), g.len());
+        match self.spec {
+            OptimizerSpec::Sgd { lr } => {
+                for (w, g) in w.iter_mut().zip(g) {
+                    *w -= lr * g;
+                }
+            }
+            OptimizerSpec::Adagrad { lr, eps, .. } => {
+                for ((w, g), acc) in w.iter_mut().zip(g).zip(state.iter_mut()) {
+                    *acc += g * g;
+                    *w -= lr * g / (acc.sqrt() + eps);
+                }
+            }
+            OptimizerSpec::RowwiseAdagrad { lr, eps, .. } => {
+                // FBGEMM's row-wise Adagrad: one accumulator per row, grown by the mean square
+                // of the gradient's elements.
+                let sum_sq = g.iter().fold(0f32, |s, g| s + g * g);
+                let acc = &mut state[0];
+                *acc += sum_sq / g.len().max(1) as f32;
+                let scale = lr / (acc.sqrt() + eps);
+                for (w, g) in w.iter_mut().zip(g) {
+                    *w -= scale * g;
+                }
+            }
+            OptimizerSpec::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                *step = step.saturating_add(1);
+                let c1 = 1.0 - power(beta1, *step);
+                let c2 = 1.0 - power(beta2, *step);
+                let (m, v) = state.split_at_mut(w.len());
+                for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    let m_hat = *m / c1;
+                    let v_hat = *v / c2;
+                    *w -= lr * m_hat / (v_hat.sqrt() + eps);
+                }
+            }
+        }
+    }
+}
+
+/// `base^n` by squaring in f64, rounded to f32: the same bits on every build (Adam's bias
+/// corrections).
+fn power(base: f32, mut n: u64) -> f32 {
+    let (mut result, mut b) = (1f64, base as f64);
+    while n > 0 {
+        if n & 1 == 1 {
+            result *= b;
+        }
+        b *= b;
+        n >>= 1;
+    }
+    result as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_by_squaring_matches_repeated_multiplication_closely() {
+        for base in [0.9f32, 0.999, 0.5] {
+            let mut slow = 1f64;
+            for n in 0..2000u64 {
+                let fast = power(base, n) as f64;
+                assert!(
+                    (fast - slow).abs() <= 1e-6 * slow + 1e-37,
+                    "{base}^{n}: {fast} vs {slow}"
+                );
+                slow *= base as f64;
+            }
+        }
+    }
+
+    #[test]
+    fn rowwise_adagrad_grows_one_accumulator_by_the_mean_square() {
+        let opt = Optimizer::new(OptimizerSpec::RowwiseAdagrad {
+            lr: 0.5,
+            eps: 0.0,
+            initial_accumulator: 1.0,
+        });
+        let mut w = [1.0f32, 1.0];
+        let mut state = [0f32; 1];
+        opt.init_state(&mut state);
+        opt.apply(&mut w, &[3.0, 1.0], &mut state, &mut 0);
+        // acc = 1 + (9 + 1) / 2 = 6; scale = 0.5 / sqrt(6).
+        assert_eq!(state, [6.0]);
+        let scale = 0.5 / 6f32.sqrt();
+        assert_eq!(w, [1.0 - scale * 3.0, 1.0 - scale]);
+        assert_eq!(opt.state_len(2), 1);
+        assert!(opt.has_state() && !opt.has_steps());
+    }
+}
