@@ -13,7 +13,8 @@
 # workers as processes in their namespaces, and writes DIR/RATE-CONFIG.json; at the end it prints
 # a summary, time to accuracy included, and for each configuration its speed-up over `nocache`
 # beside the ratio of bytes a sample the two move (the most it can gain where the links bind).
-# A config is `cache:BOUND` (LFU cache, both bounds BOUND)
+# A config is `cache:BOUND` (LFU cache, both bounds BOUND; a modifier `:pushN` sets the write
+# bound to N apart)
 # or `nocache` (the classic parameter server), either followed by modifiers: `:prefetch`
 # (`--prefetch`: the next batch's lookups overlap this batch's compute), `:warmupN`
 # (`--warmup-batches N`: each worker's first N batches at bounds 0) and `:push-whole` or
@@ -196,7 +197,11 @@ run_config() { # rate config
     case "${parts[0]}" in
         nocache) train_cfg+=(--cache 0); mods=("${parts[@]:1}") ;;
         cache) [[ ${parts[1]:-} =~ ^[0-9]+$ ]] || die "config $config: cache:BOUND needs a number"
-            train_cfg+=(--cache 0.1 --pull-bound "${parts[1]}" --push-bound "${parts[1]}")
+            push=${parts[1]}
+            for mod in "${parts[@]:2}"; do
+                [[ $mod =~ ^push([0-9]+)$ ]] && push=${BASH_REMATCH[1]}
+            done
+            train_cfg+=(--cache 0.1 --pull-bound "${parts[1]}" --push-bound "$push")
             mods=("${parts[@]:2}") ;;
         *) die "unknown config $config (cache:BOUND or nocache, then :prefetch, :warmupN and/or :push-whole or :share-weighted)" ;;
     esac
@@ -206,7 +211,8 @@ run_config() { # rate config
             warmup[0-9]*) [[ ${mod#warmup} =~ ^[0-9]+$ ]] || die "config $config: warmupN needs a number"
                 train_cfg+=(--warmup-batches "${mod#warmup}") ;;
             push-whole|share-weighted) train_cfg+=(--update-rule "$mod") ;;
-            *) die "config $config: unknown modifier $mod (prefetch, warmupN, push-whole, share-weighted)" ;;
+            push[0-9]*) [[ ${parts[0]} == cache ]] || die "config $config: pushN needs a cache" ;;
+            *) die "config $config: unknown modifier $mod (prefetch, warmupN, pushN, push-whole, share-weighted)" ;;
         esac
     done
     for ((s = 0; s < SHARDS; s++)); do

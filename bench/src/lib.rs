@@ -12,6 +12,7 @@ pub mod attack;
 pub mod cache_bench;
 pub mod checkpoint_bench;
 pub mod compare;
+pub mod core_bench;
 pub mod criteo;
 pub mod demo;
 pub mod metrics;

@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use hetkv_bench::{
-    attack, cache_bench, checkpoint_bench, compare, criteo, demo, movielens, plots, throughput,
-    train, transport_bench,
+    attack, cache_bench, checkpoint_bench, compare, core_bench, criteo, demo, movielens, plots,
+    throughput, train, transport_bench,
 };
 
 #[derive(Parser, Debug)]
@@ -37,10 +37,12 @@ enum Command {
     CacheSweep(cache_bench::SweepArgs),
     /// Bytes on the wire and batches/s against the bounds and the no-cache baseline.
     Comm(cache_bench::CommArgs),
+    /// The cache core alone on the reference workload (no sockets): nanoseconds per key.
+    Core(core_bench::CoreArgs),
     /// hetkv with and without its cache, and Redis, side by side on the Criteo-like key stream.
     Compare(compare::CompareArgs),
     /// Train a CTR model through worker caches (threads or processes) and evaluate it.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// One worker process of `train --processes` (started by `train`, not by hand).
     #[command(hide = true)]
     TrainWorker(train::WorkerArgs),
@@ -158,6 +160,20 @@ fn main() -> Result<()> {
         }
         Command::Comm(args) => {
             let r = cache_bench::comm(&args)?;
+            write_json(&args.json, &r)
+        }
+        Command::Core(args) => {
+            let r = core_bench::run(&args)?;
+            eprintln!(
+                "core: {:.1} ns per key ({:.1} per unique key): plan {:.1}, place {:.1}, update {:.1}; \
+                 hit rate {:.1}%",
+                r.ns_per_key,
+                r.ns_per_unique_key,
+                r.plan_ns_per_key,
+                r.place_ns_per_key,
+                r.update_ns_per_key,
+                100.0 * r.hit_rate
+            );
             write_json(&args.json, &r)
         }
         Command::Transport(args) => {

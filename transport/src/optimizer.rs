@@ -112,24 +112,19 @@ impl Optimizer {
         match self.spec {
             OptimizerSpec::Sgd { lr } => {
                 for (w, g) in w.iter_mut().zip(g) {
-                    *w -= lr * g;
+                    *w = sgd(*w, *g, lr);
                 }
             }
             OptimizerSpec::Adagrad { lr, eps, .. } => {
                 for ((w, g), acc) in w.iter_mut().zip(g).zip(state.iter_mut()) {
-                    *acc += g * g;
-                    *w -= lr * g / (acc.sqrt() + eps);
+                    (*w, *acc) = adagrad(*w, *g, *acc, lr, eps);
                 }
             }
             OptimizerSpec::RowwiseAdagrad { lr, eps, .. } => {
-                // FBGEMM's row-wise Adagrad: one accumulator per row, grown by the mean square
-                // of the gradient's elements.
-                let sum_sq = g.iter().fold(0f32, |s, g| s + g * g);
-                let acc = &mut state[0];
-                *acc += sum_sq / g.len().max(1) as f32;
-                let scale = lr / (acc.sqrt() + eps);
+                let (acc, scale) = rowwise_scale(g, state[0], lr, eps);
+                state[0] = acc;
                 for (w, g) in w.iter_mut().zip(g) {
-                    *w -= scale * g;
+                    *w = sgd(*w, *g, scale);
                 }
             }
             OptimizerSpec::Adam {
@@ -139,19 +134,99 @@ impl Optimizer {
                 eps,
             } => {
                 *step = step.saturating_add(1);
-                let c1 = 1.0 - power(beta1, *step);
-                let c2 = 1.0 - power(beta2, *step);
+                let c = adam_corrections(beta1, beta2, *step);
                 let (m, v) = state.split_at_mut(w.len());
                 for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    let m_hat = *m / c1;
-                    let v_hat = *v / c2;
-                    *w -= lr * m_hat / (v_hat.sqrt() + eps);
+                    (*w, *m, *v) = adam(*w, *g, *m, *v, lr, beta1, beta2, eps, c);
                 }
             }
         }
     }
+
+    /// Writes into `out` the row [`Optimizer::apply`] would make of `base` with gradient `g`,
+    /// its `state` and `step` count, leaving them as they are: the same arithmetic, so the same
+    /// bits. A cache shows its lines' pending updates this way without copying their state.
+    pub fn preview(&self, base: &[f32], g: &[f32], state: &[f32], step: u64, out: &mut [f32]) {
+        debug_assert!(base.len() == g.len() && out.len() == g.len());
+        match self.spec {
+            OptimizerSpec::Sgd { lr } => {
+                for ((o, w), g) in out.iter_mut().zip(base).zip(g) {
+                    *o = sgd(*w, *g, lr);
+                }
+            }
+            OptimizerSpec::Adagrad { lr, eps, .. } => {
+                for (((o, w), g), acc) in out.iter_mut().zip(base).zip(g).zip(state) {
+                    *o = adagrad(*w, *g, *acc, lr, eps).0;
+                }
+            }
+            OptimizerSpec::RowwiseAdagrad { lr, eps, .. } => {
+                let (_, scale) = rowwise_scale(g, state[0], lr, eps);
+                for ((o, w), g) in out.iter_mut().zip(base).zip(g) {
+                    *o = sgd(*w, *g, scale);
+                }
+            }
+            OptimizerSpec::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
+                let c = adam_corrections(beta1, beta2, step.saturating_add(1));
+                let (m, v) = state.split_at(base.len());
+                for ((((o, w), g), m), v) in out.iter_mut().zip(base).zip(g).zip(m).zip(v) {
+                    *o = adam(*w, *g, *m, *v, lr, beta1, beta2, eps, c).0;
+                }
+            }
+        }
+    }
+}
+
+// One element of each optimizer's step, shared by `apply` and `preview` so that both compute the
+// same operations in the same order.
+
+#[inline(always)]
+fn sgd(w: f32, g: f32, lr: f32) -> f32 {
+    w - lr * g
+}
+
+#[inline(always)]
+fn adagrad(w: f32, g: f32, acc: f32, lr: f32, eps: f32) -> (f32, f32) {
+    let acc = acc + g * g;
+    (w - lr * g / (acc.sqrt() + eps), acc)
+}
+
+/// FBGEMM's row-wise Adagrad: one accumulator per row, grown by the mean square of the
+/// gradient's elements; returns the new accumulator and the row's step size.
+#[inline(always)]
+fn rowwise_scale(g: &[f32], acc: f32, lr: f32, eps: f32) -> (f32, f32) {
+    let sum_sq = g.iter().fold(0f32, |s, g| s + g * g);
+    let acc = acc + sum_sq / g.len().max(1) as f32;
+    (acc, lr / (acc.sqrt() + eps))
+}
+
+/// Adam's bias corrections `(1 - beta1^t, 1 - beta2^t)` at step `t`.
+fn adam_corrections(beta1: f32, beta2: f32, t: u64) -> (f32, f32) {
+    (1.0 - power(beta1, t), 1.0 - power(beta2, t))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn adam(
+    w: f32,
+    g: f32,
+    m: f32,
+    v: f32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    (c1, c2): (f32, f32),
+) -> (f32, f32, f32) {
+    let m = beta1 * m + (1.0 - beta1) * g;
+    let v = beta2 * v + (1.0 - beta2) * g * g;
+    let m_hat = m / c1;
+    let v_hat = v / c2;
+    (w - lr * m_hat / (v_hat.sqrt() + eps), m, v)
 }
 
 /// `base^n` by squaring in f64, rounded to f32: the same bits on every build (Adam's bias
@@ -184,6 +259,40 @@ mod tests {
                 );
                 slow *= base as f64;
             }
+        }
+    }
+
+    #[test]
+    fn preview_computes_the_bits_apply_does_and_leaves_the_state() {
+        let specs = [
+            OptimizerSpec::sgd(0.3),
+            OptimizerSpec::adagrad(0.3),
+            OptimizerSpec::rowwise_adagrad(0.3),
+            OptimizerSpec::adam(0.3),
+        ];
+        for spec in specs {
+            let opt = Optimizer::new(spec);
+            let dim = 7;
+            let base: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
+            let g: Vec<f32> = (0..dim).map(|i| (i as f32 * 1.3).cos() * 0.1).collect();
+            let mut state = vec![0f32; opt.state_len(dim)];
+            opt.init_state(&mut state);
+            let mut step = 0;
+            // A few steps first, so that the state is not the initial one.
+            let mut w = base.clone();
+            for _ in 0..3 {
+                opt.apply(&mut w, &g, &mut state, &mut step);
+            }
+            let (state0, step0) = (state.clone(), step);
+            let mut out = vec![0f32; dim];
+            opt.preview(&w, &g, &state, step, &mut out);
+            assert_eq!(
+                (&state, step),
+                (&state0, step0),
+                "{spec}: preview changed nothing"
+            );
+            opt.apply(&mut w, &g, &mut state, &mut step);
+            assert_eq!(out, w, "{spec}: preview and apply agree bit for bit");
         }
     }
 

@@ -110,9 +110,17 @@ pub struct TrainArgs {
     /// The AUC whose first crossing during training is reported as the time to accuracy.
     #[arg(long)]
     pub target_auc: Option<f64>,
-    /// The server-side optimizer of every table of the model (with `--lr`).
+    /// The server-side optimizer of the embedding table (with `--lr`), and of the dense
+    /// parameters unless `--dense-optimizer` says otherwise.
     #[arg(long, value_enum, default_value = "sgd")]
     pub optimizer: TrainOptimizer,
+    /// The server-side optimizer of the dense parameters (the `ctr_dense` table), when it is not
+    /// `--optimizer` (as in PyTorch, where the embeddings' optimizer is not the dense model's).
+    #[arg(long, value_enum)]
+    pub dense_optimizer: Option<TrainOptimizer>,
+    /// The dense parameters' learning rate, when it is not `--lr`.
+    #[arg(long)]
+    pub dense_lr: Option<f32>,
     /// Take a checkpoint of the cluster every this many seconds: every worker flushes at its
     /// next batch boundary and waits, each daemon writes one into its data directory
     /// (`--servers` started with `--data-dir`), then the workers go on.
@@ -213,6 +221,8 @@ impl TrainArgs {
             eval_samples: 20_000,
             target_auc: None,
             optimizer: TrainOptimizer::Sgd,
+            dense_optimizer: None,
+            dense_lr: None,
             checkpoint_every: None,
             checkpoint_prefix: "train".into(),
             incremental_checkpoints: false,
@@ -240,6 +250,15 @@ impl TrainArgs {
             pull_bound: self.dense_bound,
             push_bound: self.dense_bound,
         }
+    }
+
+    /// The optimizers of the embedding table and of the dense parameters.
+    pub(super) fn optimizers(&self) -> (OptimizerSpec, OptimizerSpec) {
+        let dense = self.dense_optimizer.unwrap_or(self.optimizer);
+        (
+            self.optimizer.spec(self.lr),
+            dense.spec(self.dense_lr.unwrap_or(self.lr)),
+        )
     }
 
     /// Batches worker `w` skips (`--resume-batches`).

@@ -132,8 +132,12 @@ pub(super) struct WorkerResult {
 
 /// The model's tables: `ctr_emb` (one row per key) and `ctr_dense` (the dense parameters end to
 /// end, in rows of [`Net::dense_width`]; zeros until the coordinator assigns [`Net::init`]).
-pub(super) fn tables(net: &Net, rows: u64, optimizer: OptimizerSpec) -> [TableSpec; 2] {
-    let spec = |name: &str, rows: u64, dim: usize, init| TableSpec {
+pub(super) fn tables(
+    net: &Net,
+    rows: u64,
+    (emb, dense): (OptimizerSpec, OptimizerSpec),
+) -> [TableSpec; 2] {
+    let spec = |name: &str, rows: u64, dim: usize, init, optimizer| TableSpec {
         name: name.into(),
         rows,
         dim: dim as u32,
@@ -149,12 +153,14 @@ pub(super) fn tables(net: &Net, rows: u64, optimizer: OptimizerSpec) -> [TableSp
                 std: 0.01,
                 seed: 17,
             },
+            emb,
         ),
         spec(
             "ctr_dense",
             net.dense_rows() as u64,
             net.dense_width(),
             Initializer::Zeros,
+            dense,
         ),
     ]
 }
@@ -227,7 +233,7 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     let admin = Cluster::connect_tcp(coordinator_servers, &ClientConfig::default())
         .with_context(|| format!("connecting to {}", coordinator_servers.join(",")))?;
     let net = args.net()?;
-    let specs = tables(&net, data.synth.table_rows(), args.optimizer.spec(args.lr));
+    let specs = tables(&net, data.synth.table_rows(), args.optimizers());
     let handles: Vec<Table> = specs
         .iter()
         .map(|s| admin.create_table(s))

@@ -9,10 +9,76 @@ use hetkv_transport::RowStates;
 
 use super::lines::{Lines, NIL};
 
+/// Keys seen in the current call, and the index each got: an open-addressing table cleared by
+/// bumping a stamp, so that de-duplicating a batch costs one probe a key and no clearing.
+#[derive(Debug, Default)]
+struct Seen {
+    /// (key, stamp of the call that wrote it, index); a power-of-two count.
+    slots: Vec<(u64, u32, u32)>,
+    stamp: u32,
+}
+
+impl Seen {
+    /// Starts a call of at most `n` keys.
+    fn start(&mut self, n: usize) {
+        let want = (2 * n).next_power_of_two().max(16);
+        if self.slots.len() < want {
+            self.slots = vec![(0, 0, 0); want];
+            self.stamp = 0;
+        }
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.slots.iter_mut().for_each(|s| s.1 = 0);
+            self.stamp = 1;
+        }
+    }
+
+    fn home(&self, key: u64) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - bits)) as usize
+    }
+
+    /// `key`'s index: the one it got earlier in this call, or `next`, which it gets now.
+    fn index_of(&mut self, key: u64, next: u32) -> u32 {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.1 != self.stamp {
+                *slot = (key, self.stamp, next);
+                return next;
+            }
+            if slot.0 == key {
+                return slot.2;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// `key`'s index in this call, if it came.
+    fn get(&self, key: u64) -> Option<u32> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let slot = &self.slots[i];
+            if slot.1 != self.stamp {
+                return None;
+            }
+            if slot.0 == key {
+                return Some(slot.2);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
 /// The scratch of the current call.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
-    dedup: FxHashMap<u64, u32>,
+    dedup: Seen,
     /// The unique keys, in first-seen order.
     pub uniq: Vec<u64>,
     /// For each position of the call's keys, its unique key.
@@ -55,13 +121,13 @@ impl Batch {
     /// De-duplicates `keys` into `uniq` (first-seen order) and `uniq_of_pos`.
     pub fn dedup(&mut self, keys: &[u64]) {
         self.resolved = false;
-        self.dedup.clear();
+        self.dedup.start(keys.len());
         self.uniq.clear();
         self.uniq_of_pos.clear();
         self.first_pos.clear();
         for (pos, &k) in keys.iter().enumerate() {
             let next = self.uniq.len() as u32;
-            let u = *self.dedup.entry(k).or_insert(next);
+            let u = self.dedup.index_of(k, next);
             if u == next {
                 self.uniq.push(k);
                 self.first_pos.push(pos as u32);
@@ -72,7 +138,7 @@ impl Batch {
 
     /// The unique index of `key` in the last de-duplication.
     pub fn uniq_index(&self, key: u64) -> Option<u32> {
-        self.dedup.get(&key).copied()
+        self.dedup.get(key)
     }
 
     /// Resolves every unique key's slot into `slot_of_uniq`, then asks the CPU to load each
@@ -87,6 +153,13 @@ impl Batch {
             if slot != NIL {
                 lines.prefetch_meta(slot);
             }
+        }
+    }
+
+    /// Asks the CPU to load what recording the unique keys with the policy touches.
+    pub fn prefetch_policy(&self, lines: &Lines) {
+        for &key in &self.uniq {
+            lines.prefetch_policy(key);
         }
     }
 
@@ -123,7 +196,7 @@ impl Batch {
                 if whole_line {
                     lines.prefetch_line(slot);
                 } else {
-                    lines.prefetch_value(slot);
+                    lines.prefetch_base(slot);
                 }
             }
         }
@@ -165,5 +238,37 @@ impl Replies {
                 self.states.steps.get(at).copied().unwrap_or(0),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn de_duplication_keeps_first_seen_order_across_calls_of_any_size() {
+        let mut b = Batch::default();
+        for round in 0..3u64 {
+            let keys: Vec<u64> = (0..50).map(|i| (i * 7 + round) % 13).collect();
+            b.dedup(&keys);
+            let mut want: Vec<u64> = Vec::new();
+            for &k in &keys {
+                if !want.contains(&k) {
+                    want.push(k);
+                }
+            }
+            assert_eq!(b.uniq, want);
+            for (pos, &k) in keys.iter().enumerate() {
+                assert_eq!(b.uniq[b.uniq_of_pos[pos] as usize], k);
+                assert_eq!(b.uniq_index(k), Some(b.uniq_of_pos[pos]));
+            }
+            assert_eq!(b.uniq_index(1000), None, "a key of no call");
+        }
+        // A bigger call after smaller ones, then a small one: nothing of the earlier calls stays.
+        let big: Vec<u64> = (0..5000).collect();
+        b.dedup(&big);
+        assert_eq!(b.uniq.len(), 5000);
+        b.dedup(&[3, 3]);
+        assert_eq!((b.uniq.clone(), b.uniq_index(4000)), (vec![3], None));
     }
 }

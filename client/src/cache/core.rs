@@ -9,10 +9,10 @@
 //!
 //! A line holds the shard's row as of version `c_s` (its *base*: fetched, refreshed, or produced
 //! by this cache's own push), that row's optimizer state, the sum of the gradients not yet pushed
-//! and their number `p`; its clock is `c_c = c_s + p`, and its value is the base plus what the
-//! update rule adds for the pending updates: under the default rule, one step of the table's
-//! optimizer with the pending sum from the base and its state, which is exactly what the shard
-//! produces when that sum is pushed and no other update comes between. A push commits the line to
+//! and their number `p`; its clock is `c_c = c_s + p`, and its value, computed whenever it is read,
+//! is the base plus what the update rule adds for the pending updates: under the default rule, one
+//! step of the table's optimizer with the pending sum from the base and its state, which is exactly
+//! what the shard produces when that sum is pushed and no other update comes between. A push commits the line to
 //! the row its push produces (computed here with the same optimizer code, or handed back by the
 //! shard when another update came between).
 
@@ -66,6 +66,24 @@ pub enum CacheError {
     Replies(String),
 }
 
+/// Whether any value is NaN or infinite: whether its exponent bits are all set, that is whether
+/// adding one to its exponent carries into the sign bit. Ors of that carry, eight lanes at a time
+/// and without early exit, in integer operations every vector unit has, so that it vectorizes.
+fn any_non_finite(values: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    const EXPONENT_ONE: u32 = 0x0080_0000;
+    let carry = |v: &f32| (v.to_bits() & EXPONENT).wrapping_add(EXPONENT_ONE);
+    let mut lanes = [0u32; 8];
+    let mut eights = values.chunks_exact(8);
+    for eight in &mut eights {
+        for (lane, v) in lanes.iter_mut().zip(eight) {
+            *lane |= carry(v);
+        }
+    }
+    let rest = eights.remainder().iter().fold(0, |acc, v| acc | carry(v));
+    lanes.iter().fold(rest, |acc, l| acc | l) & 0x8000_0000 != 0
+}
+
 /// What a cache holds of one key ([`CacheCore::peek`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LineView {
@@ -95,7 +113,7 @@ pub struct CacheCore {
     /// Lookups planned so far (a lookup's stamp).
     pub(super) calls: u64,
     pub(super) stats: CacheStats,
-    /// A copy of a line's state for a local step, and a weighted gradient for a commit.
+    /// A copy of a state for a step, and a weighted gradient for a commit.
     scratch: Vec<f32>,
     weighted: Vec<f32>,
     /// Each shard's part of the current call (`exchange.rs`).
@@ -182,8 +200,10 @@ impl CacheCore {
     pub fn peek(&self, key: u64) -> Option<LineView> {
         let slot = self.lines.slot_of(key)?;
         let m = self.lines.meta(slot);
+        let mut value = vec![0f32; self.dim];
+        self.value_into(slot, &mut value);
         Some(LineView {
-            value: self.lines.value(slot).to_vec(),
+            value,
             version: m.c_s,
             unpushed: m.p,
         })
@@ -220,22 +240,23 @@ impl CacheCore {
         }
     }
 
-    /// Recomputes the value of the line in `slot` from its base, state and pending sum.
-    pub(super) fn revalue(&mut self, slot: u32) {
-        let m = *self.lines.meta(slot);
-        let line = self.lines.parts_mut(slot);
+    /// Writes the value of the line in `slot` into `out`: its base when nothing is pending,
+    /// else what the update rule makes of the base, its state and the pending sum.
+    pub(super) fn value_into(&self, slot: u32, out: &mut [f32]) {
+        let m = self.lines.meta(slot);
+        let (base, pending, state) = self.lines.parts(slot);
         if m.p == 0 {
-            line.value.copy_from_slice(line.base);
+            out.copy_from_slice(base);
             return;
         }
         let step = LocalStep {
             optimizer: &self.optimizer,
-            base: line.base,
-            state: line.state,
+            base,
+            state,
             step: m.step,
-            pending: line.pending,
+            pending,
         };
-        self.rule.local_value(&step, line.value, &mut self.scratch);
+        self.rule.local_value(&step, out);
     }
 
     /// The line's share of its key's updates, for the rule's push weight.
@@ -306,7 +327,6 @@ impl CacheCore {
             m.p = m.p.saturating_add(count);
             m.own_seen += u64::from(count);
             let p = m.p;
-            self.revalue(slot);
             if p as u64 > self.push_bound || p == u32::MAX {
                 self.push_line(slot);
             }
@@ -323,11 +343,8 @@ impl CacheCore {
             return Err(self.wrong_dim(keys.len(), grads.len()));
         }
         self.check_keys(keys)?;
-        // Chunk by chunk without early exit (so the test vectorizes), then the first bad value.
         let chunk = dim.max(1) * 16;
-        let bad = grads
-            .chunks(chunk)
-            .position(|c| c.iter().fold(false, |bad, g| bad | !g.is_finite()));
+        let bad = grads.chunks(chunk).position(any_non_finite);
         match bad.and_then(|c| {
             let at = c * chunk;
             grads[at..]
@@ -368,7 +385,6 @@ impl CacheCore {
             self.optimizer
                 .apply(line.base, &self.weighted, line.state, &mut step);
         }
-        line.value.copy_from_slice(line.base);
         line.pending.fill(0.0);
         let meta = self.lines.meta_mut(slot);
         meta.step = step;
@@ -411,7 +427,6 @@ impl CacheCore {
         line.base.copy_from_slice(row);
         line.state.copy_from_slice(state);
         self.stats.rows_handed_back += 1;
-        self.revalue(slot);
     }
 
     /// Marks the lines of `keys` to be read again at their next lookup: a shard refused their
@@ -458,7 +473,7 @@ impl CacheCore {
             };
             let row = &mut out[pos * dim..(pos + 1) * dim];
             if let Some(slot) = self.lines.slot_of(key) {
-                row.copy_from_slice(self.lines.value(slot));
+                self.value_into(slot, row);
                 let m = self.lines.meta(slot);
                 if let Some(c) = clocks.as_deref_mut() {
                     c[pos] = m.c_s + u64::from(m.p);

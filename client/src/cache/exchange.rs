@@ -89,6 +89,10 @@ pub(crate) struct ShardPlan {
     state_keys: u32,
     /// Request index (in the core's lookup requests) of each key.
     origin: Vec<u32>,
+    /// The first request's keys that want no state, while it is built.
+    tail_keys: Vec<u64>,
+    tail_clocks: Vec<u64>,
+    tail_origin: Vec<u32>,
     /// Hits whose checks are left to the table clock (every one wants state).
     skip_keys: Vec<u64>,
     skip_clocks: Vec<u64>,
@@ -137,25 +141,30 @@ impl CacheCore {
             p.clear();
         }
         let b = &self.batch;
-        // Requests wanting state go first in each shard's request, then the others.
-        for wanted in [true, false] {
-            for i in 0..b.req_keys.len() {
-                if b.req_state[i] != wanted {
-                    continue;
-                }
-                let (k, c) = (b.req_keys[i], b.req_clocks[i]);
-                let p = &mut self.plans[self.routing.shard_of(k)];
-                if b.req_skipped[i] {
-                    p.skip_keys.push(k);
-                    p.skip_clocks.push(c);
-                    p.skip_origin.push(i as u32);
-                } else {
-                    p.keys.push(k);
-                    p.clocks.push(c);
-                    p.origin.push(i as u32);
-                    p.state_keys += u32::from(wanted);
-                }
+        // Requests wanting state go first in each shard's request, then the others (gathered in
+        // the plan's tail lists and appended).
+        for i in 0..b.req_keys.len() {
+            let (k, c) = (b.req_keys[i], b.req_clocks[i]);
+            let p = &mut self.plans[self.routing.shard_of(k)];
+            if b.req_skipped[i] {
+                p.skip_keys.push(k);
+                p.skip_clocks.push(c);
+                p.skip_origin.push(i as u32);
+            } else if b.req_state[i] {
+                p.keys.push(k);
+                p.clocks.push(c);
+                p.origin.push(i as u32);
+            } else {
+                p.tail_keys.push(k);
+                p.tail_clocks.push(c);
+                p.tail_origin.push(i as u32);
             }
+        }
+        for p in &mut self.plans {
+            p.state_keys = p.keys.len() as u32;
+            p.keys.append(&mut p.tail_keys);
+            p.clocks.append(&mut p.tail_clocks);
+            p.origin.append(&mut p.tail_origin);
         }
         self.route_pushes();
         for (s, p) in self.plans.iter_mut().enumerate() {

@@ -2,10 +2,10 @@
 //! that orders them (in the manner of foyer: reserving a slot hands back the victim it displaced,
 //! and the caller deals with the victim's unpushed updates before the slot is reused).
 //!
-//! A line holds, contiguously: the value lookups return, the shard's row it was derived from
-//! (`base`, of version `c_s`), the gradient sum not yet pushed, and the optimizer state of the
-//! base row. Its bookkeeping is one 64-byte [`LineMeta`], so that a hit touches one cache line of
-//! it.
+//! A line holds, contiguously: the shard's row it derives from (`base`, of version `c_s`), the
+//! gradient sum not yet pushed, and the optimizer state of the base row. What a lookup returns is
+//! computed from them (the base itself when nothing is pending). Its bookkeeping is one 64-byte
+//! [`LineMeta`], so that a hit touches one cache line of it.
 
 use rustc_hash::FxHashMap;
 
@@ -45,8 +45,6 @@ pub(crate) struct LineMeta {
 
 /// The parts of one line's values.
 pub(crate) struct LineParts<'a> {
-    /// What lookups return.
-    pub value: &'a mut [f32],
     /// The shard's row at version `c_s`.
     pub base: &'a mut [f32],
     /// The gradient sum of the updates not yet pushed.
@@ -68,7 +66,7 @@ pub(crate) struct Reserved {
 /// Slots, index and policy of one cache.
 pub(crate) struct Lines {
     dim: usize,
-    /// f32 values per slot: value, base, pending, state.
+    /// f32 values per slot: base, pending, state.
     stride: usize,
     capacity: usize,
     index: FxHashMap<u64, u32>,
@@ -81,7 +79,7 @@ pub(crate) struct Lines {
 impl Lines {
     /// `capacity` empty slots of rows of `dim` with `state_len` optimizer values each.
     pub fn new(capacity: usize, dim: usize, state_len: usize, policy: PolicyKind) -> Self {
-        let stride = 3 * dim + state_len;
+        let stride = Self::values_per_line(dim, state_len);
         Self {
             dim,
             stride,
@@ -96,7 +94,7 @@ impl Lines {
 
     /// f32 values a line takes, for rows of `dim` and `state_len` optimizer values.
     pub fn values_per_line(dim: usize, state_len: usize) -> usize {
-        3 * dim + state_len
+        2 * dim + state_len
     }
 
     pub fn capacity(&self) -> usize {
@@ -125,42 +123,47 @@ impl Lines {
         &mut self.meta[slot as usize]
     }
 
-    /// The value a lookup returns.
-    pub fn value(&self, slot: u32) -> &[f32] {
+    /// The line's base row, pending gradient sum and state, read-only.
+    pub fn parts(&self, slot: u32) -> (&[f32], &[f32], &[f32]) {
         let at = slot as usize * self.stride;
-        &self.values[at..at + self.dim]
+        let line = &self.values[at..at + self.stride];
+        let (base, rest) = line.split_at(self.dim);
+        let (pending, state) = rest.split_at(self.dim);
+        (base, pending, state)
     }
 
     /// The line's pending gradient sum, read-only.
     pub fn pending(&self, slot: u32) -> &[f32] {
-        let at = slot as usize * self.stride + 2 * self.dim;
-        &self.values[at..at + self.dim]
+        self.parts(slot).1
     }
 
     /// The line's values, to change them.
     pub fn parts_mut(&mut self, slot: u32) -> LineParts<'_> {
         let at = slot as usize * self.stride;
         let line = &mut self.values[at..at + self.stride];
-        let (value, rest) = line.split_at_mut(self.dim);
-        let (base, rest) = rest.split_at_mut(self.dim);
+        let (base, rest) = line.split_at_mut(self.dim);
         let (pending, state) = rest.split_at_mut(self.dim);
         LineParts {
-            value,
             base,
             pending,
             state,
         }
     }
 
-    /// Records an access to `key` with the policy (hit or miss), before its hit or insert.
+    /// Asks the CPU to load what recording `key` with the policy touches.
+    pub fn prefetch_policy(&self, key: u64) {
+        self.policy.prefetch(key);
+    }
+
+    /// Records an access to `key`, a miss, with the policy, before its slot is reserved.
     pub fn record(&mut self, key: u64) {
         self.policy.record(key);
     }
 
-    /// A resident line was hit by lookup `stamp`.
-    pub fn touch(&mut self, slot: u32, stamp: u64) {
+    /// A resident line was hit by lookup `stamp`: the access is recorded with the policy.
+    pub fn hit(&mut self, slot: u32, stamp: u64) {
         let key = self.meta[slot as usize].key;
-        self.policy.touch(slot, key);
+        self.policy.hit(slot, key);
         self.meta[slot as usize].stamp = stamp;
     }
 
@@ -191,8 +194,8 @@ impl Lines {
         self.free.push(slot);
     }
 
-    /// Fills a reserved slot with `key`'s row at `version` and its optimizer state: the value and
-    /// the base are the row, nothing is pending.
+    /// Fills a reserved slot with `key`'s row at `version` and its optimizer state: the base is
+    /// the row, nothing is pending.
     pub fn fill(&mut self, slot: u32, key: u64, version: u64, row: &[f32], state: &[f32]) {
         let m = &mut self.meta[slot as usize];
         m.key = key;
@@ -202,7 +205,6 @@ impl Lines {
         m.foreign_seen = 0;
         m.revalidate = false;
         let line = self.parts_mut(slot);
-        line.value.copy_from_slice(row);
         line.base.copy_from_slice(row);
         line.pending.fill(0.0);
         line.state.copy_from_slice(state);
@@ -215,9 +217,10 @@ impl Lines {
         region::prefetch(std::slice::from_ref(&self.meta[slot as usize]));
     }
 
-    /// Asks the CPU to load a slot's value (what a hit copies out).
-    pub fn prefetch_value(&self, slot: u32) {
-        region::prefetch(self.value(slot));
+    /// Asks the CPU to load a slot's base row (what a clean hit copies out).
+    pub fn prefetch_base(&self, slot: u32) {
+        let at = slot as usize * self.stride;
+        region::prefetch(&self.values[at..at + self.dim]);
     }
 
     /// Asks the CPU to load a slot's whole line (what an update touches).
@@ -251,18 +254,18 @@ mod tests {
         // The victim (10, least recently used) is out of the index, its data still in the slot.
         assert_eq!(lines.meta(r.slot).key, 10);
         assert_eq!(lines.slot_of(10), None);
-        assert_eq!(lines.value(r.slot), [10.0]);
+        assert_eq!(lines.parts(r.slot).0, [10.0]);
         lines.fill(r.slot, 30, 5, &[30.0], &[]);
         assert_eq!(lines.slot_of(30), Some(r.slot));
         assert_eq!(
-            (lines.meta(r.slot).c_s, lines.value(r.slot)),
+            (lines.meta(r.slot).c_s, lines.parts(r.slot).0),
             (5, &[30.0][..])
         );
         // A line read by the same lookup is never its victim.
         let s20 = lines.slot_of(20).unwrap();
-        lines.touch(s20, 4);
+        lines.hit(s20, 4);
         let s30 = lines.slot_of(30).unwrap();
-        lines.touch(s30, 4);
+        lines.hit(s30, 4);
         lines.record(40);
         assert!(lines.reserve(40, 4).is_none());
     }

@@ -24,21 +24,21 @@ impl CacheCore {
         b.clear_requests(shards);
         let check_hits = self.pull_bound != u64::MAX;
         self.calls += 1;
-        // Separate passes, each of independent memory accesses: the lines (which placing
-        // copies), then the frequency sketch, then the policy and the requests.
+        // The loads of the policy's counters and of the lines' bookkeeping are issued first, for
+        // every key, so that their misses overlap; the loop that records the accesses and plans
+        // the requests then finds them in cache.
+        self.batch.prefetch_policy(&self.lines);
         self.batch.resolve(&self.lines);
-        for &key in &self.batch.uniq {
-            self.lines.record(key);
-        }
         for u in 0..self.batch.uniq.len() {
             let slot = self.batch.slot_of_uniq[u];
             if slot == NIL {
                 self.stats.misses += 1;
+                self.lines.record(self.batch.uniq[u]);
                 self.batch.request(u, NOT_CACHED, false, all_state);
                 continue;
             }
             self.stats.hits += 1;
-            self.lines.touch(slot, self.calls);
+            self.lines.hit(slot, self.calls);
             let m = *self.lines.meta(slot);
             if m.revalidate {
                 // Its shard restarted: read the row again, whatever its clock says.
@@ -232,10 +232,9 @@ impl CacheCore {
                     .copy_from_slice(&replies.rows[i * dim..(i + 1) * dim]);
                 line.state.copy_from_slice(state);
                 self.stats.rows_pulled += 1;
-                self.revalue(slot);
             }
             let first = self.batch.first_pos[u] as usize * dim;
-            out[first..first + dim].copy_from_slice(self.lines.value(slot));
+            self.value_into(slot, &mut out[first..first + dim]);
             let m = self.lines.meta(slot);
             self.batch.uniq_clock[u] = m.c_s + u64::from(m.p);
         }

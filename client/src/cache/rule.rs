@@ -42,14 +42,10 @@ pub struct LocalStep<'a> {
 impl LocalStep<'_> {
     /// Writes into `value` the row the shards produce when `pending` is pushed whole and nothing
     /// else comes between: one step of the table's optimizer from the base row and its state
-    /// (`scratch` holds a copy of the state, which the step changes).
-    pub fn whole(&self, value: &mut [f32], scratch: &mut Vec<f32>) {
-        value.copy_from_slice(self.base);
-        scratch.clear();
-        scratch.extend_from_slice(self.state);
-        let mut step = self.step;
+    /// ([`Optimizer::preview`], the bits of the shard's own step).
+    pub fn whole(&self, value: &mut [f32]) {
         self.optimizer
-            .apply(value, self.pending, scratch, &mut step);
+            .preview(self.base, self.pending, self.state, self.step, value);
     }
 }
 
@@ -62,10 +58,11 @@ pub trait UpdateRule: Send + Sync + std::fmt::Debug {
     /// of a key written through without a line (`None`). 1 pushes it whole.
     fn push_weight(&self, line: Option<LineShare>) -> f32;
 
-    /// Writes the value a line shows into `value`. The default is what the shards produce when
-    /// the pending sum is pushed whole ([`LocalStep::whole`]).
-    fn local_value(&self, step: &LocalStep<'_>, value: &mut [f32], scratch: &mut Vec<f32>) {
-        step.whole(value, scratch);
+    /// Writes the value a line with pending updates shows into `value` (a line with none shows
+    /// its base). The default is what the shards produce when the pending sum is pushed whole
+    /// ([`LocalStep::whole`]).
+    fn local_value(&self, step: &LocalStep<'_>, value: &mut [f32]) {
+        step.whole(value);
     }
 }
 
@@ -232,8 +229,7 @@ mod tests {
             pending: &[1.0],
         };
         let mut value = [0f32];
-        let mut scratch = Vec::new();
-        PushWhole.local_value(&step, &mut value, &mut scratch);
+        PushWhole.local_value(&step, &mut value);
         // acc 3 + 1 = 4: 1 - 1 / 2.
         assert_eq!(value, [0.5]);
         assert_eq!(step.state, [3.0], "the line's base state is not changed");

@@ -175,3 +175,27 @@ fn the_update_of_the_keys_a_lookup_placed_equals_one_that_resolves_them_again() 
         .collect();
     assert_eq!(unpushed, [1, 1, 1, 1, 0, 0], "one unpushed update per line");
 }
+
+#[test]
+fn every_nan_and_infinity_is_refused_wherever_it_is() {
+    let spec = table(OptimizerSpec::Sgd { lr: 0.5 }, 64, 5);
+    let core = core_of(&spec, Capacity::Rows(4), Bound::STRICT, Bound::STRICT);
+    let keys: Vec<u64> = (0..40).collect();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+        for at in [0, 7, 8, 99, 199] {
+            let mut grads = vec![1.0f32; 200];
+            grads[at] = bad;
+            match core.check_update(&keys, &grads) {
+                Err(CacheError::NonFinite { key, value }) => {
+                    assert_eq!(key, at as u64 / 5, "{bad} at {at}");
+                    assert_eq!(value.to_bits(), bad.to_bits(), "{bad} at {at}");
+                }
+                other => panic!("{bad} at {at}: {other:?}"),
+            }
+        }
+    }
+    // The largest finite values, the smallest subnormals and zeros of both signs pass.
+    let fine = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, 0.0, -0.0, 1.0];
+    let grads: Vec<f32> = (0..200).map(|i| fine[i % fine.len()]).collect();
+    assert!(core.check_update(&keys, &grads).is_ok());
+}

@@ -24,17 +24,23 @@ const AGING_PERIOD: u64 = 100;
 /// Largest share of the capacity that may be pinned.
 const MAX_PINNED: f64 = 0.9;
 
+/// What the policy keeps of one slot, in one 16-byte record so that a hit loads one.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    key: u64,
+    hits: u32,
+    freq: u8,
+    pinned: bool,
+    resident: bool,
+}
+
 /// LFU (and light LFU) over slots.
 #[derive(Debug)]
 pub struct Lfu {
     links: Links,
     buckets: [List; BUCKETS],
     nonempty: u64,
-    freq: Vec<u8>,
-    hits: Vec<u32>,
-    pinned: Vec<bool>,
-    keys: Vec<u64>,
-    resident: Vec<bool>,
+    slots: Vec<Slot>,
     sketch: FrequencySketch,
     pin_after: Option<u32>,
     pinned_count: usize,
@@ -48,11 +54,7 @@ impl Lfu {
             links: Links::new(capacity),
             buckets: [List::EMPTY; BUCKETS],
             nonempty: 0,
-            freq: vec![0; capacity],
-            hits: vec![0; capacity],
-            pinned: vec![false; capacity],
-            keys: vec![0; capacity],
-            resident: vec![false; capacity],
+            slots: vec![Slot::default(); capacity],
             sketch: FrequencySketch::new(capacity, AGING_PERIOD * capacity.max(64) as u64),
             pin_after,
             pinned_count: 0,
@@ -66,13 +68,13 @@ impl Lfu {
 
     fn link(&mut self, slot: u32, freq: u8) {
         let b = freq as usize;
-        self.freq[slot as usize] = freq;
+        self.slots[slot as usize].freq = freq;
         self.links.push_back(&mut self.buckets[b], slot);
         self.nonempty |= 1 << b;
     }
 
     fn unlink(&mut self, slot: u32) {
-        let b = self.freq[slot as usize] as usize;
+        let b = self.slots[slot as usize].freq as usize;
         self.links.unlink(&mut self.buckets[b], slot);
         if self.buckets[b].is_empty() {
             self.nonempty &= !(1 << b);
@@ -82,63 +84,83 @@ impl Lfu {
     /// After the sketch halves, every unpinned line moves to its new bucket. O(capacity) once per
     /// `10 x capacity` accesses.
     fn rebucket(&mut self) {
-        for slot in 0..self.freq.len() as u32 {
-            let s = slot as usize;
-            if self.resident[s] && !self.pinned[s] {
+        for slot in 0..self.slots.len() as u32 {
+            let s = self.slots[slot as usize];
+            if s.resident && !s.pinned {
                 self.unlink(slot);
-                let f = self.frequency(self.keys[s]);
+                let f = self.frequency(s.key);
                 self.link(slot, f);
             }
         }
     }
 }
 
+impl Lfu {
+    /// A hit of the line in `slot`, whose key's frequency is now `f`.
+    fn touch_at(&mut self, slot: u32, f: u8) {
+        let s = &mut self.slots[slot as usize];
+        if s.pinned {
+            return;
+        }
+        s.hits = s.hits.saturating_add(1);
+        let (hits, freq) = (s.hits, s.freq);
+        if let Some(k) = self.pin_after {
+            if hits >= k && self.pinned_count < self.max_pinned {
+                self.unlink(slot);
+                self.slots[slot as usize].pinned = true;
+                self.pinned_count += 1;
+                return;
+            }
+        }
+        if f != freq {
+            self.unlink(slot);
+            self.link(slot, f);
+        }
+    }
+}
+
 impl EvictionPolicy for Lfu {
+    fn prefetch(&self, key: u64) {
+        self.sketch.prefetch(key);
+    }
+
     fn record(&mut self, key: u64) {
         if self.sketch.increment(key) {
             self.rebucket();
         }
     }
 
+    fn hit(&mut self, slot: u32, key: u64) {
+        let (halved, estimate) = self.sketch.count(key);
+        if halved {
+            self.rebucket();
+        }
+        self.touch_at(slot, estimate.min(BUCKETS as u8 - 1));
+    }
+
     fn touch(&mut self, slot: u32, key: u64) {
-        let s = slot as usize;
-        if self.pinned[s] {
-            return;
-        }
-        self.hits[s] = self.hits[s].saturating_add(1);
-        if let Some(k) = self.pin_after {
-            if self.hits[s] >= k && self.pinned_count < self.max_pinned {
-                self.unlink(slot);
-                self.pinned[s] = true;
-                self.pinned_count += 1;
-                return;
-            }
-        }
         let f = self.frequency(key);
-        if f != self.freq[s] {
-            self.unlink(slot);
-            self.link(slot, f);
-        }
+        self.touch_at(slot, f);
     }
 
     fn insert(&mut self, slot: u32, key: u64) {
-        let s = slot as usize;
-        self.keys[s] = key;
-        self.hits[s] = 0;
-        self.resident[s] = true;
+        let s = &mut self.slots[slot as usize];
+        s.key = key;
+        s.hits = 0;
+        s.resident = true;
         let f = self.frequency(key);
         self.link(slot, f);
     }
 
     fn remove(&mut self, slot: u32) {
-        let s = slot as usize;
-        if self.pinned[s] {
-            self.pinned[s] = false;
+        let s = &mut self.slots[slot as usize];
+        if s.pinned {
+            s.pinned = false;
             self.pinned_count -= 1;
         } else {
             self.unlink(slot);
         }
-        self.resident[s] = false;
+        self.slots[slot as usize].resident = false;
     }
 
     fn victim(&mut self, key: u64) -> Option<u32> {
@@ -230,10 +252,10 @@ mod tests {
             p.record(1);
         }
         p.insert(0, 1);
-        assert_eq!(p.freq[0], 40);
+        assert_eq!(p.slots[0].freq, 40);
         for k in 0..6360 {
             p.record(1000 + k);
         }
-        assert_eq!(p.freq[0], 20, "halved with the sketch");
+        assert_eq!(p.slots[0].freq, 20, "halved with the sketch");
     }
 }

@@ -21,50 +21,47 @@ impl List {
     }
 }
 
-/// `prev` and `next` of every slot.
+/// `[prev, next]` of every slot, side by side so that a slot's links are one load.
 #[derive(Debug)]
 pub struct Links {
-    prev: Vec<u32>,
-    next: Vec<u32>,
+    links: Vec<[u32; 2]>,
 }
+
+const PREV: usize = 0;
+const NEXT: usize = 1;
 
 impl Links {
     pub fn new(capacity: usize) -> Self {
         Self {
-            prev: vec![NIL; capacity],
-            next: vec![NIL; capacity],
+            links: vec![[NIL, NIL]; capacity],
         }
     }
 
     /// Appends `slot` at the tail of `list`.
     pub fn push_back(&mut self, list: &mut List, slot: u32) {
-        let s = slot as usize;
-        self.prev[s] = list.tail;
-        self.next[s] = NIL;
+        self.links[slot as usize] = [list.tail, NIL];
         if list.tail == NIL {
             list.head = slot;
         } else {
-            self.next[list.tail as usize] = slot;
+            self.links[list.tail as usize][NEXT] = slot;
         }
         list.tail = slot;
     }
 
     /// Unlinks `slot` from `list`.
     pub fn unlink(&mut self, list: &mut List, slot: u32) {
-        let s = slot as usize;
-        let (p, n) = (self.prev[s], self.next[s]);
+        let [p, n] = self.links[slot as usize];
         if p == NIL {
             list.head = n;
         } else {
-            self.next[p as usize] = n;
+            self.links[p as usize][NEXT] = n;
         }
         if n == NIL {
             list.tail = p;
         } else {
-            self.prev[n as usize] = p;
+            self.links[n as usize][PREV] = p;
         }
-        self.prev[s] = NIL;
-        self.next[s] = NIL;
+        self.links[slot as usize] = [NIL, NIL];
     }
 
     /// The slots of `list`, head first.
@@ -73,7 +70,7 @@ impl Links {
         let mut s = list.head;
         while s != NIL {
             out.push(s);
-            s = self.next[s as usize];
+            s = self.links[s as usize][NEXT];
         }
         out
     }

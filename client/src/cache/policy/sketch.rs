@@ -45,11 +45,23 @@ impl FrequencySketch {
         std::array::from_fn(|d| base + d * QUARTER + ((h >> (4 * d)) as usize & (QUARTER - 1)))
     }
 
+    /// Asks the CPU to load `key`'s counters (one block), ahead of counting or estimating it.
+    pub fn prefetch(&self, key: u64) {
+        let at = self.cells(key)[0] & !(BLOCK - 1);
+        hetkv_transport::region::prefetch(&self.table[at..at + BLOCK]);
+    }
+
     /// Counts one access to `key`; returns true when the sketch was just halved.
     pub fn increment(&mut self, key: u64) -> bool {
+        self.count(key).0
+    }
+
+    /// Counts one access to `key`; returns whether the sketch was just halved and `key`'s
+    /// estimate after the access (what [`FrequencySketch::estimate`] would say now).
+    pub fn count(&mut self, key: u64) -> (bool, u8) {
         let cells = self.cells(key);
         let min = cells.iter().map(|&c| self.table[c]).min().unwrap_or(0);
-        // Conservative update: only the minimal counters grow.
+        // Conservative update: only the minimal counters grow, so the new minimum is one more.
         for c in cells {
             if self.table[c] == min && min < u8::MAX {
                 self.table[c] += 1;
@@ -61,9 +73,9 @@ impl FrequencySketch {
             for v in &mut self.table {
                 *v >>= 1;
             }
-            return true;
+            return (true, self.estimate(key));
         }
-        false
+        (false, min.saturating_add(1))
     }
 
     /// The estimated count of `key` (never below the true count since the last halving).
@@ -98,6 +110,12 @@ mod tests {
         assert_eq!(small.estimate(1), 9);
         assert!(small.increment(1));
         assert_eq!(small.estimate(1), 5);
+        // Counting says what estimating would.
+        let mut s = FrequencySketch::new(1000, 1 << 30);
+        for k in 0..3000u64 {
+            let (_, after) = s.count(k % 97);
+            assert_eq!(after, s.estimate(k % 97));
+        }
     }
 
     #[test]
