@@ -379,7 +379,10 @@ impl Table {
     }
 
     /// Pushes `(key, count, gradient sum)` rows; `grads` is keys x dim. Returns when every shard
-    /// has applied its rows.
+    /// has applied its rows. Every row is checked first (lengths, keys, counts of at least 1,
+    /// every value finite), so that nothing is sent to any shard when any row would be refused;
+    /// a failure after that (a shard unreachable, or refusing for a reason of its own) is
+    /// [`ClientError::PartlyApplied`], naming what the other shards applied.
     pub fn push(&self, keys: &[u64], counts: &[u32], grads: &[f32]) -> Result<u64, ClientError> {
         self.check(keys, grads.len())?;
         if counts.len() != keys.len() {
@@ -390,10 +393,18 @@ impl Table {
                 len: counts.len(),
             });
         }
+        if let Some(i) = counts.iter().position(|&c| c == 0) {
+            return Err(ClientError::InvalidValue {
+                table: self.spec.name.clone(),
+                key: keys[i],
+                what: "an update count of 0".into(),
+            });
+        }
+        self.check_finite(keys, grads, "gradient")?;
         let routed = Routed::new(&self.cluster, keys);
         let dim = self.spec.dim as usize;
         let name = &self.spec.name;
-        let updates = self.per_shard(&routed, |s, shard, shard_keys| {
+        let updates = self.write_shards(&routed, "pushed", |s, shard, shard_keys| {
             let positions = &routed.positions[s];
             let c: Vec<u32> = positions.iter().map(|&p| counts[p]).collect();
             let mut g = Vec::with_capacity(positions.len() * dim);
@@ -405,15 +416,16 @@ impl Table {
         Ok(updates.iter().sum())
     }
 
-    /// Sets the rows of `keys` to `values` (keys x dim): each such row's version grows by one (so
-    /// caches see the change) and its optimizer state starts again. For imports and warm starts;
-    /// each shard applies its rows all or nothing.
+    /// Sets rows to `values` (keys x dim): each row's version grows by one and its optimizer
+    /// state starts again (imports, warm starts). Returns the rows set. Every value is checked
+    /// first, as [`Table::push`] checks its gradients.
     pub fn assign(&self, keys: &[u64], values: &[f32]) -> Result<u64, ClientError> {
         self.check(keys, values.len())?;
+        self.check_finite(keys, values, "value")?;
         let routed = Routed::new(&self.cluster, keys);
         let dim = self.spec.dim as usize;
         let name = &self.spec.name;
-        let rows = self.per_shard(&routed, |s, shard, shard_keys| {
+        let rows = self.write_shards(&routed, "assigned", |s, shard, shard_keys| {
             let mut v = Vec::with_capacity(routed.positions[s].len() * dim);
             for &p in &routed.positions[s] {
                 v.extend_from_slice(&values[p * dim..(p + 1) * dim]);
@@ -425,8 +437,69 @@ impl Table {
         Ok(rows.iter().sum())
     }
 
-    /// Runs `f` for every shard with keys and returns the results in shard order (shards without
-    /// keys get `T::default()`).
+    /// Fails, naming the key and the element, when a value is NaN or infinite.
+    fn check_finite(&self, keys: &[u64], values: &[f32], what: &str) -> Result<(), ClientError> {
+        let dim = self.spec.dim as usize;
+        match values.iter().position(|v| !v.is_finite()) {
+            Some(at) => Err(ClientError::InvalidValue {
+                table: self.spec.name.clone(),
+                key: keys[at / dim],
+                what: format!("{what} {} at element {}", values[at], at % dim),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Table::per_shard`] for writes: when some shards applied their rows and others failed,
+    /// the error says which did what.
+    fn write_shards(
+        &self,
+        routed: &Routed,
+        done: &str,
+        f: impl Fn(usize, &dyn ShardTransport, &[u64]) -> Result<u64, TransportError> + Sync,
+    ) -> Result<Vec<u64>, ClientError> {
+        let busy: Vec<usize> = (0..routed.keys.len())
+            .filter(|&s| !routed.keys[s].is_empty())
+            .collect();
+        let outcomes = self
+            .cluster
+            .on_shards(&busy, |s, shard| f(s, shard, &routed.keys[s]));
+        let mut results = vec![0u64; routed.keys.len()];
+        let (mut applied, mut failed) = (Vec::new(), Vec::new());
+        for (&s, r) in busy.iter().zip(outcomes) {
+            let addr = self.cluster.shards[s].addr();
+            match r {
+                Ok(n) => {
+                    results[s] = n;
+                    applied.push(format!(
+                        "shard {s} ({addr}) {done} its {} rows",
+                        routed.keys[s].len()
+                    ));
+                }
+                Err(e) => failed.push((s, e)),
+            }
+        }
+        if failed.is_empty() {
+            return Ok(results);
+        }
+        if applied.is_empty() && failed.len() == 1 {
+            return Err(failed.remove(0).1.into());
+        }
+        Err(ClientError::PartlyApplied {
+            table: self.spec.name.clone(),
+            applied: if applied.is_empty() {
+                "no shard".into()
+            } else {
+                applied.join(", ")
+            },
+            failed: failed
+                .iter()
+                .map(|(s, e)| format!("shard {s} ({}) {e}", routed.keys[*s].len()))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
+    }
+
     fn per_shard<T: Send + Default>(
         &self,
         routed: &Routed,

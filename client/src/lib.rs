@@ -77,6 +77,27 @@ pub enum ClientError {
     /// The prefetch thread could not be started, or is gone.
     #[error("prefetch: {0}")]
     Prefetch(String),
+    /// A value refused before anything was sent: NaN or infinite, or an update count of 0.
+    #[error("table {table}, key {key}: {what}; nothing was applied")]
+    InvalidValue {
+        /// Table name.
+        table: String,
+        /// The key whose row holds it.
+        key: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// A write spanning shards that some applied and others did not (unreachable, or refusing
+    /// for a reason only they could see): what each did.
+    #[error("table {table}: {applied}; failed: {failed}")]
+    PartlyApplied {
+        /// Table name.
+        table: String,
+        /// The shards that applied their rows, and how many.
+        applied: String,
+        /// The shards that failed, with their errors.
+        failed: String,
+    },
     /// A checkpoint barrier's flush or checkpoint failed (the message of the first failure).
     #[error("checkpoint failed: {0}")]
     CheckpointFailed(String),

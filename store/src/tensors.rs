@@ -196,6 +196,25 @@ pub fn import_table(
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
         .collect();
+    // The whole file is checked before any row is set: a refusal sets nothing.
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        return Err(StoreError::InvalidGradient(format!(
+            "{}: the row of key {} holds {} at element {}; nothing was imported",
+            file.display(),
+            keys[at / dim],
+            values[at],
+            at % dim
+        )));
+    }
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(StoreError::Malformed(format!(
+            "{}: key {} comes twice; nothing was imported",
+            file.display(),
+            w[0]
+        )));
+    }
     let routing = Routing::new(shards.len() as u32);
     let chunk = chunk_keys(spec.dim);
     let mut assigned = 0u64;
@@ -217,7 +236,12 @@ pub fn import_table(
                 .assign(&spec.name, &k, &v)
                 .map_err(|e| {
                     io(
-                        format!("assigning rows of {} on {}", spec.name, c.addr()),
+                        format!(
+                            "assigning rows of {} on {} ({assigned} of the file's {n} rows were \
+                             set before this failure)",
+                            spec.name,
+                            c.addr()
+                        ),
                         e,
                     )
                 })?

@@ -86,6 +86,12 @@ create_exception!(
     Error,
     "A shard refused the request for another reason (its message says why)."
 );
+create_exception!(
+    hetkv,
+    PartlyAppliedError,
+    Error,
+    "A write spanning shards that some applied and others did not: the message says which did what."
+);
 
 /// The Python exception for a client error.
 fn py_err(e: ClientError) -> PyErr {
@@ -122,6 +128,8 @@ fn py_err(e: ClientError) -> PyErr {
         ClientError::InconsistentCluster(_) => ProtocolError::new_err(message),
         ClientError::CheckpointFailed(_) => CheckpointError::new_err(message),
         ClientError::Prefetch(_) => Error::new_err(message),
+        ClientError::InvalidValue { .. } => InvalidGradientError::new_err(message),
+        ClientError::PartlyApplied { .. } => PartlyAppliedError::new_err(message),
     }
 }
 
@@ -1035,6 +1043,7 @@ fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TableConflictError", py.get_type::<TableConflictError>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("RemoteError", py.get_type::<RemoteError>())?;
+    m.add("PartlyAppliedError", py.get_type::<PartlyAppliedError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

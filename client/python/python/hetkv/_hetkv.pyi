@@ -38,6 +38,9 @@ class ProtocolError(Error):
 class RemoteError(Error):
     """A shard refused the request for another reason."""
 
+class PartlyAppliedError(Error):
+    """A write spanning shards that some applied and others did not: the message says which."""
+
 class Initializer:
     """How a table's rows start: a pure function of the seed and the row."""
     @staticmethod
