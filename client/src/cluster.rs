@@ -54,10 +54,33 @@ impl std::str::FromStr for TransportKind {
     }
 }
 
+/// What a call does when it learns that a shard restarted from a checkpoint that lacks pushes it
+/// had acknowledged to this client (updates the model lost).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnRollback {
+    /// The call fails with [`ClientError::RolledBack`] (once per rollback: the call's own work
+    /// was done, and later calls go on). The default: a trainer is told.
+    #[default]
+    Error,
+    /// The rollback is logged (a warning) and the call goes on.
+    Continue,
+}
+
+/// The acknowledged pushes restarts took back that calls have reported, and what to do about
+/// new ones.
+#[derive(Debug, Default)]
+struct Rollbacks {
+    reported: std::sync::atomic::AtomicU64,
+    go_on: std::sync::atomic::AtomicBool,
+}
+
 /// A connected cluster: an ordered list of shards.
 #[derive(Clone)]
 pub struct Cluster {
     shards: Arc<[Arc<dyn ShardTransport>]>,
+    /// Set by [`Cluster::close`]: every later call fails at once.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    rollbacks: Arc<Rollbacks>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -132,7 +155,64 @@ impl Cluster {
         }
         Ok(Self {
             shards: shards.into(),
+            closed: Arc::default(),
+            rollbacks: Arc::default(),
         })
+    }
+
+    /// What calls on this cluster (its tables and caches included) do when a shard's restart
+    /// took back acknowledged pushes ([`OnRollback::Error`] unless set).
+    pub fn set_on_rollback(&self, on: OnRollback) {
+        self.rollbacks.go_on.store(
+            on == OnRollback::Continue,
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// Fails, once per rollback, when a shard's restart took back acknowledged pushes of this
+    /// client since the last report (see [`OnRollback`]).
+    pub(crate) fn check_rollbacks(&self) -> Result<(), ClientError> {
+        use std::sync::atomic::Ordering;
+        let r = self.restarts();
+        let before = self
+            .rollbacks
+            .reported
+            .fetch_max(r.pushes_rolled_back, Ordering::AcqRel);
+        if r.pushes_rolled_back <= before {
+            return Ok(());
+        }
+        let pushes = r.pushes_rolled_back - before;
+        let error = ClientError::RolledBack {
+            pushes,
+            total_pushes: r.pushes_rolled_back,
+            total_rows: r.rows_rolled_back,
+        };
+        if self.rollbacks.go_on.load(Ordering::Acquire) {
+            tracing::warn!(%error, "going on after a rollback");
+            return Ok(());
+        }
+        Err(error)
+    }
+
+    /// Closes the cluster for every handle of it (its tables and caches included): later calls
+    /// fail at once with [`ClientError::Closed`] instead of waiting out their deadline for
+    /// shards that are gone (an embedded cluster that was stopped, say).
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether [`Cluster::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Fails once the cluster is closed.
+    pub(crate) fn check_open(&self) -> Result<(), ClientError> {
+        if self.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        Ok(())
     }
 
     /// Number of shards.
@@ -152,6 +232,7 @@ impl Cluster {
 
     /// Creates the table on every shard (idempotent for an identical spec).
     pub fn create_table(&self, spec: &TableSpec) -> Result<Table, ClientError> {
+        self.check_open()?;
         for s in self.shards.iter() {
             s.create_table(spec)?;
         }
@@ -163,6 +244,7 @@ impl Cluster {
 
     /// Opens an existing table, checking that every shard holds it with the same spec.
     pub fn open_table(&self, name: &str) -> Result<Table, ClientError> {
+        self.check_open()?;
         let mut found: Option<TableSpec> = None;
         for s in self.shards.iter() {
             let spec = s
@@ -189,6 +271,7 @@ impl Cluster {
 
     /// Every shard's statistics, in shard order.
     pub fn stats(&self) -> Result<Vec<ShardStats>, ClientError> {
+        self.check_open()?;
         Ok(self
             .shards
             .iter()
@@ -223,6 +306,20 @@ impl Cluster {
         let Some((&first, rest)) = shards.split_first() else {
             return Vec::new();
         };
+        if self.is_closed() {
+            return shards
+                .iter()
+                .map(|&s| {
+                    Err(TransportError::Io {
+                        addr: self.shards[s].addr().to_string(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotConnected,
+                            "the cluster was closed",
+                        ),
+                    })
+                })
+                .collect();
+        }
         if rest.is_empty() {
             return vec![f(first, &*self.shards[first])];
         }
@@ -309,6 +406,7 @@ impl Table {
     }
 
     fn check(&self, keys: &[u64], values: usize) -> Result<(), ClientError> {
+        self.cluster.check_open()?;
         let dim = self.spec.dim as usize;
         if values != keys.len() * dim {
             return Err(ClientError::WrongDim {
@@ -375,7 +473,7 @@ impl Table {
                 }
             }
         }
-        Ok(())
+        self.cluster.check_rollbacks()
     }
 
     /// Pushes `(key, count, gradient sum)` rows; `grads` is keys x dim. Returns when every shard
@@ -413,6 +511,7 @@ impl Table {
             }
             shard.push(name, shard_keys, &c, &g).map(|ack| ack.updates)
         })?;
+        self.cluster.check_rollbacks()?;
         Ok(updates.iter().sum())
     }
 
@@ -434,6 +533,7 @@ impl Table {
                 .assign(name, shard_keys, &v)
                 .map(|ack| ack.rows as u64)
         })?;
+        self.cluster.check_rollbacks()?;
         Ok(rows.iter().sum())
     }
 

@@ -29,7 +29,7 @@ pub use barrier::CheckpointBarrier;
 pub use cache::{
     Bound, CacheConfig, CachedTable, Capacity, PolicyKind, UpdateRule, UpdateRuleKind,
 };
-pub use cluster::{Cluster, Table, TransportKind};
+pub use cluster::{Cluster, OnRollback, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};
 
 use hetkv_transport::TransportError;
@@ -98,6 +98,26 @@ pub enum ClientError {
         /// The shards that failed, with their errors.
         failed: String,
     },
+    /// A shard restarted from a checkpoint that lacks pushes it had acknowledged to this client:
+    /// the model lost those updates (`Cluster::restarts` has the account). Reported once per
+    /// rollback by the call that learnt of it, after its own work; see [`OnRollback`] to go on
+    /// without the error.
+    #[error(
+        "a shard restarted from a checkpoint that lacks {pushes} pushes it had acknowledged ({total_pushes} pushes, \
+         {total_rows} rows rolled back by restarts so far): those updates are lost; the next \
+         call goes on"
+    )]
+    RolledBack {
+        /// Acknowledged pushes taken back since the last report.
+        pushes: u64,
+        /// Acknowledged pushes taken back by restarts so far, in all.
+        total_pushes: u64,
+        /// Their rows.
+        total_rows: u64,
+    },
+    /// The cluster was closed ([`Cluster::close`]).
+    #[error("the cluster was closed")]
+    Closed,
     /// A checkpoint barrier's flush or checkpoint failed (the message of the first failure).
     #[error("checkpoint failed: {0}")]
     CheckpointFailed(String),

@@ -48,6 +48,8 @@ pub struct PublishedStats {
     pub resident: usize,
     /// Rows it can hold.
     pub capacity: usize,
+    /// Its read and write bounds.
+    pub bounds: (crate::Bound, crate::Bound),
 }
 
 /// The counters a cache last published, shared with whoever reads them (a scrape).

@@ -51,6 +51,12 @@ pub struct ClientConfig {
     /// An emulated link ([`crate::link`]): every frame to and from the shard waits its transfer
     /// time at this bandwidth. For showing a slow network on one machine; `None` for a real one.
     pub emulated_link: Option<crate::link::LinkLimit>,
+    /// How long [`TcpShardClient::connect`] waits for a daemon that refuses the connection (not
+    /// listening yet). 0, the default, fails at once: an address where nothing listens is an
+    /// error the caller hears about now, not at the deadline. Failures of another kind (a
+    /// timeout, a reset) are retried within the deadline; so are refusals of a daemon the client
+    /// has reached before (a restart).
+    pub wait_for_daemon: Duration,
 }
 
 impl Default for ClientConfig {
@@ -64,6 +70,7 @@ impl Default for ClientConfig {
             protocol_version: PROTOCOL_VERSION,
             deadline: Duration::from_secs(60),
             emulated_link: None,
+            wait_for_daemon: Duration::ZERO,
         }
     }
 }
@@ -170,14 +177,31 @@ impl TcpShardClient {
             .config
             .emulated_link
             .map(crate::link::EmulatedLink::new);
-        // A daemon that is starting, restarting or unreachable for a moment: try again, within
-        // the deadline.
+        // A daemon unreachable for a moment: try again, within the deadline; one that refuses
+        // (nothing listens) only within `wait_for_daemon`.
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
         let (conn, hello) = loop {
             let left = client.config.deadline.saturating_sub(start.elapsed());
             match client.open_within(left) {
                 Ok(opened) => break opened,
+                Err(TransportError::Io { source, addr })
+                    if source.kind() == io::ErrorKind::ConnectionRefused =>
+                {
+                    let waited = start.elapsed();
+                    let wait = client.config.wait_for_daemon.min(client.config.deadline);
+                    if waited >= wait {
+                        return Err(TransportError::Io {
+                            addr,
+                            source: io::Error::new(
+                                io::ErrorKind::ConnectionRefused,
+                                format!("connection refused (no daemon listens there): {source}"),
+                            ),
+                        });
+                    }
+                    std::thread::sleep(backoff.min(wait - waited));
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
                 Err(TransportError::Io { source, .. })
                     if start.elapsed() + backoff < client.config.deadline =>
                 {

@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hetkv_client::{
-    Bound, CacheConfig, CacheStats, Capacity, Cluster, PolicyKind, Table, TransportKind,
-    UpdateRuleKind,
+    Bound, CacheConfig, CacheStats, Capacity, Cluster, OnRollback, PolicyKind, Table,
+    TransportKind, UpdateRuleKind,
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::EmbeddedCluster;
@@ -232,6 +232,8 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     };
     let admin = Cluster::connect_tcp(coordinator_servers, &ClientConfig::default())
         .with_context(|| format!("connecting to {}", coordinator_servers.join(",")))?;
+    // The coordinator's evaluations go on through a restart too (the workers report it).
+    admin.set_on_rollback(OnRollback::Continue);
     let net = args.net()?;
     let specs = tables(&net, data.synth.table_rows(), args.optimizers());
     let handles: Vec<Table> = specs

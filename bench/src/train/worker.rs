@@ -67,6 +67,10 @@ impl WorkerTables {
     pub(super) fn connect(args: &TrainArgs, w: usize) -> Result<Self> {
         let emb_client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
         let client = Cluster::connect(&args.servers, args.transport, &ClientConfig::default())?;
+        // A training run goes on through a daemon's restart from a checkpoint, and reports what
+        // the restart took back (`restarts` in its report) instead of failing.
+        emb_client.set_on_rollback(OnRollback::Continue);
+        client.set_on_rollback(OnRollback::Continue);
         let config = args.initial_cache_config(w);
         Ok(Self {
             warmup_ends: (config != args.cache_config())

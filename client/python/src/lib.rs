@@ -88,6 +88,12 @@ create_exception!(
 );
 create_exception!(
     hetkv,
+    RollbackError,
+    Error,
+    "A shard restarted from a checkpoint that lacks pushes it had acknowledged: those updates are lost. Raised once per rollback; the next call goes on (Cluster.on_rollback = \"continue\" only logs it)."
+);
+create_exception!(
+    hetkv,
     PartlyAppliedError,
     Error,
     "A write spanning shards that some applied and others did not: the message says which did what."
@@ -130,6 +136,8 @@ fn py_err(e: ClientError) -> PyErr {
         ClientError::Prefetch(_) => Error::new_err(message),
         ClientError::InvalidValue { .. } => InvalidGradientError::new_err(message),
         ClientError::PartlyApplied { .. } => PartlyAppliedError::new_err(message),
+        ClientError::Closed => ConnectionError::new_err(message),
+        ClientError::RolledBack { .. } => RollbackError::new_err(message),
     }
 }
 
@@ -187,12 +195,22 @@ fn rows2<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray2<
     })
 }
 
-fn contiguous<'a, T>(slice: Result<&'a [T], numpy::AsSliceError>, what: &str) -> PyResult<&'a [T]> {
-    slice.map_err(|_| {
+/// The elements of `array` in row-major order, borrowed: only a C-contiguous array has them so
+/// (a Fortran-ordered one is contiguous too, but column by column, and reading it as rows would
+/// take its values for the wrong keys), so any other layout is refused, saying how to convert.
+fn contiguous<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    array: &'a numpy::PyReadonlyArray<'_, T, D>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    let refuse = || {
         PyValueError::new_err(format!(
-            "{what} must be C-contiguous: pass numpy.ascontiguousarray({what})"
+            "{what} must be C-contiguous (row-major): pass numpy.ascontiguousarray({what})"
         ))
-    })
+    };
+    if !array.is_c_contiguous() {
+        return Err(refuse());
+    }
+    array.as_slice().map_err(|_| refuse())
 }
 
 fn check_rows(shape: &[usize], keys: usize, dim: usize, what: &str, table: &str) -> PyResult<()> {
@@ -440,6 +458,23 @@ impl Cluster {
         Ok(out)
     }
 
+    /// What calls do when a shard's restart took back pushes it had acknowledged: "error" (the
+    /// default: the call that learns of it raises `hetkv.RollbackError`, once, after doing its
+    /// own work) or "continue" (a warning in the log).
+    fn set_on_rollback(&self, on: &str) -> PyResult<()> {
+        let on = match on {
+            "error" => hetkv_client::OnRollback::Error,
+            "continue" => hetkv_client::OnRollback::Continue,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "on_rollback {other:?} is not \"error\" or \"continue\""
+                )))
+            }
+        };
+        self.inner.set_on_rollback(on);
+        Ok(())
+    }
+
     fn __repr__(&self) -> String {
         format!("hetkv.Cluster({:?})", self.addrs())
     }
@@ -451,9 +486,10 @@ impl Cluster {
 /// "tcp", "shm" or "rdma"; `auth_token` is the daemons' token; `timeout` is every call's
 /// deadline in seconds, retries included. `emulated_link_gbps` holds every frame to and from
 /// each shard to that bandwidth (a token bucket in the TCP transport: transfer time, no
-/// latency), to show a slow network on one machine.
+/// latency), to show a slow network on one machine. An address where no daemon listens fails at
+/// once (`hetkv.ConnectionError`), unless `wait_for_daemon` gives it that many seconds to start.
 #[pyfunction]
-#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0, emulated_link_gbps = None))]
+#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0, emulated_link_gbps = None, wait_for_daemon = 0.0))]
 fn connect(
     py: Python<'_>,
     addrs: Vec<String>,
@@ -461,9 +497,16 @@ fn connect(
     auth_token: Option<String>,
     timeout: f64,
     emulated_link_gbps: Option<f64>,
+    wait_for_daemon: f64,
 ) -> PyResult<Cluster> {
     let kind: TransportKind = transport.parse().map_err(PyValueError::new_err)?;
     let mut config = client_config(auth_token, timeout)?;
+    if !(wait_for_daemon.is_finite() && wait_for_daemon >= 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "wait_for_daemon must be a number of seconds of at least 0, not {wait_for_daemon}"
+        )));
+    }
+    config.wait_for_daemon = Duration::from_secs_f64(wait_for_daemon);
     if let Some(g) = emulated_link_gbps {
         if !(g.is_finite() && g > 0.0) {
             return Err(PyValueError::new_err(format!(
@@ -568,9 +611,16 @@ impl EmbeddedCluster {
         )
     }
 
-    /// Stops the shards (the cluster's tables are gone unless they were checkpointed).
-    fn close(&self, py: Python<'_>) {
-        let taken = self.shards.lock().unwrap_or_else(|p| p.into_inner()).take();
+    /// Stops the shards (the cluster's tables are gone unless they were checkpointed); every
+    /// later call on the cluster, its tables and caches fails at once (`hetkv.ConnectionError`).
+    fn close(slf: &Bound<'_, Self>, py: Python<'_>) {
+        slf.as_super().get().inner.close();
+        let taken = slf
+            .get()
+            .shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(c) = taken {
             py.detach(|| c.shutdown());
         }
@@ -590,13 +640,13 @@ impl EmbeddedCluster {
     }
 
     fn __exit__(
-        &self,
+        slf: &Bound<'_, Self>,
         py: Python<'_>,
         _kind: Option<Bound<'_, PyAny>>,
         _value: Option<Bound<'_, PyAny>>,
         _traceback: Option<Bound<'_, PyAny>>,
     ) -> bool {
-        self.close(py);
+        Self::close(slf, py);
         false
     }
 }
@@ -658,7 +708,7 @@ impl Table {
         versions: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(keys.as_slice(), "keys")?;
+        let keys = contiguous(&keys, "keys")?;
         let dim = self.dim();
         let name = self.name();
         let mut versions: Option<PyReadwriteArray1<'py, u64>> = match versions {
@@ -680,7 +730,7 @@ impl Table {
                         keys.len()
                     )));
                 }
-                Some(contiguous_mut(v.as_slice_mut(), "versions")?)
+                Some(contiguous_mut(v, "versions")?)
             }
         };
         into_rows(py, out, keys.len(), dim, &name, |rows| {
@@ -700,15 +750,15 @@ impl Table {
         counts: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(keys.as_slice(), "keys")?;
+        let keys = contiguous(&keys, "keys")?;
         let grads = rows2(grads, "grads")?;
         check_rows(grads.shape(), keys.len(), self.dim(), "grads", &self.name())?;
-        let grads = contiguous(grads.as_slice(), "grads")?;
+        let grads = contiguous(&grads, "grads")?;
         let counts: Vec<u32> = match counts {
             None => vec![1; keys.len()],
             Some(c) => {
                 let c = array1::<u32>(c, "counts", "uint32")?;
-                contiguous(c.as_slice(), "counts")?.to_vec()
+                contiguous(&c, "counts")?.to_vec()
             }
         };
         py.detach(|| self.inner.push(keys, &counts, grads))
@@ -724,7 +774,7 @@ impl Table {
         values: &Bound<'_, PyAny>,
     ) -> PyResult<u64> {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(keys.as_slice(), "keys")?;
+        let keys = contiguous(&keys, "keys")?;
         let values = rows2(values, "values")?;
         check_rows(
             values.shape(),
@@ -733,7 +783,7 @@ impl Table {
             "values",
             &self.name(),
         )?;
-        let values = contiguous(values.as_slice(), "values")?;
+        let values = contiguous(&values, "values")?;
         py.detach(|| self.inner.assign(keys, values))
             .map_err(py_err)
     }
@@ -752,7 +802,7 @@ impl Table {
             .map(|k| array1::<u64>(k, "keys", "uint64"))
             .transpose()?;
         let keys = match &keys {
-            Some(k) => Some(contiguous(k.as_slice(), "keys")?),
+            Some(k) => Some(contiguous(&k, "keys")?),
             None => None,
         };
         let shards = shards_of(self.inner.cluster());
@@ -816,8 +866,10 @@ impl Table {
             push_bound: cache_bound(push_bound),
         };
         let dim = self.dim();
+        let cached = self.inner.cached(config).with_update_rule(rule);
         Ok(Cache {
-            inner: Mutex::new(self.inner.cached(config).with_update_rule(rule)),
+            published: cached.stats_handle(),
+            inner: Mutex::new(cached),
             dim,
             name: self.name(),
         })
@@ -839,11 +891,20 @@ fn cache_bound(b: Option<u64>) -> CacheBound {
     b.map_or(CacheBound::INFINITE, CacheBound::updates)
 }
 
-fn contiguous_mut<'a, T>(
-    slice: Result<&'a mut [T], numpy::AsSliceError>,
+/// [`contiguous`] for an array written into.
+fn contiguous_mut<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    array: &'a mut numpy::PyReadwriteArray<'_, T, D>,
     what: &str,
 ) -> PyResult<&'a mut [T]> {
-    slice.map_err(|_| PyValueError::new_err(format!("{what} must be C-contiguous")))
+    let refuse = || {
+        PyValueError::new_err(format!(
+            "{what} must be C-contiguous (row-major): pass numpy.ascontiguousarray({what})"
+        ))
+    };
+    if !array.is_c_contiguous() {
+        return Err(refuse());
+    }
+    array.as_slice_mut().map_err(|_| refuse())
 }
 
 /// Fills `out` (checked to be float32, n x dim, C-contiguous), or a new array, with `fill`,
@@ -865,7 +926,7 @@ fn into_rows<'py>(
                 ))
             })?;
             check_rows(rw.shape(), n, dim, "out", table)?;
-            let rows = contiguous_mut(rw.as_slice_mut(), "out")?;
+            let rows = contiguous_mut(&mut rw, "out")?;
             py.detach(|| fill(rows)).map_err(py_err)?;
             Ok(given.clone())
         }
@@ -883,10 +944,13 @@ fn into_rows<'py>(
 }
 
 /// One worker's HET cache of a table (`Table.cached`). Calls from several Python threads are
-/// serialized; give each worker thread a cache of its own.
+/// serialized; give each worker thread a cache of its own. `stats`, `bounds` and `repr` read a
+/// copy the cache publishes at the end of each call, so they answer while another thread's call
+/// waits on the network.
 #[pyclass(module = "hetkv", frozen)]
 struct Cache {
     inner: Mutex<CachedTable>,
+    published: hetkv_client::metrics::CacheStatsHandle,
     dim: usize,
     name: String,
 }
@@ -918,7 +982,7 @@ impl Cache {
         out: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(keys.as_slice(), "keys")?;
+        let keys = contiguous(&keys, "keys")?;
         into_rows(py, out, keys.len(), self.dim, &self.name, |rows| {
             let mut cache = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             cache.lookup(keys, rows)
@@ -935,10 +999,10 @@ impl Cache {
         grads: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(keys.as_slice(), "keys")?;
+        let keys = contiguous(&keys, "keys")?;
         let grads = rows2(grads, "grads")?;
         check_rows(grads.shape(), keys.len(), self.dim, "grads", &self.name)?;
-        let grads = contiguous(grads.as_slice(), "grads")?;
+        let grads = contiguous(&grads, "grads")?;
         self.with(py, |c| c.update(keys, grads))
     }
 
@@ -947,7 +1011,7 @@ impl Cache {
     /// it is in flight are kept and applied when it lands, and the rows it returns include them.
     fn prefetch(&self, py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<()> {
         let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(keys.as_slice(), "keys")?;
+        let keys = contiguous(&keys, "keys")?;
         self.with(py, |c| c.prefetch(keys))
     }
 
@@ -968,8 +1032,7 @@ impl Cache {
     /// The bounds in force, `(pull_bound, push_bound)` (None: unbounded).
     #[getter]
     fn bounds(&self) -> (Option<u64>, Option<u64>) {
-        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let (pull, push) = c.core().bounds();
+        let (pull, push) = self.published.get().bounds;
         let py_bound = |b: CacheBound| (!b.is_infinite()).then(|| b.get());
         (py_bound(pull), py_bound(push))
     }
@@ -982,10 +1045,8 @@ impl Cache {
     /// The cache's counters (hits, misses, pushes, bytes, restarts noticed, ...) and its
     /// `hit_rate`, `resident` and `capacity`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (stats, resident, capacity) = {
-            let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            (c.stats(), c.core().resident(), c.core().capacity())
-        };
+        let published = self.published.get();
+        let (stats, resident, capacity) = (published.stats, published.resident, published.capacity);
         let out = PyDict::new(py);
         for (name, _, value) in stats.counters() {
             out.set_item(name, value)?;
@@ -1009,12 +1070,10 @@ impl Cache {
     }
 
     fn __repr__(&self) -> String {
-        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.published.get();
         format!(
             "hetkv.Cache(table={:?}, capacity={}, resident={})",
-            self.name,
-            c.core().capacity(),
-            c.core().resident()
+            self.name, p.capacity, p.resident
         )
     }
 }
@@ -1044,6 +1103,10 @@ fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("RemoteError", py.get_type::<RemoteError>())?;
     m.add("PartlyAppliedError", py.get_type::<PartlyAppliedError>())?;
+    m.add("RollbackError", py.get_type::<RollbackError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The Rust side's logs (restarts noticed, pushes held, rollbacks) reach Python's `logging`,
+    // under loggers named after their Rust module (`hetkv_client.cache.core`, ...).
+    let _ = pyo3_log::try_init();
     Ok(())
 }

@@ -196,6 +196,17 @@ impl CacheCore {
         u64::from(line) + queued
     }
 
+    /// Updates this cache holds that the shards have not acknowledged: in its lines and queued
+    /// for pushing (those a transport holds after a deadline are the transport's).
+    pub fn pending_updates(&self) -> u64 {
+        let lines: u64 = self
+            .lines
+            .dirty_above(0)
+            .map(|s| u64::from(self.lines.meta(s).p))
+            .sum();
+        lines + self.queue.counts().map(|(_, c)| u64::from(c)).sum::<u64>()
+    }
+
     /// What the cache holds of `key`, without touching the policy or asking a shard.
     pub fn peek(&self, key: u64) -> Option<LineView> {
         let slot = self.lines.slot_of(key)?;

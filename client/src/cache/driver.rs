@@ -97,6 +97,22 @@ fn nanos(d: std::time::Duration) -> u64 {
     d.as_nanos().min(u64::MAX as u128) as u64
 }
 
+impl Drop for CachedTable {
+    /// A cache dropped with updates the shards never got says so (through `tracing`, which the
+    /// Python package forwards to `logging`): they are lost. Call [`CachedTable::flush`] first.
+    fn drop(&mut self) {
+        let pending = self.core.pending_updates() + self.late_keys.len() as u64;
+        if pending > 0 {
+            tracing::warn!(
+                table = %self.table.spec().name,
+                updates = pending,
+                "a cache was dropped with updates the shards never got: they are lost (call \
+                 flush before dropping it)"
+            );
+        }
+    }
+}
+
 impl std::fmt::Debug for CachedTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CachedTable")
@@ -138,6 +154,7 @@ impl CachedTable {
             stats: self.stats(),
             resident: self.core.resident(),
             capacity: self.core.capacity(),
+            bounds: self.core.bounds(),
         });
     }
 
@@ -167,6 +184,7 @@ impl CachedTable {
     /// pushed before this returns. A trainer that starts synchronous and then lets staleness in
     /// (post-local SGD) calls it once, with looser bounds.
     pub fn set_bounds(&mut self, pull: Bound, push: Bound) -> Result<(), ClientError> {
+        self.table.cluster().check_open()?;
         self.land_unused();
         self.core.set_bounds(pull, push);
         let result = self.push_pending();
@@ -202,12 +220,15 @@ impl CachedTable {
     /// for pushing. A prefetch still in flight lands first. See the type's documentation for what
     /// holds of prefetched rows.
     pub fn prefetch(&mut self, keys: &[u64]) -> Result<(), ClientError> {
-        let result = self.prefetch_inner(keys);
+        let result = self
+            .prefetch_inner(keys)
+            .and_then(|()| self.table.cluster().check_rollbacks());
         self.publish();
         result
     }
 
     fn prefetch_inner(&mut self, keys: &[u64]) -> Result<(), ClientError> {
+        self.table.cluster().check_open()?;
         self.land_unused();
         let started = Instant::now();
         self.core.start_prefetch(keys)?;
@@ -333,7 +354,9 @@ impl CachedTable {
 
     /// Reads the rows of `keys` (duplicates allowed) into `out` (keys x dim).
     pub fn lookup(&mut self, keys: &[u64], out: &mut [f32]) -> Result<(), ClientError> {
-        let result = self.lookup_inner(keys, out, None);
+        let result = self
+            .lookup_inner(keys, out, None)
+            .and_then(|()| self.table.cluster().check_rollbacks());
         self.publish();
         result
     }
@@ -346,7 +369,9 @@ impl CachedTable {
         out: &mut [f32],
         clocks: &mut [u64],
     ) -> Result<(), ClientError> {
-        let result = self.lookup_inner(keys, out, Some(clocks));
+        let result = self
+            .lookup_inner(keys, out, Some(clocks))
+            .and_then(|()| self.table.cluster().check_rollbacks());
         self.publish();
         result
     }
@@ -357,6 +382,7 @@ impl CachedTable {
         out: &mut [f32],
         clocks: Option<&mut [u64]>,
     ) -> Result<(), ClientError> {
+        self.table.cluster().check_open()?;
         let dim = self.table.spec().dim as usize;
         if out.len() != keys.len() * dim || clocks.as_ref().is_some_and(|c| c.len() != keys.len()) {
             return Err(ClientError::WrongDim {
@@ -436,6 +462,7 @@ impl CachedTable {
     /// With a prefetch in flight, the input is checked and kept, and applied when the prefetch
     /// lands (see the type's documentation).
     pub fn update(&mut self, keys: &[u64], grads: &[f32]) -> Result<(), ClientError> {
+        self.table.cluster().check_open()?;
         let started = Instant::now();
         if self.inflight.is_some() {
             self.core.check_update(keys, grads)?;
@@ -446,7 +473,9 @@ impl CachedTable {
         }
         self.core.update(keys, grads)?;
         self.time.update_ns += nanos(started.elapsed());
-        let result = self.push_pending();
+        let result = self
+            .push_pending()
+            .and_then(|()| self.table.cluster().check_rollbacks());
         self.publish();
         result
     }
@@ -454,6 +483,7 @@ impl CachedTable {
     /// Pushes every unpushed update and returns when the shards have applied them (those the
     /// transports hold after a deadline included).
     pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.table.cluster().check_open()?;
         self.land_unused();
         self.core.flush();
         let mut result = self.push_pending();
@@ -461,7 +491,8 @@ impl CachedTable {
             let cluster = self.table.cluster();
             result = (0..cluster.shard_count())
                 .try_for_each(|s| cluster.shard(s).settle())
-                .map_err(ClientError::from);
+                .map_err(ClientError::from)
+                .and_then(|()| cluster.check_rollbacks());
         }
         self.publish();
         result

@@ -37,8 +37,8 @@ pub use rule::{UpdateRule, UpdateRuleKind};
 
 use hetkv_transport::{Optimizer, TableSpec};
 
-/// A staleness bound: a number of updates, or infinite (never checked).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A staleness bound: a number of updates, or infinite (never checked). The default is 0 (strict).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Bound(u64);
 
 impl Bound {

@@ -38,6 +38,10 @@ class ProtocolError(Error):
 class RemoteError(Error):
     """A shard refused the request for another reason."""
 
+class RollbackError(Error):
+    """A shard restarted from a checkpoint that lacks pushes it had acknowledged: those updates are
+    lost. Raised once per rollback, by the call that learnt of it; the next call goes on."""
+
 class PartlyAppliedError(Error):
     """A write spanning shards that some applied and others did not: the message says which."""
 
@@ -144,6 +148,7 @@ class Cluster:
     def table(self, name: str) -> Table: ...
     def checkpoint(self, name: str, incremental: bool = False) -> List[Dict[str, Any]]: ...
     def restarts(self) -> Dict[str, int]: ...
+    def set_on_rollback(self, on: str) -> None: ...
 
 class EmbeddedCluster(Cluster):
     """Shards running in this process, on loopback TCP."""
@@ -165,4 +170,5 @@ def connect(
     auth_token: Optional[str] = None,
     timeout: float = 60.0,
     emulated_link_gbps: Optional[float] = None,
+    wait_for_daemon: float = 0.0,
 ) -> Cluster: ...
