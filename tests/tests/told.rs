@@ -96,7 +96,8 @@ fn a_restart_that_took_back_acknowledged_pushes_is_an_error_once_then_the_calls_
         };
         let first = start("127.0.0.1:0");
         let addr = first.addr.clone();
-        let c = Cluster::connect_tcp(&[addr.clone()], &ClientConfig::default()).unwrap();
+        let c =
+            Cluster::connect_tcp(std::slice::from_ref(&addr), &ClientConfig::default()).unwrap();
         c.set_on_rollback(on);
         let table = c.create_table(&spec()).unwrap();
         let mut cache = table.cached(CacheConfig::new(

@@ -802,7 +802,7 @@ impl Table {
             .map(|k| array1::<u64>(k, "keys", "uint64"))
             .transpose()?;
         let keys = match &keys {
-            Some(k) => Some(contiguous(&k, "keys")?),
+            Some(k) => Some(contiguous(k, "keys")?),
             None => None,
         };
         let shards = shards_of(self.inner.cluster());
