@@ -78,6 +78,27 @@ impl Default for ClientConfig {
 struct Conn {
     stream: TcpStream,
     recv: Vec<u8>,
+    /// When it went back into the pool.
+    idle_since: Instant,
+}
+
+/// A pooled connection idle longer than this is checked before it is used: a daemon's idle
+/// timeout may have closed it, and a request that is not sent again (an assign, a checkpoint)
+/// must not be lost to a connection known dead.
+const CHECK_IDLE_AFTER: Duration = Duration::from_millis(100);
+
+impl Conn {
+    /// Whether the daemon has closed this connection (or sent what nobody asked for): a peek
+    /// that does not wait.
+    fn closed_by_peer(&self) -> bool {
+        let mut b = [0u8; 1];
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let peeked = self.stream.peek(&mut b);
+        let restored = self.stream.set_nonblocking(false).is_ok();
+        !restored || !matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 /// A connection pool to one shard, implementing [`ShardTransport`].
@@ -278,6 +299,7 @@ impl TcpShardClient {
         let mut conn = Conn {
             stream,
             recv: Vec::new(),
+            idle_since: Instant::now(),
         };
         // With a token: ask for this connection's nonce and answer it; the token never travels.
         let auth = match &self.config.auth {
@@ -326,7 +348,8 @@ impl TcpShardClient {
         Ok((conn, reply))
     }
 
-    fn put_back(&self, conn: Conn) {
+    fn put_back(&self, mut conn: Conn) {
+        conn.idle_since = Instant::now();
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -534,7 +557,8 @@ impl TcpShardClient {
         loop {
             attempts += 1;
             let left = deadline.saturating_sub(start.elapsed());
-            let result = self.attempt(op, frame, left, &mut parse);
+            let mut sent = false;
+            let result = self.attempt(op, frame, left, &mut parse, &mut sent);
             let error = match result {
                 Err(e @ TransportError::Io { .. }) => e,
                 other => return other,
@@ -544,10 +568,18 @@ impl TcpShardClient {
                 let TransportError::Io { source, .. } = error else {
                     unreachable!("only I/O errors are retried")
                 };
+                let outcome = if !again && sent {
+                    format!(
+                        "; the connection failed after the {op:?} request was sent, so whether \
+                         the shard carried it out is unknown (it is never sent twice)"
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(self.io_err(io::Error::new(
                     source.kind(),
                     format!(
-                        "{source} ({attempts} attempt{} over {:.1} s; the deadline is {:.1} s)",
+                        "{source} ({attempts} attempt{} over {:.1} s; the deadline is {:.1} s){outcome}",
                         if attempts == 1 { "" } else { "s" },
                         waited.as_secs_f64(),
                         deadline.as_secs_f64()
@@ -568,12 +600,21 @@ impl TcpShardClient {
         frame: &[u8],
         left: Duration,
         parse: &mut Option<P>,
+        sent: &mut bool,
     ) -> Result<R, TransportError>
     where
         P: FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     {
         let left = left.max(Duration::from_millis(1));
-        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let pooled = loop {
+            let conn = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match conn {
+                Some(c) if c.idle_since.elapsed() > CHECK_IDLE_AFTER && c.closed_by_peer() => {
+                    tracing::debug!(shard = %self.addr, "a pooled connection was closed by the daemon");
+                }
+                c => break c,
+            }
+        };
         let mut conn = match pooled {
             Some(c) => c,
             None => self.open_within(left)?.0,
@@ -583,6 +624,7 @@ impl TcpShardClient {
             .set_read_timeout(limit)
             .and_then(|()| conn.stream.set_write_timeout(limit))
             .map_err(|e| self.io_err(e))?;
+        *sent = true;
         let result = self
             .send_and_receive(&mut conn, op, frame)
             .and_then(|parts| (parse.take().expect("an answer is parsed once"))(parts));

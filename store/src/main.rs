@@ -201,7 +201,8 @@ struct ServeArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Most bytes all tables together may take on this shard (regions and optimizer state),
-    /// checked before a table is mapped [default: three quarters of the machine's memory].
+    /// checked before a table is mapped [default: three quarters of the machine's memory, or of
+    /// the memory cgroup's limit where that is lower].
     #[arg(long)]
     max_memory: Option<u64>,
     /// Most tables this shard holds; creating one more is refused.
@@ -215,20 +216,28 @@ struct ServeArgs {
     /// oldest).
     #[arg(long, default_value_t = 5.0)]
     hello_timeout: f64,
-    /// Seconds a greeted connection may stay silent between requests before it is closed
-    /// (0, the default: never; a client sees a closed pooled connection as an I/O error on its
-    /// next call).
-    #[arg(long, default_value_t = 0.0)]
-    idle_timeout: f64,
+    /// Seconds a greeted connection may stay silent between requests before it is closed (0:
+    /// never). [default: 600 for a daemon without --auth-token-file and without --rdma, whose
+    /// slots anyone who can connect could otherwise hold forever; never otherwise]. A client
+    /// checks a pooled connection idle for a while before it uses it, so a closed one costs a
+    /// new connection, not an error.
+    #[arg(long)]
+    idle_timeout: Option<f64>,
     /// Largest table footprint on this shard [default: 32 GiB, or the config's].
     #[arg(long)]
     max_table_bytes: Option<u64>,
-    /// File holding a token that every client's hello must carry.
+    /// File holding a token that every client's hello must prove it knows: the file's text
+    /// without leading and trailing whitespace (a final newline is not part of it; inner
+    /// whitespace is); an empty token is refused.
     #[arg(long)]
     auth_token_file: Option<PathBuf>,
     /// Serve the shard's metrics (Prometheus text format) at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Tables with metrics series of their own (the first created); the others are summed under
+    /// the table label "(other)", so the page stays bounded however many tables there are.
+    #[arg(long, default_value_t = hetkv_store::metrics::DEFAULT_METRICS_TABLES)]
+    metrics_tables: usize,
     /// Seconds a client may be silent before this daemon forgets the numbers of its pushes (a
     /// push it sends again after that is applied again).
     #[arg(long, default_value_t = 3600.0)]
@@ -276,6 +285,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .max_memory
             .unwrap_or_else(hetkv_store::shard::default_max_memory),
         session_idle: seconds("--session-idle", args.session_idle)?,
+        metrics_tables: args.metrics_tables,
     };
     let server_config = ServerConfig {
         max_frame: args
@@ -284,11 +294,31 @@ fn serve(args: ServeArgs) -> Result<()> {
             .unwrap_or(DEFAULT_MAX_FRAME),
         hello_timeout: seconds("--hello-timeout", args.hello_timeout)?,
         idle_timeout: match args.idle_timeout {
-            0.0 => None,
-            t => Some(seconds("--idle-timeout", t)?),
+            Some(0.0) => None,
+            Some(t) => Some(seconds("--idle-timeout", t)?),
+            // RDMA readers' queue pairs live on their pooled connections until they reconnect
+            // on their own; an authenticated daemon's slots are held only by token holders.
+            None if authenticated || args.rdma => None,
+            None => Some(DEFAULT_IDLE_TIMEOUT),
         },
         ..ServerConfig::default()
     };
+    tracing::info!(
+        max_memory = shard_config.max_memory,
+        from = if args.max_memory.is_some() {
+            "--max-memory"
+        } else {
+            "3/4 of the machine's or the cgroup's memory"
+        },
+        "bound on all tables' memory"
+    );
+    match server_config.idle_timeout {
+        Some(t) => tracing::info!(
+            seconds = t.as_secs_f64(),
+            "closing connections idle this long"
+        ),
+        None => tracing::info!("idle connections are never closed"),
+    }
     let shard = Arc::new(Shard::new(shard_config).context("setting up the shard")?);
     if let Some(dir) = &args.data_dir {
         let started = std::time::Instant::now();
@@ -372,13 +402,16 @@ async fn shutdown_signal() {
     }
 }
 
-/// The token in `path`, trimmed; an empty one is an error (it would admit an empty token).
+/// Idle timeout of a daemon that neither authenticates nor serves RDMA, unless one is given.
+const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The token in `path` (see [`hetkv_transport::auth::token_of`] for what whitespace counts); an
+/// empty one is an error (it would admit an empty token).
 pub(crate) fn read_token(path: Option<&std::path::Path>) -> Result<Option<String>> {
     let Some(path) = path else { return Ok(None) };
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("reading auth token from {}", path.display()))?
-        .trim()
-        .to_string();
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading auth token from {}", path.display()))?;
+    let token = hetkv_transport::auth::token_of(&text).to_string();
     if token.is_empty() {
         bail!("the auth token file {} is empty", path.display());
     }

@@ -6,7 +6,8 @@
 //! the shard: frames, bytes in and out, connections, repeated pushes acknowledged without being
 //! applied, and checkpoints (count by outcome, duration, bytes).
 
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -84,7 +85,18 @@ pub struct ShardMetrics {
     shard: Gauge,
     incarnation: Family<IncarnationLabels, Gauge>,
     lock: Mutex<()>,
+    /// Tables with series of their own (the first [`ShardMetrics::new`]'s `per_table` seen); the
+    /// others are counted under [`OTHER_TABLES`].
+    named: RwLock<HashSet<String>>,
+    per_table: usize,
 }
+
+/// The table label of the tables past the per-table limit (no table can be named so).
+pub const OTHER_TABLES: &str = "(other)";
+
+/// Default number of tables with series of their own: the page stays under about 150 KiB
+/// however many tables a shard holds.
+pub const DEFAULT_METRICS_TABLES: usize = 32;
 
 #[derive(Debug, Default)]
 struct Mirrored {
@@ -124,8 +136,8 @@ fn mirror(c: &Counter, total: u64) {
 }
 
 impl ShardMetrics {
-    /// Metrics of shard `shard`.
-    pub fn new(shard: u32) -> Self {
+    /// Metrics of shard `shard`, with series of their own for `per_table` tables at most.
+    pub fn new(shard: u32, per_table: usize) -> Self {
         let mut registry = Registry::with_prefix("hetkv");
         let requests = Family::<OpLabels, Counter>::default();
         let seconds: Histograms<OpLabels> = Family::new_with_constructor(request_histogram);
@@ -231,6 +243,32 @@ impl ShardMetrics {
             shard: shard_gauge,
             incarnation,
             lock: Mutex::new(()),
+            named: RwLock::new(HashSet::new()),
+            per_table,
+        }
+    }
+
+    /// The label `table` is counted under: its own name for the first `per_table` tables seen,
+    /// [`OTHER_TABLES`] for the rest (and "" for requests on no table).
+    fn table_label(&self, table: &str) -> String {
+        if table.is_empty()
+            || self
+                .named
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(table)
+        {
+            return table.to_string();
+        }
+        let mut named = self.named.write().unwrap_or_else(|p| p.into_inner());
+        if named.len() < self.per_table {
+            named.insert(table.to_string());
+            return table.to_string();
+        }
+        if named.contains(table) {
+            table.to_string()
+        } else {
+            OTHER_TABLES.to_string()
         }
     }
 
@@ -238,7 +276,7 @@ impl ShardMetrics {
     pub fn request(&self, op: &str, table: &str, took: Duration, code: Option<&str>) {
         let labels = OpLabels {
             op: op.to_string(),
-            table: table.to_string(),
+            table: self.table_label(table),
         };
         self.requests.get_or_create(&labels).inc();
         self.seconds
@@ -276,13 +314,27 @@ impl ShardMetrics {
         mirror(&m.bytes_out, totals.bytes.1);
         mirror(&m.connections, totals.connections);
         mirror(&m.repeated_pushes, totals.repeated_pushes);
+        // The tables past the per-table limit are summed into one series (tables are never
+        // dropped, so the sum only grows).
+        let mut other = (0, 0, 0);
         for (table, read, pushed, updates) in &totals.tables {
-            let l = TableLabels {
-                table: table.clone(),
-            };
+            let label = self.table_label(table);
+            if label == OTHER_TABLES {
+                other = (other.0 + read, other.1 + pushed, other.2 + updates);
+                continue;
+            }
+            let l = TableLabels { table: label };
             mirror(&m.rows_read.get_or_create(&l), *read);
             mirror(&m.rows_pushed.get_or_create(&l), *pushed);
             mirror(&m.updates.get_or_create(&l), *updates);
+        }
+        if other != (0, 0, 0) {
+            let l = TableLabels {
+                table: OTHER_TABLES.to_string(),
+            };
+            mirror(&m.rows_read.get_or_create(&l), other.0);
+            mirror(&m.rows_pushed.get_or_create(&l), other.1);
+            mirror(&m.updates.get_or_create(&l), other.2);
         }
         self.tables.set(totals.tables.len() as i64);
         let _ = &self.shard;
@@ -300,72 +352,107 @@ impl ShardMetrics {
     }
 }
 
+/// Open metrics connections at most; a newer one displaces the oldest, so connections that
+/// say nothing (or say it a byte at a time) cannot keep a scraper out.
+pub const MAX_METRICS_CONNECTIONS: usize = 256;
+/// Time a metrics connection has to send its request head, and then to take the reply.
+pub const METRICS_DEADLINE: Duration = Duration::from_secs(5);
+/// Pages rendered at once (rendering holds a blocking thread).
+const RENDERS: usize = 4;
+
 /// Serves `GET /metrics` (the text exposition of `shard`) on `listener` until `shutdown`
-/// completes: HTTP/1.1, one request per connection. A request head must arrive within 5 s and
-/// 8 KiB; at most 16 scrapes are served at once (more wait to be accepted).
+/// completes: HTTP/1.1, one request per connection. A request head must arrive within
+/// [`METRICS_DEADLINE`] and 8 KiB, and the reply must be taken within another; at most
+/// [`MAX_METRICS_CONNECTIONS`] are open, a newer one closing the oldest.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     shard: std::sync::Arc<crate::Shard>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    use std::collections::VecDeque;
+    let renders = std::sync::Arc::new(tokio::sync::Semaphore::new(RENDERS));
+    let mut open: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (mut conn, peer) = tokio::select! {
-            _ = &mut shutdown => return,
+        let (conn, peer) = tokio::select! {
+            _ = &mut shutdown => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics listener: accept failed");
+                    // Out of descriptors, most likely: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let shard = shard.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let mut head = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if !matches!(read, Ok(true)) {
-                return;
+        open.retain(|h| !h.is_finished());
+        if open.len() >= MAX_METRICS_CONNECTIONS {
+            if let Some(oldest) = open.pop_front() {
+                tracing::debug!(
+                    "metrics listener: closing the oldest open connection for a new one"
+                );
+                oldest.abort();
             }
-            let line = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
-            let (status, body, kind) = if line.starts_with(b"GET /metrics ") {
-                let body = tokio::task::block_in_place(|| shard.metrics_text());
-                ("200 OK", body, "text/plain; version=0.0.4; charset=utf-8")
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics\n".to_string(),
-                    "text/plain",
-                )
-            };
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = conn.write_all(reply.as_bytes()).await {
-                tracing::debug!(%peer, error = %e, "metrics reply not delivered");
+        }
+        let task = tokio::spawn(answer(conn, peer, shard.clone(), renders.clone()));
+        open.push_back(task.abort_handle());
+    }
+    for h in open {
+        h.abort();
+    }
+}
+
+/// One metrics connection: its request head, then the page or a 404, each within
+/// [`METRICS_DEADLINE`].
+async fn answer(
+    mut conn: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    shard: std::sync::Arc<crate::Shard>,
+    renders: std::sync::Arc<tokio::sync::Semaphore>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(METRICS_DEADLINE, async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
             }
-            let _ = conn.shutdown().await;
-        });
+        }
+        true
+    })
+    .await;
+    if !matches!(read, Ok(true)) {
+        return;
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
+    let (status, body, kind) = if line.starts_with(b"GET /metrics ") {
+        let Ok(_render) = renders.acquire().await else {
+            return;
+        };
+        let body = tokio::task::block_in_place(|| shard.metrics_text());
+        ("200 OK", body, "text/plain; version=0.0.4; charset=utf-8")
+    } else {
+        (
+            "404 Not Found",
+            "only GET /metrics\n".to_string(),
+            "text/plain",
+        )
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let sent = tokio::time::timeout(METRICS_DEADLINE, async {
+        conn.write_all(reply.as_bytes()).await?;
+        conn.shutdown().await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics reply not delivered"),
+        Err(_) => tracing::debug!(%peer, "metrics reply not taken within the deadline"),
     }
 }

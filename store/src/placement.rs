@@ -29,8 +29,12 @@ pub const LOCK_FILE: &str = "hetkv.lock";
 const INSTANCE_PREFIX: &str = "hetkv-shard";
 /// The file in an instance directory that names the daemon's pid.
 const OWNER_FILE: &str = "owner.pid";
-/// `O_NOFOLLOW` (Linux, every architecture hetkv builds for): refuse a symbolic link.
-pub(crate) const O_NOFOLLOW: i32 = 0o400000;
+/// `O_NOFOLLOW`: refuse a symbolic link.
+pub(crate) const O_NOFOLLOW: i32 = libc::O_NOFOLLOW;
+/// `O_NONBLOCK`: an open that does not wait (for a FIFO's writer).
+pub(crate) const O_NONBLOCK: i32 = libc::O_NONBLOCK;
+/// What an open with `O_NOFOLLOW` fails with on a symbolic link.
+pub(crate) const ELOOP: i32 = libc::ELOOP;
 
 /// Where a shard's regions and checkpoints live.
 #[derive(Debug)]

@@ -630,7 +630,16 @@ impl Table {
                 self.spec.name
             )));
         }
-        let clock = (0..self.local_rows).map(|i| self.version_local(i)).sum();
+        let clock = (0..self.local_rows)
+            .try_fold(0u64, |sum, i| sum.checked_add(self.version_local(i)))
+            .filter(|&c| c <= row::MAX_VERSION)
+            .ok_or_else(|| {
+                StoreError::Io(format!(
+                    "table {}: the restored rows' versions sum above the largest clock ({})",
+                    self.spec.name,
+                    row::MAX_VERSION
+                ))
+            })?;
         self.clock_word().store(clock, Ordering::Release);
         Ok(clock)
     }

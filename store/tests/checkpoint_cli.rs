@@ -167,3 +167,48 @@ fn operators_checkpoint_list_verify_compact_and_restart_from_checkpoints() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shard 0 of 1"));
 }
+
+/// `hetkv checkpoint` whose daemon is killed while it writes says at once that the outcome is
+/// unknown, with a non-zero exit, instead of trying again until its deadline.
+#[test]
+fn a_checkpoint_whose_daemon_dies_mid_call_is_reported_unknown_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start(dir.path());
+    let c = TcpShardClient::connect(&d.addr, ClientConfig::default()).unwrap();
+    // 1M rows of 32 floats: a checkpoint of about 150 MB, long enough to be killed inside.
+    c.create_table(&TableSpec {
+        name: "big".into(),
+        rows: 1 << 20,
+        dim: 32,
+        init: Initializer::Zeros,
+        optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+    })
+    .unwrap();
+    let started = std::time::Instant::now();
+    let cli = Command::new(env!("CARGO_BIN_EXE_hetkv"))
+        .args(["checkpoint", "--cluster", &d.addr, "--name", "x"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    loop {
+        let line = d
+            .log
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the daemon logs the checkpoint's start");
+        if line.contains("writing checkpoint") {
+            break;
+        }
+    }
+    d.child.kill().unwrap(); // SIGKILL, inside the call
+    let _ = d.child.wait();
+    let out = cli.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is unknown"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "it took {:?} (the deadline is 60 s)",
+        started.elapsed()
+    );
+}

@@ -203,3 +203,35 @@ fn stats_reports_each_failing_shard_within_its_timeout() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
 }
+
+/// A daemon without a token closes idle connections after 600 s unless told otherwise; one with
+/// a token never does by default; `--idle-timeout 0` is never.
+#[test]
+fn the_idle_timeout_is_on_by_default_only_without_a_token() {
+    let d = Daemon::start(serve(&[]));
+    assert_eq!(
+        d.logged("closing connections idle this long", "seconds")
+            .as_deref(),
+        Some("600.0"),
+        "{:?}",
+        d.startup
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "secret\n").unwrap();
+    let mut cmd = serve(&["--auth-token-file"]);
+    cmd.arg(&token);
+    let d = Daemon::start(cmd);
+    assert!(
+        d.startup
+            .iter()
+            .any(|l| l.contains("idle connections are never closed")),
+        "{:?}",
+        d.startup
+    );
+    let d = Daemon::start(serve(&["--idle-timeout", "0"]));
+    assert!(d
+        .startup
+        .iter()
+        .any(|l| l.contains("idle connections are never closed")));
+}

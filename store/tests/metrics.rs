@@ -162,3 +162,111 @@ fn the_metrics_endpoint_counts_requests_rows_errors_and_checkpoints() {
         );
     }
 }
+
+/// Reads one scrape with `deadline` for the whole reply; `None` if it did not come in time.
+fn scrape_within(addr: &str, deadline: Duration) -> Option<String> {
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(deadline)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    (start.elapsed() < deadline && out.starts_with("HTTP/1.1 200")).then_some(out)
+}
+
+#[test]
+fn readers_that_never_read_and_senders_a_byte_at_a_time_do_not_stop_scrapes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let d = Daemon::start(serve(&["--metrics-listen", "127.0.0.1:0"]));
+    let metrics = d.logged("serving metrics", "addr").unwrap();
+    // 16 peers ask for the page and never read it.
+    let silent: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect(&metrics).unwrap();
+            write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    // 64 peers send their request a byte every 200 ms, reconnecting whenever they are closed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow: Vec<_> = (0..64)
+        .map(|_| {
+            let (stop, addr) = (stop.clone(), metrics.clone());
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    let Ok(mut s) = TcpStream::connect(&addr) else {
+                        continue;
+                    };
+                    for b in b"GET /metrics HTTP/1.1\r\n".iter().cycle() {
+                        if stop.load(Ordering::Relaxed) || s.write_all(&[*b]).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // Every scrape is answered, each within 2 s (a scraper's usual timeout is 10 s).
+    let answered = (0..6)
+        .filter(|_| {
+            let ok = scrape_within(&metrics, Duration::from_secs(2)).is_some();
+            std::thread::sleep(Duration::from_millis(300));
+            ok
+        })
+        .count();
+    stop.store(true, Ordering::Relaxed);
+    for t in slow {
+        t.join().unwrap();
+    }
+    drop(silent);
+    assert_eq!(
+        answered, 6,
+        "scrapes answered while others held connections"
+    );
+}
+
+#[test]
+fn the_page_is_bounded_however_many_tables_there_are() {
+    let d = Daemon::start(serve(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-tables",
+        "8",
+    ]));
+    let metrics = d.logged("serving metrics", "addr").unwrap();
+    let c = TcpShardClient::connect(&d.addr, ClientConfig::default()).unwrap();
+    for t in 0..40 {
+        let name = format!("t{t:02}");
+        c.create_table(&TableSpec {
+            name: name.clone(),
+            rows: 10,
+            dim: 2,
+            init: Initializer::Zeros,
+            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+        })
+        .unwrap();
+        c.push(&name, &[1], &[1], &[0.5; 2]).unwrap();
+    }
+    let reply = get(&metrics, "/metrics");
+    let labels: std::collections::BTreeSet<&str> = reply
+        .lines()
+        .filter(|l| l.starts_with("hetkv_rows_pushed_total{"))
+        .filter_map(|l| l.split('"').nth(1))
+        .collect();
+    // The first 8 tables have series of their own; the other 32 are summed under one label.
+    assert_eq!(labels.len(), 9, "{labels:?}");
+    assert!(labels.contains("(other)") && labels.contains("t00") && !labels.contains("t39"));
+    assert_eq!(
+        value(&reply, r#"hetkv_rows_pushed_total{table="(other)"}"#),
+        Some(32.0)
+    );
+    assert_eq!(
+        value(&reply, r#"hetkv_requests_total{op="push",table="(other)"}"#),
+        Some(32.0)
+    );
+    assert_eq!(value(&reply, "hetkv_tables"), Some(40.0));
+}

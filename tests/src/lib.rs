@@ -84,10 +84,17 @@ impl RawConn {
         self.stream.write_all(bytes).expect("send");
     }
 
-    /// Receives one response frame, or `None` when the daemon closed the connection.
+    /// Receives one response frame, or `None` when the daemon closed the connection. Panics
+    /// when nothing came within the read timeout: silence is not a close.
     pub fn recv(&mut self) -> Option<RawResponse> {
         let mut prefix = [0u8; 4];
-        self.stream.read_exact(&mut prefix).ok()?;
+        if let Err(e) = self.stream.read_exact(&mut prefix) {
+            assert!(
+                closed_by_peer(&e),
+                "neither an answer nor a close within the read timeout: {e}"
+            );
+            return None;
+        }
         let len = u32::from_le_bytes(prefix) as usize;
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).expect("body");
@@ -101,9 +108,25 @@ impl RawConn {
     }
 
     /// Whether the daemon closed the connection (reads EOF or a reset).
+    /// A connection still open when the read timeout (10 s) passes is not closed: a daemon that
+    /// never closes it fails the caller's assertion rather than passing it.
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => closed_by_peer(&e),
+        }
+    }
+}
+
+/// Whether a read error means the peer closed (reset, aborted) rather than a timeout.
+fn closed_by_peer(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        WouldBlock | TimedOut | Interrupted => false,
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => true,
+        _ => true,
     }
 }
 

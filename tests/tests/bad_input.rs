@@ -424,6 +424,39 @@ fn silent_connections_are_closed_at_their_deadlines() {
     assert!(quiet.is_closed(), "idle past the idle timeout");
 }
 
+/// A pooled connection the daemon closed for idleness costs the client a new connection, never
+/// a request: an assign (which is not sent twice) after the daemon closed every pooled
+/// connection succeeds on its first try, and so does a pull.
+#[test]
+fn a_connection_closed_for_idleness_costs_no_request() {
+    let c = EmbeddedCluster::start_with(
+        1,
+        ServerConfig {
+            idle_timeout: Some(std::time::Duration::from_millis(300)),
+            ..ServerConfig::default()
+        },
+        |i| ShardConfig::new(i, 1),
+    )
+    .unwrap();
+    let client = TcpShardClient::connect(&c.addrs()[0], ClientConfig::default()).unwrap();
+    client.create_table(&sgd_table("emb", 100, 2, 0.1)).unwrap();
+    let (mut values, mut versions) = (Vec::new(), Vec::new());
+    for round in 0..4u64 {
+        // Past the idle timeout: the pooled connection is closed by now.
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let v = round as f32;
+        client
+            .assign("emb", &[round], &[v, v])
+            .unwrap_or_else(|e| panic!("round {round}: the assign was lost: {e}"));
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        client
+            .pull("emb", &[round], &mut versions, &mut values)
+            .unwrap();
+        assert_eq!(values[..2], [v, v]);
+    }
+    assert_eq!(client.retries(), 0, "no request was sent twice");
+}
+
 /// Thousands of tables list (the answer is larger than a request header may be), `open_table`
 /// finds them and stats report them; one past the shard's bound is refused.
 #[test]

@@ -16,8 +16,17 @@ pub const LEN: usize = 32;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The token a text stands for: the text without its leading and trailing whitespace (spaces,
+/// tabs, line ends: a token file's final newline, a pasted token's stray space); whitespace
+/// inside it is part of it; its UTF-8 bytes are the HMAC key. The one home of that rule: the
+/// daemon applies it to its token file, a client to the token it is given, so the two agree
+/// however each was written.
+pub fn token_of(text: &str) -> &str {
+    text.trim()
+}
+
 fn mac(token: &str) -> HmacSha256 {
-    HmacSha256::new_from_slice(token.as_bytes()).expect("HMAC takes a key of any length")
+    HmacSha256::new_from_slice(token_of(token).as_bytes()).expect("HMAC takes a key of any length")
 }
 
 /// A fresh nonce from the kernel's random source.
@@ -53,6 +62,10 @@ mod tests {
         assert!(verify("secret", &a, &r));
         assert!(!verify("secret", &b, &r), "another nonce");
         assert!(!verify("Secret", &a, &r), "another token");
+        // Leading and trailing whitespace is not part of a token; inner whitespace is.
+        assert!(verify("  secret\n", &a, &r), "a token file's newline");
+        assert!(verify("secret", &a, &respond("\tsecret \r\n", &a)));
+        assert!(!verify("sec ret", &a, &r), "inner whitespace counts");
         // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
         let mut m = mac("Jefe");
         m.update(b"what do ya want for nothing?");

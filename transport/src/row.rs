@@ -251,6 +251,11 @@ pub fn version_of(seq: u64) -> u64 {
     seq >> 1
 }
 
+/// The largest version a row may reach: its seq word (`version << 1`, odd while written) fits in
+/// 64 bits, and the protocol's base markers (`u64::MAX`, `u64::MAX - 1`) are never versions. A
+/// checkpoint record above it is refused.
+pub const MAX_VERSION: u64 = u64::MAX >> 2;
+
 /// The stable seq word of a row at `version` (even).
 pub fn seq_of(version: u64) -> u64 {
     version << 1

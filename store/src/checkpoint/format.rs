@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 
 use hetkv_transport::wire::{decode_header, encode_record};
-use hetkv_transport::TableSpec;
+use hetkv_transport::{row, TableSpec};
 use serde::{Deserialize, Serialize};
 
 use super::CheckpointError;
@@ -154,6 +154,14 @@ impl<'a> RecordView<'a> {
         } else {
             0
         }
+    }
+
+    /// The first element of the values, then the optimizer state, that is NaN or infinite.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        const EXPONENT: u32 = 0x7f80_0000;
+        self.bytes[16..16 + 4 * (self.shape.dim + self.shape.state_len)]
+            .chunks_exact(4)
+            .position(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) & EXPONENT == EXPONENT)
     }
 
     /// The whole record's bytes.
@@ -521,6 +529,32 @@ impl<R: Read> TableFileReader<R> {
                     self.blocks - 1,
                     self.next_index as i128 - 1,
                     self.header.local_rows
+                ),
+            });
+        }
+        if view.version() > row::MAX_VERSION {
+            return Err(CheckpointError::Corrupt {
+                file: self.label.clone(),
+                what: format!(
+                    "block {}: local index {index} has version {}, above the largest a row may \
+                     reach ({})",
+                    self.blocks - 1,
+                    view.version(),
+                    row::MAX_VERSION
+                ),
+            });
+        }
+        if let Some(at) = view.first_non_finite() {
+            return Err(CheckpointError::Corrupt {
+                file: self.label.clone(),
+                what: format!(
+                    "block {}: local index {index} holds a non-finite {} (NaN or infinity)",
+                    self.blocks - 1,
+                    if at < self.header.shape.dim {
+                        format!("value at element {at}")
+                    } else {
+                        format!("optimizer state at element {}", at - self.header.shape.dim)
+                    }
                 ),
             });
         }

@@ -149,6 +149,7 @@ impl CheckpointDir {
 
     /// Every checkpoint directory: committed ones by `seq`, then the others by name.
     pub fn list(&self) -> Result<Vec<Listing>, CheckpointError> {
+        check_real_dir(&self.root)?;
         let entries = match std::fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -160,7 +161,8 @@ impl CheckpointDir {
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            if check_name(&name).is_err() || !entry.path().is_dir() {
+            // The entry's own type: a symbolic link to a directory is not listed.
+            if check_name(&name).is_err() || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             match self.manifest(&name) {
@@ -184,6 +186,8 @@ impl CheckpointDir {
     /// The manifest of checkpoint `name`.
     pub fn manifest(&self, name: &str) -> Result<Manifest, CheckpointError> {
         check_name(name)?;
+        check_real_dir(&self.root)?;
+        check_real_dir(&self.path_of(name))?;
         let path = self.path_of(name).join(MANIFEST_FILE);
         let bytes = read_bounded(&path, format::MAX_MANIFEST_BYTES as u64 + 16)?;
         let m = Manifest::decode(&bytes, &path.display().to_string())?;
@@ -302,7 +306,11 @@ impl CheckpointDir {
         let mut spec: Option<hetkv_transport::TableSpec> = None;
         for (path, entry) in files {
             let label = path.display().to_string();
-            let file = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+            let file = open_regular(&path)?;
+            let len = file
+                .metadata()
+                .map_err(|e| CheckpointError::io(&path, e))?
+                .len();
             let mut r = TableFileReader::open(BufReader::with_capacity(1 << 20, file), &label)?;
             let h = r.header().clone();
             let refuse = |what: String| CheckpointError::Corrupt {
@@ -322,6 +330,26 @@ impl CheckpointDir {
                     "{label} is of shard {} of {}; this is shard {shard} of {shards} \
                      (restoring onto another shard count is not supported: start {} daemons)",
                     h.shard, h.shards, h.shards
+                )));
+            }
+            // Before any record is handed on (and the table allocated): the file on disk is as
+            // long as its manifest says, and a full file is long enough to hold every row its
+            // header claims, so a forged header cannot make a restore allocate more than the
+            // files it reads.
+            if len != entry.bytes {
+                return Err(refuse(format!(
+                    "{len} bytes on disk; its manifest says {}",
+                    entry.bytes
+                )));
+            }
+            let least = h.local_rows.saturating_mul(h.shape.len() as u64);
+            if h.kind == Kind::Full && (entry.rows != h.local_rows || len < least) {
+                return Err(refuse(format!(
+                    "a full file of {} local rows of {} bytes is at least {least} bytes; this \
+                     one is {len} bytes and its manifest lists {} rows",
+                    h.local_rows,
+                    h.shape.len(),
+                    entry.rows
                 )));
             }
             if let Some(s) = &spec {
@@ -371,6 +399,7 @@ impl CheckpointDir {
         check_name(name)?;
         make_private_dir(&self.root)?;
         let dir = self.path_of(name);
+        check_real_dir(&dir)?;
         if dir.join(MANIFEST_FILE).exists() {
             return Err(CheckpointError::Refused(format!(
                 "checkpoint {name} exists in {}; a committed checkpoint is never overwritten",
@@ -444,7 +473,7 @@ impl Merge {
     fn open(files: Vec<(PathBuf, ManifestTable)>) -> Result<Self, CheckpointError> {
         let mut streams = Vec::with_capacity(files.len());
         for (path, _) in &files {
-            let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+            let file = open_regular(path)?;
             streams.push(TableFileReader::open(
                 BufReader::with_capacity(1 << 20, file),
                 path.display().to_string(),
@@ -693,7 +722,8 @@ fn make_private_dir(path: &Path) -> Result<(), CheckpointError> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|e| CheckpointError::io(path, e))
+        .map_err(|e| CheckpointError::io(path, e))?;
+    check_real_dir(path)
 }
 
 fn create_private(path: &Path) -> Result<File, CheckpointError> {
@@ -715,10 +745,71 @@ pub fn fsync_dir(path: &Path) -> Result<(), CheckpointError> {
         .map_err(|e| CheckpointError::io(path, e))
 }
 
+/// Opens a file of the data directory for reading: a symbolic link is refused (not followed),
+/// and so is anything but a regular file (a FIFO would block the reader forever, a device would
+/// read without end). The open itself does not block.
+pub fn open_regular(path: &Path) -> Result<File, CheckpointError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .custom_flags(crate::placement::O_NOFOLLOW | crate::placement::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(crate::placement::ELOOP) => CheckpointError::Corrupt {
+                file: path.display().to_string(),
+                what: "it is a symbolic link (never followed in a data directory)".into(),
+            },
+            _ => CheckpointError::io(path, e),
+        })?;
+    let kind = file
+        .metadata()
+        .map_err(|e| CheckpointError::io(path, e))?
+        .file_type();
+    if !kind.is_file() {
+        return Err(CheckpointError::Corrupt {
+            file: path.display().to_string(),
+            what: format!("it is a {}, not a regular file", file_kind(kind)),
+        });
+    }
+    Ok(file)
+}
+
+/// Fails unless `path` is a directory itself (a symbolic link to one is refused). A missing
+/// path passes: the caller's next step says it is missing.
+pub fn check_real_dir(path: &Path) -> Result<(), CheckpointError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(m) => Err(CheckpointError::Refused(format!(
+            "{} is a {}, not a directory (a symbolic link is never followed in a data directory)",
+            path.display(),
+            file_kind(m.file_type())
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CheckpointError::io(path, e)),
+    }
+}
+
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "symbolic link"
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "device"
+    } else {
+        "regular file"
+    }
+}
+
 /// Reads a whole file of at most `max` bytes (larger is refused before reading).
 fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, CheckpointError> {
     use std::io::Read;
-    let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let file = open_regular(path)?;
     let len = file
         .metadata()
         .map_err(|e| CheckpointError::io(path, e))?
