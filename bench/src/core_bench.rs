@@ -131,6 +131,7 @@ impl Answerer {
                 PushOutcome::Applied(PushResponse {
                     rows: p.keys.len() as u32,
                     updates: p.counts.iter().map(|&c| u64::from(c)).sum(),
+                    incarnation: 1,
                     ..PushResponse::default()
                 })
             }
@@ -157,6 +158,7 @@ impl Answerer {
         }
         out.table_clock = self.clock;
         out.since_held = true;
+        out.incarnation = 1;
         (push, out)
     }
 }
@@ -177,7 +179,7 @@ fn exchange(core: &mut CacheCore, shard: &mut Answerer) -> u64 {
             .collect();
         let t = Instant::now();
         for (s, (push, rows)) in answers {
-            core.on_reply(s, push, &rows, true, 1)
+            core.on_reply(s, push, &rows, true)
                 .expect("the answerer follows the protocol");
         }
         core_ns += listed + t.elapsed().as_nanos() as u64;

@@ -56,6 +56,7 @@ impl Server {
                     rows: p.keys.len() as u32,
                     updates: p.counts.iter().map(|&c| c as u64).sum(),
                     produced: out.produced.len() as u32,
+                    incarnation: 1,
                     ..PushResponse::default()
                 })
             }
@@ -73,6 +74,7 @@ impl Server {
         }
         out.table_clock = self.clock;
         out.since_held = true;
+        out.incarnation = 1;
         (push, out)
     }
 }
@@ -106,7 +108,7 @@ fn exchange(c: &mut CacheCore, server: &mut Server) {
             return;
         }
         for (shard, (push, rows)) in answers {
-            c.on_reply(shard, push, &rows, true, 1).unwrap();
+            c.on_reply(shard, push, &rows, true).unwrap();
         }
     }
 }
@@ -215,7 +217,7 @@ fn a_push_whose_delivery_is_unknown_is_sent_again_with_the_next_batch() {
     c.start_push();
     let shards: Vec<usize> = c.requests().iter().map(|r| r.shard).collect();
     for s in shards {
-        c.on_reply(s, PushOutcome::Lost, &StaleRows::default(), false, 1)
+        c.on_reply(s, PushOutcome::Lost, &StaleRows::default(), false)
             .unwrap();
     }
     assert_eq!(c.unsent(), 1);
@@ -268,7 +270,7 @@ fn a_failed_lookup_gives_back_its_slots_and_keeps_its_victims_updates() {
     // ...then the shards cannot be reached: the lookup is abandoned, its pushes kept.
     let shards: Vec<usize> = c.requests().iter().map(|r| r.shard).collect();
     for s in shards {
-        c.on_reply(s, PushOutcome::Lost, &StaleRows::default(), false, 1)
+        c.on_reply(s, PushOutcome::Lost, &StaleRows::default(), false)
             .unwrap();
     }
     assert!(c.complete_lookup(&mut [0.0; 4], None).is_err());
@@ -311,7 +313,7 @@ fn a_refused_push_makes_its_lines_read_again() {
     c.start_push();
     let shards: Vec<usize> = c.requests().iter().map(|r| r.shard).collect();
     for s in shards {
-        c.on_reply(s, PushOutcome::Refused, &StaleRows::default(), true, 1)
+        c.on_reply(s, PushOutcome::Refused, &StaleRows::default(), true)
             .unwrap();
     }
     // The line committed its push locally; the shard never applied it, so the next lookup reads

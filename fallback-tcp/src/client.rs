@@ -667,6 +667,7 @@ impl TcpShardClient {
                 self.acknowledged(seq, push_rows as usize, p.incarnation);
                 let h = codec::pull_if_stale::decode_response(&p, q, out)
                     .map_err(|e| self.malformed(e))?;
+                out.incarnation = p.incarnation;
                 Ok(PushResponse {
                     rows: push_rows,
                     updates: h.pushed_updates,
@@ -674,6 +675,7 @@ impl TcpShardClient {
                     produced: h.produced,
                     state_len: h.state_len,
                     steps: h.steps,
+                    incarnation: p.incarnation,
                 })
             },
         )
@@ -726,7 +728,11 @@ impl ShardTransport for TcpShardClient {
             table: table.to_string(),
         };
         self.call(Op::RegionInfo, header_only(Op::RegionInfo, &req), |p| {
-            self.header(p)
+            let incarnation = p.incarnation;
+            Ok(RegionDescriptor {
+                incarnation,
+                ..self.header(p)?
+            })
         })
     }
 
@@ -794,7 +800,12 @@ impl ShardTransport for TcpShardClient {
         let frame = self.frame(|buf| codec::push::encode_request(buf, table, rows, origin))?;
         self.call_push(Op::Push, seq.map(|s| (s, n)), frame, |p| {
             self.acknowledged(seq, n, p.incarnation);
-            codec::push::decode_response(&p, n, dim, produced).map_err(|e| self.malformed(e))
+            let ack = codec::push::decode_response(&p, n, dim, produced)
+                .map_err(|e| self.malformed(e))?;
+            Ok(PushResponse {
+                incarnation: p.incarnation,
+                ..ack
+            })
         })
     }
 
@@ -807,7 +818,13 @@ impl ShardTransport for TcpShardClient {
         self.call(
             Op::Assign,
             |buf| codec::assign::encode_request(buf, table, keys, values),
-            |p| self.header(p),
+            |p| {
+                let incarnation = p.incarnation;
+                Ok(PushResponse {
+                    incarnation,
+                    ..self.header(p)?
+                })
+            },
         )
     }
 

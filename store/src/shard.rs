@@ -742,6 +742,7 @@ impl Shard {
             produced: produced.len() as u32,
             state_len: shape.len as u32,
             steps: shape.steps,
+            incarnation: self.incarnation(),
         };
         codec::push::respond(resp, header, &produced)?;
         Ok(())
@@ -899,6 +900,7 @@ impl ShardService for Shard {
             clock_addr: t.clock_region().addr(),
             clock_rkey: self.rkeys(t.region_id()).1,
             clock_shm_path: shm(t.clock_region()),
+            incarnation: self.incarnation(),
         })
     }
 

@@ -69,6 +69,21 @@ pub struct SimShard {
     /// Rows handed back by pushes (their base was not the row's version).
     pub handed_back: AtomicU64,
     incarnation: AtomicU64,
+    /// A restart armed to strike inside the next call that carries a push.
+    inside: Mutex<Option<InsideCall>>,
+}
+
+/// A restart inside one call, as a one-sided reader meets it: its push travels to the daemon
+/// over TCP and its read goes to memory.
+#[derive(Debug)]
+pub enum InsideCall {
+    /// The daemon restarted (from the snapshot) before the push reached it: the push is applied
+    /// by the new incarnation, and the read sees the old one's memory, frozen (a reader that has
+    /// not attached again).
+    RestartBeforePushReadFrozen(SimSnapshot),
+    /// The daemon restarted (from the snapshot) after it applied the push and before the read:
+    /// the push's acknowledgement is the old incarnation's, the rows and clock the new one's.
+    RestartBetweenPushAndRead(SimSnapshot),
 }
 
 impl SimShard {
@@ -124,7 +139,21 @@ impl SimShard {
             claims_failed: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
             incarnation: AtomicU64::new(1),
+            inside: Mutex::new(None),
         }
+    }
+
+    /// Arms `fault` for the next conditional pull that carries a push.
+    pub fn restart_inside_next_push(&self, fault: InsideCall) {
+        *self.inside.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
+    }
+
+    /// Whether an armed fault is still waiting for its call.
+    pub fn inside_call_armed(&self) -> bool {
+        self.inside
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// The rows, versions, state and table clock now, as a checkpoint would keep them.
@@ -246,6 +275,7 @@ impl SimShard {
             produced: produced.len() as u32,
             state_len: shape.len as u32,
             steps: shape.steps,
+            incarnation: self.incarnation(),
         }
     }
 
@@ -294,11 +324,35 @@ impl SimShard {
         if let Some(p) = q.push {
             self.check_keys(p.keys)?;
         }
+        let inside = match q.push {
+            Some(_) => self.inside.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            None => None,
+        };
+        let mut frozen = None;
+        if let Some(InsideCall::RestartBeforePushReadFrozen(snapshot)) = &inside {
+            frozen = Some((self.state().clone(), self.incarnation()));
+            self.restart_from(snapshot);
+        }
         let mut s = self.state();
         out.clear();
         let ack = match q.push {
             Some(p) => self.apply(&mut s, &p, &mut out.produced),
             None => PushResponse::default(),
+        };
+        if let Some(InsideCall::RestartBetweenPushAndRead(snapshot)) = &inside {
+            drop(s);
+            self.restart_from(snapshot);
+            s = self.state();
+        }
+        out.incarnation = self.incarnation();
+        let frozen_guard;
+        let s: &State = match &frozen {
+            Some((old, incarnation)) => {
+                out.incarnation = *incarnation;
+                frozen_guard = old;
+                frozen_guard
+            }
+            None => &s,
         };
         out.table_clock = s.clock;
         out.since_held = self.answer_claim(q.since, s.clock);
@@ -315,7 +369,7 @@ impl SimShard {
             .take_while(|&&j| j < q.state_keys)
             .count();
         self.read_into(
-            &s,
+            s,
             &stale,
             with_state,
             &mut out.versions,

@@ -352,3 +352,81 @@ fn caches_follow_shards_restarted_from_earlier_states() {
     assert!(noticed > 20, "caches noticed {noticed} restarts");
     assert!(went_back > 0, "no cached line ever saw its row go back");
 }
+
+/// A restart inside one call, where a one-sided reader meets it (its push goes to the daemon, its
+/// read to memory): the daemon restarted before the push arrived and the read saw the dead one's
+/// frozen memory, or it restarted between the push and the read. Afterwards foreign updates
+/// land on the restored shard, and every lookup's rows must stay within the read bound of it.
+/// A cache that took the frozen memory's clock (far ahead of the restored shard's) would let
+/// that clock vouch for checks it left out, and serve rows lagging without limit.
+#[test]
+fn a_restart_inside_a_call_never_leaves_the_cache_trusting_another_incarnation() {
+    use hetkv_tests::sim::InsideCall;
+    let bound = Bound::updates(2);
+    let dim = model::DIM;
+    for (case, policy) in [
+        (1, PolicyKind::Lru),
+        (0, PolicyKind::Lru),
+        (0, PolicyKind::Lfu),
+    ] {
+        let shards = sim_shards("inside");
+        let writer = cluster(&shards).open_table("inside").unwrap();
+        // Room for 8 lines: a lookup of 8 other keys evicts them all.
+        let config = CacheConfig::new(Capacity::Rows(8), policy, bound);
+        let mut cache = cluster(&shards)
+            .open_table("inside")
+            .unwrap()
+            .cached(config);
+        // The state the shard is restored to: nothing applied.
+        let snapshot = shards[0].snapshot();
+        // Shard 0's keys, and 8 more of it.
+        let keys: Vec<u64> = (0..8).map(|i| i * SHARDS as u64).collect();
+        let others: Vec<u64> = (8..16).map(|i| i * SHARDS as u64).collect();
+        let ones = |n: usize| vec![1f32; n * dim];
+        let mut out = vec![0f32; keys.len() * dim];
+        let mut clocks = vec![0u64; keys.len()];
+        // Foreign updates take shard 0's clock to 800, far past what the restored shard reaches.
+        for _ in 0..100 {
+            writer.push(&keys, &[1; 8], &ones(8)).unwrap();
+        }
+        // Lines holding one unpushed update each (within the push bound): evicting them pushes
+        // them, carried by the lookup that evicts them.
+        cache.lookup(&others, &mut out).unwrap();
+        cache.update(&others, &ones(8)).unwrap();
+        let fault = match case {
+            0 => InsideCall::RestartBeforePushReadFrozen(snapshot),
+            _ => InsideCall::RestartBetweenPushAndRead(snapshot),
+        };
+        shards[0].restart_inside_next_push(fault);
+        // The lookup the fault strikes may fail (its rows were of no incarnation it could take);
+        // the next one must not.
+        if cache.lookup(&keys, &mut out).is_err() {
+            cache.lookup(&keys, &mut out).unwrap();
+        }
+        assert!(
+            !shards[0].inside_call_armed(),
+            "case {case}: the fault never struck"
+        );
+        // On the restored shard: three foreign updates per round to every key, more than the
+        // bound each time, and the lookups in between must see them.
+        let mut versions = vec![0u64; keys.len()];
+        let mut rows = vec![0f32; keys.len() * dim];
+        for round in 0..20 {
+            writer.push(&keys, &[3; 8], &ones(8)).unwrap();
+            cache
+                .lookup_with_clocks(&keys, &mut out, &mut clocks)
+                .unwrap_or_else(|e| panic!("case {case} {policy}, round {round}: {e}"));
+            writer.pull(&keys, &mut rows, Some(&mut versions)).unwrap();
+            for (i, &k) in keys.iter().enumerate() {
+                let lag = versions[i].saturating_sub(clocks[i]);
+                assert!(
+                    lag <= bound.get(),
+                    "case {case} {policy}, round {round}: key {k} lags the restored shard by \
+                     {lag} updates (its version {}, the line's clock {})",
+                    versions[i],
+                    clocks[i]
+                );
+            }
+        }
+    }
+}

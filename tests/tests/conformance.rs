@@ -350,14 +350,19 @@ fn pushes_apply_and_read_back(kind: &str) {
         Some(push),
         &mut out,
     );
+    // The acknowledgement and the rows carry the incarnation of the daemon that answered.
+    let incarnation = b.t().incarnation();
+    assert_ne!(incarnation, 0);
     assert_eq!(
         carried.push,
         PushOutcome::Applied(PushResponse {
             rows: 1,
             updates: 2,
+            incarnation,
             ..PushResponse::default()
         })
     );
+    assert_eq!(out.incarnation, incarnation, "the rows' incarnation");
     carried.read.unwrap();
     assert_eq!(out.indices, vec![0]);
     assert_eq!(out.versions, vec![2]);

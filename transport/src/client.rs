@@ -145,6 +145,11 @@ pub struct StaleRows {
     pub since_held: bool,
     /// The rows the query's push produced and handed back (when the push was applied).
     pub produced: Produced,
+    /// The incarnation of the daemon these rows and this clock are of: the answer's (its frame
+    /// head), or for a one-sided read the incarnation whose memory was read. 0 where unknown.
+    /// A cache never takes rows or a clock of an incarnation other than the one its push was
+    /// applied by.
+    pub incarnation: u64,
 }
 
 impl StaleRows {
@@ -157,6 +162,7 @@ impl StaleRows {
         self.table_clock = 0;
         self.since_held = false;
         self.produced.clear();
+        self.incarnation = 0;
     }
 }
 

@@ -20,7 +20,9 @@
 //! on this host's monotonic clock) a call first asks the daemon, over the control transport, for
 //! its tables: an answer from a new incarnation detaches every table (they are attached again
 //! from the new daemon's descriptors), and no answer within the control transport's deadline is
-//! the call's error.
+//! the call's error. Within the interval, the answer to a push a conditional pull carries may be
+//! the first to reveal a restart: the reader then attaches again before reading, so the rows it
+//! answers with ([`StaleRows::incarnation`]) are of the incarnation that applied the push.
 
 use std::collections::HashMap;
 use std::io;
@@ -294,7 +296,12 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         }
         drop(tables);
         let desc = self.control.region_info(table)?;
-        let incarnation = self.control.incarnation();
+        // The incarnation of the answer that described the region, not what the control
+        // transport heard last (another thread's answer may be of another incarnation).
+        let incarnation = match desc.incarnation {
+            0 => self.control.incarnation(),
+            i => i,
+        };
         let protocol = |message: String| TransportError::Protocol {
             addr: self.control.addr().to_string(),
             message: format!("table {table}: {message}"),
@@ -318,6 +325,33 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             .entry(table.to_string())
             .or_insert(attached)
             .clone())
+    }
+
+    /// Detaches every table attached in an incarnation other than `incarnation` (which an
+    /// answer just revealed) and attaches `table` again.
+    fn reattach(
+        &self,
+        table: &str,
+        incarnation: u64,
+    ) -> Result<Arc<Attached<M::Region>>, TransportError> {
+        {
+            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+            if tables
+                .by_name
+                .values()
+                .any(|a| a.incarnation != incarnation)
+            {
+                tracing::warn!(
+                    shard = self.control.addr(),
+                    incarnation = format!("{incarnation:016x}"),
+                    "a push was applied by a new incarnation of the shard: attaching its tables \
+                     again before reading"
+                );
+                tables.by_name.retain(|_, a| a.incarnation == incarnation);
+                tables.by_region.retain(|_, a| a.incarnation == incarnation);
+            }
+        }
+        self.attached(table)
     }
 
     /// The local rows of `keys`, when every key lives on this shard.
@@ -536,10 +570,35 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
                 Err(e) => return not_sent(e),
             },
         };
-        Carried {
-            push,
-            read: self.stale_rows(q, &a, &locals, out),
-        }
+        // The push's answer may be the first to reveal a restart: the attached memory is then
+        // the dead daemon's, frozen. Attach again before reading, so the rows and the clock are
+        // of the incarnation that applied the push.
+        let (a, locals) = match push {
+            PushOutcome::Applied(ack)
+                if ack.incarnation != 0 && ack.incarnation != a.incarnation =>
+            {
+                let read = self.reattach(q.table, ack.incarnation).and_then(|a| {
+                    let locals =
+                        self.locals(&a, q.keys)
+                            .ok_or_else(|| TransportError::Protocol {
+                                addr: self.control.addr().to_string(),
+                                message: format!(
+                                    "table {}: the restarted shard no longer holds the keys",
+                                    q.table
+                                ),
+                            })?;
+                    Ok((a, locals))
+                });
+                match read {
+                    Ok(r) => r,
+                    Err(e) => return Carried { push, read: Err(e) },
+                }
+            }
+            _ => (a, locals),
+        };
+        let read = self.stale_rows(q, &a, &locals, out);
+        out.incarnation = a.incarnation;
+        Carried { push, read }
     }
 
     fn push_rows(

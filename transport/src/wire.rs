@@ -310,6 +310,11 @@ pub struct RegionDescriptor {
     pub clock_rkey: u32,
     /// Path of the clock word's file, when the daemon exposes it through shared memory.
     pub clock_shm_path: Option<String>,
+    /// The incarnation of the daemon that described the region, from the answer's frame head.
+    /// Not encoded in this header: the transport that decoded the answer fills it in (0 where
+    /// none did).
+    #[serde(skip)]
+    pub incarnation: u64,
 }
 
 impl RegionDescriptor {
@@ -601,6 +606,11 @@ pub struct PushResponse {
     pub state_len: u32,
     /// Whether each handed-back state also carries a u64 step count (Adam).
     pub steps: bool,
+    /// The incarnation of the daemon that applied the push, from the answer's frame head: the
+    /// push outcome travels with it, never with what a transport last heard. Not encoded in this
+    /// header: the transport that decoded the answer fills it in (0 where none did).
+    #[serde(skip)]
+    pub incarnation: u64,
 }
 
 /// Checkpoint request header (no payload).

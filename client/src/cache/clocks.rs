@@ -34,13 +34,20 @@ pub(crate) struct Clocks {
     shards: Vec<ShardClock>,
     /// Each shard's incarnation in its last answer (0: none seen).
     incarnations: Vec<u64>,
+    /// Each shard's incarnations seen replaced, newest last (at most [`RETIRED`]): a daemon's
+    /// incarnation never comes back, so an answer of one of them is of a dead daemon's memory.
+    retired: Vec<Vec<u64>>,
 }
+
+/// Incarnations remembered as replaced, per shard.
+const RETIRED: usize = 16;
 
 impl Clocks {
     pub fn new(shards: usize) -> Self {
         Self {
             shards: vec![ShardClock::default(); shards],
             incarnations: vec![0; shards],
+            retired: vec![Vec::new(); shards],
         }
     }
 
@@ -106,8 +113,18 @@ impl Clocks {
         if seen == 0 {
             return false; // the first answer: nothing known to forget
         }
+        let retired = &mut self.retired[shard];
+        if retired.len() == RETIRED {
+            retired.remove(0);
+        }
+        retired.push(seen);
         self.shards[shard] = ShardClock::default();
         true
+    }
+
+    /// Whether `incarnation` of `shard` was seen replaced by another.
+    pub fn retired(&self, shard: usize, incarnation: u64) -> bool {
+        self.retired[shard].contains(&incarnation)
     }
 }
 
@@ -143,6 +160,10 @@ mod tests {
         // A new incarnation forgets the clock.
         assert!(!c.observe_incarnation(0, 7), "the first seen");
         assert!(c.observe_incarnation(0, 8));
+        assert!(
+            c.retired(0, 7) && !c.retired(0, 8),
+            "the replaced one is retired"
+        );
         assert_eq!(c.slack(0, 10, 0), None);
     }
 }

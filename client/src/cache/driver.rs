@@ -270,7 +270,7 @@ impl CachedTable {
         let nothing = StaleRows::default();
         for s in shards {
             // Cannot fail: every listed shard awaits an answer.
-            let _ = self.core.on_reply(s, PushOutcome::Lost, &nothing, false, 0);
+            let _ = self.core.on_reply(s, PushOutcome::Lost, &nothing, false);
         }
         self.core.abort_lookup();
     }
@@ -438,11 +438,7 @@ impl CachedTable {
         let cluster = self.table.cluster().clone();
         let mut first_error: Option<ClientError> = None;
         for (&s, (push, rows, read)) in shards.iter().zip(answers) {
-            let incarnation = cluster.shard(s).incarnation();
-            if let Err(e) = self
-                .core
-                .on_reply(s, push, &rows, read.is_ok(), incarnation)
-            {
+            if let Err(e) = self.core.on_reply(s, push, &rows, read.is_ok()) {
                 first_error.get_or_insert(ClientError::InconsistentCluster(format!(
                     "{}: {e}",
                     cluster.shard(s).addr()
@@ -563,6 +559,8 @@ fn send(table: &str, r: &ShardRequest<'_>, shard: &dyn ShardTransport) -> Answer
         RequestKind::Pull => {
             let pulled = shard.pull(table, r.keys, &mut rows.versions, &mut rows.rows);
             let read = pulled.map(|clock| {
+                // A pull's answer carries no incarnation of its own: the transport's latest.
+                rows.incarnation = shard.incarnation();
                 rows.table_clock = clock;
                 rows.indices = (0..r.keys.len() as u32).collect();
                 rows.since_held = true;

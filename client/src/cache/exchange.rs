@@ -274,16 +274,20 @@ impl CacheCore {
     /// next lookup. A reply that does not fit the request is an error, and the call cannot
     /// complete.
     ///
-    /// `incarnation` is the shard's in this answer ([`CacheCore::observe_incarnation`]): when
-    /// the shard restarted, every key of this lookup on that shard is read again in the next
-    /// round, whatever it was checked against before.
+    /// Restarts are data: the push's acknowledgement and the rows each carry the incarnation
+    /// of the daemon they are of (`PushResponse::incarnation`, `StaleRows::incarnation`), and
+    /// [`CacheCore::observe_incarnation`] takes them. When the shard restarted, every key of
+    /// this lookup on that shard is read again in the next round, whatever it was checked
+    /// against before. Rows and a clock of another incarnation than the one that applied the
+    /// push in the same answer (a one-sided read of a dead daemon's memory, or a restart between
+    /// the push and the read) are never taken: those keys are read again. Rows of an incarnation
+    /// this cache saw replaced fail the read.
     pub fn on_reply(
         &mut self,
         shard: usize,
         push: PushOutcome,
         answer: &StaleRows,
         read_ok: bool,
-        incarnation: u64,
     ) -> Result<(), CacheError> {
         let stage = self.plans[shard].stage;
         if stage == Stage::Done {
@@ -291,7 +295,14 @@ impl CacheCore {
                 "a reply from shard {shard}, which was sent nothing"
             )));
         }
-        let restarted = self.observe_incarnation(shard, incarnation);
+        let pushed_by = match push {
+            PushOutcome::Applied(ack) => ack.incarnation,
+            _ => 0,
+        };
+        let mut restarted = false;
+        if pushed_by != 0 && !self.clocks.retired(shard, pushed_by) {
+            restarted |= self.observe_incarnation(shard, pushed_by);
+        }
         if stage == Stage::First {
             self.take_push_outcome(shard, push, answer)?;
         }
@@ -300,7 +311,19 @@ impl CacheCore {
             self.read_failed = true;
             return Ok(());
         }
-        self.take_rows(shard, stage, answer, restarted)
+        let read_from = answer.incarnation;
+        let other = pushed_by != 0 && read_from != 0 && read_from != pushed_by;
+        if !other && read_from != 0 && self.clocks.retired(shard, read_from) {
+            self.read_failed = true;
+            return Err(CacheError::Replies(format!(
+                "shard {shard} answered with rows of incarnation {read_from:016x}, which this \
+                 cache saw restart"
+            )));
+        }
+        if !other && read_from != 0 {
+            restarted |= self.observe_incarnation(shard, read_from);
+        }
+        self.take_rows(shard, stage, answer, restarted, other)
     }
 
     /// The push half of a shard's answer to its first request.
@@ -373,7 +396,15 @@ impl CacheCore {
         stage: Stage,
         reply: &StaleRows,
         restarted: bool,
+        other_incarnation: bool,
     ) -> Result<(), CacheError> {
+        if other_incarnation {
+            // Neither the rows nor the clock are of the incarnation that applied the push: the
+            // keys go again, as after a restart.
+            self.stats.clock_retries += 1;
+            self.read_again(shard);
+            return Ok(());
+        }
         let p = &self.plans[shard];
         let (origin, asked_state) = if stage == Stage::FollowUp {
             let all = if self.has_state() {
@@ -446,22 +477,30 @@ impl CacheCore {
         if restarted && read_keys {
             // Rows of the previous incarnation, and checks against its versions, mean nothing
             // now: every key of this shard in this lookup goes again, as a miss.
-            let p = &mut self.plans[shard];
-            let mut keys = std::mem::take(&mut p.keys);
-            keys.extend_from_slice(&p.skip_keys);
-            let mut origin = std::mem::take(&mut p.origin);
-            origin.extend_from_slice(&p.skip_origin);
-            p.skip_clocks.clear();
-            p.skip_clocks.resize(keys.len(), NOT_CACHED);
-            p.skip_keys = keys;
-            p.skip_origin = origin;
-            p.stage = Stage::FollowUp;
+            self.read_again(shard);
         } else if follow_up {
             // The shard could not vouch for the checks left out: they go in the next round.
             self.plans[shard].stage = Stage::FollowUp;
             self.stats.clock_retries += 1;
         }
         Ok(())
+    }
+
+    /// Every key of `shard` in this lookup goes in the next round, as a miss.
+    fn read_again(&mut self, shard: usize) {
+        let p = &mut self.plans[shard];
+        if p.keys.is_empty() && p.skip_keys.is_empty() {
+            return;
+        }
+        let mut keys = std::mem::take(&mut p.keys);
+        keys.extend_from_slice(&p.skip_keys);
+        let mut origin = std::mem::take(&mut p.origin);
+        origin.extend_from_slice(&p.skip_origin);
+        p.skip_clocks.clear();
+        p.skip_clocks.resize(keys.len(), NOT_CACHED);
+        p.skip_keys = keys;
+        p.skip_origin = origin;
+        p.stage = Stage::FollowUp;
     }
 
     /// Completes the lookup once [`CacheCore::requests`] is empty: writes every key's row into
