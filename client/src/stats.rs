@@ -31,6 +31,10 @@ pub struct CacheStats {
     /// Pushed rows unanswered at their deadline, held by the transport and sent again under
     /// their numbers (so applied exactly once), not by the cache.
     pub rows_held: u64,
+    /// Pushed rows whose fate no one can tell any more (the shard no longer knew whether it
+    /// applied them, or their answer could not be read): dropped, not retried, and reported by
+    /// the next `flush`.
+    pub rows_unknown: u64,
     /// Rows a push produced that its shard handed back because another update came between
     /// the line's base and the push: the line took them (a refresh that cost no request).
     pub rows_handed_back: u64,
@@ -129,6 +133,11 @@ const COUNTERS: &[Field] = &[
         "rows_held",
         "Pushed rows unanswered at their deadline, sent again by the transport under their numbers",
         |s| s.rows_held,
+    ),
+    (
+        "rows_unknown",
+        "Pushed rows of unknown fate (dropped, reported by flush)",
+        |s| s.rows_unknown,
     ),
     (
         "rows_handed_back",
@@ -233,6 +242,7 @@ impl CacheStats {
             rows_pushed: f(self.rows_pushed, o.rows_pushed),
             rows_refused: f(self.rows_refused, o.rows_refused),
             rows_held: f(self.rows_held, o.rows_held),
+            rows_unknown: f(self.rows_unknown, o.rows_unknown),
             rows_handed_back: f(self.rows_handed_back, o.rows_handed_back),
             evictions: f(self.evictions, o.evictions),
             dirty_evictions: f(self.dirty_evictions, o.dirty_evictions),

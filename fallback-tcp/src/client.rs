@@ -26,6 +26,7 @@ use hetkv_transport::{auth, codec};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::ledger::PushLedger;
+use crate::stream::PushStream;
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -111,9 +112,9 @@ pub struct TcpShardClient {
     traffic: TrafficCounters,
     /// Request buffers kept for reuse: a call encodes into one and keeps it across its retries.
     frames: Mutex<Vec<Vec<u8>>>,
-    /// This client's id in the origins of its pushes; the same on every connection.
-    client_id: u64,
-    next_seq: AtomicU64,
+    /// This process's stream of numbered pushes to the shard: its id (in every hello and push)
+    /// and the numbers not yet settled.
+    stream: PushStream,
     retries: AtomicU64,
     /// The incarnation in the latest answer.
     incarnation: AtomicU64,
@@ -180,12 +181,7 @@ impl TcpShardClient {
             pool: Mutex::new(Vec::new()),
             traffic: TrafficCounters::default(),
             frames: Mutex::new(Vec::new()),
-            client_id: u64::from_le_bytes(
-                auth::nonce().map_err(io_err)?[..8]
-                    .try_into()
-                    .expect("8 bytes"),
-            ),
-            next_seq: AtomicU64::new(1),
+            stream: PushStream::new().map_err(io_err)?,
             retries: AtomicU64::new(0),
             incarnation: AtomicU64::new(0),
             ledger: Mutex::new(PushLedger::default()),
@@ -240,7 +236,12 @@ impl TcpShardClient {
 
     /// This client's id in the origins of its pushes.
     pub fn client_id(&self) -> u64 {
-        self.client_id
+        self.stream.client()
+    }
+
+    /// Numbered pushes sent and not yet settled (acknowledged, refused or given up).
+    pub fn unsettled_pushes(&self) -> usize {
+        self.stream.unsettled()
     }
 
     /// Requests sent again after a broken or stalled connection.
@@ -248,11 +249,49 @@ impl TcpShardClient {
         self.retries.load(Ordering::Relaxed)
     }
 
-    fn origin(&self) -> Option<Origin> {
-        Some(Origin {
-            client: self.client_id,
-            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-        })
+    /// Numbers the next push (waiting, within the deadline, while the stream's oldest unsettled
+    /// push is too far behind for the shard to remember both).
+    fn origin(&self) -> Result<Origin, TransportError> {
+        self.stream
+            .number(Instant::now() + self.config.deadline)
+            .map_err(|e| self.io_err(e))
+    }
+
+    /// Push `seq` of `rows` rows ended with `result`: it is settled, or given up with its fate
+    /// unknown (reported at the next [`ShardTransport::settle`]) when the shard no longer knows
+    /// whether it applied it or its answer could not be read. Not for a held push.
+    fn settle_push<R>(&self, seq: u64, rows: usize, result: &Result<R, TransportError>) {
+        let unknown = match result {
+            Ok(_) => false,
+            Err(TransportError::Remote { error, .. }) => {
+                error.code == wire::ErrorCode::SequenceForgotten
+            }
+            Err(TransportError::Protocol { .. }) => true,
+            Err(_) => false,
+        };
+        if unknown {
+            tracing::error!(shard = %self.addr, seq, rows, "a push's fate is unknown: it is never sent again, and flush reports it");
+            self.stream.give_up(seq, rows as u64);
+        } else {
+            self.stream.settle(seq);
+        }
+    }
+
+    /// In a forked child: the parent's stream, pooled connections and held pushes are the
+    /// parent's. Drops them (the child draws a stream of its own and connects anew).
+    fn claim_for_this_process(&self) -> Result<(), TransportError> {
+        if self
+            .stream
+            .claim_for_this_process()
+            .map_err(|e| self.io_err(e))?
+        {
+            tracing::info!(shard = %self.addr, "a forked process: a push stream and connections of its own");
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.holding.store(false, Ordering::Release);
+            *self.ledger() = PushLedger::default();
+        }
+        Ok(())
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, PushLedger> {
@@ -319,7 +358,7 @@ impl TcpShardClient {
             version: self.config.protocol_version,
             auth,
             client: self.config.name.clone(),
-            client_id: Some(self.client_id),
+            client_id: Some(self.stream.client()),
         };
         let frame = self.frame(header_only(Op::Hello, &hello))?;
         let reply: HelloResponse =
@@ -475,7 +514,12 @@ impl TcpShardClient {
         frame: Vec<u8>,
         parse: impl FnOnce(FrameParts<'_>) -> Result<R, TransportError>,
     ) -> Result<R, TransportError> {
-        match (self.send_until_deadline(op, &frame, parse), push) {
+        let result = self.send_until_deadline(op, &frame, parse);
+        if let (Some((seq, rows)), false) = (push, matches!(result, Err(TransportError::Io { .. })))
+        {
+            self.settle_push(seq, rows, &result);
+        }
+        match (result, push) {
             (Err(TransportError::Io { addr, source }), Some((seq, rows))) => {
                 tracing::warn!(shard = %addr, seq, rows, error = %source, "push unanswered at its deadline: held, to be sent again under its number");
                 self.held
@@ -500,6 +544,7 @@ impl TcpShardClient {
     /// Sends every held push again, each until its deadline; fails (keeping what is left) while
     /// the shard cannot be reached.
     fn deliver_held(&self) -> Result<(), TransportError> {
+        self.claim_for_this_process()?;
         if !self.holding.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -518,11 +563,11 @@ impl TcpShardClient {
                     return Err(e);
                 }
                 Err(e) => {
-                    // Refused, or its number forgotten: it was not applied by this answer, and
-                    // sending it again cannot help.
+                    // Refused (not applied), or its fate unknown: sending it again cannot help.
                     tracing::error!(shard = %self.addr, seq = h.seq, rows = h.rows, error = %e, "a held push could not be delivered");
+                    self.settle_push(h.seq, h.rows, &Err::<(), _>(e));
                 }
-                Ok(()) => {}
+                Ok(()) => self.stream.settle(h.seq),
             }
             let done = pending.remove(0);
             self.recycle(done.frame);
@@ -656,9 +701,11 @@ impl TcpShardClient {
         }
         let push_rows = push.map_or(0, |p| p.keys.len() as u32);
         self.deliver_held()?;
-        let origin = push.and_then(|_| self.origin());
+        let origin = push.map(|_| self.origin()).transpose()?;
         let seq = origin.map(|o| o.seq);
-        let frame = self.frame(|buf| codec::pull_if_stale::encode_request(buf, q, origin))?;
+        let frame = self
+            .frame(|buf| codec::pull_if_stale::encode_request(buf, q, origin))
+            .inspect_err(|_| seq.into_iter().for_each(|s| self.stream.settle(s)))?;
         self.call_push(
             Op::PullIfStale,
             seq.map(|s| (s, push_rows as usize)),
@@ -793,11 +840,13 @@ impl ShardTransport for TcpShardClient {
         }
         produced.clear();
         self.deliver_held()?;
-        let origin = self.origin();
-        let seq = origin.map(|o| o.seq);
+        let origin = self.origin()?;
+        let seq = Some(origin.seq);
         let n = rows.keys.len();
         let dim = rows.grads.len().checked_div(n).unwrap_or(0);
-        let frame = self.frame(|buf| codec::push::encode_request(buf, table, rows, origin))?;
+        let frame = self
+            .frame(|buf| codec::push::encode_request(buf, table, rows, origin))
+            .inspect_err(|_| self.stream.settle(origin.seq))?;
         self.call_push(Op::Push, seq.map(|s| (s, n)), frame, |p| {
             self.acknowledged(seq, n, p.incarnation);
             let ack = codec::push::decode_response(&p, n, dim, produced)
@@ -859,7 +908,15 @@ impl ShardTransport for TcpShardClient {
     }
 
     fn settle(&self) -> Result<(), TransportError> {
-        self.deliver_held()
+        self.deliver_held()?;
+        match self.stream.take_unknown() {
+            (0, _) => Ok(()),
+            (pushes, rows) => Err(TransportError::Unknown {
+                addr: self.addr.clone(),
+                pushes,
+                rows,
+            }),
+        }
     }
 
     fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {

@@ -1,14 +1,21 @@
 //! What a client remembers of its acknowledged pushes to one shard, to tell after a restart
 //! which of them the shard's new incarnation no longer holds. No I/O: the TCP client feeds it
 //! acknowledgements and hellos.
+//!
+//! The account is exact for the last [`REMEMBERED`] pushes the current incarnation acknowledged:
+//! a push below the floor the restored shard reports was acknowledged before the checkpoint's
+//! copy began (the stream said it was settled in a request the checkpoint's records hold), so
+//! the checkpoint holds it; one at or above the floor is held exactly when the restored bitmap
+//! says it was applied. Older acknowledged pushes, forgotten here, are counted as of unknown
+//! fate: the account then says it is a bound.
 
 use std::collections::VecDeque;
 
 use hetkv_transport::wire::AppliedPushes;
 use hetkv_transport::Restarts;
 
-/// Acknowledged pushes remembered (the shards remember as many applied numbers per client).
-pub const REMEMBERED: usize = 4096;
+/// Acknowledged pushes remembered per shard (16 bytes each).
+pub const REMEMBERED: usize = 65_536;
 
 /// The acknowledged pushes of the current incarnation, and what restarts cost so far.
 #[derive(Debug, Default)]
@@ -19,6 +26,8 @@ pub struct PushLedger {
     remembered: Option<AppliedPushes>,
     /// `(seq, rows)` of the pushes it acknowledged, oldest first.
     acked: VecDeque<(u64, u64)>,
+    /// Acknowledged pushes of the current incarnation forgotten here (past [`REMEMBERED`]).
+    forgotten: u64,
     restarts: Restarts,
 }
 
@@ -37,6 +46,7 @@ impl PushLedger {
             for (seq, rows) in acked {
                 self.settle(seq, rows, pushes.as_ref());
             }
+            self.restarts.pushes_unknown += std::mem::take(&mut self.forgotten);
         }
         self.incarnation = incarnation;
         self.remembered = pushes;
@@ -48,6 +58,7 @@ impl PushLedger {
         if incarnation == self.incarnation {
             if self.acked.len() == REMEMBERED {
                 self.acked.pop_front();
+                self.forgotten += 1;
             }
             self.acked.push_back((seq, rows));
         } else {
@@ -58,10 +69,8 @@ impl PushLedger {
     }
 
     fn settle(&mut self, seq: u64, rows: u64, holds: Option<&AppliedPushes>) {
-        let floor = holds.map_or(0, |h| h.floor);
-        if seq < floor {
-            self.restarts.pushes_unknown += 1;
-        } else if holds.is_none_or(|h| h.applied.binary_search(&seq).is_err()) {
+        let held = holds.is_some_and(|h| seq < h.floor || h.contains(seq));
+        if !held {
             self.restarts.pushes_rolled_back += 1;
             self.restarts.rows_rolled_back += rows;
         }
@@ -82,6 +91,17 @@ impl PushLedger {
 mod tests {
     use super::*;
 
+    fn holding(floor: u64, applied: &[u64]) -> AppliedPushes {
+        let mut a = AppliedPushes {
+            floor,
+            words: Vec::new(),
+        };
+        for &s in applied {
+            a.insert(s).unwrap();
+        }
+        a
+    }
+
     #[test]
     fn a_restart_counts_the_acknowledged_pushes_the_new_incarnation_lacks() {
         let mut l = PushLedger::default();
@@ -90,15 +110,11 @@ mod tests {
             l.acknowledged(seq, 10 * seq, 7);
         }
         // The checkpoint held pushes 1, 2 and 4 (out of order, as concurrent pushes apply).
-        let held = AppliedPushes {
-            floor: 0,
-            applied: vec![1, 2, 4],
-        };
         assert!(
             !l.greeted(7, None),
             "the same incarnation again is no restart"
         );
-        assert!(l.greeted(9, Some(held)));
+        assert!(l.greeted(9, Some(holding(0, &[1, 2, 4]))));
         let r = l.restarts();
         assert_eq!(
             (r.seen, r.pushes_rolled_back, r.rows_rolled_back),
@@ -115,30 +131,34 @@ mod tests {
     }
 
     #[test]
-    fn pushes_below_what_the_shard_remembers_are_unknown() {
+    fn pushes_below_the_restored_floor_are_held_by_the_checkpoint() {
         let mut l = PushLedger::default();
         l.greeted(1, None);
         l.acknowledged(3, 1, 1);
         l.acknowledged(20, 1, 1);
-        l.greeted(
-            2,
-            Some(AppliedPushes {
-                floor: 10,
-                applied: vec![20],
-            }),
-        );
+        l.acknowledged(21, 1, 1);
+        l.greeted(2, Some(holding(10, &[20])));
         let r = l.restarts();
-        assert_eq!((r.pushes_unknown, r.pushes_rolled_back), (1, 0));
+        assert_eq!(
+            (r.pushes_unknown, r.pushes_rolled_back),
+            (0, 1),
+            "3 is below the floor (held), 20 applied, 21 not"
+        );
     }
 
     #[test]
-    fn at_most_the_remembered_number_are_kept() {
+    fn past_what_it_remembers_the_account_says_it_is_a_bound() {
         let mut l = PushLedger::default();
         l.greeted(1, None);
         for seq in 0..(REMEMBERED as u64 + 100) {
             l.acknowledged(seq, 1, 1);
         }
         l.greeted(2, None);
-        assert_eq!(l.restarts().pushes_rolled_back, REMEMBERED as u64);
+        let r = l.restarts();
+        assert_eq!(r.pushes_rolled_back, REMEMBERED as u64);
+        assert_eq!(
+            r.pushes_unknown, 100,
+            "the forgotten ones are counted as unknown"
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod ledger;
 pub mod link;
 pub mod server;
+pub mod stream;
 
 pub use client::{ClientConfig, TcpShardClient};
 pub use link::LinkLimit;

@@ -59,9 +59,9 @@ pub enum StoreError {
     /// Bad daemon configuration.
     #[error("configuration: {0}")]
     Config(String),
-    /// A push number the shard no longer remembers.
+    /// A numbered push that is not claimed: forgotten, or no room to remember its number.
     #[error(transparent)]
-    Forgotten(#[from] sessions::Forgotten),
+    Session(#[from] sessions::SessionError),
     /// A checkpoint that cannot be written or restored.
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),

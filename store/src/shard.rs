@@ -19,7 +19,7 @@ use hetkv_transport::{Produced, TableSpec};
 use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
 use crate::metrics::{ShardMetrics, Totals};
 use crate::placement::Placement;
-use crate::sessions::{Claim, Sessions};
+use crate::sessions::{self, Claim, Sessions};
 use crate::table::Table;
 use crate::StoreError;
 
@@ -291,10 +291,12 @@ impl Shard {
                 spec.name, self.config.max_table_bytes
             )));
         }
-        if allocated.saturating_add(footprint) > self.config.max_memory {
+        // The memory for push numbers is reserved out of the same bound.
+        let reserved = sessions::RESERVED_BYTES;
+        if allocated.saturating_add(footprint).saturating_add(reserved) > self.config.max_memory {
             return Err(StoreError::InvalidSpec(format!(
-                "table {} needs {footprint} bytes on this shard; its tables already take {} of \
-                 its {} (--max-memory)",
+                "table {} needs {footprint} bytes on this shard; its tables already take {} and \
+                 the memory for push numbers {reserved} of its {} (--max-memory)",
                 spec.name, *allocated, self.config.max_memory
             )));
         }
@@ -581,7 +583,9 @@ impl Shard {
             let clock = table.finish_restore()?;
             tracing::info!(table = %t.name, rows = table.local_rows(), clock, "restored table");
         }
-        self.sessions.restore(&manifest.sessions);
+        self.sessions
+            .restore(&manifest.sessions)
+            .map_err(|e| CheckpointError::Refused(format!("checkpoint {}: {e}", manifest.name)))?;
         self.incarnation
             .store(fresh_incarnation()?, std::sync::atomic::Ordering::Release);
         base.base = Some((
@@ -650,7 +654,10 @@ impl Shard {
         let mut produced = Produced::default();
         let (pushed_updates, push_duplicate) = match pushed {
             Some((p, locals)) => {
-                self.apply_once(&t, req.header.origin, &locals, p, &mut produced)?
+                let origin = req.header.origin.ok_or_else(|| {
+                    StoreError::Malformed("a carried push must be numbered (its origin)".into())
+                })?;
+                self.apply_once(&t, origin, &locals, p, &mut produced)?
             }
             None => (0, false),
         };
@@ -754,14 +761,11 @@ impl Shard {
     fn apply_once(
         &self,
         t: &Table,
-        origin: Option<hetkv_transport::wire::Origin>,
+        origin: hetkv_transport::wire::Origin,
         locals: &[u64],
         rows: hetkv_transport::wire::PushRows<'_>,
         produced: &mut Produced,
     ) -> Result<(u64, bool), StoreError> {
-        let Some(origin) = origin else {
-            return Ok((t.apply_push(locals, &rows, produced), false));
-        };
         match self.sessions.claim(origin)? {
             Claim::Fresh(ticket) => {
                 let updates = t.apply_push(locals, &rows, produced);
@@ -979,7 +983,13 @@ impl From<StoreError> for WireError {
             StoreError::Frame(w) => return w.clone(),
             StoreError::Io(_) | StoreError::Config(_) => ErrorCode::Internal,
             StoreError::Checkpoint(_) => ErrorCode::CheckpointFailed,
-            StoreError::Forgotten(_) => ErrorCode::SequenceForgotten,
+            StoreError::Session(sessions::SessionError::Forgotten { .. }) => {
+                ErrorCode::SequenceForgotten
+            }
+            StoreError::Session(sessions::SessionError::Full(_)) => ErrorCode::SessionsFull,
+            StoreError::Session(sessions::SessionError::Malformed { .. }) => {
+                ErrorCode::MalformedFrame
+            }
         };
         WireError::new(code, e.to_string())
     }

@@ -105,7 +105,11 @@ fn seeds() -> Vec<Vec<u8>> {
                     max_foreign: 3,
                 }),
                 push_rows: 3,
-                origin: Some(Origin { client: 1, seq: 1 }),
+                origin: Some(Origin {
+                    client: 1,
+                    seq: 1,
+                    settled_below: 1,
+                }),
                 state_keys: 3,
                 push_bases: true,
             },
@@ -116,7 +120,11 @@ fn seeds() -> Vec<Vec<u8>> {
             &PushRequest {
                 table: t(),
                 rows: 3,
-                origin: Some(Origin { client: 1, seq: 2 }),
+                origin: Origin {
+                    client: 1,
+                    seq: 2,
+                    settled_below: 1,
+                },
                 bases: true,
             },
             &push,

@@ -15,6 +15,8 @@ use serde::{de::DeserializeOwned, Serialize};
 struct Harness {
     shard: Shard,
     session: Session,
+    /// The number of the harness's next push (each settled before the next is sent).
+    next_seq: u64,
 }
 
 impl Harness {
@@ -22,6 +24,7 @@ impl Harness {
         let mut h = Self {
             shard: Shard::new(ShardConfig::new(shard, shards)).unwrap(),
             session: Session::new(wire::DEFAULT_MAX_FRAME),
+            next_seq: 1,
         };
         let hello = HelloRequest {
             magic: MAGIC,
@@ -86,7 +89,19 @@ impl Harness {
         grads: &[f32],
     ) -> Result<PushResponse, WireError> {
         let mut frame = Vec::new();
-        codec::push::encode_request(&mut frame, table, &PushRef::new(keys, counts, grads), None);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let origin = wire::Origin {
+            client: 1,
+            seq,
+            settled_below: seq,
+        };
+        codec::push::encode_request(
+            &mut frame,
+            table,
+            &PushRef::new(keys, counts, grads),
+            origin,
+        );
         let out = self.call_frame(frame)?;
         Ok(decode_header(split_response(&out[4..]).unwrap().header).unwrap())
     }
@@ -440,7 +455,11 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     let mut h = Harness::new(0, 1);
     h.create(&spec("t", 2, OptimizerSpec::Sgd { lr: 1.0 }))
         .unwrap();
-    let origin = |seq| Some(wire::Origin { client: 42, seq });
+    let origin = |seq| wire::Origin {
+        client: 42,
+        seq,
+        settled_below: 1,
+    };
     let numbered = |h: &mut Harness, seq: u64| -> PushResponse {
         let mut frame = Vec::new();
         let rows = PushRef::new(&[3, 3], &[1, 2], &[1.0; 4]);
@@ -465,7 +484,7 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
             push: Some(PushRef::new(&[3], &[5], &[1.0, 1.0])),
             state_keys: 0,
         };
-        codec::pull_if_stale::encode_request(&mut frame, &q, origin(2));
+        codec::pull_if_stale::encode_request(&mut frame, &q, Some(origin(2)));
         let out = h.call_frame(frame).unwrap();
         let mut rows = StaleRows::default();
         let h = codec::pull_if_stale::decode_response(
@@ -478,14 +497,49 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     };
     assert_eq!(carried(&mut h), (5, false, 8));
     assert_eq!(carried(&mut h), (5, true, 8));
-    // Unnumbered pushes are applied every time (old clients, tools).
+    // Every push is numbered: a carried push without its number is refused, unapplied.
+    let mut frame = Vec::new();
+    let q = StaleQuery {
+        table: "t",
+        keys: &[3],
+        clocks: &[0],
+        bound: 0,
+        since: None,
+        push: Some(PushRef::new(&[3], &[1], &[1.0, 1.0])),
+        state_keys: 0,
+    };
+    codec::pull_if_stale::encode_request(&mut frame, &q, None);
+    let refused = h.call_frame(frame).unwrap_err();
+    assert!(refused.message.contains("numbered"), "{refused}");
+    // Numbers the sender settled are forgotten: once push 3 says every number below 3 is
+    // settled, a late copy of push 1 (which said nothing was) is refused, not applied.
+    let push = |h: &mut Harness, seq: u64, settled_below: u64| {
+        let mut frame = Vec::new();
+        let rows = PushRef::new(&[3], &[1], &[1.0; 2]);
+        let origin = wire::Origin {
+            client: 42,
+            seq,
+            settled_below,
+        };
+        codec::push::encode_request(&mut frame, "t", &rows, origin);
+        h.call_frame(frame)
+    };
+    push(&mut h, 3, 3).unwrap();
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![9]);
+    let e = push(&mut h, 1, 1).unwrap_err();
+    assert_eq!(e.code, wire::ErrorCode::SequenceForgotten, "{e}");
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![9], "not applied");
     h.push("t", &[3], &[1], &[1.0; 2]).unwrap();
     h.push("t", &[3], &[1], &[1.0; 2]).unwrap();
-    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![10]);
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![11]);
     // Another client's push 1 is its own.
     let mut frame = Vec::new();
-    let other = Some(wire::Origin { client: 7, seq: 1 });
+    let other = wire::Origin {
+        client: 7,
+        seq: 1,
+        settled_below: 1,
+    };
     codec::push::encode_request(&mut frame, "t", &PushRef::new(&[3], &[1], &[1.0; 2]), other);
     h.call_frame(frame).unwrap();
-    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![11]);
+    assert_eq!(h.pull("t", &[3]).unwrap().0, vec![12]);
 }

@@ -40,6 +40,8 @@ pub struct Faults {
 pub struct FaultProxy {
     addr: String,
     faulty: Arc<AtomicBool>,
+    /// Milliseconds the next answer chunk of any connection is held (0: none armed).
+    stall_once: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     /// What it did.
     pub counts: Arc<FaultCounts>,
@@ -54,11 +56,13 @@ impl FaultProxy {
         listener.set_nonblocking(true).expect("non-blocking accept");
         let addr = listener.local_addr().unwrap().to_string();
         let faulty = Arc::new(AtomicBool::new(true));
+        let stall_once = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(FaultCounts::default());
         let upstream = upstream.to_string();
         let accept = {
             let (faulty, stop, counts) = (faulty.clone(), stop.clone(), counts.clone());
+            let stall_once = stall_once.clone();
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -78,8 +82,15 @@ impl FaultProxy {
                                     (from.try_clone().unwrap(), to.try_clone().unwrap());
                                 let (faulty, stop, counts) =
                                     (faulty.clone(), stop.clone(), counts.clone());
+                                let stall_once = stall_once.clone();
                                 std::thread::spawn(move || {
-                                    pump(from, to, up, faults, TestRng(s), &faulty, &stop, &counts)
+                                    let link = Link {
+                                        faulty: &faulty,
+                                        stall_once: &stall_once,
+                                        stop: &stop,
+                                        counts: &counts,
+                                    };
+                                    pump(from, to, up, faults, TestRng(s), link)
                                 });
                             }
                         }
@@ -94,6 +105,7 @@ impl FaultProxy {
         Self {
             addr,
             faulty,
+            stall_once,
             stop,
             counts,
             accept: Some(accept),
@@ -114,6 +126,18 @@ impl FaultProxy {
     pub fn resume(&self) {
         self.faulty.store(true, Ordering::Relaxed);
     }
+
+    /// Holds the next answer chunk that any connection forwards for `d` (faults on or not): one
+    /// link stalls while the others flow.
+    pub fn stall_one_answer(&self, d: Duration) {
+        self.stall_once
+            .store(d.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the armed stall has struck.
+    pub fn stall_struck(&self) -> bool {
+        self.stall_once.load(Ordering::Relaxed) == 0
+    }
 }
 
 impl Drop for FaultProxy {
@@ -125,17 +149,28 @@ impl Drop for FaultProxy {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a pump shares with its proxy.
+struct Link<'a> {
+    faulty: &'a AtomicBool,
+    stall_once: &'a AtomicU64,
+    stop: &'a AtomicBool,
+    counts: &'a FaultCounts,
+}
+
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     up: bool,
     faults: Faults,
     mut rng: TestRng,
-    faulty: &AtomicBool,
-    stop: &AtomicBool,
-    counts: &FaultCounts,
+    link: Link<'_>,
 ) {
+    let Link {
+        faulty,
+        stall_once,
+        stop,
+        counts,
+    } = link;
     let _ = from.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = vec![0u8; 4096];
     let cut = |from: &TcpStream, to: &TcpStream| {
@@ -150,6 +185,13 @@ fn pump(
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(_) => break,
         };
+        if !up {
+            let ms = stall_once.swap(0, Ordering::Relaxed);
+            if ms > 0 {
+                counts.stalls.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
         if faulty.load(Ordering::Relaxed) {
             if rng.below(faults.cut) == 0 {
                 // Forward part of the chunk first, so that the cut lands inside a frame.

@@ -106,7 +106,11 @@ fn a_frame_cut_off_midway_by_a_departing_peer_changes_nothing() {
             &PushRequest {
                 table: "emb".into(),
                 rows: 4,
-                origin: None,
+                origin: hetkv_transport::wire::Origin {
+                    client: 1,
+                    seq: 1,
+                    settled_below: 1,
+                },
                 bases: false,
             },
         );
@@ -552,11 +556,13 @@ fn the_token_never_travels_and_a_recorded_hello_cannot_be_replayed() {
 }
 
 /// A create that would take the shard past --max-memory is refused, naming both figures, and
-/// nothing is created; smaller tables still fit.
+/// nothing is created; smaller tables still fit. The memory for push numbers is reserved out of
+/// the bound.
 #[test]
 fn a_create_beyond_the_memory_bound_is_refused() {
+    let bound = hetkv_store::sessions::RESERVED_BYTES + (1 << 20);
     let c = EmbeddedCluster::start_with(1, ServerConfig::default(), |i| ShardConfig {
-        max_memory: 1 << 20,
+        max_memory: bound,
         ..ShardConfig::new(i, 1)
     })
     .unwrap();
@@ -571,7 +577,7 @@ fn a_create_beyond_the_memory_bound_is_refused() {
     let w = e.remote().unwrap();
     assert_eq!(w.code, ErrorCode::InvalidSpec);
     assert!(
-        w.message.contains("1048576") && w.message.contains("--max-memory"),
+        w.message.contains(&bound.to_string()) && w.message.contains("--max-memory"),
         "{}",
         w.message
     );

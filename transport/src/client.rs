@@ -61,6 +61,21 @@ pub enum TransportError {
         /// What was wrong.
         message: String,
     },
+    /// Pushes given up with their fate unknown since the last [`ShardTransport::settle`]: the
+    /// shard could no longer say whether it applied them (their number was below what it
+    /// remembers), or their answer could not be read. They were never sent again.
+    #[error(
+        "shard {addr}: {pushes} pushes ({rows} rows) of unknown fate: the shard may or may not \
+         have applied them, and they were not sent again"
+    )]
+    Unknown {
+        /// The shard's address.
+        addr: String,
+        /// Pushes.
+        pushes: u64,
+        /// Their rows.
+        rows: u64,
+    },
 }
 
 impl TransportError {
@@ -203,20 +218,33 @@ pub enum PushOutcome {
     /// it again under its number until the shard answers ([`TransportError::Held`]), so the rows
     /// are applied exactly once. The caller must not send them again.
     Held,
+    /// The shard may or may not have applied them, and no one can tell any more: the transport
+    /// gave them up and reports them at its next [`ShardTransport::settle`]. The caller must not
+    /// send them again (that could apply them twice).
+    Unknown,
 }
 
 impl PushOutcome {
     /// The outcome of a push whose request failed with `error`.
     pub fn failed(error: &TransportError) -> Self {
         match error {
-            // The shard no longer knows whether it applied the push.
+            // The shard no longer knows whether it applied the push, or its answer could not be
+            // read: the transport gave it up and reports it at `settle`; sending its rows again
+            // could apply them twice.
             TransportError::Remote { error, .. }
                 if error.code == crate::wire::ErrorCode::SequenceForgotten =>
+            {
+                Self::Unknown
+            }
+            // Not applied, for want of room to remember its number: it may go again later.
+            TransportError::Remote { error, .. }
+                if error.code == crate::wire::ErrorCode::SessionsFull =>
             {
                 Self::Lost
             }
             TransportError::Remote { .. } | TransportError::InvalidRequest { .. } => Self::Refused,
-            TransportError::Io { .. } | TransportError::Protocol { .. } => Self::Lost,
+            TransportError::Io { .. } => Self::Lost,
+            TransportError::Protocol { .. } | TransportError::Unknown { .. } => Self::Unknown,
             TransportError::Held { .. } => Self::Held,
         }
     }

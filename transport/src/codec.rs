@@ -529,12 +529,7 @@ pub mod push {
     }
 
     /// Starts a request frame in `out`; `origin` numbers it for exactly-once application.
-    pub fn encode_request(
-        out: &mut Vec<u8>,
-        table: &str,
-        rows: &PushRef<'_>,
-        origin: Option<Origin>,
-    ) {
+    pub fn encode_request(out: &mut Vec<u8>, table: &str, rows: &PushRef<'_>, origin: Origin) {
         let req = PushRequest {
             table: table.to_string(),
             rows: rows.keys.len() as u32,
@@ -553,8 +548,8 @@ pub mod push {
         /// The rows (the gradient block's size depends on the table's dim, which the shard
         /// checks).
         pub rows: PushRows<'a>,
-        /// Who sent it.
-        pub origin: Option<Origin>,
+        /// Who sent it, and its number.
+        pub origin: Origin,
     }
 
     /// Decodes a request frame.
@@ -728,8 +723,14 @@ mod tests {
             assert_eq!(p.grads.iter_f32().collect::<Vec<_>>(), vec![0.5, -1.0]);
 
             let mut f = Vec::new();
-            push::encode_request(&mut f, "t", &push, None);
+            let origin = Origin {
+                client: 9,
+                seq: 3,
+                settled_below: 2,
+            };
+            push::encode_request(&mut f, "t", &push, origin);
             let r = push::decode_request(&parts(&mut f)).unwrap();
+            assert_eq!(r.origin, origin);
             assert_eq!(r.rows.keys.get(0), 4);
             assert_eq!(r.rows.base(0), bases.map_or(wire::NO_BASE, |b| b[0]));
             assert_eq!(r.rows.grads.len(), 2);

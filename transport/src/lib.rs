@@ -22,6 +22,7 @@ pub mod client;
 pub mod codec;
 pub mod onesided;
 pub mod optimizer;
+pub mod pushes;
 #[cfg(feature = "rdma")]
 #[allow(unsafe_code)]
 pub mod rdma;

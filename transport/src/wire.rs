@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -149,6 +149,9 @@ pub enum ErrorCode {
     /// A push's sequence number is older than what the shard remembers of its client: whether
     /// it was applied is unknown (the client reports it as lost, never as refused).
     SequenceForgotten,
+    /// The shard's memory of push numbers is full (a stream spans too many unsettled numbers, or
+    /// all streams together fill the shard's budget): nothing was applied; send it again later.
+    SessionsFull,
 }
 
 /// An error response.
@@ -195,15 +198,7 @@ pub struct HelloRequest {
     pub client_id: Option<u64>,
 }
 
-/// The numbered pushes of one client that a shard remembers applying (the answer to a hello
-/// naming a client id; after a restore from a checkpoint, those the checkpoint holds).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AppliedPushes {
-    /// Numbers below this are forgotten: whether they were applied is unknown.
-    pub floor: u64,
-    /// The numbers at or above `floor` it applied, ascending.
-    pub applied: Vec<u64>,
-}
+pub use crate::pushes::AppliedPushes;
 
 /// Challenge response header: the nonce a hello on this connection must answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -455,7 +450,8 @@ pub struct PullIfStaleRequest {
     /// holds `push_rows` x u64 keys, `push_rows` x u32 counts and `push_rows` x `dim` f32 gradient
     /// sums. They are validated with the keys and applied before the clock is read.
     pub push_rows: u32,
-    /// Who sent the pushed rows, for exactly-once application of a request sent again.
+    /// Who sent the pushed rows and their number, for exactly-once application of a request sent
+    /// again: present exactly when `push_rows` is not 0 (a carried push is numbered like any).
     pub origin: Option<Origin>,
     /// The first `state_keys` keys also want their optimizer state with their rows (a cache
     /// that mirrors the table's optimizer reads it into its lines; 0: none).
@@ -468,13 +464,17 @@ pub struct PullIfStaleRequest {
 
 /// The sender of a push and its number: a shard applies each `(client, seq)` once, and
 /// acknowledges a push it already applied without applying it again (docs/ARCHITECTURE.md,
-/// "Exactly-once pushes").
+/// "Exactly-once pushes"; the rule: [`crate::pushes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Origin {
-    /// The client's id, random, the same on all its connections and reconnections.
+    /// The sending stream's id: random, drawn by each process (a forked child draws its own),
+    /// the same on all its connections and reconnections.
     pub client: u64,
-    /// The push's number among that client's pushes to this shard, from 1.
+    /// The push's number among that stream's pushes to this shard, from 1.
     pub seq: u64,
+    /// Every number of this stream below this one is settled (acknowledged, refused, or given up
+    /// and reported) and will never be sent again: the shard forgets them. At most `seq`.
+    pub settled_below: u64,
 }
 
 /// A clock meaning "the client holds no copy": the row always comes back.
@@ -576,8 +576,9 @@ pub struct PushRequest {
     pub table: String,
     /// Number of rows.
     pub rows: u32,
-    /// Who sent it, for exactly-once application of a request sent again.
-    pub origin: Option<Origin>,
+    /// Who sent it and its number, for exactly-once application of a request sent again: every
+    /// push is numbered.
+    pub origin: Origin,
     /// The rows carry base versions: each row's version as the pusher's copy holds it before
     /// this push (its line's `c_s`). Where the row's version before the entry is applied is not
     /// its base (another client's update came between, or a restart took the row back), the

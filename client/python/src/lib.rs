@@ -99,6 +99,13 @@ create_exception!(
     "A write spanning shards that some applied and others did not: the message says which did what."
 );
 
+create_exception!(
+    hetkv,
+    PushesUnknownError,
+    Error,
+    "Pushes whose fate no one can tell (the shard may or may not have applied them); they were not sent again, so none was applied twice."
+);
+
 /// The Python exception for a client error.
 fn py_err(e: ClientError) -> PyErr {
     let message = e.to_string();
@@ -108,6 +115,7 @@ fn py_err(e: ClientError) -> PyErr {
                 ConnectionError::new_err(message)
             }
             TransportError::Protocol { .. } => ProtocolError::new_err(message),
+            TransportError::Unknown { .. } => PushesUnknownError::new_err(message),
             TransportError::InvalidRequest { .. } => RemoteError::new_err(message),
             TransportError::Remote { error, .. } => match error.code {
                 ErrorCode::UnknownTable => UnknownTableError::new_err(message),
@@ -1103,6 +1111,7 @@ fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("RemoteError", py.get_type::<RemoteError>())?;
     m.add("PartlyAppliedError", py.get_type::<PartlyAppliedError>())?;
+    m.add("PushesUnknownError", py.get_type::<PushesUnknownError>())?;
     m.add("RollbackError", py.get_type::<RollbackError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The Rust side's logs (restarts noticed, pushes held, rollbacks) reach Python's `logging`,

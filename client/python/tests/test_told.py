@@ -139,3 +139,31 @@ def test_a_cache_dropped_with_unpushed_updates_says_so_through_logging(caplog):
         assert any(r.name.startswith("hetkv_client") for r in caplog.records), [
             r.name for r in caplog.records
         ]
+
+
+def test_a_forked_child_pushes_under_a_stream_of_its_own(daemon_factory):
+    """``connect`` then ``os.fork()``: parent and child number their pushes apart, so neither's
+    push is taken for a repeat of the other's and dropped. Both push 99 times to one key; the
+    row's version is 198."""
+    d = daemon_factory()
+    cluster = hetkv.connect([d.addr])
+    table = cluster.create_table("t", rows=4, dim=2, optimizer=hetkv.Optimizer.sgd(1.0))
+    keys = np.array([1], dtype=np.uint64)
+    ones = np.ones((1, 2), dtype=np.float32)
+    table.push(keys, ones)  # a connection is pooled before the fork
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for _ in range(99):
+                table.push(keys, ones)
+            code = 0
+        finally:
+            os._exit(code)
+    for _ in range(99):
+        table.push(keys, ones)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's pushes failed"
+    versions = np.zeros(1, dtype=np.uint64)
+    table.pull(keys, versions=versions)
+    assert versions[0] == 1 + 99 + 99, f"version {versions[0]}: pushes were taken for repeats"

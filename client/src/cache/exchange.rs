@@ -348,9 +348,15 @@ impl CacheCore {
                 // The transport delivers them, under their numbers; `flush` waits for it.
                 self.stats.rows_held += rows as u64;
             }
-            PushOutcome::Refused => {
-                self.stats.rows_refused += rows as u64;
-                tracing::error!(shard, rows, "shard refused pushed rows; they are dropped");
+            PushOutcome::Refused | PushOutcome::Unknown => {
+                if push == PushOutcome::Refused {
+                    self.stats.rows_refused += rows as u64;
+                    tracing::error!(shard, rows, "shard refused pushed rows; they are dropped");
+                } else {
+                    // Never sent again (that could apply them twice); flush reports them.
+                    self.stats.rows_unknown += rows as u64;
+                }
+                // What the lines committed may not be on the shard: they are read again.
                 let keys = std::mem::take(&mut self.plans[shard].push.keys);
                 self.revalidate(&keys);
                 self.plans[shard].push.keys = keys;

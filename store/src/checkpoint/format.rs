@@ -1012,7 +1012,7 @@ mod tests {
             sessions: vec![crate::sessions::ClientRecord {
                 client: 5,
                 floor: 2,
-                applied: vec![2, 4],
+                words: "0000000000000014".into(),
             }],
         };
         let bytes = m.encode();

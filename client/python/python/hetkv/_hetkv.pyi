@@ -45,6 +45,10 @@ class RollbackError(Error):
 class PartlyAppliedError(Error):
     """A write spanning shards that some applied and others did not: the message says which."""
 
+class PushesUnknownError(Error):
+    """Pushes whose fate no one can tell: the shard may or may not have applied them. They were
+    never sent again (so none was applied twice). Raised by the `flush` that follows."""
+
 class Initializer:
     """How a table's rows start: a pure function of the seed and the row."""
     @staticmethod
