@@ -323,14 +323,17 @@ impl Cluster {
         if rest.is_empty() {
             return vec![f(first, &*self.shards[first])];
         }
-        // The calling thread serves the first shard itself; the others get a scoped thread each.
+        // The calling thread serves the first shard itself; the others get a scoped thread each,
+        // interrupted with it (hetkv_transport::interrupt).
         let f = &f;
+        let flag = hetkv_transport::interrupt::current_flag();
         std::thread::scope(|scope| {
             let handles: Vec<_> = rest
                 .iter()
                 .map(|&s| {
                     let shard = &*self.shards[s];
-                    scope.spawn(move || f(s, shard))
+                    let flag = flag.clone();
+                    scope.spawn(move || hetkv_transport::interrupt::with_flag(flag, || f(s, shard)))
                 })
                 .collect();
             let mut results = Vec::with_capacity(shards.len());

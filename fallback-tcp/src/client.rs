@@ -22,7 +22,7 @@ use hetkv_transport::wire::{
     HelloResponse, Op, Origin, PushResponse, RegionDescriptor, ShardStats, Span, Status,
     TableRequest, TablesResponse, U64s, WireError, MAGIC, PREFIX_BYTES, PROTOCOL_VERSION,
 };
-use hetkv_transport::{auth, codec};
+use hetkv_transport::{auth, codec, interrupt};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::ledger::PushLedger;
@@ -216,14 +216,14 @@ impl TcpShardClient {
                             ),
                         });
                     }
-                    std::thread::sleep(backoff.min(wait - waited));
+                    interrupt::sleep(backoff.min(wait - waited)).map_err(io_err)?;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Err(TransportError::Io { source, .. })
                     if start.elapsed() + backoff < client.config.deadline =>
                 {
                     tracing::debug!(shard = addr, error = %source, "connecting again");
-                    std::thread::sleep(backoff);
+                    interrupt::sleep(backoff).map_err(io_err)?;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 Err(e) => return Err(e),
@@ -444,22 +444,21 @@ impl TcpShardClient {
         }
 
         let mut prefix = [0u8; PREFIX_BYTES];
-        conn.stream
-            .read_exact(&mut prefix)
-            .map_err(|e| self.io_err(e))?;
+        read_full(&mut conn.stream, &mut prefix).map_err(|e| self.io_err(e))?;
         let len = wire::body_len(prefix, self.config.max_frame.max(self.hello.max_frame))
             .map_err(|e| self.protocol(e.to_string()))?;
         conn.recv.clear();
-        let got = (&mut conn.stream)
-            .take(len as u64)
-            .read_to_end(&mut conn.recv)
-            .map_err(|e| self.io_err(e))?;
-        if got != len as usize {
-            return Err(self.io_err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("connection closed after {got} of {len} response bytes"),
-            )));
-        }
+        conn.recv.resize(len as usize, 0);
+        read_full(&mut conn.stream, &mut conn.recv).map_err(|e| {
+            self.io_err(match e.kind() {
+                io::ErrorKind::UnexpectedEof => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed inside a response of {len} bytes"),
+                ),
+                _ => e,
+            })
+        })?;
+        let got = len as usize;
         self.traffic.received(PREFIX_BYTES + got);
         if let Some(link) = &self.link {
             crate::link::EmulatedLink::pass(&link.down, PREFIX_BYTES + got);
@@ -605,6 +604,12 @@ impl TcpShardClient {
             let mut sent = false;
             let result = self.attempt(op, frame, left, &mut parse, &mut sent);
             let error = match result {
+                // An interrupted call is not sent again: the caller wants it to end.
+                Err(TransportError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::Interrupted =>
+                {
+                    return Err(self.io_err(source))
+                }
                 Err(e @ TransportError::Io { .. }) => e,
                 other => return other,
             };
@@ -633,7 +638,7 @@ impl TcpShardClient {
             }
             tracing::debug!(shard = %self.addr, ?op, attempts, error = %error, "sending the request again");
             self.retries.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(backoff);
+            interrupt::sleep(backoff).map_err(|e| self.io_err(e))?;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
@@ -731,6 +736,50 @@ impl TcpShardClient {
     fn malformed(&self, e: wire::FrameError) -> TransportError {
         self.protocol(e.to_string())
     }
+}
+
+/// Reads exactly `buf.len()` bytes. While an interruptible call runs
+/// ([`hetkv_transport::interrupt`]), the socket's read timeout is cut into slices with a check
+/// between them; each read still waits at most the timeout the caller set, as without slices.
+fn read_full(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    if !interrupt::active() {
+        return stream.read_exact(buf);
+    }
+    let timeout = stream.read_timeout()?;
+    stream.set_read_timeout(Some(
+        timeout.map_or(interrupt::SLICE, |t| t.min(interrupt::SLICE)),
+    ))?;
+    let mut until = timeout.map(|t| Instant::now() + t);
+    let mut at = 0;
+    let result = loop {
+        if at == buf.len() {
+            break Ok(());
+        }
+        match stream.read(&mut buf[at..]) {
+            Ok(0) => break Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => {
+                at += n;
+                until = timeout.map(|t| Instant::now() + t);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if interrupt::interrupted() {
+                    break Err(interrupt::error());
+                }
+                if until.is_some_and(|u| Instant::now() >= u) {
+                    break Err(e);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = stream.set_read_timeout(timeout);
+    result
 }
 
 /// Starts a frame of op `op` whose request is its header alone.

@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod client;
 pub mod codec;
+pub mod interrupt;
 pub mod onesided;
 pub mod optimizer;
 pub mod pushes;

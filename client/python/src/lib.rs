@@ -106,6 +106,38 @@ create_exception!(
     "Pushes whose fate no one can tell (the shard may or may not have applied them); they were not sent again, so none was applied twice."
 );
 
+/// Runs `f` without the GIL, as every call that may wait on the network does, and interruptibly:
+/// its waits are cut into slices (`hetkv_transport::interrupt`), between which this thread takes
+/// the GIL and runs Python's signal handlers. When one raises (Ctrl-C: `KeyboardInterrupt`), the
+/// call's waits end within a slice and that exception is what the call raises; a push it had sent
+/// is then held by the transport and delivered under its number by the next call (or `flush`).
+fn interruptible<T: Send, E: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, E> + Send,
+    error: impl FnOnce(E) -> PyErr,
+) -> PyResult<T> {
+    let raised: std::sync::Arc<Mutex<Option<PyErr>>> = Default::default();
+    let poll_raised = raised.clone();
+    let result = py.detach(move || {
+        hetkv_transport::interrupt::with_poll(
+            move || {
+                Python::attach(|py| match py.check_signals() {
+                    Ok(()) => false,
+                    Err(e) => {
+                        *poll_raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        true
+                    }
+                })
+            },
+            f,
+        )
+    });
+    if let Some(e) = raised.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    result.map_err(error)
+}
+
 /// The Python exception for a client error.
 fn py_err(e: ClientError) -> PyErr {
     let message = e.to_string();
@@ -415,15 +447,13 @@ impl Cluster {
         optimizer: Option<Optimizer>,
     ) -> PyResult<Table> {
         let spec = spec_of(py, name, rows, dim, init, optimizer)?;
-        let inner = py
-            .detach(|| self.inner.create_table(&spec))
-            .map_err(py_err)?;
+        let inner = interruptible(py, || self.inner.create_table(&spec), py_err)?;
         Ok(Table { inner })
     }
 
     /// The table named `name` (`hetkv.UnknownTableError` when no shard holds it).
     fn table(&self, py: Python<'_>, name: &str) -> PyResult<Table> {
-        let inner = py.detach(|| self.inner.open_table(name)).map_err(py_err)?;
+        let inner = interruptible(py, || self.inner.open_table(name), py_err)?;
         Ok(Table { inner })
     }
 
@@ -436,9 +466,7 @@ impl Cluster {
         name: &str,
         incremental: bool,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let done = py
-            .detach(|| self.inner.checkpoint(name, incremental))
-            .map_err(py_err)?;
+        let done = interruptible(py, || self.inner.checkpoint(name, incremental), py_err)?;
         done.into_iter()
             .map(|d| {
                 let out = PyDict::new(py);
@@ -523,9 +551,7 @@ fn connect(
         }
         config.emulated_link = Some(hetkv_fallback_tcp::LinkLimit::gbit(g));
     }
-    let inner = py
-        .detach(|| RustCluster::connect(&addrs, kind, &config))
-        .map_err(py_err)?;
+    let inner = interruptible(py, || RustCluster::connect(&addrs, kind, &config), py_err)?;
     Ok(Cluster { inner })
 }
 
@@ -769,8 +795,7 @@ impl Table {
                 contiguous(&c, "counts")?.to_vec()
             }
         };
-        py.detach(|| self.inner.push(keys, &counts, grads))
-            .map_err(py_err)
+        interruptible(py, || self.inner.push(keys, &counts, grads), py_err)
     }
 
     /// Sets the rows of `keys` to `values` (float32, keys x dim): each row's version grows by one
@@ -792,8 +817,7 @@ impl Table {
             &self.name(),
         )?;
         let values = contiguous(&values, "values")?;
-        py.detach(|| self.inner.assign(keys, values))
-            .map_err(py_err)
+        interruptible(py, || self.inner.assign(keys, values), py_err)
     }
 
     /// Writes the table (every row, or the rows of `keys` in their order) to the safetensors
@@ -815,9 +839,12 @@ impl Table {
         };
         let shards = shards_of(self.inner.cluster());
         let name = self.name();
-        py.detach(|| hetkv_store::tensors::export_table(&shards, &name, keys, &path))
-            .map(|t| t.rows)
-            .map_err(store_err)
+        interruptible(
+            py,
+            || hetkv_store::tensors::export_table(&shards, &name, keys, &path),
+            store_err,
+        )
+        .map(|t| t.rows)
     }
 
     /// Sets rows from the safetensors file `path`: its tensor `tensor` (float32, n x dim) and,
@@ -827,9 +854,12 @@ impl Table {
     fn import_file(&self, py: Python<'_>, path: std::path::PathBuf, tensor: &str) -> PyResult<u64> {
         let shards = shards_of(self.inner.cluster());
         let name = self.name();
-        py.detach(|| hetkv_store::tensors::import_table(&shards, &name, &path, tensor))
-            .map(|t| t.rows)
-            .map_err(store_err)
+        interruptible(
+            py,
+            || hetkv_store::tensors::import_table(&shards, &name, &path, tensor),
+            store_err,
+        )
+        .map(|t| t.rows)
     }
 
     /// One worker's HET cache of this table.
@@ -935,16 +965,18 @@ fn into_rows<'py>(
             })?;
             check_rows(rw.shape(), n, dim, "out", table)?;
             let rows = contiguous_mut(&mut rw, "out")?;
-            py.detach(|| fill(rows)).map_err(py_err)?;
+            interruptible(py, || fill(rows), py_err)?;
             Ok(given.clone())
         }
         None => {
-            let rows = py
-                .detach(|| {
+            let rows = interruptible(
+                py,
+                || {
                     let mut rows = vec![0f32; n * dim];
                     fill(&mut rows).map(|()| rows)
-                })
-                .map_err(py_err)?;
+                },
+                py_err,
+            )?;
             let array = PyArray1::from_vec(py, rows).reshape([n, dim])?;
             Ok(array.into_any())
         }
@@ -969,11 +1001,14 @@ impl Cache {
         py: Python<'_>,
         f: impl FnOnce(&mut CachedTable) -> Result<R, ClientError> + Send,
     ) -> PyResult<R> {
-        py.detach(|| {
-            let mut cache = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut cache)
-        })
-        .map_err(py_err)
+        interruptible(
+            py,
+            || {
+                let mut cache = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                f(&mut cache)
+            },
+            py_err,
+        )
     }
 }
 

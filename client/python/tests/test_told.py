@@ -18,6 +18,20 @@ import pytest
 import hetkv
 
 
+def stop(pid: int) -> None:
+    """SIGSTOP, returning once the process is stopped (the signal is asynchronous: a request sent
+    right after ``kill`` returns can still be answered)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in ("T", "t"):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_a_fortran_ordered_array_is_refused_everywhere_it_could_be_misread():
     with hetkv.EmbeddedCluster(shards=2) as cluster:
         table = cluster.create_table("t", rows=10, dim=3, optimizer=hetkv.Optimizer.sgd(1.0))
@@ -77,7 +91,7 @@ def test_stats_bounds_and_repr_answer_while_another_thread_waits_on_a_stopped_sh
     cache = table.cached(capacity=10, pull_bound=0, push_bound=0)
     keys = np.arange(20, dtype=np.uint64)
     cache.lookup(keys)
-    os.kill(d.proc.pid, signal.SIGSTOP)
+    stop(d.proc.pid)
     try:
         outcome = {}
 
@@ -167,3 +181,37 @@ def test_a_forked_child_pushes_under_a_stream_of_its_own(daemon_factory):
     versions = np.zeros(1, dtype=np.uint64)
     table.pull(keys, versions=versions)
     assert versions[0] == 1 + 99 + 99, f"version {versions[0]}: pushes were taken for repeats"
+
+
+@pytest.mark.parametrize("call", ["table.pull", "cache.lookup", "table.push"])
+def test_ctrl_c_interrupts_a_call_waiting_on_a_stopped_daemon_within_a_second(daemon_factory, call):
+    """SIGINT while the call waits on a SIGSTOPped daemon (timeout 60 s): KeyboardInterrupt within
+    a second. A push interrupted after it was sent is held and delivered once by the next call."""
+    d = daemon_factory()
+    cluster = hetkv.connect([d.addr], timeout=60)
+    table = cluster.create_table("t", rows=100, dim=4, optimizer=hetkv.Optimizer.sgd(1.0))
+    cache = table.cached(capacity=10, pull_bound=0, push_bound=0)
+    keys = np.arange(20, dtype=np.uint64)
+    grads = np.ones((20, 4), dtype=np.float32)
+    run = {
+        "table.pull": lambda: table.pull(keys),
+        "cache.lookup": lambda: cache.lookup(keys),
+        "table.push": lambda: table.push(keys, grads),
+    }[call]
+    stop(d.proc.pid)
+    try:
+        timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        waited = time.monotonic() - started
+        timer.join()
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert waited < 0.5 + 1.0, f"{call} ended {waited:.2f} s after it started (SIGINT at 0.5 s)"
+    # The daemon is back: calls work, and an interrupted push was applied exactly once.
+    versions = np.zeros(20, dtype=np.uint64)
+    table.pull(keys, versions=versions)
+    cluster_pushes = 1 if call == "table.push" else 0
+    assert (versions == cluster_pushes).all(), versions
