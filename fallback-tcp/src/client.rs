@@ -12,9 +12,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hetkv_transport::client::{
-    Carried, Produced, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic,
+    Carried, Produced, Pulled, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic,
     TrafficCounters, TransportError,
 };
+use hetkv_transport::incarnation::Seen;
 use hetkv_transport::spec::{TableInfo, TableSpec};
 use hetkv_transport::wire::{
     self, decode_response_header, split_response, ChallengeResponse, CheckpointRequest,
@@ -128,6 +129,8 @@ pub struct TcpShardClient {
     /// delivered (a recovery path: it holds the lock across the network).
     settling: Mutex<()>,
     link: Option<crate::link::EmulatedLink>,
+    /// The connection holding this client's RDMA queue pair on the daemon (never pooled).
+    rdma_conn: Mutex<Option<Conn>>,
 }
 
 /// A push held after its deadline.
@@ -189,6 +192,7 @@ impl TcpShardClient {
             holding: std::sync::atomic::AtomicBool::new(false),
             settling: Mutex::new(()),
             link: None,
+            rdma_conn: Mutex::new(None),
         };
         client.link = client
             .config
@@ -289,6 +293,7 @@ impl TcpShardClient {
             self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
             self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
             self.holding.store(false, Ordering::Release);
+            *self.rdma_conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
             *self.ledger() = PushLedger::default();
         }
         Ok(())
@@ -371,18 +376,29 @@ impl TcpShardClient {
         }
         let mut ledger = self.ledger();
         let before = ledger.restarts();
-        if ledger.greeted(reply.incarnation, reply.pushes.clone()) {
+        let seen = ledger.greeted(reply.incarnation, reply.pushes.clone());
+        if let Seen::Replaced { previous } = seen {
             let now = ledger.restarts();
             tracing::warn!(
                 shard = %self.addr,
                 incarnation = format!("{:016x}", reply.incarnation),
+                previous = format!("{previous:016x}"),
                 pushes_rolled_back = now.pushes_rolled_back - before.pushes_rolled_back,
                 rows_rolled_back = now.rows_rolled_back - before.rows_rolled_back,
                 pushes_unknown = now.pushes_unknown - before.pushes_unknown,
                 "the shard restarted"
             );
         }
-        self.incarnation.store(reply.incarnation, Ordering::Release);
+        if seen == Seen::Retired {
+            tracing::warn!(
+                shard = %self.addr,
+                incarnation = format!("{:016x}", reply.incarnation),
+                "a daemon answered a hello as an incarnation already seen replaced"
+            );
+        }
+        // Only through the ledger's incarnations, which never go back to a retired one.
+        self.incarnation
+            .store(ledger.incarnation(), Ordering::Release);
         drop(ledger);
         Ok((conn, reply))
     }
@@ -463,11 +479,9 @@ impl TcpShardClient {
         if let Some(link) = &self.link {
             crate::link::EmulatedLink::pass(&link.down, PREFIX_BYTES + got);
         }
+        // The incarnation an answer carries travels with it (its payload's `incarnation`); the
+        // client's current one changes only with a hello (open_within).
         let parts = split_response(&conn.recv).map_err(|e| self.protocol(e.to_string()))?;
-        if op != Op::Hello && op != Op::Challenge {
-            // A hello's incarnation is taken with what it says of the pushes (open_within).
-            self.incarnation.store(parts.incarnation, Ordering::Release);
-        }
         if parts.status == Status::Error as u8 {
             let error: WireError = self.header(parts)?;
             return Err(TransportError::Remote {
@@ -853,7 +867,7 @@ impl ShardTransport for TcpShardClient {
         keys: &[u64],
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<u64, TransportError> {
+    ) -> Result<Pulled, TransportError> {
         self.call(
             Op::Pull,
             |buf| codec::pull::encode_request(buf, table, keys),
@@ -862,7 +876,10 @@ impl ShardTransport for TcpShardClient {
                     codec::pull::decode_response(&p, keys.len()).map_err(|e| self.malformed(e))?;
                 extend_u64s(versions, r.versions);
                 extend_f32s(rows, r.rows);
-                Ok(r.header.table_clock)
+                Ok(Pulled {
+                    clock: r.header.table_clock,
+                    incarnation: p.incarnation,
+                })
             },
         )
     }
@@ -968,9 +985,23 @@ impl ShardTransport for TcpShardClient {
         }
     }
 
+    /// On a connection of its own, opened for it and never pooled: the daemon holds the queue
+    /// pair for the life of the connection that asked, so it must not die with a pooled
+    /// connection's error or idle close. A new queue pair's connection replaces the previous one
+    /// (whose queue pair the daemon then drops).
     fn rdma_connect(&self, ours: &Endpoint) -> Result<Endpoint, TransportError> {
-        self.call(Op::RdmaConnect, header_only(Op::RdmaConnect, ours), |p| {
-            self.header(p)
-        })
+        self.claim_for_this_process()?;
+        let frame = self.frame(header_only(Op::RdmaConnect, ours))?;
+        let (mut conn, _) = self.open_within(self.config.deadline)?;
+        let limit = self.config.io_timeout.unwrap_or(self.config.deadline);
+        conn.stream
+            .set_read_timeout(Some(limit))
+            .and_then(|()| conn.stream.set_write_timeout(Some(limit)))
+            .map_err(|e| self.io_err(e))?;
+        let theirs = self.exchange(&mut conn, Op::RdmaConnect, &frame, |p| self.header(p));
+        self.recycle(frame);
+        let theirs = theirs?;
+        *self.rdma_conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+        Ok(theirs)
     }
 }

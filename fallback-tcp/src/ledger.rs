@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 
+use hetkv_transport::incarnation::{Incarnations, Seen};
 use hetkv_transport::wire::AppliedPushes;
 use hetkv_transport::Restarts;
 
@@ -20,9 +21,9 @@ pub const REMEMBERED: usize = 65_536;
 /// The acknowledged pushes of the current incarnation, and what restarts cost so far.
 #[derive(Debug, Default)]
 pub struct PushLedger {
-    /// The incarnation of the last hello (0 before any).
-    incarnation: u64,
-    /// What that incarnation remembered of this client when it said hello.
+    /// The incarnations of the hellos: the current one and those replaced.
+    incarnations: Incarnations,
+    /// What the current incarnation remembered of this client when it said hello.
     remembered: Option<AppliedPushes>,
     /// `(seq, rows)` of the pushes it acknowledged, oldest first.
     acked: VecDeque<(u64, u64)>,
@@ -33,29 +34,30 @@ pub struct PushLedger {
 
 impl PushLedger {
     /// A hello from incarnation `incarnation`, which remembers `pushes` of this client. Returns
-    /// true when it is a new incarnation (a restart, after the first hello): the pushes
-    /// acknowledged by the previous one are then settled against what the new one holds.
-    pub fn greeted(&mut self, incarnation: u64, pushes: Option<AppliedPushes>) -> bool {
-        if incarnation == self.incarnation {
-            return false;
-        }
-        let restart = self.incarnation != 0;
-        if restart {
-            self.restarts.seen += 1;
-            let acked = std::mem::take(&mut self.acked);
-            for (seq, rows) in acked {
-                self.settle(seq, rows, pushes.as_ref());
+    /// what the incarnation is to this client: on [`Seen::Replaced`] (a restart) the pushes
+    /// acknowledged by the previous one are settled against what the new one holds; a hello of
+    /// a retired incarnation changes nothing.
+    pub fn greeted(&mut self, incarnation: u64, pushes: Option<AppliedPushes>) -> Seen {
+        let seen = self.incarnations.observe(incarnation);
+        match seen {
+            Seen::Current | Seen::Retired => return seen,
+            Seen::First => {}
+            Seen::Replaced { .. } => {
+                self.restarts.seen += 1;
+                let acked = std::mem::take(&mut self.acked);
+                for (seq, rows) in acked {
+                    self.settle(seq, rows, pushes.as_ref());
+                }
+                self.restarts.pushes_unknown += std::mem::take(&mut self.forgotten);
             }
-            self.restarts.pushes_unknown += std::mem::take(&mut self.forgotten);
         }
-        self.incarnation = incarnation;
         self.remembered = pushes;
-        restart
+        seen
     }
 
     /// Push `seq` of `rows` rows was acknowledged by incarnation `incarnation`.
     pub fn acknowledged(&mut self, seq: u64, rows: u64, incarnation: u64) {
-        if incarnation == self.incarnation {
+        if incarnation == self.incarnations.current() {
             if self.acked.len() == REMEMBERED {
                 self.acked.pop_front();
                 self.forgotten += 1;
@@ -81,9 +83,9 @@ impl PushLedger {
         self.restarts
     }
 
-    /// The incarnation of the last hello.
+    /// The current incarnation: the last hello's that was not of a retired one.
     pub fn incarnation(&self) -> u64 {
-        self.incarnation
+        self.incarnations.current()
     }
 }
 
@@ -105,16 +107,20 @@ mod tests {
     #[test]
     fn a_restart_counts_the_acknowledged_pushes_the_new_incarnation_lacks() {
         let mut l = PushLedger::default();
-        assert!(!l.greeted(7, None));
+        assert_eq!(l.greeted(7, None), Seen::First);
         for seq in 1..=5 {
             l.acknowledged(seq, 10 * seq, 7);
         }
         // The checkpoint held pushes 1, 2 and 4 (out of order, as concurrent pushes apply).
-        assert!(
-            !l.greeted(7, None),
+        assert_eq!(
+            l.greeted(7, None),
+            Seen::Current,
             "the same incarnation again is no restart"
         );
-        assert!(l.greeted(9, Some(holding(0, &[1, 2, 4]))));
+        assert_eq!(
+            l.greeted(9, Some(holding(0, &[1, 2, 4]))),
+            Seen::Replaced { previous: 7 }
+        );
         let r = l.restarts();
         assert_eq!(
             (r.seen, r.pushes_rolled_back, r.rows_rolled_back),
@@ -124,8 +130,11 @@ mod tests {
         l.acknowledged(6, 1, 7);
         l.acknowledged(7, 1, 9);
         assert_eq!(l.restarts().pushes_rolled_back, 3);
+        // A hello of the dead incarnation (read late) is no restart and changes nothing.
+        assert_eq!(l.greeted(7, None), Seen::Retired);
+        assert_eq!((l.incarnation(), l.restarts().seen), (9, 1));
         // Restarted empty: nothing is held, everything acknowledged since is rolled back.
-        assert!(l.greeted(11, None));
+        assert_eq!(l.greeted(11, None), Seen::Replaced { previous: 9 });
         assert_eq!(l.restarts().pushes_rolled_back, 4);
         assert_eq!(l.restarts().seen, 2);
     }

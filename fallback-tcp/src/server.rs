@@ -258,7 +258,12 @@ async fn serve_connection(
         // Before the hello, everything is bounded by the hello's deadline; after it, waiting for
         // the next frame by the idle timeout and reading one by the frame timeout.
         let (wait_until, frame_timeout, max_frame) = if greeted {
-            let idle = config.idle_timeout.map(|t| Instant::now() + t);
+            // A connection holding an RDMA queue pair carries no frames while its peer reads
+            // one-sidedly: it is not idle.
+            let idle = config
+                .idle_timeout
+                .filter(|_| !session.holds_resources())
+                .map(|t| Instant::now() + t);
             (idle, config.frame_timeout, config.max_frame)
         } else {
             let left = hello_by.saturating_duration_since(Instant::now());

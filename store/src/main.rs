@@ -217,10 +217,10 @@ struct ServeArgs {
     #[arg(long, default_value_t = 5.0)]
     hello_timeout: f64,
     /// Seconds a greeted connection may stay silent between requests before it is closed (0:
-    /// never). [default: 600 for a daemon without --auth-token-file and without --rdma, whose
-    /// slots anyone who can connect could otherwise hold forever; never otherwise]. A client
-    /// checks a pooled connection idle for a while before it uses it, so a closed one costs a
-    /// new connection, not an error.
+    /// never). [default: 600 for a daemon without --auth-token-file, whose slots anyone who can
+    /// connect could otherwise hold forever; never with one]. A client checks a pooled connection
+    /// idle for a while before it uses it, so a closed one costs a new connection, not an error;
+    /// a connection holding an RDMA queue pair is never idle.
     #[arg(long)]
     idle_timeout: Option<f64>,
     /// Largest table footprint on this shard [default: 32 GiB, or the config's].
@@ -296,9 +296,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         idle_timeout: match args.idle_timeout {
             Some(0.0) => None,
             Some(t) => Some(seconds("--idle-timeout", t)?),
-            // RDMA readers' queue pairs live on their pooled connections until they reconnect
-            // on their own; an authenticated daemon's slots are held only by token holders.
-            None if authenticated || args.rdma => None,
+            // An authenticated daemon's slots are held only by token holders. (A connection
+            // holding an RDMA queue pair is exempt from the timeout.)
+            None if authenticated => None,
             None => Some(DEFAULT_IDLE_TIMEOUT),
         },
         ..ServerConfig::default()
@@ -402,7 +402,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// Idle timeout of a daemon that neither authenticates nor serves RDMA, unless one is given.
+/// Idle timeout of a daemon that does not authenticate, unless one is given.
 const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The token in `path` (see [`hetkv_transport::auth::token_of`] for what whitespace counts); an

@@ -21,10 +21,71 @@ fn spec() -> TableSpec {
     }
 }
 
-fn start(addr: &str, data: &std::path::Path, shm: &std::path::Path) -> Daemon {
-    let mut cmd = common::serve_on(addr, &[]);
-    cmd.arg("--data-dir").arg(data).arg("--shm-dir").arg(shm);
-    Daemon::start(cmd)
+/// A daemon serving table `t` from a data dir and a shared-memory root in a temporary directory,
+/// killed and restored on the same address when asked, and a TCP client of it.
+struct Restartable {
+    dir: tempfile::TempDir,
+    args: &'static [&'static str],
+    daemon: Daemon,
+    addr: String,
+    tcp: TcpShardClient,
+}
+
+impl Restartable {
+    /// `hetkv serve` with `args`, and table `t` created.
+    fn start(args: &'static [&'static str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("shm")).unwrap();
+        let daemon = Self::serve(dir.path(), "127.0.0.1:0", args);
+        let addr = daemon.addr.clone();
+        let tcp = TcpShardClient::connect(&addr, ClientConfig::default()).unwrap();
+        tcp.create_table(&spec()).unwrap();
+        Self {
+            dir,
+            args,
+            daemon,
+            addr,
+            tcp,
+        }
+    }
+
+    fn serve(dir: &std::path::Path, addr: &str, args: &[&str]) -> Daemon {
+        let mut cmd = common::serve_on(addr, args);
+        cmd.arg("--data-dir").arg(dir.join("data"));
+        cmd.arg("--shm-dir").arg(dir.join("shm"));
+        Daemon::start(cmd)
+    }
+
+    /// Another client of the daemon.
+    fn client(&self) -> TcpShardClient {
+        TcpShardClient::connect(&self.addr, ClientConfig::default()).unwrap()
+    }
+
+    /// `n` pushes of 1 to keys 5 and 6 (SGD, lr 1: each takes the rows down by 1).
+    fn push(&self, n: usize) {
+        for _ in 0..n {
+            self.tcp.push("t", &[5, 6], &[1, 1], &[1.0; 8]).unwrap();
+        }
+    }
+
+    /// Two pushes, checkpoint `c1`, three more: the rows are at version 5, the checkpoint's at 2.
+    fn push_past_a_checkpoint(&self) {
+        self.push(2);
+        self.tcp.checkpoint("c1", false).unwrap();
+        self.push(3);
+    }
+
+    /// SIGKILLs the daemon (its shared-memory files stay, mapped and frozen for their readers)
+    /// and starts another on the same address, which restores the checkpoint.
+    fn kill_and_restore(&mut self) {
+        let next = {
+            let _ = self.daemon.child.kill();
+            let _ = self.daemon.child.wait();
+            Self::serve(self.dir.path(), &self.addr, self.args)
+        };
+        self.daemon = next;
+        assert!(self.daemon.startup.iter().any(|l| l.contains("restored")));
+    }
 }
 
 fn version(t: &dyn ShardTransport, key: u64) -> u64 {
@@ -40,36 +101,19 @@ fn version(t: &dyn ShardTransport, key: u64) -> u64 {
 
 #[test]
 fn clients_see_a_restart_from_a_checkpoint_and_what_it_took_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let (data, shm) = (dir.path().join("data"), dir.path().join("shm"));
-    std::fs::create_dir_all(&shm).unwrap();
-    let first = start("127.0.0.1:0", &data, &shm);
-    let addr = first.addr.clone();
-    let tcp = TcpShardClient::connect(&addr, ClientConfig::default()).unwrap();
-    let reader =
-        ShmTransport::new(TcpShardClient::connect(&addr, ClientConfig::default()).unwrap())
-            .map_err(|(_, why)| why)
-            .unwrap()
-            .with_liveness_interval(Duration::from_millis(20));
-    tcp.create_table(&spec()).unwrap();
-    let before = tcp.incarnation();
+    let mut d = Restartable::start(&[]);
+    let reader = ShmTransport::new(d.client())
+        .map_err(|(_, why)| why)
+        .unwrap()
+        .with_liveness_interval(Duration::from_millis(20));
+    let before = d.tcp.incarnation();
     assert_ne!(before, 0);
 
-    let push = |n: usize| {
-        for _ in 0..n {
-            tcp.push("t", &[5, 6], &[1, 1], &[1.0; 8]).unwrap();
-        }
-    };
-    push(2);
-    tcp.checkpoint("c1", false).unwrap();
-    push(3);
+    d.push_past_a_checkpoint();
     assert_eq!(version(&reader, 5), 5, "read through shared memory");
     assert!(reader.read_stats().rows_read > 0, "one-sided, not pulled");
 
-    drop(first); // SIGKILL: its shared-memory files stay, mapped by the reader
-    let second = start(&addr, &data, &shm);
-    assert!(second.startup.iter().any(|l| l.contains("restored")));
-
+    d.kill_and_restore();
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(
         version(&reader, 6),
@@ -78,7 +122,8 @@ fn clients_see_a_restart_from_a_checkpoint_and_what_it_took_back() {
     );
     assert_ne!(reader.incarnation(), before);
     // The TCP client learns of the restart on its next call (a reconnect and a hello).
-    push(1);
+    d.push(1);
+    let tcp = &d.tcp;
     assert_ne!(tcp.incarnation(), before);
     let r = tcp.restarts();
     assert_eq!(r.seen, 1);
@@ -87,7 +132,7 @@ fn clients_see_a_restart_from_a_checkpoint_and_what_it_took_back() {
         (3, 6, 0),
         "the three pushes after the checkpoint were acknowledged and are gone"
     );
-    assert_eq!(version(&tcp, 5), 3, "2 restored + 1 after the restart");
+    assert_eq!(version(tcp, 5), 3, "2 restored + 1 after the restart");
 }
 
 /// A shared-memory reader that would not ask the daemon on its own for an hour: the first answer
@@ -99,25 +144,12 @@ fn clients_see_a_restart_from_a_checkpoint_and_what_it_took_back() {
 fn a_carried_push_that_reveals_a_restart_is_read_from_the_new_daemon() {
     use hetkv_transport::wire::NOT_CACHED;
     use hetkv_transport::{PushOutcome, PushRef, StaleQuery, StaleRows};
-    let dir = tempfile::tempdir().unwrap();
-    let (data, shm) = (dir.path().join("data"), dir.path().join("shm"));
-    std::fs::create_dir_all(&shm).unwrap();
-    let first = start("127.0.0.1:0", &data, &shm);
-    let addr = first.addr.clone();
-    let tcp = TcpShardClient::connect(&addr, ClientConfig::default()).unwrap();
-    let reader =
-        ShmTransport::new(TcpShardClient::connect(&addr, ClientConfig::default()).unwrap())
-            .map_err(|(_, why)| why)
-            .unwrap()
-            .with_liveness_interval(Duration::from_secs(3600));
-    tcp.create_table(&spec()).unwrap();
-    for _ in 0..2 {
-        tcp.push("t", &[5, 6], &[1, 1], &[1.0; 8]).unwrap();
-    }
-    tcp.checkpoint("c1", false).unwrap();
-    for _ in 0..3 {
-        tcp.push("t", &[5, 6], &[1, 1], &[1.0; 8]).unwrap();
-    }
+    let mut d = Restartable::start(&[]);
+    let reader = ShmTransport::new(d.client())
+        .map_err(|(_, why)| why)
+        .unwrap()
+        .with_liveness_interval(Duration::from_secs(3600));
+    d.push_past_a_checkpoint();
     assert_eq!(
         version(&reader, 6),
         5,
@@ -125,9 +157,7 @@ fn a_carried_push_that_reveals_a_restart_is_read_from_the_new_daemon() {
     );
     let old = reader.incarnation();
 
-    drop(first); // SIGKILL: its files stay mapped by the reader, frozen at versions 5
-    let second = start(&addr, &data, &shm);
-    assert!(second.startup.iter().any(|l| l.contains("restored")));
+    d.kill_and_restore(); // the reader's mapping stays, frozen at versions 5
 
     let (keys, clocks) = ([5u64, 6], [NOT_CACHED; 2]);
     let grads = [1.0f32; 4];
@@ -161,4 +191,150 @@ fn a_carried_push_that_reveals_a_restart_is_read_from_the_new_daemon() {
     );
     assert_eq!(out.table_clock, 5, "the restored clock (4) and the push");
     assert!(reader.read_stats().rows_read >= 3, "read one-sidedly");
+}
+
+/// Shared memory in which every copy of one row tears, so the verifying reader reads that row
+/// with the `pull` RPC (its fallback) while it reads the others from memory.
+struct TearingOneRow {
+    inner: hetkv_transport::ShmMemory,
+    offset: u64,
+}
+
+impl hetkv_transport::RemoteMemory for TearingOneRow {
+    type Region = <hetkv_transport::ShmMemory as hetkv_transport::RemoteMemory>::Region;
+
+    fn attach(
+        &self,
+        desc: &hetkv_transport::RegionDescriptor,
+    ) -> Result<hetkv_transport::onesided::Attachment<Self::Region>, String> {
+        self.inner.attach(desc)
+    }
+
+    fn read(
+        &self,
+        spans: &[hetkv_transport::onesided::RemoteSpan<'_, Self::Region>],
+        each: &mut dyn FnMut(usize, &[u8]),
+    ) -> std::io::Result<()> {
+        self.inner.read(spans, &mut |i, bytes| {
+            if spans[i].offset == self.offset && bytes.len() > 8 {
+                let mut torn = bytes.to_vec();
+                torn[8] ^= 0xff; // a payload byte: the checksum no longer matches
+                each(i, &torn)
+            } else {
+                each(i, bytes)
+            }
+        })
+    }
+}
+
+/// A one-sided pull whose torn row is read with the `pull` RPC, right after a SIGKILL and a
+/// restore that the reader has not noticed (it would not ask the daemon on its own for an
+/// hour): the fallback's answer is the new daemon's, the other rows the dead daemon's frozen
+/// memory. The reader notices from the fallback's incarnation, attaches again and reads again,
+/// so every row and the clock are of the restored daemon, and the answer says which
+/// incarnation they are of.
+#[test]
+fn a_torn_row_read_from_a_restarted_daemon_makes_the_reader_attach_again() {
+    use hetkv_transport::{OneSidedTransport, RowLayout, ShmMemory};
+    let mut d = Restartable::start(&[]);
+    let control = d.client();
+    let memory = TearingOneRow {
+        inner: ShmMemory::of(&control).unwrap(),
+        // One shard: key 6 is local row 6.
+        offset: RowLayout::new(spec().dim).row_offset(6),
+    };
+    let reader = OneSidedTransport::with_memory(memory, control)
+        .with_liveness_interval(Duration::from_secs(3600));
+    d.push_past_a_checkpoint();
+    let (mut versions, mut rows) = (Vec::new(), Vec::new());
+    let before = reader.pull("t", &[5, 6], &mut versions, &mut rows).unwrap();
+    assert_eq!(versions, [5, 5]);
+    let stats = reader.read_stats();
+    assert!(
+        stats.rows_read >= 1 && stats.fallback_rows >= 1,
+        "key 5 read from memory, key 6 pulled: {stats:?}"
+    );
+
+    d.kill_and_restore(); // the reader's mapping stays, frozen at versions 5
+
+    let after = reader.pull("t", &[5, 6], &mut versions, &mut rows).unwrap();
+    assert_eq!(
+        versions,
+        [2, 2],
+        "both rows restored: none of the dead daemon's memory mixed with the new daemon's answer"
+    );
+    assert_eq!(rows, [-2.0; 8]);
+    assert_eq!(
+        after.clock, 4,
+        "the restored clock, not the dead daemon's 10"
+    );
+    assert_ne!(after.incarnation, before.incarnation);
+    assert_eq!(after.incarnation, reader.incarnation());
+    assert!(
+        reader.read_stats().rows_read > stats.rows_read,
+        "key 5 read one-sidedly from the new daemon's memory"
+    );
+}
+
+/// RDMA readers across a SIGKILL and a restore from a checkpoint (run in the soft-RoCE VM,
+/// `tests/rdma-vm/run.sh`, with `--features rdma` and `$HETKV_BIN` naming a daemon built with
+/// it). Two readers: one that asks the daemon every 20 ms whether it is still the one it
+/// attached to, which notices the restart from the answer and connects a new queue pair before
+/// reading; and one that would not ask for an hour, whose READ on the dead daemon's queue pair
+/// fails, which connects a new queue pair, learns from that exchange that the daemon is a new
+/// incarnation, attaches again and reads again. Both go on reading one-sidedly, and read the
+/// restored rows.
+#[cfg(feature = "rdma")]
+#[test]
+fn rdma_readers_go_on_reading_across_a_kill_and_a_restore() {
+    use hetkv_transport::rdma::{Device, RdmaTransport};
+    let device = std::sync::Arc::new(Device::open_first().expect("an RDMA device"));
+    let mut d = Restartable::start(&["--rdma"]);
+    let reader = |liveness: Duration| {
+        RdmaTransport::connect(device.clone(), d.client())
+            .map_err(|(_, e)| e)
+            .unwrap()
+            .with_liveness_interval(liveness)
+    };
+    let (watchful, unaware) = (
+        reader(Duration::from_millis(20)),
+        reader(Duration::from_secs(3600)),
+    );
+    d.push_past_a_checkpoint();
+    let pull = |t: &RdmaTransport<TcpShardClient>| {
+        let (mut versions, mut rows) = (Vec::new(), Vec::new());
+        let pulled = t.pull("t", &[5, 6], &mut versions, &mut rows).unwrap();
+        (versions, rows, pulled)
+    };
+    let (v, _, before) = pull(&watchful);
+    assert_eq!(v, [5, 5]);
+    assert_eq!(pull(&unaware).0, [5, 5]);
+    let stats = (watchful.read_stats(), unaware.read_stats());
+    assert!(
+        stats.0.rows_read >= 2 && stats.1.rows_read >= 2,
+        "{stats:?}"
+    );
+
+    d.kill_and_restore(); // its queue pairs and registered memory are gone
+    std::thread::sleep(Duration::from_millis(40));
+
+    for (name, t, old) in [
+        ("watchful", &watchful, stats.0),
+        ("unaware", &unaware, stats.1),
+    ] {
+        let (versions, rows, after) = pull(t);
+        assert_eq!(versions, [2, 2], "{name}: the restored rows");
+        assert_eq!(rows, [-2.0; 8], "{name}");
+        assert_eq!(after.clock, 4, "{name}: the restored clock");
+        assert_ne!(after.incarnation, before.incarnation, "{name}");
+        let now = t.read_stats();
+        assert!(
+            now.rows_read >= old.rows_read + 2 && now.fallback_rows == old.fallback_rows,
+            "{name}: read one-sidedly, not pulled: {old:?} then {now:?}"
+        );
+        assert!(
+            now.reconnects > old.reconnects,
+            "{name}: a new queue pair: {now:?}"
+        );
+    }
 }

@@ -59,23 +59,34 @@ MODDIR="$KDIR/lib/modules/$KVER"
     die "$KPKG has no rdma_rxe module"
 
 # --- the test binaries --------------------------------------------------------------------------------
-# The transport conformance suite and the cache's model-based consistency test, with RDMA cases.
-TESTS="conformance cache_consistency"
-say "building the tests ($TESTS) with --features rdma"
+# The transport conformance suite and the cache's model-based consistency test, with RDMA cases;
+# and the store's restart tests, whose RDMA case runs real daemons (the `hetkv` binary built with
+# the feature, found in the guest through $HETKV_BIN) across a SIGKILL and a restore.
+TESTS="conformance cache_consistency restarts"
+say "building the tests ($TESTS) and the daemon with --features rdma"
 declare -A BINS
 while read -r name exe; do BINS[$name]=$exe; done < <(
-    cargo test -q -p hetkv-tests --features rdma $(printf -- '--test %s ' $TESTS) --no-run \
-        --message-format=json 2>/dev/null | python3 -c 'import json,sys
+    {
+        cargo test -q -p hetkv-tests --features rdma --test conformance --test cache_consistency \
+            --no-run --message-format=json
+        cargo test -q -p hetkv-store --features rdma --test restarts --no-run --message-format=json
+    } 2>/dev/null | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
-        print(m["target"]["name"], m["executable"])')
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kind, name = m["target"]["kind"], m["target"]["name"]
+    if "test" in kind:
+        print(name, m["executable"])
+    elif "bin" in kind and name == "hetkv":
+        print("daemon", m["executable"])')
 BINDIR=$WORK/bin
 rm -rf "$BINDIR" && mkdir -p "$BINDIR"
-for t in $TESTS; do
+for t in $TESTS daemon; do
     [[ -x ${BINS[$t]:-} ]] || die "the test binary $t was not built (cargo test --features rdma --no-run)"
-    cp "${BINS[$t]}" "$BINDIR/$t"
 done
+for t in $TESTS; do cp "${BINS[$t]}" "$BINDIR/$t"; done
+cp "${BINS[daemon]}" "$BINDIR/hetkv"
 echo "$TESTS" > "$BINDIR/tests"
 BIN=$BINDIR/conformance
 say "host probe: $("$BIN" rdma_probe_opens_a_device_or_names_the_reason --exact --nocapture 2>&1 | grep -E 'no RDMA here|RDMA device' || echo 'probe test failed')"
@@ -158,6 +169,7 @@ $RDMA link show
 if [ ! -e /dev/infiniband/uverbs0 ]; then echo "NO-RXE-DEVICE"; echo 97 > /out/rc; poweroff -f; fi
 echo "RXE-UP"
 cd /tmp
+export HETKV_BIN=/work/hetkv
 rc=0
 for t in $(cat /work/tests); do
     echo "== $t"

@@ -19,7 +19,7 @@ use hetkv_transport::wire::{
     RegionDescriptor, ShardStats, Since, Span, WireError, NO_BASE, PROTOCOL_VERSION,
 };
 use hetkv_transport::{
-    Carried, Optimizer, Produced, PushOutcome, PushRef, Routing, RowStates, ShardTransport,
+    Carried, Optimizer, Produced, Pulled, PushOutcome, PushRef, Routing, RowStates, ShardTransport,
     StaleQuery, StaleRows, TableInfo, TableSpec, Traffic, TransportError,
 };
 
@@ -164,7 +164,9 @@ impl SimShard {
     /// Restarts the shard from `snapshot` (a restore from a checkpoint): everything applied
     /// since is gone, and the shard answers as a new incarnation.
     pub fn restart_from(&self, snapshot: &SimSnapshot) {
-        *self.state() = snapshot.0.clone();
+        // Under the state's lock, so that an answer's rows and incarnation agree.
+        let mut s = self.state();
+        *s = snapshot.0.clone();
         self.incarnation.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -436,7 +438,7 @@ impl ShardTransport for SimShard {
         keys: &[u64],
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<u64, TransportError> {
+    ) -> Result<Pulled, TransportError> {
         self.check_table(table)?;
         self.check_keys(keys)?;
         let s = self.state();
@@ -444,7 +446,10 @@ impl ShardTransport for SimShard {
         rows.clear();
         let mut states = RowStates::default();
         self.read_into(&s, keys, 0, versions, rows, &mut states);
-        Ok(s.clock)
+        Ok(Pulled {
+            clock: s.clock,
+            incarnation: self.incarnation(),
+        })
     }
 
     fn pull_if_stale(&self, q: &StaleQuery<'_>, out: &mut StaleRows) -> Carried {

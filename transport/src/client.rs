@@ -384,7 +384,9 @@ impl TrafficCounters {
 
 /// The last step of the verifying reader (DESIGN section 4) for the one-sided backends: the rows
 /// of `keys`, whose copies kept tearing, are read with the `pull` RPC and written at
-/// `positions` of `versions` and `rows` (`dim` values per row).
+/// `positions` of `versions` and `rows` (`dim` values per row). Returns what the pull answered
+/// (None when no key was left to pull): the caller compares its incarnation with the one whose
+/// memory it read the other rows from.
 pub(crate) fn pull_into<C: ShardTransport + ?Sized>(
     control: &C,
     table: &str,
@@ -393,17 +395,27 @@ pub(crate) fn pull_into<C: ShardTransport + ?Sized>(
     dim: usize,
     versions: &mut [u64],
     rows: &mut [f32],
-) -> Result<(), TransportError> {
+) -> Result<Option<Pulled>, TransportError> {
     if keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let (mut v, mut r) = (Vec::new(), Vec::new());
-    control.pull(table, keys, &mut v, &mut r)?;
+    let pulled = control.pull(table, keys, &mut v, &mut r)?;
     for (t, &n) in positions.iter().enumerate() {
         versions[n] = v[t];
         rows[n * dim..(n + 1) * dim].copy_from_slice(&r[t * dim..(t + 1) * dim]);
     }
-    Ok(())
+    Ok(Some(pulled))
+}
+
+/// What a consistent read ([`ShardTransport::pull`]) answered besides its rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pulled {
+    /// The table's clock on the shard, read before any row.
+    pub clock: u64,
+    /// The incarnation of the daemon whose memory the rows were read from: the answer's own,
+    /// never what the transport heard last (0: a transport that has no daemon behind it).
+    pub incarnation: u64,
 }
 
 /// One shard as a client sees it. Implementations are shared by many threads (`&self`), and hold
@@ -422,14 +434,14 @@ pub trait ShardTransport: Send + Sync {
     /// One-sided read of spans; `out` receives their bytes concatenated.
     fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError>;
     /// Consistent read: `versions` and `rows` (keys x dim) are replaced. Returns the table's
-    /// clock on the shard, read before any row.
+    /// clock on the shard, read before any row, and the incarnation the rows are of.
     fn pull(
         &self,
         table: &str,
         keys: &[u64],
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<u64, TransportError>;
+    ) -> Result<Pulled, TransportError>;
     /// The rows of `query` that are stale ([`crate::wire::is_stale`]); with a `since` claim, the
     /// shard also says whether the claim about the checks not sent holds. Rows in the query's
     /// `push` are applied first, all or nothing; their outcome is reported apart from the read's.

@@ -20,6 +20,7 @@
 pub mod auth;
 pub mod client;
 pub mod codec;
+pub mod incarnation;
 pub mod interrupt;
 pub mod onesided;
 pub mod optimizer;
@@ -37,8 +38,8 @@ pub mod spec;
 pub mod wire;
 
 pub use client::{
-    Carried, Produced, PushOutcome, PushRef, Restarts, RowStates, ShardTransport, StaleQuery,
-    StaleRows, Traffic, TrafficCounters, TransportError,
+    Carried, Produced, Pulled, PushOutcome, PushRef, Restarts, RowStates, ShardTransport,
+    StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
 };
 pub use onesided::{OneSidedStats, OneSidedTransport, RemoteMemory};
 pub use optimizer::{Optimizer, StateShape};

@@ -31,8 +31,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::client::{
-    pull_into, Carried, Produced, PushOutcome, PushRef, ShardTransport, StaleQuery, StaleRows,
-    Traffic, TransportError,
+    pull_into, Carried, Produced, Pulled, PushOutcome, PushRef, ShardTransport, StaleQuery,
+    StaleRows, Traffic, TransportError,
 };
 use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use crate::spec::{TableInfo, TableSpec};
@@ -79,6 +79,16 @@ pub trait RemoteMemory: Send + Sync {
     fn bytes_read(&self) -> u64 {
         0
     }
+    /// Whether a failed read may succeed after [`RemoteMemory::reconnect`] (RDMA: a queue pair
+    /// that broke, or whose peer is gone).
+    fn can_reconnect(&self) -> bool {
+        false
+    }
+    /// Connects the link again through `control` (a new queue pair); later reads use it.
+    fn reconnect(&self, control: &dyn ShardTransport) -> Result<(), TransportError> {
+        let _ = control;
+        Ok(())
+    }
 }
 
 /// Counters of one one-sided transport.
@@ -92,6 +102,9 @@ pub struct OneSidedStats {
     pub torn_retries: u64,
     /// Rows whose copies all failed verification, then read with the `pull` RPC.
     pub fallback_rows: u64,
+    /// Times the link was connected again (RDMA: a new queue pair, after a failed read or a
+    /// restart of the daemon).
+    pub reconnects: u64,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +113,7 @@ struct Counters {
     versions_read: AtomicU64,
     torn_retries: AtomicU64,
     fallback_rows: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 impl Counters {
@@ -174,6 +188,38 @@ impl<M: RemoteMemory, C> std::fmt::Debug for OneSidedTransport<M, C> {
     }
 }
 
+/// Why a read of attached memory did not complete.
+#[derive(Debug)]
+enum Failed {
+    /// The transport's error.
+    Transport(TransportError),
+    /// An answer came from this incarnation of the daemon, not the one whose memory is attached:
+    /// attach again and read again.
+    Restarted(u64),
+}
+
+impl From<TransportError> for Failed {
+    fn from(e: TransportError) -> Self {
+        Failed::Transport(e)
+    }
+}
+
+impl Failed {
+    /// The error a caller sees when it does not (or no longer) attach again.
+    fn into_error(self, addr: &str) -> TransportError {
+        match self {
+            Failed::Transport(e) => e,
+            Failed::Restarted(incarnation) => TransportError::Io {
+                addr: addr.to_string(),
+                source: io::Error::other(format!(
+                    "the shard restarted (incarnation {incarnation:016x}) while its memory was \
+                     being read, twice in one call"
+                )),
+            },
+        }
+    }
+}
+
 fn word(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(bytes[..8].try_into().expect("an 8-byte span"))
 }
@@ -231,19 +277,42 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             self.checked_at_ns.store(now, Ordering::Relaxed);
         }
         let current = self.control.incarnation();
-        let stale = |t: &Tables<M::Region>| t.by_name.values().any(|a| a.incarnation != current);
+        if self.detach_other_than(current) {
+            self.reconnect_for_restart()?;
+        }
+        Ok(())
+    }
+
+    /// Detaches every table attached in an incarnation other than `incarnation` (the daemon's
+    /// now, as an answer revealed it); true when there was one. The one place attachments are
+    /// dropped for a restart: they are attached again on their next use.
+    fn detach_other_than(&self, incarnation: u64) -> bool {
+        let stale = |t: &Tables<M::Region>| {
+            incarnation != 0 && t.by_name.values().any(|a| a.incarnation != incarnation)
+        };
         if !stale(&self.tables.read().unwrap_or_else(|p| p.into_inner())) {
-            return Ok(());
+            return false;
         }
         let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
-        if stale(&tables) {
-            tracing::warn!(
-                shard = self.control.addr(),
-                incarnation = format!("{current:016x}"),
-                "the shard restarted: attaching its tables again"
-            );
-            tables.by_name.clear();
-            tables.by_region.clear();
+        if !stale(&tables) {
+            return false; // another thread detached them
+        }
+        tracing::warn!(
+            shard = self.control.addr(),
+            incarnation = format!("{incarnation:016x}"),
+            "the shard restarted: attaching its tables again before reading"
+        );
+        tables.by_name.retain(|_, a| a.incarnation == incarnation);
+        tables.by_region.retain(|_, a| a.incarnation == incarnation);
+        true
+    }
+
+    /// The daemon is a new incarnation: a queue pair to the old one is dead, so the link is
+    /// connected again before anything is read.
+    fn reconnect_for_restart(&self) -> Result<(), TransportError> {
+        if self.memory.can_reconnect() {
+            self.memory.reconnect(&self.control)?;
+            Counters::add(&self.counters.reconnects, 1);
         }
         Ok(())
     }
@@ -277,6 +346,38 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             versions_read: c.versions_read.load(Ordering::Relaxed),
             torn_retries: c.torn_retries.load(Ordering::Relaxed),
             fallback_rows: c.fallback_rows.load(Ordering::Relaxed),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// After a failed read of memory attached in `incarnation`: connects the link again and
+    /// returns Ok (read again) the first time (`again` false) when the memory can reconnect;
+    /// [`Failed::Restarted`] when the daemon that answered the reconnection is another
+    /// incarnation (the attachment is then of dead memory); otherwise the read's error.
+    fn reconnect_after(
+        &self,
+        e: io::Error,
+        again: &mut bool,
+        incarnation: u64,
+    ) -> Result<(), Failed> {
+        if *again || !self.memory.can_reconnect() {
+            return Err(self.link(e).into());
+        }
+        *again = true;
+        tracing::warn!(shard = self.control.addr(), error = %e, "a one-sided read failed: connecting the link again");
+        self.memory.reconnect(&self.control).map_err(|r| {
+            self.link(io::Error::other(format!(
+                "{e}; connecting the link again failed: {r}"
+            )))
+        })?;
+        Counters::add(&self.counters.reconnects, 1);
+        match self.control.incarnation() {
+            now if now != 0 && now != incarnation => {
+                // The new link is to the new daemon already: detach without connecting again.
+                self.detach_other_than(now);
+                Err(Failed::Restarted(now))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -327,6 +428,24 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             .clone())
     }
 
+    /// [`Self::reattach`], and the local rows of `keys` on the restarted shard.
+    #[allow(clippy::type_complexity)]
+    fn reattach_holding(
+        &self,
+        table: &str,
+        incarnation: u64,
+        keys: &[u64],
+    ) -> Result<(Arc<Attached<M::Region>>, Vec<u64>), TransportError> {
+        let a = self.reattach(table, incarnation)?;
+        let locals = self
+            .locals(&a, keys)
+            .ok_or_else(|| TransportError::Protocol {
+                addr: self.control.addr().to_string(),
+                message: format!("table {table}: the restarted shard no longer holds the keys"),
+            })?;
+        Ok((a, locals))
+    }
+
     /// Detaches every table attached in an incarnation other than `incarnation` (which an
     /// answer just revealed) and attaches `table` again.
     fn reattach(
@@ -334,22 +453,8 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         table: &str,
         incarnation: u64,
     ) -> Result<Arc<Attached<M::Region>>, TransportError> {
-        {
-            let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
-            if tables
-                .by_name
-                .values()
-                .any(|a| a.incarnation != incarnation)
-            {
-                tracing::warn!(
-                    shard = self.control.addr(),
-                    incarnation = format!("{incarnation:016x}"),
-                    "a push was applied by a new incarnation of the shard: attaching its tables \
-                     again before reading"
-                );
-                tables.by_name.retain(|_, a| a.incarnation == incarnation);
-                tables.by_region.retain(|_, a| a.incarnation == incarnation);
-            }
+        if self.detach_other_than(incarnation) {
+            self.reconnect_for_restart()?;
         }
         self.attached(table)
     }
@@ -376,7 +481,7 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         with_clock: bool,
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<Option<u64>, TransportError> {
+    ) -> Result<Option<u64>, Failed> {
         let (n, dim) = (locals.len(), a.layout.dim());
         versions.clear();
         versions.resize(n, 0);
@@ -388,15 +493,17 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         spans.extend(locals.iter().map(|&l| a.row(l)));
         let mut clock = None;
         let mut torn = Vec::new();
-        self.memory
-            .read(&spans, &mut |i, bytes| {
-                if i < skip {
-                    clock = Some(word(bytes));
-                } else if !accept(&a.layout, bytes, i - skip, versions, rows) {
-                    torn.push(i - skip);
-                }
-            })
-            .map_err(|e| self.link(e))?;
+        let mut again = false;
+        while let Err(e) = self.memory.read(&spans, &mut |i, bytes| {
+            if i < skip {
+                clock = Some(word(bytes));
+            } else if !accept(&a.layout, bytes, i - skip, versions, rows) {
+                torn.push(i - skip);
+            }
+        }) {
+            self.reconnect_after(e, &mut again, a.incarnation)?;
+            torn.clear();
+        }
         let mut discarded = torn.len();
         for _ in 1..self.attempts {
             if torn.is_empty() {
@@ -418,8 +525,14 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         Counters::add(&self.counters.rows_read, n - torn.len());
         Counters::add(&self.counters.fallback_rows, torn.len());
         let torn_keys: Vec<u64> = torn.iter().map(|&t| keys[t]).collect();
-        pull_into(&self.control, table, &torn_keys, &torn, dim, versions, rows)?;
-        Ok(clock)
+        match pull_into(&self.control, table, &torn_keys, &torn, dim, versions, rows)? {
+            // The daemon that answered the fallback is not the one whose memory the other rows
+            // came from: the batch would mix incarnations.
+            Some(p) if p.incarnation != 0 && p.incarnation != a.incarnation => {
+                Err(Failed::Restarted(p.incarnation))
+            }
+            _ => Ok(clock),
+        }
     }
 
     /// The read half of a conditional pull whose keys all live here: the table clock and the
@@ -430,7 +543,7 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         a: &Attached<M::Region>,
         locals: &[u64],
         out: &mut StaleRows,
-    ) -> Result<(), TransportError> {
+    ) -> Result<(), Failed> {
         let checked: Vec<usize> = (0..q.keys.len())
             .filter(|&j| q.clocks[j] != NOT_CACHED && q.bound != u64::MAX)
             .collect();
@@ -439,15 +552,17 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         spans.extend(checked.iter().map(|&j| a.version_word(locals[j])));
         let mut stale: Vec<bool> = q.clocks.iter().map(|&c| c == NOT_CACHED).collect();
         let mut table_clock = 0;
-        self.memory
-            .read(&spans, &mut |i, bytes| match i {
-                0 => table_clock = word(bytes),
-                _ => {
-                    let j = checked[i - 1];
-                    stale[j] = is_stale(row::version_of(word(bytes)), q.clocks[j], q.bound);
-                }
-            })
-            .map_err(|e| self.link(e))?;
+        let mut again = false;
+        while let Err(e) = self.memory.read(&spans, &mut |i, bytes| match i {
+            0 => table_clock = word(bytes),
+            _ => {
+                let j = checked[i - 1];
+                stale[j] = is_stale(row::version_of(word(bytes)), q.clocks[j], q.bound);
+            }
+        }) {
+            // Every span is read again, so every entry is written again.
+            self.reconnect_after(e, &mut again, a.incarnation)?;
+        }
         Counters::add(&self.counters.versions_read, checked.len());
         out.table_clock = table_clock;
         out.since_held = q.since.is_none_or(|s| s.holds(table_clock));
@@ -519,9 +634,18 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
             })
             .collect();
         out.clear();
-        self.memory
+        let mut again = false;
+        while let Err(e) = self
+            .memory
             .read(&remote, &mut |_, bytes| out.extend_from_slice(bytes))
-            .map_err(|e| self.link(e))
+        {
+            // Spans name regions of one incarnation: after a restart they mean nothing.
+            let incarnation = attached.first().map_or(0, |a| a.incarnation);
+            self.reconnect_after(e, &mut again, incarnation)
+                .map_err(|f| f.into_error(self.control.addr()))?;
+            out.clear();
+        }
+        Ok(())
     }
 
     fn pull(
@@ -530,14 +654,28 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         keys: &[u64],
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
-    ) -> Result<u64, TransportError> {
-        let a = self.attached(table)?;
-        // A key that is not this shard's goes to the daemon, which names the problem.
-        let Some(locals) = self.locals(&a, keys) else {
-            return self.control.pull(table, keys, versions, rows);
-        };
-        let clock = self.read_rows(table, &a, keys, &locals, true, versions, rows)?;
-        Ok(clock.unwrap_or(0))
+    ) -> Result<Pulled, TransportError> {
+        let mut a = self.attached(table)?;
+        let mut reattached = false;
+        loop {
+            // A key that is not this shard's goes to the daemon, which names the problem.
+            let Some(locals) = self.locals(&a, keys) else {
+                return self.control.pull(table, keys, versions, rows);
+            };
+            match self.read_rows(table, &a, keys, &locals, true, versions, rows) {
+                Ok(clock) => {
+                    return Ok(Pulled {
+                        clock: clock.unwrap_or(0),
+                        incarnation: a.incarnation,
+                    })
+                }
+                Err(Failed::Restarted(incarnation)) if !reattached => {
+                    reattached = true;
+                    a = self.reattach(table, incarnation)?;
+                }
+                Err(f) => return Err(f.into_error(self.control.addr())),
+            }
+        }
     }
 
     fn pull_if_stale(&self, q: &StaleQuery<'_>, out: &mut StaleRows) -> Carried {
@@ -573,32 +711,37 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         // The push's answer may be the first to reveal a restart: the attached memory is then
         // the dead daemon's, frozen. Attach again before reading, so the rows and the clock are
         // of the incarnation that applied the push.
-        let (a, locals) = match push {
+        let mut revealed = match push {
             PushOutcome::Applied(ack)
                 if ack.incarnation != 0 && ack.incarnation != a.incarnation =>
             {
-                let read = self.reattach(q.table, ack.incarnation).and_then(|a| {
-                    let locals =
-                        self.locals(&a, q.keys)
-                            .ok_or_else(|| TransportError::Protocol {
-                                addr: self.control.addr().to_string(),
-                                message: format!(
-                                    "table {}: the restarted shard no longer holds the keys",
-                                    q.table
-                                ),
-                            })?;
-                    Ok((a, locals))
-                });
-                match read {
-                    Ok(r) => r,
+                Some(ack.incarnation)
+            }
+            _ => None,
+        };
+        let (mut a, mut locals, mut reattached) = (a, locals, false);
+        loop {
+            if let Some(incarnation) = revealed.take() {
+                reattached = true;
+                match self.reattach_holding(q.table, incarnation, q.keys) {
+                    Ok(r) => (a, locals) = r,
                     Err(e) => return Carried { push, read: Err(e) },
                 }
             }
-            _ => (a, locals),
-        };
-        let read = self.stale_rows(q, &a, &locals, out);
-        out.incarnation = a.incarnation;
-        Carried { push, read }
+            match self.stale_rows(q, &a, &locals, out) {
+                Ok(()) => {
+                    out.incarnation = a.incarnation;
+                    return Carried { push, read: Ok(()) };
+                }
+                Err(Failed::Restarted(incarnation)) if !reattached => revealed = Some(incarnation),
+                Err(f) => {
+                    return Carried {
+                        push,
+                        read: Err(f.into_error(self.control.addr())),
+                    }
+                }
+            }
+        }
     }
 
     fn push_rows(

@@ -229,6 +229,12 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// Whether the connection holds resources of its peer's (an RDMA queue pair): its frames
+    /// stop while the peer reads one-sidedly, so it is not closed for idleness.
+    pub fn holds_resources(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// A new connection; `max_frame` is the largest body this server sends or accepts.
     pub fn new(max_frame: u32) -> Self {
         Self {

@@ -2,6 +2,7 @@
 //! that let a lookup leave version checks out (check elision, `docs/ARCHITECTURE.md`), and the
 //! restarts that make it forget them.
 
+use hetkv_transport::incarnation::{Incarnations, Seen};
 use hetkv_transport::wire::Since;
 
 /// What a client knows of one shard's table clock (the updates applied to the table there).
@@ -32,22 +33,16 @@ impl ShardClock {
 #[derive(Debug)]
 pub(crate) struct Clocks {
     shards: Vec<ShardClock>,
-    /// Each shard's incarnation in its last answer (0: none seen).
-    incarnations: Vec<u64>,
-    /// Each shard's incarnations seen replaced, newest last (at most [`RETIRED`]): a daemon's
-    /// incarnation never comes back, so an answer of one of them is of a dead daemon's memory.
-    retired: Vec<Vec<u64>>,
+    /// Each shard's incarnations: the current one and those seen replaced (an answer of one of
+    /// them is of a dead daemon's memory).
+    incarnations: Vec<Incarnations>,
 }
-
-/// Incarnations remembered as replaced, per shard.
-const RETIRED: usize = 16;
 
 impl Clocks {
     pub fn new(shards: usize) -> Self {
         Self {
             shards: vec![ShardClock::default(); shards],
-            incarnations: vec![0; shards],
-            retired: vec![Vec::new(); shards],
+            incarnations: vec![Incarnations::default(); shards],
         }
     }
 
@@ -102,29 +97,19 @@ impl Clocks {
         self.shards[shard].own += updates;
     }
 
-    /// Takes the incarnation of `shard`'s latest answer; true when it is not the one seen before
-    /// (the shard restarted), in which case what was known of its table clock is forgotten.
-    pub fn observe_incarnation(&mut self, shard: usize, incarnation: u64) -> bool {
-        let seen = self.incarnations[shard];
-        if incarnation == 0 || incarnation == seen {
-            return false;
+    /// Takes the incarnation of `shard`'s latest answer; on [`Seen::Replaced`] (the shard
+    /// restarted) what was known of its table clock is forgotten.
+    pub fn observe_incarnation(&mut self, shard: usize, incarnation: u64) -> Seen {
+        let seen = self.incarnations[shard].observe(incarnation);
+        if let Seen::Replaced { .. } = seen {
+            self.shards[shard] = ShardClock::default();
         }
-        self.incarnations[shard] = incarnation;
-        if seen == 0 {
-            return false; // the first answer: nothing known to forget
-        }
-        let retired = &mut self.retired[shard];
-        if retired.len() == RETIRED {
-            retired.remove(0);
-        }
-        retired.push(seen);
-        self.shards[shard] = ShardClock::default();
-        true
+        seen
     }
 
     /// Whether `incarnation` of `shard` was seen replaced by another.
     pub fn retired(&self, shard: usize, incarnation: u64) -> bool {
-        self.retired[shard].contains(&incarnation)
+        self.incarnations[shard].is_retired(incarnation)
     }
 }
 
@@ -158,8 +143,9 @@ mod tests {
             })
         );
         // A new incarnation forgets the clock.
-        assert!(!c.observe_incarnation(0, 7), "the first seen");
-        assert!(c.observe_incarnation(0, 8));
+        assert_eq!(c.observe_incarnation(0, 7), Seen::First);
+        c.observe(0, 9);
+        assert_eq!(c.observe_incarnation(0, 8), Seen::Replaced { previous: 7 });
         assert!(
             c.retired(0, 7) && !c.retired(0, 8),
             "the replaced one is retired"

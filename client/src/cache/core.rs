@@ -16,6 +16,7 @@
 //! the row its push produces (computed here with the same optimizer code, or handed back by the
 //! shard when another update came between).
 
+use hetkv_transport::incarnation::Seen;
 use hetkv_transport::wire::{ANY_BASE, NO_BASE};
 use hetkv_transport::{Optimizer, Routing, TableSpec};
 
@@ -562,9 +563,9 @@ impl CacheCore {
     /// shard's, with the line's unpushed updates re-applied and kept for pushing). Returns true
     /// on a restart.
     pub fn observe_incarnation(&mut self, shard: usize, incarnation: u64) -> bool {
-        if !self.clocks.observe_incarnation(shard, incarnation) {
+        let Seen::Replaced { .. } = self.clocks.observe_incarnation(shard, incarnation) else {
             return false;
-        }
+        };
         self.stats.restarts += 1;
         let of_shard: Vec<u32> = self
             .lines

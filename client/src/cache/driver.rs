@@ -558,10 +558,9 @@ fn send(table: &str, r: &ShardRequest<'_>, shard: &dyn ShardTransport) -> Answer
         },
         RequestKind::Pull => {
             let pulled = shard.pull(table, r.keys, &mut rows.versions, &mut rows.rows);
-            let read = pulled.map(|clock| {
-                // A pull's answer carries no incarnation of its own: the transport's latest.
-                rows.incarnation = shard.incarnation();
-                rows.table_clock = clock;
+            let read = pulled.map(|pulled| {
+                rows.incarnation = pulled.incarnation;
+                rows.table_clock = pulled.clock;
                 rows.indices = (0..r.keys.len() as u32).collect();
                 rows.since_held = true;
             });

@@ -299,10 +299,8 @@ impl CacheCore {
             PushOutcome::Applied(ack) => ack.incarnation,
             _ => 0,
         };
-        let mut restarted = false;
-        if pushed_by != 0 && !self.clocks.retired(shard, pushed_by) {
-            restarted |= self.observe_incarnation(shard, pushed_by);
-        }
+        // An acknowledgement of a retired incarnation (read late) changes nothing.
+        let mut restarted = self.observe_incarnation(shard, pushed_by);
         if stage == Stage::First {
             self.take_push_outcome(shard, push, answer)?;
         }

@@ -22,9 +22,14 @@ pub struct Daemon {
     pub log: mpsc::Receiver<String>,
 }
 
-/// The `hetkv` binary: cargo's for the store's own tests; for another crate's tests, the one in
-/// the target directory above their executable (`cargo test --workspace` builds it).
+/// The `hetkv` binary: `$HETKV_BIN` when set (a test binary run where cargo's target directory
+/// is not, as in the soft-RoCE VM); else cargo's for the store's own tests; for another crate's
+/// tests, the one in the target directory above their executable (`cargo test --workspace`
+/// builds it).
 pub fn hetkv_binary() -> std::path::PathBuf {
+    if let Some(bin) = std::env::var_os("HETKV_BIN") {
+        return bin.into();
+    }
     if let Some(bin) = option_env!("CARGO_BIN_EXE_hetkv") {
         return bin.into();
     }

@@ -223,6 +223,26 @@ impl RemoteMemory for RdmaMemory {
     fn bytes_read(&self) -> u64 {
         self.read_bytes.load(Ordering::Relaxed)
     }
+
+    fn can_reconnect(&self) -> bool {
+        true
+    }
+
+    /// A new queue pair, its endpoints exchanged over `control` (which holds it on a connection
+    /// of its own), replaces the old one, broken or not; the landing buffer stays.
+    fn reconnect(&self, control: &dyn ShardTransport) -> Result<(), TransportError> {
+        let fail = |e: RdmaError| TransportError::Protocol {
+            addr: control.addr().to_string(),
+            message: format!("RDMA set-up: {e}"),
+        };
+        let qp = QueuePair::new(&self.device).map_err(fail)?;
+        let theirs = control.rdma_connect(&qp.endpoint())?;
+        qp.connect(&theirs).map_err(fail)?;
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.qp = qp;
+        conn.broken = None;
+        Ok(())
+    }
 }
 
 impl<C: ShardTransport> OneSidedTransport<RdmaMemory, C> {
