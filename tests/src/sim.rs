@@ -71,6 +71,9 @@ pub struct SimShard {
     incarnation: AtomicU64,
     /// A restart armed to strike inside the next call that carries a push.
     inside: Mutex<Option<InsideCall>>,
+    /// The memory and incarnation of a restarted shard that the next read without a push is
+    /// served from ([`InsideCall::RestartThenReadFrozenLater`]).
+    frozen_later: Mutex<Option<(State, u64)>>,
 }
 
 /// A restart inside one call, as a one-sided reader meets it: its push travels to the daemon
@@ -84,6 +87,11 @@ pub enum InsideCall {
     /// The daemon restarted (from the snapshot) after it applied the push and before the read:
     /// the push's acknowledgement is the old incarnation's, the rows and clock the new one's.
     RestartBetweenPushAndRead(SimSnapshot),
+    /// The daemon restarted (from the snapshot) before the push reached it; this call is answered
+    /// by the new incarnation, but the next read without a push sees the old one's memory,
+    /// frozen, under the old incarnation (a reader that has not attached again, after the cache
+    /// learned of the restart).
+    RestartThenReadFrozenLater(SimSnapshot),
 }
 
 impl SimShard {
@@ -140,6 +148,7 @@ impl SimShard {
             handed_back: AtomicU64::new(0),
             incarnation: AtomicU64::new(1),
             inside: Mutex::new(None),
+            frozen_later: Mutex::new(None),
         }
     }
 
@@ -148,12 +157,17 @@ impl SimShard {
         *self.inside.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
     }
 
-    /// Whether an armed fault is still waiting for its call.
+    /// Whether an armed fault is still waiting for its call (or its frozen read).
     pub fn inside_call_armed(&self) -> bool {
         self.inside
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+            || self
+                .frozen_later
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
     }
 
     /// The rows, versions, state and table clock now, as a checkpoint would keep them.
@@ -331,9 +345,27 @@ impl SimShard {
             None => None,
         };
         let mut frozen = None;
-        if let Some(InsideCall::RestartBeforePushReadFrozen(snapshot)) = &inside {
-            frozen = Some((self.state().clone(), self.incarnation()));
-            self.restart_from(snapshot);
+        match &inside {
+            Some(InsideCall::RestartBeforePushReadFrozen(snapshot)) => {
+                frozen = Some((self.state().clone(), self.incarnation()));
+                self.restart_from(snapshot);
+            }
+            Some(InsideCall::RestartThenReadFrozenLater(snapshot)) => {
+                *self.frozen_later.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((self.state().clone(), self.incarnation()));
+                self.restart_from(snapshot);
+            }
+            _ => {}
+        }
+        if q.push.is_none() {
+            if let Some(f) = self
+                .frozen_later
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                frozen = Some(f);
+            }
         }
         let mut s = self.state();
         out.clear();
