@@ -5,8 +5,8 @@
 #   bash scripts/test.sh            # every test of the workspace
 #   bash scripts/test.sh -p NAME    # extra arguments go to `cargo test`
 #
-# Needs root (or sudo) when a package is missing, and root for one test that makes a memory cgroup
-# (`store/tests/cgroup.rs`). Fails loudly on any missing piece.
+# Needs root (or sudo) only when a package is missing (`store/tests/cgroup.rs` makes a memory
+# cgroup where it can; CI runs it in the soft-RoCE VM). Fails loudly on any missing piece.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,7 +2,9 @@
 //! own memory cgroup, limited to 1 GiB (cgroup v1 `memory.limit_in_bytes`, or v2 `memory.max`),
 //! holds a `hetkv serve` started without `--max-memory`. Its bound is three quarters of the
 //! limit, not of the machine, and a table larger than that is refused. Needs root and a writable
-//! memory hierarchy (as `scripts/test.sh` runs); where there is none it fails, saying so.
+//! memory hierarchy. The soft-RoCE VM (`tests/rdma-vm/run.sh`, run by CI) mounts cgroup v2 with
+//! the memory controller and sets `HETKV_CGROUP_REQUIRED=1`, so there it must run; elsewhere, a
+//! machine without a usable memory cgroup says why it did not run and passes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,9 +25,11 @@ struct Cgroup {
 }
 
 impl Cgroup {
-    /// A child of this process's memory cgroup, limited to `limit` bytes.
-    fn child(limit: u64) -> Self {
-        let own = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    /// A child of this process's memory cgroup, limited to `limit` bytes; why not, where this
+    /// machine cannot make one.
+    fn child(limit: u64) -> Result<Self, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
         let root = Path::new("/sys/fs/cgroup");
         let v1 = own.lines().find_map(|l| {
             let mut f = l.splitn(3, ':');
@@ -42,24 +46,19 @@ impl Cgroup {
         };
         let (mount, path, file) = v1
             .or_else(v2)
-            .expect("a memory cgroup in /proc/self/cgroup");
+            .ok_or("no memory cgroup in /proc/self/cgroup")?;
         let dir = mount
             .join(path.trim_start_matches('/'))
             .join(format!("hetkv-test-{}", std::process::id()));
-        std::fs::create_dir(&dir).unwrap_or_else(|e| {
-            panic!(
-                "cannot create the cgroup {}: {e} (this test needs root and a writable memory \
-                 cgroup hierarchy)",
-                dir.display()
-            )
-        });
+        std::fs::create_dir(&dir)
+            .map_err(|e| format!("cannot create the cgroup {}: {e}", dir.display()))?;
         let group = Cgroup {
             procs: dir.join("cgroup.procs"),
             dir,
         };
         std::fs::write(group.dir.join(file), limit.to_string())
-            .unwrap_or_else(|e| panic!("cannot set {} of {}: {e}", file, group.dir.display()));
-        group
+            .map_err(|e| format!("cannot set {file} of {}: {e}", group.dir.display()))?;
+        Ok(group)
     }
 }
 
@@ -71,7 +70,14 @@ impl Drop for Cgroup {
 
 #[test]
 fn the_default_memory_bound_follows_a_real_cgroup_limit() {
-    let group = Cgroup::child(LIMIT);
+    let group = match Cgroup::child(LIMIT) {
+        Ok(group) => group,
+        Err(why) if std::env::var_os("HETKV_CGROUP_REQUIRED").is_none() => {
+            eprintln!("not run on this machine ({why}); the soft-RoCE VM runs it");
+            return;
+        }
+        Err(why) => panic!("{why} (HETKV_CGROUP_REQUIRED is set)"),
+    };
     // The shell moves itself into the cgroup, then becomes the daemon (same pid).
     let mut cmd = Command::new("sh");
     cmd.arg("-c")

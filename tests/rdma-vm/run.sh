@@ -61,15 +61,18 @@ MODDIR="$KDIR/lib/modules/$KVER"
 # --- the test binaries --------------------------------------------------------------------------------
 # The transport conformance suite and the cache's model-based consistency test, with RDMA cases;
 # and the store's restart tests, whose RDMA case runs real daemons (the `hetkv` binary built with
-# the feature, found in the guest through $HETKV_BIN) across a SIGKILL and a restore.
-TESTS="conformance cache_consistency restarts"
+# the feature, found in the guest through $HETKV_BIN) across a SIGKILL and a restore; and the
+# daemon's memory bound in a memory cgroup (the guest mounts cgroup v2 with the memory controller,
+# so that test must run here, whatever the host offers).
+TESTS="conformance cache_consistency restarts cgroup"
 say "building the tests ($TESTS) and the daemon with --features rdma"
 declare -A BINS
 while read -r name exe; do BINS[$name]=$exe; done < <(
     {
         cargo test -q -p hetkv-tests --features rdma --test conformance --test cache_consistency \
             --no-run --message-format=json
-        cargo test -q -p hetkv-store --features rdma --test restarts --no-run --message-format=json
+        cargo test -q -p hetkv-store --features rdma --test restarts --test cgroup --no-run \
+            --message-format=json
     } 2>/dev/null | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -150,6 +153,7 @@ cat > "$INITRD_DIR/init" <<'EOF'
 export PATH=/bin:/usr/sbin:/usr/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
+mount -t cgroup2 none /sys/fs/cgroup && echo +memory > /sys/fs/cgroup/cgroup.subtree_control
 for m in $(cat /mods/order); do insmod /mods/$m >> /tmp/insmod.log 2>&1 || echo "insmod $m failed" >> /tmp/insmod.log; done
 mount -t 9p -o trans=virtio,version=9p2000.L out /out || { echo "no out share"; poweroff -f; }
 exec > /out/guest.log 2>&1
@@ -169,7 +173,7 @@ $RDMA link show
 if [ ! -e /dev/infiniband/uverbs0 ]; then echo "NO-RXE-DEVICE"; echo 97 > /out/rc; poweroff -f; fi
 echo "RXE-UP"
 cd /tmp
-export HETKV_BIN=/work/hetkv
+export HETKV_BIN=/work/hetkv HETKV_CGROUP_REQUIRED=1
 rc=0
 for t in $(cat /work/tests); do
     echo "== $t"
