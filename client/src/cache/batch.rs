@@ -141,25 +141,27 @@ impl Batch {
         self.dedup.get(key)
     }
 
-    /// Resolves every unique key's slot into `slot_of_uniq`, then asks the CPU to load each
-    /// resident line's bookkeeping. Each probe and each load is independent of the others, so
-    /// their cache misses overlap; the loop that follows finds them in cache instead of waiting
-    /// for them one at a time.
+    /// Resolves every unique key's slot into `slot_of_uniq`. Each probe is independent of the
+    /// others, so their cache misses overlap.
     pub fn resolve(&mut self, lines: &Lines) {
         self.slot_of_uniq.clear();
         self.slot_of_uniq
             .extend(self.uniq.iter().map(|&k| lines.slot_of(k).unwrap_or(NIL)));
-        for &slot in &self.slot_of_uniq {
-            if slot != NIL {
-                lines.prefetch_meta(slot);
-            }
-        }
     }
 
-    /// Asks the CPU to load what recording the unique keys with the policy touches.
-    pub fn prefetch_policy(&self, lines: &Lines) {
-        for &key in &self.uniq {
+    /// Asks the CPU to load what planning unique key `u + KEYS_AHEAD` touches (its counters in
+    /// the policy and, when resident, its line's bookkeeping), so that a loop over the unique keys
+    /// in order finds them in cache. A fixed distance, not the whole batch up front: a batch's
+    /// loads do not fit the first-level cache, and the ones issued first would be gone by the
+    /// time the loop reaches them.
+    pub fn plan_ahead(&self, lines: &Lines, u: usize) {
+        const KEYS_AHEAD: usize = 12;
+        if let Some(&key) = self.uniq.get(u + KEYS_AHEAD) {
             lines.prefetch_policy(key);
+            let slot = self.slot_of_uniq[u + KEYS_AHEAD];
+            if slot != NIL {
+                lines.prefetch_hit(slot);
+            }
         }
     }
 
@@ -186,21 +188,36 @@ impl Batch {
         self.req_state.push(state);
     }
 
-    /// Asks the CPU to load the line of unique key `u + LINES_AHEAD`, so that a loop over the
-    /// unique keys in order finds each line in cache (a batch's lines do not stay in cache
-    /// between the phases of a step).
-    pub fn load_ahead(&self, lines: &Lines, u: usize, whole_line: bool) {
+    /// Asks the CPU to load the line of unique key `u + LINES_AHEAD` (from the slots it holds,
+    /// or with [`Ahead::Reserved`] the slot reserved for it), so that a loop over the unique keys
+    /// in order finds each line in cache (a batch's lines do not stay in cache between the phases
+    /// of a step).
+    pub fn load_ahead(&self, lines: &Lines, u: usize, what: Ahead) {
         const LINES_AHEAD: usize = 6;
-        if let Some(&slot) = self.slot_of_uniq.get(u + LINES_AHEAD) {
+        let slots = match what {
+            Ahead::Reserved => &self.reserved_of_uniq,
+            Ahead::Value | Ahead::Line => &self.slot_of_uniq,
+        };
+        if let Some(&slot) = slots.get(u + LINES_AHEAD) {
             if slot != NIL {
-                if whole_line {
-                    lines.prefetch_line(slot);
-                } else {
-                    lines.prefetch_base(slot);
+                match what {
+                    Ahead::Value => lines.prefetch_value(slot),
+                    Ahead::Line | Ahead::Reserved => lines.prefetch_line(slot),
                 }
             }
         }
     }
+}
+
+/// What [`Batch::load_ahead`] loads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ahead {
+    /// What reading a line's value touches (its base, and its pending sum when it has one).
+    Value,
+    /// The whole line (what an update touches).
+    Line,
+    /// The whole line of the slot reserved for a miss (what filling it writes).
+    Reserved,
 }
 
 /// What came back for a lookup's requests: for each returned row, its request index, version,

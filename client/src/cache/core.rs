@@ -20,7 +20,7 @@ use hetkv_transport::incarnation::Seen;
 use hetkv_transport::wire::{ANY_BASE, NO_BASE};
 use hetkv_transport::{Optimizer, Routing, TableSpec};
 
-use super::batch::{Batch, Replies};
+use super::batch::{Ahead, Batch, Replies};
 use super::clocks::Clocks;
 use super::exchange::ShardPlan;
 use super::lines::{LineMeta, Lines, NIL};
@@ -321,7 +321,7 @@ impl CacheCore {
         let rows = std::mem::take(&mut self.batch.uniq_rows);
         let sums: &[f32] = if summed { &rows } else { grads };
         for u in 0..self.batch.uniq.len() {
-            self.batch.load_ahead(&self.lines, u, true);
+            self.batch.load_ahead(&self.lines, u, Ahead::Line);
             let key = self.batch.uniq[u];
             let g = &sums[u * dim..(u + 1) * dim];
             let count = self.batch.counts[u];

@@ -212,15 +212,24 @@ impl Lines {
         self.policy.insert(slot, key);
     }
 
-    /// Asks the CPU to load a slot's bookkeeping.
-    pub fn prefetch_meta(&self, slot: u32) {
+    /// Asks the CPU to load what a hit of `slot` touches: its bookkeeping and its record in the
+    /// policy.
+    pub fn prefetch_hit(&self, slot: u32) {
         region::prefetch(std::slice::from_ref(&self.meta[slot as usize]));
+        self.policy.prefetch_slot(slot);
     }
 
-    /// Asks the CPU to load a slot's base row (what a clean hit copies out).
-    pub fn prefetch_base(&self, slot: u32) {
+    /// Asks the CPU to load what reading a slot's value touches: its base row, and its pending
+    /// sum when it has updates not pushed (the optimizer's state too, which the value of a line
+    /// with pending updates is computed from).
+    pub fn prefetch_value(&self, slot: u32) {
         let at = slot as usize * self.stride;
-        region::prefetch(&self.values[at..at + self.dim]);
+        let len = if self.meta[slot as usize].p == 0 {
+            self.dim
+        } else {
+            self.stride
+        };
+        region::prefetch(&self.values[at..at + len]);
     }
 
     /// Asks the CPU to load a slot's whole line (what an update touches).

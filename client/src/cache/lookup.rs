@@ -3,7 +3,7 @@
 
 use hetkv_transport::wire::NOT_CACHED;
 
-use super::batch::Replies;
+use super::batch::{Ahead, Replies};
 use super::core::{CacheCore, CacheError};
 use super::lines::NIL;
 
@@ -24,12 +24,9 @@ impl CacheCore {
         b.clear_requests(shards);
         let check_hits = self.pull_bound != u64::MAX;
         self.calls += 1;
-        // The loads of the policy's counters and of the lines' bookkeeping are issued first, for
-        // every key, so that their misses overlap; the loop that records the accesses and plans
-        // the requests then finds them in cache.
-        self.batch.prefetch_policy(&self.lines);
         self.batch.resolve(&self.lines);
         for u in 0..self.batch.uniq.len() {
+            self.batch.plan_ahead(&self.lines, u);
             let slot = self.batch.slot_of_uniq[u];
             if slot == NIL {
                 self.stats.misses += 1;
@@ -194,7 +191,7 @@ impl CacheCore {
         // Hits first; the misses then fill the slots reserved for them while planning (never a
         // line this lookup hits: those carry its stamp).
         for u in 0..self.batch.uniq.len() {
-            self.batch.load_ahead(&self.lines, u, false);
+            self.batch.load_ahead(&self.lines, u, Ahead::Value);
             let slot = self.batch.slot_of_uniq[u];
             if slot == NIL {
                 continue;
@@ -239,6 +236,7 @@ impl CacheCore {
             self.batch.uniq_clock[u] = m.c_s + u64::from(m.p);
         }
         for u in 0..self.batch.uniq.len() {
+            self.batch.load_ahead(&self.lines, u, Ahead::Reserved);
             if self.batch.slot_of_uniq[u] != NIL {
                 continue;
             }

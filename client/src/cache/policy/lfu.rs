@@ -3,9 +3,16 @@
 //!
 //! Lines sit in one of 64 frequency buckets (the sketch's estimate, capped at 63), each a list in
 //! the order lines entered it; a bitmap of non-empty buckets finds the lowest in O(1). The victim
-//! is the line of the lowest bucket that entered it first. A hit moves its line only when its
-//! bucket changes, so the hottest lines (whose estimate has saturated) cost no list writes. A miss
-//! whose estimated frequency is below the victim's is not admitted.
+//! is the line of the lowest frequency that entered its bucket first. A miss whose estimated
+//! frequency is below the victim's is not admitted.
+//!
+//! Buckets are kept lazily: a hit only records the line's new frequency, and a line moves to the
+//! bucket of its frequency when the search for a victim finds it at the head of a lower one. A
+//! line's frequency never falls between two halvings of the sketch (its estimate only grows, and
+//! a halving moves every line), so no line sits in a bucket above its frequency and the lowest
+//! bucket whose head is in place holds the least frequent line. A hit thus touches one 16-byte
+//! record instead of three list neighbours; each move the search makes pays for a hit that
+//! skipped it.
 //!
 //! Why a sketch: HET's LFU counted hits only while a line was resident, so every new line entered
 //! with the lowest count and was the next victim; within a batch each new miss evicted the previous
@@ -29,13 +36,16 @@ const MAX_PINNED: f64 = 0.9;
 struct Slot {
     key: u64,
     hits: u32,
+    /// The line's frequency (its estimate when last counted, capped at 63).
     freq: u8,
+    /// The bucket whose list holds the line: at most `freq`.
+    bucket: u8,
     pinned: bool,
     resident: bool,
 }
 
 /// LFU (and light LFU) over slots.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Lfu {
     links: Links,
     buckets: [List; BUCKETS],
@@ -68,13 +78,14 @@ impl Lfu {
 
     fn link(&mut self, slot: u32, freq: u8) {
         let b = freq as usize;
-        self.slots[slot as usize].freq = freq;
+        let s = &mut self.slots[slot as usize];
+        (s.freq, s.bucket) = (freq, freq);
         self.links.push_back(&mut self.buckets[b], slot);
         self.nonempty |= 1 << b;
     }
 
     fn unlink(&mut self, slot: u32) {
-        let b = self.slots[slot as usize].freq as usize;
+        let b = self.slots[slot as usize].bucket as usize;
         self.links.unlink(&mut self.buckets[b], slot);
         if self.buckets[b].is_empty() {
             self.nonempty &= !(1 << b);
@@ -112,9 +123,26 @@ impl Lfu {
                 return;
             }
         }
-        if f != freq {
+        debug_assert!(f >= freq, "an estimate only grows between halvings");
+        self.slots[slot as usize].freq = f;
+    }
+
+    /// The line of the lowest frequency that entered its bucket first, moving the lines that
+    /// the search finds out of place (see the module's doc) into their buckets.
+    fn lowest(&mut self) -> Option<(u32, usize)> {
+        loop {
+            if self.nonempty == 0 {
+                return None;
+            }
+            let lowest = self.nonempty.trailing_zeros() as usize;
+            let slot = self.buckets[lowest].head;
+            debug_assert_ne!(slot, NIL);
+            let freq = self.slots[slot as usize].freq;
+            if freq as usize == lowest {
+                return Some((slot, lowest));
+            }
             self.unlink(slot);
-            self.link(slot, f);
+            self.link(slot, freq);
         }
     }
 }
@@ -163,21 +191,23 @@ impl EvictionPolicy for Lfu {
         self.slots[slot as usize].resident = false;
     }
 
+    fn prefetch_slot(&self, slot: u32) {
+        hetkv_transport::region::prefetch(std::slice::from_ref(&self.slots[slot as usize]));
+    }
+
     fn victim(&mut self, key: u64) -> Option<u32> {
-        if self.nonempty == 0 {
-            return None;
-        }
-        let lowest = self.nonempty.trailing_zeros() as usize;
-        let slot = self.buckets[lowest].head;
-        debug_assert_ne!(slot, NIL);
+        let (slot, lowest) = self.lowest()?;
         (self.frequency(key) as usize >= lowest).then_some(slot)
     }
 
     fn order(&self) -> Vec<u32> {
-        self.buckets
-            .iter()
-            .flat_map(|b| self.links.iter(b))
-            .collect()
+        let mut rest = self.clone();
+        std::iter::from_fn(|| {
+            let (slot, _) = rest.lowest()?;
+            rest.remove(slot);
+            Some(slot)
+        })
+        .collect()
     }
 }
 
@@ -206,6 +236,31 @@ mod tests {
         assert_eq!(p.victim(98), Some(1));
         // A key seen zero times (not even recorded) is not admitted over a line seen once.
         assert_eq!(p.victim(97), None);
+    }
+
+    #[test]
+    fn a_hit_lifts_a_line_in_place_and_the_search_for_a_victim_moves_it() {
+        let mut p = Lfu::new(3, None);
+        for (slot, key) in [(0u32, 10u64), (1, 11), (2, 12)] {
+            p.record(key);
+            p.insert(slot, key);
+        }
+        // Slot 0, first in bucket 1, is hit twice: its frequency is 3, its list still bucket 1's.
+        p.hit(0, 10);
+        p.hit(0, 10);
+        assert_eq!((p.slots[0].freq, p.slots[0].bucket), (3, 1));
+        assert_eq!(
+            p.order(),
+            vec![1, 2, 0],
+            "the order is by frequency all the same"
+        );
+        // The search passes it (moving it to bucket 3) and finds the least frequent line.
+        p.record(13);
+        assert_eq!(p.victim(13), Some(1));
+        assert_eq!((p.slots[0].freq, p.slots[0].bucket), (3, 3));
+        p.remove(1);
+        p.insert(1, 13);
+        assert_eq!(p.order(), vec![2, 1, 0]);
     }
 
     #[test]

@@ -22,7 +22,7 @@ impl List {
 }
 
 /// `[prev, next]` of every slot, side by side so that a slot's links are one load.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Links {
     links: Vec<[u32; 2]>,
 }
@@ -35,6 +35,11 @@ impl Links {
         Self {
             links: vec![[NIL, NIL]; capacity],
         }
+    }
+
+    /// Asks the CPU to load `slot`'s links.
+    pub fn prefetch(&self, slot: u32) {
+        hetkv_transport::region::prefetch(std::slice::from_ref(&self.links[slot as usize]));
     }
 
     /// Appends `slot` at the tail of `list`.

@@ -21,6 +21,10 @@ impl Lru {
 }
 
 impl EvictionPolicy for Lru {
+    fn prefetch_slot(&self, slot: u32) {
+        self.links.prefetch(slot);
+    }
+
     fn record(&mut self, _key: u64) {}
 
     fn touch(&mut self, slot: u32, _key: u64) {

@@ -66,6 +66,10 @@ pub trait EvictionPolicy: Send {
     fn prefetch(&self, key: u64) {
         let _ = key;
     }
+    /// Asks the CPU to load what a hit of the line in `slot` will touch.
+    fn prefetch_slot(&self, slot: u32) {
+        let _ = slot;
+    }
     /// Records one access to `key` (hit or miss), before the hit or insert that follows.
     fn record(&mut self, key: u64);
     /// A resident line was hit.

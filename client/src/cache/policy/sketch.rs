@@ -6,7 +6,7 @@
 //! from independent bits of one 64-bit mix of the key.
 
 /// Estimated access counts of keys, in bounded memory.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct FrequencySketch {
     table: Vec<u8>,
     block_mask: usize,
