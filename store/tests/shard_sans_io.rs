@@ -472,18 +472,20 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     let again = numbered(&mut h, 1);
     assert_eq!((again.rows, again.updates, again.duplicate), (2, 3, true));
     assert_eq!(h.pull("t", &[3]).unwrap().0, vec![3], "applied once");
+    // A conditional pull of key 3 carrying a push of `count` updates to it.
+    let carrying = |count: &'static [u32]| StaleQuery {
+        table: "t",
+        keys: &[3],
+        clocks: &[0],
+        bound: 0,
+        since: None,
+        push: Some(PushRef::new(&[3], count, &[1.0, 1.0])),
+        state_keys: 0,
+    };
     // A push carried by a conditional pull, sent twice: its rows once, the read both times.
     let carried = |h: &mut Harness| {
         let mut frame = Vec::new();
-        let q = StaleQuery {
-            table: "t",
-            keys: &[3],
-            clocks: &[0],
-            bound: 0,
-            since: None,
-            push: Some(PushRef::new(&[3], &[5], &[1.0, 1.0])),
-            state_keys: 0,
-        };
+        let q = carrying(&[5]);
         codec::pull_if_stale::encode_request(&mut frame, &q, Some(origin(2)));
         let out = h.call_frame(frame).unwrap();
         let mut rows = StaleRows::default();
@@ -499,16 +501,7 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     assert_eq!(carried(&mut h), (5, true, 8));
     // Every push is numbered: a carried push without its number is refused, unapplied.
     let mut frame = Vec::new();
-    let q = StaleQuery {
-        table: "t",
-        keys: &[3],
-        clocks: &[0],
-        bound: 0,
-        since: None,
-        push: Some(PushRef::new(&[3], &[1], &[1.0, 1.0])),
-        state_keys: 0,
-    };
-    codec::pull_if_stale::encode_request(&mut frame, &q, None);
+    codec::pull_if_stale::encode_request(&mut frame, &carrying(&[1]), None);
     let refused = h.call_frame(frame).unwrap_err();
     assert!(refused.message.contains("numbered"), "{refused}");
     // Numbers the sender settled are forgotten: once push 3 says every number below 3 is

@@ -126,13 +126,14 @@ pub enum Capacity {
 
 impl Capacity {
     /// Bytes one cached line of `spec`'s table costs: its base row, pending gradient and
-    /// optimizer state, and its bookkeeping: its 64-byte record, the policy's record, links and
-    /// frequency counters (32), and its entry in the key index (at most 40: 16 bytes and a
-    /// control byte, the index at most 7/8 full, rounded up to a power of two).
+    /// optimizer state, and its bookkeeping: its 64-byte record; the policy's (at most 40: a
+    /// 16-byte record, 8 bytes of links, and 8 one-byte frequency counters in a power of two of
+    /// blocks); and its entry in the key index (at most 40: 16 bytes and a control byte, the index
+    /// at most 7/8 full, rounded up to a power of two).
     pub fn line_bytes(spec: &TableSpec) -> u64 {
         let dim = spec.dim as usize;
         let state_len = Optimizer::new(spec.optimizer).state_len(dim);
-        (4 * lines::Lines::values_per_line(dim, state_len) + 136) as u64
+        (4 * lines::Lines::values_per_line(dim, state_len) + 144) as u64
     }
 
     /// The number of rows for a table of `spec`.
