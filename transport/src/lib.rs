@@ -2,6 +2,7 @@
 //!
 //! - [`region`]: mapped memory regions (the shared-memory module, and the only `unsafe` here);
 //! - [`row`]: the row format of DESIGN section 4, its writer protocol and its verifying reader;
+//! - [`keyed`]: a dynamic table's region: keyed rows found through buckets of key digests;
 //! - [`spec`]: table specifications;
 //! - [`optimizer`]: the optimizers' maths, shared by the shard and the cache that mirrors it;
 //! - [`routing`]: which shard holds a row, and at which local index;
@@ -22,6 +23,7 @@ pub mod client;
 pub mod codec;
 pub mod incarnation;
 pub mod interrupt;
+pub mod keyed;
 pub mod onesided;
 pub mod optimizer;
 pub mod pushes;

@@ -7,6 +7,16 @@
 //! padding           to a multiple of 8 bytes (the stride)
 //! ```
 //!
+//! A *keyed* row (the rows of a dynamic table, [`crate::keyed`]) carries its key in the word after
+//! `seq`, under the checksum, and its payload from offset 16:
+//!
+//! ```text
+//! offset 0          seq: u64 LE
+//! offset 8          key: u64 LE
+//! offset 16         payload: dim x f32 LE
+//! offset 16 + 4*dim crc: u32 LE   CRC32C over bytes [0, 16 + 4*dim) with the low bit of seq clear
+//! ```
+//!
 //! Row `i` of a region starts at `i * stride`. There is one writer per row at a time (the daemon
 //! serialises writers per row); readers are lock-free and may be remote (RDMA), another process
 //! (shared memory) or a daemon thread. A reader copies the whole row and accepts it only if `seq`
@@ -18,6 +28,8 @@ use crate::region::WORD;
 
 /// Bytes of the seq word at the head of a row.
 pub const SEQ_BYTES: usize = 8;
+/// Bytes of the key word of a keyed row.
+pub const KEY_BYTES: usize = 8;
 /// Bytes of the CRC32C after the payload.
 pub const CRC_BYTES: usize = 4;
 /// Largest supported row dimension (keeps a row, and so a stride, far below any frame limit).
@@ -25,23 +37,46 @@ pub const MAX_DIM: u32 = 1 << 16;
 /// How many times the in-process readers retry a torn copy before reporting it.
 pub const DEFAULT_READ_ATTEMPTS: u32 = 64;
 
-/// Geometry of one table's rows: the dimension and the stride between rows.
+/// Geometry of one table's rows: the dimension, whether each row carries its key, and the stride
+/// between rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowLayout {
     dim: u32,
     stride: u32,
+    keyed: bool,
 }
 
 impl RowLayout {
     /// The layout for rows of `dim` f32 values. `dim` must be in `1..=MAX_DIM`.
     pub fn new(dim: u32) -> Self {
+        Self::build(dim, false)
+    }
+
+    /// The layout for keyed rows of `dim` f32 values (the key under the checksum, for a dynamic
+    /// table). `dim` must be in `1..=MAX_DIM`.
+    pub fn keyed(dim: u32) -> Self {
+        Self::build(dim, true)
+    }
+
+    fn build(dim: u32, keyed: bool) -> Self {
         assert!(
             (1..=MAX_DIM).contains(&dim),
             "row dim {dim} outside 1..={MAX_DIM} (validated by TableSpec before reaching here)"
         );
-        let unpadded = SEQ_BYTES as u32 + 4 * dim + CRC_BYTES as u32;
+        let header = SEQ_BYTES + if keyed { KEY_BYTES } else { 0 };
+        let unpadded = header as u32 + 4 * dim + CRC_BYTES as u32;
         let stride = unpadded.div_ceil(WORD as u32) * WORD as u32;
-        Self { dim, stride }
+        Self { dim, stride, keyed }
+    }
+
+    /// Whether each row carries its key.
+    pub fn is_keyed(&self) -> bool {
+        self.keyed
+    }
+
+    /// Offset of the payload within a row: after `seq`, and the key when rows carry one.
+    pub fn payload_offset(&self) -> usize {
+        SEQ_BYTES + if self.keyed { KEY_BYTES } else { 0 }
     }
 
     /// Number of f32 values in a row.
@@ -61,7 +96,7 @@ impl RowLayout {
 
     /// Offset of the CRC within a row, which is also the length of the checksummed prefix.
     pub fn crc_offset(&self) -> usize {
-        SEQ_BYTES + 4 * self.dim as usize
+        self.payload_offset() + 4 * self.dim as usize
     }
 
     /// Byte offset of row `index` in its region.
@@ -76,7 +111,19 @@ impl RowLayout {
 
     /// The payload bytes (dim x f32 LE) of a row image.
     pub fn payload<'a>(&self, image: &'a [u8]) -> &'a [u8] {
-        &image[SEQ_BYTES..self.crc_offset()]
+        &image[self.payload_offset()..self.crc_offset()]
+    }
+
+    /// The key of a keyed row image (`None` for a layout without keys). Meaningful once the
+    /// image verified: the key is under the checksum.
+    pub fn key(&self, image: &[u8]) -> Option<u64> {
+        self.keyed.then(|| {
+            u64::from_le_bytes(
+                image[SEQ_BYTES..SEQ_BYTES + KEY_BYTES]
+                    .try_into()
+                    .expect("8 bytes"),
+            )
+        })
     }
 }
 
@@ -110,6 +157,25 @@ pub enum RowError {
 /// Writes the stable image of a row (even seq for `version`, payload, CRC, zero padding) into
 /// `image`, which must be exactly one stride long.
 pub fn encode_image(layout: &RowLayout, version: u64, payload: &[f32], image: &mut [u8]) {
+    assert!(!layout.is_keyed(), "a keyed row is encoded with its key");
+    encode(layout, version, payload, image);
+}
+
+/// Writes the stable image of a keyed row (even seq for `version`, `key`, payload, CRC, zero
+/// padding) into `image`, which must be exactly one stride of a keyed layout.
+pub fn encode_keyed_image(
+    layout: &RowLayout,
+    version: u64,
+    key: u64,
+    payload: &[f32],
+    image: &mut [u8],
+) {
+    assert!(layout.is_keyed(), "only a keyed layout has room for a key");
+    image[SEQ_BYTES..SEQ_BYTES + KEY_BYTES].copy_from_slice(&key.to_le_bytes());
+    encode(layout, version, payload, image);
+}
+
+fn encode(layout: &RowLayout, version: u64, payload: &[f32], image: &mut [u8]) {
     assert_eq!(
         payload.len(),
         layout.dim(),
@@ -117,7 +183,7 @@ pub fn encode_image(layout: &RowLayout, version: u64, payload: &[f32], image: &m
     );
     assert_eq!(image.len(), layout.stride(), "image length is the stride");
     image[..SEQ_BYTES].copy_from_slice(&seq_of(version).to_le_bytes());
-    for (chunk, v) in image[SEQ_BYTES..layout.crc_offset()]
+    for (chunk, v) in image[layout.payload_offset()..layout.crc_offset()]
         .chunks_exact_mut(4)
         .zip(payload)
     {
@@ -273,7 +339,14 @@ pub fn read_seq(words: &[AtomicU64], layout: &RowLayout, index: u64) -> u64 {
 /// Stores `old_seq | 1`, then the payload and CRC words, then the new even seq with Release.
 pub fn write_row(words: &[AtomicU64], layout: &RowLayout, index: u64, image: &[u8]) {
     let base = index as usize * layout.stride_words();
-    let row = &words[base..base + layout.stride_words()];
+    write_image(&words[base..base + layout.stride_words()], image);
+}
+
+/// The writer protocol over any sealed image whose first word is a seq (a row, or a bucket of a
+/// dynamic table's index): the one home of its order. `row` is exactly the image's words; the
+/// caller is their only writer for the duration of the call.
+pub fn write_image(row: &[AtomicU64], image: &[u8]) {
+    debug_assert_eq!(row.len() * WORD, image.len());
     let old = row[0].load(Ordering::Relaxed);
     row[0].store(old | 1, Ordering::Relaxed);
     fence(Ordering::Release);

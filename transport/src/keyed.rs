@@ -1,0 +1,583 @@
+//! The memory layout of a dynamic table (any u64 key): keyed rows found through buckets of key
+//! digests, in one region that clients read one-sidedly (docs/PROTOCOL.md, section 1).
+//!
+//! ```text
+//! offset 0                    bucket 0 .. bucket B-1, BUCKET_BYTES each
+//! offset B * BUCKET_BYTES     slot 0 .. slot B*BUCKET_SLOTS-1, keyed rows of the row layout
+//!
+//! bucket:  offset 0   seq: u64 LE        even = stable, odd = a write is in progress
+//!          offset 8   digests: 32 x u16 LE   entry i describes slot b*32 + i; 0 = empty
+//!          offset 72  crc: u32 LE        CRC32C over bytes [0, 72) with the low bit of seq clear
+//!          offset 76  zero padding to 80
+//! ```
+//!
+//! A key's 64-bit hash ([`key_hash`]) picks its bucket (high bits) and its 16-bit digest (low
+//! bits); its row lives in one of the bucket's 32 slots, as in HierarchicalKV's buckets and
+//! Pilaf's, so a reader that has never seen a key finds it with one read of its bucket and one of
+//! each slot whose digest matches (one in 2,048 lookups of a full bucket reads a second row). The
+//! row carries its key under its checksum ([`crate::row`]): a reader whose bucket image is older
+//! than the slot's row (the slot was given to another key in between) sees the other key and
+//! answers absent, which is what the key was at some moment between its two reads.
+//!
+//! Buckets and rows follow the writer protocol of rows ([`crate::row::write_image`]): one writer
+//! per bucket at a time (the daemon locks the bucket), readers lock-free anywhere. A slot changes
+//! key as a row write (the new key's image) followed by a bucket write (the new digest); an
+//! eviction without a replacement is a bucket write alone. A table holds at most
+//! `buckets x BUCKET_SLOTS` rows; a full bucket evicts the lowest score among its own slots even
+//! when other buckets have room, so the cap is hard and every placement is O(32).
+
+use std::sync::atomic::AtomicU64;
+
+use crate::region::WORD;
+use crate::row::{self, RowError, RowLayout, SEQ_BYTES};
+
+/// Slots per bucket.
+pub const BUCKET_SLOTS: usize = 32;
+/// The digest that marks an empty entry.
+pub const EMPTY: u16 = 0;
+const DIGESTS_BYTES: usize = 2 * BUCKET_SLOTS;
+const BUCKET_CRC_AT: usize = SEQ_BYTES + DIGESTS_BYTES;
+/// Bytes of one bucket image (a multiple of 8).
+pub const BUCKET_BYTES: usize = (BUCKET_CRC_AT + row::CRC_BYTES).div_ceil(WORD) * WORD;
+
+/// The 64-bit hash of a key, from which its bucket and digest come: the SplitMix64 finalizer, a
+/// bijection, so distinct keys never share a hash.
+pub fn key_hash(key: u64) -> u64 {
+    let mut z = key ^ 0x9E37_79B9_7F4A_7C15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A key's digest in its bucket: the low 16 bits of its hash, never [`EMPTY`].
+pub fn digest_of(key: u64) -> u16 {
+    match key_hash(key) as u16 {
+        EMPTY => 1,
+        d => d,
+    }
+}
+
+/// Why a keyed layout cannot be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyedError {
+    /// A capacity of no rows.
+    #[error("a dynamic table needs a capacity of at least one row")]
+    NoCapacity,
+    /// The region would not fit a 64-bit length.
+    #[error("a capacity of {capacity} rows of stride {stride} does not fit one region")]
+    TooLarge {
+        /// Rows asked for.
+        capacity: u64,
+        /// Bytes per row.
+        stride: usize,
+    },
+}
+
+/// Geometry of one shard's region of a dynamic table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyedLayout {
+    buckets: u64,
+    row: RowLayout,
+}
+
+impl KeyedLayout {
+    /// The layout for at least `capacity` keyed rows of `dim` (rounded up to whole buckets; see
+    /// [`KeyedLayout::capacity`]). `dim` must be in `1..=row::MAX_DIM`.
+    pub fn new(dim: u32, capacity: u64) -> Result<Self, KeyedError> {
+        if capacity == 0 {
+            return Err(KeyedError::NoCapacity);
+        }
+        let row = RowLayout::keyed(dim);
+        let buckets = capacity.div_ceil(BUCKET_SLOTS as u64);
+        let layout = Self { buckets, row };
+        let fits = buckets
+            .checked_mul(BUCKET_BYTES as u64)
+            .zip(layout.capacity().checked_mul(row.stride() as u64))
+            .and_then(|(b, r)| b.checked_add(r))
+            .is_some_and(|total| total <= u64::MAX / 2);
+        if !fits {
+            return Err(KeyedError::TooLarge {
+                capacity,
+                stride: row.stride(),
+            });
+        }
+        Ok(layout)
+    }
+
+    /// The keyed rows' layout.
+    pub fn row(&self) -> &RowLayout {
+        &self.row
+    }
+
+    /// Buckets in the region.
+    pub fn buckets(&self) -> u64 {
+        self.buckets
+    }
+
+    /// Slots in the region: the most rows it holds (the capacity asked for, rounded up to whole
+    /// buckets).
+    pub fn capacity(&self) -> u64 {
+        self.buckets * BUCKET_SLOTS as u64
+    }
+
+    /// The bucket of `key`: the high bits of its hash scaled to the bucket count (independent of
+    /// the digest's low bits).
+    pub fn bucket_of(&self, key: u64) -> u64 {
+        (((key_hash(key) >> 16) as u128 * self.buckets as u128) >> 48) as u64
+    }
+
+    /// The first slot of bucket `b`; its slots are `[b * BUCKET_SLOTS, (b + 1) * BUCKET_SLOTS)`.
+    pub fn first_slot(&self, bucket: u64) -> u64 {
+        bucket * BUCKET_SLOTS as u64
+    }
+
+    /// Byte offset of bucket `b` in the region.
+    pub fn bucket_offset(&self, bucket: u64) -> u64 {
+        bucket * BUCKET_BYTES as u64
+    }
+
+    /// Byte offset of slot `s`'s row in the region.
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        self.buckets * BUCKET_BYTES as u64 + self.row.row_offset(slot)
+    }
+
+    /// Bytes of the region.
+    pub fn region_bytes(&self) -> u64 {
+        self.slot_offset(self.capacity())
+    }
+
+    /// The region's words split into its buckets and its rows.
+    pub fn split<'a>(&self, words: &'a [AtomicU64]) -> (&'a [AtomicU64], &'a [AtomicU64]) {
+        let at = self.buckets as usize * BUCKET_BYTES / WORD;
+        let end = self.region_bytes() as usize / WORD;
+        (&words[..at], &words[at..end])
+    }
+}
+
+/// A bucket: its version (how many times it changed) and its digests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bucket {
+    /// Writes the bucket has seen.
+    pub version: u64,
+    /// Entry `i` describes slot `first_slot + i`: the digest of the key it holds, or [`EMPTY`].
+    pub digests: [u16; BUCKET_SLOTS],
+}
+
+impl Bucket {
+    /// A bucket with no keys, at version 0.
+    pub const EMPTY: Self = Self {
+        version: 0,
+        digests: [EMPTY; BUCKET_SLOTS],
+    };
+
+    /// Writes the bucket's stable image into `image` ([`BUCKET_BYTES`] long).
+    pub fn encode(&self, image: &mut [u8]) {
+        assert_eq!(
+            image.len(),
+            BUCKET_BYTES,
+            "a bucket image is BUCKET_BYTES long"
+        );
+        image[..SEQ_BYTES].copy_from_slice(&row::seq_of(self.version).to_le_bytes());
+        for (chunk, d) in image[SEQ_BYTES..BUCKET_CRC_AT]
+            .chunks_exact_mut(2)
+            .zip(&self.digests)
+        {
+            chunk.copy_from_slice(&d.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&image[..BUCKET_CRC_AT]);
+        image[BUCKET_CRC_AT..BUCKET_CRC_AT + row::CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
+        image[BUCKET_CRC_AT + row::CRC_BYTES..].fill(0);
+    }
+
+    /// Verifies a copied bucket image (even seq, matching checksum) and decodes it.
+    pub fn decode(image: &[u8]) -> Result<Self, RowError> {
+        if image.len() < BUCKET_BYTES {
+            return Err(RowError::Length {
+                got: image.len(),
+                expected: BUCKET_BYTES,
+            });
+        }
+        let seq = u64::from_le_bytes(image[..SEQ_BYTES].try_into().expect("8 bytes"));
+        if seq & 1 == 1 {
+            return Err(RowError::WriteInProgress { seq });
+        }
+        let stored = u32::from_le_bytes(
+            image[BUCKET_CRC_AT..BUCKET_CRC_AT + row::CRC_BYTES]
+                .try_into()
+                .expect("4 bytes"),
+        );
+        let computed = crc32c::crc32c(&image[..BUCKET_CRC_AT]);
+        if stored != computed {
+            return Err(RowError::Checksum { stored, computed });
+        }
+        let mut digests = [EMPTY; BUCKET_SLOTS];
+        for (d, chunk) in digests
+            .iter_mut()
+            .zip(image[SEQ_BYTES..BUCKET_CRC_AT].chunks_exact(2))
+        {
+            *d = u16::from_le_bytes(chunk.try_into().expect("2 bytes"));
+        }
+        Ok(Self {
+            version: row::version_of(seq),
+            digests,
+        })
+    }
+
+    /// The entries whose digest is `key`'s: the slots to read for it, first to last.
+    pub fn candidates(&self, key: u64) -> impl Iterator<Item = usize> + '_ {
+        let d = digest_of(key);
+        (0..BUCKET_SLOTS).filter(move |&i| self.digests[i] == d)
+    }
+
+    /// The first empty entry.
+    pub fn free_entry(&self) -> Option<usize> {
+        self.digests.iter().position(|&d| d == EMPTY)
+    }
+}
+
+/// What a verified row image says about `key`: its version when the row is `key`'s, `None` when
+/// the slot holds another key (given to it after the bucket was read).
+pub fn match_row(layout: &RowLayout, key: u64, image: &[u8]) -> Result<Option<u64>, RowError> {
+    let version = row::verify_image(layout, image)?;
+    Ok((layout.key(image) == Some(key)).then_some(version))
+}
+
+/// Where a key was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// Its slot.
+    pub slot: u64,
+    /// The version of its row as read.
+    pub version: u64,
+}
+
+/// Where a key goes when it is placed ([`KeyedRegion::place`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// The key already holds this slot.
+    Resident(u64),
+    /// An empty slot of its bucket.
+    Free(u64),
+    /// Its bucket is full: this slot, now held by `key`, has the lowest score.
+    Evict {
+        /// The slot.
+        slot: u64,
+        /// The key it holds.
+        key: u64,
+    },
+}
+
+/// A dynamic table's region, for its writer (the daemon) and its in-process readers.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyedRegion<'a> {
+    layout: &'a KeyedLayout,
+    buckets: &'a [AtomicU64],
+    rows: &'a [AtomicU64],
+}
+
+impl<'a> KeyedRegion<'a> {
+    /// The region over `words` (at least [`KeyedLayout::region_bytes`] long).
+    pub fn new(layout: &'a KeyedLayout, words: &'a [AtomicU64]) -> Self {
+        let (buckets, rows) = layout.split(words);
+        Self {
+            layout,
+            buckets,
+            rows,
+        }
+    }
+
+    /// Writes an empty image into every bucket: a fresh region (all zeros) has no valid bucket,
+    /// and readers refuse what they cannot verify. The caller is the only writer.
+    pub fn format(&self) {
+        let mut image = [0u8; BUCKET_BYTES];
+        Bucket::EMPTY.encode(&mut image);
+        for b in 0..self.layout.buckets() {
+            row::write_image(self.bucket_words(b), &image);
+        }
+    }
+
+    fn bucket_words(&self, bucket: u64) -> &'a [AtomicU64] {
+        let at = bucket as usize * BUCKET_BYTES / WORD;
+        &self.buckets[at..at + BUCKET_BYTES / WORD]
+    }
+
+    /// A verified copy of bucket `b`, read as any reader reads it (at most `attempts` copies).
+    pub fn read_bucket(&self, bucket: u64, attempts: u32) -> Result<Bucket, RowError> {
+        let mut image = [0u8; BUCKET_BYTES];
+        let mut last = RowError::Length {
+            got: 0,
+            expected: BUCKET_BYTES,
+        };
+        for _ in 0..attempts.max(1) {
+            row::copy_words(self.bucket_words(bucket), 0, &mut image);
+            match Bucket::decode(&image) {
+                Ok(b) => return Ok(b),
+                Err(e) => last = e,
+            }
+            std::hint::spin_loop();
+        }
+        Err(last)
+    }
+
+    /// Finds `key` lock-free, as a one-sided reader does: its bucket, then each slot whose digest
+    /// matches, accepting the row that verifies and carries `key`. `image` is scratch of one
+    /// stride. `None`: the key was absent at some moment during the call.
+    pub fn find(
+        &self,
+        key: u64,
+        image: &mut [u8],
+        attempts: u32,
+    ) -> Result<Option<Located>, RowError> {
+        let layout = self.layout.row();
+        let bucket = self.layout.bucket_of(key);
+        let view = self.read_bucket(bucket, attempts)?;
+        for i in view.candidates(key) {
+            let slot = self.layout.first_slot(bucket) + i as u64;
+            let read = row::read_row(self.rows, layout, slot, image, attempts)?;
+            if layout.key(image) == Some(key) {
+                return Ok(Some(Located {
+                    slot,
+                    version: read.version,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Where `key` goes, for the writer of its bucket: its own slot, an empty one, or the slot
+    /// of the lowest `score` (ties to the first), whose key is named. Changes nothing.
+    pub fn place(&self, key: u64, score: impl Fn(u64) -> u64) -> Placement {
+        let layout = self.layout.row();
+        let bucket = self.layout.bucket_of(key);
+        let first = self.layout.first_slot(bucket);
+        let view = self.writer_bucket(bucket);
+        let mut image = vec![0u8; layout.stride()];
+        for i in view.candidates(key) {
+            row::copy_row(self.rows, layout, first + i as u64, &mut image);
+            if layout.key(&image) == Some(key) {
+                return Placement::Resident(first + i as u64);
+            }
+        }
+        if let Some(i) = view.free_entry() {
+            return Placement::Free(first + i as u64);
+        }
+        let slot = (first..first + BUCKET_SLOTS as u64)
+            .min_by_key(|&s| (score(s), s))
+            .expect("a bucket has slots");
+        row::copy_row(self.rows, layout, slot, &mut image);
+        let key = layout.key(&image).expect("keyed rows");
+        Placement::Evict { slot, key }
+    }
+
+    /// The bucket as its writer sees it (nothing else writes it meanwhile, so one copy is
+    /// stable; a region not formatted reads as empty).
+    fn writer_bucket(&self, bucket: u64) -> Bucket {
+        let mut image = [0u8; BUCKET_BYTES];
+        row::copy_words(self.bucket_words(bucket), 0, &mut image);
+        Bucket::decode(&image).unwrap_or(Bucket::EMPTY)
+    }
+
+    /// Writes `key`'s row into `slot` (of `key`'s bucket) at `version` and publishes it: the row
+    /// first, then the bucket's digest, so that a reader never finds the digest before the row.
+    /// A slot that held another key stops being found as that key by the same bucket write.
+    /// The caller is the bucket's only writer.
+    pub fn publish(&self, slot: u64, key: u64, version: u64, payload: &[f32]) {
+        self.write(slot, key, version, payload);
+        let bucket = self.layout.bucket_of(key);
+        let entry = self.entry_of(bucket, slot);
+        let mut view = self.writer_bucket(bucket);
+        if view.digests[entry] != digest_of(key) {
+            view.digests[entry] = digest_of(key);
+            self.write_bucket(bucket, view);
+        }
+    }
+
+    /// Rewrites the row of `key`, resident in `slot`, at `version` (an update). The caller is
+    /// the bucket's only writer.
+    pub fn write(&self, slot: u64, key: u64, version: u64, payload: &[f32]) {
+        let layout = self.layout.row();
+        let mut image = vec![0u8; layout.stride()];
+        row::encode_keyed_image(layout, version, key, payload, &mut image);
+        row::write_row(self.rows, layout, slot, &image);
+    }
+
+    /// Empties `slot` (of `bucket`): its key is no longer found. The row stays until the slot is
+    /// given again. The caller is the bucket's only writer.
+    pub fn remove(&self, bucket: u64, slot: u64) {
+        let entry = self.entry_of(bucket, slot);
+        let mut view = self.writer_bucket(bucket);
+        if view.digests[entry] != EMPTY {
+            view.digests[entry] = EMPTY;
+            self.write_bucket(bucket, view);
+        }
+    }
+
+    fn entry_of(&self, bucket: u64, slot: u64) -> usize {
+        let first = self.layout.first_slot(bucket);
+        assert!(
+            (first..first + BUCKET_SLOTS as u64).contains(&slot),
+            "slot {slot} is not in bucket {bucket}"
+        );
+        (slot - first) as usize
+    }
+
+    fn write_bucket(&self, bucket: u64, mut view: Bucket) {
+        view.version += 1;
+        let mut image = [0u8; BUCKET_BYTES];
+        view.encode(&mut image);
+        row::write_image(self.bucket_words(bucket), &image);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::Region;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_bucket_image_is_byte_exact_and_refuses_any_flipped_bit() {
+        assert_eq!(BUCKET_BYTES, 80);
+        let mut b = Bucket::EMPTY;
+        b.version = 3;
+        b.digests[0] = 0x1234;
+        b.digests[31] = 0xBEEF;
+        let mut image = [0xAAu8; BUCKET_BYTES];
+        b.encode(&mut image);
+        assert_eq!(&image[..8], &6u64.to_le_bytes());
+        assert_eq!(&image[8..10], &0x1234u16.to_le_bytes());
+        assert_eq!(&image[70..72], &0xBEEFu16.to_le_bytes());
+        assert_eq!(&image[72..76], &crc32c::crc32c(&image[..72]).to_le_bytes());
+        assert_eq!(&image[76..], &[0; 4]);
+        assert_eq!(Bucket::decode(&image), Ok(b));
+        for byte in 0..76 {
+            let mut bad = image;
+            bad[byte] ^= 0x04;
+            assert!(
+                Bucket::decode(&bad).is_err(),
+                "flip in byte {byte} accepted"
+            );
+        }
+        assert!(
+            Bucket::decode(&[0u8; BUCKET_BYTES]).is_err(),
+            "zeros are no bucket"
+        );
+    }
+
+    #[test]
+    fn a_keyed_row_carries_its_key_under_the_checksum() {
+        let l = RowLayout::keyed(3);
+        assert_eq!(
+            (l.stride(), l.payload_offset(), l.crc_offset()),
+            (32, 16, 28)
+        );
+        let mut image = vec![0u8; l.stride()];
+        row::encode_keyed_image(&l, 4, u64::MAX, &[1.0, 2.0, 3.0], &mut image);
+        assert_eq!(&image[8..16], &u64::MAX.to_le_bytes());
+        assert_eq!(match_row(&l, u64::MAX, &image), Ok(Some(4)));
+        assert_eq!(match_row(&l, 0, &image), Ok(None), "another key's row");
+        image[9] ^= 1;
+        assert!(
+            match_row(&l, u64::MAX, &image).is_err(),
+            "the key is checksummed"
+        );
+    }
+
+    #[test]
+    fn layouts_round_capacity_up_to_whole_buckets_and_refuse_what_cannot_be() {
+        let l = KeyedLayout::new(4, 33).unwrap();
+        assert_eq!((l.buckets(), l.capacity()), (2, 64));
+        assert_eq!(l.slot_offset(0), 2 * BUCKET_BYTES as u64);
+        assert_eq!(l.region_bytes(), 160 + 64 * l.row().stride() as u64);
+        assert_eq!(KeyedLayout::new(4, 0), Err(KeyedError::NoCapacity));
+        assert!(matches!(
+            KeyedLayout::new(1 << 16, u64::MAX / 4),
+            Err(KeyedError::TooLarge { .. })
+        ));
+        // Every key's bucket is in range, including the extremes.
+        for key in [0, 1, u64::MAX, u64::MAX - 1, 1 << 63] {
+            assert!(l.bucket_of(key) < l.buckets());
+            assert_ne!(digest_of(key), EMPTY);
+        }
+    }
+
+    /// The writer's decisions against a model: a map of key → (version, payload) with a score per
+    /// key, under random inserts, updates, removals and evictions of a small region.
+    #[test]
+    fn placements_follow_a_model_of_buckets_with_lowest_score_eviction() {
+        let layout = KeyedLayout::new(2, 4 * BUCKET_SLOTS as u64).unwrap();
+        let region = Region::anonymous(layout.region_bytes()).unwrap();
+        let keyed = KeyedRegion::new(&layout, region.words());
+        keyed.format();
+        let mut model: HashMap<u64, (u64, u64)> = HashMap::new(); // key → (slot, version)
+        let mut score = vec![0u64; layout.capacity() as usize];
+        let mut rng = 0x1234_5678u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut image = vec![0u8; layout.row().stride()];
+        let mut evictions = 0;
+        for step in 1..20_000u64 {
+            // A key space of 8x the capacity, with the extremes in it.
+            let key = match next() % 1024 {
+                0 => u64::MAX,
+                1 => 0,
+                k => k.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            };
+            if next().is_multiple_of(10) {
+                if let Some((slot, _)) = model.remove(&key) {
+                    keyed.remove(layout.bucket_of(key), slot);
+                }
+            } else {
+                match keyed.place(key, |s| score[s as usize]) {
+                    Placement::Resident(slot) => {
+                        let (at, version) = model.get_mut(&key).expect("resident in the model");
+                        assert_eq!(*at, slot);
+                        *version += 1;
+                        keyed.write(slot, key, *version, &[key as f32, *version as f32]);
+                    }
+                    Placement::Free(slot) => {
+                        assert!(!model.contains_key(&key));
+                        assert!(model.values().all(|&(s, _)| s != slot), "free slot held");
+                        keyed.publish(slot, key, 0, &[key as f32, 0.0]);
+                        model.insert(key, (slot, 0));
+                    }
+                    Placement::Evict { slot, key: victim } => {
+                        evictions += 1;
+                        let bucket = layout.bucket_of(key);
+                        let first = layout.first_slot(bucket);
+                        // The bucket is full in the model too, and the victim has its lowest score.
+                        let held: Vec<_> = model
+                            .iter()
+                            .filter(|(_, &(s, _))| {
+                                (first..first + BUCKET_SLOTS as u64).contains(&s)
+                            })
+                            .collect();
+                        assert_eq!(held.len(), BUCKET_SLOTS);
+                        assert_eq!(model[&victim].0, slot);
+                        let lowest = held.iter().map(|(_, &(s, _))| score[s as usize]).min();
+                        assert_eq!(Some(score[slot as usize]), lowest);
+                        model.remove(&victim);
+                        keyed.publish(slot, key, 0, &[key as f32, 0.0]);
+                        model.insert(key, (slot, 0));
+                    }
+                }
+                let slot = model[&key].0;
+                score[slot as usize] = step;
+            }
+            assert!(model.len() as u64 <= layout.capacity());
+            // Probe a few keys: found exactly where the model says, at its version.
+            for probe in [key, next() % 1024] {
+                let found = keyed.find(probe, &mut image, 4).unwrap();
+                let want = model
+                    .get(&probe)
+                    .map(|&(slot, version)| Located { slot, version });
+                assert_eq!(found, want, "key {probe} at step {step}");
+            }
+        }
+        assert!(evictions > 1000, "the test evicts ({evictions})");
+    }
+}
