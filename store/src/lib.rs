@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dynamic;
 pub mod embedded;
 pub mod metrics;
 

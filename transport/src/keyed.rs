@@ -28,6 +28,7 @@
 
 use std::sync::atomic::AtomicU64;
 
+use crate::hash::splitmix64;
 use crate::region::WORD;
 use crate::row::{self, RowError, RowLayout, SEQ_BYTES};
 
@@ -40,13 +41,10 @@ const BUCKET_CRC_AT: usize = SEQ_BYTES + DIGESTS_BYTES;
 /// Bytes of one bucket image (a multiple of 8).
 pub const BUCKET_BYTES: usize = (BUCKET_CRC_AT + row::CRC_BYTES).div_ceil(WORD) * WORD;
 
-/// The 64-bit hash of a key, from which its bucket and digest come: the SplitMix64 finalizer, a
-/// bijection, so distinct keys never share a hash.
+/// The 64-bit hash of a key, from which its bucket and digest come ([`splitmix64`], a bijection,
+/// so distinct keys never share a hash).
 pub fn key_hash(key: u64) -> u64 {
-    let mut z = key ^ 0x9E37_79B9_7F4A_7C15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    splitmix64(key)
 }
 
 /// A key's digest in its bucket: the low 16 bits of its hash, never [`EMPTY`].
@@ -320,8 +318,9 @@ impl<'a> KeyedRegion<'a> {
     }
 
     /// Finds `key` lock-free, as a one-sided reader does: its bucket, then each slot whose digest
-    /// matches, accepting the row that verifies and carries `key`. `image` is scratch of one
-    /// stride. `None`: the key was absent at some moment during the call.
+    /// matches, accepting the row that verifies and carries `key`. `image` is one stride; when
+    /// the key is found it holds the key's row. `None`: the key was absent at some moment during
+    /// the call.
     pub fn find(
         &self,
         key: u64,

@@ -3,6 +3,7 @@
 //! - [`region`]: mapped memory regions (the shared-memory module, and the only `unsafe` here);
 //! - [`row`]: the row format of DESIGN section 4, its writer protocol and its verifying reader;
 //! - [`keyed`]: a dynamic table's region: keyed rows found through buckets of key digests;
+//! - [`hash`]: the one 64-bit mixing function; [`sketch`]: the count-min frequency sketch;
 //! - [`spec`]: table specifications;
 //! - [`optimizer`]: the optimizers' maths, shared by the shard and the cache that mirrors it;
 //! - [`routing`]: which shard holds a row, and at which local index;
@@ -21,6 +22,7 @@
 pub mod auth;
 pub mod client;
 pub mod codec;
+pub mod hash;
 pub mod incarnation;
 pub mod interrupt;
 pub mod keyed;
@@ -36,6 +38,7 @@ pub mod routing;
 pub mod row;
 pub mod service;
 pub mod shm;
+pub mod sketch;
 pub mod spec;
 pub mod wire;
 
@@ -50,5 +53,7 @@ pub use routing::Routing;
 pub use row::RowLayout;
 pub use service::{Outcome, Response, ServerCounters, Session, ShardService};
 pub use shm::{ShmMemory, ShmTransport, ShmUnavailable};
-pub use spec::{Initializer, OptimizerSpec, SpecError, TableInfo, TableSpec};
+pub use spec::{
+    Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, SpecError, TableInfo, TableSpec,
+};
 pub use wire::{ErrorCode, RegionDescriptor, ShardStats, Span, TableStats, WireError};

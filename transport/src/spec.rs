@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::hash::splitmix64;
 use crate::row::MAX_DIM;
 
 /// Longest table name, in bytes.
@@ -274,6 +275,72 @@ impl std::fmt::Display for OptimizerSpec {
     }
 }
 
+/// How a dynamic table admits a key it does not hold, on that key's update.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// Every key, on its first update.
+    Always,
+    /// A key once its updates while not held, counted by a bounded count-min sketch, reach
+    /// `count` (1 to 255; the sketch overestimates, never underestimates, and halves with age).
+    Threshold {
+        /// Updates a key needs.
+        count: u8,
+    },
+    /// Each update of a key not held admits it with probability `p` (in `(0, 1]`), drawn from a
+    /// stream seeded by `seed` (PERSIA's rule; deterministic for one order of updates).
+    Probability {
+        /// The chance of each update.
+        p: f32,
+        /// The stream's seed.
+        seed: u64,
+    },
+}
+
+/// Which of a full bucket's rows a dynamic table gives up for a new key: the lowest score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Eviction {
+    /// Least recently updated: the score is the table's update count at the row's last update.
+    Lru,
+    /// Least frequently updated: the score is the row's version (its updates since admission).
+    Lfu,
+}
+
+/// What makes a table dynamic: any u64 key, rows created on admission, at most `capacity` per
+/// shard.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DynamicSpec {
+    /// Rows a shard holds at most (rounded up to whole buckets of 32).
+    pub capacity: u64,
+    /// How keys are admitted.
+    pub admission: Admission,
+    /// Which row a full bucket gives up.
+    pub eviction: Eviction,
+}
+
+impl DynamicSpec {
+    /// Checks every field, naming the one out of range.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.capacity == 0 {
+            return Err(SpecError(
+                "dynamic table: capacity must be at least 1 row".into(),
+            ));
+        }
+        match self.admission {
+            Admission::Always => Ok(()),
+            Admission::Threshold { count: 0 } => Err(SpecError(
+                "dynamic table: admission threshold must be 1 to 255 updates, got 0".into(),
+            )),
+            Admission::Threshold { .. } => Ok(()),
+            Admission::Probability { p, .. } if !(p > 0.0 && p <= 1.0) => Err(SpecError(format!(
+                "dynamic table: admission probability must be in (0, 1], got {p}"
+            ))),
+            Admission::Probability { .. } => Ok(()),
+        }
+    }
+}
+
 /// Why a spec was refused.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("invalid table spec: {0}")]
@@ -398,14 +465,6 @@ mod tests {
             assert!(c.validate().is_err(), "{c:?} accepted");
         }
     }
-}
-
-/// SplitMix64: the mixing function behind the deterministic initialisers.
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A uniform f64 in `[0, 1)` that is a pure function of (seed, row, element).

@@ -20,8 +20,8 @@
 //! access, resident or not, lets a popular key that was evicted or never admitted earn its way in.
 
 use super::links::{Links, List, NIL};
-use super::sketch::FrequencySketch;
 use super::EvictionPolicy;
+use hetkv_transport::sketch::FrequencySketch;
 
 const BUCKETS: usize = 64;
 /// The sketch halves every `AGING_PERIOD x capacity` accesses. Embedding popularity drifts slowly,

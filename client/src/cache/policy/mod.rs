@@ -6,11 +6,10 @@
 mod lfu;
 mod links;
 mod lru;
-mod sketch;
 
+pub use hetkv_transport::sketch::FrequencySketch;
 pub use lfu::Lfu;
 pub use lru::Lru;
-pub use sketch::FrequencySketch;
 
 /// Which policy a cache uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,9 +1,12 @@
 //! A count-min sketch of access frequencies with periodic halving (TinyLFU's aging), so a key's
-//! frequency survives its eviction and old popularity fades.
+//! frequency survives its eviction and old popularity fades: the caches' LFU policy counts every
+//! access with it, and a dynamic table's admission counts the updates of keys it has not admitted.
 //!
 //! Blocked layout: a key's four counters lie in one 64-byte block (one in each 16-byte quarter), so
 //! counting an access costs one cache miss, not four. The block and the positions within it come
 //! from independent bits of one 64-bit mix of the key.
+
+use crate::hash::splitmix64;
 
 /// Estimated access counts of keys, in bounded memory.
 #[derive(Clone, Debug)]
@@ -18,18 +21,11 @@ const BLOCK: usize = 64;
 const DEPTH: usize = 4;
 const QUARTER: usize = BLOCK / DEPTH;
 
-fn mix(key: u64) -> u64 {
-    let mut z = key ^ 0x9E37_79B9_7F4A_7C15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl FrequencySketch {
     /// A sketch sized for a cache of `capacity` lines: about 8 one-byte counters per line
     /// (a power of two of 64-byte blocks), halved every `period` additions.
     pub fn new(capacity: usize, period: u64) -> Self {
-        let blocks = (capacity.max(64) * 8 / BLOCK).next_power_of_two();
+        let blocks = Self::bytes_for(capacity) / BLOCK;
         Self {
             table: vec![0; blocks * BLOCK],
             block_mask: blocks - 1,
@@ -38,8 +34,13 @@ impl FrequencySketch {
         }
     }
 
+    /// Bytes of the counters of a sketch sized for `capacity` lines.
+    pub fn bytes_for(capacity: usize) -> usize {
+        (capacity.max(64) * 8 / BLOCK).next_power_of_two() * BLOCK
+    }
+
     fn cells(&self, key: u64) -> [usize; DEPTH] {
-        let h = mix(key);
+        let h = splitmix64(key);
         let base = ((h >> 16) as usize & self.block_mask) * BLOCK;
         // Four 4-bit offsets from the low 16 bits, one per quarter of the block.
         std::array::from_fn(|d| base + d * QUARTER + ((h >> (4 * d)) as usize & (QUARTER - 1)))
@@ -48,7 +49,7 @@ impl FrequencySketch {
     /// Asks the CPU to load `key`'s counters (one block), ahead of counting or estimating it.
     pub fn prefetch(&self, key: u64) {
         let at = self.cells(key)[0] & !(BLOCK - 1);
-        hetkv_transport::region::prefetch(&self.table[at..at + BLOCK]);
+        crate::region::prefetch(&self.table[at..at + BLOCK]);
     }
 
     /// Counts one access to `key`; returns true when the sketch was just halved.

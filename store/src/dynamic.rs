@@ -1,0 +1,683 @@
+//! A dynamic table's rows on one shard: any u64 key, a row created from the table's initializer
+//! when a key is admitted, at most the capacity, and a full bucket giving up its lowest score.
+//!
+//! Built on the region layout of [`hetkv_transport::keyed`]: the region holds the buckets and the
+//! keyed rows, so reads (the daemon's threads here, one-sided readers elsewhere) never take a
+//! lock. Writers lock the key's bucket: a push applies, admits, evicts and publishes under it, so
+//! a slot is given to another key only after every push that reached its old key was applied.
+//! Optimizer state and scores live beside each bucket, outside the region.
+//!
+//! Evictions are a stream: each is logged once, under its bucket's lock, with a cursor (the count
+//! of evictions before it), and [`DynamicRows::evictions`] reads the stream from a cursor. The log
+//! keeps the last [`EVICTION_LOG`] entries; a reader that falls further behind is told by how
+//! much, never given a gap silently.
+//!
+//! Not yet built around this: the table kind in the protocol and the daemon, placement of keys
+//! across shards by bucket, checkpoints of dynamic rows, and TTL eviction.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hetkv_transport::keyed::{KeyedLayout, KeyedRegion, Placement as Slot, BUCKET_SLOTS};
+use hetkv_transport::row::{self, DEFAULT_READ_ATTEMPTS};
+use hetkv_transport::sketch::FrequencySketch;
+use hetkv_transport::{
+    hash, Admission, DynamicSpec, Eviction, Initializer, Optimizer, OptimizerSpec, Region,
+};
+
+use crate::placement::Placement;
+use crate::StoreError;
+
+/// Evictions the stream keeps for readers that lag.
+pub const EVICTION_LOG: usize = 1 << 16;
+/// Bytes one logged eviction takes.
+const LOGGED_BYTES: u64 = 24;
+/// The admission sketch halves every this many counted updates per row of capacity.
+const AGING_PERIOD: u64 = 10;
+
+/// One eviction: the key that left, its row's version then, and its score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Evicted {
+    /// The key.
+    pub key: u64,
+    /// Its row's version when it left (the updates it had taken since admission).
+    pub version: u64,
+    /// Its score when it left.
+    pub score: u64,
+}
+
+/// A page of the eviction stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evictions {
+    /// Evictions from the cursor asked for, oldest first.
+    pub events: Vec<Evicted>,
+    /// The cursor of the next eviction: where the next read starts.
+    pub next: u64,
+}
+
+/// Why the eviction stream cannot be read from a cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CursorError {
+    /// The log no longer holds the evictions from `cursor`: `lost` were dropped unread.
+    #[error(
+        "eviction cursor {cursor} fell behind: the log starts at {oldest}, so {lost} evictions \
+         were dropped unread"
+    )]
+    Behind {
+        /// The cursor asked for.
+        cursor: u64,
+        /// The oldest cursor the log holds.
+        oldest: u64,
+        /// Evictions between them.
+        lost: u64,
+    },
+    /// No eviction has that cursor yet.
+    #[error("eviction cursor {cursor} is past the stream's end ({next})")]
+    Ahead {
+        /// The cursor asked for.
+        cursor: u64,
+        /// The cursor of the next eviction.
+        next: u64,
+    },
+}
+
+/// What a push did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Updates applied (the sum of the applied rows' counts).
+    pub applied: u64,
+    /// Keys admitted by this push.
+    pub admitted: u64,
+    /// Rows evicted to make room.
+    pub evicted: u64,
+    /// Keys not admitted, with the update counts dropped for each, in push order.
+    pub refused: Vec<(u64, u32)>,
+}
+
+/// Scores and optimizer state of one bucket's slots.
+#[derive(Debug)]
+struct BucketState {
+    scores: [u64; BUCKET_SLOTS],
+    state: Vec<f32>,
+    steps: [u64; BUCKET_SLOTS],
+}
+
+/// The admission rule's own state.
+#[derive(Debug)]
+enum Admitter {
+    Always,
+    Threshold { sketch: FrequencySketch, count: u8 },
+    Probability { p: f32, stream: u64 },
+}
+
+impl Admitter {
+    fn new(admission: Admission, capacity: u64) -> Self {
+        match admission {
+            Admission::Always => Self::Always,
+            Admission::Threshold { count } => Self::Threshold {
+                sketch: FrequencySketch::new(
+                    capacity as usize,
+                    AGING_PERIOD.saturating_mul(capacity.max(64)),
+                ),
+                count,
+            },
+            Admission::Probability { p, seed } => Self::Probability { p, stream: seed },
+        }
+    }
+
+    /// Counts `updates` of `key`, not held, and says whether it is admitted now.
+    fn admit(&mut self, key: u64, updates: u32) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Threshold { sketch, count } => {
+                let mut estimate = 0;
+                for _ in 0..updates.min(u32::from(u8::MAX)) {
+                    estimate = sketch.count(key).1;
+                }
+                estimate >= *count
+            }
+            Self::Probability { p, stream } => {
+                // One draw per pushed row of a key not held: SplitMix64 as a generator.
+                *stream = stream.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let draw = hash::splitmix64(*stream);
+                ((draw >> 11) as f64 / (1u64 << 53) as f64) < f64::from(*p)
+            }
+        }
+    }
+
+    fn bytes(&self, capacity: u64) -> u64 {
+        match self {
+            Self::Threshold { .. } => FrequencySketch::bytes_for(capacity as usize) as u64,
+            _ => 0,
+        }
+    }
+}
+
+/// The log behind the eviction stream.
+#[derive(Debug, Default)]
+struct EvictionLog {
+    entries: VecDeque<Evicted>,
+    /// The cursor of `entries[0]`.
+    first: u64,
+}
+
+/// A dynamic table's rows on one shard.
+#[derive(Debug)]
+pub struct DynamicRows {
+    dim: usize,
+    init: Initializer,
+    optimizer: Optimizer,
+    state_len: usize,
+    eviction: Eviction,
+    layout: KeyedLayout,
+    region: Arc<Region>,
+    buckets: Box<[Mutex<BucketState>]>,
+    admission: Mutex<Admitter>,
+    log: Mutex<EvictionLog>,
+    /// Updates applied: the clock of LRU scores.
+    clock: AtomicU64,
+    resident: AtomicU64,
+    refused_updates: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic under the lock cannot leave a bucket half-written for readers (the row and bucket
+    // writes verify or are refused), so a poisoned lock is taken over.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl DynamicRows {
+    /// Bytes a shard of this table takes: the region, the optimizer state and scores of every
+    /// slot, the admission sketch and the eviction log.
+    pub fn footprint(dim: u32, optimizer: OptimizerSpec, spec: &DynamicSpec) -> u64 {
+        let Ok(layout) = KeyedLayout::new(dim, spec.capacity) else {
+            return u64::MAX;
+        };
+        let opt = Optimizer::new(optimizer);
+        let per_slot = opt.state_shape(dim as usize).bytes() as u64 + 8;
+        layout
+            .region_bytes()
+            .saturating_add(layout.capacity().saturating_mul(per_slot))
+            .saturating_add(Admitter::new(spec.admission, 0).bytes(layout.capacity()))
+            .saturating_add(EVICTION_LOG as u64 * LOGGED_BYTES)
+    }
+
+    /// The rows of table `name` on shard `shard`, in a region `placement` maps: every bucket
+    /// empty, nothing admitted.
+    pub fn create(
+        name: &str,
+        shard: u32,
+        dim: u32,
+        init: Initializer,
+        optimizer: OptimizerSpec,
+        spec: DynamicSpec,
+        placement: &Placement,
+    ) -> Result<Self, StoreError> {
+        spec.validate()
+            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
+        optimizer
+            .validate()
+            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
+        let layout = KeyedLayout::new(dim, spec.capacity)
+            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
+        let region = placement.map(shard, name, "region", layout.region_bytes())?;
+        KeyedRegion::new(&layout, region.words()).format();
+        let optimizer = Optimizer::new(optimizer);
+        let state_len = optimizer.state_len(dim as usize);
+        let buckets = (0..layout.buckets())
+            .map(|_| {
+                Mutex::new(BucketState {
+                    scores: [0; BUCKET_SLOTS],
+                    state: vec![0.0; BUCKET_SLOTS * state_len],
+                    steps: [0; BUCKET_SLOTS],
+                })
+            })
+            .collect();
+        Ok(Self {
+            dim: dim as usize,
+            init,
+            optimizer,
+            state_len,
+            eviction: spec.eviction,
+            layout,
+            region,
+            buckets,
+            admission: Mutex::new(Admitter::new(spec.admission, layout.capacity())),
+            log: Mutex::new(EvictionLog::default()),
+            clock: AtomicU64::new(0),
+            resident: AtomicU64::new(0),
+            refused_updates: AtomicU64::new(0),
+        })
+    }
+
+    /// The region's layout.
+    pub fn layout(&self) -> &KeyedLayout {
+        &self.layout
+    }
+
+    /// The region (buckets and keyed rows), as one-sided readers see it.
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    /// Rows held now.
+    pub fn resident(&self) -> u64 {
+        self.resident.load(Ordering::Relaxed)
+    }
+
+    /// Updates dropped because their key was not admitted.
+    pub fn refused_updates(&self) -> u64 {
+        self.refused_updates.load(Ordering::Relaxed)
+    }
+
+    /// Writes `key`'s row into `out` (dim values) and returns its version; a key not held reads
+    /// as its initial value at version 0. Never waits for a writer unless a row keeps changing
+    /// under the reader for [`DEFAULT_READ_ATTEMPTS`] copies (then it reads under the bucket's
+    /// lock).
+    pub fn read(&self, key: u64, out: &mut [f32]) -> Result<u64, StoreError> {
+        if out.len() != self.dim {
+            return Err(StoreError::WrongDim(format!(
+                "a row of this table has {} values, not {}",
+                self.dim,
+                out.len()
+            )));
+        }
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let mut image = vec![0u8; self.layout.row().stride()];
+        let found = match keyed.find(key, &mut image, DEFAULT_READ_ATTEMPTS) {
+            Ok(found) => found,
+            Err(_) => {
+                let _writer = lock(&self.buckets[self.layout.bucket_of(key) as usize]);
+                keyed
+                    .find(key, &mut image, 1)
+                    .map_err(|e| StoreError::Io(format!("row of key {key} under its lock: {e}")))?
+            }
+        };
+        match found {
+            Some(at) => {
+                row::decode_payload(self.layout.row(), &image, out);
+                Ok(at.version)
+            }
+            None => {
+                self.init.fill(key, out);
+                Ok(0)
+            }
+        }
+    }
+
+    /// Applies `(key, count, gradient)` rows: a held key takes the optimizer's step; a key not
+    /// held is admitted or refused by the table's rule (its updates dropped and reported), and
+    /// an admitted key's row starts from its initial value, taking the slot of its bucket's
+    /// lowest score when the bucket is full. Nothing is applied when any row is malformed or
+    /// any gradient NaN or infinite.
+    pub fn push(
+        &self,
+        keys: &[u64],
+        counts: &[u32],
+        grads: &[f32],
+    ) -> Result<PushReport, StoreError> {
+        if counts.len() != keys.len() || grads.len() != keys.len() * self.dim {
+            return Err(StoreError::WrongDim(format!(
+                "{} keys, {} counts and {} gradient values for rows of {}",
+                keys.len(),
+                counts.len(),
+                grads.len(),
+                self.dim
+            )));
+        }
+        if let Some(n) = grads
+            .chunks_exact(self.dim)
+            .position(|g| g.iter().any(|v| !v.is_finite()))
+        {
+            return Err(StoreError::InvalidGradient(format!(
+                "gradient for key {} holds NaN or infinity; nothing was applied",
+                keys[n]
+            )));
+        }
+        let mut report = PushReport::default();
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let layout = *self.layout.row();
+        let mut image = vec![0u8; layout.stride()];
+        let mut w = vec![0f32; self.dim];
+        for (n, (&key, &count)) in keys.iter().zip(counts).enumerate() {
+            let g = &grads[n * self.dim..(n + 1) * self.dim];
+            let bucket = self.layout.bucket_of(key);
+            let first = self.layout.first_slot(bucket);
+            let mut b = lock(&self.buckets[bucket as usize]);
+            let placed = keyed.place(key, |s| b.scores[(s - first) as usize]);
+            let (slot, version) = match placed {
+                Slot::Resident(slot) => {
+                    let read = row::read_row(
+                        self.region_rows(),
+                        &layout,
+                        slot,
+                        &mut image,
+                        DEFAULT_READ_ATTEMPTS,
+                    )
+                    .map_err(|e| StoreError::Io(format!("row of key {key}: {e}")))?;
+                    row::decode_payload(&layout, &image, &mut w);
+                    (slot, read.version)
+                }
+                Slot::Free(slot) | Slot::Evict { slot, .. } => {
+                    if !lock(&self.admission).admit(key, count) {
+                        self.refused_updates
+                            .fetch_add(u64::from(count), Ordering::Relaxed);
+                        report.refused.push((key, count));
+                        continue;
+                    }
+                    let entry = (slot - first) as usize;
+                    if let Slot::Evict { key: victim, .. } = placed {
+                        let read = row::read_row(
+                            self.region_rows(),
+                            &layout,
+                            slot,
+                            &mut image,
+                            DEFAULT_READ_ATTEMPTS,
+                        )
+                        .map_err(|e| StoreError::Io(format!("row of key {victim}: {e}")))?;
+                        self.log_eviction(Evicted {
+                            key: victim,
+                            version: read.version,
+                            score: b.scores[entry],
+                        });
+                        report.evicted += 1;
+                    } else {
+                        self.resident.fetch_add(1, Ordering::Relaxed);
+                    }
+                    report.admitted += 1;
+                    self.init.fill(key, &mut w);
+                    let len = self.state_len;
+                    self.optimizer
+                        .init_state(&mut b.state[entry * len..(entry + 1) * len]);
+                    b.steps[entry] = 0;
+                    (slot, 0)
+                }
+            };
+            let entry = (slot - first) as usize;
+            let len = self.state_len;
+            let BucketState {
+                scores,
+                state,
+                steps,
+            } = &mut *b;
+            self.optimizer.apply(
+                &mut w,
+                g,
+                &mut state[entry * len..(entry + 1) * len],
+                &mut steps[entry],
+            );
+            let version = version.saturating_add(u64::from(count));
+            if matches!(placed, Slot::Resident(_)) {
+                keyed.write(slot, key, version, &w);
+            } else {
+                keyed.publish(slot, key, version, &w);
+            }
+            let now = self.clock.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
+            scores[entry] = match self.eviction {
+                Eviction::Lru => now,
+                Eviction::Lfu => version,
+            };
+            report.applied += u64::from(count);
+        }
+        Ok(report)
+    }
+
+    fn region_rows(&self) -> &[AtomicU64] {
+        self.layout.split(self.region.words()).1
+    }
+
+    /// Logs one eviction (under the evicted row's bucket lock, so each is logged once).
+    fn log_eviction(&self, evicted: Evicted) {
+        let mut log = lock(&self.log);
+        if log.entries.len() == EVICTION_LOG {
+            log.entries.pop_front();
+            log.first += 1;
+        }
+        log.entries.push_back(evicted);
+    }
+
+    /// Up to `max` evictions from `cursor` (0 is the table's first eviction), and the cursor to
+    /// read from next.
+    pub fn evictions(&self, cursor: u64, max: usize) -> Result<Evictions, CursorError> {
+        let log = lock(&self.log);
+        let next = log.first + log.entries.len() as u64;
+        if cursor < log.first {
+            return Err(CursorError::Behind {
+                cursor,
+                oldest: log.first,
+                lost: log.first - cursor,
+            });
+        }
+        if cursor > next {
+            return Err(CursorError::Ahead { cursor, next });
+        }
+        let events: Vec<Evicted> = log
+            .entries
+            .iter()
+            .skip((cursor - log.first) as usize)
+            .take(max)
+            .copied()
+            .collect();
+        let next = cursor + events.len() as u64;
+        Ok(Evictions { events, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(capacity: u64, admission: Admission, eviction: Eviction) -> DynamicRows {
+        DynamicRows::create(
+            "t",
+            0,
+            2,
+            Initializer::Uniform {
+                bound: 0.5,
+                seed: 9,
+            },
+            OptimizerSpec::sgd(1.0),
+            DynamicSpec {
+                capacity,
+                admission,
+                eviction,
+            },
+            &Placement::new(0, None, None).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn initial(key: u64) -> [f32; 2] {
+        let mut v = [0f32; 2];
+        Initializer::Uniform {
+            bound: 0.5,
+            seed: 9,
+        }
+        .fill(key, &mut v);
+        v
+    }
+
+    #[test]
+    fn a_key_not_held_reads_as_its_initial_value_and_is_created_by_its_first_update() {
+        let t = rows(64, Admission::Always, Eviction::Lru);
+        let mut out = [0f32; 2];
+        for key in [0, u64::MAX, 1 << 63, 12_345] {
+            assert_eq!(t.read(key, &mut out).unwrap(), 0);
+            assert_eq!(out, initial(key));
+            let r = t.push(&[key], &[3], &[1.0, -2.0]).unwrap();
+            assert_eq!((r.applied, r.admitted, r.evicted), (3, 1, 0));
+            assert_eq!(t.read(key, &mut out).unwrap(), 3);
+            let i = initial(key);
+            assert_eq!(
+                out,
+                [i[0] - 1.0, i[1] + 2.0],
+                "SGD lr 1 from the initial value"
+            );
+        }
+        assert_eq!(t.resident(), 4);
+        t.push(&[0], &[1], &[1.0, 1.0]).unwrap();
+        assert_eq!(t.read(0, &mut out).unwrap(), 4);
+        assert_eq!(t.resident(), 4, "an update of a held key adds no row");
+    }
+
+    #[test]
+    fn bad_pushes_change_nothing() {
+        let t = rows(64, Admission::Always, Eviction::Lru);
+        assert!(matches!(
+            t.push(&[1, 2], &[1, 1], &[0.0, 0.0, f32::NAN, 0.0]),
+            Err(StoreError::InvalidGradient(_))
+        ));
+        assert!(matches!(
+            t.push(&[1], &[1], &[0.0]),
+            Err(StoreError::WrongDim(_))
+        ));
+        assert!(matches!(
+            t.push(&[1], &[], &[0.0, 0.0]),
+            Err(StoreError::WrongDim(_))
+        ));
+        let mut out = [0f32; 2];
+        assert_eq!(t.read(1, &mut out).unwrap(), 0);
+        assert_eq!(t.resident(), 0);
+        assert!(matches!(
+            t.read(1, &mut [0f32; 3]),
+            Err(StoreError::WrongDim(_))
+        ));
+    }
+
+    /// One bucket (capacity 32): every key competes for its slots.
+    #[test]
+    fn a_full_bucket_gives_up_its_lowest_score_lru_or_lfu() {
+        for eviction in [Eviction::Lru, Eviction::Lfu] {
+            let t = rows(32, Admission::Always, eviction);
+            // Key k takes 32 - k updates, in key order: key 0 is the least recently updated,
+            // key 31 the least often.
+            for k in 0..32u64 {
+                t.push(&[k], &[32 - k as u32], &[0.0, 0.0]).unwrap();
+            }
+            let r = t.push(&[100], &[1], &[0.0, 0.0]).unwrap();
+            assert_eq!(r.evicted, 1);
+            let gone = t.evictions(0, 10).unwrap();
+            let want = match eviction {
+                Eviction::Lru => Evicted {
+                    key: 0,
+                    version: 32,
+                    score: 32, // the clock after key 0's push
+                },
+                Eviction::Lfu => Evicted {
+                    key: 31,
+                    version: 1,
+                    score: 1,
+                },
+            };
+            assert_eq!(gone.events, vec![want], "{eviction:?}");
+            let mut out = [0f32; 2];
+            assert_eq!(
+                t.read(want.key, &mut out).unwrap(),
+                0,
+                "evicted: initial again"
+            );
+            assert_eq!(out, initial(want.key));
+            assert_eq!(t.resident(), 32);
+        }
+    }
+
+    #[test]
+    fn the_eviction_stream_pages_from_a_cursor_and_says_what_was_lost() {
+        let t = rows(32, Admission::Always, Eviction::Lru);
+        let total = EVICTION_LOG as u64 + 100;
+        for k in 0..32 + total {
+            t.push(&[k], &[1], &[0.0, 0.0]).unwrap();
+        }
+        assert_eq!(t.resident(), 32);
+        // The first 100 evictions fell out of the log.
+        assert_eq!(
+            t.evictions(5, 10),
+            Err(CursorError::Behind {
+                cursor: 5,
+                oldest: 100,
+                lost: 95
+            })
+        );
+        let page = t.evictions(100, 3).unwrap();
+        assert_eq!(page.next, 103);
+        assert_eq!(page.events.len(), 3);
+        let mut cursor = 100;
+        let mut seen = 0;
+        loop {
+            let page = t.evictions(cursor, 1000).unwrap();
+            if page.events.is_empty() {
+                break;
+            }
+            seen += page.events.len() as u64;
+            assert!(page.events.iter().all(|e| e.version == 1));
+            cursor = page.next;
+        }
+        assert_eq!((seen, cursor), (total - 100, total));
+        assert_eq!(
+            t.evictions(total + 1, 1),
+            Err(CursorError::Ahead {
+                cursor: total + 1,
+                next: total
+            })
+        );
+    }
+
+    #[test]
+    fn a_threshold_admits_on_the_counted_update_and_reports_what_it_dropped() {
+        let t = rows(64, Admission::Threshold { count: 3 }, Eviction::Lru);
+        let mut out = [0f32; 2];
+        let r = t.push(&[7, 8], &[1, 1], &[1.0, 1.0, 1.0, 1.0]).unwrap();
+        assert_eq!((r.applied, r.refused.clone()), (0, vec![(7, 1), (8, 1)]));
+        let r = t.push(&[7], &[1], &[1.0, 1.0]).unwrap();
+        assert_eq!(r.refused, vec![(7, 1)]);
+        assert_eq!(t.read(7, &mut out).unwrap(), 0);
+        let r = t.push(&[7], &[1], &[1.0, 1.0]).unwrap();
+        assert_eq!((r.applied, r.admitted), (1, 1), "the third update admits");
+        assert_eq!(
+            t.read(7, &mut out).unwrap(),
+            1,
+            "earlier updates were dropped"
+        );
+        assert_eq!(t.refused_updates(), 3);
+        // A push of count 3 admits at once.
+        let r = t.push(&[9], &[3], &[1.0, 1.0]).unwrap();
+        assert_eq!((r.applied, r.admitted), (3, 1));
+    }
+
+    #[test]
+    fn probability_admission_is_deterministic_under_its_seed() {
+        let run = |seed| {
+            let t = rows(
+                4096,
+                Admission::Probability { p: 0.25, seed },
+                Eviction::Lru,
+            );
+            let keys: Vec<u64> = (0..2000).collect();
+            let r = t.push(&keys, &vec![1; 2000], &vec![0.0; 4000]).unwrap();
+            r.refused.iter().map(|&(k, _)| k).collect::<Vec<_>>()
+        };
+        let (a, b, c) = (run(1), run(1), run(2));
+        assert_eq!(a, b, "same seed, same pushes: same refusals");
+        assert_ne!(a, c);
+        let admitted = 2000 - a.len();
+        assert!(
+            (400..600).contains(&admitted),
+            "about a quarter: {admitted}"
+        );
+    }
+
+    #[test]
+    fn footprint_counts_region_state_sketch_and_log() {
+        let spec = DynamicSpec {
+            capacity: 64,
+            admission: Admission::Threshold { count: 2 },
+            eviction: Eviction::Lfu,
+        };
+        let layout = KeyedLayout::new(4, 64).unwrap();
+        let adagrad = DynamicRows::footprint(4, OptimizerSpec::adagrad(0.1), &spec);
+        let sgd = DynamicRows::footprint(4, OptimizerSpec::sgd(0.1), &spec);
+        assert_eq!(adagrad - sgd, 64 * 16, "four accumulators a slot");
+        assert!(sgd > layout.region_bytes() + 64 * 8 + EVICTION_LOG as u64 * LOGGED_BYTES);
+    }
+}
