@@ -68,15 +68,33 @@ impl FrequencySketch {
                 self.table[c] += 1;
             }
         }
+        if self.tick() {
+            return (true, self.estimate(key));
+        }
+        (false, min.saturating_add(1))
+    }
+
+    /// Counts one access that touches no counter (an access the caller counts elsewhere, such as
+    /// a hit of a resident line), so that aging keeps its pace; returns true when the sketch was
+    /// just halved.
+    pub fn tick(&mut self) -> bool {
         self.additions += 1;
         if self.additions >= self.period {
             self.additions = 0;
             for v in &mut self.table {
                 *v >>= 1;
             }
-            return (true, self.estimate(key));
+            return true;
         }
-        (false, min.saturating_add(1))
+        false
+    }
+
+    /// Raises `key`'s counters to at least `count`, so that its estimate is at least `count`
+    /// (a count kept elsewhere while the key was resident, handed back when it leaves).
+    pub fn raise(&mut self, key: u64, count: u8) {
+        for c in self.cells(key) {
+            self.table[c] = self.table[c].max(count);
+        }
     }
 
     /// The estimated count of `key` (never below the true count since the last halving).
@@ -117,6 +135,24 @@ mod tests {
             let (_, after) = s.count(k % 97);
             assert_eq!(after, s.estimate(k % 97));
         }
+    }
+
+    #[test]
+    fn ticks_age_without_counting_and_raising_sets_a_floor() {
+        let mut s = FrequencySketch::new(100, 10);
+        for _ in 0..5 {
+            s.increment(1);
+        }
+        for _ in 0..4 {
+            assert!(!s.tick());
+        }
+        assert_eq!(s.estimate(1), 5, "ticks touch no counter");
+        assert!(s.tick(), "the tenth access halves");
+        assert_eq!(s.estimate(1), 2);
+        s.raise(1, 9);
+        assert_eq!(s.estimate(1), 9);
+        s.raise(1, 3);
+        assert_eq!(s.estimate(1), 9, "raising never lowers");
     }
 
     #[test]

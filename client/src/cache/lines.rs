@@ -163,7 +163,7 @@ impl Lines {
     /// A resident line was hit by lookup `stamp`: the access is recorded with the policy.
     pub fn hit(&mut self, slot: u32, stamp: u64) {
         let key = self.meta[slot as usize].key;
-        self.policy.hit(slot, key);
+        self.policy.touch(slot, key);
         self.meta[slot as usize].stamp = stamp;
     }
 

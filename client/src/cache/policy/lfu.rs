@@ -1,18 +1,24 @@
 //! Least frequently used, with frequencies that outlive residency, and optional pinning (HET's
 //! "light LFU").
 //!
-//! Lines sit in one of 64 frequency buckets (the sketch's estimate, capped at 63), each a list in
-//! the order lines entered it; a bitmap of non-empty buckets finds the lowest in O(1). The victim
-//! is the line of the lowest frequency that entered its bucket first. A miss whose estimated
-//! frequency is below the victim's is not admitted.
+//! Lines sit in one of 64 frequency buckets (capped at 63), each a list in the order lines
+//! entered it; a bitmap of non-empty buckets finds the lowest in O(1). The victim is the line of
+//! the lowest frequency that entered its bucket first. A miss whose estimated frequency is below
+//! the victim's is not admitted.
+//!
+//! Who counts what: the sketch counts the accesses of keys that are not resident; a resident
+//! line counts its own hits in its record (it enters with the sketch's estimate of its key, and
+//! each hit adds one), and hands its count back to the sketch when it leaves
+//! ([`FrequencySketch::raise`]), so a popular key that is evicted keeps its history. A hit thus
+//! touches the line's 16-byte record and nothing else (the sketch's counters are a cache miss of
+//! their own); every access still advances the sketch's aging.
 //!
 //! Buckets are kept lazily: a hit only records the line's new frequency, and a line moves to the
 //! bucket of its frequency when the search for a victim finds it at the head of a lower one. A
-//! line's frequency never falls between two halvings of the sketch (its estimate only grows, and
-//! a halving moves every line), so no line sits in a bucket above its frequency and the lowest
-//! bucket whose head is in place holds the least frequent line. A hit thus touches one 16-byte
-//! record instead of three list neighbours; each move the search makes pays for a hit that
-//! skipped it.
+//! line's frequency never falls between two halvings (it only grows, and a halving moves every
+//! line), so no line sits in a bucket above its frequency and the lowest bucket whose head is in
+//! place holds the least frequent line. Each move the search makes pays for a hit that skipped
+//! it.
 //!
 //! Why a sketch: HET's LFU counted hits only while a line was resident, so every new line entered
 //! with the lowest count and was the next victim; within a batch each new miss evicted the previous
@@ -92,41 +98,20 @@ impl Lfu {
         }
     }
 
-    /// After the sketch halves, every unpinned line moves to its new bucket. O(capacity) once per
-    /// `10 x capacity` accesses.
+    /// After the sketch halves, every unpinned line's count halves with it and the line moves to
+    /// its new bucket. O(capacity) once per `AGING_PERIOD x capacity` accesses.
     fn rebucket(&mut self) {
         for slot in 0..self.slots.len() as u32 {
             let s = self.slots[slot as usize];
             if s.resident && !s.pinned {
                 self.unlink(slot);
-                let f = self.frequency(s.key);
-                self.link(slot, f);
+                self.link(slot, s.freq >> 1);
             }
         }
     }
 }
 
 impl Lfu {
-    /// A hit of the line in `slot`, whose key's frequency is now `f`.
-    fn touch_at(&mut self, slot: u32, f: u8) {
-        let s = &mut self.slots[slot as usize];
-        if s.pinned {
-            return;
-        }
-        s.hits = s.hits.saturating_add(1);
-        let (hits, freq) = (s.hits, s.freq);
-        if let Some(k) = self.pin_after {
-            if hits >= k && self.pinned_count < self.max_pinned {
-                self.unlink(slot);
-                self.slots[slot as usize].pinned = true;
-                self.pinned_count += 1;
-                return;
-            }
-        }
-        debug_assert!(f >= freq, "an estimate only grows between halvings");
-        self.slots[slot as usize].freq = f;
-    }
-
     /// The line of the lowest frequency that entered its bucket first, moving the lines that
     /// the search finds out of place (see the module's doc) into their buckets.
     fn lowest(&mut self) -> Option<(u32, usize)> {
@@ -158,17 +143,23 @@ impl EvictionPolicy for Lfu {
         }
     }
 
-    fn hit(&mut self, slot: u32, key: u64) {
-        let (halved, estimate) = self.sketch.count(key);
-        if halved {
+    fn touch(&mut self, slot: u32, _key: u64) {
+        if self.sketch.tick() {
             self.rebucket();
         }
-        self.touch_at(slot, estimate.min(BUCKETS as u8 - 1));
-    }
-
-    fn touch(&mut self, slot: u32, key: u64) {
-        let f = self.frequency(key);
-        self.touch_at(slot, f);
+        let s = &mut self.slots[slot as usize];
+        if s.pinned {
+            return;
+        }
+        s.hits = s.hits.saturating_add(1);
+        s.freq = (s.freq + 1).min(BUCKETS as u8 - 1);
+        if let Some(k) = self.pin_after {
+            if s.hits >= k && self.pinned_count < self.max_pinned {
+                self.unlink(slot);
+                self.slots[slot as usize].pinned = true;
+                self.pinned_count += 1;
+            }
+        }
     }
 
     fn insert(&mut self, slot: u32, key: u64) {
@@ -188,7 +179,11 @@ impl EvictionPolicy for Lfu {
         } else {
             self.unlink(slot);
         }
-        self.slots[slot as usize].resident = false;
+        let s = &mut self.slots[slot as usize];
+        s.resident = false;
+        // The line's count goes back to the sketch, which counts the key from now on.
+        let (key, freq) = (s.key, s.freq);
+        self.sketch.raise(key, freq);
     }
 
     fn prefetch_slot(&self, slot: u32) {
@@ -246,8 +241,8 @@ mod tests {
             p.insert(slot, key);
         }
         // Slot 0, first in bucket 1, is hit twice: its frequency is 3, its list still bucket 1's.
-        p.hit(0, 10);
-        p.hit(0, 10);
+        p.touch(0, 10);
+        p.touch(0, 10);
         assert_eq!((p.slots[0].freq, p.slots[0].bucket), (3, 1));
         assert_eq!(
             p.order(),
@@ -261,6 +256,33 @@ mod tests {
         p.remove(1);
         p.insert(1, 13);
         assert_eq!(p.order(), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn a_line_counts_its_hits_and_hands_the_count_back_when_it_leaves() {
+        let mut p = Lfu::new(1, None);
+        p.record(1);
+        p.insert(0, 1);
+        for _ in 0..10 {
+            p.touch(0, 1);
+        }
+        assert_eq!(p.slots[0].freq, 11);
+        assert_eq!(
+            p.sketch.estimate(1),
+            1,
+            "hits of a resident line stay in its record"
+        );
+        p.remove(0);
+        assert_eq!(
+            p.frequency(1),
+            11,
+            "the sketch knows the key's count from now on"
+        );
+        // So the key, back as a newcomer, wins over a line seen less often.
+        p.record(2);
+        p.insert(0, 2);
+        p.record(1);
+        assert_eq!(p.victim(1), Some(0));
     }
 
     #[test]

@@ -60,8 +60,8 @@ impl std::str::FromStr for PolicyKind {
 
 /// An eviction policy over `capacity` slots.
 pub trait EvictionPolicy: Send {
-    /// Asks the CPU to load what recording `key` will touch (a batch prefetches its keys' before
-    /// recording them, so their misses overlap).
+    /// Asks the CPU to load what recording `key`, a miss, will touch (a batch prefetches its
+    /// misses' before recording them, so their cache misses overlap).
     fn prefetch(&self, key: u64) {
         let _ = key;
     }
@@ -69,16 +69,10 @@ pub trait EvictionPolicy: Send {
     fn prefetch_slot(&self, slot: u32) {
         let _ = slot;
     }
-    /// Records one access to `key` (hit or miss), before the hit or insert that follows.
+    /// Records an access to `key`, which is not resident (a miss), before its slot is reserved.
     fn record(&mut self, key: u64);
-    /// A resident line was hit.
+    /// Records an access to `key`, resident in `slot` (a hit).
     fn touch(&mut self, slot: u32, key: u64);
-    /// Records an access to `key`, resident in `slot`, and its hit: [`EvictionPolicy::record`]
-    /// then [`EvictionPolicy::touch`], in one step where a policy can share their work.
-    fn hit(&mut self, slot: u32, key: u64) {
-        self.record(key);
-        self.touch(slot, key);
-    }
     /// A line was inserted into a free slot.
     fn insert(&mut self, slot: u32, key: u64);
     /// A line left the cache.
