@@ -1,0 +1,224 @@
+//! Checkpoint orchestration: writing every table of the shard into a checkpoint while requests
+//! go on, and restoring a shard from one (the formats are `crate::checkpoint`'s).
+
+use std::sync::Arc;
+
+use hetkv_transport::wire::CheckpointResponse;
+
+use super::{fresh_incarnation, Shard};
+use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
+use crate::table::Table;
+use crate::StoreError;
+
+/// The last checkpoint this shard committed or restored, with the tables it held: the parent of
+/// the next incremental checkpoint. Cleared when a checkpoint fails after its copy began (dirty
+/// bits were cleared for rows that no committed checkpoint holds).
+#[derive(Debug, Default)]
+pub(super) struct CheckpointBase {
+    base: Option<(String, Vec<String>)>,
+}
+
+impl Shard {
+    fn data_dir(&self) -> Result<&std::path::Path, StoreError> {
+        self.placement.data_dir().ok_or_else(|| {
+            CheckpointError::Refused(
+                "this daemon has no data directory to write checkpoints into (--data-dir)".into(),
+            )
+            .into()
+        })
+    }
+
+    /// Writes checkpoint `name` of every table into the data directory while pushes and pulls go
+    /// on (docs/CHECKPOINTS.md section 4): every row, or with `incremental` the rows changed
+    /// since the last checkpoint this shard committed or restored. One at a time: a second one
+    /// asked for meanwhile is refused.
+    pub fn checkpoint(
+        &self,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, StoreError> {
+        let data_dir = self.data_dir()?;
+        checkpoint::check_name(name)?;
+        let mut base = match self.checkpoints.try_lock() {
+            Ok(b) => b,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let busy = self
+                    .writing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return Err(CheckpointError::Refused(format!(
+                    "checkpoint {} is being written on this shard; {name} is refused (one at a \
+                     time)",
+                    busy.unwrap_or_default()
+                ))
+                .into());
+            }
+        };
+        *self.writing.lock().unwrap_or_else(|p| p.into_inner()) = Some(name.to_string());
+        tracing::info!(checkpoint = name, incremental, "writing checkpoint");
+        let started = std::time::Instant::now();
+        let result = self.write_checkpoint(&mut base, data_dir, name, incremental);
+        *self.writing.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.metrics.checkpoint(
+            result.is_ok(),
+            started.elapsed(),
+            result.as_ref().map_or(0, |r| r.bytes),
+        );
+        match &result {
+            Ok(r) => tracing::info!(
+                checkpoint = name,
+                seq = r.seq,
+                parent = r.parent.as_deref(),
+                tables = r.tables,
+                rows = r.rows,
+                bytes = r.bytes,
+                millis = r.micros / 1000,
+                "checkpoint committed"
+            ),
+            Err(e) => tracing::error!(checkpoint = name, error = %e, "checkpoint failed"),
+        }
+        result
+    }
+
+    fn write_checkpoint(
+        &self,
+        base: &mut CheckpointBase,
+        data_dir: &std::path::Path,
+        name: &str,
+        incremental: bool,
+    ) -> Result<CheckpointResponse, StoreError> {
+        let start = std::time::Instant::now();
+        let dir = CheckpointDir::create(data_dir)?;
+        let parent = match (incremental, &base.base) {
+            (false, _) => None,
+            (true, Some(b)) => Some(b.clone()),
+            (true, None) => {
+                return Err(CheckpointError::Refused(format!(
+                    "an incremental checkpoint needs a parent: this daemon has committed or \
+                     restored none since it started, or its last one failed; take a full one \
+                     before {name}"
+                ))
+                .into())
+            }
+        };
+        let mut pending = dir.begin(name)?;
+        let tables = self.tables();
+        // Every push claimed as applied here is in every row it touched.
+        let sessions = self.sessions.records();
+        // From here on dirty bits are cleared: if this fails, no chain may continue from the old
+        // parent, which lacks rows whose bits are gone.
+        base.base = None;
+        let (mut rows, mut bytes) = (0, 0);
+        for (index, t) in tables.iter().enumerate() {
+            let table = &t.spec().name;
+            let kind = match &parent {
+                Some((_, held)) if held.contains(table) => Kind::Incremental,
+                _ => Kind::Full,
+            };
+            let mut w = pending.table_writer(index, &t.checkpoint_header(kind))?;
+            t.snapshot_into(kind, &mut w)
+                .map_err(|e| CheckpointError::Io {
+                    path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
+                    source: e,
+                })?;
+            let summary = pending.finish_table(table, kind, w, t.clock())?;
+            rows += summary.rows;
+            bytes += summary.bytes;
+        }
+        let identity = (self.config.shard, self.config.shards);
+        let parent = parent.map(|(p, _)| p);
+        let manifest = pending.commit(dir.next_seq()?, parent.clone(), identity, sessions)?;
+        base.base = Some((
+            name.to_string(),
+            tables.iter().map(|t| t.spec().name.clone()).collect(),
+        ));
+        Ok(CheckpointResponse {
+            name: name.to_string(),
+            seq: manifest.seq,
+            parent,
+            tables: tables.len() as u32,
+            rows,
+            bytes,
+            micros: start.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Restores checkpoint `name`, or the newest committed one when `None`, into this shard,
+    /// which must have no tables yet. Returns the restored manifest, or `None` when the data
+    /// directory holds no checkpoint (and none was named). Every file of the chain is checked
+    /// against its manifest while it is read; on any failure the error names the file (and the
+    /// block) and the shard must not serve.
+    pub fn restore(&self, name: Option<&str>) -> Result<Option<Manifest>, StoreError> {
+        let data_dir = self.data_dir()?;
+        if !self.tables().is_empty() {
+            return Err(CheckpointError::Refused(
+                "a checkpoint is restored into a shard with no tables".into(),
+            )
+            .into());
+        }
+        let dir = CheckpointDir::at(data_dir);
+        let manifest = match name {
+            Some(n) => dir.manifest(n)?,
+            None => match dir.newest()? {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        let identity = (self.config.shard, self.config.shards);
+        if (manifest.shard, manifest.shards) != identity {
+            return Err(CheckpointError::Refused(format!(
+                "checkpoint {} is of shard {} of {}; this daemon is shard {} of {} (restoring \
+                 onto another shard count is not supported)",
+                manifest.name, manifest.shard, manifest.shards, identity.0, identity.1
+            ))
+            .into());
+        }
+        let chain = dir.chain(&manifest.name)?;
+        let mut base = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut image = Vec::new();
+        for t in &manifest.tables {
+            let mut table: Option<Arc<Table>> = None;
+            let mut failed = None;
+            dir.read_table(&chain, &t.name, identity, |h, rec| {
+                if table.is_none() {
+                    match self.create_with(h.spec.clone(), false) {
+                        Ok((created, _)) => table = Some(created),
+                        Err(e) => {
+                            failed = Some(e);
+                            return Err(CheckpointError::Refused(format!(
+                                "creating table {}",
+                                h.spec.name
+                            )));
+                        }
+                    }
+                }
+                table
+                    .as_ref()
+                    .expect("created")
+                    .restore_record(&rec, &mut image);
+                Ok(())
+            })
+            .map_err(|e| failed.take().unwrap_or(e.into()))?;
+            let table = table.ok_or_else(|| {
+                StoreError::from(CheckpointError::Refused(format!(
+                    "table {} has no rows in checkpoint {}",
+                    t.name, manifest.name
+                )))
+            })?;
+            let clock = table.finish_restore()?;
+            tracing::info!(table = %t.name, rows = table.local_rows(), clock, "restored table");
+        }
+        self.sessions
+            .restore(&manifest.sessions)
+            .map_err(|e| CheckpointError::Refused(format!("checkpoint {}: {e}", manifest.name)))?;
+        self.incarnation
+            .store(fresh_incarnation()?, std::sync::atomic::Ordering::Release);
+        base.base = Some((
+            manifest.name.clone(),
+            manifest.tables.iter().map(|t| t.name.clone()).collect(),
+        ));
+        Ok(Some(manifest))
+    }
+}

@@ -1,0 +1,307 @@
+//! A shard: its registry of tables and the protocol operations on them. No I/O happens here; the
+//! TCP server (or any other carrier) hands frames to a [`hetkv_transport::Session`], which calls
+//! this [`ShardService`].
+//!
+//! One concern a file: `config` (how a shard is set up and its limits), `operations` (the data
+//! operations on its tables), `checkpoints` (writing and restoring checkpoints), `service` (the
+//! protocol's entry points); this file holds the shard itself and its registry of tables.
+
+mod checkpoints;
+mod config;
+mod operations;
+mod service;
+
+pub use config::{
+    cgroup_memory_limit, default_max_memory, ShardConfig, DEFAULT_MAX_TABLES,
+    DEFAULT_MAX_TABLE_BYTES,
+};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+use hetkv_transport::service::{ServerCounters, ShardService};
+use hetkv_transport::wire::WireError;
+use hetkv_transport::TableSpec;
+
+use crate::metrics::{ShardMetrics, Totals};
+use crate::placement::Placement;
+use crate::sessions::{self, Sessions};
+use crate::table::Table;
+use crate::StoreError;
+
+use checkpoints::CheckpointBase;
+
+#[derive(Debug, Default)]
+struct Registry {
+    by_name: HashMap<String, Arc<Table>>,
+    by_id: Vec<Arc<Table>>,
+}
+
+/// One shard of a cluster.
+#[derive(Debug)]
+pub struct Shard {
+    /// Registrations of each table's region and clock word, by region id; each holds the memory
+    /// it registered.
+    #[cfg(feature = "rdma")]
+    registered: Mutex<HashMap<u32, RdmaRegistration>>,
+    #[cfg(feature = "rdma")]
+    device: Option<Arc<hetkv_transport::rdma::Device>>,
+    config: ShardConfig,
+    /// Where the regions live.
+    placement: Placement,
+    // Read once per request (not per key), so a reader-writer lock costs nothing measurable;
+    // writers (table creation) hold it only to insert a table already built.
+    tables: RwLock<Registry>,
+    /// Serializes table creation; holds the bytes all tables take.
+    create_lock: Mutex<u64>,
+    counters: ServerCounters,
+    /// Serializes checkpoints; holds the parent of the next incremental one.
+    checkpoints: Mutex<CheckpointBase>,
+    /// The checkpoint being written, for the message that refuses a second one.
+    writing: Mutex<Option<String>>,
+    /// The push numbers of each client, for exactly-once pushes.
+    sessions: Sessions,
+    metrics: ShardMetrics,
+    /// Random, drawn when the shard is built (at every daemon start) and again by a restore.
+    incarnation: std::sync::atomic::AtomicU64,
+}
+
+impl Shard {
+    /// A shard with no tables. Fails if `shard >= shards` or the data dir cannot be created.
+    pub fn new(config: ShardConfig) -> Result<Self, StoreError> {
+        if config.shards == 0 || config.shard >= config.shards {
+            return Err(StoreError::Config(format!(
+                "shard index {} is not below the shard count {}",
+                config.shard, config.shards
+            )));
+        }
+        let placement = Placement::new(
+            config.shard,
+            config.data_dir.as_deref(),
+            config.shm_dir.as_deref(),
+        )?;
+        #[cfg(feature = "rdma")]
+        let device = match config.rdma {
+            true => Some(Arc::new(
+                hetkv_transport::rdma::Device::open_first()
+                    .map_err(|e| StoreError::Config(format!("RDMA was asked for: {e}")))?,
+            )),
+            false => None,
+        };
+        #[cfg(not(feature = "rdma"))]
+        if config.rdma {
+            return Err(StoreError::Config(
+                "RDMA was asked for, but this build has no RDMA support (cargo feature `rdma`)"
+                    .into(),
+            ));
+        }
+        let idle = config.session_idle;
+        let metrics_tables = config.metrics_tables;
+        let shard_index = config.shard;
+        Ok(Self {
+            #[cfg(feature = "rdma")]
+            registered: Mutex::new(HashMap::new()),
+            #[cfg(feature = "rdma")]
+            device,
+            placement,
+            config,
+            tables: RwLock::new(Registry::default()),
+            create_lock: Mutex::new(0),
+            counters: ServerCounters::default(),
+            checkpoints: Mutex::new(CheckpointBase::default()),
+            writing: Mutex::new(None),
+            sessions: Sessions::new(idle),
+            metrics: ShardMetrics::new(shard_index, metrics_tables),
+            incarnation: std::sync::atomic::AtomicU64::new(fresh_incarnation()?),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
+    }
+
+    fn registry(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        // The registry is only written by `create`, which cannot panic while holding the lock.
+        self.tables.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The table named `name`.
+    pub fn table(&self, name: &str) -> Result<Arc<Table>, StoreError> {
+        self.registry()
+            .by_name
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownTable(name.to_string()))
+    }
+
+    /// Creates a table, or returns the existing one when its spec is identical.
+    /// Returns the table and whether it was created.
+    pub fn create(&self, spec: TableSpec) -> Result<(Arc<Table>, bool), StoreError> {
+        self.create_with(spec, true)
+    }
+
+    /// [`Shard::create`]; with `fill` false a new table's rows are left for a restore to write.
+    fn create_with(&self, spec: TableSpec, fill: bool) -> Result<(Arc<Table>, bool), StoreError> {
+        spec.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
+        let check = |existing: &Arc<Table>| {
+            if existing.spec() == &spec {
+                Ok((existing.clone(), false))
+            } else {
+                Err(StoreError::ConflictingTable(format!(
+                    "table {} exists as {:?}; asked for {:?}",
+                    spec.name,
+                    existing.spec(),
+                    spec
+                )))
+            }
+        };
+        if let Some(t) = self.registry().by_name.get(&spec.name) {
+            return check(t);
+        }
+        let mut allocated = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = self.registry().by_name.get(&spec.name) {
+            return check(t);
+        }
+        let (shard, shards) = (self.config.shard, self.config.shards);
+        let footprint = Table::footprint(&spec, shard, shards);
+        if footprint > self.config.max_table_bytes {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} needs {footprint} bytes on this shard, above its limit of {}",
+                spec.name, self.config.max_table_bytes
+            )));
+        }
+        // The memory for push numbers is reserved out of the same bound.
+        let reserved = sessions::RESERVED_BYTES;
+        if allocated.saturating_add(footprint).saturating_add(reserved) > self.config.max_memory {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} needs {footprint} bytes on this shard; its tables already take {} and \
+                 the memory for push numbers {reserved} of its {} (--max-memory)",
+                spec.name, *allocated, self.config.max_memory
+            )));
+        }
+        let id = self.registry().by_id.len();
+        if id >= self.config.max_tables {
+            return Err(StoreError::InvalidSpec(format!(
+                "this shard holds {id} tables, its limit (--max-tables): table {} is refused",
+                spec.name
+            )));
+        }
+        let id = id as u32;
+        let name = spec.name.clone();
+        let table = Arc::new(match fill {
+            true => Table::create(spec, shard, shards, id, &self.placement)?,
+            false => Table::create_unfilled(spec, shard, shards, id, &self.placement)?,
+        });
+        #[cfg(feature = "rdma")]
+        if let Some(device) = &self.device {
+            let register = |r: &Arc<hetkv_transport::Region>| {
+                hetkv_transport::rdma::MemoryRegion::remote_read(device, r.clone())
+                    .map_err(|e| StoreError::Io(format!("registering table {name}: {e}")))
+            };
+            let registration = RdmaRegistration {
+                rows: register(table.region())?,
+                clock: register(table.clock_region())?,
+            };
+            self.registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(table.region_id(), registration);
+        }
+        *allocated += footprint;
+        let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        reg.by_name.insert(name.clone(), table.clone());
+        reg.by_id.push(table.clone());
+        drop(reg);
+        tracing::info!(
+            table = %name,
+            rows = table.spec().rows,
+            local_rows = table.local_rows(),
+            dim = table.spec().dim,
+            optimizer = table.spec().optimizer.name(),
+            bytes = footprint,
+            "created table"
+        );
+        Ok((table, true))
+    }
+
+    /// The shard's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.counters;
+        let totals = Totals {
+            frames: (c.requests.load(Relaxed), c.errors.load(Relaxed)),
+            bytes: (c.bytes_in.load(Relaxed), c.bytes_out.load(Relaxed)),
+            connections: c.connections.load(Relaxed),
+            repeated_pushes: self.sessions.repeats(),
+            tables: self
+                .tables()
+                .iter()
+                .map(|t| {
+                    let s = t.stats();
+                    (s.name, s.rows_read, s.rows_pushed, s.updates)
+                })
+                .collect(),
+            incarnation: self.incarnation(),
+        };
+        self.metrics.encode(&totals)
+    }
+
+    /// Runs `f`, a request of `op` on `table`, and counts it in the metrics.
+    fn measured<T>(
+        &self,
+        op: &str,
+        table: &str,
+        f: impl FnOnce() -> Result<T, WireError>,
+    ) -> Result<T, WireError> {
+        let start = std::time::Instant::now();
+        let r = f();
+        let code = r.as_ref().err().map(|e| format!("{:?}", e.code));
+        self.metrics
+            .request(op, table, start.elapsed(), code.as_deref());
+        r
+    }
+
+    /// Numbered pushes received again and acknowledged without being applied twice.
+    pub fn repeated_pushes(&self) -> u64 {
+        self.sessions.repeats()
+    }
+
+    /// Tables in creation order.
+    pub fn tables(&self) -> Vec<Arc<Table>> {
+        self.registry().by_id.clone()
+    }
+}
+
+impl Shard {
+    /// The remote keys of a table's region and clock word (0 without RDMA).
+    fn rkeys(&self, region: u32) -> (u32, u32) {
+        #[cfg(feature = "rdma")]
+        if let Some(r) = self
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&region)
+        {
+            return (r.rows.rkey(), r.clock.rkey());
+        }
+        let _ = region;
+        (0, 0)
+    }
+}
+
+/// A table's registrations with the RDMA device.
+#[cfg(feature = "rdma")]
+#[derive(Debug)]
+struct RdmaRegistration {
+    rows: hetkv_transport::rdma::MemoryRegion,
+    clock: hetkv_transport::rdma::MemoryRegion,
+}
+
+/// A random incarnation, never 0 (which clients read as "none seen yet").
+fn fresh_incarnation() -> Result<u64, StoreError> {
+    let nonce = hetkv_transport::auth::nonce()
+        .map_err(|e| StoreError::Config(format!("no random incarnation: {e}")))?;
+    let value = u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes"));
+    Ok(value.max(1))
+}

@@ -1,0 +1,205 @@
+//! The protocol's data operations on a shard's tables: pulls, stale-row pulls with a carried
+//! push, pushes applied once per origin, assignments, and reads of region spans.
+
+use hetkv_transport::codec;
+use hetkv_transport::row::copy_span;
+use hetkv_transport::service::{Response, ShardService};
+use hetkv_transport::wire::{is_stale, PullIfStaleResponse, PullResponse, PushResponse};
+use hetkv_transport::Produced;
+
+use super::Shard;
+use crate::sessions::Claim;
+use crate::table::Table;
+use crate::StoreError;
+
+impl Shard {
+    pub(super) fn assign_rows(
+        &self,
+        req: &codec::assign::Request<'_>,
+    ) -> Result<PushResponse, StoreError> {
+        let t = self.table(&req.table)?;
+        let locals = t.validate_assign(req.keys, req.values)?;
+        t.apply_assign(&locals, req.values);
+        Ok(PushResponse {
+            rows: locals.len() as u32,
+            updates: locals.len() as u64,
+            ..PushResponse::default()
+        })
+    }
+
+    pub(super) fn pull_rows(
+        &self,
+        req: &codec::pull::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let t = self.table(&req.table)?;
+        let locals = req
+            .keys
+            .iter()
+            .map(|k| t.local_index(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let header = PullResponse {
+            rows: locals.len() as u32,
+            dim: t.spec().dim,
+            table_clock: t.clock(),
+        };
+        let mut rows = codec::pull::respond(resp, header)?;
+        t.read_rows_into(&locals, &mut rows);
+        Ok(())
+    }
+
+    pub(super) fn pull_stale(
+        &self,
+        req: &codec::pull_if_stale::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let t = self.table(&req.header.table)?;
+        // Everything is validated before anything changes: the pushed rows and the keys.
+        let pushed = req
+            .push
+            .map(|p| {
+                t.validate_push(p.keys, p.counts, p.grads)
+                    .map(|locals| (p, locals))
+            })
+            .transpose()?;
+        let locals_all = req
+            .keys
+            .iter()
+            .map(|k| t.local_index(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dim = t.spec().dim as usize;
+        let shape = t.state_shape();
+        if let Some((p, _)) = &pushed {
+            codec::pull_if_stale::check_room(resp, locals_all.len(), p.keys.len(), dim, shape)?;
+        }
+        let mut produced = Produced::default();
+        let (pushed_updates, push_duplicate) = match pushed {
+            Some((p, locals)) => {
+                let origin = req.header.origin.ok_or_else(|| {
+                    StoreError::Malformed("a carried push must be numbered (its origin)".into())
+                })?;
+                self.apply_once(&t, origin, &locals, p, &mut produced)?
+            }
+            None => (0, false),
+        };
+        // The clock after the push and before any row: every update it does not count happened
+        // after this moment.
+        let table_clock = t.clock();
+        let since_held = req.header.since.is_none_or(|s| s.holds(table_clock));
+        let mut stale = Vec::new();
+        let mut locals = Vec::new();
+        for (j, &i) in locals_all.iter().enumerate() {
+            if is_stale(t.version_local(i), req.clocks.get(j), req.header.bound) {
+                stale.push(j as u32);
+                locals.push(i);
+            }
+        }
+        let n_state = stale
+            .iter()
+            .take_while(|&&j| j < req.header.state_keys)
+            .count();
+        let header = PullIfStaleResponse {
+            stale: stale.len() as u32,
+            dim: t.spec().dim,
+            table_clock,
+            since_held,
+            pushed_updates,
+            push_duplicate,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+            produced: produced.len() as u32,
+        };
+        t.read_rows_into(
+            &locals,
+            &mut codec::pull_if_stale::respond(resp, header, &stale, n_state)?,
+        );
+        codec::pull_if_stale::finish(resp, &header, &produced)?;
+        Ok(())
+    }
+
+    pub(super) fn read_spans(
+        &self,
+        req: codec::read::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let tables = self.tables();
+        let mut total: u64 = 0;
+        for span in req.spans() {
+            let t = tables.get(span.region as usize).ok_or_else(|| {
+                StoreError::InvalidSpan(format!("no region {} on this shard", span.region))
+            })?;
+            let end = span.offset.checked_add(span.len as u64);
+            if end.is_none_or(|end| end > t.region().len()) {
+                return Err(StoreError::InvalidSpan(format!(
+                    "span {}+{} outside region {} of {} bytes",
+                    span.offset,
+                    span.len,
+                    span.region,
+                    t.region().len()
+                )));
+            }
+            total += span.len as u64;
+        }
+        let out = codec::read::respond(resp, total)?;
+        for span in req.spans() {
+            let t = &tables[span.region as usize];
+            copy_span(t.region().words(), span.offset, span.len as usize, out);
+            t.count_read((span.len as u64).div_ceil(t.layout().stride() as u64));
+        }
+        Ok(())
+    }
+
+    pub(super) fn push_rows(
+        &self,
+        req: &codec::push::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let t = self.table(&req.table)?;
+        let r = &req.rows;
+        let locals = t.validate_push(r.keys, r.counts, r.grads)?;
+        let shape = t.state_shape();
+        if r.bases.is_some() {
+            codec::push::check_room(resp, locals.len(), t.spec().dim as usize, shape)?;
+        }
+        let mut produced = Produced::default();
+        let (updates, duplicate) = self.apply_once(&t, req.origin, &locals, *r, &mut produced)?;
+        let header = PushResponse {
+            rows: locals.len() as u32,
+            updates,
+            duplicate,
+            produced: produced.len() as u32,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+            incarnation: self.incarnation(),
+        };
+        codec::push::respond(resp, header, &produced)?;
+        Ok(())
+    }
+
+    /// Applies validated push rows once per origin: a numbered push applied before is
+    /// acknowledged (its updates counted, `true`) without being applied again, and hands back
+    /// the rows as they are now where its bases ask ([`Table::hand_back_current`]).
+    fn apply_once(
+        &self,
+        t: &Table,
+        origin: hetkv_transport::wire::Origin,
+        locals: &[u64],
+        rows: hetkv_transport::wire::PushRows<'_>,
+        produced: &mut Produced,
+    ) -> Result<(u64, bool), StoreError> {
+        match self.sessions.claim(origin)? {
+            Claim::Fresh(ticket) => {
+                let updates = t.apply_push(locals, &rows, produced);
+                ticket.applied();
+                Ok((updates, false))
+            }
+            Claim::Repeat => {
+                let updates = (0..rows.counts.len())
+                    .map(|i| rows.counts.get_u32(i) as u64)
+                    .sum();
+                t.hand_back_current(locals, &rows, produced);
+                Ok((updates, true))
+            }
+        }
+    }
+}
