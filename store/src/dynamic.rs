@@ -348,16 +348,9 @@ impl DynamicRows {
             let placed = keyed.place(key, |s| b.scores[(s - first) as usize]);
             let (slot, version) = match placed {
                 Slot::Resident(slot) => {
-                    let read = row::read_row(
-                        self.region_rows(),
-                        &layout,
-                        slot,
-                        &mut image,
-                        DEFAULT_READ_ATTEMPTS,
-                    )
-                    .map_err(|e| StoreError::Io(format!("row of key {key}: {e}")))?;
+                    let version = self.read_slot(slot, key, &mut image)?;
                     row::decode_payload(&layout, &image, &mut w);
-                    (slot, read.version)
+                    (slot, version)
                 }
                 Slot::Free(slot) | Slot::Evict { slot, .. } => {
                     if !lock(&self.admission).admit(key, count) {
@@ -368,17 +361,10 @@ impl DynamicRows {
                     }
                     let entry = (slot - first) as usize;
                     if let Slot::Evict { key: victim, .. } = placed {
-                        let read = row::read_row(
-                            self.region_rows(),
-                            &layout,
-                            slot,
-                            &mut image,
-                            DEFAULT_READ_ATTEMPTS,
-                        )
-                        .map_err(|e| StoreError::Io(format!("row of key {victim}: {e}")))?;
+                        let version = self.read_slot(slot, victim, &mut image)?;
                         self.log_eviction(Evicted {
                             key: victim,
-                            version: read.version,
+                            version,
                             score: b.scores[entry],
                         });
                         report.evicted += 1;
@@ -423,8 +409,13 @@ impl DynamicRows {
         Ok(report)
     }
 
-    fn region_rows(&self) -> &[AtomicU64] {
-        self.layout.split(self.region.words()).1
+    /// The row in `slot`, `key`'s, into `image`, for the writer of its bucket (a torn copy is
+    /// read again; one that never verifies is memory gone bad, reported with the key).
+    fn read_slot(&self, slot: u64, key: u64, image: &mut [u8]) -> Result<u64, StoreError> {
+        let rows = self.layout.split(self.region.words()).1;
+        row::read_row(rows, self.layout.row(), slot, image, DEFAULT_READ_ATTEMPTS)
+            .map(|read| read.version)
+            .map_err(|e| StoreError::Io(format!("row of key {key}: {e}")))
     }
 
     /// Logs one eviction (under the evicted row's bucket lock, so each is logged once).
