@@ -658,6 +658,118 @@ mod tests {
         );
     }
 
+    /// Random pushes and reads against a model of the buckets: each bucket's 32 entries, the key,
+    /// row, Adagrad state, version and LFU score of each, a free entry taken first, a full bucket
+    /// giving up its lowest (score, slot). A re-admitted key starts again from its initial value
+    /// and a fresh accumulator; every read equals the model's row bit for bit.
+    #[test]
+    fn pushes_and_evictions_follow_a_model_of_the_buckets() {
+        #[derive(Clone)]
+        struct Held {
+            key: u64,
+            row: [f32; 2],
+            acc: Vec<f32>,
+            version: u64,
+        }
+        let t = DynamicRows::create(
+            "m",
+            0,
+            2,
+            Initializer::Normal { std: 0.1, seed: 3 },
+            OptimizerSpec::adagrad(0.5),
+            DynamicSpec {
+                capacity: 64,
+                admission: Admission::Always,
+                eviction: Eviction::Lfu,
+            },
+            &Placement::new(0, None, None).unwrap(),
+        )
+        .unwrap();
+        let opt = Optimizer::new(OptimizerSpec::adagrad(0.5));
+        let layout = *t.layout();
+        let mut model: Vec<Vec<Option<Held>>> =
+            vec![vec![None; BUCKET_SLOTS]; layout.buckets() as usize];
+        let mut evicted = Vec::new();
+        let mut rng = 42u64;
+        let mut next = || {
+            rng = rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            hash::splitmix64(rng)
+        };
+        for _ in 0..5_000 {
+            let key = next() % 300;
+            let count = 1 + (next() % 3) as u32;
+            let g = [
+                (next() % 200) as f32 / 100.0 - 1.0,
+                (next() % 7) as f32 - 3.0,
+            ];
+            t.push(&[key], &[count], &g).unwrap();
+            let bucket = &mut model[layout.bucket_of(key) as usize];
+            let entry = match bucket
+                .iter()
+                .position(|h| h.as_ref().is_some_and(|h| h.key == key))
+            {
+                Some(e) => e,
+                None => {
+                    let e = match bucket.iter().position(Option::is_none) {
+                        Some(e) => e,
+                        None => {
+                            let e = (0..BUCKET_SLOTS)
+                                .min_by_key(|&e| (bucket[e].as_ref().unwrap().version, e))
+                                .unwrap();
+                            let gone = bucket[e].take().unwrap();
+                            evicted.push((gone.key, gone.version));
+                            e
+                        }
+                    };
+                    let mut row = [0f32; 2];
+                    Initializer::Normal { std: 0.1, seed: 3 }.fill(key, &mut row);
+                    let mut acc = vec![0f32; 2];
+                    opt.init_state(&mut acc);
+                    bucket[e] = Some(Held {
+                        key,
+                        row,
+                        acc,
+                        version: 0,
+                    });
+                    e
+                }
+            };
+            let h = bucket[entry].as_mut().unwrap();
+            opt.apply(&mut h.row, &g, &mut h.acc, &mut 0);
+            h.version += u64::from(count);
+            // A read of the pushed key and of a random one.
+            for probe in [key, next() % 300] {
+                let mut out = [0f32; 2];
+                let version = t.read(probe, &mut out).unwrap();
+                let held = model[layout.bucket_of(probe) as usize]
+                    .iter()
+                    .flatten()
+                    .find(|h| h.key == probe);
+                match held {
+                    Some(h) => assert_eq!((out, version), (h.row, h.version), "key {probe}"),
+                    None => {
+                        let mut init = [0f32; 2];
+                        Initializer::Normal { std: 0.1, seed: 3 }.fill(probe, &mut init);
+                        assert_eq!((out, version), (init, 0), "key {probe} not held");
+                    }
+                }
+            }
+        }
+        let stream = t.evictions(0, usize::MAX).unwrap();
+        let got: Vec<(u64, u64)> = stream.events.iter().map(|e| (e.key, e.version)).collect();
+        assert_eq!(
+            got, evicted,
+            "the stream names every eviction once, in order"
+        );
+        assert!(
+            evicted.len() > 1_000,
+            "the model evicts ({})",
+            evicted.len()
+        );
+        let held = model.iter().flatten().flatten().count() as u64;
+        assert_eq!(t.resident(), held);
+    }
+
     #[test]
     fn footprint_counts_region_state_sketch_and_log() {
         let spec = DynamicSpec {
