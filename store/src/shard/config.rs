@@ -10,7 +10,7 @@ pub struct ShardConfig {
     /// Shards in the cluster.
     pub shards: u32,
     /// The data directory: checkpoints, and the lock that keeps a second daemon out. Regions
-    /// are never placed there (see [`Placement`]).
+    /// are never placed there (see [`Placement`](crate::Placement)).
     pub data_dir: Option<PathBuf>,
     /// Directory (normally under `/dev/shm`) in which the shard makes a directory of its own,
     /// named with a random instance id, for its regions and clock words, and exposes them to
