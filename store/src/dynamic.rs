@@ -138,8 +138,8 @@ impl Admitter {
                 estimate >= *count
             }
             Self::Probability { p, stream } => {
-                // One draw per pushed row of a key not held: SplitMix64 as a generator.
-                *stream = stream.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                // One draw per pushed row of a key not held: SplitMix64 of a counter.
+                *stream = stream.wrapping_add(1);
                 let draw = hash::splitmix64(*stream);
                 ((draw >> 11) as f64 / (1u64 << 53) as f64) < f64::from(*p)
             }
@@ -345,10 +345,11 @@ impl DynamicRows {
             let bucket = self.layout.bucket_of(key);
             let first = self.layout.first_slot(bucket);
             let mut b = lock(&self.buckets[bucket as usize]);
-            let placed = keyed.place(key, |s| b.scores[(s - first) as usize]);
+            let placed = keyed
+                .place(key, |s| b.scores[(s - first) as usize], &mut image)
+                .map_err(|e| StoreError::Io(format!("a row of key {key}'s bucket: {e}")))?;
             let (slot, version) = match placed {
-                Slot::Resident(slot) => {
-                    let version = self.read_slot(slot, key, &mut image)?;
+                Slot::Resident { slot, version } => {
                     row::decode_payload(&layout, &image, &mut w);
                     (slot, version)
                 }
@@ -360,8 +361,12 @@ impl DynamicRows {
                         continue;
                     }
                     let entry = (slot - first) as usize;
-                    if let Slot::Evict { key: victim, .. } = placed {
-                        let version = self.read_slot(slot, victim, &mut image)?;
+                    if let Slot::Evict {
+                        key: victim,
+                        version,
+                        ..
+                    } = placed
+                    {
                         self.log_eviction(Evicted {
                             key: victim,
                             version,
@@ -394,10 +399,10 @@ impl DynamicRows {
                 &mut steps[entry],
             );
             let version = version.saturating_add(u64::from(count));
-            if matches!(placed, Slot::Resident(_)) {
-                keyed.write(slot, key, version, &w);
+            if matches!(placed, Slot::Resident { .. }) {
+                keyed.write(slot, key, version, &w, &mut image);
             } else {
-                keyed.publish(slot, key, version, &w);
+                keyed.publish(slot, key, version, &w, &mut image);
             }
             let now = self.clock.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
             scores[entry] = match self.eviction {
@@ -407,15 +412,6 @@ impl DynamicRows {
             report.applied += u64::from(count);
         }
         Ok(report)
-    }
-
-    /// The row in `slot`, `key`'s, into `image`, for the writer of its bucket (a torn copy is
-    /// read again; one that never verifies is memory gone bad, reported with the key).
-    fn read_slot(&self, slot: u64, key: u64, image: &mut [u8]) -> Result<u64, StoreError> {
-        let rows = self.layout.split(self.region.words()).1;
-        row::read_row(rows, self.layout.row(), slot, image, DEFAULT_READ_ATTEMPTS)
-            .map(|read| read.version)
-            .map_err(|e| StoreError::Io(format!("row of key {key}: {e}")))
     }
 
     /// Logs one eviction (under the evicted row's bucket lock, so each is logged once).

@@ -252,16 +252,23 @@ pub struct Located {
 /// Where a key goes when it is placed ([`KeyedRegion::place`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
-    /// The key already holds this slot.
-    Resident(u64),
+    /// The key already holds this slot, its row at `version`.
+    Resident {
+        /// The slot.
+        slot: u64,
+        /// The version of the key's row.
+        version: u64,
+    },
     /// An empty slot of its bucket.
     Free(u64),
-    /// Its bucket is full: this slot, now held by `key`, has the lowest score.
+    /// Its bucket is full: this slot, now held by `key` at `version`, has the lowest score.
     Evict {
         /// The slot.
         slot: u64,
         /// The key it holds.
         key: u64,
+        /// The version of that key's row.
+        version: u64,
     },
 }
 
@@ -302,19 +309,13 @@ impl<'a> KeyedRegion<'a> {
     /// A verified copy of bucket `b`, read as any reader reads it (at most `attempts` copies).
     pub fn read_bucket(&self, bucket: u64, attempts: u32) -> Result<Bucket, RowError> {
         let mut image = [0u8; BUCKET_BYTES];
-        let mut last = RowError::Length {
-            got: 0,
-            expected: BUCKET_BYTES,
-        };
-        for _ in 0..attempts.max(1) {
-            row::copy_words(self.bucket_words(bucket), 0, &mut image);
-            match Bucket::decode(&image) {
-                Ok(b) => return Ok(b),
-                Err(e) => last = e,
-            }
-            std::hint::spin_loop();
-        }
-        Err(last)
+        row::read_verified(
+            self.bucket_words(bucket),
+            &mut image,
+            attempts,
+            Bucket::decode,
+        )
+        .map(|(bucket, _)| bucket)
     }
 
     /// Finds `key` lock-free, as a one-sided reader does: its bucket, then each slot whose digest
@@ -344,28 +345,40 @@ impl<'a> KeyedRegion<'a> {
     }
 
     /// Where `key` goes, for the writer of its bucket: its own slot, an empty one, or the slot
-    /// of the lowest `score` (ties to the first), whose key is named. Changes nothing.
-    pub fn place(&self, key: u64, score: impl Fn(u64) -> u64) -> Placement {
+    /// of the lowest `score` (ties to the first), whose key is named. For a resident key or a
+    /// victim, `image` (one stride) is left holding that slot's verified row. Changes nothing;
+    /// a row that does not verify under its writer's lock (memory gone bad) is an error.
+    pub fn place(
+        &self,
+        key: u64,
+        score: impl Fn(u64) -> u64,
+        image: &mut [u8],
+    ) -> Result<Placement, RowError> {
         let layout = self.layout.row();
         let bucket = self.layout.bucket_of(key);
         let first = self.layout.first_slot(bucket);
         let view = self.writer_bucket(bucket);
-        let mut image = vec![0u8; layout.stride()];
+        // Nothing else writes the bucket meanwhile: one copy of a row is stable.
+        let read = |slot: u64, image: &mut [u8]| {
+            row::copy_row(self.rows, layout, slot, image);
+            row::verify_image(layout, image)
+        };
         for i in view.candidates(key) {
-            row::copy_row(self.rows, layout, first + i as u64, &mut image);
-            if layout.key(&image) == Some(key) {
-                return Placement::Resident(first + i as u64);
+            let slot = first + i as u64;
+            let version = read(slot, image)?;
+            if layout.key(image) == Some(key) {
+                return Ok(Placement::Resident { slot, version });
             }
         }
         if let Some(i) = view.free_entry() {
-            return Placement::Free(first + i as u64);
+            return Ok(Placement::Free(first + i as u64));
         }
         let slot = (first..first + BUCKET_SLOTS as u64)
             .min_by_key(|&s| (score(s), s))
             .expect("a bucket has slots");
-        row::copy_row(self.rows, layout, slot, &mut image);
-        let key = layout.key(&image).expect("keyed rows");
-        Placement::Evict { slot, key }
+        let version = read(slot, image)?;
+        let key = layout.key(image).expect("keyed rows");
+        Ok(Placement::Evict { slot, key, version })
     }
 
     /// The bucket as its writer sees it (nothing else writes it meanwhile, so one copy is
@@ -379,9 +392,9 @@ impl<'a> KeyedRegion<'a> {
     /// Writes `key`'s row into `slot` (of `key`'s bucket) at `version` and publishes it: the row
     /// first, then the bucket's digest, so that a reader never finds the digest before the row.
     /// A slot that held another key stops being found as that key by the same bucket write.
-    /// The caller is the bucket's only writer.
-    pub fn publish(&self, slot: u64, key: u64, version: u64, payload: &[f32]) {
-        self.write(slot, key, version, payload);
+    /// `image` is scratch of one stride. The caller is the bucket's only writer.
+    pub fn publish(&self, slot: u64, key: u64, version: u64, payload: &[f32], image: &mut [u8]) {
+        self.write(slot, key, version, payload, image);
         let bucket = self.layout.bucket_of(key);
         let entry = self.entry_of(bucket, slot);
         let mut view = self.writer_bucket(bucket);
@@ -391,13 +404,12 @@ impl<'a> KeyedRegion<'a> {
         }
     }
 
-    /// Rewrites the row of `key`, resident in `slot`, at `version` (an update). The caller is
-    /// the bucket's only writer.
-    pub fn write(&self, slot: u64, key: u64, version: u64, payload: &[f32]) {
+    /// Rewrites the row of `key`, resident in `slot`, at `version` (an update); `image` is
+    /// scratch of one stride. The caller is the bucket's only writer.
+    pub fn write(&self, slot: u64, key: u64, version: u64, payload: &[f32], image: &mut [u8]) {
         let layout = self.layout.row();
-        let mut image = vec![0u8; layout.stride()];
-        row::encode_keyed_image(layout, version, key, payload, &mut image);
-        row::write_row(self.rows, layout, slot, &image);
+        row::encode_keyed_image(layout, version, key, payload, image);
+        row::write_row(self.rows, layout, slot, image);
     }
 
     /// Empties `slot` (of `bucket`): its key is no longer found. The row stays until the slot is
@@ -531,20 +543,30 @@ mod tests {
                     keyed.remove(layout.bucket_of(key), slot);
                 }
             } else {
-                match keyed.place(key, |s| score[s as usize]) {
-                    Placement::Resident(slot) => {
-                        let (at, version) = model.get_mut(&key).expect("resident in the model");
-                        assert_eq!(*at, slot);
+                match keyed.place(key, |s| score[s as usize], &mut image).unwrap() {
+                    Placement::Resident { slot, version: at } => {
+                        let (held, version) = model.get_mut(&key).expect("resident in the model");
+                        assert_eq!((*held, *version), (slot, at));
                         *version += 1;
-                        keyed.write(slot, key, *version, &[key as f32, *version as f32]);
+                        keyed.write(
+                            slot,
+                            key,
+                            *version,
+                            &[key as f32, *version as f32],
+                            &mut image,
+                        );
                     }
                     Placement::Free(slot) => {
                         assert!(!model.contains_key(&key));
                         assert!(model.values().all(|&(s, _)| s != slot), "free slot held");
-                        keyed.publish(slot, key, 0, &[key as f32, 0.0]);
+                        keyed.publish(slot, key, 0, &[key as f32, 0.0], &mut image);
                         model.insert(key, (slot, 0));
                     }
-                    Placement::Evict { slot, key: victim } => {
+                    Placement::Evict {
+                        slot,
+                        key: victim,
+                        version,
+                    } => {
                         evictions += 1;
                         let bucket = layout.bucket_of(key);
                         let first = layout.first_slot(bucket);
@@ -556,11 +578,11 @@ mod tests {
                             })
                             .collect();
                         assert_eq!(held.len(), BUCKET_SLOTS);
-                        assert_eq!(model[&victim].0, slot);
+                        assert_eq!(model[&victim], (slot, version));
                         let lowest = held.iter().map(|(_, &(s, _))| score[s as usize]).min();
                         assert_eq!(Some(score[slot as usize]), lowest);
                         model.remove(&victim);
-                        keyed.publish(slot, key, 0, &[key as f32, 0.0]);
+                        keyed.publish(slot, key, 0, &[key as f32, 0.0], &mut image);
                         model.insert(key, (slot, 0));
                     }
                 }

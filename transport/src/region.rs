@@ -58,9 +58,9 @@ pub fn prefetch<T>(items: &[T]) {
 /// Asks the kernel to back a mapping with transparent huge pages where it can (`MADV_HUGEPAGE`:
 /// honoured when `/sys/kernel/mm/transparent_hugepage/enabled` is `madvise` or `always`, and for
 /// shared-memory files when `shmem_enabled` allows it). A shard reads and writes rows scattered
-/// over its whole region, so with 4 KiB pages nearly every row costs a page walk; on the
-/// reference workload the daemon served about 1.3x the batches a second with them
-/// (docs/BENCHMARKS.md). Only a hint: a kernel that refuses leaves 4 KiB pages.
+/// over its whole region, so with 4 KiB pages nearly every row costs a page walk (`comm` without a
+/// cache, one client, on a 2-core machine: 1.35x the batches a second with them;
+/// docs/BENCHMARKS.md). Only a hint: a kernel that refuses leaves 4 KiB pages.
 fn prefer_huge_pages(map: &MmapMut) {
     #[cfg(target_os = "linux")]
     if let Err(e) = map.advise(memmap2::Advice::HugePage) {

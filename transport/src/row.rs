@@ -284,14 +284,30 @@ pub fn read_row(
     image: &mut [u8],
     attempts: u32,
 ) -> Result<VerifiedRead, RowError> {
+    let first = index as usize * layout.stride_words();
+    let row = &words[first..first + layout.stride_words()];
+    read_verified(row, image, attempts, |image| verify_image(layout, image))
+        .map(|(version, retries)| VerifiedRead { version, retries })
+}
+
+/// The verifying reader's loop, for any image whose first word is a seq (a row, or a bucket of a
+/// dynamic table): copies `words` into `image` until `verify` accepts the copy, at most
+/// `attempts` times, and returns what it made of it with the number of torn copies discarded.
+/// The one home of the retry rule.
+pub fn read_verified<T>(
+    words: &[AtomicU64],
+    image: &mut [u8],
+    attempts: u32,
+    verify: impl Fn(&[u8]) -> Result<T, RowError>,
+) -> Result<(T, u32), RowError> {
     let mut last = RowError::Length {
         got: 0,
-        expected: layout.stride(),
+        expected: image.len(),
     };
     for retries in 0..attempts.max(1) {
-        copy_row(words, layout, index, image);
-        match verify_image(layout, image) {
-            Ok(version) => return Ok(VerifiedRead { version, retries }),
+        copy_words(words, 0, image);
+        match verify(image) {
+            Ok(v) => return Ok((v, retries)),
             Err(e) => {
                 last = e;
                 std::hint::spin_loop();

@@ -128,6 +128,7 @@ fn readers_never_accept_another_keys_row_while_slots_are_reused() {
             let mut versions = std::collections::HashMap::new();
             let mut scores = vec![0u64; layout.capacity() as usize];
             let (mut rng, mut step, mut evictions) = (7u64, 0u64, 0u64);
+            let mut image = vec![0u8; layout.row().stride()];
             while !stop.load(Ordering::Relaxed) {
                 step += 1;
                 let k = key(xorshift(&mut rng) % KEYS);
@@ -137,22 +138,25 @@ fn readers_never_accept_another_keys_row_while_slots_are_reused() {
                     }
                     continue;
                 }
-                let slot = match keyed.place(k, |s| scores[s as usize]) {
-                    Placement::Resident(slot) => {
+                let placed = keyed.place(k, |s| scores[s as usize], &mut image).unwrap();
+                let slot = match placed {
+                    Placement::Resident { slot, .. } => {
                         let entry: &mut (u64, u64) = versions.get_mut(&k).unwrap();
                         entry.1 += 1;
-                        keyed.write(slot, k, entry.1, &payload(k, entry.1));
+                        keyed.write(slot, k, entry.1, &payload(k, entry.1), &mut image);
                         slot
                     }
                     Placement::Free(slot) => {
-                        keyed.publish(slot, k, 0, &payload(k, 0));
+                        keyed.publish(slot, k, 0, &payload(k, 0), &mut image);
                         versions.insert(k, (slot, 0));
                         slot
                     }
-                    Placement::Evict { slot, key: victim } => {
+                    Placement::Evict {
+                        slot, key: victim, ..
+                    } => {
                         evictions += 1;
                         versions.remove(&victim);
-                        keyed.publish(slot, k, 0, &payload(k, 0));
+                        keyed.publish(slot, k, 0, &payload(k, 0), &mut image);
                         versions.insert(k, (slot, 0));
                         slot
                     }

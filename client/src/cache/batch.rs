@@ -151,9 +151,9 @@ impl Batch {
 
     /// Asks the CPU to load what planning unique key `u + KEYS_AHEAD` touches (when resident,
     /// its line's bookkeeping and policy record; else its counters in the policy), so that a loop
-    /// over the unique keys in order finds them in cache. A fixed distance, not the whole batch up front: a batch's
-    /// loads do not fit the first-level cache, and the ones issued first would be gone by the
-    /// time the loop reaches them.
+    /// over the unique keys in order finds them in cache. A fixed distance, not the whole batch
+    /// up front: a batch's loads do not fit the first-level cache, and the ones issued first
+    /// would be gone by the time the loop reaches them.
     pub fn plan_ahead(&self, lines: &Lines, u: usize) {
         const KEYS_AHEAD: usize = 12;
         if let Some(&key) = self.uniq.get(u + KEYS_AHEAD) {
