@@ -93,6 +93,7 @@ fn spec(name: &str, rows: u64, dim: u32) -> TableSpec {
             seed: 3,
         },
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

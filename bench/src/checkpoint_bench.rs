@@ -177,6 +177,7 @@ pub fn run(args: &CheckpointArgs) -> Result<CheckpointReport> {
             beta2: 0.999,
             eps: 1e-8,
         },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     };
     let s = shard(&data)?;
     let (t, _) = s.create(spec.clone())?;

@@ -202,6 +202,7 @@ pub fn run(args: &CoreArgs) -> Result<CoreReport> {
         dim: w.dim,
         init: Initializer::Zeros,
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     };
     let config = CacheConfig::new(Capacity::Fraction(args.cache), args.policy, args.bound);
     let mut core = CacheCore::new(&spec, &config, 1);

@@ -94,6 +94,7 @@ pub fn run(args: &TcpArgs) -> Result<Report> {
                 seed: 1,
             },
             optimizer: OptimizerSpec::Sgd { lr: 0.01 },
+            buckets: hetkv_transport::DEFAULT_BUCKETS,
         };
         Cluster::connect_tcp(cluster.addrs(), &config)?.create_table(&spec)?;
         for &threads in &args.threads {

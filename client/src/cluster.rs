@@ -220,11 +220,6 @@ impl Cluster {
         self.shards.len()
     }
 
-    /// The shard holding row `key`.
-    pub fn shard_of(&self, key: u64) -> usize {
-        hetkv_transport::Routing::new(self.shards.len() as u32).shard_of(key)
-    }
-
     /// Shard `i`'s transport.
     pub fn shard(&self, i: usize) -> &Arc<dyn ShardTransport> {
         &self.shards[i]
@@ -375,14 +370,14 @@ struct Routed {
 }
 
 impl Routed {
-    fn new(cluster: &Cluster, keys: &[u64]) -> Self {
-        let s = cluster.shard_count();
+    fn new(routing: hetkv_transport::Routing, keys: &[u64]) -> Self {
+        let s = routing.shards() as usize;
         let mut r = Self {
             keys: vec![Vec::with_capacity(keys.len() / s + 1); s],
             positions: vec![Vec::with_capacity(keys.len() / s + 1); s],
         };
         for (pos, &k) in keys.iter().enumerate() {
-            let shard = cluster.shard_of(k);
+            let shard = routing.shard_of(k);
             r.keys[shard].push(k);
             r.positions[shard].push(pos);
         }
@@ -406,6 +401,11 @@ impl Table {
     /// The cluster.
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// Where the table's rows live on the cluster's shards.
+    pub fn routing(&self) -> hetkv_transport::Routing {
+        self.spec.routing(self.cluster.shard_count() as u32)
     }
 
     fn check(&self, keys: &[u64], values: usize) -> Result<(), ClientError> {
@@ -448,7 +448,7 @@ impl Table {
                 });
             }
         }
-        let routed = Routed::new(&self.cluster, keys);
+        let routed = Routed::new(self.routing(), keys);
         let name = &self.spec.name;
         let results = self.per_shard(&routed, |_, shard, keys| {
             let (mut v, mut rows) = (Vec::new(), Vec::new());
@@ -502,7 +502,7 @@ impl Table {
             });
         }
         self.check_finite(keys, grads, "gradient")?;
-        let routed = Routed::new(&self.cluster, keys);
+        let routed = Routed::new(self.routing(), keys);
         let dim = self.spec.dim as usize;
         let name = &self.spec.name;
         let updates = self.write_shards(&routed, "pushed", |s, shard, shard_keys| {
@@ -524,7 +524,7 @@ impl Table {
     pub fn assign(&self, keys: &[u64], values: &[f32]) -> Result<u64, ClientError> {
         self.check(keys, values.len())?;
         self.check_finite(keys, values, "value")?;
-        let routed = Routed::new(&self.cluster, keys);
+        let routed = Routed::new(self.routing(), keys);
         let dim = self.spec.dim as usize;
         let name = &self.spec.name;
         let rows = self.write_shards(&routed, "assigned", |s, shard, shard_keys| {

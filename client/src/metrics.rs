@@ -12,7 +12,7 @@
 //! # let table = client.create_table(&hetkv_transport::TableSpec {
 //! #     name: "ads".into(), rows: 100, dim: 4,
 //! #     init: hetkv_transport::Initializer::Zeros,
-//! #     optimizer: hetkv_transport::OptimizerSpec::Sgd { lr: 0.1 },
+//! #     optimizer: hetkv_transport::OptimizerSpec::Sgd { lr: 0.1 }, buckets: hetkv_transport::DEFAULT_BUCKETS,
 //! # })?;
 //! use hetkv_client::{Bound, CacheConfig, Capacity, PolicyKind};
 //! use prometheus_client::registry::Registry;

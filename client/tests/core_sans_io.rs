@@ -86,6 +86,7 @@ fn core(capacity: usize, policy: PolicyKind, pull: Bound, push: Bound) -> CacheC
         dim: DIM as u32,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     };
     let config = CacheConfig {
         capacity: Capacity::Rows(capacity),

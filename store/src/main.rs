@@ -105,6 +105,24 @@ enum CheckpointAction {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Move a cluster's checkpoint onto another number of shards, bucket by bucket (every
+    /// daemon using these data directories must be stopped). Each target directory gets a full
+    /// checkpoint `--out` of the rows its shard owns; start the new cluster's daemons on them.
+    Reshard {
+        /// The data directory of every shard of the old cluster (comma-separated, any order).
+        #[arg(long = "from", value_delimiter = ',', required = true)]
+        from: Vec<PathBuf>,
+        /// The checkpoint to move (every source holds one of this name).
+        #[arg(long)]
+        name: String,
+        /// The data directories of the new cluster's shards, in shard order (comma-separated; a
+        /// source directory may be one of them).
+        #[arg(long = "to", value_delimiter = ',', required = true)]
+        to: Vec<PathBuf>,
+        /// The new checkpoints' name.
+        #[arg(long)]
+        out: String,
+    },
     /// Merge an incremental checkpoint's chain into one full checkpoint (the daemon using the
     /// data directory must be stopped).
     Compact {

@@ -1,5 +1,6 @@
 //! The `hetkv` binary's operator commands on checkpoints and tables: `checkpoint` (on a running
-//! cluster, or list/verify/compact on a data directory), `export` and `import`.
+//! cluster, or list/verify/compact on a data directory, reshard across data directories),
+//! `export` and `import`.
 
 use std::path::Path;
 
@@ -78,6 +79,12 @@ pub(crate) fn checkpoint(args: &CheckpointArgs) -> Result<()> {
             name,
             out,
         }) => compact(data_dir, name.as_deref(), out),
+        Some(CheckpointAction::Reshard {
+            from,
+            name,
+            to,
+            out,
+        }) => reshard(from, name, to, out),
         None => {
             let name = args.name.as_deref().context("--name is required")?;
             let shards = connect(
@@ -211,6 +218,58 @@ fn compact(data_dir: &Path, name: Option<&str>, out: &str) -> Result<()> {
         m.seq,
         m.tables.len()
     );
+    Ok(())
+}
+
+fn reshard(
+    from: &[std::path::PathBuf],
+    name: &str,
+    to: &[std::path::PathBuf],
+    out: &str,
+) -> Result<()> {
+    // Every directory locked once (a source may also be a target), so that no daemon writes into
+    // them meanwhile.
+    let mut locked: Vec<std::path::PathBuf> = Vec::new();
+    let mut locks = Vec::new();
+    for dir in from.iter().chain(to) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data directory {}", dir.display()))?;
+        let real = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        if locked.contains(&real) {
+            continue;
+        }
+        locks.push(Placement::new(0, Some(dir), None).with_context(|| {
+            format!(
+                "resharding needs {} to itself: stop its daemon first",
+                dir.display()
+            )
+        })?);
+        locked.push(real);
+    }
+    let sources: Vec<CheckpointDir> = from.iter().map(|d| CheckpointDir::at(d)).collect();
+    let targets: Vec<CheckpointDir> = to.iter().map(|d| CheckpointDir::at(d)).collect();
+    let made =
+        hetkv_store::checkpoint::reshard(&sources, name, &targets, out).with_context(|| {
+            format!(
+                "moving checkpoint {name} of {} shards onto {} shards",
+                from.len(),
+                to.len()
+            )
+        })?;
+    for (dir, m) in to.iter().zip(&made) {
+        println!(
+            "{}: checkpoint {out} (seq {}), shard {} of {}, {} tables, {} rows",
+            dir.display(),
+            m.seq,
+            m.shard,
+            m.shards,
+            m.tables.len(),
+            m.tables.iter().map(|t| t.rows).sum::<u64>()
+        );
+    }
+    drop(locks);
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use hetkv_transport::codec::RowsWriter;
 use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::wire::{F32s, PushRows, U32s, U64s, NO_BASE};
-use hetkv_transport::{Produced, Region, Routing, StateShape, TableInfo, TableSpec, TableStats};
+use hetkv_transport::{Produced, Region, StateShape, TableInfo, TableSpec, TableStats};
 
 use crate::checkpoint::format::{RecordView, TableFileWriter};
 use crate::checkpoint::{FileHeader, Kind, RecordShape};
@@ -201,7 +201,7 @@ impl Table {
 
     /// The global key of local row `i`.
     pub fn global_key(&self, i: u64) -> u64 {
-        Routing::new(self.shards).global_key(self.shard, i)
+        self.spec.routing(self.shards).global_key(self.shard, i)
     }
 
     /// The local index of global `key`, or why it is not on this shard.
@@ -212,7 +212,7 @@ impl Table {
                 self.spec.name, self.spec.rows
             )));
         }
-        let routing = Routing::new(self.shards);
+        let routing = self.spec.routing(self.shards);
         routing
             .local_on(key, self.shard, self.local_rows)
             .ok_or_else(|| {

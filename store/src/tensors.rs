@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use hetkv_transport::{Routing, ShardTransport, TableSpec};
+use hetkv_transport::{ShardTransport, TableSpec};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::StoreError;
@@ -73,7 +73,7 @@ pub fn export_table(
     let bytes = n.checked_mul(4 * dim as u64).ok_or_else(too_large)?;
     let mut values = vec![0u8; usize::try_from(bytes).map_err(|_| too_large())?];
     let mut versions = vec![0u8; n as usize * 8];
-    let routing = Routing::new(shards.len() as u32);
+    let routing = spec.routing(shards.len() as u32);
     let chunk = chunk_keys(spec.dim);
     let (mut v, mut rows) = (Vec::new(), Vec::new());
     let mut shard_keys: Vec<Vec<u64>> = vec![Vec::new(); shards.len()];
@@ -215,7 +215,7 @@ pub fn import_table(
             w[0]
         )));
     }
-    let routing = Routing::new(shards.len() as u32);
+    let routing = spec.routing(shards.len() as u32);
     let chunk = chunk_keys(spec.dim);
     let mut assigned = 0u64;
     for (ci, ks) in keys.chunks(chunk).enumerate() {

@@ -49,6 +49,7 @@ fn spec() -> TableSpec {
             eps: 1e-8,
             initial_accumulator: 0.1,
         },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 
@@ -182,6 +183,7 @@ fn a_checkpoint_whose_daemon_dies_mid_call_is_reported_unknown_at_once() {
         dim: 32,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     })
     .unwrap();
     let started = std::time::Instant::now();
@@ -211,4 +213,119 @@ fn a_checkpoint_whose_daemon_dies_mid_call_is_reported_unknown_at_once() {
         "it took {:?} (the deadline is 60 s)",
         started.elapsed()
     );
+}
+
+#[test]
+fn a_cluster_checkpoint_moves_onto_three_shards_and_exports_the_same_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<_> = (0..3).map(|i| dir.path().join(format!("s{i}"))).collect();
+    let spec = TableSpec {
+        buckets: 5, // divided by neither 2 nor 3
+        ..spec()
+    };
+    let cluster = |n: usize| -> Vec<Daemon> {
+        (0..n)
+            .map(|i| {
+                let (shard, shards) = (i.to_string(), n.to_string());
+                Daemon::start(serve(&data[i], &["--shard", &shard, "--shards", &shards]))
+            })
+            .collect()
+    };
+    let addrs = |ds: &[Daemon]| {
+        ds.iter()
+            .map(|d| d.addr.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let export = |ds: &[Daemon], out: &str| {
+        let path = dir.path().join(out);
+        let path_s = path.to_str().unwrap();
+        ok(hetkv(&[
+            "export",
+            "--cluster",
+            &addrs(ds),
+            "--table",
+            "ads",
+            "--out",
+            path_s,
+        ]));
+        std::fs::read(path).unwrap()
+    };
+
+    let two = cluster(2);
+    let clients: Vec<TcpShardClient> = two
+        .iter()
+        .map(|d| TcpShardClient::connect(&d.addr, ClientConfig::default()).unwrap())
+        .collect();
+    let routing = spec.routing(2);
+    for c in &clients {
+        c.create_table(&spec).unwrap();
+    }
+    for k in (0..spec.rows).step_by(7) {
+        let g: Vec<f32> = (0..8)
+            .map(|j| (k % 13) as f32 * 0.01 - j as f32 * 0.02)
+            .collect();
+        clients[routing.shard_of(k)]
+            .push("ads", &[k], &[1 + (k % 3) as u32], &g)
+            .unwrap();
+    }
+    let before = export(&two, "two.safetensors");
+    ok(hetkv(&[
+        "checkpoint",
+        "--cluster",
+        &addrs(&two),
+        "--name",
+        "k",
+    ]));
+    drop(clients);
+    drop(two);
+
+    let (from, to) = (
+        format!("{},{}", data[1].display(), data[0].display()),
+        data.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    let out = ok(hetkv(&[
+        "checkpoint",
+        "reshard",
+        "--from",
+        &from,
+        "--name",
+        "k",
+        "--to",
+        &to,
+        "--out",
+        "k3",
+    ]));
+    assert!(out.contains("shard 2 of 3"), "{out}");
+    let three = cluster(3);
+    // The tensors' bytes (after the JSON header, whose metadata keys come in any order).
+    let tensors = |file: &[u8]| {
+        let header = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        file[8 + header..].to_vec()
+    };
+    let after = export(&three, "three.safetensors");
+    assert_eq!(before.len(), after.len());
+    assert!(
+        tensors(&after) == tensors(&before),
+        "the table on 3 shards exports as on 2"
+    );
+    // Resharding with a daemon still running on a directory is refused.
+    let out = hetkv(&[
+        "checkpoint",
+        "reshard",
+        "--from",
+        &to,
+        "--name",
+        "k3",
+        "--to",
+        &from,
+        "--out",
+        "k2",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stop its daemon first"), "{err}");
 }

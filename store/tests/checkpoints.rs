@@ -23,6 +23,7 @@ fn spec(name: &str, rows: u64, dim: u32, optimizer: OptimizerSpec) -> TableSpec 
             seed: 3,
         },
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

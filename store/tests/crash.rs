@@ -32,6 +32,7 @@ fn table(name: &str, optimizer: OptimizerSpec) -> TableSpec {
         dim: 8,
         init: Initializer::Zeros,
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

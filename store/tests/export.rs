@@ -38,7 +38,7 @@ fn hetkv(args: &[&str], cluster: &str) -> String {
 
 /// Pulls `keys` of `table` through the client: (rows x dim values, versions).
 fn pull(shards: &[TcpShardClient], table: &str, dim: usize, keys: &[u64]) -> (Vec<f32>, Vec<u64>) {
-    let routing = Routing::new(shards.len() as u32);
+    let routing = Routing::new(shards.len() as u32, hetkv_transport::DEFAULT_BUCKETS);
     let (mut values, mut versions) = (vec![0f32; keys.len() * dim], vec![0u64; keys.len()]);
     let (mut v, mut rows) = (Vec::new(), Vec::new());
     for (j, &k) in keys.iter().enumerate() {
@@ -77,13 +77,14 @@ fn an_exported_table_loads_in_python_as_pulled_and_imports_into_another() {
             eps: 1e-8,
             initial_accumulator: 0.1,
         },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     };
     for s in &shards {
         s.create_table(&spec("emb")).unwrap();
         s.create_table(&spec("warm")).unwrap();
     }
     // Some training: keys 3k + 1 get updates of varying counts.
-    let routing = Routing::new(2);
+    let routing = spec("emb").routing(2);
     for k in (1..rows).step_by(3) {
         let s = &shards[routing.shard_of(k)];
         let g: Vec<f32> = (0..dim)

@@ -67,6 +67,7 @@ fn the_metrics_endpoint_counts_requests_rows_errors_and_checkpoints() {
         dim: 2,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     })
     .unwrap();
     for _ in 0..3 {
@@ -247,6 +248,7 @@ fn the_page_is_bounded_however_many_tables_there_are() {
             dim: 2,
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            buckets: hetkv_transport::DEFAULT_BUCKETS,
         })
         .unwrap();
         c.push(&name, &[1], &[1], &[0.5; 2]).unwrap();

@@ -43,6 +43,7 @@ fn spec() -> TableSpec {
         dim: 4,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

@@ -129,6 +129,7 @@ fn spec(name: &str, dim: u32, optimizer: OptimizerSpec) -> TableSpec {
             seed: 3,
         },
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

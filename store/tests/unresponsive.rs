@@ -132,6 +132,7 @@ fn calls_wait_through_a_stopped_daemon_and_go_on_when_it_continues() {
         dim: 2,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     })
     .unwrap();
     let pid = d.child.id().to_string();

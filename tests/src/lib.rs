@@ -141,6 +141,7 @@ pub fn sgd_table(name: &str, rows: u64, dim: u32, lr: f32) -> TableSpec {
             seed: 11,
         },
         optimizer: OptimizerSpec::Sgd { lr },
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

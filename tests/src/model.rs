@@ -49,6 +49,9 @@ use crate::TestRng;
 pub const CLIENTS: usize = 3;
 /// Rows of the model's table.
 pub const ROWS: u64 = 48;
+/// The table's placement buckets: 5, which the harness's 3 shards and the daemons' 2 do not
+/// divide, so the caches route by bucket (shard `(k % 5) % S`), not by `k % S`.
+pub const BUCKETS: u32 = 5;
 /// Its dim: one count element per client, and two shared elements.
 pub const DIM: usize = CLIENTS + 2;
 /// Rows each cache holds: small enough to evict constantly.
@@ -69,6 +72,7 @@ pub fn spec_with(name: &str, optimizer: OptimizerSpec) -> TableSpec {
         dim: DIM as u32,
         init: Initializer::Zeros,
         optimizer,
+        buckets: BUCKETS,
     }
 }
 

@@ -19,7 +19,7 @@ use hetkv_transport::wire::{
     RegionDescriptor, ShardStats, Since, Span, WireError, NO_BASE, PROTOCOL_VERSION,
 };
 use hetkv_transport::{
-    Carried, Optimizer, Produced, Pulled, PushOutcome, PushRef, Routing, RowStates, ShardTransport,
+    Carried, Optimizer, Produced, Pulled, PushOutcome, PushRef, RowStates, ShardTransport,
     StaleQuery, StaleRows, TableInfo, TableSpec, Traffic, TransportError,
 };
 
@@ -212,7 +212,7 @@ impl SimShard {
     }
 
     fn check_keys(&self, keys: &[u64]) -> Result<(), TransportError> {
-        let routing = Routing::new(self.hello.shards);
+        let routing = self.spec.routing(self.hello.shards);
         let local_rows = routing.local_rows(self.spec.rows, self.hello.shard);
         match keys
             .iter()
@@ -434,8 +434,7 @@ impl ShardTransport for SimShard {
     fn list_tables(&self) -> Result<Vec<TableInfo>, TransportError> {
         Ok(vec![TableInfo {
             spec: self.spec.clone(),
-            local_rows: Routing::new(self.hello.shards)
-                .local_rows(self.spec.rows, self.hello.shard),
+            local_rows: self.spec.local_rows(self.hello.shard, self.hello.shards),
             stride: hetkv_transport::RowLayout::new(self.spec.dim).stride() as u32,
         }])
     }

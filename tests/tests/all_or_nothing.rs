@@ -20,6 +20,7 @@ fn spec() -> TableSpec {
         dim: DIM as u32,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::sgd(1.0),
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

@@ -40,7 +40,8 @@ struct Versions<'a>(&'a [Arc<SimShard>]);
 
 impl History for Versions<'_> {
     fn row_at(&self, key: u64, version: u64) -> Option<RowAt> {
-        self.0[(key % SHARDS as u64) as usize].history(key, version)
+        let routing = model::spec("history").routing(SHARDS);
+        self.0[routing.shard_of(key)].history(key, version)
     }
 }
 

@@ -47,6 +47,7 @@ fn cache_counters_scraped_from_the_trainers_registry_equal_the_caches_statistics
             dim: 8,
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            buckets: hetkv_transport::DEFAULT_BUCKETS,
         })
         .unwrap();
     let registry = Arc::new(Mutex::new(Registry::with_prefix("trainer")));

@@ -28,6 +28,7 @@ fn spec(name: &str, optimizer: OptimizerSpec) -> TableSpec {
         dim: DIM as u32,
         init: Initializer::Normal { std: 0.1, seed: 5 },
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

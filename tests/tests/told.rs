@@ -22,6 +22,7 @@ fn spec() -> TableSpec {
         dim: 2,
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::sgd(1.0),
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

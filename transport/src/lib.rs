@@ -55,5 +55,6 @@ pub use service::{Outcome, Response, ServerCounters, Session, ShardService};
 pub use shm::{ShmMemory, ShmTransport, ShmUnavailable};
 pub use spec::{
     Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, SpecError, TableInfo, TableSpec,
+    DEFAULT_BUCKETS, MAX_BUCKETS,
 };
 pub use wire::{ErrorCode, RegionDescriptor, ShardStats, Span, TableStats, WireError};

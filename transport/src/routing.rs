@@ -1,20 +1,32 @@
-//! Where a row lives (DESIGN section 3): row `r` of a cluster of `S` shards lives on shard `r % S`
-//! at local index `r / S`, so hot ids spread over every shard.
+//! Where a row lives (DESIGN section 3, "Placement"): row `r` of a table of `B` placement buckets
+//! is in bucket `r % B`; bucket `b` of a cluster of `S` shards is on shard `b % S` (the bucket
+//! map); on its shard, row `r` is at local index `(r / B) * n + b / S`, where `n` is the number of
+//! buckets the shard owns. Rows are dense on every shard (no holes), hot ids (small `r`) spread
+//! over every shard, and when `S` divides `B` the layout is `r % S` at `r / S`.
 //!
-//! This is the one home of that rule: the client's cluster and cache, the store's tables and the
-//! region descriptors that one-sided readers use all ask a [`Routing`].
+//! The bucket is the unit of resharding: a table's `B` never changes, so a checkpoint of `S`
+//! shards is moved onto `S'` bucket by bucket (`hetkv checkpoint reshard`).
+//!
+//! This is the one home of that rule: the client's cluster and cache, the store's tables, its
+//! checkpoints and the region descriptors that one-sided readers use all ask a [`Routing`].
 
-/// The placement of rows over the shards of one cluster.
+/// The placement of one table's rows over the shards of one cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Routing {
     shards: u32,
+    buckets: u32,
+    /// `buckets % shards == 0`: the shard of row `r` is `r % shards` (one division).
+    aligned: bool,
 }
 
 impl Routing {
-    /// Rows spread over `shards` shards (at least one).
-    pub fn new(shards: u32) -> Self {
+    /// Rows of a table of `buckets` placement buckets over `shards` shards (each at least one).
+    pub fn new(shards: u32, buckets: u32) -> Self {
+        let (shards, buckets) = (shards.max(1), buckets.max(1));
         Self {
-            shards: shards.max(1),
+            shards,
+            buckets,
+            aligned: buckets % shards == 0,
         }
     }
 
@@ -23,36 +35,79 @@ impl Routing {
         self.shards
     }
 
+    /// Number of placement buckets.
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// The placement bucket of row `key`.
+    pub fn bucket_of(&self, key: u64) -> u32 {
+        (key % u64::from(self.buckets)) as u32
+    }
+
+    /// The shard that owns bucket `bucket` (the bucket map).
+    pub fn shard_of_bucket(&self, bucket: u32) -> u32 {
+        bucket % self.shards
+    }
+
+    /// The buckets shard `shard` owns.
+    pub fn buckets_on(&self, shard: u32) -> u32 {
+        if shard >= self.buckets {
+            0
+        } else {
+            (self.buckets - shard).div_ceil(self.shards)
+        }
+    }
+
     /// The shard holding row `key`.
+    #[inline]
     pub fn shard_of(&self, key: u64) -> usize {
-        (key % u64::from(self.shards)) as usize
+        if self.aligned {
+            (key % u64::from(self.shards)) as usize
+        } else {
+            self.shard_of_bucket(self.bucket_of(key)) as usize
+        }
     }
 
     /// The index of row `key` within its shard.
     pub fn local_index(&self, key: u64) -> u64 {
-        key / u64::from(self.shards)
+        if self.aligned {
+            return key / u64::from(self.shards);
+        }
+        let b = self.bucket_of(key);
+        let round = key / u64::from(self.buckets);
+        let shard = self.shard_of_bucket(b);
+        round * u64::from(self.buckets_on(shard)) + u64::from(b / self.shards)
     }
 
-    /// The row at local index `local` of shard `shard`.
+    /// The row at local index `local` of shard `shard` (which must own a bucket).
     pub fn global_key(&self, shard: u32, local: u64) -> u64 {
-        local * u64::from(self.shards) + u64::from(shard)
+        let per_round = u64::from(self.buckets_on(shard).max(1));
+        let (round, rank) = (local / per_round, local % per_round);
+        round * u64::from(self.buckets) + rank * u64::from(self.shards) + u64::from(shard)
     }
 
     /// How many rows of a table of `rows` rows shard `shard` holds.
     pub fn local_rows(&self, rows: u64, shard: u32) -> u64 {
-        let s = u64::from(shard);
-        if s >= rows {
-            0
+        let full_rounds = rows / u64::from(self.buckets);
+        // The last, partial round holds buckets `[0, rest)`.
+        let rest = (rows % u64::from(self.buckets)) as u32;
+        let in_rest = if shard < rest {
+            (rest - shard).div_ceil(self.shards)
         } else {
-            (rows - s).div_ceil(u64::from(self.shards))
-        }
+            0
+        };
+        full_rounds * u64::from(self.buckets_on(shard)) + u64::from(in_rest)
     }
 
     /// The local index of `key` on shard `shard` of a shard holding `local_rows` rows, or `None`
     /// when the key lives on another shard or past the table's end.
     pub fn local_on(&self, key: u64, shard: u32, local_rows: u64) -> Option<u64> {
+        if self.shard_of(key) != shard as usize {
+            return None;
+        }
         let local = self.local_index(key);
-        (self.shard_of(key) == shard as usize && local < local_rows).then_some(local)
+        (local < local_rows).then_some(local)
     }
 }
 
@@ -62,22 +117,54 @@ mod tests {
 
     #[test]
     fn rows_partition_over_shards_and_map_back() {
-        for shards in 1..6u32 {
-            let r = Routing::new(shards);
-            for rows in [0u64, 1, 7, 100] {
-                let total: u64 = (0..shards).map(|s| r.local_rows(rows, s)).sum();
-                assert_eq!(total, rows, "{shards} shards, {rows} rows");
-                for key in 0..rows {
-                    let (s, l) = (r.shard_of(key) as u32, r.local_index(key));
-                    assert!(l < r.local_rows(rows, s));
-                    assert_eq!(r.global_key(s, l), key);
-                    assert_eq!(r.local_on(key, s, r.local_rows(rows, s)), Some(l));
-                    assert_eq!(r.local_on(key, (s + 1) % shards, u64::MAX), {
-                        (shards == 1).then_some(l)
-                    });
+        for buckets in [1u32, 2, 3, 4, 5, 7, 8, 12, 64] {
+            for shards in 1..7u32 {
+                let r = Routing::new(shards, buckets);
+                for rows in [0u64, 1, 7, 100, 131] {
+                    let total: u64 = (0..shards).map(|s| r.local_rows(rows, s)).sum();
+                    assert_eq!(
+                        total, rows,
+                        "{shards} shards, {buckets} buckets, {rows} rows"
+                    );
+                    let mut seen: Vec<Vec<bool>> = (0..shards)
+                        .map(|s| vec![false; r.local_rows(rows, s) as usize])
+                        .collect();
+                    for key in 0..rows {
+                        let (s, l) = (r.shard_of(key) as u32, r.local_index(key));
+                        assert_eq!(s, r.shard_of_bucket(r.bucket_of(key)));
+                        assert!(l < r.local_rows(rows, s), "key {key} {shards}x{buckets}");
+                        assert!(!std::mem::replace(&mut seen[s as usize][l as usize], true));
+                        assert_eq!(r.global_key(s, l), key);
+                        assert_eq!(r.local_on(key, s, r.local_rows(rows, s)), Some(l));
+                        if shards > 1 {
+                            assert_eq!(r.local_on(key, (s + 1) % shards, u64::MAX), None);
+                        }
+                    }
+                    // Dense: every local index of every shard holds a row.
+                    assert!(seen.iter().flatten().all(|&x| x));
                 }
             }
         }
-        assert_eq!(Routing::new(0), Routing::new(1));
+        assert_eq!(Routing::new(0, 0), Routing::new(1, 1));
+    }
+
+    #[test]
+    fn aligned_bucket_counts_keep_the_modulo_layout() {
+        for shards in [1u32, 2, 4, 8] {
+            let r = Routing::new(shards, 4096);
+            for key in (0..100_000u64).step_by(37) {
+                assert_eq!(r.shard_of(key), (key % u64::from(shards)) as usize);
+                assert_eq!(r.local_index(key), key / u64::from(shards));
+            }
+        }
+    }
+
+    #[test]
+    fn unaligned_bucket_counts_balance_the_shards() {
+        let r = Routing::new(3, 4096);
+        let rows = 1_000_000;
+        let held: Vec<u64> = (0..3).map(|s| r.local_rows(rows, s)).collect();
+        let (lo, hi) = (*held.iter().min().unwrap(), *held.iter().max().unwrap());
+        assert!(hi - lo <= rows / 4096 + 1, "{held:?}");
     }
 }

@@ -21,6 +21,24 @@ pub struct TableSpec {
     pub init: Initializer,
     /// The server-side optimizer applied to pushed gradients.
     pub optimizer: OptimizerSpec,
+    /// Placement buckets, 1 to [`MAX_BUCKETS`], fixed for the table's life: row `r` is in bucket
+    /// `r % buckets`, and the bucket is what a shard owns and what resharding moves
+    /// ([`Routing`](crate::Routing)). A cluster has at most this many shards holding rows of the
+    /// table. [`DEFAULT_BUCKETS`] where a config or a caller leaves it out.
+    #[serde(default = "default_buckets")]
+    pub buckets: u32,
+}
+
+/// The placement buckets of a table whose spec does not name them: enough for clusters of up to
+/// 4,096 shards, and a multiple of every power of two up to it (so clusters of such sizes keep the
+/// `r % S` layout).
+pub const DEFAULT_BUCKETS: u32 = 4096;
+
+/// The most placement buckets a table may have.
+pub const MAX_BUCKETS: u32 = 1 << 20;
+
+fn default_buckets() -> u32 {
+    DEFAULT_BUCKETS
 }
 
 /// Deterministic row initialisers: the initial value of row r is a pure function of (seed, r), so
@@ -376,13 +394,24 @@ impl TableSpec {
                 }
             }
         }
+        if self.buckets == 0 || self.buckets > MAX_BUCKETS {
+            return bad(format!(
+                "buckets {} outside 1..={MAX_BUCKETS}",
+                self.buckets
+            ));
+        }
         self.optimizer.validate()?;
         Ok(())
     }
 
-    /// Rows of this table held by shard `shard` of `shards` (row r lives on shard `r % shards`).
+    /// Where this table's rows live in a cluster of `shards` shards.
+    pub fn routing(&self, shards: u32) -> crate::Routing {
+        crate::Routing::new(shards, self.buckets)
+    }
+
+    /// Rows of this table held by shard `shard` of `shards`.
     pub fn local_rows(&self, shard: u32, shards: u32) -> u64 {
-        crate::routing::Routing::new(shards).local_rows(self.rows, shard)
+        self.routing(shards).local_rows(self.rows, shard)
     }
 }
 
@@ -408,6 +437,7 @@ mod tests {
             dim: 4,
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            buckets: crate::DEFAULT_BUCKETS,
         }
     }
 

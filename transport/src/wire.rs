@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -290,6 +290,9 @@ pub struct RegionDescriptor {
     pub stride: u32,
     /// Rows in the region.
     pub rows: u64,
+    /// The table's placement buckets: with the shard count, where each key's row is
+    /// ([`Routing`](crate::Routing)).
+    pub buckets: u32,
     /// Length in bytes.
     pub len: u64,
     /// Virtual address in the daemon (for RDMA READ).
@@ -313,20 +316,29 @@ pub struct RegionDescriptor {
 }
 
 impl RegionDescriptor {
-    /// The local row of `key` in this region of shard `shard` of `shards` (row `r` lives on shard
-    /// `r % S` at index `r / S`), or `None` when the key is not this shard's or is out of range.
+    /// The local row of `key` in this region of shard `shard` of `shards` (by the table's
+    /// [`Routing`](crate::Routing)), or `None` when the key is not this shard's or is out of
+    /// range.
     pub fn local_row(&self, key: u64, shard: u32, shards: u32) -> Option<u64> {
-        crate::routing::Routing::new(shards).local_on(key, shard, self.rows)
+        crate::routing::Routing::new(shards, self.buckets).local_on(key, shard, self.rows)
     }
 
-    /// The row layout the descriptor implies, after checking that its dim is supported, that its
-    /// stride is that dim's and that its rows fit its length (a reader relies on all three).
+    /// The row layout the descriptor implies, after checking that its dim is supported, its
+    /// bucket count in range, its stride that dim's and its rows within its length (a reader
+    /// relies on all four).
     pub fn check_layout(&self) -> Result<crate::row::RowLayout, String> {
         if !(1..=crate::row::MAX_DIM).contains(&self.dim) {
             return Err(format!(
                 "dim {} outside 1..={}",
                 self.dim,
                 crate::row::MAX_DIM
+            ));
+        }
+        if !(1..=crate::MAX_BUCKETS).contains(&self.buckets) {
+            return Err(format!(
+                "{} placement buckets outside 1..={}",
+                self.buckets,
+                crate::MAX_BUCKETS
             ));
         }
         let layout = crate::row::RowLayout::new(self.dim);
@@ -1096,12 +1108,14 @@ mod tests {
                 seed: 7,
             },
             optimizer: crate::spec::OptimizerSpec::Sgd { lr: 1.0 },
+            buckets: crate::DEFAULT_BUCKETS,
         };
         let mut want = vec![1, b't', 0xfb, 0xe8, 0x03, 8, 1];
         want.extend_from_slice(&0.5f32.to_le_bytes());
         want.push(7);
         want.push(0);
         want.extend_from_slice(&1.0f32.to_le_bytes());
+        want.extend_from_slice(&[0xfb, 0x00, 0x10]); // 4,096 buckets
         assert_eq!(header_bytes(&spec), want);
         let hello = HelloRequest {
             magic: MAGIC,

@@ -143,6 +143,7 @@ pub(super) fn tables(
         dim: dim as u32,
         init,
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     };
     [
         spec(

@@ -393,6 +393,7 @@ fn spec_of(
     dim: u32,
     init: Option<Initializer>,
     optimizer: Option<Optimizer>,
+    buckets: Option<u32>,
 ) -> PyResult<TableSpec> {
     let optimizer = match optimizer {
         Some(o) => o.0,
@@ -416,6 +417,7 @@ fn spec_of(
         dim,
         init: init.map_or(RustInit::Zeros, |i| i.0),
         optimizer,
+        buckets: buckets.unwrap_or(hetkv_transport::DEFAULT_BUCKETS),
     })
 }
 
@@ -436,7 +438,9 @@ impl Cluster {
     }
 
     /// Creates a table on every shard (or confirms an identical one) and returns it.
-    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None))]
+    /// `buckets` is the table's placement buckets (the unit of resharding; 4,096 when left out).
+    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None, buckets = None))]
+    #[allow(clippy::too_many_arguments)]
     fn create_table(
         &self,
         py: Python<'_>,
@@ -445,8 +449,9 @@ impl Cluster {
         dim: u32,
         init: Option<Initializer>,
         optimizer: Option<Optimizer>,
+        buckets: Option<u32>,
     ) -> PyResult<Table> {
-        let spec = spec_of(py, name, rows, dim, init, optimizer)?;
+        let spec = spec_of(py, name, rows, dim, init, optimizer, buckets)?;
         let inner = interruptible(py, || self.inner.create_table(&spec), py_err)?;
         Ok(Table { inner })
     }
@@ -615,7 +620,11 @@ impl EmbeddedCluster {
                 Some(v) => Some(v.extract::<Optimizer>()?),
                 None => None,
             };
-            specs.push(spec_of(py, name, rows, dim, init, optimizer)?);
+            let buckets = match get("buckets")? {
+                Some(v) => Some(v.extract::<u32>()?),
+                None => None,
+            };
+            specs.push(spec_of(py, name, rows, dim, init, optimizer, buckets)?);
         }
         let started = py.detach(|| {
             let cluster = match &data_dir {

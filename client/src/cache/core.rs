@@ -137,7 +137,7 @@ impl std::fmt::Debug for CacheCore {
 }
 
 impl CacheCore {
-    /// A cache of `spec`'s rows, spread over `shards` shards (row r on shard `r % shards`), under
+    /// A cache of `spec`'s rows, spread over `shards` shards (by the table's [`Routing`]), under
     /// `config`, with the default update rule ([`UpdateRuleKind::PushWhole`]).
     pub fn new(spec: &TableSpec, config: &CacheConfig, shards: usize) -> Self {
         let shards = shards.max(1);
@@ -155,7 +155,7 @@ impl CacheCore {
             push_bound: config.push_bound.get(),
             lines: Lines::new(capacity, dim, state_len, config.policy),
             clocks: Clocks::new(shards),
-            routing: Routing::new(shards as u32),
+            routing: spec.routing(shards as u32),
             queue: PushQueue::default(),
             rule: UpdateRuleKind::PushWhole.build(),
             batch: Batch::default(),

@@ -15,6 +15,7 @@ fn table(optimizer: OptimizerSpec, rows: u64, dim: u32) -> TableSpec {
         dim,
         init: Initializer::Zeros,
         optimizer,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 

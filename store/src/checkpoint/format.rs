@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::CheckpointError;
 
 /// Version of the checkpoint format.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// First bytes of a table file.
 pub const TABLE_MAGIC: [u8; 4] = *b"HKVC";
 /// First bytes of a table file's trailer.
@@ -844,6 +844,7 @@ mod tests {
             dim: 3,
             init: Initializer::Zeros,
             optimizer,
+            buckets: hetkv_transport::DEFAULT_BUCKETS,
         }
     }
 
@@ -906,7 +907,7 @@ mod tests {
         );
         // The documented layout: magic, format, kind, shard, shards at their offsets.
         assert_eq!(&bytes[0..4], b"HKVC");
-        assert_eq!(u32_at(&bytes, 4), 1);
+        assert_eq!(u32_at(&bytes, 4), 2);
         assert_eq!(bytes[8], 0);
         assert_eq!((u32_at(&bytes, 12), u32_at(&bytes, 16)), (1, 2));
         assert_eq!(u64_at(&bytes, 24), 5);

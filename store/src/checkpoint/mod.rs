@@ -1,5 +1,6 @@
 //! Checkpoints under a data directory (docs/CHECKPOINTS.md): committing them crash-safely, listing,
-//! verifying, reading chains back, and compacting a chain into one full checkpoint.
+//! verifying, reading chains back, compacting a chain into one full checkpoint, and moving a
+//! cluster's checkpoint onto another shard count ([`reshard`]).
 //!
 //! The bytes live in [`mod@format`]; this module owns the files: where they go, the order of writes,
 //! renames and fsyncs that makes a checkpoint exist only once it is whole, and the checks that
@@ -327,8 +328,9 @@ impl CheckpointDir {
             }
             if (h.shard, h.shards) != (shard, shards) {
                 return Err(CheckpointError::Refused(format!(
-                    "{label} is of shard {} of {}; this is shard {shard} of {shards} \
-                     (restoring onto another shard count is not supported: start {} daemons)",
+                    "{label} is of shard {} of {}; this is shard {shard} of {shards} (start {} \
+                     daemons, or move the checkpoint onto {shards} shards with `hetkv checkpoint \
+                     reshard`)",
                     h.shard, h.shards, h.shards
                 )));
             }
@@ -460,6 +462,213 @@ impl CheckpointDir {
         }
         pending.commit(self.next_seq()?, None, identity, last.sessions)
     }
+}
+
+/// A checkpoint written by one cluster of `S` shards, moved onto `S'` shards bucket by bucket
+/// (offline: the caller holds every data directory's lock). `sources` are the `S` data directories
+/// holding checkpoint `name` (one per shard, in any order); `targets` are the `S'` data directories
+/// of the new cluster, in shard order, each of which gets a full checkpoint `out` holding the rows
+/// its buckets own under the tables' [`Routing`](hetkv_transport::Routing) over `S'` shards. Every
+/// row keeps its value, version and optimizer state; a table's clock on a new shard is the sum of
+/// its rows' versions (as [`CheckpointDir::compact`] makes it). The new checkpoints carry no
+/// client sessions: the push numbers of the old cluster's clients mean nothing to the new shards.
+///
+/// Work: every source file is read once per target; a target's rows of one table are gathered in
+/// memory (that table's share of the new shard, as a daemon of it would hold).
+pub fn reshard(
+    sources: &[CheckpointDir],
+    name: &str,
+    targets: &[CheckpointDir],
+    out: &str,
+) -> Result<Vec<Manifest>, CheckpointError> {
+    check_name(name)?;
+    check_name(out)?;
+    let refuse = |m: String| Err(CheckpointError::Refused(m));
+    if sources.is_empty() || targets.is_empty() {
+        return refuse("resharding needs at least one source and one target data directory".into());
+    }
+    let new_shards = u32::try_from(targets.len()).map_err(|_| {
+        CheckpointError::Refused(format!("{} target shards is too many", targets.len()))
+    })?;
+    // Each source's chain, put in shard order; they must be the shards of one cluster.
+    let mut chains: Vec<Option<(&CheckpointDir, Vec<Manifest>)>> = vec![None; sources.len()];
+    for dir in sources {
+        let chain = dir.chain(name)?;
+        let last = chain.last().expect("a chain has its checkpoint");
+        let (shard, shards) = (last.shard as usize, last.shards as usize);
+        if shards != sources.len() {
+            return refuse(format!(
+                "{} holds checkpoint {name} of shard {shard} of {shards}; {} source directories \
+                 were given (give every shard's, one each)",
+                dir.root().display(),
+                sources.len()
+            ));
+        }
+        if let Some((other, _)) = &chains[shard] {
+            return refuse(format!(
+                "{} and {} both hold shard {shard} of checkpoint {name}",
+                other.root().display(),
+                dir.root().display()
+            ));
+        }
+        chains[shard] = Some((dir, chain));
+    }
+    let chains: Vec<(&CheckpointDir, Vec<Manifest>)> = chains
+        .into_iter()
+        .map(|c| c.expect("every shard once"))
+        .collect();
+    let old_shards = sources.len() as u32;
+    let tables: Vec<String> = chains[0]
+        .1
+        .last()
+        .expect("a chain")
+        .tables
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    for (shard, (dir, chain)) in chains.iter().enumerate() {
+        let here: Vec<&str> = chain
+            .last()
+            .expect("a chain")
+            .tables
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        if here != tables.iter().map(String::as_str).collect::<Vec<_>>() {
+            return refuse(format!(
+                "shard {shard} ({}) holds tables {here:?} in checkpoint {name}; shard 0 holds \
+                 {tables:?}",
+                dir.root().display()
+            ));
+        }
+    }
+
+    let mut pending: Vec<PendingCheckpoint> = targets
+        .iter()
+        .map(|t| t.begin(out))
+        .collect::<Result<_, _>>()?;
+    for (index, table) in tables.iter().enumerate() {
+        for (target, p) in pending.iter_mut().enumerate() {
+            reshard_table(
+                &chains,
+                table,
+                old_shards,
+                (target as u32, new_shards),
+                index,
+                p,
+            )?;
+        }
+    }
+    let mut manifests = Vec::with_capacity(targets.len());
+    for (target, (p, dir)) in pending.into_iter().zip(targets).enumerate() {
+        manifests.push(p.commit(
+            dir.next_seq()?,
+            None,
+            (target as u32, new_shards),
+            Vec::new(),
+        )?);
+    }
+    Ok(manifests)
+}
+
+/// Writes table `table`'s file for shard `target` of `new_shards` into `pending`: the rows of the
+/// buckets it owns, gathered from every source shard's chain.
+fn reshard_table(
+    chains: &[(&CheckpointDir, Vec<Manifest>)],
+    table: &str,
+    old_shards: u32,
+    (target, new_shards): (u32, u32),
+    index: usize,
+    pending: &mut PendingCheckpoint,
+) -> Result<(), CheckpointError> {
+    // Rows of the target's share, by new local index; filled as records come (newest last).
+    let mut rows: Vec<u8> = Vec::new();
+    let mut seen: Vec<bool> = Vec::new();
+    let mut header: Option<FileHeader> = None;
+    for (shard, (dir, chain)) in chains.iter().enumerate() {
+        let spec = dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
+            if header.is_none() {
+                if h.spec.buckets < new_shards {
+                    return Err(CheckpointError::Refused(format!(
+                        "table {table} has {} placement buckets; it cannot be spread over {} \
+                         shards (a bucket is the least a shard holds)",
+                        h.spec.buckets, new_shards
+                    )));
+                }
+                let local_rows = h.spec.local_rows(target, new_shards);
+                // The source's full file was checked to be at least its local rows' records long
+                // before any record came, so this is bounded by the bytes on disk.
+                let len = usize::try_from(local_rows)
+                    .ok()
+                    .and_then(|n| n.checked_mul(h.shape.len()))
+                    .ok_or_else(|| {
+                        CheckpointError::Refused(format!(
+                            "table {table}: {local_rows} rows on shard {target} do not fit in \
+                             memory"
+                        ))
+                    })?;
+                rows.try_reserve_exact(len).map_err(|e| {
+                    CheckpointError::Refused(format!(
+                        "table {table}: {len} bytes for shard {target}'s rows: {e}"
+                    ))
+                })?;
+                rows.resize(len, 0);
+                seen = vec![false; local_rows as usize];
+                header = Some(FileHeader {
+                    kind: Kind::Full,
+                    shard: target,
+                    shards: new_shards,
+                    local_rows,
+                    clock_start: 0,
+                    spec: h.spec.clone(),
+                    shape: h.shape,
+                });
+            }
+            let to = header.as_ref().expect("set above");
+            if to.spec != h.spec {
+                return Err(CheckpointError::Refused(format!(
+                    "table {table} is {:?} on shard {} and {:?} on another shard",
+                    h.spec, h.shard, to.spec
+                )));
+            }
+            let old = h.spec.routing(old_shards);
+            let new = h.spec.routing(new_shards);
+            let key = old.global_key(h.shard, rec.index());
+            if new.shard_of(key) != target as usize {
+                return Ok(());
+            }
+            let local = new.local_index(key) as usize;
+            let len = to.shape.len();
+            let room = &mut rows[local * len..(local + 1) * len];
+            room.copy_from_slice(rec.bytes());
+            room[0..8].copy_from_slice(&(local as u64).to_le_bytes());
+            seen[local] = true;
+            Ok(())
+        })?;
+        debug_assert_eq!(spec.name, table);
+    }
+    let mut header = header.expect("a table's chain starts with a full file");
+    if let Some(missing) = seen.iter().position(|&s| !s) {
+        return Err(CheckpointError::Refused(format!(
+            "table {table}: no source holds local row {missing} of shard {target} of \
+             {new_shards}"
+        )));
+    }
+    let len = header.shape.len();
+    let clock: u64 = rows
+        .chunks_exact(len)
+        .map(|r| u64::from_le_bytes(r[8..16].try_into().expect("8 bytes")))
+        .fold(0u64, u64::saturating_add);
+    header.clock_start = clock;
+    let mut w = pending.table_writer(index, &header)?;
+    let path = pending.dir.clone();
+    for (i, rec) in rows.chunks_exact(len).enumerate() {
+        w.next_record(i as u64)
+            .map_err(|e| CheckpointError::io(&path, e))?
+            .copy_from_slice(rec);
+    }
+    pending.finish_table(table, Kind::Full, w, clock)?;
+    Ok(())
 }
 
 /// The sorted record streams of a table's files, merged: each index once, from the newest file

@@ -169,9 +169,9 @@ impl Shard {
         let identity = (self.config.shard, self.config.shards);
         if (manifest.shard, manifest.shards) != identity {
             return Err(CheckpointError::Refused(format!(
-                "checkpoint {} is of shard {} of {}; this daemon is shard {} of {} (restoring \
-                 onto another shard count is not supported)",
-                manifest.name, manifest.shard, manifest.shards, identity.0, identity.1
+                "checkpoint {} is of shard {} of {}; this daemon is shard {} of {} (move it onto \
+                 {} shards first with `hetkv checkpoint reshard`)",
+                manifest.name, manifest.shard, manifest.shards, identity.0, identity.1, identity.1
             ))
             .into());
         }

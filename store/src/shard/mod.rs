@@ -164,6 +164,12 @@ impl Shard {
             return check(t);
         }
         let (shard, shards) = (self.config.shard, self.config.shards);
+        if spec.buckets < shards {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} has {} placement buckets; a cluster of {shards} shards needs at least                  {shards} (a bucket is the least a shard holds)",
+                spec.name, spec.buckets
+            )));
+        }
         let footprint = Table::footprint(&spec, shard, shards);
         if footprint > self.config.max_table_bytes {
             return Err(StoreError::InvalidSpec(format!(

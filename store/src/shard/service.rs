@@ -94,6 +94,7 @@ impl ShardService for Shard {
             dim: t.spec().dim,
             stride: t.layout().stride() as u32,
             rows: t.local_rows(),
+            buckets: t.spec().buckets,
             len: t.region().len(),
             addr: t.region().addr(),
             rkey: self.rkeys(t.region_id()).0,

@@ -27,6 +27,7 @@ fn spec(rows: u64) -> TableSpec {
             seed: 3,
         },
         optimizer: ADAGRAD,
+        buckets: hetkv_transport::DEFAULT_BUCKETS,
     }
 }
 
