@@ -94,6 +94,7 @@ fn spec(name: &str, rows: u64, dim: u32) -> TableSpec {
         },
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

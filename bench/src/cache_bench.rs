@@ -129,6 +129,7 @@ impl Bench {
             init: Initializer::Normal { std: 0.01, seed: 3 },
             optimizer: OptimizerSpec::Sgd { lr: 0.01 },
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         };
         Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?.create_table(&spec)?;
         let permutation = ZipfKeys::permutation(workload.rows, workload.seed);

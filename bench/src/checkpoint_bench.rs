@@ -178,6 +178,7 @@ pub fn run(args: &CheckpointArgs) -> Result<CheckpointReport> {
             eps: 1e-8,
         },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     let s = shard(&data)?;
     let (t, _) = s.create(spec.clone())?;

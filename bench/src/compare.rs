@@ -124,6 +124,7 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport> {
         init: Initializer::Normal { std: 0.01, seed: 3 },
         optimizer: OptimizerSpec::Sgd { lr: 0.01 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     let cluster = EmbeddedCluster::start(1).context("starting the embedded cluster")?;
     Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default())?.create_table(&spec)?;

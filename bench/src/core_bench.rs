@@ -203,6 +203,7 @@ pub fn run(args: &CoreArgs) -> Result<CoreReport> {
         init: Initializer::Zeros,
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     let config = CacheConfig::new(Capacity::Fraction(args.cache), args.policy, args.bound);
     let mut core = CacheCore::new(&spec, &config, 1);

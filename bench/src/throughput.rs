@@ -95,6 +95,7 @@ pub fn run(args: &TcpArgs) -> Result<Report> {
             },
             optimizer: OptimizerSpec::Sgd { lr: 0.01 },
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         };
         Cluster::connect_tcp(cluster.addrs(), &config)?.create_table(&spec)?;
         for &threads in &args.threads {

@@ -169,6 +169,7 @@ pub fn run(args: &TransportArgs) -> Result<Report> {
             init: Initializer::Normal { std: 0.01, seed: 5 },
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         };
         tcp.create_table(&spec)?;
         let desc = shm.region_info(&spec.name)?;

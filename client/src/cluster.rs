@@ -419,7 +419,11 @@ impl Table {
                 len: values,
             });
         }
-        if let Some(&key) = keys.iter().find(|&&k| k >= self.spec.rows) {
+        // A dynamic table takes every u64 key.
+        if let Some(&key) = keys
+            .iter()
+            .find(|&&k| !self.spec.is_dynamic() && k >= self.spec.rows)
+        {
             return Err(ClientError::KeyOutOfRange {
                 table: self.spec.name.clone(),
                 key,
@@ -480,7 +484,8 @@ impl Table {
     }
 
     /// Pushes `(key, count, gradient sum)` rows; `grads` is keys x dim. Returns when every shard
-    /// has applied its rows. Every row is checked first (lengths, keys, counts of at least 1,
+    /// has applied its rows, with the updates applied: for a dynamic table, the updates of keys
+    /// it did not admit are dropped and not counted (the shards count them in their statistics). Every row is checked first (lengths, keys, counts of at least 1,
     /// every value finite), so that nothing is sent to any shard when any row would be refused;
     /// a failure after that (a shard unreachable, or refusing for a reason of its own) is
     /// [`ClientError::PartlyApplied`], naming what the other shards applied.

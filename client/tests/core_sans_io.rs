@@ -87,6 +87,7 @@ fn core(capacity: usize, policy: PolicyKind, pull: Bound, push: Bound) -> CacheC
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     let config = CacheConfig {
         capacity: Capacity::Rows(capacity),

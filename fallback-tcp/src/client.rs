@@ -737,6 +737,7 @@ impl TcpShardClient {
                 Ok(PushResponse {
                     rows: push_rows,
                     updates: h.pushed_updates,
+                    refused: 0,
                     duplicate: h.push_duplicate,
                     produced: h.produced,
                     state_len: h.state_len,

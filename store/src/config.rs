@@ -84,13 +84,31 @@ mod tests {
             dim = 2
             init = "zeros"
             optimizer = { sgd = { lr = 0.5 } }
+            [[tables]]
+            name = "raw_ids"
+            rows = 1000000
+            dim = 16
+            init = { normal = { std = 0.01, seed = 3 } }
+            optimizer = { rowwise_adagrad = { lr = 0.05 } }
+            buckets = 1024
+            dynamic = { admission = { threshold = { count = 2 } }, eviction = "lfu" }
             "#,
         )
         .unwrap();
         assert_eq!(c.server.max_frame_bytes, Some(1 << 20));
-        assert_eq!(c.tables.len(), 2);
+        assert_eq!(c.tables.len(), 3);
         assert_eq!(c.tables[0].init, Initializer::Normal { std: 0.01, seed: 7 });
+        assert_eq!(c.tables[0].buckets, hetkv_transport::DEFAULT_BUCKETS);
+        assert_eq!(c.tables[0].dynamic, None);
         assert_eq!(c.tables[1].optimizer, OptimizerSpec::Sgd { lr: 0.5 });
+        assert_eq!(c.tables[2].buckets, 1024);
+        assert_eq!(
+            c.tables[2].dynamic,
+            Some(hetkv_transport::DynamicSpec {
+                admission: hetkv_transport::Admission::Threshold { count: 2 },
+                eviction: hetkv_transport::Eviction::Lfu,
+            })
+        );
     }
 
     #[test]

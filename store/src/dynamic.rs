@@ -12,8 +12,10 @@
 //! keeps the last [`EVICTION_LOG`] entries; a reader that falls further behind is told by how
 //! much, never given a gap silently.
 //!
-//! Not yet built around this: the table kind in the protocol and the daemon, placement of keys
-//! across shards by bucket, checkpoints of dynamic rows, and TTL eviction.
+//! A [`DynamicTable`] is such rows as a shard serves them: keys checked against the table's
+//! routing (by hashed bucket, `hetkv_transport::Routing`), pulls and pushes over the protocol,
+//! statistics. Not yet built around this: checkpoints of dynamic rows, one-sided reads and
+//! caches of dynamic tables, and TTL eviction.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +25,7 @@ use hetkv_transport::keyed::{KeyedLayout, KeyedRegion, Placement as Slot, BUCKET
 use hetkv_transport::row::{self, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::sketch::FrequencySketch;
 use hetkv_transport::{
-    hash, Admission, DynamicSpec, Eviction, Initializer, Optimizer, OptimizerSpec, Region,
+    hash, Admission, Eviction, Initializer, Optimizer, Region, TableInfo, TableSpec, TableStats,
 };
 
 use crate::placement::Placement;
@@ -190,12 +192,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl DynamicRows {
     /// Bytes a shard of this table takes: the region, the optimizer state and scores of every
     /// slot, the admission sketch and the eviction log.
-    pub fn footprint(dim: u32, optimizer: OptimizerSpec, spec: &DynamicSpec) -> u64 {
-        let Ok(layout) = KeyedLayout::new(dim, spec.capacity) else {
+    /// `capacity` rows of `table` (a dynamic table's spec) at most.
+    pub fn footprint(table: &TableSpec, capacity: u64) -> u64 {
+        let (Some(spec), Ok(layout)) = (table.dynamic, KeyedLayout::new(table.dim, capacity))
+        else {
             return u64::MAX;
         };
-        let opt = Optimizer::new(optimizer);
-        let per_slot = opt.state_shape(dim as usize).bytes() as u64 + 8;
+        let opt = Optimizer::new(table.optimizer);
+        let per_slot = opt.state_shape(table.dim as usize).bytes() as u64 + 8;
         layout
             .region_bytes()
             .saturating_add(layout.capacity().saturating_mul(per_slot))
@@ -203,25 +207,22 @@ impl DynamicRows {
             .saturating_add(EVICTION_LOG as u64 * LOGGED_BYTES)
     }
 
-    /// The rows of table `name` on shard `shard`, in a region `placement` maps: every bucket
-    /// empty, nothing admitted.
+    /// The rows of dynamic table `table` on shard `shard`, at most `capacity` of them (rounded
+    /// up to whole buckets), in a region `placement` maps: every bucket empty, nothing admitted.
     pub fn create(
-        name: &str,
+        table: &TableSpec,
         shard: u32,
-        dim: u32,
-        init: Initializer,
-        optimizer: OptimizerSpec,
-        spec: DynamicSpec,
+        capacity: u64,
         placement: &Placement,
     ) -> Result<Self, StoreError> {
-        spec.validate()
+        table.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
+        let spec = table.dynamic.ok_or_else(|| {
+            StoreError::InvalidSpec(format!("table {} is not dynamic", table.name))
+        })?;
+        let (dim, init, optimizer) = (table.dim, table.init, table.optimizer);
+        let layout = KeyedLayout::new(dim, capacity.max(1))
             .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
-        optimizer
-            .validate()
-            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
-        let layout = KeyedLayout::new(dim, spec.capacity)
-            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
-        let region = placement.map(shard, name, "region", layout.region_bytes())?;
+        let region = placement.map(shard, &table.name, "region", layout.region_bytes())?;
         KeyedRegion::new(&layout, region.words()).format();
         let optimizer = Optimizer::new(optimizer);
         let state_len = optimizer.state_len(dim as usize);
@@ -451,28 +452,221 @@ impl DynamicRows {
     }
 }
 
+/// A dynamic table as a shard serves it: its spec, its rows (at most its share of the table's
+/// capacity), and its counters.
+#[derive(Debug)]
+pub struct DynamicTable {
+    spec: TableSpec,
+    shard: u32,
+    shards: u32,
+    capacity: u64,
+    rows: DynamicRows,
+    rows_read: AtomicU64,
+    rows_pushed: AtomicU64,
+}
+
+impl DynamicTable {
+    /// Bytes the table takes on shard `shard` of `shards`.
+    pub fn footprint(spec: &TableSpec, shard: u32, shards: u32) -> u64 {
+        DynamicRows::footprint(spec, spec.local_rows(shard, shards))
+    }
+
+    /// The table `spec` (dynamic) on shard `shard` of `shards`, empty.
+    pub fn create(
+        spec: TableSpec,
+        shard: u32,
+        shards: u32,
+        placement: &Placement,
+    ) -> Result<Self, StoreError> {
+        let capacity = spec.local_rows(shard, shards);
+        let rows = DynamicRows::create(&spec, shard, capacity, placement)?;
+        Ok(Self {
+            capacity: rows.layout().capacity(),
+            spec,
+            shard,
+            shards,
+            rows,
+            rows_read: AtomicU64::new(0),
+            rows_pushed: AtomicU64::new(0),
+        })
+    }
+
+    /// The table's spec.
+    pub fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    /// Its rows on this shard.
+    pub fn rows(&self) -> &DynamicRows {
+        &self.rows
+    }
+
+    /// Rows this shard holds at most (its share of the table's capacity, in whole buckets).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Updates applied on this shard.
+    pub fn clock(&self) -> u64 {
+        self.rows.clock.load(Ordering::Relaxed)
+    }
+
+    /// Refuses a key that lives on another shard (every u64 is a key of the table).
+    pub fn check_keys(&self, keys: impl Iterator<Item = u64>) -> Result<(), StoreError> {
+        let routing = self.spec.routing(self.shards);
+        for key in keys {
+            let home = routing.shard_of(key);
+            if home != self.shard as usize {
+                return Err(StoreError::KeyOutOfRange(format!(
+                    "key {key} of dynamic table {} lives on shard {home}, not on shard {} of {}",
+                    self.spec.name, self.shard, self.shards
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the rows of `keys` (checked) into `out`: a key not held reads as its initial value
+    /// at version 0.
+    pub fn read_rows_into(
+        &self,
+        keys: &[u64],
+        out: &mut hetkv_transport::codec::RowsWriter<'_>,
+    ) -> Result<(), StoreError> {
+        let mut values = vec![0f32; self.spec.dim as usize];
+        let mut payload = vec![0u8; 4 * values.len()];
+        for (j, &key) in keys.iter().enumerate() {
+            let version = self.rows.read(key, &mut values)?;
+            for (b, v) in payload.chunks_exact_mut(4).zip(&values) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+            out.put(j, version, &payload);
+        }
+        self.rows_read
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks a push whole before anything is applied (keys on this shard, counts of at least
+    /// one, the dim, every gradient finite) and hands back its rows decoded.
+    pub fn validate_push(
+        &self,
+        keys: hetkv_transport::wire::U64s<'_>,
+        counts: hetkv_transport::wire::U32s<'_>,
+        grads: hetkv_transport::wire::F32s<'_>,
+    ) -> Result<DecodedPush, StoreError> {
+        let dim = self.spec.dim as usize;
+        if counts.len() != keys.len() || grads.len() != keys.len() * dim {
+            return Err(StoreError::WrongDim(format!(
+                "{} keys, {} counts and {} gradient values for rows of {dim} in table {}",
+                keys.len(),
+                counts.len(),
+                grads.len(),
+                self.spec.name
+            )));
+        }
+        self.check_keys(keys.iter())?;
+        let counts: Vec<u32> = (0..counts.len()).map(|i| counts.get_u32(i)).collect();
+        if let Some(n) = counts.iter().position(|&c| c == 0) {
+            return Err(StoreError::InvalidGradient(format!(
+                "key {} has an update count of 0",
+                keys.get(n)
+            )));
+        }
+        let grads: Vec<f32> = grads.iter_f32().collect();
+        if let Some(n) = grads
+            .chunks_exact(dim)
+            .position(|g| g.iter().any(|v| !v.is_finite()))
+        {
+            return Err(StoreError::InvalidGradient(format!(
+                "gradient for key {} holds NaN or infinity; nothing was applied",
+                keys.get(n)
+            )));
+        }
+        Ok(DecodedPush {
+            keys: keys.iter().collect(),
+            counts,
+            grads,
+        })
+    }
+
+    /// Applies a validated push.
+    pub fn apply_push(&self, push: &DecodedPush) -> Result<PushReport, StoreError> {
+        let report = self.rows.push(&push.keys, &push.counts, &push.grads)?;
+        self.rows_pushed
+            .fetch_add(push.keys.len() as u64, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// What `list_tables` says of it: the spec, the capacity on this shard, the row stride.
+    pub fn info(&self) -> TableInfo {
+        TableInfo {
+            spec: self.spec.clone(),
+            local_rows: self.capacity,
+            stride: self.rows.layout().row().stride() as u32,
+        }
+    }
+
+    /// Statistics: `local_rows` counts the rows held now.
+    pub fn stats(&self) -> TableStats {
+        TableStats {
+            name: self.spec.name.clone(),
+            rows: self.spec.rows,
+            local_rows: self.rows.resident(),
+            dim: self.spec.dim,
+            optimizer: self.spec.optimizer.name().to_string(),
+            rows_read: self.rows_read.load(Ordering::Relaxed),
+            rows_pushed: self.rows_pushed.load(Ordering::Relaxed),
+            updates: self.clock(),
+        }
+    }
+}
+
+/// A push to a dynamic table, validated and decoded.
+#[derive(Clone, Debug, Default)]
+pub struct DecodedPush {
+    /// Keys.
+    pub keys: Vec<u64>,
+    /// Update counts.
+    pub counts: Vec<u32>,
+    /// Gradients, keys x dim.
+    pub grads: Vec<f32>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hetkv_transport::{DynamicSpec, OptimizerSpec};
 
-    fn rows(capacity: u64, admission: Admission, eviction: Eviction) -> DynamicRows {
-        DynamicRows::create(
-            "t",
-            0,
-            2,
-            Initializer::Uniform {
-                bound: 0.5,
-                seed: 9,
-            },
-            OptimizerSpec::sgd(1.0),
-            DynamicSpec {
-                capacity,
+    /// A dynamic table's spec: `rows` rows at most, dim `dim`.
+    fn table(
+        name: &str,
+        dim: u32,
+        init: Initializer,
+        optimizer: OptimizerSpec,
+        (admission, eviction): (Admission, Eviction),
+    ) -> TableSpec {
+        TableSpec {
+            name: name.into(),
+            rows: 1 << 20,
+            dim,
+            init,
+            optimizer,
+            buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: Some(DynamicSpec {
                 admission,
                 eviction,
-            },
-            &Placement::new(0, None, None).unwrap(),
-        )
-        .unwrap()
+            }),
+        }
+    }
+
+    fn rows(capacity: u64, admission: Admission, eviction: Eviction) -> DynamicRows {
+        let init = Initializer::Uniform {
+            bound: 0.5,
+            seed: 9,
+        };
+        let spec = table("t", 2, init, OptimizerSpec::sgd(1.0), (admission, eviction));
+        DynamicRows::create(&spec, 0, capacity, &Placement::new(0, None, None).unwrap()).unwrap()
     }
 
     fn initial(key: u64) -> [f32; 2] {
@@ -667,20 +861,14 @@ mod tests {
             acc: Vec<f32>,
             version: u64,
         }
-        let t = DynamicRows::create(
+        let spec = table(
             "m",
-            0,
             2,
             Initializer::Normal { std: 0.1, seed: 3 },
             OptimizerSpec::adagrad(0.5),
-            DynamicSpec {
-                capacity: 64,
-                admission: Admission::Always,
-                eviction: Eviction::Lfu,
-            },
-            &Placement::new(0, None, None).unwrap(),
-        )
-        .unwrap();
+            (Admission::Always, Eviction::Lfu),
+        );
+        let t = DynamicRows::create(&spec, 0, 64, &Placement::new(0, None, None).unwrap()).unwrap();
         let opt = Optimizer::new(OptimizerSpec::adagrad(0.5));
         let layout = *t.layout();
         let mut model: Vec<Vec<Option<Held>>> =
@@ -768,14 +956,11 @@ mod tests {
 
     #[test]
     fn footprint_counts_region_state_sketch_and_log() {
-        let spec = DynamicSpec {
-            capacity: 64,
-            admission: Admission::Threshold { count: 2 },
-            eviction: Eviction::Lfu,
-        };
+        let rule = (Admission::Threshold { count: 2 }, Eviction::Lfu);
         let layout = KeyedLayout::new(4, 64).unwrap();
-        let adagrad = DynamicRows::footprint(4, OptimizerSpec::adagrad(0.1), &spec);
-        let sgd = DynamicRows::footprint(4, OptimizerSpec::sgd(0.1), &spec);
+        let of = |optimizer| table("f", 4, Initializer::Zeros, optimizer, rule);
+        let adagrad = DynamicRows::footprint(&of(OptimizerSpec::adagrad(0.1)), 64);
+        let sgd = DynamicRows::footprint(&of(OptimizerSpec::sgd(0.1)), 64);
         assert_eq!(adagrad - sgd, 64 * 16, "four accumulators a slot");
         assert!(sgd > layout.region_bytes() + 64 * 8 + EVICTION_LOG as u64 * LOGGED_BYTES);
     }

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// A protocol-level refusal (such as a response above the frame limit).
     #[error("{0}")]
     Frame(WireError),
+    /// An operation this table does not offer (yet), named with the reason.
+    #[error("{0}")]
+    Unsupported(String),
     /// Mapping or file errors.
     #[error("I/O: {0}")]
     Io(String),

@@ -361,7 +361,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     for spec in file.tables {
         let name = spec.name.clone();
         shard
-            .create(spec)
+            .create_spec(spec)
             .with_context(|| format!("creating table {name} from the config"))?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

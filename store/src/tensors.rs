@@ -47,6 +47,18 @@ pub fn table_spec(shards: &[&dyn ShardTransport], table: &str) -> Result<TableSp
     spec.ok_or_else(|| StoreError::Config("no shards".into()))
 }
 
+/// [`table_spec`], refusing a dynamic table: its rows are not the keys `0..rows`, and its
+/// export (keys beside embeddings) is not built yet.
+fn fixed_table_spec(shards: &[&dyn ShardTransport], table: &str) -> Result<TableSpec, StoreError> {
+    let spec = table_spec(shards, table)?;
+    if spec.is_dynamic() {
+        return Err(StoreError::Unsupported(format!(
+            "table {table} is dynamic: exports and imports of dynamic tables are not built yet"
+        )));
+    }
+    Ok(spec)
+}
+
 /// Keys per request: about 16 MiB of rows, within any frame limit a daemon uses by default.
 fn chunk_keys(dim: u32) -> usize {
     ((16usize << 20) / (8 + 4 * dim as usize)).max(1)
@@ -60,7 +72,7 @@ pub fn export_table(
     keys: Option<&[u64]>,
     out: &Path,
 ) -> Result<Transferred, StoreError> {
-    let spec = table_spec(shards, table)?;
+    let spec = fixed_table_spec(shards, table)?;
     if let Some(k) = keys.and_then(|k| k.iter().find(|&&k| k >= spec.rows)) {
         return Err(StoreError::KeyOutOfRange(format!(
             "key {k} is outside table {} of {} rows",
@@ -151,7 +163,7 @@ pub fn import_table(
     file: &Path,
     tensor: &str,
 ) -> Result<Transferred, StoreError> {
-    let spec = table_spec(shards, table)?;
+    let spec = fixed_table_spec(shards, table)?;
     let bytes = std::fs::read(file).map_err(|e| io(format!("reading {}", file.display()), e))?;
     let parsed = SafeTensors::deserialize(&bytes).map_err(|e| {
         StoreError::Malformed(format!("{} is not a safetensors file: {e}", file.display()))

@@ -103,6 +103,7 @@ fn the_default_memory_bound_follows_a_real_cgroup_limit() {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     // About 1 GiB of rows: over the bound, refused before anything is mapped.
     let e = client.create_table(&table("big", 256 << 10)).unwrap_err();

@@ -50,6 +50,7 @@ fn spec() -> TableSpec {
             initial_accumulator: 0.1,
         },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 
@@ -184,6 +185,7 @@ fn a_checkpoint_whose_daemon_dies_mid_call_is_reported_unknown_at_once() {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     })
     .unwrap();
     let started = std::time::Instant::now();

@@ -24,6 +24,7 @@ fn spec(name: &str, rows: u64, dim: u32, optimizer: OptimizerSpec) -> TableSpec 
         },
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

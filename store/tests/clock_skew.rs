@@ -55,6 +55,7 @@ fn daemons_whose_clocks_are_a_year_off_restore_the_newest_checkpoint_by_sequence
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     })
     .unwrap();
     pushes(&c, 3);

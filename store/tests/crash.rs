@@ -33,6 +33,7 @@ fn table(name: &str, optimizer: OptimizerSpec) -> TableSpec {
         init: Initializer::Zeros,
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

@@ -12,7 +12,7 @@ use std::thread;
 
 use hetkv_store::dynamic::DynamicRows;
 use hetkv_store::Placement;
-use hetkv_transport::{Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec};
+use hetkv_transport::{Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, TableSpec};
 
 const DIM: usize = 4;
 const CAPACITY: u64 = 256;
@@ -41,16 +41,20 @@ fn pushes_and_reads_keep_every_update_once_across_evictions() {
     let placement = Placement::new(0, None, None).unwrap();
     let table = Arc::new(
         DynamicRows::create(
-            "ids",
-            0,
-            DIM as u32,
-            Initializer::Zeros,
-            OptimizerSpec::sgd(1.0),
-            DynamicSpec {
-                capacity: CAPACITY,
-                admission: Admission::Always,
-                eviction: Eviction::Lru,
+            &TableSpec {
+                name: "ids".into(),
+                rows: CAPACITY,
+                dim: DIM as u32,
+                init: Initializer::Zeros,
+                optimizer: OptimizerSpec::sgd(1.0),
+                buckets: hetkv_transport::DEFAULT_BUCKETS,
+                dynamic: Some(DynamicSpec {
+                    admission: Admission::Always,
+                    eviction: Eviction::Lru,
+                }),
             },
+            0,
+            CAPACITY,
             &placement,
         )
         .unwrap(),

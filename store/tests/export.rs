@@ -78,6 +78,7 @@ fn an_exported_table_loads_in_python_as_pulled_and_imports_into_another() {
             initial_accumulator: 0.1,
         },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     for s in &shards {
         s.create_table(&spec("emb")).unwrap();

@@ -67,6 +67,7 @@ fn a_full_disk_fails_the_checkpoint_and_keeps_the_previous_one() {
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         })
         .unwrap();
     train(&t);

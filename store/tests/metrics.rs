@@ -68,6 +68,7 @@ fn the_metrics_endpoint_counts_requests_rows_errors_and_checkpoints() {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 0.1 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     })
     .unwrap();
     for _ in 0..3 {
@@ -249,6 +250,7 @@ fn the_page_is_bounded_however_many_tables_there_are() {
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         })
         .unwrap();
         c.push(&name, &[1], &[1], &[0.5; 2]).unwrap();

@@ -24,6 +24,7 @@ fn spec(name: &str, rows: u64, dim: u32, optimizer: OptimizerSpec, buckets: u32)
         },
         optimizer,
         buckets,
+        dynamic: None,
     }
 }
 

@@ -19,6 +19,7 @@ fn spec() -> TableSpec {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

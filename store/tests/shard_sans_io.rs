@@ -130,6 +130,7 @@ fn spec(name: &str, dim: u32, optimizer: OptimizerSpec) -> TableSpec {
         },
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

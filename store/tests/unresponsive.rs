@@ -133,6 +133,7 @@ fn calls_wait_through_a_stopped_daemon_and_go_on_when_it_continues() {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     })
     .unwrap();
     let pid = d.child.id().to_string();

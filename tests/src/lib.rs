@@ -142,6 +142,7 @@ pub fn sgd_table(name: &str, rows: u64, dim: u32, lr: f32) -> TableSpec {
         },
         optimizer: OptimizerSpec::Sgd { lr },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

@@ -73,6 +73,7 @@ pub fn spec_with(name: &str, optimizer: OptimizerSpec) -> TableSpec {
         init: Initializer::Zeros,
         optimizer,
         buckets: BUCKETS,
+        dynamic: None,
     }
 }
 

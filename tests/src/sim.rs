@@ -287,6 +287,7 @@ impl SimShard {
         PushResponse {
             rows: p.keys.len() as u32,
             updates,
+            refused: 0,
             duplicate: false,
             produced: produced.len() as u32,
             state_len: shape.len as u32,

@@ -48,6 +48,7 @@ fn cache_counters_scraped_from_the_trainers_registry_equal_the_caches_statistics
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         })
         .unwrap();
     let registry = Arc::new(Mutex::new(Registry::with_prefix("trainer")));

@@ -18,6 +18,7 @@ fn cache_off_with_bounds_zero_is_the_classic_parameter_server() {
         init: Initializer::Normal { std: 0.1, seed: 5 },
         optimizer: OptimizerSpec::Sgd { lr: 0.05 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     let direct = client.create_table(&spec("direct")).unwrap();
     let mut cached = client

@@ -128,6 +128,7 @@ fn pulls_racing_pushes_over_sockets_see_only_whole_rows() {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::Sgd { lr: 1.0 },
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     let addr = cluster.addrs()[0].clone();
     let shard = Arc::new(TcpShardClient::connect(&addr, ClientConfig::default()).unwrap());

@@ -29,6 +29,7 @@ fn spec(name: &str, optimizer: OptimizerSpec) -> TableSpec {
         init: Initializer::Normal { std: 0.1, seed: 5 },
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

@@ -23,6 +23,7 @@ fn spec() -> TableSpec {
         init: Initializer::Zeros,
         optimizer: OptimizerSpec::sgd(1.0),
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

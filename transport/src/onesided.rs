@@ -655,7 +655,17 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
     ) -> Result<Pulled, TransportError> {
-        let mut a = self.attached(table)?;
+        let mut a = match self.attached(table) {
+            Ok(a) => a,
+            // A table the daemon does not expose for one-sided reads (a dynamic table's region
+            // is not described yet) is pulled over the control channel.
+            Err(TransportError::Remote { error, .. })
+                if error.code == crate::wire::ErrorCode::Unsupported =>
+            {
+                return self.control.pull(table, keys, versions, rows);
+            }
+            Err(e) => return Err(e),
+        };
         let mut reattached = false;
         loop {
             // A key that is not this shard's goes to the daemon, which names the problem.

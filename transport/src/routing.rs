@@ -4,6 +4,13 @@
 //! buckets the shard owns. Rows are dense on every shard (no holes), hot ids (small `r`) spread
 //! over every shard, and when `S` divides `B` the layout is `r % S` at `r / S`.
 //!
+//! A dynamic table's keys are any u64 (raw feature ids, most of them unknown in advance), so its
+//! bucket is the key's hash instead: bucket `((splitmix64(k) mod 2^32) * B) >> 32` (the low half
+//! of the hash, independent of the high bits that pick a key's bucket of digests inside its
+//! shard's region, `keyed.rs`), owned by shard `b % S` as above. Such a shard holds no row at a
+//! computed index; it finds keys through its region's buckets, and its capacity is its buckets'
+//! share of the table's.
+//!
 //! The bucket is the unit of resharding: a table's `B` never changes, so a checkpoint of `S`
 //! shards is moved onto `S'` bucket by bucket (`hetkv checkpoint reshard`).
 //!
@@ -15,8 +22,11 @@
 pub struct Routing {
     shards: u32,
     buckets: u32,
-    /// `buckets % shards == 0`: the shard of row `r` is `r % shards` (one division).
+    /// A fixed table with `buckets % shards == 0`: the shard of row `r` is `r % shards` (one
+    /// division).
     aligned: bool,
+    /// A dynamic table's: buckets by the key's hash.
+    hashed: bool,
 }
 
 impl Routing {
@@ -27,6 +37,16 @@ impl Routing {
             shards,
             buckets,
             aligned: buckets % shards == 0,
+            hashed: false,
+        }
+    }
+
+    /// A dynamic table's keys over `shards` shards, in `buckets` buckets by their hash.
+    pub fn hashed(shards: u32, buckets: u32) -> Self {
+        Self {
+            aligned: false,
+            hashed: true,
+            ..Self::new(shards, buckets)
         }
     }
 
@@ -40,9 +60,14 @@ impl Routing {
         self.buckets
     }
 
-    /// The placement bucket of row `key`.
+    /// The placement bucket of `key`.
     pub fn bucket_of(&self, key: u64) -> u32 {
-        (key % u64::from(self.buckets)) as u32
+        if self.hashed {
+            let low = crate::hash::splitmix64(key) & u64::from(u32::MAX);
+            ((low * u64::from(self.buckets)) >> 32) as u32
+        } else {
+            (key % u64::from(self.buckets)) as u32
+        }
     }
 
     /// The shard that owns bucket `bucket` (the bucket map).
@@ -69,8 +94,13 @@ impl Routing {
         }
     }
 
-    /// The index of row `key` within its shard.
+    /// The index of row `key` within its shard (a fixed table's: a dynamic table's shard finds
+    /// keys through its region's buckets).
     pub fn local_index(&self, key: u64) -> u64 {
+        debug_assert!(
+            !self.hashed,
+            "a dynamic table's rows have no computed index"
+        );
         if self.aligned {
             return key / u64::from(self.shards);
         }
@@ -80,15 +110,25 @@ impl Routing {
         round * u64::from(self.buckets_on(shard)) + u64::from(b / self.shards)
     }
 
-    /// The row at local index `local` of shard `shard` (which must own a bucket).
+    /// The row at local index `local` of shard `shard` (which must own a bucket; a fixed
+    /// table's).
     pub fn global_key(&self, shard: u32, local: u64) -> u64 {
+        debug_assert!(
+            !self.hashed,
+            "a dynamic table's rows have no computed index"
+        );
         let per_round = u64::from(self.buckets_on(shard).max(1));
         let (round, rank) = (local / per_round, local % per_round);
         round * u64::from(self.buckets) + rank * u64::from(self.shards) + u64::from(shard)
     }
 
-    /// How many rows of a table of `rows` rows shard `shard` holds.
+    /// How many rows of a table of `rows` rows shard `shard` holds: for a dynamic table, at most
+    /// (its buckets' share of the capacity `rows`, rounded up).
     pub fn local_rows(&self, rows: u64, shard: u32) -> u64 {
+        if self.hashed {
+            let share = u128::from(rows) * u128::from(self.buckets_on(shard));
+            return share.div_ceil(u128::from(self.buckets)) as u64;
+        }
         let full_rounds = rows / u64::from(self.buckets);
         // The last, partial round holds buckets `[0, rest)`.
         let rest = (rows % u64::from(self.buckets)) as u32;
@@ -101,9 +141,9 @@ impl Routing {
     }
 
     /// The local index of `key` on shard `shard` of a shard holding `local_rows` rows, or `None`
-    /// when the key lives on another shard or past the table's end.
+    /// when the key lives on another shard or past the table's end (or the table is dynamic).
     pub fn local_on(&self, key: u64, shard: u32, local_rows: u64) -> Option<u64> {
-        if self.shard_of(key) != shard as usize {
+        if self.hashed || self.shard_of(key) != shard as usize {
             return None;
         }
         let local = self.local_index(key);
@@ -157,6 +197,33 @@ mod tests {
                 assert_eq!(r.local_index(key), key / u64::from(shards));
             }
         }
+    }
+
+    #[test]
+    fn hashed_keys_spread_over_buckets_and_shards_and_capacity_is_shared() {
+        let r = Routing::hashed(3, 4096);
+        let mut per_shard = [0u64; 3];
+        let mut per_bucket = vec![0u32; 4096];
+        // Raw ids as CTR logs carry them: 0, u64::MAX, and hashed ids of every magnitude.
+        for i in 0..400_000u64 {
+            let key = crate::hash::splitmix64(i ^ 0xfeed) | (i & 1) << 63;
+            per_shard[r.shard_of(key)] += 1;
+            per_bucket[r.bucket_of(key) as usize] += 1;
+        }
+        for key in [0, 1, u64::MAX, 1 << 63] {
+            assert!(r.bucket_of(key) < 4096 && r.shard_of(key) < 3);
+        }
+        for n in per_shard {
+            assert!((130_000..137_000).contains(&n), "{per_shard:?}");
+        }
+        assert!(per_bucket.iter().all(|&n| (50..150).contains(&n)));
+        // Sequential ids (a consecutive vocabulary) are spread too, not striped.
+        let seq: Vec<usize> = (0..9u64).map(|k| r.shard_of(k)).collect();
+        assert_ne!(seq, (0..9).map(|k| k % 3).collect::<Vec<_>>());
+        let caps: Vec<u64> = (0..3).map(|s| r.local_rows(1_000_000, s)).collect();
+        assert!(caps.iter().sum::<u64>() >= 1_000_000, "{caps:?}");
+        assert!(caps.iter().sum::<u64>() <= 1_000_002, "{caps:?}");
+        assert_eq!(r.local_on(5, r.shard_of(5) as u32, u64::MAX), None);
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub const MAX_TABLE_NAME: usize = 128;
 pub struct TableSpec {
     /// Name: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
     pub name: String,
-    /// Global capacity: keys are row ids in `[0, rows)`.
+    /// Global capacity in rows. A fixed table's keys are row ids in `[0, rows)`; a dynamic
+    /// table takes any u64 key and holds at most `rows` of them over the cluster (each shard its
+    /// buckets' share, [`TableSpec::local_rows`]).
     pub rows: u64,
     /// f32 values per row, 1 to 65,536.
     pub dim: u32,
@@ -27,6 +29,10 @@ pub struct TableSpec {
     /// table. [`DEFAULT_BUCKETS`] where a config or a caller leaves it out.
     #[serde(default = "default_buckets")]
     pub buckets: u32,
+    /// `Some` for a dynamic table (raw u64 feature ids, rows created on admission, evicted at
+    /// the cap); `None` for a fixed one.
+    #[serde(default)]
+    pub dynamic: Option<DynamicSpec>,
 }
 
 /// The placement buckets of a table whose spec does not name them: enough for clusters of up to
@@ -325,12 +331,11 @@ pub enum Eviction {
     Lfu,
 }
 
-/// What makes a table dynamic: any u64 key, rows created on admission, at most `capacity` per
-/// shard.
+/// What makes a table dynamic: any u64 key, rows created on admission, at most the table's
+/// `rows` over the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DynamicSpec {
-    /// Rows a shard holds at most (rounded up to whole buckets of 32).
-    pub capacity: u64,
     /// How keys are admitted.
     pub admission: Admission,
     /// Which row a full bucket gives up.
@@ -340,11 +345,6 @@ pub struct DynamicSpec {
 impl DynamicSpec {
     /// Checks every field, naming the one out of range.
     pub fn validate(&self) -> Result<(), SpecError> {
-        if self.capacity == 0 {
-            return Err(SpecError(
-                "dynamic table: capacity must be at least 1 row".into(),
-            ));
-        }
         match self.admission {
             Admission::Always => Ok(()),
             Admission::Threshold { count: 0 } => Err(SpecError(
@@ -401,15 +401,28 @@ impl TableSpec {
             ));
         }
         self.optimizer.validate()?;
+        if let Some(d) = &self.dynamic {
+            d.validate()?;
+        }
         Ok(())
     }
 
-    /// Where this table's rows live in a cluster of `shards` shards.
-    pub fn routing(&self, shards: u32) -> crate::Routing {
-        crate::Routing::new(shards, self.buckets)
+    /// Whether the table is dynamic (any u64 key).
+    pub fn is_dynamic(&self) -> bool {
+        self.dynamic.is_some()
     }
 
-    /// Rows of this table held by shard `shard` of `shards`.
+    /// Where this table's rows live in a cluster of `shards` shards: by the key for a fixed
+    /// table, by the key's hash for a dynamic one.
+    pub fn routing(&self, shards: u32) -> crate::Routing {
+        match self.dynamic {
+            None => crate::Routing::new(shards, self.buckets),
+            Some(_) => crate::Routing::hashed(shards, self.buckets),
+        }
+    }
+
+    /// Rows of this table held by shard `shard` of `shards`: a fixed table's rows there, a
+    /// dynamic table's capacity there.
     pub fn local_rows(&self, shard: u32, shards: u32) -> u64 {
         self.routing(shards).local_rows(self.rows, shard)
     }
@@ -438,6 +451,7 @@ mod tests {
             init: Initializer::Zeros,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             buckets: crate::DEFAULT_BUCKETS,
+            dynamic: None,
         }
     }
 

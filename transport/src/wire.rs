@@ -605,10 +605,13 @@ pub struct PushRequest {
 /// `state_len` f32 optimizer-state values and, when `steps`, `produced` x u64 step counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PushResponse {
-    /// Rows applied.
+    /// Rows of the push, each applied (or, for a dynamic table, refused: see `refused`).
     pub rows: u32,
     /// Sum of the counts applied (the versions added).
     pub updates: u64,
+    /// Updates dropped, not applied: a dynamic table's rows whose key it did not admit (their
+    /// counts summed; 0 for a fixed table).
+    pub refused: u64,
     /// Whether the push had been applied already (the request was sent again): it was
     /// acknowledged without being applied twice. The rows handed back are then the rows as they
     /// are now, wherever their version is not base plus count.
@@ -1109,6 +1112,7 @@ mod tests {
             },
             optimizer: crate::spec::OptimizerSpec::Sgd { lr: 1.0 },
             buckets: crate::DEFAULT_BUCKETS,
+            dynamic: None,
         };
         let mut want = vec![1, b't', 0xfb, 0xe8, 0x03, 8, 1];
         want.extend_from_slice(&0.5f32.to_le_bytes());
@@ -1116,6 +1120,7 @@ mod tests {
         want.push(0);
         want.extend_from_slice(&1.0f32.to_le_bytes());
         want.extend_from_slice(&[0xfb, 0x00, 0x10]); // 4,096 buckets
+        want.push(0); // fixed: no dynamic part
         assert_eq!(header_bytes(&spec), want);
         let hello = HelloRequest {
             magic: MAGIC,

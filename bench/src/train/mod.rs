@@ -144,6 +144,7 @@ pub(super) fn tables(
         init,
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     };
     [
         spec(

@@ -170,6 +170,7 @@ fn py_err(e: ClientError) -> PyErr {
             CacheError::WrongDim { .. } => WrongDimError::new_err(message),
             CacheError::NonFinite { .. } => InvalidGradientError::new_err(message),
             CacheError::Replies(_) => ProtocolError::new_err(message),
+            CacheError::DynamicTable { .. } => Error::new_err(message),
         },
         ClientError::InconsistentCluster(_) => ProtocolError::new_err(message),
         ClientError::CheckpointFailed(_) => CheckpointError::new_err(message),
@@ -418,6 +419,7 @@ fn spec_of(
         init: init.map_or(RustInit::Zeros, |i| i.0),
         optimizer,
         buckets: buckets.unwrap_or(hetkv_transport::DEFAULT_BUCKETS),
+        dynamic: None,
     })
 }
 

@@ -62,6 +62,15 @@ pub enum CacheError {
         /// The value.
         value: f32,
     },
+    /// A dynamic table: caches of dynamic tables are not built yet.
+    #[error(
+        "table {table} is dynamic: caches of dynamic tables are not built yet (read and write it \
+         with Table::pull and Table::push)"
+    )]
+    DynamicTable {
+        /// Table.
+        table: String,
+    },
     /// The shards' replies do not cover the plan.
     #[error("replies do not match the lookup plan: {0}")]
     Replies(String),
@@ -100,6 +109,8 @@ pub struct LineView {
 pub struct CacheCore {
     pub(super) table: String,
     rows: u64,
+    /// A dynamic table's: not cached yet, every lookup is refused.
+    dynamic: bool,
     pub(super) dim: usize,
     pub(super) optimizer: Optimizer,
     pub(super) state_len: usize,
@@ -148,6 +159,7 @@ impl CacheCore {
         Self {
             table: spec.name.clone(),
             rows: spec.rows,
+            dynamic: spec.is_dynamic(),
             dim,
             optimizer,
             state_len,
@@ -233,6 +245,11 @@ impl CacheCore {
     }
 
     pub(super) fn check_keys(&self, keys: &[u64]) -> Result<(), CacheError> {
+        if self.dynamic {
+            return Err(CacheError::DynamicTable {
+                table: self.table.clone(),
+            });
+        }
         match keys.iter().find(|&&k| k >= self.rows) {
             Some(&key) => Err(CacheError::KeyOutOfRange {
                 table: self.table.clone(),

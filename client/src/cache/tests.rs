@@ -16,6 +16,7 @@ fn table(optimizer: OptimizerSpec, rows: u64, dim: u32) -> TableSpec {
         init: Initializer::Zeros,
         optimizer,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

@@ -845,6 +845,7 @@ mod tests {
             init: Initializer::Zeros,
             optimizer,
             buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
         }
     }
 

@@ -39,6 +39,14 @@ impl Shard {
     ) -> Result<CheckpointResponse, StoreError> {
         let data_dir = self.data_dir()?;
         checkpoint::check_name(name)?;
+        if let Some(t) = self.dynamic_tables().first() {
+            // Refused rather than written without them: a checkpoint restores the whole shard.
+            return Err(StoreError::Unsupported(format!(
+                "checkpoint {name} is refused: this shard holds dynamic table {}, and checkpoints \
+                 of dynamic tables are not built yet",
+                t.spec().name
+            )));
+        }
         let mut base = match self.checkpoints.try_lock() {
             Ok(b) => b,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),

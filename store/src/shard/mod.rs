@@ -23,6 +23,7 @@ use hetkv_transport::service::{ServerCounters, ShardService};
 use hetkv_transport::wire::WireError;
 use hetkv_transport::TableSpec;
 
+use crate::dynamic::DynamicTable;
 use crate::metrics::{ShardMetrics, Totals};
 use crate::placement::Placement;
 use crate::sessions::{self, Sessions};
@@ -35,6 +36,18 @@ use checkpoints::CheckpointBase;
 struct Registry {
     by_name: HashMap<String, Arc<Table>>,
     by_id: Vec<Arc<Table>>,
+    /// Dynamic tables, in creation order (no region id: they are not read by spans).
+    dynamic: Vec<Arc<DynamicTable>>,
+}
+
+impl Registry {
+    fn dynamic(&self, name: &str) -> Option<&Arc<DynamicTable>> {
+        self.dynamic.iter().find(|t| t.spec().name == name)
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len() + self.dynamic.len()
+    }
 }
 
 /// One shard of a cluster.
@@ -126,13 +139,141 @@ impl Shard {
         self.tables.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The table named `name`.
+    /// The fixed table named `name` (a dynamic one is refused, naming what it does not offer).
     pub fn table(&self, name: &str) -> Result<Arc<Table>, StoreError> {
-        self.registry()
-            .by_name
-            .get(name)
-            .cloned()
-            .ok_or_else(|| StoreError::UnknownTable(name.to_string()))
+        let reg = self.registry();
+        if let Some(t) = reg.by_name.get(name) {
+            return Ok(t.clone());
+        }
+        match reg.dynamic(name) {
+            Some(_) => Err(StoreError::Unsupported(format!(
+                "table {name} is dynamic: it is served by pull and push (one-sided reads, caches, \
+                 assignments and checkpoints of dynamic tables are not built yet)"
+            ))),
+            None => Err(StoreError::UnknownTable(name.to_string())),
+        }
+    }
+
+    /// The dynamic table named `name`, if there is one.
+    pub fn dynamic_table(&self, name: &str) -> Option<Arc<DynamicTable>> {
+        self.registry().dynamic(name).cloned()
+    }
+
+    /// Dynamic tables in creation order.
+    pub fn dynamic_tables(&self) -> Vec<Arc<DynamicTable>> {
+        self.registry().dynamic.clone()
+    }
+
+    /// Creates a table of either kind from its spec, or confirms an identical one; returns what
+    /// `list_tables` says of it and whether it was created.
+    pub fn create_spec(
+        &self,
+        spec: TableSpec,
+    ) -> Result<(hetkv_transport::TableInfo, bool), StoreError> {
+        if spec.is_dynamic() {
+            let (t, created) = self.create_dynamic(spec)?;
+            Ok((t.info(), created))
+        } else {
+            let (t, created) = self.create(spec)?;
+            Ok((t.info(), created))
+        }
+    }
+
+    /// Creates a dynamic table, or returns the existing one when its spec is identical.
+    pub fn create_dynamic(&self, spec: TableSpec) -> Result<(Arc<DynamicTable>, bool), StoreError> {
+        spec.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
+        if !spec.is_dynamic() {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} is fixed, not dynamic",
+                spec.name
+            )));
+        }
+        let mut allocated = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let reg = self.registry();
+            if let Some(t) = reg.dynamic(&spec.name) {
+                return match t.spec() == &spec {
+                    true => Ok((t.clone(), false)),
+                    false => Err(StoreError::ConflictingTable(format!(
+                        "table {} exists as {:?}; asked for {spec:?}",
+                        spec.name,
+                        t.spec()
+                    ))),
+                };
+            }
+            if let Some(t) = reg.by_name.get(&spec.name) {
+                return Err(StoreError::ConflictingTable(format!(
+                    "table {} exists as {:?}; asked for {spec:?}",
+                    spec.name,
+                    t.spec()
+                )));
+            }
+        }
+        let (shard, shards) = (self.config.shard, self.config.shards);
+        let footprint = self.admit_footprint(&spec, *allocated, || {
+            DynamicTable::footprint(&spec, shard, shards)
+        })?;
+        let table = Arc::new(DynamicTable::create(spec, shard, shards, &self.placement)?);
+        *allocated += footprint;
+        self.tables
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .dynamic
+            .push(table.clone());
+        tracing::info!(
+            table = %table.spec().name,
+            rows = table.spec().rows,
+            capacity = table.capacity(),
+            dim = table.spec().dim,
+            optimizer = table.spec().optimizer.name(),
+            bytes = footprint,
+            "created dynamic table"
+        );
+        Ok((table, true))
+    }
+
+    /// The bytes a new table takes on this shard, after checking them against the limits (one
+    /// table's, all tables' with the memory for push numbers, the table count) and that the
+    /// cluster has no more shards than the table has buckets; `allocated` is what the shard's
+    /// tables take already.
+    fn admit_footprint(
+        &self,
+        spec: &TableSpec,
+        allocated: u64,
+        footprint: impl FnOnce() -> u64,
+    ) -> Result<u64, StoreError> {
+        let shards = self.config.shards;
+        if spec.buckets < shards {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} has {} placement buckets; a cluster of {shards} shards needs at least \
+                 {shards} (a bucket is the least a shard holds)",
+                spec.name, spec.buckets
+            )));
+        }
+        let footprint = footprint();
+        if footprint > self.config.max_table_bytes {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} needs {footprint} bytes on this shard, above its limit of {}",
+                spec.name, self.config.max_table_bytes
+            )));
+        }
+        // The memory for push numbers is reserved out of the same bound.
+        let reserved = sessions::RESERVED_BYTES;
+        if allocated.saturating_add(footprint).saturating_add(reserved) > self.config.max_memory {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} needs {footprint} bytes on this shard; its tables already take \
+                 {allocated} and the memory for push numbers {reserved} of its {} (--max-memory)",
+                spec.name, self.config.max_memory
+            )));
+        }
+        let held = self.registry().len();
+        if held >= self.config.max_tables {
+            return Err(StoreError::InvalidSpec(format!(
+                "this shard holds {held} tables, its limit (--max-tables): table {} is refused",
+                spec.name
+            )));
+        }
+        Ok(footprint)
     }
 
     /// Creates a table, or returns the existing one when its spec is identical.
@@ -163,37 +304,17 @@ impl Shard {
         if let Some(t) = self.registry().by_name.get(&spec.name) {
             return check(t);
         }
+        if let Some(t) = self.registry().dynamic(&spec.name) {
+            return Err(StoreError::ConflictingTable(format!(
+                "table {} exists as {:?}; asked for {spec:?}",
+                spec.name,
+                t.spec()
+            )));
+        }
         let (shard, shards) = (self.config.shard, self.config.shards);
-        if spec.buckets < shards {
-            return Err(StoreError::InvalidSpec(format!(
-                "table {} has {} placement buckets; a cluster of {shards} shards needs at least                  {shards} (a bucket is the least a shard holds)",
-                spec.name, spec.buckets
-            )));
-        }
-        let footprint = Table::footprint(&spec, shard, shards);
-        if footprint > self.config.max_table_bytes {
-            return Err(StoreError::InvalidSpec(format!(
-                "table {} needs {footprint} bytes on this shard, above its limit of {}",
-                spec.name, self.config.max_table_bytes
-            )));
-        }
-        // The memory for push numbers is reserved out of the same bound.
-        let reserved = sessions::RESERVED_BYTES;
-        if allocated.saturating_add(footprint).saturating_add(reserved) > self.config.max_memory {
-            return Err(StoreError::InvalidSpec(format!(
-                "table {} needs {footprint} bytes on this shard; its tables already take {} and \
-                 the memory for push numbers {reserved} of its {} (--max-memory)",
-                spec.name, *allocated, self.config.max_memory
-            )));
-        }
-        let id = self.registry().by_id.len();
-        if id >= self.config.max_tables {
-            return Err(StoreError::InvalidSpec(format!(
-                "this shard holds {id} tables, its limit (--max-tables): table {} is refused",
-                spec.name
-            )));
-        }
-        let id = id as u32;
+        let footprint =
+            self.admit_footprint(&spec, *allocated, || Table::footprint(&spec, shard, shards))?;
+        let id = self.registry().by_id.len() as u32;
         let name = spec.name.clone();
         let table = Arc::new(match fill {
             true => Table::create(spec, shard, shards, id, &self.placement)?,
@@ -243,10 +364,9 @@ impl Shard {
             tables: self
                 .tables()
                 .iter()
-                .map(|t| {
-                    let s = t.stats();
-                    (s.name, s.rows_read, s.rows_pushed, s.updates)
-                })
+                .map(|t| t.stats())
+                .chain(self.dynamic_tables().iter().map(|t| t.stats()))
+                .map(|s| (s.name, s.rows_read, s.rows_pushed, s.updates))
                 .collect(),
             incarnation: self.incarnation(),
         };

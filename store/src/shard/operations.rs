@@ -8,6 +8,7 @@ use hetkv_transport::wire::{is_stale, PullIfStaleResponse, PullResponse, PushRes
 use hetkv_transport::Produced;
 
 use super::Shard;
+use crate::dynamic::{DynamicTable, PushReport};
 use crate::sessions::Claim;
 use crate::table::Table;
 use crate::StoreError;
@@ -32,6 +33,16 @@ impl Shard {
         req: &codec::pull::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
+        if let Some(t) = self.dynamic_table(&req.table) {
+            let keys: Vec<u64> = req.keys.iter().collect();
+            t.check_keys(keys.iter().copied())?;
+            let header = PullResponse {
+                rows: keys.len() as u32,
+                dim: t.spec().dim,
+                table_clock: t.clock(),
+            };
+            return t.read_rows_into(&keys, &mut codec::pull::respond(resp, header)?);
+        }
         let t = self.table(&req.table)?;
         let locals = req
             .keys
@@ -154,6 +165,9 @@ impl Shard {
         req: &codec::push::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
+        if let Some(t) = self.dynamic_table(&req.table) {
+            return self.push_dynamic(&t, req, resp);
+        }
         let t = self.table(&req.table)?;
         let r = &req.rows;
         let locals = t.validate_push(r.keys, r.counts, r.grads)?;
@@ -166,6 +180,7 @@ impl Shard {
         let header = PushResponse {
             rows: locals.len() as u32,
             updates,
+            refused: 0,
             duplicate,
             produced: produced.len() as u32,
             state_len: shape.len as u32,
@@ -173,6 +188,52 @@ impl Shard {
             incarnation: self.incarnation(),
         };
         codec::push::respond(resp, header, &produced)?;
+        Ok(())
+    }
+
+    /// A push to a dynamic table, applied once per origin. It hands back no rows (caches of
+    /// dynamic tables are not built): a push that asks for them (`bases`) is refused.
+    fn push_dynamic(
+        &self,
+        t: &DynamicTable,
+        req: &codec::push::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let r = &req.rows;
+        if r.bases.is_some() {
+            return Err(StoreError::Unsupported(format!(
+                "table {} is dynamic: its pushes hand back no rows (caches of dynamic tables are \
+                 not built yet)",
+                t.spec().name
+            )));
+        }
+        let push = t.validate_push(r.keys, r.counts, r.grads)?;
+        let (report, duplicate) = match self.sessions.claim(req.origin)? {
+            Claim::Fresh(ticket) => {
+                let report = t.apply_push(&push)?;
+                ticket.applied();
+                (report, false)
+            }
+            // Acknowledged again with what the push carried: what it did the first time is not
+            // kept (its refused updates were counted then).
+            Claim::Repeat => (
+                PushReport {
+                    applied: push.counts.iter().map(|&c| u64::from(c)).sum(),
+                    ..PushReport::default()
+                },
+                true,
+            ),
+        };
+        let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
+        let header = PushResponse {
+            rows: push.keys.len() as u32,
+            updates: report.applied,
+            refused,
+            duplicate,
+            incarnation: self.incarnation(),
+            ..PushResponse::default()
+        };
+        codec::push::respond(resp, header, &Produced::default())?;
         Ok(())
     }
 

@@ -59,18 +59,20 @@ impl ShardService for Shard {
 
     fn list_tables(&self) -> TablesResponse {
         TablesResponse {
-            tables: self.tables().iter().map(|t| t.info()).collect(),
+            tables: self
+                .tables()
+                .iter()
+                .map(|t| t.info())
+                .chain(self.dynamic_tables().iter().map(|t| t.info()))
+                .collect(),
         }
     }
 
     fn create_table(&self, spec: TableSpec) -> Result<CreateResponse, WireError> {
         let name = spec.name.clone();
         self.measured("create_table", &name, || {
-            let (table, created) = self.create(spec)?;
-            Ok(CreateResponse {
-                info: table.info(),
-                created,
-            })
+            let (info, created) = self.create_spec(spec)?;
+            Ok(CreateResponse { info, created })
         })
     }
 
@@ -151,7 +153,12 @@ impl ShardService for Shard {
     }
 
     fn stats(&self) -> ShardStats {
-        let tables: Vec<_> = self.tables().iter().map(|t| t.stats()).collect();
+        let tables: Vec<_> = self
+            .tables()
+            .iter()
+            .map(|t| t.stats())
+            .chain(self.dynamic_tables().iter().map(|t| t.stats()))
+            .collect();
         ShardStats {
             shard: self.config.shard,
             shards: self.config.shards,
@@ -177,6 +184,7 @@ impl From<StoreError> for WireError {
             StoreError::KeyOutOfRange(_) => ErrorCode::KeyOutOfRange,
             StoreError::InvalidGradient(_) => ErrorCode::InvalidGradient,
             StoreError::InvalidSpan(_) => ErrorCode::InvalidSpan,
+            StoreError::Unsupported(_) => ErrorCode::Unsupported,
             StoreError::Malformed(_) => ErrorCode::MalformedFrame,
             StoreError::Frame(w) => return w.clone(),
             StoreError::Io(_) | StoreError::Config(_) => ErrorCode::Internal,

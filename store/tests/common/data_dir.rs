@@ -28,6 +28,7 @@ fn spec(rows: u64) -> TableSpec {
         },
         optimizer: ADAGRAD,
         buckets: hetkv_transport::DEFAULT_BUCKETS,
+        dynamic: None,
     }
 }
 

@@ -1,0 +1,285 @@
+//! Dynamic tables through daemons and the client, over TCP: raw u64 feature ids (0, `u64::MAX`,
+//! ids with the top bit set, as torch's int64 carries them) placed on shards by their hashed
+//! bucket, rows created on first admission and stepped by the table's optimizer exactly, the cap
+//! holding under a flood of never-seen ids while another client is served, admission by threshold
+//! counted in the push's answer, and the operations dynamic tables do not offer yet refused by
+//! name.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use hetkv_client::{CacheConfig, Cluster};
+use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_store::EmbeddedCluster;
+use hetkv_transport::{
+    Admission, DynamicSpec, Eviction, Initializer, Optimizer, OptimizerSpec, ShardTransport,
+    TableSpec,
+};
+
+const DIM: usize = 4;
+
+fn dynamic(name: &str, rows: u64, admission: Admission) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        rows,
+        dim: DIM as u32,
+        init: Initializer::Normal { std: 0.1, seed: 7 },
+        optimizer: OptimizerSpec::adagrad(0.1),
+        buckets: 64,
+        dynamic: Some(DynamicSpec {
+            admission,
+            eviction: Eviction::Lru,
+        }),
+    }
+}
+
+/// Raw ids of every shape a CTR log carries.
+fn raw_ids() -> Vec<u64> {
+    let mut ids = vec![0, 1, u64::MAX, 1 << 63, (-6973240437940254719i64) as u64];
+    ids.extend((0..200u64).map(|i| hetkv_transport::hash::splitmix64(i + 17)));
+    ids
+}
+
+#[test]
+fn raw_ids_are_created_on_first_push_and_stepped_exactly() {
+    let cluster = EmbeddedCluster::start(3).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let spec = dynamic("ids", 100_000, Admission::Always);
+    let table = client.create_table(&spec).unwrap();
+    // Every shard holds its buckets' share of the capacity.
+    let opened = client.open_table("ids").unwrap();
+    assert_eq!(opened.spec(), &spec);
+
+    let ids = raw_ids();
+    let (mut rows, mut versions) = (vec![0f32; ids.len() * DIM], vec![9u64; ids.len()]);
+    table.pull(&ids, &mut rows, Some(&mut versions)).unwrap();
+    let mut init = vec![0f32; DIM];
+    for (j, &k) in ids.iter().enumerate() {
+        spec.init.fill(k, &mut init);
+        assert_eq!(&rows[j * DIM..(j + 1) * DIM], &init[..], "key {k}");
+        assert_eq!(versions[j], 0, "key {k} not held yet");
+    }
+
+    // Two pushes: the second steps the row the first created, with its accumulator.
+    let grads: Vec<f32> = (0..ids.len() * DIM)
+        .map(|i| (i % 7) as f32 * 0.1 - 0.3)
+        .collect();
+    let counts = vec![2u32; ids.len()];
+    assert_eq!(
+        table.push(&ids, &counts, &grads).unwrap(),
+        2 * ids.len() as u64
+    );
+    assert_eq!(
+        table.push(&ids, &counts, &grads).unwrap(),
+        2 * ids.len() as u64
+    );
+    table.pull(&ids, &mut rows, Some(&mut versions)).unwrap();
+    let opt = Optimizer::new(spec.optimizer);
+    for (j, &k) in ids.iter().enumerate() {
+        let mut want = vec![0f32; DIM];
+        spec.init.fill(k, &mut want);
+        let (mut state, mut step) = (vec![0f32; opt.state_len(DIM)], 0u64);
+        opt.init_state(&mut state);
+        for _ in 0..2 {
+            opt.apply(
+                &mut want,
+                &grads[j * DIM..(j + 1) * DIM],
+                &mut state,
+                &mut step,
+            );
+        }
+        assert_eq!(&rows[j * DIM..(j + 1) * DIM], &want[..], "key {k}");
+        assert_eq!(versions[j], 4, "key {k}");
+    }
+
+    // Keys are spread over all three shards, and a shard refuses another shard's key by name.
+    let routing = table.routing();
+    let homes: std::collections::BTreeSet<usize> =
+        ids.iter().map(|&k| routing.shard_of(k)).collect();
+    assert_eq!(homes.len(), 3);
+    let k = ids[0];
+    let wrong = (routing.shard_of(k) + 1) % 3;
+    let direct = TcpShardClient::connect(&cluster.addrs()[wrong], ClientConfig::default()).unwrap();
+    let err = direct
+        .pull("ids", &[k], &mut Vec::new(), &mut Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("lives on shard {}", routing.shard_of(k))),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_cap_holds_under_a_flood_of_new_ids_while_another_client_is_served() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let cap = 4_000u64;
+    let table = client
+        .create_table(&dynamic("flood", cap, Admission::Always))
+        .unwrap();
+    let fixed = client
+        .create_table(&TableSpec {
+            name: "fixed".into(),
+            rows: 1000,
+            dim: DIM as u32,
+            init: Initializer::Zeros,
+            optimizer: OptimizerSpec::sgd(0.1),
+            buckets: hetkv_transport::DEFAULT_BUCKETS,
+            dynamic: None,
+        })
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (fixed, stop) = (fixed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let keys: Vec<u64> = (0..1000).step_by(3).collect();
+            let mut out = vec![0f32; keys.len() * DIM];
+            let mut served = 0u64;
+            while !stop.load(Ordering::Relaxed) || served == 0 {
+                fixed.pull(&keys, &mut out, None).unwrap();
+                served += 1;
+            }
+            served
+        })
+    };
+    // 200,000 ids never seen before, 50 times the cap, in batches of 2,000.
+    let grads = vec![0.01f32; 2000 * DIM];
+    let counts = vec![1u32; 2000];
+    for batch in 0..100u64 {
+        let ids: Vec<u64> = (0..2000u64)
+            .map(|i| hetkv_transport::hash::splitmix64(batch * 2000 + i))
+            .collect();
+        assert_eq!(table.push(&ids, &counts, &grads).unwrap(), 2000);
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(other.join().unwrap() > 0);
+    let mut held = 0;
+    for s in 0..2 {
+        let stats = client.shard(s).stats().unwrap();
+        let t = stats.tables.iter().find(|t| t.name == "flood").unwrap();
+        let info = client
+            .shard(s)
+            .list_tables()
+            .unwrap()
+            .into_iter()
+            .find(|t| t.spec.name == "flood")
+            .unwrap();
+        assert!(
+            t.local_rows <= info.local_rows,
+            "{} held, cap {}",
+            t.local_rows,
+            info.local_rows
+        );
+        assert!(
+            info.local_rows < cap,
+            "a shard's share: {}",
+            info.local_rows
+        );
+        assert_eq!(t.updates, t.rows_pushed);
+        held += t.local_rows;
+    }
+    // The buckets fill: nearly the whole cap is held, never more than the shards' capacities.
+    assert!(held > cap * 9 / 10, "{held} rows held of a cap of {cap}");
+}
+
+#[test]
+fn a_threshold_admits_on_the_counted_update_and_the_answer_counts_what_it_dropped() {
+    let cluster = EmbeddedCluster::start(1).unwrap();
+    let shard = TcpShardClient::connect(&cluster.addrs()[0], ClientConfig::default()).unwrap();
+    let spec = dynamic("thr", 1000, Admission::Threshold { count: 3 });
+    shard.create_table(&spec).unwrap();
+    let g = vec![0.5f32; DIM];
+    let key = u64::MAX - 3;
+    let first = shard.push("thr", &[key], &[2], &g).unwrap();
+    assert_eq!((first.updates, first.refused, first.rows), (0, 2, 1));
+    let (mut v, mut rows) = (Vec::new(), Vec::new());
+    shard.pull("thr", &[key], &mut v, &mut rows).unwrap();
+    assert_eq!(v, [0], "not admitted: still its initial value");
+    let second = shard.push("thr", &[key], &[1], &g).unwrap();
+    assert_eq!((second.updates, second.refused, second.rows), (1, 0, 1));
+    shard.pull("thr", &[key], &mut v, &mut rows).unwrap();
+    assert_eq!(v, [1]);
+}
+
+#[test]
+fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EmbeddedCluster::start_with(1, Default::default(), |i| {
+        let mut c = hetkv_store::ShardConfig::new(i, 1);
+        c.data_dir = Some(dir.path().join("d"));
+        c
+    })
+    .unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let table = client
+        .create_table(&dynamic("d", 1000, Admission::Always))
+        .unwrap();
+    let shard = client.shard(0);
+    let err = shard.region_info("d").unwrap_err().to_string();
+    assert!(err.contains("is dynamic"), "{err}");
+    let err = table.assign(&[5], &[0.0; DIM]).unwrap_err().to_string();
+    assert!(err.contains("is dynamic"), "{err}");
+    let shards: Vec<&dyn ShardTransport> = vec![shard.as_ref()];
+    let err = hetkv_store::tensors::export_table(&shards, "d", None, &dir.path().join("x"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exports and imports of dynamic tables"),
+        "{err}"
+    );
+    let err = client.checkpoint("c", false).unwrap_err().to_string();
+    assert!(err.contains("dynamic table d"), "{err}");
+    let mut cached = table.cached(CacheConfig::disabled());
+    let err = cached
+        .lookup(&[5], &mut [0.0; DIM])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("caches of dynamic tables"), "{err}");
+    // A fixed table of the same name is a conflict, not a second table.
+    let err = client
+        .create_table(&TableSpec {
+            dynamic: None,
+            ..dynamic("d", 1000, Admission::Always)
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("exists"), "{err}");
+    // Invalid admission rules are refused before anything is made.
+    let err = client
+        .create_table(&dynamic(
+            "p",
+            1000,
+            Admission::Probability { p: 1.5, seed: 1 },
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("probability"), "{err}");
+}
+
+#[test]
+fn shared_memory_clients_pull_dynamic_tables_over_the_control_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let shm = dir.path().to_path_buf();
+    let cluster = EmbeddedCluster::start_with(2, Default::default(), |i| {
+        let mut c = hetkv_store::ShardConfig::new(i, 2);
+        c.shm_dir = Some(shm.clone());
+        c
+    })
+    .unwrap();
+    let client = Cluster::connect(
+        cluster.addrs(),
+        hetkv_client::TransportKind::Shm,
+        &ClientConfig::default(),
+    )
+    .unwrap();
+    let spec = dynamic("shm", 1000, Admission::Always);
+    let table = client.create_table(&spec).unwrap();
+    let ids = raw_ids();
+    table
+        .push(&ids, &vec![1; ids.len()], &vec![0.25; ids.len() * DIM])
+        .unwrap();
+    let (mut rows, mut versions) = (vec![0f32; ids.len() * DIM], vec![0u64; ids.len()]);
+    table.pull(&ids, &mut rows, Some(&mut versions)).unwrap();
+    assert!(versions.iter().all(|&v| v == 1), "{versions:?}");
+}
