@@ -165,6 +165,14 @@ impl CriteoSynth {
         }
     }
 
+    /// The raw 64-bit id a CTR log carries for table key `key` (as from [`CriteoSynth::key`]):
+    /// a bijection of the key salted by the seed, so ids spread over all of u64 (0 and values
+    /// with the top bit set included, as torch's int64 carries them) and the same data can feed
+    /// a fixed table (dense keys) and a dynamic one (raw ids).
+    pub fn raw_id(&self, key: u64) -> u64 {
+        hetkv_transport::hash::splitmix64(key ^ self.seed.rotate_left(17) ^ 0x05EE_D1D5)
+    }
+
     /// The planted weight and interaction vector of table key `key`.
     fn truth(&self, key: u64, w: &mut [f32; 1], u: &mut [f32; 4]) {
         Initializer::Normal {

@@ -15,6 +15,7 @@ pub mod compare;
 pub mod core_bench;
 pub mod criteo;
 pub mod demo;
+pub mod dynamic_bench;
 pub mod metrics;
 pub mod movielens;
 pub mod plots;

@@ -7,8 +7,8 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use hetkv_bench::{
-    attack, cache_bench, checkpoint_bench, compare, core_bench, criteo, demo, movielens, plots,
-    throughput, train, transport_bench,
+    attack, cache_bench, checkpoint_bench, compare, core_bench, criteo, demo, dynamic_bench,
+    movielens, plots, throughput, train, transport_bench,
 };
 
 #[derive(Parser, Debug)]
@@ -51,6 +51,10 @@ enum Command {
     /// A Criteo-like synthetic data set with a planted model: its click rate and the planted
     /// model's AUC and logloss, optionally written as Criteo TSV and read back.
     Criteo(criteo::CriteoArgs),
+    /// A dynamic table on raw hashed ids beside the fixed table on the same data, against a
+    /// `hetkv serve` child: its memory against the documented bytes a row, pulls of both, and a
+    /// flood of never-seen ids against a cap.
+    Dynamic(dynamic_bench::DynamicArgs),
 }
 
 fn write_json<T: Serialize>(path: &Option<std::path::PathBuf>, report: &T) -> Result<()> {
@@ -148,6 +152,10 @@ fn main() -> Result<()> {
                 "{}: checkpoint bandwidth {:.2} of a plain write; pushes during checkpoints {:.2} of alone; restore {:.2} s/GiB",
                 r.table, r.bandwidth_ratio, r.push_ratio, r.restore_s_per_gib
             );
+            write_json(&args.json, &r)
+        }
+        Command::Dynamic(args) => {
+            let r = dynamic_bench::run(&args)?;
             write_json(&args.json, &r)
         }
         Command::Criteo(args) => {

@@ -12,7 +12,8 @@
 //! # let table = client.create_table(&hetkv_transport::TableSpec {
 //! #     name: "ads".into(), rows: 100, dim: 4,
 //! #     init: hetkv_transport::Initializer::Zeros,
-//! #     optimizer: hetkv_transport::OptimizerSpec::Sgd { lr: 0.1 }, buckets: hetkv_transport::DEFAULT_BUCKETS,
+//! #     optimizer: hetkv_transport::OptimizerSpec::Sgd { lr: 0.1 },
+//! #     buckets: hetkv_transport::DEFAULT_BUCKETS, dynamic: None,
 //! # })?;
 //! use hetkv_client::{Bound, CacheConfig, Capacity, PolicyKind};
 //! use prometheus_client::registry::Registry;

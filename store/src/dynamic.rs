@@ -21,7 +21,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hetkv_transport::keyed::{KeyedLayout, KeyedRegion, Placement as Slot, BUCKET_SLOTS};
+use hetkv_transport::keyed::{
+    KeyedLayout, KeyedRegion, Placement as Slot, BUCKET_BYTES, BUCKET_SLOTS,
+};
+use hetkv_transport::row::RowLayout;
 use hetkv_transport::row::{self, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::sketch::FrequencySketch;
 use hetkv_transport::{
@@ -192,17 +195,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl DynamicRows {
     /// Bytes a shard of this table takes: the region, the optimizer state and scores of every
     /// slot, the admission sketch and the eviction log.
-    /// `capacity` rows of `table` (a dynamic table's spec) at most.
+    /// Bytes a shard of this table takes for at most `capacity` rows of `table` (a dynamic
+    /// table's spec): [`bytes_per_bucket`] for every bucket, the admission sketch and the
+    /// eviction log.
     pub fn footprint(table: &TableSpec, capacity: u64) -> u64 {
         let (Some(spec), Ok(layout)) = (table.dynamic, KeyedLayout::new(table.dim, capacity))
         else {
             return u64::MAX;
         };
-        let opt = Optimizer::new(table.optimizer);
-        let per_slot = opt.state_shape(table.dim as usize).bytes() as u64 + 8;
         layout
-            .region_bytes()
-            .saturating_add(layout.capacity().saturating_mul(per_slot))
+            .buckets()
+            .saturating_mul(bytes_per_bucket(table))
             .saturating_add(Admitter::new(spec.admission, 0).bytes(layout.capacity()))
             .saturating_add(EVICTION_LOG as u64 * LOGGED_BYTES)
     }
@@ -284,27 +287,96 @@ impl DynamicRows {
                 out.len()
             )));
         }
-        let keyed = KeyedRegion::new(&self.layout, self.region.words());
         let mut image = vec![0u8; self.layout.row().stride()];
-        let found = match keyed.find(key, &mut image, DEFAULT_READ_ATTEMPTS) {
-            Ok(found) => found,
-            Err(_) => {
-                let _writer = lock(&self.buckets[self.layout.bucket_of(key) as usize]);
-                keyed
-                    .find(key, &mut image, 1)
-                    .map_err(|e| StoreError::Io(format!("row of key {key} under its lock: {e}")))?
-            }
-        };
-        match found {
-            Some(at) => {
+        match self.find(key, &mut image)? {
+            Some(version) => {
                 row::decode_payload(self.layout.row(), &image, out);
-                Ok(at.version)
+                Ok(version)
             }
             None => {
                 self.init.fill(key, out);
                 Ok(0)
             }
         }
+    }
+
+    /// The rows of `keys` as stored bytes, each handed to `put(j, version, payload)` (dim f32,
+    /// little-endian): a batch's lookups with their memory loaded ahead
+    /// ([`KeyedRegion::find_batch`]); a key not held reads as its initial value at version 0.
+    /// Should a row keep changing under the batch's reader, the batch is read again key by key,
+    /// each under its bucket's lock at worst ([`DynamicRows::read_payload`]).
+    pub fn read_batch(
+        &self,
+        keys: &[u64],
+        mut put: impl FnMut(usize, u64, &[u8]),
+    ) -> Result<(), StoreError> {
+        let layout = *self.layout.row();
+        let mut image = vec![0u8; layout.stride()];
+        let mut values = vec![0f32; self.dim];
+        let mut payload = vec![0u8; 4 * self.dim];
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let batch = keyed.find_batch(
+            keys,
+            &mut image,
+            DEFAULT_READ_ATTEMPTS,
+            |j, found, image| match found {
+                Some(at) => put(j, at.version, layout.payload(image)),
+                None => {
+                    self.init.fill(keys[j], &mut values);
+                    for (b, v) in payload.chunks_exact_mut(4).zip(&values) {
+                        b.copy_from_slice(&v.to_le_bytes());
+                    }
+                    put(j, 0, &payload);
+                }
+            },
+        );
+        if batch.is_err() {
+            for (j, &key) in keys.iter().enumerate() {
+                let version = self.read_payload(key, &mut image, &mut values, &mut payload)?;
+                put(j, version, &payload);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`DynamicRows::read`] as stored bytes: `key`'s payload (dim f32, little-endian) into
+    /// `payload`, its version returned; `image` (a row's stride) and `values` (dim) are scratch.
+    pub fn read_payload(
+        &self,
+        key: u64,
+        image: &mut [u8],
+        values: &mut [f32],
+        payload: &mut [u8],
+    ) -> Result<u64, StoreError> {
+        match self.find(key, image)? {
+            Some(version) => {
+                payload.copy_from_slice(self.layout.row().payload(image));
+                Ok(version)
+            }
+            None => {
+                self.init.fill(key, values);
+                for (b, v) in payload.chunks_exact_mut(4).zip(values.iter()) {
+                    b.copy_from_slice(&v.to_le_bytes());
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// `key`'s verified row image in `image` and its version, or `None` when the key is not
+    /// held. Lock-free unless the row keeps changing for [`DEFAULT_READ_ATTEMPTS`] copies.
+    fn find(&self, key: u64, image: &mut [u8]) -> Result<Option<u64>, StoreError> {
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let found = match keyed.find(key, image, DEFAULT_READ_ATTEMPTS) {
+            Ok(found) => found,
+            Err(_) => {
+                let _writer = lock(&self.buckets[self.layout.bucket_of(key) as usize]);
+                keyed
+                    .find(key, image, 1)
+                    .map_err(|e| StoreError::Io(format!("row of key {key} under its lock: {e}")))?
+            }
+        };
+        Ok(found.map(|at| at.version))
     }
 
     /// Applies `(key, count, gradient)` rows: a held key takes the optimizer's step; a key not
@@ -452,6 +524,30 @@ impl DynamicRows {
     }
 }
 
+/// Bytes one bucket of 32 slots of `table` (dynamic) takes on its shard: in the region, the
+/// bucket's digests and its 32 keyed rows; beside it, the daemon's record of the bucket (scores,
+/// Adam steps and its lock, inline) and the slots' optimizer state (on the heap, with the
+/// allocator's header).
+pub fn bytes_per_bucket(table: &TableSpec) -> u64 {
+    let stride = RowLayout::keyed(table.dim).stride() as u64;
+    let state = Optimizer::new(table.optimizer)
+        .state_shape(table.dim as usize)
+        .len as u64
+        * 4;
+    let heap = if state == 0 { 0 } else { 32 * state + 16 };
+    BUCKET_BYTES as u64
+        + BUCKET_SLOTS as u64 * stride
+        + std::mem::size_of::<Mutex<BucketState>>() as u64
+        + heap
+}
+
+/// Bytes a row of capacity of `table` (dynamic) takes: its bucket's bytes over the bucket's
+/// slots ([`bytes_per_bucket`]). A shard of capacity `C` takes `C` times this, rounded up to
+/// whole buckets, plus the admission sketch and the eviction log (`DynamicRows::footprint`).
+pub fn bytes_per_row(table: &TableSpec) -> f64 {
+    bytes_per_bucket(table) as f64 / BUCKET_SLOTS as f64
+}
+
 /// A dynamic table as a shard serves it: its spec, its rows (at most its share of the table's
 /// capacity), and its counters.
 #[derive(Debug)]
@@ -533,15 +629,8 @@ impl DynamicTable {
         keys: &[u64],
         out: &mut hetkv_transport::codec::RowsWriter<'_>,
     ) -> Result<(), StoreError> {
-        let mut values = vec![0f32; self.spec.dim as usize];
-        let mut payload = vec![0u8; 4 * values.len()];
-        for (j, &key) in keys.iter().enumerate() {
-            let version = self.rows.read(key, &mut values)?;
-            for (b, v) in payload.chunks_exact_mut(4).zip(&values) {
-                b.copy_from_slice(&v.to_le_bytes());
-            }
-            out.put(j, version, &payload);
-        }
+        self.rows
+            .read_batch(keys, |j, version, payload| out.put(j, version, payload))?;
         self.rows_read
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
         Ok(())
@@ -961,7 +1050,17 @@ mod tests {
         let of = |optimizer| table("f", 4, Initializer::Zeros, optimizer, rule);
         let adagrad = DynamicRows::footprint(&of(OptimizerSpec::adagrad(0.1)), 64);
         let sgd = DynamicRows::footprint(&of(OptimizerSpec::sgd(0.1)), 64);
-        assert_eq!(adagrad - sgd, 64 * 16, "four accumulators a slot");
+        // Four accumulators a slot, on the heap with the allocator's header, per bucket of 32.
+        assert_eq!(
+            adagrad - sgd,
+            2 * (32 * 16 + 16),
+            "four accumulators a slot"
+        );
+        assert_eq!(
+            sgd - DynamicRows::footprint(&of(OptimizerSpec::sgd(0.1)), 32),
+            bytes_per_bucket(&of(OptimizerSpec::sgd(0.1))),
+            "one more bucket"
+        );
         assert!(sgd > layout.region_bytes() + 64 * 8 + EVICTION_LOG as u64 * LOGGED_BYTES);
     }
 }
