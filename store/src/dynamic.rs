@@ -14,8 +14,9 @@
 //!
 //! A [`DynamicTable`] is such rows as a shard serves them: keys checked against the table's
 //! routing (by hashed bucket, `hetkv_transport::Routing`), pulls and pushes over the protocol,
-//! statistics. Not yet built around this: checkpoints of dynamic rows, one-sided reads and
-//! caches of dynamic tables, and TTL eviction.
+//! statistics, and checkpoints (every held row, one record per key with its state and score,
+//! copied bucket by bucket under the bucket's lock). Not yet built around this: one-sided reads
+//! and caches of dynamic tables, resharding them, and TTL eviction.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use hetkv_transport::{
     hash, Admission, Eviction, Initializer, Optimizer, Region, TableInfo, TableSpec, TableStats,
 };
 
+use crate::checkpoint::format::{FileHeader, Kind, RecordShape, RecordView, TableFileWriter};
 use crate::placement::Placement;
 use crate::StoreError;
 
@@ -685,6 +687,120 @@ impl DynamicTable {
         self.rows_pushed
             .fetch_add(push.keys.len() as u64, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The header of this table's file in a checkpoint (always full: every held row), the clock
+    /// read now.
+    pub fn checkpoint_header(&self) -> FileHeader {
+        FileHeader {
+            kind: Kind::Full,
+            shard: self.shard,
+            shards: self.shards,
+            local_rows: self.capacity,
+            clock_start: self.clock(),
+            spec: self.spec.clone(),
+            shape: RecordShape::of(&self.spec),
+        }
+    }
+
+    /// Copies every held row into a checkpoint file, slot by slot: one record per key with its
+    /// value, version, optimizer state, Adam step and eviction score, copied together under its
+    /// bucket's lock (pushes to other buckets go on; a bucket's records are encoded after its
+    /// lock is released). Returns the rows written.
+    pub fn snapshot_into<W: std::io::Write>(
+        &self,
+        out: &mut TableFileWriter<W>,
+    ) -> std::io::Result<u64> {
+        let shape = RecordShape::of(&self.spec);
+        let rows = &self.rows;
+        let layout = *rows.layout.row();
+        let (stride, len) = (layout.stride(), rows.state_len);
+        let keyed = KeyedRegion::new(&rows.layout, rows.region.words());
+        let mut image = vec![0u8; stride];
+        // One bucket's held rows: (slot, key, version, score, step), images and states.
+        let mut held: Vec<(u64, u64, u64, u64, u64)> = Vec::with_capacity(BUCKET_SLOTS);
+        let mut images = vec![0u8; BUCKET_SLOTS * stride];
+        let mut states = vec![0f32; BUCKET_SLOTS * len];
+        let mut written = 0;
+        for b in 0..rows.layout.buckets() {
+            held.clear();
+            {
+                let state = lock(&rows.buckets[b as usize]);
+                let first = rows.layout.first_slot(b);
+                keyed
+                    .held(b, &mut image, |slot, key, version, row| {
+                        let (n, e) = (held.len(), (slot - first) as usize);
+                        images[n * stride..(n + 1) * stride].copy_from_slice(row);
+                        states[n * len..(n + 1) * len]
+                            .copy_from_slice(&state.state[e * len..(e + 1) * len]);
+                        held.push((slot, key, version, state.scores[e], state.steps[e]));
+                    })
+                    .map_err(|e| std::io::Error::other(format!("table {}: {e}", self.spec.name)))?;
+            }
+            for (n, &(slot, key, version, score, step)) in held.iter().enumerate() {
+                let room = out.next_record(slot)?;
+                shape.encode(
+                    slot,
+                    version,
+                    layout.payload(&images[n * stride..(n + 1) * stride]),
+                    &states[n * len..(n + 1) * len],
+                    step,
+                    room,
+                );
+                shape.encode_key(key, score, room);
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Puts one record of a checkpoint back (for a table not yet served): the key into the
+    /// record's slot, with its value, version, optimizer state, step and score; the table clock
+    /// is raised to the file's `clock_start`, the score and the version, so a quiet shard's clock
+    /// comes back exactly and later LRU scores stay above every restored one. Refuses a slot
+    /// outside the key's bucket and a key held already, so a file that passed its checksums but
+    /// names impossible places changes nothing it should not.
+    pub fn restore_record(
+        &self,
+        header: &FileHeader,
+        rec: &RecordView<'_>,
+        values: &mut Vec<f32>,
+    ) -> Result<(), String> {
+        let rows = &self.rows;
+        let (key, score) = rec
+            .key_and_score()
+            .ok_or_else(|| "a record without a key".to_string())?;
+        let slot = rec.index();
+        let bucket = rows.layout.bucket_of(key);
+        let first = rows.layout.first_slot(bucket);
+        if !(first..first + BUCKET_SLOTS as u64).contains(&slot) {
+            return Err(format!(
+                "key {key} in slot {slot}, outside its bucket's slots {first}..{}",
+                first + BUCKET_SLOTS as u64
+            ));
+        }
+        let keyed = KeyedRegion::new(&rows.layout, rows.region.words());
+        let layout = *rows.layout.row();
+        let mut image = vec![0u8; layout.stride()];
+        if keyed.find(key, &mut image, 1).ok().flatten().is_some() {
+            return Err(format!("key {key} comes twice"));
+        }
+        values.resize(rows.dim, 0.0);
+        for (v, b) in values.iter_mut().zip(rec.value_bytes().chunks_exact(4)) {
+            *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+        let e = (slot - first) as usize;
+        let mut state = lock(&rows.buckets[bucket as usize]);
+        let len = rows.state_len;
+        rec.state_into(&mut state.state[e * len..(e + 1) * len]);
+        state.steps[e] = rec.step();
+        state.scores[e] = score;
+        keyed.publish(slot, key, rec.version(), values, &mut image);
+        drop(state);
+        rows.resident.fetch_add(1, Ordering::Relaxed);
+        let clock = header.clock_start.max(score).max(rec.version());
+        rows.clock.fetch_max(clock, Ordering::Relaxed);
+        Ok(())
     }
 
     /// What `list_tables` says of it: the spec, the capacity on this shard, the row stride.

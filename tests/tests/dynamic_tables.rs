@@ -228,8 +228,8 @@ fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
         err.contains("exports and imports of dynamic tables"),
         "{err}"
     );
-    let err = client.checkpoint("c", false).unwrap_err().to_string();
-    assert!(err.contains("dynamic table d"), "{err}");
+    // Checkpoints take dynamic tables (store/tests/dynamic_checkpoints.rs has the rest).
+    client.checkpoint("c", false).unwrap();
     let mut cached = table.cached(CacheConfig::disabled());
     let err = cached
         .lookup(&[5], &mut [0.0; DIM])

@@ -443,6 +443,38 @@ impl<'a> KeyedRegion<'a> {
         Bucket::decode(&image).unwrap_or(Bucket::EMPTY)
     }
 
+    /// The held slots of `bucket`, for its writer (who holds it still): `each(slot, key,
+    /// version, image)` with the slot's verified row in `image` (one stride of scratch), in slot
+    /// order. A held row that does not verify, or whose key is not of this bucket, is an error
+    /// (memory gone bad: nothing else writes it meanwhile), naming the slot.
+    pub fn held(
+        &self,
+        bucket: u64,
+        image: &mut [u8],
+        mut each: impl FnMut(u64, u64, u64, &[u8]),
+    ) -> Result<(), String> {
+        let layout = self.layout.row();
+        let view = self.writer_bucket(bucket);
+        let first = self.layout.first_slot(bucket);
+        for (i, &digest) in view.digests.iter().enumerate() {
+            if digest == EMPTY {
+                continue;
+            }
+            let slot = first + i as u64;
+            row::copy_row(self.rows, layout, slot, image);
+            let version =
+                row::verify_image(layout, image).map_err(|e| format!("slot {slot}: {e}"))?;
+            let key = layout.key(image).unwrap_or_default();
+            if self.layout.bucket_of(key) != bucket || digest_of(key) != digest {
+                return Err(format!(
+                    "slot {slot} holds key {key}, which bucket {bucket}'s digest does not name"
+                ));
+            }
+            each(slot, key, version, image);
+        }
+        Ok(())
+    }
+
     /// Writes `key`'s row into `slot` (of `key`'s bucket) at `version` and publishes it: the row
     /// first, then the bucket's digest, so that a reader never finds the digest before the row.
     /// A slot that held another key stops being found as that key by the same bucket write.

@@ -123,11 +123,14 @@ impl Routing {
     }
 
     /// How many rows of a table of `rows` rows shard `shard` holds: for a dynamic table, at most
-    /// (its buckets' share of the capacity `rows`, rounded up).
+    /// (its buckets' share of the capacity `rows`, rounded up to whole region buckets of 32).
     pub fn local_rows(&self, rows: u64, shard: u32) -> u64 {
         if self.hashed {
+            // Rounded up to whole buckets of the shard's region (`keyed.rs`).
+            let slots = crate::keyed::BUCKET_SLOTS as u128;
             let share = u128::from(rows) * u128::from(self.buckets_on(shard));
-            return share.div_ceil(u128::from(self.buckets)) as u64;
+            let share = share.div_ceil(u128::from(self.buckets));
+            return u64::try_from(share.div_ceil(slots) * slots).unwrap_or(u64::MAX);
         }
         let full_rounds = rows / u64::from(self.buckets);
         // The last, partial round holds buckets `[0, rest)`.
@@ -221,8 +224,9 @@ mod tests {
         let seq: Vec<usize> = (0..9u64).map(|k| r.shard_of(k)).collect();
         assert_ne!(seq, (0..9).map(|k| k % 3).collect::<Vec<_>>());
         let caps: Vec<u64> = (0..3).map(|s| r.local_rows(1_000_000, s)).collect();
+        assert!(caps.iter().all(|c| c % 32 == 0), "{caps:?}");
         assert!(caps.iter().sum::<u64>() >= 1_000_000, "{caps:?}");
-        assert!(caps.iter().sum::<u64>() <= 1_000_002, "{caps:?}");
+        assert!(caps.iter().sum::<u64>() <= 1_000_000 + 3 * 32, "{caps:?}");
         assert_eq!(r.local_on(5, r.shard_of(5) as u32, u64::MAX), None);
     }
 

@@ -67,12 +67,28 @@ pub struct RecordShape {
     pub state_len: usize,
     /// Whether the record ends with a step count (Adam).
     pub steps: bool,
+    /// A dynamic table's record: its index is the row's slot, and it ends with the row's key
+    /// and eviction score.
+    pub keyed: bool,
 }
 
 impl RecordShape {
     /// Bytes of one record.
     pub fn len(&self) -> usize {
+        self.key_at() + if self.keyed { 16 } else { 0 }
+    }
+
+    /// Where a keyed record's key is (after the step count, if any).
+    fn key_at(&self) -> usize {
         16 + 4 * self.dim + 4 * self.state_len + if self.steps { 8 } else { 0 }
+    }
+
+    /// Writes a keyed record's key and score into `out` (already filled by [`Self::encode`]).
+    pub fn encode_key(&self, key: u64, score: u64, out: &mut [u8]) {
+        debug_assert!(self.keyed);
+        let at = self.key_at();
+        out[at..at + 8].copy_from_slice(&key.to_le_bytes());
+        out[at + 8..at + 16].copy_from_slice(&score.to_le_bytes());
     }
 
     /// Always false: a record holds at least its index and version.
@@ -150,10 +166,18 @@ impl<'a> RecordView<'a> {
     /// The step count (0 without one).
     pub fn step(&self) -> u64 {
         if self.shape.steps {
-            u64_at(self.bytes, self.shape.len() - 8)
+            u64_at(self.bytes, self.shape.key_at() - 8)
         } else {
             0
         }
+    }
+
+    /// A keyed record's key and eviction score (`None` for a fixed table's record).
+    pub fn key_and_score(&self) -> Option<(u64, u64)> {
+        let at = self.shape.key_at();
+        self.shape
+            .keyed
+            .then(|| (u64_at(self.bytes, at), u64_at(self.bytes, at + 8)))
     }
 
     /// The first element of the values, then the optimizer state, that is NaN or infinite.
@@ -558,7 +582,8 @@ impl<R: Read> TableFileReader<R> {
                 ),
             });
         }
-        if self.header.kind == Kind::Full && index != self.next_index {
+        // A dynamic table's full file holds its occupied slots only.
+        if self.header.kind == Kind::Full && !self.header.shape.keyed && index != self.next_index {
             return Err(CheckpointError::Corrupt {
                 file: self.label.clone(),
                 what: format!(
@@ -646,7 +671,11 @@ impl<R: Read> TableFileReader<R> {
                 trailer.rows, trailer.blocks, self.rows, self.blocks
             )));
         }
-        if self.header.kind == Kind::Full && self.rows != self.header.local_rows {
+        // A dynamic table's full file holds its held rows, fewer than its slots when not full.
+        if self.header.kind == Kind::Full
+            && !self.header.shape.keyed
+            && self.rows != self.header.local_rows
+        {
             return Err(self.corrupt(format!(
                 "a full file of {} rows out of {}",
                 self.rows, self.header.local_rows
@@ -697,6 +726,7 @@ impl RecordShape {
             dim: spec.dim as usize,
             state_len: opt.state_len(spec.dim as usize),
             steps: opt.has_steps(),
+            keyed: spec.is_dynamic(),
         }
     }
 }

@@ -287,6 +287,21 @@ impl CheckpointDir {
         files
     }
 
+    /// The spec in the header of the newest file of `table` in `chain` (its header checked), or
+    /// `None` when no checkpoint of the chain holds the table.
+    pub fn spec_of(
+        &self,
+        chain: &[Manifest],
+        table: &str,
+    ) -> Result<Option<hetkv_transport::TableSpec>, CheckpointError> {
+        let Some((path, _)) = self.files_of(chain, table).pop() else {
+            return Ok(None);
+        };
+        let file = open_regular(&path)?;
+        let reader = TableFileReader::open(BufReader::new(file), path.display().to_string())?;
+        Ok(Some(reader.header().spec.clone()))
+    }
+
     /// Reads every record of one table of `chain`, oldest file first, checking each file against
     /// its manifest entry and its header against `expect` (shard, shard count, and the spec of
     /// the first file). Returns the spec.
@@ -344,8 +359,13 @@ impl CheckpointDir {
                     entry.bytes
                 )));
             }
-            let least = h.local_rows.saturating_mul(h.shape.len() as u64);
-            if h.kind == Kind::Full && (entry.rows != h.local_rows || len < least) {
+            // A dynamic table's full file holds its occupied slots, at most all of them.
+            let rows = match h.shape.keyed {
+                true => entry.rows,
+                false => h.local_rows,
+            };
+            let least = rows.saturating_mul(h.shape.len() as u64);
+            if h.kind == Kind::Full && (entry.rows != rows || rows > h.local_rows || len < least) {
                 return Err(refuse(format!(
                     "a full file of {} local rows of {} bytes is at least {least} bytes; this \
                      one is {len} bytes and its manifest lists {} rows",
@@ -588,6 +608,11 @@ fn reshard_table(
     for (shard, (dir, chain)) in chains.iter().enumerate() {
         let spec = dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
             if header.is_none() {
+                if h.spec.is_dynamic() {
+                    return Err(CheckpointError::Refused(format!(
+                        "table {table} is dynamic: resharding dynamic tables is not built yet"
+                    )));
+                }
                 if h.spec.buckets < new_shards {
                     return Err(CheckpointError::Refused(format!(
                         "table {table} has {} placement buckets; it cannot be spread over {} \

@@ -7,6 +7,7 @@ use hetkv_transport::wire::CheckpointResponse;
 
 use super::{fresh_incarnation, Shard};
 use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
+use crate::dynamic::DynamicTable;
 use crate::table::Table;
 use crate::StoreError;
 
@@ -39,14 +40,6 @@ impl Shard {
     ) -> Result<CheckpointResponse, StoreError> {
         let data_dir = self.data_dir()?;
         checkpoint::check_name(name)?;
-        if let Some(t) = self.dynamic_tables().first() {
-            // Refused rather than written without them: a checkpoint restores the whole shard.
-            return Err(StoreError::Unsupported(format!(
-                "checkpoint {name} is refused: this shard holds dynamic table {}, and checkpoints \
-                 of dynamic tables are not built yet",
-                t.spec().name
-            )));
-        }
         let mut base = match self.checkpoints.try_lock() {
             Ok(b) => b,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -135,18 +128,36 @@ impl Shard {
             rows += summary.rows;
             bytes += summary.bytes;
         }
+        // Dynamic tables after the fixed ones, each in full (every held row) even in an
+        // incremental checkpoint.
+        let dynamic = self.dynamic_tables();
+        for (n, t) in dynamic.iter().enumerate() {
+            let (table, index) = (&t.spec().name, tables.len() + n);
+            let mut w = pending.table_writer(index, &t.checkpoint_header())?;
+            t.snapshot_into(&mut w).map_err(|e| CheckpointError::Io {
+                path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
+                source: e,
+            })?;
+            let summary = pending.finish_table(table, Kind::Full, w, t.clock())?;
+            rows += summary.rows;
+            bytes += summary.bytes;
+        }
         let identity = (self.config.shard, self.config.shards);
         let parent = parent.map(|(p, _)| p);
         let manifest = pending.commit(dir.next_seq()?, parent.clone(), identity, sessions)?;
         base.base = Some((
             name.to_string(),
-            tables.iter().map(|t| t.spec().name.clone()).collect(),
+            tables
+                .iter()
+                .map(|t| t.spec().name.clone())
+                .chain(dynamic.iter().map(|t| t.spec().name.clone()))
+                .collect(),
         ));
         Ok(CheckpointResponse {
             name: name.to_string(),
             seq: manifest.seq,
             parent,
-            tables: tables.len() as u32,
+            tables: (tables.len() + dynamic.len()) as u32,
             rows,
             bytes,
             micros: start.elapsed().as_micros() as u64,
@@ -160,7 +171,7 @@ impl Shard {
     /// block) and the shard must not serve.
     pub fn restore(&self, name: Option<&str>) -> Result<Option<Manifest>, StoreError> {
         let data_dir = self.data_dir()?;
-        if !self.tables().is_empty() {
+        if !self.tables().is_empty() || !self.dynamic_tables().is_empty() {
             return Err(CheckpointError::Refused(
                 "a checkpoint is restored into a shard with no tables".into(),
             )
@@ -187,6 +198,9 @@ impl Shard {
         let mut base = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
         let mut image = Vec::new();
         for t in &manifest.tables {
+            if self.restore_dynamic(&dir, &chain, &t.name, &manifest.name)? {
+                continue;
+            }
             let mut table: Option<Arc<Table>> = None;
             let mut failed = None;
             dir.read_table(&chain, &t.name, identity, |h, rec| {
@@ -228,5 +242,54 @@ impl Shard {
             manifest.tables.iter().map(|t| t.name.clone()).collect(),
         ));
         Ok(Some(manifest))
+    }
+
+    /// Restores table `table` of `chain` when it is dynamic (false when it is fixed, leaving it
+    /// to the caller): created empty from the spec in its file, then every record put back.
+    fn restore_dynamic(
+        &self,
+        dir: &CheckpointDir,
+        chain: &[Manifest],
+        table: &str,
+        checkpoint: &str,
+    ) -> Result<bool, StoreError> {
+        let identity = (self.config.shard, self.config.shards);
+        let spec = match dir.spec_of(chain, table)? {
+            Some(spec) if spec.is_dynamic() => spec,
+            _ => return Ok(false),
+        };
+        let mut created: Option<Arc<DynamicTable>> = None;
+        let mut failed = None;
+        let mut values = Vec::new();
+        dir.read_table(chain, table, identity, |h, rec| {
+            if created.is_none() {
+                match self.create_dynamic(h.spec.clone()) {
+                    Ok((t, _)) => created = Some(t),
+                    Err(e) => {
+                        failed = Some(e);
+                        return Err(CheckpointError::Refused(format!("creating table {table}")));
+                    }
+                }
+            }
+            let t = created.as_ref().expect("created");
+            t.restore_record(h, &rec, &mut values)
+                .map_err(|what| CheckpointError::Corrupt {
+                    file: format!("table {table} of checkpoint {checkpoint}"),
+                    what,
+                })
+        })
+        .map_err(|e| failed.take().unwrap_or(e.into()))?;
+        // A table whose file holds no row was empty when it was written.
+        let t = match created {
+            Some(t) => t,
+            None => self.create_dynamic(spec)?.0,
+        };
+        tracing::info!(
+            table,
+            rows = t.rows().resident(),
+            clock = t.clock(),
+            "restored dynamic table"
+        );
+        Ok(true)
     }
 }

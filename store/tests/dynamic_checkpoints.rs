@@ -1,0 +1,240 @@
+//! Checkpoints of dynamic tables, without sockets: a restore puts back every held key with its
+//! value, version, optimizer state, Adam step and eviction score (one record per key, as of one
+//! moment), in the slot it held, so a restored shard and the one that wrote the checkpoint go on
+//! identically under the same pushes, evictions included; a dynamic table rides in incremental
+//! checkpoints in full; a table written empty comes back empty; resharding refuses dynamic
+//! tables by name.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use hetkv_store::checkpoint::format::TableFileReader;
+use hetkv_store::checkpoint::{reshard, CheckpointDir};
+use hetkv_store::{Shard, ShardConfig};
+use hetkv_transport::wire::le_array;
+use hetkv_transport::{Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, TableSpec};
+
+const DIM: usize = 3;
+
+fn spec(name: &str, eviction: Eviction, optimizer: OptimizerSpec) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        rows: 256, // 8 buckets of 32 slots on one shard
+        dim: DIM as u32,
+        init: Initializer::Uniform {
+            bound: 0.5,
+            seed: 4,
+        },
+        optimizer,
+        buckets: 64,
+        dynamic: Some(DynamicSpec {
+            admission: Admission::Always,
+            eviction,
+        }),
+    }
+}
+
+fn shard(dir: &Path) -> Shard {
+    let mut c = ShardConfig::new(0, 1);
+    c.data_dir = Some(dir.to_path_buf());
+    Shard::new(c).unwrap()
+}
+
+/// Pushes `rounds` batches of keys from a space of 2,000 (8x the capacity: evictions), with
+/// pseudo-random gradients, to every dynamic table of `s`. The same seed gives the same pushes.
+fn train(s: &Shard, rounds: u64, seed: u64) {
+    let mut x = seed;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    for t in s.dynamic_tables() {
+        for _ in 0..rounds {
+            let mut keys: Vec<u64> = (0..16)
+                .map(|_| hetkv_transport::hash::splitmix64(next() % 2000))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let k: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+            let c: Vec<u8> = keys
+                .iter()
+                .flat_map(|_| (1 + (next() % 3) as u32).to_le_bytes())
+                .collect();
+            let g: Vec<u8> = (0..keys.len() * DIM)
+                .flat_map(|_| ((next() % 1000) as f32 / 1000.0 - 0.5).to_le_bytes())
+                .collect();
+            let push = t
+                .validate_push(le_array(&k), le_array(&c), le_array(&g))
+                .unwrap();
+            t.apply_push(&push).unwrap();
+        }
+    }
+}
+
+/// Every record of every table file of checkpoint `name`, by table: the bytes of each.
+fn records(dir: &Path, name: &str) -> Vec<(String, Vec<Vec<u8>>)> {
+    let m = CheckpointDir::at(dir).manifest(name).unwrap();
+    m.tables
+        .iter()
+        .map(|t| {
+            let path = dir.join("checkpoints").join(name).join(&t.file);
+            let file = std::fs::File::open(&path).unwrap();
+            let mut r = TableFileReader::open(BufReader::new(file), "t").unwrap();
+            let mut all = Vec::new();
+            while let Some(rec) = r.next_record().unwrap() {
+                all.push(rec.bytes().to_vec());
+            }
+            (t.name.clone(), all)
+        })
+        .collect()
+}
+
+#[test]
+fn a_restored_dynamic_table_holds_every_key_exactly_and_goes_on_as_the_original() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = shard(a_dir.path());
+    for (name, eviction, optimizer) in [
+        ("lru_adam", Eviction::Lru, OptimizerSpec::adam(0.01)),
+        ("lfu_adagrad", Eviction::Lfu, OptimizerSpec::adagrad(0.1)),
+    ] {
+        a.create_dynamic(spec(name, eviction, optimizer)).unwrap();
+    }
+    // A fixed table beside them.
+    a.create(TableSpec {
+        dynamic: None,
+        ..spec("fixed", Eviction::Lru, OptimizerSpec::sgd(0.1))
+    })
+    .unwrap();
+    train(&a, 300, 1);
+    // Full, and evicting: the checkpoint holds scores that decide what goes next.
+    for t in a.dynamic_tables() {
+        assert_eq!(t.rows().resident(), t.capacity(), "{}", t.spec().name);
+        let evicted = t.rows().evictions(0, usize::MAX).unwrap().next;
+        assert!(evicted > 500, "{}: {evicted} evictions", t.spec().name);
+    }
+    a.checkpoint("k", false).unwrap();
+    let written = records(a_dir.path(), "k");
+    assert_eq!(written.len(), 3);
+    for (name, recs) in &written {
+        if name != "fixed" {
+            assert_eq!(recs.len(), 256, "{name}: every held key, one record each");
+        }
+    }
+
+    // Restore into another directory's shard: copy the checkpoint over.
+    let copy = |from: &Path, to: &Path| {
+        let src = from.join("checkpoints");
+        for entry in walk(&src) {
+            let rel = entry.strip_prefix(from).unwrap();
+            let dst = to.join(rel);
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(&entry, &dst).unwrap();
+        }
+    };
+    copy(a_dir.path(), b_dir.path());
+    let b = shard(b_dir.path());
+    b.restore(Some("k")).unwrap();
+    for t in b.dynamic_tables() {
+        let original = a.dynamic_table(&t.spec().name).unwrap();
+        assert_eq!(t.rows().resident(), original.rows().resident());
+        assert_eq!(t.clock(), original.clock(), "{}: the clock", t.spec().name);
+    }
+    // Written again at once, the restored shard's records are the checkpoint's, byte for byte:
+    // every key in its slot with its value, version, state, Adam step and score.
+    b.checkpoint("again", false).unwrap();
+    assert_eq!(records(b_dir.path(), "again"), written, "restored exactly");
+    // Both go on under the same pushes (evictions by the restored scores, steps by the
+    // restored state), then write the same records. Few rounds, so that most restored keys
+    // are still held at the end.
+    train(&a, 8, 2);
+    train(&b, 8, 2);
+    a.checkpoint("after", false).unwrap();
+    b.checkpoint("after", false).unwrap();
+    assert_eq!(
+        records(b_dir.path(), "after"),
+        records(a_dir.path(), "after"),
+        "the restored shard and the original went on identically"
+    );
+}
+
+#[test]
+fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shard(dir.path());
+    s.create_dynamic(spec(
+        "d",
+        Eviction::Lfu,
+        OptimizerSpec::rowwise_adagrad(0.1),
+    ))
+    .unwrap();
+    s.create_dynamic(spec("untouched", Eviction::Lfu, OptimizerSpec::sgd(0.1)))
+        .unwrap();
+    s.create(TableSpec {
+        dynamic: None,
+        ..spec("fixed", Eviction::Lru, OptimizerSpec::sgd(0.1))
+    })
+    .unwrap();
+    let d = s.dynamic_table("d").unwrap();
+    let mut x = 5u64;
+    let mut push = |n: u64| {
+        for _ in 0..n {
+            x = hetkv_transport::hash::splitmix64(x);
+            let key = x % 500;
+            let k = key.to_le_bytes();
+            let g: Vec<u8> = [0.1f32; DIM].iter().flat_map(|v| v.to_le_bytes()).collect();
+            let p = d
+                .validate_push(le_array(&k), le_array(&1u32.to_le_bytes()), le_array(&g))
+                .unwrap();
+            d.apply_push(&p).unwrap();
+        }
+    };
+    push(100);
+    s.checkpoint("a", false).unwrap();
+    push(100);
+    s.checkpoint("b", true).unwrap();
+    let at_b = records(dir.path(), "b");
+    drop(s);
+    let r = shard(dir.path());
+    assert_eq!(r.restore(Some("b")).unwrap().unwrap().name, "b");
+    assert_eq!(r.dynamic_table("untouched").unwrap().rows().resident(), 0);
+    r.checkpoint("c", false).unwrap();
+    let at_c = records(dir.path(), "c");
+    let dynamic = |all: &[(String, Vec<Vec<u8>>)]| {
+        all.iter()
+            .filter(|(n, _)| n != "fixed")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        dynamic(&at_c),
+        dynamic(&at_b),
+        "restored from an incremental chain"
+    );
+    drop(r);
+
+    let other = tempfile::tempdir().unwrap();
+    let err = reshard(
+        &[CheckpointDir::at(dir.path())],
+        "c",
+        &[CheckpointDir::at(other.path())],
+        "m",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("resharding dynamic tables"), "{err}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
