@@ -809,7 +809,7 @@ fn extend_u64s(out: &mut Vec<u64>, a: U64s<'_>) {
 
 fn extend_f32s(out: &mut Vec<f32>, a: F32s<'_>) {
     out.clear();
-    out.extend(a.iter_f32());
+    out.extend(a.iter());
 }
 
 impl ShardTransport for TcpShardClient {

@@ -657,14 +657,14 @@ impl DynamicTable {
             )));
         }
         self.check_keys(keys.iter())?;
-        let counts: Vec<u32> = (0..counts.len()).map(|i| counts.get_u32(i)).collect();
+        let counts: Vec<u32> = (0..counts.len()).map(|i| counts.get(i)).collect();
         if let Some(n) = counts.iter().position(|&c| c == 0) {
             return Err(StoreError::InvalidGradient(format!(
                 "key {} has an update count of 0",
                 keys.get(n)
             )));
         }
-        let grads: Vec<f32> = grads.iter_f32().collect();
+        let grads: Vec<f32> = grads.iter().collect();
         if let Some(n) = grads
             .chunks_exact(dim)
             .position(|g| g.iter().any(|v| !v.is_finite()))

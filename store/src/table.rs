@@ -312,7 +312,7 @@ impl Table {
             }
             let stripe = self.stripe(i);
             let version = self.read_stable(i, &mut image);
-            if version == base.saturating_add(rows.counts.get_u32(n) as u64) {
+            if version == base.saturating_add(rows.counts.get(n) as u64) {
                 continue;
             }
             row::decode_payload(&self.layout, &image, &mut w);
@@ -399,17 +399,17 @@ impl Table {
             .iter()
             .map(|k| self.local_index(k))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(i) = (0..counts.len()).find(|&i| counts.get_u32(i) == 0) {
+        if let Some(i) = (0..counts.len()).find(|&i| counts.get(i) == 0) {
             return Err(StoreError::InvalidGradient(format!(
                 "row {i} (key {}) has an update count of 0",
                 keys.get(i)
             )));
         }
-        if let Some(pos) = grads.iter_f32().position(|g| !g.is_finite()) {
+        if let Some(pos) = grads.iter().position(|g| !g.is_finite()) {
             return Err(StoreError::InvalidGradient(format!(
                 "gradient for key {} holds {} at element {}; nothing was applied",
                 keys.get(pos / dim),
-                grads.get_f32(pos),
+                grads.get(pos),
                 pos % dim
             )));
         }
@@ -424,7 +424,7 @@ impl Table {
         let (counts, grads) = (rows.counts, rows.grads);
         let dim = self.layout.dim();
         // The clock moves before any row does (see `clock`).
-        let total: u64 = (0..locals.len()).map(|n| counts.get_u32(n) as u64).sum();
+        let total: u64 = (0..locals.len()).map(|n| counts.get(n) as u64).sum();
         self.clock_word().fetch_add(total, Ordering::AcqRel);
         let mut w = vec![0f32; dim];
         let mut g = vec![0f32; dim];
@@ -434,8 +434,8 @@ impl Table {
             if let Some(&ahead) = locals.get(n + PREFETCH_ROWS) {
                 self.prefetch_local(ahead);
             }
-            let count = counts.get_u32(n) as u64;
-            grads.copy_f32s(n * dim, &mut g);
+            let count = counts.get(n) as u64;
+            grads.copy_to(n * dim, &mut g);
             let mut stripe = self.stripe(i);
             // Under the stripe lock this thread is the row's only writer, so the copy is stable.
             let version = self.read_stable(i, &mut image);
@@ -490,11 +490,11 @@ impl Table {
                 keys.len()
             )));
         }
-        if let Some(pos) = values.iter_f32().position(|v| !v.is_finite()) {
+        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
             return Err(StoreError::InvalidGradient(format!(
                 "value for key {} holds {} at element {}; nothing was assigned",
                 keys.get(pos / dim),
-                values.get_f32(pos),
+                values.get(pos),
                 pos % dim
             )));
         }
@@ -511,7 +511,7 @@ impl Table {
         let mut w = vec![0f32; dim];
         let mut image = vec![0u8; self.layout.stride()];
         for (n, &i) in locals.iter().enumerate() {
-            values.copy_f32s(n * dim, &mut w);
+            values.copy_to(n * dim, &mut w);
             let mut stripe = self.stripe(i);
             let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
                 .expect("a row read under its writer lock is stable")

@@ -112,10 +112,7 @@ impl Harness {
         let out = self.call_frame(frame)?;
         let reply = codec::pull::decode_response(&split_response(&out[4..]).unwrap(), keys.len())
             .expect("a well-formed answer");
-        Ok((
-            reply.versions.iter().collect(),
-            reply.rows.iter_f32().collect(),
-        ))
+        Ok((reply.versions.iter().collect(), reply.rows.iter().collect()))
     }
 }
 

@@ -908,16 +908,62 @@ pub fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
     }
 }
 
-/// A little-endian array of fixed-width values inside a payload, read without copying.
-#[derive(Clone, Copy, Debug)]
-pub struct LeArray<'a, const W: usize> {
-    bytes: &'a [u8],
+/// A value a payload array holds, little-endian and of fixed width.
+pub trait LeValue: Copy + 'static {
+    /// Bytes of one value.
+    const WIDTH: usize;
+    /// The value of `WIDTH` little-endian bytes.
+    fn from_le(bytes: &[u8]) -> Self;
 }
 
-impl<'a, const W: usize> LeArray<'a, W> {
+impl LeValue for u64 {
+    const WIDTH: usize = 8;
+    fn from_le(bytes: &[u8]) -> Self {
+        u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+    }
+}
+
+impl LeValue for u32 {
+    const WIDTH: usize = 4;
+    fn from_le(bytes: &[u8]) -> Self {
+        u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    }
+}
+
+impl LeValue for f32 {
+    const WIDTH: usize = 4;
+    fn from_le(bytes: &[u8]) -> Self {
+        f32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    }
+}
+
+/// A little-endian array of `T` inside a payload, read without copying. The element type is
+/// part of the type: a push's u32 counts ([`U32s`]) and its f32 gradients ([`F32s`]) are the
+/// same width but cannot be passed for each other:
+///
+/// ```compile_fail
+/// use hetkv_transport::wire::{le_array, U32s};
+/// let grads = le_array::<f32>(&[0u8; 8]);
+/// let counts: U32s<'_> = grads; // f32 values are not counts
+/// ```
+#[derive(Debug)]
+pub struct LeArray<'a, T> {
+    bytes: &'a [u8],
+    _values: std::marker::PhantomData<T>,
+}
+
+impl<T> Clone for LeArray<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for LeArray<'_, T> {}
+
+impl<'a, T: LeValue> LeArray<'a, T> {
     /// Number of elements.
     pub fn len(&self) -> usize {
-        self.bytes.len() / W
+        self.bytes.len() / T::WIDTH
     }
 
     /// Whether there are none.
@@ -930,60 +976,31 @@ impl<'a, const W: usize> LeArray<'a, W> {
         self.bytes
     }
 
-    fn chunk(&self, i: usize) -> [u8; W] {
-        self.bytes[i * W..(i + 1) * W]
-            .try_into()
-            .expect("W-byte chunk")
+    /// Element `i`.
+    pub fn get(&self, i: usize) -> T {
+        T::from_le(&self.bytes[i * T::WIDTH..(i + 1) * T::WIDTH])
+    }
+
+    /// All elements.
+    pub fn iter(&self) -> impl Iterator<Item = T> + 'a {
+        self.bytes.chunks_exact(T::WIDTH).map(T::from_le)
+    }
+
+    /// Copies elements `[start, start + out.len())` into `out`.
+    pub fn copy_to(&self, start: usize, out: &mut [T]) {
+        let src = &self.bytes[start * T::WIDTH..(start + out.len()) * T::WIDTH];
+        for (v, c) in out.iter_mut().zip(src.chunks_exact(T::WIDTH)) {
+            *v = T::from_le(c);
+        }
     }
 }
 
 /// u64 values.
-pub type U64s<'a> = LeArray<'a, 8>;
+pub type U64s<'a> = LeArray<'a, u64>;
 /// u32 values.
-pub type U32s<'a> = LeArray<'a, 4>;
+pub type U32s<'a> = LeArray<'a, u32>;
 /// f32 values.
-pub type F32s<'a> = LeArray<'a, 4>;
-
-impl U64s<'_> {
-    /// Element `i`.
-    pub fn get(&self, i: usize) -> u64 {
-        u64::from_le_bytes(self.chunk(i))
-    }
-
-    /// All elements.
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-    }
-}
-
-impl LeArray<'_, 4> {
-    /// Element `i` as u32.
-    pub fn get_u32(&self, i: usize) -> u32 {
-        u32::from_le_bytes(self.chunk(i))
-    }
-
-    /// Element `i` as f32.
-    pub fn get_f32(&self, i: usize) -> f32 {
-        f32::from_le_bytes(self.chunk(i))
-    }
-
-    /// All elements as f32.
-    pub fn iter_f32(&self) -> impl Iterator<Item = f32> + '_ {
-        self.bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-    }
-
-    /// Copies elements `[start, start + out.len())` as f32 into `out`.
-    pub fn copy_f32s(&self, start: usize, out: &mut [f32]) {
-        let src = &self.bytes[start * 4..(start + out.len()) * 4];
-        for (v, c) in out.iter_mut().zip(src.chunks_exact(4)) {
-            *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-        }
-    }
-}
+pub type F32s<'a> = LeArray<'a, f32>;
 
 /// Splits a payload into consecutive arrays of the given element counts. Fails unless the sizes
 /// add up to the payload exactly.
@@ -1012,9 +1029,12 @@ pub fn split_payload<'a>(
 }
 
 /// Wraps bytes as a little-endian array; the length must be a multiple of `W`.
-pub fn le_array<const W: usize>(bytes: &[u8]) -> LeArray<'_, W> {
-    debug_assert_eq!(bytes.len() % W, 0);
-    LeArray { bytes }
+pub fn le_array<T: LeValue>(bytes: &[u8]) -> LeArray<'_, T> {
+    debug_assert_eq!(bytes.len() % T::WIDTH, 0);
+    LeArray {
+        bytes,
+        _values: std::marker::PhantomData,
+    }
 }
 
 #[cfg(test)]

@@ -256,7 +256,7 @@ impl Shard {
             }
             Claim::Repeat => {
                 let updates = (0..rows.counts.len())
-                    .map(|i| rows.counts.get_u32(i) as u64)
+                    .map(|i| rows.counts.get(i) as u64)
                     .sum();
                 t.hand_back_current(locals, &rows, produced);
                 Ok((updates, true))
