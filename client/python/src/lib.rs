@@ -15,7 +15,8 @@ use hetkv_client::{
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_transport::{
-    ErrorCode, Initializer as RustInit, OptimizerSpec, TableSpec, TransportError,
+    Admission, DynamicSpec, ErrorCode, Eviction, Initializer as RustInit, OptimizerSpec, TableSpec,
+    TransportError,
 };
 use numpy::{
     PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1,
@@ -223,6 +224,42 @@ fn array1<'py, T: numpy::Element>(
     })
 }
 
+/// Keys as Python hands them: numpy uint64 (read in place), or int64, torch's dtype for ids,
+/// taken as its u64 bit pattern (copied): a raw 64-bit feature id at or above 2^63 is negative
+/// as an int64, and is the same key either way.
+enum Keys<'py> {
+    U64(PyReadonlyArray1<'py, u64>),
+    I64(Vec<u64>),
+}
+
+impl Keys<'_> {
+    /// The keys, refusing a strided uint64 array.
+    fn slice(&self) -> PyResult<&[u64]> {
+        match self {
+            Self::U64(a) => contiguous(a, "keys"),
+            Self::I64(v) => Ok(v),
+        }
+    }
+}
+
+/// `obj` as keys: a 1-D numpy array of uint64 or int64.
+fn keys_arg<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Keys<'py>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, u64>>() {
+        return Ok(Keys::U64(a));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'py, i64>>() {
+        return Ok(Keys::I64(a.as_array().iter().map(|&k| k as u64).collect()));
+    }
+    Err(PyTypeError::new_err(format!(
+        "keys must be a 1-D numpy array of uint64 or int64 (got {} of {}); an int64 key is taken \
+         as its u64 bit pattern, as torch's int64 carries raw 64-bit ids",
+        obj.get_type()
+            .name()
+            .map_or_else(|_| "?".into(), |n| n.to_string()),
+        dtype_of(obj)
+    )))
+}
+
 /// `obj` as a read-only view of a 2-D array of f32.
 fn rows2<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray2<'py, f32>> {
     obj.extract::<PyReadonlyArray2<'py, f32>>().map_err(|_| {
@@ -294,6 +331,62 @@ impl Initializer {
 
     fn __repr__(&self) -> String {
         format!("hetkv.Initializer({:?})", self.0)
+    }
+}
+
+/// What makes a table dynamic (`hetkv.Dynamic(eviction="lru", admit_after=None,
+/// admit_probability=None, seed=0)`): any u64 key (raw feature ids), rows created when a key is
+/// admitted (on its first update; after `admit_after` updates counted while not held; or with
+/// probability `admit_probability` per update, seeded), at most the table's `rows` over the
+/// cluster, evicting a full bucket's least recently (`"lru"`) or least frequently (`"lfu"`)
+/// updated row.
+#[pyclass(module = "hetkv", frozen, from_py_object)]
+#[derive(Clone)]
+struct Dynamic(DynamicSpec);
+
+#[pymethods]
+impl Dynamic {
+    #[new]
+    #[pyo3(signature = (eviction = "lru", admit_after = None, admit_probability = None, seed = 0))]
+    fn new(
+        eviction: &str,
+        admit_after: Option<u32>,
+        admit_probability: Option<f32>,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let eviction = match eviction {
+            "lru" => Eviction::Lru,
+            "lfu" => Eviction::Lfu,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "eviction must be \"lru\" or \"lfu\", not {other:?}"
+                )))
+            }
+        };
+        let admission = match (admit_after, admit_probability) {
+            (None, None) => Admission::Always,
+            (Some(n), None) => Admission::Threshold {
+                count: u8::try_from(n).map_err(|_| {
+                    PyValueError::new_err(format!("admit_after must be 1 to 255 updates, not {n}"))
+                })?,
+            },
+            (None, Some(p)) => Admission::Probability { p, seed },
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "give admit_after or admit_probability, not both",
+                ))
+            }
+        };
+        let spec = DynamicSpec {
+            admission,
+            eviction,
+        };
+        spec.validate().map_err(|e| PyValueError::new_err(e.0))?;
+        Ok(Self(spec))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("hetkv.Dynamic({:?})", self.0)
     }
 }
 
@@ -394,7 +487,7 @@ fn spec_of(
     dim: u32,
     init: Option<Initializer>,
     optimizer: Option<Optimizer>,
-    buckets: Option<u32>,
+    (buckets, dynamic): (Option<u32>, Option<Dynamic>),
 ) -> PyResult<TableSpec> {
     let optimizer = match optimizer {
         Some(o) => o.0,
@@ -419,7 +512,7 @@ fn spec_of(
         init: init.map_or(RustInit::Zeros, |i| i.0),
         optimizer,
         buckets: buckets.unwrap_or(hetkv_transport::DEFAULT_BUCKETS),
-        dynamic: None,
+        dynamic: dynamic.map(|d| d.0),
     })
 }
 
@@ -440,8 +533,9 @@ impl Cluster {
     }
 
     /// Creates a table on every shard (or confirms an identical one) and returns it.
-    /// `buckets` is the table's placement buckets (the unit of resharding; 4,096 when left out).
-    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None, buckets = None))]
+    /// `buckets` is the table's placement buckets (the unit of resharding; 4,096 when left out);
+    /// with `dynamic` (a `hetkv.Dynamic`) the table takes any u64 key and `rows` is its capacity.
+    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None, buckets = None, dynamic = None))]
     #[allow(clippy::too_many_arguments)]
     fn create_table(
         &self,
@@ -452,8 +546,9 @@ impl Cluster {
         init: Option<Initializer>,
         optimizer: Option<Optimizer>,
         buckets: Option<u32>,
+        dynamic: Option<Dynamic>,
     ) -> PyResult<Table> {
-        let spec = spec_of(py, name, rows, dim, init, optimizer, buckets)?;
+        let spec = spec_of(py, name, rows, dim, init, optimizer, (buckets, dynamic))?;
         let inner = interruptible(py, || self.inner.create_table(&spec), py_err)?;
         Ok(Table { inner })
     }
@@ -626,7 +721,19 @@ impl EmbeddedCluster {
                 Some(v) => Some(v.extract::<u32>()?),
                 None => None,
             };
-            specs.push(spec_of(py, name, rows, dim, init, optimizer, buckets)?);
+            let dynamic = match get("dynamic")? {
+                Some(v) => Some(v.extract::<Dynamic>()?),
+                None => None,
+            };
+            specs.push(spec_of(
+                py,
+                name,
+                rows,
+                dim,
+                init,
+                optimizer,
+                (buckets, dynamic),
+            )?);
         }
         let started = py.detach(|| {
             let cluster = match &data_dir {
@@ -724,10 +831,16 @@ impl Table {
         self.inner.spec().name.clone()
     }
 
-    /// Rows (keys are 0 to rows - 1).
+    /// Rows: a fixed table's keys are 0 to rows - 1; a dynamic table's `rows` is its capacity.
     #[getter]
     fn rows(&self) -> u64 {
         self.inner.spec().rows
+    }
+
+    /// What makes the table dynamic, or None for a fixed table.
+    #[getter]
+    fn dynamic(&self) -> Option<Dynamic> {
+        self.inner.spec().dynamic.map(Dynamic)
     }
 
     /// Values per row.
@@ -752,8 +865,8 @@ impl Table {
         out: Option<&Bound<'py, PyAny>>,
         versions: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(&keys, "keys")?;
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
         let dim = self.dim();
         let name = self.name();
         let mut versions: Option<PyReadwriteArray1<'py, u64>> = match versions {
@@ -794,8 +907,8 @@ impl Table {
         grads: &Bound<'_, PyAny>,
         counts: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(&keys, "keys")?;
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
         let grads = rows2(grads, "grads")?;
         check_rows(grads.shape(), keys.len(), self.dim(), "grads", &self.name())?;
         let grads = contiguous(&grads, "grads")?;
@@ -817,8 +930,8 @@ impl Table {
         keys: &Bound<'_, PyAny>,
         values: &Bound<'_, PyAny>,
     ) -> PyResult<u64> {
-        let keys = array1::<u64>(keys, "keys", "uint64")?;
-        let keys = contiguous(&keys, "keys")?;
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
         let values = rows2(values, "values")?;
         check_rows(
             values.shape(),
@@ -1143,6 +1256,7 @@ fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Cache>()?;
     m.add_class::<Initializer>()?;
     m.add_class::<Optimizer>()?;
+    m.add_class::<Dynamic>()?;
     m.add("Error", py.get_type::<Error>())?;
     m.add("ConnectionError", py.get_type::<ConnectionError>())?;
     m.add("UnknownTableError", py.get_type::<UnknownTableError>())?;

@@ -114,8 +114,13 @@ def test_a_wrong_token_is_refused(daemon_factory, tmp_path):
 
 def test_arrays_of_the_wrong_type_or_layout(cluster):
     t = cluster.create_table("t", rows=10, dim=2)
-    with pytest.raises(TypeError, match="uint64"):
-        t.pull(np.array([1, 2], dtype=np.int64))
+    # int64 keys (torch's dtype) are their u64 bit patterns: the same rows as uint64 ...
+    np.testing.assert_array_equal(t.pull(np.array([1, 2], dtype=np.int64)), t.pull(u64(1, 2)))
+    # ... so a negative one is a key far outside a fixed table, named as such.
+    with pytest.raises(hetkv.KeyOutOfRangeError, match=str(2**64 - 1)):
+        t.pull(np.array([-1], dtype=np.int64))
+    with pytest.raises(TypeError, match="uint64 or int64"):
+        t.pull(np.array([1.0, 2.0]))
     with pytest.raises(TypeError, match="uint64"):
         t.pull([1, 2])
     with pytest.raises(TypeError, match="1-D"):

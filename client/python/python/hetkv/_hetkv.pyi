@@ -84,6 +84,22 @@ class Optimizer:
     @property
     def name(self) -> str: ...
 
+class Dynamic:
+    """What makes a table dynamic: any u64 key (raw feature ids; int64 keys are taken as their
+    u64 bit pattern), rows created when a key is admitted (on its first update; after
+    ``admit_after`` updates counted while not held; or with probability ``admit_probability`` per
+    update, seeded), at most the table's ``rows`` over the cluster, evicting a full bucket's least
+    recently (``"lru"``) or least frequently (``"lfu"``) updated row."""
+    def __init__(
+        self,
+        eviction: str = "lru",
+        admit_after: Optional[int] = None,
+        admit_probability: Optional[float] = None,
+        seed: int = 0,
+    ) -> None: ...
+
+Keys = Union[npt.NDArray[np.uint64], npt.NDArray[np.int64]]
+
 class Cache:
     """One worker's HET cache of a table."""
     def lookup(
@@ -108,22 +124,24 @@ class Table:
     @property
     def rows(self) -> int: ...
     @property
+    def dynamic(self) -> Optional[Dynamic]: ...
+    @property
     def dim(self) -> int: ...
     @property
     def optimizer(self) -> Optimizer: ...
     def pull(
         self,
-        keys: npt.NDArray[np.uint64],
+        keys: Keys,
         out: Optional[npt.NDArray[np.float32]] = None,
         versions: Optional[npt.NDArray[np.uint64]] = None,
     ) -> npt.NDArray[np.float32]: ...
     def push(
         self,
-        keys: npt.NDArray[np.uint64],
+        keys: Keys,
         grads: npt.NDArray[np.float32],
         counts: Optional[npt.NDArray[np.uint32]] = None,
     ) -> int: ...
-    def assign(self, keys: npt.NDArray[np.uint64], values: npt.NDArray[np.float32]) -> int: ...
+    def assign(self, keys: Keys, values: npt.NDArray[np.float32]) -> int: ...
     def export(
         self, path: Union[str, PathLike], keys: Optional[npt.NDArray[np.uint64]] = None
     ) -> int: ...
@@ -149,6 +167,7 @@ class Cluster:
         init: Optional[Initializer] = None,
         optimizer: Optional[Optimizer] = None,
         buckets: Optional[int] = None,
+        dynamic: Optional[Dynamic] = None,
     ) -> Table: ...
     def table(self, name: str) -> Table: ...
     def checkpoint(self, name: str, incremental: bool = False) -> List[Dict[str, Any]]: ...

@@ -1,0 +1,57 @@
+"""Dynamic tables from Python: raw 64-bit ids as torch carries them (int64, negative above 2^63)
+and as numpy uint64, admission after a count of updates, the capacity as ``rows``, and the
+operations not offered yet refused by name."""
+
+import numpy as np
+import pytest
+
+import hetkv
+
+
+def test_raw_int64_ids_are_their_u64_bit_patterns_and_admission_counts_updates():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table(
+            "raw",
+            rows=10_000,
+            dim=4,
+            init=hetkv.Initializer.normal(std=0.1, seed=2),
+            optimizer=hetkv.Optimizer.adagrad(lr=0.1),
+            dynamic=hetkv.Dynamic(eviction="lfu", admit_after=2),
+        )
+        assert table.dynamic is not None and table.rows == 10_000
+        # The issue's own id, and the extremes: as torch's int64 holds them.
+        ids = np.array([-6973240437940254719, -1, 0, 1, 2**62], dtype=np.int64)
+        as_u64 = ids.view(np.uint64)
+        grads = np.full((len(ids), 4), 0.5, dtype=np.float32)
+        versions = np.zeros(len(ids), dtype=np.uint64)
+
+        # The first update of each key is counted, not applied: its rows stay at their
+        # initial values.
+        assert table.push(ids, grads) == 0
+        before = table.pull(as_u64, versions=versions)
+        assert (versions == 0).all()
+        # The second admits every key: int64 and uint64 name the same rows.
+        assert table.push(as_u64, grads) == len(ids)
+        after_i64 = table.pull(ids, versions=versions)
+        assert (versions == 1).all()
+        after_u64 = table.pull(as_u64)
+        np.testing.assert_array_equal(after_i64, after_u64)
+        assert (after_u64 < before).all(), "a positive gradient moved every row down"
+
+
+def test_what_dynamic_tables_do_not_offer_yet_is_refused_by_name():
+    with hetkv.EmbeddedCluster(shards=1) as cluster:
+        table = cluster.create_table(
+            "d", rows=100, dim=2, optimizer=hetkv.Optimizer.sgd(0.1), dynamic=hetkv.Dynamic()
+        )
+        cache = table.cached(capacity=10)
+        with pytest.raises(hetkv.Error, match="caches of dynamic tables"):
+            cache.lookup(np.array([1, 2], dtype=np.uint64))
+        with pytest.raises(ValueError, match="lru"):
+            hetkv.Dynamic(eviction="fifo")
+        with pytest.raises(ValueError, match="not both"):
+            hetkv.Dynamic(admit_after=2, admit_probability=0.5)
+        with pytest.raises(ValueError, match="admit_after"):
+            hetkv.Dynamic(admit_after=300)
+        with pytest.raises(TypeError, match="uint64 or int64"):
+            table.pull(np.array([1.0, 2.0]))
