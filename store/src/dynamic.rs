@@ -302,67 +302,29 @@ impl DynamicRows {
         }
     }
 
-    /// The rows of `keys` as stored bytes, each handed to `put(j, version, payload)` (dim f32,
-    /// little-endian): a batch's lookups with their memory loaded ahead
-    /// ([`KeyedRegion::find_batch`]); a key not held reads as its initial value at version 0.
-    /// Should a row keep changing under the batch's reader, the batch is read again key by key,
-    /// each under its bucket's lock at worst ([`DynamicRows::read_payload`]).
+    /// The held rows of `keys` as stored bytes, each handed to `put(j, Some((version,
+    /// payload)))` (dim f32, little-endian), a key not held as `put(j, None)`: a batch's lookups
+    /// with their memory loaded ahead ([`KeyedRegion::find_batch`]). Should a row keep changing
+    /// under the batch's reader, the batch is read again key by key, each under its bucket's
+    /// lock at worst.
     pub fn read_batch(
         &self,
         keys: &[u64],
-        mut put: impl FnMut(usize, u64, &[u8]),
+        mut put: impl FnMut(usize, Option<(u64, &[u8])>),
     ) -> Result<(), StoreError> {
         let layout = *self.layout.row();
         let mut image = vec![0u8; layout.stride()];
-        let mut values = vec![0f32; self.dim];
-        let mut payload = vec![0u8; 4 * self.dim];
         let keyed = KeyedRegion::new(&self.layout, self.region.words());
-        let batch = keyed.find_batch(
-            keys,
-            &mut image,
-            DEFAULT_READ_ATTEMPTS,
-            |j, found, image| match found {
-                Some(at) => put(j, at.version, layout.payload(image)),
-                None => {
-                    self.init.fill(keys[j], &mut values);
-                    for (b, v) in payload.chunks_exact_mut(4).zip(&values) {
-                        b.copy_from_slice(&v.to_le_bytes());
-                    }
-                    put(j, 0, &payload);
-                }
-            },
-        );
+        let batch = keyed.find_batch(keys, &mut image, DEFAULT_READ_ATTEMPTS, |j, found, image| {
+            put(j, found.map(|at| (at.version, layout.payload(image))))
+        });
         if batch.is_err() {
             for (j, &key) in keys.iter().enumerate() {
-                let version = self.read_payload(key, &mut image, &mut values, &mut payload)?;
-                put(j, version, &payload);
+                let found = self.find(key, &mut image)?;
+                put(j, found.map(|version| (version, layout.payload(&image))));
             }
         }
         Ok(())
-    }
-
-    /// [`DynamicRows::read`] as stored bytes: `key`'s payload (dim f32, little-endian) into
-    /// `payload`, its version returned; `image` (a row's stride) and `values` (dim) are scratch.
-    pub fn read_payload(
-        &self,
-        key: u64,
-        image: &mut [u8],
-        values: &mut [f32],
-        payload: &mut [u8],
-    ) -> Result<u64, StoreError> {
-        match self.find(key, image)? {
-            Some(version) => {
-                payload.copy_from_slice(self.layout.row().payload(image));
-                Ok(version)
-            }
-            None => {
-                self.init.fill(key, values);
-                for (b, v) in payload.chunks_exact_mut(4).zip(values.iter()) {
-                    b.copy_from_slice(&v.to_le_bytes());
-                }
-                Ok(0)
-            }
-        }
     }
 
     /// `key`'s verified row image in `image` and its version, or `None` when the key is not
@@ -624,15 +586,19 @@ impl DynamicTable {
         Ok(())
     }
 
-    /// Writes the rows of `keys` (checked) into `out`: a key not held reads as its initial value
-    /// at version 0.
+    /// Writes the rows of `keys` (checked) into `out`: a key not held as version 0 with zeros,
+    /// which the client replaces with the key's initial value (PROTOCOL.md, "Dynamic tables"):
+    /// the initializer runs on the many clients, not on the one shard they share.
     pub fn read_rows_into(
         &self,
         keys: &[u64],
         out: &mut hetkv_transport::codec::RowsWriter<'_>,
     ) -> Result<(), StoreError> {
-        self.rows
-            .read_batch(keys, |j, version, payload| out.put(j, version, payload))?;
+        let zeros = vec![0u8; 4 * self.spec.dim as usize];
+        self.rows.read_batch(keys, |j, found| match found {
+            Some((version, payload)) => out.put(j, version, payload),
+            None => out.put(j, 0, &zeros),
+        })?;
         self.rows_read
             .fetch_add(keys.len() as u64, Ordering::Relaxed);
         Ok(())
