@@ -315,9 +315,12 @@ impl DynamicRows {
         let layout = *self.layout.row();
         let mut image = vec![0u8; layout.stride()];
         let keyed = KeyedRegion::new(&self.layout, self.region.words());
-        let batch = keyed.find_batch(keys, &mut image, DEFAULT_READ_ATTEMPTS, |j, found, image| {
-            put(j, found.map(|at| (at.version, layout.payload(image))))
-        });
+        let batch = keyed.find_batch(
+            keys,
+            &mut image,
+            DEFAULT_READ_ATTEMPTS,
+            |j, found, image| put(j, found.map(|at| (at.version, layout.payload(image)))),
+        );
         if batch.is_err() {
             for (j, &key) in keys.iter().enumerate() {
                 let found = self.find(key, &mut image)?;
