@@ -531,6 +531,26 @@ impl Table {
         Ok(updates.iter().sum())
     }
 
+    /// Up to `max` evictions of this dynamic table on shard `shard`, from `cursor` (0: the
+    /// shard's first eviction): each (key, version, score) once, in order, with the cursor to
+    /// read from next and how many a reader that fell behind lost (PROTOCOL.md, op 14). Each
+    /// shard has its own stream and cursor.
+    pub fn evictions(
+        &self,
+        shard: usize,
+        cursor: u64,
+        max: u32,
+    ) -> Result<hetkv_transport::wire::EvictionsResponse, ClientError> {
+        self.cluster.check_open()?;
+        let s = self.cluster.shards.get(shard).ok_or_else(|| {
+            ClientError::InconsistentCluster(format!(
+                "shard {shard} of a cluster of {}",
+                self.cluster.shard_count()
+            ))
+        })?;
+        Ok(s.evictions(&self.spec.name, cursor, max)?)
+    }
+
     /// Sets rows to `values` (keys x dim): each row's version grows by one and its optimizer
     /// state starts again (imports, warm starts). Returns the rows set. Every value is checked
     /// first, as [`Table::push`] checks its gradients.

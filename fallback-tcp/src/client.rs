@@ -944,6 +944,22 @@ impl ShardTransport for TcpShardClient {
         )
     }
 
+    fn evictions(
+        &self,
+        table: &str,
+        cursor: u64,
+        max: u32,
+    ) -> Result<hetkv_transport::wire::EvictionsResponse, TransportError> {
+        let req = hetkv_transport::wire::EvictionsRequest {
+            table: table.to_string(),
+            cursor,
+            max,
+        };
+        self.call(Op::Evictions, header_only(Op::Evictions, &req), |p| {
+            self.header(p)
+        })
+    }
+
     fn checkpoint(
         &self,
         name: &str,

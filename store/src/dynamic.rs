@@ -658,6 +658,47 @@ impl DynamicTable {
         Ok(report)
     }
 
+    /// A page of the eviction stream for the protocol: up to `max` (at most
+    /// [`MAX_EVICTIONS_PAGE`](hetkv_transport::wire::MAX_EVICTIONS_PAGE)) evictions from `cursor`;
+    /// a reader that fell behind the log gets the oldest it holds and the count it lost.
+    pub fn evictions(
+        &self,
+        cursor: u64,
+        max: u32,
+    ) -> Result<hetkv_transport::wire::EvictionsResponse, StoreError> {
+        let max = max.min(hetkv_transport::wire::MAX_EVICTIONS_PAGE) as usize;
+        // A reader behind the log starts at its oldest entry (which pushes meanwhile may move
+        // on again: then from the new oldest).
+        let mut first = cursor;
+        let page = loop {
+            match self.rows.evictions(first, max) {
+                Ok(page) => break page,
+                Err(CursorError::Behind { oldest, .. }) => first = oldest,
+                Err(e @ CursorError::Ahead { .. }) => {
+                    return Err(StoreError::KeyOutOfRange(format!(
+                        "table {}: {e}",
+                        self.spec.name
+                    )))
+                }
+            }
+        };
+        let lost = first - cursor;
+        Ok(hetkv_transport::wire::EvictionsResponse {
+            first,
+            lost,
+            events: page
+                .events
+                .iter()
+                .map(|e| hetkv_transport::wire::EvictedKey {
+                    key: e.key,
+                    version: e.version,
+                    score: e.score,
+                })
+                .collect(),
+            next: page.next,
+        })
+    }
+
     /// The header of this table's file in a checkpoint (always full: every held row), the clock
     /// read now.
     pub fn checkpoint_header(&self) -> FileHeader {

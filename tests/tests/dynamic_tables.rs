@@ -154,8 +154,17 @@ fn the_cap_holds_under_a_flood_of_new_ids_while_another_client_is_served() {
     }
     stop.store(true, Ordering::Relaxed);
     assert!(other.join().unwrap() > 0);
+    // Each shard's eviction stream, followed from its start in pages: it fell behind the log's
+    // 65,536 entries once, then names every later eviction once; lost plus read is every
+    // eviction, and every key read was one of the flood's.
+    let routing = table.routing();
+    let mut pushed = [0u64; 2];
+    let flood: std::collections::HashSet<u64> = (0..200_000u64)
+        .map(hetkv_transport::hash::splitmix64)
+        .inspect(|&k| pushed[routing.shard_of(k)] += 1)
+        .collect();
     let mut held = 0;
-    for s in 0..2 {
+    for (s, &pushed) in pushed.iter().enumerate() {
         let stats = client.shard(s).stats().unwrap();
         let t = stats.tables.iter().find(|t| t.name == "flood").unwrap();
         let info = client
@@ -178,6 +187,29 @@ fn the_cap_holds_under_a_flood_of_new_ids_while_another_client_is_served() {
         );
         assert_eq!(t.updates, t.rows_pushed);
         held += t.local_rows;
+        let (mut cursor, mut lost, mut read) = (0u64, 0u64, 0u64);
+        loop {
+            let page = table.evictions(s, cursor, 10_000).unwrap();
+            assert_eq!(page.next, page.first + page.events.len() as u64);
+            assert!(page
+                .events
+                .iter()
+                .all(|e| flood.contains(&e.key) && e.version == 1));
+            lost += page.lost;
+            read += page.events.len() as u64;
+            if page.events.is_empty() {
+                break;
+            }
+            cursor = page.next;
+        }
+        assert!(lost > 0, "shard {s}: the log holds the last 65,536");
+        assert_eq!(
+            lost + read,
+            pushed - t.local_rows,
+            "shard {s}: every eviction once"
+        );
+        let err = table.evictions(s, cursor + 1, 10).unwrap_err().to_string();
+        assert!(err.contains("past the stream's end"), "{err}");
     }
     // The buckets fill: nearly the whole cap is held, never more than the shards' capacities.
     assert!(held > cap * 9 / 10, "{held} rows held of a cap of {cap}");
@@ -238,6 +270,14 @@ fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("caches of dynamic tables"), "{err}");
+    let fixed = client
+        .create_table(&TableSpec {
+            dynamic: None,
+            ..dynamic("f", 1000, Admission::Always)
+        })
+        .unwrap();
+    let err = fixed.evictions(0, 0, 10).unwrap_err().to_string();
+    assert!(err.contains("evicts nothing"), "{err}");
     // A fixed table of the same name is a conflict, not a second table.
     let err = client
         .create_table(&TableSpec {

@@ -482,6 +482,23 @@ pub trait ShardTransport: Send + Sync {
     ) -> Result<CheckpointResponse, TransportError>;
     /// The shard's counters and tables.
     fn stats(&self) -> Result<ShardStats, TransportError>;
+    /// Up to `max` evictions of dynamic table `table` on this shard from `cursor`
+    /// ([`crate::wire::EvictionsRequest`]).
+    fn evictions(
+        &self,
+        table: &str,
+        cursor: u64,
+        max: u32,
+    ) -> Result<crate::wire::EvictionsResponse, TransportError> {
+        let _ = (cursor, max);
+        Err(TransportError::Remote {
+            addr: self.addr().to_string(),
+            error: WireError::new(
+                crate::wire::ErrorCode::Unsupported,
+                format!("this transport reads no eviction stream (table {table})"),
+            ),
+        })
+    }
     /// Bytes moved so far by this transport.
     fn traffic(&self) -> Traffic;
     /// The incarnation of the shard's daemon in the latest answer (0 before any): it changes

@@ -784,6 +784,15 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         self.control.stats()
     }
 
+    fn evictions(
+        &self,
+        table: &str,
+        cursor: u64,
+        max: u32,
+    ) -> Result<crate::wire::EvictionsResponse, TransportError> {
+        self.control.evictions(table, cursor, max)
+    }
+
     /// The control transport's bytes, plus the bytes one-sided reads brought over a link (as
     /// received; none for shared memory).
     fn traffic(&self) -> Traffic {

@@ -189,6 +189,16 @@ pub trait ShardService: Send + Sync + 'static {
         &self,
         req: &wire::CheckpointRequest,
     ) -> Result<wire::CheckpointResponse, WireError>;
+    /// A page of a dynamic table's eviction stream ([`wire::EvictionsRequest`]).
+    fn evictions(
+        &self,
+        req: &wire::EvictionsRequest,
+    ) -> Result<wire::EvictionsResponse, WireError> {
+        Err(WireError::new(
+            ErrorCode::Unsupported,
+            format!("this shard keeps no eviction stream (table {})", req.table),
+        ))
+    }
     /// Tables and row counters (the session fills in the frame counters).
     fn stats(&self) -> ShardStats;
     /// The frame counters.
@@ -404,6 +414,12 @@ impl Session {
                 let r = codec::assign::decode_request(&parts).map_err(malformed)?;
                 let ack = service.assign(&r)?;
                 resp.begin(&ack);
+            }
+            Op::Evictions => {
+                no_payload(payload)?;
+                let r: wire::EvictionsRequest = decode_header(parts.header).map_err(malformed)?;
+                let page = service.evictions(&r)?;
+                resp.begin(&page);
             }
             Op::Checkpoint => {
                 no_payload(payload)?;

@@ -76,6 +76,8 @@ pub enum Op {
     /// Set rows to given values (import, warm start): each row's version grows by one and its
     /// optimizer state starts again.
     Assign = 13,
+    /// A page of a dynamic table's eviction stream on this shard, from a cursor.
+    Evictions = 14,
 }
 
 impl Op {
@@ -95,6 +97,7 @@ impl Op {
             11 => Self::Challenge,
             12 => Self::Checkpoint,
             13 => Self::Assign,
+            14 => Self::Evictions,
             _ => return None,
         })
     }
@@ -627,6 +630,48 @@ pub struct PushResponse {
     /// header: the transport that decoded the answer fills it in (0 where none did).
     #[serde(skip)]
     pub incarnation: u64,
+}
+
+/// Evictions request header (no payload): up to `max` evictions of dynamic table `table` on
+/// this shard, from `cursor` (the count of evictions before the first one wanted; 0 is the
+/// table's first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictionsRequest {
+    /// The table.
+    pub table: String,
+    /// Where to read from.
+    pub cursor: u64,
+    /// Most events to return (the shard returns at most [`MAX_EVICTIONS_PAGE`]).
+    pub max: u32,
+}
+
+/// Most evictions one answer carries.
+pub const MAX_EVICTIONS_PAGE: u32 = 65_536;
+
+/// One eviction: the key that left, its row's version then, and its eviction score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictedKey {
+    /// The key.
+    pub key: u64,
+    /// The row's version when it left (the updates it took since its admission).
+    pub version: u64,
+    /// Its score when it left.
+    pub score: u64,
+}
+
+/// Evictions response header (no payload).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvictionsResponse {
+    /// The cursor of the first event returned: the cursor asked for, or the oldest the shard
+    /// still holds when it no longer holds that one.
+    pub first: u64,
+    /// Evictions between the cursor asked for and `first` that the shard no longer holds (lost
+    /// to this reader; 0 unless it fell behind).
+    pub lost: u64,
+    /// The events, oldest first.
+    pub events: Vec<EvictedKey>,
+    /// Where the next read starts (`first + events.len()`).
+    pub next: u64,
 }
 
 /// Checkpoint request header (no payload).

@@ -146,6 +146,24 @@ impl ShardService for Shard {
         self.measured("assign", &req.table, || Ok(self.assign_rows(req)?))
     }
 
+    fn evictions(
+        &self,
+        req: &hetkv_transport::wire::EvictionsRequest,
+    ) -> Result<hetkv_transport::wire::EvictionsResponse, WireError> {
+        self.measured("evictions", &req.table, || {
+            let t = self
+                .dynamic_table(&req.table)
+                .ok_or_else(|| match self.table(&req.table) {
+                    Ok(_) => StoreError::Unsupported(format!(
+                        "table {} is fixed: it evicts nothing",
+                        req.table
+                    )),
+                    Err(e) => e,
+                })?;
+            Ok(t.evictions(req.cursor, req.max)?)
+        })
+    }
+
     fn checkpoint(&self, req: &CheckpointRequest) -> Result<CheckpointResponse, WireError> {
         self.measured("checkpoint", "", || {
             Ok(Shard::checkpoint(self, &req.name, req.incremental)?)
