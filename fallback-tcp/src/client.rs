@@ -944,6 +944,20 @@ impl ShardTransport for TcpShardClient {
         )
     }
 
+    fn scan(
+        &self,
+        table: &str,
+        dim: u32,
+        from: u64,
+        slots: u32,
+    ) -> Result<codec::scan::Scanned, TransportError> {
+        self.call(
+            Op::Scan,
+            |buf| codec::scan::encode_request(buf, table, from, slots),
+            |p| codec::scan::decode_response(&p, slots, dim).map_err(|e| self.malformed(e)),
+        )
+    }
+
     fn evictions(
         &self,
         table: &str,

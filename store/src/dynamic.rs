@@ -658,6 +658,59 @@ impl DynamicTable {
         Ok(report)
     }
 
+    /// The held rows of slots `[from, from + slots)` (at most
+    /// [`MAX_SCAN_SLOTS`](hetkv_transport::wire::MAX_SCAN_SLOTS) slots): their keys, versions and
+    /// values (dim f32 little-endian each, concatenated), each row read under its bucket's lock
+    /// (one moment a row); and the scan's header (`next`: the slot after the range).
+    #[allow(clippy::type_complexity)]
+    pub fn scan(
+        &self,
+        from: u64,
+        slots: u32,
+    ) -> Result<
+        (
+            hetkv_transport::wire::ScanResponse,
+            Vec<u64>,
+            Vec<u64>,
+            Vec<u8>,
+        ),
+        StoreError,
+    > {
+        let rows = &self.rows;
+        let end = self.capacity;
+        let from = from.min(end);
+        let to = from
+            .saturating_add(u64::from(slots.min(hetkv_transport::wire::MAX_SCAN_SLOTS)))
+            .min(end);
+        let layout = *rows.layout.row();
+        let keyed = KeyedRegion::new(&rows.layout, rows.region.words());
+        let mut image = vec![0u8; layout.stride()];
+        let (mut keys, mut versions, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
+        let first_bucket = from / BUCKET_SLOTS as u64;
+        let last_bucket = to.div_ceil(BUCKET_SLOTS as u64);
+        for b in first_bucket..last_bucket {
+            let _writer = lock(&rows.buckets[b as usize]);
+            keyed
+                .held(b, &mut image, |slot, key, version, row| {
+                    if (from..to).contains(&slot) {
+                        keys.push(key);
+                        versions.push(version);
+                        payloads.extend_from_slice(layout.payload(row));
+                    }
+                })
+                .map_err(|e| StoreError::Io(format!("table {}: {e}", self.spec.name)))?;
+        }
+        let header = hetkv_transport::wire::ScanResponse {
+            rows: keys.len() as u32,
+            dim: self.spec.dim,
+            next: to,
+            end,
+        };
+        self.rows_read
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
+        Ok((header, keys, versions, payloads))
+    }
+
     /// A page of the eviction stream for the protocol: up to `max` (at most
     /// [`MAX_EVICTIONS_PAGE`](hetkv_transport::wire::MAX_EVICTIONS_PAGE)) evictions from `cursor`;
     /// a reader that fell behind the log gets the oldest it holds and the count it lost.

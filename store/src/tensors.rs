@@ -47,13 +47,13 @@ pub fn table_spec(shards: &[&dyn ShardTransport], table: &str) -> Result<TableSp
     spec.ok_or_else(|| StoreError::Config("no shards".into()))
 }
 
-/// [`table_spec`], refusing a dynamic table: its rows are not the keys `0..rows`, and its
-/// export (keys beside embeddings) is not built yet.
+/// [`table_spec`], refusing a dynamic table: imports set rows by `assign`, which dynamic tables
+/// do not offer yet.
 fn fixed_table_spec(shards: &[&dyn ShardTransport], table: &str) -> Result<TableSpec, StoreError> {
     let spec = table_spec(shards, table)?;
     if spec.is_dynamic() {
         return Err(StoreError::Unsupported(format!(
-            "table {table} is dynamic: exports and imports of dynamic tables are not built yet"
+            "table {table} is dynamic: imports into dynamic tables are not built yet"
         )));
     }
     Ok(spec)
@@ -72,8 +72,11 @@ pub fn export_table(
     keys: Option<&[u64]>,
     out: &Path,
 ) -> Result<Transferred, StoreError> {
-    let spec = fixed_table_spec(shards, table)?;
-    if let Some(k) = keys.and_then(|k| k.iter().find(|&&k| k >= spec.rows)) {
+    let spec = table_spec(shards, table)?;
+    if spec.is_dynamic() && keys.is_none() {
+        return export_dynamic(shards, &spec, out);
+    }
+    if let Some(k) = keys.and_then(|k| k.iter().find(|&&k| !spec.is_dynamic() && k >= spec.rows)) {
         return Err(StoreError::KeyOutOfRange(format!(
             "key {k} is outside table {} of {} rows",
             spec.name, spec.rows
@@ -113,6 +116,11 @@ pub fn export_table(
                     )
                 })?;
             for (j, &pos) in shard_pos[s].iter().enumerate() {
+                // A dynamic table's shard answers a key it does not hold as zeros at version 0.
+                if spec.is_dynamic() && v[j] == 0 {
+                    spec.init
+                        .fill(shard_keys[s][j], &mut rows[j * dim..(j + 1) * dim]);
+                }
                 versions[pos * 8..pos * 8 + 8].copy_from_slice(&v[j].to_le_bytes());
                 for (e, x) in rows[j * dim..(j + 1) * dim].iter().enumerate() {
                     let at = (pos * dim + e) * 4;
@@ -139,17 +147,78 @@ pub fn export_table(
     if let Some(k) = &key_bytes {
         tensors.push(("keys".to_string(), view(Dtype::U64, vec![n as usize], k)?));
     }
-    let metadata = std::collections::HashMap::from([
-        ("table".to_string(), spec.name.clone()),
-        ("rows".to_string(), spec.rows.to_string()),
-        ("dim".to_string(), spec.dim.to_string()),
-        ("optimizer".to_string(), spec.optimizer.name().to_string()),
-    ]);
-    safetensors::serialize_to_file(tensors, Some(metadata), out)
+    safetensors::serialize_to_file(tensors, Some(metadata_of(&spec, shards.len())), out)
         .map_err(|e| io(format!("writing {}", out.display()), e))?;
     Ok(Transferred {
         table: spec.name,
         rows: n,
+        dim,
+    })
+}
+
+/// An export's metadata: the table, its rows (a dynamic table's capacity), dim, optimizer,
+/// placement buckets and the cluster's shard count (the bucket map), and whether it is dynamic.
+fn metadata_of(spec: &TableSpec, shards: usize) -> std::collections::HashMap<String, String> {
+    std::collections::HashMap::from([
+        ("table".to_string(), spec.name.clone()),
+        ("rows".to_string(), spec.rows.to_string()),
+        ("dim".to_string(), spec.dim.to_string()),
+        ("optimizer".to_string(), spec.optimizer.name().to_string()),
+        ("buckets".to_string(), spec.buckets.to_string()),
+        ("shards".to_string(), shards.to_string()),
+        ("dynamic".to_string(), spec.is_dynamic().to_string()),
+    ])
+}
+
+/// Slots a scan asks for at a time.
+const SCAN_SLOTS: u32 = 16_384;
+
+/// Writes every held row of dynamic table `spec` to `out`: `keys` (u64), `embeddings` and
+/// `versions`, shard by shard, slot by slot (each row as of one moment, read by `scan`).
+fn export_dynamic(
+    shards: &[&dyn ShardTransport],
+    spec: &TableSpec,
+    out: &Path,
+) -> Result<Transferred, StoreError> {
+    let (mut keys, mut versions, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for c in shards {
+        let mut from = 0u64;
+        loop {
+            let page = c
+                .scan(&spec.name, spec.dim, from, SCAN_SLOTS)
+                .map_err(|e| io(format!("scanning {} on {}", spec.name, c.addr()), e))?;
+            keys.extend_from_slice(&page.keys);
+            versions.extend_from_slice(&page.versions);
+            values.extend(page.values.iter().flat_map(|v| v.to_le_bytes()));
+            if page.next >= page.end || page.next <= from {
+                break;
+            }
+            from = page.next;
+        }
+    }
+    let n = keys.len();
+    let key_bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    let version_bytes: Vec<u8> = versions.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view = |dtype, shape, data| {
+        TensorView::new(dtype, shape, data).map_err(|e| io("building a tensor".into(), e))
+    };
+    let dim = spec.dim as usize;
+    let tensors = vec![
+        ("keys".to_string(), view(Dtype::U64, vec![n], &key_bytes)?),
+        (
+            "embeddings".to_string(),
+            view(Dtype::F32, vec![n, dim], &values)?,
+        ),
+        (
+            "versions".to_string(),
+            view(Dtype::U64, vec![n], &version_bytes)?,
+        ),
+    ];
+    safetensors::serialize_to_file(tensors, Some(metadata_of(spec, shards.len())), out)
+        .map_err(|e| io(format!("writing {}", out.display()), e))?;
+    Ok(Transferred {
+        table: spec.name.clone(),
+        rows: n as u64,
         dim,
     })
 }

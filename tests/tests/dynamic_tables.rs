@@ -216,6 +216,58 @@ fn the_cap_holds_under_a_flood_of_new_ids_while_another_client_is_served() {
 }
 
 #[test]
+fn an_export_holds_every_held_key_beside_its_row_and_the_bucket_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EmbeddedCluster::start(3).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    // A cap well above what is pushed: every pushed key is held.
+    let table = client
+        .create_table(&dynamic("e", 30_000, Admission::Always))
+        .unwrap();
+    let ids = raw_ids();
+    let grads: Vec<f32> = (0..ids.len() * DIM).map(|i| i as f32 * 1e-3).collect();
+    table.push(&ids, &vec![3; ids.len()], &grads).unwrap();
+    let transports: Vec<Arc<dyn ShardTransport>> =
+        (0..3).map(|s| client.shard(s).clone()).collect();
+    let shards: Vec<&dyn ShardTransport> = transports.iter().map(|t| t.as_ref()).collect();
+    let path = dir.path().join("e.safetensors");
+    let done = hetkv_store::tensors::export_table(&shards, "e", None, &path).unwrap();
+    assert_eq!(done.rows, ids.len() as u64);
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let u64s = |name: &str| -> Vec<u64> {
+        file.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (keys, versions) = (u64s("keys"), u64s("versions"));
+    let values: Vec<f32> = file
+        .tensor("embeddings")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort_unstable();
+    let mut want = ids.clone();
+    want.sort_unstable();
+    assert_eq!(sorted, want, "every held key once");
+    assert!(versions.iter().all(|&v| v == 3));
+    let mut pulled = vec![0f32; keys.len() * DIM];
+    table.pull(&keys, &mut pulled, None).unwrap();
+    assert_eq!(values, pulled, "each key beside its own row");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["buckets"], "64");
+    assert_eq!(meta["shards"], "3");
+    assert_eq!(meta["dynamic"], "true");
+}
+
+#[test]
 fn a_threshold_admits_on_the_counted_update_and_the_answer_counts_what_it_dropped() {
     let cluster = EmbeddedCluster::start(1).unwrap();
     let shard = TcpShardClient::connect(&cluster.addrs()[0], ClientConfig::default()).unwrap();
@@ -255,13 +307,10 @@ fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
     let err = table.assign(&[5], &[0.0; DIM]).unwrap_err().to_string();
     assert!(err.contains("is dynamic"), "{err}");
     let shards: Vec<&dyn ShardTransport> = vec![shard.as_ref()];
-    let err = hetkv_store::tensors::export_table(&shards, "d", None, &dir.path().join("x"))
+    let err = hetkv_store::tensors::import_table(&shards, "d", &dir.path().join("x"), "x")
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("exports and imports of dynamic tables"),
-        "{err}"
-    );
+    assert!(err.contains("imports into dynamic tables"), "{err}");
     // Checkpoints take dynamic tables (store/tests/dynamic_checkpoints.rs has the rest).
     client.checkpoint("c", false).unwrap();
     let mut cached = table.cached(CacheConfig::disabled());

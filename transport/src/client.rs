@@ -482,6 +482,24 @@ pub trait ShardTransport: Send + Sync {
     ) -> Result<CheckpointResponse, TransportError>;
     /// The shard's counters and tables.
     fn stats(&self) -> Result<ShardStats, TransportError>;
+    /// The held rows of dynamic table `table` (of dim `dim`) in slots `[from, from + slots)` of
+    /// this shard ([`crate::wire::ScanRequest`]).
+    fn scan(
+        &self,
+        table: &str,
+        dim: u32,
+        from: u64,
+        slots: u32,
+    ) -> Result<crate::codec::scan::Scanned, TransportError> {
+        let _ = (dim, from, slots);
+        Err(TransportError::Remote {
+            addr: self.addr().to_string(),
+            error: WireError::new(
+                crate::wire::ErrorCode::Unsupported,
+                format!("this transport scans no table (table {table})"),
+            ),
+        })
+    }
     /// Up to `max` evictions of dynamic table `table` on this shard from `cursor`
     /// ([`crate::wire::EvictionsRequest`]).
     fn evictions(

@@ -793,6 +793,16 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         self.control.evictions(table, cursor, max)
     }
 
+    fn scan(
+        &self,
+        table: &str,
+        dim: u32,
+        from: u64,
+        slots: u32,
+    ) -> Result<crate::codec::scan::Scanned, TransportError> {
+        self.control.scan(table, dim, from, slots)
+    }
+
     /// The control transport's bytes, plus the bytes one-sided reads brought over a link (as
     /// received; none for shared memory).
     fn traffic(&self) -> Traffic {

@@ -199,6 +199,15 @@ pub trait ShardService: Send + Sync + 'static {
             format!("this shard keeps no eviction stream (table {})", req.table),
         ))
     }
+    /// A dynamic table's held rows in a range of slots ([`wire::ScanRequest`]), answered
+    /// through [`codec::scan::respond`].
+    fn scan(&self, req: &wire::ScanRequest, resp: &mut Response<'_>) -> Result<(), WireError> {
+        let _ = resp;
+        Err(WireError::new(
+            ErrorCode::Unsupported,
+            format!("this shard scans no table (table {})", req.table),
+        ))
+    }
     /// Tables and row counters (the session fills in the frame counters).
     fn stats(&self) -> ShardStats;
     /// The frame counters.
@@ -414,6 +423,10 @@ impl Session {
                 let r = codec::assign::decode_request(&parts).map_err(malformed)?;
                 let ack = service.assign(&r)?;
                 resp.begin(&ack);
+            }
+            Op::Scan => {
+                let r = codec::scan::decode_request(&parts).map_err(malformed)?;
+                service.scan(&r, &mut resp)?;
             }
             Op::Evictions => {
                 no_payload(payload)?;

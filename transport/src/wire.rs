@@ -78,6 +78,8 @@ pub enum Op {
     Assign = 13,
     /// A page of a dynamic table's eviction stream on this shard, from a cursor.
     Evictions = 14,
+    /// A dynamic table's held rows on this shard in a range of slots, with their keys.
+    Scan = 15,
 }
 
 impl Op {
@@ -98,6 +100,7 @@ impl Op {
             12 => Self::Checkpoint,
             13 => Self::Assign,
             14 => Self::Evictions,
+            15 => Self::Scan,
             _ => return None,
         })
     }
@@ -672,6 +675,35 @@ pub struct EvictionsResponse {
     pub events: Vec<EvictedKey>,
     /// Where the next read starts (`first + events.len()`).
     pub next: u64,
+}
+
+/// Scan request header (no payload): the held rows of dynamic table `table` in slots
+/// `[from, from + slots)` of this shard's region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanRequest {
+    /// The table.
+    pub table: String,
+    /// The first slot.
+    pub from: u64,
+    /// Slots to scan (the shard scans at most [`MAX_SCAN_SLOTS`]).
+    pub slots: u32,
+}
+
+/// Most slots one scan covers.
+pub const MAX_SCAN_SLOTS: u32 = 65_536;
+
+/// Scan response header; the payload holds `rows` u64 keys, `rows` u64 versions, then `rows` x
+/// `dim` f32 values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanResponse {
+    /// Held rows in the range.
+    pub rows: u32,
+    /// Values per row.
+    pub dim: u32,
+    /// The slot after the range scanned: where the next scan starts.
+    pub next: u64,
+    /// The shard's slots (its capacity): the scan is done when `next` reaches it.
+    pub end: u64,
 }
 
 /// Checkpoint request header (no payload).

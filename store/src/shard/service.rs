@@ -146,6 +146,26 @@ impl ShardService for Shard {
         self.measured("assign", &req.table, || Ok(self.assign_rows(req)?))
     }
 
+    fn scan(
+        &self,
+        req: &hetkv_transport::wire::ScanRequest,
+        resp: &mut Response<'_>,
+    ) -> Result<(), WireError> {
+        self.measured("scan", &req.table, || {
+            let t = self
+                .dynamic_table(&req.table)
+                .ok_or_else(|| match self.table(&req.table) {
+                    Ok(_) => StoreError::Unsupported(format!(
+                        "table {} is fixed: pull its rows 0 to rows - 1",
+                        req.table
+                    )),
+                    Err(e) => e,
+                })?;
+            let (header, keys, versions, payloads) = t.scan(req.from, req.slots)?;
+            codec::scan::respond(resp, header, &keys, &versions, &payloads)
+        })
+    }
+
     fn evictions(
         &self,
         req: &hetkv_transport::wire::EvictionsRequest,

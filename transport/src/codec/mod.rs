@@ -201,6 +201,7 @@ pub mod pull;
 pub mod pull_if_stale;
 pub mod push;
 pub mod read;
+pub mod scan;
 
 #[cfg(test)]
 mod tests {
