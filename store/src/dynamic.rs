@@ -454,6 +454,78 @@ impl DynamicRows {
         Ok(report)
     }
 
+    /// Sets the rows of `keys` to `values` (keys x dim; an import, a warm start): each key is
+    /// admitted whatever the table's rule (an import names the rows it wants), taking the slot of
+    /// its bucket's lowest score when the bucket is full; each row becomes one update (its
+    /// version and the clock grow by one) and its optimizer state starts again. Nothing is set
+    /// when any value is NaN or infinite. Returns the rows set.
+    pub fn assign(&self, keys: &[u64], values: &[f32]) -> Result<u64, StoreError> {
+        if values.len() != keys.len() * self.dim {
+            return Err(StoreError::WrongDim(format!(
+                "{} values do not make {} rows of {}",
+                values.len(),
+                keys.len(),
+                self.dim
+            )));
+        }
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(StoreError::InvalidGradient(format!(
+                "value for key {} holds {} at element {}; nothing was assigned",
+                keys[at / self.dim],
+                values[at],
+                at % self.dim
+            )));
+        }
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let mut image = vec![0u8; self.layout.row().stride()];
+        for (n, &key) in keys.iter().enumerate() {
+            let w = &values[n * self.dim..(n + 1) * self.dim];
+            let bucket = self.layout.bucket_of(key);
+            let first = self.layout.first_slot(bucket);
+            let mut b = lock(&self.buckets[bucket as usize]);
+            let placed = keyed
+                .place(key, |s| b.scores[(s - first) as usize], &mut image)
+                .map_err(|e| StoreError::Io(format!("a row of key {key}'s bucket: {e}")))?;
+            let (slot, version) = match placed {
+                Slot::Resident { slot, version } => {
+                    let version = version.saturating_add(1);
+                    keyed.write(slot, key, version, w, &mut image);
+                    (slot, version)
+                }
+                Slot::Free(slot) | Slot::Evict { slot, .. } => {
+                    if let Slot::Evict {
+                        key: victim,
+                        version,
+                        ..
+                    } = placed
+                    {
+                        let score = b.scores[(slot - first) as usize];
+                        self.log_eviction(Evicted {
+                            key: victim,
+                            version,
+                            score,
+                        });
+                    } else {
+                        self.resident.fetch_add(1, Ordering::Relaxed);
+                    }
+                    keyed.publish(slot, key, 1, w, &mut image);
+                    (slot, 1)
+                }
+            };
+            let entry = (slot - first) as usize;
+            let len = self.state_len;
+            self.optimizer
+                .init_state(&mut b.state[entry * len..(entry + 1) * len]);
+            b.steps[entry] = 0;
+            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+            b.scores[entry] = match self.eviction {
+                Eviction::Lru => now,
+                Eviction::Lfu => version,
+            };
+        }
+        Ok(keys.len() as u64)
+    }
+
     /// Logs one eviction (under the evicted row's bucket lock, so each is logged once).
     fn log_eviction(&self, evicted: Evicted) {
         let mut log = lock(&self.log);
@@ -750,6 +822,20 @@ impl DynamicTable {
                 .collect(),
             next: page.next,
         })
+    }
+
+    /// Sets rows from an import (keys checked against the routing): [`DynamicRows::assign`].
+    pub fn assign(
+        &self,
+        keys: hetkv_transport::wire::U64s<'_>,
+        values: hetkv_transport::wire::F32s<'_>,
+    ) -> Result<u64, StoreError> {
+        self.check_keys(keys.iter())?;
+        let keys: Vec<u64> = keys.iter().collect();
+        let values: Vec<f32> = values.iter().collect();
+        let rows = self.rows.assign(&keys, &values)?;
+        self.rows_pushed.fetch_add(rows, Ordering::Relaxed);
+        Ok(rows)
     }
 
     /// The header of this table's file in a checkpoint (always full: every held row), the clock
@@ -1220,6 +1306,38 @@ mod tests {
         );
         let held = model.iter().flatten().flatten().count() as u64;
         assert_eq!(t.resident(), held);
+    }
+
+    #[test]
+    fn an_assignment_admits_evicts_and_counts_one_update_a_row() {
+        // One bucket (capacity 32), a threshold no key meets by pushing: an import admits.
+        let t = rows(32, Admission::Threshold { count: 200 }, Eviction::Lru);
+        let keys: Vec<u64> = (0..40u64).map(|k| k * 7919).collect();
+        let values: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32).collect();
+        assert_eq!(t.assign(&keys, &values).unwrap(), 40);
+        assert_eq!(t.resident(), 32);
+        let evicted = t.evictions(0, 100).unwrap().events;
+        assert_eq!(
+            evicted.len(),
+            8,
+            "every assignment past the cap evicts one row"
+        );
+        // LRU: the first eight assigned are the ones gone, each once.
+        let mut gone: Vec<u64> = evicted.iter().map(|e| e.key).collect();
+        gone.sort_unstable();
+        assert_eq!(gone, keys[..8].to_vec());
+        let mut out = [0f32; 2];
+        for (n, &k) in keys.iter().enumerate().skip(8) {
+            assert_eq!(t.read(k, &mut out).unwrap(), 1, "key {k}: one update");
+            assert_eq!(out, [values[2 * n], values[2 * n + 1]]);
+        }
+        // Assigned again: version 2, in place.
+        assert_eq!(t.assign(&keys[39..], &[5.0, 6.0]).unwrap(), 1);
+        assert_eq!(t.read(keys[39], &mut out).unwrap(), 2);
+        assert_eq!(out, [5.0, 6.0]);
+        // A NaN sets nothing.
+        assert!(t.assign(&keys[..1], &[f32::NAN, 0.0]).is_err());
+        assert_eq!(t.resident(), 32);
     }
 
     #[test]

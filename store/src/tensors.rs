@@ -47,18 +47,6 @@ pub fn table_spec(shards: &[&dyn ShardTransport], table: &str) -> Result<TableSp
     spec.ok_or_else(|| StoreError::Config("no shards".into()))
 }
 
-/// [`table_spec`], refusing a dynamic table: imports set rows by `assign`, which dynamic tables
-/// do not offer yet.
-fn fixed_table_spec(shards: &[&dyn ShardTransport], table: &str) -> Result<TableSpec, StoreError> {
-    let spec = table_spec(shards, table)?;
-    if spec.is_dynamic() {
-        return Err(StoreError::Unsupported(format!(
-            "table {table} is dynamic: imports into dynamic tables are not built yet"
-        )));
-    }
-    Ok(spec)
-}
-
 /// Keys per request: about 16 MiB of rows, within any frame limit a daemon uses by default.
 fn chunk_keys(dim: u32) -> usize {
     ((16usize << 20) / (8 + 4 * dim as usize)).max(1)
@@ -232,7 +220,7 @@ pub fn import_table(
     file: &Path,
     tensor: &str,
 ) -> Result<Transferred, StoreError> {
-    let spec = fixed_table_spec(shards, table)?;
+    let spec = table_spec(shards, table)?;
     let bytes = std::fs::read(file).map_err(|e| io(format!("reading {}", file.display()), e))?;
     let parsed = SafeTensors::deserialize(&bytes).map_err(|e| {
         StoreError::Malformed(format!("{} is not a safetensors file: {e}", file.display()))
@@ -266,7 +254,8 @@ pub fn import_table(
         }
         Err(_) => (0..n as u64).collect(),
     };
-    if let Some(k) = keys.iter().find(|&&k| k >= spec.rows) {
+    // A dynamic table takes every u64 key.
+    if let Some(k) = keys.iter().find(|&&k| !spec.is_dynamic() && k >= spec.rows) {
         return Err(StoreError::KeyOutOfRange(format!(
             "key {k} is outside table {} of {} rows",
             spec.name, spec.rows

@@ -147,8 +147,8 @@ impl Shard {
         }
         match reg.dynamic(name) {
             Some(_) => Err(StoreError::Unsupported(format!(
-                "table {name} is dynamic: it is served by pull and push (one-sided reads, caches \
-                 and assignments of dynamic tables are not built yet)"
+                "table {name} is dynamic: it is served by pull, push and assign (one-sided reads \
+                 and caches of dynamic tables are not built yet)"
             ))),
             None => Err(StoreError::UnknownTable(name.to_string())),
         }

@@ -18,6 +18,14 @@ impl Shard {
         &self,
         req: &codec::assign::Request<'_>,
     ) -> Result<PushResponse, StoreError> {
+        if let Some(t) = self.dynamic_table(&req.table) {
+            let rows = t.assign(req.keys, req.values)?;
+            return Ok(PushResponse {
+                rows: rows as u32,
+                updates: rows,
+                ..PushResponse::default()
+            });
+        }
         let t = self.table(&req.table)?;
         let locals = t.validate_assign(req.keys, req.values)?;
         t.apply_assign(&locals, req.values);
