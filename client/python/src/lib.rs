@@ -944,9 +944,35 @@ impl Table {
         interruptible(py, || self.inner.assign(keys, values), py_err)
     }
 
+    /// Up to `max` evictions of this dynamic table on shard `shard` from `cursor` (0: the
+    /// shard's first): a dict with `keys`, `versions` and `scores` (uint64 arrays, oldest
+    /// first), `next` (the cursor to read from next) and `lost` (evictions the shard no longer
+    /// held when this reader asked: it fell behind). Each shard has its own stream.
+    #[pyo3(signature = (shard, cursor = 0, max = 65536))]
+    fn evictions<'py>(
+        &self,
+        py: Python<'py>,
+        shard: usize,
+        cursor: u64,
+        max: u32,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let page = interruptible(py, || self.inner.evictions(shard, cursor, max), py_err)?;
+        let d = PyDict::new(py);
+        let column = |f: fn(&hetkv_transport::wire::EvictedKey) -> u64| -> Vec<u64> {
+            page.events.iter().map(f).collect()
+        };
+        d.set_item("keys", PyArray1::from_vec(py, column(|e| e.key)))?;
+        d.set_item("versions", PyArray1::from_vec(py, column(|e| e.version)))?;
+        d.set_item("scores", PyArray1::from_vec(py, column(|e| e.score)))?;
+        d.set_item("next", page.next)?;
+        d.set_item("lost", page.lost)?;
+        Ok(d)
+    }
+
     /// Writes the table (every row, or the rows of `keys` in their order) to the safetensors
     /// file `path`: `embeddings` (float32, rows x dim), `versions` (uint64) and, with `keys`,
-    /// `keys` (uint64), as `hetkv export` does. Returns the rows written.
+    /// `keys` (uint64), as `hetkv export` does; a dynamic table without `keys` writes every held
+    /// row with its key. Returns the rows written.
     #[pyo3(signature = (path, keys = None))]
     fn export(
         &self,

@@ -39,6 +39,32 @@ def test_raw_int64_ids_are_their_u64_bit_patterns_and_admission_counts_updates()
         assert (after_u64 < before).all(), "a positive gradient moved every row down"
 
 
+def test_the_eviction_stream_and_an_export_name_every_key(tmp_path):
+    import safetensors.numpy
+
+    with hetkv.EmbeddedCluster(shards=1) as cluster:
+        # One shard's share of 64 rows: two region buckets of 32.
+        table = cluster.create_table(
+            "small", rows=64, dim=2, optimizer=hetkv.Optimizer.sgd(0.1), dynamic=hetkv.Dynamic()
+        )
+        ids = np.arange(1, 1001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        table.push(ids, np.ones((len(ids), 2), dtype=np.float32))
+        seen = []
+        cursor = 0
+        while True:
+            page = table.evictions(0, cursor, max=100)
+            assert page["lost"] == 0
+            if len(page["keys"]) == 0:
+                break
+            assert (page["versions"] == 1).all()
+            seen.extend(int(k) for k in page["keys"])
+            cursor = page["next"]
+        assert table.export(tmp_path / "small.safetensors") == 64
+        held = safetensors.numpy.load_file(str(tmp_path / "small.safetensors"))["keys"]
+        assert len(seen) == len(ids) - 64, "every key not held was evicted once"
+        assert sorted(seen + [int(k) for k in held]) == sorted(int(k) for k in ids)
+
+
 def test_what_dynamic_tables_do_not_offer_yet_is_refused_by_name():
     with hetkv.EmbeddedCluster(shards=1) as cluster:
         table = cluster.create_table(
