@@ -43,16 +43,9 @@ const LOGGED_BYTES: u64 = 24;
 /// The admission sketch halves every this many counted updates per row of capacity.
 const AGING_PERIOD: u64 = 10;
 
-/// One eviction: the key that left, its row's version then, and its score.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Evicted {
-    /// The key.
-    pub key: u64,
-    /// Its row's version when it left (the updates it had taken since admission).
-    pub version: u64,
-    /// Its score when it left.
-    pub score: u64,
-}
+/// One eviction: the key that left, its row's version then, and its score (the protocol's
+/// record of it, op 14).
+pub use hetkv_transport::wire::EvictedKey as Evicted;
 
 /// A page of the eviction stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -346,33 +339,15 @@ impl DynamicRows {
         Ok(found.map(|at| at.version))
     }
 
-    /// Applies `(key, count, gradient)` rows: a held key takes the optimizer's step; a key not
-    /// held is admitted or refused by the table's rule (its updates dropped and reported), and
-    /// an admitted key's row starts from its initial value, taking the slot of its bucket's
-    /// lowest score when the bucket is full. Nothing is applied when any row is malformed or
-    /// any gradient NaN or infinite.
-    pub fn push(
-        &self,
-        keys: &[u64],
-        counts: &[u32],
-        grads: &[f32],
-    ) -> Result<PushReport, StoreError> {
-        if counts.len() != keys.len() || grads.len() != keys.len() * self.dim {
+    /// Applies a checked push's `(key, count, gradient)` rows: a held key takes the optimizer's
+    /// step; a key not held is admitted or refused by the table's rule (its updates dropped and
+    /// reported), and an admitted key's row starts from its initial value, taking the slot of its
+    /// bucket's lowest score when the bucket is full.
+    pub fn push(&self, push: &DecodedPush) -> Result<PushReport, StoreError> {
+        if push.dim != self.dim {
             return Err(StoreError::WrongDim(format!(
-                "{} keys, {} counts and {} gradient values for rows of {}",
-                keys.len(),
-                counts.len(),
-                grads.len(),
-                self.dim
-            )));
-        }
-        if let Some(n) = grads
-            .chunks_exact(self.dim)
-            .position(|g| g.iter().any(|v| !v.is_finite()))
-        {
-            return Err(StoreError::InvalidGradient(format!(
-                "gradient for key {} holds NaN or infinity; nothing was applied",
-                keys[n]
+                "rows of {} values pushed to rows of {}",
+                push.dim, self.dim
             )));
         }
         let mut report = PushReport::default();
@@ -380,8 +355,8 @@ impl DynamicRows {
         let layout = *self.layout.row();
         let mut image = vec![0u8; layout.stride()];
         let mut w = vec![0f32; self.dim];
-        for (n, (&key, &count)) in keys.iter().zip(counts).enumerate() {
-            let g = &grads[n * self.dim..(n + 1) * self.dim];
+        for (n, (&key, &count)) in push.keys.iter().zip(&push.counts).enumerate() {
+            let g = &push.grads[n * self.dim..(n + 1) * self.dim];
             let bucket = self.layout.bucket_of(key);
             let first = self.layout.first_slot(bucket);
             let mut b = lock(&self.buckets[bucket as usize]);
@@ -400,38 +375,15 @@ impl DynamicRows {
                         report.refused.push((key, count));
                         continue;
                     }
-                    let entry = (slot - first) as usize;
-                    if let Slot::Evict {
-                        key: victim,
-                        version,
-                        ..
-                    } = placed
-                    {
-                        self.log_eviction(Evicted {
-                            key: victim,
-                            version,
-                            score: b.scores[entry],
-                        });
-                        report.evicted += 1;
-                    } else {
-                        self.resident.fetch_add(1, Ordering::Relaxed);
-                    }
+                    report.evicted += u64::from(self.take_slot(&mut b, placed, first));
                     report.admitted += 1;
                     self.init.fill(key, &mut w);
-                    let len = self.state_len;
-                    self.optimizer
-                        .init_state(&mut b.state[entry * len..(entry + 1) * len]);
-                    b.steps[entry] = 0;
                     (slot, 0)
                 }
             };
             let entry = (slot - first) as usize;
             let len = self.state_len;
-            let BucketState {
-                scores,
-                state,
-                steps,
-            } = &mut *b;
+            let BucketState { state, steps, .. } = &mut *b;
             self.optimizer.apply(
                 &mut w,
                 g,
@@ -444,11 +396,7 @@ impl DynamicRows {
             } else {
                 keyed.publish(slot, key, version, &w, &mut image);
             }
-            let now = self.clock.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
-            scores[entry] = match self.eviction {
-                Eviction::Lru => now,
-                Eviction::Lfu => version,
-            };
+            self.updated(&mut b, entry, version, count);
             report.applied += u64::from(count);
         }
         Ok(report)
@@ -493,37 +441,58 @@ impl DynamicRows {
                     (slot, version)
                 }
                 Slot::Free(slot) | Slot::Evict { slot, .. } => {
-                    if let Slot::Evict {
-                        key: victim,
-                        version,
-                        ..
-                    } = placed
-                    {
-                        let score = b.scores[(slot - first) as usize];
-                        self.log_eviction(Evicted {
-                            key: victim,
-                            version,
-                            score,
-                        });
-                    } else {
-                        self.resident.fetch_add(1, Ordering::Relaxed);
-                    }
+                    self.take_slot(&mut b, placed, first);
                     keyed.publish(slot, key, 1, w, &mut image);
                     (slot, 1)
                 }
             };
             let entry = (slot - first) as usize;
-            let len = self.state_len;
-            self.optimizer
-                .init_state(&mut b.state[entry * len..(entry + 1) * len]);
-            b.steps[entry] = 0;
-            let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
-            b.scores[entry] = match self.eviction {
-                Eviction::Lru => now,
-                Eviction::Lfu => version,
-            };
+            self.restart_state(&mut b, entry);
+            self.updated(&mut b, entry, version, 1);
         }
         Ok(keys.len() as u64)
+    }
+
+    /// Gives the free or victim slot of `placed` (in the bucket of `b`, whose first slot is
+    /// `first`) to a key being admitted: logs the victim it evicts (once: the caller holds the
+    /// bucket's lock) or counts the slot as newly held, and starts the slot's optimizer state.
+    /// Returns whether a row was evicted.
+    fn take_slot(&self, b: &mut BucketState, placed: Slot, first: u64) -> bool {
+        let (evicted, slot) = match placed {
+            Slot::Evict { slot, key, version } => {
+                self.log_eviction(Evicted {
+                    key,
+                    version,
+                    score: b.scores[(slot - first) as usize],
+                });
+                (true, slot)
+            }
+            Slot::Free(slot) => {
+                self.resident.fetch_add(1, Ordering::Relaxed);
+                (false, slot)
+            }
+            Slot::Resident { .. } => unreachable!("a resident key takes no slot"),
+        };
+        self.restart_state(b, (slot - first) as usize);
+        evicted
+    }
+
+    /// Starts entry `entry`'s optimizer state and step count again.
+    fn restart_state(&self, b: &mut BucketState, entry: usize) {
+        let len = self.state_len;
+        self.optimizer
+            .init_state(&mut b.state[entry * len..(entry + 1) * len]);
+        b.steps[entry] = 0;
+    }
+
+    /// Counts `count` updates of entry `entry` (now at `version`): the clock advances and the
+    /// entry's score follows the table's eviction rule.
+    fn updated(&self, b: &mut BucketState, entry: usize, version: u64, count: u32) {
+        let now = self.clock.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
+        b.scores[entry] = match self.eviction {
+            Eviction::Lru => now,
+            Eviction::Lfu => version,
+        };
     }
 
     /// Logs one eviction (under the evicted row's bucket lock, so each is logged once).
@@ -594,7 +563,6 @@ pub struct DynamicTable {
     spec: TableSpec,
     shard: u32,
     shards: u32,
-    capacity: u64,
     rows: DynamicRows,
     rows_read: AtomicU64,
     rows_pushed: AtomicU64,
@@ -616,7 +584,6 @@ impl DynamicTable {
         let capacity = spec.local_rows(shard, shards);
         let rows = DynamicRows::create(&spec, shard, capacity, placement)?;
         Ok(Self {
-            capacity: rows.layout().capacity(),
             spec,
             shard,
             shards,
@@ -638,7 +605,7 @@ impl DynamicTable {
 
     /// Rows this shard holds at most (its share of the table's capacity, in whole buckets).
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.rows.layout.capacity()
     }
 
     /// Updates applied on this shard.
@@ -687,44 +654,19 @@ impl DynamicTable {
         counts: hetkv_transport::wire::U32s<'_>,
         grads: hetkv_transport::wire::F32s<'_>,
     ) -> Result<DecodedPush, StoreError> {
-        let dim = self.spec.dim as usize;
-        if counts.len() != keys.len() || grads.len() != keys.len() * dim {
-            return Err(StoreError::WrongDim(format!(
-                "{} keys, {} counts and {} gradient values for rows of {dim} in table {}",
-                keys.len(),
-                counts.len(),
-                grads.len(),
-                self.spec.name
-            )));
-        }
-        self.check_keys(keys.iter())?;
-        let counts: Vec<u32> = (0..counts.len()).map(|i| counts.get(i)).collect();
-        if let Some(n) = counts.iter().position(|&c| c == 0) {
-            return Err(StoreError::InvalidGradient(format!(
-                "key {} has an update count of 0",
-                keys.get(n)
-            )));
-        }
-        let grads: Vec<f32> = grads.iter().collect();
-        if let Some(n) = grads
-            .chunks_exact(dim)
-            .position(|g| g.iter().any(|v| !v.is_finite()))
-        {
-            return Err(StoreError::InvalidGradient(format!(
-                "gradient for key {} holds NaN or infinity; nothing was applied",
-                keys.get(n)
-            )));
-        }
-        Ok(DecodedPush {
-            keys: keys.iter().collect(),
-            counts,
-            grads,
-        })
+        let push = DecodedPush::new(
+            self.spec.dim as usize,
+            keys.iter().collect(),
+            counts.iter().collect(),
+            grads.iter().collect(),
+        )?;
+        self.check_keys(push.keys().iter().copied())?;
+        Ok(push)
     }
 
     /// Applies a validated push.
     pub fn apply_push(&self, push: &DecodedPush) -> Result<PushReport, StoreError> {
-        let report = self.rows.push(&push.keys, &push.counts, &push.grads)?;
+        let report = self.rows.push(push)?;
         self.rows_pushed
             .fetch_add(push.keys.len() as u64, Ordering::Relaxed);
         Ok(report)
@@ -749,7 +691,7 @@ impl DynamicTable {
         StoreError,
     > {
         let rows = &self.rows;
-        let end = self.capacity;
+        let end = self.capacity();
         let from = from.min(end);
         let to = from
             .saturating_add(u64::from(slots.min(hetkv_transport::wire::MAX_SCAN_SLOTS)))
@@ -845,7 +787,7 @@ impl DynamicTable {
             kind: Kind::Full,
             shard: self.shard,
             shards: self.shards,
-            local_rows: self.capacity,
+            local_rows: self.capacity(),
             clock_start: self.clock(),
             spec: self.spec.clone(),
             shape: RecordShape::of(&self.spec),
@@ -956,7 +898,7 @@ impl DynamicTable {
     pub fn info(&self) -> TableInfo {
         TableInfo {
             spec: self.spec.clone(),
-            local_rows: self.capacity,
+            local_rows: self.capacity(),
             stride: self.rows.layout().row().stride() as u32,
         }
     }
@@ -976,21 +918,86 @@ impl DynamicTable {
     }
 }
 
-/// A push to a dynamic table, validated and decoded.
+/// A push to a dynamic table, checked whole before anything is applied: as many counts as keys,
+/// each at least one, `keys x dim` gradients, every one finite. The one home of those checks
+/// ([`DynamicRows::push`] takes only this).
 #[derive(Clone, Debug, Default)]
 pub struct DecodedPush {
-    /// Keys.
-    pub keys: Vec<u64>,
-    /// Update counts.
-    pub counts: Vec<u32>,
-    /// Gradients, keys x dim.
-    pub grads: Vec<f32>,
+    dim: usize,
+    keys: Vec<u64>,
+    counts: Vec<u32>,
+    grads: Vec<f32>,
+}
+
+impl DecodedPush {
+    /// Checks and takes `(key, count, gradient)` rows of `dim` values.
+    pub fn new(
+        dim: usize,
+        keys: Vec<u64>,
+        counts: Vec<u32>,
+        grads: Vec<f32>,
+    ) -> Result<Self, StoreError> {
+        if counts.len() != keys.len() || grads.len() != keys.len() * dim {
+            return Err(StoreError::WrongDim(format!(
+                "{} keys, {} counts and {} gradient values for rows of {dim}",
+                keys.len(),
+                counts.len(),
+                grads.len()
+            )));
+        }
+        if let Some(n) = counts.iter().position(|&c| c == 0) {
+            return Err(StoreError::InvalidGradient(format!(
+                "key {} has an update count of 0; nothing was applied",
+                keys[n]
+            )));
+        }
+        if let Some(n) = grads
+            .chunks_exact(dim.max(1))
+            .position(|g| g.iter().any(|v| !v.is_finite()))
+        {
+            return Err(StoreError::InvalidGradient(format!(
+                "gradient for key {} holds NaN or infinity; nothing was applied",
+                keys[n]
+            )));
+        }
+        Ok(Self {
+            dim,
+            keys,
+            counts,
+            grads,
+        })
+    }
+
+    /// The keys.
+    pub fn keys(&self) -> &[u64] {
+        &self.keys
+    }
+
+    /// The update counts, one a key.
+    pub fn counts(&self) -> &[u32] {
+        &self.counts
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use hetkv_transport::{DynamicSpec, OptimizerSpec};
+
+    /// Pushes rows to `t` through the checks every push goes through.
+    fn push(
+        t: &DynamicRows,
+        keys: &[u64],
+        counts: &[u32],
+        grads: &[f32],
+    ) -> Result<PushReport, StoreError> {
+        t.push(&DecodedPush::new(
+            t.dim,
+            keys.to_vec(),
+            counts.to_vec(),
+            grads.to_vec(),
+        )?)
+    }
 
     /// A dynamic table's spec: `rows` rows at most, dim `dim`.
     fn table(
@@ -1040,7 +1047,7 @@ mod tests {
         for key in [0, u64::MAX, 1 << 63, 12_345] {
             assert_eq!(t.read(key, &mut out).unwrap(), 0);
             assert_eq!(out, initial(key));
-            let r = t.push(&[key], &[3], &[1.0, -2.0]).unwrap();
+            let r = push(&t, &[key], &[3], &[1.0, -2.0]).unwrap();
             assert_eq!((r.applied, r.admitted, r.evicted), (3, 1, 0));
             assert_eq!(t.read(key, &mut out).unwrap(), 3);
             let i = initial(key);
@@ -1051,7 +1058,7 @@ mod tests {
             );
         }
         assert_eq!(t.resident(), 4);
-        t.push(&[0], &[1], &[1.0, 1.0]).unwrap();
+        push(&t, &[0], &[1], &[1.0, 1.0]).unwrap();
         assert_eq!(t.read(0, &mut out).unwrap(), 4);
         assert_eq!(t.resident(), 4, "an update of a held key adds no row");
     }
@@ -1060,16 +1067,20 @@ mod tests {
     fn bad_pushes_change_nothing() {
         let t = rows(64, Admission::Always, Eviction::Lru);
         assert!(matches!(
-            t.push(&[1, 2], &[1, 1], &[0.0, 0.0, f32::NAN, 0.0]),
+            push(&t, &[1, 2], &[1, 1], &[0.0, 0.0, f32::NAN, 0.0]),
             Err(StoreError::InvalidGradient(_))
         ));
         assert!(matches!(
-            t.push(&[1], &[1], &[0.0]),
+            push(&t, &[1], &[1], &[0.0]),
             Err(StoreError::WrongDim(_))
         ));
         assert!(matches!(
-            t.push(&[1], &[], &[0.0, 0.0]),
+            push(&t, &[1], &[], &[0.0, 0.0]),
             Err(StoreError::WrongDim(_))
+        ));
+        assert!(matches!(
+            push(&t, &[1, 2], &[1, 0], &[0.0; 4]),
+            Err(StoreError::InvalidGradient(_))
         ));
         let mut out = [0f32; 2];
         assert_eq!(t.read(1, &mut out).unwrap(), 0);
@@ -1088,9 +1099,9 @@ mod tests {
             // Key k takes 32 - k updates, in key order: key 0 is the least recently updated,
             // key 31 the least often.
             for k in 0..32u64 {
-                t.push(&[k], &[32 - k as u32], &[0.0, 0.0]).unwrap();
+                push(&t, &[k], &[32 - k as u32], &[0.0, 0.0]).unwrap();
             }
-            let r = t.push(&[100], &[1], &[0.0, 0.0]).unwrap();
+            let r = push(&t, &[100], &[1], &[0.0, 0.0]).unwrap();
             assert_eq!(r.evicted, 1);
             let gone = t.evictions(0, 10).unwrap();
             let want = match eviction {
@@ -1122,7 +1133,7 @@ mod tests {
         let t = rows(32, Admission::Always, Eviction::Lru);
         let total = EVICTION_LOG as u64 + 100;
         for k in 0..32 + total {
-            t.push(&[k], &[1], &[0.0, 0.0]).unwrap();
+            push(&t, &[k], &[1], &[0.0, 0.0]).unwrap();
         }
         assert_eq!(t.resident(), 32);
         // The first 100 evictions fell out of the log.
@@ -1162,12 +1173,12 @@ mod tests {
     fn a_threshold_admits_on_the_counted_update_and_reports_what_it_dropped() {
         let t = rows(64, Admission::Threshold { count: 3 }, Eviction::Lru);
         let mut out = [0f32; 2];
-        let r = t.push(&[7, 8], &[1, 1], &[1.0, 1.0, 1.0, 1.0]).unwrap();
+        let r = push(&t, &[7, 8], &[1, 1], &[1.0, 1.0, 1.0, 1.0]).unwrap();
         assert_eq!((r.applied, r.refused.clone()), (0, vec![(7, 1), (8, 1)]));
-        let r = t.push(&[7], &[1], &[1.0, 1.0]).unwrap();
+        let r = push(&t, &[7], &[1], &[1.0, 1.0]).unwrap();
         assert_eq!(r.refused, vec![(7, 1)]);
         assert_eq!(t.read(7, &mut out).unwrap(), 0);
-        let r = t.push(&[7], &[1], &[1.0, 1.0]).unwrap();
+        let r = push(&t, &[7], &[1], &[1.0, 1.0]).unwrap();
         assert_eq!((r.applied, r.admitted), (1, 1), "the third update admits");
         assert_eq!(
             t.read(7, &mut out).unwrap(),
@@ -1176,7 +1187,7 @@ mod tests {
         );
         assert_eq!(t.refused_updates(), 3);
         // A push of count 3 admits at once.
-        let r = t.push(&[9], &[3], &[1.0, 1.0]).unwrap();
+        let r = push(&t, &[9], &[3], &[1.0, 1.0]).unwrap();
         assert_eq!((r.applied, r.admitted), (3, 1));
     }
 
@@ -1189,7 +1200,7 @@ mod tests {
                 Eviction::Lru,
             );
             let keys: Vec<u64> = (0..2000).collect();
-            let r = t.push(&keys, &vec![1; 2000], &vec![0.0; 4000]).unwrap();
+            let r = push(&t, &keys, &vec![1; 2000], &vec![0.0; 4000]).unwrap();
             r.refused.iter().map(|&(k, _)| k).collect::<Vec<_>>()
         };
         let (a, b, c) = (run(1), run(1), run(2));
@@ -1240,7 +1251,7 @@ mod tests {
                 (next() % 200) as f32 / 100.0 - 1.0,
                 (next() % 7) as f32 - 3.0,
             ];
-            t.push(&[key], &[count], &g).unwrap();
+            push(&t, &[key], &[count], &g).unwrap();
             let bucket = &mut model[layout.bucket_of(key) as usize];
             let entry = match bucket
                 .iter()

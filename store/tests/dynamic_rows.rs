@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 
-use hetkv_store::dynamic::DynamicRows;
+use hetkv_store::dynamic::{DecodedPush, DynamicRows};
 use hetkv_store::Placement;
 use hetkv_transport::{Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, TableSpec};
 
@@ -86,7 +86,17 @@ fn pushes_and_reads_keep_every_update_once_across_evictions() {
                 for _ in 0..PUSHES {
                     let k = key(xorshift(&mut rng) % KEYS);
                     let count = 1 + (xorshift(&mut rng) % 3) as u32;
-                    let report = table.push(&[k], &[count], &[-(count as f32); DIM]).unwrap();
+                    let report = table
+                        .push(
+                            &DecodedPush::new(
+                                DIM,
+                                vec![k],
+                                vec![count],
+                                vec![-(count as f32); DIM],
+                            )
+                            .unwrap(),
+                        )
+                        .unwrap();
                     assert_eq!(report.applied, u64::from(count), "admission is always");
                     *pushed.entry(k).or_default() += u64::from(count);
                 }

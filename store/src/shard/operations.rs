@@ -226,7 +226,7 @@ impl Shard {
             // kept (its refused updates were counted then).
             Claim::Repeat => (
                 PushReport {
-                    applied: push.counts.iter().map(|&c| u64::from(c)).sum(),
+                    applied: push.counts().iter().map(|&c| u64::from(c)).sum(),
                     ..PushReport::default()
                 },
                 true,
@@ -234,7 +234,7 @@ impl Shard {
         };
         let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
         let header = PushResponse {
-            rows: push.keys.len() as u32,
+            rows: push.keys().len() as u32,
             updates: report.applied,
             refused,
             duplicate,
