@@ -176,6 +176,12 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
         ..spec("fixed", Eviction::Lru, OptimizerSpec::sgd(0.1))
     })
     .unwrap();
+    // A dynamic spec is not made into a fixed table by the fixed tables' constructor.
+    let err = s
+        .create(spec("other", Eviction::Lfu, OptimizerSpec::sgd(0.1)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is dynamic"), "{err}");
     let d = s.dynamic_table("d").unwrap();
     let mut x = 5u64;
     let mut push = |n: u64| {
@@ -219,6 +225,27 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
         &[CheckpointDir::at(dir.path())],
         "c",
         &[CheckpointDir::at(other.path())],
+        "m",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("resharding dynamic tables"), "{err}");
+
+    // A checkpoint whose only dynamic table is empty (its file holds no record) is refused by
+    // name too, not by a panic of the tool.
+    let (empty, moved) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let e = shard(empty.path());
+    e.create_dynamic(spec("bare", Eviction::Lru, OptimizerSpec::sgd(0.1)))
+        .unwrap();
+    e.checkpoint("k", false).unwrap();
+    drop(e);
+    // Compacted (a chain of one full file, no record) it is the same empty table.
+    CheckpointDir::at(empty.path()).compact("k", "k2").unwrap();
+    assert_eq!(records(empty.path(), "k2"), records(empty.path(), "k"));
+    let err = reshard(
+        &[CheckpointDir::at(empty.path())],
+        "k",
+        &[CheckpointDir::at(moved.path())],
         "m",
     )
     .unwrap_err()

@@ -287,19 +287,19 @@ impl CheckpointDir {
         files
     }
 
-    /// The spec in the header of the newest file of `table` in `chain` (its header checked), or
-    /// `None` when no checkpoint of the chain holds the table.
-    pub fn spec_of(
+    /// The header of the newest file of `table` in `chain` (checked), or `None` when no
+    /// checkpoint of the chain holds the table.
+    pub fn header_of(
         &self,
         chain: &[Manifest],
         table: &str,
-    ) -> Result<Option<hetkv_transport::TableSpec>, CheckpointError> {
+    ) -> Result<Option<FileHeader>, CheckpointError> {
         let Some((path, _)) = self.files_of(chain, table).pop() else {
             return Ok(None);
         };
         let file = open_regular(&path)?;
         let reader = TableFileReader::open(BufReader::new(file), path.display().to_string())?;
-        Ok(Some(reader.header().spec.clone()))
+        Ok(Some(reader.header().clone()))
     }
 
     /// Reads every record of one table of `chain`, oldest file first, checking each file against
@@ -463,7 +463,13 @@ impl CheckpointDir {
                 versions[rec.index() as usize] = rec.version();
                 Ok(())
             })?;
-            let mut header = header.expect("a table's chain starts with a full file");
+            // A chain without a record (a dynamic table written empty) takes its header as is.
+            let mut header = match header {
+                Some(h) => h,
+                None => self.header_of(&chain, &t.name)?.ok_or_else(|| {
+                    CheckpointError::Refused(format!("checkpoint {name} has no file of {}", t.name))
+                })?,
+            };
             let clock: u64 = versions.iter().sum();
             drop(versions);
             header.kind = Kind::Full;
@@ -562,6 +568,19 @@ pub fn reshard(
             ));
         }
     }
+    // Before anything is written: a dynamic table (whose file may hold no record at all) is
+    // refused by its header's spec.
+    let (dir, chain) = &chains[0];
+    for table in &tables {
+        if dir
+            .header_of(chain, table)?
+            .is_some_and(|h| h.spec.is_dynamic())
+        {
+            return refuse(format!(
+                "table {table} is dynamic: resharding dynamic tables is not built yet"
+            ));
+        }
+    }
 
     let mut pending: Vec<PendingCheckpoint> = targets
         .iter()
@@ -608,11 +627,6 @@ fn reshard_table(
     for (shard, (dir, chain)) in chains.iter().enumerate() {
         let spec = dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
             if header.is_none() {
-                if h.spec.is_dynamic() {
-                    return Err(CheckpointError::Refused(format!(
-                        "table {table} is dynamic: resharding dynamic tables is not built yet"
-                    )));
-                }
                 if h.spec.buckets < new_shards {
                     return Err(CheckpointError::Refused(format!(
                         "table {table} has {} placement buckets; it cannot be spread over {} \
@@ -672,7 +686,11 @@ fn reshard_table(
         })?;
         debug_assert_eq!(spec.name, table);
     }
-    let mut header = header.expect("a table's chain starts with a full file");
+    let mut header = header.ok_or_else(|| {
+        CheckpointError::Refused(format!(
+            "table {table} has no row in any source's checkpoint: there is nothing to move"
+        ))
+    })?;
     if let Some(missing) = seen.iter().position(|&s| !s) {
         return Err(CheckpointError::Refused(format!(
             "table {table}: no source holds local row {missing} of shard {target} of \

@@ -254,8 +254,8 @@ impl Shard {
         checkpoint: &str,
     ) -> Result<bool, StoreError> {
         let identity = (self.config.shard, self.config.shards);
-        let spec = match dir.spec_of(chain, table)? {
-            Some(spec) if spec.is_dynamic() => spec,
+        let spec = match dir.header_of(chain, table)? {
+            Some(h) if h.spec.is_dynamic() => h.spec,
             _ => return Ok(false),
         };
         let mut created: Option<Arc<DynamicTable>> = None;

@@ -45,6 +45,25 @@ impl Registry {
         self.dynamic.iter().find(|t| t.spec().name == name)
     }
 
+    /// Whether a table of `spec`'s name exists with that very spec (true), or not at all
+    /// (false); one of that name and another spec, of either kind, is a conflict.
+    fn holds(&self, spec: &TableSpec) -> Result<bool, StoreError> {
+        let existing = match self.by_name.get(&spec.name) {
+            Some(t) => t.spec(),
+            None => match self.dynamic(&spec.name) {
+                Some(t) => t.spec(),
+                None => return Ok(false),
+            },
+        };
+        if existing == spec {
+            return Ok(true);
+        }
+        Err(StoreError::ConflictingTable(format!(
+            "table {} exists as {existing:?}; asked for {spec:?}",
+            spec.name
+        )))
+    }
+
     fn len(&self) -> usize {
         self.by_id.len() + self.dynamic.len()
     }
@@ -191,22 +210,11 @@ impl Shard {
         let mut allocated = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
         {
             let reg = self.registry();
-            if let Some(t) = reg.dynamic(&spec.name) {
-                return match t.spec() == &spec {
-                    true => Ok((t.clone(), false)),
-                    false => Err(StoreError::ConflictingTable(format!(
-                        "table {} exists as {:?}; asked for {spec:?}",
-                        spec.name,
-                        t.spec()
-                    ))),
-                };
-            }
-            if let Some(t) = reg.by_name.get(&spec.name) {
-                return Err(StoreError::ConflictingTable(format!(
-                    "table {} exists as {:?}; asked for {spec:?}",
-                    spec.name,
-                    t.spec()
-                )));
+            if reg.holds(&spec)? {
+                let t = reg
+                    .dynamic(&spec.name)
+                    .expect("held with this dynamic spec");
+                return Ok((t.clone(), false));
             }
         }
         let (shard, shards) = (self.config.shard, self.config.shards);
@@ -285,31 +293,23 @@ impl Shard {
     /// [`Shard::create`]; with `fill` false a new table's rows are left for a restore to write.
     fn create_with(&self, spec: TableSpec, fill: bool) -> Result<(Arc<Table>, bool), StoreError> {
         spec.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
-        let check = |existing: &Arc<Table>| {
-            if existing.spec() == &spec {
-                Ok((existing.clone(), false))
-            } else {
-                Err(StoreError::ConflictingTable(format!(
-                    "table {} exists as {:?}; asked for {:?}",
-                    spec.name,
-                    existing.spec(),
-                    spec
-                )))
-            }
+        if spec.is_dynamic() {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} is dynamic: create it with create_dynamic (or create_spec)",
+                spec.name
+            )));
+        }
+        let existing = |reg: &Registry| -> Result<Option<(Arc<Table>, bool)>, StoreError> {
+            Ok(reg
+                .holds(&spec)?
+                .then(|| (reg.by_name[&spec.name].clone(), false)))
         };
-        if let Some(t) = self.registry().by_name.get(&spec.name) {
-            return check(t);
+        if let Some(t) = existing(&self.registry())? {
+            return Ok(t);
         }
         let mut allocated = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = self.registry().by_name.get(&spec.name) {
-            return check(t);
-        }
-        if let Some(t) = self.registry().dynamic(&spec.name) {
-            return Err(StoreError::ConflictingTable(format!(
-                "table {} exists as {:?}; asked for {spec:?}",
-                spec.name,
-                t.spec()
-            )));
+        if let Some(t) = existing(&self.registry())? {
+            return Ok(t);
         }
         let (shard, shards) = (self.config.shard, self.config.shards);
         let footprint =
