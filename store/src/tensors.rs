@@ -104,11 +104,7 @@ pub fn export_table(
                     )
                 })?;
             for (j, &pos) in shard_pos[s].iter().enumerate() {
-                // A dynamic table's shard answers a key it does not hold as zeros at version 0.
-                if spec.is_dynamic() && v[j] == 0 {
-                    spec.init
-                        .fill(shard_keys[s][j], &mut rows[j * dim..(j + 1) * dim]);
-                }
+                spec.complete_pulled(shard_keys[s][j], v[j], &mut rows[j * dim..(j + 1) * dim]);
                 versions[pos * 8..pos * 8 + 8].copy_from_slice(&v[j].to_le_bytes());
                 for (e, x) in rows[j * dim..(j + 1) * dim].iter().enumerate() {
                     let at = (pos * dim + e) * 4;

@@ -266,6 +266,25 @@ fn an_export_holds_every_held_key_beside_its_row_and_the_bucket_map() {
     assert_eq!(meta["shards"], "3");
     assert_eq!(meta["dynamic"], "true");
 
+    // Named keys, one never pushed: it is exported as its initial value at version 0.
+    let named = dir.path().join("named.safetensors");
+    let unseen = 0xDEAD_BEEF_u64;
+    hetkv_store::tensors::export_table(&shards, "e", Some(&[ids[3], unseen]), &named).unwrap();
+    let bytes2 = std::fs::read(&named).unwrap();
+    let file2 = safetensors::SafeTensors::deserialize(&bytes2).unwrap();
+    let rows2: Vec<f32> = file2
+        .tensor("embeddings")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let mut init = vec![0f32; DIM];
+    table.spec().init.fill(unseen, &mut init);
+    assert_eq!(&rows2[DIM..], &init[..]);
+    let mut held_row = vec![0f32; DIM];
+    table.pull(&[ids[3]], &mut held_row, None).unwrap();
+    assert_eq!(&rows2[..DIM], &held_row[..]);
     // Imported into another dynamic table (a threshold it need not meet: an import admits),
     // every key holds its exported row, one update in, with a fresh optimizer state.
     let copy = client

@@ -407,6 +407,16 @@ impl TableSpec {
         Ok(())
     }
 
+    /// Makes `row`, as a shard's `pull` answered it for `key` at `version`, the row the key has:
+    /// a dynamic table's shard answers a key it does not hold as zeros at version 0 (a held row's
+    /// version is at least 1), and the key's initial value goes in their place, computed by the
+    /// reader (PROTOCOL.md, "Dynamic tables"). The one home of that rule.
+    pub fn complete_pulled(&self, key: u64, version: u64, row: &mut [f32]) {
+        if self.is_dynamic() && version == 0 {
+            self.init.fill(key, row);
+        }
+    }
+
     /// Whether the table is dynamic (any u64 key).
     pub fn is_dynamic(&self) -> bool {
         self.dynamic.is_some()
