@@ -7,10 +7,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+#[path = "common/rows.rs"]
+mod rows;
+
 use hetkv_store::checkpoint::CheckpointDir;
 use hetkv_store::{Shard, ShardConfig, Table};
 use hetkv_transport::row::RowLayout;
-use hetkv_transport::wire::le_array;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
 fn spec(name: &str, rows: u64, dim: u32, optimizer: OptimizerSpec) -> TableSpec {
@@ -46,25 +48,9 @@ fn shard(dir: &Path, index: u32, shards: u32) -> Shard {
     Shard::new(c).unwrap()
 }
 
-fn bytes_of<T: Copy, const W: usize>(xs: &[T], f: impl Fn(T) -> [u8; W]) -> Vec<u8> {
-    xs.iter().flat_map(|&x| f(x)).collect()
-}
-
 /// Pushes one update of `grads` (keys x dim) for `keys`, each with `count`.
 fn push(t: &Table, keys: &[u64], count: u32, grads: &[f32]) {
-    let k = bytes_of(keys, u64::to_le_bytes);
-    let c = bytes_of(&vec![count; keys.len()], u32::to_le_bytes);
-    let g = bytes_of(grads, f32::to_le_bytes);
-    let locals = t
-        .validate_push(le_array(&k), le_array(&c), le_array(&g))
-        .unwrap();
-    let rows = hetkv_transport::wire::PushRows {
-        keys: le_array(&k),
-        counts: le_array(&c),
-        bases: None,
-        grads: le_array(&g),
-    };
-    t.apply_push(&locals, &rows, &mut hetkv_transport::Produced::default());
+    rows::push(t, keys, &vec![count; keys.len()], grads);
 }
 
 /// Pushes `rounds` batches of pseudo-random gradients to keys of shard `index` of `shards`.

@@ -5,9 +5,11 @@
 
 use std::path::Path;
 
+#[path = "common/rows.rs"]
+mod rows;
+
 use hetkv_store::checkpoint::CheckpointDir;
 use hetkv_store::{Shard, ShardConfig, Table};
-use hetkv_transport::wire::le_array;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
 fn shard(dir: &Path) -> Shard {
@@ -19,21 +21,10 @@ fn shard(dir: &Path) -> Shard {
 /// Pushes gradients to every row.
 fn train(t: &Table) {
     let keys: Vec<u64> = (0..t.local_rows()).collect();
-    let k: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
-    let c: Vec<u8> = keys.iter().flat_map(|_| 1u32.to_le_bytes()).collect();
-    let g: Vec<u8> = (0..keys.len() * t.spec().dim as usize)
-        .flat_map(|i| (i as f32 * 1e-6).to_le_bytes())
+    let grads: Vec<f32> = (0..keys.len() * t.spec().dim as usize)
+        .map(|i| i as f32 * 1e-6)
         .collect();
-    let locals = t
-        .validate_push(le_array(&k), le_array(&c), le_array(&g))
-        .unwrap();
-    let rows = hetkv_transport::wire::PushRows {
-        keys: le_array(&k),
-        counts: le_array(&c),
-        bases: None,
-        grads: le_array(&g),
-    };
-    t.apply_push(&locals, &rows, &mut hetkv_transport::Produced::default());
+    rows::push(t, &keys, &vec![1; keys.len()], &grads);
 }
 
 #[test]

@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+#[path = "common/rows.rs"]
+mod rows;
+
 use hetkv_store::checkpoint::{reshard, CheckpointDir};
 use hetkv_store::{Shard, ShardConfig};
 use hetkv_transport::row::RowLayout;
-use hetkv_transport::wire::le_array;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
 fn spec(name: &str, rows: u64, dim: u32, optimizer: OptimizerSpec, buckets: u32) -> TableSpec {
@@ -83,24 +85,13 @@ fn train(shards: &[Shard], rounds: u64, seed: u64) {
                 if mine.is_empty() {
                     continue;
                 }
-                let k: Vec<u8> = mine.iter().flat_map(|&j| keys[j].to_le_bytes()).collect();
-                let c: Vec<u8> = mine.iter().flat_map(|_| count.to_le_bytes()).collect();
-                let g: Vec<u8> = mine
+                let k: Vec<u64> = mine.iter().map(|&j| keys[j]).collect();
+                let g: Vec<f32> = mine
                     .iter()
-                    .flat_map(|&j| grads[j * dim..(j + 1) * dim].to_vec())
-                    .flat_map(f32::to_le_bytes)
+                    .flat_map(|&j| grads[j * dim..(j + 1) * dim].iter().copied())
                     .collect();
                 let t = shard.table(&spec.name).unwrap();
-                let locals = t
-                    .validate_push(le_array(&k), le_array(&c), le_array(&g))
-                    .unwrap();
-                let rows = hetkv_transport::wire::PushRows {
-                    keys: le_array(&k),
-                    counts: le_array(&c),
-                    bases: None,
-                    grads: le_array(&g),
-                };
-                t.apply_push(&locals, &rows, &mut hetkv_transport::Produced::default());
+                rows::push(&t, &k, &vec![count; k.len()], &g);
             }
         }
     }

@@ -7,8 +7,10 @@ use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use hetkv_store::checkpoint::format::{FileHeader, Manifest, TableFileReader, TableFileWriter};
+#[path = "rows.rs"]
+mod rows;
+
 use hetkv_store::{Shard, ShardConfig};
-use hetkv_transport::wire::le_array;
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
 const ADAGRAD: OptimizerSpec = OptimizerSpec::Adagrad {
@@ -42,21 +44,9 @@ pub fn shard(dir: &Path) -> Shard {
 pub fn checkpointed(dir: &Path) -> PathBuf {
     let s = shard(dir);
     let (t, _) = s.create(spec(500)).unwrap();
-    let keys: Vec<u8> = (0..500u64).flat_map(u64::to_le_bytes).collect();
-    let counts: Vec<u8> = [1u32; 500].iter().flat_map(|c| c.to_le_bytes()).collect();
-    let grads: Vec<u8> = (0..2000)
-        .flat_map(|i| (i as f32 * 1e-3).to_le_bytes())
-        .collect();
-    let locals = t
-        .validate_push(le_array(&keys), le_array(&counts), le_array(&grads))
-        .unwrap();
-    let rows = hetkv_transport::wire::PushRows {
-        keys: le_array(&keys),
-        counts: le_array(&counts),
-        bases: None,
-        grads: le_array(&grads),
-    };
-    t.apply_push(&locals, &rows, &mut hetkv_transport::Produced::default());
+    let keys: Vec<u64> = (0..500).collect();
+    let grads: Vec<f32> = (0..2000).map(|i| i as f32 * 1e-3).collect();
+    rows::push(&t, &keys, &[1; 500], &grads);
     s.checkpoint("k", false).unwrap();
     dir.join("checkpoints").join("k")
 }
