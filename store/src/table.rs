@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use hetkv_transport::codec::RowsWriter;
 use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::wire::{F32s, PushRows, U32s, U64s, NO_BASE};
-use hetkv_transport::{Produced, Region, StateShape, TableInfo, TableSpec, TableStats};
+use hetkv_transport::{Produced, Region, Routing, StateShape, TableInfo, TableSpec, TableStats};
 
 use crate::checkpoint::format::{RecordView, TableFileWriter};
 use crate::checkpoint::{FileHeader, Kind, RecordShape};
@@ -48,6 +48,8 @@ pub struct Table {
     layout: RowLayout,
     shard: u32,
     shards: u32,
+    /// Where the table's rows live over the cluster (from the spec and `shards`, once).
+    routing: Routing,
     local_rows: u64,
     region_id: u32,
     region: Arc<Region>,
@@ -134,6 +136,7 @@ impl Table {
             .map(|_| AtomicU64::new(u64::MAX))
             .collect();
         Ok(Self {
+            routing: spec.routing(shards),
             spec,
             layout,
             shard,
@@ -201,7 +204,7 @@ impl Table {
 
     /// The global key of local row `i`.
     pub fn global_key(&self, i: u64) -> u64 {
-        self.spec.routing(self.shards).global_key(self.shard, i)
+        self.routing.global_key(self.shard, i)
     }
 
     /// The local index of global `key`, or why it is not on this shard.
@@ -212,7 +215,7 @@ impl Table {
                 self.spec.name, self.spec.rows
             )));
         }
-        let routing = self.spec.routing(self.shards);
+        let routing = self.routing;
         routing
             .local_on(key, self.shard, self.local_rows)
             .ok_or_else(|| {

@@ -355,16 +355,20 @@ impl<'a> KeyedRegion<'a> {
     ) -> Result<(), RowError> {
         const LOOKAHEAD: usize = 4;
         let layout = self.layout.row();
-        let mut views = [Bucket::EMPTY; LOOKAHEAD];
+        // Each staged key's bucket as read, and the bucket's first slot.
+        let mut views = [(Bucket::EMPTY, 0u64); LOOKAHEAD];
         // Reads key `j`'s bucket into its place in the ring and prefetches its candidate rows.
-        let stage = |j: usize, views: &mut [Bucket; LOOKAHEAD]| -> Result<(), RowError> {
+        let stage = |j: usize, views: &mut [(Bucket, u64); LOOKAHEAD]| -> Result<(), RowError> {
             if let Some(&key) = keys.get(j) {
                 let bucket = self.layout.bucket_of(key);
-                let view = self.read_bucket(bucket, attempts)?;
+                let (view, first) = (
+                    self.read_bucket(bucket, attempts)?,
+                    self.layout.first_slot(bucket),
+                );
                 for i in view.candidates(key) {
-                    row::prefetch_row(self.rows, layout, self.layout.first_slot(bucket) + i as u64);
+                    row::prefetch_row(self.rows, layout, first + i as u64);
                 }
-                views[j % LOOKAHEAD] = view;
+                views[j % LOOKAHEAD] = (view, first);
             }
             Ok(())
         };
@@ -378,9 +382,8 @@ impl<'a> KeyedRegion<'a> {
             if let Some(&ahead) = keys.get(j + 2 * LOOKAHEAD) {
                 self.prefetch_bucket(ahead);
             }
-            let view = views[j % LOOKAHEAD];
+            let (view, first) = views[j % LOOKAHEAD];
             stage(j + LOOKAHEAD, &mut views)?;
-            let first = self.layout.first_slot(self.layout.bucket_of(key));
             let mut found = None;
             for i in view.candidates(key) {
                 let slot = first + i as u64;

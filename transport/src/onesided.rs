@@ -462,8 +462,9 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
     /// The local rows of `keys`, when every key lives on this shard.
     fn locals(&self, a: &Attached<M::Region>, keys: &[u64]) -> Option<Vec<u64>> {
         let hello = self.control.hello();
+        let routing = a.desc.routing(hello.shards);
         keys.iter()
-            .map(|&k| a.desc.local_row(k, hello.shard, hello.shards))
+            .map(|&k| routing.local_on(k, hello.shard, a.desc.rows))
             .collect()
     }
 

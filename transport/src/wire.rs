@@ -322,11 +322,11 @@ pub struct RegionDescriptor {
 }
 
 impl RegionDescriptor {
-    /// The local row of `key` in this region of shard `shard` of `shards` (by the table's
-    /// [`Routing`](crate::Routing)), or `None` when the key is not this shard's or is out of
-    /// range.
-    pub fn local_row(&self, key: u64, shard: u32, shards: u32) -> Option<u64> {
-        crate::routing::Routing::new(shards, self.buckets).local_on(key, shard, self.rows)
+    /// Where the described table's rows live in a cluster of `shards` shards (a batch's local
+    /// rows come from one: [`Routing::local_on`](crate::Routing::local_on) with this region's
+    /// `rows`).
+    pub fn routing(&self, shards: u32) -> crate::Routing {
+        crate::Routing::new(shards, self.buckets)
     }
 
     /// The row layout the descriptor implies, after checking that its dim is supported, its

@@ -624,6 +624,8 @@ fn reshard_table(
     let mut rows: Vec<u8> = Vec::new();
     let mut seen: Vec<bool> = Vec::new();
     let mut header: Option<FileHeader> = None;
+    // The table's routing over the old and the new shard counts, once its spec is read.
+    let mut routes: Option<(hetkv_transport::Routing, hetkv_transport::Routing)> = None;
     for (shard, (dir, chain)) in chains.iter().enumerate() {
         let spec = dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
             if header.is_none() {
@@ -653,6 +655,7 @@ fn reshard_table(
                 })?;
                 rows.resize(len, 0);
                 seen = vec![false; local_rows as usize];
+                routes = Some((h.spec.routing(old_shards), h.spec.routing(new_shards)));
                 header = Some(FileHeader {
                     kind: Kind::Full,
                     shard: target,
@@ -664,14 +667,13 @@ fn reshard_table(
                 });
             }
             let to = header.as_ref().expect("set above");
+            let (old, new) = routes.expect("set with the header");
             if to.spec != h.spec {
                 return Err(CheckpointError::Refused(format!(
                     "table {table} is {:?} on shard {} and {:?} on another shard",
                     h.spec, h.shard, to.spec
                 )));
             }
-            let old = h.spec.routing(old_shards);
-            let new = h.spec.routing(new_shards);
             let key = old.global_key(h.shard, rec.index());
             if new.shard_of(key) != target as usize {
                 return Ok(());
