@@ -103,18 +103,18 @@ struct BucketState {
     steps: [u64; BUCKET_SLOTS],
 }
 
-/// The admission rule's own state.
+/// The state of an admission rule that keeps one (`always` keeps none, so its pushes take no
+/// lock to admit).
 #[derive(Debug)]
 enum Admitter {
-    Always,
     Threshold { sketch: FrequencySketch, count: u8 },
     Probability { p: f32, stream: u64 },
 }
 
 impl Admitter {
-    fn new(admission: Admission, capacity: u64) -> Self {
-        match admission {
-            Admission::Always => Self::Always,
+    fn new(admission: Admission, capacity: u64) -> Option<Self> {
+        Some(match admission {
+            Admission::Always => return None,
             Admission::Threshold { count } => Self::Threshold {
                 sketch: FrequencySketch::new(
                     capacity as usize,
@@ -123,13 +123,12 @@ impl Admitter {
                 count,
             },
             Admission::Probability { p, seed } => Self::Probability { p, stream: seed },
-        }
+        })
     }
 
     /// Counts `updates` of `key`, not held, and says whether it is admitted now.
     fn admit(&mut self, key: u64, updates: u32) -> bool {
         match self {
-            Self::Always => true,
             Self::Threshold { sketch, count } => {
                 let mut estimate = 0;
                 for _ in 0..updates.min(u32::from(u8::MAX)) {
@@ -146,9 +145,10 @@ impl Admitter {
         }
     }
 
-    fn bytes(&self, capacity: u64) -> u64 {
-        match self {
-            Self::Threshold { .. } => FrequencySketch::bytes_for(capacity as usize) as u64,
+    /// Bytes `admission`'s state takes for a table of `capacity` rows.
+    fn bytes(admission: Admission, capacity: u64) -> u64 {
+        match admission {
+            Admission::Threshold { .. } => FrequencySketch::bytes_for(capacity as usize) as u64,
             _ => 0,
         }
     }
@@ -173,7 +173,7 @@ pub struct DynamicRows {
     layout: KeyedLayout,
     region: Arc<Region>,
     buckets: Box<[Mutex<BucketState>]>,
-    admission: Mutex<Admitter>,
+    admission: Option<Mutex<Admitter>>,
     log: Mutex<EvictionLog>,
     /// Updates applied: the clock of LRU scores.
     clock: AtomicU64,
@@ -201,7 +201,7 @@ impl DynamicRows {
         layout
             .buckets()
             .saturating_mul(bytes_per_bucket(table))
-            .saturating_add(Admitter::new(spec.admission, 0).bytes(layout.capacity()))
+            .saturating_add(Admitter::bytes(spec.admission, layout.capacity()))
             .saturating_add(EVICTION_LOG as u64 * LOGGED_BYTES)
     }
 
@@ -242,7 +242,7 @@ impl DynamicRows {
             layout,
             region,
             buckets,
-            admission: Mutex::new(Admitter::new(spec.admission, layout.capacity())),
+            admission: Admitter::new(spec.admission, layout.capacity()).map(Mutex::new),
             log: Mutex::new(EvictionLog::default()),
             clock: AtomicU64::new(0),
             resident: AtomicU64::new(0),
@@ -369,7 +369,11 @@ impl DynamicRows {
                     (slot, version)
                 }
                 Slot::Free(slot) | Slot::Evict { slot, .. } => {
-                    if !lock(&self.admission).admit(key, count) {
+                    let admitted = match &self.admission {
+                        None => true,
+                        Some(rule) => lock(rule).admit(key, count),
+                    };
+                    if !admitted {
                         self.refused_updates
                             .fetch_add(u64::from(count), Ordering::Relaxed);
                         report.refused.push((key, count));
