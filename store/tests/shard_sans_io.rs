@@ -450,6 +450,52 @@ fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
 }
 
 #[test]
+fn a_numbered_push_to_a_dynamic_table_sent_again_is_acknowledged_and_not_applied_twice() {
+    let mut h = Harness::new(0, 1);
+    let dynamic = TableSpec {
+        dynamic: Some(hetkv_transport::DynamicSpec {
+            admission: hetkv_transport::Admission::Threshold { count: 2 },
+            eviction: hetkv_transport::Eviction::Lru,
+        }),
+        ..spec("d", 2, OptimizerSpec::Sgd { lr: 1.0 })
+    };
+    h.create(&dynamic).unwrap();
+    let key = u64::MAX - 5;
+    let numbered = |h: &mut Harness, seq: u64, count: u32| -> PushResponse {
+        let mut frame = Vec::new();
+        let (keys, counts) = ([key], [count]);
+        let rows = PushRef::new(&keys, &counts, &[1.0; 2]);
+        let origin = wire::Origin {
+            client: 7,
+            seq,
+            settled_below: 1,
+        };
+        codec::push::encode_request(&mut frame, "d", &rows, origin);
+        let out = h.call_frame(frame).unwrap();
+        decode_header(split_response(&out[4..]).unwrap().header).unwrap()
+    };
+    // One update counted towards admission, none applied; the repeat neither counts it again
+    // (which would admit the key) nor applies it.
+    let first = numbered(&mut h, 1, 1);
+    assert_eq!(
+        (first.updates, first.refused, first.duplicate),
+        (0, 1, false)
+    );
+    let again = numbered(&mut h, 1, 1);
+    assert!(again.duplicate);
+    assert_eq!(
+        h.pull("d", &[key]).unwrap().0,
+        vec![0],
+        "still not admitted"
+    );
+    // The next push is the key's second counted update: admitted, applied once.
+    let second = numbered(&mut h, 2, 3);
+    assert_eq!((second.updates, second.refused), (3, 0));
+    assert!(numbered(&mut h, 2, 3).duplicate);
+    assert_eq!(h.pull("d", &[key]).unwrap().0, vec![3], "applied once");
+}
+
+#[test]
 fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     let mut h = Harness::new(0, 1);
     h.create(&spec("t", 2, OptimizerSpec::Sgd { lr: 1.0 }))
