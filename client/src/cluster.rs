@@ -474,15 +474,11 @@ impl Table {
         }
         // A dynamic table's shard answers a key it does not hold as version 0 with zeros; its
         // initial value is computed here, on the client (PROTOCOL.md, "Dynamic tables").
-        let dynamic = self.spec.is_dynamic();
         for (shard, (v, rows)) in results.into_iter().enumerate() {
             for (j, &pos) in routed.positions[shard].iter().enumerate() {
                 let row = &mut out[pos * dim..(pos + 1) * dim];
-                if dynamic && v[j] == 0 {
-                    self.spec.init.fill(keys[pos], row);
-                } else {
-                    row.copy_from_slice(&rows[j * dim..(j + 1) * dim]);
-                }
+                row.copy_from_slice(&rows[j * dim..(j + 1) * dim]);
+                self.spec.complete_pulled(keys[pos], v[j], row);
                 if let Some(versions) = versions.as_deref_mut() {
                     versions[pos] = v[j];
                 }

@@ -15,8 +15,9 @@
 //! A [`DynamicTable`] is such rows as a shard serves them: keys checked against the table's
 //! routing (by hashed bucket, `hetkv_transport::Routing`), pulls and pushes over the protocol,
 //! statistics, and checkpoints (every held row, one record per key with its state and score,
-//! copied bucket by bucket under the bucket's lock). Not yet built around this: one-sided reads
-//! and caches of dynamic tables, resharding them, and TTL eviction.
+//! copied bucket by bucket under the bucket's lock). Its region and clock word are described to
+//! one-sided readers (`keyed::SpanFind`). Not yet built around this: caches of dynamic tables,
+//! resharding them, and TTL eviction.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,8 +176,9 @@ pub struct DynamicRows {
     buckets: Box<[Mutex<BucketState>]>,
     admission: Option<Mutex<Admitter>>,
     log: Mutex<EvictionLog>,
-    /// Updates applied: the clock of LRU scores.
-    clock: AtomicU64,
+    /// Updates applied (the clock of LRU scores): one word in a region of its own, as a fixed
+    /// table's, so that one-sided readers read it too.
+    clock: Arc<Region>,
     resident: AtomicU64,
     refused_updates: AtomicU64,
 }
@@ -188,8 +190,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DynamicRows {
-    /// Bytes a shard of this table takes: the region, the optimizer state and scores of every
-    /// slot, the admission sketch and the eviction log.
     /// Bytes a shard of this table takes for at most `capacity` rows of `table` (a dynamic
     /// table's spec): [`bytes_per_bucket`] for every bucket, the admission sketch and the
     /// eviction log.
@@ -222,6 +222,7 @@ impl DynamicRows {
             .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
         let region = placement.map(shard, &table.name, "region", layout.region_bytes())?;
         KeyedRegion::new(&layout, region.words()).format();
+        let clock = placement.map(shard, &table.name, "clock", 8)?;
         let optimizer = Optimizer::new(optimizer);
         let state_len = optimizer.state_len(dim as usize);
         let buckets = (0..layout.buckets())
@@ -244,7 +245,7 @@ impl DynamicRows {
             buckets,
             admission: Admitter::new(spec.admission, layout.capacity()).map(Mutex::new),
             log: Mutex::new(EvictionLog::default()),
-            clock: AtomicU64::new(0),
+            clock,
             resident: AtomicU64::new(0),
             refused_updates: AtomicU64::new(0),
         })
@@ -258,6 +259,21 @@ impl DynamicRows {
     /// The region (buckets and keyed rows), as one-sided readers see it.
     pub fn region(&self) -> &Arc<Region> {
         &self.region
+    }
+
+    /// The region holding the clock word (file-backed beside the rows when they are).
+    pub fn clock_region(&self) -> &Arc<Region> {
+        &self.clock
+    }
+
+    /// Updates applied so far. A push counts each row's updates here before it writes the row,
+    /// so a version read after the clock is never ahead of what the clock accounts for.
+    pub fn clock(&self) -> u64 {
+        self.clock_word().load(Ordering::Acquire)
+    }
+
+    fn clock_word(&self) -> &AtomicU64 {
+        &self.clock.words()[0]
     }
 
     /// Rows held now.
@@ -395,12 +411,13 @@ impl DynamicRows {
                 &mut steps[entry],
             );
             let version = version.saturating_add(u64::from(count));
+            // The clock moves before the row does (see `clock`).
+            self.updated(&mut b, entry, version, count);
             if matches!(placed, Slot::Resident { .. }) {
                 keyed.write(slot, key, version, &w, &mut image);
             } else {
                 keyed.publish(slot, key, version, &w, &mut image);
             }
-            self.updated(&mut b, entry, version, count);
             report.applied += u64::from(count);
         }
         Ok(report)
@@ -439,20 +456,21 @@ impl DynamicRows {
                 .place(key, |s| b.scores[(s - first) as usize], &mut image)
                 .map_err(|e| StoreError::Io(format!("a row of key {key}'s bucket: {e}")))?;
             let (slot, version) = match placed {
-                Slot::Resident { slot, version } => {
-                    let version = version.saturating_add(1);
-                    keyed.write(slot, key, version, w, &mut image);
-                    (slot, version)
-                }
+                Slot::Resident { slot, version } => (slot, version.saturating_add(1)),
                 Slot::Free(slot) | Slot::Evict { slot, .. } => {
                     self.take_slot(&mut b, placed, first);
-                    keyed.publish(slot, key, 1, w, &mut image);
                     (slot, 1)
                 }
             };
             let entry = (slot - first) as usize;
             self.restart_state(&mut b, entry);
+            // The clock moves before the row does (see `clock`).
             self.updated(&mut b, entry, version, 1);
+            if matches!(placed, Slot::Resident { .. }) {
+                keyed.write(slot, key, version, w, &mut image);
+            } else {
+                keyed.publish(slot, key, version, w, &mut image);
+            }
         }
         Ok(keys.len() as u64)
     }
@@ -492,7 +510,10 @@ impl DynamicRows {
     /// Counts `count` updates of entry `entry` (now at `version`): the clock advances and the
     /// entry's score follows the table's eviction rule.
     fn updated(&self, b: &mut BucketState, entry: usize, version: u64, count: u32) {
-        let now = self.clock.fetch_add(u64::from(count), Ordering::Relaxed) + u64::from(count);
+        let now = self
+            .clock_word()
+            .fetch_add(u64::from(count), Ordering::AcqRel)
+            + u64::from(count);
         b.scores[entry] = match self.eviction {
             Eviction::Lru => now,
             Eviction::Lfu => version,
@@ -567,6 +588,7 @@ pub struct DynamicTable {
     spec: TableSpec,
     shard: u32,
     shards: u32,
+    region_id: u32,
     rows: DynamicRows,
     rows_read: AtomicU64,
     rows_pushed: AtomicU64,
@@ -578,11 +600,13 @@ impl DynamicTable {
         DynamicRows::footprint(spec, spec.local_rows(shard, shards))
     }
 
-    /// The table `spec` (dynamic) on shard `shard` of `shards`, empty.
+    /// The table `spec` (dynamic) on shard `shard` of `shards`, empty, its region numbered
+    /// `region_id` in read spans and region descriptors.
     pub fn create(
         spec: TableSpec,
         shard: u32,
         shards: u32,
+        region_id: u32,
         placement: &Placement,
     ) -> Result<Self, StoreError> {
         let capacity = spec.local_rows(shard, shards);
@@ -591,6 +615,7 @@ impl DynamicTable {
             spec,
             shard,
             shards,
+            region_id,
             rows,
             rows_read: AtomicU64::new(0),
             rows_pushed: AtomicU64::new(0),
@@ -607,6 +632,16 @@ impl DynamicTable {
         &self.rows
     }
 
+    /// The id of its region (buckets and keyed rows) in read spans and region descriptors.
+    pub fn region_id(&self) -> u32 {
+        self.region_id
+    }
+
+    /// Counts `rows` rows read from its region by span reads (the `read` operation).
+    pub fn count_read(&self, rows: u64) {
+        self.rows_read.fetch_add(rows, Ordering::Relaxed);
+    }
+
     /// Rows this shard holds at most (its share of the table's capacity, in whole buckets).
     pub fn capacity(&self) -> u64 {
         self.rows.layout.capacity()
@@ -614,7 +649,7 @@ impl DynamicTable {
 
     /// Updates applied on this shard.
     pub fn clock(&self) -> u64 {
-        self.rows.clock.load(Ordering::Relaxed)
+        self.rows.clock()
     }
 
     /// Refuses a key that lives on another shard (every u64 is a key of the table).
@@ -894,7 +929,7 @@ impl DynamicTable {
         drop(state);
         rows.resident.fetch_add(1, Ordering::Relaxed);
         let clock = header.clock_start.max(score).max(rec.version());
-        rows.clock.fetch_max(clock, Ordering::Relaxed);
+        rows.clock_word().fetch_max(clock, Ordering::AcqRel);
         Ok(())
     }
 

@@ -6,7 +6,9 @@
 //! and as raw spans), version reads against the bounds, torn-read detection while the daemon
 //! writes the same rows, pushes, reads after daemon-side updates, and the bad inputs of the
 //! foundation that apply to a client (unknown table, key out of range or on another shard, wrong
-//! dim, NaN gradients, spans past a region).
+//! dim, NaN gradients, spans past a region). Dynamic tables: raw ids found through their
+//! buckets (held, absent, repeated; rows equal to the daemon's), and slots given to other keys
+//! while a reader reads them never read as the key looked up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -18,8 +20,8 @@ use hetkv_transport::row::{self, RowLayout};
 use hetkv_transport::wire::NOT_CACHED;
 use hetkv_transport::wire::{PushResponse, Since};
 use hetkv_transport::{
-    Carried, ErrorCode, Initializer, OptimizerSpec, PushOutcome, PushRef, ShardTransport,
-    ShmTransport, Span, StaleQuery, StaleRows, TableSpec, TransportError,
+    Admission, Carried, DynamicSpec, ErrorCode, Eviction, Initializer, OptimizerSpec, PushOutcome,
+    PushRef, ShardTransport, ShmTransport, Span, StaleQuery, StaleRows, TableSpec, TransportError,
 };
 
 /// A conditional pull of `keys` against `clocks`, with `push` applied first.
@@ -514,7 +516,8 @@ fn torn_reads_are_never_accepted(kind: &str) {
             let w = f.other(0);
             let g = vec![-1f32; keys.len() * dim as usize];
             let mut pushes = 0u64;
-            while !stop.load(Ordering::Relaxed) {
+            // Bounded by itself too: a failed reader never sets `stop`.
+            while !stop.load(Ordering::Relaxed) && Instant::now() < safety {
                 w.push(&spec.name, &keys, &[1, 1], &g).unwrap();
                 pushes += 1;
             }
@@ -558,6 +561,171 @@ fn torn_reads_are_never_accepted(kind: &str) {
             torn > 0,
             "{kind}: {reads} reads (bound {MAX_READS}) during writes and no torn copy detected"
         );
+    }
+}
+
+/// A dynamic table of `rows` (the cluster's capacity) of `dim`, SGD at 0.5 from a seeded normal.
+fn dynamic_table(name: &str, rows: u64, dim: u32) -> TableSpec {
+    TableSpec {
+        buckets: 64,
+        dynamic: Some(DynamicSpec {
+            admission: Admission::Always,
+            eviction: Eviction::Lru,
+        }),
+        ..normal_table(name, rows, dim)
+    }
+}
+
+/// Raw ids of every shape (0, `u64::MAX`, the top bit set, hashed ids), split by home shard.
+fn raw_ids_by_shard(spec: &TableSpec, n: u64, salt: u64) -> [Vec<u64>; 2] {
+    let routing = spec.routing(2);
+    let mut by_shard = [Vec::new(), Vec::new()];
+    let ids = [0, u64::MAX, 1 << 63]
+        .into_iter()
+        .chain((0..n).map(|i| hetkv_transport::hash::splitmix64(salt << 32 | i)));
+    for id in ids {
+        by_shard[routing.shard_of(id)].push(id);
+    }
+    by_shard
+}
+
+fn dynamic_tables_are_read_through_their_buckets(kind: &str) {
+    let f = Fixture::new();
+    for dim in [1u32, 16, 129] {
+        let spec = dynamic_table(&format!("dyn{dim}"), 1024, dim);
+        f.create(&spec);
+        let held = raw_ids_by_shard(&spec, 300, 1);
+        let absent = raw_ids_by_shard(&spec, 50, 2);
+        for s in 0..2 {
+            let other = f.other(s);
+            let keys = &held[s];
+            let grads: Vec<f32> = (0..keys.len() * dim as usize)
+                .map(|i| (i % 7) as f32 - 3.0)
+                .collect();
+            other
+                .push(&spec.name, keys, &vec![1; keys.len()], &grads)
+                .unwrap();
+            // Held and absent keys, repeated and interleaved, in one batch.
+            let absent: Vec<u64> = absent[s]
+                .iter()
+                .copied()
+                .filter(|k| !keys.contains(k))
+                .collect();
+            assert!(absent.len() > 10, "{} absent keys", absent.len());
+            let batch: Vec<u64> = keys
+                .iter()
+                .zip(absent.iter().cycle())
+                .flat_map(|(&h, &a)| [h, a, h])
+                .collect();
+            let b = Backend::connect(kind, f.addr(s));
+            let (mut v, mut r) = (Vec::new(), Vec::new());
+            b.t().pull(&spec.name, &batch, &mut v, &mut r).unwrap();
+            let (mut want_v, mut want_r) = (Vec::new(), Vec::new());
+            other
+                .pull(&spec.name, &batch, &mut want_v, &mut want_r)
+                .unwrap();
+            assert_eq!(v, want_v, "{kind} dim {dim} shard {s}: versions");
+            assert_eq!(r, want_r, "{kind} dim {dim} shard {s}: rows");
+            for (j, &version) in v.iter().enumerate() {
+                assert_eq!(version, u64::from(j % 3 != 1), "{kind}: key {}", batch[j]);
+            }
+            if let Some(stats) = b.read_stats() {
+                assert!(
+                    stats.buckets_read > 0 && stats.rows_read >= 2 * keys.len() as u64,
+                    "{kind} dim {dim}: not read one-sidedly: {stats:?}"
+                );
+                assert_eq!(stats.fallback_rows, 0, "{kind}: {stats:?}");
+            }
+            // A key of the other shard is the daemon's to refuse.
+            let e = b
+                .t()
+                .pull(&spec.name, &held[1 - s][..1], &mut v, &mut r)
+                .unwrap_err();
+            assert_eq!(
+                e.remote().map(|w| w.code),
+                Some(ErrorCode::KeyOutOfRange),
+                "{kind}"
+            );
+        }
+    }
+}
+
+/// The row a key's writes always carry in `slots_given_to_other_keys_are_never_read_as_theirs`:
+/// one no other key of the test has.
+fn row_of(key: u64, dim: usize) -> Vec<f32> {
+    (0..dim)
+        .map(|i| (hetkv_transport::hash::splitmix64(key ^ i as u64) >> 40) as f32)
+        .collect()
+}
+
+fn slots_given_to_other_keys_are_never_read_as_theirs(kind: &str) {
+    let f = Fixture::new();
+    let dim = 64usize;
+    // 8 buckets of 32 slots a shard, and 8x as many keys: slots change keys all the time.
+    let spec = dynamic_table("churn", 512, dim as u32);
+    f.create(&spec);
+    let keys = raw_ids_by_shard(&spec, 8 * 512, 3)[0].clone();
+    let stop = AtomicBool::new(false);
+    let b = Backend::connect(kind, f.addr(0));
+    let (mut found, mut absent, mut reads) = (0u64, 0u64, 0u64);
+    let safety = Instant::now() + Duration::from_secs(120);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let w = f.other(0);
+            let mut rng = TestRng(11);
+            let mut assigned = 0u64;
+            // Bounded by itself too: a failed reader never sets `stop`.
+            while !stop.load(Ordering::Relaxed) && Instant::now() < safety {
+                let batch: Vec<u64> = (0..32)
+                    .map(|_| keys[rng.below(keys.len() as u64) as usize])
+                    .collect();
+                let values: Vec<f32> = batch.iter().flat_map(|&k| row_of(k, dim)).collect();
+                w.assign(&spec.name, &batch, &values).unwrap();
+                assigned += batch.len() as u64;
+            }
+            assigned
+        });
+        let mut rng = TestRng(12);
+        let (mut v, mut r) = (Vec::new(), Vec::new());
+        while (reads < 300 || found < 2_000 || absent < 2_000)
+            && Instant::now() < safety
+            && !writer.is_finished()
+        {
+            let batch: Vec<u64> = (0..64)
+                .map(|_| keys[rng.below(keys.len() as u64) as usize])
+                .collect();
+            b.t().pull(&spec.name, &batch, &mut v, &mut r).unwrap();
+            for (j, &key) in batch.iter().enumerate() {
+                let row = &r[j * dim..(j + 1) * dim];
+                if v[j] == 0 {
+                    assert!(row.iter().all(|&x| x == 0.0), "{kind}: absent key {key}");
+                    absent += 1;
+                } else {
+                    assert_eq!(
+                        row,
+                        &row_of(key, dim)[..],
+                        "{kind}: key {key} read with another key's row (version {})",
+                        v[j]
+                    );
+                    found += 1;
+                }
+            }
+            reads += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let assigned = writer.join().unwrap();
+        eprintln!(
+            "{kind}: {reads} reads of 64 keys ({found} held, {absent} absent) during {assigned} \
+             assignments; one-sided counters {:?}",
+            b.read_stats()
+        );
+    });
+    assert!(
+        found >= 2_000 && absent >= 2_000,
+        "{kind}: the reads did not see both held and absent keys ({found}, {absent})"
+    );
+    if let Some(stats) = b.read_stats() {
+        assert!(stats.buckets_read > 0, "{kind}: {stats:?}");
     }
 }
 
@@ -786,6 +954,14 @@ macro_rules! conformance {
             #[test]
             fn reads_go_on_across_an_idle_close_and_a_lost_queue_pair() {
                 super::reads_go_on_across_an_idle_close_and_a_lost_queue_pair(stringify!($backend));
+            }
+            #[test]
+            fn dynamic_tables_are_read_through_their_buckets() {
+                super::dynamic_tables_are_read_through_their_buckets(stringify!($backend));
+            }
+            #[test]
+            fn slots_given_to_other_keys_are_never_read_as_theirs() {
+                super::slots_given_to_other_keys_are_never_read_as_theirs(stringify!($backend));
             }
             #[test]
             fn bad_inputs_are_refused() {

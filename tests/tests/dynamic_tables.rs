@@ -2,8 +2,8 @@
 //! ids with the top bit set, as torch's int64 carries them) placed on shards by their hashed
 //! bucket, rows created on first admission and stepped by the table's optimizer exactly, the cap
 //! holding under a flood of never-seen ids while another client is served, admission by threshold
-//! counted in the push's answer, and the operations dynamic tables do not offer yet refused by
-//! name.
+//! counted in the push's answer, their regions described for one-sided readers, and the
+//! operations dynamic tables do not offer yet refused by name.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -348,9 +348,13 @@ fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
     let table = client
         .create_table(&dynamic("d", 1000, Admission::Always))
         .unwrap();
-    let shard = client.shard(0);
-    let err = shard.region_info("d").unwrap_err().to_string();
-    assert!(err.contains("is dynamic"), "{err}");
+    // The region is described for one-sided readers, as keyed (buckets, then keyed rows).
+    let desc = client.shard(0).region_info("d").unwrap();
+    assert!(desc.keyed, "{desc:?}");
+    assert_eq!(
+        desc.check_keyed_layout().unwrap().unwrap().capacity(),
+        desc.rows
+    );
     // Checkpoints take dynamic tables (store/tests/dynamic_checkpoints.rs has the rest).
     client.checkpoint("c", false).unwrap();
     let mut cached = table.cached(CacheConfig::disabled());
@@ -388,8 +392,10 @@ fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
     assert!(err.contains("probability"), "{err}");
 }
 
+/// Through the client, as a trainer on the daemons' host reads them: one-sidedly (the transport
+/// conformance suite, `conformance.rs`, has the reader's own cases and counters).
 #[test]
-fn shared_memory_clients_pull_dynamic_tables_over_the_control_channel() {
+fn shared_memory_clients_read_dynamic_tables() {
     let dir = tempfile::tempdir().unwrap();
     let shm = dir.path().to_path_buf();
     let cluster = EmbeddedCluster::start_with(2, Default::default(), |i| {

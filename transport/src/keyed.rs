@@ -529,6 +529,186 @@ impl<'a> KeyedRegion<'a> {
     }
 }
 
+/// What became of one key of a [`SpanFind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Not decided yet: its bucket or a candidate row has not verified.
+    Pending,
+    /// Its row, at this version, was the candidate read at this index of
+    /// [`SpanFind::row_reads`].
+    Row {
+        /// The candidate read holding the row.
+        read: usize,
+        /// The row's version.
+        version: u64,
+    },
+    /// The key was absent at some moment of the lookup.
+    Absent,
+}
+
+/// A batch of lookups in a keyed region by a reader that copies spans of it (shared memory,
+/// RDMA READ): the lookup of [`KeyedRegion::find`] (the key's bucket, then each slot whose digest
+/// matches, a row counting only when it verifies and carries the key) split into its two rounds
+/// of reads, with no I/O of its own, so that every one-sided reader runs the same algorithm.
+///
+/// Round one reads each distinct bucket of the batch ([`SpanFind::bucket_reads`], handed back
+/// through [`SpanFind::take_bucket`]); a copy that does not verify is read again
+/// ([`SpanFind::torn_buckets`]). Round two reads the candidate rows of every key whose bucket
+/// verified ([`SpanFind::plan_rows`], [`SpanFind::row_reads`], [`SpanFind::take_row`]), again
+/// re-reading torn copies. A key whose bucket or candidate rows never verify stays
+/// [`Found::Pending`], for the caller to ask the daemon.
+#[derive(Clone, Debug)]
+pub struct SpanFind<'k> {
+    layout: KeyedLayout,
+    keys: &'k [u64],
+    /// Distinct buckets of the batch, in first-seen order.
+    buckets: Vec<u64>,
+    /// Each distinct bucket's verified copy, once read.
+    views: Vec<Option<Bucket>>,
+    /// Each key's index in `buckets`.
+    bucket_of_key: Vec<u32>,
+    /// Candidate reads: (key index, slot), keys in order, a key's slots in bucket order.
+    rows: Vec<(u32, u64)>,
+    /// Candidate reads not yet verified.
+    torn_rows: Vec<usize>,
+    found: Vec<Found>,
+}
+
+impl<'k> SpanFind<'k> {
+    /// The lookup of `keys` in a region of `layout`.
+    pub fn new(layout: KeyedLayout, keys: &'k [u64]) -> Self {
+        let mut index = std::collections::HashMap::with_capacity(keys.len());
+        let mut buckets = Vec::new();
+        let bucket_of_key = keys
+            .iter()
+            .map(|&k| {
+                let b = layout.bucket_of(k);
+                *index.entry(b).or_insert_with(|| {
+                    buckets.push(b);
+                    buckets.len() as u32 - 1
+                })
+            })
+            .collect();
+        Self {
+            layout,
+            keys,
+            views: vec![None; buckets.len()],
+            buckets,
+            bucket_of_key,
+            rows: Vec::new(),
+            torn_rows: Vec::new(),
+            found: vec![Found::Pending; keys.len()],
+        }
+    }
+
+    /// The `(offset, len)` in the region of each distinct bucket to read, by bucket index.
+    pub fn bucket_reads(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.buckets
+            .iter()
+            .map(|&b| (self.layout.bucket_offset(b), BUCKET_BYTES as u32))
+    }
+
+    /// Takes a copy of bucket `i` (an index of [`SpanFind::bucket_reads`]); returns whether it
+    /// verified. One that did not stays to be read again.
+    pub fn take_bucket(&mut self, i: usize, image: &[u8]) -> bool {
+        match Bucket::decode(image) {
+            Ok(view) => {
+                self.views[i] = Some(view);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The buckets not verified yet, by index.
+    pub fn torn_buckets(&self) -> Vec<usize> {
+        (0..self.views.len())
+            .filter(|&i| self.views[i].is_none())
+            .collect()
+    }
+
+    /// Plans round two from the verified buckets: every candidate slot of every key whose bucket
+    /// verified; a key without a candidate is absent (its bucket named no slot with its digest).
+    pub fn plan_rows(&mut self) {
+        self.rows.clear();
+        self.found.fill(Found::Pending);
+        for (j, &key) in self.keys.iter().enumerate() {
+            let Some(view) = self.views[self.bucket_of_key[j] as usize] else {
+                continue;
+            };
+            let first = self.layout.first_slot(self.layout.bucket_of(key));
+            let before = self.rows.len();
+            self.rows
+                .extend(view.candidates(key).map(|i| (j as u32, first + i as u64)));
+            if self.rows.len() == before {
+                self.found[j] = Found::Absent;
+            }
+        }
+        self.torn_rows = (0..self.rows.len()).collect();
+    }
+
+    /// The `(offset, len)` of each candidate row to read, by read index.
+    pub fn row_reads(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let stride = self.layout.row().stride() as u32;
+        self.rows
+            .iter()
+            .map(move |&(_, slot)| (self.layout.slot_offset(slot), stride))
+    }
+
+    /// Takes a copy of candidate read `r`: a verified row carrying its key decides the key; a
+    /// verified row of another key rules that slot out; a copy that does not verify stays to be
+    /// read again (unless its key was decided by another candidate). Returns whether the copy
+    /// verified.
+    pub fn take_row(&mut self, r: usize, image: &[u8]) -> bool {
+        let (j, _) = self.rows[r];
+        let j = j as usize;
+        match match_row(self.layout.row(), self.keys[j], image) {
+            Ok(found) => {
+                if let (Some(version), Found::Pending) = (found, self.found[j]) {
+                    self.found[j] = Found::Row { read: r, version };
+                }
+                self.torn_rows.retain(|&t| t != r);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Ends round two's reading: each key still pending whose candidates all verified without
+    /// carrying it is absent (the slots it was named in were given to other keys meanwhile).
+    pub fn settle_rows(&mut self) {
+        let mut unverified = vec![false; self.keys.len()];
+        for &r in &self.torn_rows {
+            unverified[self.rows[r].0 as usize] = true;
+        }
+        for (j, found) in self.found.iter_mut().enumerate() {
+            let read = self.views[self.bucket_of_key[j] as usize].is_some();
+            if *found == Found::Pending && read && !unverified[j] {
+                *found = Found::Absent;
+            }
+        }
+    }
+
+    /// Candidate reads whose copy has not verified and whose key is still pending.
+    pub fn torn_rows(&self) -> Vec<usize> {
+        self.torn_rows
+            .iter()
+            .copied()
+            .filter(|&r| self.found[self.rows[r].0 as usize] == Found::Pending)
+            .collect()
+    }
+
+    /// The key (its index in the batch) that candidate read `r` is for.
+    pub fn key_of_read(&self, r: usize) -> usize {
+        self.rows[r].0 as usize
+    }
+
+    /// What became of each key, in the batch's order.
+    pub fn found(&self) -> &[Found] {
+        &self.found
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,6 +779,70 @@ mod tests {
             assert!(l.bucket_of(key) < l.buckets());
             assert_ne!(digest_of(key), EMPTY);
         }
+    }
+
+    #[test]
+    fn a_one_sided_lookup_decides_nothing_on_a_copy_that_does_not_verify() {
+        let layout = KeyedLayout::new(2, BUCKET_SLOTS as u64).unwrap();
+        let region = Region::anonymous(layout.region_bytes()).unwrap();
+        let keyed = KeyedRegion::new(&layout, region.words());
+        keyed.format();
+        let mut image = vec![0u8; layout.row().stride()];
+        keyed.publish(5, 42, 3, &[1.0, 2.0], &mut image);
+        let copy = |(offset, len): (u64, u32)| {
+            let mut image = Vec::new();
+            row::copy_span(region.words(), offset, len as usize, &mut image);
+            image
+        };
+        let keys = [42, 43, 42];
+        let mut plan = SpanFind::new(layout, &keys);
+        let reads: Vec<_> = plan.bucket_reads().collect();
+        assert_eq!(reads.len(), 1, "one bucket, read once for the batch");
+        let mut torn = copy(reads[0]);
+        torn[9] ^= 1;
+        assert!(!plan.take_bucket(0, &torn));
+        assert_eq!(plan.torn_buckets(), [0]);
+        plan.plan_rows();
+        assert_eq!(
+            plan.row_reads().count(),
+            0,
+            "no row of an unverified bucket"
+        );
+        plan.settle_rows();
+        assert_eq!(plan.found(), [Found::Pending; 3], "left to the daemon");
+        assert!(plan.take_bucket(0, &copy(reads[0])));
+        plan.plan_rows();
+        // 43 has no slot with its digest: absent without a row read.
+        assert_eq!(plan.found()[1], Found::Absent);
+        let rows: Vec<_> = plan.row_reads().collect();
+        assert_eq!(rows.len(), 2, "42's slot, once for each of its lookups");
+        assert_eq!((plan.key_of_read(0), plan.key_of_read(1)), (0, 2));
+        let mut torn = copy(rows[0]);
+        torn[20] ^= 1;
+        assert!(!plan.take_row(0, &torn));
+        assert!(plan.take_row(1, &copy(rows[1])));
+        plan.settle_rows();
+        assert_eq!(
+            plan.torn_rows(),
+            [0],
+            "the first lookup of 42 is read again"
+        );
+        assert_eq!(plan.found()[0], Found::Pending);
+        assert_eq!(
+            plan.found()[2],
+            Found::Row {
+                read: 1,
+                version: 3
+            }
+        );
+        assert!(plan.take_row(0, &copy(rows[0])));
+        assert_eq!(
+            plan.found()[0],
+            Found::Row {
+                read: 0,
+                version: 3
+            }
+        );
     }
 
     /// The writer's decisions against a model: a map of key → (version, payload) with a score per
@@ -711,6 +955,38 @@ mod tests {
                     })
                     .unwrap();
                 assert_eq!(seen, batch.len());
+                // The same batch as a one-sided reader looks it up: spans copied in two rounds.
+                let copy = |(offset, len): (u64, u32)| {
+                    let mut image = Vec::new();
+                    row::copy_span(region.words(), offset, len as usize, &mut image);
+                    image
+                };
+                let mut plan = SpanFind::new(layout, &batch);
+                let reads: Vec<_> = plan.bucket_reads().collect();
+                for (i, &read) in reads.iter().enumerate() {
+                    assert!(plan.take_bucket(i, &copy(read)));
+                }
+                assert!(plan.torn_buckets().is_empty());
+                plan.plan_rows();
+                let reads: Vec<_> = plan.row_reads().collect();
+                for (r, &read) in reads.iter().enumerate() {
+                    assert!(plan.take_row(r, &copy(read)));
+                }
+                plan.settle_rows();
+                for (j, found) in plan.found().iter().enumerate() {
+                    let want = model.get(&batch[j]);
+                    match (*found, want) {
+                        (Found::Absent, None) => {}
+                        (Found::Row { read, version }, Some(&(slot, at))) => {
+                            assert_eq!(version, at, "key {} at step {step}", batch[j]);
+                            assert_eq!(reads[read].0, layout.slot_offset(slot));
+                        }
+                        (found, want) => panic!(
+                            "key {} at step {step}: one-sided {found:?}, model {want:?}",
+                            batch[j]
+                        ),
+                    }
+                }
             }
         }
         assert!(evictions > 1000, "the test evicts ({evictions})");

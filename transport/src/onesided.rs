@@ -34,6 +34,7 @@ use crate::client::{
     pull_into, Carried, Produced, Pulled, PushOutcome, PushRef, ShardTransport, StaleQuery,
     StaleRows, Traffic, TransportError,
 };
+use crate::keyed::{Found, KeyedLayout, SpanFind};
 use crate::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use crate::spec::{TableInfo, TableSpec};
 use crate::wire::{
@@ -98,6 +99,8 @@ pub struct OneSidedStats {
     pub rows_read: u64,
     /// Version words read one-sidedly.
     pub versions_read: u64,
+    /// Buckets of dynamic tables' regions read one-sidedly (a key's first read).
+    pub buckets_read: u64,
     /// Torn copies discarded (odd seq or a checksum mismatch).
     pub torn_retries: u64,
     /// Rows whose copies all failed verification, then read with the `pull` RPC.
@@ -111,6 +114,7 @@ pub struct OneSidedStats {
 struct Counters {
     rows_read: AtomicU64,
     versions_read: AtomicU64,
+    buckets_read: AtomicU64,
     torn_retries: AtomicU64,
     fallback_rows: AtomicU64,
     reconnects: AtomicU64,
@@ -127,6 +131,8 @@ impl Counters {
 struct Attached<R> {
     desc: RegionDescriptor,
     layout: RowLayout,
+    /// A dynamic table's region: buckets of key digests, then keyed rows.
+    keyed: Option<KeyedLayout>,
     at: Attachment<R>,
     /// The daemon's incarnation when it described the region.
     incarnation: u64,
@@ -344,6 +350,7 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         OneSidedStats {
             rows_read: c.rows_read.load(Ordering::Relaxed),
             versions_read: c.versions_read.load(Ordering::Relaxed),
+            buckets_read: c.buckets_read.load(Ordering::Relaxed),
             torn_retries: c.torn_retries.load(Ordering::Relaxed),
             fallback_rows: c.fallback_rows.load(Ordering::Relaxed),
             reconnects: c.reconnects.load(Ordering::Relaxed),
@@ -410,10 +417,14 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         let layout = desc
             .check_layout()
             .map_err(|e| protocol(format!("region descriptor: {e}")))?;
+        let keyed = desc
+            .check_keyed_layout()
+            .map_err(|e| protocol(format!("region descriptor: {e}")))?;
         let at = self.memory.attach(&desc).map_err(protocol)?;
         let attached = Arc::new(Attached {
             desc,
             layout,
+            keyed,
             at,
             incarnation,
         });
@@ -466,6 +477,131 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         keys.iter()
             .map(|&k| routing.local_on(k, hello.shard, a.desc.rows))
             .collect()
+    }
+
+    /// Whether every key of a dynamic table lives on this shard.
+    fn holds_keys(&self, a: &Attached<M::Region>, keys: &[u64]) -> bool {
+        let hello = self.control.hello();
+        let routing = a.desc.routing(hello.shards);
+        keys.iter()
+            .all(|&k| routing.shard_of(k) == hello.shard as usize)
+    }
+
+    /// The verifying reader over a batch of a dynamic table's keys (all of this shard), as
+    /// [`SpanFind`] plans it: the table clock and each distinct bucket in one batch, then every
+    /// candidate row in a second; copies that do not verify are read again up to the attempt
+    /// limit, and keys still undecided are read with the `pull` RPC. A key absent reads as
+    /// version 0 with zeros, as the daemon answers it (`TableSpec::complete_pulled` makes that
+    /// its initial value). Returns the clock.
+    #[allow(clippy::too_many_arguments)]
+    fn read_keyed(
+        &self,
+        table: &str,
+        a: &Attached<M::Region>,
+        layout: &KeyedLayout,
+        keys: &[u64],
+        versions: &mut Vec<u64>,
+        rows: &mut Vec<f32>,
+    ) -> Result<u64, Failed> {
+        let (n, dim) = (keys.len(), layout.row().dim());
+        versions.clear();
+        versions.resize(n, 0);
+        rows.clear();
+        rows.resize(n * dim, 0.0);
+        let span = |(offset, len): (u64, u32)| RemoteSpan {
+            region: &a.at.rows,
+            offset,
+            len,
+        };
+        let mut find = SpanFind::new(*layout, keys);
+        let mut discarded = 0;
+        // Round one: the clock and the buckets.
+        let mut spans = vec![a.clock()];
+        spans.extend(find.bucket_reads().map(span));
+        let mut clock = 0;
+        let mut again = false;
+        while let Err(e) = self.memory.read(&spans, &mut |i, bytes| match i {
+            0 => clock = word(bytes),
+            _ => discarded += usize::from(!find.take_bucket(i - 1, bytes)),
+        }) {
+            self.reconnect_after(e, &mut again, a.incarnation)?;
+            discarded = 0;
+        }
+        Counters::add(&self.counters.buckets_read, spans.len() - 1);
+        for _ in 1..self.attempts {
+            let torn = find.torn_buckets();
+            if torn.is_empty() {
+                break;
+            }
+            let reads: Vec<_> = find.bucket_reads().collect();
+            let again: Vec<_> = torn.iter().map(|&i| span(reads[i])).collect();
+            self.memory
+                .read(&again, &mut |t, bytes| {
+                    discarded += usize::from(!find.take_bucket(torn[t], bytes));
+                })
+                .map_err(|e| self.link(e))?;
+        }
+        // Round two: the candidate rows of every key whose bucket verified.
+        find.plan_rows();
+        let mut take = |find: &mut SpanFind<'_>, r: usize, bytes: &[u8]| {
+            if !find.take_row(r, bytes) {
+                discarded += 1;
+                return;
+            }
+            let j = find.key_of_read(r);
+            if let Found::Row { read, version } = find.found()[j] {
+                if read == r {
+                    versions[j] = version;
+                    row::decode_payload(layout.row(), bytes, &mut rows[j * dim..(j + 1) * dim]);
+                }
+            }
+        };
+        let reads: Vec<_> = find.row_reads().collect();
+        let spans: Vec<_> = reads.iter().map(|&r| span(r)).collect();
+        while let Err(e) = self
+            .memory
+            .read(&spans, &mut |r, bytes| take(&mut find, r, bytes))
+        {
+            self.reconnect_after(e, &mut again, a.incarnation)?;
+            find.plan_rows();
+        }
+        for _ in 1..self.attempts {
+            let torn = find.torn_rows();
+            if torn.is_empty() {
+                break;
+            }
+            let again: Vec<_> = torn.iter().map(|&r| span(reads[r])).collect();
+            self.memory
+                .read(&again, &mut |t, bytes| take(&mut find, torn[t], bytes))
+                .map_err(|e| self.link(e))?;
+        }
+        find.settle_rows();
+        let pending: Vec<usize> = (0..n)
+            .filter(|&j| find.found()[j] == Found::Pending)
+            .collect();
+        let found = find
+            .found()
+            .iter()
+            .filter(|f| matches!(f, Found::Row { .. }))
+            .count();
+        Counters::add(&self.counters.torn_retries, discarded);
+        Counters::add(&self.counters.rows_read, found);
+        Counters::add(&self.counters.fallback_rows, pending.len());
+        let pending_keys: Vec<u64> = pending.iter().map(|&j| keys[j]).collect();
+        match pull_into(
+            &self.control,
+            table,
+            &pending_keys,
+            &pending,
+            dim,
+            versions,
+            rows,
+        )? {
+            Some(p) if p.incarnation != 0 && p.incarnation != a.incarnation => {
+                Err(Failed::Restarted(p.incarnation))
+            }
+            _ => Ok(clock),
+        }
     }
 
     /// The verifying reader over a batch: reads the rows at `locals` (whose keys are `keys`) into
@@ -656,27 +792,27 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         versions: &mut Vec<u64>,
         rows: &mut Vec<f32>,
     ) -> Result<Pulled, TransportError> {
-        let mut a = match self.attached(table) {
-            Ok(a) => a,
-            // A table the daemon does not expose for one-sided reads (a dynamic table's region
-            // is not described yet) is pulled over the control channel.
-            Err(TransportError::Remote { error, .. })
-                if error.code == crate::wire::ErrorCode::Unsupported =>
-            {
-                return self.control.pull(table, keys, versions, rows);
-            }
-            Err(e) => return Err(e),
-        };
+        let mut a = self.attached(table)?;
         let mut reattached = false;
         loop {
             // A key that is not this shard's goes to the daemon, which names the problem.
-            let Some(locals) = self.locals(&a, keys) else {
-                return self.control.pull(table, keys, versions, rows);
+            let read = match &a.keyed {
+                Some(layout) if self.holds_keys(&a, keys) => {
+                    self.read_keyed(table, &a, layout, keys, versions, rows)
+                }
+                Some(_) => return self.control.pull(table, keys, versions, rows),
+                None => {
+                    let Some(locals) = self.locals(&a, keys) else {
+                        return self.control.pull(table, keys, versions, rows);
+                    };
+                    self.read_rows(table, &a, keys, &locals, true, versions, rows)
+                        .map(|clock| clock.unwrap_or(0))
+                }
             };
-            match self.read_rows(table, &a, keys, &locals, true, versions, rows) {
+            match read {
                 Ok(clock) => {
                     return Ok(Pulled {
-                        clock: clock.unwrap_or(0),
+                        clock,
                         incarnation: a.incarnation,
                     })
                 }

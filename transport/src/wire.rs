@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -299,6 +299,9 @@ pub struct RegionDescriptor {
     /// The table's placement buckets: with the shard count, where each key's row is
     /// ([`Routing`](crate::Routing)).
     pub buckets: u32,
+    /// Whether the region is a dynamic table's: buckets of key digests, then keyed rows
+    /// ([`crate::keyed`]), `rows` being its slots; keys are then placed by their hashed bucket.
+    pub keyed: bool,
     /// Length in bytes.
     pub len: u64,
     /// Virtual address in the daemon (for RDMA READ).
@@ -326,7 +329,29 @@ impl RegionDescriptor {
     /// rows come from one: [`Routing::local_on`](crate::Routing::local_on) with this region's
     /// `rows`).
     pub fn routing(&self, shards: u32) -> crate::Routing {
-        crate::Routing::new(shards, self.buckets)
+        match self.keyed {
+            false => crate::Routing::new(shards, self.buckets),
+            true => crate::Routing::hashed(shards, self.buckets),
+        }
+    }
+
+    /// The keyed layout of a dynamic table's region, after the checks of
+    /// [`RegionDescriptor::check_layout`] and that `rows` is a whole number of buckets; `None`
+    /// for a fixed table's region.
+    pub fn check_keyed_layout(&self) -> Result<Option<crate::keyed::KeyedLayout>, String> {
+        if !self.keyed {
+            return Ok(None);
+        }
+        self.check_layout()?;
+        let layout =
+            crate::keyed::KeyedLayout::new(self.dim, self.rows).map_err(|e| e.to_string())?;
+        if layout.capacity() != self.rows || layout.region_bytes() > self.len {
+            return Err(format!(
+                "{} slots in {} bytes are not whole buckets of dim {} rows",
+                self.rows, self.len, self.dim
+            ));
+        }
+        Ok(Some(layout))
     }
 
     /// The row layout the descriptor implies, after checking that its dim is supported, its
@@ -347,7 +372,10 @@ impl RegionDescriptor {
                 crate::MAX_BUCKETS
             ));
         }
-        let layout = crate::row::RowLayout::new(self.dim);
+        let layout = match self.keyed {
+            false => crate::row::RowLayout::new(self.dim),
+            true => crate::row::RowLayout::keyed(self.dim),
+        };
         if layout.stride() as u32 != self.stride || layout.region_bytes(self.rows) > self.len {
             return Err(format!(
                 "stride {} and length {} do not fit dim {} and {} rows",

@@ -32,12 +32,52 @@ use crate::StoreError;
 
 use checkpoints::CheckpointBase;
 
+/// A table of either kind, by its region: what read spans and region descriptors name.
+#[derive(Clone, Debug)]
+pub(crate) enum Served {
+    /// A fixed table: rows at their local index.
+    Fixed(Arc<Table>),
+    /// A dynamic table: buckets of key digests, then keyed rows.
+    Dynamic(Arc<DynamicTable>),
+}
+
+impl Served {
+    /// The region a span of this table reads.
+    pub(crate) fn region(&self) -> &Arc<hetkv_transport::Region> {
+        match self {
+            Self::Fixed(t) => t.region(),
+            Self::Dynamic(t) => t.rows().region(),
+        }
+    }
+
+    /// The region of its clock word.
+    fn clock_region(&self) -> &Arc<hetkv_transport::Region> {
+        match self {
+            Self::Fixed(t) => t.clock_region(),
+            Self::Dynamic(t) => t.rows().clock_region(),
+        }
+    }
+
+    /// Counts a span read of `bytes` bytes as rows read (rounded up to whole strides).
+    pub(crate) fn count_read(&self, bytes: u64) {
+        match self {
+            Self::Fixed(t) => t.count_read(bytes.div_ceil(t.layout().stride() as u64)),
+            Self::Dynamic(t) => {
+                t.count_read(bytes.div_ceil(t.rows().layout().row().stride() as u64))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     by_name: HashMap<String, Arc<Table>>,
-    by_id: Vec<Arc<Table>>,
-    /// Dynamic tables, in creation order (no region id: they are not read by spans).
+    /// Fixed tables in creation order.
+    fixed: Vec<Arc<Table>>,
+    /// Dynamic tables, in creation order.
     dynamic: Vec<Arc<DynamicTable>>,
+    /// Every table by region id (its index here).
+    regions: Vec<Served>,
 }
 
 impl Registry {
@@ -65,7 +105,12 @@ impl Registry {
     }
 
     fn len(&self) -> usize {
-        self.by_id.len() + self.dynamic.len()
+        self.regions.len()
+    }
+
+    /// The id the next table's region takes.
+    fn next_region(&self) -> u32 {
+        self.regions.len() as u32
     }
 }
 
@@ -166,8 +211,8 @@ impl Shard {
         }
         match reg.dynamic(name) {
             Some(_) => Err(StoreError::Unsupported(format!(
-                "table {name} is dynamic: it is served by pull, push and assign (one-sided reads \
-                 and caches of dynamic tables are not built yet)"
+                "table {name} is dynamic: it is served by pull, push, assign and one-sided reads \
+                 (caches of dynamic tables are not built yet)"
             ))),
             None => Err(StoreError::UnknownTable(name.to_string())),
         }
@@ -221,13 +266,20 @@ impl Shard {
         let footprint = self.admit_footprint(&spec, *allocated, || {
             DynamicTable::footprint(&spec, shard, shards)
         })?;
-        let table = Arc::new(DynamicTable::create(spec, shard, shards, &self.placement)?);
+        let id = self.registry().next_region();
+        let table = Arc::new(DynamicTable::create(
+            spec,
+            shard,
+            shards,
+            id,
+            &self.placement,
+        )?);
+        self.register(&Served::Dynamic(table.clone()))?;
         *allocated += footprint;
-        self.tables
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .dynamic
-            .push(table.clone());
+        let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        reg.dynamic.push(table.clone());
+        reg.regions.push(Served::Dynamic(table.clone()));
+        drop(reg);
         tracing::info!(
             table = %table.spec().name,
             rows = table.spec().rows,
@@ -314,31 +366,18 @@ impl Shard {
         let (shard, shards) = (self.config.shard, self.config.shards);
         let footprint =
             self.admit_footprint(&spec, *allocated, || Table::footprint(&spec, shard, shards))?;
-        let id = self.registry().by_id.len() as u32;
+        let id = self.registry().next_region();
         let name = spec.name.clone();
         let table = Arc::new(match fill {
             true => Table::create(spec, shard, shards, id, &self.placement)?,
             false => Table::create_unfilled(spec, shard, shards, id, &self.placement)?,
         });
-        #[cfg(feature = "rdma")]
-        if let Some(device) = &self.device {
-            let register = |r: &Arc<hetkv_transport::Region>| {
-                hetkv_transport::rdma::MemoryRegion::remote_read(device, r.clone())
-                    .map_err(|e| StoreError::Io(format!("registering table {name}: {e}")))
-            };
-            let registration = RdmaRegistration {
-                rows: register(table.region())?,
-                clock: register(table.clock_region())?,
-            };
-            self.registered
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(table.region_id(), registration);
-        }
+        self.register(&Served::Fixed(table.clone()))?;
         *allocated += footprint;
         let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
         reg.by_name.insert(name.clone(), table.clone());
-        reg.by_id.push(table.clone());
+        reg.fixed.push(table.clone());
+        reg.regions.push(Served::Fixed(table.clone()));
         drop(reg);
         tracing::info!(
             table = %name,
@@ -393,13 +432,81 @@ impl Shard {
         self.sessions.repeats()
     }
 
-    /// Tables in creation order.
+    /// Fixed tables in creation order.
     pub fn tables(&self) -> Vec<Arc<Table>> {
-        self.registry().by_id.clone()
+        self.registry().fixed.clone()
+    }
+
+    /// Every table by region id.
+    pub(crate) fn regions(&self) -> Vec<Served> {
+        self.registry().regions.clone()
     }
 }
 
 impl Shard {
+    /// Registers the region and clock word of `table` with the RDMA device, when the shard has
+    /// one, under the table's region id (nothing to do otherwise).
+    fn register(&self, table: &Served) -> Result<(), StoreError> {
+        #[cfg(feature = "rdma")]
+        if let Some(device) = &self.device {
+            let (id, name) = match table {
+                Served::Fixed(t) => (t.region_id(), &t.spec().name),
+                Served::Dynamic(t) => (t.region_id(), &t.spec().name),
+            };
+            let register = |r: &Arc<hetkv_transport::Region>| {
+                hetkv_transport::rdma::MemoryRegion::remote_read(device, r.clone())
+                    .map_err(|e| StoreError::Io(format!("registering table {name}: {e}")))
+            };
+            let registration = RdmaRegistration {
+                rows: register(table.region())?,
+                clock: register(table.clock_region())?,
+            };
+            self.registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, registration);
+        }
+        let _ = table;
+        Ok(())
+    }
+
+    /// The descriptor of `table`'s region and clock word, for one-sided readers.
+    fn describe(&self, table: &Served) -> hetkv_transport::wire::RegionDescriptor {
+        let shm = |r: &hetkv_transport::Region| {
+            self.placement
+                .shm_instance()
+                .and(r.path())
+                .map(|p| p.display().to_string())
+        };
+        let (id, spec, stride, rows) = match table {
+            Served::Fixed(t) => (t.region_id(), t.spec(), t.layout().stride(), t.local_rows()),
+            Served::Dynamic(t) => (
+                t.region_id(),
+                t.spec(),
+                t.rows().layout().row().stride(),
+                t.capacity(),
+            ),
+        };
+        let (rkey, clock_rkey) = self.rkeys(id);
+        hetkv_transport::wire::RegionDescriptor {
+            region: id,
+            table: spec.name.clone(),
+            dim: spec.dim,
+            stride: stride as u32,
+            rows,
+            buckets: spec.buckets,
+            keyed: matches!(table, Served::Dynamic(_)),
+            len: table.region().len(),
+            addr: table.region().addr(),
+            rkey,
+            shm_path: shm(table.region()),
+            clock_addr: table.clock_region().addr(),
+            clock_rkey,
+            clock_shm_path: shm(table.clock_region()),
+            incarnation: self.incarnation(),
+        }
+    }
+
     /// The remote keys of a table's region and clock word (0 without RDMA).
     fn rkeys(&self, region: u32) -> (u32, u32) {
         #[cfg(feature = "rdma")]

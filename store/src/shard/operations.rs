@@ -141,7 +141,7 @@ impl Shard {
         req: codec::read::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
-        let tables = self.tables();
+        let tables = self.regions();
         let mut total: u64 = 0;
         for span in req.spans() {
             let t = tables.get(span.region as usize).ok_or_else(|| {
@@ -163,7 +163,7 @@ impl Shard {
         for span in req.spans() {
             let t = &tables[span.region as usize];
             copy_span(t.region().words(), span.offset, span.len as usize, out);
-            t.count_read((span.len as u64).div_ceil(t.layout().stride() as u64));
+            t.count_read(span.len as u64);
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use hetkv_transport::wire::{
 };
 use hetkv_transport::TableSpec;
 
-use super::Shard;
+use super::{Served, Shard};
 use crate::sessions;
 use crate::StoreError;
 
@@ -83,29 +83,11 @@ impl ShardService for Shard {
     }
 
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError> {
-        let t = self.table(table)?;
-        let shm = |r: &hetkv_transport::region::Region| {
-            self.placement
-                .shm_instance()
-                .and(r.path())
-                .map(|p| p.display().to_string())
+        let served = match self.dynamic_table(table) {
+            Some(t) => Served::Dynamic(t),
+            None => Served::Fixed(self.table(table)?),
         };
-        Ok(RegionDescriptor {
-            region: t.region_id(),
-            table: table.to_string(),
-            dim: t.spec().dim,
-            stride: t.layout().stride() as u32,
-            rows: t.local_rows(),
-            buckets: t.spec().buckets,
-            len: t.region().len(),
-            addr: t.region().addr(),
-            rkey: self.rkeys(t.region_id()).0,
-            shm_path: shm(t.region()),
-            clock_addr: t.clock_region().addr(),
-            clock_rkey: self.rkeys(t.region_id()).1,
-            clock_shm_path: shm(t.clock_region()),
-            incarnation: self.incarnation(),
-        })
+        Ok(self.describe(&served))
     }
 
     fn read(
