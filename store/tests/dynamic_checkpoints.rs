@@ -2,8 +2,9 @@
 //! value, version, optimizer state, Adam step and eviction score (one record per key, as of one
 //! moment), in the slot it held, so a restored shard and the one that wrote the checkpoint go on
 //! identically under the same pushes, evictions included; a dynamic table rides in incremental
-//! checkpoints in full; a table written empty comes back empty; resharding refuses dynamic
-//! tables by name.
+//! checkpoints in full; a table written empty comes back empty; a checkpoint of 2 shards moves
+//! onto 1, 3 and 2 shards key by key, each key's record kept exactly or counted out for want of
+//! room in its new region bucket, the lowest scores first.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -220,19 +221,8 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
     );
     drop(r);
 
-    let other = tempfile::tempdir().unwrap();
-    let err = reshard(
-        &[CheckpointDir::at(dir.path())],
-        "c",
-        &[CheckpointDir::at(other.path())],
-        "m",
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("resharding dynamic tables"), "{err}");
-
-    // A checkpoint whose only dynamic table is empty (its file holds no record) is refused by
-    // name too, not by a panic of the tool.
+    // A checkpoint whose only dynamic table is empty (its file holds no record) moves as an empty
+    // table.
     let (empty, moved) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let e = shard(empty.path());
     e.create_dynamic(spec("bare", Eviction::Lru, OptimizerSpec::sgd(0.1)))
@@ -242,15 +232,221 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
     // Compacted (a chain of one full file, no record) it is the same empty table.
     CheckpointDir::at(empty.path()).compact("k", "k2").unwrap();
     assert_eq!(records(empty.path(), "k2"), records(empty.path(), "k"));
-    let err = reshard(
+    let made = reshard(
         &[CheckpointDir::at(empty.path())],
         "k",
         &[CheckpointDir::at(moved.path())],
         "m",
     )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("resharding dynamic tables"), "{err}");
+    .unwrap();
+    assert_eq!(made.evicted, [("bare".to_string(), 0)]);
+    assert_eq!(records(moved.path(), "m"), [("bare".to_string(), vec![])]);
+}
+
+/// Shard `i` of `n` with its data directory.
+fn shard_of(dir: &Path, i: u32, n: u32) -> Shard {
+    let mut c = ShardConfig::new(i, n);
+    c.data_dir = Some(dir.to_path_buf());
+    Shard::new(c).unwrap()
+}
+
+/// `train` over a cluster: each key pushed to the shard its hashed bucket names.
+fn train_cluster(shards: &[Shard], rounds: u64, seed: u64) {
+    let mut x = seed;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let n = shards.len() as u32;
+    for t in 0..shards[0].dynamic_tables().len() {
+        let routing = shards[0].dynamic_tables()[t].spec().routing(n);
+        for _ in 0..rounds {
+            let mut keys: Vec<u64> = (0..24)
+                .map(|_| hetkv_transport::hash::splitmix64(next() % 3000))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            for (i, s) in shards.iter().enumerate() {
+                let mine: Vec<u64> = keys
+                    .iter()
+                    .copied()
+                    .filter(|&k| routing.shard_of(k) == i)
+                    .collect();
+                let k: Vec<u8> = mine.iter().flat_map(|k| k.to_le_bytes()).collect();
+                let c: Vec<u8> = mine
+                    .iter()
+                    .flat_map(|_| (1 + (next() % 3) as u32).to_le_bytes())
+                    .collect();
+                let g: Vec<u8> = (0..mine.len() * DIM)
+                    .flat_map(|_| ((next() % 1000) as f32 / 1000.0 - 0.5).to_le_bytes())
+                    .collect();
+                let table = &s.dynamic_tables()[t];
+                let push = table
+                    .validate_push(le_array(&k), le_array(&c), le_array(&g))
+                    .unwrap();
+                table.apply_push(&push).unwrap();
+            }
+        }
+    }
+}
+
+/// Each key's record of table `name` in checkpoint `name` of every directory, without its slot,
+/// with its score.
+fn keyed_records(dirs: &[&Path], checkpoint: &str, table: &str) -> Vec<(u64, u64, Vec<u8>)> {
+    let mut all = Vec::new();
+    for dir in dirs {
+        let m = CheckpointDir::at(dir).manifest(checkpoint).unwrap();
+        let t = m.tables.iter().find(|t| t.name == table).unwrap();
+        let path = dir.join("checkpoints").join(checkpoint).join(&t.file);
+        let file = std::fs::File::open(&path).unwrap();
+        let mut r = TableFileReader::open(BufReader::new(file), "t").unwrap();
+        while let Some(rec) = r.next_record().unwrap() {
+            let (key, score) = rec.key_and_score().unwrap();
+            all.push((key, score, rec.bytes()[8..].to_vec()));
+        }
+    }
+    all.sort();
+    all
+}
+
+#[test]
+fn a_dynamic_table_moves_onto_another_shard_count_key_by_key() {
+    let src: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let shards: Vec<Shard> = (0..2)
+        .map(|i| shard_of(src[i].path(), i as u32, 2))
+        .collect();
+    let tables = [
+        ("lru_adam", Eviction::Lru, OptimizerSpec::adam(0.01)),
+        ("lfu_adagrad", Eviction::Lfu, OptimizerSpec::adagrad(0.1)),
+    ];
+    for s in &shards {
+        for (name, eviction, optimizer) in tables {
+            s.create_dynamic(TableSpec {
+                rows: 512,
+                ..spec(name, eviction, optimizer)
+            })
+            .unwrap();
+        }
+        s.create(TableSpec {
+            dynamic: None,
+            ..spec("fixed", Eviction::Lru, OptimizerSpec::sgd(0.1))
+        })
+        .unwrap();
+    }
+    train_cluster(&shards, 400, 9);
+    for s in &shards {
+        for t in s.dynamic_tables() {
+            assert_eq!(t.rows().resident(), t.capacity(), "full, and evicting");
+        }
+        s.checkpoint("k", false).unwrap();
+    }
+    // Each table's largest clock over the source shards.
+    let clocks: Vec<u64> = (0..tables.len())
+        .map(|t| {
+            shards
+                .iter()
+                .map(|s| s.dynamic_tables()[t].clock())
+                .max()
+                .unwrap()
+        })
+        .collect();
+    drop(shards);
+    let sources: Vec<CheckpointDir> = src.iter().map(|d| CheckpointDir::at(d.path())).collect();
+    let src_paths: Vec<&Path> = src.iter().map(|d| d.path()).collect();
+    for n in [1u32, 3, 2] {
+        let dst: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+        let targets: Vec<CheckpointDir> = dst.iter().map(|d| CheckpointDir::at(d.path())).collect();
+        let made = reshard(&sources, "k", &targets, "m").unwrap();
+        let dst_paths: Vec<&Path> = dst.iter().map(|d| d.path()).collect();
+        let restored: Vec<Shard> = (0..n)
+            .map(|i| {
+                let s = shard_of(dst[i as usize].path(), i, n);
+                assert_eq!(s.restore(Some("m")).unwrap().unwrap().name, "m");
+                s
+            })
+            .collect();
+        for (ti, (name, _, _)) in tables.into_iter().enumerate() {
+            let before = keyed_records(&src_paths, "k", name);
+            let after = keyed_records(&dst_paths, "m", name);
+            let evicted = made.evicted.iter().find(|(t, _)| t == name).unwrap().1;
+            // Every key once; each kept key's record (version, values, state, step, key, score)
+            // exactly as written; the keys left out are counted.
+            assert_eq!(
+                after.len() as u64 + evicted,
+                before.len() as u64,
+                "{name} onto {n}"
+            );
+            let mut kept = after.iter().peekable();
+            let mut left = Vec::new();
+            for b in &before {
+                match kept.peek() {
+                    Some(a) if a.0 == b.0 => {
+                        assert_eq!(*a, b, "{name} onto {n}: key {}", b.0);
+                        kept.next();
+                    }
+                    _ => left.push(b),
+                }
+            }
+            assert!(kept.next().is_none(), "{name} onto {n}: a key from nowhere");
+            // A key left out had no room: its region bucket on its new shard is full of keys
+            // scoring at least as high.
+            let spec = restored[0].dynamic_table(name).unwrap().spec().clone();
+            let routing = spec.routing(n);
+            for &&(key, score, _) in &left {
+                let home = routing.shard_of(key);
+                let t = restored[home].dynamic_table(name).unwrap();
+                let layout = t.rows().layout();
+                let bucket = layout.bucket_of(key);
+                let rivals: Vec<u64> = after
+                    .iter()
+                    .filter(|a| routing.shard_of(a.0) == home && layout.bucket_of(a.0) == bucket)
+                    .map(|a| a.1)
+                    .collect();
+                assert_eq!(
+                    rivals.len(),
+                    32,
+                    "{name} onto {n}: key {key} left a bucket with room"
+                );
+                assert!(
+                    rivals.iter().all(|&r| r >= score),
+                    "{name} onto {n}: key {key}"
+                );
+            }
+            if n == 2 {
+                assert_eq!(
+                    evicted, 0,
+                    "{name}: the same shards and regions take every key"
+                );
+            }
+            // The restored shards serve every kept key as written, and their clocks are past
+            // every moved score.
+            let mut out = [0f32; DIM];
+            for (key, _, bytes) in &after {
+                let t = restored[routing.shard_of(*key)]
+                    .dynamic_table(name)
+                    .unwrap();
+                let version = t.rows().read(*key, &mut out).unwrap();
+                assert_eq!(version.to_le_bytes(), bytes[..8], "{name}: key {key}");
+                let values: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+                assert_eq!(values, bytes[8..8 + 4 * DIM], "{name}: key {key}");
+            }
+            for s in &restored {
+                let clock = s.dynamic_table(name).unwrap().clock();
+                assert!(
+                    clock >= clocks[ti],
+                    "{name}: clock {clock} of {}",
+                    clocks[ti]
+                );
+                assert!(
+                    after.iter().all(|a| a.1 <= clock),
+                    "{name}: a score above the new clock"
+                );
+            }
+        }
+        println!("onto {n} shards: evicted {:?}", made.evicted);
+    }
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
