@@ -225,7 +225,8 @@ fn held(cluster: &Cluster, table: &str) -> Result<(u64, u64)> {
 
 fn memory(cluster: &Cluster, spec: &TableSpec, rss_before: u64, rss_after: u64) -> Result<Memory> {
     let (capacity, held) = held(cluster, &spec.name)?;
-    let documented = hetkv_store::dynamic::DynamicRows::footprint(spec, capacity);
+    // One shard: its region is the whole table's.
+    let documented = hetkv_store::dynamic::DynamicTable::footprint(spec, 0, 1);
     let growth = rss_after.saturating_sub(rss_before);
     Ok(Memory {
         capacity,

@@ -190,12 +190,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DynamicRows {
-    /// Bytes a shard of this table takes for at most `capacity` rows of `table` (a dynamic
-    /// table's spec): [`bytes_per_bucket`] for every bucket, the admission sketch and the
-    /// eviction log.
-    pub fn footprint(table: &TableSpec, capacity: u64) -> u64 {
-        let (Some(spec), Ok(layout)) = (table.dynamic, KeyedLayout::new(table.dim, capacity))
-        else {
+    /// Bytes the rows of `table` (a dynamic table's spec) take in a region of `layout`:
+    /// [`bytes_per_bucket`] for every bucket, the admission sketch and the eviction log.
+    pub fn footprint(table: &TableSpec, layout: &KeyedLayout) -> u64 {
+        let Some(spec) = table.dynamic else {
             return u64::MAX;
         };
         layout
@@ -205,12 +203,12 @@ impl DynamicRows {
             .saturating_add(EVICTION_LOG as u64 * LOGGED_BYTES)
     }
 
-    /// The rows of dynamic table `table` on shard `shard`, at most `capacity` of them (rounded
-    /// up to whole buckets), in a region `placement` maps: every bucket empty, nothing admitted.
+    /// The rows of dynamic table `table` on shard `shard`, in a region of `layout` (of the
+    /// table's dim) that `placement` maps: every bucket empty, nothing admitted.
     pub fn create(
         table: &TableSpec,
         shard: u32,
-        capacity: u64,
+        layout: KeyedLayout,
         placement: &Placement,
     ) -> Result<Self, StoreError> {
         table.validate().map_err(|e| StoreError::InvalidSpec(e.0))?;
@@ -218,8 +216,13 @@ impl DynamicRows {
             StoreError::InvalidSpec(format!("table {} is not dynamic", table.name))
         })?;
         let (dim, init, optimizer) = (table.dim, table.init, table.optimizer);
-        let layout = KeyedLayout::new(dim, capacity.max(1))
-            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
+        if layout.row().dim() != dim as usize {
+            return Err(StoreError::InvalidSpec(format!(
+                "table {} has rows of {dim}, its layout rows of {}",
+                table.name,
+                layout.row().dim()
+            )));
+        }
         let region = placement.map(shard, &table.name, "region", layout.region_bytes())?;
         KeyedRegion::new(&layout, region.words()).format();
         let clock = placement.map(shard, &table.name, "clock", 8)?;
@@ -597,7 +600,8 @@ pub struct DynamicTable {
 impl DynamicTable {
     /// Bytes the table takes on shard `shard` of `shards`.
     pub fn footprint(spec: &TableSpec, shard: u32, shards: u32) -> u64 {
-        DynamicRows::footprint(spec, spec.local_rows(shard, shards))
+        spec.keyed_layout(shard, shards)
+            .map_or(u64::MAX, |layout| DynamicRows::footprint(spec, &layout))
     }
 
     /// The table `spec` (dynamic) on shard `shard` of `shards`, empty, its region numbered
@@ -609,8 +613,10 @@ impl DynamicTable {
         region_id: u32,
         placement: &Placement,
     ) -> Result<Self, StoreError> {
-        let capacity = spec.local_rows(shard, shards);
-        let rows = DynamicRows::create(&spec, shard, capacity, placement)?;
+        let layout = spec
+            .keyed_layout(shard, shards)
+            .map_err(|e| StoreError::InvalidSpec(e.to_string()))?;
+        let rows = DynamicRows::create(&spec, shard, layout, placement)?;
         Ok(Self {
             spec,
             shard,
@@ -1066,7 +1072,8 @@ mod tests {
             seed: 9,
         };
         let spec = table("t", 2, init, OptimizerSpec::sgd(1.0), (admission, eviction));
-        DynamicRows::create(&spec, 0, capacity, &Placement::new(0, None, None).unwrap()).unwrap()
+        let layout = KeyedLayout::with_capacity(2, capacity).unwrap();
+        DynamicRows::create(&spec, 0, layout, &Placement::new(0, None, None).unwrap()).unwrap()
     }
 
     fn initial(key: u64) -> [f32; 2] {
@@ -1272,7 +1279,9 @@ mod tests {
             OptimizerSpec::adagrad(0.5),
             (Admission::Always, Eviction::Lfu),
         );
-        let t = DynamicRows::create(&spec, 0, 64, &Placement::new(0, None, None).unwrap()).unwrap();
+        let layout = KeyedLayout::with_capacity(2, 64).unwrap();
+        let t =
+            DynamicRows::create(&spec, 0, layout, &Placement::new(0, None, None).unwrap()).unwrap();
         let opt = Optimizer::new(OptimizerSpec::adagrad(0.5));
         let layout = *t.layout();
         let mut model: Vec<Vec<Option<Held>>> =
@@ -1393,10 +1402,10 @@ mod tests {
     #[test]
     fn footprint_counts_region_state_sketch_and_log() {
         let rule = (Admission::Threshold { count: 2 }, Eviction::Lfu);
-        let layout = KeyedLayout::new(4, 64).unwrap();
+        let layout = KeyedLayout::with_capacity(4, 64).unwrap();
         let of = |optimizer| table("f", 4, Initializer::Zeros, optimizer, rule);
-        let adagrad = DynamicRows::footprint(&of(OptimizerSpec::adagrad(0.1)), 64);
-        let sgd = DynamicRows::footprint(&of(OptimizerSpec::sgd(0.1)), 64);
+        let adagrad = DynamicRows::footprint(&of(OptimizerSpec::adagrad(0.1)), &layout);
+        let sgd = DynamicRows::footprint(&of(OptimizerSpec::sgd(0.1)), &layout);
         // Four accumulators a slot, on the heap with the allocator's header, per bucket of 32.
         assert_eq!(
             adagrad - sgd,
@@ -1404,7 +1413,10 @@ mod tests {
             "four accumulators a slot"
         );
         assert_eq!(
-            sgd - DynamicRows::footprint(&of(OptimizerSpec::sgd(0.1)), 32),
+            sgd - DynamicRows::footprint(
+                &of(OptimizerSpec::sgd(0.1)),
+                &KeyedLayout::with_capacity(4, 32).unwrap()
+            ),
             bytes_per_bucket(&of(OptimizerSpec::sgd(0.1))),
             "one more bucket"
         );

@@ -258,7 +258,7 @@ fn reshard(
                 to.len()
             )
         })?;
-    for (dir, m) in to.iter().zip(&made.manifests) {
+    for (dir, m) in to.iter().zip(&made) {
         println!(
             "{}: checkpoint {out} (seq {}), shard {} of {}, {} tables, {} rows",
             dir.display(),
@@ -267,12 +267,6 @@ fn reshard(
             m.shards,
             m.tables.len(),
             m.tables.iter().map(|t| t.rows).sum::<u64>()
-        );
-    }
-    for (table, evicted) in made.evicted.iter().filter(|(_, e)| *e > 0) {
-        println!(
-            "dynamic table {table}: {evicted} keys evicted (their region buckets on the new \
-             shards had no room; the lowest scores left)"
         );
     }
     drop(locks);

@@ -2,9 +2,9 @@
 //! value, version, optimizer state, Adam step and eviction score (one record per key, as of one
 //! moment), in the slot it held, so a restored shard and the one that wrote the checkpoint go on
 //! identically under the same pushes, evictions included; a dynamic table rides in incremental
-//! checkpoints in full; a table written empty comes back empty; a checkpoint of 2 shards moves
-//! onto 1, 3 and 2 shards key by key, each key's record kept exactly or counted out for want of
-//! room in its new region bucket, the lowest scores first.
+//! checkpoints in full; a table written empty comes back empty; a checkpoint of 2 shards, full and
+//! evicting, moves onto 1, 3 and 2 shards with every key's record exactly as written, served by
+//! daemons of those counts.
 
 use std::io::BufReader;
 use std::path::Path;
@@ -27,7 +27,7 @@ fn spec(name: &str, eviction: Eviction, optimizer: OptimizerSpec) -> TableSpec {
             seed: 4,
         },
         optimizer,
-        buckets: 64,
+        buckets: 8, // placement buckets: with 256 rows, one region bucket each
         dynamic: Some(DynamicSpec {
             admission: Admission::Always,
             eviction,
@@ -239,7 +239,7 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
         "m",
     )
     .unwrap();
-    assert_eq!(made.evicted, [("bare".to_string(), 0)]);
+    assert_eq!(made.len(), 1);
     assert_eq!(records(moved.path(), "m"), [("bare".to_string(), vec![])]);
 }
 
@@ -368,60 +368,15 @@ fn a_dynamic_table_moves_onto_another_shard_count_key_by_key() {
             })
             .collect();
         for (ti, (name, _, _)) in tables.into_iter().enumerate() {
+            // Every key, with its record (version, values, state, step, key, score) exactly as
+            // written: nothing is evicted, whatever the shard count.
             let before = keyed_records(&src_paths, "k", name);
             let after = keyed_records(&dst_paths, "m", name);
-            let evicted = made.evicted.iter().find(|(t, _)| t == name).unwrap().1;
-            // Every key once; each kept key's record (version, values, state, step, key, score)
-            // exactly as written; the keys left out are counted.
-            assert_eq!(
-                after.len() as u64 + evicted,
-                before.len() as u64,
-                "{name} onto {n}"
-            );
-            let mut kept = after.iter().peekable();
-            let mut left = Vec::new();
-            for b in &before {
-                match kept.peek() {
-                    Some(a) if a.0 == b.0 => {
-                        assert_eq!(*a, b, "{name} onto {n}: key {}", b.0);
-                        kept.next();
-                    }
-                    _ => left.push(b),
-                }
-            }
-            assert!(kept.next().is_none(), "{name} onto {n}: a key from nowhere");
-            // A key left out had no room: its region bucket on its new shard is full of keys
-            // scoring at least as high.
-            let spec = restored[0].dynamic_table(name).unwrap().spec().clone();
-            let routing = spec.routing(n);
-            for &&(key, score, _) in &left {
-                let home = routing.shard_of(key);
-                let t = restored[home].dynamic_table(name).unwrap();
-                let layout = t.rows().layout();
-                let bucket = layout.bucket_of(key);
-                let rivals: Vec<u64> = after
-                    .iter()
-                    .filter(|a| routing.shard_of(a.0) == home && layout.bucket_of(a.0) == bucket)
-                    .map(|a| a.1)
-                    .collect();
-                assert_eq!(
-                    rivals.len(),
-                    32,
-                    "{name} onto {n}: key {key} left a bucket with room"
-                );
-                assert!(
-                    rivals.iter().all(|&r| r >= score),
-                    "{name} onto {n}: key {key}"
-                );
-            }
-            if n == 2 {
-                assert_eq!(
-                    evicted, 0,
-                    "{name}: the same shards and regions take every key"
-                );
-            }
-            // The restored shards serve every kept key as written, and their clocks are past
-            // every moved score.
+            assert_eq!(after.len(), before.len(), "{name} onto {n}");
+            assert!(after == before, "{name} onto {n}: records differ");
+            let routing = restored[0].dynamic_table(name).unwrap().spec().routing(n);
+            // The restored shards serve every key as written, and their clocks are past every
+            // moved score.
             let mut out = [0f32; DIM];
             for (key, _, bytes) in &after {
                 let t = restored[routing.shard_of(*key)]
@@ -445,7 +400,7 @@ fn a_dynamic_table_moves_onto_another_shard_count_key_by_key() {
                 );
             }
         }
-        println!("onto {n} shards: evicted {:?}", made.evicted);
+        assert_eq!(made.len(), n as usize);
     }
 }
 

@@ -54,7 +54,7 @@ fn pushes_and_reads_keep_every_update_once_across_evictions() {
                 }),
             },
             0,
-            CAPACITY,
+            hetkv_transport::keyed::KeyedLayout::with_capacity(DIM as u32, CAPACITY).unwrap(),
             &placement,
         )
         .unwrap(),

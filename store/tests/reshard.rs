@@ -164,8 +164,8 @@ fn restores_onto_three_and_back_onto_two_shards_equal_the_cluster_that_wrote_the
     let sources = [CheckpointDir::at(&two[1]), CheckpointDir::at(&two[0])];
     let targets: Vec<CheckpointDir> = three.iter().map(|d| CheckpointDir::at(d)).collect();
     let made = reshard(&sources, "inc", &targets, "moved").unwrap();
-    assert_eq!(made.manifests.len(), 3);
-    for (i, m) in made.manifests.iter().enumerate() {
+    assert_eq!(made.len(), 3);
+    for (i, m) in made.iter().enumerate() {
         assert_eq!((m.shard, m.shards, m.name.as_str()), (i as u32, 3, "moved"));
         assert!(m.sessions.is_empty());
     }

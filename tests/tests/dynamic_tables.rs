@@ -352,7 +352,7 @@ fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
     let desc = client.shard(0).region_info("d").unwrap();
     assert!(desc.keyed, "{desc:?}");
     assert_eq!(
-        desc.check_keyed_layout().unwrap().unwrap().capacity(),
+        desc.check_keyed_layout(0, 1).unwrap().unwrap().capacity(),
         desc.rows
     );
     // Checkpoints take dynamic tables (store/tests/dynamic_checkpoints.rs has the rest).

@@ -11,8 +11,9 @@
 //!          offset 76  zero padding to 80
 //! ```
 //!
-//! A key's 64-bit hash ([`key_hash`]) picks its bucket (high bits) and its 16-bit digest (low
-//! bits); its row lives in one of the bucket's 32 slots, as in HierarchicalKV's buckets and
+//! A key's 64-bit hash ([`key_hash`]) picks its placement bucket (bits 0..32, [`Routing`]: the
+//! shard, and the group of region buckets that placement bucket owns there), its bucket in that
+//! group (the high bits) and its 16-bit digest (the low bits); its row lives in one of the bucket's 32 slots, as in HierarchicalKV's buckets and
 //! Pilaf's, so a reader that has never seen a key finds it with one read of its bucket and one of
 //! each slot whose digest matches (one in 2,048 lookups of a full bucket reads a second row). The
 //! row carries its key under its checksum ([`crate::row`]): a reader whose bucket image is older
@@ -31,6 +32,7 @@ use std::sync::atomic::AtomicU64;
 use crate::hash::splitmix64;
 use crate::region::WORD;
 use crate::row::{self, RowError, RowLayout, SEQ_BYTES};
+use crate::Routing;
 
 /// Slots per bucket.
 pub const BUCKET_SLOTS: usize = 32;
@@ -71,35 +73,88 @@ pub enum KeyedError {
     },
 }
 
-/// Geometry of one shard's region of a dynamic table.
+/// Geometry of one shard's region of a dynamic table: for each placement bucket the shard owns
+/// (its *groups*, in the order of [`Routing::local_bucket`]), the same number of region buckets
+/// of [`BUCKET_SLOTS`] slots, so that a placement bucket moves between shards with its region
+/// buckets whole (resharding keeps every key in the same entry of the same region bucket of its
+/// group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyedLayout {
+    routing: Routing,
+    groups: u64,
+    per_group: u64,
     buckets: u64,
     row: RowLayout,
 }
 
 impl KeyedLayout {
-    /// The layout for at least `capacity` keyed rows of `dim` (rounded up to whole buckets; see
-    /// [`KeyedLayout::capacity`]). `dim` must be in `1..=row::MAX_DIM`.
-    pub fn new(dim: u32, capacity: u64) -> Result<Self, KeyedError> {
+    /// The layout of shard `shard`'s region of a dynamic table of `dim` and capacity `rows`
+    /// placed by `routing` (`TableSpec::routing` of a dynamic table): each of the shard's
+    /// placement buckets with [`Routing::region_buckets_per_bucket`] region buckets. `dim` must
+    /// be in `1..=row::MAX_DIM`.
+    pub fn for_shard(
+        dim: u32,
+        routing: Routing,
+        shard: u32,
+        rows: u64,
+    ) -> Result<Self, KeyedError> {
+        Self::build(
+            dim,
+            routing,
+            u64::from(routing.buckets_on(shard)),
+            routing.region_buckets_per_bucket(rows),
+        )
+    }
+
+    /// A region of one group: at least `capacity` keyed rows of `dim` (rounded up to whole
+    /// buckets; see [`KeyedLayout::capacity`]), every key in it (a region outside a cluster:
+    /// tests, tools).
+    pub fn with_capacity(dim: u32, capacity: u64) -> Result<Self, KeyedError> {
         if capacity == 0 {
             return Err(KeyedError::NoCapacity);
         }
+        Self::build(
+            dim,
+            Routing::hashed(1, 1),
+            1,
+            capacity.div_ceil(BUCKET_SLOTS as u64),
+        )
+    }
+
+    fn build(dim: u32, routing: Routing, groups: u64, per_group: u64) -> Result<Self, KeyedError> {
+        let buckets = groups.saturating_mul(per_group);
+        if buckets == 0 {
+            return Err(KeyedError::NoCapacity);
+        }
         let row = RowLayout::keyed(dim);
-        let buckets = capacity.div_ceil(BUCKET_SLOTS as u64);
-        let layout = Self { buckets, row };
+        let layout = Self {
+            routing,
+            groups,
+            per_group,
+            buckets,
+            row,
+        };
         let fits = buckets
             .checked_mul(BUCKET_BYTES as u64)
-            .zip(layout.capacity().checked_mul(row.stride() as u64))
+            .zip(
+                buckets
+                    .checked_mul(BUCKET_SLOTS as u64)
+                    .and_then(|c| c.checked_mul(row.stride() as u64)),
+            )
             .and_then(|(b, r)| b.checked_add(r))
             .is_some_and(|total| total <= u64::MAX / 2);
         if !fits {
             return Err(KeyedError::TooLarge {
-                capacity,
+                capacity: buckets.saturating_mul(BUCKET_SLOTS as u64),
                 stride: row.stride(),
             });
         }
         Ok(layout)
+    }
+
+    /// Region buckets of each group (each placement bucket the shard owns).
+    pub fn per_group(&self) -> u64 {
+        self.per_group
     }
 
     /// The keyed rows' layout.
@@ -118,10 +173,13 @@ impl KeyedLayout {
         self.buckets * BUCKET_SLOTS as u64
     }
 
-    /// The bucket of `key`: the high bits of its hash scaled to the bucket count (independent of
-    /// the digest's low bits).
+    /// The bucket of `key`: in its placement bucket's group, the one the high bits of its hash
+    /// pick (independent of the digest's low 16 bits and of the placement bucket's bits 0..32).
+    /// A key of another shard gets a bucket of this region too (never found there).
     pub fn bucket_of(&self, key: u64) -> u64 {
-        (((key_hash(key) >> 16) as u128 * self.buckets as u128) >> 48) as u64
+        let group = u64::from(self.routing.local_bucket(key)) % self.groups;
+        let within = ((key_hash(key) >> 16) as u128 * self.per_group as u128) >> 48;
+        group * self.per_group + within as u64
     }
 
     /// The first slot of bucket `b`; its slots are `[b * BUCKET_SLOTS, (b + 1) * BUCKET_SLOTS)`.
@@ -765,13 +823,16 @@ mod tests {
 
     #[test]
     fn layouts_round_capacity_up_to_whole_buckets_and_refuse_what_cannot_be() {
-        let l = KeyedLayout::new(4, 33).unwrap();
+        let l = KeyedLayout::with_capacity(4, 33).unwrap();
         assert_eq!((l.buckets(), l.capacity()), (2, 64));
         assert_eq!(l.slot_offset(0), 2 * BUCKET_BYTES as u64);
         assert_eq!(l.region_bytes(), 160 + 64 * l.row().stride() as u64);
-        assert_eq!(KeyedLayout::new(4, 0), Err(KeyedError::NoCapacity));
+        assert_eq!(
+            KeyedLayout::with_capacity(4, 0),
+            Err(KeyedError::NoCapacity)
+        );
         assert!(matches!(
-            KeyedLayout::new(1 << 16, u64::MAX / 4),
+            KeyedLayout::with_capacity(1 << 16, u64::MAX / 4),
             Err(KeyedError::TooLarge { .. })
         ));
         // Every key's bucket is in range, including the extremes.
@@ -783,7 +844,7 @@ mod tests {
 
     #[test]
     fn a_one_sided_lookup_decides_nothing_on_a_copy_that_does_not_verify() {
-        let layout = KeyedLayout::new(2, BUCKET_SLOTS as u64).unwrap();
+        let layout = KeyedLayout::with_capacity(2, BUCKET_SLOTS as u64).unwrap();
         let region = Region::anonymous(layout.region_bytes()).unwrap();
         let keyed = KeyedRegion::new(&layout, region.words());
         keyed.format();
@@ -849,7 +910,7 @@ mod tests {
     /// key, under random inserts, updates, removals and evictions of a small region.
     #[test]
     fn placements_follow_a_model_of_buckets_with_lowest_score_eviction() {
-        let layout = KeyedLayout::new(2, 4 * BUCKET_SLOTS as u64).unwrap();
+        let layout = KeyedLayout::with_capacity(2, 4 * BUCKET_SLOTS as u64).unwrap();
         let region = Region::anonymous(layout.region_bytes()).unwrap();
         let keyed = KeyedRegion::new(&layout, region.words());
         keyed.format();

@@ -417,8 +417,9 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         let layout = desc
             .check_layout()
             .map_err(|e| protocol(format!("region descriptor: {e}")))?;
+        let hello = self.control.hello();
         let keyed = desc
-            .check_keyed_layout()
+            .check_keyed_layout(hello.shard, hello.shards)
             .map_err(|e| protocol(format!("region descriptor: {e}")))?;
         let at = self.memory.attach(&desc).map_err(protocol)?;
         let attached = Arc::new(Attached {

@@ -8,8 +8,9 @@
 //! bucket is the key's hash instead: bucket `((splitmix64(k) mod 2^32) * B) >> 32` (the low half
 //! of the hash, independent of the high bits that pick a key's bucket of digests inside its
 //! shard's region, `keyed.rs`), owned by shard `b % S` as above. Such a shard holds no row at a
-//! computed index; it finds keys through its region's buckets, and its capacity is its buckets'
-//! share of the table's.
+//! computed index; it finds keys through its region's buckets, of which each placement bucket
+//! owns the same number on any shard (so a placement bucket moves with its region buckets
+//! whole), and its capacity is its placement buckets' region slots.
 //!
 //! The bucket is the unit of resharding: a table's `B` never changes, so a checkpoint of `S`
 //! shards is moved onto `S'` bucket by bucket (`hetkv checkpoint reshard`).
@@ -122,15 +123,30 @@ impl Routing {
         round * u64::from(self.buckets) + rank * u64::from(self.shards) + u64::from(shard)
     }
 
+    /// The index of `key`'s placement bucket among those its shard owns (bucket `b` is the
+    /// `b / S`-th of shard `b % S`).
+    pub fn local_bucket(&self, key: u64) -> u32 {
+        self.bucket_of(key) / self.shards
+    }
+
+    /// A dynamic table of capacity `rows`: the region buckets (of
+    /// [`BUCKET_SLOTS`](crate::keyed::BUCKET_SLOTS) slots) each placement bucket owns, the same on
+    /// every shard, so that a placement bucket moves between shards with its region buckets
+    /// whole: `ceil(rows / (B * 32))`, at least 1.
+    pub fn region_buckets_per_bucket(&self, rows: u64) -> u64 {
+        let per = u64::from(self.buckets) * crate::keyed::BUCKET_SLOTS as u64;
+        rows.div_ceil(per).max(1)
+    }
+
     /// How many rows of a table of `rows` rows shard `shard` holds: for a dynamic table, at most
-    /// (its buckets' share of the capacity `rows`, rounded up to whole region buckets of 32).
+    /// (its placement buckets times [`Routing::region_buckets_per_bucket`] region buckets of 32
+    /// slots: `rows` rounded up to whole region buckets for every placement bucket).
     pub fn local_rows(&self, rows: u64, shard: u32) -> u64 {
         if self.hashed {
-            // Rounded up to whole buckets of the shard's region (`keyed.rs`).
-            let slots = crate::keyed::BUCKET_SLOTS as u128;
-            let share = u128::from(rows) * u128::from(self.buckets_on(shard));
-            let share = share.div_ceil(u128::from(self.buckets));
-            return u64::try_from(share.div_ceil(slots) * slots).unwrap_or(u64::MAX);
+            let slots = crate::keyed::BUCKET_SLOTS as u64;
+            return u64::from(self.buckets_on(shard))
+                .saturating_mul(self.region_buckets_per_bucket(rows))
+                .saturating_mul(slots);
         }
         let full_rounds = rows / u64::from(self.buckets);
         // The last, partial round holds buckets `[0, rest)`.
@@ -223,10 +239,24 @@ mod tests {
         // Sequential ids (a consecutive vocabulary) are spread too, not striped.
         let seq: Vec<usize> = (0..9u64).map(|k| r.shard_of(k)).collect();
         assert_ne!(seq, (0..9).map(|k| k % 3).collect::<Vec<_>>());
+        // A capacity of 1,000,000 over 4,096 placement buckets: 8 region buckets (256 slots)
+        // each, whatever the shard count, so a bucket moves between shards with its slots.
+        assert_eq!(r.region_buckets_per_bucket(1_000_000), 8);
+        assert_eq!(r.region_buckets_per_bucket(1), 1);
+        assert_eq!(r.region_buckets_per_bucket(4096 * 32), 1);
+        assert_eq!(r.region_buckets_per_bucket(4096 * 32 + 1), 2);
         let caps: Vec<u64> = (0..3).map(|s| r.local_rows(1_000_000, s)).collect();
-        assert!(caps.iter().all(|c| c % 32 == 0), "{caps:?}");
-        assert!(caps.iter().sum::<u64>() >= 1_000_000, "{caps:?}");
-        assert!(caps.iter().sum::<u64>() <= 1_000_000 + 3 * 32, "{caps:?}");
+        assert_eq!(caps, [1366 * 256, 1365 * 256, 1365 * 256]);
+        assert_eq!(caps.iter().sum::<u64>(), 4096 * 256);
+        let one = Routing::hashed(1, 4096).local_rows(1_000_000, 0);
+        assert_eq!(
+            one,
+            caps.iter().sum::<u64>(),
+            "the same capacity on any shard count"
+        );
+        for key in [0, 7, u64::MAX] {
+            assert_eq!(r.local_bucket(key), r.bucket_of(key) / 3);
+        }
         assert_eq!(r.local_on(5, r.shard_of(5) as u32, u64::MAX), None);
     }
 

@@ -431,6 +431,17 @@ impl TableSpec {
         }
     }
 
+    /// The layout of shard `shard`'s region of this dynamic table in a cluster of `shards` (the
+    /// one home of that rule: the daemon's table, its footprint, resharding and one-sided
+    /// readers' descriptors agree through it).
+    pub fn keyed_layout(
+        &self,
+        shard: u32,
+        shards: u32,
+    ) -> Result<crate::keyed::KeyedLayout, crate::keyed::KeyedError> {
+        crate::keyed::KeyedLayout::for_shard(self.dim, self.routing(shards), shard, self.rows)
+    }
+
     /// Rows of this table held by shard `shard` of `shards`: a fixed table's rows there, a
     /// dynamic table's capacity there.
     pub fn local_rows(&self, shard: u32, shards: u32) -> u64 {

@@ -335,19 +335,36 @@ impl RegionDescriptor {
         }
     }
 
-    /// The keyed layout of a dynamic table's region, after the checks of
-    /// [`RegionDescriptor::check_layout`] and that `rows` is a whole number of buckets; `None`
-    /// for a fixed table's region.
-    pub fn check_keyed_layout(&self) -> Result<Option<crate::keyed::KeyedLayout>, String> {
+    /// The keyed layout of a dynamic table's region on shard `shard` of `shards`, after the
+    /// checks of [`RegionDescriptor::check_layout`] and that `rows` is a whole number of region
+    /// buckets for each placement bucket the shard owns; `None` for a fixed table's region.
+    pub fn check_keyed_layout(
+        &self,
+        shard: u32,
+        shards: u32,
+    ) -> Result<Option<crate::keyed::KeyedLayout>, String> {
         if !self.keyed {
             return Ok(None);
         }
         self.check_layout()?;
-        let layout =
-            crate::keyed::KeyedLayout::new(self.dim, self.rows).map_err(|e| e.to_string())?;
+        let routing = self.routing(shards);
+        let slots = u64::from(routing.buckets_on(shard)) * crate::keyed::BUCKET_SLOTS as u64;
+        if slots == 0 || self.rows == 0 || !self.rows.is_multiple_of(slots) {
+            return Err(format!(
+                "{} slots are not whole region buckets for the {} placement buckets of shard \
+                 {shard} of {shards}",
+                self.rows,
+                routing.buckets_on(shard)
+            ));
+        }
+        let per_group = self.rows / slots;
+        // The capacity that gives `per_group` region buckets to each placement bucket.
+        let rows = per_group.saturating_mul(u64::from(self.buckets) * 32);
+        let layout = crate::keyed::KeyedLayout::for_shard(self.dim, routing, shard, rows)
+            .map_err(|e| e.to_string())?;
         if layout.capacity() != self.rows || layout.region_bytes() > self.len {
             return Err(format!(
-                "{} slots in {} bytes are not whole buckets of dim {} rows",
+                "{} slots in {} bytes do not fit dim {} keyed rows",
                 self.rows, self.len, self.dim
             ));
         }

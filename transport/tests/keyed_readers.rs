@@ -53,7 +53,7 @@ struct Tally {
 fn readers_never_accept_another_keys_row_while_slots_are_reused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dynamic.region");
-    let layout = KeyedLayout::new(DIM as u32, 2 * BUCKET_SLOTS as u64).unwrap();
+    let layout = KeyedLayout::with_capacity(DIM as u32, 2 * BUCKET_SLOTS as u64).unwrap();
     let region = Region::file_backed(&path, layout.region_bytes()).unwrap();
     KeyedRegion::new(&layout, region.words()).format();
     let shared = Arc::new(SharedRegion::open(&path).unwrap());

@@ -43,9 +43,14 @@ def test_the_eviction_stream_and_an_export_name_every_key(tmp_path):
     import safetensors.numpy
 
     with hetkv.EmbeddedCluster(shards=1) as cluster:
-        # One shard's share of 64 rows: two region buckets of 32.
+        # 64 rows over 2 placement buckets: one region bucket of 32 each.
         table = cluster.create_table(
-            "small", rows=64, dim=2, optimizer=hetkv.Optimizer.sgd(0.1), dynamic=hetkv.Dynamic()
+            "small",
+            rows=64,
+            dim=2,
+            buckets=2,
+            optimizer=hetkv.Optimizer.sgd(0.1),
+            dynamic=hetkv.Dynamic(),
         )
         ids = np.arange(1, 1001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
         table.push(ids, np.ones((len(ids), 2), dtype=np.float32))

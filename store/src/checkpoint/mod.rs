@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 pub use format::{FileHeader, FileSummary, Kind, Manifest, ManifestTable, RecordShape};
 use format::{RecordView, TableFileReader, TableFileWriter};
-pub use reshard::{reshard, Resharded};
+pub use reshard::reshard;
 
 /// Errors of checkpoints.
 #[derive(Debug, thiserror::Error)]

@@ -15,13 +15,12 @@ use hetkv_transport::keyed::{KeyedLayout, BUCKET_SLOTS};
 /// its rows' versions (as [`CheckpointDir::compact`] makes it). The new checkpoints carry no
 /// client sessions: the push numbers of the old cluster's clients mean nothing to the new shards.
 ///
-/// A dynamic table's keys go to the shard their hashed bucket has over `S'` shards, each into a
-/// slot of its region bucket there, with its value, version, optimizer state, Adam step and
-/// eviction score. A region bucket that receives more than its 32 slots (the new shard's capacity
-/// is its buckets' share of the table's, cut into other region buckets) keeps the 32 highest
-/// scores, as the table's eviction would; the others are counted in [`Resharded::evicted`]. Its
-/// clock on a new shard is the largest of the source shards' clocks, so later LRU scores stay
-/// above every moved one.
+/// A dynamic table's keys go to the shard their placement bucket has over `S'` shards, each into
+/// the same entry of the same region bucket of its placement bucket's group (every placement
+/// bucket owns as many region buckets on any shard count), with its value, version, optimizer
+/// state, Adam step and eviction score: nothing is evicted and every key is found where the new
+/// daemon looks. Its clock on a new shard is the largest of the source shards' clocks, so later
+/// LRU scores stay above every moved one.
 ///
 /// Work: every source file is read once per target; a target's rows of one table are gathered in
 /// memory (that table's share of the new shard, as a daemon of it would hold).
@@ -30,7 +29,7 @@ pub fn reshard(
     name: &str,
     targets: &[CheckpointDir],
     out: &str,
-) -> Result<Resharded, CheckpointError> {
+) -> Result<Vec<Manifest>, CheckpointError> {
     check_name(name)?;
     check_name(out)?;
     let refuse = |m: String| Err(CheckpointError::Refused(m));
@@ -106,18 +105,13 @@ pub fn reshard(
         .iter()
         .map(|t| t.begin(out))
         .collect::<Result<_, _>>()?;
-    let mut evicted = Vec::new();
     for (index, table) in tables.iter().enumerate() {
-        let mut dropped = 0;
         for (target, p) in pending.iter_mut().enumerate() {
             let to = (target as u32, new_shards);
             match dynamic[index] {
                 false => reshard_table(&chains, table, old_shards, to, index, p)?,
-                true => dropped += reshard_keys(&chains, table, old_shards, to, index, p)?,
+                true => reshard_keys(&chains, table, old_shards, to, index, p)?,
             }
-        }
-        if dynamic[index] {
-            evicted.push((table.clone(), dropped));
         }
     }
     let mut manifests = Vec::with_capacity(targets.len());
@@ -129,7 +123,7 @@ pub fn reshard(
             Vec::new(),
         )?);
     }
-    Ok(Resharded { manifests, evicted })
+    Ok(manifests)
 }
 
 /// Writes table `table`'s file for shard `target` of `new_shards` into `pending`: the rows of the
@@ -238,19 +232,10 @@ fn reshard_table(
     Ok(())
 }
 
-/// What [`reshard`] wrote.
-#[derive(Clone, Debug)]
-pub struct Resharded {
-    /// The new checkpoint's manifest on each target, in shard order.
-    pub manifests: Vec<Manifest>,
-    /// Each dynamic table, with the keys its new shards had no room for (the lowest scores of
-    /// region buckets that received more than their slots), which the new checkpoint lacks.
-    pub evicted: Vec<(String, u64)>,
-}
-
 /// Writes dynamic table `table`'s file for shard `target` of `new_shards` into `pending`: the
-/// keys whose hashed bucket that shard owns, gathered from every source shard's chain, each in a
-/// slot of its region bucket there. Returns the keys left out for want of room.
+/// keys whose placement bucket that shard owns, gathered from every source shard's chain, each in
+/// the same entry of the same region bucket of its placement bucket's group as on its source
+/// shard (a group moves whole: every placement bucket owns as many region buckets on any shard).
 fn reshard_keys(
     chains: &[(&CheckpointDir, Vec<Manifest>)],
     table: &str,
@@ -258,8 +243,8 @@ fn reshard_keys(
     (target, new_shards): (u32, u32),
     index: usize,
     pending: &mut PendingCheckpoint,
-) -> Result<u64, CheckpointError> {
-    const SLOTS: usize = BUCKET_SLOTS;
+) -> Result<(), CheckpointError> {
+    const SLOTS: u64 = BUCKET_SLOTS as u64;
     let (dir, chain) = &chains[0];
     let first = dir
         .header_of(chain, table)?
@@ -272,17 +257,26 @@ fn reshard_keys(
             spec.buckets
         )));
     }
-    let routing = spec.routing(new_shards);
-    let capacity = spec.local_rows(target, new_shards);
-    let layout = KeyedLayout::new(spec.dim, capacity)
+    let layouts = |shards: u32| -> Result<Vec<KeyedLayout>, CheckpointError> {
+        (0..shards)
+            .map(|s| {
+                spec.keyed_layout(s, shards)
+                    .map_err(|e| CheckpointError::Refused(format!("table {table}: {e}")))
+            })
+            .collect()
+    };
+    let old = layouts(old_shards)?;
+    let new = spec
+        .keyed_layout(target, new_shards)
         .map_err(|e| CheckpointError::Refused(format!("table {table}: {e}")))?;
+    let routing = spec.routing(new_shards);
     let len = first.shape.len();
-    // Slot `s` of the new region holds record bytes `[s * len, (s + 1) * len)`, its key and
-    // score beside; `held[b]` slots of bucket `b` are taken, from its first.
-    let slots = usize::try_from(layout.capacity()).ok();
+    // Slot `s` of the new region holds record bytes `[s * len, (s + 1) * len)` when `taken[s]`.
+    let slots = usize::try_from(new.capacity()).ok();
     let bytes = slots.and_then(|n| n.checked_mul(len)).ok_or_else(|| {
         CheckpointError::Refused(format!(
-            "table {table}: {capacity} slots on shard {target} do not fit in memory"
+            "table {table}: {} slots on shard {target} do not fit in memory",
+            new.capacity()
         ))
     })?;
     let mut records: Vec<u8> = Vec::new();
@@ -292,11 +286,10 @@ fn reshard_keys(
         ))
     })?;
     records.resize(bytes, 0);
-    let slots = slots.expect("checked above");
-    let (mut keys, mut scores) = (vec![0u64; slots], vec![0u64; slots]);
-    let mut held = vec![0u8; layout.buckets() as usize];
-    let (mut evicted, mut clock) = (0u64, 0u64);
+    let mut taken = vec![false; slots.expect("checked above")];
+    let mut clock = 0u64;
     for (shard, (dir, chain)) in chains.iter().enumerate() {
+        let from = &old[shard];
         dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
             clock = clock.max(h.clock_start);
             if h.spec != spec {
@@ -305,7 +298,7 @@ fn reshard_keys(
                     h.spec, h.shard
                 )));
             }
-            let Some((key, score)) = rec.key_and_score() else {
+            let Some((key, _)) = rec.key_and_score() else {
                 return Err(CheckpointError::Refused(format!(
                     "table {table}: a record without its key on shard {}",
                     h.shard
@@ -314,31 +307,27 @@ fn reshard_keys(
             if routing.shard_of(key) != target as usize {
                 return Ok(());
             }
-            let bucket = layout.bucket_of(key) as usize;
-            let taken = bucket * SLOTS..bucket * SLOTS + held[bucket] as usize;
-            if keys[taken.clone()].contains(&key) {
+            // The key's entry in its region bucket, as written: the slot a daemon restores it to
+            // must be in the key's bucket (checked again there).
+            let (bucket, slot) = (from.bucket_of(key), rec.index());
+            if slot / SLOTS != bucket {
                 return Err(CheckpointError::Refused(format!(
-                    "table {table}: key {key} is held by two source shards"
+                    "table {table}: key {key} in slot {slot} of shard {}, outside its bucket \
+                     {bucket}",
+                    h.shard
                 )));
             }
-            let slot = if taken.len() < SLOTS {
-                held[bucket] += 1;
-                taken.end
-            } else {
-                evicted += 1;
-                // Full: the lowest score leaves (ties: the one already placed stays).
-                let lowest = taken
-                    .min_by_key(|&s| (scores[s], std::cmp::Reverse(s)))
-                    .expect("a full bucket");
-                if scores[lowest] >= score {
-                    return Ok(());
-                }
-                lowest
-            };
-            let room = &mut records[slot * len..(slot + 1) * len];
+            let to = (new.bucket_of(key) * SLOTS + slot % SLOTS) as usize;
+            if std::mem::replace(&mut taken[to], true) {
+                return Err(CheckpointError::Refused(format!(
+                    "table {table}: two keys for slot {to} of shard {target} (key {key} from \
+                     shard {})",
+                    h.shard
+                )));
+            }
+            let room = &mut records[to * len..(to + 1) * len];
             room.copy_from_slice(rec.bytes());
-            room[0..8].copy_from_slice(&(slot as u64).to_le_bytes());
-            (keys[slot], scores[slot]) = (key, score);
+            room[0..8].copy_from_slice(&(to as u64).to_le_bytes());
             Ok(())
         })?;
     }
@@ -346,20 +335,18 @@ fn reshard_keys(
         kind: Kind::Full,
         shard: target,
         shards: new_shards,
-        local_rows: layout.capacity(),
+        local_rows: new.capacity(),
         clock_start: clock,
         spec: spec.clone(),
         shape: first.shape,
     };
     let mut w = pending.table_writer(index, &header)?;
     let path = pending.dir.clone();
-    for (bucket, &n) in held.iter().enumerate() {
-        for slot in bucket * SLOTS..bucket * SLOTS + n as usize {
-            w.next_record(slot as u64)
-                .map_err(|e| CheckpointError::io(&path, e))?
-                .copy_from_slice(&records[slot * len..(slot + 1) * len]);
-        }
+    for slot in (0..taken.len()).filter(|&s| taken[s]) {
+        w.next_record(slot as u64)
+            .map_err(|e| CheckpointError::io(&path, e))?
+            .copy_from_slice(&records[slot * len..(slot + 1) * len]);
     }
     pending.finish_table(table, Kind::Full, w, clock)?;
-    Ok(evicted)
+    Ok(())
 }
