@@ -737,11 +737,12 @@ impl TcpShardClient {
                 Ok(PushResponse {
                     rows: push_rows,
                     updates: h.pushed_updates,
-                    refused: 0,
+                    refused: h.push_refused,
                     duplicate: h.push_duplicate,
                     produced: h.produced,
                     state_len: h.state_len,
                     steps: h.steps,
+                    births: h.births,
                     incarnation: p.incarnation,
                 })
             },

@@ -16,8 +16,9 @@
 //! routing (by hashed bucket, `hetkv_transport::Routing`), pulls and pushes over the protocol,
 //! statistics, and checkpoints (every held row, one record per key with its state and score,
 //! copied bucket by bucket under the bucket's lock). Its region and clock word are described to
-//! one-sided readers (`keyed::SpanFind`). Not yet built around this: caches of dynamic tables,
-//! resharding them, and TTL eviction.
+//! one-sided readers (`keyed::SpanFind`), and each slot carries the birth stamp of its key's
+//! incarnation, which caches check with versions ([`DynamicRows::held_row`]). Not yet built
+//! around this: TTL eviction.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +31,8 @@ use hetkv_transport::row::RowLayout;
 use hetkv_transport::row::{self, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::sketch::FrequencySketch;
 use hetkv_transport::{
-    hash, Admission, Eviction, Initializer, Optimizer, Region, TableInfo, TableSpec, TableStats,
+    hash, Admission, Eviction, Initializer, Optimizer, Produced, Region, TableInfo, TableSpec,
+    TableStats,
 };
 
 use crate::checkpoint::format::{FileHeader, Kind, RecordShape, RecordView, TableFileWriter};
@@ -102,6 +104,21 @@ struct BucketState {
     scores: [u64; BUCKET_SLOTS],
     state: Vec<f32>,
     steps: [u64; BUCKET_SLOTS],
+    /// Each slot's birth stamp: the incarnation of the key it holds, given when the key took the
+    /// slot (never reused by this shard's daemon).
+    born: [u64; BUCKET_SLOTS],
+}
+
+/// A held row as read under its bucket's lock, for a cache: its version, the stamp of its key's
+/// incarnation and its Adam step (its values and optimizer state go where the caller asked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldRow {
+    /// The row's version.
+    pub version: u64,
+    /// The birth stamp of its key's incarnation: a key evicted and admitted again has a new one.
+    pub born: u64,
+    /// Its Adam step (0 for other optimizers).
+    pub step: u64,
 }
 
 /// The state of an admission rule that keeps one (`always` keeps none, so its pushes take no
@@ -179,6 +196,8 @@ pub struct DynamicRows {
     /// Updates applied (the clock of LRU scores): one word in a region of its own, as a fixed
     /// table's, so that one-sided readers read it too.
     clock: Arc<Region>,
+    /// The next birth stamp (from 1: 0 means a key not held).
+    births: AtomicU64,
     resident: AtomicU64,
     refused_updates: AtomicU64,
 }
@@ -234,6 +253,7 @@ impl DynamicRows {
                     scores: [0; BUCKET_SLOTS],
                     state: vec![0.0; BUCKET_SLOTS * state_len],
                     steps: [0; BUCKET_SLOTS],
+                    born: [0; BUCKET_SLOTS],
                 })
             })
             .collect();
@@ -249,6 +269,7 @@ impl DynamicRows {
             admission: Admitter::new(spec.admission, layout.capacity()).map(Mutex::new),
             log: Mutex::new(EvictionLog::default()),
             clock,
+            births: AtomicU64::new(1),
             resident: AtomicU64::new(0),
             refused_updates: AtomicU64::new(0),
         })
@@ -361,8 +382,14 @@ impl DynamicRows {
     /// Applies a checked push's `(key, count, gradient)` rows: a held key takes the optimizer's
     /// step; a key not held is admitted or refused by the table's rule (its updates dropped and
     /// reported), and an admitted key's row starts from its initial value, taking the slot of its
-    /// bucket's lowest score when the bucket is full.
-    pub fn push(&self, push: &DecodedPush) -> Result<PushReport, StoreError> {
+    /// bucket's lowest score when the bucket is full. With `produced`, every row is handed back
+    /// as the push left it, with its birth stamp (a refused key's as version 0, zeros, the initial
+    /// optimizer state and stamp 0: what a pull of it answers).
+    pub fn push(
+        &self,
+        push: &DecodedPush,
+        mut produced: Option<&mut Produced>,
+    ) -> Result<PushReport, StoreError> {
         if push.dim != self.dim {
             return Err(StoreError::WrongDim(format!(
                 "rows of {} values pushed to rows of {}",
@@ -396,6 +423,9 @@ impl DynamicRows {
                         self.refused_updates
                             .fetch_add(u64::from(count), Ordering::Relaxed);
                         report.refused.push((key, count));
+                        if let Some(p) = produced.as_deref_mut() {
+                            self.hand_back_absent(p, n);
+                        }
                         continue;
                     }
                     report.evicted += u64::from(self.take_slot(&mut b, placed, first));
@@ -420,6 +450,15 @@ impl DynamicRows {
                 keyed.write(slot, key, version, &w, &mut image);
             } else {
                 keyed.publish(slot, key, version, &w, &mut image);
+            }
+            if let Some(p) = produced.as_deref_mut() {
+                let state = &b.state[entry * len..(entry + 1) * len];
+                let held = HeldRow {
+                    version,
+                    born: b.born[entry],
+                    step: b.steps[entry],
+                };
+                self.hand_back(p, n, held, &w, state);
             }
             report.applied += u64::from(count);
         }
@@ -498,8 +537,96 @@ impl DynamicRows {
             }
             Slot::Resident { .. } => unreachable!("a resident key takes no slot"),
         };
-        self.restart_state(b, (slot - first) as usize);
+        let entry = (slot - first) as usize;
+        self.restart_state(b, entry);
+        b.born[entry] = self.births.fetch_add(1, Ordering::Relaxed);
         evicted
+    }
+
+    /// Hands back entry `n` of a push as `row` with values `w` and optimizer state `state`.
+    fn hand_back(&self, p: &mut Produced, n: usize, row: HeldRow, w: &[f32], state: &[f32]) {
+        p.indices.push(n as u32);
+        p.versions.push(row.version);
+        p.rows.extend_from_slice(w);
+        p.states.values.extend_from_slice(state);
+        if self.optimizer.has_steps() {
+            p.states.steps.push(row.step);
+        }
+        p.births.push(row.born);
+    }
+
+    /// Hands back entry `n` of a push as a key not held: version 0, zeros, the initial
+    /// optimizer state, stamp 0.
+    fn hand_back_absent(&self, p: &mut Produced, n: usize) {
+        let state = self.initial_state();
+        self.hand_back(p, n, self.absent_row(), &vec![0f32; self.dim], &state);
+    }
+
+    /// `key`'s row as it is now, read under its bucket's lock (so its value, version, optimizer
+    /// state and stamp are of one moment): values into `w`, state into `state` (the table's
+    /// state length), or `None` (`w` and `state` untouched) when the key is not held.
+    pub fn held_row(
+        &self,
+        key: u64,
+        w: &mut [f32],
+        state: &mut [f32],
+    ) -> Result<Option<HeldRow>, StoreError> {
+        let bucket = self.layout.bucket_of(key);
+        let first = self.layout.first_slot(bucket);
+        let b = lock(&self.buckets[bucket as usize]);
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let mut image = vec![0u8; self.layout.row().stride()];
+        let Some(at) = keyed
+            .find(key, &mut image, 1)
+            .map_err(|e| StoreError::Io(format!("row of key {key} under its lock: {e}")))?
+        else {
+            return Ok(None);
+        };
+        let entry = (at.slot - first) as usize;
+        let len = self.state_len;
+        row::decode_payload(self.layout.row(), &image, w);
+        state.copy_from_slice(&b.state[entry * len..(entry + 1) * len]);
+        Ok(Some(HeldRow {
+            version: at.version,
+            born: b.born[entry],
+            step: b.steps[entry],
+        }))
+    }
+
+    /// Hands back every row of a push as it is now (a push sent again, applied before): what
+    /// [`DynamicRows::push`] with `produced` hands back, read again.
+    pub fn hand_back_current(&self, keys: &[u64], p: &mut Produced) -> Result<(), StoreError> {
+        let mut w = vec![0f32; self.dim];
+        let mut state = vec![0f32; self.state_len];
+        for (n, &key) in keys.iter().enumerate() {
+            match self.held_row(key, &mut w, &mut state)? {
+                Some(row) => self.hand_back(p, n, row, &w, &state),
+                None => self.hand_back_absent(p, n),
+            }
+        }
+        Ok(())
+    }
+
+    /// The optimizer-state values of one row.
+    pub fn state_len(&self) -> usize {
+        self.state_len
+    }
+
+    /// What a key not held reads as: version 0, stamp 0 (its values are zeros, which the reader
+    /// replaces with the key's initial value, and its state [`DynamicRows::initial_state`]).
+    pub fn absent_row(&self) -> HeldRow {
+        HeldRow {
+            version: 0,
+            born: 0,
+            step: 0,
+        }
+    }
+
+    /// The optimizer state a row starts with.
+    pub fn initial_state(&self) -> Vec<f32> {
+        let mut state = vec![0f32; self.state_len];
+        self.optimizer.init_state(&mut state);
+        state
     }
 
     /// Starts entry `entry`'s optimizer state and step count again.
@@ -643,7 +770,8 @@ impl DynamicTable {
         self.region_id
     }
 
-    /// Counts `rows` rows read from its region by span reads (the `read` operation).
+    /// Counts `rows` rows read from its region by span reads (the `read` operation) or handed
+    /// to a cache.
     pub fn count_read(&self, rows: u64) {
         self.rows_read.fetch_add(rows, Ordering::Relaxed);
     }
@@ -656,6 +784,11 @@ impl DynamicTable {
     /// Updates applied on this shard.
     pub fn clock(&self) -> u64 {
         self.rows.clock()
+    }
+
+    /// The shape of a row's optimizer state in answers.
+    pub fn state_shape(&self) -> hetkv_transport::StateShape {
+        Optimizer::new(self.spec.optimizer).state_shape(self.spec.dim as usize)
     }
 
     /// Refuses a key that lives on another shard (every u64 is a key of the table).
@@ -709,9 +842,14 @@ impl DynamicTable {
         Ok(push)
     }
 
-    /// Applies a validated push.
-    pub fn apply_push(&self, push: &DecodedPush) -> Result<PushReport, StoreError> {
-        let report = self.rows.push(push)?;
+    /// Applies a validated push; with `produced`, hands back every row as the push left it
+    /// ([`DynamicRows::push`]).
+    pub fn apply_push(
+        &self,
+        push: &DecodedPush,
+        produced: Option<&mut Produced>,
+    ) -> Result<PushReport, StoreError> {
+        let report = self.rows.push(push, produced)?;
         self.rows_pushed
             .fetch_add(push.keys.len() as u64, Ordering::Relaxed);
         Ok(report)
@@ -930,6 +1068,9 @@ impl DynamicTable {
         let len = rows.state_len;
         rec.state_into(&mut state.state[e * len..(e + 1) * len]);
         state.steps[e] = rec.step();
+        // Stamps are not kept: a restored key is a new incarnation (caches read every line of a
+        // restarted daemon again anyway).
+        state.born[e] = rows.births.fetch_add(1, Ordering::Relaxed);
         state.scores[e] = score;
         keyed.publish(slot, key, rec.version(), values, &mut image);
         drop(state);
@@ -1036,12 +1177,10 @@ mod tests {
         counts: &[u32],
         grads: &[f32],
     ) -> Result<PushReport, StoreError> {
-        t.push(&DecodedPush::new(
-            t.dim,
-            keys.to_vec(),
-            counts.to_vec(),
-            grads.to_vec(),
-        )?)
+        t.push(
+            &DecodedPush::new(t.dim, keys.to_vec(), counts.to_vec(), grads.to_vec())?,
+            None,
+        )
     }
 
     /// A dynamic table's spec: `rows` rows at most, dim `dim`.

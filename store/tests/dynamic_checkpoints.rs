@@ -69,7 +69,7 @@ fn train(s: &Shard, rounds: u64, seed: u64) {
             let push = t
                 .validate_push(le_array(&k), le_array(&c), le_array(&g))
                 .unwrap();
-            t.apply_push(&push).unwrap();
+            t.apply_push(&push, None).unwrap();
         }
     }
 }
@@ -194,7 +194,7 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
             let p = d
                 .validate_push(le_array(&k), le_array(&1u32.to_le_bytes()), le_array(&g))
                 .unwrap();
-            d.apply_push(&p).unwrap();
+            d.apply_push(&p, None).unwrap();
         }
     };
     push(100);
@@ -286,7 +286,7 @@ fn train_cluster(shards: &[Shard], rounds: u64, seed: u64) {
                 let push = table
                     .validate_push(le_array(&k), le_array(&c), le_array(&g))
                     .unwrap();
-                table.apply_push(&push).unwrap();
+                table.apply_push(&push, None).unwrap();
             }
         }
     }

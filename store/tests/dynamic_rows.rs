@@ -95,6 +95,7 @@ fn pushes_and_reads_keep_every_update_once_across_evictions() {
                                 vec![-(count as f32); DIM],
                             )
                             .unwrap(),
+                            None,
                         )
                         .unwrap();
                     assert_eq!(report.applied, u64::from(count), "admission is always");

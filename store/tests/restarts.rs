@@ -167,6 +167,7 @@ fn a_carried_push_that_reveals_a_restart_is_read_from_the_new_daemon() {
         table: "t",
         keys: &keys,
         clocks: &clocks,
+        births: None,
         bound: 0,
         since: None,
         push: Some(PushRef::new(&[5], &[1], &grads)),

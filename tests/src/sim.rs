@@ -292,6 +292,7 @@ impl SimShard {
             produced: produced.len() as u32,
             state_len: shape.len as u32,
             steps: shape.steps,
+            births: false,
             incarnation: self.incarnation(),
         }
     }

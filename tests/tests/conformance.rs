@@ -40,6 +40,7 @@ fn stale(
         table,
         keys,
         clocks,
+        births: None,
         bound,
         since,
         push,
@@ -838,6 +839,7 @@ fn states_come_with_rows_and_pushes_hand_back_what_they_produced(kind: &str) {
             table: name,
             keys: &[2, 4, 6],
             clocks: &[NOT_CACHED; 3],
+            births: None,
             bound: 0,
             since: None,
             push: None,
@@ -915,6 +917,7 @@ fn states_come_with_rows_and_pushes_hand_back_what_they_produced(kind: &str) {
             state_keys: 0,
             keys: &[],
             clocks: &[],
+            births: None,
             ..query
         };
         let carried = b.t().pull_if_stale(&query, &mut out);

@@ -120,6 +120,9 @@ pub struct Produced {
     pub rows: Vec<f32>,
     /// Their optimizer state.
     pub states: RowStates,
+    /// A dynamic table's: each row's birth stamp (the incarnation of its key; 0 for a key not
+    /// held). Empty for a fixed table.
+    pub births: Vec<u64>,
 }
 
 impl Produced {
@@ -129,6 +132,7 @@ impl Produced {
         self.versions.clear();
         self.rows.clear();
         self.states.clear();
+        self.births.clear();
     }
 
     /// Rows handed back.
@@ -160,6 +164,9 @@ pub struct StaleRows {
     pub since_held: bool,
     /// The rows the query's push produced and handed back (when the push was applied).
     pub produced: Produced,
+    /// A dynamic table's (the query sent `births`): each returned row's birth stamp. Empty
+    /// otherwise.
+    pub births: Vec<u64>,
     /// The incarnation of the daemon these rows and this clock are of: the answer's (its frame
     /// head), or for a one-sided read the incarnation whose memory was read. 0 where unknown.
     /// A cache never takes rows or a clock of an incarnation other than the one its push was
@@ -177,6 +184,7 @@ impl StaleRows {
         self.table_clock = 0;
         self.since_held = false;
         self.produced.clear();
+        self.births.clear();
         self.incarnation = 0;
     }
 }
@@ -191,6 +199,9 @@ pub struct StaleQuery<'a> {
     pub keys: &'a [u64],
     /// The client's clock of each key, or [`crate::wire::NOT_CACHED`].
     pub clocks: &'a [u64],
+    /// A dynamic table's: the birth stamp of each key's line (0: none, or a key not held); a
+    /// key held under another stamp comes back whatever its version.
+    pub births: Option<&'a [u64]>,
     /// The staleness bound (`u64::MAX`: cached rows never come back).
     pub bound: u64,
     /// A claim about the checks the client did not send, for the shard to verify.

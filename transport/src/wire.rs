@@ -523,6 +523,11 @@ pub struct PullIfStaleRequest {
     /// shard hands back the row it produced wherever the row's version before the push was not
     /// the base ([`PushRequest::bases`]).
     pub push_bases: bool,
+    /// Each key's birth stamp follows the clocks (`keys` x u64, before any pushed row): a cache of
+    /// a dynamic table names the incarnation of the key its line holds (0: a key not held), and a
+    /// key held under another stamp comes back whatever its version. The answer then carries
+    /// the stamps of the rows it returns ([`PullIfStaleResponse::births`]).
+    pub births: bool,
 }
 
 /// The sender of a push and its number: a shard applies each `(client, seq)` once, and
@@ -569,6 +574,9 @@ pub struct PullIfStaleResponse {
     pub since_held: bool,
     /// Updates applied from the rows pushed with the request.
     pub pushed_updates: u64,
+    /// Updates of those rows dropped, not applied: a dynamic table's rows whose key it did not
+    /// admit ([`PushResponse::refused`]).
+    pub push_refused: u64,
     /// Whether those rows had been applied already (the request was sent again): they were
     /// acknowledged without being applied twice.
     pub push_duplicate: bool,
@@ -578,6 +586,9 @@ pub struct PullIfStaleResponse {
     pub steps: bool,
     /// Rows the push produced that are handed back ([`PushResponse::produced`]).
     pub produced: u32,
+    /// The answer ends with the birth stamp of every returned row, then of every row handed back
+    /// (a dynamic table's: `stale + produced` x u64; see [`PullIfStaleRequest::births`]).
+    pub births: bool,
 }
 
 /// Rows to push, as a server reads them from a payload.
@@ -673,6 +684,10 @@ pub struct PushResponse {
     pub state_len: u32,
     /// Whether each handed-back state also carries a u64 step count (Adam).
     pub steps: bool,
+    /// The rows handed back end with their birth stamps (`produced` x u64): a dynamic table's
+    /// rows, all handed back when the push carried bases, each with the stamp of its key's
+    /// incarnation (0: the key is not held, the row its initial value as zeros at version 0).
+    pub births: bool,
     /// The incarnation of the daemon that applied the push, from the answer's frame head: the
     /// push outcome travels with it, never with what a transport last heard. Not encoded in this
     /// header: the transport that decoded the answer fills it in (0 where none did).

@@ -1,6 +1,6 @@
 """Dynamic tables from Python: raw 64-bit ids as torch carries them (int64, negative above 2^63)
-and as numpy uint64, admission after a count of updates, the capacity as ``rows``, and the
-operations not offered yet refused by name."""
+and as numpy uint64, admission after a count of updates, the capacity as ``rows``, caches and
+``hetkv.torch`` modules over raw int64 ids, and bad arguments refused by name."""
 
 import numpy as np
 import pytest
@@ -70,14 +70,42 @@ def test_the_eviction_stream_and_an_export_name_every_key(tmp_path):
         assert sorted(seen + [int(k) for k in held]) == sorted(int(k) for k in ids)
 
 
+def test_caches_and_torch_modules_take_raw_int64_ids():
+    torch = pytest.importorskip("torch")
+    import hetkv.torch
+
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table(
+            "ids",
+            rows=1000,
+            dim=4,
+            buckets=8,
+            init=hetkv.Initializer.normal(std=0.1, seed=3),
+            optimizer=hetkv.Optimizer.sgd(lr=0.5),
+            dynamic=hetkv.Dynamic(),
+        )
+        # Raw ids as a DataLoader yields them: int64, negative above 2^63, one of them twice.
+        ids = torch.tensor([[-6973240437940254719, 0, 5], [2**63 - 1, -1, 5]])
+        flat = ids.reshape(-1).numpy()
+        emb = hetkv.torch.Embedding(table.cached(capacity=0.5, pull_bound=0, push_bound=0))
+        out = emb(ids)
+        before = table.pull(flat)
+        np.testing.assert_array_equal(out.detach().reshape(-1, 4).numpy(), before)
+        out.sum().backward()
+        emb.flush()
+        after = table.pull(flat)
+        # SGD at 0.5 of a gradient of ones per occurrence: id 5, there twice, moved twice as far.
+        counts = np.array([1, 1, 2, 1, 1, 2], dtype=np.float32)[:, None]
+        np.testing.assert_allclose(before - after, 0.5 * counts * np.ones((1, 4)), rtol=1e-5)
+        # The cache's lookups now read the trained rows.
+        np.testing.assert_array_equal(emb(ids).detach().reshape(-1, 4).numpy(), after)
+
+
 def test_what_dynamic_tables_do_not_offer_yet_is_refused_by_name():
     with hetkv.EmbeddedCluster(shards=1) as cluster:
         table = cluster.create_table(
             "d", rows=100, dim=2, optimizer=hetkv.Optimizer.sgd(0.1), dynamic=hetkv.Dynamic()
         )
-        cache = table.cached(capacity=10)
-        with pytest.raises(hetkv.Error, match="caches of dynamic tables"):
-            cache.lookup(np.array([1, 2], dtype=np.uint64))
         with pytest.raises(ValueError, match="lru"):
             hetkv.Dynamic(eviction="fifo")
         with pytest.raises(ValueError, match="not both"):

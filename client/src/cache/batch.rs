@@ -100,6 +100,8 @@ pub(crate) struct Batch {
     /// table clock vouches for the check, and whether the row's optimizer state is wanted.
     pub req_keys: Vec<u64>,
     pub req_clocks: Vec<u64>,
+    /// Each request's birth stamp (a dynamic table's line's; 0 for a miss).
+    pub req_births: Vec<u64>,
     pub req_skipped: Vec<bool>,
     pub req_state: Vec<bool>,
     /// Per shard, the claim covering its skipped checks.
@@ -169,6 +171,7 @@ impl Batch {
         self.req_of_uniq.clear();
         self.req_keys.clear();
         self.req_clocks.clear();
+        self.req_births.clear();
         self.req_skipped.clear();
         self.req_state.clear();
         self.since.clear();
@@ -178,11 +181,12 @@ impl Batch {
     }
 
     /// Adds a request for unique key `u`.
-    pub fn request(&mut self, u: usize, clock: u64, skipped: bool, state: bool) {
+    pub fn request(&mut self, u: usize, clock: u64, born: u64, skipped: bool, state: bool) {
         debug_assert_eq!(self.req_of_uniq.len(), u);
         self.req_of_uniq.push(self.req_keys.len() as u32);
         self.req_keys.push(self.uniq[u]);
         self.req_clocks.push(clock);
+        self.req_births.push(born);
         self.req_skipped.push(skipped);
         self.req_state.push(state);
     }
@@ -233,15 +237,23 @@ pub(crate) struct Replies {
     pub state_at: Vec<u32>,
     /// States, `len` values and (with steps) one step count each.
     pub states: RowStates,
+    /// A dynamic table's: each row's birth stamp.
+    pub births: Vec<u64>,
 }
 
 impl Replies {
     pub fn clear(&mut self) {
         self.requests.clear();
         self.versions.clear();
+        self.births.clear();
         self.rows.clear();
         self.state_at.clear();
         self.states.clear();
+    }
+
+    /// The birth stamp of returned row `i` (0 for a fixed table's).
+    pub fn born(&self, i: usize) -> u64 {
+        self.births.get(i).copied().unwrap_or(0)
     }
 
     /// The state of returned row `i` (values of `len`, and its step count), if one came.

@@ -62,15 +62,6 @@ pub enum CacheError {
         /// The value.
         value: f32,
     },
-    /// A dynamic table: caches of dynamic tables are not built yet.
-    #[error(
-        "table {table} is dynamic: caches of dynamic tables are not built yet (read and write it \
-         with Table::pull and Table::push)"
-    )]
-    DynamicTable {
-        /// Table.
-        table: String,
-    },
     /// The shards' replies do not cover the plan.
     #[error("replies do not match the lookup plan: {0}")]
     Replies(String),
@@ -109,8 +100,11 @@ pub struct LineView {
 pub struct CacheCore {
     pub(super) table: String,
     rows: u64,
-    /// A dynamic table's: not cached yet, every lookup is refused.
-    dynamic: bool,
+    /// A dynamic table's: any u64 key; every hit is checked (with its line's birth stamp), none
+    /// left to the table clock, and a row the shard does not hold takes the key's initial value
+    /// (`spec`'s [`TableSpec::complete_pulled`]).
+    pub(super) dynamic: bool,
+    pub(super) spec: TableSpec,
     pub(super) dim: usize,
     pub(super) optimizer: Optimizer,
     pub(super) state_len: usize,
@@ -160,12 +154,16 @@ impl CacheCore {
             table: spec.name.clone(),
             rows: spec.rows,
             dynamic: spec.is_dynamic(),
+            spec: spec.clone(),
             dim,
             optimizer,
             state_len,
             pull_bound: config.pull_bound.get(),
             push_bound: config.push_bound.get(),
-            lines: Lines::new(capacity, dim, state_len, config.policy),
+            lines: match spec.is_dynamic() {
+                false => Lines::new(capacity, dim, state_len, config.policy),
+                true => Lines::new(capacity, dim, state_len, config.policy).with_births(),
+            },
             clocks: Clocks::new(shards),
             routing: spec.routing(shards as u32),
             queue: PushQueue::default(),
@@ -246,9 +244,7 @@ impl CacheCore {
 
     pub(super) fn check_keys(&self, keys: &[u64]) -> Result<(), CacheError> {
         if self.dynamic {
-            return Err(CacheError::DynamicTable {
-                table: self.table.clone(),
-            });
+            return Ok(());
         }
         match keys.iter().find(|&&k| k >= self.rows) {
             Some(&key) => Err(CacheError::KeyOutOfRange {
@@ -441,10 +437,18 @@ impl CacheCore {
     /// Takes a row a shard handed back for `key` (produced by this cache's push where another
     /// update came between, or the row as it is now after a repeated push): the line's base,
     /// state and version become the shard's, and its pending updates (made since) stay on top.
-    pub(super) fn adopt(&mut self, key: u64, version: u64, row: &[f32], state: &[f32], step: u64) {
+    pub(super) fn adopt(
+        &mut self,
+        key: u64,
+        (version, born): (u64, u64),
+        row: &[f32],
+        state: &[f32],
+        step: u64,
+    ) {
         let Some(slot) = self.lines.slot_of(key) else {
             return;
         };
+        self.lines.set_born(slot, born);
         let shard = self.routing.shard_of(key);
         let fetched_at = self.clocks.foreign_now(shard);
         let m = self.lines.meta_mut(slot);

@@ -42,6 +42,8 @@ pub struct ShardRequest<'a> {
     pub keys: &'a [u64],
     /// Their clocks ([`NOT_CACHED`] for misses).
     pub clocks: &'a [u64],
+    /// A dynamic table's: their lines' birth stamps (0 for misses).
+    pub births: Option<&'a [u64]>,
     /// The first `state_keys` keys want their optimizer state.
     pub state_keys: u32,
     /// The read bound.
@@ -59,6 +61,7 @@ impl<'a> ShardRequest<'a> {
             table,
             keys: self.keys,
             clocks: self.clocks,
+            births: self.births,
             bound: self.bound,
             since: self.since,
             push: self.push,
@@ -86,16 +89,19 @@ pub(crate) struct ShardPlan {
     /// Keys of the first request: those wanting state first (`state_keys` of them).
     keys: Vec<u64>,
     clocks: Vec<u64>,
+    births: Vec<u64>,
     state_keys: u32,
     /// Request index (in the core's lookup requests) of each key.
     origin: Vec<u32>,
     /// The first request's keys that want no state, while it is built.
     tail_keys: Vec<u64>,
     tail_clocks: Vec<u64>,
+    tail_births: Vec<u64>,
     tail_origin: Vec<u32>,
     /// Hits whose checks are left to the table clock (every one wants state).
     skip_keys: Vec<u64>,
     skip_clocks: Vec<u64>,
+    skip_births: Vec<u64>,
     skip_origin: Vec<u32>,
     since: Option<Since>,
     push: PushBatch,
@@ -106,10 +112,12 @@ impl ShardPlan {
         self.stage = Stage::Done;
         self.keys.clear();
         self.clocks.clear();
+        self.births.clear();
         self.state_keys = 0;
         self.origin.clear();
         self.skip_keys.clear();
         self.skip_clocks.clear();
+        self.skip_births.clear();
         self.skip_origin.clear();
         self.since = None;
         self.push.clear();
@@ -144,19 +152,22 @@ impl CacheCore {
         // Requests wanting state go first in each shard's request, then the others (gathered in
         // the plan's tail lists and appended).
         for i in 0..b.req_keys.len() {
-            let (k, c) = (b.req_keys[i], b.req_clocks[i]);
+            let (k, c, born) = (b.req_keys[i], b.req_clocks[i], b.req_births[i]);
             let p = &mut self.plans[self.routing.shard_of(k)];
             if b.req_skipped[i] {
                 p.skip_keys.push(k);
                 p.skip_clocks.push(c);
+                p.skip_births.push(born);
                 p.skip_origin.push(i as u32);
             } else if b.req_state[i] {
                 p.keys.push(k);
                 p.clocks.push(c);
+                p.births.push(born);
                 p.origin.push(i as u32);
             } else {
                 p.tail_keys.push(k);
                 p.tail_clocks.push(c);
+                p.tail_births.push(born);
                 p.tail_origin.push(i as u32);
             }
         }
@@ -164,6 +175,7 @@ impl CacheCore {
             p.state_keys = p.keys.len() as u32;
             p.keys.append(&mut p.tail_keys);
             p.clocks.append(&mut p.tail_clocks);
+            p.births.append(&mut p.tail_births);
             p.origin.append(&mut p.tail_origin);
         }
         self.route_pushes();
@@ -209,6 +221,10 @@ impl CacheCore {
     /// The requests to send now, one per shard at most; empty when the call is complete.
     pub fn requests(&self) -> Vec<ShardRequest<'_>> {
         let bound = self.pull_bound;
+        let dynamic = self.dynamic;
+        fn births(dynamic: bool, b: &[u64]) -> Option<&[u64]> {
+            dynamic.then_some(b)
+        }
         let skip_state = |p: &ShardPlan| {
             if self.has_state() {
                 p.skip_keys.len() as u32
@@ -226,13 +242,16 @@ impl CacheCore {
                     kind: RequestKind::Push,
                     keys: &[],
                     clocks: &[],
+                    births: None,
                     state_keys: 0,
                     bound,
                     since: None,
                     push: p.push_ref(),
                 }),
                 Stage::First => {
-                    let plain = p.push.is_empty()
+                    // A dynamic table's rows come with their birth stamps: never a plain pull.
+                    let plain = !self.dynamic
+                        && p.push.is_empty()
                         && p.skip_keys.is_empty()
                         && p.state_keys == 0
                         && p.clocks.iter().all(|&c| c == NOT_CACHED);
@@ -245,6 +264,7 @@ impl CacheCore {
                         },
                         keys: &p.keys,
                         clocks: &p.clocks,
+                        births: births(dynamic, &p.births),
                         state_keys: p.state_keys,
                         bound,
                         since: p.since,
@@ -256,6 +276,7 @@ impl CacheCore {
                     kind: RequestKind::PullIfStale,
                     keys: &p.skip_keys,
                     clocks: &p.skip_clocks,
+                    births: births(dynamic, &p.skip_births),
                     state_keys: skip_state(p),
                     bound,
                     since: None,
@@ -374,6 +395,7 @@ impl CacheCore {
             || p.rows.len() != n * dim
             || p.states.values.len() != n * len
             || (steps && p.states.steps.len() != n)
+            || (self.dynamic && p.births.len() != n)
             || p.indices.iter().any(|&i| i as usize >= batch.len())
         {
             return Err(CacheError::Replies(format!(
@@ -383,12 +405,16 @@ impl CacheCore {
                 batch.len()
             )));
         }
+        let mut row = vec![0f32; dim];
         for j in 0..n {
             let key = batch.keys[p.indices[j] as usize];
-            let row = &p.rows[j * dim..(j + 1) * dim];
+            row.copy_from_slice(&p.rows[j * dim..(j + 1) * dim]);
+            // A key the shard does not hold (it refused the push) is its initial value.
+            self.spec.complete_pulled(key, p.versions[j], &mut row);
             let state = &p.states.values[j * len..(j + 1) * len];
             let step = p.states.steps.get(j).copied().unwrap_or(0);
-            self.adopt(key, p.versions[j], row, state, step);
+            let born = p.births.get(j).copied().unwrap_or(0);
+            self.adopt(key, (p.versions[j], born), &row, state, step);
         }
         Ok(())
     }
@@ -429,6 +455,7 @@ impl CacheCore {
         let steps = self.optimizer.has_steps();
         if reply.rows.len() != reply.indices.len() * self.dim
             || reply.versions.len() != reply.indices.len()
+            || (self.dynamic && reply.births.len() != reply.indices.len())
             || reply.indices.iter().any(|&i| i as usize >= origin.len())
             || reply.states.values.len() != with_state * len
             || (steps && reply.states.steps.len() != with_state)
@@ -459,7 +486,20 @@ impl CacheCore {
             });
         }
         self.replies.versions.extend_from_slice(&reply.versions);
+        let first_row = self.replies.rows.len();
         self.replies.rows.extend_from_slice(&reply.rows);
+        if self.dynamic {
+            self.replies.births.extend_from_slice(&reply.births);
+            // A key the shard does not hold is its initial value (the one rule,
+            // `TableSpec::complete_pulled`).
+            let dim = self.dim;
+            for (j, &i) in reply.indices.iter().enumerate() {
+                let key = self.batch.req_keys[origin[i as usize] as usize];
+                let at = first_row + j * dim;
+                let row = &mut self.replies.rows[at..at + dim];
+                self.spec.complete_pulled(key, reply.versions[j], row);
+            }
+        }
         self.replies
             .states
             .values
@@ -502,6 +542,8 @@ impl CacheCore {
         origin.extend_from_slice(&p.skip_origin);
         p.skip_clocks.clear();
         p.skip_clocks.resize(keys.len(), NOT_CACHED);
+        p.skip_births.clear();
+        p.skip_births.resize(keys.len(), 0);
         p.skip_keys = keys;
         p.skip_origin = origin;
         p.stage = Stage::FollowUp;

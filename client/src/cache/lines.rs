@@ -74,6 +74,10 @@ pub(crate) struct Lines {
     values: Vec<f32>,
     free: Vec<u32>,
     policy: Box<dyn EvictionPolicy>,
+    /// A dynamic table's: each slot's birth stamp (the incarnation of its key whose row the base
+    /// is; 0 for a key the shard did not hold). Empty for a fixed table, whose lines' meta stay
+    /// one cache line.
+    born: Vec<u64>,
 }
 
 impl Lines {
@@ -89,6 +93,25 @@ impl Lines {
             values: vec![0.0; capacity * stride],
             free: (0..capacity as u32).rev().collect(),
             policy: policy::build(policy, capacity),
+            born: Vec::new(),
+        }
+    }
+
+    /// Keeps a birth stamp for every slot (a dynamic table's lines).
+    pub fn with_births(mut self) -> Self {
+        self.born = vec![0; self.capacity];
+        self
+    }
+
+    /// The birth stamp of the row in `slot` (0 for a fixed table's).
+    pub fn born(&self, slot: u32) -> u64 {
+        self.born.get(slot as usize).copied().unwrap_or(0)
+    }
+
+    /// Sets the birth stamp of the row in `slot` (nothing for a fixed table's).
+    pub fn set_born(&mut self, slot: u32, born: u64) {
+        if let Some(b) = self.born.get_mut(slot as usize) {
+            *b = born;
         }
     }
 

@@ -31,7 +31,7 @@ impl CacheCore {
             if slot == NIL {
                 self.stats.misses += 1;
                 self.lines.record(self.batch.uniq[u]);
-                self.batch.request(u, NOT_CACHED, false, all_state);
+                self.batch.request(u, NOT_CACHED, 0, false, all_state);
                 continue;
             }
             self.stats.hits += 1;
@@ -40,7 +40,7 @@ impl CacheCore {
             if m.revalidate {
                 // Its shard restarted: read the row again, whatever its clock says.
                 self.stats.version_checks += 1;
-                self.batch.request(u, NOT_CACHED, false, true);
+                self.batch.request(u, NOT_CACHED, 0, false, true);
                 continue;
             }
             if !check_hits {
@@ -54,7 +54,8 @@ impl CacheCore {
             } else {
                 self.stats.version_checks += 1;
             }
-            self.batch.request(u, clock, skipped, true);
+            let born = self.lines.born(slot);
+            self.batch.request(u, clock, born, skipped, true);
         }
         let b = &mut self.batch;
         b.reserved_of_uniq.clear();
@@ -91,7 +92,13 @@ impl CacheCore {
     /// `fetched_at`) can be left to the table clock, and if so, narrows that shard's claim to
     /// what this line can absorb. The line lacks at most `foreign_now - fetched_at` updates; it
     /// is valid while that is at most `bound + p`.
+    ///
+    /// A dynamic table's checks are never left out: a key evicted and admitted again changes
+    /// its row without the clock counting it.
     fn covered_by_clock(&mut self, key: u64, p: u32, fetched_at: u64) -> bool {
+        if self.dynamic {
+            return false;
+        }
         let shard = self.routing.shard_of(key);
         let allowance = self.pull_bound.saturating_add(u64::from(p));
         let Some(slack) = self.clocks.slack(shard, allowance, fetched_at) else {
@@ -224,6 +231,7 @@ impl CacheCore {
                 m.c_s = version;
                 m.step = step;
                 m.fetched_at = fetched_at;
+                self.lines.set_born(slot, replies.born(i));
                 let line = self.lines.parts_mut(slot);
                 line.base
                     .copy_from_slice(&replies.rows[i * dim..(i + 1) * dim]);
@@ -261,6 +269,7 @@ impl CacheCore {
             }
             let (values, step) = state.unwrap_or((&[], 0));
             self.lines.fill(slot, key, version, fresh, values);
+            self.lines.set_born(slot, replies.born(i));
             let fetched_at = self.clocks.foreign_now(self.routing.shard_of(key));
             let m = self.lines.meta_mut(slot);
             m.fetched_at = fetched_at;

@@ -40,6 +40,7 @@ fn look_up(core: &mut CacheCore, keys: &[u64], version: u64, value: f32, state: 
             values: state.repeat(asked),
             steps: vec![0; asked],
         },
+        births: Vec::new(),
     };
     let mut out = vec![0f32; keys.len() * core.dim];
     core.finish_lookup(&replies, &mut out, None).unwrap();

@@ -211,8 +211,8 @@ impl Shard {
         }
         match reg.dynamic(name) {
             Some(_) => Err(StoreError::Unsupported(format!(
-                "table {name} is dynamic: it is served by pull, push, assign and one-sided reads \
-                 (caches of dynamic tables are not built yet)"
+                "table {name} is dynamic: this operation is a fixed table's (rows at computed \
+                 indices)"
             ))),
             None => Err(StoreError::UnknownTable(name.to_string())),
         }

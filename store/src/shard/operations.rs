@@ -72,6 +72,9 @@ impl Shard {
         req: &codec::pull_if_stale::Request<'_>,
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
+        if let Some(t) = self.dynamic_table(&req.header.table) {
+            return self.pull_stale_dynamic(&t, req, resp);
+        }
         let t = self.table(&req.header.table)?;
         // Everything is validated before anything changes: the pushed rows and the keys.
         let pushed = req
@@ -123,16 +126,18 @@ impl Shard {
             table_clock,
             since_held,
             pushed_updates,
+            push_refused: 0,
             push_duplicate,
             state_len: shape.len as u32,
             steps: shape.steps,
             produced: produced.len() as u32,
+            births: false,
         };
         t.read_rows_into(
             &locals,
             &mut codec::pull_if_stale::respond(resp, header, &stale, n_state)?,
         );
-        codec::pull_if_stale::finish(resp, &header, &produced)?;
+        codec::pull_if_stale::finish(resp, &header, &produced, &[])?;
         Ok(())
     }
 
@@ -193,14 +198,15 @@ impl Shard {
             produced: produced.len() as u32,
             state_len: shape.len as u32,
             steps: shape.steps,
+            births: false,
             incarnation: self.incarnation(),
         };
         codec::push::respond(resp, header, &produced)?;
         Ok(())
     }
 
-    /// A push to a dynamic table, applied once per origin. It hands back no rows (caches of
-    /// dynamic tables are not built): a push that asks for them (`bases`) is refused.
+    /// A push to a dynamic table, applied once per origin. A push that carries bases (a cache's)
+    /// gets every row handed back as the push left it, with its birth stamp.
     fn push_dynamic(
         &self,
         t: &DynamicTable,
@@ -208,40 +214,148 @@ impl Shard {
         resp: &mut Response<'_>,
     ) -> Result<(), StoreError> {
         let r = &req.rows;
-        if r.bases.is_some() {
-            return Err(StoreError::Unsupported(format!(
-                "table {} is dynamic: its pushes hand back no rows (caches of dynamic tables are \
-                 not built yet)",
-                t.spec().name
-            )));
-        }
         let push = t.validate_push(r.keys, r.counts, r.grads)?;
-        let (report, duplicate) = match self.sessions.claim(req.origin)? {
-            Claim::Fresh(ticket) => {
-                let report = t.apply_push(&push)?;
-                ticket.applied();
-                (report, false)
-            }
-            // Acknowledged again with what the push carried: what it did the first time is not
-            // kept (its refused updates were counted then).
-            Claim::Repeat => (
-                PushReport {
-                    applied: push.counts().iter().map(|&c| u64::from(c)).sum(),
-                    ..PushReport::default()
-                },
-                true,
-            ),
-        };
+        let shape = t.state_shape();
+        let produce = r.bases.is_some();
+        if produce {
+            codec::push::check_room(resp, push.keys().len(), t.spec().dim as usize, shape)?;
+        }
+        let mut produced = Produced::default();
+        let (report, duplicate) =
+            self.apply_dynamic_once(t, req.origin, &push, produce, &mut produced)?;
         let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
         let header = PushResponse {
             rows: push.keys().len() as u32,
             updates: report.applied,
             refused,
             duplicate,
+            produced: produced.len() as u32,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+            births: produce,
             incarnation: self.incarnation(),
-            ..PushResponse::default()
         };
-        codec::push::respond(resp, header, &Produced::default())?;
+        codec::push::respond(resp, header, &produced)?;
+        Ok(())
+    }
+
+    /// Applies a validated push to a dynamic table once per origin; with `produce`, every row is
+    /// handed back in `produced` (for a push applied before, as it is now). Returns what the push
+    /// did and whether it was a repeat.
+    fn apply_dynamic_once(
+        &self,
+        t: &DynamicTable,
+        origin: hetkv_transport::wire::Origin,
+        push: &crate::dynamic::DecodedPush,
+        produce: bool,
+        produced: &mut Produced,
+    ) -> Result<(PushReport, bool), StoreError> {
+        match self.sessions.claim(origin)? {
+            Claim::Fresh(ticket) => {
+                let report = t.apply_push(push, produce.then_some(produced))?;
+                ticket.applied();
+                Ok((report, false))
+            }
+            // Acknowledged again with what the push carried: what it did the first time is not
+            // kept (its refused updates were counted then).
+            Claim::Repeat => {
+                if produce {
+                    t.rows().hand_back_current(push.keys(), produced)?;
+                }
+                let report = PushReport {
+                    applied: push.counts().iter().map(|&c| u64::from(c)).sum(),
+                    ..PushReport::default()
+                };
+                Ok((report, true))
+            }
+        }
+    }
+
+    /// A conditional pull of a dynamic table (a cache's): every key whose line is of another
+    /// incarnation of it (its birth stamp) or stale by its version comes back, with its stamp,
+    /// each read under its bucket's lock with its optimizer state. A claim about checks left out
+    /// is never held: evictions change rows without counting in the clock, so a cache of a
+    /// dynamic table sends every check.
+    fn pull_stale_dynamic(
+        &self,
+        t: &DynamicTable,
+        req: &codec::pull_if_stale::Request<'_>,
+        resp: &mut Response<'_>,
+    ) -> Result<(), StoreError> {
+        let pushed = req
+            .push
+            .map(|p| t.validate_push(p.keys, p.counts, p.grads).map(|d| (p, d)))
+            .transpose()?;
+        t.check_keys(req.keys.iter())?;
+        let dim = t.spec().dim as usize;
+        let shape = t.state_shape();
+        let n = req.keys.len();
+        if let Some((_, d)) = &pushed {
+            codec::pull_if_stale::check_room(resp, n, d.keys().len(), dim, shape)?;
+        }
+        let mut produced = Produced::default();
+        let (report, push_duplicate) = match &pushed {
+            Some((p, d)) => {
+                let origin = req.header.origin.ok_or_else(|| {
+                    StoreError::Malformed("a carried push must be numbered (its origin)".into())
+                })?;
+                self.apply_dynamic_once(t, origin, d, p.bases.is_some(), &mut produced)?
+            }
+            None => (PushReport::default(), false),
+        };
+        let table_clock = t.clock();
+        let birth = |j: usize| req.births.as_ref().map_or(0, |b| b.get(j));
+        // Each key read once under its lock; the stale ones are kept (value, version, state).
+        let (mut w, mut state) = (vec![0f32; dim], vec![0f32; shape.len]);
+        let mut stale = Vec::new();
+        let mut rows: Vec<(crate::dynamic::HeldRow, Vec<f32>, Vec<f32>)> = Vec::new();
+        for (j, key) in req.keys.iter().enumerate() {
+            let row = match t.rows().held_row(key, &mut w, &mut state)? {
+                Some(row) => (row, w.clone(), state.clone()),
+                None => (
+                    t.rows().absent_row(),
+                    vec![0f32; dim],
+                    t.rows().initial_state(),
+                ),
+            };
+            if row.0.born != birth(j)
+                || is_stale(row.0.version, req.clocks.get(j), req.header.bound)
+            {
+                stale.push(j as u32);
+                rows.push(row);
+            }
+        }
+        let n_state = stale
+            .iter()
+            .take_while(|&&j| j < req.header.state_keys)
+            .count();
+        let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
+        let header = PullIfStaleResponse {
+            stale: stale.len() as u32,
+            dim: t.spec().dim,
+            table_clock,
+            since_held: req.header.since.is_none(),
+            pushed_updates: report.applied,
+            push_refused: refused,
+            push_duplicate,
+            state_len: shape.len as u32,
+            steps: shape.steps,
+            produced: produced.len() as u32,
+            births: true,
+        };
+        let mut out = codec::pull_if_stale::respond(resp, header, &stale, n_state)?;
+        let mut payload = Vec::with_capacity(4 * dim);
+        for (j, (row, w, state)) in rows.iter().enumerate() {
+            payload.clear();
+            payload.extend(w.iter().flat_map(|v| v.to_le_bytes()));
+            out.put(j, row.version, &payload);
+            if j < n_state {
+                out.put_state(j, state, row.step);
+            }
+        }
+        let births: Vec<u64> = rows.iter().map(|(row, _, _)| row.born).collect();
+        codec::pull_if_stale::finish(resp, &header, &produced, &births)?;
+        t.count_read(rows.len() as u64);
         Ok(())
     }
 

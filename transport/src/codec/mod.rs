@@ -119,11 +119,13 @@ fn put_produced(
     resp: &mut Response<'_>,
     produced: &Produced,
     shape: StateShape,
+    births: bool,
 ) -> Result<(), WireError> {
     let n = produced.indices.len();
     let bytes = 4 * n + 8 * n + 4 * produced.rows.len() + 4 * produced.states.values.len();
     let steps = if shape.steps { 8 * n } else { 0 };
-    resp.reserve_payload((bytes + steps) as u64)?;
+    let stamps = if births { 8 * n } else { 0 };
+    resp.reserve_payload((bytes + steps + stamps) as u64)?;
     let out = resp.payload();
     put_u32s(out, &produced.indices);
     put_u64s(out, &produced.versions);
@@ -132,17 +134,22 @@ fn put_produced(
     if shape.steps {
         put_u64s(out, &produced.states.steps);
     }
+    if births {
+        put_u64s(out, &produced.births);
+    }
     Ok(())
 }
 
-/// Reads `n` produced rows of `dim` with state `shape` from the whole of `bytes` into `out`,
-/// checking the indices against the `push_rows` rows pushed.
+/// Reads `n` produced rows of `dim` with state `shape` (and, with `births`, their birth stamps)
+/// from the whole of `bytes` into `out`, checking the indices against the `push_rows` rows
+/// pushed.
 fn take_produced(
     bytes: &[u8],
     n: usize,
     dim: usize,
     shape: StateShape,
     push_rows: usize,
+    births: bool,
     out: &mut Produced,
 ) -> Result<(), FrameError> {
     out.clear();
@@ -154,6 +161,7 @@ fn take_produced(
             (n.saturating_mul(dim), 4),
             (n.saturating_mul(shape.len), 4),
             (if shape.steps { n } else { 0 }, 8),
+            (if births { n } else { 0 }, 8),
         ],
     )?;
     let indices: U32s<'_> = le_array(p[0]);
@@ -162,6 +170,7 @@ fn take_produced(
     out.versions.extend(le_array::<u64>(p[1]).iter());
     out.rows.extend(le_array::<f32>(p[2]).iter());
     take_states(p[3], p[4], &mut out.states);
+    out.births.extend(le_array::<u64>(p[5]).iter());
     Ok(())
 }
 
@@ -227,6 +236,7 @@ mod tests {
             table: "t",
             keys: &[1, 2, 3],
             clocks: &[0, u64::MAX, 4],
+            births: None,
             bound: 5,
             since: None,
             push,
@@ -286,6 +296,7 @@ mod tests {
                 values: vec![0.1, 0.2, 0.3, 0.4],
                 steps: vec![3],
             },
+            births: vec![],
         }
     }
 
@@ -311,17 +322,19 @@ mod tests {
             table_clock: 1,
             since_held: true,
             pushed_updates: 1,
+            push_refused: 0,
             push_duplicate: false,
             state_len: 4,
             steps: true,
             produced: 1,
+            births: false,
         };
         let mut w = pull_if_stale::respond(&mut resp, header, &[1, 2], 1).unwrap();
         assert_eq!(w.state_rows(), 1);
         w.put(0, 5, &[0u8; 8]);
         w.put(1, 6, &[0u8; 8]);
         w.put_state(0, &[1.0, 2.0, 3.0, 4.0], 11);
-        pull_if_stale::finish(&mut resp, &header, &produced()).unwrap();
+        pull_if_stale::finish(&mut resp, &header, &produced(), &[]).unwrap();
         let mut out = StaleRows::default();
         pull_if_stale::decode_response(&answer(&mut f), &q, &mut out).unwrap();
         assert_eq!(out.indices, [1, 2]);
@@ -329,6 +342,30 @@ mod tests {
         assert_eq!(out.states.values, [1.0, 2.0, 3.0, 4.0]);
         assert_eq!(out.states.steps, [11]);
         assert_eq!(out.produced, produced());
+        assert!(out.births.is_empty());
+
+        // A dynamic table's answer ends with the returned and produced rows' birth stamps.
+        let stamped = Produced {
+            births: vec![23],
+            ..produced()
+        };
+        let mut f = Vec::new();
+        let mut resp = Response::new(&mut f, Op::PullIfStale as u8, DEFAULT_MAX_FRAME, 7);
+        let header = PullIfStaleResponse {
+            births: true,
+            ..header
+        };
+        let mut w = pull_if_stale::respond(&mut resp, header, &[1, 2], 1).unwrap();
+        w.put(0, 5, &[0u8; 8]);
+        w.put(1, 6, &[0u8; 8]);
+        w.put_state(0, &[1.0, 2.0, 3.0, 4.0], 11);
+        pull_if_stale::finish(&mut resp, &header, &stamped, &[21, 22]).unwrap();
+        pull_if_stale::decode_response(&answer(&mut f), &q, &mut out).unwrap();
+        assert_eq!(
+            (out.versions.as_slice(), out.births.as_slice()),
+            (&[5, 6][..], &[21, 22][..])
+        );
+        assert_eq!(out.produced, stamped);
 
         // A push's answer hands its produced rows back.
         let mut f = Vec::new();
@@ -346,6 +383,19 @@ mod tests {
         let h = push::decode_response(&answer(&mut f), 1, 2, &mut got).unwrap();
         assert_eq!((h.rows, h.produced), (1, 1));
         assert_eq!(got, produced());
+        let mut g = Vec::new();
+        let mut resp = Response::new(&mut g, Op::Push as u8, DEFAULT_MAX_FRAME, 7);
+        push::respond(
+            &mut resp,
+            PushResponse {
+                births: true,
+                ..header
+            },
+            &stamped,
+        )
+        .unwrap();
+        push::decode_response(&answer(&mut g), 1, 2, &mut got).unwrap();
+        assert_eq!(got, stamped);
         // An index beyond the push's rows is refused.
         assert!(push::decode_response(&answer(&mut f), 0, 2, &mut got).is_err());
     }
@@ -375,15 +425,17 @@ mod tests {
             table_clock: 1,
             since_held: true,
             pushed_updates: 0,
+            push_refused: 0,
             push_duplicate: false,
             state_len: 0,
             steps: false,
             produced: 0,
+            births: false,
         };
         let mut w = pull_if_stale::respond(&mut resp, header, &[2, 0], 0).unwrap();
         w.put(0, 1, &0f32.to_le_bytes());
         w.put(1, 1, &0f32.to_le_bytes());
-        pull_if_stale::finish(&mut resp, &header, &Produced::default()).unwrap();
+        pull_if_stale::finish(&mut resp, &header, &Produced::default(), &[]).unwrap();
         let mut out = StaleRows::default();
         let err =
             pull_if_stale::decode_response(&answer(&mut f), &query(None, 0), &mut out).unwrap_err();

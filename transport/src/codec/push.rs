@@ -59,7 +59,7 @@ pub fn check_room(
     dim: usize,
     shape: StateShape,
 ) -> Result<(), WireError> {
-    let per_row = row_with_state_bytes(dim, shape);
+    let per_row = row_with_state_bytes(dim, shape).saturating_add(8);
     resp.check_fits(HEADER_BOUND.saturating_add((rows as u64).saturating_mul(per_row)))
 }
 
@@ -74,7 +74,7 @@ pub fn respond(
         len: header.state_len as usize,
         steps: header.steps,
     };
-    put_produced(resp, produced, shape)
+    put_produced(resp, produced, shape, header.births)
 }
 
 /// Decodes an answer to a push of `rows` rows of `dim` into `produced`; returns the header.
@@ -90,7 +90,7 @@ pub fn decode_response(
         steps: h.steps,
     };
     let n = h.produced as usize;
-    take_produced(parts.payload, n, dim, shape, rows, produced)?;
+    take_produced(parts.payload, n, dim, shape, rows, h.births, produced)?;
     if h.rows as usize != rows {
         return Err(malformed(format!(
             "a push of {rows} rows answered for {}",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hetkv import Cache, KeyOutOfRangeError
+from ._hetkv import Cache
 
 __all__ = ["Embedding", "EmbeddingBag"]
 
@@ -68,9 +68,9 @@ def _unique(input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
         raise TypeError(f"keys must be an integer tensor (int64 or int32), not {input.dtype}")
     flat = input.reshape(-1)
     uniq, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-    if uniq.numel() and int(uniq[0]) < 0:
-        raise KeyOutOfRangeError(f"key {int(uniq[0])} is negative")
-    keys = uniq.to("cpu", torch.int64).numpy().astype(np.uint64)
+    # An int64 key is its u64 bit pattern (a raw 64-bit feature id above 2^63 is negative in
+    # torch): a dynamic table takes any; a fixed table names a key outside it.
+    keys = uniq.to("cpu", torch.int64).numpy().view(np.uint64)
     return keys, inverse
 
 
