@@ -15,6 +15,11 @@ device instead: the upper bound when a table fits. The report says samples/s, th
 logloss over time, and the planted model's AUC from ``criteo.json`` (the ceiling).
 
 Without ``--cluster`` the shards run in this process (``hetkv.EmbeddedCluster``).
+
+``--raw-ids`` keys the table by raw 64-bit feature ids, as a log carries them (each field's
+value hashed with the field, negative above 2^63 as torch's int64 holds them), in a dynamic
+table of ``--raw-capacity`` rows (admission always, LFU eviction): no vocabulary, no
+``hash % buckets + offset`` mapping to keep beside the model.
 """
 
 import argparse
@@ -35,10 +40,24 @@ FIELDS = 26
 DENSE = 13
 
 
-def read_tsv(path, field_ids):
+MASK = (1 << 64) - 1
+
+
+def raw_id(field, value):
+    """The raw 64-bit id of `value` (the field's hex string, or None when missing) in `field`:
+    a SplitMix64 mix of both, as torch's int64 holds it (negative above 2^63)."""
+    z = ((field << 56) ^ (int(value, 16) if value else MASK >> 8)) & MASK
+    z = (z + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    z ^= z >> 31
+    return z - (1 << 64) if z >> 63 else z
+
+
+def read_tsv(path, field_ids, raw=False):
     """Labels, dense features (log(1 + x)) and global keys of a Criteo TSV file; keys map each
     field's id into its range of the table (the last row of a field stands for "missing"), as
-    ``hetkv-bench`` does."""
+    ``hetkv-bench`` does, or with `raw` are raw 64-bit ids ([`raw_id`])."""
     offsets = np.concatenate([[0], np.cumsum(np.asarray(field_ids, dtype=np.int64) + 1)[:-1]])
     labels, dense, keys = [], [], []
     with open(path) as f:
@@ -51,7 +70,10 @@ def read_tsv(path, field_ids):
             row = []
             for field, c in enumerate(cols[1 + DENSE :]):
                 ids = field_ids[field]
-                row.append(offsets[field] + (int(c, 16) % ids if c else ids))
+                if raw:
+                    row.append(raw_id(field, c))
+                else:
+                    row.append(offsets[field] + (int(c, 16) % ids if c else ids))
             keys.append(row)
     return (
         torch.tensor(labels, dtype=torch.float32),
@@ -122,6 +144,8 @@ def main(argv=None):
     p.add_argument("--cache", type=float, default=0.1, help="cache capacity, a fraction of the rows (0: none)")
     p.add_argument("--bound", type=int, default=100, help="pull and push bounds")
     p.add_argument("--torch-embedding", action="store_true", help="torch.nn.Embedding on the device instead of hetkv")
+    p.add_argument("--raw-ids", action="store_true", help="raw 64-bit ids in a dynamic table (see the module's doc)")
+    p.add_argument("--raw-capacity", type=int, help="the dynamic table's rows with --raw-ids (default: the ids' count)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--test-fraction", type=float, default=0.1)
     p.add_argument("--eval-every", type=float, default=0.0, help="seconds between test evaluations (0: at the end)")
@@ -135,15 +159,19 @@ def main(argv=None):
     device = torch.device(args.device)
     with open(args.report) as f:
         report = json.load(f)
+    if args.raw_ids and args.torch_embedding:
+        sys.exit("--raw-ids keys a hetkv dynamic table; torch.nn.Embedding needs dense keys")
     if args.npz and os.path.exists(args.npz):
         parsed = np.load(args.npz)
         labels, dense, keys = (torch.from_numpy(parsed[k]) for k in ("labels", "dense", "keys"))
     else:
-        labels, dense, keys = read_tsv(args.tsv, report["field_ids"])
+        labels, dense, keys = read_tsv(args.tsv, report["field_ids"], raw=args.raw_ids)
         if args.npz:
             np.savez(args.npz, labels=labels.numpy(), dense=dense.numpy(), keys=keys.numpy())
     rows = int(report["table_rows"])
-    if int(keys.max()) >= rows:
+    if args.raw_ids:
+        rows = args.raw_capacity or rows
+    elif int(keys.max()) >= rows:
         sys.exit(f"a key {int(keys.max())} is outside the table of {rows} rows: is --report this file's?")
     n_test = max(1, int(len(labels) * args.test_fraction))
     train, test = slice(0, len(labels) - n_test), slice(len(labels) - n_test, len(labels))
@@ -168,12 +196,13 @@ def main(argv=None):
             dim=1 + args.dim,
             init=hetkv.Initializer.normal(std=0.01, seed=args.seed),
             optimizer=hetkv.Optimizer.adagrad(lr=args.lr),
+            dynamic=hetkv.Dynamic(eviction="lfu") if args.raw_ids else None,
         )
         capacity = 0 if args.cache <= 0 else args.cache
         cache = table.cached(capacity=capacity, policy="lfu", pull_bound=args.bound, push_bound=args.bound)
         # Keys stay on the host; the rows go to the model's device.
         embedding = hetkv.torch.Embedding(cache, device=device)
-        what = f"hetkv (cache {args.cache:g}, bounds {args.bound}, {len(cluster.addrs)} shards" + (
+        what = f"hetkv ({'raw ids, ' if args.raw_ids else ''}cache {args.cache:g}, bounds {args.bound}, {len(cluster.addrs)} shards" + (
             f", emulated {args.emulated_link_gbps:g} Gbit/s link)" if args.emulated_link_gbps else ")"
         )
     hidden = [int(h) for h in args.hidden.split(",") if h]

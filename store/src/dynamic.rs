@@ -30,6 +30,7 @@ use hetkv_transport::keyed::{
 use hetkv_transport::row::RowLayout;
 use hetkv_transport::row::{self, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::sketch::FrequencySketch;
+use hetkv_transport::wire::NO_BASE;
 use hetkv_transport::{
     hash, Admission, Eviction, Initializer, Optimizer, Produced, Region, TableInfo, TableSpec,
     TableStats,
@@ -382,13 +383,18 @@ impl DynamicRows {
     /// Applies a checked push's `(key, count, gradient)` rows: a held key takes the optimizer's
     /// step; a key not held is admitted or refused by the table's rule (its updates dropped and
     /// reported), and an admitted key's row starts from its initial value, taking the slot of its
-    /// bucket's lowest score when the bucket is full. With `produced`, every row is handed back
-    /// as the push left it, with its birth stamp (a refused key's as version 0, zeros, the initial
-    /// optimizer state and stamp 0: what a pull of it answers).
+    /// bucket's lowest score when the bucket is full. With `produced` and the rows' base versions
+    /// (a cache's push; [`hetkv_transport::wire::NO_BASE`] for a row it holds no line of), the
+    /// rows a line cannot work out itself are handed back as the push left them, with their birth
+    /// stamps: a row whose version before the push was not its base, a key this push admitted
+    /// (its line holds it as not held, stamp 0), and a key refused (as version 0, zeros, the
+    /// initial optimizer state and stamp 0: what a pull of it answers, so the line drops the step
+    /// it took). A line of another incarnation whose base happens to match is not told here: its
+    /// stamp is checked at its next lookup, and a dynamic table's lookups check every hit.
     pub fn push(
         &self,
         push: &DecodedPush,
-        mut produced: Option<&mut Produced>,
+        mut produced: Option<(&mut Produced, &[u64])>,
     ) -> Result<PushReport, StoreError> {
         if push.dim != self.dim {
             return Err(StoreError::WrongDim(format!(
@@ -423,8 +429,10 @@ impl DynamicRows {
                         self.refused_updates
                             .fetch_add(u64::from(count), Ordering::Relaxed);
                         report.refused.push((key, count));
-                        if let Some(p) = produced.as_deref_mut() {
-                            self.hand_back_absent(p, n);
+                        if let Some((p, bases)) = produced.as_mut() {
+                            if bases[n] != NO_BASE {
+                                self.hand_back_absent(p, n);
+                            }
                         }
                         continue;
                     }
@@ -443,6 +451,7 @@ impl DynamicRows {
                 &mut state[entry * len..(entry + 1) * len],
                 &mut steps[entry],
             );
+            let before = version;
             let version = version.saturating_add(u64::from(count));
             // The clock moves before the row does (see `clock`).
             self.updated(&mut b, entry, version, count);
@@ -451,14 +460,18 @@ impl DynamicRows {
             } else {
                 keyed.publish(slot, key, version, &w, &mut image);
             }
-            if let Some(p) = produced.as_deref_mut() {
-                let state = &b.state[entry * len..(entry + 1) * len];
-                let held = HeldRow {
-                    version,
-                    born: b.born[entry],
-                    step: b.steps[entry],
-                };
-                self.hand_back(p, n, held, &w, state);
+            if let Some((p, bases)) = produced.as_mut() {
+                let admitted = !matches!(placed, Slot::Resident { .. });
+                let base = bases[n];
+                if base != NO_BASE && (admitted || base != before) {
+                    let state = &b.state[entry * len..(entry + 1) * len];
+                    let held = HeldRow {
+                        version,
+                        born: b.born[entry],
+                        step: b.steps[entry],
+                    };
+                    self.hand_back(p, n, held, &w, state);
+                }
             }
             report.applied += u64::from(count);
         }
@@ -842,12 +855,12 @@ impl DynamicTable {
         Ok(push)
     }
 
-    /// Applies a validated push; with `produced`, hands back every row as the push left it
-    /// ([`DynamicRows::push`]).
+    /// Applies a validated push; with `produced` and the rows' bases, hands back the rows a
+    /// cache's lines cannot work out ([`DynamicRows::push`]).
     pub fn apply_push(
         &self,
         push: &DecodedPush,
-        produced: Option<&mut Produced>,
+        produced: Option<(&mut Produced, &[u64])>,
     ) -> Result<PushReport, StoreError> {
         let report = self.rows.push(push, produced)?;
         self.rows_pushed

@@ -73,6 +73,15 @@ pub struct TrainArgs {
     /// Cardinality scale of the Criteo-like data.
     #[arg(long, default_value_t = 0.01)]
     pub scale: f64,
+    /// Train on raw 64-bit feature ids (those a log carries: `CriteoSynth::raw_id`) in a dynamic
+    /// embedding table (admission always, LFU eviction) instead of dense keys in a fixed one.
+    #[arg(long)]
+    pub raw_ids: bool,
+    /// With `--raw-ids`: the dynamic table's capacity in rows. Default: the rows the fixed
+    /// table's memory holds as dynamic rows (its footprint over `dynamic::bytes_per_row`), so
+    /// the two runs compare at the same memory.
+    #[arg(long)]
+    pub raw_capacity: Option<u64>,
     /// Seed of the data.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -211,6 +220,8 @@ impl TrainArgs {
             batch: 256,
             lr: 0.1,
             scale: 0.01,
+            raw_ids: false,
+            raw_capacity: None,
             seed: 1,
             servers: Vec::new(),
             eval_servers: Vec::new(),

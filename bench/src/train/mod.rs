@@ -130,12 +130,14 @@ pub(super) struct WorkerResult {
     samples: usize,
 }
 
-/// The model's tables: `ctr_emb` (one row per key) and `ctr_dense` (the dense parameters end to
-/// end, in rows of [`Net::dense_width`]; zeros until the coordinator assigns [`Net::init`]).
+/// The model's tables: `ctr_emb` (one row per key; with `raw` a dynamic table of that capacity
+/// instead, see [`raw_capacity`]) and `ctr_dense` (the dense parameters end to end, in rows of
+/// [`Net::dense_width`]; zeros until the coordinator assigns [`Net::init`]).
 pub(super) fn tables(
     net: &Net,
     rows: u64,
     (emb, dense): (OptimizerSpec, OptimizerSpec),
+    raw: Option<u64>,
 ) -> [TableSpec; 2] {
     let spec = |name: &str, rows: u64, dim: usize, init, optimizer| TableSpec {
         name: name.into(),
@@ -146,17 +148,25 @@ pub(super) fn tables(
         buckets: hetkv_transport::DEFAULT_BUCKETS,
         dynamic: None,
     };
+    let mut embeddings = spec(
+        "ctr_emb",
+        rows,
+        net.dim(),
+        Initializer::Normal {
+            std: 0.01,
+            seed: 17,
+        },
+        emb,
+    );
+    if let Some(capacity) = raw {
+        embeddings.rows = capacity;
+        embeddings.dynamic = Some(hetkv_transport::DynamicSpec {
+            admission: hetkv_transport::Admission::Always,
+            eviction: hetkv_transport::Eviction::Lfu,
+        });
+    }
     [
-        spec(
-            "ctr_emb",
-            rows,
-            net.dim(),
-            Initializer::Normal {
-                std: 0.01,
-                seed: 17,
-            },
-            emb,
-        ),
+        embeddings,
         spec(
             "ctr_dense",
             net.dense_rows() as u64,
@@ -173,6 +183,8 @@ pub(super) struct Data {
     train: Vec<Sample>,
     test: Vec<Sample>,
     train_keys: Vec<[u64; CATEGORICAL]>,
+    /// Keys are raw ids (`--raw-ids`).
+    raw: bool,
 }
 
 impl Data {
@@ -185,14 +197,37 @@ impl Data {
             train,
             test,
             train_keys: Vec::new(),
+            raw: args.raw_ids,
         };
         data.train_keys = data.train.iter().map(|s| data.keys(s)).collect();
         Ok(data)
     }
 
     fn keys(&self, s: &Sample) -> [u64; CATEGORICAL] {
-        std::array::from_fn(|f| self.synth.key(f, Some(s.ids[f])))
+        std::array::from_fn(|f| {
+            let key = self.synth.key(f, Some(s.ids[f]));
+            match self.raw {
+                true => self.synth.raw_id(key),
+                false => key,
+            }
+        })
     }
+}
+
+/// The capacity of the dynamic embedding table of a `--raw-ids` run: `--raw-capacity`, or the
+/// rows that the fixed table of every id (`fixed`) holds in its memory as dynamic rows.
+pub(super) fn raw_capacity(args: &TrainArgs, fixed: &TableSpec) -> u64 {
+    args.raw_capacity.unwrap_or_else(|| {
+        let dynamic = TableSpec {
+            dynamic: Some(hetkv_transport::DynamicSpec {
+                admission: hetkv_transport::Admission::Always,
+                eviction: hetkv_transport::Eviction::Lfu,
+            }),
+            ..fixed.clone()
+        };
+        let bytes = hetkv_store::Table::footprint(fixed, 0, 1) as f64;
+        (bytes / hetkv_store::dynamic::bytes_per_row(&dynamic)) as u64
+    })
 }
 
 /// Trains and evaluates: starts (or joins) the cluster, creates the tables, runs the workers as
@@ -237,7 +272,19 @@ pub fn run(args: &TrainArgs) -> Result<TrainReport> {
     // The coordinator's evaluations go on through a restart too (the workers report it).
     admin.set_on_rollback(OnRollback::Continue);
     let net = args.net()?;
-    let specs = tables(&net, data.synth.table_rows(), args.optimizers());
+    let rows = data.synth.table_rows();
+    let [fixed, _] = tables(&net, rows, args.optimizers(), None);
+    let raw = args.raw_ids.then(|| raw_capacity(args, &fixed));
+    if let Some(capacity) = raw {
+        // The report names the capacity the run had.
+        settings.raw_capacity = Some(capacity);
+        tracing::info!(
+            capacity,
+            ids = rows,
+            "raw ids: a dynamic embedding table (the fixed one would hold every id)"
+        );
+    }
+    let specs = tables(&net, rows, args.optimizers(), raw);
     let handles: Vec<Table> = specs
         .iter()
         .map(|s| admin.create_table(s))

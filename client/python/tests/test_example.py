@@ -1,5 +1,6 @@
 """examples/python/deepfm.py runs end to end on a small Criteo-like data set, through hetkv with
-a cache, without one, and with torch.nn.Embedding, and learns (well above chance)."""
+a cache, without one, with torch.nn.Embedding, and on raw 64-bit ids in a dynamic table, and learns
+(well above chance)."""
 
 import importlib.util
 import subprocess
@@ -29,8 +30,13 @@ def example():
 
 @pytest.mark.parametrize(
     "extra",
-    [["--cache", "0.1", "--bound", "100"], ["--cache", "0", "--bound", "0"], ["--torch-embedding"]],
-    ids=["cached", "no-cache", "torch-embedding"],
+    [
+        ["--cache", "0.1", "--bound", "100"],
+        ["--cache", "0", "--bound", "0"],
+        ["--torch-embedding"],
+        ["--cache", "0.1", "--bound", "100", "--raw-ids"],
+    ],
+    ids=["cached", "no-cache", "torch-embedding", "raw-ids"],
 )
 def test_the_deepfm_example_learns(data, extra):
     out = example().main(

@@ -220,9 +220,15 @@ impl Shard {
         if produce {
             codec::push::check_room(resp, push.keys().len(), t.spec().dim as usize, shape)?;
         }
+        let bases: Vec<u64> = (0..push.keys().len()).map(|n| r.base(n)).collect();
         let mut produced = Produced::default();
-        let (report, duplicate) =
-            self.apply_dynamic_once(t, req.origin, &push, produce, &mut produced)?;
+        let (report, duplicate) = self.apply_dynamic_once(
+            t,
+            req.origin,
+            &push,
+            produce.then_some(&bases[..]),
+            &mut produced,
+        )?;
         let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
         let header = PushResponse {
             rows: push.keys().len() as u32,
@@ -239,27 +245,28 @@ impl Shard {
         Ok(())
     }
 
-    /// Applies a validated push to a dynamic table once per origin; with `produce`, every row is
-    /// handed back in `produced` (for a push applied before, as it is now). Returns what the push
-    /// did and whether it was a repeat.
+    /// Applies a validated push to a dynamic table once per origin; with the rows' `bases` (a
+    /// cache's push), the rows its lines cannot work out are handed back in `produced`
+    /// ([`crate::dynamic::DynamicRows::push`]; for a push applied before, every row as it is
+    /// now). Returns what the push did and whether it was a repeat.
     fn apply_dynamic_once(
         &self,
         t: &DynamicTable,
         origin: hetkv_transport::wire::Origin,
         push: &crate::dynamic::DecodedPush,
-        produce: bool,
+        bases: Option<&[u64]>,
         produced: &mut Produced,
     ) -> Result<(PushReport, bool), StoreError> {
         match self.sessions.claim(origin)? {
             Claim::Fresh(ticket) => {
-                let report = t.apply_push(push, produce.then_some(produced))?;
+                let report = t.apply_push(push, bases.map(|b| (produced, b)))?;
                 ticket.applied();
                 Ok((report, false))
             }
             // Acknowledged again with what the push carried: what it did the first time is not
             // kept (its refused updates were counted then).
             Claim::Repeat => {
-                if produce {
+                if bases.is_some() {
                     t.rows().hand_back_current(push.keys(), produced)?;
                 }
                 let report = PushReport {
@@ -299,7 +306,9 @@ impl Shard {
                 let origin = req.header.origin.ok_or_else(|| {
                     StoreError::Malformed("a carried push must be numbered (its origin)".into())
                 })?;
-                self.apply_dynamic_once(t, origin, d, p.bases.is_some(), &mut produced)?
+                let bases: Vec<u64> = (0..d.keys().len()).map(|n| p.base(n)).collect();
+                let bases = p.bases.is_some().then_some(&bases[..]);
+                self.apply_dynamic_once(t, origin, d, bases, &mut produced)?
             }
             None => (PushReport::default(), false),
         };
