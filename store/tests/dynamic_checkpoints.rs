@@ -41,37 +41,10 @@ fn shard(dir: &Path) -> Shard {
     Shard::new(c).unwrap()
 }
 
-/// Pushes `rounds` batches of keys from a space of 2,000 (8x the capacity: evictions), with
+/// Pushes `rounds` batches of 16 keys from a space of 2,000 (8x the capacity: evictions), with
 /// pseudo-random gradients, to every dynamic table of `s`. The same seed gives the same pushes.
 fn train(s: &Shard, rounds: u64, seed: u64) {
-    let mut x = seed;
-    let mut next = move || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        x >> 33
-    };
-    for t in s.dynamic_tables() {
-        for _ in 0..rounds {
-            let mut keys: Vec<u64> = (0..16)
-                .map(|_| hetkv_transport::hash::splitmix64(next() % 2000))
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
-            let k: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
-            let c: Vec<u8> = keys
-                .iter()
-                .flat_map(|_| (1 + (next() % 3) as u32).to_le_bytes())
-                .collect();
-            let g: Vec<u8> = (0..keys.len() * DIM)
-                .flat_map(|_| ((next() % 1000) as f32 / 1000.0 - 0.5).to_le_bytes())
-                .collect();
-            let push = t
-                .validate_push(le_array(&k), le_array(&c), le_array(&g))
-                .unwrap();
-            t.apply_push(&push, None).unwrap();
-        }
-    }
+    train_on(std::slice::from_ref(s), rounds, seed, (16, 2000));
 }
 
 /// Every record of every table file of checkpoint `name`, by table: the bytes of each.
@@ -250,8 +223,10 @@ fn shard_of(dir: &Path, i: u32, n: u32) -> Shard {
     Shard::new(c).unwrap()
 }
 
-/// `train` over a cluster: each key pushed to the shard its hashed bucket names.
-fn train_cluster(shards: &[Shard], rounds: u64, seed: u64) {
+/// Pushes `rounds` batches of `per_batch` keys from a space of `space` ids, with pseudo-random
+/// gradients, to every dynamic table of the cluster `shards`, each key to the shard its hashed
+/// bucket names. The same seed gives the same pushes.
+fn train_on(shards: &[Shard], rounds: u64, seed: u64, (per_batch, space): (usize, u64)) {
     let mut x = seed;
     let mut next = move || {
         x = x
@@ -263,8 +238,8 @@ fn train_cluster(shards: &[Shard], rounds: u64, seed: u64) {
     for t in 0..shards[0].dynamic_tables().len() {
         let routing = shards[0].dynamic_tables()[t].spec().routing(n);
         for _ in 0..rounds {
-            let mut keys: Vec<u64> = (0..24)
-                .map(|_| hetkv_transport::hash::splitmix64(next() % 3000))
+            let mut keys: Vec<u64> = (0..per_batch)
+                .map(|_| hetkv_transport::hash::splitmix64(next() % space))
                 .collect();
             keys.sort_unstable();
             keys.dedup();
@@ -335,7 +310,7 @@ fn a_dynamic_table_moves_onto_another_shard_count_key_by_key() {
         })
         .unwrap();
     }
-    train_cluster(&shards, 400, 9);
+    train_on(&shards, 400, 9, (24, 3000));
     for s in &shards {
         for t in s.dynamic_tables() {
             assert_eq!(t.rows().resident(), t.capacity(), "full, and evicting");

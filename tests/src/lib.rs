@@ -130,6 +130,16 @@ fn closed_by_peer(e: &std::io::Error) -> bool {
     }
 }
 
+/// Every optimizer the shards offer, at the learning rates the exactness tests train with.
+pub fn every_optimizer() -> [OptimizerSpec; 4] {
+    [
+        OptimizerSpec::sgd(0.1),
+        OptimizerSpec::adagrad(0.1),
+        OptimizerSpec::rowwise_adagrad(0.1),
+        OptimizerSpec::adam(0.01),
+    ]
+}
+
 /// A table spec for tests: uniform init, SGD.
 pub fn sgd_table(name: &str, rows: u64, dim: u32, lr: f32) -> TableSpec {
     TableSpec {

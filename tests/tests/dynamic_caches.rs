@@ -8,22 +8,13 @@
 use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
-use hetkv_tests::TestRng;
+use hetkv_tests::{every_optimizer, TestRng};
 use hetkv_transport::hash::splitmix64;
 use hetkv_transport::{Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, TableSpec};
 
 const DIM: usize = 8;
 /// Ids in play: four times the tables' capacity.
 const IDS: u64 = 1024;
-
-fn optimizers() -> [OptimizerSpec; 4] {
-    [
-        OptimizerSpec::sgd(0.1),
-        OptimizerSpec::adagrad(0.1),
-        OptimizerSpec::rowwise_adagrad(0.1),
-        OptimizerSpec::adam(0.01),
-    ]
-}
 
 /// A dynamic table of 256 rows over the cluster (8 placement buckets of one region bucket each).
 fn spec(name: &str, optimizer: OptimizerSpec, admission: Admission) -> TableSpec {
@@ -106,7 +97,7 @@ fn a_cache_of_a_dynamic_table_at_bounds_0_trains_the_rows_no_cache_trains_across
     .unwrap();
     let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
     for kind in [TransportKind::Tcp, TransportKind::Shm] {
-        for optimizer in optimizers() {
+        for optimizer in every_optimizer() {
             for admission in [Admission::Always, Admission::Threshold { count: 2 }] {
                 let name = format!(
                     "{}_{kind:?}_{}",

@@ -6,20 +6,11 @@
 use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, Cluster, PolicyKind, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
-use hetkv_tests::TestRng;
+use hetkv_tests::{every_optimizer, TestRng};
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
 const ROWS: u64 = 64;
 const DIM: usize = 8;
-
-fn optimizers() -> [OptimizerSpec; 4] {
-    [
-        OptimizerSpec::sgd(0.1),
-        OptimizerSpec::adagrad(0.1),
-        OptimizerSpec::rowwise_adagrad(0.1),
-        OptimizerSpec::adam(0.01),
-    ]
-}
 
 fn spec(name: &str, optimizer: OptimizerSpec) -> TableSpec {
     TableSpec {
@@ -120,7 +111,7 @@ fn a_cache_at_bounds_0_trains_the_rows_no_cache_trains_under_every_optimizer() {
     let dir = tempfile::tempdir().unwrap();
     let cluster = cluster(&dir);
     for kind in [TransportKind::Tcp, TransportKind::Shm] {
-        for optimizer in optimizers() {
+        for optimizer in every_optimizer() {
             let name = format!("{}_{kind:?}", optimizer.name()).to_lowercase();
             let admin = connect(&cluster, TransportKind::Tcp);
             admin
@@ -164,7 +155,7 @@ fn a_lone_worker_s_lines_are_the_shards_rows_after_a_flush_at_any_write_bound() 
     let dir = tempfile::tempdir().unwrap();
     let cluster = cluster(&dir);
     for kind in [TransportKind::Tcp, TransportKind::Shm] {
-        for optimizer in optimizers() {
+        for optimizer in every_optimizer() {
             for bound in [1u64, 7, 100] {
                 let name = format!("l_{}_{kind:?}_{bound}", optimizer.name()).to_lowercase();
                 connect(&cluster, TransportKind::Tcp)

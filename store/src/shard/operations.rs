@@ -206,7 +206,8 @@ impl Shard {
     }
 
     /// A push to a dynamic table, applied once per origin. A push that carries bases (a cache's)
-    /// gets every row handed back as the push left it, with its birth stamp.
+    /// gets back, with their birth stamps, the rows its lines cannot work out
+    /// ([`crate::dynamic::DynamicRows::push`]).
     fn push_dynamic(
         &self,
         t: &DynamicTable,
