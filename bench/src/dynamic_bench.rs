@@ -9,7 +9,9 @@
 //!    the documented bytes a row times the capacity.
 //! 2. **Pulls, dynamic beside fixed**: the same batches pulled from the dynamic table (raw ids)
 //!    and from a fixed table holding every id (dense keys), alternating batch by batch: rows/s of
-//!    each and their ratio.
+//!    each and their ratio; with `--one-sided`, the same again read one-sidedly through shared
+//!    memory (the daemon's CPU out of the reads: a dynamic table's key costs its bucket and its
+//!    row, a fixed table's its row).
 //! 3. **A flood** (`--flood N`): N ids never seen before pushed into a dynamic table capped at
 //!    `--flood-cap` rows, while another client pulls the fixed table: the daemon's memory after,
 //!    the rows held, and the other client's pulls served and their slowest batch.
@@ -61,6 +63,10 @@ pub struct DynamicArgs {
     /// The flooded table's capacity in rows.
     #[arg(long, default_value_t = 1_000_000)]
     pub flood_cap: u64,
+    /// Phase 2 also reads both tables one-sidedly, through shared memory (the daemon then
+    /// exposes its regions in a temporary directory).
+    #[arg(long)]
+    pub one_sided: bool,
     /// The `hetkv` binary [default: beside this one].
     #[arg(long)]
     pub hetkv: Option<PathBuf>,
@@ -108,6 +114,9 @@ pub struct DynamicReport {
     pub fixed_scattered_pull_rows_per_s: f64,
     /// Phase 2: dynamic over the fixed table in the same order of memory.
     pub pull_ratio_same_order: f64,
+    /// Phase 2 with `--one-sided`: rows/s of one-sided reads of the dynamic table, of the fixed
+    /// table, and their ratio.
+    pub one_sided: Option<[f64; 3]>,
     /// Phase 3: the flooded table (absent when skipped).
     pub flood: Option<Flood>,
 }
@@ -131,14 +140,21 @@ pub struct Flood {
 struct Daemon {
     child: Child,
     addr: String,
+    /// Where it exposes its regions, when it does.
+    _shm: Option<tempfile::TempDir>,
 }
 
 impl Daemon {
-    fn start(binary: &PathBuf) -> Result<Self> {
+    fn start(binary: &PathBuf, one_sided: bool) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
-        let child = Command::new(binary)
-            .args(["serve", "--listen", &addr, "--shard", "0", "--shards", "1"])
+        let shm = one_sided.then(tempfile::tempdir).transpose()?;
+        let mut command = Command::new(binary);
+        command.args(["serve", "--listen", &addr, "--shard", "0", "--shards", "1"]);
+        if let Some(dir) = &shm {
+            command.arg("--shm-dir").arg(dir.path());
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -150,7 +166,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Self { child, addr })
+        Ok(Self {
+            child,
+            addr,
+            _shm: shm,
+        })
     }
 
     /// Resident bytes (`VmRSS`).
@@ -260,7 +280,7 @@ pub fn run(args: &DynamicArgs) -> Result<DynamicReport> {
             .context("this binary's directory")?
             .join("hetkv"),
     };
-    let daemon = Daemon::start(&binary)?;
+    let daemon = Daemon::start(&binary, args.one_sided)?;
     let cluster = Cluster::connect_tcp(&[daemon.addr.as_str()], &ClientConfig::default())?;
     let dim = args.dim as usize;
     let init = match args.init.as_str() {
@@ -323,6 +343,37 @@ pub fn run(args: &DynamicArgs) -> Result<DynamicReport> {
         dynamic_rate / fixed_rate,
         dynamic_rate / fixed_scattered_rate
     );
+    let one_sided = if args.one_sided {
+        let shm = Cluster::connect(
+            &[daemon.addr.as_str()],
+            hetkv_client::TransportKind::Shm,
+            &ClientConfig::default(),
+        )?;
+        let (raw, fixed) = (shm.open_table("raw")?, shm.open_table("fixed")?);
+        let mut t = [Duration::ZERO; 2];
+        let mut rows = 0u64;
+        for b in 0..args.pull_batches {
+            let (dense, ids) = batch_keys(&mut synth, args.batch);
+            out.resize(ids.len() * dim, 0.0);
+            let pulls: [(&Table, &[u64]); 2] = [(&raw, &ids), (&fixed, &dense)];
+            for i in 0..2 {
+                let which = (i + b as usize) % 2;
+                let (table, keys) = pulls[which];
+                let start = Instant::now();
+                table.pull(keys, &mut out, None)?;
+                t[which] += start.elapsed();
+            }
+            rows += ids.len() as u64;
+        }
+        let [d, f] = t.map(|d| rows as f64 / d.as_secs_f64());
+        eprintln!(
+            "one-sided reads (shared memory): dynamic {d:.0} rows/s, fixed {f:.0} rows/s ({:.3}x)",
+            d / f
+        );
+        Some([d, f, d / f])
+    } else {
+        None
+    };
 
     // Phase 3: a flood of new ids while another client pulls the fixed table.
     let flood = if args.flood == 0 {
@@ -394,6 +445,7 @@ pub fn run(args: &DynamicArgs) -> Result<DynamicReport> {
         pull_ratio: dynamic_rate / fixed_rate,
         fixed_scattered_pull_rows_per_s: fixed_scattered_rate,
         pull_ratio_same_order: dynamic_rate / fixed_scattered_rate,
+        one_sided,
         flood,
     })
 }

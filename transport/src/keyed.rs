@@ -627,26 +627,42 @@ pub struct SpanFind<'k> {
     bucket_of_key: Vec<u32>,
     /// Candidate reads: (key index, slot), keys in order, a key's slots in bucket order.
     rows: Vec<(u32, u64)>,
-    /// Candidate reads not yet verified.
-    torn_rows: Vec<usize>,
+    /// Whether each candidate read's copy verified.
+    verified: Vec<bool>,
     found: Vec<Found>,
 }
 
 impl<'k> SpanFind<'k> {
     /// The lookup of `keys` in a region of `layout`.
     pub fn new(layout: KeyedLayout, keys: &'k [u64]) -> Self {
-        let mut index = std::collections::HashMap::with_capacity(keys.len());
         let mut buckets = Vec::new();
-        let bucket_of_key = keys
-            .iter()
-            .map(|&k| {
-                let b = layout.bucket_of(k);
-                *index.entry(b).or_insert_with(|| {
-                    buckets.push(b);
-                    buckets.len() as u32 - 1
+        let mut first_seen = |b: u64| {
+            buckets.push(b);
+            buckets.len() as u32 - 1
+        };
+        // Distinct buckets by a table over the region's buckets when it is not much larger than
+        // the batch (one store and one load a key), else by a map.
+        let bucket_of_key = if layout.buckets() <= 16 * keys.len() as u64 + 4096 {
+            let mut index = vec![u32::MAX; layout.buckets() as usize];
+            keys.iter()
+                .map(|&k| {
+                    let b = layout.bucket_of(k);
+                    let at = &mut index[b as usize];
+                    if *at == u32::MAX {
+                        *at = first_seen(b);
+                    }
+                    *at
                 })
-            })
-            .collect();
+                .collect()
+        } else {
+            let mut index = std::collections::HashMap::with_capacity(keys.len());
+            keys.iter()
+                .map(|&k| {
+                    let b = layout.bucket_of(k);
+                    *index.entry(b).or_insert_with(|| first_seen(b))
+                })
+                .collect()
+        };
         Self {
             layout,
             keys,
@@ -654,7 +670,7 @@ impl<'k> SpanFind<'k> {
             buckets,
             bucket_of_key,
             rows: Vec::new(),
-            torn_rows: Vec::new(),
+            verified: Vec::new(),
             found: vec![Found::Pending; keys.len()],
         }
     }
@@ -702,7 +718,8 @@ impl<'k> SpanFind<'k> {
                 self.found[j] = Found::Absent;
             }
         }
-        self.torn_rows = (0..self.rows.len()).collect();
+        self.verified.clear();
+        self.verified.resize(self.rows.len(), false);
     }
 
     /// The `(offset, len)` of each candidate row to read, by read index.
@@ -725,7 +742,7 @@ impl<'k> SpanFind<'k> {
                 if let (Some(version), Found::Pending) = (found, self.found[j]) {
                     self.found[j] = Found::Row { read: r, version };
                 }
-                self.torn_rows.retain(|&t| t != r);
+                self.verified[r] = true;
                 true
             }
             Err(_) => false,
@@ -736,8 +753,8 @@ impl<'k> SpanFind<'k> {
     /// carrying it is absent (the slots it was named in were given to other keys meanwhile).
     pub fn settle_rows(&mut self) {
         let mut unverified = vec![false; self.keys.len()];
-        for &r in &self.torn_rows {
-            unverified[self.rows[r].0 as usize] = true;
+        for (r, &(j, _)) in self.rows.iter().enumerate() {
+            unverified[j as usize] |= !self.verified[r];
         }
         for (j, found) in self.found.iter_mut().enumerate() {
             let read = self.views[self.bucket_of_key[j] as usize].is_some();
@@ -749,10 +766,8 @@ impl<'k> SpanFind<'k> {
 
     /// Candidate reads whose copy has not verified and whose key is still pending.
     pub fn torn_rows(&self) -> Vec<usize> {
-        self.torn_rows
-            .iter()
-            .copied()
-            .filter(|&r| self.found[self.rows[r].0 as usize] == Found::Pending)
+        (0..self.rows.len())
+            .filter(|&r| !self.verified[r] && self.found[self.rows[r].0 as usize] == Found::Pending)
             .collect()
     }
 
