@@ -74,6 +74,17 @@ struct Rollbacks {
     go_on: std::sync::atomic::AtomicBool,
 }
 
+/// What a push did ([`Table::push_report`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Updates applied (the counts of the rows applied, summed).
+    pub applied: u64,
+    /// The keys a dynamic table did not admit, with the update counts dropped for each, in the
+    /// push's order (empty for a fixed table, and for rows a shard acknowledged as a repeat of a
+    /// push it applied before).
+    pub refused: Vec<(u64, u32)>,
+}
+
 /// A connected cluster: an ordered list of shards.
 #[derive(Clone)]
 pub struct Cluster {
@@ -494,6 +505,17 @@ impl Table {
     /// a failure after that (a shard unreachable, or refusing for a reason of its own) is
     /// [`ClientError::PartlyApplied`], naming what the other shards applied.
     pub fn push(&self, keys: &[u64], counts: &[u32], grads: &[f32]) -> Result<u64, ClientError> {
+        self.push_report(keys, counts, grads).map(|r| r.applied)
+    }
+
+    /// [`Table::push`], saying which keys a dynamic table refused admission (their updates
+    /// dropped), with the counts dropped, in push order.
+    pub fn push_report(
+        &self,
+        keys: &[u64],
+        counts: &[u32],
+        grads: &[f32],
+    ) -> Result<PushReport, ClientError> {
         self.check(keys, grads.len())?;
         if counts.len() != keys.len() {
             return Err(ClientError::WrongDim {
@@ -514,17 +536,31 @@ impl Table {
         let routed = Routed::new(self.routing(), keys);
         let dim = self.spec.dim as usize;
         let name = &self.spec.name;
-        let updates = self.write_shards(&routed, "pushed", |s, shard, shard_keys| {
+        let outcomes = self.write_shards(&routed, "pushed", |s, shard, shard_keys| {
             let positions = &routed.positions[s];
             let c: Vec<u32> = positions.iter().map(|&p| counts[p]).collect();
             let mut g = Vec::with_capacity(positions.len() * dim);
             for &p in positions {
                 g.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
             }
-            shard.push(name, shard_keys, &c, &g).map(|ack| ack.updates)
+            let mut produced = hetkv_transport::Produced::default();
+            let rows = hetkv_transport::PushRef::new(shard_keys, &c, &g);
+            let ack = shard.push_rows(name, &rows, &mut produced)?;
+            // Positions in the caller's push of the rows this shard refused.
+            let refused: Vec<usize> = produced
+                .refused
+                .iter()
+                .map(|&i| positions[i as usize])
+                .collect();
+            Ok((ack.updates, refused))
         })?;
         self.cluster.check_rollbacks()?;
-        Ok(updates.iter().sum())
+        let mut refused: Vec<usize> = outcomes.iter().flat_map(|(_, r)| r.clone()).collect();
+        refused.sort_unstable();
+        Ok(PushReport {
+            applied: outcomes.iter().map(|(n, _)| n).sum(),
+            refused: refused.iter().map(|&p| (keys[p], counts[p])).collect(),
+        })
     }
 
     /// Up to `max` evictions of this dynamic table on shard `shard`, from `cursor` (0: the
@@ -584,19 +620,19 @@ impl Table {
 
     /// [`Table::per_shard`] for writes: when some shards applied their rows and others failed,
     /// the error says which did what.
-    fn write_shards(
+    fn write_shards<T: Send + Default>(
         &self,
         routed: &Routed,
         done: &str,
-        f: impl Fn(usize, &dyn ShardTransport, &[u64]) -> Result<u64, TransportError> + Sync,
-    ) -> Result<Vec<u64>, ClientError> {
+        f: impl Fn(usize, &dyn ShardTransport, &[u64]) -> Result<T, TransportError> + Sync,
+    ) -> Result<Vec<T>, ClientError> {
         let busy: Vec<usize> = (0..routed.keys.len())
             .filter(|&s| !routed.keys[s].is_empty())
             .collect();
         let outcomes = self
             .cluster
             .on_shards(&busy, |s, shard| f(s, shard, &routed.keys[s]));
-        let mut results = vec![0u64; routed.keys.len()];
+        let mut results: Vec<T> = (0..routed.keys.len()).map(|_| T::default()).collect();
         let (mut applied, mut failed) = (Vec::new(), Vec::new());
         for (&s, r) in busy.iter().zip(outcomes) {
             let addr = self.cluster.shards[s].addr();

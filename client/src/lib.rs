@@ -29,7 +29,7 @@ pub use barrier::CheckpointBarrier;
 pub use cache::{
     Bound, CacheConfig, CachedTable, Capacity, PolicyKind, UpdateRule, UpdateRuleKind,
 };
-pub use cluster::{Cluster, OnRollback, Table, TransportKind};
+pub use cluster::{Cluster, OnRollback, PushReport, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};
 
 use hetkv_transport::TransportError;

@@ -743,6 +743,7 @@ impl TcpShardClient {
                     state_len: h.state_len,
                     steps: h.steps,
                     births: h.births,
+                    refused_rows: 0,
                     incarnation: p.incarnation,
                 })
             },

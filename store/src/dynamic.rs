@@ -97,6 +97,8 @@ pub struct PushReport {
     pub evicted: u64,
     /// Keys not admitted, with the update counts dropped for each, in push order.
     pub refused: Vec<(u64, u32)>,
+    /// Their rows' indices in the push, ascending.
+    pub refused_rows: Vec<u32>,
 }
 
 /// Scores and optimizer state of one bucket's slots.
@@ -429,6 +431,7 @@ impl DynamicRows {
                         self.refused_updates
                             .fetch_add(u64::from(count), Ordering::Relaxed);
                         report.refused.push((key, count));
+                        report.refused_rows.push(n as u32);
                         if let Some((p, bases)) = produced.as_mut() {
                             if bases[n] != NO_BASE {
                                 self.hand_back_absent(p, n);

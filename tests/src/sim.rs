@@ -293,6 +293,7 @@ impl SimShard {
             state_len: shape.len as u32,
             steps: shape.steps,
             births: false,
+            refused_rows: 0,
             incarnation: self.incarnation(),
         }
     }

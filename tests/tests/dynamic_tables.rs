@@ -335,6 +335,41 @@ fn a_threshold_admits_on_the_counted_update_and_the_answer_counts_what_it_droppe
     assert_eq!(v, [1]);
 }
 
+/// Through the client over two shards: the push's report names every key refused admission,
+/// with the updates dropped, in the push's order whichever shard refused it.
+#[test]
+fn a_push_report_names_the_keys_refused_in_push_order() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let table = client
+        .create_table(&dynamic("named", 1000, Admission::Threshold { count: 2 }))
+        .unwrap();
+    let ids = raw_ids();
+    let g = |n: usize| vec![0.25f32; n * DIM];
+    // Every other id is counted once first: those reach the threshold below, the rest do not.
+    let counted: Vec<u64> = ids.iter().copied().step_by(2).collect();
+    let first = table
+        .push_report(&counted, &vec![1; counted.len()], &g(counted.len()))
+        .unwrap();
+    assert_eq!(first.applied, 0);
+    let want: Vec<(u64, u32)> = counted.iter().map(|&k| (k, 1)).collect();
+    assert_eq!(
+        first.refused, want,
+        "the first push refuses every key it names"
+    );
+    let report = table
+        .push_report(&ids, &vec![1; ids.len()], &g(ids.len()))
+        .unwrap();
+    let want: Vec<(u64, u32)> = ids.iter().skip(1).step_by(2).map(|&k| (k, 1)).collect();
+    assert_eq!(
+        report.refused, want,
+        "the keys seen once are refused, in push order"
+    );
+    assert_eq!(report.applied, counted.len() as u64);
+    assert!(ids.iter().any(|&k| table.routing().shard_of(k) == 0));
+    assert!(ids.iter().any(|&k| table.routing().shard_of(k) == 1));
+}
+
 #[test]
 fn what_dynamic_tables_do_not_offer_yet_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();

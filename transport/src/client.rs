@@ -123,6 +123,10 @@ pub struct Produced {
     /// A dynamic table's: each row's birth stamp (the incarnation of its key; 0 for a key not
     /// held). Empty for a fixed table.
     pub births: Vec<u64>,
+    /// A dynamic table's `push`: the indices (into the push's rows, ascending) of the rows whose
+    /// key it did not admit, their updates dropped. Empty otherwise, and for a push acknowledged
+    /// as a repeat (what it refused was reported the first time).
+    pub refused: Vec<u32>,
 }
 
 impl Produced {
@@ -133,6 +137,7 @@ impl Produced {
         self.rows.clear();
         self.states.clear();
         self.births.clear();
+        self.refused.clear();
     }
 
     /// Rows handed back.

@@ -685,9 +685,13 @@ pub struct PushResponse {
     /// Whether each handed-back state also carries a u64 step count (Adam).
     pub steps: bool,
     /// The rows handed back end with their birth stamps (`produced` x u64): a dynamic table's
-    /// rows, all handed back when the push carried bases, each with the stamp of its key's
-    /// incarnation (0: the key is not held, the row its initial value as zeros at version 0).
+    /// rows, each with the stamp of its key's incarnation (0: the key is not held, the row its
+    /// initial value as zeros at version 0).
     pub births: bool,
+    /// Rows of the push whose key the dynamic table did not admit: their indices into the
+    /// push's rows (ascending, `refused_rows` x u32) close the answer. 0 for a fixed table and
+    /// for a repeat.
+    pub refused_rows: u32,
     /// The incarnation of the daemon that applied the push, from the answer's frame head: the
     /// push outcome travels with it, never with what a transport last heard. Not encoded in this
     /// header: the transport that decoded the answer fills it in (0 where none did).

@@ -906,19 +906,28 @@ impl Table {
         grads: &Bound<'_, PyAny>,
         counts: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let keys = keys_arg(keys)?;
-        let keys = keys.slice()?;
-        let grads = rows2(grads, "grads")?;
-        check_rows(grads.shape(), keys.len(), self.dim(), "grads", &self.name())?;
-        let grads = contiguous(&grads, "grads")?;
-        let counts: Vec<u32> = match counts {
-            None => vec![1; keys.len()],
-            Some(c) => {
-                let c = array1::<u32>(c, "counts", "uint32")?;
-                contiguous(&c, "counts")?.to_vec()
-            }
-        };
-        interruptible(py, || self.inner.push(keys, &counts, grads), py_err)
+        Ok(self.push_rows(py, keys, grads, counts)?.applied)
+    }
+
+    /// [`push`], saying which keys a dynamic table refused admission: a dict of `applied`
+    /// (updates applied), `refused_keys` (uint64) and `refused_counts` (uint32, the updates
+    /// dropped for each), in the push's order.
+    #[pyo3(signature = (keys, grads, counts = None))]
+    fn push_report<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let report = self.push_rows(py, keys, grads, counts)?;
+        let d = PyDict::new(py);
+        d.set_item("applied", report.applied)?;
+        let keys: Vec<u64> = report.refused.iter().map(|r| r.0).collect();
+        let counts: Vec<u32> = report.refused.iter().map(|r| r.1).collect();
+        d.set_item("refused_keys", PyArray1::from_vec(py, keys))?;
+        d.set_item("refused_counts", PyArray1::from_vec(py, counts))?;
+        Ok(d)
     }
 
     /// Sets the rows of `keys` to `values` (float32, keys x dim): each row's version grows by one
@@ -1303,4 +1312,29 @@ fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // under loggers named after their Rust module (`hetkv_client.cache.core`, ...).
     let _ = pyo3_log::try_init();
     Ok(())
+}
+
+impl Table {
+    /// Checks and pushes rows (`push` and `push_report`).
+    fn push_rows(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<hetkv_client::PushReport> {
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
+        let grads = rows2(grads, "grads")?;
+        check_rows(grads.shape(), keys.len(), self.dim(), "grads", &self.name())?;
+        let grads = contiguous(&grads, "grads")?;
+        let counts: Vec<u32> = match counts {
+            None => vec![1; keys.len()],
+            Some(c) => {
+                let c = array1::<u32>(c, "counts", "uint32")?;
+                contiguous(&c, "counts")?.to_vec()
+            }
+        };
+        interruptible(py, || self.inner.push_report(keys, &counts, grads), py_err)
+    }
 }

@@ -26,12 +26,16 @@ def test_raw_int64_ids_are_their_u64_bit_patterns_and_admission_counts_updates()
         versions = np.zeros(len(ids), dtype=np.uint64)
 
         # The first update of each key is counted, not applied: its rows stay at their
-        # initial values.
-        assert table.push(ids, grads) == 0
+        # initial values, and the answer names every key refused.
+        report = table.push_report(ids, grads)
+        assert report["applied"] == 0
+        np.testing.assert_array_equal(report["refused_keys"], as_u64)
+        np.testing.assert_array_equal(report["refused_counts"], np.ones(len(ids), dtype=np.uint32))
         before = table.pull(as_u64, versions=versions)
         assert (versions == 0).all()
         # The second admits every key: int64 and uint64 name the same rows.
-        assert table.push(as_u64, grads) == len(ids)
+        report = table.push_report(as_u64, grads)
+        assert report["applied"] == len(ids) and len(report["refused_keys"]) == 0
         after_i64 = table.pull(ids, versions=versions)
         assert (versions == 1).all()
         after_u64 = table.pull(as_u64)

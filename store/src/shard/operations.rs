@@ -199,6 +199,7 @@ impl Shard {
             state_len: shape.len as u32,
             steps: shape.steps,
             births: false,
+            refused_rows: 0,
             incarnation: self.incarnation(),
         };
         codec::push::respond(resp, header, &produced)?;
@@ -231,6 +232,7 @@ impl Shard {
             &mut produced,
         )?;
         let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
+        produced.refused = report.refused_rows;
         let header = PushResponse {
             rows: push.keys().len() as u32,
             updates: report.applied,
@@ -240,6 +242,7 @@ impl Shard {
             state_len: shape.len as u32,
             steps: shape.steps,
             births: produce,
+            refused_rows: produced.refused.len() as u32,
             incarnation: self.incarnation(),
         };
         codec::push::respond(resp, header, &produced)?;

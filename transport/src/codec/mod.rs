@@ -297,6 +297,7 @@ mod tests {
                 steps: vec![3],
             },
             births: vec![],
+            refused: vec![],
         }
     }
 
@@ -396,6 +397,24 @@ mod tests {
         .unwrap();
         push::decode_response(&answer(&mut g), 1, 2, &mut got).unwrap();
         assert_eq!(got, stamped);
+        // A dynamic table's answer names the rows it refused, by index into the push.
+        let refusing = Produced {
+            refused: vec![0, 2],
+            ..stamped.clone()
+        };
+        let mut g = Vec::new();
+        let mut resp = Response::new(&mut g, Op::Push as u8, DEFAULT_MAX_FRAME, 7);
+        let refused_header = PushResponse {
+            births: true,
+            refused_rows: 2,
+            rows: 3,
+            ..header
+        };
+        push::respond(&mut resp, refused_header, &refusing).unwrap();
+        push::decode_response(&answer(&mut g), 3, 2, &mut got).unwrap();
+        assert_eq!(got, refusing);
+        // An index beyond the push's rows is refused.
+        assert!(push::decode_response(&answer(&mut g), 2, 2, &mut got).is_err());
         // An index beyond the push's rows is refused.
         assert!(push::decode_response(&answer(&mut f), 0, 2, &mut got).is_err());
     }

@@ -63,18 +63,23 @@ pub fn check_room(
     resp.check_fits(HEADER_BOUND.saturating_add((rows as u64).saturating_mul(per_row)))
 }
 
-/// Writes the answer: the header, then the rows handed back.
+/// Writes the answer: the header, then the rows handed back, then the indices of the rows
+/// refused (`produced.refused`, as many as the header's `refused_rows`).
 pub fn respond(
     resp: &mut Response<'_>,
     header: PushResponse,
     produced: &Produced,
 ) -> Result<(), WireError> {
+    debug_assert_eq!(header.refused_rows as usize, produced.refused.len());
     resp.begin(&header);
     let shape = StateShape {
         len: header.state_len as usize,
         steps: header.steps,
     };
-    put_produced(resp, produced, shape, header.births)
+    put_produced(resp, produced, shape, header.births)?;
+    resp.reserve_payload(4 * produced.refused.len() as u64)?;
+    put_u32s(resp.payload(), &produced.refused);
+    Ok(())
 }
 
 /// Decodes an answer to a push of `rows` rows of `dim` into `produced`; returns the header.
@@ -90,7 +95,18 @@ pub fn decode_response(
         steps: h.steps,
     };
     let n = h.produced as usize;
-    take_produced(parts.payload, n, dim, shape, rows, h.births, produced)?;
+    let refused = (h.refused_rows as usize).saturating_mul(4);
+    let Some(body) = parts.payload.len().checked_sub(refused) else {
+        return Err(malformed(format!(
+            "{} refused rows, payload too short",
+            h.refused_rows
+        )));
+    };
+    let (body, refused) = parts.payload.split_at(body);
+    take_produced(body, n, dim, shape, rows, h.births, produced)?;
+    let refused: U32s<'_> = le_array(refused);
+    ascending_below(&refused, rows, "refused")?;
+    produced.refused.extend(refused.iter());
     if h.rows as usize != rows {
         return Err(malformed(format!(
             "a push of {rows} rows answered for {}",
