@@ -555,10 +555,11 @@ impl Table {
             Ok((ack.updates, refused))
         })?;
         self.cluster.check_rollbacks()?;
-        let mut refused: Vec<usize> = outcomes.iter().flat_map(|(_, r)| r.clone()).collect();
+        let applied = outcomes.iter().map(|(n, _)| n).sum();
+        let mut refused: Vec<usize> = outcomes.into_iter().flat_map(|(_, r)| r).collect();
         refused.sort_unstable();
         Ok(PushReport {
-            applied: outcomes.iter().map(|(n, _)| n).sum(),
+            applied,
             refused: refused.iter().map(|&p| (keys[p], counts[p])).collect(),
         })
     }

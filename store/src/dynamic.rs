@@ -30,7 +30,7 @@ use hetkv_transport::keyed::{
 use hetkv_transport::row::RowLayout;
 use hetkv_transport::row::{self, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::sketch::FrequencySketch;
-use hetkv_transport::wire::NO_BASE;
+use hetkv_transport::wire::{U64s, NO_BASE};
 use hetkv_transport::{
     hash, Admission, Eviction, Initializer, Optimizer, Produced, Region, TableInfo, TableSpec,
     TableStats,
@@ -110,6 +110,18 @@ struct BucketState {
     /// Each slot's birth stamp: the incarnation of the key it holds, given when the key took the
     /// slot (never reused by this shard's daemon).
     born: [u64; BUCKET_SLOTS],
+}
+
+/// Where and how a row is written ([`DynamicRows::store`]): its slot (and entry in its bucket),
+/// whether its key already held it, its new version and the updates that made it.
+#[derive(Clone, Copy, Debug)]
+struct Stored {
+    slot: u64,
+    /// The slot's entry in its bucket.
+    entry: usize,
+    resident: bool,
+    version: u64,
+    count: u32,
 }
 
 /// A held row as read under its bucket's lock, for a cache: its version, the stamp of its key's
@@ -396,7 +408,7 @@ impl DynamicRows {
     pub fn push(
         &self,
         push: &DecodedPush,
-        mut produced: Option<(&mut Produced, &[u64])>,
+        mut produced: Option<(&mut Produced, U64s<'_>)>,
     ) -> Result<PushReport, StoreError> {
         if push.dim != self.dim {
             return Err(StoreError::WrongDim(format!(
@@ -411,12 +423,7 @@ impl DynamicRows {
         let mut w = vec![0f32; self.dim];
         for (n, (&key, &count)) in push.keys.iter().zip(&push.counts).enumerate() {
             let g = &push.grads[n * self.dim..(n + 1) * self.dim];
-            let bucket = self.layout.bucket_of(key);
-            let first = self.layout.first_slot(bucket);
-            let mut b = lock(&self.buckets[bucket as usize]);
-            let placed = keyed
-                .place(key, |s| b.scores[(s - first) as usize], &mut image)
-                .map_err(|e| StoreError::Io(format!("a row of key {key}'s bucket: {e}")))?;
+            let (mut b, first, placed) = self.lock_placed(&keyed, key, &mut image)?;
             let (slot, version) = match placed {
                 Slot::Resident { slot, version } => {
                     row::decode_payload(&layout, &image, &mut w);
@@ -433,7 +440,7 @@ impl DynamicRows {
                         report.refused.push((key, count));
                         report.refused_rows.push(n as u32);
                         if let Some((p, bases)) = produced.as_mut() {
-                            if bases[n] != NO_BASE {
+                            if bases.get(n) != NO_BASE {
                                 self.hand_back_absent(p, n);
                             }
                         }
@@ -456,16 +463,17 @@ impl DynamicRows {
             );
             let before = version;
             let version = version.saturating_add(u64::from(count));
-            // The clock moves before the row does (see `clock`).
-            self.updated(&mut b, entry, version, count);
-            if matches!(placed, Slot::Resident { .. }) {
-                keyed.write(slot, key, version, &w, &mut image);
-            } else {
-                keyed.publish(slot, key, version, &w, &mut image);
-            }
+            let stored = Stored {
+                slot,
+                entry,
+                resident: matches!(placed, Slot::Resident { .. }),
+                version,
+                count,
+            };
+            self.store(&keyed, &mut b, key, stored, &w, &mut image);
             if let Some((p, bases)) = produced.as_mut() {
                 let admitted = !matches!(placed, Slot::Resident { .. });
-                let base = bases[n];
+                let base = bases.get(n);
                 if base != NO_BASE && (admitted || base != before) {
                     let state = &b.state[entry * len..(entry + 1) * len];
                     let held = HeldRow {
@@ -507,12 +515,7 @@ impl DynamicRows {
         let mut image = vec![0u8; self.layout.row().stride()];
         for (n, &key) in keys.iter().enumerate() {
             let w = &values[n * self.dim..(n + 1) * self.dim];
-            let bucket = self.layout.bucket_of(key);
-            let first = self.layout.first_slot(bucket);
-            let mut b = lock(&self.buckets[bucket as usize]);
-            let placed = keyed
-                .place(key, |s| b.scores[(s - first) as usize], &mut image)
-                .map_err(|e| StoreError::Io(format!("a row of key {key}'s bucket: {e}")))?;
+            let (mut b, first, placed) = self.lock_placed(&keyed, key, &mut image)?;
             let (slot, version) = match placed {
                 Slot::Resident { slot, version } => (slot, version.saturating_add(1)),
                 Slot::Free(slot) | Slot::Evict { slot, .. } => {
@@ -522,15 +525,54 @@ impl DynamicRows {
             };
             let entry = (slot - first) as usize;
             self.restart_state(&mut b, entry);
-            // The clock moves before the row does (see `clock`).
-            self.updated(&mut b, entry, version, 1);
-            if matches!(placed, Slot::Resident { .. }) {
-                keyed.write(slot, key, version, w, &mut image);
-            } else {
-                keyed.publish(slot, key, version, w, &mut image);
-            }
+            let stored = Stored {
+                slot,
+                entry,
+                resident: matches!(placed, Slot::Resident { .. }),
+                version,
+                count: 1,
+            };
+            self.store(&keyed, &mut b, key, stored, w, &mut image);
         }
         Ok(keys.len() as u64)
+    }
+
+    /// Locks `key`'s bucket and says where the key goes in it ([`KeyedRegion::place`] by the
+    /// bucket's scores; `image` is left holding a resident's or a victim's row): the bucket's
+    /// guard, its first slot and the placement.
+    fn lock_placed(
+        &self,
+        keyed: &KeyedRegion<'_>,
+        key: u64,
+        image: &mut [u8],
+    ) -> Result<(MutexGuard<'_, BucketState>, u64, Slot), StoreError> {
+        let bucket = self.layout.bucket_of(key);
+        let first = self.layout.first_slot(bucket);
+        let b = lock(&self.buckets[bucket as usize]);
+        let placed = keyed
+            .place(key, |s| b.scores[(s - first) as usize], image)
+            .map_err(|e| StoreError::Io(format!("a row of key {key}'s bucket: {e}")))?;
+        Ok((b, first, placed))
+    }
+
+    /// Writes `key`'s row `w` as `stored` says, in its locked bucket `b`: its updates are
+    /// counted first (the clock moves before the row does, see `clock`, and the slot's score
+    /// follows), then a resident's row is rewritten or a new key's published into its slot.
+    fn store(
+        &self,
+        keyed: &KeyedRegion<'_>,
+        b: &mut BucketState,
+        key: u64,
+        stored: Stored,
+        w: &[f32],
+        image: &mut [u8],
+    ) {
+        self.updated(b, stored.entry, stored.version, stored.count);
+        if stored.resident {
+            keyed.write(stored.slot, key, stored.version, w, image);
+        } else {
+            keyed.publish(stored.slot, key, stored.version, w, image);
+        }
     }
 
     /// Gives the free or victim slot of `placed` (in the bucket of `b`, whose first slot is
@@ -579,28 +621,27 @@ impl DynamicRows {
     }
 
     /// `key`'s row as it is now, read under its bucket's lock (so its value, version, optimizer
-    /// state and stamp are of one moment): values into `w`, state into `state` (the table's
-    /// state length), or `None` (`w` and `state` untouched) when the key is not held.
+    /// state and stamp are of one moment): its verified image into `image` (one stride; the
+    /// values are [`RowLayout::payload`] of it), its state into `state` (the table's state
+    /// length), or `None` (both untouched) when the key is not held.
     pub fn held_row(
         &self,
         key: u64,
-        w: &mut [f32],
+        image: &mut [u8],
         state: &mut [f32],
     ) -> Result<Option<HeldRow>, StoreError> {
         let bucket = self.layout.bucket_of(key);
         let first = self.layout.first_slot(bucket);
         let b = lock(&self.buckets[bucket as usize]);
         let keyed = KeyedRegion::new(&self.layout, self.region.words());
-        let mut image = vec![0u8; self.layout.row().stride()];
         let Some(at) = keyed
-            .find(key, &mut image, 1)
+            .find(key, image, 1)
             .map_err(|e| StoreError::Io(format!("row of key {key} under its lock: {e}")))?
         else {
             return Ok(None);
         };
         let entry = (at.slot - first) as usize;
         let len = self.state_len;
-        row::decode_payload(self.layout.row(), &image, w);
         state.copy_from_slice(&b.state[entry * len..(entry + 1) * len]);
         Ok(Some(HeldRow {
             version: at.version,
@@ -612,11 +653,15 @@ impl DynamicRows {
     /// Hands back every row of a push as it is now (a push sent again, applied before): what
     /// [`DynamicRows::push`] with `produced` hands back, read again.
     pub fn hand_back_current(&self, keys: &[u64], p: &mut Produced) -> Result<(), StoreError> {
+        let mut image = vec![0u8; self.layout.row().stride()];
         let mut w = vec![0f32; self.dim];
         let mut state = vec![0f32; self.state_len];
         for (n, &key) in keys.iter().enumerate() {
-            match self.held_row(key, &mut w, &mut state)? {
-                Some(row) => self.hand_back(p, n, row, &w, &state),
+            match self.held_row(key, &mut image, &mut state)? {
+                Some(row) => {
+                    row::decode_payload(self.layout.row(), &image, &mut w);
+                    self.hand_back(p, n, row, &w, &state);
+                }
                 None => self.hand_back_absent(p, n),
             }
         }
@@ -863,7 +908,7 @@ impl DynamicTable {
     pub fn apply_push(
         &self,
         push: &DecodedPush,
-        produced: Option<(&mut Produced, &[u64])>,
+        produced: Option<(&mut Produced, U64s<'_>)>,
     ) -> Result<PushReport, StoreError> {
         let report = self.rows.push(push, produced)?;
         self.rows_pushed

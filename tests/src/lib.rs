@@ -130,6 +130,19 @@ fn closed_by_peer(e: &std::io::Error) -> bool {
     }
 }
 
+/// The versions and rows of `keys` in table `table` of cluster `c` (a direct pull).
+pub fn versions_and_rows(
+    c: &hetkv_client::Cluster,
+    table: &str,
+    keys: &[u64],
+) -> (Vec<u64>, Vec<f32>) {
+    let t = c.open_table(table).unwrap();
+    let mut values = vec![0f32; keys.len() * t.spec().dim as usize];
+    let mut versions = vec![0u64; keys.len()];
+    t.pull(keys, &mut values, Some(&mut versions)).unwrap();
+    (versions, values)
+}
+
 /// Every optimizer the shards offer, at the learning rates the exactness tests train with.
 pub fn every_optimizer() -> [OptimizerSpec; 4] {
     [

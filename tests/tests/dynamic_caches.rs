@@ -8,7 +8,7 @@
 use hetkv_client::{Bound, CacheConfig, Capacity, Cluster, PolicyKind, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
-use hetkv_tests::{every_optimizer, TestRng};
+use hetkv_tests::{every_optimizer, versions_and_rows, TestRng};
 use hetkv_transport::hash::splitmix64;
 use hetkv_transport::{Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, TableSpec};
 
@@ -59,14 +59,7 @@ fn batch(rng: &mut TestRng) -> (Vec<u64>, Vec<f32>) {
 }
 
 fn all_rows(c: &Cluster, table: &str) -> (Vec<u64>, Vec<f32>) {
-    let keys: Vec<u64> = (0..IDS).map(id).collect();
-    let mut values = vec![0f32; keys.len() * DIM];
-    let mut versions = vec![0u64; keys.len()];
-    c.open_table(table)
-        .unwrap()
-        .pull(&keys, &mut values, Some(&mut versions))
-        .unwrap();
-    (versions, values)
+    versions_and_rows(c, table, &(0..IDS).map(id).collect::<Vec<_>>())
 }
 
 /// Evictions so far on both shards (the streams read to their ends).

@@ -215,6 +215,16 @@ fn the_cap_holds_under_a_flood_of_new_ids_while_another_client_is_served() {
     assert!(held > cap * 9 / 10, "{held} rows held of a cap of {cap}");
 }
 
+/// The `embeddings` tensor of an export, as f32.
+fn embeddings(file: &safetensors::SafeTensors<'_>) -> Vec<f32> {
+    file.tensor("embeddings")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
 #[test]
 fn an_export_holds_every_held_key_beside_its_row_and_the_bucket_map() {
     let dir = tempfile::tempdir().unwrap();
@@ -244,13 +254,7 @@ fn an_export_holds_every_held_key_beside_its_row_and_the_bucket_map() {
             .collect()
     };
     let (keys, versions) = (u64s("keys"), u64s("versions"));
-    let values: Vec<f32> = file
-        .tensor("embeddings")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let values = embeddings(&file);
     let mut sorted = keys.clone();
     sorted.sort_unstable();
     let mut want = ids.clone();
@@ -272,13 +276,7 @@ fn an_export_holds_every_held_key_beside_its_row_and_the_bucket_map() {
     hetkv_store::tensors::export_table(&shards, "e", Some(&[ids[3], unseen]), &named).unwrap();
     let bytes2 = std::fs::read(&named).unwrap();
     let file2 = safetensors::SafeTensors::deserialize(&bytes2).unwrap();
-    let rows2: Vec<f32> = file2
-        .tensor("embeddings")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let rows2 = embeddings(&file2);
     let mut init = vec![0f32; DIM];
     table.spec().init.fill(unseen, &mut init);
     assert_eq!(&rows2[DIM..], &init[..]);

@@ -6,7 +6,7 @@
 use hetkv_client::{Bound, CacheConfig, CachedTable, Capacity, Cluster, PolicyKind, TransportKind};
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::{EmbeddedCluster, ShardConfig};
-use hetkv_tests::{every_optimizer, TestRng};
+use hetkv_tests::{every_optimizer, versions_and_rows, TestRng};
 use hetkv_transport::{Initializer, OptimizerSpec, TableSpec};
 
 const ROWS: u64 = 64;
@@ -37,14 +37,7 @@ fn connect(cluster: &EmbeddedCluster, kind: TransportKind) -> Cluster {
 }
 
 fn rows(c: &Cluster, table: &str) -> (Vec<u64>, Vec<f32>) {
-    let keys: Vec<u64> = (0..ROWS).collect();
-    let mut values = vec![0f32; keys.len() * DIM];
-    let mut versions = vec![0u64; keys.len()];
-    c.open_table(table)
-        .unwrap()
-        .pull(&keys, &mut values, Some(&mut versions))
-        .unwrap();
-    (versions, values)
+    versions_and_rows(c, table, &(0..ROWS).collect::<Vec<_>>())
 }
 
 /// A batch of keys with repeats, and gradients for them.

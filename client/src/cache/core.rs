@@ -98,12 +98,9 @@ pub struct LineView {
 
 /// One worker's cache of one table.
 pub struct CacheCore {
-    pub(super) table: String,
-    rows: u64,
-    /// A dynamic table's: any u64 key; every hit is checked (with its line's birth stamp), none
-    /// left to the table clock, and a row the shard does not hold takes the key's initial value
-    /// (`spec`'s [`TableSpec::complete_pulled`]).
-    pub(super) dynamic: bool,
+    /// The table cached. A dynamic one's ([`CacheCore::dynamic`]): any u64 key; every hit is
+    /// checked (with its line's birth stamp), none left to the table clock, and a row the shard
+    /// does not hold takes the key's initial value ([`TableSpec::complete_pulled`]).
     pub(super) spec: TableSpec,
     pub(super) dim: usize,
     pub(super) optimizer: Optimizer,
@@ -133,7 +130,7 @@ pub struct CacheCore {
 impl std::fmt::Debug for CacheCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheCore")
-            .field("table", &self.table)
+            .field("table", &self.spec.name)
             .field("capacity", &self.lines.capacity())
             .field("resident", &self.lines.resident())
             .field("rule", &self.rule)
@@ -151,9 +148,6 @@ impl CacheCore {
         let state_len = optimizer.state_len(dim);
         let capacity = config.capacity.rows(spec);
         Self {
-            table: spec.name.clone(),
-            rows: spec.rows,
-            dynamic: spec.is_dynamic(),
             spec: spec.clone(),
             dim,
             optimizer,
@@ -177,6 +171,11 @@ impl CacheCore {
             replies: Replies::default(),
             read_failed: false,
         }
+    }
+
+    /// Whether the table is dynamic (lines keep birth stamps; no check is left to the clock).
+    pub(super) fn dynamic(&self) -> bool {
+        self.spec.is_dynamic()
     }
 
     /// Rows the cache can hold.
@@ -243,14 +242,14 @@ impl CacheCore {
     }
 
     pub(super) fn check_keys(&self, keys: &[u64]) -> Result<(), CacheError> {
-        if self.dynamic {
+        if self.dynamic() {
             return Ok(());
         }
-        match keys.iter().find(|&&k| k >= self.rows) {
+        match keys.iter().find(|&&k| k >= self.spec.rows) {
             Some(&key) => Err(CacheError::KeyOutOfRange {
-                table: self.table.clone(),
+                table: self.spec.name.clone(),
                 key,
-                rows: self.rows,
+                rows: self.spec.rows,
             }),
             None => Ok(()),
         }
@@ -258,7 +257,7 @@ impl CacheCore {
 
     pub(super) fn wrong_dim(&self, keys: usize, len: usize) -> CacheError {
         CacheError::WrongDim {
-            table: self.table.clone(),
+            table: self.spec.name.clone(),
             dim: self.dim,
             keys,
             len,
@@ -601,7 +600,7 @@ impl CacheCore {
             self.stats.updates_kept += u64::from(m.p);
         }
         tracing::warn!(
-            table = %self.table,
+            table = %self.spec.name,
             shard,
             incarnation = format!("{incarnation:016x}"),
             "the shard restarted: its cached lines will be read again"

@@ -221,7 +221,7 @@ impl CacheCore {
     /// The requests to send now, one per shard at most; empty when the call is complete.
     pub fn requests(&self) -> Vec<ShardRequest<'_>> {
         let bound = self.pull_bound;
-        let dynamic = self.dynamic;
+        let dynamic = self.dynamic();
         fn births(dynamic: bool, b: &[u64]) -> Option<&[u64]> {
             dynamic.then_some(b)
         }
@@ -250,7 +250,7 @@ impl CacheCore {
                 }),
                 Stage::First => {
                     // A dynamic table's rows come with their birth stamps: never a plain pull.
-                    let plain = !self.dynamic
+                    let plain = !self.dynamic()
                         && p.push.is_empty()
                         && p.skip_keys.is_empty()
                         && p.state_keys == 0
@@ -395,7 +395,7 @@ impl CacheCore {
             || p.rows.len() != n * dim
             || p.states.values.len() != n * len
             || (steps && p.states.steps.len() != n)
-            || (self.dynamic && p.births.len() != n)
+            || (self.dynamic() && p.births.len() != n)
             || p.indices.iter().any(|&i| i as usize >= batch.len())
         {
             return Err(CacheError::Replies(format!(
@@ -455,7 +455,7 @@ impl CacheCore {
         let steps = self.optimizer.has_steps();
         if reply.rows.len() != reply.indices.len() * self.dim
             || reply.versions.len() != reply.indices.len()
-            || (self.dynamic && reply.births.len() != reply.indices.len())
+            || (self.dynamic() && reply.births.len() != reply.indices.len())
             || reply.indices.iter().any(|&i| i as usize >= origin.len())
             || reply.states.values.len() != with_state * len
             || (steps && reply.states.steps.len() != with_state)
@@ -488,7 +488,7 @@ impl CacheCore {
         self.replies.versions.extend_from_slice(&reply.versions);
         let first_row = self.replies.rows.len();
         self.replies.rows.extend_from_slice(&reply.rows);
-        if self.dynamic {
+        if self.dynamic() {
             self.replies.births.extend_from_slice(&reply.births);
             // A key the shard does not hold is its initial value (the one rule,
             // `TableSpec::complete_pulled`).

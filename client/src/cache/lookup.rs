@@ -96,7 +96,7 @@ impl CacheCore {
     /// A dynamic table's checks are never left out: a key evicted and admitted again changes
     /// its row without the clock counting it.
     fn covered_by_clock(&mut self, key: u64, p: u32, fetched_at: u64) -> bool {
-        if self.dynamic {
+        if self.dynamic() {
             return false;
         }
         let shard = self.routing.shard_of(key);

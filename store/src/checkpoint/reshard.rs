@@ -93,12 +93,19 @@ pub fn reshard(
     }
     // Which tables are dynamic, from their headers (a dynamic table's file may hold no record).
     let (dir, chain) = &chains[0];
+    // Before anything is written: which tables are dynamic, and that each can be spread over
+    // the new shards (from their headers; a dynamic table's file may hold no record).
     let mut dynamic = Vec::with_capacity(tables.len());
     for table in &tables {
-        dynamic.push(
-            dir.header_of(chain, table)?
-                .is_some_and(|h| h.spec.is_dynamic()),
-        );
+        let header = dir.header_of(chain, table)?;
+        if let Some(h) = header.as_ref().filter(|h| h.spec.buckets < new_shards) {
+            return refuse(format!(
+                "table {table} has {} placement buckets; it cannot be spread over {new_shards} \
+                 shards (a bucket is the least a shard holds)",
+                h.spec.buckets
+            ));
+        }
+        dynamic.push(header.is_some_and(|h| h.spec.is_dynamic()));
     }
 
     let mut pending: Vec<PendingCheckpoint> = targets
@@ -145,13 +152,6 @@ fn reshard_table(
     for (shard, (dir, chain)) in chains.iter().enumerate() {
         let spec = dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
             if header.is_none() {
-                if h.spec.buckets < new_shards {
-                    return Err(CheckpointError::Refused(format!(
-                        "table {table} has {} placement buckets; it cannot be spread over {} \
-                         shards (a bucket is the least a shard holds)",
-                        h.spec.buckets, new_shards
-                    )));
-                }
                 let local_rows = h.spec.local_rows(target, new_shards);
                 // The source's full file was checked to be at least its local rows' records long
                 // before any record came, so this is bounded by the bytes on disk.
@@ -250,13 +250,6 @@ fn reshard_keys(
         .header_of(chain, table)?
         .ok_or_else(|| CheckpointError::Refused(format!("table {table} has no file")))?;
     let spec = first.spec.clone();
-    if spec.buckets < new_shards {
-        return Err(CheckpointError::Refused(format!(
-            "table {table} has {} placement buckets; it cannot be spread over {new_shards} \
-             shards (a bucket is the least a shard holds)",
-            spec.buckets
-        )));
-    }
     let layouts = |shards: u32| -> Result<Vec<KeyedLayout>, CheckpointError> {
         (0..shards)
             .map(|s| {

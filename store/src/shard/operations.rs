@@ -116,10 +116,7 @@ impl Shard {
                 locals.push(i);
             }
         }
-        let n_state = stale
-            .iter()
-            .take_while(|&&j| j < req.header.state_keys)
-            .count();
+        let n_state = codec::pull_if_stale::rows_with_state(&stale, req.header.state_keys);
         let header = PullIfStaleResponse {
             stale: stale.len() as u32,
             dim: t.spec().dim,
@@ -222,15 +219,9 @@ impl Shard {
         if produce {
             codec::push::check_room(resp, push.keys().len(), t.spec().dim as usize, shape)?;
         }
-        let bases: Vec<u64> = (0..push.keys().len()).map(|n| r.base(n)).collect();
         let mut produced = Produced::default();
-        let (report, duplicate) = self.apply_dynamic_once(
-            t,
-            req.origin,
-            &push,
-            produce.then_some(&bases[..]),
-            &mut produced,
-        )?;
+        let (report, duplicate) =
+            self.apply_dynamic_once(t, req.origin, &push, r.bases, &mut produced)?;
         let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
         produced.refused = report.refused_rows;
         let header = PushResponse {
@@ -258,7 +249,7 @@ impl Shard {
         t: &DynamicTable,
         origin: hetkv_transport::wire::Origin,
         push: &crate::dynamic::DecodedPush,
-        bases: Option<&[u64]>,
+        bases: Option<hetkv_transport::wire::U64s<'_>>,
         produced: &mut Produced,
     ) -> Result<(PushReport, bool), StoreError> {
         match self.sessions.claim(origin)? {
@@ -310,38 +301,39 @@ impl Shard {
                 let origin = req.header.origin.ok_or_else(|| {
                     StoreError::Malformed("a carried push must be numbered (its origin)".into())
                 })?;
-                let bases: Vec<u64> = (0..d.keys().len()).map(|n| p.base(n)).collect();
-                let bases = p.bases.is_some().then_some(&bases[..]);
-                self.apply_dynamic_once(t, origin, d, bases, &mut produced)?
+                self.apply_dynamic_once(t, origin, d, p.bases, &mut produced)?
             }
             None => (PushReport::default(), false),
         };
         let table_clock = t.clock();
         let birth = |j: usize| req.births.as_ref().map_or(0, |b| b.get(j));
-        // Each key read once under its lock; the stale ones are kept (value, version, state).
-        let (mut w, mut state) = (vec![0f32; dim], vec![0f32; shape.len]);
-        let mut stale = Vec::new();
-        let mut rows: Vec<(crate::dynamic::HeldRow, Vec<f32>, Vec<f32>)> = Vec::new();
+        // Each key read once under its lock; the stale ones are kept (payload bytes as stored,
+        // version, stamp, state), a key not held as zeros with the initial state.
+        let layout = *t.rows().layout().row();
+        let mut image = vec![0u8; layout.stride()];
+        let (zeros, initial) = (vec![0u8; 4 * dim], t.rows().initial_state());
+        let mut state = initial.clone();
+        let (mut stale, mut rows) = (Vec::new(), Vec::new());
+        let (mut payloads, mut states) = (Vec::new(), Vec::new());
         for (j, key) in req.keys.iter().enumerate() {
-            let row = match t.rows().held_row(key, &mut w, &mut state)? {
-                Some(row) => (row, w.clone(), state.clone()),
-                None => (
-                    t.rows().absent_row(),
-                    vec![0f32; dim],
-                    t.rows().initial_state(),
-                ),
-            };
-            if row.0.born != birth(j)
-                || is_stale(row.0.version, req.clocks.get(j), req.header.bound)
-            {
+            let held = t.rows().held_row(key, &mut image, &mut state)?;
+            let row = held.unwrap_or_else(|| t.rows().absent_row());
+            if row.born != birth(j) || is_stale(row.version, req.clocks.get(j), req.header.bound) {
                 stale.push(j as u32);
                 rows.push(row);
+                match held {
+                    Some(_) => {
+                        payloads.extend_from_slice(layout.payload(&image));
+                        states.extend_from_slice(&state);
+                    }
+                    None => {
+                        payloads.extend_from_slice(&zeros);
+                        states.extend_from_slice(&initial);
+                    }
+                }
             }
         }
-        let n_state = stale
-            .iter()
-            .take_while(|&&j| j < req.header.state_keys)
-            .count();
+        let n_state = codec::pull_if_stale::rows_with_state(&stale, req.header.state_keys);
         let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
         let header = PullIfStaleResponse {
             stale: stale.len() as u32,
@@ -357,16 +349,14 @@ impl Shard {
             births: true,
         };
         let mut out = codec::pull_if_stale::respond(resp, header, &stale, n_state)?;
-        let mut payload = Vec::with_capacity(4 * dim);
-        for (j, (row, w, state)) in rows.iter().enumerate() {
-            payload.clear();
-            payload.extend(w.iter().flat_map(|v| v.to_le_bytes()));
-            out.put(j, row.version, &payload);
+        let len = shape.len;
+        for (j, row) in rows.iter().enumerate() {
+            out.put(j, row.version, &payloads[j * 4 * dim..(j + 1) * 4 * dim]);
             if j < n_state {
-                out.put_state(j, state, row.step);
+                out.put_state(j, &states[j * len..(j + 1) * len], row.step);
             }
         }
-        let births: Vec<u64> = rows.iter().map(|(row, _, _)| row.born).collect();
+        let births: Vec<u64> = rows.iter().map(|row| row.born).collect();
         codec::pull_if_stale::finish(resp, &header, &produced, &births)?;
         t.count_read(rows.len() as u64);
         Ok(())

@@ -73,6 +73,12 @@ pub fn decode_request<'a>(parts: &FrameParts<'a>) -> Result<Request<'a>, FrameEr
     })
 }
 
+/// How many of the returned rows (`stale`, ascending indices into the request's keys) carry
+/// their optimizer state: those whose index is below the request's `state_keys`.
+pub fn rows_with_state(stale: &[u32], state_keys: u32) -> usize {
+    stale.partition_point(|&j| j < state_keys)
+}
+
 /// Bytes an answer's header takes at most (integers varint-encoded, bools).
 const HEADER_BOUND: u64 = 96;
 
