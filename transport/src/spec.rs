@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use rand::{Rng, SeedableRng};
+
 use crate::hash::splitmix64;
 use crate::row::MAX_DIM;
 
@@ -532,10 +534,15 @@ mod tests {
     }
 }
 
-/// A uniform f64 in `[0, 1)` that is a pure function of (seed, row, element).
-fn unit(seed: u64, row: u64, j: u64) -> f64 {
-    let h = splitmix64(splitmix64(seed ^ splitmix64(row)) ^ j);
-    (h >> 11) as f64 / (1u64 << 53) as f64
+/// The hash of (seed, row) every element of the row's initial value derives from.
+fn row_hash(seed: u64, row: u64) -> u64 {
+    splitmix64(seed ^ splitmix64(row))
+}
+
+/// A uniform f64 in `[0, 1)` that is a pure function of (seed, row, element): element `j` of
+/// the row whose [`row_hash`] is `hash`.
+fn unit(hash: u64, j: u64) -> f64 {
+    (splitmix64(hash ^ j) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Initializer {
@@ -544,16 +551,19 @@ impl Initializer {
         match *self {
             Self::Zeros => out.fill(0.0),
             Self::Uniform { bound, seed } => {
+                let hash = row_hash(seed, row);
                 for (j, v) in out.iter_mut().enumerate() {
-                    *v = ((unit(seed, row, j as u64) * 2.0 - 1.0) * bound as f64) as f32;
+                    *v = ((unit(hash, j as u64) * 2.0 - 1.0) * bound as f64) as f32;
                 }
             }
             Self::Normal { std, seed } => {
-                for (j, v) in out.iter_mut().enumerate() {
-                    // Box-Muller on two independent uniforms per element.
-                    let u1 = 1.0 - unit(seed, row, 2 * j as u64);
-                    let u2 = unit(seed, row, 2 * j as u64 + 1);
-                    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                // The row's own generator (PCG's MCG variant, seeded from the row's hash) drawn
+                // by the ziggurat method: a few nanoseconds a value, where Box-Muller took a
+                // logarithm, a square root and a cosine (a dynamic table's readers compute the
+                // initial value of every key not held, at every read).
+                let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(row_hash(seed, row));
+                for v in out.iter_mut() {
+                    let z: f64 = rng.sample(rand_distr::StandardNormal);
                     *v = (z * std as f64) as f32;
                 }
             }
@@ -584,6 +594,31 @@ mod init_tests {
         }
         Initializer::Zeros.fill(1, &mut a);
         assert_eq!(a, [0.0; 16]);
+    }
+
+    /// The initial values are a protocol (PROTOCOL.md, "Initial values"): a dynamic table's
+    /// clients compute those of keys its shards do not hold, and must agree with the shards that
+    /// create the rows. A change of these bits (of the crates that define them, say) must bump
+    /// `PROTOCOL_VERSION`.
+    #[test]
+    fn initial_values_are_pinned_to_the_bit() {
+        let mut row = [0f32; 4];
+        Initializer::Normal { std: 1.0, seed: 7 }.fill(42, &mut row);
+        assert_eq!(
+            row.map(f32::to_bits),
+            [3207866268, 1058700094, 3205917890, 1061030858],
+            "normal: {row:?}"
+        );
+        Initializer::Uniform {
+            bound: 1.0,
+            seed: 7,
+        }
+        .fill(42, &mut row);
+        assert_eq!(
+            row.map(f32::to_bits),
+            [3198748126, 3205465503, 3204755455, 1063959685],
+            "uniform: {row:?}"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
