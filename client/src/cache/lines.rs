@@ -242,17 +242,13 @@ impl Lines {
         self.policy.prefetch_slot(slot);
     }
 
-    /// Asks the CPU to load what reading a slot's value touches: its base row, and its pending
-    /// sum when it has updates not pushed (the optimizer's state too, which the value of a line
-    /// with pending updates is computed from).
+    /// Asks the CPU to load what reading a slot's value touches: its bookkeeping and its whole
+    /// line (base, pending sum and state, which the value of a line with pending updates is
+    /// computed from). Whether anything is pending is not asked first: that would wait for the
+    /// bookkeeping to load, and most hit lines have pending updates.
     pub fn prefetch_value(&self, slot: u32) {
-        let at = slot as usize * self.stride;
-        let len = if self.meta[slot as usize].p == 0 {
-            self.dim
-        } else {
-            self.stride
-        };
-        region::prefetch(&self.values[at..at + len]);
+        region::prefetch(std::slice::from_ref(&self.meta[slot as usize]));
+        self.prefetch_line(slot);
     }
 
     /// Asks the CPU to load a slot's whole line (what an update touches).

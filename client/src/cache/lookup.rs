@@ -1,5 +1,6 @@
 //! Planning a lookup (which keys to ask for, with which clocks, which checks to leave to the table
-//! clock, which slots the misses take) and placing what came back.
+//! clock, which slots the misses take), placing what came back, and bringing a prefetched
+//! lookup's rows up to date with the updates made while it was in flight.
 
 use hetkv_transport::wire::NOT_CACHED;
 
@@ -288,6 +289,80 @@ impl CacheCore {
             }
         }
         self.batch.resolved = true;
+    }
+
+    /// Applies updates made while a lookup of `keys` was in flight, once that lookup has
+    /// completed into `out` and `clocks` (a prefetch: its rows were read before these updates
+    /// were made). The updates go through [`CacheCore::update`]; then every row of `out` whose
+    /// key they touched is brought up to date: a cached key's row and clock are copied from its
+    /// line again, and a key not cached (its updates written through, not yet pushed) takes the
+    /// row those updates will produce (the optimizer's step with what the rule pushes, from the
+    /// row and state read), its clock their count. So a prefetched row includes every update
+    /// this worker made before it is used, as a row looked up then would.
+    pub fn update_after_lookup(
+        &mut self,
+        keys: &[u64],
+        out: &mut [f32],
+        mut clocks: Option<&mut [u64]>,
+        late_keys: &[u64],
+        late_grads: &[f32],
+    ) -> Result<(), CacheError> {
+        let dim = self.dim;
+        if out.len() != keys.len() * dim {
+            return Err(self.wrong_dim(keys.len(), out.len()));
+        }
+        if clocks.as_ref().is_some_and(|c| c.len() != keys.len()) {
+            return Err(self.wrong_dim(keys.len(), clocks.as_ref().map_or(0, |c| c.len())));
+        }
+        self.update(late_keys, late_grads)?;
+        // `update` left the late keys de-duplicated (`uniq`, `counts`) and, where a key occurred
+        // more than once, their gradient sums in `uniq_rows`; the rows not cached take those.
+        let summed = self.batch.uniq.len() != late_keys.len();
+        let weight = self.rule.push_weight(None);
+        for (pos, &key) in keys.iter().enumerate() {
+            let Some(u) = self.batch.uniq_index(key) else {
+                continue;
+            };
+            let row = &mut out[pos * dim..(pos + 1) * dim];
+            if let Some(slot) = self.lines.slot_of(key) {
+                self.value_into(slot, row);
+                let m = self.lines.meta(slot);
+                if let Some(c) = clocks.as_deref_mut() {
+                    c[pos] = m.c_s + u64::from(m.p);
+                }
+                continue;
+            }
+            let u = u as usize;
+            let sums: &[f32] = if summed {
+                &self.batch.uniq_rows
+            } else {
+                late_grads
+            };
+            self.weighted.clear();
+            self.weighted
+                .extend(sums[u * dim..(u + 1) * dim].iter().map(|g| g * weight));
+            self.scratch.clear();
+            let mut step = 0;
+            if self.state_len > 0 || self.optimizer.has_steps() {
+                let Some(&at) = self.batch.uncached.get(&key) else {
+                    return Err(CacheError::Replies(format!(
+                        "no optimizer state came with key {key}, which updates made during its \
+                         prefetch touch"
+                    )));
+                };
+                let (len, at) = (self.state_len, at as usize);
+                let states = &self.batch.uncached_states;
+                self.scratch
+                    .extend_from_slice(&states.values[at * len..(at + 1) * len]);
+                step = states.steps.get(at).copied().unwrap_or(0);
+            }
+            self.optimizer
+                .apply(row, &self.weighted, &mut self.scratch, &mut step);
+            if let Some(c) = clocks.as_deref_mut() {
+                c[pos] += u64::from(self.batch.counts[u]);
+            }
+        }
+        Ok(())
     }
 
     /// Gives back the slots reserved by the lookup planned last, when it cannot complete (a shard
