@@ -7,7 +7,8 @@
 //!   to back, against the same threads with no checkpoint;
 //! - restore time per GiB (a new shard restoring the newest checkpoint);
 //! - the size of an incremental checkpoint after N batches of the Criteo-like key stream, as a
-//!   fraction of a full one.
+//!   fraction of a full one: of a fixed table of every id, and of a dynamic table of the raw ids
+//!   capped at 10% of them (filled first, so evicting throughout).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -84,9 +85,17 @@ pub struct CheckpointReport {
     pub restore_s_per_gib: f64,
     /// Rows of the Criteo-like table.
     pub criteo_rows: u64,
-    /// (batches, incremental bytes, full bytes, fraction) on the Criteo-like stream.
-    pub incremental: Vec<(usize, u64, u64, f64)>,
+    /// On the Criteo-like stream.
+    pub incremental: Vec<IncrementalSize>,
+    /// Capacity of the dynamic table of the Criteo-like raw ids (10% of the distinct ids).
+    pub dynamic_capacity: u64,
+    /// The same for that dynamic table, full when its full checkpoint is taken.
+    pub dynamic_incremental: Vec<IncrementalSize>,
 }
+
+/// (batches, incremental bytes, full bytes, fraction): an incremental checkpoint's size after
+/// that many batches, against the full one before them.
+pub type IncrementalSize = (usize, u64, u64, f64);
 
 fn shard(dir: &Path) -> Result<Shard> {
     let mut c = ShardConfig::new(0, 1);
@@ -268,6 +277,7 @@ pub fn run(args: &CheckpointArgs) -> Result<CheckpointReport> {
         );
         incremental.push((batches, inc.bytes, full.bytes, frac));
     }
+    let (dynamic_capacity, dynamic_incremental) = dynamic_incremental(args, &root, &spec)?;
     Ok(CheckpointReport {
         table: format!("{} rows x dim {} (adam)", args.rows, args.dim),
         checkpoint_bytes: bytes,
@@ -280,5 +290,80 @@ pub fn run(args: &CheckpointArgs) -> Result<CheckpointReport> {
         restore_s_per_gib,
         criteo_rows,
         incremental,
+        dynamic_capacity,
+        dynamic_incremental,
     })
+}
+
+/// Batches of 128 Criteo-like samples as raw ids, each batch's distinct ids sorted.
+fn raw_batch(synth: &mut CriteoSynth) -> Vec<u64> {
+    let mut keys: Vec<u64> = (0..128)
+        .flat_map(|_| {
+            let smp = synth.sample();
+            (0..CATEGORICAL)
+                .map(|f| synth.raw_id(synth.key(f, Some(smp.ids[f]))))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// The incremental sizes of a dynamic table of the Criteo-like raw ids, capped at 10% of the
+/// distinct ids (LRU, admission `always`): filled by the stream until it holds 99% of its
+/// capacity (or 20,000 batches), then a full checkpoint, `batches` more batches and an
+/// incremental one. Returns the capacity and (batches, incremental bytes, full bytes, fraction).
+fn dynamic_incremental(
+    args: &CheckpointArgs,
+    root: &tempfile::TempDir,
+    spec: &TableSpec,
+) -> Result<(u64, Vec<IncrementalSize>)> {
+    let mut out = Vec::new();
+    let capacity = CriteoSynth::new(args.criteo_scale, 5)?.table_rows() / 10;
+    let dynamic = TableSpec {
+        name: "raw".into(),
+        rows: capacity,
+        dynamic: Some(hetkv_transport::DynamicSpec {
+            admission: hetkv_transport::Admission::Always,
+            eviction: hetkv_transport::Eviction::Lru,
+        }),
+        ..spec.clone()
+    };
+    let grads: Vec<u8> = (0..128 * CATEGORICAL * args.dim as usize)
+        .flat_map(|_| 0.01f32.to_le_bytes())
+        .collect();
+    for &batches in &args.criteo_batches {
+        let dir = root.path().join(format!("criteo-raw-{batches}"));
+        let mut synth = CriteoSynth::new(args.criteo_scale, 5)?;
+        let s = shard(&dir)?;
+        let (t, _) = s.create_dynamic(dynamic.clone())?;
+        let push = |keys: &[u64]| -> Result<()> {
+            let k: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+            let c: Vec<u8> = keys.iter().flat_map(|_| 1u32.to_le_bytes()).collect();
+            let g = &grads[..keys.len() * args.dim as usize * 4];
+            let p = t.validate_push(le_array(&k), le_array(&c), le_array(g))?;
+            t.apply_push(&p, None)?;
+            Ok(())
+        };
+        let mut filled = 0;
+        while t.rows().resident() < t.capacity() * 99 / 100 && filled < 20_000 {
+            push(&raw_batch(&mut synth))?;
+            filled += 1;
+        }
+        let full = s.checkpoint("full", false)?;
+        for _ in 0..batches {
+            push(&raw_batch(&mut synth))?;
+        }
+        let inc = s.checkpoint("inc", true)?;
+        let frac = inc.bytes as f64 / full.bytes as f64;
+        eprintln!(
+            "criteo-like raw ids, dynamic table of {} slots ({} held after {filled} batches): after \
+             {batches} batches of 128, an incremental checkpoint is {frac:.4} of a full one",
+            t.capacity(),
+            t.rows().resident()
+        );
+        out.push((batches, inc.bytes, full.bytes, frac));
+    }
+    Ok((capacity, out))
 }

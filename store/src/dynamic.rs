@@ -14,7 +14,8 @@
 //!
 //! A [`DynamicTable`] is such rows as a shard serves them: keys checked against the table's
 //! routing (by hashed bucket, `hetkv_transport::Routing`), pulls and pushes over the protocol,
-//! statistics, and checkpoints (every held row, one record per key with its state and score,
+//! statistics, and checkpoints (every held row, or in an incremental one the slots written since
+//! its parent; one record per key with its state and score,
 //! copied bucket by bucket under the bucket's lock). Its region and clock word are described to
 //! one-sided readers (`keyed::SpanFind`), and each slot carries the birth stamp of its key's
 //! incarnation, which caches check with versions ([`DynamicRows::held_row`]). Not yet built
@@ -110,6 +111,10 @@ struct BucketState {
     /// Each slot's birth stamp: the incarnation of the key it holds, given when the key took the
     /// slot (never reused by this shard's daemon).
     born: [u64; BUCKET_SLOTS],
+    /// Bit `e`: entry `e` was written since the last checkpoint copied this bucket (set by every
+    /// write, cleared by the copy, both under the bucket's lock), so an incremental checkpoint
+    /// holds exactly the slots written since its parent.
+    dirty: u32,
 }
 
 /// Where and how a row is written ([`DynamicRows::store`]): its slot (and entry in its bucket),
@@ -269,6 +274,7 @@ impl DynamicRows {
                     state: vec![0.0; BUCKET_SLOTS * state_len],
                     steps: [0; BUCKET_SLOTS],
                     born: [0; BUCKET_SLOTS],
+                    dirty: 0,
                 })
             })
             .collect();
@@ -698,9 +704,11 @@ impl DynamicRows {
         b.steps[entry] = 0;
     }
 
-    /// Counts `count` updates of entry `entry` (now at `version`): the clock advances and the
-    /// entry's score follows the table's eviction rule.
+    /// Counts `count` updates of entry `entry` (now at `version`): the clock advances, the
+    /// entry's score follows the table's eviction rule, and the entry is marked for the next
+    /// incremental checkpoint.
     fn updated(&self, b: &mut BucketState, entry: usize, version: u64, count: u32) {
+        b.dirty |= 1 << entry;
         let now = self
             .clock_word()
             .fetch_add(u64::from(count), Ordering::AcqRel)
@@ -1024,11 +1032,10 @@ impl DynamicTable {
         Ok(rows)
     }
 
-    /// The header of this table's file in a checkpoint (always full: every held row), the clock
-    /// read now.
-    pub fn checkpoint_header(&self) -> FileHeader {
+    /// The header of this table's file in a checkpoint of `kind`, the clock read now.
+    pub fn checkpoint_header(&self, kind: Kind) -> FileHeader {
         FileHeader {
-            kind: Kind::Full,
+            kind,
             shard: self.shard,
             shards: self.shards,
             local_rows: self.capacity(),
@@ -1038,12 +1045,17 @@ impl DynamicTable {
         }
     }
 
-    /// Copies every held row into a checkpoint file, slot by slot: one record per key with its
+    /// Copies the held rows into a checkpoint file, slot by slot: every one (`Kind::Full`), or
+    /// those written since the last copy (`Kind::Incremental`); one record per key with its
     /// value, version, optimizer state, Adam step and eviction score, copied together under its
-    /// bucket's lock (pushes to other buckets go on; a bucket's records are encoded after its
-    /// lock is released). Returns the rows written.
+    /// bucket's lock, which clears the bucket's dirty bits (pushes to other buckets go on; a
+    /// bucket's records are encoded after its lock is released). A slot only ever changes
+    /// hands (a key is evicted to admit another into its slot, never to leave it empty), so
+    /// the newest record of each slot along a chain is the key that holds it. Returns the rows
+    /// written.
     pub fn snapshot_into<W: std::io::Write>(
         &self,
+        kind: Kind,
         out: &mut TableFileWriter<W>,
     ) -> std::io::Result<u64> {
         let shape = RecordShape::of(&self.spec);
@@ -1060,17 +1072,28 @@ impl DynamicTable {
         for b in 0..rows.layout.buckets() {
             held.clear();
             {
-                let state = lock(&rows.buckets[b as usize]);
+                let mut state = lock(&rows.buckets[b as usize]);
                 let first = rows.layout.first_slot(b);
+                let wanted = match kind {
+                    Kind::Full => u32::MAX,
+                    Kind::Incremental => state.dirty,
+                };
+                if wanted == 0 {
+                    continue;
+                }
                 keyed
                     .held(b, &mut image, |slot, key, version, row| {
                         let (n, e) = (held.len(), (slot - first) as usize);
+                        if wanted & (1 << e) == 0 {
+                            return;
+                        }
                         images[n * stride..(n + 1) * stride].copy_from_slice(row);
                         states[n * len..(n + 1) * len]
                             .copy_from_slice(&state.state[e * len..(e + 1) * len]);
                         held.push((slot, key, version, state.scores[e], state.steps[e]));
                     })
                     .map_err(|e| std::io::Error::other(format!("table {}: {e}", self.spec.name)))?;
+                state.dirty = 0;
             }
             for (n, &(slot, key, version, score, step)) in held.iter().enumerate() {
                 let room = out.next_record(slot)?;

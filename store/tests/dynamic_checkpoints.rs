@@ -1,8 +1,9 @@
 //! Checkpoints of dynamic tables, without sockets: a restore puts back every held key with its
 //! value, version, optimizer state, Adam step and eviction score (one record per key, as of one
 //! moment), in the slot it held, so a restored shard and the one that wrote the checkpoint go on
-//! identically under the same pushes, evictions included; a dynamic table rides in incremental
-//! checkpoints in full; a table written empty comes back empty; a checkpoint of 2 shards, full and
+//! identically under the same pushes, evictions included; an incremental checkpoint holds the
+//! slots written since its parent, and its chain restores, compacts and reshards as a full
+//! checkpoint of the same moment; a table written empty comes back empty; a checkpoint of 2 shards, full and
 //! evicting, moves onto 1, 3 and 2 shards with every key's record exactly as written, served by
 //! daemons of those counts.
 
@@ -134,12 +135,14 @@ fn a_restored_dynamic_table_holds_every_key_exactly_and_goes_on_as_the_original(
 }
 
 #[test]
-fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
+fn dynamic_tables_ride_incremental_checkpoints_with_the_slots_written_since_their_parent() {
     let dir = tempfile::tempdir().unwrap();
     let s = shard(dir.path());
+    // LRU: a key evicted and admitted again takes its bucket's least recently updated slot,
+    // seldom the one it left.
     s.create_dynamic(spec(
         "d",
-        Eviction::Lfu,
+        Eviction::Lru,
         OptimizerSpec::rowwise_adagrad(0.1),
     ))
     .unwrap();
@@ -157,6 +160,7 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
         .to_string();
     assert!(err.contains("is dynamic"), "{err}");
     let d = s.dynamic_table("d").unwrap();
+    // Keys from 500 ids into 256 slots: evictions, and keys admitted again after leaving.
     let mut x = 5u64;
     let mut push = |n: u64| {
         for _ in 0..n {
@@ -170,29 +174,102 @@ fn dynamic_tables_ride_incremental_checkpoints_in_full_and_refuse_resharding() {
             d.apply_push(&p, None).unwrap();
         }
     };
-    push(100);
+    push(400);
     s.checkpoint("a", false).unwrap();
+    let held_at_a = d.rows().resident() as usize;
     push(100);
     s.checkpoint("b", true).unwrap();
-    let at_b = records(dir.path(), "b");
+    push(60);
+    s.checkpoint("c", true).unwrap();
+    // The same moment in full (no push between).
+    s.checkpoint("c_full", false).unwrap();
+    let resident = d.rows().resident() as usize;
     drop(s);
-    let r = shard(dir.path());
-    assert_eq!(r.restore(Some("b")).unwrap().unwrap().name, "b");
-    assert_eq!(r.dynamic_table("untouched").unwrap().rows().resident(), 0);
-    r.checkpoint("c", false).unwrap();
-    let at_c = records(dir.path(), "c");
-    let dynamic = |all: &[(String, Vec<Vec<u8>>)]| {
-        all.iter()
-            .filter(|(n, _)| n != "fixed")
-            .cloned()
-            .collect::<Vec<_>>()
+    let table = |all: Vec<(String, Vec<Vec<u8>>)>, name: &str| {
+        all.into_iter().find(|(n, _)| n == name).unwrap().1
     };
+    let key_slots = |recs: &[Vec<u8>]| -> std::collections::HashMap<u64, u64> {
+        recs.iter()
+            .map(|r| {
+                let slot = u64::from_le_bytes(r[0..8].try_into().unwrap());
+                let key = u64::from_le_bytes(r[r.len() - 16..r.len() - 8].try_into().unwrap());
+                (key, slot)
+            })
+            .collect()
+    };
+    let full = records(dir.path(), "c_full");
+    let at_a = table(records(dir.path(), "a"), "d");
+    assert_eq!(at_a.len(), held_at_a, "full: every held slot");
+    for name in ["b", "c"] {
+        let m = CheckpointDir::at(dir.path()).manifest(name).unwrap();
+        assert!(
+            m.tables.iter().all(|t| t.kind.name() == "incremental"),
+            "{name}"
+        );
+        let changed = table(records(dir.path(), name), "d");
+        assert!(
+            !changed.is_empty() && changed.len() < resident,
+            "{name}: {} records of {resident} held: the slots written since the parent",
+            changed.len()
+        );
+        assert!(table(records(dir.path(), name), "untouched").is_empty());
+    }
+    // Every record of c is the slot's record at c's moment; the slots c leaves out kept theirs.
+    let (c, now) = (
+        table(records(dir.path(), "c"), "d"),
+        table(full.clone(), "d"),
+    );
+    for rec in &c {
+        assert!(
+            now.contains(rec),
+            "a record of c that the full checkpoint lacks"
+        );
+    }
+    // Some key left its slot and came back in another one of its bucket along the chain: what
+    // a file-by-file restore could not apply (the newer file names a key an older one still
+    // holds elsewhere).
+    let (then, later) = (key_slots(&at_a), key_slots(&now));
+    assert!(
+        then.iter()
+            .any(|(k, slot)| later.get(k).is_some_and(|s| s != slot)),
+        "a key changed slots between a and c"
+    );
+
+    // Restored from the chain a, b, c: the state of c's moment, byte for byte once written.
+    let r = shard(dir.path());
+    assert_eq!(r.restore(Some("c")).unwrap().unwrap().name, "c");
     assert_eq!(
-        dynamic(&at_c),
-        dynamic(&at_b),
-        "restored from an incremental chain"
+        r.dynamic_table("d").unwrap().rows().resident() as usize,
+        resident
+    );
+    r.checkpoint("again", false).unwrap();
+    assert_eq!(
+        records(dir.path(), "again"),
+        full,
+        "restored from the chain"
     );
     drop(r);
+    // Compacted, and moved onto two shards: as from the full checkpoint.
+    let cd = CheckpointDir::at(dir.path());
+    cd.compact("c", "compacted").unwrap();
+    assert_eq!(
+        table(records(dir.path(), "compacted"), "d"),
+        table(full.clone(), "d")
+    );
+    let (m_chain, m_full) = (
+        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
+        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
+    );
+    for (from, into) in [("c", &m_chain), ("c_full", &m_full)] {
+        let targets: Vec<CheckpointDir> =
+            into.iter().map(|t| CheckpointDir::at(t.path())).collect();
+        reshard(&[CheckpointDir::at(dir.path())], from, &targets, "m").unwrap();
+    }
+    let paths = |d: &[tempfile::TempDir; 2]| [d[0].path().to_path_buf(), d[1].path().to_path_buf()];
+    let (pc, pf) = (paths(&m_chain), paths(&m_full));
+    let moved = keyed_records(&[&pc[0], &pc[1]], "m", "d");
+    assert_eq!(moved.len(), resident);
+    assert_eq!(moved, keyed_records(&[&pf[0], &pf[1]], "m", "d"));
 
     // A checkpoint whose only dynamic table is empty (its file holds no record) moves as an empty
     // table.

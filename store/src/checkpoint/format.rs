@@ -192,6 +192,12 @@ impl<'a> RecordView<'a> {
     pub fn bytes(&self) -> &'a [u8] {
         self.bytes
     }
+
+    /// A record of `shape` read whole from a file already checked (`bytes` is one record).
+    pub(crate) fn of(shape: RecordShape, bytes: &'a [u8]) -> Self {
+        debug_assert_eq!(bytes.len(), shape.len());
+        Self { shape, bytes }
+    }
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {

@@ -400,6 +400,35 @@ impl CheckpointDir {
         Ok(spec.expect("at least the full file"))
     }
 
+    /// Reads the records of one table of `chain` as the chain leaves them: each local index
+    /// once, from the newest file holding it, in index order, once every file was checked as
+    /// [`CheckpointDir::read_table`] checks it (so each file is read twice when the chain has
+    /// more than one). `each` gets the newest file's header. For a dynamic table, whose keys may
+    /// change slots along a chain (a key evicted, then admitted again elsewhere in its bucket),
+    /// so that its records cannot be applied one file after the other: a file would name a key
+    /// that an older file's record still holds in another slot. Returns the spec.
+    pub fn read_table_merged(
+        &self,
+        chain: &[Manifest],
+        table: &str,
+        identity: (u32, u32),
+        mut each: impl FnMut(&FileHeader, RecordView<'_>) -> Result<(), CheckpointError>,
+    ) -> Result<hetkv_transport::TableSpec, CheckpointError> {
+        let files = self.files_of(chain, table);
+        if files.len() <= 1 {
+            return self.read_table(chain, table, identity, each);
+        }
+        let spec = self.read_table(chain, table, identity, |_, _| Ok(()))?;
+        let header = self
+            .header_of(chain, table)?
+            .expect("a chain with files has a newest one");
+        let mut merge = Merge::open(files)?;
+        while let Some(rec) = merge.next_merged()? {
+            each(&header, RecordView::of(header.shape, &rec))?;
+        }
+        Ok(spec)
+    }
+
     /// Reads the whole chain of `name`, every file and block, without restoring anything;
     /// returns the chain and the rows read per table of its newest checkpoint.
     pub fn verify(&self, name: &str) -> Result<(Vec<Manifest>, Vec<u64>), CheckpointError> {

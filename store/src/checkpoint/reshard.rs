@@ -283,7 +283,8 @@ fn reshard_keys(
     let mut clock = 0u64;
     for (shard, (dir, chain)) in chains.iter().enumerate() {
         let from = &old[shard];
-        dir.read_table(chain, table, (shard as u32, old_shards), |h, rec| {
+        // Each slot's newest record along the chain: a key may have changed slots.
+        dir.read_table_merged(chain, table, (shard as u32, old_shards), |h, rec| {
             clock = clock.max(h.clock_start);
             if h.spec != spec {
                 return Err(CheckpointError::Refused(format!(

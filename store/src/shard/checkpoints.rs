@@ -112,12 +112,15 @@ impl Shard {
         // parent, which lacks rows whose bits are gone.
         base.base = None;
         let (mut rows, mut bytes) = (0, 0);
+        // A table the parent holds is written incremental (the rows written since), a newer one
+        // in full.
+        let kind_of = |table: &str| match &parent {
+            Some((_, held)) if held.iter().any(|h| h == table) => Kind::Incremental,
+            _ => Kind::Full,
+        };
         for (index, t) in tables.iter().enumerate() {
             let table = &t.spec().name;
-            let kind = match &parent {
-                Some((_, held)) if held.contains(table) => Kind::Incremental,
-                _ => Kind::Full,
-            };
+            let kind = kind_of(table);
             let mut w = pending.table_writer(index, &t.checkpoint_header(kind))?;
             t.snapshot_into(kind, &mut w)
                 .map_err(|e| CheckpointError::Io {
@@ -128,17 +131,19 @@ impl Shard {
             rows += summary.rows;
             bytes += summary.bytes;
         }
-        // Dynamic tables after the fixed ones, each in full (every held row) even in an
-        // incremental checkpoint.
+        // Dynamic tables after the fixed ones: incremental ones hold the slots written since the
+        // parent (a slot changes hands, never empties, so that is every change).
         let dynamic = self.dynamic_tables();
         for (n, t) in dynamic.iter().enumerate() {
             let (table, index) = (&t.spec().name, tables.len() + n);
-            let mut w = pending.table_writer(index, &t.checkpoint_header())?;
-            t.snapshot_into(&mut w).map_err(|e| CheckpointError::Io {
-                path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
-                source: e,
-            })?;
-            let summary = pending.finish_table(table, Kind::Full, w, t.clock())?;
+            let kind = kind_of(table);
+            let mut w = pending.table_writer(index, &t.checkpoint_header(kind))?;
+            t.snapshot_into(kind, &mut w)
+                .map_err(|e| CheckpointError::Io {
+                    path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
+                    source: e,
+                })?;
+            let summary = pending.finish_table(table, kind, w, t.clock())?;
             rows += summary.rows;
             bytes += summary.bytes;
         }
@@ -245,7 +250,8 @@ impl Shard {
     }
 
     /// Restores table `table` of `chain` when it is dynamic (false when it is fixed, leaving it
-    /// to the caller): created empty from the spec in its file, then every record put back.
+    /// to the caller): created empty from the spec in its file, then every slot's newest record
+    /// along the chain put back.
     fn restore_dynamic(
         &self,
         dir: &CheckpointDir,
@@ -261,7 +267,7 @@ impl Shard {
         let mut created: Option<Arc<DynamicTable>> = None;
         let mut failed = None;
         let mut values = Vec::new();
-        dir.read_table(chain, table, identity, |h, rec| {
+        dir.read_table_merged(chain, table, identity, |h, rec| {
             if created.is_none() {
                 match self.create_dynamic(h.spec.clone()) {
                     Ok((t, _)) => created = Some(t),
