@@ -1,6 +1,8 @@
 """``hetkv.torch``: with no cache and bounds 0, ``Embedding`` trains exactly as
 ``torch.nn.Embedding`` plus SGD; ``EmbeddingBag`` matches ``torch.nn.EmbeddingBag`` forward and
-backward; and the dense part trains under DDP (gloo) beside it."""
+backward (sum, mean and max; offsets with and without the last one; per-sample weights);
+``padding_idx``, ``max_norm`` and half-precision outputs behave as torch's; and the dense part
+trains under DDP (gloo) beside it."""
 
 import copy
 import os
@@ -59,18 +61,21 @@ def test_embedding_without_a_cache_trains_exactly_as_torch_embedding_with_sgd():
         torch.testing.assert_close(head.weight, head_ref.weight, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["sum", "mean"])
-@pytest.mark.parametrize("layout", ["offsets", "2d"])
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("layout", ["offsets", "last_offset", "2d"])
 def test_embedding_bag_matches_torch_forward_and_backward(mode, layout):
     torch.manual_seed(1)
     rows, dim = 30, 6
-    reference = nn.EmbeddingBag(rows, dim, mode=mode)
+    last = layout == "last_offset"
+    reference = nn.EmbeddingBag(rows, dim, mode=mode, include_last_offset=last)
     with hetkv.EmbeddedCluster(shards=3) as cluster:
         table = table_like(cluster, reference.weight, lr=1.0)
-        bag = hetkv.torch.EmbeddingBag(table.cached(capacity=0, pull_bound=0, push_bound=0), mode=mode)
-        if layout == "offsets":
+        cache = table.cached(capacity=0, pull_bound=0, push_bound=0)
+        bag = hetkv.torch.EmbeddingBag(cache, mode=mode, include_last_offset=last)
+        if layout in ("offsets", "last_offset"):
             x = torch.tensor([1, 2, 2, 7, 29, 0, 1, 1, 1])
-            args = (x, torch.tensor([0, 3, 5, 5]))  # an empty bag among them
+            offsets = [0, 3, 5, 5] + ([9] if last else [])  # an empty bag among them
+            args = (x, torch.tensor(offsets))
         else:
             x = torch.randint(0, rows, (5, 4))
             args = (x,)
@@ -148,3 +153,86 @@ def test_the_dense_part_trains_under_ddp_beside_hetkv_embeddings(tmp_path):
         versions = np.zeros(200, dtype=np.uint64)
         cluster.table("ids").pull(np.arange(200, dtype=np.uint64), versions=versions)
         assert versions.sum() == sum(r["updates"] for r in results), "every worker's update applied once"
+
+
+@pytest.mark.parametrize("module", ["embedding", "bag"])
+def test_padding_idx_reads_zeros_is_left_out_of_bags_and_never_updated(module):
+    torch.manual_seed(3)
+    rows, dim, pad = 12, 4, 5
+    if module == "embedding":
+        reference = nn.Embedding(rows, dim, padding_idx=pad)
+    else:
+        reference = nn.EmbeddingBag(rows, dim, mode="mean", padding_idx=pad)
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = table_like(cluster, reference.weight, lr=1.0)
+        # The shards' row of the padding key is not zeros: it is never read, nor written.
+        table.assign(np.array([pad], dtype=np.uint64), np.full((1, dim), 7.0, dtype=np.float32))
+        cache = table.cached(capacity=0, pull_bound=0, push_bound=0)
+        if module == "embedding":
+            mod = hetkv.torch.Embedding(cache, padding_idx=pad)
+        else:
+            mod = hetkv.torch.EmbeddingBag(cache, mode="mean", padding_idx=pad)
+        assert f"padding_idx={pad}" in repr(mod)
+        x = torch.tensor([[1, 5, 2], [5, 5, 5], [3, 5, 1]])  # a bag of padding only among them
+        want, got = reference(x), mod(x)
+        torch.testing.assert_close(got, want)
+        g = torch.randn_like(want)
+        (want * g).sum().backward()
+        (got * g).sum().backward()
+        expect = (reference.weight - reference.weight.grad).detach()
+        expect[pad] = 7.0
+        torch.testing.assert_close(all_rows(table), expect, atol=1e-6, rtol=1e-6)
+        # Not even a zero update reached it: its version is the assignments' (two).
+        versions = np.zeros(1, dtype=np.uint64)
+        table.pull(np.array([pad], dtype=np.uint64), versions=versions)
+        assert versions[0] == 2
+        # A batch of padding alone looks nothing up.
+        assert mod(torch.tensor([[5, 5]])).abs().sum().item() == 0
+
+
+def test_max_norm_scales_the_rows_returned_and_takes_torch_s_gradient():
+    torch.manual_seed(4)
+    rows, dim = 10, 4
+    reference = nn.Embedding(rows, dim, max_norm=1.0)
+    with torch.no_grad():
+        reference.weight.mul_(3.0)  # most rows above the norm
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = table_like(cluster, reference.weight, lr=1.0)
+        before = all_rows(table)
+        emb = hetkv.torch.Embedding(table.cached(capacity=0, pull_bound=0, push_bound=0), max_norm=1.0)
+        x = torch.tensor([[0, 1, 2], [2, 3, 9]])
+        want = reference(x)  # renormalizes reference.weight's rows 0, 1, 2, 3 and 9 in place
+        got = emb(x)
+        torch.testing.assert_close(got, want)
+        assert torch.linalg.vector_norm(got, dim=-1).max().item() <= 1.0 + 1e-5
+        g = torch.randn_like(want)
+        (want * g).sum().backward()
+        (got * g).sum().backward()
+        # The shards' rows moved by torch's gradient (SGD at lr 1) from the rows as stored: the
+        # lookup scaled what it returned, not the table.
+        torch.testing.assert_close(all_rows(table), before - reference.weight.grad, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError):
+        hetkv.torch.Embedding(table.cached(capacity=0), max_norm=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_modules_return_their_dtype_and_push_f32_gradients(dtype):
+    torch.manual_seed(5)
+    reference = nn.EmbeddingBag(8, 4, mode="sum")
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = table_like(cluster, reference.weight, lr=1.0)
+        bag = hetkv.torch.EmbeddingBag(table.cached(capacity=0, pull_bound=0, push_bound=0), mode="sum")
+        bag = bag.half() if dtype == torch.float16 else bag.bfloat16()
+        assert bag.state_dict() == {}, "the dtype is not state"
+        assert "dtype" in repr(bag)
+        x = torch.tensor([[1, 2], [3, 3]])
+        got = bag(x)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, reference(x).to(dtype))
+        got.float().sum().backward()
+        # d(sum)/d(row) is the row's count in the batch: rows 1 and 2 once, row 3 twice.
+        expect = reference.weight.detach().clone()
+        expect[[1, 2]] -= 1.0
+        expect[3] -= 2.0
+        torch.testing.assert_close(all_rows(table), expect, atol=1e-6, rtol=1e-6)
+        assert bag.float()(x).dtype == torch.float32

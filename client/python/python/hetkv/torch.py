@@ -8,6 +8,15 @@ table's optimizer runs on the shards (as TorchRec's fused optimizers, PERSIA and
 module holds no parameter and no dense gradient of the table: give the torch optimizer the rest
 of the model only.
 
+The arguments of ``torch.nn`` users reach for are taken: ``padding_idx`` (the padding key reads
+as zeros, is left out of bags and of their mean's count, and is never looked up or updated),
+``max_norm`` and ``norm_type`` (rows returned with a larger norm are scaled down to it, and the
+gradient is taken as torch takes it, through the renormalized row; the rows on the shards are not
+rewritten, where torch rewrites its weight in place), ``EmbeddingBag``'s ``mode="max"``,
+``include_last_offset`` and ``per_sample_weights``, and bf16 or fp16 outputs: ``.half()``,
+``.bfloat16()`` and ``.to(dtype)`` set the dtype the rows come out in (the cache and the
+gradients pushed stay f32).
+
 >>> import hetkv, hetkv.torch, torch
 >>> cluster = hetkv.EmbeddedCluster(shards=2)
 >>> table = cluster.create_table("ids", rows=10_000, dim=16,
@@ -75,16 +84,60 @@ def _unique(input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
 
 
 class _CacheModule(nn.Module):
-    def __init__(self, cache: Cache, device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        cache: Cache,
+        padding_idx: Optional[int] = None,
+        max_norm: Optional[float] = None,
+        norm_type: float = 2.0,
+        device: Optional[torch.device] = None,
+    ):
         super().__init__()
         if not isinstance(cache, Cache):
             raise TypeError(f"expected a hetkv.Cache (Table.cached(...)), not {type(cache).__name__}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_norm must be positive, not {max_norm!r}")
         self.cache = cache
         self.embedding_dim = cache.dim
+        # A key as the input's keys are (its int64 value's bit pattern): not counted from the
+        # end of the table when negative, as torch counts it, since a dynamic table's keys are
+        # any u64 and a negative int64 is one of them.
+        self.padding_idx = None if padding_idx is None else int(padding_idx)
+        self.max_norm = max_norm
+        self.norm_type = norm_type
         self.device = None if device is None else torch.device(device)
+        # The dtype rows come out in: a buffer of no element, which .half(), .bfloat16() and
+        # .to(dtype) convert as they convert any floating buffer (not in the state dict).
+        self.register_buffer("_out_dtype", torch.empty(0), persistent=False)
 
     def _out_device(self, input: torch.Tensor) -> torch.device:
         return self.device if self.device is not None else input.device
+
+    def _gathered(self, input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """The rows of ``input``'s unique keys on the output device (the padding key's a row of
+        zeros, never looked up), renormalized by ``max_norm`` and in the output dtype; each
+        element's index among them; and the padding key's index (None when absent)."""
+        device = self._out_device(input)
+        keys, inverse = _unique(input)
+        pad = None
+        if self.padding_idx is not None:
+            padding = np.array([self.padding_idx], dtype=np.int64).view(np.uint64)[0]
+            at = np.flatnonzero(keys == padding)
+            if len(at):
+                pad = int(at[0])
+                keys = np.delete(keys, pad)
+        rows = self._rows(keys, device)
+        if pad is not None:
+            rows = torch.cat([rows[:pad], rows.new_zeros(1, self.embedding_dim), rows[pad:]])
+        if self.max_norm is not None:
+            with torch.no_grad():
+                norms = torch.linalg.vector_norm(rows, ord=self.norm_type, dim=1, keepdim=True)
+                scale = (self.max_norm / (norms + 1e-7)).clamp(max=1.0)
+            # torch renormalizes its weight in place and differentiates the lookup of the result:
+            # the forward is the scaled row, the gradient reaches the row unscaled.
+            rows = rows + (rows * scale - rows).detach()
+        rows = rows.to(self._out_dtype.dtype)
+        return rows, inverse.to(device), pad
 
     def _rows(self, keys: np.ndarray, device: torch.device) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
@@ -105,29 +158,43 @@ class _CacheModule(nn.Module):
 class Embedding(_CacheModule):
     """``torch.nn.Embedding`` over a hetkv cache: ``forward(input)`` maps an integer tensor of
     any shape to its rows, shape ``input.shape + (dim,)``, on ``device`` (the input's when None).
+    ``padding_idx``, ``max_norm`` and ``norm_type`` as the module's docstring says.
 
     Keys on the CPU with ``device="cuda"`` is the quick way to feed a GPU model (as TorchRec
     keeps its keys on the host): the keys never cross to the GPU and back."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        device = self._out_device(input)
-        keys, inverse = _unique(input)
-        rows = self._rows(keys, device)
-        return F.embedding(inverse.to(device), rows).reshape(*input.shape, self.embedding_dim)
+        rows, inverse, _ = self._gathered(input)
+        return F.embedding(inverse, rows).reshape(*input.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + _options(self)
 
 
 class EmbeddingBag(_CacheModule):
-    """``torch.nn.EmbeddingBag`` over a hetkv cache, ``mode`` "sum" or "mean".
+    """``torch.nn.EmbeddingBag`` over a hetkv cache, ``mode`` "sum", "mean" or "max".
 
     ``forward(input, offsets=None, per_sample_weights=None)`` takes bags as
     ``torch.nn.EmbeddingBag`` does: a 2-D input (one bag per row), or a 1-D input with
-    ``offsets`` (where each bag starts)."""
+    ``offsets`` (where each bag starts; with ``include_last_offset``, the last offset ends the
+    last bag); ``per_sample_weights`` with ``mode="sum"``. ``padding_idx``, ``max_norm`` and
+    ``norm_type`` as the module's docstring says."""
 
-    def __init__(self, cache: Cache, mode: str = "mean", device: Optional[torch.device] = None):
-        super().__init__(cache, device)
-        if mode not in ("sum", "mean"):
-            raise ValueError(f'mode must be "sum" or "mean", not {mode!r}')
+    def __init__(
+        self,
+        cache: Cache,
+        mode: str = "mean",
+        padding_idx: Optional[int] = None,
+        max_norm: Optional[float] = None,
+        norm_type: float = 2.0,
+        include_last_offset: bool = False,
+        device: Optional[torch.device] = None,
+    ):
+        super().__init__(cache, padding_idx, max_norm, norm_type, device)
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f'mode must be "sum", "mean" or "max", not {mode!r}')
         self.mode = mode
+        self.include_last_offset = include_last_offset
 
     def forward(
         self,
@@ -135,17 +202,32 @@ class EmbeddingBag(_CacheModule):
         offsets: Optional[torch.Tensor] = None,
         per_sample_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        device = self._out_device(input)
-        keys, inverse = _unique(input)
-        rows = self._rows(keys, device)
-        inverse = inverse.reshape(input.shape).to(device)
+        rows, inverse, pad = self._gathered(input)
+        device = rows.device
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.to(device, rows.dtype)
         return F.embedding_bag(
-            inverse,
+            inverse.reshape(input.shape),
             rows,
             None if offsets is None else offsets.to(device),
             mode=self.mode,
-            per_sample_weights=None if per_sample_weights is None else per_sample_weights.to(device),
+            per_sample_weights=per_sample_weights,
+            include_last_offset=self.include_last_offset,
+            padding_idx=pad,
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", mode={self.mode!r}"
+        last = ", include_last_offset=True" if self.include_last_offset else ""
+        return super().extra_repr() + f", mode={self.mode!r}" + _options(self) + last
+
+
+def _options(m: _CacheModule) -> str:
+    """The ``nn`` options a module was given, as ``extra_repr`` lists them."""
+    out = ""
+    if m.padding_idx is not None:
+        out += f", padding_idx={m.padding_idx}"
+    if m.max_norm is not None:
+        out += f", max_norm={m.max_norm}, norm_type={m.norm_type}"
+    if m._out_dtype.dtype != torch.float32:
+        out += f", dtype={m._out_dtype.dtype}"
+    return out
