@@ -521,8 +521,25 @@ struct Cluster {
     inner: RustCluster,
 }
 
+/// The error of pickling or copying `what` (a cluster, a table or a cache: live connections and
+/// the rows cached from them), saying what to do instead; `__reduce__` of each returns it, so
+/// `pickle`, `copy.deepcopy` and `torch.save` of anything that holds one fail with it.
+fn not_copied(what: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "a hetkv {what} holds connections to the shards (and a cache, the rows cached from \
+         them): it is not pickled or copied. Save the tables with cluster.checkpoint(name) \
+         beside the model's state_dict() (which holds no hetkv rows), and in another process \
+         (a DataLoader worker, another rank) connect again with hetkv.connect(addrs)"
+    ))
+}
+
 #[pymethods]
 impl Cluster {
+    /// Refused: see [`not_copied`].
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(not_copied("cluster"))
+    }
+
     /// The shards' addresses, in shard order.
     #[getter]
     fn addrs(&self) -> Vec<String> {
@@ -674,7 +691,9 @@ fn client_config(auth_token: Option<String>, timeout: f64) -> PyResult<ClientCon
 }
 
 /// Shards running in this process, on loopback TCP (for notebooks and tests): a cluster with
-/// every method of `hetkv.Cluster`, whose `addrs` other processes can connect to.
+/// every method of `hetkv.Cluster`, whose `addrs` other processes can connect to. Refused in a
+/// process that is one of several ranks (`WORLD_SIZE` above 1, as torchrun sets it), where each
+/// rank would train a private table.
 #[pyclass(module = "hetkv", extends = Cluster, frozen)]
 struct EmbeddedCluster {
     shards: Mutex<Option<hetkv_store::EmbeddedCluster>>,
@@ -695,6 +714,18 @@ impl EmbeddedCluster {
             return Err(PyValueError::new_err(
                 "an embedded cluster needs at least one shard",
             ));
+        }
+        // Under torchrun every rank would start shards of its own and train a private table.
+        let world = std::env::var("WORLD_SIZE").ok();
+        if let Some(world) = world.and_then(|w| w.trim().parse::<u64>().ok()) {
+            if world > 1 {
+                return Err(Error::new_err(format!(
+                    "hetkv.EmbeddedCluster runs its shards inside this process, and this process \
+                     is one of WORLD_SIZE={world} ranks: each rank would train a table of its \
+                     own. Start the shards once (`hetkv serve`, one per shard) and connect every \
+                     rank to them with hetkv.connect(addrs)"
+                )));
+            }
         }
         let mut specs = Vec::new();
         for t in tables.unwrap_or_default() {
@@ -824,6 +855,11 @@ struct Table {
 
 #[pymethods]
 impl Table {
+    /// Refused: see [`not_copied`].
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(not_copied("table"))
+    }
+
     /// The table's name.
     #[getter]
     fn name(&self) -> String {
@@ -1172,6 +1208,11 @@ impl Cache {
 
 #[pymethods]
 impl Cache {
+    /// Refused: see [`not_copied`].
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(not_copied("cache"))
+    }
+
     /// Reads the rows of `keys` (uint64, 1-D, duplicates allowed) into `out` (float32, keys x
     /// dim; a new array when None), each within the read bound and with this cache's own updates
     /// in it. Returns `out`.

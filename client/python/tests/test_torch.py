@@ -236,3 +236,30 @@ def test_half_and_bfloat16_modules_return_their_dtype_and_push_f32_gradients(dty
         expect[3] -= 2.0
         torch.testing.assert_close(all_rows(table), expect, atol=1e-6, rtol=1e-6)
         assert bag.float()(x).dtype == torch.float32
+
+
+def test_modules_over_caches_are_not_pickled_or_copied_and_the_error_says_why(tmp_path):
+    import pickle
+
+    with hetkv.EmbeddedCluster(shards=1, tables=[{"name": "t", "rows": 10, "dim": 2}]) as cluster:
+        table = cluster.table("t")
+        emb = hetkv.torch.Embedding(table.cached(capacity=0.5))
+        attempts = {
+            "deepcopy": lambda: copy.deepcopy(emb),
+            "torch.save": lambda: torch.save(emb, tmp_path / "m.pt"),
+            "pickle table": lambda: pickle.dumps(table),
+            "pickle cluster": lambda: pickle.dumps(cluster),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(TypeError, match=r"cluster\.checkpoint\(name\)"):
+                attempt()
+        # The dense part of a model saves as usual: the modules hold no state of the table.
+        assert emb.state_dict() == {}
+
+
+def test_an_embedded_cluster_refuses_to_run_in_one_of_several_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(hetkv.Error, match=r"WORLD_SIZE=4.*hetkv\.connect"):
+        hetkv.EmbeddedCluster(shards=1)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    hetkv.EmbeddedCluster(shards=1).close()

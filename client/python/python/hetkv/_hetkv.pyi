@@ -182,7 +182,8 @@ class Cluster:
     def set_on_rollback(self, on: str) -> None: ...
 
 class EmbeddedCluster(Cluster):
-    """Shards running in this process, on loopback TCP."""
+    """Shards running in this process, on loopback TCP. Refused under several ranks
+    (``WORLD_SIZE`` above 1, as torchrun sets it): each rank would train a table of its own."""
     def __init__(
         self,
         shards: int = 2,
