@@ -9,7 +9,8 @@ Make the data, then train (CPU, or a GPU with --device cuda):
 The categorical fields share one hetkv table of rows ``1 + dim`` (a first-order weight and the
 factors, as HET's DeepFM has it), read through ``hetkv.torch.Embedding`` over a cache (10% of
 the rows, bounds 100, by default; ``--cache 0 --bound 0`` is the classic parameter server) and
-trained by the table's optimizer on the shards. The dense part (MLP, dense features) trains with
+trained by the table's optimizer on the shards, which ``hetkv.torch.EmbeddingOptimizer`` steps
+beside the dense optimizer. The dense part (MLP, dense features) trains with
 torch. ``--torch-embedding`` trains the same model with ``torch.nn.Embedding`` wholly on the
 device instead: the upper bound when a table fits. The report says samples/s, the test AUC and
 logloss over time, and the planted model's AUC from ``criteo.json`` (the ceiling).
@@ -209,7 +210,11 @@ def main(argv=None):
     model = DeepFM(embedding, args.dim, hidden).to(device)
     dense_params = [q for n, q in model.named_parameters() if not (args.torch_embedding and n.startswith("embedding"))]
     opt = torch.optim.Adam(dense_params, lr=args.dense_lr)
-    emb_opt = torch.optim.Adagrad(model.embedding.parameters(), lr=args.lr) if args.torch_embedding else None
+    if args.torch_embedding:
+        emb_opt = torch.optim.Adagrad(model.embedding.parameters(), lr=args.lr)
+    else:
+        # The table's own Adagrad on the shards, stepped at each step's end as torch steps.
+        emb_opt = hetkv.torch.EmbeddingOptimizer(model.embedding)
     loss_fn = nn.BCEWithLogitsLoss()
 
     def evaluate():
@@ -240,12 +245,10 @@ def main(argv=None):
             x, y = dense[b].to(device), labels[b].to(device)
             loss = loss_fn(model(k, x).squeeze(1), y)
             opt.zero_grad()
-            if emb_opt:
-                emb_opt.zero_grad()
+            emb_opt.zero_grad()
             loss.backward()
             opt.step()
-            if emb_opt:
-                emb_opt.step()
+            emb_opt.step()
             trained += len(b)
             elapsed = time.monotonic() - started
             if elapsed >= next_eval:

@@ -96,6 +96,7 @@ def test_caches_and_torch_modules_take_raw_int64_ids():
         before = table.pull(flat)
         np.testing.assert_array_equal(out.detach().reshape(-1, 4).numpy(), before)
         out.sum().backward()
+        hetkv.torch.EmbeddingOptimizer(emb).step()
         emb.flush()
         after = table.pull(flat)
         # SGD at 0.5 of a gradient of ones per occurrence: id 5, there twice, moved twice as far.

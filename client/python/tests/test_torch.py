@@ -31,7 +31,8 @@ def all_rows(table):
     return torch.from_numpy(table.pull(np.arange(table.rows, dtype=np.uint64)))
 
 
-def test_embedding_without_a_cache_trains_exactly_as_torch_embedding_with_sgd():
+@pytest.mark.parametrize("update", ["step", "backward"])
+def test_embedding_without_a_cache_trains_exactly_as_torch_embedding_with_sgd(update):
     torch.manual_seed(0)
     rows, dim, lr = 50, 8, 0.1
     reference = nn.Embedding(rows, dim)
@@ -39,10 +40,24 @@ def test_embedding_without_a_cache_trains_exactly_as_torch_embedding_with_sgd():
     head = copy.deepcopy(head_ref)
     with hetkv.EmbeddedCluster(shards=2) as cluster:
         table = table_like(cluster, reference.weight, lr)
-        emb = hetkv.torch.Embedding(table.cached(capacity=0, pull_bound=0, push_bound=0))
+        emb = hetkv.torch.Embedding(table.cached(capacity=0, pull_bound=0, push_bound=0), update=update)
         assert list(emb.parameters()) == [], "the module holds no parameter"
         opt_ref = torch.optim.SGD([*reference.parameters(), *head_ref.parameters()], lr=lr)
-        opt = torch.optim.SGD(head.parameters(), lr=lr)
+        dense = torch.optim.SGD(head.parameters(), lr=lr)
+        emb_opt = hetkv.torch.EmbeddingOptimizer(emb) if update == "step" else None
+
+        class Both:
+            def zero_grad(self):
+                dense.zero_grad()
+                if emb_opt is not None:
+                    emb_opt.zero_grad()
+
+            def step(self):
+                dense.step()
+                if emb_opt is not None:
+                    emb_opt.step()
+
+        opt = Both()
         for step in range(40):
             x = torch.randint(0, rows, (16, 3))  # repeated keys within and across samples
             y = torch.rand(16, 1)
@@ -85,6 +100,7 @@ def test_embedding_bag_matches_torch_forward_and_backward(mode, layout):
         grad_out = torch.randn_like(want)
         (want * grad_out).sum().backward()
         (got * grad_out).sum().backward()
+        hetkv.torch.EmbeddingOptimizer(bag).step()
         # SGD at lr 1 on the shards: each row moved by minus its gradient.
         torch.testing.assert_close(
             all_rows(table), (reference.weight - reference.weight.grad).detach(), atol=1e-6, rtol=1e-6
@@ -127,14 +143,17 @@ def _ddp_worker(rank, world, addrs, port, steps, out_dir):
     emb = hetkv.torch.EmbeddingBag(cluster.table("ids").cached(capacity=0.2, pull_bound=10, push_bound=10), mode="sum")
     head = nn.parallel.DistributedDataParallel(nn.Linear(4, 1))
     opt = torch.optim.SGD(head.parameters(), lr=0.05)
+    emb_opt = hetkv.torch.EmbeddingOptimizer(emb)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
     updates = 0
     for _ in range(steps):
         x = torch.randint(0, 200, (32, 5), generator=gen)
         loss = nn.functional.mse_loss(head(emb(x)), torch.ones(32, 1))
         opt.zero_grad()
+        emb_opt.zero_grad()
         loss.backward()
         opt.step()
+        emb_opt.step()
         updates += len(torch.unique(x))
     emb.flush()
     torch.save({"head": head.module.state_dict(), "updates": updates}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -179,6 +198,7 @@ def test_padding_idx_reads_zeros_is_left_out_of_bags_and_never_updated(module):
         g = torch.randn_like(want)
         (want * g).sum().backward()
         (got * g).sum().backward()
+        hetkv.torch.EmbeddingOptimizer(mod).step()
         expect = (reference.weight - reference.weight.grad).detach()
         expect[pad] = 7.0
         torch.testing.assert_close(all_rows(table), expect, atol=1e-6, rtol=1e-6)
@@ -208,6 +228,7 @@ def test_max_norm_scales_the_rows_returned_and_takes_torch_s_gradient():
         g = torch.randn_like(want)
         (want * g).sum().backward()
         (got * g).sum().backward()
+        hetkv.torch.EmbeddingOptimizer(emb).step()
         # The shards' rows moved by torch's gradient (SGD at lr 1) from the rows as stored: the
         # lookup scaled what it returned, not the table.
         torch.testing.assert_close(all_rows(table), before - reference.weight.grad, atol=1e-6, rtol=1e-6)
@@ -230,6 +251,7 @@ def test_half_and_bfloat16_modules_return_their_dtype_and_push_f32_gradients(dty
         assert got.dtype == dtype
         torch.testing.assert_close(got, reference(x).to(dtype))
         got.float().sum().backward()
+        hetkv.torch.EmbeddingOptimizer(bag).step()
         # d(sum)/d(row) is the row's count in the batch: rows 1 and 2 once, row 3 twice.
         expect = reference.weight.detach().clone()
         expect[[1, 2]] -= 1.0
@@ -263,3 +285,54 @@ def test_an_embedded_cluster_refuses_to_run_in_one_of_several_ranks(monkeypatch)
         hetkv.EmbeddedCluster(shards=1)
     monkeypatch.setenv("WORLD_SIZE", "1")
     hetkv.EmbeddedCluster(shards=1).close()
+
+
+def test_micro_batches_and_a_grad_scaler_step_as_torch_embedding_does():
+    """Four micro-batches of a quarter of the loss each, then one step: one SGD step of the
+    summed gradient (one update a key on the shards), as ``torch.nn.Embedding`` takes it; a
+    ``GradScaler``'s scaled loss gives the same rows, and a step whose gradients are not finite is
+    skipped for the embeddings as for the dense part."""
+    torch.manual_seed(6)
+    rows, dim, lr = 40, 4, 0.5
+    reference = nn.Embedding(rows, dim)
+    initial = reference.weight.detach().clone()
+    micro = [torch.randint(0, rows, (8, 3)) for _ in range(4)]
+    targets = [torch.rand(8, 1) for _ in range(4)]
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=lr)
+    for x, y in zip(micro, targets):
+        (nn.functional.mse_loss(reference(x).sum((1, 2)).unsqueeze(1), y) / 4).backward()
+    opt_ref.step()
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        for scaled in (False, True):
+            table = table_like(cluster, initial, lr, name=f"t{int(scaled)}")
+            emb = hetkv.torch.Embedding(table.cached(capacity=0.5, pull_bound=0, push_bound=0))
+            opt = hetkv.torch.EmbeddingOptimizer(emb)
+            scaler = torch.amp.GradScaler("cpu", init_scale=65536.0, enabled=scaled)
+            versions = np.zeros(rows, dtype=np.uint64)
+            table.pull(np.arange(rows, dtype=np.uint64), versions=versions)
+            for x, y in zip(micro, targets):
+                loss = nn.functional.mse_loss(emb(x).sum((1, 2)).unsqueeze(1), y) / 4
+                scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            emb.flush()
+            torch.testing.assert_close(all_rows(table), reference.weight.detach(), atol=1e-5, rtol=1e-5)
+            after = np.zeros(rows, dtype=np.uint64)
+            table.pull(np.arange(rows, dtype=np.uint64), versions=after)
+            touched = np.unique(torch.cat(micro).numpy())
+            assert (after - versions)[touched].tolist() == [1] * len(touched), "one update a key"
+            if scaled:
+                # Not finite: the scaler skips the step, the rows stay as they are.
+                emb(micro[0]).sum().backward()
+                emb.grad_carrier.grad = emb.grad_carrier.grad * float("inf")
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+                emb.flush()
+                torch.testing.assert_close(all_rows(table), reference.weight.detach(), atol=1e-5, rtol=1e-5)
+                assert scaler.get_scale() < 65536.0
+    with pytest.raises(ValueError, match="update"):
+        hetkv.torch.EmbeddingOptimizer(
+            [hetkv.torch.Embedding(table.cached(capacity=0), update="backward")]
+        )

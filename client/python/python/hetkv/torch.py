@@ -3,10 +3,18 @@
 ``Embedding`` and ``EmbeddingBag`` replace ``torch.nn.Embedding`` and ``torch.nn.EmbeddingBag``
 for tables that live in hetkv. Forward looks the batch's unique keys up in the cache (within its
 read bound, with this worker's own updates in them) and puts the rows on the input's device;
-backward sums the gradient rows per unique key and hands them to ``Cache.update``, so the
-table's optimizer runs on the shards (as TorchRec's fused optimizers, PERSIA and TFRA do). The
-module holds no parameter and no dense gradient of the table: give the torch optimizer the rest
-of the model only.
+backward sums the gradient rows per unique key, and the table's optimizer runs on the shards.
+
+When the rows step is torch's: at ``EmbeddingOptimizer.step()``, as ``torch.nn.Embedding``'s
+weight steps at its optimizer's step (``update="step"``, the default). Backward accumulates each
+key's gradient into the module's ``grad_carrier``, a sparse leaf of no memory, across as many
+backward passes as come before the step, so gradient accumulation over micro-batches makes one
+step of their sum, and ``torch.amp.GradScaler`` unscales those gradients and skips the step when
+one is not finite, as it does for the dense part (``scaler.step(embedding_optimizer)``).
+``update="backward"`` is the fused alternative (TorchRec's default, and PERSIA's and TFRA's): each
+backward hands its gradients to ``Cache.update`` at once, and no optimizer is needed. Either way
+the module holds no parameter and no dense gradient of the table: give the torch optimizer the
+rest of the model only (``model.parameters()`` does not include the carriers).
 
 The arguments of ``torch.nn`` users reach for are taken: ``padding_idx`` (the padding key reads
 as zeros, is left out of bags and of their mean's count, and is never looked up or updated),
@@ -23,8 +31,10 @@ gradients pushed stay f32).
 ...                              init=hetkv.Initializer.normal(std=0.01),
 ...                              optimizer=hetkv.Optimizer.sgd(lr=0.05))
 >>> emb = hetkv.torch.Embedding(table.cached(capacity=0.1))   # was: torch.nn.Embedding(10_000, 16)
+>>> opt = hetkv.torch.EmbeddingOptimizer(emb)                    # the tables' own optimizers
 >>> out = emb(torch.tensor([[1, 2], [2, 3]]))                    # (2, 2, 16)
->>> out.sum().backward()                                         # updates rows 1, 2 and 3
+>>> out.sum().backward()
+>>> opt.step(); opt.zero_grad()                                  # updates rows 1, 2 and 3
 >>> cluster.close()
 
 torch is imported here, at run time: the hetkv wheel does not link libtorch.
@@ -39,24 +49,33 @@ from torch import nn
 
 from ._hetkv import Cache
 
-__all__ = ["Embedding", "EmbeddingBag"]
+__all__ = ["Embedding", "EmbeddingBag", "EmbeddingOptimizer"]
+
+# Rows a step's carrier can name: positions in the step's key table, not keys (a dynamic
+# table's keys are any u64, beyond a sparse index).
+_CARRIER_ROWS = 2**31 - 1
 
 
 class _Rows(torch.autograd.Function):
-    """The rows of ``keys`` from ``cache``: forward looks them up, backward pushes their
-    gradient rows (one update per unique key) through ``cache.update``."""
+    """The rows of ``keys`` from ``module``'s cache: forward looks them up; backward hands their
+    gradient rows (one per unique key) to ``cache.update`` (``update="backward"``), or returns
+    them as the sparse gradient of the module's carrier, which autograd accumulates until the
+    step (``update="step"``)."""
 
     @staticmethod
-    def forward(ctx, anchor, cache, keys, device):  # type: ignore[override]
-        ctx.cache = cache
+    def forward(ctx, carrier, module, keys, device):  # type: ignore[override]
+        ctx.module = module
         ctx.keys = keys
-        return _lookup(cache, keys, device)
+        return _lookup(module.cache, keys, device)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        rows = grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        ctx.cache.update(ctx.keys, rows)
-        return None, None, None, None
+        m = ctx.module
+        rows = grad.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        if m.update == "backward":
+            m.cache.update(ctx.keys, rows.numpy())
+            return None, None, None, None
+        return m._carrier_grad(ctx.keys, rows), None, None, None
 
 
 def _lookup(cache: Cache, keys: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -91,12 +110,21 @@ class _CacheModule(nn.Module):
         max_norm: Optional[float] = None,
         norm_type: float = 2.0,
         device: Optional[torch.device] = None,
+        update: str = "step",
     ):
         super().__init__()
         if not isinstance(cache, Cache):
             raise TypeError(f"expected a hetkv.Cache (Table.cached(...)), not {type(cache).__name__}")
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"max_norm must be positive, not {max_norm!r}")
+        if update not in ("step", "backward"):
+            raise ValueError(f'update must be "step" or "backward", not {update!r}')
+        self.update = update
+        # The gradients of update="step", accumulated by autograd until the step: a leaf of no
+        # memory (one row of zeros, expanded), not a parameter, so that model.parameters() and
+        # the dense optimizer never see it; its rows are positions in ``_step_keys``.
+        self.grad_carrier = torch.zeros(1, cache.dim).expand(_CARRIER_ROWS, cache.dim).requires_grad_()
+        self._step_keys = np.empty(0, dtype=np.uint64)
         self.cache = cache
         self.embedding_dim = cache.dim
         # A key as the input's keys are (its int64 value's bit pattern): not counted from the
@@ -141,18 +169,58 @@ class _CacheModule(nn.Module):
 
     def _rows(self, keys: np.ndarray, device: torch.device) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
-            # A leaf that requires grad, so that autograd calls _Rows.backward; the module
-            # itself has no parameter.
-            anchor = torch.empty(0, requires_grad=True)
-            return _Rows.apply(anchor, self.cache, keys, device)
+            # A leaf that requires grad, so that autograd calls _Rows.backward: the carrier, or
+            # (fused) an empty one; the module itself has no parameter.
+            if self.update == "step":
+                carrier = self.grad_carrier
+            else:
+                carrier = torch.empty(0, requires_grad=True)
+            return _Rows.apply(carrier, self, keys, device)
         return _lookup(self.cache, keys, device)
+
+    def _carrier_grad(self, keys: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (the gradients of unique ``keys``) as a sparse gradient of the carrier: at
+        each key's position in the step's key table, which takes the keys it has not seen."""
+        known = self._step_keys
+        if len(known) == 0:
+            self._step_keys = keys.copy()
+            positions = np.arange(len(keys), dtype=np.int64)
+        else:
+            new = keys[~np.isin(keys, known, assume_unique=True)]
+            known = self._step_keys = np.concatenate([known, new])
+            order = np.argsort(known, kind="stable")
+            positions = order[np.searchsorted(known, keys, sorter=order)].astype(np.int64)
+        if len(self._step_keys) > _CARRIER_ROWS:
+            raise RuntimeError(f"more than {_CARRIER_ROWS} keys between two steps")
+        index = torch.from_numpy(positions).unsqueeze(0)
+        return torch.sparse_coo_tensor(
+            index, rows, (_CARRIER_ROWS, self.embedding_dim), check_invariants=False
+        )
+
+    def _step(self) -> None:
+        """Hands the gradients accumulated since the last zero_grad to the cache: each key once,
+        its gradients summed (one optimizer step on the shards, whatever the passes)."""
+        grad = self.grad_carrier.grad
+        if grad is None:
+            return
+        grad = grad.coalesce()
+        positions = grad.indices()[0].numpy()
+        if len(positions) == 0:
+            return
+        rows = grad.values().to(torch.float32).contiguous().numpy()
+        self.cache.update(self._step_keys[positions], rows)
+
+    def _zero_grad(self) -> None:
+        self.grad_carrier.grad = None
+        self._step_keys = np.empty(0, dtype=np.uint64)
 
     def flush(self) -> None:
         """Pushes every update the cache holds (before a checkpoint or evaluation elsewhere)."""
         self.cache.flush()
 
     def extra_repr(self) -> str:
-        return f"table={self.cache.table!r}, embedding_dim={self.embedding_dim}"
+        fused = ", update='backward'" if self.update == "backward" else ""
+        return f"table={self.cache.table!r}, embedding_dim={self.embedding_dim}" + fused
 
 
 class Embedding(_CacheModule):
@@ -231,3 +299,46 @@ def _options(m: _CacheModule) -> str:
     if m._out_dtype.dtype != torch.float32:
         out += f", dtype={m._out_dtype.dtype}"
     return out
+
+
+class EmbeddingOptimizer(torch.optim.Optimizer):
+    """The step of hetkv embedding modules (those built with ``update="step"``, the default):
+    ``step()`` hands each module's gradients, summed per key since the last ``zero_grad()``, to
+    its cache, so the table's own optimizer takes one step on the shards (its learning rate and
+    state are the table's, not this object's). Give it a model (every such module in it) or the
+    modules; its parameters are the modules' gradient carriers, so ``torch.amp.GradScaler``
+    unscales them and skips the step when one is not finite, and
+    ``torch.nn.utils.clip_grad_norm_`` can take them (``optimizer.param_groups[0]["params"]``).
+    ``zero_grad()`` clears them: ``model.zero_grad()`` does not reach them (they are not the
+    model's parameters)."""
+
+    def __init__(self, modules):
+        if isinstance(modules, nn.Module):
+            modules = [m for m in modules.modules() if isinstance(m, _CacheModule)]
+        modules = list(modules)
+        for m in modules:
+            if not isinstance(m, _CacheModule):
+                raise TypeError(f"expected hetkv.torch modules, not {type(m).__name__}")
+        fused = [m for m in modules if m.update != "step"]
+        if fused:
+            raise ValueError(
+                f'{len(fused)} module(s) update in backward (update="backward"): nothing to step'
+            )
+        if not modules:
+            raise ValueError("no hetkv.torch module to step")
+        super().__init__([m.grad_carrier for m in modules], {})
+        self._embedding_modules = modules
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for m in self._embedding_modules:
+            m._step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for m in self._embedding_modules:
+            m._zero_grad()
