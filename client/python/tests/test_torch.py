@@ -336,3 +336,36 @@ def test_micro_batches_and_a_grad_scaler_step_as_torch_embedding_does():
         hetkv.torch.EmbeddingOptimizer(
             [hetkv.torch.Embedding(table.cached(capacity=0), update="backward")]
         )
+
+
+def test_a_module_prefetches_the_next_batch_and_warns_once_when_a_prefetch_goes_unused():
+    import warnings
+
+    with hetkv.EmbeddedCluster(shards=2, tables=[{"name": "t", "rows": 100, "dim": 3}]) as cluster:
+        cache = cluster.table("t").cached(capacity=0.5, pull_bound=0, push_bound=0)
+        bag = hetkv.torch.EmbeddingBag(cache, mode="sum", padding_idx=0)
+        opt = hetkv.torch.EmbeddingOptimizer(bag)
+        # As a DataLoader yields them: unsorted, repeated, with padding.
+        x1 = torch.tensor([[3, 1, 3, 0], [7, 0, 1, 2]])
+        x2 = torch.tensor([[9, 8, 0, 8], [2, 2, 5, 6]])
+        bag(x1).sum().backward()
+        bag.prefetch(x2)  # the next batch's lookup, while this one steps
+        opt.step()
+        opt.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = bag(x2)
+        stats = cache.stats()
+        assert (stats["prefetched"], stats["prefetches_unused"]) == (1, 0), stats
+        # Its rows hold the step taken while it was in flight (key 2 among them).
+        bag.eval()
+        torch.testing.assert_close(got.detach(), bag(x2))
+        bag.train()
+        bag.prefetch(x1)
+        with pytest.warns(RuntimeWarning, match="went unused"):
+            bag(x2)
+        bag.prefetch(x1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bag(x2)  # counted, not warned again
+        assert cache.stats()["prefetches_unused"] == 2

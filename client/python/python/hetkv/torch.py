@@ -40,6 +40,7 @@ gradients pushed stay f32).
 torch is imported here, at run time: the hetkv wheel does not link libtorch.
 """
 
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -125,6 +126,10 @@ class _CacheModule(nn.Module):
         # the dense optimizer never see it; its rows are positions in ``_step_keys``.
         self.grad_carrier = torch.zeros(1, cache.dim).expand(_CARRIER_ROWS, cache.dim).requires_grad_()
         self._step_keys = np.empty(0, dtype=np.uint64)
+        # Whether a prefetch waits for the next lookup, and the unused prefetches counted so far.
+        self._prefetching = False
+        self._unused_seen = 0
+        self._warned_unused = False
         self.cache = cache
         self.embedding_dim = cache.dim
         # A key as the input's keys are (its int64 value's bit pattern): not counted from the
@@ -146,15 +151,9 @@ class _CacheModule(nn.Module):
         zeros, never looked up), renormalized by ``max_norm`` and in the output dtype; each
         element's index among them; and the padding key's index (None when absent)."""
         device = self._out_device(input)
-        keys, inverse = _unique(input)
-        pad = None
-        if self.padding_idx is not None:
-            padding = np.array([self.padding_idx], dtype=np.int64).view(np.uint64)[0]
-            at = np.flatnonzero(keys == padding)
-            if len(at):
-                pad = int(at[0])
-                keys = np.delete(keys, pad)
+        keys, inverse, pad = self._keys(input)
         rows = self._rows(keys, device)
+        self._check_prefetch()
         if pad is not None:
             rows = torch.cat([rows[:pad], rows.new_zeros(1, self.embedding_dim), rows[pad:]])
         if self.max_norm is not None:
@@ -166,6 +165,48 @@ class _CacheModule(nn.Module):
             rows = rows + (rows * scale - rows).detach()
         rows = rows.to(self._out_dtype.dtype)
         return rows, inverse.to(device), pad
+
+    def _keys(self, input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor, Optional[int]]:
+        """The keys ``input`` looks up (its unique keys, sorted, as uint64, the padding key left
+        out), each element's index among its unique keys, and the padding key's (None when
+        absent): the one rule of forward and prefetch, so that a prefetch asks for what the
+        forward of the same input looks up."""
+        keys, inverse = _unique(input)
+        pad = None
+        if self.padding_idx is not None:
+            padding = np.array([self.padding_idx], dtype=np.int64).view(np.uint64)[0]
+            at = np.flatnonzero(keys == padding)
+            if len(at):
+                pad = int(at[0])
+                keys = np.delete(keys, pad)
+        return keys, inverse, pad
+
+    def prefetch(self, input: torch.Tensor) -> None:
+        """Starts the lookup of the next batch's ``input`` (as ``forward`` will be given it) and
+        returns at once; the forward of the same input completes it, so the network round trip
+        overlaps this batch's compute. Any updates made meanwhile (this batch's step) are in the
+        rows it returns. A prefetch whose keys the next lookup does not ask for goes unused (the
+        rows are read again): that warns once."""
+        keys, _, _ = self._keys(input)
+        self.cache.prefetch(keys)
+        self._prefetching = True
+
+    def _check_prefetch(self) -> None:
+        """After the lookup that follows a prefetch: warns (once a module) when it went unused."""
+        if not self._prefetching:
+            return
+        self._prefetching = False
+        unused = self.cache.stats()["prefetches_unused"]
+        if unused > self._unused_seen and not self._warned_unused:
+            self._warned_unused = True
+            warnings.warn(
+                f"a prefetch of table {self.cache.table!r} went unused: the lookup after it asked "
+                "for other keys (give prefetch() the next batch's input as forward() will get "
+                "it). Its rows were read again; this warning is not repeated.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self._unused_seen = unused
 
     def _rows(self, keys: np.ndarray, device: torch.device) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
