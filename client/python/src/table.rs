@@ -1,0 +1,314 @@
+//! `hetkv.Table`: one table of a cluster, pulled, pushed, exported and cached.
+
+use std::sync::Mutex;
+
+use hetkv_client::{CacheConfig, Capacity, PolicyKind, Table as RustTable, UpdateRuleKind};
+use numpy::{PyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::*;
+
+/// A cache's capacity as Python gives it: a row count (int) or a fraction of the rows (float).
+#[derive(FromPyObject)]
+pub(crate) enum CapacityArg {
+    Rows(u64),
+    Fraction(f64),
+}
+
+/// One table of a cluster: direct reads and writes (no cache: the classic parameter server).
+#[pyclass(module = "hetkv", frozen)]
+pub(crate) struct Table {
+    pub(crate) inner: RustTable,
+}
+
+#[pymethods]
+impl Table {
+    /// Refused: see [`not_copied`].
+    fn __reduce__(&self) -> PyResult<()> {
+        Err(not_copied("table"))
+    }
+
+    /// The table's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.spec().name.clone()
+    }
+
+    /// Rows: a fixed table's keys are 0 to rows - 1; a dynamic table's `rows` is its capacity.
+    #[getter]
+    fn rows(&self) -> u64 {
+        self.inner.spec().rows
+    }
+
+    /// What makes the table dynamic, or None for a fixed table.
+    #[getter]
+    fn dynamic(&self) -> Option<Dynamic> {
+        self.inner.spec().dynamic.map(Dynamic)
+    }
+
+    /// Values per row.
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.spec().dim as usize
+    }
+
+    /// The shards' optimizer.
+    #[getter]
+    fn optimizer(&self) -> Optimizer {
+        Optimizer(self.inner.spec().optimizer)
+    }
+
+    /// Reads the rows of `keys` (uint64, 1-D) into `out` (float32, keys x dim; a new array when
+    /// None) and, when given, their versions into `versions` (uint64, 1-D). Returns `out`.
+    #[pyo3(signature = (keys, out = None, versions = None))]
+    fn pull<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+        versions: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
+        let dim = self.dim();
+        let name = self.name();
+        let mut versions: Option<PyReadwriteArray1<'py, u64>> = match versions {
+            None => None,
+            Some(v) => Some(v.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "versions must be a 1-D numpy array of uint64 (got {})",
+                    dtype_of(v)
+                ))
+            })?),
+        };
+        let versions = match versions.as_mut() {
+            None => None,
+            Some(v) => {
+                if v.len() != keys.len() {
+                    return Err(WrongDimError::new_err(format!(
+                        "versions holds {} values for {} keys",
+                        v.len(),
+                        keys.len()
+                    )));
+                }
+                Some(contiguous_mut(v, "versions")?)
+            }
+        };
+        into_rows(py, out, keys.len(), dim, &name, |rows| {
+            self.inner.pull(keys, rows, versions)
+        })
+    }
+
+    /// Applies one update per row of `grads` (float32, keys x dim) with the shards' optimizer;
+    /// `counts` (uint32) says how many updates each row sums (1 each when None). Returns the
+    /// updates applied.
+    #[pyo3(signature = (keys, grads, counts = None))]
+    fn push(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        Ok(self.push_rows(py, keys, grads, counts)?.applied)
+    }
+
+    /// [`push`], saying which keys a dynamic table refused admission: a dict of `applied`
+    /// (updates applied), `refused_keys` (uint64) and `refused_counts` (uint32, the updates
+    /// dropped for each), in the push's order.
+    #[pyo3(signature = (keys, grads, counts = None))]
+    fn push_report<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let report = self.push_rows(py, keys, grads, counts)?;
+        let d = PyDict::new(py);
+        d.set_item("applied", report.applied)?;
+        let keys: Vec<u64> = report.refused.iter().map(|r| r.0).collect();
+        let counts: Vec<u32> = report.refused.iter().map(|r| r.1).collect();
+        d.set_item("refused_keys", PyArray1::from_vec(py, keys))?;
+        d.set_item("refused_counts", PyArray1::from_vec(py, counts))?;
+        Ok(d)
+    }
+
+    /// Sets the rows of `keys` to `values` (float32, keys x dim): each row's version grows by one
+    /// and its optimizer state starts again (imports, warm starts). Returns the rows set.
+    fn assign(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        values: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
+        let values = rows2(values, "values")?;
+        check_rows(
+            values.shape(),
+            keys.len(),
+            self.dim(),
+            "values",
+            &self.name(),
+        )?;
+        let values = contiguous(&values, "values")?;
+        interruptible(py, || self.inner.assign(keys, values), py_err)
+    }
+
+    /// Up to `max` evictions of this dynamic table on shard `shard` from `cursor` (0: the
+    /// shard's first): a dict with `keys`, `versions` and `scores` (uint64 arrays, oldest
+    /// first), `next` (the cursor to read from next) and `lost` (evictions the shard no longer
+    /// held when this reader asked: it fell behind). Each shard has its own stream.
+    #[pyo3(signature = (shard, cursor = 0, max = 65536))]
+    fn evictions<'py>(
+        &self,
+        py: Python<'py>,
+        shard: usize,
+        cursor: u64,
+        max: u32,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let page = interruptible(py, || self.inner.evictions(shard, cursor, max), py_err)?;
+        let d = PyDict::new(py);
+        let column = |f: fn(&hetkv_transport::wire::EvictedKey) -> u64| -> Vec<u64> {
+            page.events.iter().map(f).collect()
+        };
+        d.set_item("keys", PyArray1::from_vec(py, column(|e| e.key)))?;
+        d.set_item("versions", PyArray1::from_vec(py, column(|e| e.version)))?;
+        d.set_item("scores", PyArray1::from_vec(py, column(|e| e.score)))?;
+        d.set_item("next", page.next)?;
+        d.set_item("lost", page.lost)?;
+        Ok(d)
+    }
+
+    /// Writes the table (every row, or the rows of `keys` in their order) to the safetensors
+    /// file `path`: `embeddings` (float32, rows x dim), `versions` (uint64) and, with `keys`,
+    /// `keys` (uint64), as `hetkv export` does; a dynamic table without `keys` writes every held
+    /// row with its key. Returns the rows written.
+    #[pyo3(signature = (path, keys = None))]
+    fn export(
+        &self,
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        keys: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let keys = keys
+            .map(|k| array1::<u64>(k, "keys", "uint64"))
+            .transpose()?;
+        let keys = match &keys {
+            Some(k) => Some(contiguous(k, "keys")?),
+            None => None,
+        };
+        let shards = shards_of(self.inner.cluster());
+        let name = self.name();
+        interruptible(
+            py,
+            || hetkv_store::tensors::export_table(&shards, &name, keys, &path),
+            store_err,
+        )
+        .map(|t| t.rows)
+    }
+
+    /// Sets rows from the safetensors file `path`: its tensor `tensor` (float32, n x dim) and,
+    /// if present, `keys` (uint64, else keys 0 to n-1), as `hetkv import` does. Each row becomes
+    /// one update and its optimizer state starts again. Returns the rows set.
+    #[pyo3(signature = (path, tensor = "embeddings"))]
+    fn import_file(&self, py: Python<'_>, path: std::path::PathBuf, tensor: &str) -> PyResult<u64> {
+        let shards = shards_of(self.inner.cluster());
+        let name = self.name();
+        interruptible(
+            py,
+            || hetkv_store::tensors::import_table(&shards, &name, &path, tensor),
+            store_err,
+        )
+        .map(|t| t.rows)
+    }
+
+    /// One worker's HET cache of this table.
+    ///
+    /// `capacity` is a fraction of the table's rows (a float below 1) or a number of rows (an
+    /// int); 0 turns the cache off (with bounds 0, the classic parameter server). `policy` is
+    /// "lru", "lfu" or "light-lfu". A cached row lags the shards by at most `pull_bound` updates;
+    /// a line holds at most `push_bound` unpushed updates (None: unbounded).
+    ///
+    /// `update_rule` says how this worker's updates of a key count in its lines and its pushes:
+    /// "push-whole" (HET's semantics: gradients pushed whole and applied by the shards'
+    /// optimizer; a line shows exactly the row the shards produce from its own updates, so after
+    /// `flush` a lone worker's lines equal the shards' rows, and at bounds 0 a cached run is the
+    /// uncached one), "share-weighted" (pushes weighted by the worker's share of the key's
+    /// updates, a training heuristic) or "push-scaled:F" (every push times F).
+    #[pyo3(signature = (capacity = CapacityArg::Fraction(0.1), policy = "lfu", pull_bound = Some(100), push_bound = Some(100), update_rule = "push-whole"))]
+    fn cached(
+        &self,
+        capacity: CapacityArg,
+        policy: &str,
+        pull_bound: Option<u64>,
+        push_bound: Option<u64>,
+        update_rule: &str,
+    ) -> PyResult<Cache> {
+        let rule: UpdateRuleKind = update_rule.parse().map_err(PyValueError::new_err)?;
+        let capacity = match capacity {
+            CapacityArg::Rows(0) => Capacity::Disabled,
+            CapacityArg::Rows(rows) => Capacity::Rows(rows as usize),
+            CapacityArg::Fraction(f) if !(0.0..=1.0).contains(&f) => {
+                return Err(PyValueError::new_err(format!(
+                    "capacity {f} is not a fraction of the rows in [0, 1] (give a row count as an int)"
+                )))
+            }
+            CapacityArg::Fraction(0.0) => Capacity::Disabled,
+            CapacityArg::Fraction(f) => Capacity::Fraction(f),
+        };
+        let policy: PolicyKind = policy.parse().map_err(PyValueError::new_err)?;
+        let config = CacheConfig {
+            capacity,
+            policy,
+            pull_bound: cache_bound(pull_bound),
+            push_bound: cache_bound(push_bound),
+        };
+        let dim = self.dim();
+        let cached = self.inner.cached(config).with_update_rule(rule);
+        Ok(Cache {
+            published: cached.stats_handle(),
+            inner: Mutex::new(cached),
+            dim,
+            name: self.name(),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "hetkv.Table(name={:?}, rows={}, dim={}, optimizer={})",
+            self.name(),
+            self.rows(),
+            self.dim(),
+            self.inner.spec().optimizer
+        )
+    }
+}
+
+impl Table {
+    /// Checks and pushes rows (`push` and `push_report`).
+    fn push_rows(
+        &self,
+        py: Python<'_>,
+        keys: &Bound<'_, PyAny>,
+        grads: &Bound<'_, PyAny>,
+        counts: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<hetkv_client::PushReport> {
+        let keys = keys_arg(keys)?;
+        let keys = keys.slice()?;
+        let grads = rows2(grads, "grads")?;
+        check_rows(grads.shape(), keys.len(), self.dim(), "grads", &self.name())?;
+        let grads = contiguous(&grads, "grads")?;
+        let counts: Vec<u32> = match counts {
+            None => vec![1; keys.len()],
+            Some(c) => {
+                let c = array1::<u32>(c, "counts", "uint32")?;
+                contiguous(&c, "counts")?.to_vec()
+            }
+        };
+        interruptible(py, || self.inner.push_report(keys, &counts, grads), py_err)
+    }
+}
