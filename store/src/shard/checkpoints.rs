@@ -6,7 +6,10 @@ use std::sync::Arc;
 use hetkv_transport::wire::CheckpointResponse;
 
 use super::{fresh_incarnation, Shard};
-use crate::checkpoint::{self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest};
+use crate::checkpoint::format::FileHeader;
+use crate::checkpoint::{
+    self, table_file_name, CheckpointDir, CheckpointError, Kind, Manifest, TableWriter,
+};
 use crate::dynamic::DynamicTable;
 use crate::table::Table;
 use crate::StoreError;
@@ -118,31 +121,21 @@ impl Shard {
             Some((_, held)) if held.iter().any(|h| h == table) => Kind::Incremental,
             _ => Kind::Full,
         };
-        for (index, t) in tables.iter().enumerate() {
-            let table = &t.spec().name;
-            let kind = kind_of(table);
-            let mut w = pending.table_writer(index, &t.checkpoint_header(kind))?;
-            t.snapshot_into(kind, &mut w)
-                .map_err(|e| CheckpointError::Io {
-                    path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
-                    source: e,
-                })?;
-            let summary = pending.finish_table(table, kind, w, t.clock())?;
-            rows += summary.rows;
-            bytes += summary.bytes;
-        }
         // Dynamic tables after the fixed ones: incremental ones hold the slots written since the
         // parent (a slot changes hands, never empties, so that is every change).
         let dynamic = self.dynamic_tables();
-        for (n, t) in dynamic.iter().enumerate() {
-            let (table, index) = (&t.spec().name, tables.len() + n);
+        let all = tables
+            .iter()
+            .map(|t| t.as_ref() as &dyn Copied)
+            .chain(dynamic.iter().map(|t| t.as_ref() as &dyn Copied));
+        for (index, t) in all.enumerate() {
+            let table = t.name();
             let kind = kind_of(table);
-            let mut w = pending.table_writer(index, &t.checkpoint_header(kind))?;
-            t.snapshot_into(kind, &mut w)
-                .map_err(|e| CheckpointError::Io {
-                    path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
-                    source: e,
-                })?;
+            let mut w = pending.table_writer(index, &t.header(kind))?;
+            t.copy_into(kind, &mut w).map_err(|e| CheckpointError::Io {
+                path: format!("{}/{}", dir.path_of(name).display(), table_file_name(index)),
+                source: e,
+            })?;
             let summary = pending.finish_table(table, kind, w, t.clock())?;
             rows += summary.rows;
             bytes += summary.bytes;
@@ -297,5 +290,44 @@ impl Shard {
             "restored dynamic table"
         );
         Ok(true)
+    }
+}
+
+/// What a checkpoint copies of a table, fixed or dynamic: its header, its rows (all, or those
+/// written since the parent) and its clock after the copy.
+trait Copied {
+    fn name(&self) -> &str;
+    fn header(&self, kind: Kind) -> FileHeader;
+    fn copy_into(&self, kind: Kind, out: &mut TableWriter) -> std::io::Result<()>;
+    fn clock(&self) -> u64;
+}
+
+impl Copied for Table {
+    fn name(&self) -> &str {
+        &self.spec().name
+    }
+    fn header(&self, kind: Kind) -> FileHeader {
+        self.checkpoint_header(kind)
+    }
+    fn copy_into(&self, kind: Kind, out: &mut TableWriter) -> std::io::Result<()> {
+        self.snapshot_into(kind, out)
+    }
+    fn clock(&self) -> u64 {
+        Table::clock(self)
+    }
+}
+
+impl Copied for DynamicTable {
+    fn name(&self) -> &str {
+        &self.spec().name
+    }
+    fn header(&self, kind: Kind) -> FileHeader {
+        self.checkpoint_header(kind)
+    }
+    fn copy_into(&self, kind: Kind, out: &mut TableWriter) -> std::io::Result<()> {
+        self.snapshot_into(kind, out).map(|_| ())
+    }
+    fn clock(&self) -> u64 {
+        DynamicTable::clock(self)
     }
 }
