@@ -1,8 +1,9 @@
-//! Real kills: a daemon on a data directory takes pushes and checkpoints and is SIGKILLed at
-//! random moments, twenty times, most of them while a checkpoint is being written. After every
-//! restart the state it serves is exactly one complete checkpoint (values, versions and optimizer
-//! state): the last one acknowledged to the client, or a later one that committed before the
-//! kill, never a mix.
+//! Real kills: a daemon on a data directory takes pushes and checkpoints (full and incremental)
+//! and is SIGKILLed at random moments, twenty times, most of them while a checkpoint is being
+//! written. After every restart the state it serves is exactly one complete checkpoint (values,
+//! versions and optimizer state; a dynamic table's keys in their slots, restored from a chain
+//! whose keys changed slots): the last one acknowledged to the client, or a later one that
+//! committed before the kill, never a mix.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,7 +12,9 @@ use std::time::Duration;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
 use hetkv_store::checkpoint::CheckpointDir;
-use hetkv_transport::{Initializer, OptimizerSpec, ShardTransport, TableSpec};
+use hetkv_transport::{
+    Admission, DynamicSpec, Eviction, Initializer, OptimizerSpec, ShardTransport, TableSpec,
+};
 
 mod common;
 use common::{serve, Daemon};
@@ -72,6 +75,17 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
             eps: 1e-8,
         },
     );
+    // A dynamic table of 4,096 slots (64 placement buckets of 2 region buckets) taking keys from
+    // 20,000 raw ids: evicting throughout, and keys admitted again into other slots.
+    let raw = TableSpec {
+        buckets: 64,
+        rows: 4096,
+        dynamic: Some(DynamicSpec {
+            admission: Admission::Always,
+            eviction: Eviction::Lru,
+        }),
+        ..table("raw", OptimizerSpec::Sgd { lr: 1.0 })
+    };
     let mut acked: Option<(String, u64)> = None;
     let mut mid_checkpoint = 0;
     let mut seed = 0x5eed_u64;
@@ -108,6 +122,7 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
         let client = Arc::new(TcpShardClient::connect(&d.addr, config).unwrap());
         client.create_table(&sgd).unwrap();
         client.create_table(&adam).unwrap();
+        client.create_table(&raw).unwrap();
         if let Some(restored) = &restored {
             // What it serves, optimizer state included, written out again and compared.
             let check = format!("check-{round}");
@@ -117,12 +132,13 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
                 records(&dir, restored),
                 "round {round}: the restored state is checkpoint {restored}, bit for bit"
             );
-            // Each record is of one moment: SGD (lr 1, gradient -1) values equal versions, and
-            // Adam's steps equal versions (every push has count 1).
-            for (t, rows) in ["sgd", "adam"].iter().zip(records(&dir, &check)) {
-                for r in rows {
+            // Each record is of one moment: SGD (lr 1, gradient -1, from zeros) values equal
+            // versions, a dynamic row's since its key's admission, and Adam's steps equal versions
+            // (every push has count 1).
+            for (t, rows) in ["sgd", "adam", "raw"].iter().zip(records(&dir, &check)) {
+                for r in rows.iter().filter(|r| !r.is_empty()) {
                     let version = u64::from_le_bytes(r[8..16].try_into().unwrap());
-                    if *t == "sgd" {
+                    if *t != "adam" {
                         let x = f32::from_le_bytes(r[16..20].try_into().unwrap());
                         assert_eq!(x, version as f32);
                     } else {
@@ -144,11 +160,18 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let keys: Vec<u64> = (0..64).map(|j| (n * 64 + j * 313) % 20_000).collect();
+                    let raw_keys: Vec<u64> = keys
+                        .iter()
+                        .map(|&k| hetkv_transport::hash::splitmix64(k))
+                        .collect();
                     let counts = vec![1u32; keys.len()];
                     let ok = client
                         .push("sgd", &keys, &counts, &vec![-1.0; keys.len() * 8])
                         .and_then(|_| {
                             client.push("adam", &keys, &counts, &vec![0.5; keys.len() * 8])
+                        })
+                        .and_then(|_| {
+                            client.push("raw", &raw_keys, &counts, &vec![-1.0; keys.len() * 8])
                         });
                     if ok.is_err() {
                         break;
@@ -196,5 +219,21 @@ fn a_daemon_killed_at_random_moments_restores_one_whole_checkpoint_every_time() 
     assert!(
         mid_checkpoint >= 5,
         "only {mid_checkpoint} of 20 kills landed while a checkpoint was being written"
+    );
+    // The dynamic table rode incremental checkpoints (the slots written since the parent).
+    let incremental_raw = dir
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| match l {
+            hetkv_store::checkpoint::Listing::Committed(m) => Some(m),
+            _ => None,
+        })
+        .flat_map(|m| m.tables)
+        .filter(|t| t.name == "raw" && t.kind.name() == "incremental" && t.rows > 0)
+        .count();
+    assert!(
+        incremental_raw > 0,
+        "no incremental file of the dynamic table"
     );
 }
