@@ -126,7 +126,7 @@ class _CacheModule(nn.Module):
         # the dense optimizer never see it; its rows are positions in ``_step_keys``.
         self.grad_carrier = torch.zeros(1, cache.dim).expand(_CARRIER_ROWS, cache.dim).requires_grad_()
         self._step_keys = np.empty(0, dtype=np.uint64)
-        # Whether a prefetch waits for the next lookup, and the unused prefetches counted so far.
+        # Whether a prefetch waits for the next lookup, and the cache's unused prefetches before it.
         self._prefetching = False
         self._unused_seen = 0
         self._warned_unused = False
@@ -188,6 +188,8 @@ class _CacheModule(nn.Module):
         rows it returns. A prefetch whose keys the next lookup does not ask for goes unused (the
         rows are read again): that warns once."""
         keys, _, _ = self._keys(input)
+        # What the cache counted unused before this one (its own prefetches and others').
+        self._unused_seen = self.cache.stats()["prefetches_unused"]
         self.cache.prefetch(keys)
         self._prefetching = True
 
@@ -206,7 +208,6 @@ class _CacheModule(nn.Module):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        self._unused_seen = unused
 
     def _rows(self, keys: np.ndarray, device: torch.device) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
