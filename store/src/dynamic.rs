@@ -102,6 +102,13 @@ pub struct PushReport {
     pub refused_rows: Vec<u32>,
 }
 
+impl PushReport {
+    /// The updates dropped with the refused keys.
+    pub fn refused_updates(&self) -> u64 {
+        self.refused.iter().map(|&(_, c)| u64::from(c)).sum()
+    }
+}
+
 /// Scores and optimizer state of one bucket's slots.
 #[derive(Debug)]
 struct BucketState {
@@ -609,21 +616,30 @@ impl DynamicRows {
 
     /// Hands back entry `n` of a push as `row` with values `w` and optimizer state `state`.
     fn hand_back(&self, p: &mut Produced, n: usize, row: HeldRow, w: &[f32], state: &[f32]) {
-        p.indices.push(n as u32);
-        p.versions.push(row.version);
+        self.hand_back_head(p, n, row);
         p.rows.extend_from_slice(w);
         p.states.values.extend_from_slice(state);
+    }
+
+    /// Hands back entry `n` of a push as a key not held: version 0, zeros, the initial
+    /// optimizer state, stamp 0 (written in place: no buffer a row).
+    fn hand_back_absent(&self, p: &mut Produced, n: usize) {
+        self.hand_back_head(p, n, self.absent_row());
+        p.rows.resize(p.rows.len() + self.dim, 0.0);
+        let at = p.states.values.len();
+        p.states.values.resize(at + self.state_len, 0.0);
+        self.optimizer.init_state(&mut p.states.values[at..]);
+    }
+
+    /// What a handed-back row carries besides its values and state: its index in the push,
+    /// version, Adam step and birth stamp.
+    fn hand_back_head(&self, p: &mut Produced, n: usize, row: HeldRow) {
+        p.indices.push(n as u32);
+        p.versions.push(row.version);
         if self.optimizer.has_steps() {
             p.states.steps.push(row.step);
         }
         p.births.push(row.born);
-    }
-
-    /// Hands back entry `n` of a push as a key not held: version 0, zeros, the initial
-    /// optimizer state, stamp 0.
-    fn hand_back_absent(&self, p: &mut Produced, n: usize) {
-        let state = self.initial_state();
-        self.hand_back(p, n, self.absent_row(), &vec![0f32; self.dim], &state);
     }
 
     /// `key`'s row as it is now, read under its bucket's lock (so its value, version, optimizer
@@ -956,13 +972,15 @@ impl DynamicTable {
         let last_bucket = to.div_ceil(BUCKET_SLOTS as u64);
         for b in first_bucket..last_bucket {
             let _writer = lock(&rows.buckets[b as usize]);
+            let first = rows.layout.first_slot(b);
+            let entries = (0..BUCKET_SLOTS as u64)
+                .filter(|&e| (from..to).contains(&(first + e)))
+                .fold(0u32, |m, e| m | 1 << e);
             keyed
-                .held(b, &mut image, |slot, key, version, row| {
-                    if (from..to).contains(&slot) {
-                        keys.push(key);
-                        versions.push(version);
-                        payloads.extend_from_slice(layout.payload(row));
-                    }
+                .held(b, entries, &mut image, |_, key, version, row| {
+                    keys.push(key);
+                    versions.push(version);
+                    payloads.extend_from_slice(layout.payload(row));
                 })
                 .map_err(|e| StoreError::Io(format!("table {}: {e}", self.spec.name)))?;
         }
@@ -1081,12 +1099,10 @@ impl DynamicTable {
                 if wanted == 0 {
                     continue;
                 }
+                // An incremental copy reads only the slots written since the last one.
                 keyed
-                    .held(b, &mut image, |slot, key, version, row| {
+                    .held(b, wanted, &mut image, |slot, key, version, row| {
                         let (n, e) = (held.len(), (slot - first) as usize);
-                        if wanted & (1 << e) == 0 {
-                            return;
-                        }
                         images[n * stride..(n + 1) * stride].copy_from_slice(row);
                         states[n * len..(n + 1) * len]
                             .copy_from_slice(&state.state[e * len..(e + 1) * len]);

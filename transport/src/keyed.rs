@@ -504,13 +504,15 @@ impl<'a> KeyedRegion<'a> {
         Bucket::decode(&image).unwrap_or(Bucket::EMPTY)
     }
 
-    /// The held slots of `bucket`, for its writer (who holds it still): `each(slot, key,
-    /// version, image)` with the slot's verified row in `image` (one stride of scratch), in slot
-    /// order. A held row that does not verify, or whose key is not of this bucket, is an error
-    /// (memory gone bad: nothing else writes it meanwhile), naming the slot.
+    /// The held slots of `bucket` among `entries` (bit `i`: the bucket's `i`-th slot), for its
+    /// writer (who holds it still): `each(slot, key, version, image)` with the slot's verified
+    /// row in `image` (one stride of scratch), in slot order; the other slots are not read. A
+    /// held row that does not verify, or whose key is not of this bucket, is an error (memory
+    /// gone bad: nothing else writes it meanwhile), naming the slot.
     pub fn held(
         &self,
         bucket: u64,
+        entries: u32,
         image: &mut [u8],
         mut each: impl FnMut(u64, u64, u64, &[u8]),
     ) -> Result<(), String> {
@@ -518,7 +520,7 @@ impl<'a> KeyedRegion<'a> {
         let view = self.writer_bucket(bucket);
         let first = self.layout.first_slot(bucket);
         for (i, &digest) in view.digests.iter().enumerate() {
-            if digest == EMPTY {
+            if digest == EMPTY || entries & (1 << i) == 0 {
                 continue;
             }
             let slot = first + i as u64;

@@ -359,7 +359,8 @@ impl RegionDescriptor {
         }
         let per_group = self.rows / slots;
         // The capacity that gives `per_group` region buckets to each placement bucket.
-        let rows = per_group.saturating_mul(u64::from(self.buckets) * 32);
+        let rows =
+            per_group.saturating_mul(u64::from(self.buckets) * crate::keyed::BUCKET_SLOTS as u64);
         let layout = crate::keyed::KeyedLayout::for_shard(self.dim, routing, shard, rows)
             .map_err(|e| e.to_string())?;
         if layout.capacity() != self.rows || layout.region_bytes() > self.len {

@@ -222,7 +222,7 @@ impl Shard {
         let mut produced = Produced::default();
         let (report, duplicate) =
             self.apply_dynamic_once(t, req.origin, &push, r.bases, &mut produced)?;
-        let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
+        let refused = report.refused_updates();
         produced.refused = report.refused_rows;
         let header = PushResponse {
             rows: push.keys().len() as u32,
@@ -334,7 +334,7 @@ impl Shard {
             }
         }
         let n_state = codec::pull_if_stale::rows_with_state(&stale, req.header.state_keys);
-        let refused: u64 = report.refused.iter().map(|&(_, c)| u64::from(c)).sum();
+        let refused = report.refused_updates();
         let header = PullIfStaleResponse {
             stale: stale.len() as u32,
             dim: t.spec().dim,
