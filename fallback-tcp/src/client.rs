@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hetkv_transport::client::{
-    Carried, Produced, Pulled, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows, Traffic,
-    TrafficCounters, TransportError,
+    Carried, Exchange, Produced, Pulled, PushRef, Restarts, ShardTransport, StaleQuery, StaleRows,
+    Traffic, TrafficCounters, TransportError,
 };
 use hetkv_transport::incarnation::Seen;
 use hetkv_transport::spec::{TableInfo, TableSpec};
@@ -28,6 +28,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::ledger::PushLedger;
 use crate::stream::PushStream;
+
+mod batch;
 
 /// Client settings.
 #[derive(Clone, Debug)]
@@ -133,12 +135,22 @@ pub struct TcpShardClient {
     rdma_conn: Mutex<Option<Conn>>,
 }
 
-/// A push held after its deadline.
+/// A numbered push a request carries: its number, its rows, and its place among the requests
+/// of its frame (0 for a request alone; its index in a batch).
+#[derive(Clone, Copy, Debug)]
+struct Numbered {
+    seq: u64,
+    rows: usize,
+    at: usize,
+}
+
+/// A request carrying numbered pushes, held after its deadline.
 struct HeldPush {
     op: Op,
     frame: Vec<u8>,
-    seq: u64,
-    rows: usize,
+    /// Requests in the frame (1 unless it is a batch).
+    requests: usize,
+    pushes: Vec<Numbered>,
 }
 
 impl std::fmt::Debug for TcpShardClient {
@@ -533,23 +545,56 @@ impl TcpShardClient {
             self.settle_push(seq, rows, &result);
         }
         match (result, push) {
-            (Err(TransportError::Io { addr, source }), Some((seq, rows))) => {
-                tracing::warn!(shard = %addr, seq, rows, error = %source, "push unanswered at its deadline: held, to be sent again under its number");
-                self.held
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(HeldPush {
-                        op,
-                        frame,
-                        seq,
-                        rows,
-                    });
-                self.holding.store(true, Ordering::Release);
-                Err(TransportError::Held { addr, source })
+            (Err(TransportError::Io { source, .. }), Some((seq, rows))) => {
+                let pushes = vec![Numbered { seq, rows, at: 0 }];
+                Err(self.hold(op, frame, 1, pushes, source))
             }
             (result, _) => {
                 self.recycle(frame);
                 result
+            }
+        }
+    }
+
+    /// Holds a request whose numbered `pushes` were unanswered at the deadline (`source`), to
+    /// be sent again, the same bytes, before the next request; returns the error that says so.
+    fn hold(
+        &self,
+        op: Op,
+        frame: Vec<u8>,
+        requests: usize,
+        pushes: Vec<Numbered>,
+        source: io::Error,
+    ) -> TransportError {
+        for n in &pushes {
+            tracing::warn!(shard = %self.addr, seq = n.seq, rows = n.rows, error = %source, "push unanswered at its deadline: held, to be sent again under its number");
+        }
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(HeldPush {
+                op,
+                frame,
+                requests,
+                pushes,
+            });
+        self.holding.store(true, Ordering::Release);
+        TransportError::Held {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    /// Settles the numbered `pushes` of an answered request: `answers[n.at]` is the incarnation
+    /// that applied push `n`, or the error that refused it.
+    fn settle_answered(&self, pushes: &[Numbered], answers: &[Result<u64, TransportError>]) {
+        for n in pushes {
+            match &answers[n.at] {
+                Ok(incarnation) => {
+                    self.acknowledged(Some(n.seq), n.rows, *incarnation);
+                    self.stream.settle(n.seq);
+                }
+                Err(e) => self.settle_push(n.seq, n.rows, &Err::<(), _>(e.again())),
             }
         }
     }
@@ -565,8 +610,11 @@ impl TcpShardClient {
         let mut pending = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
         while let Some(h) = pending.first() {
             let result = self.send_until_deadline(h.op, &h.frame, |p| {
-                self.acknowledged(Some(h.seq), h.rows, p.incarnation);
-                Ok(())
+                if h.op == Op::Batch {
+                    batch::answered(self, &p, h.requests)
+                } else {
+                    Ok(vec![Ok(p.incarnation)])
+                }
             });
             match result {
                 Err(e @ TransportError::Io { .. }) => {
@@ -577,10 +625,12 @@ impl TcpShardClient {
                 }
                 Err(e) => {
                     // Refused (not applied), or its fate unknown: sending it again cannot help.
-                    tracing::error!(shard = %self.addr, seq = h.seq, rows = h.rows, error = %e, "a held push could not be delivered");
-                    self.settle_push(h.seq, h.rows, &Err::<(), _>(e));
+                    for n in &h.pushes {
+                        tracing::error!(shard = %self.addr, seq = n.seq, rows = n.rows, error = %e, "a held push could not be delivered");
+                        self.settle_push(n.seq, n.rows, &Err::<(), _>(e.again()));
+                    }
                 }
-                Ok(()) => self.stream.settle(h.seq),
+                Ok(answers) => self.settle_answered(&h.pushes, &answers),
             }
             let done = pending.remove(0);
             self.recycle(done.frame);
@@ -731,23 +781,66 @@ impl TcpShardClient {
             frame,
             |p| {
                 self.acknowledged(seq, push_rows as usize, p.incarnation);
-                let h = codec::pull_if_stale::decode_response(&p, q, out)
-                    .map_err(|e| self.malformed(e))?;
-                out.incarnation = p.incarnation;
-                Ok(PushResponse {
-                    rows: push_rows,
-                    updates: h.pushed_updates,
-                    refused: h.push_refused,
-                    duplicate: h.push_duplicate,
-                    produced: h.produced,
-                    state_len: h.state_len,
-                    steps: h.steps,
-                    births: h.births,
-                    refused_rows: 0,
-                    incarnation: p.incarnation,
-                })
+                self.stale_answer(&p, q, out)
             },
         )
+    }
+
+    /// Decodes the answer to conditional pull `q` into `out`; returns its push's acknowledgement.
+    fn stale_answer(
+        &self,
+        p: &FrameParts<'_>,
+        q: &StaleQuery<'_>,
+        out: &mut StaleRows,
+    ) -> Result<PushResponse, TransportError> {
+        let h = codec::pull_if_stale::decode_response(p, q, out).map_err(|e| self.malformed(e))?;
+        out.incarnation = p.incarnation;
+        Ok(PushResponse {
+            rows: q.push.map_or(0, |p| p.keys.len() as u32),
+            updates: h.pushed_updates,
+            refused: h.push_refused,
+            duplicate: h.push_duplicate,
+            produced: h.produced,
+            state_len: h.state_len,
+            steps: h.steps,
+            births: h.births,
+            refused_rows: 0,
+            incarnation: p.incarnation,
+        })
+    }
+
+    /// Decodes the answer to a pull of `keys`, appending to `versions` and `rows`.
+    fn pull_answer(
+        &self,
+        p: &FrameParts<'_>,
+        keys: &[u64],
+        versions: &mut Vec<u64>,
+        rows: &mut Vec<f32>,
+    ) -> Result<Pulled, TransportError> {
+        let r = codec::pull::decode_response(p, keys.len()).map_err(|e| self.malformed(e))?;
+        extend_u64s(versions, r.versions);
+        extend_f32s(rows, r.rows);
+        Ok(Pulled {
+            clock: r.header.table_clock,
+            incarnation: p.incarnation,
+        })
+    }
+
+    /// Decodes the answer to a push of `rows` into its acknowledgement (`produced` replaced).
+    fn push_answer(
+        &self,
+        p: &FrameParts<'_>,
+        rows: &PushRef<'_>,
+        produced: &mut Produced,
+    ) -> Result<PushResponse, TransportError> {
+        let n = rows.keys.len();
+        let dim = rows.grads.len().checked_div(n).unwrap_or(0);
+        let ack =
+            codec::push::decode_response(p, n, dim, produced).map_err(|e| self.malformed(e))?;
+        Ok(PushResponse {
+            incarnation: p.incarnation,
+            ..ack
+        })
     }
 
     fn malformed(&self, e: wire::FrameError) -> TransportError {
@@ -874,17 +967,12 @@ impl ShardTransport for TcpShardClient {
         self.call(
             Op::Pull,
             |buf| codec::pull::encode_request(buf, table, keys),
-            |p| {
-                let r =
-                    codec::pull::decode_response(&p, keys.len()).map_err(|e| self.malformed(e))?;
-                extend_u64s(versions, r.versions);
-                extend_f32s(rows, r.rows);
-                Ok(Pulled {
-                    clock: r.header.table_clock,
-                    incarnation: p.incarnation,
-                })
-            },
+            |p| self.pull_answer(&p, keys, versions, rows),
         )
+    }
+
+    fn exchange_batch(&self, requests: &[Exchange<'_>], outs: &mut [StaleRows]) -> Vec<Carried> {
+        batch::exchange(self, requests, outs)
     }
 
     fn pull_if_stale(&self, q: &StaleQuery<'_>, out: &mut StaleRows) -> Carried {
@@ -912,18 +1000,12 @@ impl ShardTransport for TcpShardClient {
         let origin = self.origin()?;
         let seq = Some(origin.seq);
         let n = rows.keys.len();
-        let dim = rows.grads.len().checked_div(n).unwrap_or(0);
         let frame = self
             .frame(|buf| codec::push::encode_request(buf, table, rows, origin))
             .inspect_err(|_| self.stream.settle(origin.seq))?;
         self.call_push(Op::Push, seq.map(|s| (s, n)), frame, |p| {
             self.acknowledged(seq, n, p.incarnation);
-            let ack = codec::push::decode_response(&p, n, dim, produced)
-                .map_err(|e| self.malformed(e))?;
-            Ok(PushResponse {
-                incarnation: p.incarnation,
-                ..ack
-            })
+            self.push_answer(&p, rows, produced)
         })
     }
 

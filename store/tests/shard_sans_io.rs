@@ -583,3 +583,147 @@ fn a_numbered_push_sent_again_is_acknowledged_and_not_applied_twice() {
     h.call_frame(frame).unwrap();
     assert_eq!(h.pull("t", &[3]).unwrap().0, vec![12]);
 }
+
+/// A finished request frame of a codec, for a batch.
+fn finished(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut f = Vec::new();
+    encode(&mut f);
+    wire::finish_frame(&mut f, u32::MAX).unwrap();
+    f
+}
+
+/// A batch of `frames` through the session: its answers' bodies (each split), or the error
+/// that refused the whole batch.
+fn batch(h: &mut Harness, frames: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, WireError> {
+    let mut frame = Vec::new();
+    codec::batch::encode_request(&mut frame, frames.len() as u32);
+    frames
+        .iter()
+        .for_each(|f| codec::batch::append(&mut frame, f));
+    let out = h.call_frame(frame)?;
+    let parts = split_response(&out[4..]).unwrap();
+    let bodies = codec::batch::decode_response(&parts, frames.len()).expect("one answer each");
+    Ok(bodies.iter().map(|b| b.to_vec()).collect())
+}
+
+/// Each request of a batch is answered on its own, in order: a refused one (a push of the wrong
+/// dim, an op a batch does not carry, a batch inside a batch) changes nothing and leaves the
+/// others applied and answered; a batch that is not well formed is refused whole, before
+/// anything in it is carried out.
+#[test]
+fn a_batch_answers_each_request_on_its_own_and_refuses_what_it_cannot_carry() {
+    let mut h = Harness::new(0, 1);
+    h.create(&spec("a", 4, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    h.create(&spec("b", 2, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    let origin = |seq| wire::Origin {
+        client: 7,
+        seq,
+        settled_below: 1,
+    };
+    let (before, _) = h.pull("a", &[1, 2]).unwrap();
+    let frames = vec![
+        finished(|f| {
+            codec::push::encode_request(f, "a", &PushRef::new(&[1], &[1], &[0.5; 4]), origin(1))
+        }),
+        // The wrong dim for table b: refused, nothing of it applied.
+        finished(|f| {
+            codec::push::encode_request(f, "b", &PushRef::new(&[1], &[1], &[0.5; 3]), origin(2))
+        }),
+        finished(|f| {
+            wire::start_frame(f, Op::Stats as u8, Status::Ok, &());
+        }),
+        finished(|f| codec::batch::encode_request(f, 1)),
+        finished(|f| codec::pull::encode_request(f, "a", &[1, 2])),
+    ];
+    let answers = batch(&mut h, &frames).unwrap();
+    let status = |b: &[u8]| split_response(b).unwrap().status;
+    let error =
+        |b: &[u8]| -> WireError { decode_header(split_response(b).unwrap().header).unwrap() };
+    assert_eq!(status(&answers[0]), Status::Ok as u8);
+    assert_eq!(error(&answers[1]).code, ErrorCode::WrongDim);
+    assert_eq!(error(&answers[2]).code, ErrorCode::UnknownOp);
+    assert_eq!(error(&answers[3]).code, ErrorCode::UnknownOp);
+    let reply = codec::pull::decode_response(&split_response(&answers[4]).unwrap(), 2).unwrap();
+    let versions: Vec<u64> = reply.versions.iter().collect();
+    assert_eq!(
+        versions,
+        vec![before[0] + 1, before[1]],
+        "the push before the pull applied"
+    );
+    let (versions_b, _) = h.pull("b", &[1]).unwrap();
+    assert_eq!(versions_b, vec![0], "the refused push changed nothing");
+
+    // The same numbered push again, in another batch: acknowledged, not applied twice.
+    let again = vec![frames[0].clone(), frames[4].clone()];
+    let answers = batch(&mut h, &again).unwrap();
+    let ack: PushResponse = decode_header(split_response(&answers[0]).unwrap().header).unwrap();
+    assert!(ack.duplicate);
+    let reply = codec::pull::decode_response(&split_response(&answers[1]).unwrap(), 2).unwrap();
+    assert_eq!(reply.versions.iter().next(), Some(before[0] + 1));
+
+    // Refused whole: empty, a count that does not match its frames, bytes after them.
+    let refused = |h: &mut Harness, count: u32, payload: &[u8]| {
+        let mut frame = Vec::new();
+        codec::batch::encode_request(&mut frame, count);
+        frame.extend_from_slice(payload);
+        h.call_frame(frame).unwrap_err().code
+    };
+    assert_eq!(refused(&mut h, 0, &[]), ErrorCode::MalformedFrame);
+    assert_eq!(refused(&mut h, 2, &frames[4]), ErrorCode::MalformedFrame);
+    let mut trailing = frames[4].clone();
+    trailing.push(0);
+    assert_eq!(refused(&mut h, 1, &trailing), ErrorCode::MalformedFrame);
+    let mut lying = frames[4].clone();
+    lying[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(refused(&mut h, 1, &lying), ErrorCode::MalformedFrame);
+    assert_eq!(
+        refused(&mut h, wire::MAX_BATCH + 1, &[]),
+        ErrorCode::MalformedFrame
+    );
+    let (after, _) = h.pull("a", &[1, 2]).unwrap();
+    assert_eq!(after, vec![before[0] + 1, before[1]]);
+}
+
+/// Every request of a batch is answered within the frame, at worst with an error: a request
+/// whose answer would not fit in what the batch has left is refused alone (its push not
+/// applied), and the requests before and after it are answered.
+#[test]
+fn a_batch_whose_answers_outgrow_the_frame_refuses_only_what_does_not_fit() {
+    let mut h = Harness::new(0, 1);
+    h.session = Session::new(20 << 10);
+    let hello = HelloRequest {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        auth: None,
+        client: "t".into(),
+        client_id: None,
+    };
+    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    h.create(&spec("w", 16, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    // 100 rows of 16: 7.2 KB an answer; two fit the frame with the reserve, three do not.
+    let keys: Vec<u64> = (0..100).collect();
+    let pull = finished(|f| codec::pull::encode_request(f, "w", &keys));
+    let answers = batch(&mut h, &[pull.clone(), pull.clone(), pull.clone(), pull]).unwrap();
+    let codes: Vec<Option<ErrorCode>> = answers
+        .iter()
+        .map(|b| {
+            let p = split_response(b).unwrap();
+            (p.status == Status::Error as u8)
+                .then(|| decode_header::<WireError>(p.header).unwrap().code)
+        })
+        .collect();
+    assert_eq!(codes[0], None);
+    assert_eq!(codes[1], None);
+    assert_eq!(codes[2], Some(ErrorCode::FrameTooLarge));
+    assert_eq!(codes[3], Some(ErrorCode::FrameTooLarge));
+    // Too many requests to answer within the frame at all: refused whole.
+    let small = finished(|f| codec::pull::encode_request(f, "w", &[1]));
+    let many: Vec<Vec<u8>> = (0..11).map(|_| small.clone()).collect();
+    assert_eq!(
+        batch(&mut h, &many).unwrap_err().code,
+        ErrorCode::MalformedFrame
+    );
+}

@@ -86,6 +86,39 @@ impl TransportError {
             _ => None,
         }
     }
+
+    /// The same error again, for each of several requests that one failure ended (the
+    /// requests of a batch): an I/O error keeps its kind and message.
+    pub fn again(&self) -> Self {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Self::Io { addr, source } => Self::Io {
+                addr: addr.clone(),
+                source: io(source),
+            },
+            Self::Held { addr, source } => Self::Held {
+                addr: addr.clone(),
+                source: io(source),
+            },
+            Self::Remote { addr, error } => Self::Remote {
+                addr: addr.clone(),
+                error: error.clone(),
+            },
+            Self::Protocol { addr, message } => Self::Protocol {
+                addr: addr.clone(),
+                message: message.clone(),
+            },
+            Self::InvalidRequest { addr, message } => Self::InvalidRequest {
+                addr: addr.clone(),
+                message: message.clone(),
+            },
+            Self::Unknown { addr, pushes, rows } => Self::Unknown {
+                addr: addr.clone(),
+                pushes: *pushes,
+                rows: *rows,
+            },
+        }
+    }
 }
 
 /// The optimizer state of rows as a shard hands it out beside them
@@ -180,6 +213,15 @@ pub struct StaleRows {
 }
 
 impl StaleRows {
+    /// Completes the answer of a consistent read of `keys` keys (whose versions and rows are
+    /// in): every row comes back, the table's clock and incarnation as `pulled` says.
+    pub fn pulled(&mut self, pulled: Pulled, keys: usize) {
+        self.incarnation = pulled.incarnation;
+        self.table_clock = pulled.clock;
+        self.indices.extend(0..keys as u32);
+        self.since_held = true;
+    }
+
     /// Empties the answer, keeping its buffers.
     pub fn clear(&mut self) {
         self.indices.clear();
@@ -424,6 +466,49 @@ pub(crate) fn pull_into<C: ShardTransport + ?Sized>(
     Ok(Some(pulled))
 }
 
+/// One data request to a shard, as one of a batch ([`ShardTransport::exchange_batch`]) or
+/// alone ([`ShardTransport::exchange`]); its answer is a [`Carried`] and a [`StaleRows`].
+#[derive(Clone, Copy, Debug)]
+pub enum Exchange<'a> {
+    /// A consistent read of `keys` of `table` ([`ShardTransport::pull`]): every row comes back
+    /// (`indices` 0, 1, ...), the claim-free way.
+    Pull {
+        /// Table name.
+        table: &'a str,
+        /// Keys.
+        keys: &'a [u64],
+    },
+    /// A conditional pull, with the push it carries ([`ShardTransport::pull_if_stale`]).
+    PullIfStale(StaleQuery<'a>),
+    /// Rows to apply ([`ShardTransport::push_rows`]); what they produced comes back in the
+    /// answer's `produced`.
+    Push {
+        /// Table name.
+        table: &'a str,
+        /// The rows.
+        rows: PushRef<'a>,
+    },
+}
+
+impl Exchange<'_> {
+    /// The table the request is of.
+    pub fn table(&self) -> &str {
+        match self {
+            Self::Pull { table, .. } | Self::Push { table, .. } => table,
+            Self::PullIfStale(q) => q.table,
+        }
+    }
+
+    /// Whether the request carries pushed rows.
+    pub fn pushes(&self) -> bool {
+        match self {
+            Self::Pull { .. } => false,
+            Self::PullIfStale(q) => q.push.is_some(),
+            Self::Push { .. } => true,
+        }
+    }
+}
+
 /// What a consistent read ([`ShardTransport::pull`]) answered besides its rows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pulled {
@@ -532,6 +617,38 @@ pub trait ShardTransport: Send + Sync {
                 format!("this transport reads no eviction stream (table {table})"),
             ),
         })
+    }
+    /// Sends one data request and writes its answer into `out` (cleared first): the one
+    /// mapping of an [`Exchange`] onto this trait's calls.
+    fn exchange(&self, request: &Exchange<'_>, out: &mut StaleRows) -> Carried {
+        out.clear();
+        match *request {
+            Exchange::Pull { table, keys } => {
+                let pulled = self.pull(table, keys, &mut out.versions, &mut out.rows);
+                let read = pulled.map(|pulled| out.pulled(pulled, keys.len()));
+                Carried {
+                    push: PushOutcome::NotSent,
+                    read,
+                }
+            }
+            Exchange::PullIfStale(q) => self.pull_if_stale(&q, out),
+            Exchange::Push { table, rows } => {
+                Carried::one_request(true, self.push_rows(table, &rows, &mut out.produced))
+            }
+        }
+    }
+
+    /// Sends several data requests, of any tables, and writes each one's answer into its
+    /// `outs` entry; returns each one's outcome, in order. Each is carried out on its own, as
+    /// if sent alone (pushes numbered one by one, each applied exactly once); a transport that
+    /// can carries them in one frame (`Batch`, one round trip), the others send them one after
+    /// another.
+    fn exchange_batch(&self, requests: &[Exchange<'_>], outs: &mut [StaleRows]) -> Vec<Carried> {
+        requests
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(r, out)| self.exchange(r, out))
+            .collect()
     }
     /// Bytes moved so far by this transport.
     fn traffic(&self) -> Traffic;

@@ -43,7 +43,7 @@ pub mod spec;
 pub mod wire;
 
 pub use client::{
-    Carried, Produced, Pulled, PushOutcome, PushRef, Restarts, RowStates, ShardTransport,
+    Carried, Exchange, Produced, Pulled, PushOutcome, PushRef, Restarts, RowStates, ShardTransport,
     StaleQuery, StaleRows, Traffic, TrafficCounters, TransportError,
 };
 pub use onesided::{OneSidedStats, OneSidedTransport, RemoteMemory};

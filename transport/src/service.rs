@@ -283,24 +283,59 @@ impl Session {
         body: &[u8],
         out: &mut Vec<u8>,
     ) -> Outcome {
-        let counters = service.counters();
-        ServerCounters::add(&counters.requests, 1);
-        let op_byte = body.first().copied().unwrap_or(0);
+        ServerCounters::add(&service.counters().requests, 1);
         let mut close = false;
         let result = self.dispatch(service, body, out, &mut close);
-        let error = match result {
-            Ok(()) => match wire::finish_frame(out, self.max_frame) {
-                Ok(()) => None,
-                Err(e) => Some(WireError::new(ErrorCode::FrameTooLarge, e.to_string())),
-            },
-            Err(e) => Some(e),
-        };
-        if let Some(e) = &error {
-            ServerCounters::add(&counters.errors, 1);
-            wire::start_response(out, op_byte, Status::Error, service.incarnation(), e);
-            wire::finish_frame(out, u32::MAX).expect("an error frame is small");
-        }
+        let error = finish(service, body, result, out, self.max_frame, usize::MAX);
         Outcome { close, error }
+    }
+
+    /// Answers each request of a batch (`bodies`, without their prefixes) on its own, appending
+    /// its answer frame, prefix included, to `out` (the batch's answer). Each request may use the
+    /// room the batch's frame has left less an [`codec::batch::ANSWER_RESERVE`] for each request
+    /// after it, so every one is answered (at worst with an error whose message is cut), and the
+    /// batch's answer never fails after a request in it was carried out.
+    fn answer_batch<S: ShardService + ?Sized>(
+        &mut self,
+        service: &S,
+        bodies: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) {
+        let max = self.max_frame;
+        let mut answer = Vec::new();
+        for (i, body) in bodies.iter().enumerate() {
+            let reserved = (bodies.len() - i - 1) as u64 * codec::batch::ANSWER_RESERVE;
+            let used = (out.len() - PREFIX_BYTES) as u64;
+            let room = (max as u64).saturating_sub(used + reserved + PREFIX_BYTES as u64);
+            let op = split_body(body).ok().and_then(|p| Op::from_u8(p.op));
+            let result = match op {
+                Some(op) if codec::batch::carries(op) => {
+                    self.max_frame = room as u32;
+                    let mut close = false;
+                    let r = self.dispatch(service, body, &mut answer, &mut close);
+                    self.max_frame = max;
+                    r
+                }
+                _ => Err(WireError::new(
+                    ErrorCode::UnknownOp,
+                    format!(
+                        "request {i} of the batch has op byte {}: a batch carries only pull, \
+                         pull_if_stale and push requests",
+                        body.first().copied().unwrap_or(0)
+                    ),
+                )),
+            };
+            let room = room as u32;
+            finish(
+                service,
+                body,
+                result,
+                &mut answer,
+                room,
+                codec::batch::ERROR_MESSAGE_BYTES,
+            );
+            out.extend_from_slice(&answer);
+        }
     }
 
     fn dispatch<S: ShardService + ?Sized>(
@@ -419,6 +454,12 @@ impl Session {
                 let r = codec::push::decode_request(&parts).map_err(malformed)?;
                 service.push(&r, &mut resp)?;
             }
+            Op::Batch => {
+                let bodies =
+                    codec::batch::decode_request(&parts, self.max_frame).map_err(malformed)?;
+                codec::batch::respond(&mut resp, bodies.len() as u32);
+                self.answer_batch(service, &bodies, resp.payload());
+            }
             Op::Assign => {
                 let r = codec::assign::decode_request(&parts).map_err(malformed)?;
                 let ack = service.assign(&r)?;
@@ -462,6 +503,41 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Finishes the answer to request `body` in `out` (within `max_frame`), or replaces it with an
+/// error frame when `result` failed or the answer is too large (its message cut to
+/// `message_bytes`). Returns the error sent.
+fn finish<S: ShardService + ?Sized>(
+    service: &S,
+    body: &[u8],
+    result: Result<(), WireError>,
+    out: &mut Vec<u8>,
+    max_frame: u32,
+    message_bytes: usize,
+) -> Option<WireError> {
+    let error = match result {
+        Ok(()) => match wire::finish_frame(out, max_frame) {
+            Ok(()) => None,
+            Err(e) => Some(WireError::new(ErrorCode::FrameTooLarge, e.to_string())),
+        },
+        Err(e) => Some(e),
+    };
+    if let Some(e) = &error {
+        ServerCounters::add(&service.counters().errors, 1);
+        let mut sent = e.clone();
+        if sent.message.len() > message_bytes {
+            let mut end = message_bytes;
+            while !sent.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            sent.message.truncate(end);
+        }
+        let op_byte = body.first().copied().unwrap_or(0);
+        wire::start_response(out, op_byte, Status::Error, service.incarnation(), &sent);
+        wire::finish_frame(out, u32::MAX).expect("an error frame is small");
+    }
+    error
 }
 
 fn malformed(e: FrameError) -> WireError {

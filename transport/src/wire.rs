@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -80,6 +80,9 @@ pub enum Op {
     Evictions = 14,
     /// A dynamic table's held rows on this shard in a range of slots, with their keys.
     Scan = 15,
+    /// Several data requests (`Pull`, `PullIfStale`, `Push`; of any tables) in one frame,
+    /// answered by one frame holding each one's answer in order ([`crate::codec::batch`]).
+    Batch = 16,
 }
 
 impl Op {
@@ -101,6 +104,7 @@ impl Op {
             13 => Self::Assign,
             14 => Self::Evictions,
             15 => Self::Scan,
+            16 => Self::Batch,
             _ => return None,
         })
     }
@@ -446,6 +450,25 @@ pub struct ReadResponse {
     /// Total payload bytes.
     pub bytes: u64,
 }
+
+/// Batch request header; payload: `requests` complete request frames (each with its length
+/// prefix), every one a `Pull`, `PullIfStale` or `Push`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRequest {
+    /// Requests in the payload (at most [`MAX_BATCH`]).
+    pub requests: u32,
+}
+
+/// Batch response header; payload: one complete response frame (each with its length prefix)
+/// per request of the batch, in the batch's order, each a success or an error of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    /// Answers in the payload (= the batch's requests).
+    pub answers: u32,
+}
+
+/// Most requests one batch may carry.
+pub const MAX_BATCH: u32 = 4096;
 
 /// Pull request header; payload: `keys` x u64 keys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Each bulk operation's bytes, written once (byte-level spec in `docs/PROTOCOL.md`).
 //!
-//! For `read`, `pull`, `pull_if_stale` and `push`: the client encodes a request with
+//! For `read`, `pull`, `pull_if_stale`, `push` and `batch` (which carries the data requests in one
+//! frame): the client encodes a request with
 //! `encode_request`, the session decodes it into a view over the frame (`decode_request`, no
 //! copies), the shard answers through a typed writer (`respond`, which checks the frame limit
 //! before the payload is produced), and the client decodes the answer with `decode_response`,
@@ -206,6 +207,7 @@ fn whole_rows(values: usize, rows: usize, dim: u32) -> Result<(), FrameError> {
 }
 
 pub mod assign;
+pub mod batch;
 pub mod pull;
 pub mod pull_if_stale;
 pub mod push;
