@@ -302,6 +302,11 @@ impl Cluster {
             .map_err(ClientError::from)
     }
 
+    /// Whether `other` is this same connection (a clone of it), not another.
+    pub fn same(&self, other: &Cluster) -> bool {
+        Arc::ptr_eq(&self.shards, &other.shards)
+    }
+
     /// Runs `f` for each of `shards`, in parallel when there are several, and returns each
     /// shard's result in the order given. No lock is held; each call uses its own connection.
     pub fn on_shards<T: Send>(

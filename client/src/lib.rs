@@ -27,7 +27,8 @@ pub mod stats;
 
 pub use barrier::CheckpointBarrier;
 pub use cache::{
-    Bound, CacheConfig, CachedTable, Capacity, PolicyKind, UpdateRule, UpdateRuleKind,
+    lookup_many, update_many, Bound, CacheConfig, CachedTable, Capacity, PolicyKind, UpdateRule,
+    UpdateRuleKind,
 };
 pub use cluster::{Cluster, OnRollback, PushReport, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};
@@ -115,6 +116,10 @@ pub enum ClientError {
         /// Their rows.
         total_rows: u64,
     },
+    /// Caches given to [`lookup_many`] or [`update_many`] that cannot go together (of another
+    /// cluster connection, one given twice, inputs not one a cache).
+    #[error("caches driven together: {0}")]
+    InvalidGroup(String),
     /// The cluster was closed ([`Cluster::close`]).
     #[error("the cluster was closed")]
     Closed,

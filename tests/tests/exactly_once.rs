@@ -271,3 +271,141 @@ fn pushes_unanswered_at_their_deadline_are_held_and_applied_once() {
     );
     assert!(held > 0, "some pushes were unanswered at their deadline");
 }
+
+/// The same faults (stalls past the deadline, and cuts inside frames) under caches of three
+/// tables driven together (`lookup_many`, `update_many`): each round sends each shard one batch
+/// holding every table's request, with up to three numbered pushes in it. A batch unanswered at
+/// its deadline is held and sent again, the same bytes, so each push in it keeps its number;
+/// after the links heal and every cache flushes, every row of every table has the version of
+/// the updates issued for it.
+#[test]
+fn batched_pushes_of_several_tables_are_held_and_applied_once() {
+    const TABLES: usize = 3;
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let admin = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let tables: Vec<_> = (0..TABLES)
+        .map(|t| {
+            admin
+                .create_table(&sgd_table(&format!("batched{t}"), 500, DIM as u32, 0.001))
+                .unwrap()
+        })
+        .collect();
+    let faults = Faults {
+        cut: 60,
+        stall: 6,
+        stall_for: Duration::from_millis(900),
+        delay: u64::MAX,
+    };
+    let proxies: Vec<FaultProxy> = cluster
+        .addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| FaultProxy::start(a, faults, 0xba7c + i as u64))
+        .collect();
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let config = ClientConfig {
+        io_timeout: Some(Duration::from_millis(120)),
+        connect_timeout: Duration::from_millis(120),
+        deadline: Duration::from_millis(400),
+        ..ClientConfig::default()
+    };
+    let issued: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
+        (0..TABLES)
+            .map(|_| (0..500).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+    );
+    proxies.iter().for_each(FaultProxy::heal);
+    let groups: Vec<Vec<_>> = (0..6)
+        .map(|_| {
+            let client = Cluster::connect_tcp(&through, &config).unwrap();
+            (0..TABLES)
+                .map(|t| {
+                    client
+                        .open_table(&format!("batched{t}"))
+                        .unwrap()
+                        .cached(CacheConfig {
+                            capacity: Capacity::Rows(20),
+                            policy: PolicyKind::Lru,
+                            pull_bound: Bound::updates(2),
+                            push_bound: Bound::updates(1),
+                        })
+                })
+                .collect()
+        })
+        .collect();
+    proxies.iter().for_each(FaultProxy::resume);
+    let workers: Vec<_> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut caches)| {
+            let issued = issued.clone();
+            std::thread::spawn(move || {
+                let mut rng = TestRng(w as u64 * 15_485_863 + 5);
+                for _ in 0..40 {
+                    // Each table its own keys (of 1 to 8), the same call for all.
+                    let keys: Vec<Vec<u64>> = (0..TABLES)
+                        .map(|_| {
+                            let mut k: Vec<u64> =
+                                (0..1 + rng.below(8)).map(|_| rng.below(500)).collect();
+                            k.sort_unstable();
+                            k.dedup();
+                            k
+                        })
+                        .collect();
+                    let mut rows: Vec<Vec<f32>> =
+                        keys.iter().map(|k| vec![0f32; k.len() * DIM]).collect();
+                    let grads: Vec<Vec<f32>> =
+                        keys.iter().map(|k| vec![0.5f32; k.len() * DIM]).collect();
+                    let key_refs: Vec<&[u64]> = keys.iter().map(Vec::as_slice).collect();
+                    let grad_refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+                    let mut row_refs: Vec<&mut [f32]> =
+                        rows.iter_mut().map(Vec::as_mut_slice).collect();
+                    let mut group: Vec<_> = caches.iter_mut().collect();
+                    // Calls fail at their deadline while the links stall; the updates are kept.
+                    let _ = hetkv_client::lookup_many(&mut group, &key_refs, &mut row_refs);
+                    let _ = hetkv_client::update_many(&mut group, &key_refs, &grad_refs);
+                    for (t, k) in keys.iter().enumerate() {
+                        for &key in k {
+                            issued[t][key as usize].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                caches
+            })
+        })
+        .collect();
+    let groups: Vec<_> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+    proxies.iter().for_each(FaultProxy::heal);
+    std::thread::sleep(Duration::from_secs(1)); // stalled bytes still in the proxies arrive
+    let mut held = 0;
+    for caches in groups {
+        for mut cache in caches {
+            let mut flushed = cache.flush();
+            for _ in 0..20 {
+                if flushed.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                flushed = cache.flush();
+            }
+            flushed.unwrap();
+            held += cache.stats().rows_held;
+        }
+    }
+    let repeats: u64 = (0..2).map(|i| cluster.shard(i).repeated_pushes()).sum();
+    let batches: u64 = proxies
+        .iter()
+        .map(|p| p.counts.cut_requests.load(Ordering::Relaxed))
+        .sum();
+    println!("{held} rows held past their deadline; {repeats} pushes received again; {batches} requests cut");
+    for (t, table) in tables.iter().enumerate() {
+        let wrong = wrong_versions(table, &issued[t]);
+        assert!(
+            wrong.is_empty(),
+            "table {t}: {} rows whose version is not the updates issued (key, version, issued): {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        );
+    }
+    assert!(held > 0, "some batches were unanswered at their deadline");
+}

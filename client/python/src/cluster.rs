@@ -95,6 +95,29 @@ impl Cluster {
             .collect()
     }
 
+    /// Each shard's counters, one dict a shard: `shard`, `shards`, `requests` (frames handled:
+    /// a batch of many tables' requests is one), `errors`, `rows_read`, `rows_pushed`,
+    /// `bytes_in`, `bytes_out`, `connections`, `tables`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let all = interruptible(py, || self.inner.stats(), py_err)?;
+        all.into_iter()
+            .map(|s| {
+                let out = PyDict::new(py);
+                out.set_item("shard", s.shard)?;
+                out.set_item("shards", s.shards)?;
+                out.set_item("requests", s.requests)?;
+                out.set_item("errors", s.errors)?;
+                out.set_item("rows_read", s.rows_read)?;
+                out.set_item("rows_pushed", s.rows_pushed)?;
+                out.set_item("bytes_in", s.bytes_in)?;
+                out.set_item("bytes_out", s.bytes_out)?;
+                out.set_item("connections", s.connections)?;
+                out.set_item("tables", s.tables.len())?;
+                Ok(out)
+            })
+            .collect()
+    }
+
     /// What this client has seen of the shards' restarts: `seen`, and the acknowledged pushes a
     /// restore took back (`pushes_rolled_back`, `rows_rolled_back`, `pushes_unknown`).
     fn restarts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

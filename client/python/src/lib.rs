@@ -6,7 +6,7 @@
 //! The Python half (`python/hetkv`) re-exports these names and adds `hetkv.torch`.
 //!
 //! One Python class a file: `cluster` (`Cluster`, `connect`), `embedded` (`EmbeddedCluster`),
-//! `table` (`Table`), `cache` (`Cache`), `specs` (`Initializer`, `Optimizer`, `Dynamic`); beside
+//! `table` (`Table`), `cache` (`Cache`), `group` (`lookup_many`, `update_many`), `specs` (`Initializer`, `Optimizer`, `Dynamic`); beside
 //! them `errors` (the exception classes, the mapping of Rust errors onto them, the GIL-releasing
 //! wait) and `arrays` (NumPy arguments and results). This file registers them. The store is
 //! linked as a library only (its `cli` feature off): the wheel carries no daemon command line.
@@ -18,6 +18,7 @@ mod cache;
 mod cluster;
 mod embedded;
 mod errors;
+mod group;
 mod specs;
 mod table;
 
@@ -26,6 +27,7 @@ pub(crate) use cache::*;
 pub(crate) use cluster::*;
 pub(crate) use embedded::*;
 pub(crate) use errors::*;
+pub(crate) use group::*;
 pub(crate) use specs::*;
 pub(crate) use table::*;
 
@@ -34,6 +36,8 @@ pub(crate) use table::*;
 fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(lookup_many, m)?)?;
+    m.add_function(wrap_pyfunction!(update_many, m)?)?;
     m.add_class::<Cluster>()?;
     m.add_class::<EmbeddedCluster>()?;
     m.add_class::<Table>()?;

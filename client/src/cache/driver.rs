@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
-use hetkv_transport::{Carried, PushOutcome, ShardTransport, StaleRows, Traffic, TransportError};
+use hetkv_transport::{Exchange, PushOutcome, ShardTransport, StaleRows, Traffic, TransportError};
 
-use super::exchange::{RequestKind, ShardRequest};
+use super::exchange::ShardRequest;
 use super::prefetch::{Helper, OwnedRequest};
 use super::rule::{UpdateRule, UpdateRuleKind};
 use super::{Bound, CacheConfig, CacheCore, LineView};
@@ -12,6 +12,9 @@ use crate::cluster::{Cluster, Table};
 use crate::metrics::{CacheStatsHandle, PublishedStats};
 use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
+
+mod group;
+pub use group::{lookup_many, update_many};
 
 /// One shard's answer: what became of the rows pushed, the rows read (and the rows the push
 /// produced and handed back, valid when the push was applied), and whether the read succeeded.
@@ -383,14 +386,9 @@ impl CachedTable {
         clocks: Option<&mut [u64]>,
     ) -> Result<(), ClientError> {
         self.table.cluster().check_open()?;
-        let dim = self.table.spec().dim as usize;
-        if out.len() != keys.len() * dim || clocks.as_ref().is_some_and(|c| c.len() != keys.len()) {
-            return Err(ClientError::WrongDim {
-                table: self.table.spec().name.clone(),
-                dim,
-                keys: keys.len(),
-                len: out.len(),
-            });
+        self.check_rows(keys, out.len())?;
+        if clocks.as_ref().is_some_and(|c| c.len() != keys.len()) {
+            return Err(self.wrong_dim(keys, out.len()));
         }
         if let Some(p) = self.inflight.take() {
             if p.keys == keys {
@@ -414,6 +412,24 @@ impl CachedTable {
         self.time.request_ns += nanos(answered - planned);
         self.time.place_ns += nanos(answered.elapsed());
         Ok(())
+    }
+
+    /// Fails unless `len` values hold the rows of `keys`.
+    fn check_rows(&self, keys: &[u64], len: usize) -> Result<(), ClientError> {
+        if len == keys.len() * self.table.spec().dim as usize {
+            Ok(())
+        } else {
+            Err(self.wrong_dim(keys, len))
+        }
+    }
+
+    fn wrong_dim(&self, keys: &[u64], len: usize) -> ClientError {
+        ClientError::WrongDim {
+            table: self.table.spec().name.clone(),
+            dim: self.table.spec().dim as usize,
+            keys: keys.len(),
+            len,
+        }
     }
 
     /// Sends what the core asks for, round after round (shards in parallel), and hands every
@@ -547,28 +563,11 @@ pub(super) fn send_round(
 /// the push produced), the rows read, and the read's result.
 fn send(table: &str, r: &ShardRequest<'_>, shard: &dyn ShardTransport) -> Answer {
     let mut rows = StaleRows::default();
-    match r.kind {
-        RequestKind::Push => match r.push {
-            Some(p) => {
-                let pushed = shard.push_rows(table, &p, &mut rows.produced);
-                let c = Carried::one_request(true, pushed);
-                (c.push, rows, c.read)
-            }
-            None => (PushOutcome::NotSent, rows, Ok(())),
-        },
-        RequestKind::Pull => {
-            let pulled = shard.pull(table, r.keys, &mut rows.versions, &mut rows.rows);
-            let read = pulled.map(|pulled| {
-                rows.incarnation = pulled.incarnation;
-                rows.table_clock = pulled.clock;
-                rows.indices = (0..r.keys.len() as u32).collect();
-                rows.since_held = true;
-            });
-            (PushOutcome::NotSent, rows, read)
-        }
-        RequestKind::PullIfStale => {
-            let c = shard.pull_if_stale(&r.query(table), &mut rows);
+    match r.exchange(table) {
+        Some(e) => {
+            let c = shard.exchange(&e, &mut rows);
             (c.push, rows, c.read)
         }
+        None => (PushOutcome::NotSent, rows, Ok(())),
     }
 }

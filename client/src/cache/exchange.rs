@@ -12,7 +12,7 @@
 //! delivery is unknown are kept for the next call.
 
 use hetkv_transport::wire::{Since, NOT_CACHED};
-use hetkv_transport::{PushOutcome, PushRef, StaleQuery, StaleRows};
+use hetkv_transport::{Exchange, PushOutcome, PushRef, StaleQuery, StaleRows};
 
 use super::core::{CacheCore, CacheError};
 use super::lines::NIL;
@@ -55,6 +55,18 @@ pub struct ShardRequest<'a> {
 }
 
 impl<'a> ShardRequest<'a> {
+    /// The request to send for `table` (None: a push of no rows, nothing to send).
+    pub fn exchange(&self, table: &'a str) -> Option<Exchange<'a>> {
+        match self.kind {
+            RequestKind::Push => self.push.map(|rows| Exchange::Push { table, rows }),
+            RequestKind::Pull => Some(Exchange::Pull {
+                table,
+                keys: self.keys,
+            }),
+            RequestKind::PullIfStale => Some(Exchange::PullIfStale(self.query(table))),
+        }
+    }
+
     /// The request as a conditional pull of `table`.
     pub fn query(&self, table: &'a str) -> StaleQuery<'a> {
         StaleQuery {

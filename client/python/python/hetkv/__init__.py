@@ -46,6 +46,8 @@ from ._hetkv import (
     WrongDimError,
     __version__,
     connect,
+    lookup_many,
+    update_many,
 )
 
 __all__ = [
@@ -71,4 +73,6 @@ __all__ = [
     "WrongDimError",
     "__version__",
     "connect",
+    "lookup_many",
+    "update_many",
 ]

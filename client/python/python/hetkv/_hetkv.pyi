@@ -178,6 +178,7 @@ class Cluster:
     ) -> Table: ...
     def table(self, name: str) -> Table: ...
     def checkpoint(self, name: str, incremental: bool = False) -> List[Dict[str, Any]]: ...
+    def stats(self) -> List[Dict[str, int]]: ...
     def restarts(self) -> Dict[str, int]: ...
     def set_on_rollback(self, on: str) -> None: ...
 
@@ -204,3 +205,15 @@ def connect(
     emulated_link_gbps: Optional[float] = None,
     wait_for_daemon: float = 0.0,
 ) -> Cluster: ...
+
+def lookup_many(caches: Sequence[Cache], keys: Sequence[npt.NDArray[np.uint64]]) -> List[npt.NDArray[np.float32]]:
+    """Reads ``keys[i]`` from ``caches[i]`` for every ``i`` (as each cache's ``lookup``), one
+    request a shard for all of them; the caches must be of one cluster connection."""
+
+def update_many(
+    caches: Sequence[Cache],
+    keys: Sequence[npt.NDArray[np.uint64]],
+    grads: Sequence[npt.NDArray[np.float32]],
+) -> None:
+    """Applies ``grads[i]`` to ``caches[i]`` for every ``i`` (as each cache's ``update``), one
+    request a shard for what is due to push; nothing changes when any input is invalid."""

@@ -41,16 +41,29 @@ torch is imported here, at run time: the hetkv wheel does not link libtorch.
 """
 
 import warnings
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hetkv import Cache
+from ._hetkv import Cache, lookup_many, update_many
+from ._jagged import JaggedTensor, KeyedJaggedTensor, KeyedTensor, _feature
 
-__all__ = ["Embedding", "EmbeddingBag", "EmbeddingOptimizer"]
+__all__ = [
+    "Embedding",
+    "EmbeddingBag",
+    "EmbeddingBagCollection",
+    "EmbeddingBagConfig",
+    "EmbeddingCollection",
+    "EmbeddingConfig",
+    "EmbeddingOptimizer",
+    "JaggedTensor",
+    "KeyedJaggedTensor",
+    "KeyedTensor",
+]
 
 # Rows a step's carrier can name: positions in the step's key table, not keys (a dynamic
 # table's keys are any u64, beyond a sparse index).
@@ -103,7 +116,71 @@ def _unique(input: torch.Tensor) -> Tuple[np.ndarray, torch.Tensor]:
     return keys, inverse
 
 
-class _CacheModule(nn.Module):
+class _StepGrads:
+    """One table's gradients of ``update="step"`` between two steps: a carrier (a leaf of no
+    memory, one row of zeros expanded, not a parameter, so that ``model.parameters()`` and the
+    dense optimizer never see it) whose sparse gradient autograd accumulates, its rows positions
+    in the step's key table."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.carrier = torch.zeros(1, dim).expand(_CARRIER_ROWS, dim).requires_grad_()
+        self.keys = np.empty(0, dtype=np.uint64)
+
+    def grad(self, keys: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (the gradients of unique ``keys``) as a sparse gradient of the carrier: at
+        each key's position in the step's key table, which takes the keys it has not seen."""
+        known = self.keys
+        if len(known) == 0:
+            self.keys = keys.copy()
+            positions = np.arange(len(keys), dtype=np.int64)
+        else:
+            new = keys[~np.isin(keys, known, assume_unique=True)]
+            known = self.keys = np.concatenate([known, new])
+            order = np.argsort(known, kind="stable")
+            positions = order[np.searchsorted(known, keys, sorter=order)].astype(np.int64)
+        if len(self.keys) > _CARRIER_ROWS:
+            raise RuntimeError(f"more than {_CARRIER_ROWS} keys between two steps")
+        index = torch.from_numpy(positions).unsqueeze(0)
+        return torch.sparse_coo_tensor(
+            index, rows, (_CARRIER_ROWS, self.dim), check_invariants=False
+        )
+
+    def pending(self) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """The keys and summed gradient rows accumulated since the last ``clear`` (each key
+        once: one optimizer step on the shards, whatever the passes); None when there are none."""
+        grad = self.carrier.grad
+        if grad is None:
+            return None
+        grad = grad.coalesce()
+        positions = grad.indices()[0].numpy()
+        if len(positions) == 0:
+            return None
+        rows = grad.values().to(torch.float32).contiguous().numpy()
+        return self.keys[positions], rows
+
+    def clear(self) -> None:
+        self.carrier.grad = None
+        self.keys = np.empty(0, dtype=np.uint64)
+
+
+class _Stepped(nn.Module):
+    """A module whose tables step at ``EmbeddingOptimizer.step()``: its carriers are the
+    optimizer's parameters, ``_step`` hands their gradients to the caches."""
+
+    update: str
+
+    def _carriers(self):
+        raise NotImplementedError
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _zero_grad(self) -> None:
+        raise NotImplementedError
+
+
+class _CacheModule(_Stepped):
     def __init__(
         self,
         cache: Cache,
@@ -121,11 +198,9 @@ class _CacheModule(nn.Module):
         if update not in ("step", "backward"):
             raise ValueError(f'update must be "step" or "backward", not {update!r}')
         self.update = update
-        # The gradients of update="step", accumulated by autograd until the step: a leaf of no
-        # memory (one row of zeros, expanded), not a parameter, so that model.parameters() and
-        # the dense optimizer never see it; its rows are positions in ``_step_keys``.
-        self.grad_carrier = torch.zeros(1, cache.dim).expand(_CARRIER_ROWS, cache.dim).requires_grad_()
-        self._step_keys = np.empty(0, dtype=np.uint64)
+        # The gradients of update="step", accumulated by autograd until the step.
+        self._grads = _StepGrads(cache.dim)
+        self.grad_carrier = self._grads.carrier
         # Whether a prefetch waits for the next lookup, and the cache's unused prefetches before it.
         self._prefetching = False
         self._unused_seen = 0
@@ -221,40 +296,20 @@ class _CacheModule(nn.Module):
         return _lookup(self.cache, keys, device)
 
     def _carrier_grad(self, keys: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` (the gradients of unique ``keys``) as a sparse gradient of the carrier: at
-        each key's position in the step's key table, which takes the keys it has not seen."""
-        known = self._step_keys
-        if len(known) == 0:
-            self._step_keys = keys.copy()
-            positions = np.arange(len(keys), dtype=np.int64)
-        else:
-            new = keys[~np.isin(keys, known, assume_unique=True)]
-            known = self._step_keys = np.concatenate([known, new])
-            order = np.argsort(known, kind="stable")
-            positions = order[np.searchsorted(known, keys, sorter=order)].astype(np.int64)
-        if len(self._step_keys) > _CARRIER_ROWS:
-            raise RuntimeError(f"more than {_CARRIER_ROWS} keys between two steps")
-        index = torch.from_numpy(positions).unsqueeze(0)
-        return torch.sparse_coo_tensor(
-            index, rows, (_CARRIER_ROWS, self.embedding_dim), check_invariants=False
-        )
+        return self._grads.grad(keys, rows)
+
+    def _carriers(self):
+        return [self.grad_carrier]
 
     def _step(self) -> None:
         """Hands the gradients accumulated since the last zero_grad to the cache: each key once,
         its gradients summed (one optimizer step on the shards, whatever the passes)."""
-        grad = self.grad_carrier.grad
-        if grad is None:
-            return
-        grad = grad.coalesce()
-        positions = grad.indices()[0].numpy()
-        if len(positions) == 0:
-            return
-        rows = grad.values().to(torch.float32).contiguous().numpy()
-        self.cache.update(self._step_keys[positions], rows)
+        pending = self._grads.pending()
+        if pending is not None:
+            self.cache.update(*pending)
 
     def _zero_grad(self) -> None:
-        self.grad_carrier.grad = None
-        self._step_keys = np.empty(0, dtype=np.uint64)
+        self._grads.clear()
 
     def flush(self) -> None:
         """Pushes every update the cache holds (before a checkpoint or evaluation elsewhere)."""
@@ -299,8 +354,9 @@ class EmbeddingBag(_CacheModule):
         norm_type: float = 2.0,
         include_last_offset: bool = False,
         device: Optional[torch.device] = None,
+        update: str = "step",
     ):
-        super().__init__(cache, padding_idx, max_norm, norm_type, device)
+        super().__init__(cache, padding_idx, max_norm, norm_type, device, update)
         if mode not in ("sum", "mean", "max"):
             raise ValueError(f'mode must be "sum", "mean" or "max", not {mode!r}')
         self.mode = mode
@@ -356,10 +412,10 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
 
     def __init__(self, modules):
         if isinstance(modules, nn.Module):
-            modules = [m for m in modules.modules() if isinstance(m, _CacheModule)]
+            modules = [m for m in modules.modules() if isinstance(m, _Stepped)]
         modules = list(modules)
         for m in modules:
-            if not isinstance(m, _CacheModule):
+            if not isinstance(m, _Stepped):
                 raise TypeError(f"expected hetkv.torch modules, not {type(m).__name__}")
         fused = [m for m in modules if m.update != "step"]
         if fused:
@@ -368,7 +424,7 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
             )
         if not modules:
             raise ValueError("no hetkv.torch module to step")
-        super().__init__([m.grad_carrier for m in modules], {})
+        super().__init__([c for m in modules for c in m._carriers()], {})
         self._embedding_modules = modules
 
     @torch.no_grad()
@@ -384,3 +440,260 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for m in self._embedding_modules:
             m._zero_grad()
+
+
+@dataclass
+class EmbeddingBagConfig:
+    """One table of an :class:`EmbeddingBagCollection`: its cache (``Table.cached(...)``; the
+    dim, optimizer and learning rate are the table's own), the features that look it up (several
+    features may share a table), and how each bag pools: ``"sum"``, ``"mean"`` or ``"max"``."""
+
+    cache: Cache
+    feature_names: Sequence[str]
+    pooling: str = "sum"
+
+
+@dataclass
+class EmbeddingConfig:
+    """One table of an :class:`EmbeddingCollection`: its cache and the features that look it up."""
+
+    cache: Cache
+    feature_names: Sequence[str]
+
+
+class _Plan:
+    """What one table looks up for a batch: its features' ids (unique, sorted, uint64) and, for
+    each feature, its name, its jagged ids and each id's index among the table's keys."""
+
+    def __init__(self, keys: np.ndarray, features: List[Tuple[str, JaggedTensor, torch.Tensor]]):
+        self.keys = keys
+        self.features = features
+
+
+class _CollectionRows(torch.autograd.Function):
+    """The rows of every table of a collection, read together (one request a shard): forward
+    looks them up; backward hands the gradient rows of the tables whose rows were used to the
+    caches together (``update="backward"``), or returns them as the sparse gradients of the
+    tables' carriers (``update="step"``)."""
+
+    @staticmethod
+    def forward(ctx, module, keys, device, *carriers):  # type: ignore[override]
+        ctx.module = module
+        ctx.keys = keys
+        ctx.carriers = len(carriers)
+        ctx.set_materialize_grads(False)  # a table whose rows went unused gets no update
+        return tuple(module._lookup(keys, device))
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        m = ctx.module
+        rows = [
+            None if g is None else g.detach().to(device="cpu", dtype=torch.float32).contiguous()
+            for g in grads
+        ]
+        none = (None, None, None)
+        if m.update == "backward":
+            used = [i for i, r in enumerate(rows) if r is not None and len(ctx.keys[i])]
+            if used:
+                update_many(
+                    [m._configs[i].cache for i in used],
+                    [ctx.keys[i] for i in used],
+                    [rows[i].numpy() for i in used],
+                )
+            return none + (None,) * ctx.carriers
+        return none + tuple(
+            None if r is None else m._grads[i].grad(ctx.keys[i], r) for i, r in enumerate(rows)
+        )
+
+
+class _Collection(_Stepped):
+    """Many tables, each with its own dim, optimizer and learning rate, looked up together from
+    jagged input: one request a shard a batch for all of them, and one a step for their updates
+    (``hetkv.lookup_many`` and ``hetkv.update_many``). The caches must be of one cluster
+    connection."""
+
+    def __init__(self, tables, device: Optional[torch.device], update: str):
+        super().__init__()
+        tables = list(tables)
+        if not tables:
+            raise ValueError("a collection needs at least one table")
+        if update not in ("step", "backward"):
+            raise ValueError(f'update must be "step" or "backward", not {update!r}')
+        seen = set()
+        for t in tables:
+            if not isinstance(t.cache, Cache):
+                raise TypeError(
+                    f"expected a hetkv.Cache (Table.cached(...)), not {type(t.cache).__name__}"
+                )
+            if not t.feature_names:
+                raise ValueError(f"table {t.cache.table!r} has no feature")
+            for f in t.feature_names:
+                if f in seen:
+                    raise ValueError(f"feature {f!r} is named by two tables")
+                seen.add(f)
+        if len({id(t.cache) for t in tables}) != len(tables):
+            raise ValueError("a cache is given to two tables: name both features in one config")
+        self._configs = tables
+        self.update = update
+        self.device = None if device is None else torch.device(device)
+        self._grads = [_StepGrads(t.cache.dim) for t in tables]
+        self._prefetching = False
+        self._unused_seen = 0
+        self._warned_unused = False
+
+    def _plan(self, features) -> List[_Plan]:
+        plans = []
+        for t in self._configs:
+            jagged = [(f, _feature(features, f)) for f in t.feature_names]
+            values = torch.cat([j.values().reshape(-1) for _, j in jagged])
+            keys, inverse = _unique(values)
+            parts = torch.split(inverse, [len(j.values()) for _, j in jagged])
+            plans.append(_Plan(keys, [(f, j, p) for (f, j), p in zip(jagged, parts)]))
+        return plans
+
+    def _unused(self) -> int:
+        return sum(t.cache.stats()["prefetches_unused"] for t in self._configs)
+
+    def _lookup(self, keys: List[np.ndarray], device: torch.device) -> List[torch.Tensor]:
+        rows = lookup_many([t.cache for t in self._configs], keys)
+        if self._prefetching:
+            self._prefetching = False
+            if self._unused() > self._unused_seen and not self._warned_unused:
+                self._warned_unused = True
+                warnings.warn(
+                    "a prefetch of the collection went unused: the lookup after it asked for "
+                    "other keys (give prefetch() the next batch's features as forward() will get "
+                    "them). Its rows were read again; this warning is not repeated.",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        return [torch.from_numpy(r).to(device) for r in rows]
+
+    def _rows(self, plans: List[_Plan], device: torch.device) -> List[torch.Tensor]:
+        keys = [p.keys for p in plans]
+        if torch.is_grad_enabled() and self.training:
+            if self.update == "step":
+                carriers = [g.carrier for g in self._grads]
+            else:
+                carriers = [torch.empty(0, requires_grad=True)]
+            return list(_CollectionRows.apply(self, keys, device, *carriers))
+        return self._lookup(keys, device)
+
+    def _out_device(self, features) -> torch.device:
+        return self.device if self.device is not None else features.values().device
+
+    def prefetch(self, features) -> None:
+        """Starts the lookup of the next batch's ``features`` (as ``forward`` will be given
+        them) in every table and returns at once; the forward of the same features completes
+        it. A prefetch the next forward does not use warns once."""
+        plans = self._plan(features)
+        self._unused_seen = self._unused()
+        for t, p in zip(self._configs, plans):
+            t.cache.prefetch(p.keys)
+        self._prefetching = True
+
+    def _carriers(self):
+        return [g.carrier for g in self._grads]
+
+    def _step(self) -> None:
+        """Hands every table's gradients since the last zero_grad to its cache, all tables in
+        one call (one request a shard): each key once, its gradients summed."""
+        pending = [(t.cache, p) for t, g in zip(self._configs, self._grads) if (p := g.pending())]
+        if pending:
+            update_many([c for c, _ in pending], [p[0] for _, p in pending], [p[1] for _, p in pending])
+
+    def _zero_grad(self) -> None:
+        for g in self._grads:
+            g.clear()
+
+    def flush(self) -> None:
+        """Pushes every update the tables' caches hold."""
+        for t in self._configs:
+            t.cache.flush()
+
+    def feature_names(self) -> List[str]:
+        return [f for t in self._configs for f in t.feature_names]
+
+    def extra_repr(self) -> str:
+        tables = ", ".join(f"{t.cache.table}({t.cache.dim}): {list(t.feature_names)}" for t in self._configs)
+        return tables + (", update='backward'" if self.update == "backward" else "")
+
+
+class EmbeddingBagCollection(_Collection):
+    """TorchRec's ``EmbeddingBagCollection`` over hetkv caches: ``forward(features)`` takes a
+    :class:`KeyedJaggedTensor` (hetkv's, or TorchRec's) and returns a :class:`KeyedTensor` of
+    each feature's pooled bags (``stride x dim`` each, in the tables' order, then their features'),
+    on ``device`` (the ids' when None). With ``is_weighted`` (every table pooling ``"sum"``), the
+    input's per-id ``weights`` weight each id's row, as TorchRec's weighted collection does;
+    without it they are ignored. An empty bag pools to zeros. Every table is read in one request a shard, and (with
+    :class:`EmbeddingOptimizer`) updated in one.
+
+    >>> ebc = hetkv.torch.EmbeddingBagCollection([
+    ...     hetkv.torch.EmbeddingBagConfig(ads.cached(0.1), ["ad_id"], pooling="sum"),
+    ...     hetkv.torch.EmbeddingBagConfig(users.cached(0.1), ["user_id", "friend_id"], "mean"),
+    ... ])
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        device: Optional[torch.device] = None,
+        update: str = "step",
+        is_weighted: bool = False,
+    ):
+        super().__init__(tables, device, update)
+        for t in self._configs:
+            if t.pooling not in ("sum", "mean", "max"):
+                raise ValueError(f'pooling must be "sum", "mean" or "max", not {t.pooling!r}')
+            if is_weighted and t.pooling != "sum":
+                raise ValueError(
+                    f"table {t.cache.table!r} pools by {t.pooling!r}: weights weight sum pooling"
+                )
+        self.is_weighted = is_weighted
+
+    def forward(self, features) -> KeyedTensor:
+        device = self._out_device(features)
+        plans = self._plan(features)
+        rows = self._rows(plans, device)
+        pooled, names, dims = [], [], []
+        for t, p, r in zip(self._configs, plans, rows):
+            for name, jagged, inverse in p.features:
+                weights = jagged.weights_or_none() if self.is_weighted else None
+                if self.is_weighted and weights is None:
+                    raise ValueError(f"feature {name!r} has no weights (the collection is weighted)")
+                pooled.append(
+                    F.embedding_bag(
+                        inverse.to(device),
+                        r,
+                        jagged.offsets()[:-1].to(device),
+                        mode=t.pooling,
+                        per_sample_weights=None if weights is None else weights.to(device, r.dtype),
+                    )
+                )
+                names.append(name)
+                dims.append(t.cache.dim)
+        return KeyedTensor(names, dims, torch.cat(pooled, dim=1))
+
+
+class EmbeddingCollection(_Collection):
+    """TorchRec's ``EmbeddingCollection`` over hetkv caches (no pooling): ``forward(features)``
+    returns, for each feature, a :class:`JaggedTensor` of its ids' rows (``ids x dim``) with the
+    input's lengths. Every table is read in one request a shard."""
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingConfig],
+        device: Optional[torch.device] = None,
+        update: str = "step",
+    ):
+        super().__init__(tables, device, update)
+
+    def forward(self, features) -> Dict[str, JaggedTensor]:
+        device = self._out_device(features)
+        plans = self._plan(features)
+        rows = self._rows(plans, device)
+        out = {}
+        for p, r in zip(plans, rows):
+            for name, jagged, inverse in p.features:
+                out[name] = JaggedTensor(F.embedding(inverse.to(device), r), jagged.lengths())
+        return out

@@ -1,0 +1,142 @@
+//! `hetkv.lookup_many` and `hetkv.update_many`: caches of several tables of one cluster driven
+//! together, each round of their requests one batch a shard (the client crate's
+//! `lookup_many`/`update_many`).
+
+use std::sync::MutexGuard;
+
+use hetkv_client::CachedTable;
+use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::*;
+
+/// Locks `caches` (in address order, so that two threads never wait on each other), refusing a
+/// cache given twice; the guards in the caches' order.
+fn lock_all<'a>(caches: &'a [&'a Cache]) -> Vec<MutexGuard<'a, CachedTable>> {
+    let mut order: Vec<usize> = (0..caches.len()).collect();
+    order.sort_by_key(|&i| std::ptr::from_ref(caches[i]) as usize);
+    let mut guards: Vec<(usize, MutexGuard<'a, CachedTable>)> = order
+        .into_iter()
+        .map(|i| (i, caches[i].inner.lock().unwrap_or_else(|p| p.into_inner())))
+        .collect();
+    guards.sort_by_key(|(i, _)| *i);
+    guards.into_iter().map(|(_, g)| g).collect()
+}
+
+/// The caches as Rust sees them, refusing an empty list and one given twice.
+fn distinct<'a>(
+    caches: &'a [Bound<'_, Cache>],
+    inputs: usize,
+    what: &str,
+) -> PyResult<Vec<&'a Cache>> {
+    let list: Vec<&Cache> = caches.iter().map(|c| c.get()).collect();
+    if list.is_empty() || inputs != list.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} caches and {inputs} {what}: give one a cache (and at least one)",
+            list.len()
+        )));
+    }
+    for (i, c) in list.iter().enumerate() {
+        if list[..i].iter().any(|o| std::ptr::eq(*o, *c)) {
+            return Err(PyValueError::new_err(format!(
+                "cache {i} (table {:?}) is given twice",
+                c.name
+            )));
+        }
+    }
+    Ok(list)
+}
+
+/// Reads `keys[i]` (uint64, 1-D) from `caches[i]` for every `i`, as each cache's `lookup` would,
+/// with one request a shard for all of them; returns the rows (float32, keys x that table's dim)
+/// in the caches' order. The caches must be of one cluster connection, each given once.
+#[pyfunction]
+pub(crate) fn lookup_many<'py>(
+    py: Python<'py>,
+    caches: Vec<Bound<'py, Cache>>,
+    keys: Vec<Bound<'py, PyAny>>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let list = distinct(&caches, keys.len(), "key arrays")?;
+    let arrays = keys
+        .iter()
+        .map(|k| array1::<u64>(k, "keys", "uint64"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let keys = arrays
+        .iter()
+        .map(|a| contiguous(a, "keys"))
+        .collect::<PyResult<Vec<&[u64]>>>()?;
+    let mut rows: Vec<Vec<f32>> = list
+        .iter()
+        .zip(&keys)
+        .map(|(c, k)| vec![0f32; k.len() * c.dim])
+        .collect();
+    interruptible(
+        py,
+        || {
+            let mut guards = lock_all(&list);
+            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
+            let mut outs: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
+            hetkv_client::lookup_many(&mut refs, &keys, &mut outs)
+        },
+        py_err,
+    )?;
+    rows.into_iter()
+        .zip(&list)
+        .zip(&keys)
+        .map(|((r, c), k)| {
+            Ok(PyArray1::from_vec(py, r)
+                .reshape([k.len(), c.dim])?
+                .into_any())
+        })
+        .collect()
+}
+
+/// Applies `grads[i]` (float32, keys x dim: one row per key of `keys[i]`) to `caches[i]` for
+/// every `i`, as each cache's `update` would, sending what is due to push with one request a
+/// shard for all of them. Every input is checked first: when one is invalid (a wrong shape, a
+/// NaN), nothing changes in any cache.
+#[pyfunction]
+pub(crate) fn update_many<'py>(
+    py: Python<'py>,
+    caches: Vec<Bound<'py, Cache>>,
+    keys: Vec<Bound<'py, PyAny>>,
+    grads: Vec<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    let list = distinct(&caches, keys.len(), "key arrays")?;
+    if grads.len() != list.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} caches and {} gradient arrays: give one a cache",
+            list.len(),
+            grads.len()
+        )));
+    }
+    let key_arrays = keys
+        .iter()
+        .map(|k| array1::<u64>(k, "keys", "uint64"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let keys = key_arrays
+        .iter()
+        .map(|a| contiguous(a, "keys"))
+        .collect::<PyResult<Vec<&[u64]>>>()?;
+    let grad_arrays = grads
+        .iter()
+        .map(|g| rows2(g, "grads"))
+        .collect::<PyResult<Vec<_>>>()?;
+    for ((g, c), k) in grad_arrays.iter().zip(&list).zip(&keys) {
+        check_rows(g.shape(), k.len(), c.dim, "grads", &c.name)?;
+    }
+    let grads = grad_arrays
+        .iter()
+        .map(|g| contiguous(g, "grads"))
+        .collect::<PyResult<Vec<&[f32]>>>()?;
+    interruptible(
+        py,
+        || {
+            let mut guards = lock_all(&list);
+            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
+            hetkv_client::update_many(&mut refs, &keys, &grads)
+        },
+        py_err,
+    )
+}

@@ -1,0 +1,231 @@
+//! Caches of several tables driven together (`lookup_many`, `update_many`): one request a shard
+//! a round for all of them, and every row and push exactly what each cache gives alone.
+
+use hetkv_client::{
+    lookup_many, update_many, Bound, CacheConfig, CachedTable, Capacity, ClientError, Cluster,
+    PolicyKind,
+};
+use hetkv_fallback_tcp::ClientConfig;
+use hetkv_store::EmbeddedCluster;
+use hetkv_tests::{sgd_table, TestRng};
+use hetkv_transport::{OptimizerSpec, TableSpec};
+
+const ROWS: u64 = 400;
+
+/// Three tables of their own dims and optimizers (Adagrad and Adam carry state in their lines).
+fn specs(suffix: &str) -> Vec<TableSpec> {
+    let mut adagrad = sgd_table(&format!("adagrad{suffix}"), ROWS, 8, 0.0);
+    adagrad.optimizer = OptimizerSpec::adagrad(0.05);
+    let mut adam = sgd_table(&format!("adam{suffix}"), ROWS, 4, 0.0);
+    adam.optimizer = OptimizerSpec::adam(0.01);
+    let sgd = sgd_table(&format!("sgd{suffix}"), ROWS, 16, 0.1);
+    vec![adagrad, adam, sgd]
+}
+
+fn caches(cluster: &Cluster, specs: &[TableSpec]) -> Vec<CachedTable> {
+    specs
+        .iter()
+        .map(|s| {
+            cluster.create_table(s).unwrap().cached(CacheConfig {
+                capacity: Capacity::Rows(60),
+                policy: PolicyKind::Lfu,
+                pull_bound: Bound::updates(3),
+                push_bound: Bound::updates(3),
+            })
+        })
+        .collect()
+}
+
+/// Every row and version of `table`.
+fn contents(cluster: &Cluster, spec: &TableSpec) -> (Vec<f32>, Vec<u64>) {
+    let keys: Vec<u64> = (0..ROWS).collect();
+    let mut values = vec![0f32; keys.len() * spec.dim as usize];
+    let mut versions = vec![0u64; keys.len()];
+    cluster
+        .open_table(&spec.name)
+        .unwrap()
+        .pull(&keys, &mut values, Some(&mut versions))
+        .unwrap();
+    (values, versions)
+}
+
+/// One worker drives three caches together, another the same three (on copies of the tables)
+/// one by one, through the same calls: skewed keys with repeats, updates that push and evict,
+/// prefetches of one table now and then. Every lookup returns the same bits, and after the
+/// flush the shards hold the same rows, versions and all.
+#[test]
+fn caches_driven_together_give_what_each_gives_alone() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let together = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let alone = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let (specs_g, specs_a) = (specs("_g"), specs("_a"));
+    let mut group = caches(&together, &specs_g);
+    let mut single = caches(&alone, &specs_a);
+    let dims: Vec<usize> = specs_g.iter().map(|s| s.dim as usize).collect();
+    let mut rng = TestRng(0x9e0);
+    let draw = |rng: &mut TestRng| -> Vec<Vec<u64>> {
+        (0..3)
+            .map(|_| {
+                let n = rng.below(24) as usize; // an empty table's batch now and then
+                (0..n)
+                    .map(|_| {
+                        // Skewed: a third of the draws among 20 keys.
+                        if rng.below(3) == 0 {
+                            rng.below(20)
+                        } else {
+                            rng.below(ROWS)
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let mut next = draw(&mut rng);
+    for step in 0..300 {
+        let keys = std::mem::replace(&mut next, draw(&mut rng));
+        let key_refs: Vec<&[u64]> = keys.iter().map(Vec::as_slice).collect();
+        let mut rows_g: Vec<Vec<f32>> = keys
+            .iter()
+            .zip(&dims)
+            .map(|(k, d)| vec![0f32; k.len() * d])
+            .collect();
+        let mut rows_a = rows_g.clone();
+        {
+            let mut refs: Vec<&mut [f32]> = rows_g.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut g: Vec<&mut CachedTable> = group.iter_mut().collect();
+            lookup_many(&mut g, &key_refs, &mut refs).unwrap();
+        }
+        for t in 0..3 {
+            single[t].lookup(&keys[t], &mut rows_a[t]).unwrap();
+        }
+        for t in 0..3 {
+            let same = rows_g[t]
+                .iter()
+                .zip(&rows_a[t])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "step {step}, table {t}: the rows differ");
+        }
+        let grads: Vec<Vec<f32>> = keys
+            .iter()
+            .zip(&dims)
+            .map(|(k, &d)| (0..k.len() * d).map(|_| rng.signed_unit()).collect())
+            .collect();
+        let grad_refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        {
+            let mut g: Vec<&mut CachedTable> = group.iter_mut().collect();
+            update_many(&mut g, &key_refs, &grad_refs).unwrap();
+        }
+        for t in 0..3 {
+            single[t].update(&keys[t], &grads[t]).unwrap();
+        }
+        if step % 7 == 3 {
+            // Table 1's next keys prefetched: the group's lookup completes that prefetch.
+            group[1].prefetch(&next[1]).unwrap();
+            single[1].prefetch(&next[1]).unwrap();
+        }
+    }
+    assert!(group[1].stats().prefetched > 0);
+    assert_eq!(group[1].stats().prefetched, single[1].stats().prefetched);
+    for t in 0..3 {
+        group[t].flush().unwrap();
+        single[t].flush().unwrap();
+        let (g, a) = (group[t].stats(), single[t].stats());
+        assert!(
+            g.rows_pushed > 0 && g.evictions > 0,
+            "table {t} pushed and evicted"
+        );
+        assert_eq!(
+            (g.hits, g.misses, g.rows_pushed),
+            (a.hits, a.misses, a.rows_pushed)
+        );
+        let (values_g, versions_g) = contents(&together, &specs_g[t]);
+        let (values_a, versions_a) = contents(&together, &specs_a[t]);
+        assert_eq!(versions_g, versions_a, "table {t}: versions");
+        assert!(
+            values_g
+                .iter()
+                .zip(&values_a)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "table {t}: rows on the shards"
+        );
+    }
+}
+
+/// A lookup of three tables sends each shard one request (a batch); one by one, three.
+#[test]
+fn a_lookup_of_several_tables_is_one_request_a_shard() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let mut group = caches(&client, &specs(""));
+    // Keys of both shards in every table.
+    let keys: Vec<Vec<u64>> = (0..3).map(|t| (t..t + 40).collect()).collect();
+    let key_refs: Vec<&[u64]> = keys.iter().map(Vec::as_slice).collect();
+    let dims = [8usize, 4, 16];
+    let requests = || -> Vec<u64> { client.stats().unwrap().iter().map(|s| s.requests).collect() };
+    let mut rows: Vec<Vec<f32>> = (0..3).map(|t| vec![0f32; 40 * dims[t]]).collect();
+    let before = requests();
+    {
+        let mut refs: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut g: Vec<&mut CachedTable> = group.iter_mut().collect();
+        lookup_many(&mut g, &key_refs, &mut refs).unwrap();
+    }
+    let after = requests();
+    // The batch, and the stats request that counted it.
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    let keys: Vec<Vec<u64>> = (0..3).map(|t| (t + 100..t + 140).collect()).collect();
+    let before = requests();
+    for t in 0..3 {
+        group[t].lookup(&keys[t], &mut rows[t]).unwrap();
+    }
+    let after = requests();
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        vec![4, 4]
+    );
+}
+
+/// Caches that cannot go together, and bad input: a clear error, and nothing changes.
+#[test]
+fn bad_groups_and_bad_input_change_nothing() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let one = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let other = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let mut a = caches(&one, &specs("_x"));
+    let mut b = caches(&other, &specs("_y"));
+    let keys: [&[u64]; 2] = [&[1, 2], &[3]];
+    let mut r0 = [0f32; 16];
+    let mut r1 = [0f32; 4];
+    let mut mixed: Vec<&mut CachedTable> = vec![&mut a[0], &mut b[1]];
+    let err = lookup_many(&mut mixed, &keys, &mut [&mut r0[..], &mut r1[..]]).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::InvalidGroup(m) if m.contains("another cluster")),
+        "{err}"
+    );
+    let mut pair: Vec<&mut CachedTable> = a.iter_mut().take(2).collect();
+    let err = lookup_many(&mut pair, &keys[..1], &mut [&mut r0[..]]).unwrap_err();
+    assert!(matches!(err, ClientError::InvalidGroup(_)), "{err}");
+    // A gradient of the wrong length for the second table, and a NaN: nothing applied anywhere.
+    let grads: [&[f32]; 2] = [&[0.5; 16], &[0.5; 3]];
+    let err = update_many(&mut pair, &keys, &grads).unwrap_err();
+    assert!(err.to_string().contains("has dim 4"), "{err}");
+    let nan = [f32::NAN; 4];
+    let grads: [&[f32]; 2] = [&[0.5; 16], &nan];
+    assert!(update_many(&mut pair, &keys, &grads).is_err());
+    drop(pair);
+    for c in &mut a {
+        c.flush().unwrap();
+        assert_eq!(c.stats().rows_pushed, 0);
+        assert_eq!(c.core().pending_updates(), 0);
+    }
+}
