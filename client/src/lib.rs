@@ -27,8 +27,8 @@ pub mod stats;
 
 pub use barrier::CheckpointBarrier;
 pub use cache::{
-    lookup_many, update_many, Bound, CacheConfig, CachedTable, Capacity, PolicyKind, UpdateRule,
-    UpdateRuleKind,
+    lookup_many, prefetch_many, update_many, Bound, CacheConfig, CachedTable, Capacity, PolicyKind,
+    UpdateRule, UpdateRuleKind,
 };
 pub use cluster::{Cluster, OnRollback, PushReport, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};

@@ -2,8 +2,8 @@
 //! a round for all of them, and every row and push exactly what each cache gives alone.
 
 use hetkv_client::{
-    lookup_many, update_many, Bound, CacheConfig, CachedTable, Capacity, ClientError, Cluster,
-    PolicyKind,
+    lookup_many, prefetch_many, update_many, Bound, CacheConfig, CachedTable, Capacity,
+    ClientError, Cluster, PolicyKind,
 };
 use hetkv_fallback_tcp::ClientConfig;
 use hetkv_store::EmbeddedCluster;
@@ -51,7 +51,7 @@ fn contents(cluster: &Cluster, spec: &TableSpec) -> (Vec<f32>, Vec<u64>) {
 
 /// One worker drives three caches together, another the same three (on copies of the tables)
 /// one by one, through the same calls: skewed keys with repeats, updates that push and evict,
-/// prefetches of one table now and then. Every lookup returns the same bits, and after the
+/// prefetches of all three together (against one by one) and of one table alone, now and then. Every lookup returns the same bits, and after the
 /// flush the shards hold the same rows, versions and all.
 #[test]
 fn caches_driven_together_give_what_each_gives_alone() {
@@ -118,14 +118,30 @@ fn caches_driven_together_give_what_each_gives_alone() {
         for t in 0..3 {
             single[t].update(&keys[t], &grads[t]).unwrap();
         }
+        if step % 5 == 2 {
+            // Every table's next keys prefetched together (one batch a shard) against each
+            // alone; the lookups complete them.
+            let next_refs: Vec<&[u64]> = next.iter().map(Vec::as_slice).collect();
+            let mut g: Vec<&mut CachedTable> = group.iter_mut().collect();
+            prefetch_many(&mut g, &next_refs).unwrap();
+            for t in 0..3 {
+                single[t].prefetch(&next[t]).unwrap();
+            }
+        }
         if step % 7 == 3 {
-            // Table 1's next keys prefetched: the group's lookup completes that prefetch.
+            // Table 1's next keys prefetched alone: the group's lookup completes that prefetch.
             group[1].prefetch(&next[1]).unwrap();
             single[1].prefetch(&next[1]).unwrap();
         }
     }
-    assert!(group[1].stats().prefetched > 0);
-    assert_eq!(group[1].stats().prefetched, single[1].stats().prefetched);
+    for t in 0..3 {
+        let (g, a) = (group[t].stats(), single[t].stats());
+        assert!(g.prefetched > 0);
+        assert_eq!(
+            (g.prefetched, g.prefetches_unused),
+            (a.prefetched, a.prefetches_unused)
+        );
+    }
     for t in 0..3 {
         group[t].flush().unwrap();
         single[t].flush().unwrap();
@@ -151,7 +167,8 @@ fn caches_driven_together_give_what_each_gives_alone() {
     }
 }
 
-/// A lookup of three tables sends each shard one request (a batch); one by one, three.
+/// A lookup of three tables sends each shard one request (a batch), and so does a prefetch of
+/// the three completed by their lookup; one by one, three.
 #[test]
 fn a_lookup_of_several_tables_is_one_request_a_shard() {
     let cluster = EmbeddedCluster::start(2).unwrap();
@@ -179,6 +196,26 @@ fn a_lookup_of_several_tables_is_one_request_a_shard() {
             .collect::<Vec<_>>(),
         vec![2, 2]
     );
+    // A prefetch of the three and their lookup: one batch a shard, sent by the prefetch.
+    let keys: Vec<Vec<u64>> = (0..3).map(|t| (t + 200..t + 240).collect()).collect();
+    let key_refs: Vec<&[u64]> = keys.iter().map(Vec::as_slice).collect();
+    let before = requests();
+    {
+        let mut g: Vec<&mut CachedTable> = group.iter_mut().collect();
+        prefetch_many(&mut g, &key_refs).unwrap();
+        let mut refs: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
+        lookup_many(&mut g, &key_refs, &mut refs).unwrap();
+    }
+    let after = requests();
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    assert!(group.iter().all(|c| c.stats().prefetched == 1));
     let keys: Vec<Vec<u64>> = (0..3).map(|t| (t + 100..t + 140).collect()).collect();
     let before = requests();
     for t in 0..3 {

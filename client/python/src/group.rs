@@ -1,12 +1,12 @@
-//! `hetkv.lookup_many` and `hetkv.update_many`: caches of several tables of one cluster driven
+//! `hetkv.lookup_many`, `hetkv.prefetch_many` and `hetkv.update_many`: caches of several tables of one cluster driven
 //! together, each round of their requests one batch a shard (the client crate's
 //! `lookup_many`/`update_many`).
 
 use std::sync::MutexGuard;
 
 use hetkv_client::CachedTable;
-use numpy::{PyArray1, PyArrayMethods, PyUntypedArrayMethods};
-use pyo3::exceptions::PyValueError;
+use numpy::{PyArray1, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::*;
@@ -49,13 +49,17 @@ fn distinct<'a>(
 }
 
 /// Reads `keys[i]` (uint64, 1-D) from `caches[i]` for every `i`, as each cache's `lookup` would,
-/// with one request a shard for all of them; returns the rows (float32, keys x that table's dim)
-/// in the caches' order. The caches must be of one cluster connection, each given once.
+/// with one request a shard for all of them, into `outs[i]` (float32, keys x that table's dim,
+/// C-contiguous and writable: pinned memory for a copy to a GPU, say) or new arrays when `outs`
+/// is None; returns them in the caches' order. The caches must be of one cluster connection,
+/// each given once.
 #[pyfunction]
+#[pyo3(signature = (caches, keys, outs = None))]
 pub(crate) fn lookup_many<'py>(
     py: Python<'py>,
     caches: Vec<Bound<'py, Cache>>,
     keys: Vec<Bound<'py, PyAny>>,
+    outs: Option<Vec<Bound<'py, PyAny>>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let list = distinct(&caches, keys.len(), "key arrays")?;
     let arrays = keys
@@ -66,30 +70,99 @@ pub(crate) fn lookup_many<'py>(
         .iter()
         .map(|a| contiguous(a, "keys"))
         .collect::<PyResult<Vec<&[u64]>>>()?;
-    let mut rows: Vec<Vec<f32>> = list
+    let Some(given) = outs else {
+        let mut rows: Vec<Vec<f32>> = list
+            .iter()
+            .zip(&keys)
+            .map(|(c, k)| vec![0f32; k.len() * c.dim])
+            .collect();
+        let mut slices: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
+        read_into(py, &list, &keys, &mut slices)?;
+        return rows
+            .into_iter()
+            .zip(&list)
+            .zip(&keys)
+            .map(|((r, c), k)| {
+                Ok(PyArray1::from_vec(py, r)
+                    .reshape([k.len(), c.dim])?
+                    .into_any())
+            })
+            .collect();
+    };
+    if given.len() != list.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} caches and {} row arrays: give one a cache",
+            list.len(),
+            given.len()
+        )));
+    }
+    let mut writable = given
         .iter()
-        .zip(&keys)
-        .map(|(c, k)| vec![0f32; k.len() * c.dim])
-        .collect();
+        .map(|o| {
+            o.extract::<PyReadwriteArray2<'py, f32>>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "outs must be writable 2-D numpy arrays of float32 (got {})",
+                    dtype_of(o)
+                ))
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    for ((w, c), k) in writable.iter().zip(&list).zip(&keys) {
+        check_rows(w.shape(), k.len(), c.dim, "out", &c.name)?;
+    }
+    let mut slices = writable
+        .iter_mut()
+        .map(|w| contiguous_mut(w, "out"))
+        .collect::<PyResult<Vec<&mut [f32]>>>()?;
+    read_into(py, &list, &keys, &mut slices)?;
+    Ok(given)
+}
+
+/// The group lookup itself, the GIL released.
+fn read_into(
+    py: Python<'_>,
+    caches: &[&Cache],
+    keys: &[&[u64]],
+    outs: &mut [&mut [f32]],
+) -> PyResult<()> {
+    interruptible(
+        py,
+        || {
+            let mut guards = lock_all(caches);
+            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
+            hetkv_client::lookup_many(&mut refs, keys, outs)
+        },
+        py_err,
+    )
+}
+
+/// Starts the lookup of `keys[i]` (uint64, 1-D: the next batch's) in `caches[i]` for every `i`,
+/// as each cache's `prefetch` would, and returns at once: the requests of all of them go as one
+/// batch a shard. Each cache's `lookup` (or a `lookup_many`) of the same keys completes it.
+#[pyfunction]
+pub(crate) fn prefetch_many<'py>(
+    py: Python<'py>,
+    caches: Vec<Bound<'py, Cache>>,
+    keys: Vec<Bound<'py, PyAny>>,
+) -> PyResult<()> {
+    let list = distinct(&caches, keys.len(), "key arrays")?;
+    let arrays = keys
+        .iter()
+        .map(|k| array1::<u64>(k, "keys", "uint64"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let keys = arrays
+        .iter()
+        .map(|a| contiguous(a, "keys"))
+        .collect::<PyResult<Vec<&[u64]>>>()?;
     interruptible(
         py,
         || {
             let mut guards = lock_all(&list);
             let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
-            let mut outs: Vec<&mut [f32]> = rows.iter_mut().map(Vec::as_mut_slice).collect();
-            hetkv_client::lookup_many(&mut refs, &keys, &mut outs)
+            hetkv_client::prefetch_many(&mut refs, &keys)
         },
         py_err,
-    )?;
-    rows.into_iter()
-        .zip(&list)
-        .zip(&keys)
-        .map(|((r, c), k)| {
-            Ok(PyArray1::from_vec(py, r)
-                .reshape([k.len(), c.dim])?
-                .into_any())
-        })
-        .collect()
+    )
 }
 
 /// Applies `grads[i]` (float32, keys x dim: one row per key of `keys[i]`) to `caches[i]` for

@@ -41,6 +41,7 @@ fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Cluster>()?;
     m.add_class::<EmbeddedCluster>()?;
     m.add_class::<Table>()?;
+    m.add_function(wrap_pyfunction!(prefetch_many, m)?)?;
     m.add_class::<Cache>()?;
     m.add_class::<Initializer>()?;
     m.add_class::<Optimizer>()?;

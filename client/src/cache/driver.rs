@@ -5,7 +5,7 @@ use std::time::Instant;
 use hetkv_transport::{Exchange, PushOutcome, ShardTransport, StaleRows, Traffic, TransportError};
 
 use super::exchange::ShardRequest;
-use super::prefetch::{Helper, OwnedRequest};
+use super::prefetch::{Helper, OwnedRequest, SharedAnswers};
 use super::rule::{UpdateRule, UpdateRuleKind};
 use super::{Bound, CacheConfig, CacheCore, LineView};
 use crate::cluster::{Cluster, Table};
@@ -14,7 +14,8 @@ use crate::stats::{CacheStats, PhaseTimes};
 use crate::ClientError;
 
 mod group;
-pub use group::{lookup_many, update_many};
+pub(super) use group::send_batched;
+pub use group::{lookup_many, prefetch_many, update_many};
 
 /// One shard's answer: what became of the rows pushed, the rows read (and the rows the push
 /// produced and handed back, valid when the push was applied), and whether the read succeeded.
@@ -94,6 +95,9 @@ struct InFlight {
     keys: Vec<u64>,
     /// Whether a request went out (a lookup of hits under an infinite bound needs none).
     sent: bool,
+    /// Of a prefetch of several caches ([`prefetch_many`]): the answers they share, and where
+    /// this cache's are among them. None: this cache's own helper has them.
+    shared: Option<(std::sync::Arc<SharedAnswers>, Vec<usize>)>,
 }
 
 fn nanos(d: std::time::Duration) -> u64 {
@@ -262,6 +266,7 @@ impl CachedTable {
         self.inflight = Some(InFlight {
             keys: keys.to_vec(),
             sent,
+            shared: None,
         });
         Ok(())
     }
@@ -305,12 +310,16 @@ impl CachedTable {
         let started = Instant::now();
         let mut result = Ok(());
         if p.sent {
-            let helper = self
-                .helper
-                .as_ref()
-                .expect("a prefetch was sent through it");
             let shards: Vec<usize> = self.core.requests().iter().map(|r| r.shard).collect();
-            let answers = helper.answers().unwrap_or_else(|| {
+            let answers = match &p.shared {
+                Some((shared, mine)) => shared.take(mine),
+                None => self
+                    .helper
+                    .as_ref()
+                    .expect("a prefetch was sent through it")
+                    .answers(),
+            };
+            let answers = answers.unwrap_or_else(|| {
                 // Nothing is known of what was sent: its pushes are kept for the next call.
                 let cluster = self.table.cluster();
                 let gone = |s: usize| TransportError::Io {

@@ -29,7 +29,7 @@ pub mod rule;
 mod tests;
 
 pub use self::core::{CacheCore, CacheError, LineView};
-pub use driver::{lookup_many, update_many, CachedTable};
+pub use driver::{lookup_many, prefetch_many, update_many, CachedTable};
 pub use exchange::{RequestKind, ShardRequest};
 pub use policy::PolicyKind;
 pub use queue::PushBatch;

@@ -1,13 +1,13 @@
 //! The prefetch helper: one thread per cache that sends a planned lookup's requests while the
 //! worker computes, and hands the answers back when the lookup lands.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use hetkv_transport::wire::Since;
 use hetkv_transport::PushRef;
 
-use super::driver::{send_round, Answer};
+use super::driver::{send_batched, send_round, Answer};
 use super::exchange::{RequestKind, ShardRequest};
 use crate::cluster::Cluster;
 
@@ -71,6 +71,59 @@ impl OwnedRequest {
                 grads: &p.grads,
                 bases: p.bases.as_deref(),
             }),
+        }
+    }
+}
+
+/// The answers of a prefetch of several caches, sent by a thread of its own as one batch a shard
+/// ([`super::driver::prefetch_many`]): received by the first cache that lands, and taken by each
+/// cache, its own requests' answers in its requests' order.
+#[derive(Debug)]
+pub(super) struct SharedAnswers {
+    state: Mutex<Shared>,
+}
+
+#[derive(Debug)]
+enum Shared {
+    Waiting(mpsc::Receiver<Vec<Answer>>),
+    Received(Vec<Option<Answer>>),
+    Gone,
+}
+
+impl SharedAnswers {
+    /// Starts sending `requests` (each with its table's name) on a thread of its own.
+    pub(super) fn start(
+        cluster: Cluster,
+        requests: Vec<(String, OwnedRequest)>,
+    ) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("hetkv-prefetch-group".into())
+            .spawn(move || {
+                let views: Vec<(usize, &str, ShardRequest<'_>)> = requests
+                    .iter()
+                    .map(|(table, r)| (0, table.as_str(), r.view()))
+                    .collect();
+                let _ = tx.send(send_batched(&cluster, &views));
+            })?;
+        Ok(Arc::new(Self {
+            state: Mutex::new(Shared::Waiting(rx)),
+        }))
+    }
+
+    /// Waits for the answers (the first caller does) and takes those at `indices`; None when
+    /// the thread is gone.
+    pub(super) fn take(&self, indices: &[usize]) -> Option<Vec<Answer>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Shared::Waiting(rx) = &*state {
+            *state = match rx.recv() {
+                Ok(all) => Shared::Received(all.into_iter().map(Some).collect()),
+                Err(_) => Shared::Gone,
+            };
+        }
+        match &mut *state {
+            Shared::Received(all) => indices.iter().map(|&i| all.get_mut(i)?.take()).collect(),
+            _ => None,
         }
     }
 }

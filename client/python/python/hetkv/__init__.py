@@ -47,6 +47,7 @@ from ._hetkv import (
     __version__,
     connect,
     lookup_many,
+    prefetch_many,
     update_many,
 )
 
@@ -74,5 +75,6 @@ __all__ = [
     "__version__",
     "connect",
     "lookup_many",
+    "prefetch_many",
     "update_many",
 ]

@@ -206,9 +206,18 @@ def connect(
     wait_for_daemon: float = 0.0,
 ) -> Cluster: ...
 
-def lookup_many(caches: Sequence[Cache], keys: Sequence[npt.NDArray[np.uint64]]) -> List[npt.NDArray[np.float32]]:
+def lookup_many(
+    caches: Sequence[Cache],
+    keys: Sequence[npt.NDArray[np.uint64]],
+    outs: Optional[Sequence[npt.NDArray[np.float32]]] = None,
+) -> List[npt.NDArray[np.float32]]:
     """Reads ``keys[i]`` from ``caches[i]`` for every ``i`` (as each cache's ``lookup``), one
-    request a shard for all of them; the caches must be of one cluster connection."""
+    request a shard for all of them, into ``outs`` (or new arrays); the caches must be of one
+    cluster connection."""
+
+def prefetch_many(caches: Sequence[Cache], keys: Sequence[npt.NDArray[np.uint64]]) -> None:
+    """Starts the lookup of ``keys[i]`` in ``caches[i]`` for every ``i`` (as each cache's
+    ``prefetch``), one request a shard for all of them; their lookups complete it."""
 
 def update_many(
     caches: Sequence[Cache],

@@ -40,6 +40,7 @@ gradients pushed stay f32).
 torch is imported here, at run time: the hetkv wheel does not link libtorch.
 """
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._hetkv import Cache, lookup_many, update_many
+from ._hetkv import Cache, lookup_many, prefetch_many, update_many
 from ._jagged import JaggedTensor, KeyedJaggedTensor, KeyedTensor, _feature
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "JaggedTensor",
     "KeyedJaggedTensor",
     "KeyedTensor",
+    "TrainPipeline",
 ]
 
 # Rows a step's carrier can name: positions in the step's key table, not keys (a dynamic
@@ -540,8 +542,15 @@ class _Collection(_Stepped):
         self._prefetching = False
         self._unused_seen = 0
         self._warned_unused = False
+        # The features of the last prefetch and their plans (forward of the same object reuses
+        # them: the unique keys are computed once a batch).
+        self._planned: Optional[Tuple[object, List[_Plan]]] = None
 
     def _plan(self, features) -> List[_Plan]:
+        """Each table's keys of ``features`` (the one rule of forward and prefetch); worked out
+        once for the features a prefetch was given, which forward then reuses."""
+        if self._planned is not None and self._planned[0] is features:
+            return self._planned[1]
         plans = []
         for t in self._configs:
             jagged = [(f, _feature(features, f)) for f in t.feature_names]
@@ -555,7 +564,18 @@ class _Collection(_Stepped):
         return sum(t.cache.stats()["prefetches_unused"] for t in self._configs)
 
     def _lookup(self, keys: List[np.ndarray], device: torch.device) -> List[torch.Tensor]:
-        rows = lookup_many([t.cache for t in self._configs], keys)
+        caches = [t.cache for t in self._configs]
+        if device.type == "cuda":
+            # Written straight into pinned host memory and copied without blocking the host
+            # (PyTorch's caching host allocator keeps each block until its copy is done).
+            staged = [
+                torch.empty((len(k), c.dim), dtype=torch.float32, pin_memory=True)
+                for k, c in zip(keys, caches)
+            ]
+            lookup_many(caches, keys, [s.numpy() for s in staged])
+            rows = [s.to(device, non_blocking=True) for s in staged]
+        else:
+            rows = [torch.from_numpy(r).to(device) for r in lookup_many(caches, keys)]
         if self._prefetching:
             self._prefetching = False
             if self._unused() > self._unused_seen and not self._warned_unused:
@@ -567,7 +587,7 @@ class _Collection(_Stepped):
                     RuntimeWarning,
                     stacklevel=5,
                 )
-        return [torch.from_numpy(r).to(device) for r in rows]
+        return rows
 
     def _rows(self, plans: List[_Plan], device: torch.device) -> List[torch.Tensor]:
         keys = [p.keys for p in plans]
@@ -584,12 +604,13 @@ class _Collection(_Stepped):
 
     def prefetch(self, features) -> None:
         """Starts the lookup of the next batch's ``features`` (as ``forward`` will be given
-        them) in every table and returns at once; the forward of the same features completes
-        it. A prefetch the next forward does not use warns once."""
+        them) in every table, one request a shard for all, and returns at once; the forward of
+        the same features completes it. A prefetch the next forward does not use warns once."""
+        self._planned = None
         plans = self._plan(features)
+        self._planned = (features, plans)
         self._unused_seen = self._unused()
-        for t, p in zip(self._configs, plans):
-            t.cache.prefetch(p.keys)
+        prefetch_many([t.cache for t in self._configs], [p.keys for p in plans])
         self._prefetching = True
 
     def _carriers(self):
@@ -654,6 +675,7 @@ class EmbeddingBagCollection(_Collection):
     def forward(self, features) -> KeyedTensor:
         device = self._out_device(features)
         plans = self._plan(features)
+        self._planned = None
         rows = self._rows(plans, device)
         pooled, names, dims = [], [], []
         for t, p, r in zip(self._configs, plans, rows):
@@ -691,9 +713,137 @@ class EmbeddingCollection(_Collection):
     def forward(self, features) -> Dict[str, JaggedTensor]:
         device = self._out_device(features)
         plans = self._plan(features)
+        self._planned = None
         rows = self._rows(plans, device)
         out = {}
         for p, r in zip(plans, rows):
             for name, jagged, inverse in p.features:
                 out[name] = JaggedTensor(F.embedding(inverse.to(device), r), jagged.lengths())
         return out
+
+
+def _batch_to(batch, device: torch.device, non_blocking: bool):
+    """``batch`` on ``device``: a tensor, a KeyedJaggedTensor (anything with ``to``), or a
+    tuple, list, dict or dataclass of them."""
+    if isinstance(batch, (torch.Tensor, KeyedJaggedTensor)) or hasattr(batch, "to"):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_batch_to(b, device, non_blocking) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _batch_to(v, device, non_blocking) for k, v in batch.items()}
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(
+            batch,
+            **{f.name: _batch_to(getattr(batch, f.name), device, non_blocking)
+               for f in dataclasses.fields(batch)},
+        )
+    return batch
+
+
+def _sparse_features(batch):
+    """The sparse features of a batch as TorchRec's ``Batch`` holds them."""
+    if isinstance(batch, dict):
+        return batch["sparse_features"]
+    return batch.sparse_features
+
+
+class TrainPipeline:
+    """A training loop over a DataLoader's iterator, in the manner of TorchRec's
+    ``TrainPipelineSparseDist``: ``progress(iterator)`` trains one batch and returns the model's
+    output, while the next batch's embedding lookups travel.
+
+    Each call runs ``model(batch)``, which returns ``(loss, output)`` as TorchRec's models do;
+    then, before the backward, it starts the lookups of the next batch (``prefetch`` of every
+    hetkv module the model feeds, with the keys worked out once: the forward of that batch reuses
+    them) and its copy to ``device`` (on a side stream on a GPU); then ``backward``, the dense
+    ``optimizer``'s step and the embeddings' (an :class:`EmbeddingOptimizer` over the model's
+    hetkv modules, made here unless the model's modules all update in backward), and both
+    ``zero_grad``. Rows arrive through pinned memory and are copied without blocking. At the end
+    of the iterator it raises ``StopIteration``.
+
+    ``inputs(batch)`` says what each hetkv module of the model is given: a list of ``(module,
+    input)`` pairs. By default every collection gets ``batch.sparse_features`` (or
+    ``batch["sparse_features"]``), TorchRec's ``Batch`` layout. ``scaler``, a
+    ``torch.amp.GradScaler``, scales the loss and steps both optimizers through it.
+
+    What holds of the rows is what holds of a prefetch (``Cache.prefetch``): at bounds 0 they are
+    the rows an unpipelined loop reads, bit for bit."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer],
+        device: Optional[torch.device] = None,
+        inputs=None,
+        scaler: Optional["torch.amp.GradScaler"] = None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.scaler = scaler
+        stepped = [m for m in model.modules() if isinstance(m, _Stepped) and m.update == "step"]
+        self.embedding_optimizer = EmbeddingOptimizer(stepped) if stepped else None
+        self._inputs = inputs
+        if inputs is None and not any(isinstance(m, _Collection) for m in model.modules()):
+            raise ValueError(
+                "the model has no hetkv collection to feed batch.sparse_features to: say what "
+                "each hetkv module is given with inputs=lambda batch: [(module, input), ...]"
+            )
+        self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self._next = None
+        self._connected = False
+
+    def _feeds(self, batch):
+        if self._inputs is not None:
+            return list(self._inputs(batch))
+        features = _sparse_features(batch)
+        return [(m, features) for m in self.model.modules() if isinstance(m, _Collection)]
+
+    def _fetch(self, iterator):
+        """The next batch on the device, its copy started; None at the end."""
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return None
+        if self._stream is None:
+            return _batch_to(batch, self.device, non_blocking=False)
+        with torch.cuda.stream(self._stream):
+            return _batch_to(batch, self.device, non_blocking=True)
+
+    def _prefetch(self, batch) -> None:
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
+        if self.model.training:
+            for module, features in self._feeds(batch):
+                module.prefetch(features)
+
+    def progress(self, iterator):
+        """Trains the next batch of ``iterator`` and returns the model's output."""
+        if not self._connected:
+            self._connected = True
+            self._next = self._fetch(iterator)
+            if self._next is not None:
+                self._prefetch(self._next)
+        batch = self._next
+        if batch is None:
+            raise StopIteration
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
+        loss, output = self.model(batch)
+        self._next = self._fetch(iterator)
+        if self._next is not None:
+            self._prefetch(self._next)
+        if self.model.training:
+            optimizers = [o for o in (self.optimizer, self.embedding_optimizer) if o is not None]
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                for o in optimizers:
+                    self.scaler.step(o)
+                self.scaler.update()
+            else:
+                loss.backward()
+                for o in optimizers:
+                    o.step()
+            for o in optimizers:
+                o.zero_grad()
+        return output

@@ -108,6 +108,58 @@ pub fn update_many(
     result.and_then(|()| cluster.check_rollbacks())
 }
 
+/// Starts the lookup of `keys[i]` in `caches[i]` for every `i`, as each cache's
+/// [`CachedTable::prefetch`] would, and returns: the requests of all of them go as one batch a
+/// shard, sent by a thread of its own, while the caller computes. Each cache's lookup (alone, or
+/// in [`lookup_many`]) of the same keys completes its part; what holds of the rows is what holds
+/// of a prefetch. A prefetch in flight in any of them lands first, unused.
+pub fn prefetch_many(caches: &mut [&mut CachedTable], keys: &[&[u64]]) -> Result<(), ClientError> {
+    let cluster = one_cluster(caches, keys.len(), keys.len())?;
+    let mut requests = Vec::new();
+    let mut mine: Vec<Vec<usize>> = Vec::with_capacity(caches.len());
+    for i in 0..caches.len() {
+        let c = &mut *caches[i];
+        c.land_unused();
+        let started = Instant::now();
+        if let Err(e) = c.core.start_prefetch(keys[i]) {
+            caches[..i].iter_mut().for_each(|c| c.unsent_prefetch());
+            return Err(e.into());
+        }
+        let planned = c.core.requests();
+        mine.push((requests.len()..requests.len() + planned.len()).collect());
+        let table = &c.table.spec().name;
+        requests.extend(
+            planned
+                .iter()
+                .map(|r| (table.clone(), OwnedRequest::new(r))),
+        );
+        c.time.plan_ns += nanos(started.elapsed());
+    }
+    let shared = if requests.is_empty() {
+        None
+    } else {
+        match SharedAnswers::start(cluster.clone(), requests) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                caches.iter_mut().for_each(|c| c.unsent_prefetch());
+                return Err(ClientError::Prefetch(format!(
+                    "cannot start the thread: {e}"
+                )));
+            }
+        }
+    };
+    for ((c, k), mine) in caches.iter_mut().zip(keys).zip(mine) {
+        let sent = !mine.is_empty();
+        c.inflight = Some(InFlight {
+            keys: k.to_vec(),
+            sent,
+            shared: shared.clone().filter(|_| sent).map(|s| (s, mine)),
+        });
+    }
+    caches.iter().for_each(|c| c.publish());
+    cluster.check_rollbacks()
+}
+
 /// The one cluster of `caches` (checked open), after checking that `keys` and `buffers` inputs
 /// number one a cache and that no cache comes twice.
 fn one_cluster(
@@ -196,7 +248,10 @@ fn exchange_all(
 
 /// Sends one round of the caches' requests (`(cache, table, request)`): each shard's in one
 /// batch, shards in parallel. The answers in the requests' order.
-fn send_batched(cluster: &Cluster, requests: &[(usize, &str, ShardRequest<'_>)]) -> Vec<Answer> {
+pub(in crate::cache) fn send_batched(
+    cluster: &Cluster,
+    requests: &[(usize, &str, ShardRequest<'_>)],
+) -> Vec<Answer> {
     let mut shards: Vec<usize> = requests.iter().map(|(_, _, r)| r.shard).collect();
     shards.sort_unstable();
     shards.dedup();
