@@ -57,9 +57,14 @@ export HETKV_PYTHON="$venv/bin/python"
 
 cargo test --workspace "$@"
 
-# The Python package, built from source as a user would (pip install ./client/python, with the
-# venv's maturin; a debug build, which is quicker to make), then its pytest suites against the
-# daemon binary the cargo tests built.
-PATH="$venv/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/python" -m pip install --quiet --force-reinstall \
-  --no-deps --no-build-isolation ./client/python
-HETKV_BIN="$PWD/target/debug/hetkv" "$venv/bin/python" -m pytest -q client/python/tests
+# The Python package, built from source as a user would (a wheel of ./client/python, with the
+# venv's maturin; a debug build, which is quicker to make) and installed, then its pytest suites
+# against the daemon binary the cargo tests built; one installs the wheel into a fresh venv and
+# runs its `hetkv serve`.
+wheels=$(mktemp -d)
+trap 'rm -rf "$wheels"' EXIT
+PATH="$venv/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/python" -m pip wheel --quiet \
+  --no-deps --no-build-isolation --wheel-dir "$wheels" ./client/python
+wheel=$(ls "$wheels"/hetkv-*.whl)
+"$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
+HETKV_BIN="$PWD/target/debug/hetkv" HETKV_WHEEL="$wheel" "$venv/bin/python" -m pytest -q client/python/tests

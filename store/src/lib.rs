@@ -4,6 +4,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod dynamic;
 pub mod embedded;

@@ -6,15 +6,18 @@
 //! The Python half (`python/hetkv`) re-exports these names and adds `hetkv.torch`.
 //!
 //! One Python class a file: `cluster` (`Cluster`, `connect`), `embedded` (`EmbeddedCluster`),
-//! `table` (`Table`), `cache` (`Cache`), `group` (`lookup_many`, `update_many`), `specs` (`Initializer`, `Optimizer`, `Dynamic`); beside
-//! them `errors` (the exception classes, the mapping of Rust errors onto them, the GIL-releasing
-//! wait) and `arrays` (NumPy arguments and results). This file registers them. The store is
-//! linked as a library only (its `cli` feature off): the wheel carries no daemon command line.
+//! `table` (`Table`), `cache` (`Cache`), `group` (`lookup_many`, `prefetch_many`,
+//! `update_many`), `specs` (`Initializer`, `Optimizer`, `Dynamic`); beside them `errors` (the
+//! exception classes, the mapping of Rust errors onto them, the GIL-releasing wait), `arrays`
+//! (NumPy arguments and results) and `cli` (the store's command line, which the wheel's `hetkv`
+//! console script runs: the daemon and the operator commands, the `hetkv` binary's flags). This
+//! file registers them.
 
 use pyo3::prelude::*;
 
 mod arrays;
 mod cache;
+mod cli;
 mod cluster;
 mod embedded;
 mod errors;
@@ -36,12 +39,13 @@ pub(crate) use table::*;
 fn _hetkv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(connect, m)?)?;
+    m.add_function(wrap_pyfunction!(cli::run_cli, m)?)?;
     m.add_function(wrap_pyfunction!(lookup_many, m)?)?;
+    m.add_function(wrap_pyfunction!(prefetch_many, m)?)?;
     m.add_function(wrap_pyfunction!(update_many, m)?)?;
     m.add_class::<Cluster>()?;
     m.add_class::<EmbeddedCluster>()?;
     m.add_class::<Table>()?;
-    m.add_function(wrap_pyfunction!(prefetch_many, m)?)?;
     m.add_class::<Cache>()?;
     m.add_class::<Initializer>()?;
     m.add_class::<Optimizer>()?;

@@ -29,12 +29,14 @@ def bench_binary() -> pathlib.Path:
 
 
 class Daemon:
-    """A ``hetkv serve`` process on loopback; killed when closed."""
+    """A ``hetkv serve`` process on loopback (the workspace's binary, or ``command``: the wheel's
+    console script, say); killed when closed."""
 
-    def __init__(self, *args: str, listen: str = "127.0.0.1:0"):
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", command=None):
         env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        command = [str(hetkv_binary())] if command is None else list(command)
         self.proc = subprocess.Popen(
-            [str(hetkv_binary()), "serve", "--listen", listen, *args],
+            [*command, "serve", "--listen", listen, *args],
             stderr=subprocess.PIPE,
             text=True,
             env=env,

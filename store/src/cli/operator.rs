@@ -4,14 +4,14 @@
 
 use std::path::Path;
 
+use crate::checkpoint::{CheckpointDir, Listing};
+use crate::placement::Placement;
+use crate::tensors;
 use anyhow::{bail, Context, Result};
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
-use hetkv_store::checkpoint::{CheckpointDir, Listing};
-use hetkv_store::placement::Placement;
-use hetkv_store::tensors;
 use hetkv_transport::ShardTransport;
 
-use crate::{
+use super::{
     read_token, seconds, CheckpointAction, CheckpointArgs, ClusterArgs, ExportArgs, ImportArgs,
 };
 
@@ -250,14 +250,13 @@ fn reshard(
     }
     let sources: Vec<CheckpointDir> = from.iter().map(|d| CheckpointDir::at(d)).collect();
     let targets: Vec<CheckpointDir> = to.iter().map(|d| CheckpointDir::at(d)).collect();
-    let made =
-        hetkv_store::checkpoint::reshard(&sources, name, &targets, out).with_context(|| {
-            format!(
-                "moving checkpoint {name} of {} shards onto {} shards",
-                from.len(),
-                to.len()
-            )
-        })?;
+    let made = crate::checkpoint::reshard(&sources, name, &targets, out).with_context(|| {
+        format!(
+            "moving checkpoint {name} of {} shards onto {} shards",
+            from.len(),
+            to.len()
+        )
+    })?;
     for (dir, m) in to.iter().zip(&made) {
         println!(
             "{}: checkpoint {out} (seq {}), shard {} of {}, {} tables, {} rows",
