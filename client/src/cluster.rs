@@ -248,6 +248,43 @@ impl Cluster {
         })
     }
 
+    /// Drops the table on every shard (in parallel): its rows, optimizer state and regions go,
+    /// and its name may be created again. Handles of it fail from then on (`UnknownTable`),
+    /// one-sided readers included; a cache of it fails at its next request to a shard (lookups
+    /// its lines answer within their bounds send none). Succeeds when every shard answered and at
+    /// least one held it, so a drop that failed part way can be asked again;
+    /// [`ClientError::UnknownTable`] when none held it; when some shards dropped it and others
+    /// failed, [`ClientError::PartlyApplied`] says which.
+    pub fn drop_table(&self, name: &str) -> Result<(), ClientError> {
+        self.check_open()?;
+        let all: Vec<usize> = (0..self.shards.len()).collect();
+        let outcomes = self.on_shards(&all, |_, shard| shard.drop_table(name));
+        let (mut dropped, mut failed) = (Vec::new(), Vec::new());
+        let mut held = false;
+        for (s, r) in outcomes.into_iter().enumerate() {
+            match r {
+                Ok(d) => {
+                    held |= d;
+                    dropped.push(format!("shard {s} ({})", self.shards[s].addr()));
+                }
+                Err(e) => failed.push(format!("shard {s} ({}) {e}", self.shards[s].addr())),
+            }
+        }
+        match (failed.is_empty(), held) {
+            (true, true) => Ok(()),
+            (true, false) => Err(ClientError::UnknownTable(name.to_string())),
+            (false, _) => Err(ClientError::PartlyApplied {
+                table: name.to_string(),
+                applied: if dropped.is_empty() {
+                    "no shard dropped it".into()
+                } else {
+                    format!("dropped on {}", dropped.join(", "))
+                },
+                failed: failed.join("; "),
+            }),
+        }
+    }
+
     /// Opens an existing table, checking that every shard holds it with the same spec.
     pub fn open_table(&self, name: &str) -> Result<Table, ClientError> {
         self.check_open()?;

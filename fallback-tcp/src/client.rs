@@ -929,6 +929,15 @@ impl ShardTransport for TcpShardClient {
         })
     }
 
+    fn drop_table(&self, table: &str) -> Result<bool, TransportError> {
+        let req = TableRequest {
+            table: table.to_string(),
+        };
+        self.call(Op::DropTable, header_only(Op::DropTable, &req), |p| {
+            Ok(self.header::<wire::DropResponse>(p)?.dropped)
+        })
+    }
+
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, TransportError> {
         let req = TableRequest {
             table: table.to_string(),

@@ -329,3 +329,51 @@ fn two_checkpoints_at_once_under_one_name_commit_one() {
     );
     CheckpointDir::at(dir.path()).verify("same").unwrap();
 }
+
+/// A dropped table leaves the checkpoints after it, and one created again under its name (with
+/// another spec) is a new table: the next incremental checkpoint writes it whole, and restoring
+/// that checkpoint gives the new table, never rows of the dropped one; a table dropped and not
+/// created again is not restored.
+#[test]
+fn a_dropped_table_leaves_later_checkpoints_and_its_name_created_again_is_written_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shard(dir.path(), 0, 1);
+    let (a, _) = s.create(spec("a", 64, 4, ADAGRAD)).unwrap();
+    let (b, _) = s.create(spec("b", 48, 3, ADAM)).unwrap();
+    train(&a, 0, 1, 20, 1);
+    train(&b, 0, 1, 20, 2);
+    s.checkpoint("c1", false).unwrap();
+    assert!(s.drop_table("a").unwrap());
+    assert!(!s.drop_table("a").unwrap(), "nothing left to drop");
+    assert!(s.table("a").is_err());
+    assert!(
+        a.clock() & hetkv_transport::wire::DROPPED_CLOCK != 0,
+        "its clock word says so"
+    );
+    let (a2, created) = s
+        .create(spec("a", 32, 2, OptimizerSpec::Sgd { lr: 0.5 }))
+        .unwrap();
+    assert!(created);
+    train(&a2, 0, 1, 5, 3);
+    train(&b, 0, 1, 3, 4);
+    let at_c2 = state(&s);
+    s.checkpoint("c2", true).unwrap();
+    let m = CheckpointDir::at(dir.path()).manifest("c2").unwrap();
+    let kind = |name: &str| m.tables.iter().find(|t| t.name == name).unwrap().kind;
+    assert_eq!(kind("a"), hetkv_store::checkpoint::Kind::Full);
+    assert_eq!(kind("b"), hetkv_store::checkpoint::Kind::Incremental);
+    assert!(s.drop_table("b").unwrap());
+    let at_c3 = state(&s);
+    s.checkpoint("c3", true).unwrap();
+    drop(s);
+    for (name, want) in [("c2", at_c2), ("c3", at_c3)] {
+        let r = shard(dir.path(), 0, 1);
+        r.restore(Some(name)).unwrap();
+        assert_eq!(state(&r), want, "restore of {name}");
+        assert_eq!(
+            r.table("a").unwrap().spec().dim,
+            2,
+            "{name}: the new table a"
+        );
+    }
+}

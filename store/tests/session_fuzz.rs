@@ -1,6 +1,7 @@
 //! Mutated and random frames through the protocol session and a real shard: no input may panic
-//! the daemon, every answer is a well-formed frame, and the table stays consistent (the versions
-//! of the rows equal the updates the shard acknowledged).
+//! the daemon, every answer is a well-formed frame, and the tables stay consistent (the versions
+//! of the rows of every table ever created, dropped ones included, equal the updates the shard
+//! acknowledged, in batches too).
 
 use hetkv_store::{Shard, ShardConfig};
 use hetkv_transport::service::Session;
@@ -68,7 +69,7 @@ fn seeds() -> Vec<Vec<u8>> {
     }
     .encode(&mut spans);
     let t = || "t".to_string();
-    vec![
+    let mut seeds = vec![
         frame(Op::ListTables, &(), &[]),
         frame(Op::CreateTable, &CreateRequest { spec: spec() }, &[]),
         frame(Op::RegionInfo, &TableRequest { table: t() }, &[]),
@@ -134,7 +135,20 @@ fn seeds() -> Vec<Vec<u8>> {
             &push,
         ),
         frame(Op::Stats, &(), &[]),
-    ]
+        frame(Op::DropTable, &TableRequest { table: t() }, &[]),
+    ];
+    // A batch of a push and a pull (each request a whole frame, its prefix included).
+    let mut batch = Vec::new();
+    for body in [&seeds[seeds.len() - 3], &seeds[3]] {
+        batch.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        batch.extend_from_slice(body);
+    }
+    seeds.push(frame(
+        Op::Batch,
+        &wire::BatchRequest { requests: 2 },
+        &batch,
+    ));
+    seeds
 }
 
 fn mutate(rng: &mut Rng, body: &mut Vec<u8>) {
@@ -159,10 +173,41 @@ fn mutate(rng: &mut Rng, body: &mut Vec<u8>) {
                 };
                 body[4..8].copy_from_slice(&v.to_le_bytes());
             }
-            _ if !body.is_empty() => body[0] = rng.below(12) as u8, // another op
+            _ if !body.is_empty() => body[0] = rng.below(19) as u8, // another op
             _ => {}
         }
     }
+}
+
+/// The updates a successful answer says were applied: a push's, a conditional pull's carried
+/// push's, and those of every request of a batch (a repeat of a numbered push is acknowledged
+/// without being applied).
+fn acknowledged(parts: &wire::FrameParts<'_>) -> u64 {
+    if parts.status != Status::Ok as u8 {
+        return 0;
+    }
+    if parts.op == Op::Push as u8 {
+        let ack: PushResponse = wire::decode_header(parts.header).unwrap();
+        return if ack.duplicate { 0 } else { ack.updates };
+    }
+    if parts.op == Op::PullIfStale as u8 {
+        let h: wire::PullIfStaleResponse = wire::decode_header(parts.header).unwrap();
+        return if h.push_duplicate {
+            0
+        } else {
+            h.pushed_updates
+        };
+    }
+    if parts.op == Op::Batch as u8 {
+        let r: wire::BatchResponse = wire::decode_header(parts.header).unwrap();
+        let bodies = hetkv_transport::codec::batch::decode_response(parts, r.answers as usize)
+            .expect("a batch's answer frames fill it");
+        return bodies
+            .iter()
+            .map(|b| acknowledged(&split_response(b).expect("each answer splits")))
+            .sum();
+    }
+    0
 }
 
 #[test]
@@ -186,6 +231,8 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
     let mut session = Session::new(1 << 20);
     session.on_frame(&shard, &hello, &mut out);
     let (mut refused, mut closed, mut acked_updates) = (0u64, 0u64, 0u64);
+    // Every table ever created: a dropped one keeps its rows (and their versions) while held.
+    let mut seen = shard.tables();
     for i in 0..200_000u64 {
         let body = if i % 10 == 0 {
             (0..rng.below(64)).map(|_| rng.next() as u8).collect()
@@ -202,17 +249,15 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
         if outcome.error.is_some() {
             refused += 1;
             assert_eq!(parts.status, Status::Error as u8);
-        } else if parts.op == Op::Push as u8 {
-            let ack: PushResponse = wire::decode_header(parts.header).unwrap();
-            // A repeat of a numbered push is acknowledged without being applied.
-            acked_updates += if ack.duplicate { 0 } else { ack.updates };
-        } else if parts.op == Op::PullIfStale as u8 {
-            let h: wire::PullIfStaleResponse = wire::decode_header(parts.header).unwrap();
-            acked_updates += if h.push_duplicate {
-                0
-            } else {
-                h.pushed_updates
-            };
+        } else {
+            acked_updates += acknowledged(&parts);
+        }
+        if parts.op == Op::CreateTable as u8 {
+            for t in shard.tables() {
+                if !seen.iter().any(|s| std::sync::Arc::ptr_eq(s, &t)) {
+                    seen.push(t);
+                }
+            }
         }
         if outcome.close {
             // A failed handshake ends the connection: start a new one.
@@ -226,7 +271,7 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
     // of numbered pushes are acknowledged and not applied), and every row reads
     // back whole and finite.
     let mut versions = 0;
-    for t in shard.tables() {
+    for t in &seen {
         let mut image = vec![0u8; t.layout().stride()];
         let mut row = vec![0f32; t.layout().dim()];
         for i in 0..t.local_rows() {
@@ -240,8 +285,9 @@ fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
         }
     }
     println!(
-        "{refused} refused, {closed} handshakes closed, {acked_updates} updates acknowledged over {} tables",
-        shard.tables().len()
+        "{refused} refused, {closed} handshakes closed, {acked_updates} updates acknowledged over {} tables ({} dropped)",
+        seen.len(),
+        seen.len() - shard.tables().len()
     );
     assert_eq!(
         versions, acked_updates,

@@ -727,3 +727,80 @@ fn a_batch_whose_answers_outgrow_the_frame_refuses_only_what_does_not_fit() {
         ErrorCode::MalformedFrame
     );
 }
+
+/// A dropped table gives back its memory and its name at once: a table that did not fit beside
+/// it fits after, one of its name is created anew (another spec), requests for it are refused as
+/// unknown, and the other tables' region ids still read their own regions.
+#[test]
+fn a_dropped_table_frees_its_memory_and_name_and_other_regions_read_on() {
+    let big = spec("big", 4, OptimizerSpec::Sgd { lr: 1.0 });
+    let big = TableSpec {
+        rows: 20_000,
+        ..big
+    };
+    let footprint = hetkv_store::Table::footprint(&big, 0, 1);
+    let mut config = ShardConfig::new(0, 1);
+    config.max_memory = hetkv_store::sessions::RESERVED_BYTES + footprint + footprint / 2;
+    let mut h = Harness::new(0, 1);
+    h.shard = Shard::new(config).unwrap();
+    let hello = HelloRequest {
+        magic: MAGIC,
+        version: PROTOCOL_VERSION,
+        auth: None,
+        client: "t".into(),
+        client_id: None,
+    };
+    h.session = Session::new(wire::DEFAULT_MAX_FRAME);
+    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    h.create(&spec("small", 2, OptimizerSpec::Sgd { lr: 1.0 }))
+        .unwrap();
+    h.create(&big).unwrap();
+    let other = TableSpec {
+        name: "other".into(),
+        ..big.clone()
+    };
+    assert_eq!(
+        h.create(&other).unwrap_err().code,
+        ErrorCode::InvalidSpec,
+        "no room"
+    );
+    h.push("big", &[7], &[1], &[1.0; 4]).unwrap();
+    let drop = |h: &mut Harness, table: &str| -> Result<bool, WireError> {
+        let req = wire::TableRequest {
+            table: table.into(),
+        };
+        h.call::<_, wire::DropResponse>(Op::DropTable, &req, &[])
+            .map(|(r, _)| r.dropped)
+    };
+    assert_eq!(drop(&mut h, "big"), Ok(true));
+    assert_eq!(drop(&mut h, "big"), Ok(false));
+    assert_eq!(
+        h.pull("big", &[7]).unwrap_err().code,
+        ErrorCode::UnknownTable
+    );
+    assert_eq!(
+        h.push("big", &[7], &[1], &[1.0; 4]).unwrap_err().code,
+        ErrorCode::UnknownTable
+    );
+    h.create(&other).unwrap();
+    // The name again, of another dim: a new table, at version 0.
+    let again = spec("big", 3, OptimizerSpec::Sgd { lr: 1.0 });
+    h.create(&again).unwrap();
+    let (versions, rows) = h.pull("big", &[7]).unwrap();
+    assert_eq!((versions, rows.len()), (vec![0], 3));
+    // Region 0 (small) reads; region 1 (the dropped table) is refused.
+    let read = |h: &mut Harness, region: u32| {
+        let mut f = Vec::new();
+        codec::read::encode_request(
+            &mut f,
+            &[hetkv_transport::Span {
+                region,
+                offset: 0,
+                len: 8,
+            }],
+        );
+        h.call_frame(f)
+    };
+    assert!(read(&mut h, 0).is_ok());
+    assert_eq!(read(&mut h, 1).unwrap_err().code, ErrorCode::InvalidSpan);
+}

@@ -930,9 +930,90 @@ fn states_come_with_rows_and_pushes_hand_back_what_they_produced(kind: &str) {
     }
 }
 
+/// A reader attached to a table (one-sidedly, for shm and RDMA) that another client drops reads
+/// nothing more of it: its reads fail with `UnknownTable`, never returning the dropped rows; and
+/// once a table of that name is created again, it reads the new table's rows. For a fixed and a
+/// dynamic table.
+fn a_dropped_table_is_never_read_and_its_name_reads_the_new_one(kind: &str) {
+    let f = Fixture::new();
+    for dynamic in [false, true] {
+        let name = if dynamic { "gone_dyn" } else { "gone" };
+        let old = if dynamic {
+            TableSpec {
+                init: Initializer::Normal { std: 0.5, seed: 1 },
+                ..dynamic_table(name, 256, 4)
+            }
+        } else {
+            normal_table(name, 40, 4)
+        };
+        f.create(&old);
+        let keys: Vec<u64> = if dynamic {
+            let held = raw_ids_by_shard(&old, 20, 1);
+            let other = f.other(0);
+            let grads = vec![1.0; held[0].len() * 4];
+            other
+                .push(name, &held[0], &vec![1; held[0].len()], &grads)
+                .unwrap();
+            held[0].clone()
+        } else {
+            keys_of(0, 40)
+        };
+        let b = Backend::connect(kind, f.addr(0));
+        let (mut v, mut r) = (Vec::new(), Vec::new());
+        b.t().pull(name, &keys, &mut v, &mut r).unwrap();
+        assert!(
+            r.iter().any(|&x| x != 0.0),
+            "{kind}: the old rows are not zeros"
+        );
+        for s in 0..2 {
+            assert!(f.other(s).drop_table(name).unwrap(), "shard {s} held it");
+            assert!(!f.other(s).drop_table(name).unwrap(), "dropped already");
+        }
+        let unknown = |e: hetkv_transport::TransportError| {
+            assert_eq!(
+                e.remote().map(|w| w.code),
+                Some(hetkv_transport::ErrorCode::UnknownTable),
+                "{kind}: {e}"
+            );
+        };
+        unknown(b.t().pull(name, &keys, &mut v, &mut r).unwrap_err());
+        let clocks = vec![0u64; keys.len()];
+        let q = hetkv_transport::StaleQuery {
+            table: name,
+            keys: &keys,
+            clocks: &clocks,
+            births: dynamic.then_some(&clocks[..]),
+            bound: 0,
+            since: None,
+            push: None,
+            state_keys: 0,
+        };
+        let mut out = hetkv_transport::StaleRows::default();
+        unknown(b.t().pull_if_stale(&q, &mut out).read.unwrap_err());
+        // The name again, zeros this time: the reader attaches the new table.
+        let new = TableSpec {
+            init: Initializer::Zeros,
+            ..old.clone()
+        };
+        f.create(&new);
+        b.t().pull(name, &keys, &mut v, &mut r).unwrap();
+        assert!(r.iter().all(|&x| x == 0.0), "{kind}: the new table's rows");
+        assert!(
+            v.iter().all(|&x| x == 0),
+            "{kind}: nothing written to the new table"
+        );
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
+            #[test]
+            fn a_dropped_table_is_never_read_and_its_name_reads_the_new_one() {
+                super::a_dropped_table_is_never_read_and_its_name_reads_the_new_one(stringify!(
+                    $backend
+                ));
+            }
             #[test]
             fn states_come_with_rows_and_pushes_hand_back_what_they_produced() {
                 super::states_come_with_rows_and_pushes_hand_back_what_they_produced(stringify!(

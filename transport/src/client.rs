@@ -532,6 +532,16 @@ pub trait ShardTransport: Send + Sync {
     fn create_table(&self, spec: &TableSpec) -> Result<CreateResponse, TransportError>;
     /// Describes a table's region on this shard.
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, TransportError>;
+    /// Drops a table on this shard; whether the shard held it.
+    fn drop_table(&self, table: &str) -> Result<bool, TransportError> {
+        Err(TransportError::Remote {
+            addr: self.addr().to_string(),
+            error: WireError::new(
+                crate::wire::ErrorCode::Unsupported,
+                format!("this transport drops no table (table {table})"),
+            ),
+        })
+    }
     /// One-sided read of spans; `out` receives their bytes concatenated.
     fn read(&self, spans: &[Span], out: &mut Vec<u8>) -> Result<(), TransportError>;
     /// Consistent read: `versions` and `rows` (keys x dim) are replaced. Returns the table's

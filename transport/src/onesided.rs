@@ -202,6 +202,10 @@ enum Failed {
     /// An answer came from this incarnation of the daemon, not the one whose memory is attached:
     /// attach again and read again.
     Restarted(u64),
+    /// The table's clock word says it was dropped ([`crate::wire::DROPPED_CLOCK`]): the memory
+    /// attached is no longer the table's. Detach it, and attach the table of that name again
+    /// (created anew, or unknown).
+    Dropped,
 }
 
 impl From<TransportError> for Failed {
@@ -222,8 +226,24 @@ impl Failed {
                      being read, twice in one call"
                 )),
             },
+            Failed::Dropped => TransportError::Remote {
+                addr: addr.to_string(),
+                error: crate::wire::WireError::new(
+                    crate::wire::ErrorCode::UnknownTable,
+                    "the table was dropped (and created again) while this call read it",
+                ),
+            },
         }
     }
+}
+
+/// A table clock word as read: its count, or [`Failed::Dropped`] when the dropped bit is set.
+fn clock_word(bytes: &[u8]) -> Result<u64, Failed> {
+    let w = word(bytes);
+    if w & crate::wire::DROPPED_CLOCK != 0 {
+        return Err(Failed::Dropped);
+    }
+    Ok(w)
 }
 
 fn word(bytes: &[u8]) -> u64 {
@@ -388,6 +408,31 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         }
     }
 
+    /// [`Self::reconnect_after`] for a read of table `a`: when the read fails for good, the
+    /// daemon is asked whether `a` is still its table. A dropped table's memory is no longer
+    /// registered, so its reads fail (where its clock word could not be read to say so), and
+    /// [`Failed::Dropped`] is returned then.
+    fn reconnect_after_reading(
+        &self,
+        e: io::Error,
+        again: &mut bool,
+        a: &Attached<M::Region>,
+    ) -> Result<(), Failed> {
+        match self.reconnect_after(e, again, a.incarnation) {
+            Err(Failed::Transport(t)) => Err(match self.control.region_info(&a.desc.table) {
+                Ok(d) if d.region != a.desc.region => Failed::Dropped,
+                Err(e)
+                    if e.remote()
+                        .is_some_and(|w| w.code == crate::wire::ErrorCode::UnknownTable) =>
+                {
+                    Failed::Dropped
+                }
+                _ => Failed::Transport(t),
+            }),
+            other => other,
+        }
+    }
+
     fn link(&self, source: io::Error) -> TransportError {
         TransportError::Io {
             addr: self.control.addr().to_string(),
@@ -458,6 +503,14 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
         Ok((a, locals))
     }
 
+    /// Detaches `table` (found dropped: its memory is no longer the table's).
+    fn detach(&self, table: &str) {
+        let mut tables = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = tables.by_name.remove(table) {
+            tables.by_region.remove(&a.desc.region);
+        }
+    }
+
     /// Detaches every table attached in an incarnation other than `incarnation` (which an
     /// answer just revealed) and attaches `table` again.
     fn reattach(
@@ -525,9 +578,10 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             0 => clock = word(bytes),
             _ => discarded += usize::from(!find.take_bucket(i - 1, bytes)),
         }) {
-            self.reconnect_after(e, &mut again, a.incarnation)?;
+            self.reconnect_after_reading(e, &mut again, a)?;
             discarded = 0;
         }
+        let clock = clock_word(&clock.to_le_bytes())?;
         Counters::add(&self.counters.buckets_read, spans.len() - 1);
         for _ in 1..self.attempts {
             let torn = find.torn_buckets();
@@ -563,7 +617,7 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             .memory
             .read(&spans, &mut |r, bytes| take(&mut find, r, bytes))
         {
-            self.reconnect_after(e, &mut again, a.incarnation)?;
+            self.reconnect_after_reading(e, &mut again, a)?;
             find.plan_rows();
         }
         for _ in 1..self.attempts {
@@ -639,9 +693,10 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
                 torn.push(i - skip);
             }
         }) {
-            self.reconnect_after(e, &mut again, a.incarnation)?;
+            self.reconnect_after_reading(e, &mut again, a)?;
             torn.clear();
         }
+        let clock = clock.map(|c| clock_word(&c.to_le_bytes())).transpose()?;
         let mut discarded = torn.len();
         for _ in 1..self.attempts {
             if torn.is_empty() {
@@ -699,8 +754,9 @@ impl<M: RemoteMemory, C: ShardTransport> OneSidedTransport<M, C> {
             }
         }) {
             // Every span is read again, so every entry is written again.
-            self.reconnect_after(e, &mut again, a.incarnation)?;
+            self.reconnect_after_reading(e, &mut again, a)?;
         }
+        let table_clock = clock_word(&table_clock.to_le_bytes())?;
         Counters::add(&self.counters.versions_read, checked.len());
         out.table_clock = table_clock;
         out.since_held = q.since.is_none_or(|s| s.holds(table_clock));
@@ -738,6 +794,13 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
 
     fn create_table(&self, spec: &TableSpec) -> Result<CreateResponse, TransportError> {
         self.control.create_table(spec)
+    }
+
+    /// Drops the table on the daemon and detaches it here.
+    fn drop_table(&self, table: &str) -> Result<bool, TransportError> {
+        let dropped = self.control.drop_table(table)?;
+        self.detach(table);
+        Ok(dropped)
     }
 
     /// Attaches the table (if not yet attached), so that reads of its spans are served here.
@@ -821,6 +884,11 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
                     reattached = true;
                     a = self.reattach(table, incarnation)?;
                 }
+                Err(Failed::Dropped) if !reattached => {
+                    reattached = true;
+                    self.detach(table);
+                    a = self.attached(table)?;
+                }
                 Err(f) => return Err(f.into_error(self.control.addr())),
             }
         }
@@ -882,6 +950,24 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
                     return Carried { push, read: Ok(()) };
                 }
                 Err(Failed::Restarted(incarnation)) if !reattached => revealed = Some(incarnation),
+                Err(Failed::Dropped) if !reattached => {
+                    reattached = true;
+                    self.detach(q.table);
+                    match self.attached(q.table).map(|a| {
+                        let locals = self.locals(&a, q.keys);
+                        (a, locals)
+                    }) {
+                        Ok((fresh, Some(l))) => (a, locals) = (fresh, l),
+                        // A table of that name created anew, whose keys live elsewhere.
+                        Ok((_, None)) => {
+                            return Carried {
+                                push,
+                                read: Err(Failed::Dropped.into_error(self.control.addr())),
+                            }
+                        }
+                        Err(e) => return Carried { push, read: Err(e) },
+                    }
+                }
                 Err(f) => {
                     return Carried {
                         push,

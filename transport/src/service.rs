@@ -158,6 +158,13 @@ pub trait ShardService: Send + Sync + 'static {
     fn create_table(&self, spec: TableSpec) -> Result<CreateResponse, WireError>;
     /// Describes a table's region.
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError>;
+    /// Drops a table; whether this shard held it.
+    fn drop_table(&self, table: &str) -> Result<bool, WireError> {
+        Err(WireError::new(
+            ErrorCode::Unsupported,
+            format!("this shard drops no table (table {table})"),
+        ))
+    }
     /// Emulated one-sided read of `req`'s spans, answered through [`codec::read::respond`].
     fn read(&self, req: codec::read::Request<'_>, resp: &mut Response<'_>)
         -> Result<(), WireError>;
@@ -431,6 +438,12 @@ impl Session {
                 let r: CreateRequest = decode_header(parts.header).map_err(malformed)?;
                 let created = service.create_table(r.spec)?;
                 resp.begin(&created);
+            }
+            Op::DropTable => {
+                no_payload(payload)?;
+                let r: TableRequest = decode_header(parts.header).map_err(malformed)?;
+                let dropped = service.drop_table(&r.table)?;
+                resp.begin(&wire::DropResponse { dropped });
             }
             Op::RegionInfo => {
                 no_payload(payload)?;

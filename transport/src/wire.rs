@@ -83,6 +83,8 @@ pub enum Op {
     /// Several data requests (`Pull`, `PullIfStale`, `Push`; of any tables) in one frame,
     /// answered by one frame holding each one's answer in order ([`crate::codec::batch`]).
     Batch = 16,
+    /// Drop a table: its rows, state and region go; its name may be created again.
+    DropTable = 17,
 }
 
 impl Op {
@@ -105,6 +107,7 @@ impl Op {
             14 => Self::Evictions,
             15 => Self::Scan,
             16 => Self::Batch,
+            17 => Self::DropTable,
             _ => return None,
         })
     }
@@ -263,6 +266,18 @@ pub struct TableRequest {
     /// Table name.
     pub table: String,
 }
+
+/// Drop-table response header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropResponse {
+    /// Whether this shard held the table (false: nothing to drop, as after an earlier drop).
+    pub dropped: bool,
+}
+
+/// The bit of a table's clock word that says the table was dropped (its region and clock word
+/// are no longer the table's, whatever their other bits hold): a one-sided reader that finds it
+/// reads nothing more of that table and reports it unknown. A clock never reaches it by counting.
+pub const DROPPED_CLOCK: u64 = 1 << 63;
 
 /// Create-table response header.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -64,6 +64,14 @@ impl Cluster {
         Ok(Table { inner })
     }
 
+    /// Drops table `name` on every shard: its rows, optimizer state and memory go, and its name
+    /// may be created again. A handle of it fails from then on (`hetkv.UnknownTableError`, also
+    /// raised when no shard held it); a cache of it fails at its next request to a shard
+    /// (lookups its lines answer within their bounds send none).
+    fn drop_table(&self, py: Python<'_>, name: &str) -> PyResult<()> {
+        interruptible(py, || self.inner.drop_table(name), py_err)
+    }
+
     /// The table named `name` (`hetkv.UnknownTableError` when no shard holds it).
     fn table(&self, py: Python<'_>, name: &str) -> PyResult<Table> {
         let inner = interruptible(py, || self.inner.open_table(name), py_err)?;

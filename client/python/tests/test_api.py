@@ -321,3 +321,20 @@ def test_an_emulated_link_holds_transfers_to_its_bandwidth():
         assert took >= 0.25, took
         with pytest.raises(ValueError):
             hetkv.connect(cluster.addrs, emulated_link_gbps=0)
+
+
+def test_drop_table_frees_the_name_and_every_handle_then_fails():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table("dropme", rows=10, dim=2, optimizer=hetkv.Optimizer.sgd(lr=1.0))
+        cache = table.cached(capacity=1.0)
+        keys = np.array([1, 2], dtype=np.uint64)
+        cache.lookup(keys)
+        cluster.drop_table("dropme")
+        with pytest.raises(hetkv.UnknownTableError):
+            cluster.table("dropme")
+        with pytest.raises(hetkv.UnknownTableError):
+            table.pull(keys)
+        with pytest.raises(hetkv.UnknownTableError):
+            cluster.drop_table("dropme")
+        again = cluster.create_table("dropme", rows=5, dim=3)
+        assert again.pull(keys).shape == (2, 3)

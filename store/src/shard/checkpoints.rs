@@ -22,6 +22,16 @@ pub(super) struct CheckpointBase {
     base: Option<(String, Vec<String>)>,
 }
 
+impl CheckpointBase {
+    /// Table `table` was dropped: the parent no longer holds a table of that name, so one
+    /// created again is written whole by the next incremental checkpoint.
+    pub(super) fn forget(&mut self, table: &str) {
+        if let Some((_, tables)) = &mut self.base {
+            tables.retain(|t| t != table);
+        }
+    }
+}
+
 impl Shard {
     fn data_dir(&self) -> Result<&std::path::Path, StoreError> {
         self.placement.data_dir().ok_or_else(|| {

@@ -76,8 +76,9 @@ struct Registry {
     fixed: Vec<Arc<Table>>,
     /// Dynamic tables, in creation order.
     dynamic: Vec<Arc<DynamicTable>>,
-    /// Every table by region id (its index here).
-    regions: Vec<Served>,
+    /// Every table by region id (its index here); `None` where the table was dropped (a region
+    /// id is never given twice).
+    regions: Vec<Option<Served>>,
 }
 
 impl Registry {
@@ -104,8 +105,9 @@ impl Registry {
         )))
     }
 
+    /// Tables held (dropped ones not counted).
     fn len(&self) -> usize {
-        self.regions.len()
+        self.by_name.len() + self.dynamic.len()
     }
 
     /// The id the next table's region takes.
@@ -278,7 +280,7 @@ impl Shard {
         *allocated += footprint;
         let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
         reg.dynamic.push(table.clone());
-        reg.regions.push(Served::Dynamic(table.clone()));
+        reg.regions.push(Some(Served::Dynamic(table.clone())));
         drop(reg);
         tracing::info!(
             table = %table.spec().name,
@@ -377,7 +379,7 @@ impl Shard {
         let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
         reg.by_name.insert(name.clone(), table.clone());
         reg.fixed.push(table.clone());
-        reg.regions.push(Served::Fixed(table.clone()));
+        reg.regions.push(Some(Served::Fixed(table.clone())));
         drop(reg);
         tracing::info!(
             table = %name,
@@ -389,6 +391,61 @@ impl Shard {
             "created table"
         );
         Ok((table, true))
+    }
+
+    /// Drops table `name` (of either kind); false when this shard holds none of that name. Its
+    /// name is free at once: a later create makes a new table, written whole by the next
+    /// incremental checkpoint. Its memory goes when the last request using it ends; its region
+    /// id is never given again; its shared-memory files are unlinked and its RDMA registrations
+    /// dropped; its clock word gets [`hetkv_transport::wire::DROPPED_CLOCK`] first, so that a
+    /// one-sided reader still mapping it stops reading it. Waits for a checkpoint being
+    /// written (which keeps the table as of its start).
+    pub fn drop_table(&self, name: &str) -> Result<bool, StoreError> {
+        let mut base = self.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut allocated = self.create_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reg = self.tables.write().unwrap_or_else(|p| p.into_inner());
+        let (shard, shards) = (self.config.shard, self.config.shards);
+        let (served, footprint, id) = if let Some(t) = reg.by_name.remove(name) {
+            reg.fixed.retain(|f| !Arc::ptr_eq(f, &t));
+            let footprint = Table::footprint(t.spec(), shard, shards);
+            let id = t.region_id();
+            (Served::Fixed(t), footprint, id)
+        } else if let Some(at) = reg.dynamic.iter().position(|t| t.spec().name == name) {
+            let t = reg.dynamic.remove(at);
+            let footprint = DynamicTable::footprint(t.spec(), shard, shards);
+            let id = t.region_id();
+            (Served::Dynamic(t), footprint, id)
+        } else {
+            return Ok(false);
+        };
+        if let Some(slot) = reg.regions.get_mut(id as usize) {
+            *slot = None;
+        }
+        drop(reg);
+        served.clock_region().words()[0].fetch_or(
+            hetkv_transport::wire::DROPPED_CLOCK,
+            std::sync::atomic::Ordering::AcqRel,
+        );
+        *allocated = allocated.saturating_sub(footprint);
+        drop(allocated);
+        base.forget(name);
+        drop(base);
+        #[cfg(feature = "rdma")]
+        self.registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        for region in [served.region(), served.clock_region()] {
+            if let Some(path) = region.path() {
+                if let Err(e) = std::fs::remove_file(path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(table = name, path = %path.display(), error = %e, "could not unlink a dropped table's file");
+                    }
+                }
+            }
+        }
+        tracing::info!(table = name, bytes = footprint, "dropped table");
+        Ok(true)
     }
 
     /// The shard's metrics in the Prometheus text format.
@@ -437,8 +494,8 @@ impl Shard {
         self.registry().fixed.clone()
     }
 
-    /// Every table by region id.
-    pub(crate) fn regions(&self) -> Vec<Served> {
+    /// Every table by region id (`None`: dropped).
+    pub(crate) fn regions(&self) -> Vec<Option<Served>> {
         self.registry().regions.clone()
     }
 }

@@ -146,9 +146,15 @@ impl Shard {
         let tables = self.regions();
         let mut total: u64 = 0;
         for span in req.spans() {
-            let t = tables.get(span.region as usize).ok_or_else(|| {
-                StoreError::InvalidSpan(format!("no region {} on this shard", span.region))
-            })?;
+            let t = tables
+                .get(span.region as usize)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| {
+                    StoreError::InvalidSpan(format!(
+                        "no region {} on this shard (never, or its table was dropped)",
+                        span.region
+                    ))
+                })?;
             let end = span.offset.checked_add(span.len as u64);
             if end.is_none_or(|end| end > t.region().len()) {
                 return Err(StoreError::InvalidSpan(format!(
@@ -163,7 +169,9 @@ impl Shard {
         }
         let out = codec::read::respond(resp, total)?;
         for span in req.spans() {
-            let t = &tables[span.region as usize];
+            let t = tables[span.region as usize]
+                .as_ref()
+                .expect("checked above");
             copy_span(t.region().words(), span.offset, span.len as usize, out);
             t.count_read(span.len as u64);
         }

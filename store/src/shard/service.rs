@@ -82,6 +82,10 @@ impl ShardService for Shard {
             .map(|d| d.display().to_string())
     }
 
+    fn drop_table(&self, table: &str) -> Result<bool, WireError> {
+        Ok(self.drop_table(table)?)
+    }
+
     fn region_info(&self, table: &str) -> Result<RegionDescriptor, WireError> {
         let served = match self.dynamic_table(table) {
             Some(t) => Served::Dynamic(t),
