@@ -21,14 +21,9 @@ from torch import nn
 
 import hetkv
 import hetkv.torch
-from hetkv.torch import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, TrainPipeline
+from hetkv.torch import EmbeddingBagCollection, EmbeddingBagConfig, TrainPipeline
 
-CARDINALITIES = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
-    14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
-]
-NAMES = [f"C{i + 1}" for i in range(26)]
-
+from criteo26 import NAMES, fields, sparse_batch, sync
 
 class Batch:
     def __init__(self, dense, sparse, labels):
@@ -77,11 +72,6 @@ class TorchTables(nn.Module):
         return torch.cat([b(values[i], offsets) for i, b in enumerate(self.bags)], dim=1)
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -93,15 +83,11 @@ def main():
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    rows = [min(c, args.cap) for c in CARDINALITIES]
-    dims = [16 if c > 1000 else 8 for c in CARDINALITIES]
+    rows, dims = fields(args.cap)
     gen = torch.Generator().manual_seed(1)
     data = []
     for _ in range(args.batches + 10):
-        ids = torch.stack([(r * torch.rand(args.batch, generator=gen).pow(3)).long() for r in rows])
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            NAMES, ids.reshape(-1), torch.ones(26 * args.batch, dtype=torch.int64)
-        )
+        kjt = sparse_batch(rows, args.batch, gen)
         dense = torch.rand(args.batch, 13, generator=gen)
         labels = (torch.rand(args.batch, generator=gen) < 0.25).float()
         data.append(Batch(dense, kjt, labels))

@@ -24,19 +24,9 @@ from torch import nn
 
 import hetkv
 import hetkv.torch
-from hetkv.torch import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from hetkv.torch import EmbeddingBagCollection, EmbeddingBagConfig
 
-# Criteo Kaggle's 26 categorical fields: distinct ids of each.
-CARDINALITIES = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
-    14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
-]
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
+from criteo26 import NAMES, fields, sparse_batch, sync
 
 def main():
     ap = argparse.ArgumentParser()
@@ -49,20 +39,10 @@ def main():
     args = ap.parse_args()
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    rows = [min(c, args.cap) for c in CARDINALITIES]
-    dims = [16 if c > 1000 else 8 for c in CARDINALITIES]
-    names = [f"C{i + 1}" for i in range(26)]
+    rows, dims = fields(args.cap)
+    names = NAMES
     gen = torch.Generator().manual_seed(1)
-    data = []
-    for _ in range(args.batches + 10):
-        ids = torch.stack(
-            [(r * torch.rand(args.batch, generator=gen).pow(3)).long() for r in rows]
-        )  # 26 x batch
-        data.append(
-            KeyedJaggedTensor.from_lengths_sync(
-                names, ids.reshape(-1), torch.ones(26 * args.batch, dtype=torch.int64)
-            )
-        )
+    data = [sparse_batch(rows, args.batch, gen) for _ in range(args.batches + 10)]
     offsets = torch.arange(args.batch)
     with hetkv.EmbeddedCluster(shards=args.shards) as cluster:
         tables = [

@@ -21,9 +21,17 @@ struct Harness {
 
 impl Harness {
     fn new(shard: u32, shards: u32) -> Self {
+        Self::of(
+            Shard::new(ShardConfig::new(shard, shards)).unwrap(),
+            wire::DEFAULT_MAX_FRAME,
+        )
+    }
+
+    /// `shard` through a session of frames up to `max_frame` bytes, greeted.
+    fn of(shard: Shard, max_frame: u32) -> Self {
         let mut h = Self {
-            shard: Shard::new(ShardConfig::new(shard, shards)).unwrap(),
-            session: Session::new(wire::DEFAULT_MAX_FRAME),
+            shard,
+            session: Session::new(max_frame),
             next_seq: 1,
         };
         let hello = HelloRequest {
@@ -383,16 +391,7 @@ fn the_first_frame_must_be_a_hello_of_this_version() {
 
 #[test]
 fn responses_above_the_frame_limit_are_refused_before_being_built() {
-    let mut h = Harness::new(0, 1);
-    h.session = Session::new(4096);
-    let hello = HelloRequest {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        auth: None,
-        client: "t".into(),
-        client_id: None,
-    };
-    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    let mut h = Harness::of(Shard::new(ShardConfig::new(0, 1)).unwrap(), 4096);
     h.create(&spec("t", 64, OptimizerSpec::Sgd { lr: 1.0 }))
         .unwrap();
     let keys: Vec<u64> = (0..100).collect();
@@ -406,16 +405,7 @@ fn responses_above_the_frame_limit_are_refused_before_being_built() {
 /// answered when the rows that actually come back fit.
 #[test]
 fn a_carried_push_is_not_applied_under_an_answer_too_large_for_the_frame() {
-    let mut h = Harness::new(0, 1);
-    h.session = Session::new(4096);
-    let hello = HelloRequest {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        auth: None,
-        client: "t".into(),
-        client_id: None,
-    };
-    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    let mut h = Harness::of(Shard::new(ShardConfig::new(0, 1)).unwrap(), 4096);
     h.create(&spec("t", 64, OptimizerSpec::Sgd { lr: 1.0 }))
         .unwrap();
     // 100 keys at their current version (0): nothing is stale, so the answer is small, but if
@@ -691,16 +681,7 @@ fn a_batch_answers_each_request_on_its_own_and_refuses_what_it_cannot_carry() {
 /// applied), and the requests before and after it are answered.
 #[test]
 fn a_batch_whose_answers_outgrow_the_frame_refuses_only_what_does_not_fit() {
-    let mut h = Harness::new(0, 1);
-    h.session = Session::new(20 << 10);
-    let hello = HelloRequest {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        auth: None,
-        client: "t".into(),
-        client_id: None,
-    };
-    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    let mut h = Harness::of(Shard::new(ShardConfig::new(0, 1)).unwrap(), 20 << 10);
     h.create(&spec("w", 16, OptimizerSpec::Sgd { lr: 1.0 }))
         .unwrap();
     // 100 rows of 16: 7.2 KB an answer; two fit the frame with the reserve, three do not.
@@ -741,17 +722,7 @@ fn a_dropped_table_frees_its_memory_and_name_and_other_regions_read_on() {
     let footprint = hetkv_store::Table::footprint(&big, 0, 1);
     let mut config = ShardConfig::new(0, 1);
     config.max_memory = hetkv_store::sessions::RESERVED_BYTES + footprint + footprint / 2;
-    let mut h = Harness::new(0, 1);
-    h.shard = Shard::new(config).unwrap();
-    let hello = HelloRequest {
-        magic: MAGIC,
-        version: PROTOCOL_VERSION,
-        auth: None,
-        client: "t".into(),
-        client_id: None,
-    };
-    h.session = Session::new(wire::DEFAULT_MAX_FRAME);
-    h.call_raw(Op::Hello as u8, &hello, &[]).unwrap();
+    let mut h = Harness::of(Shard::new(config).unwrap(), wire::DEFAULT_MAX_FRAME);
     h.create(&spec("small", 2, OptimizerSpec::Sgd { lr: 1.0 }))
         .unwrap();
     h.create(&big).unwrap();

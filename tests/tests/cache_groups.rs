@@ -167,6 +167,11 @@ fn caches_driven_together_give_what_each_gives_alone() {
     }
 }
 
+/// Requests each shard counted between `before` and `after`.
+fn sent(before: &[u64], after: &[u64]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a - b).collect()
+}
+
 /// A lookup of three tables sends each shard one request (a batch), and so does a prefetch of
 /// the three completed by their lookup; one by one, three.
 #[test]
@@ -188,14 +193,7 @@ fn a_lookup_of_several_tables_is_one_request_a_shard() {
     }
     let after = requests();
     // The batch, and the stats request that counted it.
-    assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>(),
-        vec![2, 2]
-    );
+    assert_eq!(sent(&before, &after), vec![2, 2]);
     // A prefetch of the three and their lookup: one batch a shard, sent by the prefetch.
     let keys: Vec<Vec<u64>> = (0..3).map(|t| (t + 200..t + 240).collect()).collect();
     let key_refs: Vec<&[u64]> = keys.iter().map(Vec::as_slice).collect();
@@ -207,14 +205,7 @@ fn a_lookup_of_several_tables_is_one_request_a_shard() {
         lookup_many(&mut g, &key_refs, &mut refs).unwrap();
     }
     let after = requests();
-    assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>(),
-        vec![2, 2]
-    );
+    assert_eq!(sent(&before, &after), vec![2, 2]);
     assert!(group.iter().all(|c| c.stats().prefetched == 1));
     let keys: Vec<Vec<u64>> = (0..3).map(|t| (t + 100..t + 140).collect()).collect();
     let before = requests();
@@ -222,14 +213,7 @@ fn a_lookup_of_several_tables_is_one_request_a_shard() {
         group[t].lookup(&keys[t], &mut rows[t]).unwrap();
     }
     let after = requests();
-    assert_eq!(
-        after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>(),
-        vec![4, 4]
-    );
+    assert_eq!(sent(&before, &after), vec![4, 4]);
 }
 
 /// Caches that cannot go together, and bad input: a clear error, and nothing changes.

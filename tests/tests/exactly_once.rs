@@ -18,6 +18,18 @@ const ROWS: u64 = 3000;
 const DIM: usize = 4;
 const CLIENTS: usize = 16;
 
+/// A fault proxy in front of each shard of `cluster` (seeded from `seed`), and their addresses.
+fn proxies(cluster: &EmbeddedCluster, faults: Faults, seed: u64) -> (Vec<FaultProxy>, Vec<String>) {
+    let proxies: Vec<FaultProxy> = cluster
+        .addrs()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| FaultProxy::start(a, faults, seed + i as u64))
+        .collect();
+    let through = proxies.iter().map(|p| p.addr().to_string()).collect();
+    (proxies, through)
+}
+
 /// The rows whose version is not the number of updates issued for them: (key, version, issued).
 fn wrong_versions(table: &hetkv_client::Table, issued: &[AtomicU64]) -> Vec<(u64, u64, u64)> {
     let keys: Vec<u64> = (0..issued.len() as u64).collect();
@@ -45,13 +57,7 @@ fn pushes_through_a_cutting_stalling_proxy_are_applied_exactly_once() {
         stall_for: Duration::from_millis(700),
         delay: 50,
     };
-    let proxies: Vec<FaultProxy> = cluster
-        .addrs()
-        .iter()
-        .enumerate()
-        .map(|(i, a)| FaultProxy::start(a, faults, 0xfa17 + i as u64))
-        .collect();
-    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let (proxies, through) = proxies(&cluster, faults, 0xfa17);
     let deadline = Duration::from_secs(20);
     let config = ClientConfig {
         io_timeout: Some(Duration::from_millis(400)),
@@ -190,13 +196,7 @@ fn pushes_unanswered_at_their_deadline_are_held_and_applied_once() {
         stall_for: Duration::from_millis(900),
         delay: u64::MAX,
     };
-    let proxies: Vec<FaultProxy> = cluster
-        .addrs()
-        .iter()
-        .enumerate()
-        .map(|(i, a)| FaultProxy::start(a, faults, 0x4e1d + i as u64))
-        .collect();
-    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let (proxies, through) = proxies(&cluster, faults, 0x4e1d);
     let config = ClientConfig {
         io_timeout: Some(Duration::from_millis(120)),
         connect_timeout: Duration::from_millis(120),
@@ -296,13 +296,7 @@ fn batched_pushes_of_several_tables_are_held_and_applied_once() {
         stall_for: Duration::from_millis(900),
         delay: u64::MAX,
     };
-    let proxies: Vec<FaultProxy> = cluster
-        .addrs()
-        .iter()
-        .enumerate()
-        .map(|(i, a)| FaultProxy::start(a, faults, 0xba7c + i as u64))
-        .collect();
-    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let (proxies, through) = proxies(&cluster, faults, 0xba7c);
     let config = ClientConfig {
         io_timeout: Some(Duration::from_millis(120)),
         connect_timeout: Duration::from_millis(120),

@@ -5,7 +5,7 @@
 use std::sync::MutexGuard;
 
 use hetkv_client::CachedTable;
-use numpy::{PyArray1, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -48,6 +48,38 @@ fn distinct<'a>(
     Ok(list)
 }
 
+/// `keys` as read-only uint64 arrays (each 1-D), for [`slices`].
+fn key_arrays<'py>(keys: &[Bound<'py, PyAny>]) -> PyResult<Vec<PyReadonlyArray1<'py, u64>>> {
+    keys.iter()
+        .map(|k| array1::<u64>(k, "keys", "uint64"))
+        .collect()
+}
+
+/// Each array's elements, refusing a strided one.
+fn slices<'a, T: numpy::Element, D: numpy::ndarray::Dimension>(
+    arrays: &'a [numpy::PyReadonlyArray<'_, T, D>],
+    what: &str,
+) -> PyResult<Vec<&'a [T]>> {
+    arrays.iter().map(|a| contiguous(a, what)).collect()
+}
+
+/// Runs `f` over the caches, locked, with the GIL released.
+fn with_all<R: Send>(
+    py: Python<'_>,
+    caches: &[&Cache],
+    f: impl FnOnce(&mut [&mut CachedTable]) -> Result<R, hetkv_client::ClientError> + Send,
+) -> PyResult<R> {
+    interruptible(
+        py,
+        || {
+            let mut guards = lock_all(caches);
+            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
+            f(&mut refs)
+        },
+        py_err,
+    )
+}
+
 /// Reads `keys[i]` (uint64, 1-D) from `caches[i]` for every `i`, as each cache's `lookup` would,
 /// with one request a shard for all of them, into `outs[i]` (float32, keys x that table's dim,
 /// C-contiguous and writable: pinned memory for a copy to a GPU, say) or new arrays when `outs`
@@ -62,14 +94,8 @@ pub(crate) fn lookup_many<'py>(
     outs: Option<Vec<Bound<'py, PyAny>>>,
 ) -> PyResult<Vec<Bound<'py, PyAny>>> {
     let list = distinct(&caches, keys.len(), "key arrays")?;
-    let arrays = keys
-        .iter()
-        .map(|k| array1::<u64>(k, "keys", "uint64"))
-        .collect::<PyResult<Vec<_>>>()?;
-    let keys = arrays
-        .iter()
-        .map(|a| contiguous(a, "keys"))
-        .collect::<PyResult<Vec<&[u64]>>>()?;
+    let arrays = key_arrays(&keys)?;
+    let keys = slices(&arrays, "keys")?;
     let Some(given) = outs else {
         let mut rows: Vec<Vec<f32>> = list
             .iter()
@@ -125,15 +151,9 @@ fn read_into(
     keys: &[&[u64]],
     outs: &mut [&mut [f32]],
 ) -> PyResult<()> {
-    interruptible(
-        py,
-        || {
-            let mut guards = lock_all(caches);
-            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
-            hetkv_client::lookup_many(&mut refs, keys, outs)
-        },
-        py_err,
-    )
+    with_all(py, caches, |refs| {
+        hetkv_client::lookup_many(refs, keys, outs)
+    })
 }
 
 /// Starts the lookup of `keys[i]` (uint64, 1-D: the next batch's) in `caches[i]` for every `i`,
@@ -146,23 +166,9 @@ pub(crate) fn prefetch_many<'py>(
     keys: Vec<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
     let list = distinct(&caches, keys.len(), "key arrays")?;
-    let arrays = keys
-        .iter()
-        .map(|k| array1::<u64>(k, "keys", "uint64"))
-        .collect::<PyResult<Vec<_>>>()?;
-    let keys = arrays
-        .iter()
-        .map(|a| contiguous(a, "keys"))
-        .collect::<PyResult<Vec<&[u64]>>>()?;
-    interruptible(
-        py,
-        || {
-            let mut guards = lock_all(&list);
-            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
-            hetkv_client::prefetch_many(&mut refs, &keys)
-        },
-        py_err,
-    )
+    let arrays = key_arrays(&keys)?;
+    let keys = slices(&arrays, "keys")?;
+    with_all(py, &list, |refs| hetkv_client::prefetch_many(refs, &keys))
 }
 
 /// Applies `grads[i]` (float32, keys x dim: one row per key of `keys[i]`) to `caches[i]` for
@@ -184,14 +190,8 @@ pub(crate) fn update_many<'py>(
             grads.len()
         )));
     }
-    let key_arrays = keys
-        .iter()
-        .map(|k| array1::<u64>(k, "keys", "uint64"))
-        .collect::<PyResult<Vec<_>>>()?;
-    let keys = key_arrays
-        .iter()
-        .map(|a| contiguous(a, "keys"))
-        .collect::<PyResult<Vec<&[u64]>>>()?;
+    let arrays = key_arrays(&keys)?;
+    let keys = slices(&arrays, "keys")?;
     let grad_arrays = grads
         .iter()
         .map(|g| rows2(g, "grads"))
@@ -199,17 +199,8 @@ pub(crate) fn update_many<'py>(
     for ((g, c), k) in grad_arrays.iter().zip(&list).zip(&keys) {
         check_rows(g.shape(), k.len(), c.dim, "grads", &c.name)?;
     }
-    let grads = grad_arrays
-        .iter()
-        .map(|g| contiguous(g, "grads"))
-        .collect::<PyResult<Vec<&[f32]>>>()?;
-    interruptible(
-        py,
-        || {
-            let mut guards = lock_all(&list);
-            let mut refs: Vec<&mut CachedTable> = guards.iter_mut().map(|g| &mut **g).collect();
-            hetkv_client::update_many(&mut refs, &keys, &grads)
-        },
-        py_err,
-    )
+    let grads = slices(&grad_arrays, "grads")?;
+    with_all(py, &list, |refs| {
+        hetkv_client::update_many(refs, &keys, &grads)
+    })
 }
