@@ -52,17 +52,32 @@ fn chunk_keys(dim: u32) -> usize {
     ((16usize << 20) / (8 + 4 * dim as usize)).max(1)
 }
 
-/// Writes `table` (every row, or the rows of `keys` in their order) of the cluster whose shards
-/// are `shards` (in shard order) to the safetensors file `out`.
-pub fn export_table(
+/// A table's rows as read from its shards: the rows of `keys` in their order, or every row (a
+/// dynamic table's every held row, with its key).
+#[derive(Clone, Debug)]
+pub struct TableRows {
+    /// The table's spec, as its shards hold it.
+    pub spec: TableSpec,
+    /// The rows' keys, where they are not simply 0 to n-1 (keys given, or a dynamic table's).
+    pub keys: Option<Vec<u64>>,
+    /// Each row's version.
+    pub versions: Vec<u64>,
+    /// Each row's values, rows x dim.
+    pub values: Vec<f32>,
+}
+
+/// Reads `table` (every row, or the rows of `keys` in their order) from the cluster whose shards
+/// are `shards` (in shard order), each row as of one moment: in chunks of rows by `pull`, or a
+/// dynamic table's held rows by `scan`. A key not held by a dynamic table reads as its initial
+/// value at version 0.
+pub fn read_table(
     shards: &[&dyn ShardTransport],
     table: &str,
     keys: Option<&[u64]>,
-    out: &Path,
-) -> Result<Transferred, StoreError> {
+) -> Result<TableRows, StoreError> {
     let spec = table_spec(shards, table)?;
     if spec.is_dynamic() && keys.is_none() {
-        return export_dynamic(shards, &spec, out);
+        return read_dynamic(shards, spec);
     }
     if let Some(k) = keys.and_then(|k| k.iter().find(|&&k| !spec.is_dynamic() && k >= spec.rows)) {
         return Err(StoreError::KeyOutOfRange(format!(
@@ -72,10 +87,10 @@ pub fn export_table(
     }
     let n = keys.map_or(spec.rows, |k| k.len() as u64);
     let dim = spec.dim as usize;
-    let too_large = || StoreError::InvalidSpec(format!("table {table} is too large to export"));
-    let bytes = n.checked_mul(4 * dim as u64).ok_or_else(too_large)?;
-    let mut values = vec![0u8; usize::try_from(bytes).map_err(|_| too_large())?];
-    let mut versions = vec![0u8; n as usize * 8];
+    let too_large = || StoreError::InvalidSpec(format!("table {table} is too large to read"));
+    let elements = n.checked_mul(dim as u64).ok_or_else(too_large)?;
+    let mut values = vec![0f32; usize::try_from(elements).map_err(|_| too_large())?];
+    let mut versions = vec![0u64; n as usize];
     let routing = spec.routing(shards.len() as u32);
     let chunk = chunk_keys(spec.dim);
     let (mut v, mut rows) = (Vec::new(), Vec::new());
@@ -105,37 +120,86 @@ pub fn export_table(
                 })?;
             for (j, &pos) in shard_pos[s].iter().enumerate() {
                 spec.complete_pulled(shard_keys[s][j], v[j], &mut rows[j * dim..(j + 1) * dim]);
-                versions[pos * 8..pos * 8 + 8].copy_from_slice(&v[j].to_le_bytes());
-                for (e, x) in rows[j * dim..(j + 1) * dim].iter().enumerate() {
-                    let at = (pos * dim + e) * 4;
-                    values[at..at + 4].copy_from_slice(&x.to_le_bytes());
-                }
+                versions[pos] = v[j];
+                values[pos * dim..(pos + 1) * dim].copy_from_slice(&rows[j * dim..(j + 1) * dim]);
             }
         }
         start = end;
     }
-    let key_bytes: Option<Vec<u8>> = keys.map(|k| k.iter().flat_map(|k| k.to_le_bytes()).collect());
+    Ok(TableRows {
+        spec,
+        keys: keys.map(<[u64]>::to_vec),
+        versions,
+        values,
+    })
+}
+
+/// Slots a scan asks for at a time.
+const SCAN_SLOTS: u32 = 16_384;
+
+/// Every held row of dynamic table `spec`, with its key: shard by shard, slot by slot (each row
+/// as of one moment, read by `scan`).
+fn read_dynamic(shards: &[&dyn ShardTransport], spec: TableSpec) -> Result<TableRows, StoreError> {
+    let (mut keys, mut versions, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for c in shards {
+        let mut from = 0u64;
+        loop {
+            let page = c
+                .scan(&spec.name, spec.dim, from, SCAN_SLOTS)
+                .map_err(|e| io(format!("scanning {} on {}", spec.name, c.addr()), e))?;
+            keys.extend_from_slice(&page.keys);
+            versions.extend_from_slice(&page.versions);
+            values.extend_from_slice(&page.values);
+            if page.next >= page.end || page.next <= from {
+                break;
+            }
+            from = page.next;
+        }
+    }
+    Ok(TableRows {
+        spec,
+        keys: Some(keys),
+        versions,
+        values,
+    })
+}
+
+/// Writes `table` (every row, or the rows of `keys` in their order) of the cluster whose shards
+/// are `shards` (in shard order) to the safetensors file `out` ([`read_table`]): `embeddings`
+/// (f32, n x dim), `versions` (u64) and, where the rows are not 0 to n-1, `keys` (u64).
+pub fn export_table(
+    shards: &[&dyn ShardTransport],
+    table: &str,
+    keys: Option<&[u64]>,
+    out: &Path,
+) -> Result<Transferred, StoreError> {
+    let rows = read_table(shards, table, keys)?;
+    let n = rows.versions.len();
+    let dim = rows.spec.dim as usize;
+    let bytes = |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let values: Vec<u8> = rows.values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let versions = bytes(&rows.versions);
+    let key_bytes = rows.keys.as_deref().map(bytes);
     let view = |dtype, shape, data| {
         TensorView::new(dtype, shape, data).map_err(|e| io("building a tensor".into(), e))
     };
-    let mut tensors = vec![
-        (
-            "embeddings".to_string(),
-            view(Dtype::F32, vec![n as usize, dim], &values)?,
-        ),
-        (
-            "versions".to_string(),
-            view(Dtype::U64, vec![n as usize], &versions)?,
-        ),
-    ];
+    let mut tensors = Vec::with_capacity(3);
     if let Some(k) = &key_bytes {
-        tensors.push(("keys".to_string(), view(Dtype::U64, vec![n as usize], k)?));
+        tensors.push(("keys".to_string(), view(Dtype::U64, vec![n], k)?));
     }
-    safetensors::serialize_to_file(tensors, Some(metadata_of(&spec, shards.len())), out)
+    tensors.push((
+        "embeddings".to_string(),
+        view(Dtype::F32, vec![n, dim], &values)?,
+    ));
+    tensors.push((
+        "versions".to_string(),
+        view(Dtype::U64, vec![n], &versions)?,
+    ));
+    safetensors::serialize_to_file(tensors, Some(metadata_of(&rows.spec, shards.len())), out)
         .map_err(|e| io(format!("writing {}", out.display()), e))?;
     Ok(Transferred {
-        table: spec.name,
-        rows: n,
+        table: rows.spec.name,
+        rows: n as u64,
         dim,
     })
 }
@@ -152,59 +216,6 @@ fn metadata_of(spec: &TableSpec, shards: usize) -> std::collections::HashMap<Str
         ("shards".to_string(), shards.to_string()),
         ("dynamic".to_string(), spec.is_dynamic().to_string()),
     ])
-}
-
-/// Slots a scan asks for at a time.
-const SCAN_SLOTS: u32 = 16_384;
-
-/// Writes every held row of dynamic table `spec` to `out`: `keys` (u64), `embeddings` and
-/// `versions`, shard by shard, slot by slot (each row as of one moment, read by `scan`).
-fn export_dynamic(
-    shards: &[&dyn ShardTransport],
-    spec: &TableSpec,
-    out: &Path,
-) -> Result<Transferred, StoreError> {
-    let (mut keys, mut versions, mut values) = (Vec::new(), Vec::new(), Vec::new());
-    for c in shards {
-        let mut from = 0u64;
-        loop {
-            let page = c
-                .scan(&spec.name, spec.dim, from, SCAN_SLOTS)
-                .map_err(|e| io(format!("scanning {} on {}", spec.name, c.addr()), e))?;
-            keys.extend_from_slice(&page.keys);
-            versions.extend_from_slice(&page.versions);
-            values.extend(page.values.iter().flat_map(|v| v.to_le_bytes()));
-            if page.next >= page.end || page.next <= from {
-                break;
-            }
-            from = page.next;
-        }
-    }
-    let n = keys.len();
-    let key_bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
-    let version_bytes: Vec<u8> = versions.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = |dtype, shape, data| {
-        TensorView::new(dtype, shape, data).map_err(|e| io("building a tensor".into(), e))
-    };
-    let dim = spec.dim as usize;
-    let tensors = vec![
-        ("keys".to_string(), view(Dtype::U64, vec![n], &key_bytes)?),
-        (
-            "embeddings".to_string(),
-            view(Dtype::F32, vec![n, dim], &values)?,
-        ),
-        (
-            "versions".to_string(),
-            view(Dtype::U64, vec![n], &version_bytes)?,
-        ),
-    ];
-    safetensors::serialize_to_file(tensors, Some(metadata_of(spec, shards.len())), out)
-        .map_err(|e| io(format!("writing {}", out.display()), e))?;
-    Ok(Transferred {
-        table: spec.name.clone(),
-        rows: n as u64,
-        dim,
-    })
 }
 
 /// Sets rows of `table` from the safetensors file `file`: its tensor `tensor` (f32, n x dim) and,

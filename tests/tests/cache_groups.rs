@@ -250,3 +250,41 @@ fn bad_groups_and_bad_input_change_nothing() {
         assert_eq!(c.core().pending_updates(), 0);
     }
 }
+
+/// A cache told its table's rows were replaced forgets its lines and reads the new rows (its
+/// updates made since are pushed first, onto them).
+#[test]
+fn an_invalidated_cache_reads_the_rows_set_behind_its_back() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let spec = sgd_table("replaced", ROWS, 2, 0.5);
+    let table = client.create_table(&spec).unwrap();
+    let mut cache = table.cached(CacheConfig {
+        capacity: Capacity::Rows(50),
+        policy: PolicyKind::Lru,
+        pull_bound: Bound::updates(10),
+        push_bound: Bound::updates(10),
+    });
+    let keys = [1u64, 2, 3];
+    let mut rows = [0f32; 6];
+    cache.lookup(&keys, &mut rows).unwrap();
+    cache.update(&keys, &[1.0; 6]).unwrap();
+    cache.flush().unwrap();
+    // Set behind the cache's back: each row's version moves by one, within the bound.
+    table.assign(&keys, &[7.0; 6]).unwrap();
+    cache.lookup(&keys, &mut rows).unwrap();
+    assert!(
+        rows.iter().all(|&x| x != 7.0),
+        "a line within its bound is served as it is"
+    );
+    cache.update(&keys[..1], &[1.0; 2]).unwrap();
+    cache.invalidate().unwrap();
+    assert_eq!(cache.core().pending_updates(), 0, "flushed first");
+    assert!(cache.peek(1).is_none());
+    cache.lookup(&keys, &mut rows).unwrap();
+    assert_eq!(
+        rows,
+        [6.5, 6.5, 7.0, 7.0, 7.0, 7.0],
+        "the rows set, and the update since"
+    );
+}

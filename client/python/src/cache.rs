@@ -24,6 +24,8 @@ pub(crate) struct Cache {
     pub(crate) published: hetkv_client::metrics::CacheStatsHandle,
     pub(crate) dim: usize,
     pub(crate) name: String,
+    /// The table cached (a handle: no lock is taken to hand it out).
+    pub(crate) source: hetkv_client::Table,
 }
 
 impl Cache {
@@ -119,6 +121,21 @@ impl Cache {
     /// Pushes every unpushed update; returns when the shards have applied them.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
         self.with(py, |c| c.flush())
+    }
+
+    /// Flushes, then forgets every line: each key's next lookup reads the shards' row. For after
+    /// the table's rows were replaced (`Table.assign`, `import_file`, a saved model loaded): each
+    /// such row's version moves by one only, so a line could still be within its bound.
+    fn invalidate(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |c| c.invalidate())
+    }
+
+    /// The table this cache caches (a `hetkv.Table` of the same cluster connection).
+    #[getter]
+    fn source_table(&self) -> Table {
+        Table {
+            inner: self.source.clone(),
+        }
     }
 
     /// The cache's counters (hits, misses, pushes, bytes, restarts noticed, ...) and its

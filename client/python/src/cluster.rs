@@ -22,9 +22,10 @@ pub(crate) struct Cluster {
 pub(crate) fn not_copied(what: &str) -> PyErr {
     PyTypeError::new_err(format!(
         "a hetkv {what} holds connections to the shards (and a cache, the rows cached from \
-         them): it is not pickled or copied. Save the tables with cluster.checkpoint(name) \
-         beside the model's state_dict() (which holds no hetkv rows), and in another process \
-         (a DataLoader worker, another rank) connect again with hetkv.connect(addrs)"
+         them): it is not pickled or copied. Save the model with torch.save(model.state_dict()) \
+         (hetkv.torch modules put their tables' rows in it) or the tables with \
+         cluster.checkpoint(name), and in another process (a DataLoader worker, another rank) \
+         connect again with hetkv.connect(addrs)"
     ))
 }
 

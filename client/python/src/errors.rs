@@ -155,6 +155,7 @@ pub(crate) fn py_err(e: ClientError) -> PyErr {
             CacheError::WrongDim { .. } => WrongDimError::new_err(message),
             CacheError::NonFinite { .. } => InvalidGradientError::new_err(message),
             CacheError::Replies(_) => ProtocolError::new_err(message),
+            CacheError::Unflushed { .. } => Error::new_err(message),
         },
         ClientError::InconsistentCluster(_) => ProtocolError::new_err(message),
         ClientError::CheckpointFailed(_) => CheckpointError::new_err(message),

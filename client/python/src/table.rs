@@ -183,6 +183,46 @@ impl Table {
         Ok(d)
     }
 
+    /// The table's rows, read from its shards (every row, or the rows of `keys`, uint64, in
+    /// their order), each as of one moment: a dict of `embeddings` (float32, n x dim),
+    /// `versions` (uint64) and, for a dynamic table or given keys, `keys` (uint64; a dynamic
+    /// table's every held row with its key). What `export` writes, in memory.
+    #[pyo3(signature = (keys = None))]
+    fn read_rows<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let keys = keys
+            .map(|k| array1::<u64>(k, "keys", "uint64"))
+            .transpose()?;
+        let keys = match &keys {
+            Some(k) => Some(contiguous(k, "keys")?),
+            None => None,
+        };
+        let shards = shards_of(self.inner.cluster());
+        let name = self.name();
+        let read = interruptible(
+            py,
+            || hetkv_store::tensors::read_table(&shards, &name, keys),
+            store_err,
+        )?;
+        let n = read.versions.len();
+        let d = PyDict::new(py);
+        d.set_item(
+            "embeddings",
+            numpy::PyArrayMethods::reshape(
+                &PyArray1::from_vec(py, read.values),
+                [n, read.spec.dim as usize],
+            )?,
+        )?;
+        d.set_item("versions", PyArray1::from_vec(py, read.versions))?;
+        if let Some(k) = read.keys {
+            d.set_item("keys", PyArray1::from_vec(py, k))?;
+        }
+        Ok(d)
+    }
+
     /// Writes the table (every row, or the rows of `keys` in their order) to the safetensors
     /// file `path`: `embeddings` (float32, rows x dim), `versions` (uint64) and, with `keys`,
     /// `keys` (uint64), as `hetkv export` does; a dynamic table without `keys` writes every held
@@ -274,6 +314,7 @@ impl Table {
             inner: Mutex::new(cached),
             dim,
             name: self.name(),
+            source: self.inner.clone(),
         })
     }
 

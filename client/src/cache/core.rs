@@ -25,6 +25,7 @@ use super::batch::{Ahead, Batch, Replies};
 use super::clocks::Clocks;
 use super::exchange::ShardPlan;
 use super::lines::{LineMeta, Lines, NIL};
+use super::policy::PolicyKind;
 use super::queue::PushQueue;
 use super::rule::{LineShare, LocalStep, UpdateRule, UpdateRuleKind};
 use super::{Bound, CacheConfig};
@@ -66,6 +67,16 @@ pub enum CacheError {
     /// The shards' replies do not cover the plan.
     #[error("replies do not match the lookup plan: {0}")]
     Replies(String),
+    /// Lines forgotten while they held updates the shards never got (flush first).
+    #[error(
+        "table {table}: {updates} updates are not pushed yet: flush before forgetting the lines"
+    )]
+    Unflushed {
+        /// Table.
+        table: String,
+        /// Updates not pushed.
+        updates: u64,
+    },
 }
 
 /// Whether any value is NaN or infinite: whether its exponent bits are all set, that is whether
@@ -109,6 +120,8 @@ pub struct CacheCore {
     pub(super) pull_bound: u64,
     push_bound: u64,
     pub(super) lines: Lines,
+    /// The eviction policy the lines were made with (for [`CacheCore::forget_lines`]).
+    policy: PolicyKind,
     pub(super) clocks: Clocks,
     pub(super) routing: Routing,
     pub(super) queue: PushQueue,
@@ -155,10 +168,8 @@ impl CacheCore {
             state_len,
             pull_bound: config.pull_bound.get(),
             push_bound: config.push_bound.get(),
-            lines: match spec.is_dynamic() {
-                false => Lines::new(capacity, dim, state_len, config.policy),
-                true => Lines::new(capacity, dim, state_len, config.policy).with_births(),
-            },
+            lines: Self::empty_lines(spec, capacity, state_len, config.policy),
+            policy: config.policy,
             clocks: Clocks::new(shards),
             routing: spec.routing(shards as u32),
             queue: PushQueue::default(),
@@ -172,6 +183,37 @@ impl CacheCore {
             replies: Replies::default(),
             read_failed: false,
         }
+    }
+
+    fn empty_lines(
+        spec: &TableSpec,
+        capacity: usize,
+        state_len: usize,
+        policy: PolicyKind,
+    ) -> Lines {
+        let lines = Lines::new(capacity, spec.dim as usize, state_len, policy);
+        match spec.is_dynamic() {
+            false => lines,
+            true => lines.with_births(),
+        }
+    }
+
+    /// Forgets every line (none may hold unpushed updates: [`CacheError::Unflushed`]), so that
+    /// each key is read from the shards at its next lookup: for after the table's rows were
+    /// replaced (set from a file or a saved model), when a line's version could still be within
+    /// its bound of the new row's. What the cache knows of the shards (clocks, restarts) and its
+    /// counters stay.
+    pub fn forget_lines(&mut self) -> Result<(), CacheError> {
+        let updates = self.pending_updates();
+        if updates > 0 {
+            return Err(CacheError::Unflushed {
+                table: self.spec.name.clone(),
+                updates,
+            });
+        }
+        let capacity = self.lines.capacity();
+        self.lines = Self::empty_lines(&self.spec, capacity, self.state_len, self.policy);
+        Ok(())
     }
 
     /// Whether the table is dynamic (lines keep birth stamps; no check is left to the clock).

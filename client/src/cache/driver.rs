@@ -519,6 +519,18 @@ impl CachedTable {
         result
     }
 
+    /// Pushes every unpushed update ([`CachedTable::flush`]), then forgets every line
+    /// ([`CacheCore::forget_lines`]): each key's next lookup reads the shards' row. For after the
+    /// table's rows were replaced behind the cache's back (`assign`, an import, a saved model
+    /// loaded), which moves each row's version by one only, so that a line could still be
+    /// within its bound.
+    pub fn invalidate(&mut self) -> Result<(), ClientError> {
+        self.flush()?;
+        self.core.forget_lines()?;
+        self.publish();
+        Ok(())
+    }
+
     /// Counters, with the bytes the cluster's transports moved since this cache was created.
     pub fn stats(&self) -> CacheStats {
         let mut s = *self.core.stats();

@@ -37,6 +37,15 @@ gradients pushed stay f32).
 >>> opt.step(); opt.zero_grad()                                  # updates rows 1, 2 and 3
 >>> cluster.close()
 
+``state_dict()`` holds each table's rows as ``nn.Embedding`` holds its weight (``weight``, and
+``keys`` for a dynamic table; a collection's under ``embedding_bags.{table}.`` or
+``embeddings.{table}.``, as TorchRec's), read from the shards after the cache's updates are
+pushed, so ``torch.save(model.state_dict())`` saves the model with its tables; every rank that
+calls it reads every table, so save on one. ``load_state_dict`` sets the rows on the shards (each
+row's optimizer state starts again, as a new optimizer's would: resume with the shards' optimizer
+state from a cluster checkpoint) and makes the caches read them again. ``torch.save(model)`` and
+``copy.deepcopy`` are refused with the reason (a cache is a connection, not a value).
+
 torch is imported here, at run time: the hetkv wheel does not link libtorch.
 """
 
@@ -164,6 +173,50 @@ class _StepGrads:
     def clear(self) -> None:
         self.carrier.grad = None
         self.keys = np.empty(0, dtype=np.uint64)
+
+
+def _save_table(cache: Cache, destination, prefix: str) -> None:
+    """The table of ``cache`` into a state dict, as ``nn.Embedding`` puts its weight there: its
+    updates pushed first, then every row read from the shards (``{prefix}weight``, float32,
+    rows x dim) and, for a dynamic table, the held keys beside them (``{prefix}keys``, int64:
+    each u64 id's bit pattern)."""
+    cache.flush()
+    got = cache.source_table.read_rows()
+    destination[prefix + "weight"] = torch.from_numpy(got["embeddings"])
+    if cache.source_table.dynamic is not None:
+        destination[prefix + "keys"] = torch.from_numpy(got["keys"].view(np.int64))
+
+
+def _load_table(cache: Cache, state_dict, prefix: str, missing_keys, unexpected_keys, error_msgs) -> None:
+    """Sets the table of ``cache`` from a state dict that ``_save_table`` made: this cache's
+    updates are pushed first, then the rows are set on the shards (``Table.assign``: each row's
+    version moves on by one, and its optimizer state starts again, as a new torch optimizer's
+    would), then the cache forgets its lines, so that its next lookups read the rows loaded. A
+    dynamic table gets the saved keys' rows; keys admitted since the save stay."""
+    table = cache.source_table
+    weight_key, keys_key = prefix + "weight", prefix + "keys"
+    dynamic = table.dynamic is not None
+    for k in state_dict:
+        if k.startswith(prefix) and k not in (weight_key, keys_key) and "." not in k[len(prefix):]:
+            unexpected_keys.append(k)
+    if weight_key not in state_dict or (dynamic and keys_key not in state_dict):
+        missing_keys.extend(k for k in (weight_key, keys_key)[: 1 + dynamic] if k not in state_dict)
+        return
+    weight = state_dict[weight_key].detach().to("cpu", torch.float32).contiguous()
+    if dynamic:
+        keys = state_dict[keys_key].detach().to("cpu", torch.int64).contiguous().numpy().view(np.uint64)
+    else:
+        keys = np.arange(table.rows, dtype=np.uint64)
+    if tuple(weight.shape) != (len(keys), table.dim):
+        error_msgs.append(
+            f"size mismatch for {weight_key}: copying a param with shape {tuple(weight.shape)}, "
+            f"the table {table.name!r} takes ({len(keys)}, {table.dim})"
+        )
+        return
+    cache.flush()
+    if len(keys):
+        table.assign(keys, weight.numpy())
+    cache.invalidate()
 
 
 class _Stepped(nn.Module):
@@ -316,6 +369,15 @@ class _CacheModule(_Stepped):
     def flush(self) -> None:
         """Pushes every update the cache holds (before a checkpoint or evaluation elsewhere)."""
         self.cache.flush()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_table(self.cache, destination, prefix)
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        _load_table(self.cache, state_dict, prefix, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         fused = ", update='backward'" if self.update == "backward" else ""
@@ -632,6 +694,21 @@ class _Collection(_Stepped):
         for t in self._configs:
             t.cache.flush()
 
+    # Where each table's rows go in a state dict, as in TorchRec's modules.
+    _state_prefix = "embedding_bags"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for t in self._configs:
+            _save_table(t.cache, destination, f"{prefix}{self._state_prefix}.{t.cache.table}.")
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        for t in self._configs:
+            at = f"{prefix}{self._state_prefix}.{t.cache.table}."
+            _load_table(t.cache, state_dict, at, missing_keys, unexpected_keys, error_msgs)
+
     def feature_names(self) -> List[str]:
         return [f for t in self._configs for f in t.feature_names]
 
@@ -701,6 +778,8 @@ class EmbeddingCollection(_Collection):
     """TorchRec's ``EmbeddingCollection`` over hetkv caches (no pooling): ``forward(features)``
     returns, for each feature, a :class:`JaggedTensor` of its ids' rows (``ids x dim``) with the
     input's lengths. Every table is read in one request a shard."""
+
+    _state_prefix = "embeddings"
 
     def __init__(
         self,
