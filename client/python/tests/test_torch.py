@@ -370,3 +370,24 @@ def test_a_module_prefetches_the_next_batch_and_warns_once_when_a_prefetch_goes_
             warnings.simplefilter("error")
             bag(x2)  # counted, not warned again
         assert cache.stats()["prefetches_unused"] == 2
+
+
+def test_embedding_gradients_are_clipped_with_clip_grad_norm_as_torch_clips_them():
+    torch.manual_seed(8)
+    reference = nn.Embedding(12, 3)
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = table_like(cluster, reference.weight, lr=0.5)
+        emb = hetkv.torch.Embedding(table.cached(capacity=0.5, pull_bound=0, push_bound=0))
+        opt = hetkv.torch.EmbeddingOptimizer(emb)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+        x = torch.tensor([[1, 2, 2], [5, 1, 9]])
+        (emb(x).square().sum() * 4).backward()
+        (reference(x).square().sum() * 4).backward()
+        got = torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], max_norm=1.0)
+        want = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm=1.0)
+        torch.testing.assert_close(got, want)
+        assert got > 1.0, "the gradients were clipped"
+        opt.step()
+        ref_opt.step()
+        emb.flush()
+        torch.testing.assert_close(all_rows(table), reference.weight.detach(), atol=1e-6, rtol=1e-6)
