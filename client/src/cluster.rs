@@ -805,3 +805,47 @@ fn take(control: &mut Option<TcpShardClient>) -> TcpShardClient {
         .take()
         .expect("the control transport is in hand between attempts")
 }
+
+/// The addresses of a cluster named by a pattern: `{i}` replaced by each shard's index, 0 to
+/// `shards - 1`, in shard order. A Kubernetes StatefulSet behind a headless Service names its
+/// pods so: `hetkv-{i}.hetkv.default.svc.cluster.local:7070`. Connecting checks that each
+/// address is the shard it is listed as (its hello names its index and the count).
+pub fn shard_addrs(pattern: &str, shards: u32) -> Result<Vec<String>, ClientError> {
+    let bad = |what: &str| {
+        Err(ClientError::ClusterName {
+            pattern: pattern.to_string(),
+            what: what.to_string(),
+        })
+    };
+    if !pattern.contains("{i}") {
+        return bad("no {i} to put each shard's index in");
+    }
+    if shards == 0 {
+        return bad("a cluster of 0 shards");
+    }
+    Ok((0..shards)
+        .map(|i| pattern.replace("{i}", &i.to_string()))
+        .collect())
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_names_each_shard_in_order() {
+        assert_eq!(
+            shard_addrs("hetkv-{i}.hetkv:7070", 3).unwrap(),
+            [
+                "hetkv-0.hetkv:7070",
+                "hetkv-1.hetkv:7070",
+                "hetkv-2.hetkv:7070"
+            ]
+        );
+        assert!(shard_addrs("hetkv.hetkv:7070", 3)
+            .unwrap_err()
+            .to_string()
+            .contains("no {i}"));
+        assert!(shard_addrs("h-{i}:1", 0).is_err());
+    }
+}

@@ -30,7 +30,7 @@ pub use cache::{
     lookup_many, prefetch_many, update_many, Bound, CacheConfig, CachedTable, Capacity, PolicyKind,
     UpdateRule, UpdateRuleKind,
 };
-pub use cluster::{Cluster, OnRollback, PushReport, Table, TransportKind};
+pub use cluster::{shard_addrs, Cluster, OnRollback, PushReport, Table, TransportKind};
 pub use stats::{CacheStats, PhaseTimes};
 
 use hetkv_transport::TransportError;
@@ -120,6 +120,14 @@ pub enum ClientError {
     /// cluster connection, one given twice, inputs not one a cache).
     #[error("caches driven together: {0}")]
     InvalidGroup(String),
+    /// A cluster named by a pattern that names no shard ([`shard_addrs`]).
+    #[error("cluster {pattern:?}: {what}")]
+    ClusterName {
+        /// The pattern.
+        pattern: String,
+        /// What is wrong with it.
+        what: String,
+    },
     /// The cluster was closed ([`Cluster::close`]).
     #[error("the cluster was closed")]
     Closed,

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod dynamic;
 pub mod embedded;
+pub mod identity;
 pub mod metrics;
 
 pub mod placement;

@@ -161,7 +161,9 @@ impl Cluster {
     }
 }
 
-/// Connects to the shards at `addrs` (in shard order).
+/// Connects to the shards at `addrs` (in shard order), or, given a pattern and `shards`, at the
+/// pattern with `{i}` replaced by each shard's index (`"hetkv-{i}.hetkv:7070"`, a StatefulSet's
+/// pods behind a headless Service). Each shard's hello must name the place it is listed at.
 ///
 /// `transport` is "auto" (shared memory for shards on this host that expose it, else TCP),
 /// "tcp", "shm" or "rdma"; `auth_token` is the daemons' token; `timeout` is every call's
@@ -170,16 +172,32 @@ impl Cluster {
 /// latency), to show a slow network on one machine. An address where no daemon listens fails at
 /// once (`hetkv.ConnectionError`), unless `wait_for_daemon` gives it that many seconds to start.
 #[pyfunction]
-#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0, emulated_link_gbps = None, wait_for_daemon = 0.0))]
+#[pyo3(signature = (addrs, transport = "auto", auth_token = None, timeout = 60.0, emulated_link_gbps = None, wait_for_daemon = 0.0, shards = None))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn connect(
     py: Python<'_>,
-    addrs: Vec<String>,
+    addrs: &Bound<'_, PyAny>,
     transport: &str,
     auth_token: Option<String>,
     timeout: f64,
     emulated_link_gbps: Option<f64>,
     wait_for_daemon: f64,
+    shards: Option<u32>,
 ) -> PyResult<Cluster> {
+    let addrs: Vec<String> = match (addrs.extract::<String>(), shards) {
+        (Ok(pattern), Some(n)) => hetkv_client::shard_addrs(&pattern, n).map_err(py_err)?,
+        (Ok(pattern), None) => {
+            return Err(PyValueError::new_err(format!(
+                "addrs is the pattern {pattern:?}: give the shard count with shards=N, or a list \
+                 of addresses"
+            )))
+        }
+        (Err(_), _) => addrs.extract().map_err(|_| {
+            pyo3::exceptions::PyTypeError::new_err(
+                "addrs must be a list of \"host:port\" strings, or a pattern with {i} and shards=N",
+            )
+        })?,
+    };
     let kind: TransportKind = transport.parse().map_err(PyValueError::new_err)?;
     let mut config = client_config(auth_token, timeout)?;
     if !(wait_for_daemon.is_finite() && wait_for_daemon >= 0.0) {

@@ -163,7 +163,9 @@ pub(crate) fn py_err(e: ClientError) -> PyErr {
         ClientError::InvalidValue { .. } => InvalidGradientError::new_err(message),
         ClientError::PartlyApplied { .. } => PartlyAppliedError::new_err(message),
         ClientError::Closed => ConnectionError::new_err(message),
-        ClientError::InvalidGroup(_) => pyo3::exceptions::PyValueError::new_err(message),
+        ClientError::InvalidGroup(_) | ClientError::ClusterName { .. } => {
+            pyo3::exceptions::PyValueError::new_err(message)
+        }
         ClientError::RolledBack { .. } => RollbackError::new_err(message),
     }
 }

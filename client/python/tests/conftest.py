@@ -32,8 +32,8 @@ class Daemon:
     """A ``hetkv serve`` process on loopback (the workspace's binary, or ``command``: the wheel's
     console script, say); killed when closed."""
 
-    def __init__(self, *args: str, listen: str = "127.0.0.1:0", command=None):
-        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0", command=None, env=None):
+        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1", **(env or {}))
         command = [str(hetkv_binary())] if command is None else list(command)
         self.proc = subprocess.Popen(
             [*command, "serve", "--listen", listen, *args],

@@ -191,12 +191,18 @@ struct ServeArgs {
     /// Address to listen on (loopback unless told otherwise).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// This shard's index.
-    #[arg(long, default_value_t = 0)]
-    shard: u32,
-    /// Shards in the cluster.
-    #[arg(long, default_value_t = 1)]
-    shards: u32,
+    /// This shard's index (0 when left out, unless --identity gives it).
+    #[arg(long)]
+    shard: Option<u32>,
+    /// Shards in the cluster (1 when left out, unless --identity gives it).
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Where the shard's index (and count) come from: `flags` (--shard, --shards),
+    /// `statefulset` (the pod ordinal ending the hostname; --shards the replicas),
+    /// `indexed-job` (JOB_COMPLETION_INDEX; --shards the completions) or `slurm`
+    /// (SLURM_PROCID and SLURM_NTASKS). A --shard given beside them must agree.
+    #[arg(long, default_value = "flags")]
+    identity: crate::identity::IdentitySource,
     /// The shard's data directory: `checkpoints/` (what `hetkv checkpoint` writes, and what
     /// this daemon restores at start: the newest committed checkpoint, or --restore's) and
     /// `hetkv.lock`. The running tables live in memory, never in files here. Without it nothing
@@ -300,9 +306,23 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let auth_token = read_token(args.auth_token_file.as_deref())?;
     let authenticated = auth_token.is_some();
+    let identity = crate::identity::resolve(
+        args.identity,
+        args.shard,
+        args.shards,
+        &|name| std::env::var(name).ok(),
+        hostname().as_deref(),
+    )
+    .context("working out which shard this daemon is")?;
+    tracing::info!(
+        shard = identity.shard,
+        shards = identity.shards,
+        from = %identity.from,
+        "shard identity"
+    );
     let shard_config = ShardConfig {
-        shard: args.shard,
-        shards: args.shards,
+        shard: identity.shard,
+        shards: identity.shards,
         data_dir: args.data_dir.clone(),
         shm_dir: args.shm_dir.clone(),
         rdma: args.rdma,
@@ -400,7 +420,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = server.local_addr()?;
-        tracing::info!(%addr, shard = args.shard, shards = args.shards, %incarnation, "listening");
+        tracing::info!(%addr, shard = identity.shard, shards = identity.shards, %incarnation, "listening");
         if !addr.ip().is_loopback() && !authenticated {
             tracing::warn!(
                 %addr,
@@ -416,6 +436,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// This host's name: `HOSTNAME` (which Kubernetes sets to the pod's name), else the kernel's.
+fn hostname() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 async fn shutdown_signal() {

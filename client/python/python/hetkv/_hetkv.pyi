@@ -203,12 +203,13 @@ class EmbeddedCluster(Cluster):
     def __exit__(self, *exc: Any) -> bool: ...
 
 def connect(
-    addrs: Sequence[str],
+    addrs: Union[Sequence[str], str],
     transport: str = "auto",
     auth_token: Optional[str] = None,
     timeout: float = 60.0,
     emulated_link_gbps: Optional[float] = None,
     wait_for_daemon: float = 0.0,
+    shards: Optional[int] = None,
 ) -> Cluster: ...
 
 def lookup_many(
