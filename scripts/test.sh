@@ -68,3 +68,6 @@ PATH="$venv/bin:$PATH" MATURIN_PEP517_ARGS="--profile dev" "$venv/bin/python" -m
 wheel=$(ls "$wheels"/hetkv-*.whl)
 "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheel"
 HETKV_BIN="$PWD/target/debug/hetkv" HETKV_WHEEL="$wheel" "$venv/bin/python" -m pytest -q client/python/tests
+
+# The Kubernetes manifests, rendered and checked against a pinned schema.
+bash scripts/validate-k8s.sh "$venv"

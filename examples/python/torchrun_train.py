@@ -10,6 +10,9 @@ refuses to start under several ranks: each rank would train a table of its own.
     torchrun --nproc_per_node 2 examples/python/torchrun_train.py \\
         --servers 127.0.0.1:7070,127.0.0.1:7071 --out result.json
 
+or, with shards named by a pattern (a StatefulSet's pods: deploy/kubernetes),
+``--servers 'hetkv-{i}.hetkv:7070' --shards 2 --auth-token-file /etc/hetkv/auth/token``.
+
 The model learns a planted sum of per-key weights from bags of keys (Zipf-like ids); rank 0
 writes the losses, every rank's updates and the table's versions to ``--out`` (JSON).
 """
@@ -29,7 +32,13 @@ import hetkv.torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--servers", default=os.environ.get("HETKV_SERVERS", ""), help="host:port,... of every shard")
+    p.add_argument(
+        "--servers",
+        default=os.environ.get("HETKV_SERVERS", ""),
+        help="host:port,... of every shard, or a pattern with {i} (hetkv-{i}.hetkv:7070) and --shards",
+    )
+    p.add_argument("--shards", type=int, default=None, help="the shard count, with a --servers pattern")
+    p.add_argument("--auth-token-file", default=None, help="the daemons' token, when they require one")
     p.add_argument("--table", default="torchrun_ids")
     p.add_argument("--rows", type=int, default=10_000)
     p.add_argument("--dim", type=int, default=8)
@@ -44,7 +53,12 @@ def main() -> None:
 
     dist.init_process_group("gloo")  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR, ...
     rank, world = dist.get_rank(), dist.get_world_size()
-    cluster = hetkv.connect(a.servers.split(","))
+    token = None
+    if a.auth_token_file:
+        with open(a.auth_token_file) as f:
+            token = f.read().strip()
+    servers = a.servers if "{i}" in a.servers else a.servers.split(",")
+    cluster = hetkv.connect(servers, auth_token=token, shards=a.shards)
     if rank == 0:
         cluster.create_table(
             a.table, rows=a.rows, dim=a.dim,
