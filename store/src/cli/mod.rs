@@ -264,6 +264,11 @@ struct ServeArgs {
     /// the table label "(other)", so the page stays bounded however many tables there are.
     #[arg(long, default_value_t = crate::metrics::DEFAULT_METRICS_TABLES)]
     metrics_tables: usize,
+    /// On SIGTERM or SIGINT, after the last connection ended, write a checkpoint (incremental
+    /// when this daemon has a parent for one) named `exit-SECONDS-INCARNATION` into --data-dir,
+    /// which the next start restores: a rolling restart keeps every push acknowledged.
+    #[arg(long, requires = "data_dir")]
+    checkpoint_on_exit: bool,
     /// Seconds a client may be silent before this daemon forgets the numbers of its pushes (a
     /// push it sends again after that is applied again).
     #[arg(long, default_value_t = 3600.0)]
@@ -416,6 +421,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             ));
         }
         let incarnation = format!("{:016x}", shard.incarnation());
+        let at_exit = shard.clone();
         let server = TcpServer::bind(args.listen, shard, server_config)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
@@ -433,9 +439,34 @@ fn serve(args: ServeArgs) -> Result<()> {
             );
         }
         server.run(shutdown_signal()).await?;
+        if args.checkpoint_on_exit {
+            checkpoint_on_exit(&at_exit)?;
+        }
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The checkpoint of `--checkpoint-on-exit`, once no connection is left to change a row:
+/// incremental from the last checkpoint this daemon committed or restored, else full.
+fn checkpoint_on_exit(shard: &Shard) -> Result<()> {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = format!("exit-{seconds}-{:016x}", shard.incarnation());
+    let done = match shard.checkpoint(&name, true) {
+        Ok(done) => done,
+        Err(_) => shard
+            .checkpoint(&name, false)
+            .with_context(|| format!("writing the exit checkpoint {name}"))?,
+    };
+    tracing::info!(
+        checkpoint = %done.name,
+        parent = done.parent.as_deref(),
+        rows = done.rows,
+        "checkpointed on exit"
+    );
+    Ok(())
 }
 
 /// This host's name: `HOSTNAME` (which Kubernetes sets to the pod's name), else the kernel's.
