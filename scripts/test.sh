@@ -46,14 +46,17 @@ python3 -m pip --version
 
 # A virtual environment of the tests' own, outside the clone so that torch (large) is installed
 # once per machine: numpy and safetensors (the export test loads a table in Python), and for the
-# Python package's suites pytest, maturin and torch.
+# Python package's suites pytest, maturin, torch and Ray (with Ray Train: hetkv.ray's tests run a
+# local Ray instance).
 home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 venv=${HETKV_TEST_VENV:-${XDG_CACHE_HOME:-$home/.cache}/hetkv/test-venv}
 if [ ! -x "$venv/bin/python" ]; then mkdir -p "$(dirname "$venv")"; python3 -m venv "$venv"; fi
-"$venv/bin/python" -c 'import numpy, safetensors, pytest, maturin, torch' >/dev/null 2>&1 ||
-  "$venv/bin/python" -m pip install --quiet numpy safetensors pytest maturin torch
+"$venv/bin/python" -c 'import numpy, safetensors, pytest, maturin, torch, ray.train.torch' >/dev/null 2>&1 ||
+  "$venv/bin/python" -m pip install --quiet numpy safetensors pytest maturin torch "ray[train]==2.60.0"
 "$venv/bin/python" -c 'import numpy, safetensors, torch; print("python test env: numpy", numpy.__version__, "safetensors", safetensors.__version__, "torch", torch.__version__)'
 export HETKV_PYTHON="$venv/bin/python"
+# Ray's local instances in the tests report no usage statistics.
+export RAY_USAGE_STATS_ENABLED=0
 
 cargo test --workspace "$@"
 
