@@ -236,8 +236,56 @@ impl Cluster {
         &self.shards[i]
     }
 
-    /// Creates the table on every shard (idempotent for an identical spec).
+    /// Creates the table on every shard (idempotent for an identical spec). Refused when some
+    /// shards hold it with updates applied and others lack it: those lost their state (a
+    /// restarted shard on an empty volume) and would serve its rows at their initial values
+    /// beside trained ones; restore them from a checkpoint, or say the table starts again there
+    /// with [`Cluster::create_table_fresh`]. (Some shards holding it untrained is a creation
+    /// that failed part way, which this completes.)
     pub fn create_table(&self, spec: &TableSpec) -> Result<Table, ClientError> {
+        self.check_open()?;
+        let all: Vec<usize> = (0..self.shards.len()).collect();
+        let held = self.on_shards(&all, |_, s| {
+            Ok(s.list_tables()?.iter().any(|t| t.spec.name == spec.name))
+        });
+        let held = held.into_iter().collect::<Result<Vec<bool>, _>>()?;
+        let lacking: Vec<usize> = all.iter().copied().filter(|&s| !held[s]).collect();
+        if !lacking.is_empty() && lacking.len() < all.len() {
+            let trained: Vec<(usize, u64)> = all
+                .iter()
+                .filter(|&&s| held[s])
+                .map(|&s| {
+                    let clock = self.shards[s]
+                        .pull(&spec.name, &[], &mut Vec::new(), &mut Vec::new())?
+                        .clock;
+                    Ok((s, clock))
+                })
+                .collect::<Result<Vec<_>, TransportError>>()?
+                .into_iter()
+                .filter(|&(_, clock)| clock > 0)
+                .collect();
+            if !trained.is_empty() {
+                let names = |v: &mut dyn Iterator<Item = usize>| {
+                    v.map(|s| format!("{s} ({})", self.shards[s].addr()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(ClientError::InconsistentCluster(format!(
+                    "table {} is held, with updates applied, by shard(s) {} and missing on \
+                     shard(s) {}, which lost their state (an empty volume?): restore them from a \
+                     checkpoint, or start the table again there with create_table_fresh",
+                    spec.name,
+                    names(&mut trained.iter().map(|&(s, _)| s)),
+                    names(&mut lacking.iter().copied()),
+                )));
+            }
+        }
+        self.create_table_fresh(spec)
+    }
+
+    /// [`Cluster::create_table`] without the check for shards that lost the table: the shards
+    /// that lack it create it at its initial values, whatever the others hold.
+    pub fn create_table_fresh(&self, spec: &TableSpec) -> Result<Table, ClientError> {
         self.check_open()?;
         for s in self.shards.iter() {
             s.create_table(spec)?;

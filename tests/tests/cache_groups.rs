@@ -288,3 +288,26 @@ fn an_invalidated_cache_reads_the_rows_set_behind_its_back() {
         "the rows set, and the update since"
     );
 }
+
+/// A shard that lost a table (a restart on an empty volume) while the others hold it trained: a
+/// create is refused, naming the shards, unless fresh; a creation that failed part way, with
+/// nothing trained yet, is completed.
+#[test]
+fn creating_a_table_some_shards_hold_trained_is_refused_unless_fresh() {
+    let cluster = EmbeddedCluster::start(2).unwrap();
+    let client = Cluster::connect_tcp(cluster.addrs(), &ClientConfig::default()).unwrap();
+    let spec = sgd_table("lost", ROWS, 2, 0.5);
+    // Created on shard 0 only, untrained: completed.
+    client.shard(0).create_table(&spec).unwrap();
+    let table = client.create_table(&spec).unwrap();
+    table.push(&[0, 1], &[1, 1], &[1.0; 4]).unwrap();
+    // Shard 1 loses it.
+    assert!(client.shard(1).drop_table("lost").unwrap());
+    let err = client.create_table(&spec).unwrap_err().to_string();
+    assert!(
+        err.contains("missing on shard(s) 1") && err.contains("create_table_fresh"),
+        "{err}"
+    );
+    client.create_table_fresh(&spec).unwrap();
+    assert!(client.open_table("lost").is_ok());
+}

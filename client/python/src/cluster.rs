@@ -47,7 +47,10 @@ impl Cluster {
     /// Creates a table on every shard (or confirms an identical one) and returns it.
     /// `buckets` is the table's placement buckets (the unit of resharding; 4,096 when left out);
     /// with `dynamic` (a `hetkv.Dynamic`) the table takes any u64 key and `rows` is its capacity.
-    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None, buckets = None, dynamic = None))]
+    /// When some shards hold the table with updates applied and others lack it (a shard
+    /// restarted on an empty volume), this is refused (`hetkv.ProtocolError` naming them) unless
+    /// `fresh=True` says the table starts again, at its initial values, where it is missing.
+    #[pyo3(signature = (name, rows, dim, init = None, optimizer = None, buckets = None, dynamic = None, fresh = false))]
     #[allow(clippy::too_many_arguments)]
     fn create_table(
         &self,
@@ -59,9 +62,17 @@ impl Cluster {
         optimizer: Option<Optimizer>,
         buckets: Option<u32>,
         dynamic: Option<Dynamic>,
+        fresh: bool,
     ) -> PyResult<Table> {
         let spec = spec_of(py, name, rows, dim, init, optimizer, (buckets, dynamic))?;
-        let inner = interruptible(py, || self.inner.create_table(&spec), py_err)?;
+        let inner = interruptible(
+            py,
+            || match fresh {
+                false => self.inner.create_table(&spec),
+                true => self.inner.create_table_fresh(&spec),
+            },
+            py_err,
+        )?;
         Ok(Table { inner })
     }
 
