@@ -1,7 +1,8 @@
 """``hetkv.ray``: shards as Ray actors on a local Ray cluster. A shard actor killed as a crash
 would is restarted by Ray on the same address, restores its newest checkpoint, and its clients
 see a restart that took back exactly the acknowledged pushes after that checkpoint; a Ray Train
-``TorchTrainer`` trains through ``hetkv.torch`` while a shard actor is killed mid-run."""
+``TorchTrainer`` trains through three shard actors while one is killed mid-run, told of what
+the restart took back."""
 
 import os
 
@@ -62,7 +63,8 @@ def test_ray_train_trains_through_a_shard_actor_killed_mid_run():
 
     example = pathlib.Path(__file__).resolve().parents[3] / "examples" / "python" / "ray_train.py"
     out = subprocess.run(
-        [sys.executable, str(example), "--workers", "2", "--steps", "200", "--kill-shard-at", "80"],
+        [sys.executable, str(example), "--shards", "3", "--workers", "2", "--steps", "200",
+         "--kill-shard-at", "80"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
