@@ -23,6 +23,33 @@ pub(crate) struct Table {
     pub(crate) inner: RustTable,
 }
 
+impl Table {
+    /// Runs `f` (a read of the whole table, or of `keys`: uint64, 1-D) over this table's shards
+    /// with the GIL released.
+    fn whole<R: Send>(
+        &self,
+        py: Python<'_>,
+        keys: Option<&Bound<'_, PyAny>>,
+        f: impl FnOnce(
+                &[&dyn hetkv_transport::ShardTransport],
+                &str,
+                Option<&[u64]>,
+            ) -> Result<R, hetkv_store::StoreError>
+            + Send,
+    ) -> PyResult<R> {
+        let keys = keys
+            .map(|k| array1::<u64>(k, "keys", "uint64"))
+            .transpose()?;
+        let keys = match &keys {
+            Some(k) => Some(contiguous(k, "keys")?),
+            None => None,
+        };
+        let shards = shards_of(self.inner.cluster());
+        let name = self.name();
+        interruptible(py, || f(&shards, &name, keys), store_err)
+    }
+}
+
 #[pymethods]
 impl Table {
     /// Refused: see [`not_copied`].
@@ -193,20 +220,7 @@ impl Table {
         py: Python<'py>,
         keys: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let keys = keys
-            .map(|k| array1::<u64>(k, "keys", "uint64"))
-            .transpose()?;
-        let keys = match &keys {
-            Some(k) => Some(contiguous(k, "keys")?),
-            None => None,
-        };
-        let shards = shards_of(self.inner.cluster());
-        let name = self.name();
-        let read = interruptible(
-            py,
-            || hetkv_store::tensors::read_table(&shards, &name, keys),
-            store_err,
-        )?;
+        let read = self.whole(py, keys, hetkv_store::tensors::read_table)?;
         let n = read.versions.len();
         let d = PyDict::new(py);
         d.set_item(
@@ -234,20 +248,9 @@ impl Table {
         path: std::path::PathBuf,
         keys: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let keys = keys
-            .map(|k| array1::<u64>(k, "keys", "uint64"))
-            .transpose()?;
-        let keys = match &keys {
-            Some(k) => Some(contiguous(k, "keys")?),
-            None => None,
-        };
-        let shards = shards_of(self.inner.cluster());
-        let name = self.name();
-        interruptible(
-            py,
-            || hetkv_store::tensors::export_table(&shards, &name, keys, &path),
-            store_err,
-        )
+        self.whole(py, keys, |shards, name, keys| {
+            hetkv_store::tensors::export_table(shards, name, keys, &path)
+        })
         .map(|t| t.rows)
     }
 
