@@ -19,8 +19,12 @@ Keys are ``numpy.uint64`` and rows ``numpy.float32``, C-contiguous: they cross i
 a copy (anything else is a ``TypeError`` or ``ValueError`` that says how to convert it). Every
 call that talks to a shard releases the GIL. Errors are subclasses of :class:`hetkv.Error`.
 
-:mod:`hetkv.torch` has ``Embedding`` and ``EmbeddingBag`` modules over a cache, whose backward
-hands the gradient rows to the table's optimizer on the shards.
+:mod:`hetkv.torch` has ``Embedding`` and ``EmbeddingBag`` modules over a cache, collections of
+many tables over jagged input (``EmbeddingBagCollection``, ``EmbeddingCollection``: every table
+in one request a shard) and ``TrainPipeline``; the tables' optimizers run on the shards.
+``lookup_many``, ``prefetch_many`` and ``update_many`` drive several caches as one below torch.
+:mod:`hetkv.ray` runs the shards as Ray actors. ``hetkv serve`` (this package's command, or
+``python -m hetkv``) runs a shard.
 """
 
 from ._hetkv import (
