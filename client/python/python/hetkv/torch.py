@@ -551,10 +551,14 @@ class _CollectionRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         m = ctx.module
-        rows = [
-            None if g is None else g.detach().to(device="cpu", dtype=torch.float32).contiguous()
-            for g in grads
-        ]
+        # Every table's gradient rows cross to the host in one copy.
+        present = [i for i, g in enumerate(grads) if g is not None]
+        rows: List[Optional[torch.Tensor]] = [None] * len(grads)
+        if present:
+            flat = torch.cat([grads[i].detach().reshape(-1).float() for i in present]).cpu()
+            sizes = [grads[i].numel() for i in present]
+            for i, part in zip(present, torch.split(flat, sizes)):
+                rows[i] = part.view(grads[i].shape)
         none = (None, None, None)
         if m.update == "backward":
             used = [i for i, r in enumerate(rows) if r is not None and len(ctx.keys[i])]
@@ -613,11 +617,26 @@ class _Collection(_Stepped):
         once for the features a prefetch was given, which forward then reuses."""
         if self._planned is not None and self._planned[0] is features:
             return self._planned[1]
-        plans = []
+        # Every id crosses to the host once (one copy, one wait), where each table's keys are made
+        # unique; every table's indices cross back in one copy.
+        values = features.values()
+        on_host = values.to("cpu") if values.device.type != "cpu" else values
+        names = list(features.keys())
+        starts = [0]
+        for n in features.length_per_key():
+            starts.append(starts[-1] + int(n))
+        tables, inverses = [], []
         for t in self._configs:
             jagged = [(f, _feature(features, f)) for f in t.feature_names]
-            values = torch.cat([j.values().reshape(-1) for _, j in jagged])
-            keys, inverse = _unique(values)
+            at = [names.index(f) for f, _ in jagged]
+            ids = torch.cat([on_host[starts[i] : starts[i + 1]] for i in at])
+            keys, inverse = _unique(ids)
+            tables.append((keys, jagged))
+            inverses.append(inverse)
+        sizes = [len(i) for i in inverses]
+        inverses = torch.split(torch.cat(inverses).to(values.device, non_blocking=True), sizes)
+        plans = []
+        for (keys, jagged), inverse in zip(tables, inverses):
             parts = torch.split(inverse, [len(j.values()) for _, j in jagged])
             plans.append(_Plan(keys, [(f, j, p) for (f, j), p in zip(jagged, parts)]))
         return plans
@@ -628,14 +647,15 @@ class _Collection(_Stepped):
     def _lookup(self, keys: List[np.ndarray], device: torch.device) -> List[torch.Tensor]:
         caches = [t.cache for t in self._configs]
         if device.type == "cuda":
-            # Written straight into pinned host memory and copied without blocking the host
-            # (PyTorch's caching host allocator keeps each block until its copy is done).
-            staged = [
-                torch.empty((len(k), c.dim), dtype=torch.float32, pin_memory=True)
-                for k, c in zip(keys, caches)
-            ]
-            lookup_many(caches, keys, [s.numpy() for s in staged])
-            rows = [s.to(device, non_blocking=True) for s in staged]
+            # Written straight into one block of pinned host memory and copied in one go without
+            # blocking the host (PyTorch's caching host allocator keeps the block until the copy
+            # is done); each table's rows are a view of it on the device.
+            sizes = [len(k) * c.dim for k, c in zip(keys, caches)]
+            staged = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=True)
+            parts = torch.split(staged, sizes)
+            lookup_many(caches, keys, [p.view(len(k), c.dim).numpy() for p, k, c in zip(parts, keys, caches)])
+            on_device = torch.split(staged.to(device, non_blocking=True), sizes)
+            rows = [r.view(len(k), c.dim) for r, k, c in zip(on_device, keys, caches)]
         else:
             rows = [torch.from_numpy(r).to(device) for r in lookup_many(caches, keys)]
         if self._prefetching:
