@@ -495,3 +495,73 @@ fn a_rolling_restart_under_pushes_loses_no_acknowledged_update() {
         );
     }
 }
+
+/// SIGTERM while a checkpoint is being written (a table of 51 MB, asked for over the wire; the
+/// signal sent when the daemon logs that it began): the daemon stops cleanly, and its data directory holds only whole checkpoints (the one
+/// asked for finished, and the one on exit), each of which verifies; the next start restores
+/// the newest.
+#[test]
+fn a_sigterm_during_a_checkpoint_leaves_only_whole_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = common::serve_on("127.0.0.1:0", &["--checkpoint-on-exit"]);
+    cmd.arg("--data-dir").arg(&data);
+    let mut daemon = Daemon::start(cmd);
+    let addr = daemon.addr.clone();
+    let tcp = TcpShardClient::connect(&addr, ClientConfig::default()).unwrap();
+    let big = TableSpec {
+        name: "big".into(),
+        rows: 400_000,
+        dim: 28,
+        ..spec()
+    };
+    tcp.create_table(&big).unwrap();
+    tcp.push("big", &[1, 2], &[1, 1], &[1.0; 56]).unwrap();
+    let asked = std::thread::spawn(move || tcp.checkpoint("asked", false).map(|_| ()));
+    // SIGTERM as soon as the daemon says it began writing the checkpoint.
+    loop {
+        let line = daemon
+            .log
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the daemon logs the checkpoint it begins");
+        if line.contains("writing checkpoint") {
+            break;
+        }
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(daemon.child.wait().unwrap().success(), "a clean stop");
+    let _ = asked.join().unwrap();
+    let listed = hetkv_store::checkpoint::CheckpointDir::at(&data)
+        .list()
+        .unwrap();
+    assert!(
+        listed.iter().any(
+            |l| matches!(l, hetkv_store::checkpoint::Listing::Committed(m) if m.name == "asked")
+        ),
+        "the checkpoint under way finished: {listed:?}"
+    );
+    for l in &listed {
+        match l {
+            hetkv_store::checkpoint::Listing::Committed(m) => {
+                hetkv_store::checkpoint::CheckpointDir::at(&data)
+                    .verify(&m.name)
+                    .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+            }
+            other => panic!("a checkpoint left half written: {other:?}"),
+        }
+    }
+    let restarted = Daemon::start({
+        let mut cmd = common::serve_on(&addr, &[]);
+        cmd.arg("--data-dir").arg(&data);
+        cmd
+    });
+    assert!(restarted.startup.iter().any(|l| l.contains("restored")));
+    let again = TcpShardClient::connect(&addr, ClientConfig::default()).unwrap();
+    let (mut v, mut rows) = (Vec::new(), Vec::new());
+    again.pull("big", &[1], &mut v, &mut rows).unwrap();
+    assert_eq!(v, vec![1], "the push before the stop is kept");
+}
