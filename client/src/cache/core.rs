@@ -25,7 +25,6 @@ use super::batch::{Ahead, Batch, Replies};
 use super::clocks::Clocks;
 use super::exchange::ShardPlan;
 use super::lines::{LineMeta, Lines, NIL};
-use super::policy::PolicyKind;
 use super::queue::PushQueue;
 use super::rule::{LineShare, LocalStep, UpdateRule, UpdateRuleKind};
 use super::{Bound, CacheConfig};
@@ -120,8 +119,6 @@ pub struct CacheCore {
     pub(super) pull_bound: u64,
     push_bound: u64,
     pub(super) lines: Lines,
-    /// The eviction policy the lines were made with (for [`CacheCore::forget_lines`]).
-    policy: PolicyKind,
     pub(super) clocks: Clocks,
     pub(super) routing: Routing,
     pub(super) queue: PushQueue,
@@ -168,8 +165,10 @@ impl CacheCore {
             state_len,
             pull_bound: config.pull_bound.get(),
             push_bound: config.push_bound.get(),
-            lines: Self::empty_lines(spec, capacity, state_len, config.policy),
-            policy: config.policy,
+            lines: match spec.is_dynamic() {
+                false => Lines::new(capacity, dim, state_len, config.policy),
+                true => Lines::new(capacity, dim, state_len, config.policy).with_births(),
+            },
             clocks: Clocks::new(shards),
             routing: spec.routing(shards as u32),
             queue: PushQueue::default(),
@@ -182,19 +181,6 @@ impl CacheCore {
             plans: (0..shards).map(|_| ShardPlan::default()).collect(),
             replies: Replies::default(),
             read_failed: false,
-        }
-    }
-
-    fn empty_lines(
-        spec: &TableSpec,
-        capacity: usize,
-        state_len: usize,
-        policy: PolicyKind,
-    ) -> Lines {
-        let lines = Lines::new(capacity, spec.dim as usize, state_len, policy);
-        match spec.is_dynamic() {
-            false => lines,
-            true => lines.with_births(),
         }
     }
 
@@ -211,8 +197,7 @@ impl CacheCore {
                 updates,
             });
         }
-        let capacity = self.lines.capacity();
-        self.lines = Self::empty_lines(&self.spec, capacity, self.state_len, self.policy);
+        self.lines.clear();
         Ok(())
     }
 

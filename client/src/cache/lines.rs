@@ -211,6 +211,17 @@ impl Lines {
         Some(Reserved { slot, evicted })
     }
 
+    /// Empties every slot (its row, pending gradient and state forgotten, its slot free); the
+    /// policy forgets the lines but keeps what it counted of keys' popularity.
+    pub fn clear(&mut self) {
+        for (_, slot) in self.index.drain() {
+            self.policy.remove(slot);
+            self.meta[slot as usize] = LineMeta::default();
+            self.free.push(slot);
+        }
+        self.born.iter_mut().for_each(|b| *b = 0);
+    }
+
     /// Gives back a reserved slot that was never filled.
     pub fn give_back(&mut self, slot: u32) {
         self.meta[slot as usize].p = 0;
@@ -296,5 +307,42 @@ mod tests {
         lines.hit(s30, 4);
         lines.record(40);
         assert!(lines.reserve(40, 4).is_none());
+    }
+
+    #[test]
+    fn a_cleared_cache_holds_no_key_and_fills_every_slot_again_without_eviction() {
+        for policy in [
+            PolicyKind::Lru,
+            PolicyKind::Lfu,
+            PolicyKind::LightLfu { pin_after: 1 },
+        ] {
+            let mut lines = Lines::new(3, 1, 0, policy).with_births();
+            for (stamp, key) in [(1, 10u64), (2, 20), (3, 30)] {
+                lines.record(key);
+                let r = lines.reserve(key, stamp).unwrap();
+                lines.fill(r.slot, key, 7, &[key as f32], &[]);
+                lines.set_born(r.slot, 9);
+                lines.hit(r.slot, stamp + 10); // light LFU pins a line hit once
+            }
+            lines.clear();
+            assert_eq!(lines.resident(), 0, "{policy:?}");
+            assert!([10, 20, 30].iter().all(|&k| lines.slot_of(k).is_none()));
+            for (stamp, key) in [(40, 40u64), (50, 50), (60, 60), (70, 70)] {
+                lines.record(key);
+                if key == 70 {
+                    // Full again: a victim among the new lines, none pinned before the clear.
+                    assert!(
+                        lines.reserve(key, stamp).is_some_and(|r| r.evicted),
+                        "{policy:?}"
+                    );
+                    break;
+                }
+                let r = lines.reserve(key, stamp).expect("a free slot");
+                assert!(!r.evicted, "{policy:?}: nothing to evict after a clear");
+                assert_eq!(lines.born(r.slot), 0);
+                assert_eq!(lines.meta(r.slot).c_s, 0);
+                lines.fill(r.slot, key, 1, &[key as f32], &[]);
+            }
+        }
     }
 }
