@@ -2,7 +2,7 @@
 ``JaggedTensor`` and ``KeyedTensor`` (the same methods, so code written for TorchRec reads them;
 TorchRec's own ``KeyedJaggedTensor`` is accepted wherever this one is)."""
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -146,16 +146,13 @@ class KeyedJaggedTensor:
         return self._lengths.reshape(len(self._keys), self._stride).sum(1).tolist()
 
     def offset_per_key(self) -> List[int]:
-        out = [0]
-        for n in self.length_per_key():
-            out.append(out[-1] + n)
-        return out
+        return _cumulative(self.length_per_key())
 
     def __getitem__(self, key: str) -> JaggedTensor:
-        return _feature(self, key)
+        return _features(self, [key])[key]
 
     def to_dict(self) -> Dict[str, JaggedTensor]:
-        return {k: _feature(self, k) for k in self._keys}
+        return _features(self, self._keys)
 
     def to(self, device, non_blocking: bool = False) -> "KeyedJaggedTensor":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
@@ -171,21 +168,39 @@ class KeyedJaggedTensor:
         )
 
 
-def _feature(kjt, key: str) -> JaggedTensor:
-    """Feature ``key`` of a KeyedJaggedTensor (hetkv's or TorchRec's, through the methods both
-    have)."""
+def _cumulative(lengths) -> List[int]:
+    """Where each of consecutive runs of ``lengths`` starts, and the end of the last."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return out
+
+
+def _spans(kjt, names: Sequence[str]) -> Dict[str, Tuple[int, int, int]]:
+    """Each of features ``names`` of a KeyedJaggedTensor (hetkv's or TorchRec's, through the
+    methods both have): its place among the keys, and where its values start and end. The
+    lengths per key are summed once (on a GPU, one wait), whatever the number of features."""
     keys = list(kjt.keys())
-    if key not in keys:
-        raise KeyError(f"feature {key!r} is not in the batch (it has {keys})")
-    i = keys.index(key)
+    missing = [n for n in names if n not in keys]
+    if missing:
+        raise KeyError(f"feature {missing[0]!r} is not in the batch (it has {keys})")
+    at = _cumulative(kjt.length_per_key())
+    return {n: (keys.index(n), at[keys.index(n)], at[keys.index(n) + 1]) for n in names}
+
+
+def _features(kjt, names: Sequence[str], spans=None) -> Dict[str, JaggedTensor]:
+    """Features ``names`` of a KeyedJaggedTensor as jagged tensors (views of its values);
+    ``spans`` are their ``_spans`` when the caller has them."""
     stride = kjt.stride()
-    lengths = kjt.lengths()[i * stride : (i + 1) * stride]
-    at = [0]
-    for n in kjt.length_per_key():
-        at.append(at[-1] + int(n))
-    values = kjt.values()[at[i] : at[i + 1]]
-    weights = kjt.weights_or_none()
-    return JaggedTensor(values, lengths, None if weights is None else weights[at[i] : at[i + 1]])
+    lengths, values, weights = kjt.lengths(), kjt.values(), kjt.weights_or_none()
+    out = {}
+    for n, (i, start, end) in (spans or _spans(kjt, names)).items():
+        out[n] = JaggedTensor(
+            values[start:end],
+            lengths[i * stride : (i + 1) * stride],
+            None if weights is None else weights[start:end],
+        )
+    return out
 
 
 class KeyedTensor:
@@ -206,10 +221,7 @@ class KeyedTensor:
         return self._lengths
 
     def offset_per_key(self) -> List[int]:
-        out = [0]
-        for n in self._lengths:
-            out.append(out[-1] + n)
-        return out
+        return _cumulative(self._lengths)
 
     def key_dim(self) -> int:
         return 1

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._hetkv import Cache, lookup_many, prefetch_many, update_many
-from ._jagged import JaggedTensor, KeyedJaggedTensor, KeyedTensor, _feature
+from ._jagged import JaggedTensor, KeyedJaggedTensor, KeyedTensor, _features, _spans
 
 __all__ = [
     "Embedding",
@@ -621,15 +621,13 @@ class _Collection(_Stepped):
         # unique; every table's indices cross back in one copy.
         values = features.values()
         on_host = values.to("cpu") if values.device.type != "cpu" else values
-        names = list(features.keys())
-        starts = [0]
-        for n in features.length_per_key():
-            starts.append(starts[-1] + int(n))
+        names = self.feature_names()
+        spans = _spans(features, names)
+        every = _features(features, names, spans)
         tables, inverses = [], []
         for t in self._configs:
-            jagged = [(f, _feature(features, f)) for f in t.feature_names]
-            at = [names.index(f) for f, _ in jagged]
-            ids = torch.cat([on_host[starts[i] : starts[i + 1]] for i in at])
+            jagged = [(f, every[f]) for f in t.feature_names]
+            ids = torch.cat([on_host[spans[f][1] : spans[f][2]] for f in t.feature_names])
             keys, inverse = _unique(ids)
             tables.append((keys, jagged))
             inverses.append(inverse)
