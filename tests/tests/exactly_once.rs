@@ -30,6 +30,31 @@ fn proxies(cluster: &EmbeddedCluster, faults: Faults, seed: u64) -> (Vec<FaultPr
     (proxies, through)
 }
 
+/// A client whose calls end at 400 ms, well inside the proxies' 900 ms stalls: pushes are held.
+fn held_config() -> ClientConfig {
+    ClientConfig {
+        io_timeout: Some(Duration::from_millis(120)),
+        connect_timeout: Duration::from_millis(120),
+        deadline: Duration::from_millis(400),
+        ..ClientConfig::default()
+    }
+}
+
+/// Flushes `cache` once the links healed (trying again for two seconds while held pushes are
+/// still being delivered); returns the rows it held past a deadline.
+fn flush_healed(cache: &mut hetkv_client::CachedTable) -> u64 {
+    let mut flushed = cache.flush();
+    for _ in 0..20 {
+        if flushed.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        flushed = cache.flush();
+    }
+    flushed.unwrap();
+    cache.stats().rows_held
+}
+
 /// The rows whose version is not the number of updates issued for them: (key, version, issued).
 fn wrong_versions(table: &hetkv_client::Table, issued: &[AtomicU64]) -> Vec<(u64, u64, u64)> {
     let keys: Vec<u64> = (0..issued.len() as u64).collect();
@@ -197,12 +222,7 @@ fn pushes_unanswered_at_their_deadline_are_held_and_applied_once() {
         delay: u64::MAX,
     };
     let (proxies, through) = proxies(&cluster, faults, 0x4e1d);
-    let config = ClientConfig {
-        io_timeout: Some(Duration::from_millis(120)),
-        connect_timeout: Duration::from_millis(120),
-        deadline: Duration::from_millis(400),
-        ..ClientConfig::default()
-    };
+    let config = held_config();
     let issued: Arc<Vec<AtomicU64>> = Arc::new((0..500).map(|_| AtomicU64::new(0)).collect());
     let held = Arc::new(AtomicU64::new(0));
     // Connected while the links are healthy; the faults start with the work.
@@ -248,16 +268,7 @@ fn pushes_unanswered_at_their_deadline_are_held_and_applied_once() {
     proxies.iter().for_each(FaultProxy::heal);
     std::thread::sleep(Duration::from_secs(1)); // stalled bytes still in the proxies arrive
     for (mut cache, held) in caches {
-        let mut flushed = cache.flush();
-        for _ in 0..20 {
-            if flushed.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            flushed = cache.flush();
-        }
-        flushed.unwrap();
-        held.fetch_add(cache.stats().rows_held, Ordering::Relaxed);
+        held.fetch_add(flush_healed(&mut cache), Ordering::Relaxed);
     }
     let wrong = wrong_versions(&table, &issued);
     let repeats: u64 = (0..2).map(|i| cluster.shard(i).repeated_pushes()).sum();
@@ -297,12 +308,7 @@ fn batched_pushes_of_several_tables_are_held_and_applied_once() {
         delay: u64::MAX,
     };
     let (proxies, through) = proxies(&cluster, faults, 0xba7c);
-    let config = ClientConfig {
-        io_timeout: Some(Duration::from_millis(120)),
-        connect_timeout: Duration::from_millis(120),
-        deadline: Duration::from_millis(400),
-        ..ClientConfig::default()
-    };
+    let config = held_config();
     let issued: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
         (0..TABLES)
             .map(|_| (0..500).map(|_| AtomicU64::new(0)).collect())
@@ -374,16 +380,7 @@ fn batched_pushes_of_several_tables_are_held_and_applied_once() {
     let mut held = 0;
     for caches in groups {
         for mut cache in caches {
-            let mut flushed = cache.flush();
-            for _ in 0..20 {
-                if flushed.is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-                flushed = cache.flush();
-            }
-            flushed.unwrap();
-            held += cache.stats().rows_held;
+            held += flush_healed(&mut cache);
         }
     }
     let repeats: u64 = (0..2).map(|i| cluster.shard(i).repeated_pushes()).sum();
