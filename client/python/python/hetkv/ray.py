@@ -11,7 +11,9 @@ took back acknowledged pushes is reported to them: ``Cluster.restarts``, ``Rollb
 Checkpoint with ``Cluster.checkpoint`` to bound what a restart takes back.
 
 ``data_root`` must be storage the node that restarts a shard can read: a filesystem every node
-mounts, or one node.
+mounts, or one node. Each shard's port is picked once, free on the driver's host when picked
+(on a cluster of several nodes it is assumed free on the shard's node too; a shard that cannot
+bind it fails to start, with the daemon's error).
 
 >>> import hetkv.ray
 >>> shards = hetkv.ray.start_shards(shards=2, data_root="/mnt/shared/hetkv")
