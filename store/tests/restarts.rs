@@ -550,6 +550,13 @@ fn a_sigterm_during_a_checkpoint_leaves_only_whole_checkpoints() {
                 hetkv_store::checkpoint::CheckpointDir::at(&data)
                     .verify(&m.name)
                     .unwrap_or_else(|e| panic!("{}: {e}", m.name));
+                if m.name.starts_with("exit-") {
+                    assert_eq!(
+                        m.parent.as_deref(),
+                        Some("asked"),
+                        "the exit checkpoint is incremental from the one before it"
+                    );
+                }
             }
             other => panic!("a checkpoint left half written: {other:?}"),
         }

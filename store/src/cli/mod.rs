@@ -454,12 +454,9 @@ fn checkpoint_on_exit(shard: &Shard) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let name = format!("exit-{seconds}-{:016x}", shard.incarnation());
-    let done = match shard.checkpoint(&name, true) {
-        Ok(done) => done,
-        Err(_) => shard
-            .checkpoint(&name, false)
-            .with_context(|| format!("writing the exit checkpoint {name}"))?,
-    };
+    let done = shard
+        .checkpoint(&name, shard.has_checkpoint_parent())
+        .with_context(|| format!("writing the exit checkpoint {name}"))?;
     tracing::info!(
         checkpoint = %done.name,
         parent = done.parent.as_deref(),

@@ -42,6 +42,16 @@ impl Shard {
         })
     }
 
+    /// Whether an incremental checkpoint has a parent now: a checkpoint this daemon committed or
+    /// restored, its last one not failed.
+    pub fn has_checkpoint_parent(&self) -> bool {
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .base
+            .is_some()
+    }
+
     /// Writes checkpoint `name` of every table into the data directory while pushes and pulls go
     /// on (docs/CHECKPOINTS.md section 4): every row, or with `incremental` the rows changed
     /// since the last checkpoint this shard committed or restored. One at a time: a second one
