@@ -251,22 +251,20 @@ impl Cluster {
         let held = held.into_iter().collect::<Result<Vec<bool>, _>>()?;
         let lacking: Vec<usize> = all.iter().copied().filter(|&s| !held[s]).collect();
         if !lacking.is_empty() && lacking.len() < all.len() {
-            let trained: Vec<(usize, u64)> = all
-                .iter()
-                .filter(|&&s| held[s])
-                .map(|&s| {
-                    let clock = self.shards[s]
-                        .pull(&spec.name, &[], &mut Vec::new(), &mut Vec::new())?
-                        .clock;
-                    Ok((s, clock))
-                })
-                .collect::<Result<Vec<_>, TransportError>>()?
-                .into_iter()
-                .filter(|&(_, clock)| clock > 0)
-                .collect();
+            // A shard's table clock counts the updates applied to its part of the table.
+            let mut trained = Vec::new();
+            for s in all.iter().copied().filter(|&s| held[s]) {
+                let pulled =
+                    self.shards[s].pull(&spec.name, &[], &mut Vec::new(), &mut Vec::new())?;
+                if pulled.clock > 0 {
+                    trained.push(s);
+                }
+            }
             if !trained.is_empty() {
-                let names = |v: &mut dyn Iterator<Item = usize>| {
-                    v.map(|s| format!("{s} ({})", self.shards[s].addr()))
+                let names = |shards: &[usize]| {
+                    shards
+                        .iter()
+                        .map(|&s| format!("{s} ({})", self.shards[s].addr()))
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
@@ -275,8 +273,8 @@ impl Cluster {
                      shard(s) {}, which lost their state (an empty volume?): restore them from a \
                      checkpoint, or start the table again there with create_table_fresh",
                     spec.name,
-                    names(&mut trained.iter().map(|&(s, _)| s)),
-                    names(&mut lacking.iter().copied()),
+                    names(&trained),
+                    names(&lacking),
                 )));
             }
         }
