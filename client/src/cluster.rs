@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use hetkv_fallback_tcp::{ClientConfig, TcpShardClient};
+use hetkv_transport::codec::assign::{Assignment, Refused, StateChange};
 use hetkv_transport::{
-    wire::CheckpointResponse, ShardStats, ShardTransport, ShmTransport, TableSpec, Traffic,
-    TransportError,
+    wire::CheckpointResponse, ShardStats, ShardTransport, ShmTransport, StaleQuery, StaleRows,
+    TableSpec, Traffic, TransportError,
 };
 
 use crate::ClientError;
@@ -461,6 +462,19 @@ impl Cluster {
     }
 }
 
+/// Rows read with their optimizer state ([`Table::read_state`]), in the order of the keys asked.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowsWithState {
+    /// Each row's version (0: a dynamic table's key not held).
+    pub versions: Vec<u64>,
+    /// Their values, keys x dim.
+    pub values: Vec<f32>,
+    /// Their optimizer state, keys x the table's state length (none for SGD).
+    pub state: Vec<f32>,
+    /// Their step counts, one a key where the optimizer counts steps (Adam), else none.
+    pub steps: Vec<u64>,
+}
+
 /// Keys of one batch grouped by shard, remembering where each came from.
 #[derive(Debug, Default)]
 struct Routed {
@@ -508,7 +522,6 @@ impl Table {
     }
 
     fn check(&self, keys: &[u64], values: usize) -> Result<(), ClientError> {
-        self.cluster.check_open()?;
         let dim = self.spec.dim as usize;
         if values != keys.len() * dim {
             return Err(ClientError::WrongDim {
@@ -518,6 +531,12 @@ impl Table {
                 len: values,
             });
         }
+        self.check_keys(keys)
+    }
+
+    /// Fails when the cluster is closed or a key is out of the table's range.
+    fn check_keys(&self, keys: &[u64]) -> Result<(), ClientError> {
+        self.cluster.check_open()?;
         // A dynamic table takes every u64 key.
         if let Some(&key) = keys
             .iter()
@@ -676,22 +695,185 @@ impl Table {
     /// state starts again (imports, warm starts). Returns the rows set. Every value is checked
     /// first, as [`Table::push`] checks its gradients.
     pub fn assign(&self, keys: &[u64], values: &[f32]) -> Result<u64, ClientError> {
-        self.check(keys, values.len())?;
-        self.check_finite(keys, values, "value")?;
-        let routed = Routed::new(self.routing(), keys);
+        self.assign_rows(&Assignment::values(keys, values))
+    }
+
+    /// Sets rows as `rows` says: their values (or keeps them; a dynamic table's key not held
+    /// takes its initial value) and their optimizer state (started again, kept, or set to given
+    /// state and step counts, as [`Table::read_state`] reads them). Each row's version grows by
+    /// one, so caches see the change. Everything is checked before anything is sent
+    /// ([`Assignment::check`]); returns the rows set.
+    pub fn assign_rows(&self, rows: &Assignment<'_>) -> Result<u64, ClientError> {
+        self.check_keys(rows.keys)?;
         let dim = self.spec.dim as usize;
+        let optimizer = hetkv_transport::Optimizer::new(self.spec.optimizer);
+        rows.check(dim, &optimizer).map_err(|e| match e {
+            Refused::Shape(what) => ClientError::InvalidAssignment {
+                table: self.spec.name.clone(),
+                what,
+            },
+            Refused::Value { key, what } => ClientError::InvalidValue {
+                table: self.spec.name.clone(),
+                key,
+                what,
+            },
+        })?;
+        let len = optimizer.state_len(dim);
+        let chunk = self.chunk_keys(optimizer.state_shape(dim));
+        let mut done = 0;
+        for (c, keys) in rows.keys.chunks(chunk).enumerate() {
+            let at = c * chunk..c * chunk + keys.len();
+            let part = Assignment {
+                keys,
+                values: rows.values.map(|v| &v[at.start * dim..at.end * dim]),
+                state: match rows.state {
+                    StateChange::Set { values, steps } => StateChange::Set {
+                        values: &values[at.start * len..at.end * len],
+                        steps: steps.get(at.clone()).unwrap_or(&[]),
+                    },
+                    other => other,
+                },
+            };
+            done += self.assign_chunk(&part, dim, len)?;
+        }
+        Ok(done)
+    }
+
+    /// Keys a request of [`Table::assign_rows`] or [`Table::read_state`] carries at most: about
+    /// 16 MiB of rows with their state, within any frame limit a daemon uses by default.
+    fn chunk_keys(&self, shape: hetkv_transport::StateShape) -> usize {
+        let row = 4 + 8 + 4 * self.spec.dim as usize + shape.bytes();
+        ((16usize << 20) / row).max(1)
+    }
+
+    /// One request a shard of [`Table::assign_rows`], already checked.
+    fn assign_chunk(
+        &self,
+        rows: &Assignment<'_>,
+        dim: usize,
+        len: usize,
+    ) -> Result<u64, ClientError> {
+        let routed = Routed::new(self.routing(), rows.keys);
         let name = &self.spec.name;
-        let rows = self.write_shards(&routed, "assigned", |s, shard, shard_keys| {
-            let mut v = Vec::with_capacity(routed.positions[s].len() * dim);
-            for &p in &routed.positions[s] {
-                v.extend_from_slice(&values[p * dim..(p + 1) * dim]);
+        let gather = |positions: &[usize], from: &[f32], width: usize| -> Vec<f32> {
+            let mut out = Vec::with_capacity(positions.len() * width);
+            for &p in positions {
+                out.extend_from_slice(&from[p * width..(p + 1) * width]);
             }
-            shard
-                .assign(name, shard_keys, &v)
-                .map(|ack| ack.rows as u64)
+            out
+        };
+        let done = self.write_shards(&routed, "assigned", |s, shard, shard_keys| {
+            let positions = &routed.positions[s];
+            let values = rows.values.map(|v| gather(positions, v, dim));
+            let (states, steps) = match rows.state {
+                StateChange::Set { values, steps } => (
+                    gather(positions, values, len),
+                    positions
+                        .iter()
+                        .filter_map(|&p| steps.get(p).copied())
+                        .collect(),
+                ),
+                _ => (Vec::new(), Vec::new()),
+            };
+            let state = match rows.state {
+                StateChange::Set { .. } => StateChange::Set {
+                    values: &states,
+                    steps: &steps,
+                },
+                other => other,
+            };
+            let mine = Assignment {
+                keys: shard_keys,
+                values: values.as_deref(),
+                state,
+            };
+            shard.assign(name, &mine).map(|ack| ack.rows as u64)
         })?;
         self.cluster.check_rollbacks()?;
-        Ok(rows.iter().sum())
+        Ok(done.iter().sum())
+    }
+
+    /// The rows of `keys` with their optimizer state, each row's value, version and state read
+    /// together under its writer lock on its shard: what [`Table::assign_rows`] sets back with
+    /// [`StateChange::Set`]. A dynamic table's key not held reads as version 0 with its initial
+    /// value and the initial state.
+    pub fn read_state(&self, keys: &[u64]) -> Result<RowsWithState, ClientError> {
+        self.check_keys(keys)?;
+        let shape = hetkv_transport::Optimizer::new(self.spec.optimizer)
+            .state_shape(self.spec.dim as usize);
+        let mut read = RowsWithState::default();
+        for keys in keys.chunks(self.chunk_keys(shape)) {
+            let part = self.read_state_chunk(keys, shape)?;
+            read.versions.extend(part.versions);
+            read.values.extend(part.values);
+            read.state.extend(part.state);
+            read.steps.extend(part.steps);
+        }
+        Ok(read)
+    }
+
+    /// One request a shard of [`Table::read_state`].
+    fn read_state_chunk(
+        &self,
+        keys: &[u64],
+        shape: hetkv_transport::StateShape,
+    ) -> Result<RowsWithState, ClientError> {
+        let dim = self.spec.dim as usize;
+        let routed = Routed::new(self.routing(), keys);
+        let name = &self.spec.name;
+        let dynamic = self.spec.is_dynamic();
+        let results = self.per_shard(&routed, |_, shard, shard_keys| {
+            let clocks = vec![hetkv_transport::wire::NOT_CACHED; shard_keys.len()];
+            let births = vec![0u64; shard_keys.len()];
+            let query = StaleQuery {
+                table: name,
+                keys: shard_keys,
+                clocks: &clocks,
+                births: dynamic.then_some(births.as_slice()),
+                bound: 0,
+                since: None,
+                push: None,
+                state_keys: shard_keys.len() as u32,
+            };
+            let mut out = StaleRows::default();
+            shard.pull_if_stale(&query, &mut out).into_result()?;
+            Ok(out)
+        })?;
+        let n = keys.len();
+        let mut read = RowsWithState {
+            versions: vec![0; n],
+            values: vec![0.0; n * dim],
+            state: vec![0.0; n * shape.len],
+            steps: vec![0; if shape.steps { n } else { 0 }],
+        };
+        for (s, out) in results.iter().enumerate() {
+            let m = routed.keys[s].len();
+            if out.indices.len() != m
+                || out.states.values.len() != m * shape.len
+                || out.states.steps.len() != if shape.steps { m } else { 0 }
+            {
+                return Err(ClientError::InconsistentCluster(format!(
+                    "{} answered {} rows and {} state values for {m} keys of table {name}",
+                    self.cluster.shards[s].addr(),
+                    out.indices.len(),
+                    out.states.values.len()
+                )));
+            }
+            for (j, &pos) in routed.positions[s].iter().enumerate() {
+                let row = &mut read.values[pos * dim..(pos + 1) * dim];
+                row.copy_from_slice(&out.rows[j * dim..(j + 1) * dim]);
+                let version = out.versions[j];
+                self.spec.complete_pulled(keys[pos], version, row);
+                read.versions[pos] = version;
+                let state = &mut read.state[pos * shape.len..(pos + 1) * shape.len];
+                state.copy_from_slice(&out.states.values[j * shape.len..(j + 1) * shape.len]);
+                if shape.steps {
+                    read.steps[pos] = out.states.steps[j];
+                }
+            }
+        }
+        self.cluster.check_rollbacks()?;
+        Ok(read)
     }
 
     /// Fails, naming the key and the element, when a value is NaN or infinite.

@@ -30,7 +30,9 @@ pub use cache::{
     lookup_many, prefetch_many, update_many, Bound, CacheConfig, CachedTable, Capacity, PolicyKind,
     UpdateRule, UpdateRuleKind,
 };
-pub use cluster::{shard_addrs, Cluster, OnRollback, PushReport, Table, TransportKind};
+pub use cluster::{
+    shard_addrs, Cluster, OnRollback, PushReport, RowsWithState, Table, TransportKind,
+};
 pub use stats::{CacheStats, PhaseTimes};
 
 use hetkv_transport::TransportError;
@@ -86,6 +88,15 @@ pub enum ClientError {
         /// The key whose row holds it.
         key: u64,
         /// What is wrong.
+        what: String,
+    },
+    /// An assignment whose values or state do not make its rows (see
+    /// [`hetkv_transport::codec::assign::Assignment::check`]).
+    #[error("table {table}: {what}; nothing was assigned")]
+    InvalidAssignment {
+        /// Table name.
+        table: String,
+        /// What does not fit.
         what: String,
     },
     /// A write spanning shards that some applied and others did not (unreachable, or refusing

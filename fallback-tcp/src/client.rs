@@ -1021,12 +1021,11 @@ impl ShardTransport for TcpShardClient {
     fn assign(
         &self,
         table: &str,
-        keys: &[u64],
-        values: &[f32],
+        rows: &codec::assign::Assignment<'_>,
     ) -> Result<PushResponse, TransportError> {
         self.call(
             Op::Assign,
-            |buf| codec::assign::encode_request(buf, table, keys, values),
+            |buf| codec::assign::encode_request(buf, table, rows),
             |p| {
                 let incarnation = p.incarnation;
                 Ok(PushResponse {

@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hetkv_transport::codec::assign::StateChange;
 use hetkv_transport::keyed::{
     KeyedLayout, KeyedRegion, Placement as Slot, BUCKET_BYTES, BUCKET_SLOTS,
 };
@@ -39,6 +40,7 @@ use hetkv_transport::{
 
 use crate::checkpoint::format::{FileHeader, Kind, RecordShape, RecordView, TableFileWriter};
 use crate::placement::Placement;
+use crate::table::check_assignment;
 use crate::StoreError;
 
 /// Evictions the stream keeps for readers that lag.
@@ -502,42 +504,50 @@ impl DynamicRows {
         Ok(report)
     }
 
-    /// Sets the rows of `keys` to `values` (keys x dim; an import, a warm start): each key is
-    /// admitted whatever the table's rule (an import names the rows it wants), taking the slot of
-    /// its bucket's lowest score when the bucket is full; each row becomes one update (its
-    /// version and the clock grow by one) and its optimizer state starts again. Nothing is set
-    /// when any value is NaN or infinite. Returns the rows set.
-    pub fn assign(&self, keys: &[u64], values: &[f32]) -> Result<u64, StoreError> {
-        if values.len() != keys.len() * self.dim {
-            return Err(StoreError::WrongDim(format!(
-                "{} values do not make {} rows of {}",
-                values.len(),
-                keys.len(),
-                self.dim
-            )));
-        }
-        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
-            return Err(StoreError::InvalidGradient(format!(
-                "value for key {} holds {} at element {}; nothing was assigned",
-                keys[at / self.dim],
-                values[at],
-                at % self.dim
-            )));
-        }
+    /// Sets the rows of `keys` (an import, a warm start, a model's or an optimizer's state
+    /// loaded): each key is admitted whatever the table's rule (an assignment names the rows it
+    /// wants), taking the slot of its bucket's lowest score when the bucket is full; its value
+    /// becomes `values`' row (or stays: a key admitted here takes its initial value) and its
+    /// optimizer state follows `state` (a key admitted here starts it again unless it is set).
+    /// Each row becomes one update (its version and the clock grow by one). Nothing is set when
+    /// [`Assignment::check`](hetkv_transport::codec::assign::Assignment::check) refuses. Returns the rows set.
+    pub fn assign(
+        &self,
+        keys: &[u64],
+        values: Option<&[f32]>,
+        state: StateChange<'_>,
+    ) -> Result<u64, StoreError> {
+        check_assignment(keys, self.dim, &self.optimizer, values, state)?;
         let keyed = KeyedRegion::new(&self.layout, self.region.words());
         let mut image = vec![0u8; self.layout.row().stride()];
+        let mut w = vec![0f32; self.dim];
+        let len = self.state_len;
         for (n, &key) in keys.iter().enumerate() {
-            let w = &values[n * self.dim..(n + 1) * self.dim];
             let (mut b, first, placed) = self.lock_placed(&keyed, key, &mut image)?;
             let (slot, version) = match placed {
-                Slot::Resident { slot, version } => (slot, version.saturating_add(1)),
+                Slot::Resident { slot, version } => {
+                    row::decode_payload(self.layout.row(), &image, &mut w);
+                    (slot, version.saturating_add(1))
+                }
                 Slot::Free(slot) | Slot::Evict { slot, .. } => {
                     self.take_slot(&mut b, placed, first);
+                    self.init.fill(key, &mut w);
                     (slot, 1)
                 }
             };
+            if let Some(values) = values {
+                w.copy_from_slice(&values[n * self.dim..(n + 1) * self.dim]);
+            }
             let entry = (slot - first) as usize;
-            self.restart_state(&mut b, entry);
+            match state {
+                StateChange::Keep => {}
+                StateChange::Reset => self.restart_state(&mut b, entry),
+                StateChange::Set { values: set, steps } => {
+                    b.state[entry * len..(entry + 1) * len]
+                        .copy_from_slice(&set[n * len..(n + 1) * len]);
+                    b.steps[entry] = steps.get(n).copied().unwrap_or(0);
+                }
+            }
             let stored = Stored {
                 slot,
                 entry,
@@ -545,7 +555,7 @@ impl DynamicRows {
                 version,
                 count: 1,
             };
-            self.store(&keyed, &mut b, key, stored, w, &mut image);
+            self.store(&keyed, &mut b, key, stored, &w, &mut image);
         }
         Ok(keys.len() as u64)
     }
@@ -1036,16 +1046,15 @@ impl DynamicTable {
         })
     }
 
-    /// Sets rows from an import (keys checked against the routing): [`DynamicRows::assign`].
+    /// Sets rows (keys checked against the routing): [`DynamicRows::assign`].
     pub fn assign(
         &self,
-        keys: hetkv_transport::wire::U64s<'_>,
-        values: hetkv_transport::wire::F32s<'_>,
+        keys: &[u64],
+        values: Option<&[f32]>,
+        state: StateChange<'_>,
     ) -> Result<u64, StoreError> {
-        self.check_keys(keys.iter())?;
-        let keys: Vec<u64> = keys.iter().collect();
-        let values: Vec<f32> = values.iter().collect();
-        let rows = self.rows.assign(&keys, &values)?;
+        self.check_keys(keys.iter().copied())?;
+        let rows = self.rows.assign(keys, values, state)?;
         self.rows_pushed.fetch_add(rows, Ordering::Relaxed);
         Ok(rows)
     }
@@ -1268,6 +1277,7 @@ impl DecodedPush {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hetkv_transport::codec::assign::StateChange::{Keep, Reset};
     use hetkv_transport::{DynamicSpec, OptimizerSpec};
 
     /// Pushes rows to `t` through the checks every push goes through.
@@ -1612,7 +1622,7 @@ mod tests {
         let t = rows(32, Admission::Threshold { count: 200 }, Eviction::Lru);
         let keys: Vec<u64> = (0..40u64).map(|k| k * 7919).collect();
         let values: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32).collect();
-        assert_eq!(t.assign(&keys, &values).unwrap(), 40);
+        assert_eq!(t.assign(&keys, Some(&values), Reset).unwrap(), 40);
         assert_eq!(t.resident(), 32);
         let evicted = t.evictions(0, 100).unwrap().events;
         assert_eq!(
@@ -1630,12 +1640,57 @@ mod tests {
             assert_eq!(out, [values[2 * n], values[2 * n + 1]]);
         }
         // Assigned again: version 2, in place.
-        assert_eq!(t.assign(&keys[39..], &[5.0, 6.0]).unwrap(), 1);
+        assert_eq!(t.assign(&keys[39..], Some(&[5.0, 6.0]), Reset).unwrap(), 1);
         assert_eq!(t.read(keys[39], &mut out).unwrap(), 2);
         assert_eq!(out, [5.0, 6.0]);
         // A NaN sets nothing.
-        assert!(t.assign(&keys[..1], &[f32::NAN, 0.0]).is_err());
+        assert!(t.assign(&keys[..1], Some(&[f32::NAN, 0.0]), Reset).is_err());
         assert_eq!(t.resident(), 32);
+    }
+
+    #[test]
+    fn an_assignment_sets_keeps_or_resets_the_optimizer_state() {
+        let rule = (Admission::Always, Eviction::Lru);
+        let spec = table("a", 2, Initializer::Zeros, OptimizerSpec::adam(0.01), rule);
+        let layout = KeyedLayout::with_capacity(2, 64).unwrap();
+        let placement = Placement::new(0, None, None).unwrap();
+        let t = DynamicRows::create(&spec, 0, layout, &placement).unwrap();
+        let mut image = vec![0u8; layout.row().stride()];
+        let mut state = [0f32; 4];
+        let held = |image: &mut [u8], state: &mut [f32; 4]| {
+            let row = t.held_row(9, image, state).unwrap().unwrap();
+            let mut w = [0f32; 2];
+            row::decode_payload(layout.row(), image, &mut w);
+            (row.version, row.step, w)
+        };
+        // A state set on a key not held admits it at its initial value.
+        let set = StateChange::Set {
+            values: &[0.5, -0.5, 0.25, 0.125],
+            steps: &[7],
+        };
+        assert_eq!(t.assign(&[9], None, set).unwrap(), 1);
+        assert_eq!(held(&mut image, &mut state), (1, 7, [0.0, 0.0]));
+        assert_eq!(state, [0.5, -0.5, 0.25, 0.125]);
+        // Values with the state kept: the state is the one set.
+        assert_eq!(t.assign(&[9], Some(&[1.0, 2.0]), Keep).unwrap(), 1);
+        assert_eq!(held(&mut image, &mut state), (2, 7, [1.0, 2.0]));
+        assert_eq!(state, [0.5, -0.5, 0.25, 0.125]);
+        // A negative second moment, or a step count missing, sets nothing.
+        let bad = StateChange::Set {
+            values: &[0.0, 0.0, 0.0, -1.0],
+            steps: &[1],
+        };
+        assert!(t.assign(&[9], None, bad).is_err());
+        let short = StateChange::Set {
+            values: &[0.0; 4],
+            steps: &[],
+        };
+        assert!(t.assign(&[9], None, short).is_err());
+        assert_eq!(held(&mut image, &mut state), (2, 7, [1.0, 2.0]));
+        // Reset: a new optimizer's state, the values kept.
+        assert_eq!(t.assign(&[9], None, Reset).unwrap(), 1);
+        assert_eq!(held(&mut image, &mut state), (3, 0, [1.0, 2.0]));
+        assert_eq!(state, [0.0; 4]);
     }
 
     #[test]

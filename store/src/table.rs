@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use hetkv_transport::codec::assign::{Assignment, Refused, StateChange};
 use hetkv_transport::codec::RowsWriter;
 use hetkv_transport::row::{self, RowLayout, DEFAULT_READ_ATTEMPTS};
 use hetkv_transport::wire::{F32s, PushRows, U32s, U64s, NO_BASE};
@@ -478,53 +479,57 @@ impl Table {
         self.dirty[(i / GROUP) as usize].load(Ordering::Acquire) & (1 << (i % GROUP)) != 0
     }
 
-    /// Validates an assignment (import) without changing anything: returns the local indices.
+    /// Validates an assignment without changing anything ([`Assignment::check`]): returns the
+    /// local indices.
     pub fn validate_assign(
         &self,
-        keys: U64s<'_>,
-        values: F32s<'_>,
+        keys: &[u64],
+        values: Option<&[f32]>,
+        state: StateChange<'_>,
     ) -> Result<Vec<u64>, StoreError> {
-        let dim = self.layout.dim();
-        if values.len() != keys.len() * dim {
-            return Err(StoreError::WrongDim(format!(
-                "table {} has dim {dim}: {} values do not make {} rows",
-                self.spec.name,
-                values.len(),
-                keys.len()
-            )));
-        }
-        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-            return Err(StoreError::InvalidGradient(format!(
-                "value for key {} holds {} at element {}; nothing was assigned",
-                keys.get(pos / dim),
-                values.get(pos),
-                pos % dim
-            )));
-        }
-        keys.iter().map(|k| self.local_index(k)).collect()
+        check_assignment(keys, self.layout.dim(), &self.optimizer, values, state)?;
+        keys.iter().map(|&k| self.local_index(k)).collect()
     }
 
-    /// Sets validated rows (`locals` from [`Table::validate_assign`]) to `values`: each is one
-    /// update (its version and the clock grow by one, so caches see the change) and its
-    /// optimizer state starts again.
-    pub fn apply_assign(&self, locals: &[u64], values: F32s<'_>) {
+    /// Sets validated rows (`locals` from [`Table::validate_assign`]): each row's value to
+    /// `values` (or kept) and its optimizer state as `state` says, under its writer lock; each
+    /// is one update (its version and the clock grow by one, so caches see the change).
+    pub fn apply_assign(&self, locals: &[u64], values: Option<&[f32]>, state: StateChange<'_>) {
         let dim = self.layout.dim();
+        let len = self.state_len;
         self.clock_word()
             .fetch_add(locals.len() as u64, Ordering::AcqRel);
         let mut w = vec![0f32; dim];
         let mut image = vec![0u8; self.layout.stride()];
         for (n, &i) in locals.iter().enumerate() {
-            values.copy_to(n * dim, &mut w);
             let mut stripe = self.stripe(i);
             let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
                 .expect("a row read under its writer lock is stable")
                 .version;
+            match values {
+                Some(values) => w.copy_from_slice(&values[n * dim..(n + 1) * dim]),
+                None => row::decode_payload(&self.layout, &image, &mut w),
+            }
             let slot = locate(i).1;
             let StripeState { floats, steps } = &mut *stripe;
-            self.optimizer
-                .init_state(&mut floats[slot * self.state_len..(slot + 1) * self.state_len]);
-            if let Some(step) = steps.get_mut(slot) {
-                *step = 0;
+            let row_state = &mut floats[slot * len..(slot + 1) * len];
+            match state {
+                StateChange::Keep => {}
+                StateChange::Reset => {
+                    self.optimizer.init_state(row_state);
+                    if let Some(step) = steps.get_mut(slot) {
+                        *step = 0;
+                    }
+                }
+                StateChange::Set {
+                    values: set,
+                    steps: set_steps,
+                } => {
+                    row_state.copy_from_slice(&set[n * len..(n + 1) * len]);
+                    if let Some(step) = steps.get_mut(slot) {
+                        *step = set_steps[n];
+                    }
+                }
             }
             row::encode_image(&self.layout, version.saturating_add(1), &w, &mut image);
             row::write_row(self.region.words(), &self.layout, i, &image);
@@ -669,6 +674,27 @@ fn stripe_rows(local_rows: u64, s: usize) -> usize {
     let mine = (groups - s).div_ceil(STRIPES as u64);
     let last = s + (mine - 1) * STRIPES as u64;
     ((mine - 1) * GROUP + (local_rows - last * GROUP).min(GROUP)) as usize
+}
+
+/// [`Assignment::check`] of the given parts, as the store's error.
+pub(crate) fn check_assignment(
+    keys: &[u64],
+    dim: usize,
+    optimizer: &Optimizer,
+    values: Option<&[f32]>,
+    state: StateChange<'_>,
+) -> Result<(), StoreError> {
+    let rows = Assignment {
+        keys,
+        values,
+        state,
+    };
+    rows.check(dim, optimizer).map_err(|e| match e {
+        Refused::Shape(m) => StoreError::WrongDim(m),
+        Refused::Value { key, what } => {
+            StoreError::InvalidGradient(format!("key {key}: {what}; nothing was assigned"))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! a file. The bytes: `embeddings` (f32, rows x dim), `versions` (u64, one per row) and, when only
 //! some keys were asked for, `keys` (u64); metadata `table`, `rows`, `dim`, `optimizer`.
 
+use hetkv_transport::codec::assign::Assignment;
 use std::path::Path;
 
 use hetkv_transport::{ShardTransport, TableSpec};
@@ -310,7 +311,7 @@ pub fn import_table(
                 v.extend_from_slice(&values[(base + j) * dim..(base + j + 1) * dim]);
             }
             assigned += c
-                .assign(&spec.name, &k, &v)
+                .assign(&spec.name, &Assignment::values(&k, &v))
                 .map_err(|e| {
                     io(
                         format!(

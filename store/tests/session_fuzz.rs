@@ -137,9 +137,35 @@ fn seeds() -> Vec<Vec<u8>> {
         frame(Op::Stats, &(), &[]),
         frame(Op::DropTable, &TableRequest { table: t() }, &[]),
     ];
+    // Assignments: values with the state reset, and values kept with an Adagrad table's state
+    // set (three rows of four accumulators).
+    let mut values = keys.clone();
+    put_f32s(&mut values, &[0.5; 12]);
+    seeds.push(frame(
+        Op::Assign,
+        &wire::AssignRequest {
+            table: t(),
+            rows: 3,
+            values: true,
+            state: wire::AssignState::Reset,
+        },
+        &values,
+    ));
+    let mut state = keys.clone();
+    put_f32s(&mut state, &[0.25; 12]);
+    seeds.push(frame(
+        Op::Assign,
+        &wire::AssignRequest {
+            table: "g".into(),
+            rows: 3,
+            values: false,
+            state: wire::AssignState::Set,
+        },
+        &state,
+    ));
     // A batch of a push and a pull (each request a whole frame, its prefix included).
     let mut batch = Vec::new();
-    for body in [&seeds[seeds.len() - 3], &seeds[3]] {
+    for body in [&seeds[seeds.len() - 5], &seeds[3]] {
         batch.extend_from_slice(&(body.len() as u32).to_le_bytes());
         batch.extend_from_slice(body);
     }
@@ -186,7 +212,7 @@ fn acknowledged(parts: &wire::FrameParts<'_>) -> u64 {
     if parts.status != Status::Ok as u8 {
         return 0;
     }
-    if parts.op == Op::Push as u8 {
+    if parts.op == Op::Push as u8 || parts.op == Op::Assign as u8 {
         let ack: PushResponse = wire::decode_header(parts.header).unwrap();
         return if ack.duplicate { 0 } else { ack.updates };
     }
@@ -214,6 +240,13 @@ fn acknowledged(parts: &wire::FrameParts<'_>) -> u64 {
 fn mutated_frames_never_panic_the_shard_and_every_answer_is_a_frame() {
     let shard = Shard::new(ShardConfig::new(0, 1)).unwrap();
     shard.create(spec()).unwrap();
+    shard
+        .create(TableSpec {
+            name: "g".into(),
+            optimizer: OptimizerSpec::adagrad(0.1),
+            ..spec()
+        })
+        .unwrap();
     let hello = frame(
         Op::Hello,
         &HelloRequest {

@@ -516,7 +516,11 @@ impl ShardTransport for SimShard {
         Ok(self.apply(&mut s, rows, produced))
     }
 
-    fn assign(&self, _: &str, _: &[u64], _: &[f32]) -> Result<PushResponse, TransportError> {
+    fn assign(
+        &self,
+        _: &str,
+        _: &hetkv_transport::codec::assign::Assignment<'_>,
+    ) -> Result<PushResponse, TransportError> {
         Err(self.refuse(
             ErrorCode::Unsupported,
             "the simulation has no assign".into(),

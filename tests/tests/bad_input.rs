@@ -5,6 +5,7 @@ use hetkv_client::Cluster;
 use hetkv_fallback_tcp::{ClientConfig, ServerConfig, TcpShardClient};
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 use hetkv_tests::{sgd_table, RawConn};
+use hetkv_transport::codec::assign::Assignment;
 use hetkv_transport::wire::{
     ErrorCode, PullRequest, PushRequest, ReadRequest, Span, TableRequest, PROTOCOL_VERSION,
 };
@@ -450,7 +451,7 @@ fn a_connection_closed_for_idleness_costs_no_request() {
         std::thread::sleep(std::time::Duration::from_millis(700));
         let v = round as f32;
         client
-            .assign("emb", &[round], &[v, v])
+            .assign("emb", &Assignment::values(&[round], &[v, v]))
             .unwrap_or_else(|e| panic!("round {round}: the assign was lost: {e}"));
         std::thread::sleep(std::time::Duration::from_millis(700));
         client

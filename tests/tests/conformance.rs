@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use hetkv_fallback_tcp::{ClientConfig, ServerConfig, TcpShardClient};
 use hetkv_store::{EmbeddedCluster, ShardConfig};
 use hetkv_tests::{sgd_table, TestRng};
+use hetkv_transport::codec::assign::Assignment;
 use hetkv_transport::row::{self, RowLayout};
 use hetkv_transport::wire::NOT_CACHED;
 use hetkv_transport::wire::{PushResponse, Since};
@@ -686,7 +687,8 @@ fn slots_given_to_other_keys_are_never_read_as_theirs(kind: &str) {
                     .map(|_| keys[rng.below(keys.len() as u64) as usize])
                     .collect();
                 let values: Vec<f32> = batch.iter().flat_map(|&k| row_of(k, dim)).collect();
-                w.assign(&spec.name, &batch, &values).unwrap();
+                w.assign(&spec.name, &Assignment::values(&batch, &values))
+                    .unwrap();
                 assigned += batch.len() as u64;
             }
             assigned

@@ -576,13 +576,13 @@ pub trait ShardTransport: Send + Sync {
         let mut produced = Produced::default();
         self.push_rows(table, &PushRef::new(keys, counts, grads), &mut produced)
     }
-    /// Sets rows to `values` (keys x dim), all or nothing: each row's version grows by one and
-    /// its optimizer state starts again (import, warm start).
+    /// Sets rows, all or nothing: their values (or keeps them) and their optimizer state
+    /// (reset, kept or set), each row's version growing by one (imports, warm starts, a model's
+    /// or an optimizer's state loaded).
     fn assign(
         &self,
         table: &str,
-        keys: &[u64],
-        values: &[f32],
+        rows: &crate::codec::assign::Assignment<'_>,
     ) -> Result<PushResponse, TransportError>;
     /// Asks the shard to write checkpoint `name` of all its tables into its data directory
     /// (docs/CHECKPOINTS.md); returns when it is committed.

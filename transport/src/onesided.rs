@@ -990,10 +990,9 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
     fn assign(
         &self,
         table: &str,
-        keys: &[u64],
-        values: &[f32],
+        rows: &crate::codec::assign::Assignment<'_>,
     ) -> Result<PushResponse, TransportError> {
-        self.control.assign(table, keys, values)
+        self.control.assign(table, rows)
     }
 
     fn checkpoint(

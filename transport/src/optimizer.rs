@@ -105,6 +105,32 @@ impl Optimizer {
         }
     }
 
+    /// Checks one row's state (of [`Self::state_len`] values) before it is set: every value
+    /// finite, and the ones a step takes a square root of (Adagrad's accumulators, Adam's second
+    /// moments) not negative. The error names the first value refused and its element.
+    pub fn check_state(&self, state: &[f32]) -> Result<(), String> {
+        if let Some(at) = state.iter().position(|v| !v.is_finite()) {
+            return Err(format!("state element {at} is {}", state[at]));
+        }
+        let squares = match self.spec {
+            OptimizerSpec::Sgd { .. } => 0..0,
+            OptimizerSpec::Adagrad { .. } | OptimizerSpec::RowwiseAdagrad { .. } => 0..state.len(),
+            OptimizerSpec::Adam { .. } => state.len() / 2..state.len(),
+        };
+        match squares.clone().find(|&i| state[i] < 0.0) {
+            Some(at) => Err(format!(
+                "state element {at} is {}, and a {} must not be negative",
+                state[at],
+                if matches!(self.spec, OptimizerSpec::Adam { .. }) {
+                    "second moment"
+                } else {
+                    "squared-gradient accumulator"
+                }
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Applies one step with gradient `g` to row `w`, updating its `state` (of
     /// [`Self::state_len`]) and `step` count.
     pub fn apply(&self, w: &mut [f32], g: &[f32], state: &mut [f32], step: &mut u64) {
@@ -246,6 +272,39 @@ fn power(base: f32, mut n: u64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_to_set_is_checked_where_a_step_would_go_wrong() {
+        let adagrad = Optimizer::new(OptimizerSpec::Adagrad {
+            lr: 0.1,
+            eps: 1e-8,
+            initial_accumulator: 0.0,
+        });
+        assert!(adagrad.check_state(&[0.0, 2.5]).is_ok());
+        assert!(adagrad
+            .check_state(&[0.0, -1.0])
+            .unwrap_err()
+            .contains("element 1"));
+        assert!(adagrad
+            .check_state(&[f32::NAN, 1.0])
+            .unwrap_err()
+            .contains("element 0"));
+        let adam = Optimizer::new(OptimizerSpec::Adam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        });
+        // First moments may be negative; second moments may not.
+        assert!(adam.check_state(&[-1.0, -2.0, 1.0, 0.0]).is_ok());
+        let e = adam.check_state(&[-1.0, -2.0, 1.0, -0.5]).unwrap_err();
+        assert!(
+            e.contains("element 3") && e.contains("second moment"),
+            "{e}"
+        );
+        let sgd = Optimizer::new(OptimizerSpec::Sgd { lr: 0.1 });
+        assert!(sgd.check_state(&[]).is_ok());
+    }
 
     #[test]
     fn power_by_squaring_matches_repeated_multiplication_closely() {

@@ -23,7 +23,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::spec::{TableInfo, TableSpec};
 
 /// Version of this protocol. A hello with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 /// Magic bytes at the start of every hello.
 pub const MAGIC: [u8; 4] = *b"HTKV";
 /// Length of the frame prefix (`body_len`).
@@ -73,8 +73,8 @@ pub enum Op {
     Challenge = 11,
     /// Write a checkpoint of every table of the shard into its data directory.
     Checkpoint = 12,
-    /// Set rows to given values (import, warm start): each row's version grows by one and its
-    /// optimizer state starts again.
+    /// Set rows' values, optimizer state or both (an import, a warm start, a model's or an
+    /// optimizer's state loaded): each row's version grows by one.
     Assign = 13,
     /// A page of a dynamic table's eviction stream on this shard, from a cursor.
     Evictions = 14,
@@ -837,13 +837,32 @@ pub struct CheckpointResponse {
     pub micros: u64,
 }
 
-/// Assign request header; payload: `rows` x u64 keys, then `rows` x `dim` f32 values.
+/// Assign request header; payload: `rows` x u64 keys, then, when `values`, `rows` x `dim` f32
+/// values, then, when `state` is [`AssignState::Set`], `rows` x the table's `state_len` f32
+/// state values and, for an optimizer that counts steps, `rows` x u64 step counts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AssignRequest {
     /// Table name.
     pub table: String,
     /// Number of rows.
     pub rows: u32,
+    /// Whether the rows' values are set (else kept: a key a dynamic table does not hold takes
+    /// its initial value).
+    pub values: bool,
+    /// What becomes of the rows' optimizer state.
+    pub state: AssignState,
+}
+
+/// What an assignment does to its rows' optimizer state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AssignState {
+    /// Starts again, as a new optimizer's (an import, a warm start).
+    #[default]
+    Reset,
+    /// Stays as it is (a model's weights loaded: torch leaves its optimizer's state alone).
+    Keep,
+    /// Set to the values (and step counts) the payload carries (an optimizer's state loaded).
+    Set,
 }
 
 /// Per-table statistics of one shard.

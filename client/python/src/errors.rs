@@ -147,7 +147,9 @@ pub(crate) fn py_err(e: ClientError) -> PyErr {
             },
         },
         ClientError::KeyOutOfRange { .. } => KeyOutOfRangeError::new_err(message),
-        ClientError::WrongDim { .. } => WrongDimError::new_err(message),
+        ClientError::WrongDim { .. } | ClientError::InvalidAssignment { .. } => {
+            WrongDimError::new_err(message)
+        }
         ClientError::TransportUnavailable(_) => ConnectionError::new_err(message),
         ClientError::UnknownTable(_) => UnknownTableError::new_err(message),
         ClientError::Cache(c) => match c {

@@ -2,10 +2,12 @@
 //! push, pushes applied once per origin, assignments, and reads of region spans.
 
 use hetkv_transport::codec;
+use hetkv_transport::codec::assign::StateChange;
 use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ShardService};
+use hetkv_transport::wire::AssignState;
 use hetkv_transport::wire::{is_stale, PullIfStaleResponse, PullResponse, PushResponse};
-use hetkv_transport::Produced;
+use hetkv_transport::{Optimizer, Produced, TableSpec};
 
 use super::Shard;
 use crate::dynamic::{DynamicTable, PushReport};
@@ -18,20 +20,19 @@ impl Shard {
         &self,
         req: &codec::assign::Request<'_>,
     ) -> Result<PushResponse, StoreError> {
-        if let Some(t) = self.dynamic_table(&req.table) {
-            let rows = t.assign(req.keys, req.values)?;
-            return Ok(PushResponse {
-                rows: rows as u32,
-                updates: rows,
-                ..PushResponse::default()
-            });
-        }
-        let t = self.table(&req.table)?;
-        let locals = t.validate_assign(req.keys, req.values)?;
-        t.apply_assign(&locals, req.values);
+        let rows = if let Some(t) = self.dynamic_table(&req.table) {
+            let a = Assigned::decode(req, t.spec())?;
+            t.assign(&a.keys, a.values.as_deref(), a.change())?
+        } else {
+            let t = self.table(&req.table)?;
+            let a = Assigned::decode(req, t.spec())?;
+            let locals = t.validate_assign(&a.keys, a.values.as_deref(), a.change())?;
+            t.apply_assign(&locals, a.values.as_deref(), a.change());
+            locals.len() as u64
+        };
         Ok(PushResponse {
-            rows: locals.len() as u32,
-            updates: locals.len() as u64,
+            rows: rows as u32,
+            updates: rows,
             ..PushResponse::default()
         })
     }
@@ -394,6 +395,42 @@ impl Shard {
                 t.hand_back_current(locals, &rows, produced);
                 Ok((updates, true))
             }
+        }
+    }
+}
+
+/// An assignment's payload copied out of its frame, divided by its table's shape: an assignment
+/// is not a hot path, and fixed and dynamic tables take the same slices
+/// (`table::check_assignment`).
+struct Assigned {
+    keys: Vec<u64>,
+    values: Option<Vec<f32>>,
+    state: Option<(Vec<f32>, Vec<u64>)>,
+    kind: AssignState,
+}
+
+impl Assigned {
+    fn decode(req: &codec::assign::Request<'_>, spec: &TableSpec) -> Result<Self, StoreError> {
+        let dim = spec.dim as usize;
+        let shape = Optimizer::new(spec.optimizer).state_shape(dim);
+        let parts = req
+            .parts(dim, shape)
+            .map_err(|e| StoreError::Malformed(e.to_string()))?;
+        Ok(Self {
+            keys: req.keys.iter().collect(),
+            values: parts.values.map(|v| v.iter().collect()),
+            state: parts
+                .state
+                .map(|(v, s)| (v.iter().collect(), s.iter().collect())),
+            kind: req.state,
+        })
+    }
+
+    fn change(&self) -> StateChange<'_> {
+        match (&self.state, self.kind) {
+            (Some((values, steps)), _) => StateChange::Set { values, steps },
+            (None, AssignState::Keep) => StateChange::Keep,
+            (None, _) => StateChange::Reset,
         }
     }
 }
