@@ -3,6 +3,7 @@
 use std::sync::Mutex;
 
 use hetkv_client::{CacheConfig, Capacity, PolicyKind, Table as RustTable, UpdateRuleKind};
+use hetkv_transport::codec::assign::{Assignment, StateChange};
 use numpy::{PyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -47,6 +48,44 @@ impl Table {
         let shards = shards_of(self.inner.cluster());
         let name = self.name();
         interruptible(py, || f(&shards, &name, keys), store_err)
+    }
+
+    /// `read_rows(keys, state=True)`: the keys given, or every row's (a fixed table's 0 to rows -
+    /// 1, a dynamic table's held keys), read with their state ([`hetkv_client::Table::read_state`]).
+    fn read_rows_with_state<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let spec = self.inner.spec().clone();
+        let given = keys.is_some();
+        let keys: Vec<u64> = match keys {
+            Some(k) => keys_arg(k)?.slice()?.to_vec(),
+            None if spec.is_dynamic() => {
+                // The held keys, as an export finds them; their rows are read again below,
+                // with their state.
+                let read = self.whole(py, None, hetkv_store::tensors::read_table)?;
+                read.keys.unwrap_or_default()
+            }
+            None => (0..spec.rows).collect(),
+        };
+        let read = interruptible(py, || self.inner.read_state(&keys), py_err)?;
+        let n = keys.len();
+        let len = hetkv_transport::Optimizer::new(spec.optimizer).state_len(spec.dim as usize);
+        let d = PyDict::new(py);
+        let matrix = |values: Vec<f32>, cols: usize| {
+            numpy::PyArrayMethods::reshape(&PyArray1::from_vec(py, values), [n, cols])
+        };
+        d.set_item("embeddings", matrix(read.values, spec.dim as usize)?)?;
+        d.set_item("versions", PyArray1::from_vec(py, read.versions))?;
+        d.set_item("state", matrix(read.state, len)?)?;
+        if hetkv_transport::Optimizer::new(spec.optimizer).has_steps() {
+            d.set_item("steps", PyArray1::from_vec(py, read.steps))?;
+        }
+        if given || spec.is_dynamic() {
+            d.set_item("keys", PyArray1::from_vec(py, keys))?;
+        }
+        Ok(d)
     }
 }
 
@@ -163,26 +202,69 @@ impl Table {
         Ok(d)
     }
 
-    /// Sets the rows of `keys` to `values` (float32, keys x dim): each row's version grows by one
-    /// and its optimizer state starts again (imports, warm starts). Returns the rows set.
+    /// Sets the rows of `keys`: their values to `values` (float32, keys x dim; None keeps them,
+    /// and a dynamic table's key not held takes its initial value) and their optimizer state:
+    /// started again (the default: imports, warm starts), kept (`keep_state=True`: a model's
+    /// weights loaded, as torch leaves its optimizer alone), or set to `state` (float32, keys x
+    /// the table's state length) with `steps` (uint64, one a key, for Adam), as `read_rows(...,
+    /// state=True)` reads them. Each row's version grows by one. Everything is checked before
+    /// anything is sent (whole rows, finite values, no negative accumulator or second moment).
+    /// Returns the rows set.
+    #[pyo3(signature = (keys, values = None, *, state = None, steps = None, keep_state = false))]
     fn assign(
         &self,
         py: Python<'_>,
         keys: &Bound<'_, PyAny>,
-        values: &Bound<'_, PyAny>,
+        values: Option<&Bound<'_, PyAny>>,
+        state: Option<&Bound<'_, PyAny>>,
+        steps: Option<&Bound<'_, PyAny>>,
+        keep_state: bool,
     ) -> PyResult<u64> {
         let keys = keys_arg(keys)?;
         let keys = keys.slice()?;
-        let values = rows2(values, "values")?;
-        check_rows(
-            values.shape(),
-            keys.len(),
-            self.dim(),
-            "values",
-            &self.name(),
-        )?;
-        let values = contiguous(&values, "values")?;
-        interruptible(py, || self.inner.assign(keys, values), py_err)
+        let name = self.name();
+        let values = values.map(|v| rows2(v, "values")).transpose()?;
+        if let Some(v) = &values {
+            check_rows(v.shape(), keys.len(), self.dim(), "values", &name)?;
+        }
+        let values = match &values {
+            Some(v) => Some(contiguous(v, "values")?),
+            None => None,
+        };
+        let state = state.map(|s| rows2(s, "state")).transpose()?;
+        let steps = steps
+            .map(|s| array1::<u64>(s, "steps", "uint64"))
+            .transpose()?;
+        let change = match (&state, keep_state) {
+            (Some(_), true) => {
+                return Err(PyValueError::new_err(
+                    "give a state to set or keep_state=True, not both",
+                ))
+            }
+            (Some(s), false) => {
+                let len = hetkv_transport::Optimizer::new(self.inner.spec().optimizer)
+                    .state_len(self.dim());
+                check_rows(s.shape(), keys.len(), len, "state", &name)?;
+                StateChange::Set {
+                    values: contiguous(s, "state")?,
+                    steps: match &steps {
+                        Some(st) => contiguous(st, "steps")?,
+                        None => &[],
+                    },
+                }
+            }
+            (None, _) if steps.is_some() => {
+                return Err(PyValueError::new_err("steps come with a state to set"))
+            }
+            (None, true) => StateChange::Keep,
+            (None, false) => StateChange::Reset,
+        };
+        let rows = Assignment {
+            keys,
+            values,
+            state: change,
+        };
+        interruptible(py, || self.inner.assign_rows(&rows), py_err)
     }
 
     /// Up to `max` evictions of this dynamic table on shard `shard` from `cursor` (0: the
@@ -214,12 +296,21 @@ impl Table {
     /// their order), each as of one moment: a dict of `embeddings` (float32, n x dim),
     /// `versions` (uint64) and, for a dynamic table or given keys, `keys` (uint64; a dynamic
     /// table's every held row with its key). What `export` writes, in memory.
-    #[pyo3(signature = (keys = None))]
+    ///
+    /// With `state=True` the rows come with their optimizer state, each row's value, version
+    /// and state read together: `state` (float32, n x the table's state length: Adagrad's
+    /// accumulators, row-wise Adagrad's one, Adam's first then second moments; n x 0 for SGD)
+    /// and, for Adam, `steps` (uint64), what `assign(keys, values, state=, steps=)` sets back.
+    #[pyo3(signature = (keys = None, state = false))]
     fn read_rows<'py>(
         &self,
         py: Python<'py>,
         keys: Option<&Bound<'py, PyAny>>,
+        state: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
+        if state {
+            return self.read_rows_with_state(py, keys);
+        }
         let read = self.whole(py, keys, hetkv_store::tensors::read_table)?;
         let n = read.versions.len();
         let d = PyDict::new(py);

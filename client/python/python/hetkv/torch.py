@@ -42,8 +42,10 @@ gradients pushed stay f32).
 ``embeddings.{table}.``, as TorchRec's), read from the shards after the cache's updates are
 pushed, so ``torch.save(model.state_dict())`` saves the model with its tables; every rank that
 calls it reads every table, so save on one. ``load_state_dict`` sets the rows on the shards (each
-row's optimizer state starts again, as a new optimizer's would: resume with the shards' optimizer
-state from a cluster checkpoint) and makes the caches read them again. ``torch.save(model)`` and
+row's optimizer state stays, as a torch optimizer's stays when its model's weights load) and
+makes the caches read them again. The shards' optimizer state is the embedding optimizer's:
+``EmbeddingOptimizer.state_dict()`` carries it and ``load_state_dict`` sets it, so a run resumed
+from both state dicts trains on as the saved one would have. ``torch.save(model)`` and
 ``copy.deepcopy`` are refused with the reason (a cache is a connection, not a value).
 
 torch is imported here, at run time: the hetkv wheel does not link libtorch.
@@ -189,10 +191,12 @@ def _save_table(cache: Cache, destination, prefix: str) -> None:
 
 def _load_table(cache: Cache, state_dict, prefix: str, missing_keys, unexpected_keys, error_msgs) -> None:
     """Sets the table of ``cache`` from a state dict that ``_save_table`` made: this cache's
-    updates are pushed first, then the rows are set on the shards (``Table.assign``: each row's
-    version moves on by one, and its optimizer state starts again, as a new torch optimizer's
-    would), then the cache forgets its lines, so that its next lookups read the rows loaded. A
-    dynamic table gets the saved keys' rows; keys admitted since the save stay."""
+    updates are pushed first, then the rows are set on the shards (``Table.assign`` with
+    ``keep_state=True``: each row's version moves on by one, and its optimizer state stays as it
+    is, as a torch optimizer's state stays when its model's weights are loaded; the optimizer's
+    state comes with ``EmbeddingOptimizer.load_state_dict``), then the cache forgets its lines,
+    so that its next lookups read the rows loaded. A dynamic table gets the saved keys' rows;
+    keys admitted since the save stay."""
     table = cache.source_table
     weight_key, keys_key = prefix + "weight", prefix + "keys"
     dynamic = table.dynamic is not None
@@ -215,8 +219,60 @@ def _load_table(cache: Cache, state_dict, prefix: str, missing_keys, unexpected_
         return
     cache.flush()
     if len(keys):
-        table.assign(keys, weight.numpy())
+        table.assign(keys, weight.numpy(), keep_state=True)
     cache.invalidate()
+
+
+# A table's optimizer state in ``EmbeddingOptimizer.state_dict()``, under the names of torch's own
+# optimizers (``torch.optim.Adagrad``'s ``sum``, ``torch.optim.Adam``'s ``exp_avg``, ``exp_avg_sq``
+# and ``step``), one row a key: row-wise Adagrad's ``sum`` is keys x 1.
+
+
+def _save_state(cache: Cache) -> Optional[Dict[str, torch.Tensor]]:
+    """The optimizer state of the table of ``cache`` (None for SGD, which has none), its updates
+    pushed first: every row's (a dynamic table's held keys, with ``keys``), read with the rows
+    under each row's lock (``Table.read_rows(state=True)``)."""
+    cache.flush()
+    table = cache.source_table
+    got = table.read_rows(state=True)
+    state = got["state"]
+    if state.shape[1] == 0:
+        return None
+    out: Dict[str, torch.Tensor] = {}
+    if table.dynamic is not None:
+        out["keys"] = torch.from_numpy(got["keys"].view(np.int64))
+    if "steps" in got:
+        dim = table.dim
+        out["exp_avg"] = torch.from_numpy(np.ascontiguousarray(state[:, :dim]))
+        out["exp_avg_sq"] = torch.from_numpy(np.ascontiguousarray(state[:, dim:]))
+        out["step"] = torch.from_numpy(got["steps"].view(np.int64))
+    else:
+        out["sum"] = torch.from_numpy(state)
+    return out
+
+
+def _state_arrays(cache: Cache, saved: Dict[str, torch.Tensor]):
+    """The keys, state (float32, keys x state length) and step counts (uint64 or None) that
+    ``_save_state`` saved for the table of ``cache``, checked against the table; raises
+    ValueError naming what does not fit."""
+    table = cache.source_table
+    dynamic = table.dynamic is not None
+    def array(name: str, dtype) -> np.ndarray:
+        if name not in saved:
+            raise ValueError(f"the optimizer state of table {table.name!r} has no {name!r}")
+        return saved[name].detach().to("cpu", dtype).contiguous().numpy()
+    keys = array("keys", torch.int64).view(np.uint64) if dynamic else np.arange(table.rows, dtype=np.uint64)
+    steps = None
+    if "step" in saved or "exp_avg" in saved:
+        state = np.concatenate([array("exp_avg", torch.float32), array("exp_avg_sq", torch.float32)], axis=1)
+        steps = array("step", torch.int64).view(np.uint64)
+    else:
+        state = array("sum", torch.float32)
+    if state.ndim != 2 or state.shape[0] != len(keys) or (steps is not None and steps.shape != (len(keys),)):
+        raise ValueError(
+            f"the optimizer state of table {table.name!r} holds {state.shape[0]} rows for {len(keys)} keys"
+        )
+    return keys, np.ascontiguousarray(state), steps
 
 
 class _Stepped(nn.Module):
@@ -226,6 +282,9 @@ class _Stepped(nn.Module):
     update: str
 
     def _carriers(self):
+        raise NotImplementedError
+
+    def _caches(self) -> List[Cache]:
         raise NotImplementedError
 
     def _step(self) -> None:
@@ -356,6 +415,9 @@ class _CacheModule(_Stepped):
     def _carriers(self):
         return [self.grad_carrier]
 
+    def _caches(self) -> List[Cache]:
+        return [self.cache]
+
     def _step(self) -> None:
         """Hands the gradients accumulated since the last zero_grad to the cache: each key once,
         its gradients summed (one optimizer step on the shards, whatever the passes)."""
@@ -472,7 +534,17 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
     unscales them and skips the step when one is not finite, and
     ``torch.nn.utils.clip_grad_norm_`` can take them (``optimizer.param_groups[0]["params"]``).
     ``zero_grad()`` clears them: ``model.zero_grad()`` does not reach them (they are not the
-    model's parameters)."""
+    model's parameters).
+
+    ``state_dict()`` carries the tables' optimizer state as the shards hold it, as a torch
+    optimizer's carries its own: under ``"tables"``, each table's by name, with torch's names
+    (Adagrad's and row-wise Adagrad's ``sum``; Adam's ``exp_avg``, ``exp_avg_sq`` and ``step``,
+    Adam's step counted per row), one row a key (a dynamic table's with its ``keys``); SGD tables
+    have none. ``load_state_dict`` sets it on the shards, the rows' values kept, and makes the
+    caches read the rows again; with the model's ``load_state_dict`` (which sets the values and
+    keeps the state), in either order, a resumed run trains on exactly as the saved one would
+    have. A table missing from the state dict, or whose state does not fit it, is refused before
+    any table changes."""
 
     def __init__(self, modules):
         if isinstance(modules, nn.Module):
@@ -504,6 +576,39 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         for m in self._embedding_modules:
             m._zero_grad()
+
+    def _tables(self) -> List[Cache]:
+        return [c for m in self._embedding_modules for c in m._caches()]
+
+    def state_dict(self):  # type: ignore[override]
+        out = super().state_dict()
+        tables = {}
+        for cache in self._tables():
+            state = _save_state(cache)
+            if state is not None:
+                tables[cache.table] = state
+        out["tables"] = tables
+        return out
+
+    def load_state_dict(self, state_dict) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        tables = state_dict.pop("tables", None)
+        if tables is None:
+            raise ValueError("this state dict has no \"tables\": it is not an EmbeddingOptimizer's")
+        # Every table's state checked before any is set.
+        loads = []
+        for cache in self._tables():
+            if cache.source_table.optimizer.name == "sgd":
+                continue
+            if cache.table not in tables:
+                raise ValueError(f"the state dict holds no optimizer state of table {cache.table!r}")
+            loads.append((cache, _state_arrays(cache, tables[cache.table])))
+        super().load_state_dict(state_dict)
+        for cache, (keys, state, steps) in loads:
+            cache.flush()
+            if len(keys):
+                cache.source_table.assign(keys, state=state, steps=steps)
+            cache.invalidate()
 
 
 @dataclass
@@ -695,6 +800,9 @@ class _Collection(_Stepped):
 
     def _carriers(self):
         return [g.carrier for g in self._grads]
+
+    def _caches(self) -> List[Cache]:
+        return [t.cache for t in self._configs]
 
     def _step(self) -> None:
         """Hands every table's gradients since the last zero_grad to its cache, all tables in
