@@ -691,6 +691,24 @@ impl Table {
         Ok(s.evictions(&self.spec.name, cursor, max)?)
     }
 
+    /// Moves this dynamic table's training step to `step` on every shard, in parallel: a table
+    /// with a time to live ([`hetkv_transport::Eviction::Ttl`]) evicts every row not updated in
+    /// its last `steps` steps before each shard answers. Returns the rows expired over the
+    /// cluster.
+    pub fn advance_step(&self, step: u64) -> Result<u64, ClientError> {
+        self.cluster.check_open()?;
+        let all: Vec<usize> = (0..self.cluster.shard_count()).collect();
+        let name = &self.spec.name;
+        let answers = self
+            .cluster
+            .on_shards(&all, |_, shard| shard.advance_step(name, step));
+        let mut expired = 0;
+        for a in answers {
+            expired += a?.expired;
+        }
+        Ok(expired)
+    }
+
     /// Sets rows to `values` (keys x dim): each row's version grows by one and its optimizer
     /// state starts again (imports, warm starts). Returns the rows set. Every value is checked
     /// first, as [`Table::push`] checks its gradients.

@@ -1066,6 +1066,20 @@ impl ShardTransport for TcpShardClient {
         })
     }
 
+    fn advance_step(
+        &self,
+        table: &str,
+        step: u64,
+    ) -> Result<hetkv_transport::wire::AdvanceStepResponse, TransportError> {
+        let req = hetkv_transport::wire::AdvanceStepRequest {
+            table: table.to_string(),
+            step,
+        };
+        self.call(Op::AdvanceStep, header_only(Op::AdvanceStep, &req), |p| {
+            self.header(p)
+        })
+    }
+
     fn checkpoint(
         &self,
         name: &str,

@@ -92,11 +92,22 @@ mod tests {
             optimizer = { rowwise_adagrad = { lr = 0.05 } }
             buckets = 1024
             dynamic = { admission = { threshold = { count = 2 } }, eviction = "lfu" }
+            [[tables]]
+            name = "fresh_ids"
+            rows = 1000
+            dim = 4
+            init = "zeros"
+            optimizer = { sgd = { lr = 0.5 } }
+            dynamic = { admission = "always", eviction = { ttl = { steps = 500 } } }
             "#,
         )
         .unwrap();
         assert_eq!(c.server.max_frame_bytes, Some(1 << 20));
-        assert_eq!(c.tables.len(), 3);
+        assert_eq!(c.tables.len(), 4);
+        assert_eq!(
+            c.tables[3].dynamic.map(|d| d.eviction),
+            Some(hetkv_transport::Eviction::Ttl { steps: 500 })
+        );
         assert_eq!(c.tables[0].init, Initializer::Normal { std: 0.01, seed: 7 });
         assert_eq!(c.tables[0].buckets, hetkv_transport::DEFAULT_BUCKETS);
         assert_eq!(c.tables[0].dynamic, None);

@@ -18,8 +18,9 @@
 //! its parent; one record per key with its state and score,
 //! copied bucket by bucket under the bucket's lock). Its region and clock word are described to
 //! one-sided readers (`keyed::SpanFind`), and each slot carries the birth stamp of its key's
-//! incarnation, which caches check with versions ([`DynamicRows::held_row`]). Not yet built
-//! around this: TTL eviction.
+//! incarnation, which caches check with versions ([`DynamicRows::held_row`]). A table with a
+//! time to live expires rows not updated within it when its clients move its training step
+//! ([`DynamicRows::advance_step`]): the only way a slot empties.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -225,6 +226,8 @@ pub struct DynamicRows {
     /// Updates applied (the clock of LRU scores): one word in a region of its own, as a fixed
     /// table's, so that one-sided readers read it too.
     clock: Arc<Region>,
+    /// The training step its clients last announced (`Eviction::Ttl`'s clock; op 18).
+    step: AtomicU64,
     /// The next birth stamp (from 1: 0 means a key not held).
     births: AtomicU64,
     resident: AtomicU64,
@@ -299,6 +302,7 @@ impl DynamicRows {
             admission: Admitter::new(spec.admission, layout.capacity()).map(Mutex::new),
             log: Mutex::new(EvictionLog::default()),
             clock,
+            step: AtomicU64::new(0),
             births: AtomicU64::new(1),
             resident: AtomicU64::new(0),
             refused_updates: AtomicU64::new(0),
@@ -742,7 +746,69 @@ impl DynamicRows {
         b.scores[entry] = match self.eviction {
             Eviction::Lru => now,
             Eviction::Lfu => version,
+            Eviction::Ttl { .. } => self.step.load(Ordering::Acquire),
         };
+    }
+
+    /// The training step its clients last announced (0 before any).
+    pub fn step(&self) -> u64 {
+        self.step.load(Ordering::Acquire)
+    }
+
+    /// Moves the table's training step to `step` (never back) and, for a table with a time to
+    /// live of `ttl` steps, evicts every held row last updated before `step - ttl`: bucket by
+    /// bucket under its lock (pushes to other buckets go on), each logged once in the eviction
+    /// stream with its score (its last update's step), its slot emptied for one-sided readers
+    /// (the bucket's digest first: a reader that read the digest before reads the row as it was,
+    /// and a slot given again carries another key, which readers check) and marked for the next
+    /// incremental checkpoint, which records it emptied. Returns the step now and the rows
+    /// expired; a table without a time to live is refused.
+    pub fn advance_step(&self, step: u64) -> Result<(u64, u64), StoreError> {
+        let Eviction::Ttl { steps: ttl } = self.eviction else {
+            return Err(StoreError::Unsupported(format!(
+                "the table's eviction is {:?}: only a table with a time to live (ttl) keeps \
+                 a training step",
+                self.eviction
+            )));
+        };
+        let now = self.step.fetch_max(step, Ordering::AcqRel).max(step);
+        let Some(horizon) = now.checked_sub(ttl) else {
+            return Ok((now, 0));
+        };
+        let keyed = KeyedRegion::new(&self.layout, self.region.words());
+        let mut image = vec![0u8; self.layout.row().stride()];
+        let mut gone: Vec<(u64, u64, u64)> = Vec::with_capacity(BUCKET_SLOTS);
+        let mut expired = 0;
+        for bucket in 0..self.layout.buckets() {
+            let mut b = lock(&self.buckets[bucket as usize]);
+            let old: u32 = (0..BUCKET_SLOTS)
+                .filter(|&e| b.born[e] != 0 && b.scores[e] < horizon)
+                .fold(0, |m, e| m | 1 << e);
+            if old == 0 {
+                continue;
+            }
+            gone.clear();
+            keyed
+                .held(bucket, old, &mut image, |slot, key, version, _| {
+                    gone.push((slot, key, version))
+                })
+                .map_err(|e| StoreError::Io(format!("expiring bucket {bucket}: {e}")))?;
+            let first = self.layout.first_slot(bucket);
+            for &(slot, key, version) in &gone {
+                let e = (slot - first) as usize;
+                keyed.remove(bucket, slot);
+                self.log_eviction(Evicted {
+                    key,
+                    version,
+                    score: b.scores[e],
+                });
+                b.born[e] = 0;
+                b.dirty |= 1 << e;
+                self.resident.fetch_sub(1, Ordering::Relaxed);
+                expired += 1;
+            }
+        }
+        Ok((now, expired))
     }
 
     /// Logs one eviction (under the evicted row's bucket lock, so each is logged once).
@@ -1118,10 +1184,29 @@ impl DynamicTable {
                         held.push((slot, key, version, state.scores[e], state.steps[e]));
                     })
                     .map_err(|e| std::io::Error::other(format!("table {}: {e}", self.spec.name)))?;
+                // A written slot now empty (its row expired) is recorded emptied: version 0,
+                // which no held row has, so that the chain's older record of it is not
+                // restored.
+                if kind == Kind::Incremental {
+                    for e in (0..BUCKET_SLOTS).filter(|&e| wanted & (1 << e) != 0) {
+                        if state.born[e] == 0 {
+                            held.push((first + e as u64, 0, 0, 0, 0));
+                        }
+                    }
+                    held.sort_unstable_by_key(|h| h.0);
+                }
                 state.dirty = 0;
             }
-            for (n, &(slot, key, version, score, step)) in held.iter().enumerate() {
+            let emptied = vec![0u8; layout.dim() * 4];
+            let no_state = vec![0f32; len];
+            let mut n = 0;
+            for &(slot, key, version, score, step) in &held {
                 let room = out.next_record(slot)?;
+                if version == 0 {
+                    shape.encode(slot, 0, &emptied, &no_state, 0, room);
+                    shape.encode_key(0, 0, room);
+                    continue;
+                }
                 shape.encode(
                     slot,
                     version,
@@ -1131,6 +1216,7 @@ impl DynamicTable {
                     room,
                 );
                 shape.encode_key(key, score, room);
+                n += 1;
                 written += 1;
             }
         }
@@ -1184,7 +1270,14 @@ impl DynamicTable {
         keyed.publish(slot, key, rec.version(), values, &mut image);
         drop(state);
         rows.resident.fetch_add(1, Ordering::Relaxed);
-        let clock = header.clock_start.max(score).max(rec.version());
+        // LRU's scores are clock readings; a time to live's are training steps.
+        let clock = match rows.eviction {
+            Eviction::Ttl { .. } => {
+                rows.step.fetch_max(score, Ordering::AcqRel);
+                header.clock_start.max(rec.version())
+            }
+            _ => header.clock_start.max(score).max(rec.version()),
+        };
         rows.clock_word().fetch_max(clock, Ordering::AcqRel);
         Ok(())
     }
@@ -1388,12 +1481,15 @@ mod tests {
 
     /// One bucket (capacity 32): every key competes for its slots.
     #[test]
-    fn a_full_bucket_gives_up_its_lowest_score_lru_or_lfu() {
-        for eviction in [Eviction::Lru, Eviction::Lfu] {
+    fn a_full_bucket_gives_up_its_lowest_score_lru_lfu_or_ttl() {
+        for eviction in [Eviction::Lru, Eviction::Lfu, Eviction::Ttl { steps: 1000 }] {
             let t = rows(32, Admission::Always, eviction);
-            // Key k takes 32 - k updates, in key order: key 0 is the least recently updated,
-            // key 31 the least often.
+            // Key k takes 32 - k updates, in key order (at training step k): key 0 is the least
+            // recently updated, key 31 the least often.
             for k in 0..32u64 {
+                if let Eviction::Ttl { .. } = eviction {
+                    assert_eq!(t.advance_step(k).unwrap(), (k, 0), "nothing expires yet");
+                }
                 push(&t, &[k], &[32 - k as u32], &[0.0, 0.0]).unwrap();
             }
             let r = push(&t, &[100], &[1], &[0.0, 0.0]).unwrap();
@@ -1409,6 +1505,11 @@ mod tests {
                     key: 31,
                     version: 1,
                     score: 1,
+                },
+                Eviction::Ttl { .. } => Evicted {
+                    key: 0,
+                    version: 32,
+                    score: 0, // the step of key 0's push
                 },
             };
             assert_eq!(gone.events, vec![want], "{eviction:?}");
@@ -1614,6 +1715,74 @@ mod tests {
         );
         let held = model.iter().flatten().flatten().count() as u64;
         assert_eq!(t.resident(), held);
+    }
+
+    #[test]
+    fn a_time_to_live_expires_rows_not_updated_within_it_and_reads_refresh_nothing() {
+        let t = rows(256, Admission::Always, Eviction::Ttl { steps: 10 });
+        let mut out = [0f32; 2];
+        // Keys 0..100 updated at step 0, keys 100..200 at step 5; keys 0..10 read at step 12.
+        push(&t, &(0..100).collect::<Vec<_>>(), &[1; 100], &[0.5; 200]).unwrap();
+        assert_eq!(t.advance_step(5).unwrap(), (5, 0));
+        push(&t, &(100..200).collect::<Vec<_>>(), &[1; 100], &[0.5; 200]).unwrap();
+        assert_eq!(
+            t.advance_step(10).unwrap(),
+            (10, 0),
+            "step 0 + 10 is not yet past"
+        );
+        for k in 0..10 {
+            t.read(k, &mut out).unwrap();
+        }
+        assert_eq!(
+            t.advance_step(3).unwrap(),
+            (10, 0),
+            "the step never goes back"
+        );
+        assert_eq!(
+            t.advance_step(12).unwrap(),
+            (12, 100),
+            "keys updated at step 0 expire"
+        );
+        assert_eq!(t.resident(), 100);
+        for k in 0..100 {
+            assert_eq!(
+                t.read(k, &mut out).unwrap(),
+                0,
+                "key {k}: not held (reads refresh nothing)"
+            );
+            assert_eq!(out, initial(k));
+        }
+        for k in 100..200 {
+            assert_eq!(t.read(k, &mut out).unwrap(), 1, "key {k}: held");
+        }
+        // Each expiry is in the stream once, scored by the step of its last update.
+        let stream = t.evictions(0, 1000).unwrap().events;
+        let mut keys: Vec<u64> = stream.iter().map(|e| e.key).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, (0..100).collect::<Vec<_>>());
+        assert!(stream.iter().all(|e| e.version == 1 && e.score == 0));
+        // An expired key admitted again starts from its initial value; the emptied slots are
+        // taken again without evicting anyone.
+        push(&t, &(0..100).collect::<Vec<_>>(), &[1; 100], &[0.0; 200]).unwrap();
+        assert_eq!(t.read(7, &mut out).unwrap(), 1);
+        assert_eq!(out, initial(7));
+        assert_eq!(t.resident(), 200);
+        assert_eq!(
+            t.evictions(0, 1000).unwrap().events.len(),
+            100,
+            "no new eviction"
+        );
+        assert_eq!(
+            t.advance_step(16).unwrap(),
+            (16, 100),
+            "keys of step 5 expire at 16"
+        );
+        // A table without a time to live keeps no step.
+        let lru = rows(64, Admission::Always, Eviction::Lru);
+        assert!(matches!(
+            lru.advance_step(1),
+            Err(StoreError::Unsupported(_))
+        ));
     }
 
     #[test]

@@ -293,6 +293,82 @@ fn dynamic_tables_ride_incremental_checkpoints_with_the_slots_written_since_thei
     assert_eq!(records(moved.path(), "m"), [("bare".to_string(), vec![])]);
 }
 
+#[test]
+fn rows_a_time_to_live_expired_stay_gone_along_an_incremental_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = shard(dir.path());
+    s.create_dynamic(spec(
+        "ttl",
+        Eviction::Ttl { steps: 3 },
+        OptimizerSpec::adam(0.01),
+    ))
+    .unwrap();
+    let d = s.dynamic_table("ttl").unwrap();
+    let push = |keys: std::ops::Range<u64>| {
+        let keys: Vec<u64> = keys.map(hetkv_transport::hash::splitmix64).collect();
+        let k: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+        let c: Vec<u8> = keys.iter().flat_map(|_| 1u32.to_le_bytes()).collect();
+        let g: Vec<u8> = (0..keys.len() * DIM)
+            .flat_map(|i| (i as f32 / 100.0).to_le_bytes())
+            .collect();
+        let p = d
+            .validate_push(le_array(&k), le_array(&c), le_array(&g))
+            .unwrap();
+        d.apply_push(&p, None).unwrap();
+    };
+    // Keys 0..60 at step 0, 60..120 at step 2: a full checkpoint holds all 120.
+    push(0..60);
+    d.rows().advance_step(2).unwrap();
+    push(60..120);
+    s.checkpoint("a", false).unwrap();
+    let held_at_a = d.rows().resident();
+    // Step 4 expires the keys of step 0; some come back at step 4; the incremental checkpoint
+    // records the slots emptied (version 0) beside those written.
+    assert_eq!(d.rows().advance_step(4).unwrap(), (4, 60));
+    push(0..20);
+    s.checkpoint("b", true).unwrap();
+    s.checkpoint("b_full", false).unwrap();
+    let resident = d.rows().resident();
+    assert_eq!((held_at_a, resident), (120, 80));
+    drop(s);
+    let table = |all: Vec<(String, Vec<Vec<u8>>)>| all.into_iter().next().unwrap().1;
+    let incremental = table(records(dir.path(), "b"));
+    let emptied = incremental.iter().filter(|r| r[8..16] == [0; 8]).count();
+    assert!(emptied > 0, "the incremental file records emptied slots");
+    let full = table(records(dir.path(), "b_full"));
+    assert_eq!(full.len() as u64, resident);
+    // Restored from the chain a, b: the expired keys stay gone, the rest as in b_full.
+    let r = shard(dir.path());
+    r.restore(Some("b")).unwrap();
+    let t = r.dynamic_table("ttl").unwrap();
+    assert_eq!(t.rows().resident(), resident);
+    assert_eq!(t.rows().step(), 4, "the step comes back from the scores");
+    r.checkpoint("again", false).unwrap();
+    assert_eq!(table(records(dir.path(), "again")), full);
+    drop(r);
+    // Compacted, and moved onto two shards: as from the full checkpoint.
+    CheckpointDir::at(dir.path())
+        .compact("b", "compacted")
+        .unwrap();
+    assert_eq!(table(records(dir.path(), "compacted")), full);
+    let (m_chain, m_full) = (
+        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
+        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
+    );
+    for (from, into) in [("b", &m_chain), ("b_full", &m_full)] {
+        let targets: Vec<CheckpointDir> =
+            into.iter().map(|t| CheckpointDir::at(t.path())).collect();
+        reshard(&[CheckpointDir::at(dir.path())], from, &targets, "m").unwrap();
+    }
+    let (pc, pf) = (
+        [m_chain[0].path(), m_chain[1].path()],
+        [m_full[0].path(), m_full[1].path()],
+    );
+    let moved = keyed_records(&pc, "m", "ttl");
+    assert_eq!(moved.len() as u64, resident);
+    assert_eq!(moved, keyed_records(&pf, "m", "ttl"));
+}
+
 /// Shard `i` of `n` with its data directory.
 fn shard_of(dir: &Path, i: u32, n: u32) -> Shard {
     let mut c = ShardConfig::new(i, n);

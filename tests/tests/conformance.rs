@@ -664,8 +664,16 @@ fn row_of(key: u64, dim: usize) -> Vec<f32> {
 fn slots_given_to_other_keys_are_never_read_as_theirs(kind: &str) {
     let f = Fixture::new();
     let dim = 64usize;
-    // 8 buckets of 32 slots a shard, and 8x as many keys: slots change keys all the time.
-    let spec = dynamic_table("churn", 512, dim as u32);
+    // 8 buckets of 32 slots a shard, and 8x as many keys: slots change keys all the time, by
+    // eviction at the cap and by expiry (a time to live of 2 steps, the step moved every 4
+    // batches: slots emptied, then given to other keys).
+    let spec = TableSpec {
+        dynamic: Some(DynamicSpec {
+            admission: Admission::Always,
+            eviction: Eviction::Ttl { steps: 2 },
+        }),
+        ..dynamic_table("churn", 512, dim as u32)
+    };
     f.create(&spec);
     let keys = raw_ids_by_shard(&spec, 8 * 512, 3)[0].clone();
     let stop = AtomicBool::new(false);
@@ -679,7 +687,7 @@ fn slots_given_to_other_keys_are_never_read_as_theirs(kind: &str) {
         let writer = s.spawn(|| {
             let w = f.other(0);
             let mut rng = TestRng(11);
-            let mut assigned = 0u64;
+            let (mut assigned, mut expired) = (0u64, 0u64);
             // Bounded by itself too: a failed reader never sets `stop`.
             while !stop.load(Ordering::Relaxed) && Instant::now() < safety + Duration::from_secs(60)
             {
@@ -690,8 +698,11 @@ fn slots_given_to_other_keys_are_never_read_as_theirs(kind: &str) {
                 w.assign(&spec.name, &Assignment::values(&batch, &values))
                     .unwrap();
                 assigned += batch.len() as u64;
+                if assigned % (4 * 32) == 0 {
+                    expired += w.advance_step(&spec.name, assigned / 128).unwrap().expired;
+                }
             }
-            assigned
+            (assigned, expired)
         });
         let mut rng = TestRng(12);
         let (mut v, mut r) = (Vec::new(), Vec::new());
@@ -721,12 +732,13 @@ fn slots_given_to_other_keys_are_never_read_as_theirs(kind: &str) {
             reads += 1;
         }
         stop.store(true, Ordering::Relaxed);
-        let assigned = writer.join().unwrap();
+        let (assigned, expired) = writer.join().unwrap();
         eprintln!(
             "{kind}: {reads} reads of 64 keys ({found} held, {absent} absent) during {assigned} \
-             assignments; one-sided counters {:?}",
+             assignments and {expired} expiries; one-sided counters {:?}",
             b.read_stats()
         );
+        assert!(expired > 0, "{kind}: rows expired");
     });
     assert!(
         found >= 2_000 && absent >= 2_000,

@@ -628,6 +628,22 @@ pub trait ShardTransport: Send + Sync {
             ),
         })
     }
+    /// Moves dynamic table `table`'s training step on this shard to `step`, expiring the rows
+    /// its time to live no longer covers ([`crate::wire::AdvanceStepRequest`]).
+    fn advance_step(
+        &self,
+        table: &str,
+        step: u64,
+    ) -> Result<crate::wire::AdvanceStepResponse, TransportError> {
+        let _ = step;
+        Err(TransportError::Remote {
+            addr: self.addr().to_string(),
+            error: WireError::new(
+                crate::wire::ErrorCode::Unsupported,
+                format!("this transport moves no training step (table {table})"),
+            ),
+        })
+    }
     /// Sends one data request and writes its answer into `out` (cleared first): the one
     /// mapping of an [`Exchange`] onto this trait's calls.
     fn exchange(&self, request: &Exchange<'_>, out: &mut StaleRows) -> Carried {

@@ -1016,6 +1016,14 @@ impl<M: RemoteMemory, C: ShardTransport> ShardTransport for OneSidedTransport<M,
         self.control.evictions(table, cursor, max)
     }
 
+    fn advance_step(
+        &self,
+        table: &str,
+        step: u64,
+    ) -> Result<crate::wire::AdvanceStepResponse, TransportError> {
+        self.control.advance_step(table, step)
+    }
+
     fn scan(
         &self,
         table: &str,

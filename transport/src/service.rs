@@ -206,6 +206,17 @@ pub trait ShardService: Send + Sync + 'static {
             format!("this shard keeps no eviction stream (table {})", req.table),
         ))
     }
+    /// Moves a dynamic table's training step, expiring what its time to live no longer covers
+    /// ([`wire::AdvanceStepRequest`]).
+    fn advance_step(
+        &self,
+        req: &wire::AdvanceStepRequest,
+    ) -> Result<wire::AdvanceStepResponse, WireError> {
+        Err(WireError::new(
+            ErrorCode::Unsupported,
+            format!("this shard keeps no training step (table {})", req.table),
+        ))
+    }
     /// A dynamic table's held rows in a range of slots ([`wire::ScanRequest`]), answered
     /// through [`codec::scan::respond`].
     fn scan(&self, req: &wire::ScanRequest, resp: &mut Response<'_>) -> Result<(), WireError> {
@@ -487,6 +498,12 @@ impl Session {
                 let r: wire::EvictionsRequest = decode_header(parts.header).map_err(malformed)?;
                 let page = service.evictions(&r)?;
                 resp.begin(&page);
+            }
+            Op::AdvanceStep => {
+                no_payload(payload)?;
+                let r: wire::AdvanceStepRequest = decode_header(parts.header).map_err(malformed)?;
+                let done = service.advance_step(&r)?;
+                resp.begin(&done);
             }
             Op::Checkpoint => {
                 no_payload(payload)?;

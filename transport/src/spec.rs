@@ -331,6 +331,15 @@ pub enum Eviction {
     Lru,
     /// Least frequently updated: the score is the row's version (its updates since admission).
     Lfu,
+    /// Time to live in training steps: the score is the table's training step at the row's last
+    /// update (the step its clients last announced, op 18), a full bucket gives up its least
+    /// recently updated row, and when the step reaches `s`, every row last updated before
+    /// `s - steps` is evicted (a hard cap on a row's life without updates: reads refresh
+    /// nothing).
+    Ttl {
+        /// Training steps a row lives without an update (at least 1).
+        steps: u64,
+    },
 }
 
 /// What makes a table dynamic: any u64 key, rows created on admission, at most the table's
@@ -357,6 +366,12 @@ impl DynamicSpec {
                 "dynamic table: admission probability must be in (0, 1], got {p}"
             ))),
             Admission::Probability { .. } => Ok(()),
+        }?;
+        match self.eviction {
+            Eviction::Ttl { steps: 0 } => Err(SpecError(
+                "dynamic table: a time to live must be at least 1 training step, got 0".into(),
+            )),
+            _ => Ok(()),
         }
     }
 }

@@ -85,6 +85,9 @@ pub enum Op {
     Batch = 16,
     /// Drop a table: its rows, state and region go; its name may be created again.
     DropTable = 17,
+    /// Move a dynamic table's training step on this shard, expiring the rows its time to live
+    /// no longer covers.
+    AdvanceStep = 18,
 }
 
 impl Op {
@@ -108,6 +111,7 @@ impl Op {
             15 => Self::Scan,
             16 => Self::Batch,
             17 => Self::DropTable,
+            18 => Self::AdvanceStep,
             _ => return None,
         })
     }
@@ -753,6 +757,27 @@ pub struct EvictionsRequest {
 
 /// Most evictions one answer carries.
 pub const MAX_EVICTIONS_PAGE: u32 = 65_536;
+
+/// AdvanceStep request (op 18): dynamic table `table`'s training step on this shard becomes
+/// `step` (a step below the one it holds changes nothing), and the rows whose time to live
+/// ([`crate::Eviction::Ttl`]) it passes are evicted before the answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvanceStepRequest {
+    /// The table.
+    pub table: String,
+    /// The training step the client has reached.
+    pub step: u64,
+}
+
+/// AdvanceStep answer: the table's step on this shard now, and the rows this request expired
+/// (each also in the eviction stream, op 14, with its score: the step of its last update).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdvanceStepResponse {
+    /// The table's training step on this shard.
+    pub step: u64,
+    /// Rows expired by this request.
+    pub expired: u64,
+}
 
 /// One eviction: the key that left, its row's version then, and its eviction score.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

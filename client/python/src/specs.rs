@@ -41,11 +41,13 @@ impl Initializer {
 }
 
 /// What makes a table dynamic (`hetkv.Dynamic(eviction="lru", admit_after=None,
-/// admit_probability=None, seed=0)`): any u64 key (raw feature ids), rows created when a key is
-/// admitted (on its first update; after `admit_after` updates counted while not held; or with
-/// probability `admit_probability` per update, seeded), at most the table's `rows` over the
+/// admit_probability=None, seed=0, ttl=None)`): any u64 key (raw feature ids), rows created when
+/// a key is admitted (on its first update; after `admit_after` updates counted while not held; or
+/// with probability `admit_probability` per update, seeded), at most the table's `rows` over the
 /// cluster, evicting a full bucket's least recently (`"lru"`) or least frequently (`"lfu"`)
-/// updated row.
+/// updated row. `eviction="ttl"` with `ttl=N` gives rows a time to live of N training steps:
+/// `Table.advance_step(step)` moves the table's step and evicts every row not updated in the N
+/// steps before it (a full bucket gives up the row updated at the earliest step).
 #[pyclass(module = "hetkv", frozen, from_py_object)]
 #[derive(Clone)]
 pub(crate) struct Dynamic(pub(crate) DynamicSpec);
@@ -53,19 +55,27 @@ pub(crate) struct Dynamic(pub(crate) DynamicSpec);
 #[pymethods]
 impl Dynamic {
     #[new]
-    #[pyo3(signature = (eviction = "lru", admit_after = None, admit_probability = None, seed = 0))]
+    #[pyo3(signature = (eviction = "lru", admit_after = None, admit_probability = None, seed = 0, ttl = None))]
     fn new(
         eviction: &str,
         admit_after: Option<u32>,
         admit_probability: Option<f32>,
         seed: u64,
+        ttl: Option<u64>,
     ) -> PyResult<Self> {
-        let eviction = match eviction {
-            "lru" => Eviction::Lru,
-            "lfu" => Eviction::Lfu,
-            other => {
+        let eviction = match (eviction, ttl) {
+            ("lru", None) => Eviction::Lru,
+            ("lfu", None) => Eviction::Lfu,
+            ("ttl", Some(steps)) => Eviction::Ttl { steps },
+            ("ttl", None) => return Err(PyValueError::new_err(
+                "eviction=\"ttl\" takes ttl=N, the training steps a row lives without an update",
+            )),
+            ("lru" | "lfu", Some(_)) => {
+                return Err(PyValueError::new_err("ttl=N comes with eviction=\"ttl\""))
+            }
+            (other, _) => {
                 return Err(PyValueError::new_err(format!(
-                    "eviction must be \"lru\" or \"lfu\", not {other:?}"
+                    "eviction must be \"lru\", \"lfu\" or \"ttl\", not {other:?}"
                 )))
             }
         };

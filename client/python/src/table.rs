@@ -267,6 +267,16 @@ impl Table {
         interruptible(py, || self.inner.assign_rows(&rows), py_err)
     }
 
+    /// Moves this dynamic table's training step to `step` on every shard (a step below the one a
+    /// shard holds changes nothing there) and returns the rows expired: with
+    /// `Dynamic(eviction="ttl", ttl=N)`, every row not updated in the N steps before `step` is
+    /// evicted before this returns (each in the eviction stream, scored by the step of its last
+    /// update), and rows updated from now on are stamped with `step`. Call it from one rank as
+    /// training goes (every step, or every few: expiry happens at the calls).
+    fn advance_step(&self, py: Python<'_>, step: u64) -> PyResult<u64> {
+        interruptible(py, || self.inner.advance_step(step), py_err)
+    }
+
     /// Up to `max` evictions of this dynamic table on shard `shard` from `cursor` (0: the
     /// shard's first): a dict with `keys`, `versions` and `scores` (uint64 arrays, oldest
     /// first), `next` (the cursor to read from next) and `lost` (evictions the shard no longer

@@ -119,3 +119,39 @@ def test_what_dynamic_tables_do_not_offer_yet_is_refused_by_name():
             hetkv.Dynamic(admit_after=300)
         with pytest.raises(TypeError, match="uint64 or int64"):
             table.pull(np.array([1.0, 2.0]))
+        with pytest.raises(ValueError, match="ttl=N"):
+            hetkv.Dynamic(eviction="ttl")
+        with pytest.raises(ValueError, match="eviction=\"ttl\""):
+            hetkv.Dynamic(eviction="lru", ttl=5)
+        with pytest.raises(ValueError, match="at least 1"):
+            hetkv.Dynamic(eviction="ttl", ttl=0)
+        # A table without a time to live keeps no training step.
+        with pytest.raises(hetkv.RemoteError, match="time to live"):
+            table.advance_step(3)
+
+
+def test_a_time_to_live_evicts_rows_not_updated_within_it_and_reads_refresh_nothing():
+    with hetkv.EmbeddedCluster(shards=2) as cluster:
+        table = cluster.create_table(
+            "ttl", rows=4096, dim=2, optimizer=hetkv.Optimizer.sgd(0.1),
+            init=hetkv.Initializer.normal(std=0.1, seed=3),
+            dynamic=hetkv.Dynamic(eviction="ttl", ttl=10),
+        )
+        old = np.arange(-50, 50, dtype=np.int64) * 7919
+        new = np.arange(50, 150, dtype=np.int64) * 7919
+        grads = np.full((100, 2), 0.5, dtype=np.float32)
+        table.push(old, grads)                 # at step 0
+        assert table.advance_step(5) == 0
+        table.push(new, grads)                 # at step 5
+        versions = np.zeros(100, dtype=np.uint64)
+        table.pull(old, versions=versions)     # reads refresh nothing
+        assert (versions == 1).all()
+        assert table.advance_step(12) == 100   # step 0 + 10 < 12: the old keys expire
+        table.pull(old, versions=versions)
+        assert (versions == 0).all()
+        table.pull(new, versions=versions)
+        assert (versions == 1).all()
+        held = table.read_rows()
+        assert set(held["keys"].tolist()) == set(new.view(np.uint64).tolist())
+        gone = [table.evictions(s)["keys"] for s in range(2)]
+        assert sorted(np.concatenate(gone).tolist()) == sorted(old.view(np.uint64).tolist())

@@ -522,10 +522,12 @@ impl CheckpointDir {
 }
 
 /// The sorted record streams of a table's files, merged: each index once, from the newest file
-/// holding it.
+/// holding it. A dynamic table's slot whose newest record says it was emptied (version 0: a row
+/// expired, docs/CHECKPOINTS.md) is left out.
 struct Merge {
     streams: Vec<TableFileReader<BufReader<File>>>,
     heads: Vec<Option<Vec<u8>>>,
+    dynamic: bool,
 }
 
 impl Merge {
@@ -542,10 +544,27 @@ impl Merge {
             .iter_mut()
             .map(|s| s.next_record().map(|r| r.map(|r| r.bytes().to_vec())))
             .collect::<Result<_, _>>()?;
-        Ok(Self { streams, heads })
+        let dynamic = streams
+            .first()
+            .is_some_and(|s| s.header().spec.dynamic.is_some());
+        Ok(Self {
+            streams,
+            heads,
+            dynamic,
+        })
     }
 
     fn next_merged(&mut self) -> Result<Option<Vec<u8>>, CheckpointError> {
+        loop {
+            match self.next_of_any()? {
+                // The record's version, after its 8-byte index.
+                Some(rec) if self.dynamic && rec[8..16] == [0; 8] => continue,
+                next => return Ok(next),
+            }
+        }
+    }
+
+    fn next_of_any(&mut self) -> Result<Option<Vec<u8>>, CheckpointError> {
         let index = |b: &Vec<u8>| u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
         let Some(min) = self.heads.iter().flatten().map(index).min() else {
             return Ok(None);

@@ -170,6 +170,25 @@ impl ShardService for Shard {
         })
     }
 
+    fn advance_step(
+        &self,
+        req: &hetkv_transport::wire::AdvanceStepRequest,
+    ) -> Result<hetkv_transport::wire::AdvanceStepResponse, WireError> {
+        self.measured("advance_step", &req.table, || {
+            let t = self
+                .dynamic_table(&req.table)
+                .ok_or_else(|| match self.table(&req.table) {
+                    Ok(_) => StoreError::Unsupported(format!(
+                        "table {} is fixed: it keeps no training step",
+                        req.table
+                    )),
+                    Err(e) => e,
+                })?;
+            let (step, expired) = t.rows().advance_step(req.step)?;
+            Ok(hetkv_transport::wire::AdvanceStepResponse { step, expired })
+        })
+    }
+
     fn checkpoint(&self, req: &CheckpointRequest) -> Result<CheckpointResponse, WireError> {
         self.measured("checkpoint", "", || {
             Ok(Shard::checkpoint(self, &req.name, req.incremental)?)
