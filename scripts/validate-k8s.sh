@@ -21,9 +21,13 @@ if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
   "$venv/bin/python" -m pip install --quiet "kubernetes-validate==$VALIDATE_VERSION"
 
 rendered=$(mktemp --suffix=.yaml)
-trap 'rm -f "$rendered"' EXIT
+jobs=$(mktemp --suffix=.yaml)
+trap 'rm -f "$rendered" "$jobs"' EXIT
 kubectl kustomize deploy/kubernetes/base > "$rendered"
 kinds=$(grep -c '^kind:' "$rendered")
+# JobSets are a custom resource: their own fields are checked by name, their Job templates as
+# the Jobs they make.
+"$venv/bin/python" scripts/validate-jobset.py "$jobs" deploy/kubernetes/examples/jobset/*.yaml
 echo "validate-k8s: the base renders to $kinds objects; validating against Kubernetes $KUBERNETES_VERSION"
 "$venv/bin/kubernetes-validate" --strict --kubernetes-version "$KUBERNETES_VERSION" \
-  "$rendered" deploy/kubernetes/examples/*.yaml
+  "$rendered" deploy/kubernetes/examples/*.yaml "$jobs"
