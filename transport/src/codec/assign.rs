@@ -74,7 +74,7 @@ impl Assignment<'_> {
     /// client (before anything is sent to any shard) and on the shard (before any row changes):
     /// whole rows of values, every value finite, and a state to set of one row's length a key
     /// (and a step count a key where the optimizer counts steps) that
-    /// [`Optimizer::check_state`] accepts.
+    /// [`crate::Optimizer::check_state`] accepts.
     pub fn check(&self, dim: usize, optimizer: &crate::Optimizer) -> Result<(), Refused> {
         let n = self.keys.len();
         if let Some(values) = self.values {
