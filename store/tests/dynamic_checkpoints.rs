@@ -256,20 +256,9 @@ fn dynamic_tables_ride_incremental_checkpoints_with_the_slots_written_since_thei
         table(records(dir.path(), "compacted"), "d"),
         table(full.clone(), "d")
     );
-    let (m_chain, m_full) = (
-        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
-        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
-    );
-    for (from, into) in [("c", &m_chain), ("c_full", &m_full)] {
-        let targets: Vec<CheckpointDir> =
-            into.iter().map(|t| CheckpointDir::at(t.path())).collect();
-        reshard(&[CheckpointDir::at(dir.path())], from, &targets, "m").unwrap();
-    }
-    let paths = |d: &[tempfile::TempDir; 2]| [d[0].path().to_path_buf(), d[1].path().to_path_buf()];
-    let (pc, pf) = (paths(&m_chain), paths(&m_full));
-    let moved = keyed_records(&[&pc[0], &pc[1]], "m", "d");
+    let moved = moved_onto_two(dir.path(), "c", "d");
     assert_eq!(moved.len(), resident);
-    assert_eq!(moved, keyed_records(&[&pf[0], &pf[1]], "m", "d"));
+    assert_eq!(moved, moved_onto_two(dir.path(), "c_full", "d"));
 
     // A checkpoint whose only dynamic table is empty (its file holds no record) moves as an empty
     // table.
@@ -351,22 +340,18 @@ fn rows_a_time_to_live_expired_stay_gone_along_an_incremental_chain() {
         .compact("b", "compacted")
         .unwrap();
     assert_eq!(table(records(dir.path(), "compacted")), full);
-    let (m_chain, m_full) = (
-        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
-        [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()],
-    );
-    for (from, into) in [("b", &m_chain), ("b_full", &m_full)] {
-        let targets: Vec<CheckpointDir> =
-            into.iter().map(|t| CheckpointDir::at(t.path())).collect();
-        reshard(&[CheckpointDir::at(dir.path())], from, &targets, "m").unwrap();
-    }
-    let (pc, pf) = (
-        [m_chain[0].path(), m_chain[1].path()],
-        [m_full[0].path(), m_full[1].path()],
-    );
-    let moved = keyed_records(&pc, "m", "ttl");
+    let moved = moved_onto_two(dir.path(), "b", "ttl");
     assert_eq!(moved.len() as u64, resident);
-    assert_eq!(moved, keyed_records(&pf, "m", "ttl"));
+    assert_eq!(moved, moved_onto_two(dir.path(), "b_full", "ttl"));
+}
+
+/// Checkpoint `checkpoint` of the shard in `dir` resharded onto two new shards: each key's record
+/// of `table` there ([`keyed_records`]).
+fn moved_onto_two(dir: &Path, checkpoint: &str, table: &str) -> Vec<(u64, u64, Vec<u8>)> {
+    let into = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let targets: Vec<CheckpointDir> = into.iter().map(|t| CheckpointDir::at(t.path())).collect();
+    reshard(&[CheckpointDir::at(dir)], checkpoint, &targets, "m").unwrap();
+    keyed_records(&[into[0].path(), into[1].path()], "m", table)
 }
 
 /// Shard `i` of `n` with its data directory.

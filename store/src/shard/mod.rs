@@ -225,6 +225,21 @@ impl Shard {
         self.registry().dynamic(name).cloned()
     }
 
+    /// The dynamic table named `name` for an operation only dynamic tables have: a fixed table
+    /// of that name is `Unsupported`, saying `why` ("table t is fixed: {why}"), no table at all
+    /// `UnknownTable`.
+    pub(crate) fn dynamic_only(
+        &self,
+        name: &str,
+        why: &str,
+    ) -> Result<Arc<DynamicTable>, StoreError> {
+        self.dynamic_table(name)
+            .ok_or_else(|| match self.table(name) {
+                Ok(_) => StoreError::Unsupported(format!("table {name} is fixed: {why}")),
+                Err(e) => e,
+            })
+    }
+
     /// Dynamic tables in creation order.
     pub fn dynamic_tables(&self) -> Vec<Arc<DynamicTable>> {
         self.registry().dynamic.clone()

@@ -138,15 +138,7 @@ impl ShardService for Shard {
         resp: &mut Response<'_>,
     ) -> Result<(), WireError> {
         self.measured("scan", &req.table, || {
-            let t = self
-                .dynamic_table(&req.table)
-                .ok_or_else(|| match self.table(&req.table) {
-                    Ok(_) => StoreError::Unsupported(format!(
-                        "table {} is fixed: pull its rows 0 to rows - 1",
-                        req.table
-                    )),
-                    Err(e) => e,
-                })?;
+            let t = self.dynamic_only(&req.table, "pull its rows 0 to rows - 1")?;
             let (header, keys, versions, payloads) = t.scan(req.from, req.slots)?;
             codec::scan::respond(resp, header, &keys, &versions, &payloads)
         })
@@ -157,15 +149,7 @@ impl ShardService for Shard {
         req: &hetkv_transport::wire::EvictionsRequest,
     ) -> Result<hetkv_transport::wire::EvictionsResponse, WireError> {
         self.measured("evictions", &req.table, || {
-            let t = self
-                .dynamic_table(&req.table)
-                .ok_or_else(|| match self.table(&req.table) {
-                    Ok(_) => StoreError::Unsupported(format!(
-                        "table {} is fixed: it evicts nothing",
-                        req.table
-                    )),
-                    Err(e) => e,
-                })?;
+            let t = self.dynamic_only(&req.table, "it evicts nothing")?;
             Ok(t.evictions(req.cursor, req.max)?)
         })
     }
@@ -175,15 +159,7 @@ impl ShardService for Shard {
         req: &hetkv_transport::wire::AdvanceStepRequest,
     ) -> Result<hetkv_transport::wire::AdvanceStepResponse, WireError> {
         self.measured("advance_step", &req.table, || {
-            let t = self
-                .dynamic_table(&req.table)
-                .ok_or_else(|| match self.table(&req.table) {
-                    Ok(_) => StoreError::Unsupported(format!(
-                        "table {} is fixed: it keeps no training step",
-                        req.table
-                    )),
-                    Err(e) => e,
-                })?;
+            let t = self.dynamic_only(&req.table, "it keeps no training step")?;
             let (step, expired) = t.rows().advance_step(req.step)?;
             Ok(hetkv_transport::wire::AdvanceStepResponse { step, expired })
         })
