@@ -17,6 +17,14 @@ logloss over time, and the planted model's AUC from ``criteo.json`` (the ceiling
 
 Without ``--cluster`` the shards run in this process (``hetkv.EmbeddedCluster``).
 
+Under ``torchrun`` (HET's topology: one trainer a GPU, all sharing the shards) every rank trains
+its share of each epoch's samples with a cache of its own (``--batch`` samples a rank a step),
+the dense part in DDP over gloo; rank 0 creates the table, evaluates and writes the report, whose
+samples/s and embedding bytes are summed over the ranks. ``--cluster`` is then required.
+
+    torchrun --nproc-per-node 8 examples/python/deepfm.py --tsv criteo.tsv --report criteo.json \
+        --cluster 10.0.0.1:7000,10.0.0.1:7001 --transport tcp --device cuda
+
 ``--raw-ids`` keys the table by raw 64-bit feature ids, as a log carries them (each field's
 value hashed with the field, negative above 2^63 as torch's int64 holds them), in a dynamic
 table of ``--raw-capacity`` rows (admission always, LFU eviction): no vocabulary, no
@@ -33,6 +41,8 @@ import time
 import numpy as np
 import torch
 from torch import nn
+
+import torch.distributed as dist
 
 import hetkv
 import hetkv.torch
@@ -156,6 +166,12 @@ def main(argv=None):
     p.add_argument("--json", help="write the report here")
     args = p.parse_args(argv)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not args.cluster or args.torch_embedding:
+            sys.exit("under torchrun the ranks share running shards: give --cluster (hetkv, not --torch-embedding)")
+        dist.init_process_group("gloo")  # gloo reduces CUDA tensors too: ranks may share one GPU
+    rank = dist.get_rank() if world > 1 else 0
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     with open(args.report) as f:
@@ -191,14 +207,18 @@ def main(argv=None):
             )
         else:
             cluster = hetkv.EmbeddedCluster(shards=args.shards)
-        table = cluster.create_table(
-            args.table,
-            rows=rows,
-            dim=1 + args.dim,
-            init=hetkv.Initializer.normal(std=0.01, seed=args.seed),
-            optimizer=hetkv.Optimizer.adagrad(lr=args.lr),
-            dynamic=hetkv.Dynamic(eviction="lfu") if args.raw_ids else None,
-        )
+        if rank == 0:
+            table = cluster.create_table(
+                args.table,
+                rows=rows,
+                dim=1 + args.dim,
+                init=hetkv.Initializer.normal(std=0.01, seed=args.seed),
+                optimizer=hetkv.Optimizer.adagrad(lr=args.lr),
+                dynamic=hetkv.Dynamic(eviction="lfu") if args.raw_ids else None,
+            )
+        if world > 1:
+            dist.barrier()  # rank 0 created it
+            table = cluster.table(args.table)
         capacity = 0 if args.cache <= 0 else args.cache
         cache = table.cached(capacity=capacity, policy="lfu", pull_bound=args.bound, push_bound=args.bound)
         # Keys stay on the host; the rows go to the model's device.
@@ -209,6 +229,8 @@ def main(argv=None):
     hidden = [int(h) for h in args.hidden.split(",") if h]
     model = DeepFM(embedding, args.dim, hidden).to(device)
     dense_params = [q for n, q in model.named_parameters() if not (args.torch_embedding and n.startswith("embedding"))]
+    # The dense part averaged over the ranks each step (the hetkv module holds no parameter).
+    step_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.Adam(dense_params, lr=args.dense_lr)
     if args.torch_embedding:
         emb_opt = torch.optim.Adagrad(model.embedding.parameters(), lr=args.lr)
@@ -240,18 +262,21 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.epochs):
         order = torch.arange(train.stop)[torch.randperm(train.stop, generator=gen)]
+        # Each rank's share, in whole steps for all (a DDP step waits for every rank).
+        steps = len(order) // (args.batch * world)
+        order = order[: steps * args.batch * world][rank::world]
         for b in order.split(args.batch):
             k = keys[b] if not args.torch_embedding else keys[b].to(device)
             x, y = dense[b].to(device), labels[b].to(device)
-            loss = loss_fn(model(k, x).squeeze(1), y)
+            loss = loss_fn(step_model(k, x).squeeze(1), y)
             opt.zero_grad()
             emb_opt.zero_grad()
             loss.backward()
             opt.step()
             emb_opt.step()
-            trained += len(b)
+            trained += len(b) * world
             elapsed = time.monotonic() - started
-            if elapsed >= next_eval:
+            if rank == 0 and elapsed >= next_eval:
                 a, l = evaluate()
                 timeline.append({"secs": elapsed, "samples": trained, "auc": a, "logloss": l})
                 print(f"{elapsed:7.1f} s  {trained:9d} samples  test AUC {a:.4f}  logloss {l:.4f}", flush=True)
@@ -263,6 +288,8 @@ def main(argv=None):
     train_secs = time.monotonic() - started
     if not args.torch_embedding:
         embedding.flush()
+    if world > 1:
+        dist.barrier()  # every rank's updates are in
     final_auc, final_logloss = evaluate()
     if reached is None and args.target_auc and final_auc >= args.target_auc:
         reached = train_secs
@@ -283,6 +310,16 @@ def main(argv=None):
     }
     if not args.torch_embedding:
         out["cache"] = embedding.cache.stats()
+        # The cache's bytes to and from the shards, under torchrun every rank's summed.
+        s = out["cache"]
+        moved = torch.tensor([s["bytes_sent"], s["bytes_received"]], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(moved)
+        out["world"] = world
+        out["bytes_sent"], out["bytes_received"] = (int(v) for v in moved.tolist())
+    if rank != 0:
+        dist.destroy_process_group()
+        return out
     print(
         f"{what}: {out['samples_per_s']:.0f} samples/s, test AUC {final_auc:.4f} (planted model "
         f"{report['oracle_auc']:.4f}), logloss {final_logloss:.4f}"
@@ -293,6 +330,8 @@ def main(argv=None):
             json.dump(out, f, indent=2)
     if isinstance(cluster, hetkv.EmbeddedCluster):
         cluster.close()
+    if world > 1:
+        dist.destroy_process_group()
     return out
 
 
