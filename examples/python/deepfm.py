@@ -262,9 +262,10 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.epochs):
         order = torch.arange(train.stop)[torch.randperm(train.stop, generator=gen)]
-        # Each rank's share, in whole steps for all (a DDP step waits for every rank).
-        steps = len(order) // (args.batch * world)
-        order = order[: steps * args.batch * world][rank::world]
+        if world > 1:
+            # Each rank's share, in whole steps for all (a DDP step waits for every rank).
+            steps = len(order) // (args.batch * world)
+            order = order[: steps * args.batch * world][rank::world]
         for b in order.split(args.batch):
             k = keys[b] if not args.torch_embedding else keys[b].to(device)
             x, y = dense[b].to(device), labels[b].to(device)
