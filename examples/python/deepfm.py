@@ -178,13 +178,26 @@ def main(argv=None):
         report = json.load(f)
     if args.raw_ids and args.torch_embedding:
         sys.exit("--raw-ids keys a hetkv dynamic table; torch.nn.Embedding needs dense keys")
-    if args.npz and os.path.exists(args.npz):
-        parsed = np.load(args.npz)
-        labels, dense, keys = (torch.from_numpy(parsed[k]) for k in ("labels", "dense", "keys"))
-    else:
-        labels, dense, keys = read_tsv(args.tsv, report["field_ids"], raw=args.raw_ids)
+    def load():
+        if args.npz and os.path.exists(args.npz):
+            parsed = np.load(args.npz)
+            return tuple(torch.from_numpy(parsed[k]) for k in ("labels", "dense", "keys"))
+        got = read_tsv(args.tsv, report["field_ids"], raw=args.raw_ids)
         if args.npz:
-            np.savez(args.npz, labels=labels.numpy(), dense=dense.numpy(), keys=keys.numpy())
+            part = args.npz + f".{os.getpid()}.npz"  # whole or absent under its name
+            np.savez(part, labels=got[0].numpy(), dense=got[1].numpy(), keys=got[2].numpy())
+            os.replace(part, args.npz)
+        return got
+
+    if world > 1 and args.npz:
+        # Rank 0 parses once and keeps the arrays; the others read them.
+        if rank == 0:
+            labels, dense, keys = load()
+        dist.barrier()
+        if rank != 0:
+            labels, dense, keys = load()
+    else:
+        labels, dense, keys = load()
     rows = int(report["table_rows"])
     if args.raw_ids:
         rows = args.raw_capacity or rows
