@@ -180,6 +180,18 @@ impl Optimizer {
         self.0.name()
     }
 
+    /// f32 state values a row of `dim` carries on the shards: 0 (SGD), `dim` (Adagrad), 1
+    /// (row-wise Adagrad), `2 dim` (Adam: first moments, then second moments).
+    fn state_len(&self, dim: usize) -> usize {
+        hetkv_transport::Optimizer::new(self.0).state_len(dim)
+    }
+
+    /// Whether a row's state carries a step count too (Adam).
+    #[getter]
+    fn has_steps(&self) -> bool {
+        hetkv_transport::Optimizer::new(self.0).has_steps()
+    }
+
     fn __repr__(&self) -> String {
         format!("hetkv.Optimizer.{}", self.0)
     }

@@ -71,15 +71,18 @@ impl Table {
         };
         let read = interruptible(py, || self.inner.read_state(&keys), py_err)?;
         let n = keys.len();
-        let len = hetkv_transport::Optimizer::new(spec.optimizer).state_len(spec.dim as usize);
+        let optimizer = hetkv_transport::Optimizer::new(spec.optimizer);
         let d = PyDict::new(py);
         let matrix = |values: Vec<f32>, cols: usize| {
             numpy::PyArrayMethods::reshape(&PyArray1::from_vec(py, values), [n, cols])
         };
         d.set_item("embeddings", matrix(read.values, spec.dim as usize)?)?;
         d.set_item("versions", PyArray1::from_vec(py, read.versions))?;
-        d.set_item("state", matrix(read.state, len)?)?;
-        if hetkv_transport::Optimizer::new(spec.optimizer).has_steps() {
+        d.set_item(
+            "state",
+            matrix(read.state, optimizer.state_len(spec.dim as usize))?,
+        )?;
+        if optimizer.has_steps() {
             d.set_item("steps", PyArray1::from_vec(py, read.steps))?;
         }
         if given || spec.is_dynamic() {

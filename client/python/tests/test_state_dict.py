@@ -193,6 +193,14 @@ def test_an_optimizer_state_dict_that_does_not_fit_is_refused_before_any_table_c
             opt.load_state_dict(short)
         with pytest.raises(ValueError, match="tables"):
             opt.load_state_dict({k: v for k, v in saved.items() if k != "tables"})
+        # Adagrad's accumulators where the Adam table's moments go (the last table: the first
+        # would have been set already, were states not all checked first).
+        swapped = dict(saved, tables=dict(saved["tables"], users={"sum": torch.zeros(30, 3)}))
+        with pytest.raises(ValueError, match="table 'users' \\(adam\\) has no 'exp_avg'"):
+            opt.load_state_dict(swapped)
+        wide = dict(saved, tables=dict(saved["tables"], ids={"sum": torch.zeros(40, 5)}))
+        with pytest.raises(ValueError, match="table 'ids' \\(adagrad\\) is \\(40, 5\\)"):
+            opt.load_state_dict(wide)
         for n in ("ids", "users"):
             after = cluster.table(n).read_rows(state=True)
             for k in before[n]:

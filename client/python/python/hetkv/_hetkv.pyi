@@ -83,19 +83,25 @@ class Optimizer:
     def lr(self) -> float: ...
     @property
     def name(self) -> str: ...
+    def state_len(self, dim: int) -> int: ...
+    @property
+    def has_steps(self) -> bool: ...
 
 class Dynamic:
     """What makes a table dynamic: any u64 key (raw feature ids; int64 keys are taken as their
     u64 bit pattern), rows created when a key is admitted (on its first update; after
     ``admit_after`` updates counted while not held; or with probability ``admit_probability`` per
     update, seeded), at most the table's ``rows`` over the cluster, evicting a full bucket's least
-    recently (``"lru"``) or least frequently (``"lfu"``) updated row."""
+    recently (``"lru"``) or least frequently (``"lfu"``) updated row; ``eviction="ttl"`` with
+    ``ttl=N`` expires rows not updated in the N training steps before the one
+    ``Table.advance_step`` announces."""
     def __init__(
         self,
         eviction: str = "lru",
         admit_after: Optional[int] = None,
         admit_probability: Optional[float] = None,
         seed: int = 0,
+        ttl: Optional[int] = None,
     ) -> None: ...
 
 Keys = Union[npt.NDArray[np.uint64], npt.NDArray[np.int64]]
@@ -150,9 +156,20 @@ class Table:
         grads: npt.NDArray[np.float32],
         counts: Optional[npt.NDArray[np.uint32]] = None,
     ) -> Dict[str, Any]: ...
-    def assign(self, keys: Keys, values: npt.NDArray[np.float32]) -> int: ...
+    def assign(
+        self,
+        keys: Keys,
+        values: Optional[npt.NDArray[np.float32]] = None,
+        *,
+        state: Optional[npt.NDArray[np.float32]] = None,
+        steps: Optional[npt.NDArray[np.uint64]] = None,
+        keep_state: bool = False,
+    ) -> int: ...
+    def advance_step(self, step: int) -> int: ...
     def evictions(self, shard: int, cursor: int = 0, max: int = 65536) -> Dict[str, Any]: ...
-    def read_rows(self, keys: Optional[npt.NDArray[np.uint64]] = None) -> Dict[str, Any]: ...
+    def read_rows(
+        self, keys: Optional[npt.NDArray[np.uint64]] = None, state: bool = False
+    ) -> Dict[str, Any]: ...
     def export(
         self, path: Union[str, PathLike], keys: Optional[npt.NDArray[np.uint64]] = None
     ) -> int: ...

@@ -45,7 +45,8 @@ calls it reads every table, so save on one. ``load_state_dict`` sets the rows on
 row's optimizer state stays, as a torch optimizer's stays when its model's weights load) and
 makes the caches read them again. The shards' optimizer state is the embedding optimizer's:
 ``EmbeddingOptimizer.state_dict()`` carries it and ``load_state_dict`` sets it, so a run resumed
-from both state dicts trains on as the saved one would have. ``torch.save(model)`` and
+from both state dicts starts from the saved rows and state (at bounds 0 it then trains on bit for
+bit as the saved run would have; above 0 its caches start empty, so their staleness differs). ``torch.save(model)`` and
 ``copy.deepcopy`` are refused with the reason (a cache is a connection, not a value).
 
 torch is imported here, at run time: the hetkv wheel does not link libtorch.
@@ -232,16 +233,16 @@ def _save_state(cache: Cache) -> Optional[Dict[str, torch.Tensor]]:
     """The optimizer state of the table of ``cache`` (None for SGD, which has none), its updates
     pushed first: every row's (a dynamic table's held keys, with ``keys``), read with the rows
     under each row's lock (``Table.read_rows(state=True)``)."""
-    cache.flush()
     table = cache.source_table
+    if table.optimizer.state_len(table.dim) == 0:
+        return None
+    cache.flush()
     got = table.read_rows(state=True)
     state = got["state"]
-    if state.shape[1] == 0:
-        return None
     out: Dict[str, torch.Tensor] = {}
     if table.dynamic is not None:
         out["keys"] = torch.from_numpy(got["keys"].view(np.int64))
-    if "steps" in got:
+    if table.optimizer.has_steps:
         dim = table.dim
         out["exp_avg"] = torch.from_numpy(np.ascontiguousarray(state[:, :dim]))
         out["exp_avg_sq"] = torch.from_numpy(np.ascontiguousarray(state[:, dim:]))
@@ -253,24 +254,40 @@ def _save_state(cache: Cache) -> Optional[Dict[str, torch.Tensor]]:
 
 def _state_arrays(cache: Cache, saved: Dict[str, torch.Tensor]):
     """The keys, state (float32, keys x state length) and step counts (uint64 or None) that
-    ``_save_state`` saved for the table of ``cache``, checked against the table; raises
-    ValueError naming what does not fit."""
+    ``_save_state`` saved for the table of ``cache``, checked against the table's optimizer and
+    rows; raises ValueError naming what does not fit."""
     table = cache.source_table
-    dynamic = table.dynamic is not None
+    optimizer = table.optimizer
+
     def array(name: str, dtype) -> np.ndarray:
         if name not in saved:
-            raise ValueError(f"the optimizer state of table {table.name!r} has no {name!r}")
+            raise ValueError(
+                f"the optimizer state of table {table.name!r} ({optimizer.name}) has no {name!r}"
+            )
         return saved[name].detach().to("cpu", dtype).contiguous().numpy()
-    keys = array("keys", torch.int64).view(np.uint64) if dynamic else np.arange(table.rows, dtype=np.uint64)
+
+    if table.dynamic is not None:
+        keys = array("keys", torch.int64).view(np.uint64)
+    else:
+        keys = np.arange(table.rows, dtype=np.uint64)
     steps = None
-    if "step" in saved or "exp_avg" in saved:
-        state = np.concatenate([array("exp_avg", torch.float32), array("exp_avg_sq", torch.float32)], axis=1)
+    if optimizer.has_steps:
+        moments = [array("exp_avg", torch.float32), array("exp_avg_sq", torch.float32)]
+        if any(m.shape != (len(keys), table.dim) for m in moments):
+            raise ValueError(
+                f"the moments of table {table.name!r} are {[tuple(m.shape) for m in moments]}, "
+                f"the table takes {(len(keys), table.dim)} each"
+            )
+        state = np.concatenate(moments, axis=1)
         steps = array("step", torch.int64).view(np.uint64)
     else:
         state = array("sum", torch.float32)
-    if state.ndim != 2 or state.shape[0] != len(keys) or (steps is not None and steps.shape != (len(keys),)):
+    want = (len(keys), optimizer.state_len(table.dim))
+    if state.shape != want or (steps is not None and steps.shape != (len(keys),)):
         raise ValueError(
-            f"the optimizer state of table {table.name!r} holds {state.shape[0]} rows for {len(keys)} keys"
+            f"the optimizer state of table {table.name!r} ({optimizer.name}) is {tuple(state.shape)}"
+            + ("" if steps is None else f" with {len(steps)} steps")
+            + f", the table takes {want}"
         )
     return keys, np.ascontiguousarray(state), steps
 
@@ -542,9 +559,10 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
     Adam's step counted per row), one row a key (a dynamic table's with its ``keys``); SGD tables
     have none. ``load_state_dict`` sets it on the shards, the rows' values kept, and makes the
     caches read the rows again; with the model's ``load_state_dict`` (which sets the values and
-    keeps the state), in either order, a resumed run trains on exactly as the saved one would
-    have. A table missing from the state dict, or whose state does not fit it, is refused before
-    any table changes."""
+    keeps the state), in either order, the shards hold the saved rows and state, and a resumed
+    run at bounds 0 trains on bit for bit as the saved one would have. A table missing from the
+    state dict, or whose state does not fit its optimizer and rows, is refused before any table
+    changes."""
 
     def __init__(self, modules):
         if isinstance(modules, nn.Module):
@@ -598,7 +616,8 @@ class EmbeddingOptimizer(torch.optim.Optimizer):
         # Every table's state checked before any is set.
         loads = []
         for cache in self._tables():
-            if cache.source_table.optimizer.name == "sgd":
+            table = cache.source_table
+            if table.optimizer.state_len(table.dim) == 0:
                 continue
             if cache.table not in tables:
                 raise ValueError(f"the state dict holds no optimizer state of table {cache.table!r}")
