@@ -783,27 +783,24 @@ impl Table {
         let done = self.write_shards(&routed, "assigned", |s, shard, shard_keys| {
             let positions = &routed.positions[s];
             let values = rows.values.map(|v| gather(positions, v, dim));
-            let (states, steps) = match rows.state {
-                StateChange::Set { values, steps } => (
+            // A state to set, this shard's rows of it (steps only where the optimizer has them).
+            let set = match rows.state {
+                StateChange::Set { values, steps } => Some((
                     gather(positions, values, len),
-                    positions
-                        .iter()
-                        .filter_map(|&p| steps.get(p).copied())
-                        .collect(),
-                ),
-                _ => (Vec::new(), Vec::new()),
-            };
-            let state = match rows.state {
-                StateChange::Set { .. } => StateChange::Set {
-                    values: &states,
-                    steps: &steps,
-                },
-                other => other,
+                    match steps.is_empty() {
+                        true => Vec::new(),
+                        false => positions.iter().map(|&p| steps[p]).collect(),
+                    },
+                )),
+                _ => None,
             };
             let mine = Assignment {
                 keys: shard_keys,
                 values: values.as_deref(),
-                state,
+                state: match &set {
+                    Some((values, steps)) => StateChange::Set { values, steps },
+                    None => rows.state,
+                },
             };
             shard.assign(name, &mine).map(|ack| ack.rows as u64)
         })?;

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hetkv_transport::codec::assign::StateChange;
+use hetkv_transport::codec::assign::{Assignment, StateChange};
 use hetkv_transport::keyed::{
     KeyedLayout, KeyedRegion, Placement as Slot, BUCKET_BYTES, BUCKET_SLOTS,
 };
@@ -511,17 +511,18 @@ impl DynamicRows {
     /// Sets the rows of `keys` (an import, a warm start, a model's or an optimizer's state
     /// loaded): each key is admitted whatever the table's rule (an assignment names the rows it
     /// wants), taking the slot of its bucket's lowest score when the bucket is full; its value
-    /// becomes `values`' row (or stays: a key admitted here takes its initial value) and its
-    /// optimizer state follows `state` (a key admitted here starts it again unless it is set).
+    /// becomes its row of `rows.values` (or stays: a key admitted here takes its initial value)
+    /// and its optimizer state follows `rows.state` (a key admitted here starts it again unless
+    /// it is set).
     /// Each row becomes one update (its version and the clock grow by one). Nothing is set when
     /// [`Assignment::check`](hetkv_transport::codec::assign::Assignment::check) refuses. Returns the rows set.
-    pub fn assign(
-        &self,
-        keys: &[u64],
-        values: Option<&[f32]>,
-        state: StateChange<'_>,
-    ) -> Result<u64, StoreError> {
-        check_assignment(keys, self.dim, &self.optimizer, values, state)?;
+    pub fn assign(&self, rows: &Assignment<'_>) -> Result<u64, StoreError> {
+        check_assignment(rows, self.dim, &self.optimizer)?;
+        let Assignment {
+            keys,
+            values,
+            state,
+        } = *rows;
         let keyed = KeyedRegion::new(&self.layout, self.region.words());
         let mut image = vec![0u8; self.layout.row().stride()];
         let mut w = vec![0f32; self.dim];
@@ -1113,14 +1114,9 @@ impl DynamicTable {
     }
 
     /// Sets rows (keys checked against the routing): [`DynamicRows::assign`].
-    pub fn assign(
-        &self,
-        keys: &[u64],
-        values: Option<&[f32]>,
-        state: StateChange<'_>,
-    ) -> Result<u64, StoreError> {
-        self.check_keys(keys.iter().copied())?;
-        let rows = self.rows.assign(keys, values, state)?;
+    pub fn assign(&self, rows: &Assignment<'_>) -> Result<u64, StoreError> {
+        self.check_keys(rows.keys.iter().copied())?;
+        let rows = self.rows.assign(rows)?;
         self.rows_pushed.fetch_add(rows, Ordering::Relaxed);
         Ok(rows)
     }
@@ -1791,7 +1787,7 @@ mod tests {
         let t = rows(32, Admission::Threshold { count: 200 }, Eviction::Lru);
         let keys: Vec<u64> = (0..40u64).map(|k| k * 7919).collect();
         let values: Vec<f32> = (0..keys.len() * 2).map(|i| i as f32).collect();
-        assert_eq!(t.assign(&keys, Some(&values), Reset).unwrap(), 40);
+        assert_eq!(t.assign(&Assignment::values(&keys, &values)).unwrap(), 40);
         assert_eq!(t.resident(), 32);
         let evicted = t.evictions(0, 100).unwrap().events;
         assert_eq!(
@@ -1809,11 +1805,17 @@ mod tests {
             assert_eq!(out, [values[2 * n], values[2 * n + 1]]);
         }
         // Assigned again: version 2, in place.
-        assert_eq!(t.assign(&keys[39..], Some(&[5.0, 6.0]), Reset).unwrap(), 1);
+        assert_eq!(
+            t.assign(&Assignment::values(&keys[39..], &[5.0, 6.0]))
+                .unwrap(),
+            1
+        );
         assert_eq!(t.read(keys[39], &mut out).unwrap(), 2);
         assert_eq!(out, [5.0, 6.0]);
         // A NaN sets nothing.
-        assert!(t.assign(&keys[..1], Some(&[f32::NAN, 0.0]), Reset).is_err());
+        assert!(t
+            .assign(&Assignment::values(&keys[..1], &[f32::NAN, 0.0]))
+            .is_err());
         assert_eq!(t.resident(), 32);
     }
 
@@ -1837,11 +1839,16 @@ mod tests {
             values: &[0.5, -0.5, 0.25, 0.125],
             steps: &[7],
         };
-        assert_eq!(t.assign(&[9], None, set).unwrap(), 1);
+        let nine = |values: Option<&'static [f32]>, state| Assignment {
+            keys: &[9],
+            values,
+            state,
+        };
+        assert_eq!(t.assign(&nine(None, set)).unwrap(), 1);
         assert_eq!(held(&mut image, &mut state), (1, 7, [0.0, 0.0]));
         assert_eq!(state, [0.5, -0.5, 0.25, 0.125]);
         // Values with the state kept: the state is the one set.
-        assert_eq!(t.assign(&[9], Some(&[1.0, 2.0]), Keep).unwrap(), 1);
+        assert_eq!(t.assign(&nine(Some(&[1.0, 2.0]), Keep)).unwrap(), 1);
         assert_eq!(held(&mut image, &mut state), (2, 7, [1.0, 2.0]));
         assert_eq!(state, [0.5, -0.5, 0.25, 0.125]);
         // A negative second moment, or a step count missing, sets nothing.
@@ -1849,15 +1856,15 @@ mod tests {
             values: &[0.0, 0.0, 0.0, -1.0],
             steps: &[1],
         };
-        assert!(t.assign(&[9], None, bad).is_err());
+        assert!(t.assign(&nine(None, bad)).is_err());
         let short = StateChange::Set {
             values: &[0.0; 4],
             steps: &[],
         };
-        assert!(t.assign(&[9], None, short).is_err());
+        assert!(t.assign(&nine(None, short)).is_err());
         assert_eq!(held(&mut image, &mut state), (2, 7, [1.0, 2.0]));
         // Reset: a new optimizer's state, the values kept.
-        assert_eq!(t.assign(&[9], None, Reset).unwrap(), 1);
+        assert_eq!(t.assign(&nine(None, Reset)).unwrap(), 1);
         assert_eq!(held(&mut image, &mut state), (3, 0, [1.0, 2.0]));
         assert_eq!(state, [0.0; 4]);
     }

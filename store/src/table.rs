@@ -481,20 +481,15 @@ impl Table {
 
     /// Validates an assignment without changing anything ([`Assignment::check`]): returns the
     /// local indices.
-    pub fn validate_assign(
-        &self,
-        keys: &[u64],
-        values: Option<&[f32]>,
-        state: StateChange<'_>,
-    ) -> Result<Vec<u64>, StoreError> {
-        check_assignment(keys, self.layout.dim(), &self.optimizer, values, state)?;
-        keys.iter().map(|&k| self.local_index(k)).collect()
+    pub fn validate_assign(&self, rows: &Assignment<'_>) -> Result<Vec<u64>, StoreError> {
+        check_assignment(rows, self.layout.dim(), &self.optimizer)?;
+        rows.keys.iter().map(|&k| self.local_index(k)).collect()
     }
 
-    /// Sets validated rows (`locals` from [`Table::validate_assign`]): each row's value to
-    /// `values` (or kept) and its optimizer state as `state` says, under its writer lock; each
-    /// is one update (its version and the clock grow by one, so caches see the change).
-    pub fn apply_assign(&self, locals: &[u64], values: Option<&[f32]>, state: StateChange<'_>) {
+    /// Sets validated rows (`locals`, from [`Table::validate_assign`] of `rows`): each row's value
+    /// (or kept) and its optimizer state as `rows` says, under its writer lock; each is one
+    /// update (its version and the clock grow by one, so caches see the change).
+    pub fn apply_assign(&self, locals: &[u64], rows: &Assignment<'_>) {
         let dim = self.layout.dim();
         let len = self.state_len;
         self.clock_word()
@@ -506,14 +501,14 @@ impl Table {
             let version = row::read_row(self.region.words(), &self.layout, i, &mut image, 1)
                 .expect("a row read under its writer lock is stable")
                 .version;
-            match values {
+            match rows.values {
                 Some(values) => w.copy_from_slice(&values[n * dim..(n + 1) * dim]),
                 None => row::decode_payload(&self.layout, &image, &mut w),
             }
             let slot = locate(i).1;
             let StripeState { floats, steps } = &mut *stripe;
             let row_state = &mut floats[slot * len..(slot + 1) * len];
-            match state {
+            match rows.state {
                 StateChange::Keep => {}
                 StateChange::Reset => {
                     self.optimizer.init_state(row_state);
@@ -676,19 +671,12 @@ fn stripe_rows(local_rows: u64, s: usize) -> usize {
     ((mine - 1) * GROUP + (local_rows - last * GROUP).min(GROUP)) as usize
 }
 
-/// [`Assignment::check`] of the given parts, as the store's error.
+/// [`Assignment::check`] for a table of `dim` under `optimizer`, as the store's error.
 pub(crate) fn check_assignment(
-    keys: &[u64],
+    rows: &Assignment<'_>,
     dim: usize,
     optimizer: &Optimizer,
-    values: Option<&[f32]>,
-    state: StateChange<'_>,
 ) -> Result<(), StoreError> {
-    let rows = Assignment {
-        keys,
-        values,
-        state,
-    };
     rows.check(dim, optimizer).map_err(|e| match e {
         Refused::Shape(m) => StoreError::WrongDim(m),
         Refused::Value { key, what } => {

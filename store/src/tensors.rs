@@ -3,9 +3,9 @@
 //! a file. The bytes: `embeddings` (f32, rows x dim), `versions` (u64, one per row) and, when only
 //! some keys were asked for, `keys` (u64); metadata `table`, `rows`, `dim`, `optimizer`.
 
-use hetkv_transport::codec::assign::Assignment;
 use std::path::Path;
 
+use hetkv_transport::codec::assign::Assignment;
 use hetkv_transport::{ShardTransport, TableSpec};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 

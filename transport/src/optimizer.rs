@@ -117,7 +117,7 @@ impl Optimizer {
             OptimizerSpec::Adagrad { .. } | OptimizerSpec::RowwiseAdagrad { .. } => 0..state.len(),
             OptimizerSpec::Adam { .. } => state.len() / 2..state.len(),
         };
-        match squares.clone().find(|&i| state[i] < 0.0) {
+        match squares.into_iter().find(|&i| state[i] < 0.0) {
             Some(at) => Err(format!(
                 "state element {at} is {}, and a {} must not be negative",
                 state[at],

@@ -1,9 +1,13 @@
 """examples/python/deepfm.py runs end to end on a small Criteo-like data set, through hetkv with
 a cache, without one, with torch.nn.Embedding, and on raw 64-bit ids in a dynamic table, and learns
-(well above chance)."""
+(well above chance); it and examples/python/torchrun_train.py run under torchrun against running
+daemons."""
 
 import importlib.util
+import json
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -46,30 +50,31 @@ def test_the_deepfm_example_learns(data, extra):
     assert 0.65 < out["test_auc"] <= out["planted_auc"] + 0.03, out
 
 
-def test_torchrun_ranks_train_against_the_same_running_shards(daemon_factory, tmp_path):
-    """The torchrun recipe: two daemons started once, two ranks under torchrun connecting to
-    both; every rank's updates land on the shards once, DDP keeps the dense part in sync, and the
-    planted model is learnt."""
-    import json
-    import socket
-    import subprocess
-    import sys
-
-    shards = [daemon_factory("--shard", str(i), "--shards", "2") for i in range(2)]
+def torchrun(script: str, *args: str) -> None:
+    """Runs ``examples/python/SCRIPT`` with two ranks under torchrun on this host (a free port
+    for the rendezvous); fails with its output when it fails."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "result.json"
     run = subprocess.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
             "--master_addr", "127.0.0.1", "--master_port", str(port),
-            str(REPO / "examples" / "python" / "torchrun_train.py"),
-            "--servers", ",".join(d.addr for d in shards), "--steps", "150", "--out", str(out),
+            str(REPO / "examples" / "python" / script), *args,
         ],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_torchrun_ranks_train_against_the_same_running_shards(daemon_factory, tmp_path):
+    """The torchrun recipe: two daemons started once, two ranks under torchrun connecting to
+    both; every rank's updates land on the shards once, DDP keeps the dense part in sync, and the
+    planted model is learnt."""
+    shards = [daemon_factory("--shard", str(i), "--shards", "2") for i in range(2)]
+    out = tmp_path / "result.json"
+    torchrun("torchrun_train.py", "--servers", ",".join(d.addr for d in shards), "--steps", "150",
+             "--out", str(out))
     r = json.loads(out.read_text())
     assert r["world"] == 2 and r["heads_in_sync"], r
     assert r["versions_sum"] == sum(r["updates_per_rank"]), "every rank's update applied once"
@@ -80,27 +85,11 @@ def test_the_deepfm_example_trains_under_torchrun_against_running_shards(data, d
     """HET's topology in small: two ranks, each a cache of its own, the dense part in DDP, both
     reading and pushing through the same daemons; the report counts every rank's samples and
     bytes, and the model learns."""
-    import json
-    import socket
-    import subprocess
-    import sys
-
     shards = [daemon_factory("--shard", str(i), "--shards", "2") for i in range(2)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "deepfm.json"
-    run = subprocess.run(
-        [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(port),
-            str(REPO / "examples" / "python" / "deepfm.py"),
-            "--tsv", str(data / "c.tsv"), "--report", str(data / "c.json"), "--hidden", "32,32",
-            "--cluster", ",".join(d.addr for d in shards), "--transport", "tcp", "--json", str(out),
-        ],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    torchrun("deepfm.py", "--tsv", str(data / "c.tsv"), "--report", str(data / "c.json"),
+             "--hidden", "32,32", "--cluster", ",".join(d.addr for d in shards), "--transport", "tcp",
+             "--json", str(out))
     r = json.loads(out.read_text())
     # 27,000 training samples in whole steps of two ranks' batches of 128.
     assert r["world"] == 2 and r["samples"] == 27000 // 256 * 256, r

@@ -2,7 +2,7 @@
 //! push, pushes applied once per origin, assignments, and reads of region spans.
 
 use hetkv_transport::codec;
-use hetkv_transport::codec::assign::StateChange;
+use hetkv_transport::codec::assign::{Assignment, StateChange};
 use hetkv_transport::row::copy_span;
 use hetkv_transport::service::{Response, ShardService};
 use hetkv_transport::wire::AssignState;
@@ -21,13 +21,12 @@ impl Shard {
         req: &codec::assign::Request<'_>,
     ) -> Result<PushResponse, StoreError> {
         let rows = if let Some(t) = self.dynamic_table(&req.table) {
-            let a = Assigned::decode(req, t.spec())?;
-            t.assign(&a.keys, a.values.as_deref(), a.change())?
+            t.assign(&Assigned::decode(req, t.spec())?.rows())?
         } else {
             let t = self.table(&req.table)?;
             let a = Assigned::decode(req, t.spec())?;
-            let locals = t.validate_assign(&a.keys, a.values.as_deref(), a.change())?;
-            t.apply_assign(&locals, a.values.as_deref(), a.change());
+            let locals = t.validate_assign(&a.rows())?;
+            t.apply_assign(&locals, &a.rows());
             locals.len() as u64
         };
         Ok(PushResponse {
@@ -426,11 +425,15 @@ impl Assigned {
         })
     }
 
-    fn change(&self) -> StateChange<'_> {
-        match (&self.state, self.kind) {
-            (Some((values, steps)), _) => StateChange::Set { values, steps },
-            (None, AssignState::Keep) => StateChange::Keep,
-            (None, _) => StateChange::Reset,
+    fn rows(&self) -> Assignment<'_> {
+        Assignment {
+            keys: &self.keys,
+            values: self.values.as_deref(),
+            state: match (&self.state, self.kind) {
+                (Some((values, steps)), _) => StateChange::Set { values, steps },
+                (None, AssignState::Keep) => StateChange::Keep,
+                (None, _) => StateChange::Reset,
+            },
         }
     }
 }

@@ -91,10 +91,8 @@ impl Assignment<'_> {
                 });
             }
         }
-        if self.values.is_none() && self.state == StateChange::Keep {
-            return Err(Refused::Shape(
-                "an assignment that keeps both values and state sets nothing".into(),
-            ));
+        if sets_nothing(self.values.is_some(), self.state.kind()) {
+            return Err(Refused::Shape(SETS_NOTHING.into()));
         }
         if let StateChange::Set { values, steps } = self.state {
             let len = optimizer.state_len(dim);
@@ -123,6 +121,15 @@ impl Assignment<'_> {
         }
         Ok(())
     }
+}
+
+/// Why an assignment that neither sets values nor changes the state is refused.
+const SETS_NOTHING: &str = "an assignment that keeps both values and state sets nothing";
+
+/// Whether an assignment of these parts sets nothing: no values, the state kept (refused by
+/// the client's check and by the shard's decoding alike).
+fn sets_nothing(values: bool, state: AssignState) -> bool {
+    !values && state == AssignState::Keep
 }
 
 /// Starts a request frame in `out` for `rows`.
@@ -211,10 +218,8 @@ impl<'a> Request<'a> {
 /// [`Request::parts`]). An assignment that neither sets values nor changes the state is refused.
 pub fn decode_request<'a>(parts: &FrameParts<'a>) -> Result<Request<'a>, FrameError> {
     let r: AssignRequest = header(parts)?;
-    if !r.values && r.state == AssignState::Keep {
-        return Err(malformed(
-            "an assignment that keeps both values and state sets nothing".into(),
-        ));
+    if sets_nothing(r.values, r.state) {
+        return Err(malformed(SETS_NOTHING.into()));
     }
     let rows = r.rows as usize;
     let fixed = rows.saturating_mul(8);
