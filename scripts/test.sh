@@ -46,14 +46,21 @@ python3 -m pip --version
 
 # A virtual environment of the tests' own, outside the clone so that torch (large) is installed
 # once per machine: numpy and safetensors (the export test loads a table in Python), and for the
-# Python package's suites pytest, maturin, torch and Ray (with Ray Train: hetkv.ray's tests run a
-# local Ray instance).
+# Python package's suites pytest, maturin, torch, Ray (with Ray Train: hetkv.ray's tests run a
+# local Ray instance) and TorchRec (hetkv's collections are tested under TorchRec's own classes).
+# TorchRec pins its torch through FBGEMM: torchrec 1.9.2 runs on fbgemm-gpu 1.9.0, built for torch
+# 2.14; its CPU build (fbgemm-gpu-cpu) goes in, and torchrec without its dependency on the CUDA
+# build (the two share one module name; the CUDA build does not load without a GPU driver).
 home=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 venv=${HETKV_TEST_VENV:-${XDG_CACHE_HOME:-$home/.cache}/hetkv/test-venv}
 if [ ! -x "$venv/bin/python" ]; then mkdir -p "$(dirname "$venv")"; python3 -m venv "$venv"; fi
-"$venv/bin/python" -c 'import numpy, safetensors, pytest, maturin, torch, ray.train.torch' >/dev/null 2>&1 ||
-  "$venv/bin/python" -m pip install --quiet numpy safetensors pytest maturin torch "ray[train]==2.60.0"
-"$venv/bin/python" -c 'import numpy, safetensors, torch; print("python test env: numpy", numpy.__version__, "safetensors", safetensors.__version__, "torch", torch.__version__)'
+if ! "$venv/bin/python" -c 'import numpy, safetensors, pytest, maturin, torch, ray.train.torch, torchrec' >/dev/null 2>&1; then
+  "$venv/bin/python" -m pip install --quiet numpy safetensors pytest maturin "torch==2.14.1" \
+    "ray[train]==2.60.0" "fbgemm-gpu-cpu==1.9.0" pyre-extensions tensordict torchmetrics tqdm
+  "$venv/bin/python" -m pip install --quiet --no-deps "torchrec==1.9.2"
+fi
+"$venv/bin/python" -c 'import numpy, safetensors, torch, torchrec; print("python test env: numpy", numpy.__version__, "safetensors", safetensors.__version__, "torch", torch.__version__, "torchrec", torchrec.__version__)'
+export HETKV_REQUIRE_TORCHREC=1
 export HETKV_PYTHON="$venv/bin/python"
 # Ray's local instances in the tests report no usage statistics.
 export RAY_USAGE_STATS_ENABLED=0
