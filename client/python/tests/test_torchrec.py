@@ -7,7 +7,6 @@ empty bags); ``EmbeddingCollection`` returns the rows and lengths TorchRec's ret
 at bounds 0. Where TorchRec is not installed the module is skipped, unless
 ``HETKV_REQUIRE_TORCHREC`` is set (as ``scripts/test.sh`` sets it): then it fails."""
 
-import dataclasses
 import os
 
 import numpy as np
@@ -37,6 +36,7 @@ from hetkv.torch import (
     KeyedJaggedTensor,
     TrainPipeline,
 )
+from test_pipeline import Batch as UserBatch  # a batch class of the user's, shaped as TorchRec's
 
 FEATURES = [("user", 50, 4, "sum"), ("item", 30, 6, "mean")]  # feature = table, rows, dim, pooling
 
@@ -123,22 +123,6 @@ def test_an_embedding_collection_returns_what_torchrec_s_returns():
                 for n in keys:
                     assert torch.equal(got[n].lengths(), want[n].lengths()), n
                     assert torch.equal(got[n].values(), want[n].values()), n
-
-
-@dataclasses.dataclass
-class UserBatch:
-    """A batch class of the user's own, shaped as TorchRec's ``Batch``."""
-
-    dense_features: torch.Tensor
-    sparse_features: KeyedJaggedTensor
-    labels: torch.Tensor
-
-    def to(self, device, non_blocking=False):
-        return UserBatch(
-            self.dense_features.to(device, non_blocking=non_blocking),
-            self.sparse_features.to(device, non_blocking=non_blocking),
-            self.labels.to(device, non_blocking=non_blocking),
-        )
 
 
 class Model(nn.Module):
