@@ -228,6 +228,9 @@ pub struct DynamicRows {
     clock: Arc<Region>,
     /// The training step its clients last announced (`Eviction::Ttl`'s clock; op 18).
     step: AtomicU64,
+    /// The horizon the last expiry sweep reached: every client of a table announces each step,
+    /// and only the first announcement of a step sweeps (the others wait for that sweep).
+    swept: Mutex<u64>,
     /// The next birth stamp (from 1: 0 means a key not held).
     births: AtomicU64,
     resident: AtomicU64,
@@ -303,6 +306,7 @@ impl DynamicRows {
             log: Mutex::new(EvictionLog::default()),
             clock,
             step: AtomicU64::new(0),
+            swept: Mutex::new(0),
             births: AtomicU64::new(1),
             resident: AtomicU64::new(0),
             refused_updates: AtomicU64::new(0),
@@ -776,6 +780,14 @@ impl DynamicRows {
         let Some(horizon) = now.checked_sub(ttl) else {
             return Ok((now, 0));
         };
+        // A row's score is its table's step at its last update, and the step only grows: once
+        // a sweep has reached a horizon, only an update racing that sweep can leave a row
+        // under it, and the next step's sweep takes that one. So an announcement of a step
+        // already swept (every client announces each step) waits for that sweep and ends.
+        let mut swept = lock(&self.swept);
+        if *swept >= horizon {
+            return Ok((now, 0));
+        }
         let keyed = KeyedRegion::new(&self.layout, self.region.words());
         let mut image = vec![0u8; self.layout.row().stride()];
         let mut gone: Vec<(u64, u64, u64)> = Vec::with_capacity(BUCKET_SLOTS);
@@ -809,6 +821,7 @@ impl DynamicRows {
                 expired += 1;
             }
         }
+        *swept = horizon;
         Ok((now, expired))
     }
 
